@@ -1,0 +1,9 @@
+//! Actors: one generic actix shell (`shell::Shell`) runs a pure machine from `fsm` and hands its
+//! actions to a `Driver` that does the IO. Actix knowledge stays in this module.
+
+pub mod identity;
+pub mod registry;
+pub mod shell;
+
+pub use registry::Registry;
+pub use shell::{Driver, Fire, Io, Shell, Shutdown};

@@ -1,0 +1,59 @@
+//! Which machines are alive and in which state, for `bitdust status`. Shells write it on every
+//! transition; the control socket reads it. Observation only: no actor reads another's entry.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MachineStatus {
+    pub actor: &'static str,
+    pub id: String,
+    pub state: &'static str,
+    /// Seconds in the current state.
+    pub for_secs: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<BTreeMap<(&'static str, String), (&'static str, Instant)>>>,
+}
+
+impl Registry {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<(&'static str, String), (&'static str, Instant)>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set(&self, actor: &'static str, id: &str, state: &'static str) {
+        self.lock()
+            .insert((actor, id.to_string()), (state, Instant::now()));
+    }
+
+    pub fn remove(&self, actor: &'static str, id: &str) {
+        self.lock().remove(&(actor, id.to_string()));
+    }
+
+    pub fn snapshot(&self) -> Vec<MachineStatus> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .map(|((actor, id), (state, since))| MachineStatus {
+                actor,
+                id: id.clone(),
+                state,
+                for_secs: now.duration_since(*since).as_secs(),
+            })
+            .collect()
+    }
+
+    pub fn state_of(&self, actor: &str, id: &str) -> Option<&'static str> {
+        self.lock()
+            .iter()
+            .find(|((a, i), _)| *a == actor && i == id)
+            .map(|(_, (state, _))| *state)
+    }
+}

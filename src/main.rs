@@ -1,0 +1,211 @@
+//! The `bitdust` command line (DESIGN.md §5): parse, then hand over to `bitdust::node`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+use bitdust::crypto::identity::Identity;
+use bitdust::node::config::LogFormat;
+use bitdust::node::control::{self, Request};
+use bitdust::node::home::Home;
+use bitdust::node::units::ByteSize;
+
+#[derive(Parser)]
+#[command(
+    name = "bitdust",
+    version,
+    about = "Peer-to-peer backup: friends store each other's encrypted data"
+)]
+struct Cli {
+    /// Node home directory [default: $BITDUST_HOME, else ~/.bitdust]
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Log format for `run` (overrides [log] format in config.toml)
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new home: keys, signed identity, config and database; prints the node id
+    Init {
+        /// Address to listen on for peers
+        #[arg(long, default_value = "0.0.0.0:7771")]
+        listen: SocketAddr,
+        /// Name shown to friends [default: the host name]
+        #[arg(long)]
+        name: Option<String>,
+        /// Disk space offered to friends, e.g. "8 GiB"
+        #[arg(long, default_value = "8 GiB")]
+        donate: String,
+    },
+    /// Run the node in the foreground (SIGHUP reloads config, SIGTERM/SIGINT stop it)
+    Run,
+    /// Print this node's contact card (one line) for friends to add
+    Id {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the running node: id, uptime, every state machine and its state
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the state diagrams generated from the machines' tables
+    Diagrams {
+        #[arg(long, default_value = "state-diagrams")]
+        out: PathBuf,
+    },
+}
+
+fn home_dir(cli: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(h) = cli {
+        return Ok(h);
+    }
+    if let Some(h) = std::env::var_os("BITDUST_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(h));
+    }
+    let user =
+        std::env::var_os("HOME").context("neither --home, $BITDUST_HOME nor $HOME is set")?;
+    Ok(PathBuf::from(user).join(".bitdust"))
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "bitdust-node".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bitdust: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let home = Home::new(home_dir(cli.home)?);
+    let log_format = cli.log_format.map(|f| match f {
+        LogFormatArg::Human => LogFormat::Human,
+        LogFormatArg::Json => LogFormat::Json,
+    });
+    match cli.command {
+        Command::Init {
+            listen,
+            name,
+            donate,
+        } => {
+            let donated = ByteSize::parse(&donate).map_err(|e| anyhow::anyhow!("--donate: {e}"))?;
+            let name = name.unwrap_or_else(default_name);
+            let identity = home.init(&name, listen, donated, unix_now())?;
+            println!("{}", identity.node_id());
+            eprintln!(
+                "bitdust: new node `{}` in {}; start it with `bitdust run --home {}`",
+                identity.name(),
+                home.root().display(),
+                home.root().display()
+            );
+            Ok(())
+        }
+        Command::Run => bitdust::node::run::run(home, log_format),
+        Command::Id { json } => {
+            let identity = home.read_identity()?;
+            if json {
+                println!("{}", identity_json(&identity));
+            } else {
+                println!("{}", identity.card());
+            }
+            Ok(())
+        }
+        Command::Status { json } => status(&home, json),
+        Command::Diagrams { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            for (name, contents) in bitdust::fsm::diagram_files() {
+                let path = out.join(name);
+                std::fs::write(&path, contents)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    bitdust::actors::identity::unix_now()
+}
+
+fn identity_json(identity: &Identity) -> serde_json::Value {
+    serde_json::json!({
+        "node_id": identity.node_id().to_string(),
+        "name": identity.name(),
+        "contacts": identity.contacts(),
+        "revision": identity.revision(),
+        "timestamp": identity.timestamp(),
+        "card": identity.card(),
+    })
+}
+
+fn status(home: &Home, json: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let response = runtime.block_on(control::call(&home.control_socket(), &Request::Status))?;
+    if !response.ok {
+        bail!(
+            "{}",
+            response
+                .error
+                .unwrap_or_else(|| "the node refused the request".into())
+        );
+    }
+    let data = response.data.unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let text = |v: &serde_json::Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
+    println!(
+        "node     {} ({})",
+        text(&data["node_id"]),
+        text(&data["name"])
+    );
+    println!("revision {}", data["revision"]);
+    println!("uptime   {}s", data["uptime_secs"]);
+    println!();
+    println!(
+        "{:<20} {:<12} {:<16} {:>8}",
+        "MACHINE", "ID", "STATE", "FOR"
+    );
+    for m in data["machines"].as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<12} {:<16} {:>7}s",
+            text(&m["actor"]),
+            text(&m["id"]),
+            text(&m["state"]),
+            m["for_secs"]
+        );
+    }
+    Ok(())
+}

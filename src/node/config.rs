@@ -1,0 +1,615 @@
+//! `config.toml`: typed, validated, with `BITDUST_SECTION__KEY` environment overrides.
+//!
+//! Every error names the key and the file. Unknown keys are errors (a typo must not silently
+//! fall back to a default). Which settings SIGHUP can change is in [`Config::restart_needed`]
+//! and in the commented default file that `bitdust init` writes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::units::{ByteSize, GIB, MIB, Span};
+use crate::crypto::identity::{Identity, validate_contact, validate_name};
+
+pub const CONFIG_FILE: &str = "config.toml";
+/// Environment variables `BITDUST_<SECTION>__<KEY>` override the file.
+pub const ENV_PREFIX: &str = "BITDUST";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {message}")]
+    Read { file: PathBuf, message: String },
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Read { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptPolicy {
+    /// Only nodes listed as peers may become customers.
+    Peers,
+    /// Any node that completes an authenticated handshake may become a customer.
+    Open,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Addresses friends dial, `tcp://HOST:PORT`; empty means derived from `listen`.
+    pub contacts: Vec<String>,
+    /// How long a graceful stop may take before the node exits anyway.
+    pub shutdown_timeout: Span,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            name: "bitdust-node".into(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 7771)),
+            contacts: Vec::new(),
+            shutdown_timeout: Span(Duration::from_secs(5)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    pub connect_timeout: Span,
+    pub handshake_timeout: Span,
+    /// Idle time after which a session pings its peer.
+    pub keepalive: Span,
+    pub request_timeout: Span,
+    pub reconnect_min: Span,
+    pub reconnect_max: Span,
+    /// Messages queued per peer before senders are made to wait.
+    pub outbound_queue: usize,
+    /// Largest protocol message accepted from a peer.
+    pub max_message: ByteSize,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        NetworkSection {
+            connect_timeout: Span(Duration::from_secs(10)),
+            handshake_timeout: Span(Duration::from_secs(10)),
+            keepalive: Span(Duration::from_secs(30)),
+            request_timeout: Span(Duration::from_secs(60)),
+            reconnect_min: Span(Duration::from_secs(1)),
+            reconnect_max: Span(Duration::from_secs(300)),
+            outbound_queue: 64,
+            max_message: ByteSize(32 * MIB),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupplierSection {
+    /// Disk space offered to customers in total.
+    pub donated: ByteSize,
+    pub accept: AcceptPolicy,
+    /// How long a departed customer's fragments are kept before removal.
+    pub grace_period: Span,
+}
+
+impl Default for SupplierSection {
+    fn default() -> Self {
+        SupplierSection {
+            donated: ByteSize(8 * GIB),
+            accept: AcceptPolicy::Peers,
+            grace_period: Span(Duration::from_secs(14 * 86_400)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceEntry {
+    pub path: PathBuf,
+    /// Interval between backups of this source; the `[backup]` schedule when absent.
+    #[serde(default)]
+    pub schedule: Option<Span>,
+    /// Glob patterns left out of the backup.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupSection {
+    /// Reed-Solomon data fragments per block (k).
+    pub data_shards: u8,
+    /// Reed-Solomon parity fragments per block (m); any k of k + m restore a block.
+    pub parity_shards: u8,
+    pub block_size: ByteSize,
+    /// Space to ask of each supplier.
+    pub space_per_supplier: ByteSize,
+    /// Default interval between scheduled backups.
+    pub schedule: Span,
+    /// Versions kept per source.
+    pub keep_versions: u32,
+    pub sources: Vec<SourceEntry>,
+}
+
+impl Default for BackupSection {
+    fn default() -> Self {
+        BackupSection {
+            data_shards: 4,
+            parity_shards: 2,
+            block_size: ByteSize(4 * MIB),
+            space_per_supplier: ByteSize(GIB),
+            schedule: Span(Duration::from_secs(86_400)),
+            keep_versions: 7,
+            sources: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    /// The friend's contact card (`bitdust id` on their node).
+    pub card: String,
+    /// A local label; the card's own name is used when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub format: LogFormat,
+    /// Default filter when RUST_LOG is unset, e.g. "info" or "bitdust=debug".
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeSection,
+    pub network: NetworkSection,
+    pub supplier: SupplierSection,
+    pub backup: BackupSection,
+    pub peers: Vec<PeerEntry>,
+    pub log: LogSection,
+}
+
+impl Config {
+    /// Loads `HOME/config.toml` with environment overrides and validates it.
+    pub fn load(home: &Path) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::load_with_env(&home.join(CONFIG_FILE), &vars)
+    }
+
+    /// Like [`Config::load`] with an explicit environment (tests).
+    pub fn load_with_env(
+        file: &Path,
+        vars: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Read {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::parse_with_env(&text, file, vars)
+    }
+
+    pub fn parse_with_env(
+        text: &str,
+        file: &Path,
+        vars: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key,
+            message,
+        };
+        // Only SECTION__KEY variables are overrides; BITDUST_HOME and the like are not config.
+        let overrides: HashMap<String, String> = vars
+            .iter()
+            .filter(|(k, _)| {
+                k.strip_prefix(ENV_PREFIX)
+                    .and_then(|rest| rest.strip_prefix('_'))
+                    .is_some_and(|rest| rest.contains("__"))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(overrides.into_iter().collect())),
+            )
+            .build()
+            .map_err(|e| invalid(error_key(&e.to_string()), e.to_string()))?;
+        let config: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.inner().to_string();
+            // An unknown key's path is its parent; name the key itself.
+            let key = match unknown_field(&message) {
+                Some(field) if key == "." => field,
+                Some(field) if !key.ends_with(&field) => format!("{key}.{field}"),
+                _ => key,
+            };
+            invalid(key, message)
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| invalid(key.to_string(), message))?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: ranges and cross-field rules. Returns the key at fault.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        validate_name(&self.node.name).map_err(|e| ("node.name".into(), e.to_string()))?;
+        for (i, c) in self.node.contacts.iter().enumerate() {
+            validate_contact(c).map_err(|e| (format!("node.contacts[{i}]"), e.to_string()))?;
+        }
+        let b = &self.backup;
+        if b.data_shards == 0 {
+            return Err(("backup.data_shards".into(), "must be at least 1".into()));
+        }
+        if b.parity_shards == 0 {
+            return Err((
+                "backup.parity_shards".into(),
+                "must be at least 1 (without parity a lost supplier loses data)".into(),
+            ));
+        }
+        if b.data_shards as u32 + b.parity_shards as u32 > 64 {
+            return Err((
+                "backup.parity_shards".into(),
+                "data_shards + parity_shards must be at most 64".into(),
+            ));
+        }
+        if !(64 * 1024..=64 * MIB).contains(&b.block_size.0) {
+            return Err((
+                "backup.block_size".into(),
+                "must be between 64 KiB and 64 MiB".into(),
+            ));
+        }
+        if b.keep_versions == 0 {
+            return Err(("backup.keep_versions".into(), "must be at least 1".into()));
+        }
+        if b.schedule.get() < Duration::from_secs(60) {
+            return Err(("backup.schedule".into(), "must be at least 1m".into()));
+        }
+        for (i, s) in b.sources.iter().enumerate() {
+            if !s.path.is_absolute() {
+                return Err((
+                    format!("backup.sources[{i}].path"),
+                    "must be an absolute path".into(),
+                ));
+            }
+            if s.schedule
+                .is_some_and(|d| d.get() < Duration::from_secs(60))
+            {
+                return Err((
+                    format!("backup.sources[{i}].schedule"),
+                    "must be at least 1m".into(),
+                ));
+            }
+        }
+        let n = &self.network;
+        for (key, value) in [
+            ("network.connect_timeout", n.connect_timeout),
+            ("network.handshake_timeout", n.handshake_timeout),
+            ("network.keepalive", n.keepalive),
+            ("network.request_timeout", n.request_timeout),
+            ("network.reconnect_min", n.reconnect_min),
+            ("node.shutdown_timeout", self.node.shutdown_timeout),
+        ] {
+            if value.get().is_zero() {
+                return Err((key.into(), "must be greater than zero".into()));
+            }
+        }
+        if n.reconnect_max < n.reconnect_min {
+            return Err((
+                "network.reconnect_max".into(),
+                "must not be less than network.reconnect_min".into(),
+            ));
+        }
+        if n.outbound_queue == 0 {
+            return Err(("network.outbound_queue".into(), "must be at least 1".into()));
+        }
+        if !(64 * 1024..=1024 * MIB).contains(&n.max_message.0) {
+            return Err((
+                "network.max_message".into(),
+                "must be between 64 KiB and 1 GiB".into(),
+            ));
+        }
+        if (n.max_message.0) < b.block_size.0 / b.data_shards as u64 + 64 * 1024 {
+            return Err((
+                "network.max_message".into(),
+                "must hold one fragment (block_size / data_shards) plus 64 KiB".into(),
+            ));
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            Identity::from_card(&p.card)
+                .map_err(|e| (format!("peers[{i}].card"), e.to_string()))?;
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ("log.level".to_string(), e.to_string()))?;
+        Ok(())
+    }
+
+    /// Contact addresses to sign into the identity: `node.contacts`, else the listen address
+    /// (an unspecified IP becomes loopback, which only local peers can reach).
+    pub fn contacts(&self) -> Vec<String> {
+        if !self.node.contacts.is_empty() {
+            return self.node.contacts.clone();
+        }
+        let mut addr = self.node.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        vec![format!("tcp://{addr}")]
+    }
+
+    /// Keys whose change a SIGHUP cannot apply: they need a restart.
+    pub fn restart_needed(&self, newer: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.node.listen != newer.node.listen {
+            keys.push("node.listen");
+        }
+        if self.node.name != newer.node.name {
+            keys.push("node.name");
+        }
+        if self.backup.data_shards != newer.backup.data_shards {
+            keys.push("backup.data_shards");
+        }
+        if self.backup.parity_shards != newer.backup.parity_shards {
+            keys.push("backup.parity_shards");
+        }
+        if self.log != newer.log {
+            keys.push("log");
+        }
+        keys
+    }
+}
+
+/// The key named in a `config` crate error such as "... for key `node.listen` ...".
+fn error_key(message: &str) -> String {
+    message
+        .split("key `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or("(file)")
+        .to_string()
+}
+
+/// The field named in serde's "unknown field `x`, expected ..." message.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+/// The commented default `config.toml` that `bitdust init` writes.
+pub fn default_file(name: &str, listen: SocketAddr, donated: ByteSize) -> String {
+    let d = Config::default();
+    let n = &d.network;
+    let b = &d.backup;
+    let s = &d.supplier;
+    format!(
+        r#"# bitdust node configuration.
+# Sizes take units (4096, 512 MiB, 8 GiB); durations too (250ms, 30s, 5m, 2h, 14d).
+# Any key can be overridden from the environment: BITDUST_<SECTION>__<KEY>,
+# e.g. BITDUST_NODE__LISTEN=0.0.0.0:7771.
+# SIGHUP re-reads this file; keys marked (restart) only take effect after a restart.
+
+[node]
+# Shown to friends on your contact card. (restart)
+name = "{name}"
+# Address the node listens on for peers. (restart)
+listen = "{listen}"
+# Addresses friends dial, most preferred first, e.g. ["tcp://203.0.113.7:7771"].
+# Empty: derived from `listen`. A change re-signs the identity with a new revision.
+contacts = []
+# How long a graceful stop (SIGTERM/SIGINT) may take.
+shutdown_timeout = "{shutdown}"
+
+[network]
+connect_timeout = "{connect}"
+handshake_timeout = "{handshake}"
+# Idle time after which a session pings its peer.
+keepalive = "{keepalive}"
+request_timeout = "{request}"
+# Reconnect backoff: doubles from min to max, with jitter.
+reconnect_min = "{rmin}"
+reconnect_max = "{rmax}"
+# Messages queued per peer before senders wait.
+outbound_queue = {queue}
+# Largest message accepted from a peer.
+max_message = "{max_message}"
+
+[supplier]
+# Disk space offered to friends in total.
+donated = "{donated}"
+# Who may store data here: "peers" (your friends) or "open" (any authenticated node).
+accept = "peers"
+# How long a departed customer's data is kept before it is removed.
+grace_period = "{grace}"
+
+[backup]
+# Reed-Solomon layout: any data_shards of data_shards + parity_shards fragments restore a
+# block; each fragment goes to a different friend. (restart)
+data_shards = {k}
+parity_shards = {m}
+block_size = "{block}"
+# Space to ask of each supplier.
+space_per_supplier = "{space}"
+# Default interval between scheduled backups.
+schedule = "{schedule}"
+keep_versions = {keep}
+# Directories to back up, one table each:
+# [[backup.sources]]
+# path = "/home/me/Documents"
+# schedule = "6h"
+# exclude = ["*.tmp"]
+
+# Friends, one table each (`bitdust peer add CARD` appends here too):
+# [[peers]]
+# card = "bitdust1:..."
+# name = "bob"
+
+[log]
+# "human" or "json" (one JSON object per line). (restart)
+format = "human"
+# Filter when RUST_LOG is unset. (restart)
+level = "info"
+"#,
+        shutdown = d.node.shutdown_timeout,
+        connect = n.connect_timeout,
+        handshake = n.handshake_timeout,
+        keepalive = n.keepalive,
+        request = n.request_timeout,
+        rmin = n.reconnect_min,
+        rmax = n.reconnect_max,
+        queue = n.outbound_queue,
+        max_message = n.max_message,
+        grace = s.grace_period,
+        k = b.data_shards,
+        m = b.parity_shards,
+        block = b.block_size,
+        space = b.space_per_supplier,
+        schedule = b.schedule,
+        keep = b.keep_versions,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with_env(text, Path::new("/h/config.toml"), &HashMap::new())
+    }
+
+    fn key_of(text: &str) -> String {
+        match parse(text) {
+            Err(e) => {
+                assert!(
+                    e.to_string().contains("/h/config.toml"),
+                    "file not named: {e}"
+                );
+                e.key().unwrap_or_default().to_string()
+            }
+            Ok(_) => panic!("accepted: {text}"),
+        }
+    }
+
+    #[test]
+    fn default_file_parses_to_defaults() {
+        let listen: SocketAddr = "127.0.0.1:9000".parse().expect("addr");
+        let text = default_file("alice", listen, ByteSize(3 * GIB));
+        let config = parse(&text).expect("default file is valid");
+        let mut expected = Config::default();
+        expected.node.name = "alice".into();
+        expected.node.listen = listen;
+        expected.supplier.donated = ByteSize(3 * GIB);
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(parse("").expect("valid"), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(key_of("[node]\nlisten = \"nowhere\"\n"), "node.listen");
+        assert_eq!(key_of("[node]\nbogus = 1\n"), "node.bogus");
+        assert_eq!(key_of("bogus = 1\n"), "bogus");
+        assert_eq!(key_of("[backup]\ndata_shards = 0\n"), "backup.data_shards");
+        assert_eq!(
+            key_of("[backup]\nblock_size = \"huge\"\n"),
+            "backup.block_size"
+        );
+        assert_eq!(
+            key_of("[network]\nkeepalive = \"30\"\n"),
+            "network.keepalive"
+        );
+        assert_eq!(
+            key_of("[supplier]\naccept = \"everyone\"\n"),
+            "supplier.accept"
+        );
+        assert_eq!(
+            key_of("[[peers]]\ncard = \"bitdust1:AAAA\"\n"),
+            "peers[0].card"
+        );
+        assert_eq!(
+            key_of("[[backup.sources]]\npath = \"relative\"\n"),
+            "backup.sources[0].path"
+        );
+        assert_eq!(
+            key_of("[node]\ncontacts = [\"udp://x:1\"]\n"),
+            "node.contacts[0]"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut vars = HashMap::new();
+        vars.insert(
+            "BITDUST_NODE__LISTEN".to_string(),
+            "127.0.0.1:7000".to_string(),
+        );
+        vars.insert("BITDUST_BACKUP__DATA_SHARDS".to_string(), "6".to_string());
+        vars.insert("BITDUST_HOME".to_string(), "/ignored".to_string());
+        let c = Config::parse_with_env(
+            "[node]\nlisten = \"127.0.0.1:1\"\n",
+            Path::new("c.toml"),
+            &vars,
+        )
+        .expect("valid");
+        assert_eq!(c.node.listen.port(), 7000);
+        assert_eq!(c.backup.data_shards, 6);
+        vars.insert("BITDUST_NODE__LISTEN".to_string(), "bad".to_string());
+        let e = Config::parse_with_env("", Path::new("c.toml"), &vars).expect_err("bad env");
+        assert_eq!(e.key(), Some("node.listen"));
+    }
+
+    #[test]
+    fn contacts_default_to_listen_address() {
+        let mut c = Config::default();
+        assert_eq!(c.contacts(), vec!["tcp://127.0.0.1:7771".to_string()]);
+        c.node.contacts = vec!["tcp://example.org:1".into()];
+        assert_eq!(c.contacts(), vec!["tcp://example.org:1".to_string()]);
+    }
+}

@@ -1,0 +1,8 @@
+//! The node: config, home directory, logging, control socket, signals, and the wiring of actors.
+
+pub mod config;
+pub mod control;
+pub mod home;
+pub mod logging;
+pub mod run;
+pub mod units;

@@ -1,0 +1,185 @@
+//! Human units in the config file: sizes (`8 GiB`, `500MB`, `4096`) and durations (`30s`, `5m`,
+//! `14d`, `250ms`). Parse errors say what was expected; the caller adds the key and file.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A size in bytes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default)]
+pub struct ByteSize(pub u64);
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+pub const GIB: u64 = 1024 * MIB;
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let number: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size (examples: 4096, 512 MiB, 8GiB)"))?;
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => KIB,
+            "m" | "mb" => 1000 * 1000,
+            "mib" => MIB,
+            "g" | "gb" => 1000 * 1000 * 1000,
+            "gib" => GIB,
+            "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+            "tib" => 1024 * GIB,
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` in `{text}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+                ));
+            }
+        };
+        let bytes = number * multiplier as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(format!("`{text}` is out of range"));
+        }
+        Ok(ByteSize(bytes.round() as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (unit, size) in [
+            ("TiB", 1024 * GIB),
+            ("GiB", GIB),
+            ("MiB", MIB),
+            ("KiB", KIB),
+        ] {
+            if b >= size && b % size == 0 {
+                return write!(f, "{} {unit}", b / size);
+            }
+        }
+        if b >= GIB {
+            write!(f, "{:.1} GiB", b as f64 / GIB as f64)
+        } else if b >= MIB {
+            write!(f, "{:.1} MiB", b as f64 / MIB as f64)
+        } else {
+            write!(f, "{b} B")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written with a unit.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default)]
+pub struct Span(pub Duration);
+
+impl Span {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let n: u64 = number.parse().map_err(|_| {
+            format!("`{text}` is not a duration (examples: 250ms, 30s, 5m, 2h, 14d)")
+        })?;
+        let ms: u64 = match unit.trim() {
+            "ms" => 1,
+            "s" => 1000,
+            "m" | "min" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => return Err(format!("`{text}` needs a unit (ms, s, m, h, d)")),
+            other => {
+                return Err(format!(
+                    "unknown duration unit `{other}` in `{text}` (use ms, s, m, h, d)"
+                ));
+            }
+        };
+        let total = n
+            .checked_mul(ms)
+            .ok_or_else(|| format!("`{text}` is out of range"))?;
+        Ok(Span(Duration::from_millis(total)))
+    }
+
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::fsm::diagram::format_period(self.0))
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Span::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("4096"), Ok(ByteSize(4096)));
+        assert_eq!(ByteSize::parse("8 GiB"), Ok(ByteSize(8 * GIB)));
+        assert_eq!(ByteSize::parse("1.5MiB"), Ok(ByteSize(3 * MIB / 2)));
+        assert_eq!(ByteSize::parse("2 GB"), Ok(ByteSize(2_000_000_000)));
+        assert!(ByteSize::parse("lots").is_err());
+        assert!(ByteSize::parse("3 parsecs").is_err());
+        assert_eq!(ByteSize(8 * GIB).to_string(), "8 GiB");
+        assert_eq!(
+            ByteSize::parse(&ByteSize(123_456_789).to_string()).map(|b| b.0 / MIB),
+            Ok(117)
+        );
+    }
+
+    #[test]
+    fn spans() {
+        assert_eq!(Span::parse("30s"), Ok(Span(Duration::from_secs(30))));
+        assert_eq!(Span::parse("250ms"), Ok(Span(Duration::from_millis(250))));
+        assert_eq!(
+            Span::parse("14d"),
+            Ok(Span(Duration::from_secs(14 * 86400)))
+        );
+        assert!(Span::parse("30").is_err());
+        assert!(Span::parse("soon").is_err());
+        assert!(Span::parse("5 fortnights").is_err());
+        assert_eq!(
+            Span::parse("5m").map(|s| s.to_string()),
+            Ok("5m".to_string())
+        );
+    }
+}

@@ -1,0 +1,346 @@
+//! The binary as a user runs it: init, run, status, id, SIGHUP (good and broken config),
+//! SIGTERM, and a second `run` on the same home.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bitdust");
+
+fn bitdust(home: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("bitdust runs")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn init(home: &Path, name: &str) -> String {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = bitdust(
+        home,
+        &[
+            "init", "--listen", &listen, "--name", name, "--donate", "1 GiB",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(node_id.len(), 32, "node id: {node_id}");
+    assert!(node_id.chars().all(|c| c.is_ascii_hexdigit()));
+    node_id
+}
+
+/// A running node whose JSON log lines arrive on a channel.
+struct Node {
+    child: Child,
+    logs: Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Node {
+    fn start(home: &Path) -> Node {
+        let mut child = Command::new(BIN)
+            .arg("--home")
+            .arg(home)
+            .args(["run", "--log-format", "json"])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run starts");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, logs) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Node {
+            child,
+            logs,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (with a deadline) for a log line matching `pred`; returns it.
+    fn wait_log(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.logs.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no log line for {what}; saw:\n{:#?}", self.seen);
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node did not exit in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn transition(v: &serde_json::Value, actor: &str, from: &str, to: &str) -> bool {
+    v["message"] == "transition" && v["actor"] == actor && v["from"] == from && v["to"] == to
+}
+
+fn status_json(home: &Path) -> serde_json::Value {
+    let out = bitdust(home, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status prints JSON")
+}
+
+fn id_json(home: &Path) -> serde_json::Value {
+    let out = bitdust(home, &["id", "--json"]);
+    assert!(
+        out.status.success(),
+        "id failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("id prints JSON")
+}
+
+fn temp_home() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("n1");
+    (dir, home)
+}
+
+#[test]
+fn init_run_status_reload_and_graceful_stop() {
+    let (_dir, home) = temp_home();
+    let node_id = init(&home, "alice");
+
+    let card = bitdust(&home, &["id"]);
+    let card = String::from_utf8_lossy(&card.stdout).trim().to_string();
+    assert!(
+        card.starts_with("bitdust1:") && !card.contains(' '),
+        "card: {card}"
+    );
+
+    let mut node = Node::start(&home);
+    node.wait_log("identity ready", |v| {
+        transition(v, "identity", "Loading", "Ready")
+    });
+    let transition_line = node.wait_log("first transition", |v| v["message"] == "transition");
+    for field in ["actor", "id", "from", "event", "to"] {
+        assert!(
+            transition_line.get(field).is_some(),
+            "transition lacks {field}: {transition_line}"
+        );
+    }
+
+    let status = status_json(&home);
+    assert_eq!(status["node_id"], node_id.as_str());
+    assert_eq!(status["name"], "alice");
+    let machines = status["machines"].as_array().expect("machines");
+    assert!(
+        machines
+            .iter()
+            .any(|m| m["actor"] == "identity" && m["state"] == "Ready"),
+        "{status:#}"
+    );
+    let human = bitdust(&home, &["status"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("identity"));
+
+    // A second node on the same home is refused and changes nothing.
+    let second = bitdust(&home, &["run"]);
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("already running"), "{err}");
+    assert_eq!(status_json(&home)["node_id"], node_id.as_str());
+
+    // SIGHUP with new contacts: the identity is re-signed with the next revision.
+    let config_path = home.join("config.toml");
+    let config = std::fs::read_to_string(&config_path).expect("config");
+    let changed = config.replace("contacts = []", "contacts = [\"tcp://192.0.2.1:7771\"]");
+    assert_ne!(changed, config);
+    std::fs::write(&config_path, &changed).expect("write config");
+    node.signal(libc::SIGHUP);
+    node.wait_log("reload", |v| v["message"] == "config reloaded");
+    node.wait_log("re-signed", |v| {
+        transition(v, "identity", "Resigning", "Ready")
+    });
+    let id = id_json(&home);
+    assert_eq!(id["revision"], 2);
+    assert_eq!(id["contacts"][0], "tcp://192.0.2.1:7771");
+
+    // SIGHUP with a broken file: logged with the key, the running config stays.
+    std::fs::write(
+        &config_path,
+        changed.replace("keepalive = \"30s\"", "keepalive = \"often\""),
+    )
+    .expect("write config");
+    node.signal(libc::SIGHUP);
+    let failed = node.wait_log("reload failure", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("config reload failed"))
+    });
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("network.keepalive") && error.contains("config.toml"),
+        "{error}"
+    );
+    assert_eq!(status_json(&home)["revision"], 2);
+
+    // SIGTERM: machines close, exit status 0, the control socket is gone.
+    node.signal(libc::SIGTERM);
+    let status = node.wait_exit();
+    assert!(status.success(), "exit status {status:?}");
+    node.wait_log("identity closed", |v| {
+        transition(v, "identity", "Ready", "Closed")
+    });
+    node.wait_log("stopped", |v| v["message"] == "node stopped");
+    assert!(!home.join("control.sock").exists());
+    let after = bitdust(&home, &["status"]);
+    assert!(!after.status.success());
+    assert!(String::from_utf8_lossy(&after.stderr).contains("no node is running"));
+}
+
+#[test]
+fn sigint_stops_and_a_restart_works() {
+    let (_dir, home) = temp_home();
+    init(&home, "bob");
+    for _ in 0..2 {
+        let mut node = Node::start(&home);
+        node.wait_log("ready", |v| transition(v, "identity", "Loading", "Ready"));
+        node.signal(libc::SIGINT);
+        assert!(node.wait_exit().success());
+    }
+}
+
+#[test]
+fn bad_config_at_start_names_key_and_file() {
+    let (_dir, home) = temp_home();
+    init(&home, "carol");
+    let config_path = home.join("config.toml");
+    let config = std::fs::read_to_string(&config_path).expect("config");
+    std::fs::write(
+        &config_path,
+        config.replace("[backup]", "[backup]\ncolour = \"blue\""),
+    )
+    .expect("write");
+    let out = bitdust(&home, &["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("backup.colour") && err.contains("config.toml"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+}
+
+#[test]
+fn init_refuses_an_existing_home_and_commands_need_one() {
+    let (_dir, home) = temp_home();
+    init(&home, "dave");
+    let again = bitdust(&home, &["init"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already a bitdust home"));
+
+    let (_dir2, empty) = temp_home();
+    let id = bitdust(&empty, &["id"]);
+    assert!(!id.status.success());
+    assert!(String::from_utf8_lossy(&id.stderr).contains("bitdust init"));
+}
+
+#[test]
+fn human_logs_show_transitions() {
+    let (_dir, home) = temp_home();
+    init(&home, "erin");
+    let mut child = Command::new(BIN)
+        .arg("--home")
+        .arg(&home)
+        .arg("run")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut found = None;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("transition") && line.contains("to=\"Ready\"") => {
+                found = Some(line);
+                break;
+            }
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    let line = found.expect("a human transition line");
+    assert!(line.contains("actor=\"identity\""), "{line}");
+    assert!(
+        !line.contains('\u{1b}'),
+        "no colour codes when not on a terminal: {line}"
+    );
+    assert!(!line.trim_start().starts_with('{'), "not JSON: {line}");
+    assert!(status.success());
+}
