@@ -31,6 +31,7 @@ pub trait Driver: Sized + Unpin + 'static {
 /// Lets a driver feed events back into its machine.
 pub struct Io<'a, D: Driver> {
     ctx: &'a mut Context<Shell<D>>,
+    now: Duration,
 }
 
 impl<D: Driver> Io<'_, D> {
@@ -71,6 +72,11 @@ impl<D: Driver> Io<'_, D> {
     /// Queues an event for this machine behind what is already in its mailbox.
     pub fn send(&mut self, event: <D::M as Machine>::Event) {
         self.ctx.notify(Fire(event));
+    }
+
+    /// The shell's clock: time since the machine started (the clock its timers use).
+    pub fn now(&self) -> Duration {
+        self.now
     }
 
     pub fn address(&self) -> Addr<Shell<D>> {
@@ -125,7 +131,7 @@ impl<D: Driver> Shell<D> {
         self.registry
             .set(D::M::NAME, self.instance.id(), stepped.to.name());
         for &action in stepped.actions {
-            let mut io = Io { ctx };
+            let mut io = Io { ctx, now };
             self.driver
                 .perform(action, &event, &self.instance.machine, &mut io);
         }
@@ -135,6 +141,9 @@ impl<D: Driver> Shell<D> {
             for waiter in self.closed_waiters.drain(..) {
                 let _ = waiter.send(());
             }
+            // A finished machine's actor goes away, and with it every IO future it spawned.
+            ctx.stop();
+            return;
         }
         self.schedule_timer(ctx);
     }
@@ -150,7 +159,7 @@ impl<D: Driver> Shell<D> {
                 shell.next_timer = None;
                 let now = shell.now();
                 while let Some(timer) = shell.timers.pop_expired(&shell.instance.machine, now) {
-                    shell.fire(<D::M as Machine>::timer_event(timer), ctx);
+                    shell.fire(<D::M as Machine>::timer_event(timer, now), ctx);
                 }
                 shell.schedule_timer(ctx);
             }));

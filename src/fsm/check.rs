@@ -57,7 +57,7 @@ pub fn table_problems<M: Machine>() -> Vec<String> {
     }
     // Every timer fires an event that some row in one of its states handles.
     for t in M::timers() {
-        let event = M::timer_event(t.timer);
+        let event = M::timer_event(t.timer, Duration::ZERO);
         let kind = M::kind(&event);
         for state in t.states {
             if !M::rows()
@@ -126,7 +126,7 @@ pub fn drive<M: Machine>(machine: M, events: &[M::Event]) -> Result<Instance<M>,
                     instance.state().name()
                 ));
             }
-            let timer_event = M::timer_event(timer);
+            let timer_event = M::timer_event(timer, now);
             if let Some(s) = instance.step(&timer_event) {
                 timers.after_step(&instance.machine, &s, now);
             }

@@ -182,7 +182,7 @@ impl Machine for IdentityMachine {
         }
     }
 
-    fn timer_event(timer: Timer) -> Event {
+    fn timer_event(timer: Timer, _now: std::time::Duration) -> Event {
         match timer {}
     }
 

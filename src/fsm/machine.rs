@@ -79,7 +79,8 @@ pub trait Machine: Sized + Send + 'static {
     fn timers() -> &'static [TimerRow<Self>];
 
     fn kind(event: &Self::Event) -> Self::EventKind;
-    fn timer_event(timer: Self::Timer) -> Self::Event;
+    /// The event a timer delivers; `now` is the shell's clock (real or virtual) when it fired.
+    fn timer_event(timer: Self::Timer, now: Duration) -> Self::Event;
     /// The event that takes any state to a terminal one; sent to every machine on node shutdown.
     fn shutdown_event() -> Self::Event;
 

@@ -5,6 +5,8 @@ pub mod check;
 pub mod diagram;
 pub mod identity;
 pub mod machine;
+pub mod network_connector;
+pub mod peer_session;
 pub mod timers;
 
 pub use machine::{Instance, Label, Machine, Row, Stepped, TimerRow};
@@ -15,6 +17,8 @@ pub use machine::{Instance, Label, Machine, Row, Stepped, TimerRow};
 macro_rules! for_each_machine {
     ($f:ident $(, $arg:expr)*) => {{
         $f::<$crate::fsm::identity::IdentityMachine>($($arg),*);
+        $f::<$crate::fsm::network_connector::NetworkConnector>($($arg),*);
+        $f::<$crate::fsm::peer_session::PeerSession>($($arg),*);
     }};
 }
 
