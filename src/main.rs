@@ -62,10 +62,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage trusted friends
+    Peer {
+        #[command(subcommand)]
+        command: PeerCommand,
+    },
     /// Write the state diagrams generated from the machines' tables
     Diagrams {
         #[arg(long, default_value = "state-diagrams")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    /// Trust a friend, given their contact card (`bitdust id` on their node); works while the node runs
+    Add {
+        card: String,
+        /// Local label for this friend
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Measure the round trip to a connected peer
+    Ping {
+        /// The peer's node id (32 hex characters)
+        node_id: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -135,6 +158,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { json } => status(&home, json),
+        Command::Peer {
+            command: PeerCommand::Add { card, name },
+        } => peer_add(&home, card, name),
+        Command::Peer {
+            command: PeerCommand::Ping { node_id, json },
+        } => {
+            let data = call(&home, &Request::PeerPing { node_id })?;
+            if json {
+                println!("{data}");
+            } else {
+                println!("{:.2} ms", data["rtt_ms"].as_f64().unwrap_or_default());
+            }
+            Ok(())
+        }
         Command::Diagrams { out } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             for (name, contents) in bitdust::fsm::diagram_files() {
@@ -163,11 +200,12 @@ fn identity_json(identity: &Identity) -> serde_json::Value {
     })
 }
 
-fn status(home: &Home, json: bool) -> anyhow::Result<()> {
+/// Sends one request to the running node; its data, or its error as ours.
+fn call(home: &Home, request: &Request) -> anyhow::Result<serde_json::Value> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let response = runtime.block_on(control::call(&home.control_socket(), &Request::Status))?;
+    let response = runtime.block_on(control::call(&home.control_socket(), request))?;
     if !response.ok {
         bail!(
             "{}",
@@ -176,7 +214,44 @@ fn status(home: &Home, json: bool) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "the node refused the request".into())
         );
     }
-    let data = response.data.unwrap_or_default();
+    Ok(response.data.unwrap_or_default())
+}
+
+/// Adds a peer through the running node, or straight into the database when none runs.
+fn peer_add(home: &Home, card: String, name: Option<String>) -> anyhow::Result<()> {
+    let identity = Identity::from_card(&card).context("invalid card")?;
+    if home.control_socket().exists() {
+        match call(
+            home,
+            &Request::PeerAdd {
+                card: card.clone(),
+                name: name.clone(),
+            },
+        ) {
+            Ok(_) => {
+                println!("{}", identity.node_id());
+                return Ok(());
+            }
+            Err(e)
+                if e.downcast_ref::<control::ControlError>()
+                    .is_some_and(|c| matches!(c, control::ControlError::NotRunning { .. })) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let _lock = home.lock()?;
+    let own = home.read_identity()?;
+    if own.node_id() == identity.node_id() {
+        bail!("that is this node's own card");
+    }
+    let store = bitdust::store::RocksStore::open(&home.db_dir())?;
+    bitdust::actors::network::save_peer(&store, &identity, name.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    println!("{}", identity.node_id());
+    Ok(())
+}
+
+fn status(home: &Home, json: bool) -> anyhow::Result<()> {
+    let data = call(home, &Request::Status)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&data)?);
         return Ok(());
@@ -206,6 +281,32 @@ fn status(home: &Home, json: bool) -> anyhow::Result<()> {
             text(&m["state"]),
             m["for_secs"]
         );
+    }
+    let network = &data["network"];
+    println!();
+    println!("listening on {}", text(&network["listen"]));
+    println!(
+        "{:<34} {:<16} {:<24} {:<14} {:>12} {:>12}",
+        "PEER", "NAME", "ADDRESS", "SESSION", "IN", "OUT"
+    );
+    for p in network["peers"].as_array().into_iter().flatten() {
+        println!(
+            "{:<34} {:<16} {:<24} {:<14} {:>12} {:>12}",
+            text(&p["node_id"]),
+            text(&p["name"]),
+            text(&p["address"]),
+            text(&p["session"]),
+            p["bytes_in"],
+            p["bytes_out"]
+        );
+    }
+    if let Some(closed) = network["closed_sessions"]
+        .as_object()
+        .filter(|c| !c.is_empty())
+    {
+        let parts: Vec<String> = closed.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!();
+        println!("closed sessions: {}", parts.join(" "));
     }
     Ok(())
 }

@@ -38,8 +38,16 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The identity actor takes no inputs besides its events.
+pub enum NoInput {}
+
 impl Driver for IdentityDriver {
     type M = IdentityMachine;
+    type Input = NoInput;
+
+    fn input(&mut self, input: NoInput, _: &IdentityMachine, _: &mut Io<'_, Self>) -> Vec<Event> {
+        match input {}
+    }
 
     fn perform(
         &mut self,

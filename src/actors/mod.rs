@@ -2,8 +2,10 @@
 //! actions to a `Driver` that does the IO. Actix knowledge stays in this module.
 
 pub mod identity;
+pub mod network;
 pub mod registry;
+pub mod session;
 pub mod shell;
 
 pub use registry::Registry;
-pub use shell::{Driver, Fire, Io, Shell, Shutdown};
+pub use shell::{Driver, Fire, Input, Io, Shell, Shutdown};

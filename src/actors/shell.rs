@@ -14,6 +14,8 @@ use crate::fsm::{Instance, Label, Machine};
 /// The IO half of one machine: performs each action the pure machine asks for.
 pub trait Driver: Sized + Unpin + 'static {
     type M: Machine + Unpin;
+    /// Requests from other actors that are not machine events (queries, hand-overs).
+    type Input: Send + 'static;
 
     /// Performs `action`, caused by `event`. Follow-up events go through `io`.
     fn perform(
@@ -23,6 +25,14 @@ pub trait Driver: Sized + Unpin + 'static {
         machine: &Self::M,
         io: &mut Io<'_, Self>,
     );
+
+    /// Handles one input; returns events to feed the machine, in order.
+    fn input(
+        &mut self,
+        input: Self::Input,
+        machine: &Self::M,
+        io: &mut Io<'_, Self>,
+    ) -> Vec<<Self::M as Machine>::Event>;
 
     /// Called once the machine reached a terminal state.
     fn closed(&mut self, _machine: &Self::M) {}
@@ -69,6 +79,33 @@ impl<D: Driver> Io<'_, D> {
         );
     }
 
+    /// Runs `work`; `then` hands its output to the driver (to keep a resource it produced) and
+    /// returns the machine's next event.
+    pub fn spawn_then<F, T>(&mut self, work: F, then: T)
+    where
+        F: Future + 'static,
+        T: FnOnce(&mut D, F::Output) -> <D::M as Machine>::Event + 'static,
+    {
+        self.ctx.spawn(
+            actix::fut::wrap_future::<_, Shell<D>>(work).map(|out, shell, ctx| {
+                let event = then(&mut shell.driver, out);
+                shell.fire(event, ctx);
+            }),
+        );
+    }
+
+    /// Runs a background task owned by this actor (it ends when the actor stops).
+    pub fn spawn_task<F>(&mut self, task: F) -> SpawnHandle
+    where
+        F: Future<Output = ()> + 'static,
+    {
+        self.ctx.spawn(actix::fut::wrap_future::<_, Shell<D>>(task))
+    }
+
+    pub fn cancel(&mut self, handle: SpawnHandle) {
+        self.ctx.cancel_future(handle);
+    }
+
     /// Queues an event for this machine behind what is already in its mailbox.
     pub fn send(&mut self, event: <D::M as Machine>::Event) {
         self.ctx.notify(Fire(event));
@@ -88,6 +125,11 @@ impl<D: Driver> Io<'_, D> {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Fire<E: 'static>(pub E);
+
+/// Hands an input to a shell's driver.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Input<I: 'static>(pub I);
 
 /// Asks the machine to close; resolves once it reached a terminal state.
 #[derive(Message)]
@@ -190,6 +232,24 @@ impl<D: Driver> Handler<Fire<<D::M as Machine>::Event>> for Shell<D> {
 
     fn handle(&mut self, msg: Fire<<D::M as Machine>::Event>, ctx: &mut Context<Self>) {
         self.fire(msg.0, ctx);
+    }
+}
+
+impl<D: Driver> Handler<Input<D::Input>> for Shell<D> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Input<D::Input>, ctx: &mut Context<Self>) {
+        let now = self.now();
+        let events = {
+            let mut io = Io { ctx, now };
+            self.driver.input(msg.0, &self.instance.machine, &mut io)
+        };
+        for event in events {
+            if self.instance.is_terminal() {
+                break;
+            }
+            self.fire(event, ctx);
+        }
     }
 }
 

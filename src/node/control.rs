@@ -19,7 +19,14 @@ const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    PeerAdd { card: String },
+    PeerAdd {
+        card: String,
+        #[serde(default)]
+        name: Option<String>,
+    },
+    PeerPing {
+        node_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -7,23 +7,31 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use anyhow::Context as _;
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
-use super::config::{Config, LogFormat};
+use super::config::{AcceptPolicy, Config, LogFormat};
 use super::control::{self, Request, Response};
 use super::home::Home;
 use super::logging;
 use crate::actors::identity::IdentityDriver;
-use crate::actors::{Fire, Registry, Shell, Shutdown};
-use crate::crypto::identity::Identity;
+use crate::actors::network::{self, NetInput, NetworkDriver, NetworkSettings};
+use crate::actors::session::SessionShared;
+use crate::actors::{Fire, Input, Registry, Shell, Shutdown};
+use crate::crypto::identity::{Identity, NodeId};
+use crate::crypto::keys::NodeKeys;
 use crate::fsm::identity::{Event as IdentityEvent, IdentityMachine};
+use crate::fsm::network_connector::{Event as NetEvent, NetworkConnector};
+use crate::net::link::TrustPolicy;
 use crate::store::{KvStore, RocksStore};
+
+type NetworkAddr = Addr<Shell<NetworkDriver>>;
+type IdentityAddr = Addr<Shell<IdentityDriver>>;
 
 /// Runs the node in the foreground until SIGTERM/SIGINT.
 pub fn run(home: Home, log_format: Option<LogFormat>) -> anyhow::Result<()> {
@@ -57,9 +65,9 @@ pub fn run(home: Home, log_format: Option<LogFormat>) -> anyhow::Result<()> {
 async fn node_main(
     home: Home,
     mut config: Config,
-    keys: Arc<crate::crypto::keys::NodeKeys>,
+    keys: Arc<NodeKeys>,
     identity: Identity,
-    _store: Arc<dyn KvStore>,
+    store: Arc<dyn KvStore>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let registry = Registry::default();
@@ -76,34 +84,41 @@ async fn node_main(
     identity_actor.do_send(Fire(IdentityEvent::Start));
     identity_actor.do_send(Fire(IdentityEvent::ContactsChanged(config.contacts())));
 
+    let network_actor = start_network(
+        &config,
+        &keys,
+        node_id,
+        published_rx.clone(),
+        store,
+        &registry,
+    );
+    // Every new identity revision goes to every connected peer.
+    let mut revisions = published_rx.clone();
+    let propagate_to = network_actor.clone();
+    actix::spawn(async move {
+        while revisions.changed().await.is_ok() {
+            let current = revisions.borrow_and_update().clone();
+            if let Some(identity) = current {
+                propagate_to.do_send(Input(NetInput::OwnIdentity(Box::new(identity))));
+            }
+        }
+    });
+
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     let listener = control::bind(&home.control_socket())?;
-    let status_registry = registry.clone();
+    let control_state = Rc::new(ControlState {
+        node_id,
+        started,
+        registry: registry.clone(),
+        identity: published_rx,
+        network: network_actor.clone(),
+    });
     let handler: control::Handler = Rc::new(move |request| {
-        let registry = status_registry.clone();
-        let published = published_rx.clone();
-        Box::pin(async move {
-            match request {
-                Request::Status => {
-                    let current = published.borrow().clone();
-                    Response::ok(json!({
-                        "node_id": node_id.to_string(),
-                        "name": current.as_ref().map(|i| i.name().to_string()),
-                        "revision": current.as_ref().map(Identity::revision),
-                        "contacts": current.as_ref().map(|i| i.contacts().to_vec()),
-                        "pid": std::process::id(),
-                        "uptime_secs": started.elapsed().as_secs(),
-                        "machines": registry.snapshot(),
-                    }))
-                }
-                Request::PeerAdd { .. } => {
-                    Response::error("peers are not supported by this node yet")
-                }
-            }
-        })
+        let state = control_state.clone();
+        Box::pin(async move { state.handle(request).await })
     });
     let control_task = actix::spawn(control::serve(listener, handler));
 
@@ -112,7 +127,7 @@ async fn node_main(
 
     let stop_signal = loop {
         tokio::select! {
-            _ = hup.recv() => reload(&home, &mut config, &identity_actor),
+            _ = hup.recv() => reload(&home, &mut config, &identity_actor, &network_actor),
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
@@ -129,6 +144,7 @@ async fn node_main(
     control_task.abort();
 
     let closing = async {
+        let _ = network_actor.send(Shutdown).await;
         let _ = identity_actor.send(Shutdown).await;
     };
     if tokio::time::timeout(config.node.shutdown_timeout.get(), closing)
@@ -141,8 +157,137 @@ async fn node_main(
     Ok(())
 }
 
+/// What the control socket needs to answer.
+struct ControlState {
+    node_id: NodeId,
+    started: Instant,
+    registry: Registry,
+    identity: watch::Receiver<Option<Identity>>,
+    network: NetworkAddr,
+}
+
+impl ControlState {
+    async fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Status => {
+                let current = self.identity.borrow().clone();
+                let (tx, rx) = oneshot::channel();
+                self.network.do_send(Input(NetInput::Status(tx)));
+                let network = rx.await.unwrap_or_default();
+                Response::ok(json!({
+                    "node_id": self.node_id.to_string(),
+                    "name": current.as_ref().map(|i| i.name().to_string()),
+                    "revision": current.as_ref().map(Identity::revision),
+                    "contacts": current.as_ref().map(|i| i.contacts().to_vec()),
+                    "pid": std::process::id(),
+                    "uptime_secs": self.started.elapsed().as_secs(),
+                    "machines": self.registry.snapshot(),
+                    "network": network,
+                }))
+            }
+            Request::PeerAdd { card, name } => {
+                let identity = match Identity::from_card(&card) {
+                    Ok(identity) => identity,
+                    Err(e) => return Response::error(format!("invalid card: {e}")),
+                };
+                let node = identity.node_id();
+                let (tx, rx) = oneshot::channel();
+                self.network.do_send(Input(NetInput::AddPeer {
+                    identity: Box::new(identity),
+                    label: name,
+                    reply: tx,
+                }));
+                match rx.await {
+                    Ok(Ok(new)) => Response::ok(json!({ "node_id": node.to_string(), "new": new })),
+                    Ok(Err(e)) => Response::error(e),
+                    Err(_) => Response::error("the node is shutting down"),
+                }
+            }
+            Request::PeerPing { node_id } => {
+                let Some(peer) = NodeId::parse(&node_id) else {
+                    return Response::error(format!(
+                        "`{node_id}` is not a node id (32 hex characters)"
+                    ));
+                };
+                let (tx, rx) = oneshot::channel();
+                self.network
+                    .do_send(Input(NetInput::Ping { peer, reply: tx }));
+                match rx.await {
+                    Ok(Ok(rtt)) => Response::ok(
+                        json!({ "node_id": node_id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
+                    ),
+                    Ok(Err(e)) => Response::error(e),
+                    Err(_) => Response::error("the node is shutting down"),
+                }
+            }
+        }
+    }
+}
+
+/// Starts the network actor with the persisted and configured peers.
+fn start_network(
+    config: &Config,
+    keys: &NodeKeys,
+    node_id: NodeId,
+    identity: watch::Receiver<Option<Identity>>,
+    store: Arc<dyn KvStore>,
+    registry: &Registry,
+) -> NetworkAddr {
+    let mut peers = network::load_peers(store.as_ref());
+    for entry in &config.peers {
+        // Validated with the config: a card that does not verify never gets here.
+        if let Ok(identity) = Identity::from_card(&entry.card) {
+            peers.push((identity, entry.name.clone()));
+        }
+    }
+    let policy = TrustPolicy {
+        trusted: Default::default(),
+        open: config.supplier.accept == AcceptPolicy::Open,
+    };
+    let (policy_tx, policy_rx) = watch::channel(policy);
+    let n = &config.network;
+    let shared = Arc::new(SessionShared {
+        noise_secret: keys.noise_secret_bytes(),
+        identity,
+        policy: policy_rx,
+        connect_timeout: n.connect_timeout.get(),
+        handshake_timeout: n.handshake_timeout.get(),
+        max_message: n.max_message.0 as usize,
+        queue: n.outbound_queue,
+    });
+    let settings = NetworkSettings {
+        listen: config.node.listen,
+        request_timeout: n.request_timeout.get(),
+        keepalive: n.keepalive.get(),
+    };
+    let driver = NetworkDriver::new(
+        settings,
+        node_id,
+        shared,
+        store,
+        registry.clone(),
+        policy_tx,
+        peers,
+    );
+    let known = driver.known_peers();
+    let machine = NetworkConnector {
+        reconnect_min: n.reconnect_min.get(),
+        reconnect_max: n.reconnect_max.get(),
+        ..NetworkConnector::default()
+    };
+    let addr = Shell::new(machine, "self", driver, registry.clone()).start();
+    for peer in known {
+        addr.do_send(Fire(NetEvent::PeerAdded {
+            peer,
+            now: Duration::ZERO,
+        }));
+    }
+    addr.do_send(Fire(NetEvent::Start));
+    addr
+}
+
 /// SIGHUP: validate the new file; apply what can change live, keep the old config otherwise.
-fn reload(home: &Home, config: &mut Config, identity: &Addr<Shell<IdentityDriver>>) {
+fn reload(home: &Home, config: &mut Config, identity: &IdentityAddr, network: &NetworkAddr) {
     match Config::load(home.root()) {
         Ok(newer) => {
             let needs_restart = config.restart_needed(&newer);
@@ -151,6 +296,16 @@ fn reload(home: &Home, config: &mut Config, identity: &Addr<Shell<IdentityDriver
             }
             if newer.contacts() != config.contacts() {
                 identity.do_send(Fire(IdentityEvent::ContactsChanged(newer.contacts())));
+            }
+            for peer in newer.peers.iter().filter(|p| !config.peers.contains(p)) {
+                if let Ok(identity) = Identity::from_card(&peer.card) {
+                    let (reply, _) = oneshot::channel();
+                    network.do_send(Input(NetInput::AddPeer {
+                        identity: Box::new(identity),
+                        label: peer.name.clone(),
+                        reply,
+                    }));
+                }
             }
             *config = newer;
             tracing::info!(file = %home.config_file().display(), "config reloaded");

@@ -1,0 +1,366 @@
+//! An authenticated link with one peer: the identity exchange that follows the Noise handshake,
+//! then a reader and a writer task with request/reply matching by request id, a bounded outbound
+//! queue (backpressure, no unbounded memory) and per-request timeouts.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::NetError;
+use super::envelope::{self, EnvelopeError};
+use super::noise::{
+    NoiseReader, NoiseSession, NoiseWriter, handshake_initiator, handshake_responder,
+};
+use crate::crypto::identity::{Identity, NodeId};
+use crate::fsm::peer_session::CloseReason;
+use crate::proto::envelope::Body;
+use crate::proto::{Envelope, IdentityExchange, Pong};
+
+/// Binds the protocol into the Noise handshake: a peer of another protocol fails the handshake.
+pub const PROLOGUE: &[u8] = b"bitdust.v1";
+
+/// Who may complete a handshake with this node.
+#[derive(Clone, Debug, Default)]
+pub struct TrustPolicy {
+    pub trusted: HashSet<NodeId>,
+    /// Accept any authenticated node (supplier `accept = "open"`).
+    pub open: bool,
+}
+
+impl TrustPolicy {
+    pub fn allows(&self, node: &NodeId) -> bool {
+        self.open || self.trusted.contains(node)
+    }
+}
+
+pub fn close_reason(e: &NetError) -> CloseReason {
+    match e {
+        NetError::FrameTooLarge { .. } => CloseReason::FrameTooLarge,
+        NetError::HandshakeTimeout => CloseReason::HandshakeTimeout,
+        NetError::Handshake(_) => CloseReason::BadHandshake,
+        NetError::Decrypt => CloseReason::DecryptFailed,
+        NetError::MessageTooLarge { .. } => CloseReason::MessageTooLarge,
+        NetError::BadChunk => CloseReason::Malformed,
+        NetError::UnexpectedEof | NetError::Closed => CloseReason::PeerClosed,
+        NetError::Io(_) => CloseReason::IoError,
+    }
+}
+
+fn envelope_reason(e: &EnvelopeError) -> CloseReason {
+    match e {
+        EnvelopeError::UnsupportedVersion(_) => CloseReason::UnsupportedVersion,
+        _ => CloseReason::Malformed,
+    }
+}
+
+/// Runs the Noise handshake, then exchanges signed identities and checks that the peer's
+/// identity is signed, names the Noise key it just proved, is the node we meant to reach
+/// (outbound) and is allowed by `policy`.
+pub async fn establish<IO>(
+    io: IO,
+    outbound: bool,
+    noise_secret: &[u8; 32],
+    mine: &Identity,
+    expected: Option<NodeId>,
+    policy: &TrustPolicy,
+    timeout: Duration,
+    max_message: usize,
+) -> Result<(NoiseSession<IO>, Identity), CloseReason>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let work = async {
+        let mut session = if outbound {
+            handshake_initiator(io, noise_secret, PROLOGUE, timeout).await
+        } else {
+            handshake_responder(io, noise_secret, PROLOGUE, timeout).await
+        }
+        .map_err(|e| match e {
+            NetError::HandshakeTimeout => CloseReason::HandshakeTimeout,
+            NetError::FrameTooLarge { .. } => CloseReason::FrameTooLarge,
+            _ => CloseReason::BadHandshake,
+        })?;
+        session.set_max_message(max_message);
+        let hello = envelope::envelope(
+            1,
+            0,
+            Body::Identity(IdentityExchange {
+                identity: Some(mine.signed().clone()),
+            }),
+        );
+        session
+            .send(&envelope::encode(&hello))
+            .await
+            .map_err(|e| close_reason(&e))?;
+        let bytes = session
+            .recv()
+            .await
+            .map_err(|e| close_reason(&e))?
+            .ok_or(CloseReason::PeerClosed)?;
+        let theirs = envelope::decode(&bytes).map_err(|e| envelope_reason(&e))?;
+        let Some(Body::Identity(IdentityExchange {
+            identity: Some(signed),
+        })) = theirs.body
+        else {
+            return Err(CloseReason::UnexpectedMessage);
+        };
+        let identity = Identity::verify(signed).map_err(|_| CloseReason::BadIdentity)?;
+        if identity.noise_key() != &session.remote_static() {
+            return Err(CloseReason::IdentityMismatch);
+        }
+        if expected.is_some_and(|e| e != identity.node_id()) {
+            return Err(CloseReason::WrongPeer);
+        }
+        if !policy.allows(&identity.node_id()) {
+            return Err(CloseReason::UnknownPeer);
+        }
+        Ok((session, identity))
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| CloseReason::HandshakeTimeout)?
+}
+
+/// Traffic counters of one link, readable while it runs.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    /// Unix seconds of the last message received.
+    pub last_seen: AtomicU64,
+}
+
+/// What the reader hands to the session that owns the link.
+#[derive(Debug)]
+pub enum LinkEvent {
+    Pong,
+    /// The peer pushed a (possibly newer) identity.
+    Identity(Box<Identity>),
+    /// An identity push that failed verification.
+    ForgedIdentity,
+    /// A request for a service (fragments, audits, contracts): answer with `LinkHandle::reply`.
+    Request(Box<Envelope>),
+    Closed(CloseReason),
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("the link is closed")]
+    Closed,
+    #[error("the outbound queue is full")]
+    QueueFull,
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Envelope>>>>;
+
+/// A cheap, cloneable way to talk to one peer over its established link.
+#[derive(Clone)]
+pub struct LinkHandle {
+    peer: NodeId,
+    tx: mpsc::Sender<Vec<u8>>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+    pub stats: Arc<LinkStats>,
+}
+
+impl std::fmt::Debug for LinkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkHandle")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(p: &Pending) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Envelope>>> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LinkHandle {
+    pub fn peer(&self) -> NodeId {
+        self.peer
+    }
+
+    fn next_id(&self) -> u64 {
+        // Request ids start at 2: 1 is the identity exchange of the handshake.
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends a request and waits for the envelope that replies to it.
+    pub async fn request(&self, body: Body, timeout: Duration) -> Result<Envelope, RequestError> {
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let bytes = envelope::encode(&envelope::envelope(id, 0, body));
+        let result = async {
+            self.tx
+                .send(bytes)
+                .await
+                .map_err(|_| RequestError::Closed)?;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(_)) => Err(RequestError::Closed),
+                Err(_) => Err(RequestError::Timeout(timeout)),
+            }
+        }
+        .await;
+        lock(&self.pending).remove(&id);
+        result
+    }
+
+    /// Sends a one-way message, waiting for queue space.
+    pub async fn send(&self, body: Body) -> Result<(), RequestError> {
+        let bytes = envelope::encode(&envelope::envelope(self.next_id(), 0, body));
+        self.tx.send(bytes).await.map_err(|_| RequestError::Closed)
+    }
+
+    /// Sends a one-way message if the queue has room now.
+    pub fn try_send(&self, body: Body) -> Result<(), RequestError> {
+        let bytes = envelope::encode(&envelope::envelope(self.next_id(), 0, body));
+        self.tx.try_send(bytes).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => RequestError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => RequestError::Closed,
+        })
+    }
+
+    /// Answers request `to`.
+    pub async fn reply(&self, to: u64, body: Body) -> Result<(), RequestError> {
+        let bytes = envelope::encode(&envelope::envelope(self.next_id(), to, body));
+        self.tx.send(bytes).await.map_err(|_| RequestError::Closed)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// The running tasks of a link; dropping this ends them.
+pub struct LinkTasks {
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Drop for LinkTasks {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+pub type LinkSink = Arc<dyn Fn(LinkEvent) + Send + Sync>;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Starts the reader and writer of an established session. Pings are answered here, replies
+/// matched to their requests; everything else goes to `sink`, which also hears of the end.
+pub fn start<R, W>(
+    mut reader: NoiseReader<R>,
+    mut writer: NoiseWriter<W>,
+    peer: Identity,
+    queue: usize,
+    sink: LinkSink,
+) -> (LinkHandle, LinkTasks)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(queue.max(1));
+    let stats = Arc::new(LinkStats::default());
+    stats.last_seen.store(unix_now(), Ordering::Relaxed);
+    let handle = LinkHandle {
+        peer: peer.node_id(),
+        tx,
+        pending: Arc::default(),
+        next_id: Arc::new(AtomicU64::new(2)),
+        stats: stats.clone(),
+    };
+
+    let writer_sink = sink.clone();
+    let writer_stats = stats.clone();
+    let writer_task = tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if let Err(e) = writer.send(&bytes).await {
+                writer_sink(LinkEvent::Closed(close_reason(&e)));
+                return;
+            }
+            writer_stats
+                .bytes_out
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            writer_stats.messages_out.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = writer.shutdown().await;
+    });
+
+    let link = handle.clone();
+    let peer_id = peer.node_id();
+    let reader_task = tokio::spawn(async move {
+        let reason = loop {
+            let bytes = match reader.recv().await {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => break CloseReason::PeerClosed,
+                Err(e) => break close_reason(&e),
+            };
+            stats
+                .bytes_in
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            stats.messages_in.fetch_add(1, Ordering::Relaxed);
+            stats.last_seen.store(unix_now(), Ordering::Relaxed);
+            let envelope = match envelope::decode(&bytes) {
+                Ok(e) => e,
+                Err(e) => break envelope_reason(&e),
+            };
+            if envelope.reply_to != 0 {
+                if let Some(waiter) = lock(&link.pending).remove(&envelope.reply_to) {
+                    let _ = waiter.send(envelope);
+                } else if let Some(Body::Pong(_)) = envelope.body {
+                    sink(LinkEvent::Pong);
+                }
+                continue;
+            }
+            match envelope.body {
+                Some(Body::Ping(ping)) => {
+                    // Best effort: a full queue already proves the link is alive.
+                    let pong = envelope::envelope(
+                        link.next_id(),
+                        envelope.request_id,
+                        Body::Pong(Pong { nonce: ping.nonce }),
+                    );
+                    let _ = link.tx.try_send(envelope::encode(&pong));
+                }
+                Some(Body::Identity(IdentityExchange {
+                    identity: Some(signed),
+                })) => match Identity::verify(signed) {
+                    Ok(identity) if identity.node_id() == peer_id => {
+                        sink(LinkEvent::Identity(Box::new(identity)))
+                    }
+                    _ => sink(LinkEvent::ForgedIdentity),
+                },
+                Some(Body::Pong(_)) => sink(LinkEvent::Pong),
+                _ => sink(LinkEvent::Request(Box::new(envelope))),
+            }
+        };
+        // Wake every waiting requester: their link is gone.
+        lock(&link.pending).clear();
+        sink(LinkEvent::Closed(reason));
+    });
+    (
+        handle,
+        LinkTasks {
+            reader: reader_task,
+            writer: writer_task,
+        },
+    )
+}
