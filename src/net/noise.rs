@@ -138,8 +138,11 @@ where
             framed.send(&buf[..n]).await?;
         } else {
             let msg = framed.next().await.ok_or(NetError::UnexpectedEof)??;
-            // Any handshake payload is authenticated by snow and ignored.
-            hs.read_message(&msg, &mut buf)?;
+            // Our handshake messages carry no payload: bytes beyond the keys mean the peer is
+            // not speaking this protocol (e.g. a message sent before the handshake).
+            if hs.read_message(&msg, &mut buf)? != 0 {
+                return Err(NetError::Handshake(snow::Error::Input));
+            }
         }
     }
 
@@ -809,12 +812,8 @@ mod tests {
         let mut junk = vec![0, 0, 0, 80];
         junk.extend(pattern(80, 9));
         raw.write_all(&junk).await.unwrap();
-        // Responder reads msg1 (any 32+ bytes parse as `e`), answers, then
-        // reads msg3: garbage again.
+        // msg1 is only the 32-byte ephemeral key: anything after it is refused at once.
         let resp = tokio::spawn(async move { handshake_responder(b, &b_priv, PROLOGUE, T).await });
-        let mut msg2 = [0u8; 100];
-        raw.read_exact(&mut msg2).await.unwrap();
-        raw.write_all(&junk).await.unwrap();
         let err = resp.await.unwrap().unwrap_err();
         assert!(matches!(err, NetError::Handshake(_)), "{err:?}");
         assert_eq!(err.reason(), "handshake");
