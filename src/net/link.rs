@@ -364,3 +364,160 @@ where
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::keys::NodeKeys;
+    use crate::proto::{Ack, Ping};
+    use std::sync::mpsc as std_mpsc;
+
+    fn node(name: &str) -> (NodeKeys, Identity) {
+        let keys = NodeKeys::generate(&mut rand::rngs::OsRng);
+        let identity = Identity::create(&keys, name, vec!["tcp://127.0.0.1:1".into()], 1, 0)
+            .expect("identity");
+        (keys, identity)
+    }
+
+    fn trusting(id: &Identity) -> TrustPolicy {
+        TrustPolicy {
+            trusted: [id.node_id()].into_iter().collect(),
+            open: false,
+        }
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    async fn pair(
+        queue: usize,
+    ) -> (
+        (LinkHandle, LinkTasks, std_mpsc::Receiver<LinkEvent>),
+        (LinkHandle, LinkTasks, std_mpsc::Receiver<LinkEvent>),
+    ) {
+        let (ka, a) = node("a");
+        let (kb, b) = node("b");
+        let (io_a, io_b) = tokio::io::duplex(1 << 20);
+        let (pa, pb) = (trusting(&b), trusting(&a));
+        let (na, nb) = (ka.noise_secret_bytes(), kb.noise_secret_bytes());
+        let (sa, sb) = tokio::join!(
+            establish(io_a, true, &na, &a, Some(b.node_id()), &pa, T, 1 << 20),
+            establish(io_b, false, &nb, &b, None, &pb, T, 1 << 20),
+        );
+        let ((sa, seen_b), (sb, seen_a)) = (sa.expect("a side"), sb.expect("b side"));
+        assert_eq!(
+            (seen_b.node_id(), seen_a.node_id()),
+            (b.node_id(), a.node_id())
+        );
+        let side = |session: NoiseSession<tokio::io::DuplexStream>, peer: Identity, queue| {
+            let (tx, rx) = std_mpsc::channel();
+            let sink: LinkSink = Arc::new(move |e| {
+                let _ = tx.send(e);
+            });
+            let (r, w) = session.split();
+            let (handle, tasks) = start(r, w, peer, queue, sink);
+            (handle, tasks, rx)
+        };
+        (side(sa, seen_b, queue), side(sb, seen_a, queue))
+    }
+
+    #[tokio::test]
+    async fn requests_are_matched_to_replies() {
+        let ((a, _ta, _ea), (b, _tb, eb)) = pair(8).await;
+        // Pings are answered by the link itself.
+        let reply = a
+            .request(Body::Ping(Ping { nonce: 9 }), T)
+            .await
+            .expect("pong");
+        assert!(matches!(reply.body, Some(Body::Pong(Pong { nonce: 9 }))));
+        // Other requests reach the owner, who replies by id.
+        let b2 = b.clone();
+        let answer = tokio::spawn(async move {
+            loop {
+                match eb.try_recv() {
+                    Ok(LinkEvent::Request(env)) => {
+                        b2.reply(
+                            env.request_id,
+                            Body::Ack(Ack {
+                                size: 7,
+                                hash: vec![],
+                            }),
+                        )
+                        .await
+                        .expect("reply");
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::task::yield_now().await,
+                }
+            }
+        });
+        let reply = a
+            .request(Body::ServiceCancel(crate::proto::ServiceCancel {}), T)
+            .await
+            .expect("ack");
+        assert!(matches!(reply.body, Some(Body::Ack(Ack { size: 7, .. }))));
+        answer.await.expect("answered");
+        assert!(a.stats.bytes_out.load(Ordering::Relaxed) > 0);
+        assert!(b.stats.messages_in.load(Ordering::Relaxed) >= 2);
+    }
+
+    #[tokio::test]
+    async fn unanswered_request_times_out_and_is_forgotten() {
+        let ((a, _ta, _ea), (_b, _tb, _eb)) = pair(8).await;
+        let err = a
+            .request(
+                Body::ServiceCancel(crate::proto::ServiceCancel {}),
+                Duration::from_millis(100),
+            )
+            .await
+            .expect_err("nobody answers");
+        assert_eq!(err, RequestError::Timeout(Duration::from_millis(100)));
+        assert!(lock(&a.pending).is_empty());
+    }
+
+    #[tokio::test]
+    async fn outbound_queue_is_bounded() {
+        let ((a, ta, _ea), _b) = pair(2).await;
+        // Stop the writer so nothing drains: the queue fills and then refuses.
+        ta.writer.abort();
+        tokio::task::yield_now().await;
+        let mut refused = None;
+        for _ in 0..10 {
+            if let Err(e) = a.try_send(Body::Ping(Ping { nonce: 1 })) {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(
+                refused,
+                Some(RequestError::QueueFull | RequestError::Closed)
+            ),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_peer_and_unknown_peer_are_refused() {
+        let (ka, a) = node("a");
+        let (kb, b) = node("b");
+        let (_, c) = node("c");
+        let (io_a, io_b) = tokio::io::duplex(1 << 16);
+        let (pa, pb) = (trusting(&b), trusting(&a));
+        let (na, nb) = (ka.noise_secret_bytes(), kb.noise_secret_bytes());
+        // A expects to reach C but B answers.
+        let (ra, _) = tokio::join!(
+            establish(io_a, true, &na, &a, Some(c.node_id()), &pa, T, 1 << 16),
+            establish(io_b, false, &nb, &b, None, &pb, T, 1 << 16),
+        );
+        assert_eq!(ra.err(), Some(CloseReason::WrongPeer));
+        // B does not trust A.
+        let (io_a, io_b) = tokio::io::duplex(1 << 16);
+        let nobody = TrustPolicy::default();
+        let (_, rb) = tokio::join!(
+            establish(io_a, true, &na, &a, None, &pa, T, 1 << 16),
+            establish(io_b, false, &nb, &b, None, &nobody, T, 1 << 16),
+        );
+        assert_eq!(rb.err(), Some(CloseReason::UnknownPeer));
+    }
+}
