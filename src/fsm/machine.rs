@@ -48,6 +48,18 @@ pub struct Row<M: Machine> {
     pub actions: &'static [M::Action],
 }
 
+impl<M: Machine> Row<M> {
+    pub fn copy(&self) -> Self {
+        Row {
+            from: self.from,
+            event: self.event,
+            guard: self.guard,
+            to: self.to,
+            actions: self.actions,
+        }
+    }
+}
+
 /// A periodic timer, running while the machine is in one of `states`.
 pub struct TimerRow<M: Machine> {
     pub timer: M::Timer,

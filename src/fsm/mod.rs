@@ -3,10 +3,13 @@
 
 pub mod check;
 pub mod diagram;
+pub mod fire_hire;
 pub mod identity;
 pub mod machine;
 pub mod network_connector;
 pub mod peer_session;
+pub mod supplier_connector;
+pub mod supplier_service;
 pub mod timers;
 
 pub use machine::{Instance, Label, Machine, Row, Stepped, TimerRow};
@@ -19,6 +22,9 @@ macro_rules! for_each_machine {
         $f::<$crate::fsm::identity::IdentityMachine>($($arg),*);
         $f::<$crate::fsm::network_connector::NetworkConnector>($($arg),*);
         $f::<$crate::fsm::peer_session::PeerSession>($($arg),*);
+        $f::<$crate::fsm::supplier_service::SupplierService>($($arg),*);
+        $f::<$crate::fsm::supplier_connector::SupplierConnector>($($arg),*);
+        $f::<$crate::fsm::fire_hire::FireHire>($($arg),*);
     }};
 }
 
