@@ -22,6 +22,8 @@ labels! {
         RetriesLeft,
         /// The supplier accepted this contract before (so silence means unreachable, not refused).
         HadContract,
+        /// The network reports the supplier's node up.
+        PeerReachable,
     }
 }
 
@@ -39,6 +41,8 @@ labels! {
         SendCancel,
         /// The contract is over: tell fire_hire (IO).
         ReportClosed,
+        /// Remember whether the supplier's node is up.
+        NotePresence,
     }
 }
 
@@ -74,7 +78,18 @@ pub struct SupplierConnector {
     pub max_attempts: u32,
     pub attempts: u32,
     pub accepted_before: bool,
+    pub peer_up: bool,
     pub refuse_reason: Option<RefuseReason>,
+}
+
+impl SupplierConnector {
+    /// A connector for a contract the supplier accepted in an earlier run.
+    pub fn resumed() -> Self {
+        SupplierConnector {
+            accepted_before: true,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for SupplierConnector {
@@ -85,6 +100,7 @@ impl Default for SupplierConnector {
             max_attempts: 3,
             attempts: 0,
             accepted_before: false,
+            peer_up: true,
             refuse_reason: None,
         }
     }
@@ -175,9 +191,16 @@ static ROWS: &[Row<SupplierConnector>] = &[
     Row {
         from: &[Disconnected],
         event: EventKind::Timer,
-        guard: None,
+        guard: Some(Guard::PeerReachable),
         to: Requesting,
         actions: &[Action::SendRequest],
+    },
+    Row {
+        from: &[Disconnected],
+        event: EventKind::PeerDown,
+        guard: None,
+        to: Disconnected,
+        actions: &[Action::NotePresence],
     },
     Row {
         from: &[NoService, Requesting, Connected, Disconnected],
@@ -290,10 +313,16 @@ impl Machine for SupplierConnector {
         match guard {
             Guard::RetriesLeft => self.attempts < self.max_attempts,
             Guard::HadContract => self.accepted_before,
+            Guard::PeerReachable => self.peer_up,
         }
     }
 
     fn apply(&mut self, action: Action, event: &Event) {
+        match event {
+            Event::PeerUp => self.peer_up = true,
+            Event::PeerDown => self.peer_up = false,
+            _ => {}
+        }
         match action {
             Action::SendRequest => self.attempts += 1,
             Action::ReportConnected => {
@@ -308,7 +337,7 @@ impl Machine for SupplierConnector {
                     _ => RefuseReason::Unreachable,
                 });
             }
-            Action::SendCancel | Action::ReportClosed => {}
+            Action::SendCancel | Action::ReportClosed | Action::NotePresence => {}
         }
     }
 
