@@ -56,6 +56,18 @@ impl<D: Driver> Io<'_, D> {
         );
     }
 
+    /// Runs `work`; its output, if any, is the machine's next event (none: a timer decides).
+    pub fn spawn_opt<F>(&mut self, work: F)
+    where
+        F: Future<Output = Option<<D::M as Machine>::Event>> + 'static,
+    {
+        self.ctx.spawn(actix::fut::wrap_future::<_, Shell<D>>(work).map(|event, shell, ctx| {
+            if let Some(event) = event {
+                shell.fire(event, ctx);
+            }
+        }));
+    }
+
     /// Runs blocking work (disk, CPU-heavy) on a worker thread, then feeds its event back.
     pub fn spawn_blocking<F>(&mut self, work: F)
     where

@@ -1,6 +1,7 @@
 //! Node state: a key-value store with one column family per concern and atomic batches.
 //! `RocksStore` is the real one; `MemStore` has the same semantics for tests and simulation.
 
+pub mod fragments;
 mod mem;
 mod rocks;
 

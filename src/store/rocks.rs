@@ -59,7 +59,10 @@ impl KvStore for RocksStore {
                 Op::Delete { cf, key } => wb.delete_cf(self.handle(*cf)?, key),
             }
         }
-        self.db.write(wb).map_err(db_error)
+        // Synced: a write that returned (and was acked to a peer) survives a power loss too.
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(wb, &options).map_err(db_error)
     }
 
     fn scan(
