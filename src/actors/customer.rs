@@ -1,0 +1,285 @@
+//! The customer side's IO: fire_hire (positions persisted in the `contracts` column family) and
+//! one supplier_connector per position, talking to suppliers over the network's links.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use super::network::{NetInput, NetworkDriver};
+use super::registry::Registry;
+use super::shell::{Driver, Fire, Input, Io, Shell};
+use crate::crypto::identity::NodeId;
+use crate::fsm::Label;
+use crate::fsm::fire_hire::{self, FireHire};
+use crate::fsm::supplier_connector::{self as sc, RefuseReason, SupplierConnector};
+use crate::net::link::LinkHandle;
+use crate::proto::envelope::Body;
+use crate::proto::{FailReason, ServiceCancel, ServiceRequest};
+use crate::store::{Batch, Cf, KvStore};
+
+#[derive(Clone)]
+pub struct CustomerSettings {
+    pub data_shards: u32,
+    pub parity_shards: u32,
+    pub space_per_supplier: u64,
+    pub request_timeout: Duration,
+}
+
+/// Reads the positions a previous run saved: (position, supplier).
+pub fn load_contracts(kv: &dyn KvStore) -> Vec<(u32, NodeId)> {
+    let Ok(rows) = kv.scan(Cf::Contracts, b"", None, 1024) else { return Vec::new() };
+    rows.into_iter()
+        .filter_map(|(k, v)| {
+            let position = u32::from_be_bytes(k.as_slice().try_into().ok()?);
+            let id: [u8; 16] = v.get(..16)?.try_into().ok()?;
+            Some((position, NodeId::parse(&hex::encode(id))?))
+        })
+        .collect()
+}
+
+fn save_contracts(kv: &dyn KvStore, slots: &[Option<fire_hire::Hire>]) -> Result<(), String> {
+    let mut batch = Batch::new();
+    for (position, slot) in slots.iter().enumerate() {
+        let key = (position as u32).to_be_bytes().to_vec();
+        match slot {
+            Some(hire) => {
+                let mut value = hire.supplier.as_bytes().to_vec();
+                value.push(u8::from(hire.confirmed));
+                batch.put(Cf::Contracts, key, value);
+            }
+            None => {
+                batch.delete(Cf::Contracts, key);
+            }
+        }
+    }
+    kv.write(batch).map_err(|e| e.to_string())
+}
+
+pub enum CustomerInput {
+    /// A trusted peer's session came up or went down.
+    Presence { peer: NodeId, up: bool },
+    /// A connector's news.
+    Report { position: u32, supplier: NodeId, report: Report },
+    /// Replace the supplier at a position (monitor or operator).
+    Fire { position: u32 },
+    Status(oneshot::Sender<serde_json::Value>),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Report {
+    Connected,
+    Refused,
+    Closed,
+}
+
+pub struct FireHireDriver {
+    settings: CustomerSettings,
+    kv: Arc<dyn KvStore>,
+    network: Addr<Shell<NetworkDriver>>,
+    registry: Registry,
+    connectors: BTreeMap<u32, (NodeId, Addr<Shell<ConnectorDriver>>)>,
+    online: std::collections::BTreeSet<NodeId>,
+}
+
+impl FireHireDriver {
+    pub fn new(
+        settings: CustomerSettings,
+        kv: Arc<dyn KvStore>,
+        network: Addr<Shell<NetworkDriver>>,
+        registry: Registry,
+    ) -> Self {
+        FireHireDriver { settings, kv, network, registry, connectors: BTreeMap::new(), online: Default::default() }
+    }
+
+    fn start_connector(&mut self, position: u32, supplier: NodeId, resumed: bool, io: &mut Io<'_, Self>) {
+        let mut machine = if resumed { SupplierConnector::resumed() } else { SupplierConnector::default() };
+        machine.request_timeout = self.settings.request_timeout;
+        machine.peer_up = self.online.contains(&supplier);
+        let driver = ConnectorDriver {
+            position,
+            supplier,
+            settings: self.settings.clone(),
+            network: self.network.clone(),
+            fire_hire: io.address(),
+        };
+        let addr = Shell::new(machine, format!("p{position}"), driver, self.registry.clone()).start();
+        addr.do_send(Fire(sc::Event::Connect));
+        if let Some((_, old)) = self.connectors.insert(position, (supplier, addr)) {
+            // A dismissed predecessor still cancelling keeps running until it closes.
+            drop(old);
+        }
+    }
+}
+
+impl Driver for FireHireDriver {
+    type M = FireHire;
+    type Input = CustomerInput;
+
+    fn perform(&mut self, action: fire_hire::Action, _event: &fire_hire::Event, machine: &FireHire, io: &mut Io<'_, Self>) {
+        match action {
+            fire_hire::Action::Note => {}
+            fire_hire::Action::Resume => {
+                for (position, supplier) in machine.resumed.clone() {
+                    self.start_connector(position, supplier, true, io);
+                }
+            }
+            fire_hire::Action::HireOne => {
+                if let Some((position, supplier)) = machine.pending {
+                    tracing::info!(position, supplier = %supplier, "asking a friend to be a supplier");
+                    self.start_connector(position, supplier, false, io);
+                }
+            }
+            fire_hire::Action::Dismiss => {
+                if let Some((position, supplier)) = machine.dismiss
+                    && let Some((s, addr)) = self.connectors.get(&position)
+                    && *s == supplier
+                {
+                    addr.do_send(Fire(sc::Event::Dismiss));
+                }
+            }
+            fire_hire::Action::Save => {
+                if let Err(e) = save_contracts(self.kv.as_ref(), &machine.slots) {
+                    tracing::error!(error = %e, "cannot save supplier positions");
+                }
+            }
+        }
+    }
+
+    fn input(&mut self, input: CustomerInput, machine: &FireHire, io: &mut Io<'_, Self>) -> Vec<fire_hire::Event> {
+        match input {
+            CustomerInput::Presence { peer, up } => {
+                if up {
+                    self.online.insert(peer);
+                } else {
+                    self.online.remove(&peer);
+                }
+                for (supplier, addr) in self.connectors.values() {
+                    if *supplier == peer {
+                        addr.do_send(Fire(if up { sc::Event::PeerUp } else { sc::Event::PeerDown }));
+                    }
+                }
+                vec![if up { fire_hire::Event::CandidateUp(peer) } else { fire_hire::Event::CandidateDown(peer) }]
+            }
+            CustomerInput::Report { position, supplier, report } => match report {
+                Report::Connected => vec![fire_hire::Event::Hired { position, supplier }],
+                Report::Refused => vec![fire_hire::Event::Refused { position, supplier, now: io.now() }],
+                Report::Closed => {
+                    if self.connectors.get(&position).is_some_and(|(s, _)| *s == supplier) {
+                        self.connectors.remove(&position);
+                    }
+                    vec![]
+                }
+            },
+            CustomerInput::Fire { position } => vec![fire_hire::Event::Fire { position, now: io.now() }],
+            CustomerInput::Status(reply) => {
+                let positions: Vec<_> = machine
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .map(|(p, slot)| {
+                        let state = self.registry.state_of("supplier_connector", &format!("p{p}"));
+                        json!({
+                            "position": p,
+                            "supplier": slot.map(|h| h.supplier.to_string()),
+                            "confirmed": slot.is_some_and(|h| h.confirmed),
+                            "contract": slot.and(state).unwrap_or("NoService"),
+                        })
+                    })
+                    .collect();
+                let _ = reply.send(json!({
+                    "data_shards": self.settings.data_shards,
+                    "parity_shards": self.settings.parity_shards,
+                    "positions": positions,
+                }));
+                vec![]
+            }
+        }
+    }
+}
+
+pub struct ConnectorDriver {
+    position: u32,
+    supplier: NodeId,
+    settings: CustomerSettings,
+    network: Addr<Shell<NetworkDriver>>,
+    fire_hire: Addr<Shell<FireHireDriver>>,
+}
+
+impl ConnectorDriver {
+    fn report(&self, report: Report) {
+        self.fire_hire.do_send(Input(CustomerInput::Report { position: self.position, supplier: self.supplier, report }));
+    }
+
+    /// The link to the supplier, if a session is up.
+    fn link(&self) -> impl std::future::Future<Output = Option<LinkHandle>> + 'static {
+        let network = self.network.clone();
+        let peer = self.supplier;
+        async move {
+            let (tx, rx) = oneshot::channel();
+            network.send(Input(NetInput::Link { peer, reply: tx })).await.ok()?;
+            rx.await.ok().flatten()
+        }
+    }
+}
+
+fn refuse_reason(code: i32) -> RefuseReason {
+    match FailReason::try_from(code) {
+        Ok(FailReason::NotTrusted) => RefuseReason::NotTrusted,
+        Ok(FailReason::NoSpace | FailReason::OverQuota) => RefuseReason::NoSpace,
+        _ => RefuseReason::Other,
+    }
+}
+
+impl Driver for ConnectorDriver {
+    type M = SupplierConnector;
+    type Input = std::convert::Infallible;
+
+    fn input(&mut self, input: Self::Input, _: &SupplierConnector, _: &mut Io<'_, Self>) -> Vec<sc::Event> {
+        match input {}
+    }
+
+    fn perform(&mut self, action: sc::Action, _event: &sc::Event, machine: &SupplierConnector, io: &mut Io<'_, Self>) {
+        match action {
+            sc::Action::SendRequest => {
+                let link = self.link();
+                let request = ServiceRequest {
+                    space: self.settings.space_per_supplier,
+                    position: self.position,
+                    data_shards: self.settings.data_shards,
+                    parity_shards: self.settings.parity_shards,
+                };
+                let timeout = self.settings.request_timeout;
+                io.spawn_opt(async move {
+                    // No session or no answer: the machine's request timer decides.
+                    let reply = link.await?.request(Body::ServiceRequest(request), timeout).await.ok()?;
+                    match reply.body? {
+                        Body::ServiceAccept(_) => Some(sc::Event::Accepted),
+                        Body::ServiceRefuse(r) => Some(sc::Event::Refused(refuse_reason(r.reason))),
+                        Body::Fail(f) => Some(sc::Event::Refused(refuse_reason(f.reason))),
+                        _ => None,
+                    }
+                });
+            }
+            sc::Action::ReportConnected => self.report(Report::Connected),
+            sc::Action::ReportDisconnected | sc::Action::NotePresence => {}
+            sc::Action::ReportRefused => {
+                tracing::info!(position = self.position, supplier = %self.supplier,
+                    reason = machine.refuse_reason.map(|r| r.name()).unwrap_or(""), "supplier refused or left");
+                self.report(Report::Refused);
+            }
+            sc::Action::SendCancel => {
+                let link = self.link();
+                let timeout = self.settings.request_timeout;
+                io.spawn_opt(async move {
+                    link.await?.request(Body::ServiceCancel(ServiceCancel {}), timeout).await.ok()?;
+                    Some(sc::Event::CancelDone)
+                });
+            }
+            sc::Action::ReportClosed => self.report(Report::Closed),
+        }
+    }
+}

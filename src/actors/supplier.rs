@@ -1,0 +1,236 @@
+//! The supplier_service actor's IO: the fragment store, and answers to customers' requests
+//! (service, store, retrieve, list, delete). Disk work runs on blocking worker threads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use super::identity::unix_now;
+use super::shell::{Driver, Io};
+use crate::crypto::identity::NodeId;
+use crate::fsm::supplier_service::{Action, Event, Refusal, SupplierService, decide};
+use crate::net::link::LinkHandle;
+use crate::proto::envelope::Body;
+use crate::proto::{
+    Ack, Envelope, Fail, FailReason, FragmentData, FragmentId, FragmentInfo as WireInfo, FragmentList,
+    ServiceAccept, ServiceRefuse,
+};
+use crate::store::KvStore;
+use crate::store::fragments::{AccountState, FragmentError, FragmentKey, FragmentStore};
+
+/// Most fragments listed in one reply.
+const LIST_PAGE: usize = 1000;
+
+pub struct SupplierSettings {
+    pub root: std::path::PathBuf,
+    pub donated: u64,
+    pub open: bool,
+    pub grace: Duration,
+}
+
+pub enum SupplierInput {
+    /// A customer's request, with the link to answer on and whether the customer is a peer.
+    Request { customer: NodeId, trusted: bool, envelope: Box<Envelope>, link: LinkHandle },
+    Status(oneshot::Sender<serde_json::Value>),
+}
+
+pub struct SupplierDriver {
+    settings: SupplierSettings,
+    kv: Arc<dyn KvStore>,
+    store: Option<Arc<FragmentStore>>,
+}
+
+impl SupplierDriver {
+    pub fn new(settings: SupplierSettings, kv: Arc<dyn KvStore>) -> Self {
+        SupplierDriver { settings, kv, store: None }
+    }
+}
+
+fn fail(reason: FailReason, detail: impl Into<String>) -> Body {
+    Body::Fail(Fail { reason: reason as i32, detail: detail.into() })
+}
+
+fn fail_reason(e: &FragmentError) -> FailReason {
+    match e {
+        FragmentError::NoService => FailReason::NoService,
+        FragmentError::NoSpace { .. } => FailReason::NoSpace,
+        FragmentError::OverQuota { .. } => FailReason::OverQuota,
+        FragmentError::NotFound => FailReason::NotFound,
+        FragmentError::HashMismatch => FailReason::HashMismatch,
+        FragmentError::Corrupt | FragmentError::Io { .. } | FragmentError::Db(_) => FailReason::StorageError,
+    }
+}
+
+fn key_of(id: Option<&FragmentId>) -> Option<FragmentKey> {
+    let id = id?;
+    Some(FragmentKey { block: id.block.as_slice().try_into().ok()?, position: id.position })
+}
+
+fn wire_id(key: &FragmentKey) -> FragmentId {
+    FragmentId { block: key.block.to_vec(), position: key.position }
+}
+
+/// Answers one request. Runs on a blocking thread: it touches the disk.
+fn answer(
+    store: &FragmentStore,
+    settings: &SupplierSettings,
+    customer: NodeId,
+    trusted: bool,
+    body: Body,
+) -> Body {
+    let result: Result<Body, FragmentError> = (|| match body {
+        Body::ServiceRequest(req) => {
+            let accounts = store.accounts()?;
+            let current = accounts
+                .iter()
+                .find(|a| a.customer == customer && a.state == AccountState::Active)
+                .map_or(0, |a| a.quota);
+            let total: u64 = accounts.iter().filter(|a| a.state == AccountState::Active).map(|a| a.quota).sum();
+            match decide(trusted, settings.open, req.space, current, total, settings.donated) {
+                Ok(space) => {
+                    store.grant(customer, space, settings.donated)?;
+                    tracing::info!(customer = %customer, space, position = req.position, "service granted");
+                    Ok(Body::ServiceAccept(ServiceAccept { space }))
+                }
+                Err(refusal) => {
+                    let (reason, detail) = match refusal {
+                        Refusal::NotTrusted => (FailReason::NotTrusted, "not a friend of this node"),
+                        Refusal::NoSpace => (FailReason::NoSpace, "not enough donated space left"),
+                    };
+                    tracing::info!(customer = %customer, space = req.space, reason = detail, "service refused");
+                    Ok(Body::ServiceRefuse(ServiceRefuse { reason: reason as i32, detail: detail.into() }))
+                }
+            }
+        }
+        Body::ServiceCancel(_) => {
+            store.cancel(&customer, unix_now())?;
+            tracing::info!(customer = %customer, "customer left; data kept for the grace period");
+            Ok(Body::Ack(Ack { size: 0, hash: vec![] }))
+        }
+        Body::StoreFragment(req) => {
+            let key = key_of(req.id.as_ref()).ok_or(FragmentError::NotFound)?;
+            let expected: [u8; 32] = req.hash.as_slice().try_into().map_err(|_| FragmentError::HashMismatch)?;
+            let info = store.put(&customer, key, &req.data, &expected)?;
+            Ok(Body::Ack(Ack { size: info.size, hash: info.hash.to_vec() }))
+        }
+        Body::RetrieveFragment(req) => {
+            let key = key_of(req.id.as_ref()).ok_or(FragmentError::NotFound)?;
+            let data = store.get(&customer, key)?;
+            Ok(Body::FragmentData(FragmentData { id: req.id, data }))
+        }
+        Body::ListFragments(req) => {
+            let after = key_of(req.after.as_ref());
+            let limit = (req.limit as usize).clamp(1, LIST_PAGE);
+            let (items, more) = store.list(&customer, after, limit)?;
+            let fragments = items
+                .iter()
+                .map(|i| WireInfo { id: Some(wire_id(&i.key)), size: i.size, hash: i.hash.to_vec() })
+                .collect();
+            Ok(Body::FragmentList(FragmentList { fragments, more }))
+        }
+        Body::DeleteFragment(req) => {
+            let key = key_of(req.id.as_ref()).ok_or(FragmentError::NotFound)?;
+            let freed = store.delete(&customer, key)?;
+            Ok(Body::Ack(Ack { size: freed, hash: vec![] }))
+        }
+        other => Ok(fail(FailReason::Unexpected, format!("{} is not a supplier request", crate::net::envelope::body_name(&other)))),
+    })();
+    result.unwrap_or_else(|e| {
+        if matches!(e, FragmentError::Io { .. } | FragmentError::Db(_) | FragmentError::Corrupt) {
+            tracing::error!(customer = %customer, error = %e, "storage request failed");
+        }
+        fail(fail_reason(&e), e.to_string())
+    })
+}
+
+impl Driver for SupplierDriver {
+    type M = SupplierService;
+    type Input = SupplierInput;
+
+    fn perform(&mut self, action: Action, _event: &Event, machine: &SupplierService, io: &mut Io<'_, Self>) {
+        match action {
+            Action::OpenStore => {
+                let root = self.settings.root.clone();
+                let kv = self.kv.clone();
+                let work = async move { tokio::task::spawn_blocking(move || FragmentStore::open(root, kv)).await };
+                io.spawn_then(work, |driver, result| match result {
+                    Ok(Ok(store)) => {
+                        let r = store.recovery_report();
+                        tracing::info!(temp_removed = r.temp_files_removed, orphans_removed = r.orphan_files_removed,
+                            entries_dropped = r.entries_dropped, "fragment store open");
+                        driver.store = Some(Arc::new(store));
+                        Event::Opened
+                    }
+                    Ok(Err(e)) => Event::OpenFailed(e.to_string()),
+                    Err(e) => Event::OpenFailed(e.to_string()),
+                });
+            }
+            Action::Serve => {}
+            Action::Purge => {
+                if let Some(store) = self.store.clone() {
+                    let grace = self.settings.grace;
+                    io.spawn_task(async move {
+                        let purged = tokio::task::spawn_blocking(move || store.purge_expired(unix_now(), grace)).await;
+                        if let Ok(Ok(customers)) = purged
+                            && !customers.is_empty()
+                        {
+                            tracing::info!(count = customers.len(), "purged departed customers past their grace period");
+                        }
+                    });
+                }
+            }
+            Action::ReportFailure => {
+                tracing::error!(reason = machine.failure.as_deref().unwrap_or(""), "cannot open the fragment store; not serving");
+            }
+        }
+    }
+
+    fn input(&mut self, input: SupplierInput, _machine: &SupplierService, io: &mut Io<'_, Self>) -> Vec<Event> {
+        match input {
+            SupplierInput::Request { customer, trusted, envelope, link } => {
+                let id = envelope.request_id;
+                let Some(body) = envelope.body else { return vec![] };
+                let Some(store) = self.store.clone() else {
+                    io.spawn_task(async move {
+                        let _ = link.reply(id, fail(FailReason::StorageError, "storage is not available")).await;
+                    });
+                    return vec![];
+                };
+                let settings = SupplierSettings {
+                    root: self.settings.root.clone(),
+                    donated: self.settings.donated,
+                    open: self.settings.open,
+                    grace: self.settings.grace,
+                };
+                io.spawn_task(async move {
+                    let reply = tokio::task::spawn_blocking(move || answer(&store, &settings, customer, trusted, body))
+                        .await
+                        .unwrap_or_else(|e| fail(FailReason::StorageError, e.to_string()));
+                    let _ = link.reply(id, reply).await;
+                });
+                vec![]
+            }
+            SupplierInput::Status(reply) => {
+                let customers: Vec<_> = self
+                    .store
+                    .as_ref()
+                    .and_then(|s| s.accounts().ok())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|a| {
+                        json!({
+                            "node_id": a.customer.to_string(),
+                            "quota": a.quota,
+                            "used": a.used,
+                            "state": match a.state { AccountState::Active => "active", AccountState::Cancelled { .. } => "cancelled" },
+                        })
+                    })
+                    .collect();
+                let _ = reply.send(json!({ "donated": self.settings.donated, "customers": customers }));
+                vec![]
+            }
+        }
+    }
+}
