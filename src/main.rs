@@ -67,6 +67,11 @@ enum Command {
         #[command(subcommand)]
         command: PeerCommand,
     },
+    /// Manage the customers this node stores data for
+    Customer {
+        #[command(subcommand)]
+        command: CustomerCommand,
+    },
     /// Write the state diagrams generated from the machines' tables
     Diagrams {
         #[arg(long, default_value = "state-diagrams")]
@@ -89,6 +94,15 @@ enum PeerCommand {
         node_id: String,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CustomerCommand {
+    /// Stop storing for a customer: it is told, and its data is kept for the grace period
+    Drop {
+        /// The customer's node id (32 hex characters)
+        node_id: String,
     },
 }
 
@@ -161,6 +175,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Peer {
             command: PeerCommand::Add { card, name },
         } => peer_add(&home, card, name),
+        Command::Customer {
+            command: CustomerCommand::Drop { node_id },
+        } => {
+            call(
+                &home,
+                &Request::CustomerDrop {
+                    node_id: node_id.clone(),
+                },
+            )?;
+            println!("{node_id}");
+            Ok(())
+        }
         Command::Peer {
             command: PeerCommand::Ping { node_id, json },
         } => {
@@ -298,6 +324,37 @@ fn status(home: &Home, json: bool) -> anyhow::Result<()> {
             text(&p["session"]),
             p["bytes_in"],
             p["bytes_out"]
+        );
+    }
+    let customer = &data["customer"];
+    println!();
+    println!(
+        "suppliers ({} data + {} parity)",
+        customer["data_shards"], customer["parity_shards"]
+    );
+    println!("{:<9} {:<34} {:<14}", "POSITION", "SUPPLIER", "CONTRACT");
+    for p in customer["positions"].as_array().into_iter().flatten() {
+        println!(
+            "{:<9} {:<34} {:<14}",
+            p["position"],
+            text(&p["supplier"]),
+            text(&p["contract"])
+        );
+    }
+    let supplier = &data["supplier"];
+    println!();
+    println!("customers (donating {} bytes)", supplier["donated"]);
+    println!(
+        "{:<34} {:>14} {:>14} {:<10}",
+        "CUSTOMER", "QUOTA", "USED", "STATE"
+    );
+    for c in supplier["customers"].as_array().into_iter().flatten() {
+        println!(
+            "{:<34} {:>14} {:>14} {:<10}",
+            text(&c["node_id"]),
+            c["quota"],
+            c["used"],
+            text(&c["state"])
         );
     }
     if let Some(closed) = network["closed_sessions"]

@@ -3,90 +3,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use bitdust::crypto::identity::Identity;
-use bitdust::crypto::keys::NodeKeys;
 use bitdust::net::envelope;
 use bitdust::proto::envelope::Body;
 use bitdust::proto::{IdentityExchange, Ping};
 use common::*;
 use prost::Message as _;
-
-fn card(home: &Path) -> String {
-    let out = bitdust(home, &["id"]);
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn add_peer(home: &Path, peer_card: &str) {
-    let out = bitdust(home, &["peer", "add", peer_card]);
-    assert!(
-        out.status.success(),
-        "peer add: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn listen_addr(home: &Path) -> String {
-    id_json(home)["contacts"][0]
-        .as_str()
-        .expect("contact")
-        .trim_start_matches("tcp://")
-        .to_string()
-}
-
-/// Waits until `home`'s session with `peer` is in `state`.
-fn wait_session(home: &Path, peer: &str, state: &str) {
-    wait_for(&format!("{peer} {state}"), 30, || {
-        let status = try_status(home)?;
-        (peer_status(&status, peer)?["session"] == state).then_some(())
-    });
-}
-
-fn ping(home: &Path, peer: &str) -> f64 {
-    let out = bitdust(home, &["peer", "ping", peer, "--json"]);
-    assert!(
-        out.status.success(),
-        "ping failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    v["rtt_ms"].as_f64().expect("rtt")
-}
-
-struct Cluster {
-    _dir: tempfile::TempDir,
-    homes: Vec<PathBuf>,
-    ids: Vec<String>,
-}
-
-/// `n` nodes that all trust each other (added while stopped, through the database).
-fn cluster(n: usize) -> Cluster {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let homes: Vec<PathBuf> = (0..n).map(|i| dir.path().join(format!("n{i}"))).collect();
-    let ids: Vec<String> = homes
-        .iter()
-        .enumerate()
-        .map(|(i, h)| init(h, &format!("node{i}")))
-        .collect();
-    let cards: Vec<String> = homes.iter().map(|h| card(h)).collect();
-    for (i, home) in homes.iter().enumerate() {
-        for (j, c) in cards.iter().enumerate() {
-            if i != j {
-                add_peer(home, c);
-            }
-        }
-    }
-    Cluster {
-        _dir: dir,
-        homes,
-        ids,
-    }
-}
 
 #[test]
 fn three_nodes_connect_exchange_and_reconnect() {
@@ -167,108 +93,6 @@ fn peer_added_while_running_connects() {
     let bad = bitdust(&a, &["peer", "add", "bitdust1:AAAA"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid card"));
-}
-
-// ------------------------------------------------------------ a raw Noise client
-
-const PROLOGUE: &[u8] = b"bitdust.v1";
-
-fn write_frame(s: &mut TcpStream, bytes: &[u8]) {
-    s.write_all(&(bytes.len() as u32).to_be_bytes())
-        .expect("write len");
-    s.write_all(bytes).expect("write frame");
-}
-
-fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut buf).ok()?;
-    Some(buf)
-}
-
-/// A client that speaks the transport by hand, so it can misbehave on purpose.
-struct RawClient {
-    stream: TcpStream,
-    transport: snow::TransportState,
-}
-
-impl RawClient {
-    fn connect(addr: &str, noise_private: &[u8]) -> RawClient {
-        let mut stream = TcpStream::connect(addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let params = "Noise_XX_25519_ChaChaPoly_BLAKE2s".parse().expect("params");
-        let mut hs = snow::Builder::new(params)
-            .local_private_key(noise_private)
-            .expect("key")
-            .prologue(PROLOGUE)
-            .expect("prologue")
-            .build_initiator()
-            .expect("initiator");
-        let mut buf = vec![0u8; 65535];
-        let n = hs.write_message(&[], &mut buf).expect("msg1");
-        write_frame(&mut stream, &buf[..n]);
-        let msg2 = read_frame(&mut stream).expect("msg2");
-        hs.read_message(&msg2, &mut buf).expect("read msg2");
-        let n = hs.write_message(&[], &mut buf).expect("msg3");
-        write_frame(&mut stream, &buf[..n]);
-        RawClient {
-            stream,
-            transport: hs.into_transport_mode().expect("transport"),
-        }
-    }
-
-    /// Sends `payload` as one final chunk.
-    fn send(&mut self, payload: &[u8]) {
-        let mut plain = vec![1u8];
-        plain.extend_from_slice(payload);
-        let mut buf = vec![0u8; plain.len() + 16];
-        let n = self
-            .transport
-            .write_message(&plain, &mut buf)
-            .expect("encrypt");
-        write_frame(&mut self.stream, &buf[..n]);
-    }
-
-    fn recv(&mut self) -> Option<Vec<u8>> {
-        let frame = read_frame(&mut self.stream)?;
-        let mut buf = vec![0u8; frame.len()];
-        let n = self.transport.read_message(&frame, &mut buf).ok()?;
-        Some(buf[1..n].to_vec())
-    }
-
-    /// True once the node has closed the connection.
-    fn closed_by_peer(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        loop {
-            match self.stream.read(&mut byte) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-                Err(_) => return false,
-            }
-        }
-    }
-}
-
-fn identity_envelope(identity: &Identity) -> Vec<u8> {
-    envelope::encode(&envelope::envelope(
-        1,
-        0,
-        Body::Identity(IdentityExchange {
-            identity: Some(identity.signed().clone()),
-        }),
-    ))
-}
-
-/// A stranger's keys and identity, made in the test.
-fn stranger() -> (NodeKeys, Identity) {
-    let keys = NodeKeys::generate(&mut rand::rngs::OsRng);
-    let identity = Identity::create(&keys, "mallory", vec!["tcp://127.0.0.1:9".into()], 1, 0)
-        .expect("identity");
-    (keys, identity)
 }
 
 /// The node still serves: status answers, the trusted peer is established and answers a ping.

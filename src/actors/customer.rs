@@ -31,7 +31,9 @@ pub struct CustomerSettings {
 
 /// Reads the positions a previous run saved: (position, supplier).
 pub fn load_contracts(kv: &dyn KvStore) -> Vec<(u32, NodeId)> {
-    let Ok(rows) = kv.scan(Cf::Contracts, b"", None, 1024) else { return Vec::new() };
+    let Ok(rows) = kv.scan(Cf::Contracts, b"", None, 1024) else {
+        return Vec::new();
+    };
     rows.into_iter()
         .filter_map(|(k, v)| {
             let position = u32::from_be_bytes(k.as_slice().try_into().ok()?);
@@ -61,11 +63,22 @@ fn save_contracts(kv: &dyn KvStore, slots: &[Option<fire_hire::Hire>]) -> Result
 
 pub enum CustomerInput {
     /// A trusted peer's session came up or went down.
-    Presence { peer: NodeId, up: bool },
+    Presence {
+        peer: NodeId,
+        up: bool,
+    },
     /// A connector's news.
-    Report { position: u32, supplier: NodeId, report: Report },
+    Report {
+        position: u32,
+        supplier: NodeId,
+        report: Report,
+    },
     /// Replace the supplier at a position (monitor or operator).
-    Fire { position: u32 },
+    Fire {
+        position: u32,
+    },
+    /// A supplier ended our contract with it.
+    SupplierLeft(NodeId),
     Status(oneshot::Sender<serde_json::Value>),
 }
 
@@ -92,11 +105,28 @@ impl FireHireDriver {
         network: Addr<Shell<NetworkDriver>>,
         registry: Registry,
     ) -> Self {
-        FireHireDriver { settings, kv, network, registry, connectors: BTreeMap::new(), online: Default::default() }
+        FireHireDriver {
+            settings,
+            kv,
+            network,
+            registry,
+            connectors: BTreeMap::new(),
+            online: Default::default(),
+        }
     }
 
-    fn start_connector(&mut self, position: u32, supplier: NodeId, resumed: bool, io: &mut Io<'_, Self>) {
-        let mut machine = if resumed { SupplierConnector::resumed() } else { SupplierConnector::default() };
+    fn start_connector(
+        &mut self,
+        position: u32,
+        supplier: NodeId,
+        resumed: bool,
+        io: &mut Io<'_, Self>,
+    ) {
+        let mut machine = if resumed {
+            SupplierConnector::resumed()
+        } else {
+            SupplierConnector::default()
+        };
         machine.request_timeout = self.settings.request_timeout;
         machine.peer_up = self.online.contains(&supplier);
         let driver = ConnectorDriver {
@@ -106,7 +136,13 @@ impl FireHireDriver {
             network: self.network.clone(),
             fire_hire: io.address(),
         };
-        let addr = Shell::new(machine, format!("p{position}"), driver, self.registry.clone()).start();
+        let addr = Shell::new(
+            machine,
+            format!("p{position}"),
+            driver,
+            self.registry.clone(),
+        )
+        .start();
         addr.do_send(Fire(sc::Event::Connect));
         if let Some((_, old)) = self.connectors.insert(position, (supplier, addr)) {
             // A dismissed predecessor still cancelling keeps running until it closes.
@@ -119,7 +155,13 @@ impl Driver for FireHireDriver {
     type M = FireHire;
     type Input = CustomerInput;
 
-    fn perform(&mut self, action: fire_hire::Action, _event: &fire_hire::Event, machine: &FireHire, io: &mut Io<'_, Self>) {
+    fn perform(
+        &mut self,
+        action: fire_hire::Action,
+        _event: &fire_hire::Event,
+        machine: &FireHire,
+        io: &mut Io<'_, Self>,
+    ) {
         match action {
             fire_hire::Action::Note => {}
             fire_hire::Action::Resume => {
@@ -149,7 +191,12 @@ impl Driver for FireHireDriver {
         }
     }
 
-    fn input(&mut self, input: CustomerInput, machine: &FireHire, io: &mut Io<'_, Self>) -> Vec<fire_hire::Event> {
+    fn input(
+        &mut self,
+        input: CustomerInput,
+        machine: &FireHire,
+        io: &mut Io<'_, Self>,
+    ) -> Vec<fire_hire::Event> {
         match input {
             CustomerInput::Presence { peer, up } => {
                 if up {
@@ -159,29 +206,62 @@ impl Driver for FireHireDriver {
                 }
                 for (supplier, addr) in self.connectors.values() {
                     if *supplier == peer {
-                        addr.do_send(Fire(if up { sc::Event::PeerUp } else { sc::Event::PeerDown }));
+                        addr.do_send(Fire(if up {
+                            sc::Event::PeerUp
+                        } else {
+                            sc::Event::PeerDown
+                        }));
                     }
                 }
-                vec![if up { fire_hire::Event::CandidateUp(peer) } else { fire_hire::Event::CandidateDown(peer) }]
+                vec![if up {
+                    fire_hire::Event::CandidateUp(peer)
+                } else {
+                    fire_hire::Event::CandidateDown(peer)
+                }]
             }
-            CustomerInput::Report { position, supplier, report } => match report {
+            CustomerInput::Report {
+                position,
+                supplier,
+                report,
+            } => match report {
                 Report::Connected => vec![fire_hire::Event::Hired { position, supplier }],
-                Report::Refused => vec![fire_hire::Event::Refused { position, supplier, now: io.now() }],
+                Report::Refused => vec![fire_hire::Event::Refused {
+                    position,
+                    supplier,
+                    now: io.now(),
+                }],
                 Report::Closed => {
-                    if self.connectors.get(&position).is_some_and(|(s, _)| *s == supplier) {
+                    if self
+                        .connectors
+                        .get(&position)
+                        .is_some_and(|(s, _)| *s == supplier)
+                    {
                         self.connectors.remove(&position);
                     }
                     vec![]
                 }
             },
-            CustomerInput::Fire { position } => vec![fire_hire::Event::Fire { position, now: io.now() }],
+            CustomerInput::Fire { position } => vec![fire_hire::Event::Fire {
+                position,
+                now: io.now(),
+            }],
+            CustomerInput::SupplierLeft(peer) => {
+                for (supplier, addr) in self.connectors.values() {
+                    if *supplier == peer {
+                        addr.do_send(Fire(sc::Event::SupplierCancelled));
+                    }
+                }
+                vec![]
+            }
             CustomerInput::Status(reply) => {
                 let positions: Vec<_> = machine
                     .slots
                     .iter()
                     .enumerate()
                     .map(|(p, slot)| {
-                        let state = self.registry.state_of("supplier_connector", &format!("p{p}"));
+                        let state = self
+                            .registry
+                            .state_of("supplier_connector", &format!("p{p}"));
                         json!({
                             "position": p,
                             "supplier": slot.map(|h| h.supplier.to_string()),
@@ -211,7 +291,11 @@ pub struct ConnectorDriver {
 
 impl ConnectorDriver {
     fn report(&self, report: Report) {
-        self.fire_hire.do_send(Input(CustomerInput::Report { position: self.position, supplier: self.supplier, report }));
+        self.fire_hire.do_send(Input(CustomerInput::Report {
+            position: self.position,
+            supplier: self.supplier,
+            report,
+        }));
     }
 
     /// The link to the supplier, if a session is up.
@@ -220,7 +304,10 @@ impl ConnectorDriver {
         let peer = self.supplier;
         async move {
             let (tx, rx) = oneshot::channel();
-            network.send(Input(NetInput::Link { peer, reply: tx })).await.ok()?;
+            network
+                .send(Input(NetInput::Link { peer, reply: tx }))
+                .await
+                .ok()?;
             rx.await.ok().flatten()
         }
     }
@@ -238,11 +325,22 @@ impl Driver for ConnectorDriver {
     type M = SupplierConnector;
     type Input = std::convert::Infallible;
 
-    fn input(&mut self, input: Self::Input, _: &SupplierConnector, _: &mut Io<'_, Self>) -> Vec<sc::Event> {
+    fn input(
+        &mut self,
+        input: Self::Input,
+        _: &SupplierConnector,
+        _: &mut Io<'_, Self>,
+    ) -> Vec<sc::Event> {
         match input {}
     }
 
-    fn perform(&mut self, action: sc::Action, _event: &sc::Event, machine: &SupplierConnector, io: &mut Io<'_, Self>) {
+    fn perform(
+        &mut self,
+        action: sc::Action,
+        _event: &sc::Event,
+        machine: &SupplierConnector,
+        io: &mut Io<'_, Self>,
+    ) {
         match action {
             sc::Action::SendRequest => {
                 let link = self.link();
@@ -255,7 +353,11 @@ impl Driver for ConnectorDriver {
                 let timeout = self.settings.request_timeout;
                 io.spawn_opt(async move {
                     // No session or no answer: the machine's request timer decides.
-                    let reply = link.await?.request(Body::ServiceRequest(request), timeout).await.ok()?;
+                    let reply = link
+                        .await?
+                        .request(Body::ServiceRequest(request), timeout)
+                        .await
+                        .ok()?;
                     match reply.body? {
                         Body::ServiceAccept(_) => Some(sc::Event::Accepted),
                         Body::ServiceRefuse(r) => Some(sc::Event::Refused(refuse_reason(r.reason))),
@@ -275,7 +377,15 @@ impl Driver for ConnectorDriver {
                 let link = self.link();
                 let timeout = self.settings.request_timeout;
                 io.spawn_opt(async move {
-                    link.await?.request(Body::ServiceCancel(ServiceCancel {}), timeout).await.ok()?;
+                    link.await?
+                        .request(
+                            Body::ServiceCancel(ServiceCancel {
+                                from_supplier: false,
+                            }),
+                            timeout,
+                        )
+                        .await
+                        .ok()?;
                     Some(sc::Event::CancelDone)
                 });
             }

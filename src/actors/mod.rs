@@ -6,8 +6,8 @@ pub mod identity;
 pub mod network;
 pub mod registry;
 pub mod session;
-pub mod supplier;
 pub mod shell;
+pub mod supplier;
 
 pub use registry::Registry;
 pub use shell::{Driver, Fire, Input, Io, Shell, Shutdown};

@@ -66,6 +66,27 @@ pub enum NetInput {
         peer: NodeId,
         reply: oneshot::Sender<Option<LinkHandle>>,
     },
+    /// Where peer presence and requests go: set once the customer and supplier actors run.
+    SetSinks(Sinks),
+}
+
+/// A request for the supplier side: from `customer`, to answer on `link`.
+pub struct ServiceCall {
+    pub customer: NodeId,
+    pub trusted: bool,
+    pub envelope: Box<Envelope>,
+    pub link: LinkHandle,
+}
+
+/// Consumers of what the network hears, kept as callbacks so this module needs no knowledge of
+/// the actors behind them.
+pub struct Sinks {
+    /// A trusted peer's session came up (true) or went down (false).
+    pub presence: Box<dyn Fn(NodeId, bool) + Send>,
+    /// Requests for the supplier side (service, fragments).
+    pub supplier: Box<dyn Fn(ServiceCall) + Send>,
+    /// A supplier ended our contract with it.
+    pub supplier_left: Box<dyn Fn(NodeId) + Send>,
 }
 
 struct BookEntry {
@@ -106,6 +127,7 @@ pub struct NetworkDriver {
     counters: BTreeMap<&'static str, u64>,
     listener: Option<actix::SpawnHandle>,
     bound: Option<SocketAddr>,
+    sinks: Option<Sinks>,
 }
 
 fn now_unix() -> u64 {
@@ -178,6 +200,7 @@ impl NetworkDriver {
             counters: BTreeMap::new(),
             listener: None,
             bound: None,
+            sinks: None,
         };
         for (identity, label) in peers {
             driver.learn(identity, label);
@@ -464,11 +487,13 @@ impl Driver for NetworkDriver {
                     Some(_) => vec![],
                     None => {
                         self.active.insert(peer, session);
-                        if known {
-                            vec![Event::PeerUp { peer }]
-                        } else {
-                            vec![]
+                        if !known {
+                            return vec![];
                         }
+                        if let Some(sinks) = &self.sinks {
+                            (sinks.presence)(peer, true);
+                        }
+                        vec![Event::PeerUp { peer }]
                     }
                 }
             }
@@ -494,6 +519,9 @@ impl Driver for NetworkDriver {
                     Some(p) if self.active.get(&p) == Some(&session) => {
                         self.active.remove(&p);
                         if self.book.contains_key(&p) {
+                            if let Some(sinks) = &self.sinks {
+                                (sinks.presence)(p, false);
+                            }
                             return vec![Event::PeerDown {
                                 peer: p,
                                 now: io.now(),
@@ -538,8 +566,45 @@ impl Driver for NetworkDriver {
                 vec![]
             }
             NetInput::Request { peer, envelope } => {
-                // No services are offered yet: say so instead of leaving the peer waiting.
-                if let Some(link) = self.link_of(&peer) {
+                let Some(link) = self.link_of(&peer) else {
+                    return vec![];
+                };
+                let trusted = self.book.contains_key(&peer);
+                if let Some(sinks) = &self.sinks {
+                    match &envelope.body {
+                        Some(Body::ServiceCancel(c)) if c.from_supplier => {
+                            (sinks.supplier_left)(peer);
+                            let id = envelope.request_id;
+                            actix::spawn(async move {
+                                let ack = Body::Ack(crate::proto::Ack {
+                                    size: 0,
+                                    hash: vec![],
+                                });
+                                let _ = link.reply(id, ack).await;
+                            });
+                            return vec![];
+                        }
+                        Some(
+                            Body::ServiceRequest(_)
+                            | Body::ServiceCancel(_)
+                            | Body::StoreFragment(_)
+                            | Body::RetrieveFragment(_)
+                            | Body::ListFragments(_)
+                            | Body::DeleteFragment(_),
+                        ) => {
+                            (sinks.supplier)(ServiceCall {
+                                customer: peer,
+                                trusted,
+                                envelope,
+                                link,
+                            });
+                            return vec![];
+                        }
+                        _ => {}
+                    }
+                }
+                // Nothing here serves it: say so instead of leaving the peer waiting.
+                {
                     let fail = Body::Fail(Fail {
                         reason: FailReason::NoService as i32,
                         detail: "no such service on this node".into(),
@@ -618,6 +683,13 @@ impl Driver for NetworkDriver {
             }
             NetInput::Link { peer, reply } => {
                 let _ = reply.send(self.link_of(&peer));
+                vec![]
+            }
+            NetInput::SetSinks(sinks) => {
+                for peer in self.active.keys().filter(|p| self.book.contains_key(p)) {
+                    (sinks.presence)(*peer, true);
+                }
+                self.sinks = Some(sinks);
                 vec![]
             }
         }

@@ -61,11 +61,13 @@ impl<D: Driver> Io<'_, D> {
     where
         F: Future<Output = Option<<D::M as Machine>::Event>> + 'static,
     {
-        self.ctx.spawn(actix::fut::wrap_future::<_, Shell<D>>(work).map(|event, shell, ctx| {
-            if let Some(event) = event {
-                shell.fire(event, ctx);
-            }
-        }));
+        self.ctx.spawn(
+            actix::fut::wrap_future::<_, Shell<D>>(work).map(|event, shell, ctx| {
+                if let Some(event) = event {
+                    shell.fire(event, ctx);
+                }
+            }),
+        );
     }
 
     /// Runs blocking work (disk, CPU-heavy) on a worker thread, then feeds its event back.

@@ -14,8 +14,8 @@ use crate::fsm::supplier_service::{Action, Event, Refusal, SupplierService, deci
 use crate::net::link::LinkHandle;
 use crate::proto::envelope::Body;
 use crate::proto::{
-    Ack, Envelope, Fail, FailReason, FragmentData, FragmentId, FragmentInfo as WireInfo, FragmentList,
-    ServiceAccept, ServiceRefuse,
+    Ack, Envelope, Fail, FailReason, FragmentData, FragmentId, FragmentInfo as WireInfo,
+    FragmentList, ServiceAccept, ServiceRefuse,
 };
 use crate::store::KvStore;
 use crate::store::fragments::{AccountState, FragmentError, FragmentKey, FragmentStore};
@@ -32,8 +32,19 @@ pub struct SupplierSettings {
 
 pub enum SupplierInput {
     /// A customer's request, with the link to answer on and whether the customer is a peer.
-    Request { customer: NodeId, trusted: bool, envelope: Box<Envelope>, link: LinkHandle },
+    Request {
+        customer: NodeId,
+        trusted: bool,
+        envelope: Box<Envelope>,
+        link: LinkHandle,
+    },
     Status(oneshot::Sender<serde_json::Value>),
+    /// Stop serving a customer: its data is kept for the grace period, and it is told.
+    Drop {
+        customer: NodeId,
+        link: Option<LinkHandle>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 pub struct SupplierDriver {
@@ -44,12 +55,19 @@ pub struct SupplierDriver {
 
 impl SupplierDriver {
     pub fn new(settings: SupplierSettings, kv: Arc<dyn KvStore>) -> Self {
-        SupplierDriver { settings, kv, store: None }
+        SupplierDriver {
+            settings,
+            kv,
+            store: None,
+        }
     }
 }
 
 fn fail(reason: FailReason, detail: impl Into<String>) -> Body {
-    Body::Fail(Fail { reason: reason as i32, detail: detail.into() })
+    Body::Fail(Fail {
+        reason: reason as i32,
+        detail: detail.into(),
+    })
 }
 
 fn fail_reason(e: &FragmentError) -> FailReason {
@@ -59,17 +77,25 @@ fn fail_reason(e: &FragmentError) -> FailReason {
         FragmentError::OverQuota { .. } => FailReason::OverQuota,
         FragmentError::NotFound => FailReason::NotFound,
         FragmentError::HashMismatch => FailReason::HashMismatch,
-        FragmentError::Corrupt | FragmentError::Io { .. } | FragmentError::Db(_) => FailReason::StorageError,
+        FragmentError::Corrupt | FragmentError::Io { .. } | FragmentError::Db(_) => {
+            FailReason::StorageError
+        }
     }
 }
 
 fn key_of(id: Option<&FragmentId>) -> Option<FragmentKey> {
     let id = id?;
-    Some(FragmentKey { block: id.block.as_slice().try_into().ok()?, position: id.position })
+    Some(FragmentKey {
+        block: id.block.as_slice().try_into().ok()?,
+        position: id.position,
+    })
 }
 
 fn wire_id(key: &FragmentKey) -> FragmentId {
-    FragmentId { block: key.block.to_vec(), position: key.position }
+    FragmentId {
+        block: key.block.to_vec(),
+        position: key.position,
+    }
 }
 
 /// Answers one request. Runs on a blocking thread: it touches the disk.
@@ -87,8 +113,19 @@ fn answer(
                 .iter()
                 .find(|a| a.customer == customer && a.state == AccountState::Active)
                 .map_or(0, |a| a.quota);
-            let total: u64 = accounts.iter().filter(|a| a.state == AccountState::Active).map(|a| a.quota).sum();
-            match decide(trusted, settings.open, req.space, current, total, settings.donated) {
+            let total: u64 = accounts
+                .iter()
+                .filter(|a| a.state == AccountState::Active)
+                .map(|a| a.quota)
+                .sum();
+            match decide(
+                trusted,
+                settings.open,
+                req.space,
+                current,
+                total,
+                settings.donated,
+            ) {
                 Ok(space) => {
                     store.grant(customer, space, settings.donated)?;
                     tracing::info!(customer = %customer, space, position = req.position, "service granted");
@@ -96,24 +133,39 @@ fn answer(
                 }
                 Err(refusal) => {
                     let (reason, detail) = match refusal {
-                        Refusal::NotTrusted => (FailReason::NotTrusted, "not a friend of this node"),
+                        Refusal::NotTrusted => {
+                            (FailReason::NotTrusted, "not a friend of this node")
+                        }
                         Refusal::NoSpace => (FailReason::NoSpace, "not enough donated space left"),
                     };
                     tracing::info!(customer = %customer, space = req.space, reason = detail, "service refused");
-                    Ok(Body::ServiceRefuse(ServiceRefuse { reason: reason as i32, detail: detail.into() }))
+                    Ok(Body::ServiceRefuse(ServiceRefuse {
+                        reason: reason as i32,
+                        detail: detail.into(),
+                    }))
                 }
             }
         }
         Body::ServiceCancel(_) => {
             store.cancel(&customer, unix_now())?;
             tracing::info!(customer = %customer, "customer left; data kept for the grace period");
-            Ok(Body::Ack(Ack { size: 0, hash: vec![] }))
+            Ok(Body::Ack(Ack {
+                size: 0,
+                hash: vec![],
+            }))
         }
         Body::StoreFragment(req) => {
             let key = key_of(req.id.as_ref()).ok_or(FragmentError::NotFound)?;
-            let expected: [u8; 32] = req.hash.as_slice().try_into().map_err(|_| FragmentError::HashMismatch)?;
+            let expected: [u8; 32] = req
+                .hash
+                .as_slice()
+                .try_into()
+                .map_err(|_| FragmentError::HashMismatch)?;
             let info = store.put(&customer, key, &req.data, &expected)?;
-            Ok(Body::Ack(Ack { size: info.size, hash: info.hash.to_vec() }))
+            Ok(Body::Ack(Ack {
+                size: info.size,
+                hash: info.hash.to_vec(),
+            }))
         }
         Body::RetrieveFragment(req) => {
             let key = key_of(req.id.as_ref()).ok_or(FragmentError::NotFound)?;
@@ -126,19 +178,35 @@ fn answer(
             let (items, more) = store.list(&customer, after, limit)?;
             let fragments = items
                 .iter()
-                .map(|i| WireInfo { id: Some(wire_id(&i.key)), size: i.size, hash: i.hash.to_vec() })
+                .map(|i| WireInfo {
+                    id: Some(wire_id(&i.key)),
+                    size: i.size,
+                    hash: i.hash.to_vec(),
+                })
                 .collect();
             Ok(Body::FragmentList(FragmentList { fragments, more }))
         }
         Body::DeleteFragment(req) => {
             let key = key_of(req.id.as_ref()).ok_or(FragmentError::NotFound)?;
             let freed = store.delete(&customer, key)?;
-            Ok(Body::Ack(Ack { size: freed, hash: vec![] }))
+            Ok(Body::Ack(Ack {
+                size: freed,
+                hash: vec![],
+            }))
         }
-        other => Ok(fail(FailReason::Unexpected, format!("{} is not a supplier request", crate::net::envelope::body_name(&other)))),
+        other => Ok(fail(
+            FailReason::Unexpected,
+            format!(
+                "{} is not a supplier request",
+                crate::net::envelope::body_name(&other)
+            ),
+        )),
     })();
     result.unwrap_or_else(|e| {
-        if matches!(e, FragmentError::Io { .. } | FragmentError::Db(_) | FragmentError::Corrupt) {
+        if matches!(
+            e,
+            FragmentError::Io { .. } | FragmentError::Db(_) | FragmentError::Corrupt
+        ) {
             tracing::error!(customer = %customer, error = %e, "storage request failed");
         }
         fail(fail_reason(&e), e.to_string())
@@ -149,17 +217,29 @@ impl Driver for SupplierDriver {
     type M = SupplierService;
     type Input = SupplierInput;
 
-    fn perform(&mut self, action: Action, _event: &Event, machine: &SupplierService, io: &mut Io<'_, Self>) {
+    fn perform(
+        &mut self,
+        action: Action,
+        _event: &Event,
+        machine: &SupplierService,
+        io: &mut Io<'_, Self>,
+    ) {
         match action {
             Action::OpenStore => {
                 let root = self.settings.root.clone();
                 let kv = self.kv.clone();
-                let work = async move { tokio::task::spawn_blocking(move || FragmentStore::open(root, kv)).await };
+                let work = async move {
+                    tokio::task::spawn_blocking(move || FragmentStore::open(root, kv)).await
+                };
                 io.spawn_then(work, |driver, result| match result {
                     Ok(Ok(store)) => {
                         let r = store.recovery_report();
-                        tracing::info!(temp_removed = r.temp_files_removed, orphans_removed = r.orphan_files_removed,
-                            entries_dropped = r.entries_dropped, "fragment store open");
+                        tracing::info!(
+                            temp_removed = r.temp_files_removed,
+                            orphans_removed = r.orphan_files_removed,
+                            entries_dropped = r.entries_dropped,
+                            "fragment store open"
+                        );
                         driver.store = Some(Arc::new(store));
                         Event::Opened
                     }
@@ -172,29 +252,55 @@ impl Driver for SupplierDriver {
                 if let Some(store) = self.store.clone() {
                     let grace = self.settings.grace;
                     io.spawn_task(async move {
-                        let purged = tokio::task::spawn_blocking(move || store.purge_expired(unix_now(), grace)).await;
+                        let purged = tokio::task::spawn_blocking(move || {
+                            store.purge_expired(unix_now(), grace)
+                        })
+                        .await;
                         if let Ok(Ok(customers)) = purged
                             && !customers.is_empty()
                         {
-                            tracing::info!(count = customers.len(), "purged departed customers past their grace period");
+                            tracing::info!(
+                                count = customers.len(),
+                                "purged departed customers past their grace period"
+                            );
                         }
                     });
                 }
             }
             Action::ReportFailure => {
-                tracing::error!(reason = machine.failure.as_deref().unwrap_or(""), "cannot open the fragment store; not serving");
+                tracing::error!(
+                    reason = machine.failure.as_deref().unwrap_or(""),
+                    "cannot open the fragment store; not serving"
+                );
             }
         }
     }
 
-    fn input(&mut self, input: SupplierInput, _machine: &SupplierService, io: &mut Io<'_, Self>) -> Vec<Event> {
+    fn input(
+        &mut self,
+        input: SupplierInput,
+        _machine: &SupplierService,
+        io: &mut Io<'_, Self>,
+    ) -> Vec<Event> {
         match input {
-            SupplierInput::Request { customer, trusted, envelope, link } => {
+            SupplierInput::Request {
+                customer,
+                trusted,
+                envelope,
+                link,
+            } => {
                 let id = envelope.request_id;
-                let Some(body) = envelope.body else { return vec![] };
+                let Some(body) = envelope.body else {
+                    return vec![];
+                };
                 let Some(store) = self.store.clone() else {
                     io.spawn_task(async move {
-                        let _ = link.reply(id, fail(FailReason::StorageError, "storage is not available")).await;
+                        let _ = link
+                            .reply(
+                                id,
+                                fail(FailReason::StorageError, "storage is not available"),
+                            )
+                            .await;
                     });
                     return vec![];
                 };
@@ -205,10 +311,37 @@ impl Driver for SupplierDriver {
                     grace: self.settings.grace,
                 };
                 io.spawn_task(async move {
-                    let reply = tokio::task::spawn_blocking(move || answer(&store, &settings, customer, trusted, body))
-                        .await
-                        .unwrap_or_else(|e| fail(FailReason::StorageError, e.to_string()));
+                    let reply = tokio::task::spawn_blocking(move || {
+                        answer(&store, &settings, customer, trusted, body)
+                    })
+                    .await
+                    .unwrap_or_else(|e| fail(FailReason::StorageError, e.to_string()));
                     let _ = link.reply(id, reply).await;
+                });
+                vec![]
+            }
+            SupplierInput::Drop {
+                customer,
+                link,
+                reply,
+            } => {
+                let Some(store) = self.store.clone() else {
+                    let _ = reply.send(Err("storage is not available".into()));
+                    return vec![];
+                };
+                io.spawn_task(async move {
+                    let cancelled = tokio::task::spawn_blocking(move || store.cancel(&customer, unix_now()))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    if cancelled.is_ok() {
+                        tracing::info!(customer = %customer, "customer dropped; data kept for the grace period");
+                        if let Some(link) = link {
+                            let cancel = Body::ServiceCancel(crate::proto::ServiceCancel { from_supplier: true });
+                            let _ = link.request(cancel, Duration::from_secs(30)).await;
+                        }
+                    }
+                    let _ = reply.send(cancelled);
                 });
                 vec![]
             }
@@ -228,7 +361,8 @@ impl Driver for SupplierDriver {
                         })
                     })
                     .collect();
-                let _ = reply.send(json!({ "donated": self.settings.donated, "customers": customers }));
+                let _ =
+                    reply.send(json!({ "donated": self.settings.donated, "customers": customers }));
                 vec![]
             }
         }

@@ -181,6 +181,14 @@ static ROWS: &[Row<SupplierConnector>] = &[
         to: Refused,
         actions: &[Action::ReportRefused],
     },
+    // The supplier's node just came up: ask now rather than wait for the request timer.
+    Row {
+        from: &[Requesting],
+        event: EventKind::PeerUp,
+        guard: None,
+        to: Requesting,
+        actions: &[Action::SendRequest],
+    },
     Row {
         from: &[Disconnected],
         event: EventKind::PeerUp,

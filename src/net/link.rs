@@ -452,7 +452,12 @@ mod tests {
             }
         });
         let reply = a
-            .request(Body::ServiceCancel(crate::proto::ServiceCancel {}), T)
+            .request(
+                Body::ServiceCancel(crate::proto::ServiceCancel {
+                    from_supplier: false,
+                }),
+                T,
+            )
             .await
             .expect("ack");
         assert!(matches!(reply.body, Some(Body::Ack(Ack { size: 7, .. }))));
@@ -466,7 +471,9 @@ mod tests {
         let ((a, _ta, _ea), (_b, _tb, _eb)) = pair(8).await;
         let err = a
             .request(
-                Body::ServiceCancel(crate::proto::ServiceCancel {}),
+                Body::ServiceCancel(crate::proto::ServiceCancel {
+                    from_supplier: false,
+                }),
                 Duration::from_millis(100),
             )
             .await

@@ -27,6 +27,9 @@ pub enum Request {
     PeerPing {
         node_id: String,
     },
+    CustomerDrop {
+        node_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

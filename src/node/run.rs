@@ -19,18 +19,25 @@ use super::config::{AcceptPolicy, Config, LogFormat};
 use super::control::{self, Request, Response};
 use super::home::Home;
 use super::logging;
+use crate::actors::customer::{self, CustomerInput, CustomerSettings, FireHireDriver};
 use crate::actors::identity::IdentityDriver;
+use crate::actors::network::Sinks;
 use crate::actors::network::{self, NetInput, NetworkDriver, NetworkSettings};
 use crate::actors::session::SessionShared;
+use crate::actors::supplier::{SupplierDriver, SupplierInput, SupplierSettings};
 use crate::actors::{Fire, Input, Registry, Shell, Shutdown};
 use crate::crypto::identity::{Identity, NodeId};
 use crate::crypto::keys::NodeKeys;
+use crate::fsm::fire_hire::{Event as HireEvent, FireHire};
 use crate::fsm::identity::{Event as IdentityEvent, IdentityMachine};
 use crate::fsm::network_connector::{Event as NetEvent, NetworkConnector};
+use crate::fsm::supplier_service::{Event as ServiceEvent, SupplierService};
 use crate::net::link::TrustPolicy;
 use crate::store::{KvStore, RocksStore};
 
 type NetworkAddr = Addr<Shell<NetworkDriver>>;
+type SupplierAddr = Addr<Shell<SupplierDriver>>;
+type CustomerAddr = Addr<Shell<FireHireDriver>>;
 type IdentityAddr = Addr<Shell<IdentityDriver>>;
 
 /// Runs the node in the foreground until SIGTERM/SIGINT.
@@ -89,9 +96,11 @@ async fn node_main(
         &keys,
         node_id,
         published_rx.clone(),
-        store,
+        store.clone(),
         &registry,
     );
+    let (supplier_actor, customer_actor) =
+        start_storage(&home, &config, store, &registry, &network_actor);
     // Every new identity revision goes to every connected peer.
     let mut revisions = published_rx.clone();
     let propagate_to = network_actor.clone();
@@ -115,6 +124,8 @@ async fn node_main(
         registry: registry.clone(),
         identity: published_rx,
         network: network_actor.clone(),
+        supplier: supplier_actor.clone(),
+        customer: customer_actor.clone(),
     });
     let handler: control::Handler = Rc::new(move |request| {
         let state = control_state.clone();
@@ -144,6 +155,8 @@ async fn node_main(
     control_task.abort();
 
     let closing = async {
+        let _ = customer_actor.send(Shutdown).await;
+        let _ = supplier_actor.send(Shutdown).await;
         let _ = network_actor.send(Shutdown).await;
         let _ = identity_actor.send(Shutdown).await;
     };
@@ -164,6 +177,8 @@ struct ControlState {
     registry: Registry,
     identity: watch::Receiver<Option<Identity>>,
     network: NetworkAddr,
+    supplier: SupplierAddr,
+    customer: CustomerAddr,
 }
 
 impl ControlState {
@@ -174,6 +189,12 @@ impl ControlState {
                 let (tx, rx) = oneshot::channel();
                 self.network.do_send(Input(NetInput::Status(tx)));
                 let network = rx.await.unwrap_or_default();
+                let (tx, rx) = oneshot::channel();
+                self.customer.do_send(Input(CustomerInput::Status(tx)));
+                let customer = rx.await.unwrap_or_default();
+                let (tx, rx) = oneshot::channel();
+                self.supplier.do_send(Input(SupplierInput::Status(tx)));
+                let supplier = rx.await.unwrap_or_default();
                 Response::ok(json!({
                     "node_id": self.node_id.to_string(),
                     "name": current.as_ref().map(|i| i.name().to_string()),
@@ -183,6 +204,8 @@ impl ControlState {
                     "uptime_secs": self.started.elapsed().as_secs(),
                     "machines": self.registry.snapshot(),
                     "network": network,
+                    "customer": customer,
+                    "supplier": supplier,
                 }))
             }
             Request::PeerAdd { card, name } => {
@@ -199,6 +222,30 @@ impl ControlState {
                 }));
                 match rx.await {
                     Ok(Ok(new)) => Response::ok(json!({ "node_id": node.to_string(), "new": new })),
+                    Ok(Err(e)) => Response::error(e),
+                    Err(_) => Response::error("the node is shutting down"),
+                }
+            }
+            Request::CustomerDrop { node_id } => {
+                let Some(customer) = NodeId::parse(&node_id) else {
+                    return Response::error(format!(
+                        "`{node_id}` is not a node id (32 hex characters)"
+                    ));
+                };
+                let (tx, rx) = oneshot::channel();
+                self.network.do_send(Input(NetInput::Link {
+                    peer: customer,
+                    reply: tx,
+                }));
+                let link = rx.await.ok().flatten();
+                let (tx, rx) = oneshot::channel();
+                self.supplier.do_send(Input(SupplierInput::Drop {
+                    customer,
+                    link,
+                    reply: tx,
+                }));
+                match rx.await {
+                    Ok(Ok(())) => Response::ok(json!({ "node_id": node_id })),
                     Ok(Err(e)) => Response::error(e),
                     Err(_) => Response::error("the node is shutting down"),
                 }
@@ -314,4 +361,63 @@ fn reload(home: &Home, config: &mut Config, identity: &IdentityAddr, network: &N
             tracing::error!(error = %e, "config reload failed; keeping the running config");
         }
     }
+}
+
+/// Starts the supplier side (fragment store, service) and the customer side (fire_hire and its
+/// connectors, resuming saved contracts), and connects them to the network.
+fn start_storage(
+    home: &Home,
+    config: &Config,
+    store: Arc<dyn KvStore>,
+    registry: &Registry,
+    network: &NetworkAddr,
+) -> (SupplierAddr, CustomerAddr) {
+    let supplier_settings = SupplierSettings {
+        root: home.store_dir(),
+        donated: config.supplier.donated.0,
+        open: config.supplier.accept == AcceptPolicy::Open,
+        grace: config.supplier.grace_period.get(),
+    };
+    let supplier = Shell::new(
+        SupplierService::default(),
+        "self",
+        SupplierDriver::new(supplier_settings, store.clone()),
+        registry.clone(),
+    )
+    .start();
+    supplier.do_send(Fire(ServiceEvent::Start));
+
+    let b = &config.backup;
+    let settings = CustomerSettings {
+        data_shards: u32::from(b.data_shards),
+        parity_shards: u32::from(b.parity_shards),
+        space_per_supplier: b.space_per_supplier.0,
+        request_timeout: config.network.request_timeout.get(),
+    };
+    let positions = usize::from(b.data_shards) + usize::from(b.parity_shards);
+    let resumed = customer::load_contracts(store.as_ref());
+    let machine = FireHire::new(positions);
+    let driver = FireHireDriver::new(settings, store, network.clone(), registry.clone());
+    let customer = Shell::new(machine, "self", driver, registry.clone()).start();
+    customer.do_send(Fire(HireEvent::Start {
+        now: Duration::ZERO,
+        resumed,
+    }));
+
+    let (to_customer, to_supplier, left) = (customer.clone(), supplier.clone(), customer.clone());
+    network.do_send(Input(NetInput::SetSinks(Sinks {
+        presence: Box::new(move |peer, up| {
+            to_customer.do_send(Input(CustomerInput::Presence { peer, up }))
+        }),
+        supplier: Box::new(move |call| {
+            to_supplier.do_send(Input(SupplierInput::Request {
+                customer: call.customer,
+                trusted: call.trusted,
+                envelope: call.envelope,
+                link: call.link,
+            }))
+        }),
+        supplier_left: Box::new(move |peer| left.do_send(Input(CustomerInput::SupplierLeft(peer)))),
+    })));
+    (supplier, customer)
 }
