@@ -9,3 +9,12 @@ pub mod node; // config, home directory, logging, control socket, signals, `run`
 pub mod proto; // prost types for the wire protocol and documents
 pub mod sim; // deterministic multi-node simulation of the machines (virtual clock, seeded RNG)
 pub mod store; // RocksDB (and in-memory) key-value store with column families
+
+/// Seconds since the Unix epoch by the system clock (0 if the clock is before 1970). Only the IO
+/// edges call it; state machines get time through their events.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -151,7 +151,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let donated = ByteSize::parse(&donate).map_err(|e| anyhow::anyhow!("--donate: {e}"))?;
             let name = name.unwrap_or_else(default_name);
-            let identity = home.init(&name, listen, donated, unix_now())?;
+            let identity = home.init(&name, listen, donated, bitdust::unix_now())?;
             println!("{}", identity.node_id());
             eprintln!(
                 "bitdust: new node `{}` in {}; start it with `bitdust run --home {}`",
@@ -209,10 +209,6 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn unix_now() -> u64 {
-    bitdust::actors::identity::unix_now()
 }
 
 fn identity_json(identity: &Identity) -> serde_json::Value {

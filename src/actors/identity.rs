@@ -31,12 +31,7 @@ impl IdentityDriver {
     }
 }
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::unix_now;
 
 /// The identity actor takes no inputs besides its events.
 pub enum NoInput {}

@@ -130,10 +130,6 @@ pub struct NetworkDriver {
     sinks: Option<Sinks>,
 }
 
-fn now_unix() -> u64 {
-    super::identity::unix_now()
-}
-
 /// Loads the persisted peer book.
 pub fn load_peers(store: &dyn KvStore) -> Vec<(Identity, Option<String>)> {
     let mut out = Vec::new();
@@ -165,7 +161,7 @@ pub fn save_peer(
     let record = PeerRecord {
         identity: Some(identity.signed().clone()),
         label: label.unwrap_or_default().to_string(),
-        added_at: now_unix(),
+        added_at: crate::unix_now(),
     };
     store
         .put(

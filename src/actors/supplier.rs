@@ -7,7 +7,6 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use super::identity::unix_now;
 use super::shell::{Driver, Io};
 use crate::crypto::identity::NodeId;
 use crate::fsm::supplier_service::{Action, Event, Refusal, SupplierService, decide};
@@ -19,6 +18,7 @@ use crate::proto::{
 };
 use crate::store::KvStore;
 use crate::store::fragments::{AccountState, FragmentError, FragmentKey, FragmentStore};
+use crate::unix_now;
 
 /// Most fragments listed in one reply.
 const LIST_PAGE: usize = 1000;

@@ -257,12 +257,7 @@ impl Drop for LinkTasks {
 
 pub type LinkSink = Arc<dyn Fn(LinkEvent) + Send + Sync>;
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::unix_now;
 
 /// Starts the reader and writer of an established session. Pings are answered here, replies
 /// matched to their requests; everything else goes to `sink`, which also hears of the end.
