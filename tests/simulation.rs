@@ -12,7 +12,8 @@ const GIB: u64 = 1 << 30;
 const MIN: Duration = Duration::from_secs(60);
 
 fn invariant(sim: &Sim) -> Result<(), String> {
-    sim.check_positions()
+    sim.check_positions()?;
+    sim.check_sessions()
 }
 
 /// Node 0 is the customer; nodes 1.. are its friends.
@@ -187,5 +188,45 @@ fn random_chaos_keeps_positions_distinct() {
         sim.run_until(t, &invariant)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(all_hired(&sim), "seed {seed}: {:?}", sim.slots(0));
+    }
+}
+
+#[test]
+fn sessions_survive_loss_and_recover_from_partitions() {
+    for seed in 0..30 {
+        let mut sim = world(seed, 0.1, &[GIB; 3]);
+        sim.run_until(5 * MIN, &invariant)
+            .unwrap_or_else(|e| panic!("{e}"));
+        for a in 0..4 {
+            for b in 0..4 {
+                if a != b {
+                    assert!(
+                        sim.sees(a, b),
+                        "seed {seed}: {a} does not see {b}: {}\n{}",
+                        sim.describe_network(a),
+                        sim.describe_network(b)
+                    );
+                }
+            }
+        }
+        // Cut 0 from 2: both ends notice by missed pings; the others stay connected.
+        sim.partition(0, 2);
+        let t = sim.now + 10 * MIN;
+        sim.run_until(t, &invariant)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !sim.sees(0, 2) && !sim.sees(2, 0),
+            "seed {seed}: partition not noticed"
+        );
+        assert!(sim.sees(0, 1) && sim.sees(1, 2), "seed {seed}: others lost");
+        // Heal: redialing with backoff brings the session back.
+        sim.heal(0, 2);
+        let t = sim.now + 15 * MIN;
+        sim.run_until(t, &invariant)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            sim.sees(0, 2) && sim.sees(2, 0),
+            "seed {seed}: not reconnected"
+        );
     }
 }

@@ -1,11 +1,14 @@
-//! Deterministic simulation of several nodes' machines (STYLE.md, test tier 4): fire_hire and
-//! supplier_connector on customers, the supplier_service decision on suppliers, wired through
-//! an in-memory network with a virtual clock and a seeded RNG that drops, delays and partitions
-//! messages. Same seed, same run: a failing test prints its seed.
+//! Deterministic simulation of several nodes' machines (STYLE.md, test tier 4): every node runs
+//! network_connector and one peer_session per connection (dial, handshake, keep-alive pings,
+//! backoff, the duplicate tie-break), fire_hire and supplier_connector as a customer, and the
+//! supplier_service decision as a supplier. They are wired through an in-memory network with a
+//! virtual clock and a seeded RNG that drops, delays and partitions messages. Same seed, same
+//! run: a failing test prints its seed.
 //!
-//! Presence (which peers a node sees up) is modelled as the network layer reports it: a
-//! partition or a heal is noticed after `detect_delay` on both sides. Later issues (backup,
-//! restore, monitor, rebuild) add their machines and messages here.
+//! What is abstracted: bytes and crypto (a handshake is one `Hello` each way, a session is
+//! authenticated when it receives its peer's), and TCP (a close reaches the other end unless the
+//! link is cut, when the other end finds out by missing pings). Later issues (backup, restore,
+//! monitor, rebuild) add their machines and messages here.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -16,6 +19,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::crypto::identity::NodeId;
 use crate::fsm::fire_hire::{self, FireHire};
+use crate::fsm::network_connector::{self as nc, NetworkConnector};
+use crate::fsm::peer_session::{self as ps, PeerSession};
 use crate::fsm::supplier_connector::{self as sc, RefuseReason, SupplierConnector};
 use crate::fsm::supplier_service::{Refusal, decide};
 use crate::fsm::timers::TimerTable;
@@ -28,8 +33,6 @@ pub struct SimConfig {
     pub loss: f64,
     pub min_delay: Duration,
     pub max_delay: Duration,
-    /// How long until both ends notice a partition or a heal.
-    pub detect_delay: Duration,
     pub data_shards: usize,
     pub parity_shards: usize,
     pub space_per_supplier: u64,
@@ -42,7 +45,6 @@ impl SimConfig {
             loss: 0.0,
             min_delay: Duration::from_millis(5),
             max_delay: Duration::from_millis(200),
-            detect_delay: Duration::from_secs(30),
             data_shards: 4,
             parity_shards: 2,
             space_per_supplier: 1 << 30,
@@ -52,17 +54,58 @@ impl SimConfig {
 
 #[derive(Clone, Debug)]
 enum Msg {
-    Request { position: u32, space: u64 },
-    Accept { position: u32 },
-    Refuse { position: u32, reason: Refusal },
-    Cancel { position: u32 },
-    CancelAck { position: u32 },
+    /// A TCP connection from session `dialer` of the sender.
+    TcpOpen {
+        dialer: u64,
+    },
+    /// The connection was accepted by session `accepted`.
+    TcpAccepted {
+        dialer: u64,
+        accepted: u64,
+    },
+    Hello {
+        to: u64,
+    },
+    Ping {
+        to: u64,
+    },
+    Pong {
+        to: u64,
+    },
+    Close {
+        to: u64,
+    },
+    Request {
+        position: u32,
+        space: u64,
+    },
+    Accept {
+        position: u32,
+    },
+    Refuse {
+        position: u32,
+        reason: Refusal,
+    },
+    Cancel {
+        position: u32,
+    },
+    CancelAck {
+        position: u32,
+    },
 }
 
 #[derive(Clone, Debug)]
 enum Pending {
     Msg { from: usize, to: usize, msg: Msg },
-    Presence { at: usize, peer: usize, up: bool },
+}
+
+/// Which machine on a node a timer belongs to.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Hire,
+    Net,
+    Connector(u32),
+    Session(u64),
 }
 
 /// A machine with its timers.
@@ -90,6 +133,14 @@ impl<M: Machine> Run<M> {
     }
 }
 
+struct Session {
+    peer: usize,
+    outbound: bool,
+    remote: Option<u64>,
+    established: bool,
+    run: Run<PeerSession>,
+}
+
 struct Connector {
     supplier: usize,
     run: Run<SupplierConnector>,
@@ -110,8 +161,11 @@ pub struct SimNode {
     hire: Option<Run<FireHire>>,
     connectors: BTreeMap<u32, Connector>,
     pub service: ServiceModel,
-    /// Peers this node currently sees up.
+    /// Peers this node currently sees up (an established session).
     pub sees_up: BTreeSet<usize>,
+    net: Option<Run<NetworkConnector>>,
+    sessions: BTreeMap<u64, Session>,
+    active: BTreeMap<usize, u64>,
     /// Positions persisted by fire_hire's `Save` (what a restart resumes).
     pub saved: Vec<(u32, usize)>,
 }
@@ -128,6 +182,7 @@ pub struct Sim {
     /// Messages delivered and dropped, for assertions on the run itself.
     pub delivered: u64,
     pub dropped: u64,
+    next_session: u64,
 }
 
 fn pair(a: usize, b: usize) -> (usize, usize) {
@@ -150,11 +205,14 @@ impl Sim {
                     open: false,
                     granted: BTreeMap::new(),
                 },
-                sees_up: (0..donated.len()).filter(|&j| j != i).collect(),
+                sees_up: BTreeSet::new(),
+                net: None,
+                sessions: BTreeMap::new(),
+                active: BTreeMap::new(),
                 saved: Vec::new(),
             })
             .collect();
-        Sim {
+        let mut sim = Sim {
             now: Duration::ZERO,
             rng: StdRng::seed_from_u64(cfg.seed),
             cfg,
@@ -165,6 +223,188 @@ impl Sim {
             cut: BTreeSet::new(),
             delivered: 0,
             dropped: 0,
+            next_session: 1,
+        };
+        for i in 0..sim.nodes.len() {
+            sim.start_network(i);
+        }
+        sim
+    }
+
+    /// Starts network_connector on `node`, knowing every other node as a peer.
+    fn start_network(&mut self, node: usize) {
+        let mut run = Run::new(NetworkConnector::default(), format!("n{node}"), self.now);
+        for peer in 0..self.nodes.len() {
+            if peer != node {
+                let id = self.nodes[peer].id;
+                run.step(
+                    &nc::Event::PeerAdded {
+                        peer: id,
+                        now: self.now,
+                    },
+                    self.now,
+                );
+            }
+        }
+        self.nodes[node].net = Some(run);
+        self.network(node, nc::Event::Start);
+    }
+
+    fn network(&mut self, node: usize, event: nc::Event) {
+        let now = self.now;
+        let Some(run) = self.nodes[node].net.as_mut() else {
+            return;
+        };
+        let Some(stepped) = run.step(&event, now) else {
+            return;
+        };
+        let machine = run.instance.machine.clone();
+        for &action in stepped.actions {
+            match action {
+                nc::Action::Bind => self.network(node, nc::Event::Bound { now }),
+                nc::Action::DialDue => {
+                    for id in machine.to_dial.clone() {
+                        if let Some(peer) = self.index_of(id) {
+                            self.open_session(node, peer, None);
+                        }
+                    }
+                }
+                nc::Action::CloseAll => {
+                    let sids: Vec<u64> = self.nodes[node].sessions.keys().copied().collect();
+                    for sid in sids {
+                        self.session(node, sid, ps::Event::Shutdown);
+                    }
+                }
+                nc::Action::ReportBindFailure
+                | nc::Action::NotePeer
+                | nc::Action::NotePeerUp
+                | nc::Action::NotePeerDown => {}
+            }
+        }
+    }
+
+    /// A new session on `node` with `peer`: outbound (dial) when `remote` is None.
+    fn open_session(&mut self, node: usize, peer: usize, remote: Option<u64>) -> u64 {
+        let sid = self.next_session;
+        self.next_session += 1;
+        let outbound = remote.is_none();
+        let run = Run::new(PeerSession::default(), format!("n{node}s{sid}"), self.now);
+        self.nodes[node].sessions.insert(
+            sid,
+            Session {
+                peer,
+                outbound,
+                remote,
+                established: false,
+                run,
+            },
+        );
+        self.session(
+            node,
+            sid,
+            if outbound {
+                ps::Event::Dial
+            } else {
+                ps::Event::Accept
+            },
+        );
+        sid
+    }
+
+    fn session(&mut self, node: usize, sid: u64, event: ps::Event) {
+        let now = self.now;
+        let Some(session) = self.nodes[node].sessions.get_mut(&sid) else {
+            return;
+        };
+        let (peer, remote) = (session.peer, session.remote);
+        let Some(stepped) = session.run.step(&event, now) else {
+            return;
+        };
+        for &action in stepped.actions {
+            match action {
+                ps::Action::OpenTcp => self.send(node, peer, Msg::TcpOpen { dialer: sid }),
+                ps::Action::RunHandshake => {
+                    if let Some(to) = remote
+                        .or_else(|| self.nodes[node].sessions.get(&sid).and_then(|s| s.remote))
+                    {
+                        self.send(node, peer, Msg::Hello { to });
+                    }
+                }
+                ps::Action::StartLink => self.session_up(node, sid),
+                ps::Action::SendPing => {
+                    if let Some(to) = remote {
+                        self.send(node, peer, Msg::Ping { to });
+                    }
+                }
+                ps::Action::ClearMissed => {}
+                ps::Action::ReportClosed => {
+                    if let Some(to) = remote {
+                        self.send(node, peer, Msg::Close { to });
+                    }
+                    self.session_down(node, sid);
+                }
+            }
+        }
+    }
+
+    /// An established session: keep it unless one with the same peer already is; then both
+    /// ends keep the connection dialed by the node with the smaller index.
+    fn session_up(&mut self, node: usize, sid: u64) {
+        let Some(session) = self.nodes[node].sessions.get_mut(&sid) else {
+            return;
+        };
+        session.established = true;
+        let (peer, outbound) = (session.peer, session.outbound);
+        match self.nodes[node].active.get(&peer).copied() {
+            Some(old) => {
+                let keep_new = outbound == (node < peer);
+                let loser = if keep_new { old } else { sid };
+                if keep_new {
+                    self.nodes[node].active.insert(peer, sid);
+                }
+                self.session(node, loser, ps::Event::Superseded);
+            }
+            None => {
+                self.nodes[node].active.insert(peer, sid);
+                let id = self.nodes[peer].id;
+                self.network(node, nc::Event::PeerUp { peer: id });
+                self.presence(node, peer, true);
+            }
+        }
+    }
+
+    fn session_down(&mut self, node: usize, sid: u64) {
+        let Some(session) = self.nodes[node].sessions.remove(&sid) else {
+            return;
+        };
+        let peer = session.peer;
+        let id = self.nodes[peer].id;
+        let now = self.now;
+        if self.nodes[node].active.get(&peer) == Some(&sid) {
+            self.nodes[node].active.remove(&peer);
+            self.presence(node, peer, false);
+            let jitter = self.rng.gen_range(0..=1000);
+            self.network(
+                node,
+                nc::Event::PeerDown {
+                    peer: id,
+                    now,
+                    jitter,
+                },
+            );
+        } else if session.outbound
+            && !session.established
+            && !self.nodes[node].active.contains_key(&peer)
+        {
+            let jitter = self.rng.gen_range(0..=1000);
+            self.network(
+                node,
+                nc::Event::PeerDown {
+                    peer: id,
+                    now,
+                    jitter,
+                },
+            );
         }
     }
 
@@ -179,8 +419,21 @@ impl Sim {
         self.queue.push(Reverse((at, self.seq, key)));
     }
 
+    /// Sends `msg` with a random delay. A cut link loses everything. Random loss hits connection
+    /// attempts and protocol requests and replies (as a connection reset would lose what was in
+    /// flight), not a live session's own framing: TCP does not drop single messages silently.
     fn send(&mut self, from: usize, to: usize, msg: Msg) {
-        if self.cut.contains(&pair(from, to)) || self.rng.gen_bool(self.cfg.loss.clamp(0.0, 1.0)) {
+        let lossy = !matches!(
+            msg,
+            Msg::TcpAccepted { .. }
+                | Msg::Hello { .. }
+                | Msg::Ping { .. }
+                | Msg::Pong { .. }
+                | Msg::Close { .. }
+        );
+        if self.cut.contains(&pair(from, to))
+            || (lossy && self.rng.gen_bool(self.cfg.loss.clamp(0.0, 1.0)))
+        {
             self.dropped += 1;
             return;
         }
@@ -349,6 +602,37 @@ impl Sim {
     fn deliver(&mut self, from: usize, to: usize, msg: Msg) {
         self.delivered += 1;
         match msg {
+            Msg::TcpOpen { dialer } => {
+                let accepted = self.open_session(to, from, Some(dialer));
+                self.send(to, from, Msg::TcpAccepted { dialer, accepted });
+            }
+            Msg::TcpAccepted { dialer, accepted } => {
+                if let Some(s) = self.nodes[to].sessions.get_mut(&dialer) {
+                    s.remote = Some(accepted);
+                    self.session(to, dialer, ps::Event::TcpConnected);
+                } else {
+                    // The dialer gave up meanwhile: the connection it no longer wants closes.
+                    self.send(to, from, Msg::Close { to: accepted });
+                }
+            }
+            Msg::Hello { to: sid } => {
+                let id = self.nodes[from].id;
+                self.session(to, sid, ps::Event::Authenticated(id));
+            }
+            Msg::Ping { to: sid } => {
+                if let Some(remote) = self.nodes[to]
+                    .sessions
+                    .get(&sid)
+                    .filter(|s| s.established)
+                    .and_then(|s| s.remote)
+                {
+                    self.send(to, from, Msg::Pong { to: remote });
+                }
+            }
+            Msg::Pong { to: sid } => self.session(to, sid, ps::Event::Pong),
+            Msg::Close { to: sid } => {
+                self.session(to, sid, ps::Event::LinkFailed(ps::CloseReason::PeerClosed))
+            }
             Msg::Request { position, space } => {
                 let service = &self.nodes[to].service;
                 let current = service.granted.get(&from).copied().unwrap_or(0);
@@ -438,49 +722,14 @@ impl Sim {
         }
     }
 
-    /// Cuts the link between `a` and `b`; both notice after `detect_delay`.
+    /// Cuts the link between `a` and `b`: every message between them is lost until `heal`.
+    /// Each end notices through its sessions' missed pings.
     pub fn partition(&mut self, a: usize, b: usize) {
-        if self.cut.insert(pair(a, b)) {
-            let at = self.now + self.cfg.detect_delay;
-            self.schedule(
-                at,
-                Pending::Presence {
-                    at: a,
-                    peer: b,
-                    up: false,
-                },
-            );
-            self.schedule(
-                at,
-                Pending::Presence {
-                    at: b,
-                    peer: a,
-                    up: false,
-                },
-            );
-        }
+        self.cut.insert(pair(a, b));
     }
 
     pub fn heal(&mut self, a: usize, b: usize) {
-        if self.cut.remove(&pair(a, b)) {
-            let at = self.now + self.cfg.detect_delay;
-            self.schedule(
-                at,
-                Pending::Presence {
-                    at: a,
-                    peer: b,
-                    up: true,
-                },
-            );
-            self.schedule(
-                at,
-                Pending::Presence {
-                    at: b,
-                    peer: a,
-                    up: true,
-                },
-            );
-        }
+        self.cut.remove(&pair(a, b));
     }
 
     /// The monitor's entry point: fire the supplier at `position`.
@@ -489,23 +738,66 @@ impl Sim {
         self.fire_hire(customer, fire_hire::Event::Fire { position, now });
     }
 
-    fn next_timer(&self) -> Option<(Duration, usize, Option<u32>)> {
-        let mut best: Option<(Duration, usize, Option<u32>)> = None;
-        for (i, node) in self.nodes.iter().enumerate() {
-            if let Some(d) = node.hire.as_ref().and_then(|r| r.timers.next_deadline())
+    /// The earliest timer of any machine on any node.
+    fn next_timer(&self) -> Option<(Duration, usize, Target)> {
+        let mut best: Option<(Duration, usize, Target)> = None;
+        let mut consider = |deadline: Option<Duration>, node: usize, target: Target| {
+            if let Some(d) = deadline
                 && best.is_none_or(|b| d < b.0)
             {
-                best = Some((d, i, None));
+                best = Some((d, node, target));
             }
+        };
+        for (i, node) in self.nodes.iter().enumerate() {
+            consider(
+                node.hire.as_ref().and_then(|r| r.timers.next_deadline()),
+                i,
+                Target::Hire,
+            );
+            consider(
+                node.net.as_ref().and_then(|r| r.timers.next_deadline()),
+                i,
+                Target::Net,
+            );
             for (p, c) in &node.connectors {
-                if let Some(d) = c.run.timers.next_deadline()
-                    && best.is_none_or(|b| d < b.0)
-                {
-                    best = Some((d, i, Some(*p)));
-                }
+                consider(c.run.timers.next_deadline(), i, Target::Connector(*p));
+            }
+            for (sid, session) in &node.sessions {
+                consider(session.run.timers.next_deadline(), i, Target::Session(*sid));
             }
         }
         best
+    }
+
+    fn fire_timer(&mut self, node: usize, target: Target) {
+        let now = self.now;
+        fn pop<M: Machine + Clone>(run: &mut Run<M>, now: Duration) -> Option<M::Timer> {
+            let machine = run.instance.machine.clone();
+            run.timers.pop_expired(&machine, now)
+        }
+        let n = &mut self.nodes[node];
+        match target {
+            Target::Hire => {
+                if let Some(t) = n.hire.as_mut().and_then(|r| pop(r, now)) {
+                    self.fire_hire(node, FireHire::timer_event(t, now));
+                }
+            }
+            Target::Net => {
+                if let Some(t) = n.net.as_mut().and_then(|r| pop(r, now)) {
+                    self.network(node, NetworkConnector::timer_event(t, now));
+                }
+            }
+            Target::Connector(p) => {
+                if let Some(t) = n.connectors.get_mut(&p).and_then(|c| pop(&mut c.run, now)) {
+                    self.connector(node, p, SupplierConnector::timer_event(t, now));
+                }
+            }
+            Target::Session(sid) => {
+                if let Some(t) = n.sessions.get_mut(&sid).and_then(|c| pop(&mut c.run, now)) {
+                    self.session(node, sid, PeerSession::timer_event(t, now));
+                }
+            }
+        }
     }
 
     /// Runs until `until` (virtual time), checking `invariant` after every step.
@@ -531,45 +823,48 @@ impl Sim {
                 let Some(Reverse((_, _, key))) = self.queue.pop() else {
                     break;
                 };
-                match self.pending.remove(&key) {
-                    Some(Pending::Msg { from, to, msg }) => {
-                        if self.cut.contains(&pair(from, to)) {
-                            self.dropped += 1;
-                        } else {
-                            self.deliver(from, to, msg);
-                        }
-                    }
-                    Some(Pending::Presence { at, peer, up }) => self.presence(at, peer, up),
-                    None => {}
-                }
-            } else if let Some((_, node, position)) = next_timer {
-                let now = self.now;
-                match position {
-                    None => {
-                        let timer = self.nodes[node].hire.as_mut().and_then(|r| {
-                            let machine = r.instance.machine.clone();
-                            r.timers.pop_expired(&machine, now)
-                        });
-                        if let Some(t) = timer {
-                            self.fire_hire(node, FireHire::timer_event(t, now));
-                        }
-                    }
-                    Some(p) => {
-                        let timer = self.nodes[node].connectors.get_mut(&p).and_then(|c| {
-                            let machine = c.run.instance.machine.clone();
-                            c.run.timers.pop_expired(&machine, now)
-                        });
-                        if let Some(t) = timer {
-                            self.connector(node, p, SupplierConnector::timer_event(t, now));
-                        }
+                if let Some(Pending::Msg { from, to, msg }) = self.pending.remove(&key) {
+                    if self.cut.contains(&pair(from, to)) {
+                        self.dropped += 1;
+                    } else {
+                        self.deliver(from, to, msg);
                     }
                 }
+            } else if let Some((_, node, target)) = next_timer {
+                self.fire_timer(node, target);
             }
             invariant(self)
                 .map_err(|e| format!("seed {}: at {:?}: {e}", self.cfg.seed, self.now))?;
         }
         self.now = self.now.max(until);
         Ok(())
+    }
+
+    /// A one-line account of `node`'s sessions and dial slots, for failure messages.
+    pub fn describe_network(&self, node: usize) -> String {
+        let n = &self.nodes[node];
+        let sessions: Vec<String> = n
+            .sessions
+            .iter()
+            .map(|(sid, s)| {
+                format!(
+                    "s{sid}->{}{} {:?}",
+                    s.peer,
+                    if s.outbound { "out" } else { "in" },
+                    s.run.instance.state()
+                )
+            })
+            .collect();
+        let net = n
+            .net
+            .as_ref()
+            .map(|r| format!("{:?} {:?}", r.instance.state(), r.instance.machine.peers));
+        format!("sessions {sessions:?} active {:?} net {net:?}", n.active)
+    }
+
+    /// The state of `node`'s session with `peer`, if it has an established one.
+    pub fn sees(&self, node: usize, peer: usize) -> bool {
+        self.nodes[node].sees_up.contains(&peer)
     }
 
     /// fire_hire's positions on `customer`: supplier index and whether confirmed.
@@ -597,6 +892,26 @@ impl Sim {
             .connectors
             .get(&position)
             .map(|c| (c.supplier, c.run.instance.state()))
+    }
+
+    /// Every peer a node counts as up has exactly the one established session it names.
+    pub fn check_sessions(&self) -> Result<(), String> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            for (peer, sid) in &node.active {
+                let ok = node.sessions.get(sid).is_some_and(|s| {
+                    s.peer == *peer && s.run.instance.state() == ps::State::Established
+                });
+                if !ok || !node.sees_up.contains(peer) {
+                    return Err(format!(
+                        "node {i}: active session {sid} with {peer} is not established"
+                    ));
+                }
+            }
+            if node.sees_up.len() != node.active.len() {
+                return Err(format!("node {i}: presence and sessions disagree"));
+            }
+        }
+        Ok(())
     }
 
     /// The invariants every run must keep: no supplier holds two positions of one customer,
