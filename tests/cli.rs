@@ -194,3 +194,48 @@ fn human_logs_show_transitions() {
     assert!(!line.trim_start().starts_with('{'), "not JSON: {line}");
     assert!(status.success());
 }
+
+#[test]
+fn no_secret_reaches_the_log_even_at_trace_level() {
+    use base64::Engine as _;
+    let (_dir, home) = temp_home();
+    init(&home, "frank");
+    let mut child = Command::new(BIN)
+        .arg("--home")
+        .arg(&home)
+        .args(["run", "--log-format", "json"])
+        .env("RUST_LOG", "trace")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    wait_for("node up", 20, || {
+        let out = bitdust(&home, &["status", "--json"]);
+        out.status.success().then_some(())
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().expect("wait").success());
+    let log = reader.join().expect("reader");
+    assert!(log.contains("transition"), "the log was captured");
+    for key in ["keys/signing.key", "keys/noise.key"] {
+        let secret = std::fs::read(home.join(key)).expect("key");
+        let forms = [
+            hex::encode(&secret),
+            base64::engine::general_purpose::STANDARD.encode(&secret),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&secret),
+            format!("{:?}", secret),
+        ];
+        for form in forms {
+            assert!(!log.contains(&form), "{key} appears in the log");
+        }
+    }
+}

@@ -213,3 +213,48 @@ fn wrong_static_key_and_relaying_man_in_the_middle_are_refused() {
     wait_closed(b, "UnknownPeer", 1);
     still_serving(a, &c.ids[1]);
 }
+
+#[test]
+fn stale_and_forged_identity_pushes_are_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    init(&home, "a");
+    let (keys, me) = stranger();
+    add_peer(&home, &me.card());
+    let _node = Node::start(&home);
+    wait_for("node up", 20, || try_status(&home));
+    let mut client = RawClient::login(&listen_addr(&home), &keys, &me);
+    let push = |identity: &Identity, id: u64| {
+        envelope::encode(&envelope::envelope(
+            id,
+            0,
+            Body::Identity(IdentityExchange {
+                identity: Some(identity.signed().clone()),
+            }),
+        ))
+    };
+    // The same revision again: stale.
+    client.send(&push(&me, 2));
+    // Another node's identity on this session: forged.
+    let (_, other) = stranger();
+    client.send(&push(&other, 3));
+    wait_for("both counted", 20, || {
+        let s = try_status(&home)?;
+        (closed_count(&s, "StaleIdentity") >= 1 && closed_count(&s, "ForgedIdentity") >= 1)
+            .then_some(())
+    });
+    // A higher revision signed by the same key is adopted.
+    let newer = Identity::create(&keys, "mallory", vec!["tcp://127.0.0.1:10".into()], 2, 1)
+        .expect("identity");
+    client.send(&push(&newer, 4));
+    wait_for("revision 2 adopted", 20, || {
+        let s = try_status(&home)?;
+        (peer_status(&s, &me.node_id().to_string())?["revision"] == 2).then_some(())
+    });
+    // The session survived all of it.
+    let status = status_json(&home);
+    assert_eq!(
+        peer_status(&status, &me.node_id().to_string()).expect("peer")["session"],
+        "Established"
+    );
+}

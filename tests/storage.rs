@@ -237,7 +237,7 @@ fn quota_isolation_and_interrupted_writes_through_the_wire() {
         parity_shards: 2,
     };
     assert!(matches!(
-        alice.request(4, Body::ServiceRequest(ask.clone())).body,
+        alice.request(4, Body::ServiceRequest(ask)).body,
         Some(Body::ServiceAccept(_))
     ));
     let stored = store(&mut alice, 5, fragment(1, 0), &[7u8; 600]);
@@ -314,7 +314,7 @@ fn quota_isolation_and_interrupted_writes_through_the_wire() {
     node.signal(libc::SIGTERM);
     assert!(node.wait_exit().success());
     let customer_dir = home.join("store").join(a.node_id().to_string());
-    let block_dir = customer_dir.join(hex::encode([9u8; 32])[..2].to_string());
+    let block_dir = customer_dir.join(&hex::encode([9u8; 32])[..2]);
     std::fs::create_dir_all(&block_dir).expect("dir");
     std::fs::write(
         block_dir.join(format!("{}.0", hex::encode([9u8; 32]))),

@@ -501,14 +501,14 @@ impl Driver for NetworkDriver {
             } => {
                 self.count(reason.name());
                 let entry = self.sessions.remove(&session);
-                if let (Some(entry), Some(p)) = (&entry, peer) {
-                    if let (Some(book), Some(link)) = (self.book.get_mut(&p), &entry.link) {
-                        book.bytes_in += link.stats.bytes_in.load(Ordering::Relaxed);
-                        book.bytes_out += link.stats.bytes_out.load(Ordering::Relaxed);
-                        book.last_seen = book
-                            .last_seen
-                            .max(link.stats.last_seen.load(Ordering::Relaxed));
-                    }
+                if let (Some(entry), Some(p)) = (&entry, peer)
+                    && let (Some(book), Some(link)) = (self.book.get_mut(&p), &entry.link)
+                {
+                    book.bytes_in += link.stats.bytes_in.load(Ordering::Relaxed);
+                    book.bytes_out += link.stats.bytes_out.load(Ordering::Relaxed);
+                    book.last_seen = book
+                        .last_seen
+                        .max(link.stats.last_seen.load(Ordering::Relaxed));
                 }
                 let subject = peer.or(dialed);
                 match subject {

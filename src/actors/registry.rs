@@ -16,15 +16,16 @@ pub struct MachineStatus {
     pub for_secs: u64,
 }
 
+/// (actor, instance id) -> (state, entered at)
+type Entries = BTreeMap<(&'static str, String), (&'static str, Instant)>;
+
 #[derive(Clone, Default)]
 pub struct Registry {
-    inner: Arc<Mutex<BTreeMap<(&'static str, String), (&'static str, Instant)>>>,
+    inner: Arc<Mutex<Entries>>,
 }
 
 impl Registry {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<(&'static str, String), (&'static str, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -61,6 +61,7 @@ fn envelope_reason(e: &EnvelopeError) -> CloseReason {
 /// Runs the Noise handshake, then exchanges signed identities and checks that the peer's
 /// identity is signed, names the Noise key it just proved, is the node we meant to reach
 /// (outbound) and is allowed by `policy`.
+#[allow(clippy::too_many_arguments)] // each is a distinct input of the handshake
 pub async fn establish<IO>(
     io: IO,
     outbound: bool,

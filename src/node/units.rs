@@ -57,7 +57,7 @@ impl fmt::Display for ByteSize {
             ("MiB", MIB),
             ("KiB", KIB),
         ] {
-            if b >= size && b % size == 0 {
+            if b >= size && b.is_multiple_of(size) {
                 return write!(f, "{} {unit}", b / size);
             }
         }

@@ -5,9 +5,11 @@ use std::sync::Mutex;
 
 use super::{Batch, Cf, KvStore, Op, StoreError};
 
+type Entries = BTreeMap<(Cf, Vec<u8>), Vec<u8>>;
+
 #[derive(Default)]
 pub struct MemStore {
-    data: Mutex<BTreeMap<(Cf, Vec<u8>), Vec<u8>>>,
+    data: Mutex<Entries>,
 }
 
 impl MemStore {
@@ -15,7 +17,7 @@ impl MemStore {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Cf, Vec<u8>), Vec<u8>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         // A panic while holding the lock leaves a consistent map (each op is one insert/remove).
         self.data.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -115,6 +115,9 @@ impl Batch {
     }
 }
 
+/// One entry of a scan.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// The store every actor writes through.
 pub trait KvStore: Send + Sync {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
@@ -128,7 +131,7 @@ pub trait KvStore: Send + Sync {
         prefix: &[u8],
         from: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    ) -> Result<Vec<KeyValue>, StoreError>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 

@@ -27,11 +27,25 @@ pub fn bitdust(home: &Path, args: &[&str]) -> Output {
         .expect("bitdust runs")
 }
 
+/// A port for a node to listen on: below the kernel's ephemeral range (so no outgoing
+/// connection can take it before the node binds it), free now, and never handed out twice in
+/// this process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    for offset in 0..12_000u16 {
+        let port = 20_000 + (start - 20_000 + offset) % 12_000;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000");
 }
 
 pub fn init(home: &Path, name: &str) -> String {
