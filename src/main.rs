@@ -278,88 +278,108 @@ fn status(home: &Home, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&data)?);
         return Ok(());
     }
-    let text = |v: &serde_json::Value| {
-        v.as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| v.to_string())
+    print!("{}", render_status(&data));
+    Ok(())
+}
+
+/// The human form of `status`: one table per concern.
+fn render_status(data: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     };
-    println!(
-        "node     {} ({})",
+    let size = |v: &serde_json::Value| {
+        v.as_u64()
+            .map(|b| ByteSize(b).to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    let rows = |v: &serde_json::Value| v.as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node      {} ({})",
         text(&data["node_id"]),
         text(&data["name"])
     );
-    println!("revision {}", data["revision"]);
-    println!("uptime   {}s", data["uptime_secs"]);
-    println!();
-    println!(
-        "{:<20} {:<12} {:<16} {:>8}",
+    let _ = writeln!(out, "revision  {}", text(&data["revision"]));
+    let _ = writeln!(out, "uptime    {}s", text(&data["uptime_secs"]));
+    let _ = writeln!(
+        out,
+        "\n{:<20} {:<8} {:<14} {:>8}",
         "MACHINE", "ID", "STATE", "FOR"
     );
-    for m in data["machines"].as_array().into_iter().flatten() {
-        println!(
-            "{:<20} {:<12} {:<16} {:>7}s",
+    for m in rows(&data["machines"]) {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<8} {:<14} {:>7}s",
             text(&m["actor"]),
             text(&m["id"]),
             text(&m["state"]),
-            m["for_secs"]
+            text(&m["for_secs"])
         );
     }
     let network = &data["network"];
-    println!();
-    println!("listening on {}", text(&network["listen"]));
-    println!(
-        "{:<34} {:<16} {:<24} {:<14} {:>12} {:>12}",
+    let _ = writeln!(out, "\nlistening on {}", text(&network["listen"]));
+    let _ = writeln!(
+        out,
+        "{:<32}  {:<14} {:<22} {:<13} {:>10} {:>10}",
         "PEER", "NAME", "ADDRESS", "SESSION", "IN", "OUT"
     );
-    for p in network["peers"].as_array().into_iter().flatten() {
-        println!(
-            "{:<34} {:<16} {:<24} {:<14} {:>12} {:>12}",
+    for p in rows(&network["peers"]) {
+        let _ = writeln!(
+            out,
+            "{:<32}  {:<14} {:<22} {:<13} {:>10} {:>10}",
             text(&p["node_id"]),
             text(&p["name"]),
             text(&p["address"]),
             text(&p["session"]),
-            p["bytes_in"],
-            p["bytes_out"]
+            size(&p["bytes_in"]),
+            size(&p["bytes_out"])
         );
     }
     let customer = &data["customer"];
-    println!();
-    println!(
-        "suppliers ({} data + {} parity)",
-        customer["data_shards"], customer["parity_shards"]
+    let _ = writeln!(
+        out,
+        "\nsuppliers ({} data + {} parity)",
+        text(&customer["data_shards"]),
+        text(&customer["parity_shards"])
     );
-    println!("{:<9} {:<34} {:<14}", "POSITION", "SUPPLIER", "CONTRACT");
-    for p in customer["positions"].as_array().into_iter().flatten() {
-        println!(
-            "{:<9} {:<34} {:<14}",
-            p["position"],
+    let _ = writeln!(
+        out,
+        "{:<9} {:<32}  {:<14}",
+        "POSITION", "SUPPLIER", "CONTRACT"
+    );
+    for p in rows(&customer["positions"]) {
+        let _ = writeln!(
+            out,
+            "{:<9} {:<32}  {:<14}",
+            text(&p["position"]),
             text(&p["supplier"]),
             text(&p["contract"])
         );
     }
     let supplier = &data["supplier"];
-    println!();
-    println!("customers (donating {} bytes)", supplier["donated"]);
-    println!(
-        "{:<34} {:>14} {:>14} {:<10}",
+    let _ = writeln!(out, "\ncustomers (donating {})", size(&supplier["donated"]));
+    let _ = writeln!(
+        out,
+        "{:<32}  {:>10} {:>10} {:<10}",
         "CUSTOMER", "QUOTA", "USED", "STATE"
     );
-    for c in supplier["customers"].as_array().into_iter().flatten() {
-        println!(
-            "{:<34} {:>14} {:>14} {:<10}",
+    for c in rows(&supplier["customers"]) {
+        let _ = writeln!(
+            out,
+            "{:<32}  {:>10} {:>10} {:<10}",
             text(&c["node_id"]),
-            c["quota"],
-            c["used"],
+            size(&c["quota"]),
+            size(&c["used"]),
             text(&c["state"])
         );
     }
-    if let Some(closed) = network["closed_sessions"]
-        .as_object()
-        .filter(|c| !c.is_empty())
-    {
+    if let Some(closed) = network["counters"].as_object().filter(|c| !c.is_empty()) {
         let parts: Vec<String> = closed.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!();
-        println!("closed sessions: {}", parts.join(" "));
+        let _ = writeln!(out, "\ncounters: {}", parts.join(" "));
     }
-    Ok(())
+    out
 }

@@ -233,8 +233,11 @@ fn stale_and_forged_identity_pushes_are_ignored() {
             }),
         ))
     };
-    // The same revision again: stale.
+    // The same revision again is ignored quietly; an older one is stale.
     client.send(&push(&me, 2));
+    let older = Identity::create(&keys, "mallory", vec!["tcp://127.0.0.1:9".into()], 0, 0)
+        .expect("identity");
+    client.send(&push(&older, 5));
     // Another node's identity on this session: forged.
     let (_, other) = stranger();
     client.send(&push(&other, 3));

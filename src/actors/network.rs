@@ -329,8 +329,8 @@ impl NetworkDriver {
                 json!({
                     "node_id": id.to_string(),
                     "name": entry.label.clone().unwrap_or_else(|| entry.identity.name().to_string()),
-                    "address": session.and_then(|s| s.remote).map(|r| r.to_string())
-                        .or_else(|| entry.identity.contacts().first().cloned()),
+                    "address": entry.identity.contacts().first().cloned(),
+                    "remote": session.and_then(|s| s.remote).map(|r| r.to_string()),
                     "revision": entry.identity.revision(),
                     "session": state,
                     "last_seen": (last_seen > 0).then_some(last_seen),
@@ -343,7 +343,7 @@ impl NetworkDriver {
             "listen": self.bound.map(|a| a.to_string()),
             "sessions": self.sessions.len(),
             "peers": peers,
-            "closed_sessions": self.counters,
+            "counters": self.counters,
         })
     }
 }
@@ -551,7 +551,11 @@ impl Driver for NetworkDriver {
                         }
                         self.learn(*identity, None);
                     }
-                    Some(_) => self.count("StaleIdentity"),
+                    // The same revision again is normal (a handshake and a push crossing); older is stale.
+                    Some(entry) if identity.revision() < entry.identity.revision() => {
+                        self.count("StaleIdentity")
+                    }
+                    Some(_) => {}
                     None => {}
                 }
                 vec![]

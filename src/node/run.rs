@@ -104,10 +104,13 @@ async fn node_main(
     // Every new identity revision goes to every connected peer.
     let mut revisions = published_rx.clone();
     let propagate_to = network_actor.clone();
+    let mut pushed = identity.revision();
     actix::spawn(async move {
         while revisions.changed().await.is_ok() {
             let current = revisions.borrow_and_update().clone();
-            if let Some(identity) = current {
+            // Peers got the current revision in their handshake: push only newer ones.
+            if let Some(identity) = current.filter(|i| i.revision() > pushed) {
+                pushed = identity.revision();
                 propagate_to.do_send(Input(NetInput::OwnIdentity(Box::new(identity))));
             }
         }

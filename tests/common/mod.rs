@@ -212,11 +212,9 @@ pub fn peer_status(status: &serde_json::Value, peer: &str) -> Option<serde_json:
         .cloned()
 }
 
-/// The count of sessions closed for `reason`.
+/// The counter for `reason` (a session close reason, or an identity event).
 pub fn closed_count(status: &serde_json::Value, reason: &str) -> u64 {
-    status["network"]["closed_sessions"][reason]
-        .as_u64()
-        .unwrap_or(0)
+    status["network"]["counters"][reason].as_u64().unwrap_or(0)
 }
 
 pub fn card(home: &Path) -> String {
