@@ -307,6 +307,22 @@ fn quota_isolation_and_interrupted_writes_through_the_wire() {
         .collect();
     assert!(used.contains(&600), "{status:#}");
 
+    // SIGHUP with less donated space: applies at once, a larger request is refused.
+    set_donated(&home, "1500");
+    node.signal(libc::SIGHUP);
+    node.wait_log("reloaded", |v| v["message"] == "config reloaded");
+    let more = ServiceRequest {
+        space: 2000,
+        position: 0,
+        data_shards: 4,
+        parity_shards: 2,
+    };
+    let refused = wait_for("the smaller donation applied", 20, || {
+        let reply = alice.request(9, Body::ServiceRequest(more));
+        (fail_reason(&reply) == Some(FailReason::NoSpace)).then_some(())
+    });
+    let _ = refused;
+
     // The node stops; an interrupted write is left behind: a temp file and a fragment file that
     // never reached the index (killed between rename and ack).
     drop(alice);

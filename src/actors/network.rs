@@ -68,6 +68,8 @@ pub enum NetInput {
     },
     /// Where peer presence and requests go: set once the customer and supplier actors run.
     SetSinks(Sinks),
+    /// Whether any authenticated node may connect (supplier `accept = "open"`), on SIGHUP.
+    SetOpen(bool),
 }
 
 /// A request for the supplier side: from `customer`, to answer on `link`.
@@ -683,6 +685,10 @@ impl Driver for NetworkDriver {
             }
             NetInput::Link { peer, reply } => {
                 let _ = reply.send(self.link_of(&peer));
+                vec![]
+            }
+            NetInput::SetOpen(open) => {
+                self.policy.send_modify(|p| p.open = open);
                 vec![]
             }
             NetInput::SetSinks(sinks) => {

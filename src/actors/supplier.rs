@@ -23,6 +23,7 @@ use crate::unix_now;
 /// Most fragments listed in one reply.
 const LIST_PAGE: usize = 1000;
 
+#[derive(Clone)]
 pub struct SupplierSettings {
     pub root: std::path::PathBuf,
     pub donated: u64,
@@ -39,6 +40,12 @@ pub enum SupplierInput {
         link: LinkHandle,
     },
     Status(oneshot::Sender<serde_json::Value>),
+    /// New donated space, policy and grace period (SIGHUP).
+    Reconfigure {
+        donated: u64,
+        open: bool,
+        grace: Duration,
+    },
     /// Stop serving a customer: its data is kept for the grace period, and it is told.
     Drop {
         customer: NodeId,
@@ -304,12 +311,7 @@ impl Driver for SupplierDriver {
                     });
                     return vec![];
                 };
-                let settings = SupplierSettings {
-                    root: self.settings.root.clone(),
-                    donated: self.settings.donated,
-                    open: self.settings.open,
-                    grace: self.settings.grace,
-                };
+                let settings = self.settings.clone();
                 io.spawn_task(async move {
                     let reply = tokio::task::spawn_blocking(move || {
                         answer(&store, &settings, customer, trusted, body)
@@ -318,6 +320,16 @@ impl Driver for SupplierDriver {
                     .unwrap_or_else(|e| fail(FailReason::StorageError, e.to_string()));
                     let _ = link.reply(id, reply).await;
                 });
+                vec![]
+            }
+            SupplierInput::Reconfigure {
+                donated,
+                open,
+                grace,
+            } => {
+                self.settings.donated = donated;
+                self.settings.open = open;
+                self.settings.grace = grace;
                 vec![]
             }
             SupplierInput::Drop {

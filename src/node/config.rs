@@ -382,7 +382,8 @@ impl Config {
         vec![format!("tcp://{addr}")]
     }
 
-    /// Keys whose change a SIGHUP cannot apply: they need a restart.
+    /// Keys whose change a SIGHUP cannot apply: they need a restart. Applied live: node.contacts,
+    /// node.shutdown_timeout, [supplier], [[peers]] (added ones).
     pub fn restart_needed(&self, newer: &Config) -> Vec<&'static str> {
         let mut keys = Vec::new();
         if self.node.listen != newer.node.listen {
@@ -396,6 +397,12 @@ impl Config {
         }
         if self.backup.parity_shards != newer.backup.parity_shards {
             keys.push("backup.parity_shards");
+        }
+        if self.backup.space_per_supplier != newer.backup.space_per_supplier {
+            keys.push("backup.space_per_supplier");
+        }
+        if self.network != newer.network {
+            keys.push("network");
         }
         if self.log != newer.log {
             keys.push("log");
@@ -444,6 +451,7 @@ contacts = []
 # How long a graceful stop (SIGTERM/SIGINT) may take.
 shutdown_timeout = "{shutdown}"
 
+# Every key in [network] takes effect after a restart.
 [network]
 connect_timeout = "{connect}"
 handshake_timeout = "{handshake}"
@@ -472,7 +480,7 @@ grace_period = "{grace}"
 data_shards = {k}
 parity_shards = {m}
 block_size = "{block}"
-# Space to ask of each supplier.
+# Space to ask of each supplier. (restart)
 space_per_supplier = "{space}"
 # Default interval between scheduled backups.
 schedule = "{schedule}"

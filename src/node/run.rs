@@ -141,7 +141,7 @@ async fn node_main(
 
     let stop_signal = loop {
         tokio::select! {
-            _ = hup.recv() => reload(&home, &mut config, &identity_actor, &network_actor),
+            _ = hup.recv() => reload(&home, &mut config, &identity_actor, &network_actor, &supplier_actor),
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
@@ -337,7 +337,13 @@ fn start_network(
 }
 
 /// SIGHUP: validate the new file; apply what can change live, keep the old config otherwise.
-fn reload(home: &Home, config: &mut Config, identity: &IdentityAddr, network: &NetworkAddr) {
+fn reload(
+    home: &Home,
+    config: &mut Config,
+    identity: &IdentityAddr,
+    network: &NetworkAddr,
+    supplier: &SupplierAddr,
+) {
     match Config::load(home.root()) {
         Ok(newer) => {
             let needs_restart = config.restart_needed(&newer);
@@ -356,6 +362,15 @@ fn reload(home: &Home, config: &mut Config, identity: &IdentityAddr, network: &N
                         reply,
                     }));
                 }
+            }
+            if newer.supplier != config.supplier {
+                let open = newer.supplier.accept == AcceptPolicy::Open;
+                network.do_send(Input(NetInput::SetOpen(open)));
+                supplier.do_send(Input(SupplierInput::Reconfigure {
+                    donated: newer.supplier.donated.0,
+                    open,
+                    grace: newer.supplier.grace_period.get(),
+                }));
             }
             *config = newer;
             tracing::info!(file = %home.config_file().display(), "config reloaded");
