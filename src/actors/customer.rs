@@ -155,6 +155,13 @@ impl Driver for FireHireDriver {
     type M = FireHire;
     type Input = CustomerInput;
 
+    /// The node stops: every connector closes too, keeping its contract for the next run.
+    fn closed(&mut self, _machine: &FireHire) {
+        for (_, addr) in self.connectors.values() {
+            addr.do_send(super::shell::Shutdown);
+        }
+    }
+
     fn perform(
         &mut self,
         action: fire_hire::Action,
