@@ -43,14 +43,25 @@ fn positions(home: &Path) -> Option<Vec<(Option<String>, String)>> {
 
 /// Waits until every position is held, Connected, by distinct suppliers; returns them.
 fn wait_all_connected(home: &Path, secs: u64) -> Vec<String> {
-    wait_for("every position connected", secs, || {
-        let p = positions(home)?;
-        let suppliers: Vec<String> = p
-            .iter()
-            .filter_map(|(s, c)| (c == "Connected").then_some(s.clone()).flatten())
-            .collect();
-        (suppliers.len() == p.len()).then_some(suppliers)
-    })
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        if let Some(p) = positions(home) {
+            let suppliers: Vec<String> = p
+                .iter()
+                .filter_map(|(s, c)| (c == "Connected").then_some(s.clone()).flatten())
+                .collect();
+            if suppliers.len() == p.len() {
+                return suppliers;
+            }
+            last = Some(p);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!(
+        "positions not all connected after {secs}s: {last:?}\n{:#}",
+        try_status(home).unwrap_or_default()
+    );
 }
 
 /// A customer (node 0) and `friends` friends who trust it and whom it trusts.

@@ -16,9 +16,9 @@ use crate::crypto::identity::NodeId;
 use crate::fsm::Label;
 use crate::fsm::fire_hire::{self, FireHire};
 use crate::fsm::supplier_connector::{self as sc, RefuseReason, SupplierConnector};
-use crate::net::link::LinkHandle;
+use crate::net::link::RequestError;
 use crate::proto::envelope::Body;
-use crate::proto::{FailReason, ServiceCancel, ServiceRequest};
+use crate::proto::{Envelope, FailReason, ServiceCancel, ServiceRequest};
 use crate::store::{Batch, Cf, KvStore};
 
 #[derive(Clone)]
@@ -305,17 +305,33 @@ impl ConnectorDriver {
         }));
     }
 
-    /// The link to the supplier, if a session is up.
-    fn link(&self) -> impl std::future::Future<Output = Option<LinkHandle>> + 'static {
+    /// Sends `body` to the supplier and returns its reply. A session that is replaced or
+    /// drops meanwhile (reconnects, the duplicate tie-break) is survived: the request is sent
+    /// again on the next link, until most of `timeout` is spent; then the machine's own request
+    /// timer decides.
+    fn ask(&self, body: Body) -> impl std::future::Future<Output = Option<Envelope>> + 'static {
         let network = self.network.clone();
         let peer = self.supplier;
+        let budget = self.settings.request_timeout.mul_f32(0.9);
         async move {
-            let (tx, rx) = oneshot::channel();
-            network
-                .send(Input(NetInput::Link { peer, reply: tx }))
-                .await
-                .ok()?;
-            rx.await.ok().flatten()
+            let deadline = tokio::time::Instant::now() + budget;
+            loop {
+                let left = deadline.checked_duration_since(tokio::time::Instant::now())?;
+                let (tx, rx) = oneshot::channel();
+                network
+                    .send(Input(NetInput::Link { peer, reply: tx }))
+                    .await
+                    .ok()?;
+                match rx.await.ok().flatten() {
+                    Some(link) => match link.request(body.clone(), left).await {
+                        Ok(reply) => return Some(reply),
+                        Err(RequestError::Timeout(_)) => return None,
+                        Err(RequestError::Closed | RequestError::QueueFull) => {}
+                    },
+                    None => {}
+                }
+                tokio::time::sleep(Duration::from_millis(200).min(left)).await;
+            }
         }
     }
 }
@@ -350,22 +366,16 @@ impl Driver for ConnectorDriver {
     ) {
         match action {
             sc::Action::SendRequest => {
-                let link = self.link();
                 let request = ServiceRequest {
                     space: self.settings.space_per_supplier,
                     position: self.position,
                     data_shards: self.settings.data_shards,
                     parity_shards: self.settings.parity_shards,
                 };
-                let timeout = self.settings.request_timeout;
+                let ask = self.ask(Body::ServiceRequest(request));
                 io.spawn_opt(async move {
                     // No session or no answer: the machine's request timer decides.
-                    let reply = link
-                        .await?
-                        .request(Body::ServiceRequest(request), timeout)
-                        .await
-                        .ok()?;
-                    match reply.body? {
+                    match ask.await?.body? {
                         Body::ServiceAccept(_) => Some(sc::Event::Accepted),
                         Body::ServiceRefuse(r) => Some(sc::Event::Refused(refuse_reason(r.reason))),
                         Body::Fail(f) => Some(sc::Event::Refused(refuse_reason(f.reason))),
@@ -381,18 +391,11 @@ impl Driver for ConnectorDriver {
                 self.report(Report::Refused);
             }
             sc::Action::SendCancel => {
-                let link = self.link();
-                let timeout = self.settings.request_timeout;
+                let ask = self.ask(Body::ServiceCancel(ServiceCancel {
+                    from_supplier: false,
+                }));
                 io.spawn_opt(async move {
-                    link.await?
-                        .request(
-                            Body::ServiceCancel(ServiceCancel {
-                                from_supplier: false,
-                            }),
-                            timeout,
-                        )
-                        .await
-                        .ok()?;
+                    ask.await?;
                     Some(sc::Event::CancelDone)
                 });
             }
