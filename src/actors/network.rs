@@ -46,9 +46,12 @@ pub enum NetInput {
     },
     PeerIdentity(Box<Identity>),
     ForgedIdentity(NodeId),
+    /// A request that came on `link`; the reply goes back on the same link (another session
+    /// with the same peer may be replacing it at this very moment).
     Request {
         peer: NodeId,
         envelope: Box<Envelope>,
+        link: LinkHandle,
     },
     AddPeer {
         identity: Box<Identity>,
@@ -567,10 +570,11 @@ impl Driver for NetworkDriver {
                 self.count("ForgedIdentity");
                 vec![]
             }
-            NetInput::Request { peer, envelope } => {
-                let Some(link) = self.link_of(&peer) else {
-                    return vec![];
-                };
+            NetInput::Request {
+                peer,
+                envelope,
+                link,
+            } => {
                 let trusted = self.book.contains_key(&peer);
                 if let Some(sinks) = &self.sinks {
                     match &envelope.body {

@@ -177,8 +177,12 @@ impl Driver for SessionDriver {
                     LinkEvent::ForgedIdentity => {
                         network.do_send(Input(NetInput::ForgedIdentity(peer)))
                     }
-                    LinkEvent::Request(envelope) => {
-                        network.do_send(Input(NetInput::Request { peer, envelope }))
+                    LinkEvent::Request(envelope, link) => {
+                        network.do_send(Input(NetInput::Request {
+                            peer,
+                            envelope,
+                            link,
+                        }))
                     }
                 });
                 let (handle, tasks) =

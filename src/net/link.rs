@@ -146,8 +146,8 @@ pub enum LinkEvent {
     Identity(Box<Identity>),
     /// An identity push that failed verification.
     ForgedIdentity,
-    /// A request for a service (fragments, audits, contracts): answer with `LinkHandle::reply`.
-    Request(Box<Envelope>),
+    /// A request for a service (fragments, audits, contracts): answer on the link it came on.
+    Request(Box<Envelope>, LinkHandle),
     Closed(CloseReason),
 }
 
@@ -243,16 +243,19 @@ impl LinkHandle {
     }
 }
 
-/// The running tasks of a link; dropping this ends them.
+/// The running tasks of a link; dropping this ends them, and every request still waiting for
+/// a reply on this link fails at once with `Closed` (rather than waiting out its timeout).
 pub struct LinkTasks {
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
+    pending: Pending,
 }
 
 impl Drop for LinkTasks {
     fn drop(&mut self) {
         self.reader.abort();
         self.writer.abort();
+        lock(&self.pending).clear();
     }
 }
 
@@ -345,18 +348,20 @@ where
                     _ => sink(LinkEvent::ForgedIdentity),
                 },
                 Some(Body::Pong(_)) => sink(LinkEvent::Pong),
-                _ => sink(LinkEvent::Request(Box::new(envelope))),
+                _ => sink(LinkEvent::Request(Box::new(envelope), link.clone())),
             }
         };
         // Wake every waiting requester: their link is gone.
         lock(&link.pending).clear();
         sink(LinkEvent::Closed(reason));
     });
+    let pending = handle.pending.clone();
     (
         handle,
         LinkTasks {
             reader: reader_task,
             writer: writer_task,
+            pending,
         },
     )
 }
@@ -430,7 +435,7 @@ mod tests {
         let answer = tokio::spawn(async move {
             loop {
                 match eb.try_recv() {
-                    Ok(LinkEvent::Request(env)) => {
+                    Ok(LinkEvent::Request(env, _)) => {
                         b2.reply(
                             env.request_id,
                             Body::Ack(Ack {
@@ -476,6 +481,29 @@ mod tests {
             .expect_err("nobody answers");
         assert_eq!(err, RequestError::Timeout(Duration::from_millis(100)));
         assert!(lock(&a.pending).is_empty());
+    }
+
+    #[tokio::test]
+    async fn closing_a_link_fails_its_waiting_requests_at_once() {
+        let ((a, ta, _ea), (_b, _tb, _eb)) = pair(8).await;
+        let waiting = tokio::spawn({
+            let a = a.clone();
+            async move {
+                a.request(
+                    Body::ServiceCancel(crate::proto::ServiceCancel {
+                        from_supplier: false,
+                    }),
+                    T,
+                )
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(ta);
+        let result = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("not left waiting");
+        assert_eq!(result.expect("joined").err(), Some(RequestError::Closed));
     }
 
     #[tokio::test]

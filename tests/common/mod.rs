@@ -87,8 +87,21 @@ impl Node {
             .expect("run starts");
         let stderr = child.stderr.take().expect("stderr piped");
         let (tx, logs) = mpsc::channel();
+        // BITDUST_TEST_LOGS=DIR keeps every node's log in DIR/<home name>.log, for debugging.
+        let mut keep = std::env::var_os("BITDUST_TEST_LOGS").and_then(|dir| {
+            let name = home.file_name()?.to_string_lossy().to_string();
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(Path::new(&dir).join(format!("{name}.log")))
+                .ok()
+        });
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(file) = keep.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(file, "{line}");
+                }
                 let value = serde_json::from_str(&line)
                     .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
                 if tx.send(value).is_err() {
