@@ -38,6 +38,10 @@ pub fn load_contracts(kv: &dyn KvStore) -> Vec<(u32, NodeId)> {
         .filter_map(|(k, v)| {
             let position = u32::from_be_bytes(k.as_slice().try_into().ok()?);
             let id: [u8; 16] = v.get(..16)?.try_into().ok()?;
+            // A hire never confirmed by its supplier is not a contract: hire that position anew.
+            if v.get(16) != Some(&1) {
+                return None;
+            }
             Some((position, NodeId::parse(&hex::encode(id))?))
         })
         .collect()
@@ -69,6 +73,7 @@ pub enum CustomerInput {
     },
     /// A connector's news.
     Report {
+        instance: u64,
         position: u32,
         supplier: NodeId,
         report: Report,
@@ -89,12 +94,22 @@ pub enum Report {
     Closed,
 }
 
+/// One running connector. A dismissed one keeps running (`leaving`) until its cancel is done.
+struct Conn {
+    position: u32,
+    supplier: NodeId,
+    addr: Addr<Shell<ConnectorDriver>>,
+    leaving: bool,
+}
+
 pub struct FireHireDriver {
     settings: CustomerSettings,
     kv: Arc<dyn KvStore>,
     network: Addr<Shell<NetworkDriver>>,
     registry: Registry,
-    connectors: BTreeMap<u32, (NodeId, Addr<Shell<ConnectorDriver>>)>,
+    /// By instance id: a position may have a leaving connector and its successor at once.
+    connectors: BTreeMap<u64, Conn>,
+    next_instance: u64,
     online: std::collections::BTreeSet<NodeId>,
 }
 
@@ -111,8 +126,25 @@ impl FireHireDriver {
             network,
             registry,
             connectors: BTreeMap::new(),
+            next_instance: 1,
             online: Default::default(),
         }
+    }
+
+    /// The connector that holds `position` now (not one that is leaving it).
+    fn current(&self, position: u32) -> Option<(u64, &Conn)> {
+        self.connectors
+            .iter()
+            .find(|(_, c)| c.position == position && !c.leaving)
+            .map(|(i, c)| (*i, c))
+    }
+
+    /// A supplier whose cancel is still in flight is not offered for hiring: its cancel and a
+    /// new request could reach it in either order.
+    fn is_leaving(&self, supplier: NodeId) -> bool {
+        self.connectors
+            .values()
+            .any(|c| c.supplier == supplier && c.leaving)
     }
 
     fn start_connector(
@@ -129,7 +161,10 @@ impl FireHireDriver {
         };
         machine.request_timeout = self.settings.request_timeout;
         machine.peer_up = self.online.contains(&supplier);
+        let instance = self.next_instance;
+        self.next_instance += 1;
         let driver = ConnectorDriver {
+            instance,
             position,
             supplier,
             settings: self.settings.clone(),
@@ -138,16 +173,21 @@ impl FireHireDriver {
         };
         let addr = Shell::new(
             machine,
-            format!("p{position}"),
+            format!("p{position}-{instance}"),
             driver,
             self.registry.clone(),
         )
         .start();
         addr.do_send(Fire(sc::Event::Connect));
-        if let Some((_, old)) = self.connectors.insert(position, (supplier, addr)) {
-            // A dismissed predecessor still cancelling keeps running until it closes.
-            drop(old);
-        }
+        self.connectors.insert(
+            instance,
+            Conn {
+                position,
+                supplier,
+                addr,
+                leaving: false,
+            },
+        );
     }
 }
 
@@ -157,8 +197,8 @@ impl Driver for FireHireDriver {
 
     /// The node stops: every connector closes too, keeping its contract for the next run.
     fn closed(&mut self, _machine: &FireHire) {
-        for (_, addr) in self.connectors.values() {
-            addr.do_send(super::shell::Shutdown);
+        for conn in self.connectors.values() {
+            conn.addr.do_send(super::shell::Shutdown);
         }
     }
 
@@ -184,10 +224,16 @@ impl Driver for FireHireDriver {
             }
             fire_hire::Action::Dismiss => {
                 if let Some((position, supplier)) = machine.dismiss
-                    && let Some((s, addr)) = self.connectors.get(&position)
-                    && *s == supplier
+                    && let Some((instance, conn)) = self.current(position)
+                    && conn.supplier == supplier
                 {
-                    addr.do_send(Fire(sc::Event::Dismiss));
+                    conn.addr.do_send(Fire(sc::Event::Dismiss));
+                    if let Some(conn) = self.connectors.get_mut(&instance) {
+                        conn.leaving = true;
+                    }
+                    if self.online.contains(&supplier) {
+                        io.send(fire_hire::Event::CandidateDown(supplier));
+                    }
                 }
             }
             fire_hire::Action::Save => {
@@ -211,14 +257,15 @@ impl Driver for FireHireDriver {
                 } else {
                     self.online.remove(&peer);
                 }
-                for (supplier, addr) in self.connectors.values() {
-                    if *supplier == peer {
-                        addr.do_send(Fire(if up {
-                            sc::Event::PeerUp
-                        } else {
-                            sc::Event::PeerDown
-                        }));
-                    }
+                for conn in self.connectors.values().filter(|c| c.supplier == peer) {
+                    conn.addr.do_send(Fire(if up {
+                        sc::Event::PeerUp
+                    } else {
+                        sc::Event::PeerDown
+                    }));
+                }
+                if up && self.is_leaving(peer) {
+                    return vec![];
                 }
                 vec![if up {
                     fire_hire::Event::CandidateUp(peer)
@@ -227,10 +274,17 @@ impl Driver for FireHireDriver {
                 }]
             }
             CustomerInput::Report {
+                instance,
                 position,
                 supplier,
                 report,
             } => match report {
+                // News from a connector that no longer holds its position is stale.
+                Report::Connected | Report::Refused
+                    if self.current(position).map(|(i, _)| i) != Some(instance) =>
+                {
+                    vec![]
+                }
                 Report::Connected => vec![fire_hire::Event::Hired { position, supplier }],
                 Report::Refused => vec![fire_hire::Event::Refused {
                     position,
@@ -238,12 +292,10 @@ impl Driver for FireHireDriver {
                     now: io.now(),
                 }],
                 Report::Closed => {
-                    if self
-                        .connectors
-                        .get(&position)
-                        .is_some_and(|(s, _)| *s == supplier)
+                    let was_leaving = self.connectors.remove(&instance).is_some_and(|c| c.leaving);
+                    if was_leaving && self.online.contains(&supplier) && !self.is_leaving(supplier)
                     {
-                        self.connectors.remove(&position);
+                        return vec![fire_hire::Event::CandidateUp(supplier)];
                     }
                     vec![]
                 }
@@ -253,10 +305,12 @@ impl Driver for FireHireDriver {
                 now: io.now(),
             }],
             CustomerInput::SupplierLeft(peer) => {
-                for (supplier, addr) in self.connectors.values() {
-                    if *supplier == peer {
-                        addr.do_send(Fire(sc::Event::SupplierCancelled));
-                    }
+                for conn in self
+                    .connectors
+                    .values()
+                    .filter(|c| c.supplier == peer && !c.leaving)
+                {
+                    conn.addr.do_send(Fire(sc::Event::SupplierCancelled));
                 }
                 vec![]
             }
@@ -266,9 +320,10 @@ impl Driver for FireHireDriver {
                     .iter()
                     .enumerate()
                     .map(|(p, slot)| {
-                        let state = self
-                            .registry
-                            .state_of("supplier_connector", &format!("p{p}"));
+                        let state = self.current(p as u32).and_then(|(instance, _)| {
+                            self.registry
+                                .state_of("supplier_connector", &format!("p{p}-{instance}"))
+                        });
                         json!({
                             "position": p,
                             "supplier": slot.map(|h| h.supplier.to_string()),
@@ -289,6 +344,7 @@ impl Driver for FireHireDriver {
 }
 
 pub struct ConnectorDriver {
+    instance: u64,
     position: u32,
     supplier: NodeId,
     settings: CustomerSettings,
@@ -299,6 +355,7 @@ pub struct ConnectorDriver {
 impl ConnectorDriver {
     fn report(&self, report: Report) {
         self.fire_hire.do_send(Input(CustomerInput::Report {
+            instance: self.instance,
             position: self.position,
             supplier: self.supplier,
             report,
@@ -344,6 +401,16 @@ fn refuse_reason(code: i32) -> RefuseReason {
     }
 }
 
+/// A failure that says no for good (not trusted, no space); anything else (storage still
+/// opening, shutting down, ...) is treated as no answer, so the request timer retries and a
+/// working contract is not dropped over a passing error.
+fn is_final(code: i32) -> bool {
+    matches!(
+        FailReason::try_from(code),
+        Ok(FailReason::NotTrusted | FailReason::NoSpace | FailReason::OverQuota)
+    )
+}
+
 impl Driver for ConnectorDriver {
     type M = SupplierConnector;
     type Input = std::convert::Infallible;
@@ -378,7 +445,9 @@ impl Driver for ConnectorDriver {
                     match ask.await?.body? {
                         Body::ServiceAccept(_) => Some(sc::Event::Accepted),
                         Body::ServiceRefuse(r) => Some(sc::Event::Refused(refuse_reason(r.reason))),
-                        Body::Fail(f) => Some(sc::Event::Refused(refuse_reason(f.reason))),
+                        Body::Fail(f) if is_final(f.reason) => {
+                            Some(sc::Event::Refused(refuse_reason(f.reason)))
+                        }
                         _ => None,
                     }
                 });

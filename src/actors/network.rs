@@ -25,6 +25,10 @@ use crate::proto::envelope::Body;
 use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, PeerRecord, Ping};
 use crate::store::{Cf, KvStore};
 
+/// Sessions with one peer established within this window of each other are a simultaneous
+/// dial, settled by node id; a session older than that is replaced by a new one.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(5);
+
 /// Inbound connections allowed to be handshaking at once; more are dropped (and counted).
 const MAX_PENDING_INBOUND: usize = 64;
 
@@ -110,6 +114,8 @@ struct SessionEntry {
     link: Option<LinkHandle>,
     remote: Option<SocketAddr>,
     outbound: bool,
+    /// When the session was established.
+    up_since: Option<Instant>,
 }
 
 pub struct NetworkSettings {
@@ -286,6 +292,7 @@ impl NetworkDriver {
         self.sessions.insert(
             id,
             SessionEntry {
+                up_since: None,
                 id,
                 addr,
                 peer: None,
@@ -403,6 +410,11 @@ impl Driver for NetworkDriver {
             Action::DialDue => {
                 for peer in machine.to_dial.clone() {
                     if self.active.contains_key(&peer) {
+                        // Connected before it was a friend (an open-policy customer, or the
+                        // other end added us first): it counts as up now.
+                        if let Some(sinks) = &self.sinks {
+                            (sinks.presence)(peer, true);
+                        }
                         io.send(Event::PeerUp { peer });
                         continue;
                     }
@@ -463,19 +475,36 @@ impl Driver for NetworkDriver {
                     entry.peer = Some(peer);
                     entry.link = Some(link);
                     entry.remote = remote;
+                    entry.up_since = Some(Instant::now());
                 }
                 if peer == self.my_id {
                     addr.do_send(Fire(SessionEvent::Superseded));
                     return vec![];
                 }
                 let known = self.book.contains_key(&peer);
-                if known && self.learn(*identity, None) {
-                    self.publish_policy();
+                // A newer revision learned in the handshake is kept, and saved.
+                if let Some(entry) = self.book.get(&peer)
+                    && entry.identity.is_superseded_by(&identity)
+                {
+                    let label = entry.label.clone();
+                    if let Err(e) = save_peer(self.store.as_ref(), &identity, label.as_deref()) {
+                        tracing::error!(peer = %peer, error = %e, "cannot persist the peer's new identity");
+                    }
+                    self.learn(*identity, None);
                 }
                 match self.active.get(&peer).copied() {
                     Some(old) if old != session => {
-                        // Both ends keep the connection opened by the node with the smaller id.
-                        let keep_new = outbound == (self.my_id < peer);
+                        // Two sessions opened at about the same time from both ends: both ends
+                        // keep the one opened by the node with the smaller id. An older session
+                        // (a peer that restarted or moved, whose old connection may be dead)
+                        // gives way to the new one.
+                        let old_age = self
+                            .sessions
+                            .get(&old)
+                            .and_then(|e| e.up_since)
+                            .map(|t| t.elapsed());
+                        let simultaneous = old_age.is_none_or(|age| age < DUPLICATE_WINDOW);
+                        let keep_new = !simultaneous || outbound == (self.my_id < peer);
                         let loser = if keep_new { old } else { session };
                         if keep_new {
                             self.active.insert(peer, session);

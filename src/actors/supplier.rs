@@ -58,6 +58,9 @@ pub struct SupplierDriver {
     settings: SupplierSettings,
     kv: Arc<dyn KvStore>,
     store: Option<Arc<FragmentStore>>,
+    /// One queue per customer: its requests are answered in the order they came (a cancel and
+    /// a new service request, a store and a delete of one fragment, must not swap).
+    turns: std::collections::HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl SupplierDriver {
@@ -66,6 +69,7 @@ impl SupplierDriver {
             settings,
             kv,
             store: None,
+            turns: Default::default(),
         }
     }
 }
@@ -312,7 +316,10 @@ impl Driver for SupplierDriver {
                     return vec![];
                 };
                 let settings = self.settings.clone();
+                let turn = self.turns.entry(customer).or_default().clone();
                 io.spawn_task(async move {
+                    // Taken now, in arrival order (tokio's mutex is fair), held until replied.
+                    let _turn = turn.lock().await;
                     let reply = tokio::task::spawn_blocking(move || {
                         answer(&store, &settings, customer, trusted, body)
                     })
