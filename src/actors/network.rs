@@ -20,7 +20,7 @@ use crate::crypto::identity::{Identity, NodeId};
 use crate::fsm::Label;
 use crate::fsm::network_connector::{Action, Event, NetworkConnector};
 use crate::fsm::peer_session::{CloseReason, Event as SessionEvent, PeerSession};
-use crate::net::link::{LinkHandle, TrustPolicy};
+use crate::net::link::{InFlight, LinkHandle, TrustPolicy};
 use crate::proto::envelope::Body;
 use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, PeerRecord, Ping};
 use crate::store::{Cf, KvStore};
@@ -56,6 +56,7 @@ pub enum NetInput {
         peer: NodeId,
         envelope: Box<Envelope>,
         link: LinkHandle,
+        permit: InFlight,
     },
     AddPeer {
         identity: Box<Identity>,
@@ -85,6 +86,8 @@ pub struct ServiceCall {
     pub trusted: bool,
     pub envelope: Box<Envelope>,
     pub link: LinkHandle,
+    /// Held until the reply is sent.
+    pub permit: InFlight,
 }
 
 /// Consumers of what the network hears, kept as callbacks so this module needs no knowledge of
@@ -603,6 +606,7 @@ impl Driver for NetworkDriver {
                 peer,
                 envelope,
                 link,
+                permit,
             } => {
                 let trusted = self.book.contains_key(&peer);
                 if let Some(sinks) = &self.sinks {
@@ -616,6 +620,7 @@ impl Driver for NetworkDriver {
                                     hash: vec![],
                                 });
                                 let _ = link.reply(id, ack).await;
+                                drop(permit);
                             });
                             return vec![];
                         }
@@ -632,6 +637,7 @@ impl Driver for NetworkDriver {
                                 trusted,
                                 envelope,
                                 link,
+                                permit,
                             });
                             return vec![];
                         }
@@ -647,6 +653,7 @@ impl Driver for NetworkDriver {
                     let id = envelope.request_id;
                     actix::spawn(async move {
                         let _ = link.reply(id, fail).await;
+                        drop(permit);
                     });
                 }
                 vec![]

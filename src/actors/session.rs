@@ -177,11 +177,12 @@ impl Driver for SessionDriver {
                     LinkEvent::ForgedIdentity => {
                         network.do_send(Input(NetInput::ForgedIdentity(peer)))
                     }
-                    LinkEvent::Request(envelope, link) => {
+                    LinkEvent::Request(envelope, link, permit) => {
                         network.do_send(Input(NetInput::Request {
                             peer,
                             envelope,
                             link,
+                            permit,
                         }))
                     }
                 });

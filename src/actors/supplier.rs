@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use super::shell::{Driver, Io};
 use crate::crypto::identity::NodeId;
 use crate::fsm::supplier_service::{Action, Event, Refusal, SupplierService, decide};
-use crate::net::link::LinkHandle;
+use crate::net::link::{InFlight, LinkHandle};
 use crate::proto::envelope::Body;
 use crate::proto::{
     Ack, Envelope, Fail, FailReason, FragmentData, FragmentId, FragmentInfo as WireInfo,
@@ -38,6 +38,8 @@ pub enum SupplierInput {
         trusted: bool,
         envelope: Box<Envelope>,
         link: LinkHandle,
+        /// The link's in-flight slot, given back once the reply is sent.
+        permit: InFlight,
     },
     Status(oneshot::Sender<serde_json::Value>),
     /// New donated space, policy and grace period (SIGHUP).
@@ -299,6 +301,7 @@ impl Driver for SupplierDriver {
                 trusted,
                 envelope,
                 link,
+                permit,
             } => {
                 let id = envelope.request_id;
                 let Some(body) = envelope.body else {
@@ -312,6 +315,7 @@ impl Driver for SupplierDriver {
                                 fail(FailReason::StorageError, "storage is not available"),
                             )
                             .await;
+                        drop(permit);
                     });
                     return vec![];
                 };
@@ -326,6 +330,7 @@ impl Driver for SupplierDriver {
                     .await
                     .unwrap_or_else(|e| fail(FailReason::StorageError, e.to_string()));
                     let _ = link.reply(id, reply).await;
+                    drop(permit);
                 });
                 vec![]
             }

@@ -146,8 +146,9 @@ pub enum LinkEvent {
     Identity(Box<Identity>),
     /// An identity push that failed verification.
     ForgedIdentity,
-    /// A request for a service (fragments, audits, contracts): answer on the link it came on.
-    Request(Box<Envelope>, LinkHandle),
+    /// A request for a service (fragments, audits, contracts): answer on the link it came on,
+    /// then drop the permit (at most `MAX_IN_FLIGHT` requests per link are being handled).
+    Request(Box<Envelope>, LinkHandle, InFlight),
     Closed(CloseReason),
 }
 
@@ -261,6 +262,13 @@ impl Drop for LinkTasks {
 
 pub type LinkSink = Arc<dyn Fn(LinkEvent) + Send + Sync>;
 
+/// Requests from one peer being handled at once; past this the reader stops reading, and TCP
+/// pushes back on the peer. Bounds the memory one peer can make this node hold.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+/// A slot of a link's in-flight requests, given back when dropped.
+pub type InFlight = tokio::sync::OwnedSemaphorePermit;
+
 use crate::unix_now;
 
 /// Starts the reader and writer of an established session. Pings are answered here, replies
@@ -305,6 +313,7 @@ where
 
     let link = handle.clone();
     let peer_id = peer.node_id();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let reader_task = tokio::spawn(async move {
         let reason = loop {
             let bytes = match reader.recv().await {
@@ -348,7 +357,12 @@ where
                     _ => sink(LinkEvent::ForgedIdentity),
                 },
                 Some(Body::Pong(_)) => sink(LinkEvent::Pong),
-                _ => sink(LinkEvent::Request(Box::new(envelope), link.clone())),
+                _ => {
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        break CloseReason::IoError;
+                    };
+                    sink(LinkEvent::Request(Box::new(envelope), link.clone(), permit))
+                }
             }
         };
         // Wake every waiting requester: their link is gone.
@@ -435,7 +449,7 @@ mod tests {
         let answer = tokio::spawn(async move {
             loop {
                 match eb.try_recv() {
-                    Ok(LinkEvent::Request(env, _)) => {
+                    Ok(LinkEvent::Request(env, _, _permit)) => {
                         b2.reply(
                             env.request_id,
                             Body::Ack(Ack {
@@ -504,6 +518,43 @@ mod tests {
             .await
             .expect("not left waiting");
         assert_eq!(result.expect("joined").err(), Some(RequestError::Closed));
+    }
+
+    /// Events that arrive within about half a second, stopping once `n` came.
+    async fn collect_events(events: &std_mpsc::Receiver<LinkEvent>, n: usize) -> Vec<LinkEvent> {
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            while let Ok(e) = events.try_recv() {
+                got.push(e);
+            }
+            if got.len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_peer_cannot_have_more_than_max_in_flight_requests_handled() {
+        let ((a, _ta, _ea), (_b, _tb, eb)) = pair(64).await;
+        let cancel = || {
+            Body::ServiceCancel(crate::proto::ServiceCancel {
+                from_supplier: false,
+            })
+        };
+        for _ in 0..MAX_IN_FLIGHT + 8 {
+            a.send(cancel()).await.expect("queued");
+        }
+        let held = collect_events(&eb, MAX_IN_FLIGHT + 8).await;
+        assert_eq!(
+            held.len(),
+            MAX_IN_FLIGHT,
+            "the reader waits while {MAX_IN_FLIGHT} are held"
+        );
+        drop(held); // replies sent: the slots come back
+        let rest = collect_events(&eb, 8).await;
+        assert_eq!(rest.len(), 8);
     }
 
     #[tokio::test]

@@ -433,6 +433,7 @@ fn start_storage(
                 trusted: call.trusted,
                 envelope: call.envelope,
                 link: call.link,
+                permit: call.permit,
             }))
         }),
         supplier_left: Box::new(move |peer| left.do_send(Input(CustomerInput::SupplierLeft(peer)))),
