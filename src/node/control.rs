@@ -63,15 +63,15 @@ pub type Handler = Rc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Response>>>
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("no node is running on this home ({path}: {source})")]
+    #[error("no node is running on this home ({path}: {cause})")]
     NotRunning {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("the node sent an invalid reply: {0}")]
     BadReply(String),
@@ -83,7 +83,7 @@ pub enum ControlError {
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let io = |source| ControlError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     if path.exists() {
         std::fs::remove_file(path).map_err(io)?;
@@ -142,11 +142,11 @@ pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlErr
                 .await
                 .map_err(|source| ControlError::NotRunning {
                     path: path.to_path_buf(),
-                    source,
+                    cause: source,
                 })?;
         let io = |source| ControlError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         let mut line =
             serde_json::to_vec(request).map_err(|e| ControlError::BadReply(e.to_string()))?;

@@ -27,18 +27,15 @@ pub enum HomeError {
     NotInitialised(PathBuf, &'static str),
     #[error("another bitdust node is already running on {home}{pid}")]
     AlreadyRunning { home: PathBuf, pid: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {message}")]
     BadFile { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
-    Identity {
-        path: PathBuf,
-        source: IdentityError,
-    },
+    #[error("{path}: {cause}")]
+    Identity { path: PathBuf, cause: IdentityError },
     #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
     InsecureKey { path: PathBuf, mode: u32 },
 }
@@ -46,7 +43,7 @@ pub enum HomeError {
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
     move |source| HomeError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
@@ -122,7 +119,7 @@ impl Home {
             Identity::create(&keys, name, config.contacts(), 1, now_unix).map_err(|source| {
                 HomeError::Identity {
                     path: self.path(IDENTITY_FILE),
-                    source,
+                    cause: source,
                 }
             })?;
         write_secret(&self.path(SIGNING_KEY_FILE), &keys.signing_secret_bytes())?;
@@ -163,7 +160,7 @@ impl Home {
             return Err(HomeError::NotInitialised(self.root.clone(), IDENTITY_FILE));
         }
         let bytes = fs::read(&path).map_err(io_err(&path))?;
-        Identity::from_bytes(&bytes).map_err(|source| HomeError::Identity { path, source })
+        Identity::from_bytes(&bytes).map_err(|cause| HomeError::Identity { path, cause })
     }
 
     pub fn save_identity(&self, identity: &Identity) -> Result<(), HomeError> {
