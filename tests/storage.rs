@@ -328,11 +328,10 @@ fn quota_isolation_and_interrupted_writes_through_the_wire() {
         data_shards: 4,
         parity_shards: 2,
     };
-    let refused = wait_for("the smaller donation applied", 20, || {
+    wait_for("the smaller donation applied", 20, || {
         let reply = alice.request(9, Body::ServiceRequest(more));
         (fail_reason(&reply) == Some(FailReason::NoSpace)).then_some(())
     });
-    let _ = refused;
 
     // The node stops; an interrupted write is left behind: a temp file and a fragment file that
     // never reached the index (killed between rename and ack).

@@ -379,13 +379,12 @@ impl ConnectorDriver {
                     .send(Input(NetInput::Link { peer, reply: tx }))
                     .await
                     .ok()?;
-                match rx.await.ok().flatten() {
-                    Some(link) => match link.request(body.clone(), left).await {
+                if let Some(link) = rx.await.ok().flatten() {
+                    match link.request(body.clone(), left).await {
                         Ok(reply) => return Some(reply),
                         Err(RequestError::Timeout(_)) => return None,
                         Err(RequestError::Closed | RequestError::QueueFull) => {}
-                    },
-                    None => {}
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(200).min(left)).await;
             }
