@@ -111,6 +111,8 @@ pub struct FireHireDriver {
     connectors: BTreeMap<u64, Conn>,
     next_instance: u64,
     online: std::collections::BTreeSet<NodeId>,
+    /// Serialises position saves.
+    saving: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl FireHireDriver {
@@ -128,6 +130,7 @@ impl FireHireDriver {
             connectors: BTreeMap::new(),
             next_instance: 1,
             online: Default::default(),
+            saving: Default::default(),
         }
     }
 
@@ -237,9 +240,18 @@ impl Driver for FireHireDriver {
                 }
             }
             fire_hire::Action::Save => {
-                if let Err(e) = save_contracts(self.kv.as_ref(), &machine.slots) {
-                    tracing::error!(error = %e, "cannot save supplier positions");
-                }
+                // A synced write: off the event loop, one at a time, in order.
+                let (kv, slots, gate) =
+                    (self.kv.clone(), machine.slots.clone(), self.saving.clone());
+                io.spawn_task(async move {
+                    let _turn = gate.lock().await;
+                    let saved =
+                        tokio::task::spawn_blocking(move || save_contracts(kv.as_ref(), &slots))
+                            .await;
+                    if let Ok(Err(e)) = saved {
+                        tracing::error!(error = %e, "cannot save supplier positions");
+                    }
+                });
             }
         }
     }
