@@ -240,10 +240,11 @@ impl Driver for FireHireDriver {
                 }
             }
             fire_hire::Action::Save => {
-                // A synced write: off the event loop, one at a time, in order.
+                // A synced write: off the event loop, one at a time, in order; detached from
+                // this actor so a save still runs if the actor stops meanwhile.
                 let (kv, slots, gate) =
                     (self.kv.clone(), machine.slots.clone(), self.saving.clone());
-                io.spawn_task(async move {
+                actix::spawn(async move {
                     let _turn = gate.lock().await;
                     let saved =
                         tokio::task::spawn_blocking(move || save_contracts(kv.as_ref(), &slots))
