@@ -41,6 +41,8 @@ pub enum NetInput {
         addr: Addr<Shell<SessionDriver>>,
         link: LinkHandle,
         remote: Option<SocketAddr>,
+        /// Our identity revision sent in this session's handshake.
+        sent_revision: u64,
     },
     SessionDown {
         session: u64,
@@ -472,8 +474,20 @@ impl Driver for NetworkDriver {
                 addr,
                 link,
                 remote,
+                sent_revision,
             } => {
                 let peer = identity.node_id();
+                // Re-signed while this session was handshaking: the peer has an older card.
+                let current = self.shared.identity.borrow().clone();
+                if let Some(current) = current.filter(|c| c.revision() > sent_revision) {
+                    let push = link.clone();
+                    let body = Body::Identity(IdentityExchange {
+                        identity: Some(current.signed().clone()),
+                    });
+                    actix::spawn(async move {
+                        let _ = push.send(body).await;
+                    });
+                }
                 if let Some(entry) = self.sessions.get_mut(&session) {
                     entry.peer = Some(peer);
                     entry.link = Some(link);

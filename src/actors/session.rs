@@ -46,6 +46,8 @@ pub struct SessionDriver {
     remote: Option<SocketAddr>,
     authenticated: Option<(NoiseSession<TcpStream>, Identity)>,
     link: Option<(LinkHandle, LinkTasks)>,
+    /// The revision of our identity sent in the handshake.
+    sent_revision: u64,
 }
 
 impl SessionDriver {
@@ -65,6 +67,7 @@ impl SessionDriver {
             stream,
             remote,
             authenticated: None,
+            sent_revision: 0,
             link: None,
         }
     }
@@ -133,6 +136,7 @@ impl Driver for SessionDriver {
                     io.send(Event::HandshakeFailed(CloseReason::IoError));
                     return;
                 };
+                self.sent_revision = mine.revision();
                 let shared = self.shared.clone();
                 let expected = self.target.as_ref().map(|t| t.peer);
                 let outbound = self.target.is_some();
@@ -195,6 +199,7 @@ impl Driver for SessionDriver {
                     addr: io.address(),
                     link: handle.clone(),
                     remote: self.remote,
+                    sent_revision: self.sent_revision,
                 }));
                 self.link = Some((handle, tasks));
             }
