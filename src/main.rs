@@ -88,6 +88,12 @@ enum PeerCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Stop trusting a friend: forget its card and close its sessions (remove it from
+    /// [[peers]] in config.toml too, if it is listed there)
+    Remove {
+        /// The peer's node id (32 hex characters)
+        node_id: String,
+    },
     /// Measure the round trip to a connected peer
     Ping {
         /// The peer's node id (32 hex characters)
@@ -175,6 +181,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Peer {
             command: PeerCommand::Add { card, name },
         } => peer_add(&home, card, name),
+        Command::Peer {
+            command: PeerCommand::Remove { node_id },
+        } => peer_remove(&home, node_id),
         Command::Customer {
             command: CustomerCommand::Drop { node_id },
         } => {
@@ -269,6 +278,41 @@ fn peer_add(home: &Home, card: String, name: Option<String>) -> anyhow::Result<(
     bitdust::actors::network::save_peer(&store, &identity, name.as_deref())
         .map_err(anyhow::Error::msg)?;
     println!("{}", identity.node_id());
+    Ok(())
+}
+
+/// Removes a peer through the running node, or straight from the database when none runs.
+fn peer_remove(home: &Home, node_id: String) -> anyhow::Result<()> {
+    let peer = bitdust::crypto::identity::NodeId::parse(&node_id)
+        .with_context(|| format!("`{node_id}` is not a node id (32 hex characters)"))?;
+    if home.control_socket().exists() {
+        match call(
+            home,
+            &Request::PeerRemove {
+                node_id: node_id.clone(),
+            },
+        ) {
+            Ok(_) => {
+                println!("{node_id}");
+                return Ok(());
+            }
+            Err(e)
+                if e.downcast_ref::<control::ControlError>()
+                    .is_some_and(|c| matches!(c, control::ControlError::NotRunning { .. })) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let _lock = home.lock()?;
+    let store = bitdust::store::RocksStore::open(&home.db_dir())?;
+    use bitdust::store::KvStore as _;
+    if store
+        .get(bitdust::store::Cf::Peers, peer.as_bytes())?
+        .is_none()
+    {
+        bail!("{node_id} is not a peer of this node");
+    }
+    store.delete(bitdust::store::Cf::Peers, peer.as_bytes())?;
+    println!("{node_id}");
     Ok(())
 }
 

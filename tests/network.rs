@@ -261,3 +261,26 @@ fn stale_and_forged_identity_pushes_are_ignored() {
         "Established"
     );
 }
+
+#[test]
+fn a_removed_peer_is_disconnected_and_refused() {
+    let c = cluster(2);
+    let (a, b) = (&c.homes[0], &c.homes[1]);
+    let _na = Node::start(a);
+    let _nb = Node::start(b);
+    wait_session(a, &c.ids[1], "Established");
+    let out = bitdust(a, &["peer", "remove", &c.ids[1]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Gone from A's book; B loses its session and A refuses B's redials.
+    assert!(peer_status(&status_json(a), &c.ids[1]).is_none());
+    wait_session(b, &c.ids[0], "Disconnected");
+    wait_closed(a, "UnknownPeer", 1);
+    // Removing it again, or a stranger, is a clear error.
+    let again = bitdust(a, &["peer", "remove", &c.ids[1]]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not a peer"));
+}

@@ -76,6 +76,11 @@ pub enum NetInput {
         peer: NodeId,
         reply: oneshot::Sender<Option<LinkHandle>>,
     },
+    /// Stop trusting a friend: forget it, close its sessions.
+    RemovePeer {
+        peer: NodeId,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// Where peer presence and requests go: set once the customer and supplier actors run.
     SetSinks(Sinks),
     /// Whether any authenticated node may connect (supplier `accept = "open"`), on SIGHUP.
@@ -447,7 +452,7 @@ impl Driver for NetworkDriver {
                     session.addr.do_send(Shutdown);
                 }
             }
-            Action::NotePeer | Action::NotePeerUp | Action::NotePeerDown => {}
+            Action::NotePeer | Action::NotePeerUp | Action::NotePeerDown | Action::ForgetPeer => {}
         }
     }
 
@@ -740,6 +745,33 @@ impl Driver for NetworkDriver {
             NetInput::Link { peer, reply } => {
                 let _ = reply.send(self.link_of(&peer));
                 vec![]
+            }
+            NetInput::RemovePeer { peer, reply } => {
+                if !self.book.contains_key(&peer) {
+                    let _ = reply.send(Err(format!("{peer} is not a peer of this node")));
+                    return vec![];
+                }
+                if let Err(e) = self.store.delete(Cf::Peers, peer.as_bytes()) {
+                    let _ = reply.send(Err(format!("cannot remove the peer: {e}")));
+                    return vec![];
+                }
+                self.book.remove(&peer);
+                self.publish_policy();
+                if self.active.remove(&peer).is_some()
+                    && let Some(sinks) = &self.sinks
+                {
+                    (sinks.presence)(peer, false);
+                }
+                for session in self
+                    .sessions
+                    .values()
+                    .filter(|s| s.peer == Some(peer) || s.dialed == Some(peer))
+                {
+                    session.addr.do_send(Shutdown);
+                }
+                tracing::info!(peer = %peer, "peer removed");
+                let _ = reply.send(Ok(()));
+                vec![Event::PeerRemoved { peer }]
             }
             NetInput::SetOpen(open) => {
                 self.policy.send_modify(|p| p.open = open);

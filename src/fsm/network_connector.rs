@@ -14,14 +14,14 @@ labels! {
 }
 
 labels! {
-    pub enum EventKind { Start, Bound, BindFailed, RebindTick, DialTick, PeerAdded, PeerUp, PeerDown, Shutdown }
+    pub enum EventKind { Start, Bound, BindFailed, RebindTick, DialTick, PeerAdded, PeerRemoved, PeerUp, PeerDown, Shutdown }
 }
 
 labels! {
     pub enum Guard {
         /// Some known peer is neither connected nor being dialed, and its backoff has passed.
         DialDue,
-        /// The peer going down is the last one connected.
+        /// The peer going down (or removed) is the last one connected.
         LastPeerDown,
     }
 }
@@ -40,6 +40,8 @@ labels! {
         NotePeerUp,
         /// A session ended (or never came up): schedule the next dial with backoff and jitter.
         NotePeerDown,
+        /// Stop dialing a peer that is no longer a friend.
+        ForgetPeer,
         /// Close every session and the listener (IO).
         CloseAll,
     }
@@ -64,6 +66,10 @@ pub enum Event {
     PeerAdded {
         peer: NodeId,
         now: Duration,
+    },
+    /// A friend removed (`peer remove`): no more dialing.
+    PeerRemoved {
+        peer: NodeId,
     },
     PeerUp {
         peer: NodeId,
@@ -274,6 +280,55 @@ static ROWS: &[Row<NetworkConnector>] = &[
         actions: &[Action::NotePeerDown],
     },
     Row {
+        from: &[Online],
+        event: EventKind::PeerRemoved,
+        guard: Some(Guard::LastPeerDown),
+        to: Reconnecting,
+        actions: &[Action::ForgetPeer],
+    },
+    Row {
+        from: &[Online],
+        event: EventKind::PeerRemoved,
+        guard: None,
+        to: Online,
+        actions: &[Action::ForgetPeer],
+    },
+    Row {
+        from: &[AtStartup],
+        event: EventKind::PeerRemoved,
+        guard: None,
+        to: AtStartup,
+        actions: &[Action::ForgetPeer],
+    },
+    Row {
+        from: &[Binding],
+        event: EventKind::PeerRemoved,
+        guard: None,
+        to: Binding,
+        actions: &[Action::ForgetPeer],
+    },
+    Row {
+        from: &[Listening],
+        event: EventKind::PeerRemoved,
+        guard: None,
+        to: Listening,
+        actions: &[Action::ForgetPeer],
+    },
+    Row {
+        from: &[Reconnecting],
+        event: EventKind::PeerRemoved,
+        guard: None,
+        to: Reconnecting,
+        actions: &[Action::ForgetPeer],
+    },
+    Row {
+        from: &[Offline],
+        event: EventKind::PeerRemoved,
+        guard: None,
+        to: Offline,
+        actions: &[Action::ForgetPeer],
+    },
+    Row {
         from: LIVE,
         event: EventKind::Shutdown,
         guard: None,
@@ -324,6 +379,7 @@ impl Machine for NetworkConnector {
             Event::RebindTick => EventKind::RebindTick,
             Event::DialTick { .. } => EventKind::DialTick,
             Event::PeerAdded { .. } => EventKind::PeerAdded,
+            Event::PeerRemoved { .. } => EventKind::PeerRemoved,
             Event::PeerUp { .. } => EventKind::PeerUp,
             Event::PeerDown { .. } => EventKind::PeerDown,
             Event::Shutdown => EventKind::Shutdown,
@@ -346,7 +402,7 @@ impl Machine for NetworkConnector {
             (Guard::DialDue, e) => {
                 Self::event_now(e).is_some_and(|now| self.due(now).next().is_some())
             }
-            (Guard::LastPeerDown, Event::PeerDown { peer, .. }) => {
+            (Guard::LastPeerDown, Event::PeerDown { peer, .. } | Event::PeerRemoved { peer }) => {
                 self.connected() == 1 && self.peers.get(peer).is_some_and(|s| s.up)
             }
             _ => false,
@@ -355,6 +411,9 @@ impl Machine for NetworkConnector {
 
     fn apply(&mut self, action: Action, event: &Event) {
         match (action, event) {
+            (Action::ForgetPeer, Event::PeerRemoved { peer }) => {
+                self.peers.remove(peer);
+            }
             (Action::NotePeer, Event::PeerAdded { peer, now }) => {
                 self.peers.entry(*peer).or_insert(Slot {
                     next_dial: *now,
@@ -409,6 +468,7 @@ impl Machine for NetworkConnector {
             Event::DialTick { now: s(2) },
             Event::DialTick { now: s(600) },
             Event::PeerAdded { peer: a, now: s(1) },
+            Event::PeerRemoved { peer: a },
             Event::PeerAdded { peer: b, now: s(1) },
             Event::PeerUp { peer: a },
             Event::PeerUp { peer: b },

@@ -27,6 +27,9 @@ pub enum Request {
     PeerPing {
         node_id: String,
     },
+    PeerRemove {
+        node_id: String,
+    },
     CustomerDrop {
         node_id: String,
     },

@@ -229,6 +229,21 @@ impl ControlState {
                     Err(_) => Response::error("the node is shutting down"),
                 }
             }
+            Request::PeerRemove { node_id } => {
+                let Some(peer) = NodeId::parse(&node_id) else {
+                    return Response::error(format!(
+                        "`{node_id}` is not a node id (32 hex characters)"
+                    ));
+                };
+                let (tx, rx) = oneshot::channel();
+                self.network
+                    .do_send(Input(NetInput::RemovePeer { peer, reply: tx }));
+                match rx.await {
+                    Ok(Ok(())) => Response::ok(json!({ "node_id": node_id })),
+                    Ok(Err(e)) => Response::error(e),
+                    Err(_) => Response::error("the node is shutting down"),
+                }
+            }
             Request::CustomerDrop { node_id } => {
                 let Some(customer) = NodeId::parse(&node_id) else {
                     return Response::error(format!(

@@ -276,6 +276,7 @@ impl Sim {
                     }
                 }
                 nc::Action::ReportBindFailure
+                | nc::Action::ForgetPeer
                 | nc::Action::NotePeer
                 | nc::Action::NotePeerUp
                 | nc::Action::NotePeerDown => {}
