@@ -775,6 +775,14 @@ impl Driver for NetworkDriver {
             }
             NetInput::SetOpen(open) => {
                 self.policy.send_modify(|p| p.open = open);
+                if !open {
+                    // Strangers let in by the open policy are not welcome any more.
+                    for session in self.sessions.values() {
+                        if session.peer.is_some_and(|p| !self.book.contains_key(&p)) {
+                            session.addr.do_send(Shutdown);
+                        }
+                    }
+                }
                 vec![]
             }
             NetInput::SetSinks(sinks) => {

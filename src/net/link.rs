@@ -202,18 +202,17 @@ impl LinkHandle {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         let bytes = envelope::encode(&envelope::envelope(id, 0, body));
-        let result = async {
+        // The timeout covers waiting for queue space as well as for the reply.
+        let exchange = async {
             self.tx
                 .send(bytes)
                 .await
                 .map_err(|_| RequestError::Closed)?;
-            match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(reply)) => Ok(reply),
-                Ok(Err(_)) => Err(RequestError::Closed),
-                Err(_) => Err(RequestError::Timeout(timeout)),
-            }
-        }
-        .await;
+            rx.await.map_err(|_| RequestError::Closed)
+        };
+        let result = tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(RequestError::Timeout(timeout)));
         lock(&self.pending).remove(&id);
         result
     }
