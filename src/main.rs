@@ -248,26 +248,38 @@ fn call(home: &Home, request: &Request) -> anyhow::Result<serde_json::Value> {
     Ok(response.data.unwrap_or_default())
 }
 
+/// Sends `request` to the running node; `None` when no node runs on this home (the caller then
+/// works on the database itself, under the home lock).
+fn call_if_running(home: &Home, request: &Request) -> anyhow::Result<Option<serde_json::Value>> {
+    if !home.control_socket().exists() {
+        return Ok(None);
+    }
+    match call(home, request) {
+        Ok(data) => Ok(Some(data)),
+        Err(e)
+            if e.downcast_ref::<control::ControlError>()
+                .is_some_and(|c| matches!(c, control::ControlError::NotRunning { .. })) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Adds a peer through the running node, or straight into the database when none runs.
 fn peer_add(home: &Home, card: String, name: Option<String>) -> anyhow::Result<()> {
     let identity = Identity::from_card(&card).context("invalid card")?;
-    if home.control_socket().exists() {
-        match call(
-            home,
-            &Request::PeerAdd {
-                card: card.clone(),
-                name: name.clone(),
-            },
-        ) {
-            Ok(_) => {
-                println!("{}", identity.node_id());
-                return Ok(());
-            }
-            Err(e)
-                if e.downcast_ref::<control::ControlError>()
-                    .is_some_and(|c| matches!(c, control::ControlError::NotRunning { .. })) => {}
-            Err(e) => return Err(e),
-        }
+    if call_if_running(
+        home,
+        &Request::PeerAdd {
+            card: card.clone(),
+            name: name.clone(),
+        },
+    )?
+    .is_some()
+    {
+        println!("{}", identity.node_id());
+        return Ok(());
     }
     let _lock = home.lock()?;
     let own = home.read_identity()?;
@@ -285,22 +297,16 @@ fn peer_add(home: &Home, card: String, name: Option<String>) -> anyhow::Result<(
 fn peer_remove(home: &Home, node_id: String) -> anyhow::Result<()> {
     let peer = bitdust::crypto::identity::NodeId::parse(&node_id)
         .with_context(|| format!("`{node_id}` is not a node id (32 hex characters)"))?;
-    if home.control_socket().exists() {
-        match call(
-            home,
-            &Request::PeerRemove {
-                node_id: node_id.clone(),
-            },
-        ) {
-            Ok(_) => {
-                println!("{node_id}");
-                return Ok(());
-            }
-            Err(e)
-                if e.downcast_ref::<control::ControlError>()
-                    .is_some_and(|c| matches!(c, control::ControlError::NotRunning { .. })) => {}
-            Err(e) => return Err(e),
-        }
+    if call_if_running(
+        home,
+        &Request::PeerRemove {
+            node_id: node_id.clone(),
+        },
+    )?
+    .is_some()
+    {
+        println!("{node_id}");
+        return Ok(());
     }
     let _lock = home.lock()?;
     let store = bitdust::store::RocksStore::open(&home.db_dir())?;
