@@ -405,22 +405,15 @@ impl ConnectorDriver {
     }
 }
 
+/// Why a supplier's fail reason ends the contract. `Other` (storage still opening, shutting
+/// down, ...) does not: a `Fail` with it counts as no answer, so the request timer retries and a
+/// working contract is not dropped over a passing error.
 fn refuse_reason(code: i32) -> RefuseReason {
     match FailReason::try_from(code) {
         Ok(FailReason::NotTrusted) => RefuseReason::NotTrusted,
         Ok(FailReason::NoSpace | FailReason::OverQuota) => RefuseReason::NoSpace,
         _ => RefuseReason::Other,
     }
-}
-
-/// A failure that says no for good (not trusted, no space); anything else (storage still
-/// opening, shutting down, ...) is treated as no answer, so the request timer retries and a
-/// working contract is not dropped over a passing error.
-fn is_final(code: i32) -> bool {
-    matches!(
-        FailReason::try_from(code),
-        Ok(FailReason::NotTrusted | FailReason::NoSpace | FailReason::OverQuota)
-    )
 }
 
 impl Driver for ConnectorDriver {
@@ -457,9 +450,10 @@ impl Driver for ConnectorDriver {
                     match ask.await?.body? {
                         Body::ServiceAccept(_) => Some(sc::Event::Accepted),
                         Body::ServiceRefuse(r) => Some(sc::Event::Refused(refuse_reason(r.reason))),
-                        Body::Fail(f) if is_final(f.reason) => {
-                            Some(sc::Event::Refused(refuse_reason(f.reason)))
-                        }
+                        Body::Fail(f) => match refuse_reason(f.reason) {
+                            RefuseReason::Other => None,
+                            reason => Some(sc::Event::Refused(reason)),
+                        },
                         _ => None,
                     }
                 });

@@ -232,6 +232,26 @@ impl NetworkDriver {
     }
 
     /// Adds or updates a book entry; a newer revision of a known peer replaces the old one.
+    /// Replaces a friend's identity with a newer revision signed by the same key, and saves it.
+    /// False when `identity` is not a newer revision of a friend.
+    fn adopt_newer(&mut self, identity: &Identity) -> bool {
+        let peer = identity.node_id();
+        let Some(entry) = self
+            .book
+            .get(&peer)
+            .filter(|e| e.identity.is_superseded_by(identity))
+        else {
+            return false;
+        };
+        tracing::info!(peer = %peer, revision = identity.revision(), contacts = ?identity.contacts(),
+            "peer identity updated");
+        if let Err(e) = save_peer(self.store.as_ref(), identity, entry.label.as_deref()) {
+            tracing::error!(peer = %peer, error = %e, "cannot persist the peer's new identity");
+        }
+        self.learn(identity.clone(), None);
+        true
+    }
+
     fn learn(&mut self, identity: Identity, label: Option<String>) -> bool {
         match self.book.get_mut(&identity.node_id()) {
             Some(entry) => {
@@ -505,15 +525,7 @@ impl Driver for NetworkDriver {
                 }
                 let known = self.book.contains_key(&peer);
                 // A newer revision learned in the handshake is kept, and saved.
-                if let Some(entry) = self.book.get(&peer)
-                    && entry.identity.is_superseded_by(&identity)
-                {
-                    let label = entry.label.clone();
-                    if let Err(e) = save_peer(self.store.as_ref(), &identity, label.as_deref()) {
-                        tracing::error!(peer = %peer, error = %e, "cannot persist the peer's new identity");
-                    }
-                    self.learn(*identity, None);
-                }
+                self.adopt_newer(&identity);
                 match self.active.get(&peer).copied() {
                     Some(old) if old != session => {
                         // Two sessions opened at about the same time from both ends: both ends
@@ -596,17 +608,10 @@ impl Driver for NetworkDriver {
             }
             NetInput::PeerIdentity(identity) => {
                 let peer = identity.node_id();
+                if self.adopt_newer(&identity) {
+                    return vec![];
+                }
                 match self.book.get(&peer) {
-                    Some(entry) if entry.identity.is_superseded_by(&identity) => {
-                        tracing::info!(peer = %peer, revision = identity.revision(), contacts = ?identity.contacts(),
-                            "peer identity updated");
-                        let label = entry.label.clone();
-                        if let Err(e) = save_peer(self.store.as_ref(), &identity, label.as_deref())
-                        {
-                            tracing::error!(peer = %peer, error = %e, "cannot persist the peer's new identity");
-                        }
-                        self.learn(*identity, None);
-                    }
                     // The same revision again is normal (a handshake and a push crossing); older is stale.
                     Some(entry) if identity.revision() < entry.identity.revision() => {
                         self.count("StaleIdentity")
