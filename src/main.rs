@@ -295,8 +295,7 @@ fn peer_add(home: &Home, card: String, name: Option<String>) -> anyhow::Result<(
 
 /// Removes a peer through the running node, or straight from the database when none runs.
 fn peer_remove(home: &Home, node_id: String) -> anyhow::Result<()> {
-    let peer = bitdust::crypto::identity::NodeId::parse(&node_id)
-        .with_context(|| format!("`{node_id}` is not a node id (32 hex characters)"))?;
+    let peer: bitdust::crypto::identity::NodeId = node_id.parse()?;
     if call_if_running(
         home,
         &Request::PeerRemove {

@@ -68,6 +68,19 @@ impl NodeId {
     }
 }
 
+/// A node id given by a user that is not one.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("`{0}` is not a node id (32 hex characters)")]
+pub struct BadNodeId(pub String);
+
+impl std::str::FromStr for NodeId {
+    type Err = BadNodeId;
+
+    fn from_str(text: &str) -> Result<Self, BadNodeId> {
+        NodeId::parse(text).ok_or_else(|| BadNodeId(text.to_string()))
+    }
+}
+
 impl std::fmt::Display for NodeId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&hex::encode(self.0))

@@ -223,32 +223,22 @@ impl ControlState {
                     label: name,
                     reply: tx,
                 }));
-                match rx.await {
-                    Ok(Ok(new)) => Response::ok(json!({ "node_id": node.to_string(), "new": new })),
-                    Ok(Err(e)) => Response::error(e),
-                    Err(_) => Response::error("the node is shutting down"),
-                }
+                answer(rx, |new| json!({ "node_id": node.to_string(), "new": new })).await
             }
             Request::PeerRemove { node_id } => {
-                let Some(peer) = NodeId::parse(&node_id) else {
-                    return Response::error(format!(
-                        "`{node_id}` is not a node id (32 hex characters)"
-                    ));
+                let peer = match node_id.parse::<NodeId>() {
+                    Ok(peer) => peer,
+                    Err(e) => return Response::error(e.to_string()),
                 };
                 let (tx, rx) = oneshot::channel();
                 self.network
                     .do_send(Input(NetInput::RemovePeer { peer, reply: tx }));
-                match rx.await {
-                    Ok(Ok(())) => Response::ok(json!({ "node_id": node_id })),
-                    Ok(Err(e)) => Response::error(e),
-                    Err(_) => Response::error("the node is shutting down"),
-                }
+                answer(rx, |()| json!({ "node_id": node_id })).await
             }
             Request::CustomerDrop { node_id } => {
-                let Some(customer) = NodeId::parse(&node_id) else {
-                    return Response::error(format!(
-                        "`{node_id}` is not a node id (32 hex characters)"
-                    ));
+                let customer = match node_id.parse::<NodeId>() {
+                    Ok(customer) => customer,
+                    Err(e) => return Response::error(e.to_string()),
                 };
                 let (tx, rx) = oneshot::channel();
                 self.network.do_send(Input(NetInput::Link {
@@ -262,30 +252,35 @@ impl ControlState {
                     link,
                     reply: tx,
                 }));
-                match rx.await {
-                    Ok(Ok(())) => Response::ok(json!({ "node_id": node_id })),
-                    Ok(Err(e)) => Response::error(e),
-                    Err(_) => Response::error("the node is shutting down"),
-                }
+                answer(rx, |()| json!({ "node_id": node_id })).await
             }
             Request::PeerPing { node_id } => {
-                let Some(peer) = NodeId::parse(&node_id) else {
-                    return Response::error(format!(
-                        "`{node_id}` is not a node id (32 hex characters)"
-                    ));
+                let peer = match node_id.parse::<NodeId>() {
+                    Ok(peer) => peer,
+                    Err(e) => return Response::error(e.to_string()),
                 };
                 let (tx, rx) = oneshot::channel();
                 self.network
                     .do_send(Input(NetInput::Ping { peer, reply: tx }));
-                match rx.await {
-                    Ok(Ok(rtt)) => Response::ok(
-                        json!({ "node_id": node_id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
-                    ),
-                    Ok(Err(e)) => Response::error(e),
-                    Err(_) => Response::error("the node is shutting down"),
-                }
+                answer(
+                    rx,
+                    |rtt| json!({ "node_id": node_id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
+                )
+                .await
             }
         }
+    }
+}
+
+/// The control reply for an actor's answer: `ok` of its value, its error, or that it is gone.
+async fn answer<T>(
+    reply: oneshot::Receiver<Result<T, String>>,
+    ok: impl FnOnce(T) -> serde_json::Value,
+) -> Response {
+    match reply.await {
+        Ok(Ok(value)) => Response::ok(ok(value)),
+        Ok(Err(e)) => Response::error(e),
+        Err(_) => Response::error("the node is shutting down"),
     }
 }
 
