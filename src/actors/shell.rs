@@ -45,18 +45,8 @@ pub struct Io<'a, D: Driver> {
 }
 
 impl<D: Driver> Io<'_, D> {
-    /// Runs `work` on the actor's event loop; its output is the machine's next event.
-    pub fn spawn<F>(&mut self, work: F)
-    where
-        F: Future<Output = <D::M as Machine>::Event> + 'static,
-    {
-        self.ctx.spawn(
-            actix::fut::wrap_future::<_, Shell<D>>(work)
-                .map(|event, shell, ctx| shell.fire(event, ctx)),
-        );
-    }
-
-    /// Runs `work`; its output, if any, is the machine's next event (none: a timer decides).
+    /// Runs `work` on the actor's event loop; its output, if any, is the machine's next event
+    /// (none: a timer decides).
     pub fn spawn_opt<F>(&mut self, work: F)
     where
         F: Future<Output = Option<<D::M as Machine>::Event>> + 'static,
@@ -75,7 +65,7 @@ impl<D: Driver> Io<'_, D> {
     where
         F: FnOnce() -> <D::M as Machine>::Event + Send + 'static,
     {
-        let fut = async move {
+        self.spawn_opt(async move {
             match tokio::task::spawn_blocking(work).await {
                 Ok(event) => Some(event),
                 Err(e) => {
@@ -83,14 +73,7 @@ impl<D: Driver> Io<'_, D> {
                     None
                 }
             }
-        };
-        self.ctx.spawn(
-            actix::fut::wrap_future::<_, Shell<D>>(fut).map(|event, shell, ctx| {
-                if let Some(event) = event {
-                    shell.fire(event, ctx);
-                }
-            }),
-        );
+        });
     }
 
     /// Runs `work`; `then` hands its output to the driver (to keep a resource it produced) and
