@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
+use bitdust::actors::status::NodeStatus;
 use clap::{Parser, Subcommand};
 
 use bitdust::crypto::identity::Identity;
@@ -287,8 +288,7 @@ fn peer_add(home: &Home, card: String, name: Option<String>) -> anyhow::Result<(
         bail!("that is this node's own card");
     }
     let store = bitdust::store::RocksStore::open(&home.db_dir())?;
-    bitdust::actors::network::save_peer(&store, &identity, name.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    bitdust::actors::network::save_peer(&store, &identity, name.as_deref())?;
     println!("{}", identity.node_id());
     Ok(())
 }
@@ -327,107 +327,104 @@ fn status(home: &Home, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&data)?);
         return Ok(());
     }
-    print!("{}", render_status(&data));
+    let status: NodeStatus = serde_json::from_value(data)
+        .context("the node answered with a status this version cannot read")?;
+    print!("{}", render_status(&status));
     Ok(())
 }
 
 /// The human form of `status`: one table per concern.
-fn render_status(data: &serde_json::Value) -> String {
+fn render_status(status: &NodeStatus) -> String {
     use std::fmt::Write as _;
-    let text = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => "-".to_string(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let size = |v: &serde_json::Value| {
-        v.as_u64()
-            .map(|b| ByteSize(b).to_string())
-            .unwrap_or_else(|| "-".into())
-    };
-    let rows = |v: &serde_json::Value| v.as_array().cloned().unwrap_or_default();
+    let text = |v: Option<&str>| v.unwrap_or("-").to_string();
+    let size = |b: u64| ByteSize(b).to_string();
     let mut out = String::new();
     let _ = writeln!(
         out,
         "node      {} ({})",
-        text(&data["node_id"]),
-        text(&data["name"])
+        status.node_id,
+        text(status.name.as_deref())
     );
-    let _ = writeln!(out, "revision  {}", text(&data["revision"]));
-    let _ = writeln!(out, "uptime    {}s", text(&data["uptime_secs"]));
+    let revision = status.revision.map_or("-".into(), |r| r.to_string());
+    let _ = writeln!(out, "revision  {revision}");
+    let _ = writeln!(out, "uptime    {}s", status.uptime_secs);
+    for line in &status.health {
+        let _ = writeln!(out, "HEALTH    {line}");
+    }
     let _ = writeln!(
         out,
         "\n{:<20} {:<8} {:<14} {:>8}",
         "MACHINE", "ID", "STATE", "FOR"
     );
-    for m in rows(&data["machines"]) {
+    for m in &status.machines {
         let _ = writeln!(
             out,
             "{:<20} {:<8} {:<14} {:>7}s",
-            text(&m["actor"]),
-            text(&m["id"]),
-            text(&m["state"]),
-            text(&m["for_secs"])
+            m.actor, m.id, m.state, m.for_secs
         );
     }
-    let network = &data["network"];
-    let _ = writeln!(out, "\nlistening on {}", text(&network["listen"]));
+    let network = &status.network;
+    let _ = writeln!(out, "\nlistening on {}", text(network.listen.as_deref()));
     let _ = writeln!(
         out,
         "{:<32}  {:<14} {:<22} {:<13} {:>10} {:>10}",
         "PEER", "NAME", "ADDRESS", "SESSION", "IN", "OUT"
     );
-    for p in rows(&network["peers"]) {
+    for p in &network.peers {
         let _ = writeln!(
             out,
             "{:<32}  {:<14} {:<22} {:<13} {:>10} {:>10}",
-            text(&p["node_id"]),
-            text(&p["name"]),
-            text(&p["address"]),
-            text(&p["session"]),
-            size(&p["bytes_in"]),
-            size(&p["bytes_out"])
+            p.node_id,
+            p.name,
+            text(p.address.as_deref()),
+            p.session,
+            size(p.bytes_in),
+            size(p.bytes_out)
         );
     }
-    let customer = &data["customer"];
+    let customer = &status.customer;
     let _ = writeln!(
         out,
         "\nsuppliers ({} data + {} parity)",
-        text(&customer["data_shards"]),
-        text(&customer["parity_shards"])
+        customer.data_shards, customer.parity_shards
     );
     let _ = writeln!(
         out,
         "{:<9} {:<32}  {:<14}",
         "POSITION", "SUPPLIER", "CONTRACT"
     );
-    for p in rows(&customer["positions"]) {
+    for p in &customer.positions {
         let _ = writeln!(
             out,
             "{:<9} {:<32}  {:<14}",
-            text(&p["position"]),
-            text(&p["supplier"]),
-            text(&p["contract"])
+            p.position,
+            text(p.supplier.as_deref()),
+            p.contract
         );
     }
-    let supplier = &data["supplier"];
-    let _ = writeln!(out, "\ncustomers (donating {})", size(&supplier["donated"]));
+    let supplier = &status.supplier;
+    let _ = writeln!(out, "\ncustomers (donating {})", size(supplier.donated));
     let _ = writeln!(
         out,
         "{:<32}  {:>10} {:>10} {:<10}",
         "CUSTOMER", "QUOTA", "USED", "STATE"
     );
-    for c in rows(&supplier["customers"]) {
+    for c in &supplier.customers {
         let _ = writeln!(
             out,
             "{:<32}  {:>10} {:>10} {:<10}",
-            text(&c["node_id"]),
-            size(&c["quota"]),
-            size(&c["used"]),
-            text(&c["state"])
+            c.node_id,
+            size(c.quota),
+            size(c.used),
+            c.state
         );
     }
-    if let Some(closed) = network["counters"].as_object().filter(|c| !c.is_empty()) {
-        let parts: Vec<String> = closed.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !network.counters.is_empty() {
+        let parts: Vec<String> = network
+            .counters
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         let _ = writeln!(out, "\ncounters: {}", parts.join(" "));
     }
     out

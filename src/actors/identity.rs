@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use super::shell::{Driver, Io};
 use crate::crypto::identity::Identity;
 use crate::crypto::keys::NodeKeys;
-use crate::fsm::identity::{Action, Event, IdentityMachine};
+use crate::fsm::identity::{Event, IdentityMachine, Output};
 use crate::node::home::Home;
 
 pub struct IdentityDriver {
@@ -31,7 +31,7 @@ impl IdentityDriver {
     }
 }
 
-pub use crate::unix_now;
+use crate::unix_now;
 
 /// The identity actor takes no inputs besides its events.
 pub enum NoInput {}
@@ -39,20 +39,20 @@ pub enum NoInput {}
 impl Driver for IdentityDriver {
     type M = IdentityMachine;
     type Input = NoInput;
+    type Query = NoInput;
+    type Answer = ();
 
     fn input(&mut self, input: NoInput, _: &IdentityMachine, _: &mut Io<'_, Self>) -> Vec<Event> {
         match input {}
     }
 
-    fn perform(
-        &mut self,
-        action: Action,
-        _event: &Event,
-        machine: &IdentityMachine,
-        io: &mut Io<'_, Self>,
-    ) {
-        match action {
-            Action::LoadIdentity => {
+    fn query(&mut self, query: NoInput, _: &IdentityMachine, _: &mut Io<'_, Self>) {
+        match query {}
+    }
+
+    fn perform(&mut self, output: Output, machine: &IdentityMachine, io: &mut Io<'_, Self>) {
+        match output {
+            Output::Load => {
                 let home = self.home.clone();
                 let keys = self.keys.clone();
                 io.spawn_blocking(move || match home.load_identity(&keys) {
@@ -60,10 +60,8 @@ impl Driver for IdentityDriver {
                     Err(e) => Event::LoadFailed(e.to_string()),
                 });
             }
-            Action::Resign => {
-                let (Some(current), Some(wanted)) =
-                    (machine.current.clone(), machine.wanted.clone())
-                else {
+            Output::Resign(wanted) => {
+                let Some(current) = machine.current.clone() else {
                     io.send(Event::SaveFailed("nothing to re-sign".into()));
                     return;
                 };
@@ -80,21 +78,14 @@ impl Driver for IdentityDriver {
                     }
                 });
             }
-            Action::Publish => {
-                if let Some(identity) = &machine.current {
-                    tracing::info!(actor = "identity", node_id = %identity.node_id(),
-                        revision = identity.revision(), contacts = ?identity.contacts(), "identity published");
-                }
-                self.published.send_replace(machine.current.clone());
+            Output::Publish(identity) => {
+                tracing::info!(actor = "identity", node_id = %identity.node_id(),
+                    revision = identity.revision(), contacts = ?identity.contacts(), "identity published");
+                self.published.send_replace(Some(*identity));
             }
-            Action::ReportFailure => {
-                tracing::error!(
-                    actor = "identity",
-                    reason = machine.last_failure.as_deref().unwrap_or("unknown"),
-                    "identity operation failed"
-                );
+            Output::Failed(reason) => {
+                tracing::error!(actor = "identity", reason = %reason, "identity operation failed");
             }
-            Action::Adopt | Action::Defer => {}
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The network_connector actor's IO: the listening socket, one session actor per connection,
-//! the book of trusted peers (persisted), identity propagation, counters and status.
+//! the book of trusted peers (persisted), identity propagation, request routing, counters and
+//! status. Which session survives, when a friend is up or down and when to redial are decided
+//! by the machine (`fsm::network_connector`); this driver only carries them out.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -9,28 +11,31 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use prost::Message as _;
-use serde_json::json;
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use super::registry::Registry;
+use super::router::{Routed, Router};
 use super::session::{SessionDriver, SessionShared, Target};
-use super::shell::{Driver, Fire, Input, Io, Shell, Shutdown};
+use super::shell::{Deliver, Driver, Io, Shell, Shutdown};
+use super::status::{NetworkStatus, PeerStatus};
 use crate::crypto::identity::{Identity, NodeId};
 use crate::fsm::Label;
-use crate::fsm::network_connector::{Action, Event, NetworkConnector};
+use crate::fsm::network_connector::{Event, NetworkConnector, Output};
 use crate::fsm::peer_session::{CloseReason, Event as SessionEvent, PeerSession};
 use crate::net::link::{InFlight, LinkHandle, TrustPolicy};
 use crate::proto::envelope::Body;
-use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, PeerRecord, Ping};
-use crate::store::{Cf, KvStore};
-
-/// Sessions with one peer established within this window of each other are a simultaneous
-/// dial, settled by node id; a session older than that is replaced by a new one.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(5);
+use crate::proto::{Envelope, IdentityExchange, PeerRecord};
+use crate::store::{Cf, KvStore, StoreError};
 
 /// Inbound connections allowed to be handshaking at once; more are dropped (and counted).
 const MAX_PENDING_INBOUND: usize = 64;
+
+/// Presence notices waiting to be forwarded (two per friend going down and up again).
+const PRESENCE_QUEUE: usize = 1024;
+
+/// At most one warning about forged identity pushes per this interval (the rest are counted).
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 pub enum NetInput {
     Accepted(TcpStream, SocketAddr),
@@ -38,7 +43,6 @@ pub enum NetInput {
         session: u64,
         identity: Box<Identity>,
         outbound: bool,
-        addr: Addr<Shell<SessionDriver>>,
         link: LinkHandle,
         remote: Option<SocketAddr>,
         /// Our identity revision sent in this session's handshake.
@@ -60,52 +64,48 @@ pub enum NetInput {
         link: LinkHandle,
         permit: InFlight,
     },
-    AddPeer {
-        identity: Box<Identity>,
-        label: Option<String>,
-        reply: oneshot::Sender<Result<bool, String>>,
-    },
     OwnIdentity(Box<Identity>),
-    Status(oneshot::Sender<serde_json::Value>),
-    Ping {
-        peer: NodeId,
-        reply: oneshot::Sender<Result<Duration, String>>,
-    },
-    /// The link to a peer, if a session is established (for other actors' requests).
-    Link {
-        peer: NodeId,
-        reply: oneshot::Sender<Option<LinkHandle>>,
-    },
-    /// Stop trusting a friend: forget it, close its sessions.
-    RemovePeer {
-        peer: NodeId,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    /// Where peer presence and requests go: set once the customer and supplier actors run.
-    SetSinks(Sinks),
     /// Whether any authenticated node may connect (supplier `accept = "open"`), on SIGHUP.
     SetOpen(bool),
 }
 
-/// A request for the supplier side: from `customer`, to answer on `link`.
-pub struct ServiceCall {
-    pub customer: NodeId,
-    pub trusted: bool,
-    pub envelope: Box<Envelope>,
-    pub link: LinkHandle,
-    /// Held until the reply is sent.
-    pub permit: InFlight,
+/// Questions to the network actor.
+pub enum NetQuery {
+    Status,
+    /// The link to a peer, if a session is established (for other actors' requests).
+    Link(NodeId),
+    /// Trust a friend (saved first); the answer says whether it is new.
+    AddPeer {
+        identity: Box<Identity>,
+        label: Option<String>,
+    },
+    /// Stop trusting a friend: forget it, close its sessions.
+    RemovePeer(NodeId),
 }
 
-/// Consumers of what the network hears, kept as callbacks so this module needs no knowledge of
-/// the actors behind them.
-pub struct Sinks {
-    /// A trusted peer's session came up (true) or went down (false).
-    pub presence: Box<dyn Fn(NodeId, bool) + Send>,
-    /// Requests for the supplier side (service, fragments).
-    pub supplier: Box<dyn Fn(ServiceCall) + Send>,
-    /// A supplier ended our contract with it.
-    pub supplier_left: Box<dyn Fn(NodeId) + Send>,
+pub enum NetAnswer {
+    Status(NetworkStatus),
+    Link(Option<LinkHandle>),
+    Added(Result<bool, PeerBookError>),
+    Removed(Result<(), PeerBookError>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerBookError {
+    #[error("that is this node's own card")]
+    OwnCard,
+    #[error("{0} is not a peer of this node")]
+    NotAPeer(NodeId),
+    #[error("cannot save the peer book: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A friend reachable (true) or not (false): news for the customer side.
+#[derive(Message, Clone, Copy, Debug)]
+#[rtype(result = "()")]
+pub struct Presence {
+    pub peer: NodeId,
+    pub up: bool,
 }
 
 struct BookEntry {
@@ -117,38 +117,43 @@ struct BookEntry {
 }
 
 struct SessionEntry {
-    id: u64,
     addr: Addr<Shell<SessionDriver>>,
     peer: Option<NodeId>,
     dialed: Option<NodeId>,
     link: Option<LinkHandle>,
     remote: Option<SocketAddr>,
     outbound: bool,
-    /// When the session was established.
-    up_since: Option<Instant>,
 }
 
 pub struct NetworkSettings {
     pub listen: SocketAddr,
-    pub request_timeout: Duration,
     pub keepalive: Duration,
+    pub dead_after: Duration,
+}
+
+/// Where the network's news goes, fixed before the actor starts.
+pub struct NetworkWiring {
+    pub router: Router,
+    /// Told when a friend goes up or down, in order.
+    pub presence: Vec<Recipient<Presence>>,
 }
 
 pub struct NetworkDriver {
     settings: NetworkSettings,
-    my_id: NodeId,
     shared: Arc<SessionShared>,
     store: Arc<dyn KvStore>,
     registry: Registry,
     policy: watch::Sender<TrustPolicy>,
+    wiring: NetworkWiring,
     book: BTreeMap<NodeId, BookEntry>,
     sessions: HashMap<u64, SessionEntry>,
-    active: HashMap<NodeId, u64>,
     next_session: u64,
-    counters: BTreeMap<&'static str, u64>,
+    counters: BTreeMap<String, u64>,
     listener: Option<actix::SpawnHandle>,
     bound: Option<SocketAddr>,
-    sinks: Option<Sinks>,
+    /// Presence notices, forwarded in order by one task.
+    presence: tokio::sync::mpsc::Sender<Presence>,
+    last_forged_warning: Option<Instant>,
 }
 
 /// Loads the persisted peer book.
@@ -178,46 +183,54 @@ pub fn save_peer(
     store: &dyn KvStore,
     identity: &Identity,
     label: Option<&str>,
-) -> Result<(), String> {
+) -> Result<(), StoreError> {
     let record = PeerRecord {
         identity: Some(identity.signed().clone()),
         label: label.unwrap_or_default().to_string(),
         added_at: crate::unix_now(),
     };
-    store
-        .put(
-            Cf::Peers,
-            identity.node_id().as_bytes(),
-            &record.encode_to_vec(),
-        )
-        .map_err(|e| e.to_string())
+    store.put(
+        Cf::Peers,
+        identity.node_id().as_bytes(),
+        &record.encode_to_vec(),
+    )
 }
 
 impl NetworkDriver {
     pub fn new(
         settings: NetworkSettings,
-        my_id: NodeId,
         shared: Arc<SessionShared>,
         store: Arc<dyn KvStore>,
         registry: Registry,
         policy: watch::Sender<TrustPolicy>,
+        wiring: NetworkWiring,
         peers: Vec<(Identity, Option<String>)>,
     ) -> Self {
+        // One task forwards presence in order, waiting for room in each recipient's mailbox.
+        let (presence, mut queue) = tokio::sync::mpsc::channel::<Presence>(PRESENCE_QUEUE);
+        let recipients = wiring.presence.clone();
+        actix::spawn(async move {
+            while let Some(notice) = queue.recv().await {
+                for to in &recipients {
+                    let _ = to.send(notice).await;
+                }
+            }
+        });
         let mut driver = NetworkDriver {
             settings,
-            my_id,
             shared,
             store,
             registry,
             policy,
+            wiring,
             book: BTreeMap::new(),
             sessions: HashMap::new(),
-            active: HashMap::new(),
             next_session: 1,
             counters: BTreeMap::new(),
             listener: None,
             bound: None,
-            sinks: None,
+            presence,
+            last_forged_warning: None,
         };
         for (identity, label) in peers {
             driver.learn(identity, label);
@@ -231,7 +244,6 @@ impl NetworkDriver {
         self.book.keys().copied().collect()
     }
 
-    /// Adds or updates a book entry; a newer revision of a known peer replaces the old one.
     /// Replaces a friend's identity with a newer revision signed by the same key, and saves it.
     /// False when `identity` is not a newer revision of a friend.
     fn adopt_newer(&mut self, identity: &Identity) -> bool {
@@ -249,9 +261,11 @@ impl NetworkDriver {
             tracing::error!(peer = %peer, error = %e, "cannot persist the peer's new identity");
         }
         self.learn(identity.clone(), None);
+        self.publish_policy();
         true
     }
 
+    /// Adds or updates a book entry; a newer revision of a known peer replaces the old one.
     fn learn(&mut self, identity: Identity, label: Option<String>) -> bool {
         match self.book.get_mut(&identity.node_id()) {
             Some(entry) => {
@@ -287,12 +301,8 @@ impl NetworkDriver {
         });
     }
 
-    fn count(&mut self, key: &'static str) {
-        *self.counters.entry(key).or_default() += 1;
-    }
-
-    fn jitter() -> u16 {
-        rand::random::<u16>() % 1001
+    fn count(&mut self, key: &str) {
+        *self.counters.entry(key.to_string()).or_default() += 1;
     }
 
     fn start_session(
@@ -305,16 +315,18 @@ impl NetworkDriver {
         self.next_session += 1;
         let outbound = target.is_some();
         let dialed = target.as_ref().map(|t| t.peer);
-        let driver = SessionDriver::new(id, target, stream, self.shared.clone(), io.address());
-        let remote = None;
+        let network = io.address().recipient();
+        let driver = SessionDriver::new(id, target, stream, self.shared.clone(), network);
         let machine = PeerSession {
             connect_timeout: self.shared.connect_timeout,
             handshake_timeout: self.shared.handshake_timeout,
             keepalive: self.settings.keepalive,
+            dead_after: self.settings.dead_after,
             ..PeerSession::default()
         };
         let addr = Shell::new(machine, format!("s{id}"), driver, self.registry.clone()).start();
-        addr.do_send(Fire(if outbound {
+        // A fresh mailbox: this first event always fits.
+        let _ = addr.try_send(Deliver(if outbound {
             SessionEvent::Dial
         } else {
             SessionEvent::Accept
@@ -322,16 +334,30 @@ impl NetworkDriver {
         self.sessions.insert(
             id,
             SessionEntry {
-                up_since: None,
-                id,
                 addr,
                 peer: None,
                 dialed,
                 link: None,
-                remote,
+                remote: None,
                 outbound,
             },
         );
+    }
+
+    fn close_session(&self, session: u64) {
+        if let Some(entry) = self.sessions.get(&session) {
+            let addr = entry.addr.clone();
+            actix::spawn(async move {
+                let _ = addr.send(Deliver(SessionEvent::Superseded)).await;
+            });
+        }
+    }
+
+    fn shut_session(entry: &SessionEntry) {
+        let addr = entry.addr.clone();
+        actix::spawn(async move {
+            let _ = addr.send(Shutdown).await;
+        });
     }
 
     fn pending_inbound(&self) -> usize {
@@ -341,26 +367,51 @@ impl NetworkDriver {
             .count()
     }
 
-    fn link_of(&self, peer: &NodeId) -> Option<LinkHandle> {
-        self.active
+    fn link_of(&self, machine: &NetworkConnector, peer: &NodeId) -> Option<LinkHandle> {
+        machine
+            .sessions
+            .active
             .get(peer)
             .and_then(|s| self.sessions.get(s))
             .and_then(|s| s.link.clone())
     }
 
-    fn status(&self) -> serde_json::Value {
-        let peers: Vec<_> = self
+    fn tell_presence(&mut self, notice: Presence) {
+        if self.presence.try_send(notice).is_err() {
+            self.count("DroppedPresence");
+            tracing::error!(peer = %notice.peer, up = notice.up, "presence notice dropped: the customer side is not keeping up");
+        }
+    }
+
+    fn push_identity(link: LinkHandle, identity: &Identity) {
+        let body = Body::Identity(IdentityExchange {
+            identity: Some(identity.signed().clone()),
+        });
+        actix::spawn(async move {
+            let _ = link.send(body).await;
+        });
+    }
+
+    fn status(&self, machine: &NetworkConnector) -> NetworkStatus {
+        let peers = self
             .book
             .iter()
             .map(|(id, entry)| {
-                let session = self.active.get(id).and_then(|s| self.sessions.get(s)).or_else(|| {
-                    self.sessions.values().find(|s| s.dialed == Some(*id) || s.peer == Some(*id))
-                });
+                let session = machine
+                    .sessions
+                    .active
+                    .get(id)
+                    .map(|s| (*s, self.sessions.get(s)))
+                    .or_else(|| {
+                        self.sessions
+                            .iter()
+                            .find(|(_, s)| s.dialed == Some(*id) || s.peer == Some(*id))
+                            .map(|(sid, s)| (*sid, Some(s)))
+                    });
                 let state = session
-                    .and_then(|s| self.registry.state_of("peer_session", &format!("s{}", s.id)))
+                    .and_then(|(sid, _)| self.registry.state_of("peer_session", &format!("s{sid}")))
                     .unwrap_or("Disconnected");
-                let link = self.link_of(id);
-                let (bytes_in, bytes_out, last_seen) = match &link {
+                let (bytes_in, bytes_out, last_seen) = match self.link_of(machine, id) {
                     Some(l) => (
                         entry.bytes_in + l.stats.bytes_in.load(Ordering::Relaxed),
                         entry.bytes_out + l.stats.bytes_out.load(Ordering::Relaxed),
@@ -368,118 +419,126 @@ impl NetworkDriver {
                     ),
                     None => (entry.bytes_in, entry.bytes_out, entry.last_seen),
                 };
-                json!({
-                    "node_id": id.to_string(),
-                    "name": entry.label.clone().unwrap_or_else(|| entry.identity.name().to_string()),
-                    "address": entry.identity.contacts().first().cloned(),
-                    "remote": session.and_then(|s| s.remote).map(|r| r.to_string()),
-                    "revision": entry.identity.revision(),
-                    "session": state,
-                    "last_seen": (last_seen > 0).then_some(last_seen),
-                    "bytes_in": bytes_in,
-                    "bytes_out": bytes_out,
-                })
+                PeerStatus {
+                    node_id: id.to_string(),
+                    name: entry
+                        .label
+                        .clone()
+                        .unwrap_or_else(|| entry.identity.name().to_string()),
+                    address: entry.identity.contacts().first().cloned(),
+                    remote: session
+                        .and_then(|(_, s)| s.and_then(|s| s.remote))
+                        .map(|r| r.to_string()),
+                    revision: entry.identity.revision(),
+                    session: state.to_string(),
+                    last_seen: (last_seen > 0).then_some(last_seen),
+                    bytes_in,
+                    bytes_out,
+                }
             })
             .collect();
-        json!({
-            "listen": self.bound.map(|a| a.to_string()),
-            "sessions": self.sessions.len(),
-            "peers": peers,
-            "counters": self.counters,
-        })
+        let mut counters = self.counters.clone();
+        let dropped = self.shared.dropped_notices.load(Ordering::Relaxed);
+        if dropped > 0 {
+            counters.insert("DroppedNotices".into(), dropped);
+        }
+        NetworkStatus {
+            listen: self.bound.map(|a| a.to_string()),
+            sessions: self.sessions.len(),
+            peers,
+            counters,
+        }
+    }
+
+    fn bind(&mut self, io: &mut Io<'_, Self>) {
+        let bound = std::net::TcpListener::bind(self.settings.listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std);
+        match bound {
+            Ok(listener) => {
+                self.bound = listener.local_addr().ok();
+                let me = io.address();
+                let accept_loop = async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((stream, remote)) => {
+                                let _ = stream.set_nodelay(true);
+                                // Waits for room: a full mailbox slows accepting, not memory.
+                                if me
+                                    .send(super::shell::Input(NetInput::Accepted(stream, remote)))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    }
+                };
+                self.listener = Some(io.spawn_task(accept_loop));
+                tracing::info!(listen = %self.bound.map(|a| a.to_string()).unwrap_or_default(), "listening for peers");
+                io.send(Event::Bound);
+            }
+            Err(e) => io.send(Event::BindFailed(format!("{}: {e}", self.settings.listen))),
+        }
     }
 }
 
 impl Driver for NetworkDriver {
     type M = NetworkConnector;
     type Input = NetInput;
+    type Query = NetQuery;
+    type Answer = NetAnswer;
 
-    fn perform(
-        &mut self,
-        action: Action,
-        _event: &Event,
-        machine: &NetworkConnector,
-        io: &mut Io<'_, Self>,
-    ) {
-        match action {
-            Action::Bind => {
-                let bound = std::net::TcpListener::bind(self.settings.listen)
-                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                    .and_then(tokio::net::TcpListener::from_std);
-                match bound {
-                    Ok(listener) => {
-                        self.bound = listener.local_addr().ok();
-                        let me = io.address();
-                        let accept_loop = async move {
-                            loop {
-                                match listener.accept().await {
-                                    Ok((stream, remote)) => {
-                                        let _ = stream.set_nodelay(true);
-                                        me.do_send(Input(NetInput::Accepted(stream, remote)));
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "accept failed");
-                                        tokio::time::sleep(Duration::from_millis(100)).await;
-                                    }
-                                }
-                            }
-                        };
-                        self.listener = Some(io.spawn_task(accept_loop));
-                        tracing::info!(listen = %self.bound.map(|a| a.to_string()).unwrap_or_default(), "listening for peers");
-                        io.send(Event::Bound { now: io.now() });
-                    }
-                    Err(e) => io.send(Event::BindFailed(format!("{}: {e}", self.settings.listen))),
-                }
+    fn perform(&mut self, output: Output, _machine: &NetworkConnector, io: &mut Io<'_, Self>) {
+        match output {
+            Output::Bind => self.bind(io),
+            Output::BindFailed(reason) => {
+                tracing::error!(reason = %reason, "cannot listen; retrying");
             }
-            Action::ReportBindFailure => {
-                tracing::error!(
-                    reason = machine.bind_failure.as_deref().unwrap_or(""),
-                    "cannot listen; retrying"
-                );
-            }
-            Action::DialDue => {
-                for peer in machine.to_dial.clone() {
-                    if self.active.contains_key(&peer) {
-                        // Connected before it was a friend (an open-policy customer, or the
-                        // other end added us first): it counts as up now.
-                        if let Some(sinks) = &self.sinks {
-                            (sinks.presence)(peer, true);
-                        }
-                        io.send(Event::PeerUp { peer });
-                        continue;
-                    }
-                    let contacts = self
-                        .book
-                        .get(&peer)
-                        .map(|e| e.identity.contacts().to_vec())
-                        .unwrap_or_default();
-                    if contacts.is_empty() {
-                        io.send(Event::PeerDown {
-                            peer,
-                            now: io.now(),
-                            jitter: Self::jitter(),
-                        });
-                        continue;
-                    }
+            Output::Dial(peer) => {
+                let contacts = self
+                    .book
+                    .get(&peer)
+                    .map(|e| e.identity.contacts().to_vec())
+                    .unwrap_or_default();
+                if contacts.is_empty() {
+                    io.send(Event::DialFailed(peer));
+                } else {
                     self.start_session(Some(Target { peer, contacts }), None, io);
                 }
             }
-            Action::CloseAll => {
+            Output::Close(session) => self.close_session(session),
+            Output::CloseSessionsOf(peer) => {
+                for session in self
+                    .sessions
+                    .values()
+                    .filter(|s| s.peer == Some(peer) || s.dialed == Some(peer))
+                {
+                    Self::shut_session(session);
+                }
+            }
+            Output::PeerUp(peer) => self.tell_presence(Presence { peer, up: true }),
+            Output::PeerDown(peer) => self.tell_presence(Presence { peer, up: false }),
+            Output::CloseAll => {
                 if let Some(handle) = self.listener.take() {
                     io.cancel(handle);
                 }
                 for session in self.sessions.values() {
-                    session.addr.do_send(Shutdown);
+                    Self::shut_session(session);
                 }
             }
-            Action::NotePeer | Action::NotePeerUp | Action::NotePeerDown | Action::ForgetPeer => {}
         }
     }
 
     fn input(
         &mut self,
         input: NetInput,
-        _machine: &NetworkConnector,
+        machine: &NetworkConnector,
         io: &mut Io<'_, Self>,
     ) -> Vec<Event> {
         match input {
@@ -496,7 +555,6 @@ impl Driver for NetworkDriver {
                 session,
                 identity,
                 outbound,
-                addr,
                 link,
                 remote,
                 sent_revision,
@@ -505,61 +563,20 @@ impl Driver for NetworkDriver {
                 // Re-signed while this session was handshaking: the peer has an older card.
                 let current = self.shared.identity.borrow().clone();
                 if let Some(current) = current.filter(|c| c.revision() > sent_revision) {
-                    let push = link.clone();
-                    let body = Body::Identity(IdentityExchange {
-                        identity: Some(current.signed().clone()),
-                    });
-                    actix::spawn(async move {
-                        let _ = push.send(body).await;
-                    });
+                    Self::push_identity(link.clone(), &current);
                 }
                 if let Some(entry) = self.sessions.get_mut(&session) {
                     entry.peer = Some(peer);
                     entry.link = Some(link);
                     entry.remote = remote;
-                    entry.up_since = Some(Instant::now());
                 }
-                if peer == self.my_id {
-                    addr.do_send(Fire(SessionEvent::Superseded));
-                    return vec![];
-                }
-                let known = self.book.contains_key(&peer);
                 // A newer revision learned in the handshake is kept, and saved.
                 self.adopt_newer(&identity);
-                match self.active.get(&peer).copied() {
-                    Some(old) if old != session => {
-                        // Two sessions opened at about the same time from both ends: both ends
-                        // keep the one opened by the node with the smaller id. An older session
-                        // (a peer that restarted or moved, whose old connection may be dead)
-                        // gives way to the new one.
-                        let old_age = self
-                            .sessions
-                            .get(&old)
-                            .and_then(|e| e.up_since)
-                            .map(|t| t.elapsed());
-                        let simultaneous = old_age.is_none_or(|age| age < DUPLICATE_WINDOW);
-                        let keep_new = !simultaneous || outbound == (self.my_id < peer);
-                        let loser = if keep_new { old } else { session };
-                        if keep_new {
-                            self.active.insert(peer, session);
-                        }
-                        if let Some(entry) = self.sessions.get(&loser) {
-                            entry.addr.do_send(Fire(SessionEvent::Superseded));
-                        }
-                        vec![]
-                    }
-                    Some(_) => vec![],
-                    None => {
-                        self.active.insert(peer, session);
-                        if !known {
-                            return vec![];
-                        }
-                        if let Some(sinks) = &self.sinks {
-                            (sinks.presence)(peer, true);
-                        }
-                        vec![Event::PeerUp { peer }]
-                    }
-                }
+                vec![Event::SessionUp {
+                    session,
+                    peer,
+                    outbound,
+                }]
             }
             NetInput::SessionDown {
                 session,
@@ -578,52 +595,37 @@ impl Driver for NetworkDriver {
                         .last_seen
                         .max(link.stats.last_seen.load(Ordering::Relaxed));
                 }
-                let subject = peer.or(dialed);
-                match subject {
-                    Some(p) if self.active.get(&p) == Some(&session) => {
-                        self.active.remove(&p);
-                        if self.book.contains_key(&p) {
-                            if let Some(sinks) = &self.sinks {
-                                (sinks.presence)(p, false);
-                            }
-                            return vec![Event::PeerDown {
-                                peer: p,
-                                now: io.now(),
-                                jitter: Self::jitter(),
-                            }];
-                        }
-                        vec![]
-                    }
-                    Some(p)
-                        if dialed == Some(p) && !self.active.contains_key(&p) && peer.is_none() =>
-                    {
-                        vec![Event::PeerDown {
-                            peer: p,
-                            now: io.now(),
-                            jitter: Self::jitter(),
-                        }]
-                    }
-                    _ => vec![],
-                }
+                vec![Event::SessionDown {
+                    session,
+                    peer,
+                    dialed,
+                }]
             }
             NetInput::PeerIdentity(identity) => {
                 let peer = identity.node_id();
                 if self.adopt_newer(&identity) {
                     return vec![];
                 }
-                match self.book.get(&peer) {
-                    // The same revision again is normal (a handshake and a push crossing); older is stale.
-                    Some(entry) if identity.revision() < entry.identity.revision() => {
-                        self.count("StaleIdentity")
-                    }
-                    Some(_) => {}
-                    None => {}
+                // The same revision again is normal (a handshake and a push crossing); older is stale.
+                if self
+                    .book
+                    .get(&peer)
+                    .is_some_and(|e| identity.revision() < e.identity.revision())
+                {
+                    self.count("StaleIdentity");
                 }
                 vec![]
             }
             NetInput::ForgedIdentity(peer) => {
-                tracing::warn!(peer = %peer, "ignoring an identity push that does not verify");
                 self.count("ForgedIdentity");
+                let quiet = self
+                    .last_forged_warning
+                    .is_some_and(|t| t.elapsed() < WARN_INTERVAL);
+                if !quiet {
+                    self.last_forged_warning = Some(Instant::now());
+                    let total = self.counters.get("ForgedIdentity").copied().unwrap_or(0);
+                    tracing::warn!(peer = %peer, total, "ignoring identity pushes that do not verify");
+                }
                 vec![]
             }
             NetInput::Request {
@@ -633,150 +635,26 @@ impl Driver for NetworkDriver {
                 permit,
             } => {
                 let trusted = self.book.contains_key(&peer);
-                if let Some(sinks) = &self.sinks {
-                    match &envelope.body {
-                        Some(Body::ServiceCancel(c)) if c.from_supplier => {
-                            (sinks.supplier_left)(peer);
-                            let id = envelope.request_id;
-                            actix::spawn(async move {
-                                let ack = Body::Ack(crate::proto::Ack {
-                                    size: 0,
-                                    hash: vec![],
-                                });
-                                let _ = link.reply(id, ack).await;
-                                drop(permit);
-                            });
-                            return vec![];
-                        }
-                        Some(
-                            Body::ServiceRequest(_)
-                            | Body::ServiceCancel(_)
-                            | Body::StoreFragment(_)
-                            | Body::RetrieveFragment(_)
-                            | Body::ListFragments(_)
-                            | Body::DeleteFragment(_),
-                        ) => {
-                            (sinks.supplier)(ServiceCall {
-                                customer: peer,
-                                trusted,
-                                envelope,
-                                link,
-                                permit,
-                            });
-                            return vec![];
-                        }
-                        _ => {}
-                    }
-                }
-                // Nothing here serves it: say so instead of leaving the peer waiting.
-                {
-                    let fail = Body::Fail(Fail {
-                        reason: FailReason::NoService as i32,
-                        detail: "no such service on this node".into(),
-                    });
-                    let id = envelope.request_id;
-                    actix::spawn(async move {
-                        let _ = link.reply(id, fail).await;
-                        drop(permit);
-                    });
-                }
+                self.wiring.router.route(Routed {
+                    from: peer,
+                    trusted,
+                    envelope,
+                    link,
+                    permit,
+                });
                 vec![]
             }
-            NetInput::AddPeer {
-                identity,
-                label,
-                reply,
-            } => {
-                let peer = identity.node_id();
-                if peer == self.my_id {
-                    let _ = reply.send(Err("that is this node's own card".into()));
-                    return vec![];
-                }
-                if let Err(e) = save_peer(self.store.as_ref(), &identity, label.as_deref()) {
-                    let _ = reply.send(Err(format!("cannot save the peer: {e}")));
-                    return vec![];
-                }
-                let new = self.learn(*identity, label);
-                self.publish_policy();
-                tracing::info!(peer = %peer, new, "peer added");
-                let _ = reply.send(Ok(new));
-                vec![Event::PeerAdded {
-                    peer,
-                    now: io.now(),
-                }]
-            }
             NetInput::OwnIdentity(identity) => {
-                for link in self
+                for link in machine
+                    .sessions
                     .active
                     .values()
                     .filter_map(|s| self.sessions.get(s))
                     .filter_map(|s| s.link.clone())
                 {
-                    let body = Body::Identity(IdentityExchange {
-                        identity: Some(identity.signed().clone()),
-                    });
-                    actix::spawn(async move {
-                        let _ = link.send(body).await;
-                    });
+                    Self::push_identity(link, &identity);
                 }
                 vec![]
-            }
-            NetInput::Status(reply) => {
-                let _ = reply.send(self.status());
-                vec![]
-            }
-            NetInput::Ping { peer, reply } => {
-                let Some(link) = self.link_of(&peer) else {
-                    let _ = reply.send(Err(format!("no session with {peer}")));
-                    return vec![];
-                };
-                let timeout = self.settings.request_timeout;
-                actix::spawn(async move {
-                    let started = Instant::now();
-                    let result = link
-                        .request(
-                            Body::Ping(Ping {
-                                nonce: rand::random(),
-                            }),
-                            timeout,
-                        )
-                        .await
-                        .map(|_| started.elapsed())
-                        .map_err(|e| e.to_string());
-                    let _ = reply.send(result);
-                });
-                vec![]
-            }
-            NetInput::Link { peer, reply } => {
-                let _ = reply.send(self.link_of(&peer));
-                vec![]
-            }
-            NetInput::RemovePeer { peer, reply } => {
-                if !self.book.contains_key(&peer) {
-                    let _ = reply.send(Err(format!("{peer} is not a peer of this node")));
-                    return vec![];
-                }
-                if let Err(e) = self.store.delete(Cf::Peers, peer.as_bytes()) {
-                    let _ = reply.send(Err(format!("cannot remove the peer: {e}")));
-                    return vec![];
-                }
-                self.book.remove(&peer);
-                self.publish_policy();
-                if self.active.remove(&peer).is_some()
-                    && let Some(sinks) = &self.sinks
-                {
-                    (sinks.presence)(peer, false);
-                }
-                for session in self
-                    .sessions
-                    .values()
-                    .filter(|s| s.peer == Some(peer) || s.dialed == Some(peer))
-                {
-                    session.addr.do_send(Shutdown);
-                }
-                tracing::info!(peer = %peer, "peer removed");
-                let _ = reply.send(Ok(()));
-                vec![Event::PeerRemoved { peer }]
             }
             NetInput::SetOpen(open) => {
                 self.policy.send_modify(|p| p.open = open);
@@ -784,18 +662,50 @@ impl Driver for NetworkDriver {
                     // Strangers let in by the open policy are not welcome any more.
                     for session in self.sessions.values() {
                         if session.peer.is_some_and(|p| !self.book.contains_key(&p)) {
-                            session.addr.do_send(Shutdown);
+                            Self::shut_session(session);
                         }
                     }
                 }
                 vec![]
             }
-            NetInput::SetSinks(sinks) => {
-                for peer in self.active.keys().filter(|p| self.book.contains_key(p)) {
-                    (sinks.presence)(*peer, true);
+        }
+    }
+
+    fn query(
+        &mut self,
+        query: NetQuery,
+        machine: &NetworkConnector,
+        io: &mut Io<'_, Self>,
+    ) -> NetAnswer {
+        match query {
+            NetQuery::Status => NetAnswer::Status(self.status(machine)),
+            NetQuery::Link(peer) => NetAnswer::Link(self.link_of(machine, &peer)),
+            NetQuery::AddPeer { identity, label } => {
+                let peer = identity.node_id();
+                if peer == machine.me {
+                    return NetAnswer::Added(Err(PeerBookError::OwnCard));
                 }
-                self.sinks = Some(sinks);
-                vec![]
+                if let Err(e) = save_peer(self.store.as_ref(), &identity, label.as_deref()) {
+                    return NetAnswer::Added(Err(e.into()));
+                }
+                let new = self.learn(*identity, label);
+                self.publish_policy();
+                tracing::info!(peer = %peer, new, "peer added");
+                io.send(Event::PeerAdded(peer));
+                NetAnswer::Added(Ok(new))
+            }
+            NetQuery::RemovePeer(peer) => {
+                if !self.book.contains_key(&peer) {
+                    return NetAnswer::Removed(Err(PeerBookError::NotAPeer(peer)));
+                }
+                if let Err(e) = self.store.delete(Cf::Peers, peer.as_bytes()) {
+                    return NetAnswer::Removed(Err(e.into()));
+                }
+                self.book.remove(&peer);
+                self.publish_policy();
+                tracing::info!(peer = %peer, "peer removed");
+                io.send(Event::PeerRemoved(peer));
+                NetAnswer::Removed(Ok(()))
             }
         }
     }

@@ -1,20 +1,12 @@
 //! Which machines are alive and in which state, for `bitdust status`. Shells write it on every
-//! transition; the control socket reads it. Observation only: no actor reads another's entry.
+//! transition; the control socket reads it. Observation only: an actor reads another's entry only to show it (the state of its sessions or
+//! connectors in its status section), never to decide anything.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::Serialize;
-
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct MachineStatus {
-    pub actor: &'static str,
-    pub id: String,
-    pub state: &'static str,
-    /// Seconds in the current state.
-    pub for_secs: u64,
-}
+use super::status::MachineStatus;
 
 /// (actor, instance id) -> (state, entered at)
 type Entries = BTreeMap<(&'static str, String), (&'static str, Instant)>;
@@ -43,9 +35,9 @@ impl Registry {
         self.lock()
             .iter()
             .map(|((actor, id), (state, since))| MachineStatus {
-                actor,
+                actor: actor.to_string(),
                 id: id.clone(),
-                state,
+                state: state.to_string(),
                 for_secs: now.duration_since(*since).as_secs(),
             })
             .collect()

@@ -5,15 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
-use tokio::net::TcpStream;
-use tokio::sync::watch;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::network::{NetInput, NetworkDriver};
-use super::shell::{Driver, Fire, Input, Io, Shell};
+use actix::Recipient;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use super::network::NetInput;
+use super::shell::{Deliver, Driver, Input, Io};
 use crate::crypto::identity::{Identity, NodeId};
 use crate::fsm::Label;
-use crate::fsm::peer_session::{Action, CloseReason, Event, PeerSession};
+use crate::fsm::peer_session::{CloseReason, Event, Output, PeerSession};
 use crate::net::link::{self, LinkEvent, LinkHandle, LinkTasks, TrustPolicy};
 use crate::net::noise::NoiseSession;
 use crate::proto::Ping;
@@ -28,6 +30,9 @@ pub struct SessionShared {
     pub handshake_timeout: Duration,
     pub max_message: usize,
     pub queue: usize,
+    /// Best-effort notices (pongs, identity pushes) dropped because a mailbox was full: a peer
+    /// flooding them cannot grow the node's memory.
+    pub dropped_notices: AtomicU64,
 }
 
 /// A peer to dial: its id and contact addresses (`tcp://HOST:PORT`).
@@ -41,7 +46,7 @@ pub struct SessionDriver {
     id: u64,
     target: Option<Target>,
     shared: Arc<SessionShared>,
-    network: Addr<Shell<NetworkDriver>>,
+    network: Recipient<Input<NetInput>>,
     stream: Option<TcpStream>,
     remote: Option<SocketAddr>,
     authenticated: Option<(NoiseSession<TcpStream>, Identity)>,
@@ -56,7 +61,7 @@ impl SessionDriver {
         target: Option<Target>,
         stream: Option<TcpStream>,
         shared: Arc<SessionShared>,
-        network: Addr<Shell<NetworkDriver>>,
+        network: Recipient<Input<NetInput>>,
     ) -> Self {
         let remote = stream.as_ref().and_then(|s| s.peer_addr().ok());
         SessionDriver {
@@ -94,23 +99,33 @@ fn is_routine(reason: CloseReason) -> bool {
     )
 }
 
+impl SessionDriver {
+    /// Reports to the network actor, waiting for room in its mailbox.
+    fn report(&self, input: NetInput) {
+        let network = self.network.clone();
+        actix::spawn(async move {
+            let _ = network.send(Input(input)).await;
+        });
+    }
+}
+
 impl Driver for SessionDriver {
     type M = PeerSession;
     type Input = std::convert::Infallible;
+    type Query = std::convert::Infallible;
+    type Answer = ();
 
     fn input(&mut self, input: Self::Input, _: &PeerSession, _: &mut Io<'_, Self>) -> Vec<Event> {
         match input {}
     }
 
-    fn perform(
-        &mut self,
-        action: Action,
-        _event: &Event,
-        machine: &PeerSession,
-        io: &mut Io<'_, Self>,
-    ) {
-        match action {
-            Action::OpenTcp => {
+    fn query(&mut self, query: Self::Query, _: &PeerSession, _: &mut Io<'_, Self>) {
+        match query {}
+    }
+
+    fn perform(&mut self, output: Output, _machine: &PeerSession, io: &mut Io<'_, Self>) {
+        match output {
+            Output::OpenTcp => {
                 let contacts = self
                     .target
                     .as_ref()
@@ -129,7 +144,7 @@ impl Driver for SessionDriver {
                     },
                 );
             }
-            Action::RunHandshake => {
+            Output::RunHandshake => {
                 let (Some(stream), Some(mine)) =
                     (self.stream.take(), self.shared.identity.borrow().clone())
                 else {
@@ -163,7 +178,7 @@ impl Driver for SessionDriver {
                     Err(reason) => Event::HandshakeFailed(reason),
                 });
             }
-            Action::StartLink => {
+            Output::StartLink { .. } => {
                 let Some((session, identity)) = self.authenticated.take() else {
                     io.send(Event::LinkFailed(CloseReason::IoError));
                     return;
@@ -172,50 +187,89 @@ impl Driver for SessionDriver {
                 let me = io.address();
                 let network = self.network.clone();
                 let peer = identity.node_id();
+                let shared = self.shared.clone();
+                // Best-effort notices go with try_send: a flooding peer fills a mailbox and the
+                // rest is dropped and counted. Requests and the close wait for room (the link
+                // bounds requests in flight, and there is one close).
+                let dropped = move || {
+                    shared.dropped_notices.fetch_add(1, Ordering::Relaxed);
+                };
+                // Requests keep their order on the way to the network actor: one task forwards
+                // them, waiting for room in its mailbox. The link holds at most MAX_IN_FLIGHT
+                // requests unanswered, so this queue never fills.
+                let (requests, mut queue) = mpsc::channel::<NetInput>(2 * link::MAX_IN_FLIGHT);
+                let forward_to = network.clone();
+                io.spawn_task(async move {
+                    while let Some(input) = queue.recv().await {
+                        if forward_to.send(Input(input)).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                // The sink runs on the link's reader task, off this actor's event loop.
                 let sink: link::LinkSink = Arc::new(move |event| match event {
-                    LinkEvent::Pong => me.do_send(Fire(Event::Pong)),
-                    LinkEvent::Closed(reason) => me.do_send(Fire(Event::LinkFailed(reason))),
+                    LinkEvent::Pong => {
+                        if me.try_send(Deliver(Event::Pong)).is_err() {
+                            dropped();
+                        }
+                    }
+                    LinkEvent::Closed(reason) => {
+                        let me = me.clone();
+                        tokio::spawn(async move {
+                            let _ = me.send(Deliver(Event::LinkFailed(reason))).await;
+                        });
+                    }
                     LinkEvent::Identity(identity) => {
-                        network.do_send(Input(NetInput::PeerIdentity(identity)))
+                        if network
+                            .try_send(Input(NetInput::PeerIdentity(identity)))
+                            .is_err()
+                        {
+                            dropped();
+                        }
                     }
                     LinkEvent::ForgedIdentity => {
-                        network.do_send(Input(NetInput::ForgedIdentity(peer)))
+                        if network
+                            .try_send(Input(NetInput::ForgedIdentity(peer)))
+                            .is_err()
+                        {
+                            dropped();
+                        }
                     }
                     LinkEvent::Request(envelope, link, permit) => {
-                        network.do_send(Input(NetInput::Request {
+                        let request = NetInput::Request {
                             peer,
                             envelope,
                             link,
                             permit,
-                        }))
+                        };
+                        if requests.try_send(request).is_err() {
+                            dropped();
+                        }
                     }
                 });
                 let (handle, tasks) =
                     link::start(reader, writer, identity.clone(), self.shared.queue, sink);
-                self.network.do_send(Input(NetInput::SessionUp {
+                self.report(NetInput::SessionUp {
                     session: self.id,
                     identity: Box::new(identity),
                     outbound: self.target.is_some(),
-                    addr: io.address(),
                     link: handle.clone(),
                     remote: self.remote,
                     sent_revision: self.sent_revision,
-                }));
+                });
                 self.link = Some((handle, tasks));
             }
-            Action::SendPing => {
+            Output::SendPing => {
                 if let Some((link, _)) = &self.link {
-                    // A full queue counts as a missed ping; the machine decides when to give up.
+                    // A full queue is a ping not sent; the pong deadline decides.
                     let _ = link.try_send(Body::Ping(Ping {
                         nonce: rand::random(),
                     }));
                 }
             }
-            Action::ClearMissed => {}
-            Action::ReportClosed => {
-                let reason = machine.close_reason.unwrap_or(CloseReason::Shutdown);
-                let peer = machine.peer.or(self.target.as_ref().map(|t| t.peer));
-                let peer_text = peer.map(|p| p.to_string()).unwrap_or_default();
+            Output::Closed { reason, peer } => {
+                let shown = peer.or(self.target.as_ref().map(|t| t.peer));
+                let peer_text = shown.map(|p| p.to_string()).unwrap_or_default();
                 let remote = self.remote.map(|r| r.to_string()).unwrap_or_default();
                 if is_routine(reason) {
                     tracing::info!(session = self.id, peer = %peer_text, remote = %remote, reason = reason.name(), "session closed");
@@ -225,12 +279,12 @@ impl Driver for SessionDriver {
                 self.link = None;
                 self.stream = None;
                 self.authenticated = None;
-                self.network.do_send(Input(NetInput::SessionDown {
+                self.report(NetInput::SessionDown {
                     session: self.id,
-                    peer: machine.peer,
+                    peer,
                     dialed: self.target.as_ref().map(|t| t.peer),
                     reason,
-                }));
+                });
             }
         }
     }

@@ -1,27 +1,49 @@
 //! The generic actix shell: owns one machine instance, feeds it events (messages, timers,
-//! completed IO), and asks its `Driver` to perform the resulting actions.
+//! completed IO) with a [`Ctx`] built from the one process clock, and hands every output to its
+//! `Driver` to perform. Drivers hold no rule of their own: what to do is in the outputs.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::registry::Registry;
-use crate::fsm::timers::TimerTable;
-use crate::fsm::{Instance, Label, Machine};
+use crate::fsm::{Ctx, Instance, Label, Machine};
 
-/// The IO half of one machine: performs each action the pure machine asks for.
+/// The process's monotonic clock origin: every shell measures time from it, so times from
+/// different actors compare.
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// The context of a step taken now: monotonic and wall-clock time, and a fresh random number.
+pub fn ctx_now() -> Ctx {
+    Ctx {
+        now: origin().elapsed(),
+        wall: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+        random: rand::random(),
+    }
+}
+
+/// The IO half of one machine: performs each output the pure machine produces.
 pub trait Driver: Sized + Unpin + 'static {
     type M: Machine + Unpin;
-    /// Requests from other actors that are not machine events (queries, hand-overs).
+    /// News from other actors that the driver turns into machine events (hand-overs of
+    /// resources, reports), or answers itself.
     type Input: Send + 'static;
+    /// A question another actor (or the control socket) asks, answered at once.
+    type Query: Send + 'static;
+    type Answer: Send + 'static;
 
-    /// Performs `action`, caused by `event`. Follow-up events go through `io`.
+    /// Performs one output of a step. Follow-up events go through `io`.
     fn perform(
         &mut self,
-        action: <Self::M as Machine>::Action,
-        event: &<Self::M as Machine>::Event,
+        output: <Self::M as Machine>::Output,
         machine: &Self::M,
         io: &mut Io<'_, Self>,
     );
@@ -34,14 +56,21 @@ pub trait Driver: Sized + Unpin + 'static {
         io: &mut Io<'_, Self>,
     ) -> Vec<<Self::M as Machine>::Event>;
 
+    /// Answers a query from what the driver and the machine know.
+    fn query(
+        &mut self,
+        query: Self::Query,
+        machine: &Self::M,
+        io: &mut Io<'_, Self>,
+    ) -> Self::Answer;
+
     /// Called once the machine reached a terminal state.
     fn closed(&mut self, _machine: &Self::M) {}
 }
 
-/// Lets a driver feed events back into its machine.
+/// Lets a driver run IO and feed events back into its machine.
 pub struct Io<'a, D: Driver> {
     ctx: &'a mut Context<Shell<D>>,
-    now: Duration,
 }
 
 impl<D: Driver> Io<'_, D> {
@@ -54,7 +83,7 @@ impl<D: Driver> Io<'_, D> {
         self.ctx.spawn(
             actix::fut::wrap_future::<_, Shell<D>>(work).map(|event, shell, ctx| {
                 if let Some(event) = event {
-                    shell.fire(event, ctx);
+                    shell.deliver(event, ctx);
                 }
             }),
         );
@@ -86,7 +115,7 @@ impl<D: Driver> Io<'_, D> {
         self.ctx.spawn(
             actix::fut::wrap_future::<_, Shell<D>>(work).map(|out, shell, ctx| {
                 let event = then(&mut shell.driver, out);
-                shell.fire(event, ctx);
+                shell.deliver(event, ctx);
             }),
         );
     }
@@ -105,12 +134,7 @@ impl<D: Driver> Io<'_, D> {
 
     /// Queues an event for this machine behind what is already in its mailbox.
     pub fn send(&mut self, event: <D::M as Machine>::Event) {
-        self.ctx.notify(Fire(event));
-    }
-
-    /// The shell's clock: time since the machine started (the clock its timers use).
-    pub fn now(&self) -> Duration {
-        self.now
+        self.ctx.notify(Deliver(event));
     }
 
     pub fn address(&self) -> Addr<Shell<D>> {
@@ -118,26 +142,40 @@ impl<D: Driver> Io<'_, D> {
     }
 }
 
-/// Feeds one event to the machine.
+/// Delivers one event to the machine.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Fire<E: 'static>(pub E);
+pub struct Deliver<E: 'static>(pub E);
 
 /// Hands an input to a shell's driver.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Input<I: 'static>(pub I);
 
+/// Asks a shell's driver a question; the answer is the message's result.
+pub struct Query<Q: 'static, A: 'static>(pub Q, std::marker::PhantomData<fn() -> A>);
+
+impl<Q: 'static, A: 'static> Query<Q, A> {
+    pub fn new(query: Q) -> Self {
+        Query(query, std::marker::PhantomData)
+    }
+}
+
+impl<Q: 'static, A: 'static> Message for Query<Q, A> {
+    type Result = A;
+}
+
 /// Asks the machine to close; resolves once it reached a terminal state.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
 
+/// Mailbox bound of every shell: `send().await` waits when it is full.
+pub const MAILBOX: usize = 256;
+
 pub struct Shell<D: Driver> {
     instance: Instance<D::M>,
     driver: D,
-    timers: TimerTable<D::M>,
-    started: Instant,
     next_timer: Option<SpawnHandle>,
     registry: Registry,
     closed_waiters: Vec<oneshot::Sender<()>>,
@@ -148,34 +186,28 @@ impl<D: Driver> Shell<D> {
         Shell {
             instance: Instance::new(machine, id),
             driver,
-            timers: TimerTable::default(),
-            started: Instant::now(),
             next_timer: None,
             registry,
             closed_waiters: Vec::new(),
         }
     }
 
-    fn now(&self) -> Duration {
-        self.started.elapsed()
-    }
-
-    fn fire(&mut self, event: <D::M as Machine>::Event, ctx: &mut Context<Self>) {
-        let Some(stepped) = self.instance.step(&event) else {
+    fn deliver(&mut self, event: <D::M as Machine>::Event, ctx: &mut Context<Self>) {
+        if self.instance.is_terminal() {
+            return;
+        }
+        let Some(stepped) = self.instance.step(&event, &ctx_now()) else {
             return;
         };
-        let now = self.now();
-        self.timers
-            .after_step(&self.instance.machine, &stepped, now);
-        self.registry
-            .set(D::M::NAME, self.instance.id(), stepped.to.name());
-        for &action in stepped.actions {
-            let mut io = Io { ctx, now };
-            self.driver
-                .perform(action, &event, &self.instance.machine, &mut io);
+        if stepped.state_changed() {
+            self.registry
+                .set(D::M::NAME, self.instance.id(), stepped.to.name());
+        }
+        for output in stepped.outputs {
+            let mut io = Io { ctx };
+            self.driver.perform(output, &self.instance.machine, &mut io);
         }
         if self.instance.is_terminal() {
-            self.timers.clear();
             self.driver.closed(&self.instance.machine);
             for waiter in self.closed_waiters.drain(..) {
                 let _ = waiter.send(());
@@ -192,13 +224,18 @@ impl<D: Driver> Shell<D> {
         if let Some(handle) = self.next_timer.take() {
             ctx.cancel_future(handle);
         }
-        if let Some(deadline) = self.timers.next_deadline() {
-            let delay = deadline.saturating_sub(self.now());
+        if let Some(deadline) = self.instance.next_deadline() {
+            let delay = deadline.saturating_sub(origin().elapsed());
+            // Far-off deadlines (a week) are re-checked rather than slept on in one go.
+            let delay = delay.min(Duration::from_secs(7 * 24 * 3600));
             self.next_timer = Some(ctx.run_later(delay, |shell, ctx| {
                 shell.next_timer = None;
-                let now = shell.now();
-                while let Some(timer) = shell.timers.pop_expired(&shell.instance.machine, now) {
-                    shell.fire(<D::M as Machine>::timer_event(timer, now), ctx);
+                let now = origin().elapsed();
+                while let Some(timer) = shell.instance.due_timer(now) {
+                    shell.deliver(<D::M as Machine>::timer_event(timer), ctx);
+                    if shell.instance.is_terminal() {
+                        return;
+                    }
                 }
                 shell.schedule_timer(ctx);
             }));
@@ -210,12 +247,11 @@ impl<D: Driver> Actor for Shell<D> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Bound the mailbox: senders wait instead of growing memory without limit.
-        ctx.set_mailbox_capacity(256);
+        // Bounds `send().await`; senders of best-effort notices use `try_send` and count drops.
+        ctx.set_mailbox_capacity(MAILBOX);
         self.registry
             .set(D::M::NAME, self.instance.id(), self.instance.state().name());
-        self.timers
-            .enter(&self.instance.machine, self.instance.state(), self.now());
+        self.instance.start(origin().elapsed());
         self.schedule_timer(ctx);
     }
 
@@ -224,11 +260,11 @@ impl<D: Driver> Actor for Shell<D> {
     }
 }
 
-impl<D: Driver> Handler<Fire<<D::M as Machine>::Event>> for Shell<D> {
+impl<D: Driver> Handler<Deliver<<D::M as Machine>::Event>> for Shell<D> {
     type Result = ();
 
-    fn handle(&mut self, msg: Fire<<D::M as Machine>::Event>, ctx: &mut Context<Self>) {
-        self.fire(msg.0, ctx);
+    fn handle(&mut self, msg: Deliver<<D::M as Machine>::Event>, ctx: &mut Context<Self>) {
+        self.deliver(msg.0, ctx);
     }
 }
 
@@ -236,17 +272,25 @@ impl<D: Driver> Handler<Input<D::Input>> for Shell<D> {
     type Result = ();
 
     fn handle(&mut self, msg: Input<D::Input>, ctx: &mut Context<Self>) {
-        let now = self.now();
         let events = {
-            let mut io = Io { ctx, now };
+            let mut io = Io { ctx };
             self.driver.input(msg.0, &self.instance.machine, &mut io)
         };
         for event in events {
             if self.instance.is_terminal() {
                 break;
             }
-            self.fire(event, ctx);
+            self.deliver(event, ctx);
         }
+    }
+}
+
+impl<D: Driver> Handler<Query<D::Query, D::Answer>> for Shell<D> {
+    type Result = MessageResult<Query<D::Query, D::Answer>>;
+
+    fn handle(&mut self, msg: Query<D::Query, D::Answer>, ctx: &mut Context<Self>) -> Self::Result {
+        let mut io = Io { ctx };
+        MessageResult(self.driver.query(msg.0, &self.instance.machine, &mut io))
     }
 }
 
@@ -255,7 +299,7 @@ impl<D: Driver> Handler<Shutdown> for Shell<D> {
 
     fn handle(&mut self, _msg: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
         if !self.instance.is_terminal() {
-            self.fire(<D::M as Machine>::shutdown_event(), ctx);
+            self.deliver(<D::M as Machine>::shutdown_event(), ctx);
         }
         if self.instance.is_terminal() {
             return Box::pin(async {});

@@ -4,17 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
+use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::shell::{Driver, Io};
+use super::router::Routed;
+use super::shell::{Driver, Input, Io, Shell};
+use super::status::{AccountStatus, SupplierStatus};
 use crate::crypto::identity::NodeId;
-use crate::fsm::supplier_service::{Action, Event, Refusal, SupplierService, decide};
-use crate::net::link::{InFlight, LinkHandle};
+use crate::fsm::supplier_service::{Event, Output, Refusal, SupplierService, decide};
+use crate::net::link::LinkHandle;
 use crate::proto::envelope::Body;
 use crate::proto::{
-    Ack, Envelope, Fail, FailReason, FragmentData, FragmentId, FragmentInfo as WireInfo,
-    FragmentList, ServiceAccept, ServiceRefuse,
+    Ack, Fail, FailReason, FragmentData, FragmentId, FragmentInfo as WireInfo, FragmentList,
+    ServiceAccept, ServiceRefuse,
 };
 use crate::store::KvStore;
 use crate::store::fragments::{AccountState, FragmentError, FragmentKey, FragmentStore};
@@ -33,27 +35,41 @@ pub struct SupplierSettings {
 
 pub enum SupplierInput {
     /// A customer's request, with the link to answer on and whether the customer is a peer.
-    Request {
-        customer: NodeId,
-        trusted: bool,
-        envelope: Box<Envelope>,
-        link: LinkHandle,
-        /// The link's in-flight slot, given back once the reply is sent.
-        permit: InFlight,
-    },
-    Status(oneshot::Sender<serde_json::Value>),
+    Request(Routed),
     /// New donated space, policy and grace period (SIGHUP).
     Reconfigure {
         donated: u64,
         open: bool,
         grace: Duration,
     },
+}
+
+pub enum SupplierQuery {
+    Status,
     /// Stop serving a customer: its data is kept for the grace period, and it is told.
     Drop {
         customer: NodeId,
         link: Option<LinkHandle>,
-        reply: oneshot::Sender<Result<(), String>>,
     },
+}
+
+pub enum SupplierAnswer {
+    Status(SupplierStatus),
+    /// Resolves once the customer's account is cancelled (and the customer told).
+    Dropping(oneshot::Receiver<Result<(), String>>),
+}
+
+/// Requests from peers reach the supplier through the network's router.
+impl Handler<Routed> for Shell<SupplierDriver> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Routed, ctx: &mut Context<Self>) {
+        <Self as Handler<Input<SupplierInput>>>::handle(
+            self,
+            Input(SupplierInput::Request(msg)),
+            ctx,
+        );
+    }
 }
 
 pub struct SupplierDriver {
@@ -229,16 +245,12 @@ fn answer(
 impl Driver for SupplierDriver {
     type M = SupplierService;
     type Input = SupplierInput;
+    type Query = SupplierQuery;
+    type Answer = SupplierAnswer;
 
-    fn perform(
-        &mut self,
-        action: Action,
-        _event: &Event,
-        machine: &SupplierService,
-        io: &mut Io<'_, Self>,
-    ) {
-        match action {
-            Action::OpenStore => {
+    fn perform(&mut self, output: Output, _machine: &SupplierService, io: &mut Io<'_, Self>) {
+        match output {
+            Output::OpenStore => {
                 let root = self.settings.root.clone();
                 let kv = self.kv.clone();
                 let work = async move {
@@ -260,8 +272,8 @@ impl Driver for SupplierDriver {
                     Err(e) => Event::OpenFailed(e.to_string()),
                 });
             }
-            Action::Serve => {}
-            Action::Purge => {
+            Output::Serve => {}
+            Output::Purge => {
                 if let Some(store) = self.store.clone() {
                     let grace = self.settings.grace;
                     io.spawn_task(async move {
@@ -280,11 +292,8 @@ impl Driver for SupplierDriver {
                     });
                 }
             }
-            Action::ReportFailure => {
-                tracing::error!(
-                    reason = machine.failure.as_deref().unwrap_or(""),
-                    "cannot open the fragment store; not serving"
-                );
+            Output::Failed(reason) => {
+                tracing::error!(reason = %reason, "cannot open the fragment store; not serving");
             }
         }
     }
@@ -296,27 +305,21 @@ impl Driver for SupplierDriver {
         io: &mut Io<'_, Self>,
     ) -> Vec<Event> {
         match input {
-            SupplierInput::Request {
-                customer,
-                trusted,
-                envelope,
-                link,
-                permit,
-            } => {
-                let id = envelope.request_id;
-                let Some(body) = envelope.body else {
+            SupplierInput::Request(call) => {
+                let Some(store) = self.store.clone() else {
+                    // Not open yet: a passing failure the customer retries within seconds.
+                    call.fail(FailReason::StorageError, "storage is not ready yet");
                     return vec![];
                 };
-                let Some(store) = self.store.clone() else {
-                    io.spawn_task(async move {
-                        let _ = link
-                            .reply(
-                                id,
-                                fail(FailReason::StorageError, "storage is not available"),
-                            )
-                            .await;
-                        drop(permit);
-                    });
+                let Routed {
+                    from: customer,
+                    trusted,
+                    envelope,
+                    link,
+                    permit,
+                } = call;
+                let id = envelope.request_id;
+                let Some(body) = envelope.body else {
                     return vec![];
                 };
                 let settings = self.settings.clone();
@@ -344,14 +347,21 @@ impl Driver for SupplierDriver {
                 self.settings.grace = grace;
                 vec![]
             }
-            SupplierInput::Drop {
-                customer,
-                link,
-                reply,
-            } => {
+        }
+    }
+
+    fn query(
+        &mut self,
+        query: SupplierQuery,
+        _machine: &SupplierService,
+        io: &mut Io<'_, Self>,
+    ) -> SupplierAnswer {
+        match query {
+            SupplierQuery::Drop { customer, link } => {
+                let (reply, answer) = oneshot::channel();
                 let Some(store) = self.store.clone() else {
                     let _ = reply.send(Err("storage is not available".into()));
-                    return vec![];
+                    return SupplierAnswer::Dropping(answer);
                 };
                 io.spawn_task(async move {
                     let cancelled = tokio::task::spawn_blocking(move || store.cancel(&customer, unix_now()))
@@ -367,27 +377,30 @@ impl Driver for SupplierDriver {
                     }
                     let _ = reply.send(cancelled);
                 });
-                vec![]
+                SupplierAnswer::Dropping(answer)
             }
-            SupplierInput::Status(reply) => {
-                let customers: Vec<_> = self
+            SupplierQuery::Status => {
+                let customers = self
                     .store
                     .as_ref()
                     .and_then(|s| s.accounts().ok())
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|a| {
-                        json!({
-                            "node_id": a.customer.to_string(),
-                            "quota": a.quota,
-                            "used": a.used,
-                            "state": match a.state { AccountState::Active => "active", AccountState::Cancelled { .. } => "cancelled" },
-                        })
+                    .map(|a| AccountStatus {
+                        node_id: a.customer.to_string(),
+                        quota: a.quota,
+                        used: a.used,
+                        state: match a.state {
+                            AccountState::Active => "active",
+                            AccountState::Cancelled { .. } => "cancelled",
+                        }
+                        .to_string(),
                     })
                     .collect();
-                let _ =
-                    reply.send(json!({ "donated": self.settings.donated, "customers": customers }));
-                vec![]
+                SupplierAnswer::Status(SupplierStatus {
+                    donated: self.settings.donated,
+                    customers,
+                })
             }
         }
     }

@@ -1,23 +1,28 @@
 //! Structural checks of a machine's table, shared by the unit tests of every machine and by the
-//! property tests: reachability, a way out of every non-terminal state, timers where declared.
+//! property tests: reachability, a way out of every non-terminal state, timers where declared,
+//! choices with declared targets; and a driver for random walks that checks what the table
+//! cannot say (terminal states are never left, the timers armed are those declared, a choice
+//! picks one of its targets, the machine's own invariant holds).
 
 use std::collections::BTreeSet;
-
 use std::time::Duration;
 
-use super::machine::{Instance, Label, Machine, find_row, timers_in};
-use super::timers::TimerTable;
+use super::machine::{
+    Ctx, Instance, Kinded, Label, Machine, To, row_targets, targets_of, timers_in,
+};
 
 /// Problems with a machine's table; empty when it is sound.
 pub fn table_problems<M: Machine>() -> Vec<String> {
     let mut problems = Vec::new();
-    // Reachability over the table (guards assumed satisfiable).
+    // Reachability over the table (guards and choices assumed satisfiable).
     let mut reached = BTreeSet::from([M::INITIAL]);
     let mut frontier = vec![M::INITIAL];
     while let Some(state) = frontier.pop() {
         for row in M::rows().iter().filter(|r| r.from.contains(&state)) {
-            if reached.insert(row.to) {
-                frontier.push(row.to);
+            for to in row_targets(row, state) {
+                if reached.insert(to) {
+                    frontier.push(to);
+                }
             }
         }
     }
@@ -32,7 +37,8 @@ pub fn table_problems<M: Machine>() -> Vec<String> {
         let terminal = M::TERMINAL.contains(&state);
         let leaves = M::rows()
             .iter()
-            .any(|r| r.from.contains(&state) && r.to != state);
+            .filter(|r| r.from.contains(&state))
+            .any(|r| row_targets(r, state).iter().any(|&to| to != state));
         if !terminal && !leaves {
             problems.push(format!(
                 "{}: state {} has no way out",
@@ -55,10 +61,17 @@ pub fn table_problems<M: Machine>() -> Vec<String> {
             ));
         }
     }
-    // Every timer fires an event that some row in one of its states handles.
+    // Every choice a row names declares its targets.
+    for row in M::rows() {
+        if let To::Choose(c) = row.to
+            && targets_of::<M>(c).next().is_none()
+        {
+            problems.push(format!("{}: choice {} has no targets", M::NAME, c.name()));
+        }
+    }
+    // Every periodic timer fires an event that some row in each of its states handles.
     for t in M::timers() {
-        let event = M::timer_event(t.timer, Duration::ZERO);
-        let kind = M::kind(&event);
+        let kind = M::timer_event(t.timer).kind();
         for state in t.states {
             if !M::rows()
                 .iter()
@@ -75,15 +88,18 @@ pub fn table_problems<M: Machine>() -> Vec<String> {
         }
     }
     // Shutdown reaches a terminal state from every non-terminal state.
-    let shutdown = M::shutdown_event();
-    let kind = M::kind(&shutdown);
+    let kind = M::shutdown_event().kind();
     for &state in M::State::ALL {
         if M::TERMINAL.contains(&state) {
             continue;
         }
-        let ok = M::rows()
-            .iter()
-            .any(|r| r.from.contains(&state) && r.event == kind && M::TERMINAL.contains(&r.to));
+        let ok = M::rows().iter().any(|r| {
+            r.from.contains(&state)
+                && r.event == kind
+                && row_targets(r, state)
+                    .iter()
+                    .all(|to| M::TERMINAL.contains(to))
+        });
         if !ok {
             problems.push(format!(
                 "{}: {} does not close state {}",
@@ -94,7 +110,7 @@ pub fn table_problems<M: Machine>() -> Vec<String> {
         }
     }
     // Every event kind has a sample, so property tests cover it.
-    let sampled: BTreeSet<_> = M::sample_events().iter().map(M::kind).collect();
+    let sampled: BTreeSet<_> = M::sample_events().iter().map(Kinded::kind).collect();
     for &kind in M::EventKind::ALL {
         if !sampled.contains(&kind) {
             problems.push(format!(
@@ -107,55 +123,48 @@ pub fn table_problems<M: Machine>() -> Vec<String> {
     problems
 }
 
-/// Drives `events` through a fresh instance (with its timer table on a virtual clock that
-/// advances one second per event) and checks after every step that what happened is a row of the
-/// table, that terminal states are never left, and that exactly the timers the current state
-/// declares are armed. Returns the instance, or the first violation.
+/// Drives `events` through a fresh instance on a virtual clock that advances one second per
+/// event (firing the timers that fall due), and checks after every step that terminal states are
+/// never left, that a choice picked one of its declared targets, that exactly the periodic timers
+/// the current state declares are armed, and that the machine's invariant holds. Returns the
+/// instance, or the first violation.
 pub fn drive<M: Machine>(machine: M, events: &[M::Event]) -> Result<Instance<M>, String> {
     let mut instance = Instance::new(machine, "check");
-    let mut timers = TimerTable::<M>::default();
     let mut now = Duration::ZERO;
-    timers.enter(&instance.machine, instance.state(), now);
-    for event in events {
-        now += Duration::from_secs(1);
-        while let Some(timer) = timers.pop_expired(&instance.machine, now) {
-            if !timers_in::<M>(instance.state()).any(|t| t.timer == timer) {
-                return Err(format!(
-                    "timer {} fired in {}",
-                    timer.name(),
-                    instance.state().name()
-                ));
-            }
-            let timer_event = M::timer_event(timer, now);
-            if let Some(s) = instance.step(&timer_event) {
-                timers.after_step(&instance.machine, &s, now);
-            }
-        }
+    instance.start(now);
+    let check_step = |instance: &mut Instance<M>, event: &M::Event, ctx: &Ctx| {
         let before = instance.state();
-        let expected = find_row(&instance.machine, before, event).map(|r| r.to);
-        let stepped = instance.step(event);
-        match (stepped, expected) {
-            (None, None) => {
-                if instance.state() != before {
-                    return Err(format!(
-                        "ignored event changed state from {}",
-                        before.name()
-                    ));
-                }
-            }
-            (Some(s), Some(to)) => {
-                if s.from != before || s.to != to || instance.state() != to {
-                    return Err(format!("step disagrees with table at {}", before.name()));
-                }
-                if M::TERMINAL.contains(&before) {
-                    return Err(format!("left terminal state {}", before.name()));
-                }
-                timers.after_step(&instance.machine, &s, now);
-            }
-            _ => return Err(format!("step and table disagree at {}", before.name())),
+        let Some(stepped) = instance.step(event, ctx) else {
+            return if instance.state() == before {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ignored event changed state from {}",
+                    before.name()
+                ))
+            };
+        };
+        if M::TERMINAL.contains(&before) {
+            return Err(format!("left terminal state {}", before.name()));
+        }
+        let row = M::rows()
+            .iter()
+            .find(|r| r.event == stepped.event && r.from.contains(&before))
+            .ok_or_else(|| format!("no row for {} in {}", stepped.event.name(), before.name()))?;
+        let allowed = M::rows()
+            .iter()
+            .filter(|r| r.event == row.event && r.from.contains(&before))
+            .any(|r| row_targets(r, before).contains(&stepped.to));
+        if !allowed {
+            return Err(format!(
+                "{} led from {} to {}, which no row allows",
+                stepped.event.name(),
+                before.name(),
+                stepped.to.name()
+            ));
         }
         let state = instance.state();
-        let armed: BTreeSet<_> = timers.armed().collect();
+        let armed: BTreeSet<_> = instance.timers().armed().collect();
         let declared: BTreeSet<_> = timers_in::<M>(state).map(|t| t.timer).collect();
         if armed != declared {
             return Err(format!(
@@ -163,6 +172,22 @@ pub fn drive<M: Machine>(machine: M, events: &[M::Event]) -> Result<Instance<M>,
                 state.name()
             ));
         }
+        instance
+            .machine
+            .invariant(state)
+            .map_err(|e| format!("invariant broken in {}: {e}", state.name()))
+    };
+    for (i, event) in events.iter().enumerate() {
+        now += Duration::from_secs(1);
+        let ctx = Ctx {
+            now,
+            wall: now,
+            random: i as u64 * 7919,
+        };
+        while let Some(timer) = instance.due_timer(now) {
+            check_step(&mut instance, &M::timer_event(timer), &ctx)?;
+        }
+        check_step(&mut instance, event, &ctx)?;
     }
     Ok(instance)
 }

@@ -2,50 +2,71 @@
 //! trusted peers that are online and not already used, never two positions on one node; backs
 //! off from suppliers that refused; replaces suppliers that refuse, leave or are fired (the
 //! monitor fires through the `Fire` event).
+//!
+//! It also owns the bookkeeping of its supplier_connector instances: which instance holds which
+//! position, which were dismissed and are still cancelling (not hireable until they close: the
+//! cancel and a new request could reach the supplier in either order), and which reports are
+//! stale (from an instance that no longer holds its position).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::machine::{Machine, Row, TimerRow};
+use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, To, row};
+use super::supplier_connector::{self as sc, Report};
 use crate::crypto::identity::NodeId;
-use crate::labels;
+use crate::{events, labels};
 
 labels! {
     pub enum State { AtStartup, Hiring, Waiting, Ready, Closed }
 }
 
-labels! {
-    pub enum EventKind { Start, CandidateUp, CandidateDown, Hired, Refused, Fire, Tick, Shutdown }
-}
-
-labels! {
-    pub enum Guard {
-        /// After this event, a position is empty, no hire is in flight and a candidate is free.
-        CanHire,
-        /// After this event, a hire is still in flight.
-        StillHiring,
-        /// After this event, some position is empty.
-        NeedHire,
+events! {
+    pub enum Event / EventKind {
+        /// Contracts persisted by an earlier run, by position.
+        Start { resumed: Vec<(u32, NodeId)> },
+        /// A trusted peer is online (a candidate for hiring).
+        CandidateUp(NodeId),
+        CandidateDown(NodeId),
+        /// News from the connector `instance`.
+        Report { instance: u64, report: Report },
+        /// Replace the supplier at `position` (the monitor's decision, or the operator's).
+        Fire { position: u32 },
+        /// A supplier ended our contract with it.
+        SupplierLeft(NodeId),
+        Timeout(Timer),
+        Shutdown,
     }
 }
 
 labels! {
+    pub enum Guard {}
+}
+
+labels! {
     pub enum Action {
-        /// Record what the event says (candidates, hires, refusals, firings).
+        /// Record what the event says (candidates, hires, refusals, firings); pass presence and
+        /// dismissals on to the connectors concerned.
         Note,
         /// Start the connectors of the contracts loaded at start (IO).
         Resume,
-        /// Pick a free candidate for the first empty position and start its connector (IO).
+        /// Pick a free candidate for the first empty position and start its connector (IO); with
+        /// none free, wake up when the first one cools down.
         HireOne,
-        /// Let the refused or fired supplier go: dismiss its connector (IO).
-        Dismiss,
-        /// Persist the positions (IO).
+        /// Persist the positions if they changed (IO).
         Save,
+        /// The node stops: every connector closes, keeping its contract.
+        StopConnectors,
     }
 }
 
 labels! {
     pub enum Timer { Retry }
+}
+
+labels! {
+    pub enum Choice {
+        Staffing,
+    }
 }
 
 /// One position's supplier.
@@ -54,36 +75,30 @@ pub struct Hire {
     pub supplier: NodeId,
     /// The supplier accepted the contract (at least once).
     pub confirmed: bool,
+    /// The connector instance that holds the contract.
+    pub instance: u64,
 }
 
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// Contracts persisted by an earlier run, by position.
-    Start {
-        now: Duration,
-        resumed: Vec<(u32, NodeId)>,
-    },
-    CandidateUp(NodeId),
-    CandidateDown(NodeId),
-    Hired {
+/// What fire_hire's driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Start a connector for `supplier` at `position`.
+    StartConnector {
+        instance: u64,
         position: u32,
         supplier: NodeId,
+        /// The supplier accepted this contract in an earlier run.
+        resumed: bool,
+        peer_up: bool,
     },
-    /// The supplier refused, never answered, or left the contract.
-    Refused {
-        position: u32,
-        supplier: NodeId,
-        now: Duration,
+    /// Deliver `event` to the connector `instance`.
+    Tell {
+        instance: u64,
+        event: sc::Event,
     },
-    /// Replace the supplier at `position` (the monitor's decision, or the operator's).
-    Fire {
-        position: u32,
-        now: Duration,
-    },
-    Tick {
-        now: Duration,
-    },
-    Shutdown,
+    /// Persist these positions: (supplier, confirmed) by position.
+    Save(Vec<Option<(NodeId, bool)>>),
+    StopConnectors,
 }
 
 #[derive(Debug, Clone)]
@@ -92,15 +107,13 @@ pub struct FireHire {
     pub candidates: BTreeSet<NodeId>,
     /// Suppliers not to ask again before a time: (failures, until).
     pub cooldown: BTreeMap<NodeId, (u32, Duration)>,
-    /// The hire in flight: (position, supplier).
-    pub pending: Option<(u32, NodeId)>,
-    /// Filled by `Note` for `Dismiss`: the supplier to let go, by position.
-    pub dismiss: Option<(u32, NodeId)>,
-    /// Filled by `Resume`: contracts to reconnect.
-    pub resumed: Vec<(u32, NodeId)>,
+    /// Dismissed connectors still cancelling: instance -> (position, supplier).
+    pub leaving: BTreeMap<u64, (u32, NodeId)>,
+    pub next_instance: u64,
     pub retry_min: Duration,
     pub retry_max: Duration,
-    pub now: Duration,
+    /// The positions as last saved.
+    saved: Option<Vec<Option<(NodeId, bool)>>>,
 }
 
 impl Default for FireHire {
@@ -116,12 +129,11 @@ impl FireHire {
             slots: vec![None; positions],
             candidates: BTreeSet::new(),
             cooldown: BTreeMap::new(),
-            pending: None,
-            dismiss: None,
-            resumed: Vec::new(),
+            leaving: BTreeMap::new(),
+            next_instance: 1,
             retry_min: Duration::from_secs(5),
             retry_max: Duration::from_secs(600),
-            now: Duration::ZERO,
+            saved: None,
         }
     }
 
@@ -129,18 +141,31 @@ impl FireHire {
         self.slots.iter().flatten().map(|h| h.supplier)
     }
 
-    /// The candidate to hire next: online, trusted, unused, not cooling down. Deterministic.
-    pub fn free_candidate(&self) -> Option<NodeId> {
-        let used: BTreeSet<NodeId> = self.used().collect();
+    /// The hire in flight (at most one at a time): (position, supplier).
+    pub fn pending(&self) -> Option<(u32, NodeId)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .find_map(|(p, h)| h.filter(|h| !h.confirmed).map(|h| (p as u32, h.supplier)))
+    }
+
+    /// Whether `supplier` may be hired at `now`: online, not holding a position, not still
+    /// cancelling an earlier contract, not cooling down.
+    pub fn eligible(&self, supplier: &NodeId, now: Duration) -> bool {
+        self.candidates.contains(supplier)
+            && !self.used().any(|s| s == *supplier)
+            && !self.leaving.values().any(|(_, s)| s == supplier)
+            && self
+                .cooldown
+                .get(supplier)
+                .is_none_or(|(_, until)| *until <= now)
+    }
+
+    /// The candidate to hire next. Deterministic.
+    pub fn free_candidate(&self, now: Duration) -> Option<NodeId> {
         self.candidates
             .iter()
-            .find(|c| {
-                !used.contains(c)
-                    && self
-                        .cooldown
-                        .get(c)
-                        .is_none_or(|(_, until)| *until <= self.now)
-            })
+            .find(|c| self.eligible(c, now))
             .copied()
     }
 
@@ -149,10 +174,6 @@ impl FireHire {
             .iter()
             .position(Option::is_none)
             .map(|p| p as u32)
-    }
-
-    fn can_hire(&self) -> bool {
-        self.pending.is_none() && self.empty_position().is_some() && self.free_candidate().is_some()
     }
 
     fn backoff(&self, failures: u32) -> Duration {
@@ -166,85 +187,158 @@ impl FireHire {
         self.cooldown.insert(supplier, (failures, until));
     }
 
+    fn position_of(&self, instance: u64) -> Option<u32> {
+        self.slots
+            .iter()
+            .position(|h| h.is_some_and(|h| h.instance == instance))
+            .map(|p| p as u32)
+    }
+
+    /// Every connector that deals with `supplier`: the holder of a position and those leaving.
+    fn connectors_of(&self, supplier: NodeId) -> Vec<u64> {
+        let holders = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|h| h.supplier == supplier);
+        let leaving = self.leaving.iter().filter(|(_, (_, s))| *s == supplier);
+        holders
+            .map(|h| h.instance)
+            .chain(leaving.map(|(i, _)| *i))
+            .collect()
+    }
+
+    fn start_connector(&mut self, position: u32, supplier: NodeId, confirmed: bool) -> Output {
+        let instance = self.next_instance;
+        self.next_instance += 1;
+        self.slots[position as usize] = Some(Hire {
+            supplier,
+            confirmed,
+            instance,
+        });
+        Output::StartConnector {
+            instance,
+            position,
+            supplier,
+            resumed: confirmed,
+            peer_up: self.candidates.contains(&supplier),
+        }
+    }
+
+    /// Frees `position` and lets its connector go.
+    fn dismiss(&mut self, position: u32, now: Duration, out: &mut Out<Self>) {
+        let Some(hire) = self.slots.get_mut(position as usize).and_then(Option::take) else {
+            return;
+        };
+        self.leaving
+            .insert(hire.instance, (position, hire.supplier));
+        self.cool(hire.supplier, now);
+        out.push(Output::Tell {
+            instance: hire.instance,
+            event: sc::Event::Dismiss,
+        });
+    }
+
     /// The bookkeeping of `Note`.
-    fn note(&mut self, event: &Event) {
-        self.dismiss = None;
+    fn note(&mut self, event: &Event, ctx: &Ctx, out: &mut Out<Self>) {
         match event {
-            Event::Start { now, resumed } => {
-                self.now = *now;
+            Event::Start { resumed } => {
                 for (position, supplier) in resumed {
                     let taken = self.used().any(|s| s == *supplier);
-                    if let Some(slot) = self
+                    let free = self
                         .slots
-                        .get_mut(*position as usize)
-                        .filter(|s| s.is_none())
-                        && !taken
-                    {
-                        *slot = Some(Hire {
+                        .get(*position as usize)
+                        .is_some_and(Option::is_none);
+                    if free && !taken {
+                        self.slots[*position as usize] = Some(Hire {
                             supplier: *supplier,
                             confirmed: true,
+                            instance: 0,
                         });
                     }
                 }
             }
-            Event::CandidateUp(id) => {
-                self.candidates.insert(*id);
-            }
-            Event::CandidateDown(id) => {
-                self.candidates.remove(id);
-            }
-            Event::Hired { position, supplier } => {
-                if self.pending == Some((*position, *supplier)) {
-                    self.pending = None;
+            Event::CandidateUp(id) | Event::CandidateDown(id) => {
+                let up = matches!(event, Event::CandidateUp(_));
+                if up {
+                    self.candidates.insert(*id);
+                } else {
+                    self.candidates.remove(id);
                 }
-                if let Some(Some(hire)) = self.slots.get_mut(*position as usize)
-                    && hire.supplier == *supplier
-                {
-                    hire.confirmed = true;
-                    self.cooldown.remove(supplier);
+                for instance in self.connectors_of(*id) {
+                    let event = if up {
+                        sc::Event::PeerUp
+                    } else {
+                        sc::Event::PeerDown
+                    };
+                    out.push(Output::Tell { instance, event });
                 }
             }
-            Event::Refused {
-                position,
-                supplier,
-                now,
-            } => {
-                self.now = *now;
-                if self.pending == Some((*position, *supplier)) {
-                    self.pending = None;
-                }
-                if let Some(slot) = self.slots.get_mut(*position as usize)
-                    && slot.is_some_and(|h| h.supplier == *supplier)
-                {
-                    *slot = None;
-                    self.dismiss = Some((*position, *supplier));
-                }
-                self.cool(*supplier, *now);
-            }
-            Event::Fire { position, now } => {
-                self.now = *now;
-                if let Some(slot) = self.slots.get_mut(*position as usize)
-                    && let Some(hire) = slot.take()
-                {
-                    if self.pending == Some((*position, hire.supplier)) {
-                        self.pending = None;
+            Event::Report { instance, report } => match self.position_of(*instance) {
+                Some(position) => match report {
+                    Report::Connected => {
+                        if let Some(hire) = &mut self.slots[position as usize] {
+                            hire.confirmed = true;
+                            self.cooldown.remove(&hire.supplier);
+                        }
                     }
-                    self.dismiss = Some((*position, hire.supplier));
-                    self.cool(hire.supplier, *now);
+                    Report::Refused(_) | Report::Closed => self.dismiss(position, ctx.now, out),
+                    Report::Disconnected => {}
+                },
+                // A dismissed connector finished cancelling: its supplier may be hired again.
+                None if *report == Report::Closed => {
+                    self.leaving.remove(instance);
+                }
+                // News from a connector that no longer holds its position is stale.
+                None => {}
+            },
+            Event::Fire { position } => self.dismiss(*position, ctx.now, out),
+            Event::SupplierLeft(supplier) => {
+                for hire in self
+                    .slots
+                    .iter()
+                    .flatten()
+                    .filter(|h| h.supplier == *supplier)
+                {
+                    out.push(Output::Tell {
+                        instance: hire.instance,
+                        event: sc::Event::SupplierCancelled,
+                    });
                 }
             }
-            Event::Tick { now } => self.now = *now,
-            Event::Shutdown => {}
+            Event::Timeout(_) | Event::Shutdown => {}
         }
     }
 
-    fn after(&self, event: &Event) -> FireHire {
-        let mut next = self.clone();
-        next.note(event);
-        next
+    fn hire_one(&mut self, ctx: &Ctx, out: &mut Out<Self>) {
+        if self.pending().is_some() {
+            return;
+        }
+        let Some(position) = self.empty_position() else {
+            return;
+        };
+        match self.free_candidate(ctx.now) {
+            Some(supplier) => {
+                tracing::info!(position, supplier = %supplier, "asking a friend to be a supplier");
+                let start = self.start_connector(position, supplier, false);
+                out.push(start);
+            }
+            None => {
+                // Wake up when the first online candidate has cooled down.
+                let wake = self
+                    .candidates
+                    .iter()
+                    .filter_map(|c| self.cooldown.get(c).map(|(_, until)| *until))
+                    .filter(|until| *until > ctx.now)
+                    .min();
+                if let Some(at) = wake {
+                    out.set_timer(Timer::Retry, at);
+                }
+            }
+        }
     }
 
-    /// No supplier holds two positions (checked by the simulation after every step).
+    /// No supplier holds two positions.
     pub fn positions_are_distinct(&self) -> bool {
         let used: Vec<NodeId> = self.used().collect();
         let set: BTreeSet<NodeId> = used.iter().copied().collect();
@@ -253,134 +347,54 @@ impl FireHire {
 }
 
 use State::*;
+use To::State as Go;
 
 const LIVE: &[State] = &[AtStartup, Hiring, Waiting, Ready];
+const STAFFED: &[State] = &[Hiring, Waiting, Ready];
+const STAFFING: To<FireHire> = To::Choose(Choice::Staffing);
+const DECIDE: &[Action] = &[Action::Note, Action::HireOne, Action::Save];
 
-macro_rules! decide {
-    ($from:expr, $event:expr, $($act:expr),*) => {
-        [
-            Row { from: $from, event: $event, guard: Some(Guard::CanHire), to: Hiring, actions: &[$($act,)* Action::HireOne, Action::Save] },
-            Row { from: $from, event: $event, guard: Some(Guard::StillHiring), to: Hiring, actions: &[$($act,)* Action::Save] },
-            Row { from: $from, event: $event, guard: Some(Guard::NeedHire), to: Waiting, actions: &[$($act,)* Action::Save] },
-            Row { from: $from, event: $event, guard: None, to: Ready, actions: &[$($act,)* Action::Save] },
-        ]
-    };
-}
-
-static START: [Row<FireHire>; 4] =
-    decide!(&[AtStartup], EventKind::Start, Action::Note, Action::Resume);
-static HIRED: [Row<FireHire>; 4] =
-    decide!(&[Hiring, Waiting, Ready], EventKind::Hired, Action::Note);
-static REFUSED: [Row<FireHire>; 4] = decide!(
-    &[Hiring, Waiting, Ready],
-    EventKind::Refused,
-    Action::Note,
-    Action::Dismiss
-);
-static FIRE: [Row<FireHire>; 4] = decide!(
-    &[Hiring, Waiting, Ready],
-    EventKind::Fire,
-    Action::Note,
-    Action::Dismiss
-);
-
-static OTHER: &[Row<FireHire>] = &[
-    Row {
-        from: &[Waiting],
-        event: EventKind::CandidateUp,
-        guard: Some(Guard::CanHire),
-        to: Hiring,
-        actions: &[Action::Note, Action::HireOne, Action::Save],
-    },
-    Row {
-        from: &[Waiting],
-        event: EventKind::Tick,
-        guard: Some(Guard::CanHire),
-        to: Hiring,
-        actions: &[Action::Note, Action::HireOne, Action::Save],
-    },
-    Row {
-        from: &[AtStartup],
-        event: EventKind::CandidateUp,
-        guard: None,
-        to: AtStartup,
-        actions: &[Action::Note],
-    },
-    Row {
-        from: &[AtStartup],
-        event: EventKind::CandidateDown,
-        guard: None,
-        to: AtStartup,
-        actions: &[Action::Note],
-    },
-    Row {
-        from: &[Waiting],
-        event: EventKind::CandidateUp,
-        guard: None,
-        to: Waiting,
-        actions: &[Action::Note],
-    },
-    Row {
-        from: &[Hiring],
-        event: EventKind::CandidateUp,
-        guard: None,
-        to: Hiring,
-        actions: &[Action::Note],
-    },
-    Row {
-        from: &[Ready],
-        event: EventKind::CandidateUp,
-        guard: None,
-        to: Ready,
-        actions: &[Action::Note],
-    },
-    Row {
-        from: &[Waiting],
-        event: EventKind::CandidateDown,
-        guard: None,
-        to: Waiting,
-        actions: &[Action::Note],
-    },
-    Row {
-        from: &[Hiring],
-        event: EventKind::CandidateDown,
-        guard: None,
-        to: Hiring,
-        actions: &[Action::Note],
-    },
-    Row {
-        from: &[Ready],
-        event: EventKind::CandidateDown,
-        guard: None,
-        to: Ready,
-        actions: &[Action::Note],
-    },
-    Row {
-        from: LIVE,
-        event: EventKind::Shutdown,
-        guard: None,
-        to: Closed,
-        actions: &[],
-    },
+static ROWS: &[Row<FireHire>] = &[
+    row(
+        &[AtStartup],
+        EventKind::Start,
+        STAFFING,
+        &[Action::Note, Action::Resume, Action::HireOne, Action::Save],
+    ),
+    row(
+        &[AtStartup],
+        EventKind::CandidateUp,
+        To::Stay,
+        &[Action::Note],
+    ),
+    row(
+        &[AtStartup],
+        EventKind::CandidateDown,
+        To::Stay,
+        &[Action::Note],
+    ),
+    row(STAFFED, EventKind::Report, STAFFING, DECIDE),
+    row(STAFFED, EventKind::Fire, STAFFING, DECIDE),
+    row(STAFFED, EventKind::CandidateUp, STAFFING, DECIDE),
+    row(STAFFED, EventKind::CandidateDown, STAFFING, DECIDE),
+    row(STAFFED, EventKind::Timeout, STAFFING, DECIDE),
+    row(STAFFED, EventKind::SupplierLeft, To::Stay, &[Action::Note]),
+    row(
+        LIVE,
+        EventKind::Shutdown,
+        Go(Closed),
+        &[Action::StopConnectors],
+    ),
 ];
 
-static TIMERS: &[TimerRow<FireHire>] = &[TimerRow {
-    timer: Timer::Retry,
-    period: Duration::from_secs(5),
-    states: &[Waiting],
+static CHOICES: &[ChoiceRow<FireHire>] = &[ChoiceRow {
+    choice: Choice::Staffing,
+    targets: &[
+        (Hiring, "a hire in flight"),
+        (Waiting, "a position empty, no one free"),
+        (Ready, "every position held"),
+    ],
 }];
-
-fn all_rows() -> &'static [Row<FireHire>] {
-    static ROWS: std::sync::OnceLock<Vec<Row<FireHire>>> = std::sync::OnceLock::new();
-    ROWS.get_or_init(|| {
-        let mut rows = Vec::new();
-        for group in [&START, &HIRED, &REFUSED, &FIRE] {
-            rows.extend(group.iter().map(Row::copy));
-        }
-        rows.extend(OTHER.iter().map(Row::copy));
-        rows
-    })
-}
 
 impl Machine for FireHire {
     type State = State;
@@ -389,121 +403,125 @@ impl Machine for FireHire {
     type Guard = Guard;
     type Action = Action;
     type Timer = Timer;
+    type Choice = Choice;
+    type Output = Output;
 
     const NAME: &'static str = "fire_hire";
-    const ABOUT: &'static str = "Keeps one supplier hired per fragment position, choosing among trusted online peers not already used (never two positions on one node); backs off from suppliers that refused; replaces suppliers that refuse, leave or are fired.";
+    const ABOUT: &'static str = "Keeps one supplier hired per fragment position, choosing among trusted online peers not already used (never two positions on one node, never one still cancelling); backs off from suppliers that refused; replaces suppliers that refuse, leave or are fired.";
     const INITIAL: State = AtStartup;
     const TERMINAL: &'static [State] = &[Closed];
 
     fn rows() -> &'static [Row<Self>] {
-        all_rows()
+        ROWS
     }
 
-    fn timers() -> &'static [TimerRow<Self>] {
-        TIMERS
+    fn choices() -> &'static [ChoiceRow<Self>] {
+        CHOICES
     }
 
-    fn kind(event: &Event) -> EventKind {
-        match event {
-            Event::Start { .. } => EventKind::Start,
-            Event::CandidateUp(_) => EventKind::CandidateUp,
-            Event::CandidateDown(_) => EventKind::CandidateDown,
-            Event::Hired { .. } => EventKind::Hired,
-            Event::Refused { .. } => EventKind::Refused,
-            Event::Fire { .. } => EventKind::Fire,
-            Event::Tick { .. } => EventKind::Tick,
-            Event::Shutdown => EventKind::Shutdown,
-        }
-    }
-
-    fn timer_event(_timer: Timer, now: Duration) -> Event {
-        Event::Tick { now }
+    fn timer_event(timer: Timer) -> Event {
+        Event::Timeout(timer)
     }
 
     fn shutdown_event() -> Event {
         Event::Shutdown
     }
 
-    fn timer_period(&self, _timer: Timer) -> Duration {
-        self.retry_min
+    fn guard(&self, guard: Guard, _: &Event, _: &Ctx) -> bool {
+        match guard {}
     }
 
-    fn guard(&self, guard: Guard, event: &Event) -> bool {
-        let next = self.after(event);
-        match guard {
-            Guard::CanHire => next.can_hire(),
-            Guard::StillHiring => next.pending.is_some(),
-            Guard::NeedHire => next.empty_position().is_some(),
+    fn choose(&self, _choice: Choice, _: &Ctx) -> State {
+        if self.pending().is_some() {
+            Hiring
+        } else if self.empty_position().is_some() {
+            Waiting
+        } else {
+            Ready
         }
     }
 
-    fn apply(&mut self, action: Action, event: &Event) {
+    fn apply(&mut self, action: Action, event: &Event, ctx: &Ctx, out: &mut Out<Self>) {
         match action {
-            Action::Note => self.note(event),
+            Action::Note => self.note(event, ctx, out),
             Action::Resume => {
-                self.resumed = self
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(p, h)| h.map(|h| (p as u32, h.supplier)))
-                    .collect();
-            }
-            Action::HireOne => {
-                if let (Some(position), Some(supplier)) =
-                    (self.empty_position(), self.free_candidate())
-                {
-                    self.slots[position as usize] = Some(Hire {
-                        supplier,
-                        confirmed: false,
-                    });
-                    self.pending = Some((position, supplier));
+                for position in 0..self.slots.len() {
+                    if let Some(hire) = self.slots[position] {
+                        let start = self.start_connector(position as u32, hire.supplier, true);
+                        out.push(start);
+                    }
                 }
             }
-            Action::Dismiss | Action::Save => {}
+            Action::HireOne => self.hire_one(ctx, out),
+            Action::Save => {
+                let now: Vec<_> = self
+                    .slots
+                    .iter()
+                    .map(|h| h.map(|h| (h.supplier, h.confirmed)))
+                    .collect();
+                if self.saved.as_ref() != Some(&now) {
+                    self.saved = Some(now.clone());
+                    out.push(Output::Save(now));
+                }
+            }
+            Action::StopConnectors => out.push(Output::StopConnectors),
         }
+    }
+
+    fn invariant(&self, _state: State) -> Result<(), String> {
+        if !self.positions_are_distinct() {
+            return Err("a supplier holds two positions".into());
+        }
+        let unconfirmed = self.slots.iter().flatten().filter(|h| !h.confirmed).count();
+        if unconfirmed > 1 {
+            return Err(format!("{unconfirmed} hires in flight"));
+        }
+        for (instance, (_, supplier)) in &self.leaving {
+            if self.slots.iter().flatten().any(|h| h.instance == *instance) {
+                return Err(format!(
+                    "connector {instance} ({supplier}) both holds and leaves"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn sample_events() -> Vec<Event> {
         let ids: Vec<NodeId> = (1..=4u8)
             .map(|i| NodeId::from_signing_key(&[i; 32]))
             .collect();
-        let s = Duration::from_secs;
         vec![
+            Event::Start { resumed: vec![] },
             Event::Start {
-                now: s(0),
-                resumed: vec![],
-            },
-            Event::Start {
-                now: s(0),
                 resumed: vec![(0, ids[0])],
             },
             Event::CandidateUp(ids[0]),
             Event::CandidateUp(ids[1]),
             Event::CandidateUp(ids[2]),
             Event::CandidateDown(ids[1]),
-            Event::Hired {
-                position: 0,
-                supplier: ids[0],
+            Event::Report {
+                instance: 1,
+                report: Report::Connected,
             },
-            Event::Hired {
-                position: 1,
-                supplier: ids[1],
+            Event::Report {
+                instance: 2,
+                report: Report::Connected,
             },
-            Event::Refused {
-                position: 0,
-                supplier: ids[0],
-                now: s(10),
+            Event::Report {
+                instance: 1,
+                report: Report::Refused(sc::RefuseReason::NoSpace),
             },
-            Event::Refused {
-                position: 1,
-                supplier: ids[2],
-                now: s(20),
+            Event::Report {
+                instance: 3,
+                report: Report::Disconnected,
             },
-            Event::Fire {
-                position: 1,
-                now: s(30),
+            Event::Report {
+                instance: 2,
+                report: Report::Closed,
             },
-            Event::Tick { now: s(1000) },
+            Event::Fire { position: 1 },
+            Event::SupplierLeft(ids[0]),
+            Event::Timeout(Timer::Retry),
             Event::Shutdown,
         ]
     }
@@ -512,30 +530,59 @@ impl Machine for FireHire {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fsm::Instance;
+    use crate::fsm::{Instance, Stepped};
 
     fn id(n: u8) -> NodeId {
         NodeId::from_signing_key(&[n; 32])
     }
 
+    fn at(secs: u64) -> Ctx {
+        Ctx::at(Duration::from_secs(secs))
+    }
+
     fn started(positions: usize, candidates: &[u8]) -> Instance<FireHire> {
         let mut m = Instance::new(FireHire::new(positions), "0");
         for &c in candidates {
-            m.step(&Event::CandidateUp(id(c)));
+            m.step(&Event::CandidateUp(id(c)), &at(0));
         }
-        m.step(&Event::Start {
-            now: Duration::ZERO,
-            resumed: vec![],
-        });
+        m.step(&Event::Start { resumed: vec![] }, &at(0));
         m
+    }
+
+    fn holder(m: &Instance<FireHire>, position: u32) -> u64 {
+        m.machine.slots[position as usize].expect("held").instance
+    }
+
+    fn report(
+        m: &mut Instance<FireHire>,
+        instance: u64,
+        report: Report,
+        c: &Ctx,
+    ) -> Stepped<FireHire> {
+        m.step(&Event::Report { instance, report }, c)
+            .expect("handled")
+    }
+
+    fn dismissed(s: &Stepped<FireHire>) -> Vec<u64> {
+        s.outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Tell {
+                    instance,
+                    event: sc::Event::Dismiss,
+                } => Some(*instance),
+                _ => None,
+            })
+            .collect()
     }
 
     #[test]
     fn hires_one_distinct_supplier_per_position() {
         let mut m = started(3, &[1, 2, 3, 4]);
         for _ in 0..3 {
-            let (position, supplier) = m.machine.pending.expect("hiring");
-            m.step(&Event::Hired { position, supplier });
+            let (position, _) = m.machine.pending().expect("hiring");
+            let instance = holder(&m, position);
+            report(&mut m, instance, Report::Connected, &at(1));
             assert!(m.machine.positions_are_distinct());
         }
         assert_eq!(m.state(), Ready);
@@ -548,73 +595,111 @@ mod tests {
     }
 
     #[test]
-    fn refusal_moves_on_and_backs_off() {
+    fn refusal_moves_on_and_backs_off_with_a_deadline() {
         let mut m = started(1, &[1, 2]);
-        let (position, first) = m.machine.pending.expect("hiring");
-        m.step(&Event::Refused {
-            position,
-            supplier: first,
-            now: Duration::from_secs(1),
-        });
-        assert_eq!(m.machine.dismiss, Some((position, first)));
-        let (_, second) = m.machine.pending.expect("hires the other");
+        let (position, first) = m.machine.pending().expect("hiring");
+        let instance = holder(&m, position);
+        let s = report(
+            &mut m,
+            instance,
+            Report::Refused(sc::RefuseReason::NoSpace),
+            &at(1),
+        );
+        assert_eq!(dismissed(&s), vec![instance]);
+        let (_, second) = m.machine.pending().expect("hires the other");
         assert_ne!(first, second);
-        m.step(&Event::Refused {
-            position,
-            supplier: second,
-            now: Duration::from_secs(2),
-        });
+        let instance = holder(&m, position);
+        report(
+            &mut m,
+            instance,
+            Report::Refused(sc::RefuseReason::NoSpace),
+            &at(2),
+        );
+        assert_eq!(m.state(), Waiting, "both refused");
+        // Both leave: their cancels complete.
+        for leaving in m.machine.leaving.keys().copied().collect::<Vec<_>>() {
+            report(&mut m, leaving, Report::Closed, &at(3));
+        }
         assert_eq!(m.state(), Waiting, "both cooling down");
-        assert!(
-            m.step(&Event::Tick {
-                now: Duration::from_secs(3)
-            })
-            .is_none()
-        );
-        assert_eq!(
-            m.step(&Event::Tick {
-                now: Duration::from_secs(10)
-            })
-            .map(|s| s.to),
-            Some(Hiring)
-        );
+        // The wake-up is the first cooldown's end, not a poll.
+        let wake: Vec<_> = m.timers().deadlines().collect();
+        assert_eq!(wake, vec![(Timer::Retry, Duration::from_secs(6))]);
+        let s = m
+            .step(&Event::Timeout(Timer::Retry), &at(6))
+            .expect("retry");
+        assert_eq!(s.to, Hiring);
     }
 
     #[test]
-    fn no_candidate_waits_and_a_new_peer_is_hired() {
-        let mut m = started(2, &[1]);
-        let (p, s) = m.machine.pending.expect("hiring");
-        m.step(&Event::Hired {
-            position: p,
-            supplier: s,
-        });
-        assert_eq!(m.state(), Waiting);
-        assert_eq!(
-            m.step(&Event::CandidateUp(id(2))).map(|s| s.to),
-            Some(Hiring)
+    fn a_supplier_still_cancelling_is_not_hired_again() {
+        let mut m = started(2, &[1, 2]);
+        let (p0, s0) = m.machine.pending().expect("hiring");
+        let i0 = holder(&m, p0);
+        report(&mut m, i0, Report::Connected, &at(1));
+        let (p1, _) = m.machine.pending().expect("hiring");
+        let i1 = holder(&m, p1);
+        report(&mut m, i1, Report::Connected, &at(1));
+        // Fire position 0; its supplier cools down past that, then a third friend appears.
+        m.step(&Event::Fire { position: p0 }, &at(2));
+        assert!(
+            !m.machine.eligible(&s0, Duration::from_secs(10_000)),
+            "still cancelling"
         );
+        report(&mut m, i0, Report::Closed, &at(3));
+        assert!(m.machine.eligible(&s0, Duration::from_secs(10_000)));
+    }
+
+    #[test]
+    fn stale_reports_from_a_replaced_connector_are_ignored() {
+        let mut m = started(1, &[1, 2]);
+        let old = holder(&m, 0);
+        report(
+            &mut m,
+            old,
+            Report::Refused(sc::RefuseReason::NoSpace),
+            &at(1),
+        );
+        let new = holder(&m, 0);
+        assert_ne!(old, new);
+        // The old connector, though dismissed, claims to be connected.
+        report(&mut m, old, Report::Connected, &at(2));
+        assert!(!m.machine.slots[0].expect("held").confirmed);
+        assert_eq!(m.state(), Hiring);
     }
 
     #[test]
     fn fire_replaces_and_resumed_contracts_are_kept() {
         let mut m = Instance::new(FireHire::new(2), "0");
-        m.step(&Event::CandidateUp(id(3)));
+        m.step(&Event::CandidateUp(id(3)), &at(0));
         let s = m
-            .step(&Event::Start {
-                now: Duration::ZERO,
-                resumed: vec![(0, id(1)), (1, id(2))],
-            })
+            .step(
+                &Event::Start {
+                    resumed: vec![(0, id(1)), (1, id(2))],
+                },
+                &at(0),
+            )
             .expect("start");
         assert_eq!(s.to, Ready, "resumed contracts need no hiring");
-        assert_eq!(m.machine.resumed.len(), 2);
-        let s = m
-            .step(&Event::Fire {
-                position: 1,
-                now: Duration::from_secs(5),
-            })
-            .expect("fire");
+        let resumed = s
+            .outputs
+            .iter()
+            .filter(|o| matches!(o, Output::StartConnector { resumed: true, .. }))
+            .count();
+        assert_eq!(resumed, 2);
+        let fired = holder(&m, 1);
+        let s = m.step(&Event::Fire { position: 1 }, &at(5)).expect("fire");
         assert_eq!(s.to, Hiring);
-        assert_eq!(m.machine.dismiss, Some((1, id(2))));
-        assert_eq!(m.machine.pending, Some((1, id(3))));
+        assert_eq!(dismissed(&s), vec![fired]);
+        assert_eq!(m.machine.pending(), Some((1, id(3))));
+    }
+
+    #[test]
+    fn positions_are_saved_only_when_they_change() {
+        let mut m = started(1, &[1]);
+        let instance = holder(&m, 0);
+        let s = report(&mut m, instance, Report::Connected, &at(1));
+        assert!(s.outputs.iter().any(|o| matches!(o, Output::Save(_))));
+        let s = report(&mut m, instance, Report::Disconnected, &at(2));
+        assert!(!s.outputs.iter().any(|o| matches!(o, Output::Save(_))));
     }
 }

@@ -1,16 +1,25 @@
 //! identity: loads this node's keys and signed identity, and re-signs it with a higher revision
 //! when its contact addresses change, then hands the new revision on for propagation.
 
-use super::machine::{Machine, Row, TimerRow};
+use super::machine::{Ctx, Machine, NoChoice, Out, Row, To, row};
 use crate::crypto::identity::Identity;
-use crate::labels;
+use crate::{events, labels};
 
 labels! {
     pub enum State { AtStartup, Loading, Ready, Resigning, Failed, Closed }
 }
 
-labels! {
-    pub enum EventKind { Start, Loaded, LoadFailed, ContactsChanged, Saved, SaveFailed, Shutdown }
+events! {
+    pub enum Event / EventKind {
+        Start,
+        Loaded(Identity),
+        LoadFailed(String),
+        /// The contact addresses the identity should carry (from config, on start and SIGHUP).
+        ContactsChanged(Vec<String>),
+        Saved(Identity),
+        SaveFailed(String),
+        Shutdown,
+    }
 }
 
 labels! {
@@ -43,16 +52,14 @@ labels! {
     pub enum Timer { }
 }
 
+/// What the identity driver must do.
 #[derive(Debug, Clone)]
-pub enum Event {
-    Start,
-    Loaded(Identity),
-    LoadFailed(String),
-    /// The contact addresses the identity should carry (from config, on start and SIGHUP).
-    ContactsChanged(Vec<String>),
-    Saved(Identity),
-    SaveFailed(String),
-    Shutdown,
+pub enum Output {
+    Load,
+    /// Sign and save a new revision carrying these contacts.
+    Resign(Vec<String>),
+    Publish(Box<Identity>),
+    Failed(String),
 }
 
 /// The identity machine's own data.
@@ -62,91 +69,72 @@ pub struct IdentityMachine {
     pub current: Option<Identity>,
     /// Contacts to sign next.
     pub wanted: Option<Vec<String>>,
-    pub last_failure: Option<String>,
 }
 
 use State::*;
+use To::State as Go;
 
 const LIVE: &[State] = &[AtStartup, Loading, Ready, Resigning, Failed];
 
 static ROWS: &[Row<IdentityMachine>] = &[
-    Row {
-        from: &[AtStartup],
-        event: EventKind::Start,
-        guard: None,
-        to: Loading,
-        actions: &[Action::LoadIdentity],
-    },
-    Row {
-        from: &[Loading],
-        event: EventKind::ContactsChanged,
-        guard: None,
-        to: Loading,
-        actions: &[Action::Defer],
-    },
-    Row {
-        from: &[Loading],
-        event: EventKind::Loaded,
-        guard: Some(Guard::PendingDiffers),
-        to: Resigning,
-        actions: &[Action::Adopt, Action::Resign],
-    },
-    Row {
-        from: &[Loading],
-        event: EventKind::Loaded,
-        guard: None,
-        to: Ready,
-        actions: &[Action::Adopt, Action::Publish],
-    },
-    Row {
-        from: &[Loading],
-        event: EventKind::LoadFailed,
-        guard: None,
-        to: Failed,
-        actions: &[Action::ReportFailure],
-    },
-    Row {
-        from: &[Ready],
-        event: EventKind::ContactsChanged,
-        guard: Some(Guard::ContactsDiffer),
-        to: Resigning,
-        actions: &[Action::Defer, Action::Resign],
-    },
-    Row {
-        from: &[Resigning],
-        event: EventKind::ContactsChanged,
-        guard: None,
-        to: Resigning,
-        actions: &[Action::Defer],
-    },
-    Row {
-        from: &[Resigning],
-        event: EventKind::Saved,
-        guard: Some(Guard::PendingDiffers),
-        to: Resigning,
-        actions: &[Action::Adopt, Action::Publish, Action::Resign],
-    },
-    Row {
-        from: &[Resigning],
-        event: EventKind::Saved,
-        guard: None,
-        to: Ready,
-        actions: &[Action::Adopt, Action::Publish],
-    },
-    Row {
-        from: &[Resigning],
-        event: EventKind::SaveFailed,
-        guard: None,
-        to: Ready,
-        actions: &[Action::ReportFailure],
-    },
-    Row {
-        from: LIVE,
-        event: EventKind::Shutdown,
-        guard: None,
-        to: Closed,
-        actions: &[],
-    },
+    row(
+        &[AtStartup],
+        EventKind::Start,
+        Go(Loading),
+        &[Action::LoadIdentity],
+    ),
+    row(
+        &[Loading, Resigning],
+        EventKind::ContactsChanged,
+        To::Stay,
+        &[Action::Defer],
+    ),
+    row(
+        &[Loading],
+        EventKind::Loaded,
+        Go(Resigning),
+        &[Action::Adopt, Action::Resign],
+    )
+    .when(Guard::PendingDiffers),
+    row(
+        &[Loading],
+        EventKind::Loaded,
+        Go(Ready),
+        &[Action::Adopt, Action::Publish],
+    ),
+    row(
+        &[Loading],
+        EventKind::LoadFailed,
+        Go(Failed),
+        &[Action::ReportFailure],
+    ),
+    row(
+        &[Ready],
+        EventKind::ContactsChanged,
+        Go(Resigning),
+        &[Action::Defer, Action::Resign],
+    )
+    .when(Guard::ContactsDiffer),
+    row(
+        &[Resigning],
+        EventKind::Saved,
+        To::Stay,
+        &[Action::Adopt, Action::Publish, Action::Resign],
+    )
+    .when(Guard::PendingDiffers),
+    row(
+        &[Resigning],
+        EventKind::Saved,
+        Go(Ready),
+        &[Action::Adopt, Action::Publish],
+    ),
+    row(
+        &[Resigning],
+        EventKind::SaveFailed,
+        Go(Ready),
+        &[Action::ReportFailure],
+    ),
+    row(LIVE, EventKind::Shutdown, Go(Closed), &[]),
 ];
 
 impl Machine for IdentityMachine {
@@ -156,6 +144,8 @@ impl Machine for IdentityMachine {
     type Guard = Guard;
     type Action = Action;
     type Timer = Timer;
+    type Choice = NoChoice;
+    type Output = Output;
 
     const NAME: &'static str = "identity";
     const ABOUT: &'static str = "Loads this node's keys and signed identity; re-signs it with a higher revision when its contact addresses change and publishes each new revision.";
@@ -166,23 +156,7 @@ impl Machine for IdentityMachine {
         ROWS
     }
 
-    fn timers() -> &'static [TimerRow<Self>] {
-        &[]
-    }
-
-    fn kind(event: &Event) -> EventKind {
-        match event {
-            Event::Start => EventKind::Start,
-            Event::Loaded(_) => EventKind::Loaded,
-            Event::LoadFailed(_) => EventKind::LoadFailed,
-            Event::ContactsChanged(_) => EventKind::ContactsChanged,
-            Event::Saved(_) => EventKind::Saved,
-            Event::SaveFailed(_) => EventKind::SaveFailed,
-            Event::Shutdown => EventKind::Shutdown,
-        }
-    }
-
-    fn timer_event(timer: Timer, _now: std::time::Duration) -> Event {
+    fn timer_event(timer: Timer) -> Event {
         match timer {}
     }
 
@@ -190,7 +164,11 @@ impl Machine for IdentityMachine {
         Event::Shutdown
     }
 
-    fn guard(&self, guard: Guard, event: &Event) -> bool {
+    fn choose(&self, choice: NoChoice, _: &Ctx) -> State {
+        match choice {}
+    }
+
+    fn guard(&self, guard: Guard, event: &Event, _: &Ctx) -> bool {
         match (guard, event) {
             (Guard::ContactsDiffer, Event::ContactsChanged(c)) => self
                 .current
@@ -204,14 +182,25 @@ impl Machine for IdentityMachine {
         }
     }
 
-    fn apply(&mut self, action: Action, event: &Event) {
+    fn apply(&mut self, action: Action, event: &Event, _: &Ctx, out: &mut Out<Self>) {
         match (action, event) {
+            (Action::LoadIdentity, _) => out.push(Output::Load),
             (Action::Adopt, Event::Loaded(id) | Event::Saved(id)) => {
                 self.current = Some(id.clone())
             }
             (Action::Defer, Event::ContactsChanged(c)) => self.wanted = Some(c.clone()),
+            (Action::Resign, _) => {
+                if let Some(wanted) = &self.wanted {
+                    out.push(Output::Resign(wanted.clone()));
+                }
+            }
+            (Action::Publish, _) => {
+                if let Some(current) = &self.current {
+                    out.push(Output::Publish(Box::new(current.clone())));
+                }
+            }
             (Action::ReportFailure, Event::LoadFailed(why) | Event::SaveFailed(why)) => {
-                self.last_failure = Some(why.clone());
+                out.push(Output::Failed(why.clone()));
             }
             _ => {}
         }
@@ -250,6 +239,8 @@ mod tests {
     use super::*;
     use crate::fsm::machine::Instance;
 
+    const C: Ctx = Ctx::at(std::time::Duration::ZERO);
+
     fn identity(port: u16, rev: u64) -> Identity {
         let keys =
             crate::crypto::keys::NodeKeys::from_secret_bytes(&[7; 32], &[9; 32]).expect("keys");
@@ -259,53 +250,68 @@ mod tests {
     #[test]
     fn loads_then_resigns_on_contact_change() {
         let mut m = Instance::new(IdentityMachine::default(), "0");
-        let s = m.step(&Event::Start).expect("start");
-        assert_eq!((s.to, s.actions), (Loading, &[Action::LoadIdentity][..]));
-        let s = m.step(&Event::Loaded(identity(1, 1))).expect("loaded");
+        let s = m.step(&Event::Start, &C).expect("start");
+        assert_eq!((s.to, s.actions), (Loading, vec![Action::LoadIdentity]));
+        let s = m.step(&Event::Loaded(identity(1, 1)), &C).expect("loaded");
         assert_eq!(
             (s.to, s.actions),
-            (Ready, &[Action::Adopt, Action::Publish][..])
+            (Ready, vec![Action::Adopt, Action::Publish])
         );
         // Same contacts: nothing to do.
         assert!(
-            m.step(&Event::ContactsChanged(vec!["tcp://127.0.0.1:1".into()]))
-                .is_none()
+            m.step(
+                &Event::ContactsChanged(vec!["tcp://127.0.0.1:1".into()]),
+                &C
+            )
+            .is_none()
         );
         let s = m
-            .step(&Event::ContactsChanged(vec!["tcp://127.0.0.1:2".into()]))
+            .step(
+                &Event::ContactsChanged(vec!["tcp://127.0.0.1:2".into()]),
+                &C,
+            )
             .expect("changed");
         assert_eq!(s.to, Resigning);
         assert!(s.actions.contains(&Action::Resign));
-        let s = m.step(&Event::Saved(identity(2, 2))).expect("saved");
+        let s = m.step(&Event::Saved(identity(2, 2)), &C).expect("saved");
         assert_eq!(
             (s.to, s.actions),
-            (Ready, &[Action::Adopt, Action::Publish][..])
+            (Ready, vec![Action::Adopt, Action::Publish])
         );
         assert_eq!(m.machine.current.as_ref().map(Identity::revision), Some(2));
-        assert_eq!(m.step(&Event::Shutdown).map(|s| s.to), Some(Closed));
+        assert_eq!(m.step(&Event::Shutdown, &C).map(|s| s.to), Some(Closed));
         assert!(m.is_terminal());
     }
 
     #[test]
     fn change_while_resigning_is_not_lost() {
         let mut m = Instance::new(IdentityMachine::default(), "0");
-        m.step(&Event::Start);
-        m.step(&Event::Loaded(identity(1, 1)));
-        m.step(&Event::ContactsChanged(vec!["tcp://127.0.0.1:2".into()]));
-        m.step(&Event::ContactsChanged(vec!["tcp://127.0.0.1:3".into()]));
-        let s = m.step(&Event::Saved(identity(2, 2))).expect("saved");
+        m.step(&Event::Start, &C);
+        m.step(&Event::Loaded(identity(1, 1)), &C);
+        m.step(
+            &Event::ContactsChanged(vec!["tcp://127.0.0.1:2".into()]),
+            &C,
+        );
+        m.step(
+            &Event::ContactsChanged(vec!["tcp://127.0.0.1:3".into()]),
+            &C,
+        );
+        let s = m.step(&Event::Saved(identity(2, 2)), &C).expect("saved");
         assert_eq!(s.to, Resigning, "the newer request must be signed too");
         assert!(s.actions.contains(&Action::Resign));
-        let s = m.step(&Event::Saved(identity(3, 3))).expect("saved");
+        let s = m.step(&Event::Saved(identity(3, 3)), &C).expect("saved");
         assert_eq!(s.to, Ready);
     }
 
     #[test]
     fn contacts_requested_during_load_are_applied() {
         let mut m = Instance::new(IdentityMachine::default(), "0");
-        m.step(&Event::Start);
-        m.step(&Event::ContactsChanged(vec!["tcp://127.0.0.1:5".into()]));
-        let s = m.step(&Event::Loaded(identity(1, 1))).expect("loaded");
+        m.step(&Event::Start, &C);
+        m.step(
+            &Event::ContactsChanged(vec!["tcp://127.0.0.1:5".into()]),
+            &C,
+        );
+        let s = m.step(&Event::Loaded(identity(1, 1)), &C).expect("loaded");
         assert_eq!(s.to, Resigning);
     }
 }

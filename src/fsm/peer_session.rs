@@ -1,28 +1,40 @@
 //! peer_session: one TCP connection with one peer — connect (outbound), Noise handshake and
 //! identity check, then an established link kept alive by pings until it fails or is closed.
+//! A ping that gets no pong within `dead_after` marks the peer silent and closes the session.
 
 use std::time::Duration;
 
-use super::machine::{Machine, Row, TimerRow};
+use super::machine::{Ctx, Entry, Machine, NoChoice, Out, Row, TimerRow, To, row};
 use crate::crypto::identity::NodeId;
-use crate::labels;
+use crate::{events, labels};
 
 labels! {
     pub enum State { New, Connecting, Handshaking, Established, Closed }
 }
 
-labels! {
-    pub enum EventKind {
-        Dial, Accept, TcpConnected, ConnectFailed, Authenticated, HandshakeFailed, Timer, Pong,
-        LinkFailed, Superseded, Shutdown,
+events! {
+    pub enum Event / EventKind {
+        Dial,
+        Accept,
+        TcpConnected,
+        ConnectFailed,
+        /// Handshake done and the peer proved the identity it presented.
+        Authenticated(NodeId),
+        HandshakeFailed(CloseReason),
+        /// Time to probe the peer.
+        Keepalive,
+        /// A deadline passed: connecting, handshaking, or waiting for a pong.
+        Timeout(Timer),
+        Pong,
+        LinkFailed(CloseReason),
+        /// Another session with the same peer won the tie-break.
+        Superseded,
+        Shutdown,
     }
 }
 
 labels! {
-    pub enum Guard {
-        /// The peer left `max_missed_pings` pings unanswered.
-        PeerSilent,
-    }
+    pub enum Guard {}
 }
 
 labels! {
@@ -33,17 +45,17 @@ labels! {
         RunHandshake,
         /// Start reading and writing messages; tell the connector the peer is up (IO).
         StartLink,
-        /// Send a ping (IO); counts as missed until its pong arrives.
+        /// Send a ping (IO) and expect its pong within `dead_after`.
         SendPing,
-        /// A pong arrived: nothing is missed.
-        ClearMissed,
+        /// A pong arrived: the peer is alive.
+        ClearPing,
         /// Record why the session ended and tell the connector (IO).
         ReportClosed,
     }
 }
 
 labels! {
-    pub enum Timer { Connect, Handshake, Keepalive }
+    pub enum Timer { Connect, Handshake, Keepalive, PongDue }
 }
 
 labels! {
@@ -52,24 +64,23 @@ labels! {
         ConnectFailed, ConnectTimeout, HandshakeTimeout, BadHandshake, FrameTooLarge, DecryptFailed,
         MessageTooLarge, Malformed, UnsupportedVersion, UnexpectedMessage, IdentityMismatch,
         BadIdentity, UnknownPeer, WrongPeer, PeerSilent, PeerClosed, IoError, Duplicate, Shutdown,
+        RetiredKey, NotReady,
     }
 }
 
-#[derive(Debug, Clone)]
-pub enum Event {
-    Dial,
-    Accept,
-    TcpConnected,
-    ConnectFailed,
-    /// Handshake done and the peer proved the identity it presented.
-    Authenticated(NodeId),
-    HandshakeFailed(CloseReason),
-    Timer(Timer),
-    Pong,
-    LinkFailed(CloseReason),
-    /// Another session with the same peer won the tie-break.
-    Superseded,
-    Shutdown,
+/// What the session's driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    OpenTcp,
+    RunHandshake,
+    StartLink {
+        peer: NodeId,
+    },
+    SendPing,
+    Closed {
+        reason: CloseReason,
+        peer: Option<NodeId>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -77,10 +88,11 @@ pub struct PeerSession {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub keepalive: Duration,
-    pub max_missed_pings: u32,
-    pub missed_pings: u32,
+    /// How long a ping may go unanswered before the peer counts as gone.
+    pub dead_after: Duration,
+    /// A ping is out and its pong not back.
+    pub awaiting_pong: bool,
     pub peer: Option<NodeId>,
-    pub close_reason: Option<CloseReason>,
 }
 
 impl Default for PeerSession {
@@ -89,126 +101,106 @@ impl Default for PeerSession {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(30),
-            max_missed_pings: 3,
-            missed_pings: 0,
+            dead_after: Duration::from_secs(20),
+            awaiting_pong: false,
             peer: None,
-            close_reason: None,
         }
     }
 }
 
-use State::*;
+/// Why the event that closed a session closed it.
+fn close_reason(event: &Event) -> CloseReason {
+    match event {
+        Event::ConnectFailed => CloseReason::ConnectFailed,
+        Event::HandshakeFailed(r) | Event::LinkFailed(r) => *r,
+        Event::Timeout(Timer::Connect) => CloseReason::ConnectTimeout,
+        Event::Timeout(Timer::Handshake) => CloseReason::HandshakeTimeout,
+        Event::Timeout(Timer::Keepalive | Timer::PongDue) => CloseReason::PeerSilent,
+        Event::Superseded => CloseReason::Duplicate,
+        _ => CloseReason::Shutdown,
+    }
+}
 
-const LIVE: &[State] = &[New, Connecting, Handshaking, Established];
+use State::*;
+use To::State as Go;
 
 static ROWS: &[Row<PeerSession>] = &[
-    Row {
-        from: &[New],
-        event: EventKind::Dial,
-        guard: None,
-        to: Connecting,
-        actions: &[Action::OpenTcp],
-    },
-    Row {
-        from: &[New],
-        event: EventKind::Accept,
-        guard: None,
-        to: Handshaking,
-        actions: &[Action::RunHandshake],
-    },
-    Row {
-        from: &[Connecting],
-        event: EventKind::TcpConnected,
-        guard: None,
-        to: Handshaking,
-        actions: &[Action::RunHandshake],
-    },
-    Row {
-        from: &[Connecting],
-        event: EventKind::ConnectFailed,
-        guard: None,
-        to: Closed,
-        actions: &[Action::ReportClosed],
-    },
-    Row {
-        from: &[Connecting, Handshaking],
-        event: EventKind::Timer,
-        guard: None,
-        to: Closed,
-        actions: &[Action::ReportClosed],
-    },
-    Row {
-        from: &[Handshaking],
-        event: EventKind::Authenticated,
-        guard: None,
-        to: Established,
-        actions: &[Action::StartLink],
-    },
-    Row {
-        from: &[Handshaking],
-        event: EventKind::HandshakeFailed,
-        guard: None,
-        to: Closed,
-        actions: &[Action::ReportClosed],
-    },
-    Row {
-        from: &[Established],
-        event: EventKind::Timer,
-        guard: Some(Guard::PeerSilent),
-        to: Closed,
-        actions: &[Action::ReportClosed],
-    },
-    Row {
-        from: &[Established],
-        event: EventKind::Timer,
-        guard: None,
-        to: Established,
-        actions: &[Action::SendPing],
-    },
-    Row {
-        from: &[Established],
-        event: EventKind::Pong,
-        guard: None,
-        to: Established,
-        actions: &[Action::ClearMissed],
-    },
-    Row {
-        from: &[Handshaking, Established],
-        event: EventKind::LinkFailed,
-        guard: None,
-        to: Closed,
-        actions: &[Action::ReportClosed],
-    },
-    Row {
-        from: &[Established],
-        event: EventKind::Superseded,
-        guard: None,
-        to: Closed,
-        actions: &[Action::ReportClosed],
-    },
-    Row {
-        from: LIVE,
-        event: EventKind::Shutdown,
-        guard: None,
-        to: Closed,
-        actions: &[Action::ReportClosed],
-    },
+    row(&[New], EventKind::Dial, Go(Connecting), &[Action::OpenTcp]),
+    row(
+        &[New],
+        EventKind::Accept,
+        Go(Handshaking),
+        &[Action::RunHandshake],
+    ),
+    row(
+        &[Connecting],
+        EventKind::TcpConnected,
+        Go(Handshaking),
+        &[Action::RunHandshake],
+    ),
+    row(&[Connecting], EventKind::ConnectFailed, Go(Closed), &[]),
+    row(
+        &[Handshaking],
+        EventKind::Authenticated,
+        Go(Established),
+        &[Action::StartLink],
+    ),
+    row(&[Handshaking], EventKind::HandshakeFailed, Go(Closed), &[]),
+    row(
+        &[Established],
+        EventKind::Keepalive,
+        To::Stay,
+        &[Action::SendPing],
+    ),
+    row(
+        &[Connecting, Handshaking, Established],
+        EventKind::Timeout,
+        Go(Closed),
+        &[],
+    ),
+    row(
+        &[Established],
+        EventKind::Pong,
+        To::Stay,
+        &[Action::ClearPing],
+    ),
+    row(
+        &[Handshaking, Established],
+        EventKind::LinkFailed,
+        Go(Closed),
+        &[],
+    ),
+    row(&[Established], EventKind::Superseded, Go(Closed), &[]),
+    row(
+        &[New, Connecting, Handshaking, Established],
+        EventKind::Shutdown,
+        Go(Closed),
+        &[],
+    ),
 ];
+
+static ENTRY: &[Entry<PeerSession>] = &[Entry {
+    state: Closed,
+    actions: &[Action::ReportClosed],
+}];
 
 static TIMERS: &[TimerRow<PeerSession>] = &[
     TimerRow {
         timer: Timer::Connect,
         period: Duration::from_secs(10),
+        config: Some("network.connect_timeout"),
         states: &[Connecting],
     },
     TimerRow {
         timer: Timer::Handshake,
         period: Duration::from_secs(10),
+        config: Some("network.handshake_timeout"),
         states: &[Handshaking],
     },
     TimerRow {
         timer: Timer::Keepalive,
         period: Duration::from_secs(30),
+        config: Some("network.keepalive"),
         states: &[Established],
     },
 ];
@@ -220,9 +212,11 @@ impl Machine for PeerSession {
     type Guard = Guard;
     type Action = Action;
     type Timer = Timer;
+    type Choice = NoChoice;
+    type Output = Output;
 
     const NAME: &'static str = "peer_session";
-    const ABOUT: &'static str = "One connection with one peer: TCP connect, Noise handshake and identity check, then an established link kept alive by pings until it fails or is closed.";
+    const ABOUT: &'static str = "One connection with one peer: TCP connect, Noise handshake and identity check, then an established link probed by pings (a pong overdue by network.dead_after closes it) until it fails or is closed.";
     const INITIAL: State = New;
     const TERMINAL: &'static [State] = &[Closed];
 
@@ -234,24 +228,15 @@ impl Machine for PeerSession {
         TIMERS
     }
 
-    fn kind(event: &Event) -> EventKind {
-        match event {
-            Event::Dial => EventKind::Dial,
-            Event::Accept => EventKind::Accept,
-            Event::TcpConnected => EventKind::TcpConnected,
-            Event::ConnectFailed => EventKind::ConnectFailed,
-            Event::Authenticated(_) => EventKind::Authenticated,
-            Event::HandshakeFailed(_) => EventKind::HandshakeFailed,
-            Event::Timer(_) => EventKind::Timer,
-            Event::Pong => EventKind::Pong,
-            Event::LinkFailed(_) => EventKind::LinkFailed,
-            Event::Superseded => EventKind::Superseded,
-            Event::Shutdown => EventKind::Shutdown,
-        }
+    fn entry() -> &'static [Entry<Self>] {
+        ENTRY
     }
 
-    fn timer_event(timer: Timer, _now: Duration) -> Event {
-        Event::Timer(timer)
+    fn timer_event(timer: Timer) -> Event {
+        match timer {
+            Timer::Keepalive => Event::Keepalive,
+            t => Event::Timeout(t),
+        }
     }
 
     fn shutdown_event() -> Event {
@@ -263,37 +248,52 @@ impl Machine for PeerSession {
             Timer::Connect => self.connect_timeout,
             Timer::Handshake => self.handshake_timeout,
             Timer::Keepalive => self.keepalive,
+            Timer::PongDue => self.dead_after,
         }
     }
 
-    fn guard(&self, guard: Guard, _event: &Event) -> bool {
-        match guard {
-            Guard::PeerSilent => self.missed_pings >= self.max_missed_pings,
-        }
+    fn guard(&self, guard: Guard, _: &Event, _: &Ctx) -> bool {
+        match guard {}
     }
 
-    fn apply(&mut self, action: Action, event: &Event) {
+    fn choose(&self, choice: NoChoice, _: &Ctx) -> State {
+        match choice {}
+    }
+
+    fn apply(&mut self, action: Action, event: &Event, ctx: &Ctx, out: &mut Out<Self>) {
         match action {
-            Action::SendPing => self.missed_pings += 1,
-            Action::ClearMissed => self.missed_pings = 0,
+            Action::OpenTcp => out.push(Output::OpenTcp),
+            Action::RunHandshake => out.push(Output::RunHandshake),
             Action::StartLink => {
                 if let Event::Authenticated(peer) = event {
                     self.peer = Some(*peer);
+                    out.push(Output::StartLink { peer: *peer });
                 }
             }
-            Action::ReportClosed => {
-                self.close_reason = Some(match event {
-                    Event::ConnectFailed => CloseReason::ConnectFailed,
-                    Event::HandshakeFailed(r) | Event::LinkFailed(r) => *r,
-                    Event::Timer(Timer::Connect) => CloseReason::ConnectTimeout,
-                    Event::Timer(Timer::Handshake) => CloseReason::HandshakeTimeout,
-                    Event::Timer(Timer::Keepalive) => CloseReason::PeerSilent,
-                    Event::Superseded => CloseReason::Duplicate,
-                    _ => CloseReason::Shutdown,
-                });
+            Action::SendPing => {
+                out.push(Output::SendPing);
+                // The first unanswered ping sets the deadline; later ones do not move it.
+                if !self.awaiting_pong {
+                    self.awaiting_pong = true;
+                    out.state_timeout(Timer::PongDue, ctx.now + self.dead_after);
+                }
             }
-            Action::OpenTcp | Action::RunHandshake => {}
+            Action::ClearPing => {
+                self.awaiting_pong = false;
+                out.cancel_timer(Timer::PongDue);
+            }
+            Action::ReportClosed => out.push(Output::Closed {
+                reason: close_reason(event),
+                peer: self.peer,
+            }),
         }
+    }
+
+    fn invariant(&self, state: State) -> Result<(), String> {
+        if state == Established && self.peer.is_none() {
+            return Err("established without a peer".into());
+        }
+        Ok(())
     }
 
     fn sample_events() -> Vec<Event> {
@@ -304,9 +304,10 @@ impl Machine for PeerSession {
             Event::ConnectFailed,
             Event::Authenticated(NodeId::from_signing_key(&[1; 32])),
             Event::HandshakeFailed(CloseReason::BadHandshake),
-            Event::Timer(Timer::Connect),
-            Event::Timer(Timer::Handshake),
-            Event::Timer(Timer::Keepalive),
+            Event::Keepalive,
+            Event::Timeout(Timer::Connect),
+            Event::Timeout(Timer::Handshake),
+            Event::Timeout(Timer::PongDue),
             Event::Pong,
             Event::LinkFailed(CloseReason::DecryptFailed),
             Event::Superseded,
@@ -320,38 +321,65 @@ mod tests {
     use super::*;
     use crate::fsm::Instance;
 
+    fn at(secs: u64) -> Ctx {
+        Ctx::at(Duration::from_secs(secs))
+    }
+
     fn established() -> Instance<PeerSession> {
         let mut s = Instance::new(PeerSession::default(), "t");
-        s.step(&Event::Dial);
-        s.step(&Event::TcpConnected);
+        s.step(&Event::Dial, &at(0));
+        s.step(&Event::TcpConnected, &at(0));
         let peer = NodeId::from_signing_key(&[3; 32]);
-        let st = s.step(&Event::Authenticated(peer)).expect("authenticated");
+        let st = s
+            .step(&Event::Authenticated(peer), &at(0))
+            .expect("authenticated");
         assert_eq!(st.to, Established);
-        assert_eq!(s.machine.peer, Some(peer));
+        assert_eq!(st.outputs, vec![Output::StartLink { peer }]);
         s
     }
 
-    #[test]
-    fn silent_peer_is_dropped_after_missed_pings() {
-        let mut s = established();
-        for _ in 0..3 {
-            let st = s.step(&Event::Timer(Timer::Keepalive)).expect("ping");
-            assert_eq!((st.to, st.actions), (Established, &[Action::SendPing][..]));
-        }
-        let st = s.step(&Event::Timer(Timer::Keepalive)).expect("silent");
-        assert_eq!(st.to, Closed);
-        assert_eq!(s.machine.close_reason, Some(CloseReason::PeerSilent));
+    fn closed_with(s: &crate::fsm::Stepped<PeerSession>) -> Option<CloseReason> {
+        s.outputs.iter().find_map(|o| match o {
+            Output::Closed { reason, .. } => Some(*reason),
+            _ => None,
+        })
     }
 
     #[test]
-    fn pong_resets_missed_pings() {
+    fn silent_peer_is_dropped_once_its_pong_is_overdue() {
         let mut s = established();
-        s.step(&Event::Timer(Timer::Keepalive));
-        s.step(&Event::Timer(Timer::Keepalive));
-        s.step(&Event::Pong);
-        assert_eq!(s.machine.missed_pings, 0);
-        for _ in 0..3 {
-            s.step(&Event::Timer(Timer::Keepalive));
+        let st = s.step(&Event::Keepalive, &at(30)).expect("ping");
+        assert_eq!((st.to, st.outputs), (Established, vec![Output::SendPing]));
+        // Pinging again does not push the deadline back.
+        s.step(&Event::Keepalive, &at(45));
+        let deadline: Vec<_> = s.timers().deadlines().collect();
+        assert_eq!(deadline, vec![(Timer::PongDue, Duration::from_secs(50))]);
+        let mut due = |at: u64| {
+            let mut timers = Vec::new();
+            while let Some(t) = s.due_timer(Duration::from_secs(at)) {
+                timers.push(t);
+            }
+            timers
+        };
+        assert!(!due(49).contains(&Timer::PongDue));
+        assert_eq!(due(50), vec![Timer::PongDue]);
+        let st = s
+            .step(&PeerSession::timer_event(Timer::PongDue), &at(50))
+            .expect("silent");
+        assert_eq!(st.to, Closed);
+        assert_eq!(closed_with(&st), Some(CloseReason::PeerSilent));
+    }
+
+    #[test]
+    fn pong_clears_the_deadline() {
+        let mut s = established();
+        s.step(&Event::Keepalive, &at(30));
+        s.step(&Event::Pong, &at(31));
+        assert!(!s.machine.awaiting_pong);
+        assert_eq!(s.timers().deadlines().count(), 0);
+        for t in [60, 90, 120] {
+            s.step(&Event::Keepalive, &at(t));
+            s.step(&Event::Pong, &at(t + 1));
         }
         assert_eq!(s.state(), Established);
     }
@@ -359,19 +387,39 @@ mod tests {
     #[test]
     fn handshake_timeout_and_failures_close_with_reason() {
         let mut s = Instance::new(PeerSession::default(), "t");
-        s.step(&Event::Accept);
-        s.step(&Event::Timer(Timer::Handshake));
+        s.step(&Event::Accept, &at(0));
+        let st = s
+            .step(&Event::Timeout(Timer::Handshake), &at(10))
+            .expect("timeout");
         assert_eq!(
-            (s.state(), s.machine.close_reason),
+            (st.to, closed_with(&st)),
             (Closed, Some(CloseReason::HandshakeTimeout))
         );
         let mut s = Instance::new(PeerSession::default(), "t");
-        s.step(&Event::Accept);
-        s.step(&Event::HandshakeFailed(CloseReason::IdentityMismatch));
-        assert_eq!(s.machine.close_reason, Some(CloseReason::IdentityMismatch));
+        s.step(&Event::Accept, &at(0));
+        let st = s
+            .step(
+                &Event::HandshakeFailed(CloseReason::IdentityMismatch),
+                &at(1),
+            )
+            .expect("failed");
+        assert_eq!(closed_with(&st), Some(CloseReason::IdentityMismatch));
         // A pong before the link is up means nothing.
         let mut s = Instance::new(PeerSession::default(), "t");
-        s.step(&Event::Accept);
-        assert!(s.step(&Event::Pong).is_none());
+        s.step(&Event::Accept, &at(0));
+        assert!(s.step(&Event::Pong, &at(1)).is_none());
+    }
+
+    #[test]
+    fn every_way_into_closed_reports_once() {
+        let mut s = established();
+        let st = s.step(&Event::Superseded, &at(5)).expect("closed");
+        let reports = st
+            .outputs
+            .iter()
+            .filter(|o| matches!(o, Output::Closed { .. }))
+            .count();
+        assert_eq!(reports, 1);
+        assert_eq!(closed_with(&st), Some(CloseReason::Duplicate));
     }
 }

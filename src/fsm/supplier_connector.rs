@@ -2,18 +2,59 @@
 //! request service, hold it while the supplier is reachable, re-confirm after it comes back,
 //! cancel it when fired. Adapted from the original's NO_SERVICE/REQUEST/CONNECTED/DISCONNECTED/
 //! REFUSE/CLOSED machine; its QUEUE? state (event subscriptions) has no counterpart here.
+//!
+//! How a supplier's answer is read is decided here too ([`FailCode::ends_contract`]): only a
+//! refusal that says "not trusted" or "no space" ends a contract; a passing failure (its store
+//! still opening, no session at this instant) is retried after `retry_soon`, not after a whole
+//! request timeout.
 
 use std::time::Duration;
 
-use super::machine::{Machine, Row, TimerRow};
-use crate::labels;
+#[cfg(test)]
+use super::machine::Label;
+use super::machine::{Ctx, Entry, Machine, NoChoice, Out, Row, TimerRow, To, row};
+use crate::{events, labels};
 
 labels! {
     pub enum State { NoService, Requesting, Connected, Disconnected, Refused, Cancelling, Closed }
 }
 
 labels! {
-    pub enum EventKind { Connect, Accepted, Refused, Timer, PeerUp, PeerDown, SupplierCancelled, Dismiss, CancelDone, Shutdown }
+    /// What a supplier's refusal or failure says, mirrored one to one from the wire's reasons by
+    /// the driver (`Unavailable`: the request could not be sent or its session closed).
+    pub enum FailCode { NotTrusted, NoSpace, OverQuota, NotReady, Unavailable, Other }
+}
+
+impl FailCode {
+    /// Whether this answer ends the contract (the supplier will not serve us); any other
+    /// failure is passing and is retried.
+    pub fn ends_contract(self) -> bool {
+        matches!(
+            self,
+            FailCode::NotTrusted | FailCode::NoSpace | FailCode::OverQuota
+        )
+    }
+}
+
+events! {
+    #[derive(PartialEq, Eq)]
+    pub enum Event / EventKind {
+        Connect,
+        Accepted,
+        /// The supplier refused or failed the request.
+        Refused(FailCode),
+        Timeout(Timer),
+        /// Time to ask again after a passing failure.
+        RetryDue,
+        PeerUp,
+        PeerDown,
+        /// The supplier ended the service on its side.
+        SupplierCancelled,
+        /// fire_hire (or the monitor through it) lets this supplier go.
+        Dismiss,
+        CancelDone,
+        Shutdown,
+    }
 }
 
 labels! {
@@ -24,6 +65,8 @@ labels! {
         HadContract,
         /// The network reports the supplier's node up.
         PeerReachable,
+        /// The refusal ends the contract.
+        Final,
     }
 }
 
@@ -31,6 +74,10 @@ labels! {
     pub enum Action {
         /// Send a service request (IO); counts an attempt.
         SendRequest,
+        /// A passing failure: ask again soon.
+        RetrySoon,
+        /// Send the request again after a passing failure (IO); not counted as an attempt.
+        Resend,
         /// The supplier accepted: tell fire_hire, reset attempts (IO).
         ReportConnected,
         /// The supplier is unreachable for now (IO: tell fire_hire).
@@ -41,45 +88,45 @@ labels! {
         SendCancel,
         /// The contract is over: tell fire_hire (IO).
         ReportClosed,
-        /// Remember whether the supplier's node is up.
-        NotePresence,
     }
 }
 
 labels! {
-    pub enum Timer { Request, Retry, Cancel }
+    pub enum Timer { Request, Retry, Cancel, Soon }
 }
 
 labels! {
-    /// Why a supplier said no (from its typed fail reason), or went silent.
-    pub enum RefuseReason { NotTrusted, NoSpace, Unreachable, Left, Other }
+    /// Why a contract ended from the supplier's side, or never started.
+    pub enum RefuseReason { NotTrusted, NoSpace, Unreachable, Left }
 }
 
-#[derive(Debug, Clone)]
-pub enum Event {
-    Connect,
-    Accepted,
+/// News for fire_hire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    Connected,
+    Disconnected,
     Refused(RefuseReason),
-    Timer(Timer),
-    PeerUp,
-    PeerDown,
-    /// The supplier ended the service on its side.
-    SupplierCancelled,
-    /// fire_hire (or the monitor through it) lets this supplier go.
-    Dismiss,
-    CancelDone,
-    Shutdown,
+    Closed,
+}
+
+/// What the connector's driver must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    SendRequest,
+    SendCancel,
+    Report(Report),
 }
 
 #[derive(Debug, Clone)]
 pub struct SupplierConnector {
     pub request_timeout: Duration,
     pub retry_every: Duration,
+    /// Delay before asking again after a passing failure.
+    pub retry_soon: Duration,
     pub max_attempts: u32,
     pub attempts: u32,
     pub accepted_before: bool,
     pub peer_up: bool,
-    pub refuse_reason: Option<RefuseReason>,
 }
 
 impl SupplierConnector {
@@ -97,16 +144,26 @@ impl Default for SupplierConnector {
         SupplierConnector {
             request_timeout: Duration::from_secs(30),
             retry_every: Duration::from_secs(60),
+            retry_soon: Duration::from_secs(2),
             max_attempts: 3,
             attempts: 0,
             accepted_before: false,
             peer_up: true,
-            refuse_reason: None,
         }
     }
 }
 
+fn refuse_reason(event: &Event) -> RefuseReason {
+    match event {
+        Event::Refused(FailCode::NotTrusted) => RefuseReason::NotTrusted,
+        Event::Refused(FailCode::NoSpace | FailCode::OverQuota) => RefuseReason::NoSpace,
+        Event::SupplierCancelled => RefuseReason::Left,
+        _ => RefuseReason::Unreachable,
+    }
+}
+
 use State::*;
+use To::State as Go;
 
 const LIVE: &[State] = &[
     NoService,
@@ -118,153 +175,147 @@ const LIVE: &[State] = &[
 ];
 
 static ROWS: &[Row<SupplierConnector>] = &[
-    Row {
-        from: &[NoService],
-        event: EventKind::Connect,
-        guard: None,
-        to: Requesting,
-        actions: &[Action::SendRequest],
-    },
-    Row {
-        from: &[Requesting],
-        event: EventKind::Accepted,
-        guard: None,
-        to: Connected,
-        actions: &[Action::ReportConnected],
-    },
-    Row {
-        from: &[Requesting],
-        event: EventKind::Refused,
-        guard: None,
-        to: Refused,
-        actions: &[Action::ReportRefused],
-    },
-    Row {
-        from: &[Requesting],
-        event: EventKind::Timer,
-        guard: Some(Guard::RetriesLeft),
-        to: Requesting,
-        actions: &[Action::SendRequest],
-    },
-    Row {
-        from: &[Requesting],
-        event: EventKind::Timer,
-        guard: Some(Guard::HadContract),
-        to: Disconnected,
-        actions: &[Action::ReportDisconnected],
-    },
-    Row {
-        from: &[Requesting],
-        event: EventKind::Timer,
-        guard: None,
-        to: Refused,
-        actions: &[Action::ReportRefused],
-    },
-    Row {
-        from: &[Requesting],
-        event: EventKind::PeerDown,
-        guard: Some(Guard::HadContract),
-        to: Disconnected,
-        actions: &[Action::ReportDisconnected],
-    },
-    Row {
-        from: &[Connected],
-        event: EventKind::PeerDown,
-        guard: None,
-        to: Disconnected,
-        actions: &[Action::ReportDisconnected],
-    },
-    Row {
-        from: &[Connected, Requesting],
-        event: EventKind::SupplierCancelled,
-        guard: None,
-        to: Refused,
-        actions: &[Action::ReportRefused],
-    },
+    row(
+        &[NoService],
+        EventKind::Connect,
+        Go(Requesting),
+        &[Action::SendRequest],
+    ),
+    row(
+        &[Requesting],
+        EventKind::Accepted,
+        Go(Connected),
+        &[Action::ReportConnected],
+    ),
+    row(
+        &[Requesting],
+        EventKind::Refused,
+        Go(Refused),
+        &[Action::ReportRefused],
+    )
+    .when(Guard::Final),
+    row(
+        &[Requesting],
+        EventKind::Refused,
+        To::Stay,
+        &[Action::RetrySoon],
+    ),
+    row(
+        &[Requesting],
+        EventKind::RetryDue,
+        To::Stay,
+        &[Action::Resend],
+    ),
+    row(
+        &[Requesting],
+        EventKind::Timeout,
+        To::Stay,
+        &[Action::SendRequest],
+    )
+    .when(Guard::RetriesLeft),
+    row(
+        &[Requesting],
+        EventKind::Timeout,
+        Go(Disconnected),
+        &[Action::ReportDisconnected],
+    )
+    .when(Guard::HadContract),
+    row(
+        &[Requesting],
+        EventKind::Timeout,
+        Go(Refused),
+        &[Action::ReportRefused],
+    ),
+    row(
+        &[Requesting],
+        EventKind::PeerDown,
+        Go(Disconnected),
+        &[Action::ReportDisconnected],
+    )
+    .when(Guard::HadContract),
+    row(
+        &[Connected],
+        EventKind::PeerDown,
+        Go(Disconnected),
+        &[Action::ReportDisconnected],
+    ),
+    row(
+        &[Connected, Requesting],
+        EventKind::SupplierCancelled,
+        Go(Refused),
+        &[Action::ReportRefused],
+    ),
     // The supplier's node just came up: ask now rather than wait for the request timer.
-    Row {
-        from: &[Requesting],
-        event: EventKind::PeerUp,
-        guard: None,
-        to: Requesting,
-        actions: &[Action::SendRequest],
-    },
-    Row {
-        from: &[Disconnected],
-        event: EventKind::PeerUp,
-        guard: None,
-        to: Requesting,
-        actions: &[Action::SendRequest],
-    },
-    Row {
-        from: &[Disconnected],
-        event: EventKind::Timer,
-        guard: Some(Guard::PeerReachable),
-        to: Requesting,
-        actions: &[Action::SendRequest],
-    },
-    Row {
-        from: &[Disconnected],
-        event: EventKind::PeerDown,
-        guard: None,
-        to: Disconnected,
-        actions: &[Action::NotePresence],
-    },
-    Row {
-        from: &[NoService, Requesting, Connected, Disconnected],
-        event: EventKind::Dismiss,
-        guard: None,
-        to: Cancelling,
-        actions: &[Action::SendCancel],
-    },
-    Row {
-        from: &[Refused],
-        event: EventKind::Dismiss,
-        guard: None,
-        to: Closed,
-        actions: &[Action::ReportClosed],
-    },
-    Row {
-        from: &[Cancelling],
-        event: EventKind::CancelDone,
-        guard: None,
-        to: Closed,
-        actions: &[Action::ReportClosed],
-    },
-    Row {
-        from: &[Cancelling],
-        event: EventKind::Timer,
-        guard: None,
-        to: Closed,
-        actions: &[Action::ReportClosed],
-    },
+    row(
+        &[Requesting],
+        EventKind::PeerUp,
+        To::Stay,
+        &[Action::Resend],
+    ),
+    row(
+        &[Disconnected],
+        EventKind::PeerUp,
+        Go(Requesting),
+        &[Action::SendRequest],
+    ),
+    row(
+        &[Disconnected],
+        EventKind::Timeout,
+        Go(Requesting),
+        &[Action::SendRequest],
+    )
+    .when(Guard::PeerReachable),
+    row(&[Disconnected], EventKind::PeerDown, To::Stay, &[]),
+    row(
+        &[NoService, Requesting, Connected, Disconnected],
+        EventKind::Dismiss,
+        Go(Cancelling),
+        &[Action::SendCancel],
+    ),
+    row(
+        &[Refused],
+        EventKind::Dismiss,
+        Go(Closed),
+        &[Action::ReportClosed],
+    ),
+    row(
+        &[Cancelling],
+        EventKind::CancelDone,
+        Go(Closed),
+        &[Action::ReportClosed],
+    ),
+    row(
+        &[Cancelling],
+        EventKind::Timeout,
+        Go(Closed),
+        &[Action::ReportClosed],
+    ),
     // A stop keeps the contract: a restart resumes it without re-hiring.
-    Row {
-        from: LIVE,
-        event: EventKind::Shutdown,
-        guard: None,
-        to: Closed,
-        actions: &[],
-    },
+    row(LIVE, EventKind::Shutdown, Go(Closed), &[]),
 ];
 
 static TIMERS: &[TimerRow<SupplierConnector>] = &[
     TimerRow {
         timer: Timer::Request,
-        period: Duration::from_secs(30),
+        period: Duration::from_secs(60),
+        config: Some("network.request_timeout"),
         states: &[Requesting],
     },
     TimerRow {
         timer: Timer::Retry,
         period: Duration::from_secs(60),
+        config: None,
         states: &[Disconnected],
     },
     TimerRow {
         timer: Timer::Cancel,
-        period: Duration::from_secs(30),
+        period: Duration::from_secs(60),
+        config: Some("network.request_timeout"),
         states: &[Cancelling],
     },
 ];
+
+static ENTRY: &[Entry<SupplierConnector>] = &[];
 
 impl Machine for SupplierConnector {
     type State = State;
@@ -273,9 +324,11 @@ impl Machine for SupplierConnector {
     type Guard = Guard;
     type Action = Action;
     type Timer = Timer;
+    type Choice = NoChoice;
+    type Output = Output;
 
     const NAME: &'static str = "supplier_connector";
-    const ABOUT: &'static str = "The customer's contract with the supplier at one fragment position: request service, hold it while the supplier is reachable, re-confirm it when the supplier returns, cancel it when fired.";
+    const ABOUT: &'static str = "The customer's contract with the supplier at one fragment position: request service, hold it while the supplier is reachable, re-confirm it when the supplier returns, cancel it when fired; a passing failure is retried soon.";
     const INITIAL: State = NoService;
     const TERMINAL: &'static [State] = &[Closed];
 
@@ -287,23 +340,15 @@ impl Machine for SupplierConnector {
         TIMERS
     }
 
-    fn kind(event: &Event) -> EventKind {
-        match event {
-            Event::Connect => EventKind::Connect,
-            Event::Accepted => EventKind::Accepted,
-            Event::Refused(_) => EventKind::Refused,
-            Event::Timer(_) => EventKind::Timer,
-            Event::PeerUp => EventKind::PeerUp,
-            Event::PeerDown => EventKind::PeerDown,
-            Event::SupplierCancelled => EventKind::SupplierCancelled,
-            Event::Dismiss => EventKind::Dismiss,
-            Event::CancelDone => EventKind::CancelDone,
-            Event::Shutdown => EventKind::Shutdown,
-        }
+    fn entry() -> &'static [Entry<Self>] {
+        ENTRY
     }
 
-    fn timer_event(timer: Timer, _now: Duration) -> Event {
-        Event::Timer(timer)
+    fn timer_event(timer: Timer) -> Event {
+        match timer {
+            Timer::Soon => Event::RetryDue,
+            t => Event::Timeout(t),
+        }
     }
 
     fn shutdown_event() -> Event {
@@ -314,49 +359,78 @@ impl Machine for SupplierConnector {
         match timer {
             Timer::Request | Timer::Cancel => self.request_timeout,
             Timer::Retry => self.retry_every,
+            Timer::Soon => self.retry_soon,
         }
     }
 
-    fn guard(&self, guard: Guard, _event: &Event) -> bool {
+    fn guard(&self, guard: Guard, event: &Event, _: &Ctx) -> bool {
         match guard {
             Guard::RetriesLeft => self.attempts < self.max_attempts,
             Guard::HadContract => self.accepted_before,
             Guard::PeerReachable => self.peer_up,
+            Guard::Final => matches!(event, Event::Refused(code) if code.ends_contract()),
         }
     }
 
-    fn apply(&mut self, action: Action, event: &Event) {
+    fn choose(&self, choice: NoChoice, _: &Ctx) -> State {
+        match choice {}
+    }
+
+    /// Presence is remembered whatever the row does with it.
+    fn observe(&mut self, event: &Event, _: &Ctx) {
         match event {
             Event::PeerUp => self.peer_up = true,
             Event::PeerDown => self.peer_up = false,
             _ => {}
         }
+    }
+
+    fn apply(&mut self, action: Action, event: &Event, ctx: &Ctx, out: &mut Out<Self>) {
         match action {
-            Action::SendRequest => self.attempts += 1,
+            Action::SendRequest => {
+                self.attempts += 1;
+                out.cancel_timer(Timer::Soon);
+                out.push(Output::SendRequest);
+            }
+            Action::RetrySoon => out.state_timeout(Timer::Soon, ctx.now + self.retry_soon),
+            Action::Resend => out.push(Output::SendRequest),
             Action::ReportConnected => {
                 self.attempts = 0;
                 self.accepted_before = true;
+                out.push(Output::Report(Report::Connected));
             }
-            Action::ReportDisconnected => self.attempts = 0,
+            Action::ReportDisconnected => {
+                self.attempts = 0;
+                out.push(Output::Report(Report::Disconnected));
+            }
             Action::ReportRefused => {
-                self.refuse_reason = Some(match event {
-                    Event::Refused(r) => *r,
-                    Event::SupplierCancelled => RefuseReason::Left,
-                    _ => RefuseReason::Unreachable,
-                });
+                out.push(Output::Report(Report::Refused(refuse_reason(event))))
             }
-            Action::SendCancel | Action::ReportClosed | Action::NotePresence => {}
+            Action::SendCancel => out.push(Output::SendCancel),
+            Action::ReportClosed => out.push(Output::Report(Report::Closed)),
         }
+    }
+
+    fn invariant(&self, _state: State) -> Result<(), String> {
+        if self.attempts > self.max_attempts {
+            return Err(format!(
+                "{} attempts of {}",
+                self.attempts, self.max_attempts
+            ));
+        }
+        Ok(())
     }
 
     fn sample_events() -> Vec<Event> {
         vec![
             Event::Connect,
             Event::Accepted,
-            Event::Refused(RefuseReason::NoSpace),
-            Event::Timer(Timer::Request),
-            Event::Timer(Timer::Retry),
-            Event::Timer(Timer::Cancel),
+            Event::Refused(FailCode::NoSpace),
+            Event::Refused(FailCode::NotReady),
+            Event::Timeout(Timer::Request),
+            Event::Timeout(Timer::Retry),
+            Event::Timeout(Timer::Cancel),
+            Event::RetryDue,
             Event::PeerUp,
             Event::PeerDown,
             Event::SupplierCancelled,
@@ -372,31 +446,45 @@ mod tests {
     use super::*;
     use crate::fsm::Instance;
 
+    const C: Ctx = Ctx::at(Duration::ZERO);
+
+    fn at(secs: u64) -> Ctx {
+        Ctx::at(Duration::from_secs(secs))
+    }
+
     #[test]
     fn new_supplier_that_never_answers_counts_as_refused() {
         let mut c = Instance::new(SupplierConnector::default(), "0");
-        c.step(&Event::Connect);
+        c.step(&Event::Connect, &C);
         for _ in 0..2 {
             assert_eq!(
-                c.step(&Event::Timer(Timer::Request)).map(|s| s.to),
+                c.step(&Event::Timeout(Timer::Request), &C).map(|s| s.to),
                 Some(Requesting)
             );
         }
-        let s = c.step(&Event::Timer(Timer::Request)).expect("gives up");
+        let s = c
+            .step(&Event::Timeout(Timer::Request), &C)
+            .expect("gives up");
         assert_eq!(s.to, Refused);
-        assert_eq!(c.machine.refuse_reason, Some(RefuseReason::Unreachable));
+        assert_eq!(
+            s.outputs,
+            vec![Output::Report(Report::Refused(RefuseReason::Unreachable))]
+        );
     }
 
     #[test]
     fn known_supplier_that_goes_silent_is_disconnected_then_reconfirmed() {
         let mut c = Instance::new(SupplierConnector::default(), "0");
-        c.step(&Event::Connect);
-        c.step(&Event::Accepted);
-        assert_eq!(c.step(&Event::PeerDown).map(|s| s.to), Some(Disconnected));
-        let s = c.step(&Event::PeerUp).expect("back");
-        assert_eq!((s.to, s.actions), (Requesting, &[Action::SendRequest][..]));
+        c.step(&Event::Connect, &C);
+        c.step(&Event::Accepted, &C);
+        assert_eq!(
+            c.step(&Event::PeerDown, &C).map(|s| s.to),
+            Some(Disconnected)
+        );
+        let s = c.step(&Event::PeerUp, &C).expect("back");
+        assert_eq!((s.to, s.actions), (Requesting, vec![Action::SendRequest]));
         for _ in 0..3 {
-            c.step(&Event::Timer(Timer::Request));
+            c.step(&Event::Timeout(Timer::Request), &C);
         }
         assert_eq!(
             c.state(),
@@ -408,14 +496,49 @@ mod tests {
     #[test]
     fn dismiss_cancels_and_shutdown_keeps_the_contract() {
         let mut c = Instance::new(SupplierConnector::default(), "0");
-        c.step(&Event::Connect);
-        c.step(&Event::Accepted);
-        let s = c.step(&Event::Shutdown).expect("stop");
-        assert!(s.actions.is_empty(), "no cancel on shutdown");
+        c.step(&Event::Connect, &C);
+        c.step(&Event::Accepted, &C);
+        let s = c.step(&Event::Shutdown, &C).expect("stop");
+        assert!(s.outputs.is_empty(), "no cancel on shutdown");
         let mut c = Instance::new(SupplierConnector::default(), "0");
-        c.step(&Event::Connect);
-        c.step(&Event::Accepted);
-        assert_eq!(c.step(&Event::Dismiss).map(|s| s.to), Some(Cancelling));
-        assert_eq!(c.step(&Event::CancelDone).map(|s| s.to), Some(Closed));
+        c.step(&Event::Connect, &C);
+        c.step(&Event::Accepted, &C);
+        assert_eq!(c.step(&Event::Dismiss, &C).map(|s| s.to), Some(Cancelling));
+        assert_eq!(c.step(&Event::CancelDone, &C).map(|s| s.to), Some(Closed));
+    }
+
+    #[test]
+    fn only_final_refusals_end_a_contract() {
+        for code in FailCode::ALL {
+            let mut c = Instance::new(SupplierConnector::default(), "0");
+            c.step(&Event::Connect, &C);
+            let s = c.step(&Event::Refused(*code), &C).expect("handled");
+            assert_eq!(s.to == Refused, code.ends_contract(), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn a_supplier_not_ready_yet_is_asked_again_within_seconds() {
+        let mut c = Instance::new(SupplierConnector::default(), "0");
+        c.start(Duration::ZERO);
+        c.step(&Event::Connect, &at(0));
+        let s = c
+            .step(&Event::Refused(FailCode::NotReady), &at(0))
+            .expect("passing");
+        assert_eq!(s.to, Requesting);
+        let due = c.due_timer(Duration::from_secs(2));
+        assert_eq!(
+            due,
+            Some(Timer::Soon),
+            "retried after retry_soon, not request_timeout"
+        );
+        let s = c
+            .step(&SupplierConnector::timer_event(Timer::Soon), &at(2))
+            .expect("again");
+        assert_eq!(s.outputs, vec![Output::SendRequest]);
+        assert_eq!(
+            c.step(&Event::Accepted, &at(3)).map(|s| s.to),
+            Some(Connected)
+        );
     }
 }

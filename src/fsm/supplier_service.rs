@@ -1,21 +1,26 @@
 //! supplier_service: the supplier side — open the fragment store (recovering from a crash),
 //! serve customers' requests, and purge the data of customers whose grace period has run out.
-//! Requests do not pass through the table (one per fragment would flood the log); the pure
-//! decision on service requests is `decide`.
+//! Requests do not pass through the table: they are per-item work, decided by the pure
+//! functions beside the machine (`decide`).
 
 use std::time::Duration;
 
-use super::machine::{Machine, Row, TimerRow};
-use crate::labels;
+use super::machine::{Ctx, Machine, NoChoice, Out, Row, TimerRow, To, row};
+use crate::{events, labels};
 
 labels! {
     pub enum State { AtStartup, Opening, Serving, Failed, Closed }
 }
 
-labels! {
-    pub enum EventKind { Start, Opened, OpenFailed, PurgeTick, Shutdown }
+events! {
+    pub enum Event / EventKind {
+        Start,
+        Opened,
+        OpenFailed(String),
+        PurgeTick,
+        Shutdown,
+    }
 }
-
 labels! {
     pub enum Guard { }
 }
@@ -42,26 +47,25 @@ labels! {
     pub enum Refusal { NotTrusted, NoSpace }
 }
 
-#[derive(Debug, Clone)]
-pub enum Event {
-    Start,
-    Opened,
-    OpenFailed(String),
-    PurgeTick,
-    Shutdown,
+/// What the supplier driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    OpenStore,
+    /// The store is open: answer customers' requests.
+    Serve,
+    Purge,
+    Failed(String),
 }
 
 #[derive(Debug, Clone)]
 pub struct SupplierService {
     pub purge_every: Duration,
-    pub failure: Option<String>,
 }
 
 impl Default for SupplierService {
     fn default() -> Self {
         SupplierService {
             purge_every: Duration::from_secs(3600),
-            failure: None,
         }
     }
 }
@@ -91,47 +95,40 @@ pub fn decide(
 
 use State::*;
 
+use To::State as Go;
+
 static ROWS: &[Row<SupplierService>] = &[
-    Row {
-        from: &[AtStartup],
-        event: EventKind::Start,
-        guard: None,
-        to: Opening,
-        actions: &[Action::OpenStore],
-    },
-    Row {
-        from: &[Opening],
-        event: EventKind::Opened,
-        guard: None,
-        to: Serving,
-        actions: &[Action::Serve, Action::Purge],
-    },
-    Row {
-        from: &[Opening],
-        event: EventKind::OpenFailed,
-        guard: None,
-        to: Failed,
-        actions: &[Action::ReportFailure],
-    },
-    Row {
-        from: &[Serving],
-        event: EventKind::PurgeTick,
-        guard: None,
-        to: Serving,
-        actions: &[Action::Purge],
-    },
-    Row {
-        from: &[AtStartup, Opening, Serving, Failed],
-        event: EventKind::Shutdown,
-        guard: None,
-        to: Closed,
-        actions: &[],
-    },
+    row(
+        &[AtStartup],
+        EventKind::Start,
+        Go(Opening),
+        &[Action::OpenStore],
+    ),
+    row(
+        &[Opening],
+        EventKind::Opened,
+        Go(Serving),
+        &[Action::Serve, Action::Purge],
+    ),
+    row(
+        &[Opening],
+        EventKind::OpenFailed,
+        Go(Failed),
+        &[Action::ReportFailure],
+    ),
+    row(&[Serving], EventKind::PurgeTick, To::Stay, &[Action::Purge]),
+    row(
+        &[AtStartup, Opening, Serving, Failed],
+        EventKind::Shutdown,
+        Go(Closed),
+        &[],
+    ),
 ];
 
 static TIMERS: &[TimerRow<SupplierService>] = &[TimerRow {
     timer: Timer::Purge,
     period: Duration::from_secs(3600),
+    config: None,
     states: &[Serving],
 }];
 
@@ -142,6 +139,8 @@ impl Machine for SupplierService {
     type Guard = Guard;
     type Action = Action;
     type Timer = Timer;
+    type Choice = NoChoice;
+    type Output = Output;
 
     const NAME: &'static str = "supplier_service";
     const ABOUT: &'static str = "The supplier side: opens the fragment store (recovering from an interrupted write), serves customers' requests within their quotas, and purges the data of customers whose grace period has run out.";
@@ -156,17 +155,7 @@ impl Machine for SupplierService {
         TIMERS
     }
 
-    fn kind(event: &Event) -> EventKind {
-        match event {
-            Event::Start => EventKind::Start,
-            Event::Opened => EventKind::Opened,
-            Event::OpenFailed(_) => EventKind::OpenFailed,
-            Event::PurgeTick => EventKind::PurgeTick,
-            Event::Shutdown => EventKind::Shutdown,
-        }
-    }
-
-    fn timer_event(_timer: Timer, _now: Duration) -> Event {
+    fn timer_event(_timer: Timer) -> Event {
         Event::PurgeTick
     }
 
@@ -178,14 +167,22 @@ impl Machine for SupplierService {
         self.purge_every
     }
 
-    fn guard(&self, guard: Guard, _event: &Event) -> bool {
+    fn guard(&self, guard: Guard, _: &Event, _: &Ctx) -> bool {
         match guard {}
     }
 
-    fn apply(&mut self, action: Action, event: &Event) {
-        if let (Action::ReportFailure, Event::OpenFailed(why)) = (action, event) {
-            self.failure = Some(why.clone());
-        }
+    fn choose(&self, choice: NoChoice, _: &Ctx) -> State {
+        match choice {}
+    }
+
+    fn apply(&mut self, action: Action, event: &Event, _: &Ctx, out: &mut Out<Self>) {
+        out.push(match (action, event) {
+            (Action::OpenStore, _) => Output::OpenStore,
+            (Action::Serve, _) => Output::Serve,
+            (Action::Purge, _) => Output::Purge,
+            (Action::ReportFailure, Event::OpenFailed(why)) => Output::Failed(why.clone()),
+            (Action::ReportFailure, _) => Output::Failed(String::new()),
+        });
     }
 
     fn sample_events() -> Vec<Event> {

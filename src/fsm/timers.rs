@@ -1,65 +1,119 @@
-//! Per-state periodic timers, kept as deadlines on a caller-supplied clock (quinn's
-//! `TimerTable`): the actor shell feeds it real time, the simulation virtual time.
+//! Timer deadlines on a caller-supplied clock (quinn's `TimerTable`): the actor shell feeds it
+//! real time, the simulation virtual time. Two kinds: periodic timers declared per state in the
+//! table, and one-shot deadlines the machine's logic sets (`TimerCommand`).
 
 use std::time::Duration;
 
-use super::machine::{Machine, Stepped, timers_in};
+use super::machine::{Machine, TimerCommand, timers_in};
 
-/// The timers armed for a machine's current state, each with its next deadline.
+/// How long a one-shot deadline lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// Until it fires, is set again or cancelled.
+    Named,
+    /// Also cancelled when the state changes.
+    State,
+}
+
+/// The timers armed for a machine, each with its next deadline.
 pub struct TimerTable<M: Machine> {
-    armed: Vec<(M::Timer, Duration)>,
+    periodic: Vec<(M::Timer, Duration)>,
+    oneshot: Vec<(M::Timer, Duration, Scope)>,
 }
 
 impl<M: Machine> Default for TimerTable<M> {
     fn default() -> Self {
-        TimerTable { armed: Vec::new() }
+        TimerTable {
+            periodic: Vec::new(),
+            oneshot: Vec::new(),
+        }
     }
 }
 
 impl<M: Machine> TimerTable<M> {
-    /// Arms exactly the timers of `state`, starting now.
+    /// Arms exactly the periodic timers of `state`, starting now, and drops the state timeouts
+    /// of the state left.
     pub fn enter(&mut self, machine: &M, state: M::State, now: Duration) {
-        self.armed.clear();
+        self.periodic.clear();
         for t in timers_in::<M>(state) {
-            self.armed
-                .push((t.timer, now + machine.timer_period(t.timer)));
+            let period = machine.timer_period(t.timer);
+            self.periodic.push((t.timer, now.saturating_add(period)));
         }
+        self.oneshot.retain(|&(_, _, scope)| scope == Scope::Named);
     }
 
-    /// Re-arms after a step when the state changed; a self-transition keeps timers running.
-    pub fn after_step(&mut self, machine: &M, stepped: &Stepped<M>, now: Duration) {
-        if stepped.state_changed() {
-            self.enter(machine, stepped.to, now);
+    /// Applies a one-shot command from the machine's logic; setting a timer replaces an earlier
+    /// deadline of the same timer.
+    pub fn command(&mut self, command: TimerCommand<M::Timer>) {
+        let (timer, set) = match command {
+            TimerCommand::Set(t, at) => (t, Some((at, Scope::Named))),
+            TimerCommand::StateTimeout(t, at) => (t, Some((at, Scope::State))),
+            TimerCommand::Cancel(t) => (t, None),
+        };
+        self.oneshot.retain(|&(t, _, _)| t != timer);
+        if let Some((at, scope)) = set {
+            self.oneshot.push((timer, at, scope));
         }
     }
 
     pub fn clear(&mut self) {
-        self.armed.clear();
+        self.periodic.clear();
+        self.oneshot.clear();
     }
 
     pub fn next_deadline(&self) -> Option<Duration> {
-        self.armed.iter().map(|&(_, d)| d).min()
+        let periodic = self.periodic.iter().map(|&(_, d)| d);
+        let oneshot = self.oneshot.iter().map(|&(_, d, _)| d);
+        periodic.chain(oneshot).min()
     }
 
-    /// The earliest timer due at `now`, re-armed for its next period.
+    /// The earliest timer due at `now`: a periodic one is re-armed for its next period, a
+    /// one-shot one is removed.
     pub fn pop_expired(&mut self, machine: &M, now: Duration) -> Option<M::Timer> {
-        let (index, &(timer, deadline)) = self
-            .armed
+        let periodic = self
+            .periodic
             .iter()
             .enumerate()
             .filter(|(_, (_, d))| *d <= now)
-            .min_by_key(|(_, (_, d))| *d)?;
-        let period = machine.timer_period(timer).max(Duration::from_millis(1));
-        // Skip missed periods rather than firing a burst after a stall.
-        let mut next = deadline + period;
-        if next <= now {
-            next = now + period;
+            .min_by_key(|(_, (_, d))| *d)
+            .map(|(i, &(t, d))| (i, t, d));
+        let oneshot = self
+            .oneshot
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, d, _))| *d <= now)
+            .min_by_key(|(_, (_, d, _))| *d)
+            .map(|(i, &(t, d, _))| (i, t, d));
+        match (periodic, oneshot) {
+            (Some((_, _, p)), Some((i, t, o))) if o <= p => {
+                self.oneshot.remove(i);
+                Some(t)
+            }
+            (None, Some((i, t, _))) => {
+                self.oneshot.remove(i);
+                Some(t)
+            }
+            (Some((index, timer, deadline)), _) => {
+                let period = machine.timer_period(timer).max(Duration::from_millis(1));
+                // Skip missed periods rather than firing a burst after a stall.
+                let mut next = deadline.saturating_add(period);
+                if next <= now {
+                    next = now.saturating_add(period);
+                }
+                self.periodic[index].1 = next;
+                Some(timer)
+            }
+            (None, None) => None,
         }
-        self.armed[index].1 = next;
-        Some(timer)
     }
 
+    /// The periodic timers armed now.
     pub fn armed(&self) -> impl Iterator<Item = M::Timer> + '_ {
-        self.armed.iter().map(|&(t, _)| t)
+        self.periodic.iter().map(|&(t, _)| t)
+    }
+
+    /// The one-shot deadlines armed now.
+    pub fn deadlines(&self) -> impl Iterator<Item = (M::Timer, Duration)> + '_ {
+        self.oneshot.iter().map(|&(t, d, _)| (t, d))
     }
 }

@@ -82,8 +82,10 @@ impl Default for NodeSection {
 pub struct NetworkSection {
     pub connect_timeout: Span,
     pub handshake_timeout: Span,
-    /// Idle time after which a session pings its peer.
+    /// Interval at which a session pings its peer.
     pub keepalive: Span,
+    /// How long a ping may go unanswered before the peer counts as unreachable.
+    pub dead_after: Span,
     pub request_timeout: Span,
     pub reconnect_min: Span,
     pub reconnect_max: Span,
@@ -99,6 +101,7 @@ impl Default for NetworkSection {
             connect_timeout: Span(Duration::from_secs(10)),
             handshake_timeout: Span(Duration::from_secs(10)),
             keepalive: Span(Duration::from_secs(30)),
+            dead_after: Span(Duration::from_secs(20)),
             request_timeout: Span(Duration::from_secs(60)),
             reconnect_min: Span(Duration::from_secs(1)),
             reconnect_max: Span(Duration::from_secs(300)),
@@ -331,6 +334,7 @@ impl Config {
             ("network.connect_timeout", n.connect_timeout),
             ("network.handshake_timeout", n.handshake_timeout),
             ("network.keepalive", n.keepalive),
+            ("network.dead_after", n.dead_after),
             ("network.request_timeout", n.request_timeout),
             ("network.reconnect_min", n.reconnect_min),
             ("node.shutdown_timeout", self.node.shutdown_timeout),
@@ -455,8 +459,10 @@ shutdown_timeout = "{shutdown}"
 [network]
 connect_timeout = "{connect}"
 handshake_timeout = "{handshake}"
-# Idle time after which a session pings its peer.
+# Interval at which a session pings its peer.
 keepalive = "{keepalive}"
+# A ping unanswered this long marks the peer unreachable (its session closes).
+dead_after = "{dead_after}"
 request_timeout = "{request}"
 # Reconnect backoff: doubles from min to max, with jitter.
 reconnect_min = "{rmin}"
@@ -506,6 +512,7 @@ level = "info"
         connect = n.connect_timeout,
         handshake = n.handshake_timeout,
         keepalive = n.keepalive,
+        dead_after = n.dead_after,
         request = n.request_timeout,
         rmin = n.reconnect_min,
         rmax = n.reconnect_max,

@@ -13,19 +13,24 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use super::config::{AcceptPolicy, Config, LogFormat};
 use super::control::{self, Request, Response};
 use super::home::Home;
 use super::logging;
-use crate::actors::customer::{self, CustomerInput, CustomerSettings, FireHireDriver};
+use crate::actors::customer::{self, CustomerQuery, CustomerSettings, FireHireDriver};
 use crate::actors::identity::IdentityDriver;
-use crate::actors::network::Sinks;
-use crate::actors::network::{self, NetInput, NetworkDriver, NetworkSettings};
+use crate::actors::network::{
+    self, NetAnswer, NetInput, NetQuery, NetworkDriver, NetworkSettings, NetworkWiring, Presence,
+};
+use crate::actors::router::{RequestKind, Router};
 use crate::actors::session::SessionShared;
-use crate::actors::supplier::{SupplierDriver, SupplierInput, SupplierSettings};
-use crate::actors::{Fire, Input, Registry, Shell, Shutdown};
+use crate::actors::status::NodeStatus;
+use crate::actors::supplier::{
+    SupplierAnswer, SupplierDriver, SupplierInput, SupplierQuery, SupplierSettings,
+};
+use crate::actors::{Deliver, Input, Query, Registry, Shell, Shutdown};
 use crate::crypto::identity::{Identity, NodeId};
 use crate::crypto::keys::NodeKeys;
 use crate::fsm::fire_hire::{Event as HireEvent, FireHire};
@@ -33,6 +38,8 @@ use crate::fsm::identity::{Event as IdentityEvent, IdentityMachine};
 use crate::fsm::network_connector::{Event as NetEvent, NetworkConnector};
 use crate::fsm::supplier_service::{Event as ServiceEvent, SupplierService};
 use crate::net::link::TrustPolicy;
+use crate::proto::Ping;
+use crate::proto::envelope::Body;
 use crate::store::{KvStore, RocksStore};
 
 type NetworkAddr = Addr<Shell<NetworkDriver>>;
@@ -76,6 +83,10 @@ async fn node_main(
     identity: Identity,
     store: Arc<dyn KvStore>,
 ) -> anyhow::Result<()> {
+    // Before anything else: a signal during start-up must not kill the node.
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let started = Instant::now();
     let registry = Registry::default();
     let node_id = identity.node_id();
@@ -88,19 +99,21 @@ async fn node_main(
         registry.clone(),
     )
     .start();
-    identity_actor.do_send(Fire(IdentityEvent::Start));
-    identity_actor.do_send(Fire(IdentityEvent::ContactsChanged(config.contacts())));
+    let _ = identity_actor.send(Deliver(IdentityEvent::Start)).await;
+    let _ = identity_actor
+        .send(Deliver(IdentityEvent::ContactsChanged(config.contacts())))
+        .await;
 
-    let network_actor = start_network(
+    let (network_actor, supplier_actor, customer_actor) = start_peers(
+        &home,
         &config,
         &keys,
         node_id,
         published_rx.clone(),
-        store.clone(),
+        store,
         &registry,
-    );
-    let (supplier_actor, customer_actor) =
-        start_storage(&home, &config, store, &registry, &network_actor);
+    )
+    .await;
     // Every new identity revision goes to every connected peer.
     let mut revisions = published_rx.clone();
     let propagate_to = network_actor.clone();
@@ -111,14 +124,12 @@ async fn node_main(
             // Peers got the current revision in their handshake: push only newer ones.
             if let Some(identity) = current.filter(|i| i.revision() > pushed) {
                 pushed = identity.revision();
-                propagate_to.do_send(Input(NetInput::OwnIdentity(Box::new(identity))));
+                let _ = propagate_to
+                    .send(Input(NetInput::OwnIdentity(Box::new(identity))))
+                    .await;
             }
         }
     });
-
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     let listener = control::bind(&home.control_socket())?;
     let control_state = Rc::new(ControlState {
@@ -129,6 +140,7 @@ async fn node_main(
         network: network_actor.clone(),
         supplier: supplier_actor.clone(),
         customer: customer_actor.clone(),
+        request_timeout: config.network.request_timeout.get(),
     });
     let handler: control::Handler = Rc::new(move |request| {
         let state = control_state.clone();
@@ -182,6 +194,7 @@ struct ControlState {
     network: NetworkAddr,
     supplier: SupplierAddr,
     customer: CustomerAddr,
+    request_timeout: Duration,
 }
 
 impl ControlState {
@@ -189,27 +202,36 @@ impl ControlState {
         match request {
             Request::Status => {
                 let current = self.identity.borrow().clone();
-                let (tx, rx) = oneshot::channel();
-                self.network.do_send(Input(NetInput::Status(tx)));
-                let network = rx.await.unwrap_or_default();
-                let (tx, rx) = oneshot::channel();
-                self.customer.do_send(Input(CustomerInput::Status(tx)));
-                let customer = rx.await.unwrap_or_default();
-                let (tx, rx) = oneshot::channel();
-                self.supplier.do_send(Input(SupplierInput::Status(tx)));
-                let supplier = rx.await.unwrap_or_default();
-                Response::ok(json!({
-                    "node_id": self.node_id.to_string(),
-                    "name": current.as_ref().map(|i| i.name().to_string()),
-                    "revision": current.as_ref().map(Identity::revision),
-                    "contacts": current.as_ref().map(|i| i.contacts().to_vec()),
-                    "pid": std::process::id(),
-                    "uptime_secs": self.started.elapsed().as_secs(),
-                    "machines": self.registry.snapshot(),
-                    "network": network,
-                    "customer": customer,
-                    "supplier": supplier,
-                }))
+                let network = match self.network.send(Query::new(NetQuery::Status)).await {
+                    Ok(NetAnswer::Status(status)) => status,
+                    _ => Default::default(),
+                };
+                let customer = self
+                    .customer
+                    .send(Query::new(CustomerQuery::Status))
+                    .await
+                    .unwrap_or_default();
+                let supplier = match self.supplier.send(Query::new(SupplierQuery::Status)).await {
+                    Ok(SupplierAnswer::Status(status)) => status,
+                    _ => Default::default(),
+                };
+                let status = NodeStatus {
+                    node_id: self.node_id.to_string(),
+                    name: current.as_ref().map(|i| i.name().to_string()),
+                    revision: current.as_ref().map(Identity::revision),
+                    contacts: current.as_ref().map(|i| i.contacts().to_vec()),
+                    pid: std::process::id(),
+                    uptime_secs: self.started.elapsed().as_secs(),
+                    machines: self.registry.snapshot(),
+                    network,
+                    customer,
+                    supplier,
+                    health: Vec::new(),
+                };
+                match serde_json::to_value(status) {
+                    Ok(value) => Response::ok(value),
+                    Err(e) => Response::error(e.to_string()),
+                }
             }
             Request::PeerAdd { card, name } => {
                 let identity = match Identity::from_card(&card) {
@@ -217,81 +239,239 @@ impl ControlState {
                     Err(e) => return Response::error(format!("invalid card: {e}")),
                 };
                 let node = identity.node_id();
-                let (tx, rx) = oneshot::channel();
-                self.network.do_send(Input(NetInput::AddPeer {
+                let query = NetQuery::AddPeer {
                     identity: Box::new(identity),
                     label: name,
-                    reply: tx,
-                }));
-                answer(rx, |new| json!({ "node_id": node.to_string(), "new": new })).await
+                };
+                match self.network.send(Query::new(query)).await {
+                    Ok(NetAnswer::Added(Ok(new))) => {
+                        Response::ok(json!({ "node_id": node.to_string(), "new": new }))
+                    }
+                    Ok(NetAnswer::Added(Err(e))) => Response::error(e.to_string()),
+                    _ => shutting_down(),
+                }
             }
             Request::PeerRemove { node_id } => {
                 let peer = match node_id.parse::<NodeId>() {
                     Ok(peer) => peer,
                     Err(e) => return Response::error(e.to_string()),
                 };
-                let (tx, rx) = oneshot::channel();
-                self.network
-                    .do_send(Input(NetInput::RemovePeer { peer, reply: tx }));
-                answer(rx, |()| json!({ "node_id": node_id })).await
+                match self
+                    .network
+                    .send(Query::new(NetQuery::RemovePeer(peer)))
+                    .await
+                {
+                    Ok(NetAnswer::Removed(Ok(()))) => Response::ok(json!({ "node_id": node_id })),
+                    Ok(NetAnswer::Removed(Err(e))) => Response::error(e.to_string()),
+                    _ => shutting_down(),
+                }
             }
             Request::CustomerDrop { node_id } => {
                 let customer = match node_id.parse::<NodeId>() {
                     Ok(customer) => customer,
                     Err(e) => return Response::error(e.to_string()),
                 };
-                let (tx, rx) = oneshot::channel();
-                self.network.do_send(Input(NetInput::Link {
-                    peer: customer,
-                    reply: tx,
-                }));
-                let link = rx.await.ok().flatten();
-                let (tx, rx) = oneshot::channel();
-                self.supplier.do_send(Input(SupplierInput::Drop {
-                    customer,
-                    link,
-                    reply: tx,
-                }));
-                answer(rx, |()| json!({ "node_id": node_id })).await
+                let link = match self
+                    .network
+                    .send(Query::new(NetQuery::Link(customer)))
+                    .await
+                {
+                    Ok(NetAnswer::Link(link)) => link,
+                    _ => None,
+                };
+                let query = SupplierQuery::Drop { customer, link };
+                let Ok(SupplierAnswer::Dropping(done)) =
+                    self.supplier.send(Query::new(query)).await
+                else {
+                    return shutting_down();
+                };
+                match done.await {
+                    Ok(Ok(())) => Response::ok(json!({ "node_id": node_id })),
+                    Ok(Err(e)) => Response::error(e),
+                    Err(_) => shutting_down(),
+                }
             }
             Request::PeerPing { node_id } => {
                 let peer = match node_id.parse::<NodeId>() {
                     Ok(peer) => peer,
                     Err(e) => return Response::error(e.to_string()),
                 };
-                let (tx, rx) = oneshot::channel();
-                self.network
-                    .do_send(Input(NetInput::Ping { peer, reply: tx }));
-                answer(
-                    rx,
-                    |rtt| json!({ "node_id": node_id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
-                )
-                .await
+                let Ok(NetAnswer::Link(link)) =
+                    self.network.send(Query::new(NetQuery::Link(peer))).await
+                else {
+                    return shutting_down();
+                };
+                let Some(link) = link else {
+                    return Response::error(format!("no session with {peer}"));
+                };
+                let started = Instant::now();
+                let ping = Body::Ping(Ping {
+                    nonce: rand::random(),
+                });
+                match link.request(ping, self.request_timeout).await {
+                    Ok(_) => {
+                        let rtt = started.elapsed();
+                        Response::ok(
+                            json!({ "node_id": node_id, "rtt_ms": rtt.as_secs_f64() * 1000.0 }),
+                        )
+                    }
+                    Err(e) => Response::error(e.to_string()),
+                }
             }
         }
     }
 }
 
-/// The control reply for an actor's answer: `ok` of its value, its error, or that it is gone.
-async fn answer<T>(
-    reply: oneshot::Receiver<Result<T, String>>,
-    ok: impl FnOnce(T) -> serde_json::Value,
-) -> Response {
-    match reply.await {
-        Ok(Ok(value)) => Response::ok(ok(value)),
-        Ok(Err(e)) => Response::error(e),
-        Err(_) => Response::error("the node is shutting down"),
+fn shutting_down() -> Response {
+    Response::error("the node is shutting down")
+}
+
+/// SIGHUP: validate the new file; apply what can change live, keep the old config otherwise.
+fn reload(
+    home: &Home,
+    config: &mut Config,
+    identity: &IdentityAddr,
+    network: &NetworkAddr,
+    supplier: &SupplierAddr,
+) {
+    match Config::load(home.root()) {
+        Ok(newer) => {
+            let needs_restart = config.restart_needed(&newer);
+            if !needs_restart.is_empty() {
+                tracing::warn!(keys = ?needs_restart, "config changes that take effect after a restart");
+            }
+            if newer.contacts() != config.contacts() {
+                let identity = identity.clone();
+                let contacts = newer.contacts();
+                actix::spawn(async move {
+                    let _ = identity
+                        .send(Deliver(IdentityEvent::ContactsChanged(contacts)))
+                        .await;
+                });
+            }
+            for peer in newer.peers.iter().filter(|p| !config.peers.contains(p)) {
+                if let Ok(identity) = Identity::from_card(&peer.card) {
+                    let query = NetQuery::AddPeer {
+                        identity: Box::new(identity),
+                        label: peer.name.clone(),
+                    };
+                    let network = network.clone();
+                    actix::spawn(async move {
+                        if let Ok(NetAnswer::Added(Err(e))) = network.send(Query::new(query)).await
+                        {
+                            tracing::error!(error = %e, "cannot add a peer from the config");
+                        }
+                    });
+                }
+            }
+            if newer.supplier != config.supplier {
+                let open = newer.supplier.accept == AcceptPolicy::Open;
+                let reconfigure = SupplierInput::Reconfigure {
+                    donated: newer.supplier.donated.0,
+                    open,
+                    grace: newer.supplier.grace_period.get(),
+                };
+                let (network, supplier) = (network.clone(), supplier.clone());
+                actix::spawn(async move {
+                    let _ = network.send(Input(NetInput::SetOpen(open))).await;
+                    let _ = supplier.send(Input(reconfigure)).await;
+                });
+            }
+            *config = newer;
+            tracing::info!(file = %home.config_file().display(), "config reloaded");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "config reload failed; keeping the running config");
+        }
     }
 }
 
-/// Starts the network actor with the persisted and configured peers.
-fn start_network(
+/// Starts the network, supplier and customer actors, wired to each other: the customer's and
+/// supplier's addresses exist before they start, so the network is given them at construction.
+async fn start_peers(
+    home: &Home,
     config: &Config,
     keys: &NodeKeys,
     node_id: NodeId,
     identity: watch::Receiver<Option<Identity>>,
     store: Arc<dyn KvStore>,
     registry: &Registry,
+) -> (NetworkAddr, SupplierAddr, CustomerAddr) {
+    let supplier_ctx = actix::Context::<Shell<SupplierDriver>>::new();
+    let customer_ctx = actix::Context::<Shell<FireHireDriver>>::new();
+    let (supplier, customer) = (supplier_ctx.address(), customer_ctx.address());
+
+    let mut router = Router::default();
+    router.register(
+        &[
+            RequestKind::ServiceRequest,
+            RequestKind::ServiceCancel,
+            RequestKind::StoreFragment,
+            RequestKind::RetrieveFragment,
+            RequestKind::ListFragments,
+            RequestKind::DeleteFragment,
+        ],
+        supplier.clone().recipient(),
+    );
+    router.register(&[RequestKind::SupplierCancel], customer.clone().recipient());
+    let wiring = NetworkWiring {
+        router,
+        presence: vec![customer.clone().recipient::<Presence>()],
+    };
+    let network = start_network(
+        config,
+        keys,
+        node_id,
+        identity,
+        store.clone(),
+        registry,
+        wiring,
+    )
+    .await;
+
+    let supplier_settings = SupplierSettings {
+        root: home.store_dir(),
+        donated: config.supplier.donated.0,
+        open: config.supplier.accept == AcceptPolicy::Open,
+        grace: config.supplier.grace_period.get(),
+    };
+    supplier_ctx.run(Shell::new(
+        SupplierService::default(),
+        "self",
+        SupplierDriver::new(supplier_settings, store.clone()),
+        registry.clone(),
+    ));
+    let _ = supplier.send(Deliver(ServiceEvent::Start)).await;
+
+    let b = &config.backup;
+    let settings = CustomerSettings {
+        data_shards: u32::from(b.data_shards),
+        parity_shards: u32::from(b.parity_shards),
+        space_per_supplier: b.space_per_supplier.0,
+        request_timeout: config.network.request_timeout.get(),
+    };
+    let positions = usize::from(b.data_shards) + usize::from(b.parity_shards);
+    let resumed = customer::load_contracts(store.as_ref());
+    let driver = FireHireDriver::new(settings, store, network.clone(), registry.clone());
+    customer_ctx.run(Shell::new(
+        FireHire::new(positions),
+        "self",
+        driver,
+        registry.clone(),
+    ));
+    let _ = customer.send(Deliver(HireEvent::Start { resumed })).await;
+    (network, supplier, customer)
+}
+
+/// Starts the network actor with the persisted and configured peers.
+async fn start_network(
+    config: &Config,
+    keys: &NodeKeys,
+    node_id: NodeId,
+    identity: watch::Receiver<Option<Identity>>,
+    store: Arc<dyn KvStore>,
+    registry: &Registry,
+    wiring: NetworkWiring,
 ) -> NetworkAddr {
     let mut peers = network::load_peers(store.as_ref());
     for entry in &config.peers {
@@ -314,139 +494,32 @@ fn start_network(
         handshake_timeout: n.handshake_timeout.get(),
         max_message: n.max_message.0 as usize,
         queue: n.outbound_queue,
+        dropped_notices: Default::default(),
     });
     let settings = NetworkSettings {
         listen: config.node.listen,
-        request_timeout: n.request_timeout.get(),
         keepalive: n.keepalive.get(),
+        dead_after: n.dead_after.get(),
     };
     let driver = NetworkDriver::new(
         settings,
-        node_id,
         shared,
         store,
         registry.clone(),
         policy_tx,
+        wiring,
         peers,
     );
     let known = driver.known_peers();
     let machine = NetworkConnector {
         reconnect_min: n.reconnect_min.get(),
         reconnect_max: n.reconnect_max.get(),
-        ..NetworkConnector::default()
+        ..NetworkConnector::new(node_id)
     };
     let addr = Shell::new(machine, "self", driver, registry.clone()).start();
     for peer in known {
-        addr.do_send(Fire(NetEvent::PeerAdded {
-            peer,
-            now: Duration::ZERO,
-        }));
+        let _ = addr.send(Deliver(NetEvent::PeerAdded(peer))).await;
     }
-    addr.do_send(Fire(NetEvent::Start));
+    let _ = addr.send(Deliver(NetEvent::Start)).await;
     addr
-}
-
-/// SIGHUP: validate the new file; apply what can change live, keep the old config otherwise.
-fn reload(
-    home: &Home,
-    config: &mut Config,
-    identity: &IdentityAddr,
-    network: &NetworkAddr,
-    supplier: &SupplierAddr,
-) {
-    match Config::load(home.root()) {
-        Ok(newer) => {
-            let needs_restart = config.restart_needed(&newer);
-            if !needs_restart.is_empty() {
-                tracing::warn!(keys = ?needs_restart, "config changes that take effect after a restart");
-            }
-            if newer.contacts() != config.contacts() {
-                identity.do_send(Fire(IdentityEvent::ContactsChanged(newer.contacts())));
-            }
-            for peer in newer.peers.iter().filter(|p| !config.peers.contains(p)) {
-                if let Ok(identity) = Identity::from_card(&peer.card) {
-                    let (reply, _) = oneshot::channel();
-                    network.do_send(Input(NetInput::AddPeer {
-                        identity: Box::new(identity),
-                        label: peer.name.clone(),
-                        reply,
-                    }));
-                }
-            }
-            if newer.supplier != config.supplier {
-                let open = newer.supplier.accept == AcceptPolicy::Open;
-                network.do_send(Input(NetInput::SetOpen(open)));
-                supplier.do_send(Input(SupplierInput::Reconfigure {
-                    donated: newer.supplier.donated.0,
-                    open,
-                    grace: newer.supplier.grace_period.get(),
-                }));
-            }
-            *config = newer;
-            tracing::info!(file = %home.config_file().display(), "config reloaded");
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "config reload failed; keeping the running config");
-        }
-    }
-}
-
-/// Starts the supplier side (fragment store, service) and the customer side (fire_hire and its
-/// connectors, resuming saved contracts), and connects them to the network.
-fn start_storage(
-    home: &Home,
-    config: &Config,
-    store: Arc<dyn KvStore>,
-    registry: &Registry,
-    network: &NetworkAddr,
-) -> (SupplierAddr, CustomerAddr) {
-    let supplier_settings = SupplierSettings {
-        root: home.store_dir(),
-        donated: config.supplier.donated.0,
-        open: config.supplier.accept == AcceptPolicy::Open,
-        grace: config.supplier.grace_period.get(),
-    };
-    let supplier = Shell::new(
-        SupplierService::default(),
-        "self",
-        SupplierDriver::new(supplier_settings, store.clone()),
-        registry.clone(),
-    )
-    .start();
-    supplier.do_send(Fire(ServiceEvent::Start));
-
-    let b = &config.backup;
-    let settings = CustomerSettings {
-        data_shards: u32::from(b.data_shards),
-        parity_shards: u32::from(b.parity_shards),
-        space_per_supplier: b.space_per_supplier.0,
-        request_timeout: config.network.request_timeout.get(),
-    };
-    let positions = usize::from(b.data_shards) + usize::from(b.parity_shards);
-    let resumed = customer::load_contracts(store.as_ref());
-    let machine = FireHire::new(positions);
-    let driver = FireHireDriver::new(settings, store, network.clone(), registry.clone());
-    let customer = Shell::new(machine, "self", driver, registry.clone()).start();
-    customer.do_send(Fire(HireEvent::Start {
-        now: Duration::ZERO,
-        resumed,
-    }));
-
-    let (to_customer, to_supplier, left) = (customer.clone(), supplier.clone(), customer.clone());
-    network.do_send(Input(NetInput::SetSinks(Sinks {
-        presence: Box::new(move |peer, up| {
-            to_customer.do_send(Input(CustomerInput::Presence { peer, up }))
-        }),
-        supplier: Box::new(move |call| {
-            to_supplier.do_send(Input(SupplierInput::Request {
-                customer: call.customer,
-                trusted: call.trusted,
-                envelope: call.envelope,
-                link: call.link,
-                permit: call.permit,
-            }))
-        }),
-        supplier_left: Box::new(move |peer| left.do_send(Input(CustomerInput::SupplierLeft(peer)))),
-    })));
-    (supplier, customer)
 }

@@ -1,14 +1,19 @@
 //! Deterministic simulation of several nodes' machines (STYLE.md, test tier 4): every node runs
-//! network_connector and one peer_session per connection (dial, handshake, keep-alive pings,
-//! backoff, the duplicate tie-break), fire_hire and supplier_connector as a customer, and the
-//! supplier_service decision as a supplier. They are wired through an in-memory network with a
-//! virtual clock and a seeded RNG that drops, delays and partitions messages. Same seed, same
-//! run: a failing test prints its seed.
+//! network_connector and one peer_session per connection, fire_hire and one supplier_connector
+//! per hire as a customer, and the supplier_service decision as a supplier. They are wired through
+//! an in-memory network with a virtual clock and a seeded RNG that drops, delays and partitions
+//! messages. Same seed, same run: a failing test prints its seed.
+//!
+//! The simulated nodes hold no rule of their own: every decision (the tie-break, presence,
+//! redials, which supplier to hire, which connector holds a position, how an answer is read) is
+//! the production machines' (`src/fsm`). This module only turns their outputs into simulated
+//! messages and delivers the events that come back, as the actor drivers do with real IO.
 //!
 //! What is abstracted: bytes and crypto (a handshake is one `Hello` each way, a session is
 //! authenticated when it receives its peer's), and TCP (a close reaches the other end unless the
-//! link is cut, when the other end finds out by missing pings). Later issues (backup, restore,
-//! monitor, rebuild) add their machines and messages here.
+//! link is cut, when the other end finds out by its pong deadline). Faults it can inject: loss,
+//! delay, partitions, node restarts (sessions lost, the store reopening), a supplier dropping its
+//! customer, passing failure replies, and peers that do not trust each other.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -21,10 +26,9 @@ use crate::crypto::identity::NodeId;
 use crate::fsm::fire_hire::{self, FireHire};
 use crate::fsm::network_connector::{self as nc, NetworkConnector};
 use crate::fsm::peer_session::{self as ps, PeerSession};
-use crate::fsm::supplier_connector::{self as sc, RefuseReason, SupplierConnector};
+use crate::fsm::supplier_connector::{self as sc, FailCode, SupplierConnector};
 use crate::fsm::supplier_service::{Refusal, decide};
-use crate::fsm::timers::TimerTable;
-use crate::fsm::{Instance, Machine, Stepped};
+use crate::fsm::{Ctx, Instance, Label, Machine};
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -75,75 +79,40 @@ enum Msg {
     Close {
         to: u64,
     },
+    /// A service request from connector `instance`.
     Request {
-        position: u32,
+        instance: u64,
         space: u64,
     },
     Accept {
-        position: u32,
+        instance: u64,
     },
     Refuse {
-        position: u32,
-        reason: Refusal,
+        instance: u64,
+        code: FailCode,
     },
     Cancel {
-        position: u32,
+        instance: u64,
     },
     CancelAck {
-        position: u32,
+        instance: u64,
     },
+    /// The supplier ends the customer's contract.
+    SupplierCancel,
 }
 
-#[derive(Clone, Debug)]
-enum Pending {
-    Msg { from: usize, to: usize, msg: Msg },
-}
-
-/// Which machine on a node a timer belongs to.
-#[derive(Clone, Copy, Debug)]
-enum Target {
-    Hire,
-    Net,
-    Connector(u32),
-    Session(u64),
-}
-
-/// A machine with its timers.
-struct Run<M: Machine> {
-    instance: Instance<M>,
-    timers: TimerTable<M>,
-}
-
-impl<M: Machine> Run<M> {
-    fn new(machine: M, id: String, now: Duration) -> Self {
-        let instance = Instance::new(machine, id);
-        let mut timers = TimerTable::default();
-        timers.enter(&instance.machine, instance.state(), now);
-        Run { instance, timers }
-    }
-
-    fn step(&mut self, event: &M::Event, now: Duration) -> Option<Stepped<M>> {
-        let stepped = self.instance.step(event)?;
-        self.timers
-            .after_step(&self.instance.machine, &stepped, now);
-        if self.instance.is_terminal() {
-            self.timers.clear();
-        }
-        Some(stepped)
-    }
-}
-
+/// A simulated session: the node index of the other end (known from the TCP connection in the
+/// simulation; production learns it in the handshake) and the machine.
 struct Session {
     peer: usize,
     outbound: bool,
     remote: Option<u64>,
-    established: bool,
-    run: Run<PeerSession>,
+    run: Instance<PeerSession>,
 }
 
 struct Connector {
     supplier: usize,
-    run: Run<SupplierConnector>,
+    run: Instance<SupplierConnector>,
 }
 
 /// The supplier side of one node: who it trusts and what it granted.
@@ -154,20 +123,31 @@ pub struct ServiceModel {
     pub open: bool,
     /// customer -> quota
     pub granted: BTreeMap<usize, u64>,
+    /// Before this time the store is still opening: requests get a passing failure.
+    pub ready_at: Duration,
 }
 
 pub struct SimNode {
     pub id: NodeId,
-    hire: Option<Run<FireHire>>,
-    connectors: BTreeMap<u32, Connector>,
+    hire: Option<Instance<FireHire>>,
+    /// By connector instance.
+    connectors: BTreeMap<u64, Connector>,
     pub service: ServiceModel,
-    /// Peers this node currently sees up (an established session).
+    /// Friends this node's network reports up.
     pub sees_up: BTreeSet<usize>,
-    net: Option<Run<NetworkConnector>>,
+    net: Option<Instance<NetworkConnector>>,
     sessions: BTreeMap<u64, Session>,
-    active: BTreeMap<usize, u64>,
-    /// Positions persisted by fire_hire's `Save` (what a restart resumes).
+    /// Positions persisted by fire_hire's `Save` (what a restart resumes): confirmed only.
     pub saved: Vec<(u32, usize)>,
+}
+
+/// Which machine on a node a timer belongs to.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Hire,
+    Net,
+    Connector(u64),
+    Session(u64),
 }
 
 pub struct Sim {
@@ -175,8 +155,8 @@ pub struct Sim {
     pub cfg: SimConfig,
     rng: StdRng,
     pub nodes: Vec<SimNode>,
-    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
-    pending: BTreeMap<usize, Pending>,
+    queue: BinaryHeap<Reverse<(Duration, u64)>>,
+    pending: BTreeMap<u64, (usize, usize, Msg)>,
     seq: u64,
     cut: BTreeSet<(usize, usize)>,
     /// Messages delivered and dropped, for assertions on the run itself.
@@ -187,6 +167,13 @@ pub struct Sim {
 
 fn pair(a: usize, b: usize) -> (usize, usize) {
     (a.min(b), a.max(b))
+}
+
+/// Checks a machine's own invariant in its current state.
+fn check<M: Machine>(what: &str, run: &Instance<M>) -> Result<(), String> {
+    run.machine
+        .invariant(run.state())
+        .map_err(|e| format!("{what} ({} in {}): {e}", M::NAME, run.state().name()))
 }
 
 impl Sim {
@@ -202,13 +189,11 @@ impl Sim {
                 service: ServiceModel {
                     donated: d,
                     trusted: (0..donated.len()).filter(|&j| j != i).collect(),
-                    open: false,
-                    granted: BTreeMap::new(),
+                    ..ServiceModel::default()
                 },
                 sees_up: BTreeSet::new(),
                 net: None,
                 sessions: BTreeMap::new(),
-                active: BTreeMap::new(),
                 saved: Vec::new(),
             })
             .collect();
@@ -231,55 +216,81 @@ impl Sim {
         sim
     }
 
-    /// Starts network_connector on `node`, knowing every other node as a peer.
+    fn ctx(&mut self) -> Ctx {
+        Ctx {
+            now: self.now,
+            // A fixed wall-clock epoch keeps runs reproducible.
+            wall: Duration::from_secs(1_700_000_000) + self.now,
+            random: self.rng.r#gen(),
+        }
+    }
+
+    fn index_of(&self, id: NodeId) -> Option<usize> {
+        self.nodes.iter().position(|n| n.id == id)
+    }
+
+    // ---- network_connector and peer_session ----
+
+    /// Starts network_connector on `node`, knowing every other node as a friend.
     fn start_network(&mut self, node: usize) {
-        let mut run = Run::new(NetworkConnector::default(), format!("n{node}"), self.now);
+        let mut run = Instance::new(
+            NetworkConnector::new(self.nodes[node].id),
+            format!("n{node}"),
+        );
+        run.start(self.now);
+        self.nodes[node].net = Some(run);
         for peer in 0..self.nodes.len() {
             if peer != node {
                 let id = self.nodes[peer].id;
-                run.step(
-                    &nc::Event::PeerAdded {
-                        peer: id,
-                        now: self.now,
-                    },
-                    self.now,
-                );
+                self.network(node, nc::Event::PeerAdded(id));
             }
         }
-        self.nodes[node].net = Some(run);
         self.network(node, nc::Event::Start);
     }
 
     fn network(&mut self, node: usize, event: nc::Event) {
-        let now = self.now;
-        let Some(run) = self.nodes[node].net.as_mut() else {
+        let ctx = self.ctx();
+        let Some(stepped) = self.nodes[node]
+            .net
+            .as_mut()
+            .and_then(|r| r.step(&event, &ctx))
+        else {
             return;
         };
-        let Some(stepped) = run.step(&event, now) else {
-            return;
-        };
-        let machine = run.instance.machine.clone();
-        for &action in stepped.actions {
-            match action {
-                nc::Action::Bind => self.network(node, nc::Event::Bound { now }),
-                nc::Action::DialDue => {
-                    for id in machine.to_dial.clone() {
-                        if let Some(peer) = self.index_of(id) {
-                            self.open_session(node, peer, None);
-                        }
+        for output in stepped.outputs {
+            match output {
+                nc::Output::Bind => self.network(node, nc::Event::Bound),
+                nc::Output::BindFailed(_) => {}
+                nc::Output::Dial(peer) => match self.index_of(peer) {
+                    Some(p) => {
+                        self.open_session(node, p, None);
+                    }
+                    None => self.network(node, nc::Event::DialFailed(peer)),
+                },
+                nc::Output::Close(sid) => self.session(node, sid, ps::Event::Superseded),
+                nc::Output::CloseSessionsOf(peer) => {
+                    let sids: Vec<u64> = self.nodes[node]
+                        .sessions
+                        .iter()
+                        .filter(|(_, s)| Some(s.peer) == self.index_of(peer))
+                        .map(|(sid, _)| *sid)
+                        .collect();
+                    for sid in sids {
+                        self.session(node, sid, ps::Event::Shutdown);
                     }
                 }
-                nc::Action::CloseAll => {
+                nc::Output::PeerUp(peer) | nc::Output::PeerDown(peer) => {
+                    let up = matches!(output, nc::Output::PeerUp(_));
+                    if let Some(p) = self.index_of(peer) {
+                        self.presence(node, p, up);
+                    }
+                }
+                nc::Output::CloseAll => {
                     let sids: Vec<u64> = self.nodes[node].sessions.keys().copied().collect();
                     for sid in sids {
                         self.session(node, sid, ps::Event::Shutdown);
                     }
                 }
-                nc::Action::ReportBindFailure
-                | nc::Action::ForgetPeer
-                | nc::Action::NotePeer
-                | nc::Action::NotePeerUp
-                | nc::Action::NotePeerDown => {}
             }
         }
     }
@@ -289,135 +300,211 @@ impl Sim {
         let sid = self.next_session;
         self.next_session += 1;
         let outbound = remote.is_none();
-        let run = Run::new(PeerSession::default(), format!("n{node}s{sid}"), self.now);
+        let mut run = Instance::new(PeerSession::default(), format!("n{node}s{sid}"));
+        run.start(self.now);
         self.nodes[node].sessions.insert(
             sid,
             Session {
                 peer,
                 outbound,
                 remote,
-                established: false,
                 run,
             },
         );
-        self.session(
-            node,
-            sid,
-            if outbound {
-                ps::Event::Dial
-            } else {
-                ps::Event::Accept
-            },
-        );
+        let first = if outbound {
+            ps::Event::Dial
+        } else {
+            ps::Event::Accept
+        };
+        self.session(node, sid, first);
         sid
     }
 
     fn session(&mut self, node: usize, sid: u64, event: ps::Event) {
-        let now = self.now;
+        let ctx = self.ctx();
         let Some(session) = self.nodes[node].sessions.get_mut(&sid) else {
             return;
         };
-        let (peer, remote) = (session.peer, session.remote);
-        let Some(stepped) = session.run.step(&event, now) else {
+        let (peer, outbound) = (session.peer, session.outbound);
+        let Some(stepped) = session.run.step(&event, &ctx) else {
             return;
         };
-        for &action in stepped.actions {
-            match action {
-                ps::Action::OpenTcp => self.send(node, peer, Msg::TcpOpen { dialer: sid }),
-                ps::Action::RunHandshake => {
-                    if let Some(to) = remote
-                        .or_else(|| self.nodes[node].sessions.get(&sid).and_then(|s| s.remote))
-                    {
+        let remote = session.remote;
+        for output in stepped.outputs {
+            match output {
+                ps::Output::OpenTcp => self.send(node, peer, Msg::TcpOpen { dialer: sid }),
+                ps::Output::RunHandshake => {
+                    if let Some(to) = remote {
                         self.send(node, peer, Msg::Hello { to });
                     }
                 }
-                ps::Action::StartLink => self.session_up(node, sid),
-                ps::Action::SendPing => {
+                ps::Output::StartLink { peer: id } => self.network(
+                    node,
+                    nc::Event::SessionUp {
+                        session: sid,
+                        peer: id,
+                        outbound,
+                    },
+                ),
+                ps::Output::SendPing => {
                     if let Some(to) = remote {
                         self.send(node, peer, Msg::Ping { to });
                     }
                 }
-                ps::Action::ClearMissed => {}
-                ps::Action::ReportClosed => {
+                ps::Output::Closed {
+                    peer: established, ..
+                } => {
                     if let Some(to) = remote {
                         self.send(node, peer, Msg::Close { to });
                     }
-                    self.session_down(node, sid);
+                    self.nodes[node].sessions.remove(&sid);
+                    let dialed = outbound.then(|| self.nodes[peer].id);
+                    self.network(
+                        node,
+                        nc::Event::SessionDown {
+                            session: sid,
+                            peer: established,
+                            dialed,
+                        },
+                    );
                 }
             }
         }
     }
 
-    /// An established session: keep it unless one with the same peer already is; then both
-    /// ends keep the connection dialed by the node with the smaller index.
-    fn session_up(&mut self, node: usize, sid: u64) {
-        let Some(session) = self.nodes[node].sessions.get_mut(&sid) else {
-            return;
-        };
-        session.established = true;
-        let (peer, outbound) = (session.peer, session.outbound);
-        match self.nodes[node].active.get(&peer).copied() {
-            Some(old) => {
-                let keep_new = outbound == (node < peer);
-                let loser = if keep_new { old } else { sid };
-                if keep_new {
-                    self.nodes[node].active.insert(peer, sid);
-                }
-                self.session(node, loser, ps::Event::Superseded);
-            }
-            None => {
-                self.nodes[node].active.insert(peer, sid);
-                let id = self.nodes[peer].id;
-                self.network(node, nc::Event::PeerUp { peer: id });
-                self.presence(node, peer, true);
-            }
+    fn presence(&mut self, at: usize, peer: usize, up: bool) {
+        if up {
+            self.nodes[at].sees_up.insert(peer);
+        } else {
+            self.nodes[at].sees_up.remove(&peer);
         }
-    }
-
-    fn session_down(&mut self, node: usize, sid: u64) {
-        let Some(session) = self.nodes[node].sessions.remove(&sid) else {
-            return;
-        };
-        let peer = session.peer;
         let id = self.nodes[peer].id;
-        let now = self.now;
-        if self.nodes[node].active.get(&peer) == Some(&sid) {
-            self.nodes[node].active.remove(&peer);
-            self.presence(node, peer, false);
-            let jitter = self.rng.gen_range(0..=1000);
-            self.network(
-                node,
-                nc::Event::PeerDown {
-                    peer: id,
-                    now,
-                    jitter,
-                },
-            );
-        } else if session.outbound
-            && !session.established
-            && !self.nodes[node].active.contains_key(&peer)
-        {
-            let jitter = self.rng.gen_range(0..=1000);
-            self.network(
-                node,
-                nc::Event::PeerDown {
-                    peer: id,
-                    now,
-                    jitter,
-                },
-            );
+        let event = if up {
+            fire_hire::Event::CandidateUp(id)
+        } else {
+            fire_hire::Event::CandidateDown(id)
+        };
+        self.fire_hire(at, event);
+    }
+
+    // ---- fire_hire and supplier_connector ----
+
+    /// Starts fire_hire on `customer` (with the contracts it saved, as after a restart).
+    pub fn start_customer(&mut self, customer: usize) {
+        let positions = self.cfg.data_shards + self.cfg.parity_shards;
+        let mut run = Instance::new(FireHire::new(positions), format!("n{customer}"));
+        run.start(self.now);
+        self.nodes[customer].hire = Some(run);
+        let up: Vec<usize> = self.nodes[customer].sees_up.iter().copied().collect();
+        for peer in up {
+            let id = self.nodes[peer].id;
+            self.fire_hire(customer, fire_hire::Event::CandidateUp(id));
+        }
+        let resumed = self.nodes[customer]
+            .saved
+            .iter()
+            .map(|&(p, s)| (p, self.nodes[s].id))
+            .collect();
+        self.fire_hire(customer, fire_hire::Event::Start { resumed });
+    }
+
+    /// Stops a customer's machines (as a process stop) keeping what they persisted.
+    pub fn stop_customer(&mut self, customer: usize) {
+        self.fire_hire(customer, fire_hire::Event::Shutdown);
+        self.nodes[customer].hire = None;
+        self.nodes[customer].connectors.clear();
+    }
+
+    fn fire_hire(&mut self, node: usize, event: fire_hire::Event) {
+        let ctx = self.ctx();
+        let Some(stepped) = self.nodes[node]
+            .hire
+            .as_mut()
+            .and_then(|r| r.step(&event, &ctx))
+        else {
+            return;
+        };
+        for output in stepped.outputs {
+            match output {
+                fire_hire::Output::StartConnector {
+                    instance,
+                    supplier,
+                    resumed,
+                    peer_up,
+                    ..
+                } => {
+                    let Some(s) = self.index_of(supplier) else {
+                        continue;
+                    };
+                    let mut machine = if resumed {
+                        SupplierConnector::resumed()
+                    } else {
+                        SupplierConnector::default()
+                    };
+                    machine.peer_up = peer_up;
+                    let mut run = Instance::new(machine, format!("n{node}c{instance}"));
+                    run.start(self.now);
+                    self.nodes[node]
+                        .connectors
+                        .insert(instance, Connector { supplier: s, run });
+                    self.connector(node, instance, sc::Event::Connect);
+                }
+                fire_hire::Output::Tell { instance, event } => {
+                    self.connector(node, instance, event)
+                }
+                fire_hire::Output::Save(slots) => {
+                    let saved = slots
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(p, h)| {
+                            let (supplier, confirmed) = (*h)?;
+                            confirmed.then_some((p as u32, self.index_of(supplier)?))
+                        })
+                        .collect();
+                    self.nodes[node].saved = saved;
+                }
+                fire_hire::Output::StopConnectors => {
+                    let instances: Vec<u64> = self.nodes[node].connectors.keys().copied().collect();
+                    for instance in instances {
+                        self.connector(node, instance, sc::Event::Shutdown);
+                    }
+                }
+            }
         }
     }
 
-    fn index_of(&self, id: NodeId) -> Option<usize> {
-        self.nodes.iter().position(|n| n.id == id)
+    fn connector(&mut self, node: usize, instance: u64, event: sc::Event) {
+        let ctx = self.ctx();
+        let Some(conn) = self.nodes[node].connectors.get_mut(&instance) else {
+            return;
+        };
+        let supplier = conn.supplier;
+        let Some(stepped) = conn.run.step(&event, &ctx) else {
+            return;
+        };
+        if conn.run.is_terminal() {
+            self.nodes[node].connectors.remove(&instance);
+        }
+        for output in stepped.outputs {
+            match output {
+                sc::Output::SendRequest => {
+                    let space = self.cfg.space_per_supplier;
+                    self.send(node, supplier, Msg::Request { instance, space });
+                }
+                sc::Output::SendCancel => self.send(node, supplier, Msg::Cancel { instance }),
+                sc::Output::Report(report) => {
+                    self.fire_hire(node, fire_hire::Event::Report { instance, report })
+                }
+            }
+        }
     }
 
-    fn schedule(&mut self, at: Duration, p: Pending) {
+    // ---- the simulated wire ----
+
+    fn schedule(&mut self, at: Duration, from: usize, to: usize, msg: Msg) {
         self.seq += 1;
-        let key = self.seq as usize;
-        self.pending.insert(key, p);
-        self.queue.push(Reverse((at, self.seq, key)));
+        self.pending.insert(self.seq, (from, to, msg));
+        self.queue.push(Reverse((at, self.seq)));
     }
 
     /// Sends `msg` with a random delay. A cut link loses everything. Random loss hits connection
@@ -444,160 +531,7 @@ impl Sim {
             .saturating_sub(self.cfg.min_delay)
             .as_millis() as u64;
         let delay = self.cfg.min_delay + Duration::from_millis(self.rng.gen_range(0..=spread));
-        self.schedule(self.now + delay, Pending::Msg { from, to, msg });
-    }
-
-    /// Starts fire_hire on `customer` (with the contracts it saved, as after a restart).
-    pub fn start_customer(&mut self, customer: usize) {
-        let positions = self.cfg.data_shards + self.cfg.parity_shards;
-        let mut run = Run::new(FireHire::new(positions), format!("n{customer}"), self.now);
-        let up: Vec<usize> = self.nodes[customer].sees_up.iter().copied().collect();
-        for peer in up {
-            let id = self.nodes[peer].id;
-            let s = run.step(&fire_hire::Event::CandidateUp(id), self.now);
-            debug_assert!(s.is_some());
-        }
-        self.nodes[customer].hire = Some(run);
-        let resumed = self.nodes[customer]
-            .saved
-            .iter()
-            .map(|&(p, s)| (p, self.nodes[s].id))
-            .collect();
-        self.fire_hire(
-            customer,
-            fire_hire::Event::Start {
-                now: self.now,
-                resumed,
-            },
-        );
-    }
-
-    /// Stops a customer's machines (as a process stop) keeping what they persisted.
-    pub fn stop_customer(&mut self, customer: usize) {
-        if let Some(run) = self.nodes[customer].hire.as_mut() {
-            run.step(&fire_hire::Event::Shutdown, self.now);
-        }
-        self.nodes[customer].hire = None;
-        self.nodes[customer].connectors.clear();
-    }
-
-    fn fire_hire(&mut self, node: usize, event: fire_hire::Event) {
-        let now = self.now;
-        let Some(run) = self.nodes[node].hire.as_mut() else {
-            return;
-        };
-        let Some(stepped) = run.step(&event, now) else {
-            return;
-        };
-        let machine = run.instance.machine.clone();
-        for &action in stepped.actions {
-            match action {
-                fire_hire::Action::Note => {}
-                fire_hire::Action::Resume => {
-                    for (position, supplier) in machine.resumed.clone() {
-                        if let Some(s) = self.index_of(supplier) {
-                            self.start_connector(node, position, s, true);
-                        }
-                    }
-                }
-                fire_hire::Action::HireOne => {
-                    if let Some((position, supplier)) = machine.pending
-                        && let Some(s) = self.index_of(supplier)
-                    {
-                        self.start_connector(node, position, s, false);
-                    }
-                }
-                fire_hire::Action::Dismiss => {
-                    if let Some((position, supplier)) = machine.dismiss
-                        && self.nodes[node]
-                            .connectors
-                            .get(&position)
-                            .is_some_and(|c| self.nodes[c.supplier].id == supplier)
-                    {
-                        self.connector(node, position, sc::Event::Dismiss);
-                    }
-                }
-                fire_hire::Action::Save => {
-                    let saved = machine
-                        .slots
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(p, h)| {
-                            h.and_then(|h| Some((p as u32, self.index_of(h.supplier)?)))
-                        })
-                        .collect();
-                    self.nodes[node].saved = saved;
-                }
-            }
-        }
-    }
-
-    fn start_connector(&mut self, node: usize, position: u32, supplier: usize, resumed: bool) {
-        // A dismissed connector still cancelling at this position is replaced: its cancel goes on
-        // being answered by the supplier, but the position belongs to the new one.
-        let mut machine = if resumed {
-            SupplierConnector::resumed()
-        } else {
-            SupplierConnector::default()
-        };
-        machine.peer_up = self.nodes[node].sees_up.contains(&supplier);
-        let run = Run::new(machine, format!("n{node}p{position}"), self.now);
-        self.nodes[node]
-            .connectors
-            .insert(position, Connector { supplier, run });
-        self.connector(node, position, sc::Event::Connect);
-    }
-
-    fn connector(&mut self, node: usize, position: u32, event: sc::Event) {
-        let now = self.now;
-        let Some(conn) = self.nodes[node].connectors.get_mut(&position) else {
-            return;
-        };
-        let supplier = conn.supplier;
-        let Some(stepped) = conn.run.step(&event, now) else {
-            return;
-        };
-        let machine = conn.run.instance.machine.clone();
-        let supplier_id = self.nodes[supplier].id;
-        for &action in stepped.actions {
-            match action {
-                sc::Action::SendRequest => {
-                    let space = self.cfg.space_per_supplier;
-                    self.send(node, supplier, Msg::Request { position, space });
-                }
-                sc::Action::ReportConnected => {
-                    self.fire_hire(
-                        node,
-                        fire_hire::Event::Hired {
-                            position,
-                            supplier: supplier_id,
-                        },
-                    );
-                }
-                sc::Action::ReportDisconnected | sc::Action::NotePresence => {}
-                sc::Action::ReportRefused => {
-                    let _ = machine.refuse_reason;
-                    self.fire_hire(
-                        node,
-                        fire_hire::Event::Refused {
-                            position,
-                            supplier: supplier_id,
-                            now,
-                        },
-                    );
-                }
-                sc::Action::SendCancel => self.send(node, supplier, Msg::Cancel { position }),
-                sc::Action::ReportClosed => {
-                    if self.nodes[node]
-                        .connectors
-                        .get(&position)
-                        .is_some_and(|c| c.supplier == supplier)
-                    {
-                        self.nodes[node].connectors.remove(&position);
-                    }
-                }
-            }
-        }
+        self.schedule(self.now + delay, from, to, msg);
     }
 
     fn deliver(&mut self, from: usize, to: usize, msg: Msg) {
@@ -621,12 +555,12 @@ impl Sim {
                 self.session(to, sid, ps::Event::Authenticated(id));
             }
             Msg::Ping { to: sid } => {
-                if let Some(remote) = self.nodes[to]
+                let established = self.nodes[to]
                     .sessions
                     .get(&sid)
-                    .filter(|s| s.established)
-                    .and_then(|s| s.remote)
-                {
+                    .filter(|s| s.run.state() == ps::State::Established)
+                    .and_then(|s| s.remote);
+                if let Some(remote) = established {
                     self.send(to, from, Msg::Pong { to: remote });
                 }
             }
@@ -634,97 +568,66 @@ impl Sim {
             Msg::Close { to: sid } => {
                 self.session(to, sid, ps::Event::LinkFailed(ps::CloseReason::PeerClosed))
             }
-            Msg::Request { position, space } => {
-                let service = &self.nodes[to].service;
-                let current = service.granted.get(&from).copied().unwrap_or(0);
-                let total: u64 = service.granted.values().sum();
-                let answer = match decide(
-                    service.trusted.contains(&from),
-                    service.open,
-                    space,
-                    current,
-                    total,
-                    service.donated,
-                ) {
-                    Ok(quota) => {
-                        self.nodes[to].service.granted.insert(from, quota);
-                        Msg::Accept { position }
-                    }
-                    Err(reason) => Msg::Refuse { position, reason },
-                };
+            Msg::Request { instance, space } => {
+                let answer = self.serve(to, from, instance, space);
                 self.send(to, from, answer);
             }
-            Msg::Cancel { position } => {
+            Msg::Cancel { instance } => {
                 self.nodes[to].service.granted.remove(&from);
-                self.send(to, from, Msg::CancelAck { position });
+                self.send(to, from, Msg::CancelAck { instance });
             }
-            Msg::Accept { position }
-            | Msg::Refuse { position, .. }
-            | Msg::CancelAck { position } => {
-                // Only the connector that talks to this supplier hears its answer.
-                if self.nodes[to]
-                    .connectors
-                    .get(&position)
-                    .is_none_or(|c| c.supplier != from)
-                {
-                    return;
-                }
-                let event = match msg {
-                    Msg::Accept { .. } => sc::Event::Accepted,
-                    Msg::Refuse {
-                        reason: Refusal::NoSpace,
-                        ..
-                    } => sc::Event::Refused(RefuseReason::NoSpace),
-                    Msg::Refuse {
-                        reason: Refusal::NotTrusted,
-                        ..
-                    } => sc::Event::Refused(RefuseReason::NotTrusted),
-                    _ => sc::Event::CancelDone,
-                };
-                self.connector(to, position, event);
+            Msg::Accept { instance } => self.connector(to, instance, sc::Event::Accepted),
+            Msg::Refuse { instance, code } => {
+                self.connector(to, instance, sc::Event::Refused(code))
+            }
+            Msg::CancelAck { instance } => self.connector(to, instance, sc::Event::CancelDone),
+            Msg::SupplierCancel => {
+                let id = self.nodes[from].id;
+                self.fire_hire(to, fire_hire::Event::SupplierLeft(id));
             }
         }
     }
 
-    fn presence(&mut self, at: usize, peer: usize, up: bool) {
-        let changed = if up {
-            self.nodes[at].sees_up.insert(peer)
-        } else {
-            self.nodes[at].sees_up.remove(&peer)
-        };
-        if !changed {
-            return;
+    /// The supplier's answer to a service request: the production space rule.
+    fn serve(&mut self, supplier: usize, customer: usize, instance: u64, space: u64) -> Msg {
+        let now = self.now;
+        let service = &mut self.nodes[supplier].service;
+        if now < service.ready_at {
+            return Msg::Refuse {
+                instance,
+                code: FailCode::NotReady,
+            };
         }
-        let id = self.nodes[peer].id;
-        self.fire_hire(
-            at,
-            if up {
-                fire_hire::Event::CandidateUp(id)
-            } else {
-                fire_hire::Event::CandidateDown(id)
+        let current = service.granted.get(&customer).copied().unwrap_or(0);
+        let total: u64 = service.granted.values().sum();
+        let trusted = service.trusted.contains(&customer);
+        match decide(
+            trusted,
+            service.open,
+            space,
+            current,
+            total,
+            service.donated,
+        ) {
+            Ok(quota) => {
+                service.granted.insert(customer, quota);
+                Msg::Accept { instance }
+            }
+            Err(Refusal::NoSpace) => Msg::Refuse {
+                instance,
+                code: FailCode::NoSpace,
             },
-        );
-        let positions: Vec<u32> = self.nodes[at]
-            .connectors
-            .iter()
-            .filter(|(_, c)| c.supplier == peer)
-            .map(|(p, _)| *p)
-            .collect();
-        for position in positions {
-            self.connector(
-                at,
-                position,
-                if up {
-                    sc::Event::PeerUp
-                } else {
-                    sc::Event::PeerDown
-                },
-            );
+            Err(Refusal::NotTrusted) => Msg::Refuse {
+                instance,
+                code: FailCode::NotTrusted,
+            },
         }
     }
+
+    // ---- faults and operations ----
 
     /// Cuts the link between `a` and `b`: every message between them is lost until `heal`.
-    /// Each end notices through its sessions' missed pings.
+    /// Each end notices through its sessions' pong deadlines.
     pub fn partition(&mut self, a: usize, b: usize) {
         self.cut.insert(pair(a, b));
     }
@@ -735,9 +638,40 @@ impl Sim {
 
     /// The monitor's entry point: fire the supplier at `position`.
     pub fn fire(&mut self, customer: usize, position: u32) {
-        let now = self.now;
-        self.fire_hire(customer, fire_hire::Event::Fire { position, now });
+        self.fire_hire(customer, fire_hire::Event::Fire { position });
     }
+
+    /// `supplier` stops serving `customer` (`bitdust customer drop`): its grant goes, and the
+    /// customer is told.
+    pub fn drop_customer(&mut self, supplier: usize, customer: usize) {
+        self.nodes[supplier].service.granted.remove(&customer);
+        self.send(supplier, customer, Msg::SupplierCancel);
+    }
+
+    /// `node` stops trusting `peer` as a supplier would: its requests are refused from now on.
+    pub fn distrust(&mut self, node: usize, peer: usize) {
+        self.nodes[node].service.trusted.remove(&peer);
+    }
+
+    /// Restarts `node`'s process: its sessions drop without a word (the peers notice by their
+    /// pong deadlines or a new session), its network starts anew, its store takes `opening` to
+    /// open (requests meanwhile get a passing failure) and, as a customer, it resumes what it
+    /// saved. Grants persist (they are on disk).
+    pub fn restart_node(&mut self, node: usize, opening: Duration) {
+        let customer = self.nodes[node].hire.is_some();
+        self.nodes[node].hire = None;
+        self.nodes[node].connectors.clear();
+        self.nodes[node].sessions.clear();
+        self.nodes[node].net = None;
+        self.nodes[node].sees_up.clear();
+        self.nodes[node].service.ready_at = self.now + opening;
+        self.start_network(node);
+        if customer {
+            self.start_customer(node);
+        }
+    }
+
+    // ---- running ----
 
     /// The earliest timer of any machine on any node.
     fn next_timer(&self) -> Option<(Duration, usize, Target)> {
@@ -751,20 +685,20 @@ impl Sim {
         };
         for (i, node) in self.nodes.iter().enumerate() {
             consider(
-                node.hire.as_ref().and_then(|r| r.timers.next_deadline()),
+                node.hire.as_ref().and_then(|r| r.next_deadline()),
                 i,
                 Target::Hire,
             );
             consider(
-                node.net.as_ref().and_then(|r| r.timers.next_deadline()),
+                node.net.as_ref().and_then(|r| r.next_deadline()),
                 i,
                 Target::Net,
             );
-            for (p, c) in &node.connectors {
-                consider(c.run.timers.next_deadline(), i, Target::Connector(*p));
+            for (instance, c) in &node.connectors {
+                consider(c.run.next_deadline(), i, Target::Connector(*instance));
             }
             for (sid, session) in &node.sessions {
-                consider(session.run.timers.next_deadline(), i, Target::Session(*sid));
+                consider(session.run.next_deadline(), i, Target::Session(*sid));
             }
         }
         best
@@ -772,43 +706,40 @@ impl Sim {
 
     fn fire_timer(&mut self, node: usize, target: Target) {
         let now = self.now;
-        fn pop<M: Machine + Clone>(run: &mut Run<M>, now: Duration) -> Option<M::Timer> {
-            let machine = run.instance.machine.clone();
-            run.timers.pop_expired(&machine, now)
-        }
         let n = &mut self.nodes[node];
         match target {
             Target::Hire => {
-                if let Some(t) = n.hire.as_mut().and_then(|r| pop(r, now)) {
-                    self.fire_hire(node, FireHire::timer_event(t, now));
+                if let Some(t) = n.hire.as_mut().and_then(|r| r.due_timer(now)) {
+                    self.fire_hire(node, FireHire::timer_event(t));
                 }
             }
             Target::Net => {
-                if let Some(t) = n.net.as_mut().and_then(|r| pop(r, now)) {
-                    self.network(node, NetworkConnector::timer_event(t, now));
+                if let Some(t) = n.net.as_mut().and_then(|r| r.due_timer(now)) {
+                    self.network(node, NetworkConnector::timer_event(t));
                 }
             }
-            Target::Connector(p) => {
-                if let Some(t) = n.connectors.get_mut(&p).and_then(|c| pop(&mut c.run, now)) {
-                    self.connector(node, p, SupplierConnector::timer_event(t, now));
+            Target::Connector(i) => {
+                if let Some(t) = n.connectors.get_mut(&i).and_then(|c| c.run.due_timer(now)) {
+                    self.connector(node, i, SupplierConnector::timer_event(t));
                 }
             }
             Target::Session(sid) => {
-                if let Some(t) = n.sessions.get_mut(&sid).and_then(|c| pop(&mut c.run, now)) {
-                    self.session(node, sid, PeerSession::timer_event(t, now));
+                if let Some(t) = n.sessions.get_mut(&sid).and_then(|c| c.run.due_timer(now)) {
+                    self.session(node, sid, PeerSession::timer_event(t));
                 }
             }
         }
     }
 
-    /// Runs until `until` (virtual time), checking `invariant` after every step.
+    /// Runs until `until` (virtual time), checking every machine's own invariant and
+    /// `invariant` after every step.
     pub fn run_until(
         &mut self,
         until: Duration,
         invariant: &dyn Fn(&Sim) -> Result<(), String>,
     ) -> Result<(), String> {
         loop {
-            let next_msg = self.queue.peek().map(|Reverse((at, _, _))| *at);
+            let next_msg = self.queue.peek().map(|Reverse((at, _))| *at);
             let next_timer = self.next_timer();
             let at = match (next_msg, next_timer.map(|t| t.0)) {
                 (Some(m), Some(t)) => m.min(t),
@@ -821,10 +752,10 @@ impl Sim {
             }
             self.now = at;
             if next_msg == Some(at) {
-                let Some(Reverse((_, _, key))) = self.queue.pop() else {
+                let Some(Reverse((_, key))) = self.queue.pop() else {
                     break;
                 };
-                if let Some(Pending::Msg { from, to, msg }) = self.pending.remove(&key) {
+                if let Some((from, to, msg)) = self.pending.remove(&key) {
                     if self.cut.contains(&pair(from, to)) {
                         self.dropped += 1;
                     } else {
@@ -834,10 +765,31 @@ impl Sim {
             } else if let Some((_, node, target)) = next_timer {
                 self.fire_timer(node, target);
             }
-            invariant(self)
+            self.check_machines()
+                .and_then(|()| invariant(self))
                 .map_err(|e| format!("seed {}: at {:?}: {e}", self.cfg.seed, self.now))?;
         }
         self.now = self.now.max(until);
+        Ok(())
+    }
+
+    /// Every machine's own invariant (`Machine::invariant`).
+    pub fn check_machines(&self) -> Result<(), String> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let at = format!("node {i}");
+            if let Some(run) = &node.net {
+                check(&at, run)?;
+            }
+            if let Some(run) = &node.hire {
+                check(&at, run)?;
+            }
+            for c in node.connectors.values() {
+                check(&at, &c.run)?;
+            }
+            for s in node.sessions.values() {
+                check(&at, &s.run)?;
+            }
+        }
         Ok(())
     }
 
@@ -852,18 +804,22 @@ impl Sim {
                     "s{sid}->{}{} {:?}",
                     s.peer,
                     if s.outbound { "out" } else { "in" },
-                    s.run.instance.state()
+                    s.run.state()
                 )
             })
             .collect();
-        let net = n
-            .net
-            .as_ref()
-            .map(|r| format!("{:?} {:?}", r.instance.state(), r.instance.machine.peers));
-        format!("sessions {sessions:?} active {:?} net {net:?}", n.active)
+        let net = n.net.as_ref().map(|r| {
+            format!(
+                "{:?} active {:?} {:?}",
+                r.state(),
+                r.machine.sessions.active,
+                r.machine.peers
+            )
+        });
+        format!("sessions {sessions:?} net {net:?}")
     }
 
-    /// The state of `node`'s session with `peer`, if it has an established one.
+    /// Whether `node`'s network reports `peer` up.
     pub fn sees(&self, node: usize, peer: usize) -> bool {
         self.nodes[node].sees_up.contains(&peer)
     }
@@ -873,8 +829,7 @@ impl Sim {
         let Some(run) = &self.nodes[customer].hire else {
             return Vec::new();
         };
-        run.instance
-            .machine
+        run.machine
             .slots
             .iter()
             .map(|h| h.and_then(|h| Some((self.index_of(h.supplier)?, h.confirmed))))
@@ -882,64 +837,115 @@ impl Sim {
     }
 
     pub fn fire_hire_state(&self, customer: usize) -> Option<fire_hire::State> {
-        self.nodes[customer]
-            .hire
-            .as_ref()
-            .map(|r| r.instance.state())
+        self.nodes[customer].hire.as_ref().map(|r| r.state())
     }
 
+    /// The supplier and state of the connector holding `position` on `customer`.
     pub fn connector_state(&self, customer: usize, position: u32) -> Option<(usize, sc::State)> {
-        self.nodes[customer]
-            .connectors
-            .get(&position)
-            .map(|c| (c.supplier, c.run.instance.state()))
+        let node = &self.nodes[customer];
+        let hire = node
+            .hire
+            .as_ref()?
+            .machine
+            .slots
+            .get(position as usize)?
+            .as_ref()?;
+        let c = node.connectors.get(&hire.instance)?;
+        Some((c.supplier, c.run.state()))
     }
 
-    /// Every peer a node counts as up has exactly the one established session it names.
+    /// Every friend a node's network counts as up has one established session, named as active,
+    /// and the node's presence view says the same.
     pub fn check_sessions(&self) -> Result<(), String> {
         for (i, node) in self.nodes.iter().enumerate() {
-            for (peer, sid) in &node.active {
+            let Some(net) = &node.net else { continue };
+            for (peer, sid) in &net.machine.sessions.active {
                 let ok = node.sessions.get(sid).is_some_and(|s| {
-                    s.peer == *peer && s.run.instance.state() == ps::State::Established
+                    self.nodes[s.peer].id == *peer && s.run.state() == ps::State::Established
                 });
-                if !ok || !node.sees_up.contains(peer) {
+                if !ok {
                     return Err(format!(
                         "node {i}: active session {sid} with {peer} is not established"
                     ));
                 }
             }
-            if node.sees_up.len() != node.active.len() {
+            let up: BTreeSet<usize> = net
+                .machine
+                .peers
+                .iter()
+                .filter(|(_, slot)| slot.up)
+                .filter_map(|(id, _)| self.index_of(*id))
+                .collect();
+            if up != node.sees_up {
                 return Err(format!("node {i}: presence and sessions disagree"));
             }
         }
         Ok(())
     }
 
-    /// The invariants every run must keep: no supplier holds two positions of one customer,
-    /// and every live connector talks to the supplier its position names.
-    pub fn check_positions(&self) -> Result<(), String> {
-        for (i, node) in self.nodes.iter().enumerate() {
-            let Some(run) = &node.hire else { continue };
-            let machine = &run.instance.machine;
-            if !machine.positions_are_distinct() {
-                return Err(format!(
-                    "node {i}: a supplier holds two positions: {:?}",
-                    self.slots(i)
-                ));
-            }
-            for (p, c) in &node.connectors {
-                let state = c.run.instance.state();
-                if state == sc::State::Cancelling || state == sc::State::Refused {
+    /// Once the network is quiet, both ends of every pair use the same connection: node a's
+    /// active session with b is connected to b's active session with a.
+    pub fn check_sessions_agree(&self) -> Result<(), String> {
+        for (a, node) in self.nodes.iter().enumerate() {
+            let Some(net) = &node.net else { continue };
+            for (peer, sid) in &net.machine.sessions.active {
+                let Some(b) = self.index_of(*peer) else {
                     continue;
-                }
-                let slot = machine.slots.get(*p as usize).copied().flatten();
-                if slot.map(|h| h.supplier) != Some(self.nodes[c.supplier].id) {
+                };
+                let Some(theirs) = self.nodes[b]
+                    .net
+                    .as_ref()
+                    .and_then(|n| n.machine.sessions.active.get(&node.id))
+                else {
+                    continue;
+                };
+                let mine = node.sessions.get(sid).and_then(|s| s.remote);
+                if mine != Some(*theirs) {
                     return Err(format!(
-                        "node {i}: connector at {p} ({state:?}) disagrees with its slot"
+                        "nodes {a} and {b} use different connections: {sid}->{mine:?} vs {theirs}"
                     ));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Every live connector either holds the position its slot names or is leaving it.
+    pub fn check_positions(&self) -> Result<(), String> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let Some(run) = &node.hire else { continue };
+            let machine = &run.machine;
+            for (instance, c) in &node.connectors {
+                let holds =
+                    machine.slots.iter().flatten().any(|h| {
+                        h.instance == *instance && h.supplier == self.nodes[c.supplier].id
+                    });
+                if !holds && !machine.leaving.contains_key(instance) {
+                    return Err(format!(
+                        "node {i}: connector {instance} ({:?}) neither holds nor leaves",
+                        c.run.state()
+                    ));
+                }
+            }
+            for hire in machine.slots.iter().flatten() {
+                if !node.connectors.contains_key(&hire.instance) {
+                    return Err(format!("node {i}: connector {} is gone", hire.instance));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loses the connector holding `position` on `customer` without telling fire_hire: a
+    /// hand-made violation, for the test that proves the checks catch one.
+    pub fn lose_connector(&mut self, customer: usize, position: u32) {
+        let instance = self.nodes[customer]
+            .hire
+            .as_ref()
+            .and_then(|r| r.machine.slots.get(position as usize).copied().flatten())
+            .map(|h| h.instance);
+        if let Some(instance) = instance {
+            self.nodes[customer].connectors.remove(&instance);
+        }
     }
 }

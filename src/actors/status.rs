@@ -1,0 +1,88 @@
+//! What `bitdust status` shows, as types: each actor fills its own section, the control socket
+//! sends the whole as JSON, and the CLI and the tests read it back into the same structs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One machine instance and its state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MachineStatus {
+    pub actor: String,
+    pub id: String,
+    pub state: String,
+    /// Seconds in the current state.
+    pub for_secs: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub node_id: String,
+    pub name: Option<String>,
+    pub revision: Option<u64>,
+    pub contacts: Option<Vec<String>>,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub machines: Vec<MachineStatus>,
+    pub network: NetworkStatus,
+    pub customer: CustomerStatus,
+    pub supplier: SupplierStatus,
+    /// Health lines an operator should read (a stalled or full disk, ...); empty when all is well.
+    #[serde(default)]
+    pub health: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkStatus {
+    pub listen: Option<String>,
+    pub sessions: usize,
+    pub peers: Vec<PeerStatus>,
+    /// Closed sessions by reason, refused identity pushes, dropped notices.
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub node_id: String,
+    pub name: String,
+    pub address: Option<String>,
+    pub remote: Option<String>,
+    pub revision: u64,
+    /// The peer_session state, or `Disconnected`.
+    pub session: String,
+    /// Unix seconds of the last message from the peer.
+    pub last_seen: Option<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CustomerStatus {
+    pub data_shards: u32,
+    pub parity_shards: u32,
+    pub positions: Vec<PositionStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PositionStatus {
+    pub position: u32,
+    pub supplier: Option<String>,
+    pub confirmed: bool,
+    /// The supplier_connector state, or `NoService`.
+    pub contract: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SupplierStatus {
+    pub donated: u64,
+    pub customers: Vec<AccountStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccountStatus {
+    pub node_id: String,
+    pub quota: u64,
+    pub used: u64,
+    /// `active` or `cancelled`.
+    pub state: String,
+}
