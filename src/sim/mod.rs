@@ -159,9 +159,14 @@ pub struct Sim {
     pending: BTreeMap<u64, (usize, usize, Msg)>,
     seq: u64,
     cut: BTreeSet<(usize, usize)>,
+    /// When the last message from one node to another arrives: later ones arrive after it, as on
+    /// a TCP stream.
+    last_arrival: BTreeMap<(usize, usize), Duration>,
     /// Messages delivered and dropped, for assertions on the run itself.
     pub delivered: u64,
     pub dropped: u64,
+    /// Times a node's network reported a friend down (a session lost without a replacement).
+    pub peer_downs: u64,
     next_session: u64,
 }
 
@@ -206,8 +211,10 @@ impl Sim {
             pending: BTreeMap::new(),
             seq: 0,
             cut: BTreeSet::new(),
+            last_arrival: BTreeMap::new(),
             delivered: 0,
             dropped: 0,
+            peer_downs: 0,
             next_session: 1,
         };
         for i in 0..sim.nodes.len() {
@@ -281,6 +288,7 @@ impl Sim {
                 }
                 nc::Output::PeerUp(peer) | nc::Output::PeerDown(peer) => {
                     let up = matches!(output, nc::Output::PeerUp(_));
+                    self.peer_downs += u64::from(!up);
                     if let Some(p) = self.index_of(peer) {
                         self.presence(node, p, up);
                     }
@@ -510,6 +518,8 @@ impl Sim {
     /// Sends `msg` with a random delay. A cut link loses everything. Random loss hits connection
     /// attempts and protocol requests and replies (as a connection reset would lose what was in
     /// flight), not a live session's own framing: TCP does not drop single messages silently.
+    /// A supplier's notice that it dropped its customer is not lost here: production sends it
+    /// once, and a lost one is left for the monitor's audits to find (the simulation has none).
     fn send(&mut self, from: usize, to: usize, msg: Msg) {
         let lossy = !matches!(
             msg,
@@ -518,6 +528,7 @@ impl Sim {
                 | Msg::Ping { .. }
                 | Msg::Pong { .. }
                 | Msg::Close { .. }
+                | Msg::SupplierCancel
         );
         if self.cut.contains(&pair(from, to))
             || (lossy && self.rng.gen_bool(self.cfg.loss.clamp(0.0, 1.0)))
@@ -531,15 +542,20 @@ impl Sim {
             .saturating_sub(self.cfg.min_delay)
             .as_millis() as u64;
         let delay = self.cfg.min_delay + Duration::from_millis(self.rng.gen_range(0..=spread));
-        self.schedule(self.now + delay, from, to, msg);
+        let last = self.last_arrival.entry((from, to)).or_default();
+        let at = (self.now + delay).max(*last);
+        *last = at;
+        self.schedule(at, from, to, msg);
     }
 
     fn deliver(&mut self, from: usize, to: usize, msg: Msg) {
         self.delivered += 1;
         match msg {
             Msg::TcpOpen { dialer } => {
-                let accepted = self.open_session(to, from, Some(dialer));
+                // The dialer learns of the connection before any handshake bytes reach it.
+                let accepted = self.next_session;
                 self.send(to, from, Msg::TcpAccepted { dialer, accepted });
+                self.open_session(to, from, Some(dialer));
             }
             Msg::TcpAccepted { dialer, accepted } => {
                 if let Some(s) = self.nodes[to].sessions.get_mut(&dialer) {
