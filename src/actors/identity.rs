@@ -8,10 +8,15 @@ use super::shell::{Driver, Io};
 use crate::crypto::identity::Identity;
 use crate::crypto::keys::NodeKeys;
 use crate::fsm::identity::{Event, IdentityMachine, Output};
-use crate::node::home::Home;
+
+/// Where the signed identity document lives (the node's home directory).
+pub trait IdentityFile: Send + Sync + 'static {
+    fn load(&self, keys: &NodeKeys) -> Result<Identity, String>;
+    fn save(&self, identity: &Identity) -> Result<(), String>;
+}
 
 pub struct IdentityDriver {
-    home: Home,
+    home: Arc<dyn IdentityFile>,
     keys: Arc<NodeKeys>,
     published: watch::Sender<Option<Identity>>,
 }
@@ -19,7 +24,7 @@ pub struct IdentityDriver {
 impl IdentityDriver {
     /// `published` receives every identity revision this node adopts, for propagation.
     pub fn new(
-        home: Home,
+        home: Arc<dyn IdentityFile>,
         keys: Arc<NodeKeys>,
         published: watch::Sender<Option<Identity>>,
     ) -> Self {
@@ -55,9 +60,9 @@ impl Driver for IdentityDriver {
             Output::Load => {
                 let home = self.home.clone();
                 let keys = self.keys.clone();
-                io.spawn_blocking(move || match home.load_identity(&keys) {
+                io.spawn_blocking(move || match home.load(&keys) {
                     Ok(identity) => Event::Loaded(identity),
-                    Err(e) => Event::LoadFailed(e.to_string()),
+                    Err(e) => Event::LoadFailed(e),
                 });
             }
             Output::Resign(wanted) => {
@@ -72,9 +77,9 @@ impl Driver for IdentityDriver {
                         Ok(next) => next,
                         Err(e) => return Event::SaveFailed(e.to_string()),
                     };
-                    match home.save_identity(&next) {
+                    match home.save(&next) {
                         Ok(()) => Event::Saved(next),
-                        Err(e) => Event::SaveFailed(e.to_string()),
+                        Err(e) => Event::SaveFailed(e),
                     }
                 });
             }

@@ -4,7 +4,7 @@
 //!
 //! Invariants:
 //! - `step` is synchronous and does no IO: no clock, no RNG, no sockets. Time and randomness
-//!   reach a machine through the [`Ctx`] its shell builds for every step (real time in actix,
+//!   reach a machine through the [`Ctx`] its shell builds for every step (real time in the actor shell,
 //!   virtual time and a seeded RNG in the simulation).
 //! - The first row whose `from` contains the current state, whose event kind matches and whose
 //!   guard (if any) holds, wins; an event that matches no row is ignored and changes nothing.

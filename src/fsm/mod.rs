@@ -1,4 +1,4 @@
-//! Pure state machines: no tokio, actix, RocksDB, sockets, clock or RNG (`tests/architecture.rs`
+//! Pure state machines: no async runtime, actors, database, sockets, clock or RNG (`tests/architecture.rs`
 //! enforces it). Each machine is a table (`machine::Row`) plus pure logic that turns the table's
 //! actions into outputs with data; `actors` runs them, and so does the simulation (`sim`).
 

@@ -296,3 +296,13 @@ mod tests {
         assert!(home.lock().is_ok());
     }
 }
+
+impl crate::actors::identity::IdentityFile for Home {
+    fn load(&self, keys: &NodeKeys) -> Result<Identity, String> {
+        self.load_identity(keys).map_err(|e| e.to_string())
+    }
+
+    fn save(&self, identity: &Identity) -> Result<(), String> {
+        self.save_identity(identity).map_err(|e| e.to_string())
+    }
+}

@@ -95,7 +95,7 @@ async fn node_main(
     let identity_actor = Shell::new(
         IdentityMachine::default(),
         "self",
-        IdentityDriver::new(home.clone(), keys.clone(), published_tx),
+        IdentityDriver::new(Arc::new(home.clone()), keys.clone(), published_tx),
         registry.clone(),
     )
     .start();
