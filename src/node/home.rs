@@ -248,6 +248,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HomeErro
     Ok(())
 }
 
+impl crate::actors::identity::IdentityFile for Home {
+    fn load(&self, keys: &NodeKeys) -> Result<Identity, String> {
+        self.load_identity(keys).map_err(|e| e.to_string())
+    }
+
+    fn save(&self, identity: &Identity) -> Result<(), String> {
+        self.save_identity(identity).map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,15 +304,5 @@ mod tests {
         assert!(matches!(home.lock(), Err(HomeError::AlreadyRunning { .. })));
         drop(first);
         assert!(home.lock().is_ok());
-    }
-}
-
-impl crate::actors::identity::IdentityFile for Home {
-    fn load(&self, keys: &NodeKeys) -> Result<Identity, String> {
-        self.load_identity(keys).map_err(|e| e.to_string())
-    }
-
-    fn save(&self, identity: &Identity) -> Result<(), String> {
-        self.save_identity(identity).map_err(|e| e.to_string())
     }
 }
