@@ -111,9 +111,41 @@ pub struct Presence {
 struct BookEntry {
     identity: Identity,
     label: Option<String>,
+    /// Traffic of the peer's closed sessions.
+    traffic: Traffic,
+}
+
+/// What a link carried: bytes and messages each way, and when the peer was last heard.
+#[derive(Clone, Copy, Default)]
+struct Traffic {
     bytes_in: u64,
     bytes_out: u64,
+    messages_in: u64,
+    messages_out: u64,
     last_seen: u64,
+}
+
+impl Traffic {
+    fn of(link: &LinkHandle) -> Traffic {
+        let s = &link.stats;
+        Traffic {
+            bytes_in: s.bytes_in.load(Ordering::Relaxed),
+            bytes_out: s.bytes_out.load(Ordering::Relaxed),
+            messages_in: s.messages_in.load(Ordering::Relaxed),
+            messages_out: s.messages_out.load(Ordering::Relaxed),
+            last_seen: s.last_seen.load(Ordering::Relaxed),
+        }
+    }
+
+    fn plus(self, other: Traffic) -> Traffic {
+        Traffic {
+            bytes_in: self.bytes_in + other.bytes_in,
+            bytes_out: self.bytes_out + other.bytes_out,
+            messages_in: self.messages_in + other.messages_in,
+            messages_out: self.messages_out + other.messages_out,
+            last_seen: self.last_seen.max(other.last_seen),
+        }
+    }
 }
 
 struct SessionEntry {
@@ -283,9 +315,7 @@ impl NetworkDriver {
                     BookEntry {
                         identity,
                         label,
-                        bytes_in: 0,
-                        bytes_out: 0,
-                        last_seen: 0,
+                        traffic: Traffic::default(),
                     },
                 );
                 true
@@ -411,13 +441,9 @@ impl NetworkDriver {
                 let state = session
                     .and_then(|(sid, _)| self.registry.state_of("peer_session", &format!("s{sid}")))
                     .unwrap_or("Disconnected");
-                let (bytes_in, bytes_out, last_seen) = match self.link_of(machine, id) {
-                    Some(l) => (
-                        entry.bytes_in + l.stats.bytes_in.load(Ordering::Relaxed),
-                        entry.bytes_out + l.stats.bytes_out.load(Ordering::Relaxed),
-                        l.stats.last_seen.load(Ordering::Relaxed),
-                    ),
-                    None => (entry.bytes_in, entry.bytes_out, entry.last_seen),
+                let traffic = match self.link_of(machine, id) {
+                    Some(link) => entry.traffic.plus(Traffic::of(&link)),
+                    None => entry.traffic,
                 };
                 PeerStatus {
                     node_id: id.to_string(),
@@ -431,9 +457,11 @@ impl NetworkDriver {
                         .map(|r| r.to_string()),
                     revision: entry.identity.revision(),
                     session: state.to_string(),
-                    last_seen: (last_seen > 0).then_some(last_seen),
-                    bytes_in,
-                    bytes_out,
+                    last_seen: (traffic.last_seen > 0).then_some(traffic.last_seen),
+                    bytes_in: traffic.bytes_in,
+                    bytes_out: traffic.bytes_out,
+                    messages_in: traffic.messages_in,
+                    messages_out: traffic.messages_out,
                 }
             })
             .collect();
@@ -589,11 +617,7 @@ impl Driver for NetworkDriver {
                 if let (Some(entry), Some(p)) = (&entry, peer)
                     && let (Some(book), Some(link)) = (self.book.get_mut(&p), &entry.link)
                 {
-                    book.bytes_in += link.stats.bytes_in.load(Ordering::Relaxed);
-                    book.bytes_out += link.stats.bytes_out.load(Ordering::Relaxed);
-                    book.last_seen = book
-                        .last_seen
-                        .max(link.stats.last_seen.load(Ordering::Relaxed));
+                    book.traffic = book.traffic.plus(Traffic::of(link));
                 }
                 vec![Event::SessionDown {
                     session,

@@ -54,6 +54,9 @@ pub struct PeerStatus {
     pub last_seen: Option<u64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Protocol messages received and sent (keep-alives included).
+    pub messages_in: u64,
+    pub messages_out: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

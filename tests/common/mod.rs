@@ -76,11 +76,18 @@ pub struct Node {
 
 impl Node {
     pub fn start(home: &Path) -> Node {
+        Node::start_with(home, &[])
+    }
+
+    /// Starts the node with extra environment variables (config overrides such as
+    /// `BITDUST_NETWORK__KEEPALIVE`).
+    pub fn start_with(home: &Path, env: &[(&str, &str)]) -> Node {
         let mut child = Command::new(BIN)
             .arg("--home")
             .arg(home)
             .args(["run", "--log-format", "json"])
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -140,6 +147,14 @@ impl Node {
         panic!("no log line for {what}; saw:\n{:#?}", self.seen);
     }
 
+    /// Every log line so far (without waiting for more).
+    pub fn logs_so_far(&mut self) -> &[serde_json::Value] {
+        while let Ok(v) = self.logs.try_recv() {
+            self.seen.push(v);
+        }
+        &self.seen
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: sending a signal to our own child process.
         let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
@@ -177,6 +192,11 @@ pub fn status_json(home: &Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("status prints JSON")
+}
+
+/// The node's status, typed.
+pub fn node_status(home: &Path) -> Option<bitdust::actors::status::NodeStatus> {
+    serde_json::from_value(try_status(home)?).ok()
 }
 
 pub fn id_json(home: &Path) -> serde_json::Value {
