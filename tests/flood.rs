@@ -231,3 +231,26 @@ fn keepalives_flow_without_logging_a_change_of_state_that_is_none() {
         "INFO transitions that change nothing: {self_loops:#?}"
     );
 }
+
+#[test]
+fn a_frozen_peer_is_noticed_within_keepalive_and_dead_after() {
+    let c = cluster(2);
+    let env = [
+        ("BITDUST_NETWORK__KEEPALIVE", "1s"),
+        ("BITDUST_NETWORK__DEAD_AFTER", "2s"),
+    ];
+    let _a = Node::start_with(&c.homes[0], &env);
+    let b = Node::start_with(&c.homes[1], &env);
+    wait_session(&c.homes[0], &c.ids[1], "Established");
+    // The peer's process stops dead: its socket stays open, nothing answers.
+    b.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    wait_for("the frozen peer noticed", 20, || {
+        let s = node_status(&c.homes[0])?;
+        (s.network.peers[0].session != "Established").then_some(())
+    });
+    eprintln!("a frozen peer was noticed after {:?}", frozen.elapsed());
+    b.signal(libc::SIGCONT);
+    // Once it wakes, the friends reconnect.
+    wait_session(&c.homes[0], &c.ids[1], "Established");
+}
