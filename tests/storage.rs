@@ -389,3 +389,98 @@ fn quota_isolation_and_interrupted_writes_through_the_wire() {
     let got = alice.request(4, Body::RetrieveFragment(get));
     assert!(matches!(got.body, Some(Body::FragmentData(ref d)) if d.data == vec![7u8; 600]));
 }
+
+/// A customer's requests are answered in the order they came: a store and a delete of one
+/// fragment, pipelined without waiting, never swap (the delete never finds nothing, the fragment
+/// never survives its delete).
+#[test]
+fn one_customers_pipelined_requests_keep_their_order() {
+    use bitdust::net::envelope;
+    use bitdust::proto::{
+        DeleteFragment, FragmentId, ListFragments, ServiceRequest, StoreFragment,
+    };
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("s");
+    init(&home, "s");
+    let (keys, me) = stranger();
+    add_peer(&home, &me.card());
+    let _node = Node::start(&home);
+    wait_for("node up", 20, || try_status(&home));
+    let mut client = RawClient::login(&listen_addr(&home), &keys, &me);
+    let mut next_id = 10;
+    let mut request = |client: &mut RawClient, body: Body| {
+        next_id += 1;
+        client.send(&envelope::encode(&envelope::envelope(next_id, 0, body)));
+        next_id
+    };
+    // Hire the node as a supplier, retrying while its store opens.
+    let hired = wait_for("service granted", 20, || {
+        let id = request(
+            &mut client,
+            Body::ServiceRequest(ServiceRequest {
+                space: 64 << 20,
+                position: 0,
+                data_shards: 4,
+                parity_shards: 2,
+            }),
+        );
+        loop {
+            let reply = envelope::decode(&client.recv()?).ok()?;
+            if reply.reply_to == id {
+                return matches!(reply.body, Some(Body::ServiceAccept(_))).then_some(());
+            }
+        }
+    });
+    let _ = hired;
+    // One Noise message of the raw client: under 64 KiB.
+    let data = vec![7u8; 60 << 10];
+    let hash = blake3::hash(&data).as_bytes().to_vec();
+    let mut deletes = Vec::new();
+    for i in 0..24u8 {
+        let fid = FragmentId {
+            block: vec![i; 32],
+            position: 0,
+        };
+        request(
+            &mut client,
+            Body::StoreFragment(StoreFragment {
+                id: Some(fid.clone()),
+                data: data.clone(),
+                hash: hash.clone(),
+            }),
+        );
+        deletes.push(request(
+            &mut client,
+            Body::DeleteFragment(DeleteFragment { id: Some(fid) }),
+        ));
+    }
+    let list = request(
+        &mut client,
+        Body::ListFragments(ListFragments {
+            after: None,
+            limit: 1000,
+        }),
+    );
+    loop {
+        let reply = envelope::decode(&client.recv().expect("a reply")).expect("an envelope");
+        if deletes.contains(&reply.reply_to) {
+            assert!(
+                matches!(reply.body, Some(Body::Ack(_))),
+                "a delete overtook its store: {:?}",
+                reply.body
+            );
+        }
+        if reply.reply_to == list {
+            let Some(Body::FragmentList(listed)) = reply.body else {
+                panic!("not a list: {:?}", reply.body);
+            };
+            assert!(
+                listed.fragments.is_empty(),
+                "{} fragments survived their delete",
+                listed.fragments.len()
+            );
+            break;
+        }
+    }
+}
