@@ -415,7 +415,7 @@ fn one_customers_pipelined_requests_keep_their_order() {
         next_id
     };
     // Hire the node as a supplier, retrying while its store opens.
-    let hired = wait_for("service granted", 20, || {
+    wait_for("service granted", 20, || {
         let id = request(
             &mut client,
             Body::ServiceRequest(ServiceRequest {
@@ -432,7 +432,6 @@ fn one_customers_pipelined_requests_keep_their_order() {
             }
         }
     });
-    let _ = hired;
     // One Noise message of the raw client: under 64 KiB.
     let data = vec![7u8; 60 << 10];
     let hash = blake3::hash(&data).as_bytes().to_vec();
