@@ -288,7 +288,7 @@ fn peer_add(home: &Home, card: String, name: Option<String>) -> anyhow::Result<(
         bail!("that is this node's own card");
     }
     let store = bitdust::store::RocksStore::open(&home.db_dir())?;
-    bitdust::actors::network::save_peer(&store, &identity, name.as_deref())?;
+    bitdust::actors::network::save_peer(&store, &identity, name.as_deref(), bitdust::unix_now())?;
     println!("{}", identity.node_id());
     Ok(())
 }

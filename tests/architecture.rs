@@ -152,3 +152,24 @@ fn the_scanner_sees_grouped_and_plain_imports() {
     let names = crate_imports("use crate::{events, labels};\nuse crate::net::link;\n");
     assert_eq!(names, ["events", "labels", "net"]);
 }
+
+/// Drivers read no clock: time comes from the shell (`Io::ctx`), the one place that reads it.
+#[test]
+fn drivers_read_no_clock() {
+    let mut files = Vec::new();
+    rust_files(&src().join("actors"), &mut files);
+    let mut problems = Vec::new();
+    for file in files {
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name == "shell.rs" || name == "registry.rs" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).expect("readable source");
+        for word in ["Instant::now", "SystemTime", "unix_now"] {
+            if text.contains(word) {
+                problems.push(format!("{} reads a clock ({word})", file.display()));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}

@@ -36,8 +36,6 @@ impl IdentityDriver {
     }
 }
 
-use crate::unix_now;
-
 /// The identity actor takes no inputs besides its events.
 pub enum NoInput {}
 
@@ -72,8 +70,9 @@ impl Driver for IdentityDriver {
                 };
                 let home = self.home.clone();
                 let keys = self.keys.clone();
+                let now = io.unix_secs();
                 io.spawn_blocking(move || {
-                    let next = match current.with_contacts(&keys, wanted, unix_now()) {
+                    let next = match current.with_contacts(&keys, wanted, now) {
                         Ok(next) => next,
                         Err(e) => return Event::SaveFailed(e.to_string()),
                     };

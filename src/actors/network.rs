@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use prost::Message as _;
@@ -185,7 +185,8 @@ pub struct NetworkDriver {
     bound: Option<SocketAddr>,
     /// Presence notices, forwarded in order by one task.
     presence: tokio::sync::mpsc::Sender<Presence>,
-    last_forged_warning: Option<Instant>,
+    /// When the last warning about forged pushes was logged (the shell's clock).
+    last_forged_warning: Option<Duration>,
 }
 
 /// Loads the persisted peer book.
@@ -215,11 +216,12 @@ pub fn save_peer(
     store: &dyn KvStore,
     identity: &Identity,
     label: Option<&str>,
+    added_at: u64,
 ) -> Result<(), StoreError> {
     let record = PeerRecord {
         identity: Some(identity.signed().clone()),
         label: label.unwrap_or_default().to_string(),
-        added_at: crate::unix_now(),
+        added_at,
     };
     store.put(
         Cf::Peers,
@@ -278,7 +280,7 @@ impl NetworkDriver {
 
     /// Replaces a friend's identity with a newer revision signed by the same key, and saves it.
     /// False when `identity` is not a newer revision of a friend.
-    fn adopt_newer(&mut self, identity: &Identity) -> bool {
+    fn adopt_newer(&mut self, identity: &Identity, now: u64) -> bool {
         let peer = identity.node_id();
         let Some(entry) = self
             .book
@@ -289,7 +291,7 @@ impl NetworkDriver {
         };
         tracing::info!(peer = %peer, revision = identity.revision(), contacts = ?identity.contacts(),
             "peer identity updated");
-        if let Err(e) = save_peer(self.store.as_ref(), identity, entry.label.as_deref()) {
+        if let Err(e) = save_peer(self.store.as_ref(), identity, entry.label.as_deref(), now) {
             tracing::error!(peer = %peer, error = %e, "cannot persist the peer's new identity");
         }
         self.learn(identity.clone(), None);
@@ -599,7 +601,7 @@ impl Driver for NetworkDriver {
                     entry.remote = remote;
                 }
                 // A newer revision learned in the handshake is kept, and saved.
-                self.adopt_newer(&identity);
+                self.adopt_newer(&identity, io.unix_secs());
                 vec![Event::SessionUp {
                     session,
                     peer,
@@ -627,7 +629,7 @@ impl Driver for NetworkDriver {
             }
             NetInput::PeerIdentity(identity) => {
                 let peer = identity.node_id();
-                if self.adopt_newer(&identity) {
+                if self.adopt_newer(&identity, io.unix_secs()) {
                     return vec![];
                 }
                 // The same revision again is normal (a handshake and a push crossing); older is stale.
@@ -642,11 +644,12 @@ impl Driver for NetworkDriver {
             }
             NetInput::ForgedIdentity(peer) => {
                 self.count("ForgedIdentity");
+                let now = io.ctx().now;
                 let quiet = self
                     .last_forged_warning
-                    .is_some_and(|t| t.elapsed() < WARN_INTERVAL);
+                    .is_some_and(|t| now.saturating_sub(t) < WARN_INTERVAL);
                 if !quiet {
-                    self.last_forged_warning = Some(Instant::now());
+                    self.last_forged_warning = Some(now);
                     let total = self.counters.get("ForgedIdentity").copied().unwrap_or(0);
                     tracing::warn!(peer = %peer, total, "ignoring identity pushes that do not verify");
                 }
@@ -709,7 +712,12 @@ impl Driver for NetworkDriver {
                 if peer == machine.me {
                     return NetAnswer::Added(Err(PeerBookError::OwnCard));
                 }
-                if let Err(e) = save_peer(self.store.as_ref(), &identity, label.as_deref()) {
+                if let Err(e) = save_peer(
+                    self.store.as_ref(),
+                    &identity,
+                    label.as_deref(),
+                    io.unix_secs(),
+                ) {
                     return NetAnswer::Added(Err(e.into()));
                 }
                 let new = self.learn(*identity, label);

@@ -71,9 +71,21 @@ pub trait Driver: Sized + Unpin + 'static {
 /// Lets a driver run IO and feed events back into its machine.
 pub struct Io<'a, D: Driver> {
     ctx: &'a mut Context<Shell<D>>,
+    /// The time of the step (or input) being handled: drivers read no clock of their own.
+    step: Ctx,
 }
 
 impl<D: Driver> Io<'_, D> {
+    /// The context of the step being performed: its monotonic and wall-clock time.
+    pub fn ctx(&self) -> Ctx {
+        self.step
+    }
+
+    /// Wall-clock seconds since the Unix epoch, for what is persisted or sent.
+    pub fn unix_secs(&self) -> u64 {
+        self.step.wall.as_secs()
+    }
+
     /// Runs `work` on the actor's event loop; its output, if any, is the machine's next event
     /// (none: a timer decides).
     pub fn spawn_opt<F>(&mut self, work: F)
@@ -196,7 +208,8 @@ impl<D: Driver> Shell<D> {
         if self.instance.is_terminal() {
             return;
         }
-        let Some(stepped) = self.instance.step(&event, &ctx_now()) else {
+        let step = ctx_now();
+        let Some(stepped) = self.instance.step(&event, &step) else {
             return;
         };
         if stepped.state_changed() {
@@ -204,7 +217,7 @@ impl<D: Driver> Shell<D> {
                 .set(D::M::NAME, self.instance.id(), stepped.to.name());
         }
         for output in stepped.outputs {
-            let mut io = Io { ctx };
+            let mut io = Io { ctx, step };
             self.driver.perform(output, &self.instance.machine, &mut io);
         }
         if self.instance.is_terminal() {
@@ -273,7 +286,10 @@ impl<D: Driver> Handler<Input<D::Input>> for Shell<D> {
 
     fn handle(&mut self, msg: Input<D::Input>, ctx: &mut Context<Self>) {
         let events = {
-            let mut io = Io { ctx };
+            let mut io = Io {
+                ctx,
+                step: ctx_now(),
+            };
             self.driver.input(msg.0, &self.instance.machine, &mut io)
         };
         for event in events {
@@ -289,7 +305,10 @@ impl<D: Driver> Handler<Query<D::Query, D::Answer>> for Shell<D> {
     type Result = MessageResult<Query<D::Query, D::Answer>>;
 
     fn handle(&mut self, msg: Query<D::Query, D::Answer>, ctx: &mut Context<Self>) -> Self::Result {
-        let mut io = Io { ctx };
+        let mut io = Io {
+            ctx,
+            step: ctx_now(),
+        };
         MessageResult(self.driver.query(msg.0, &self.instance.machine, &mut io))
     }
 }

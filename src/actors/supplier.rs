@@ -20,7 +20,6 @@ use crate::proto::{
 };
 use crate::store::KvStore;
 use crate::store::fragments::{AccountState, FragmentError, FragmentKey, FragmentStore};
-use crate::unix_now;
 
 /// Most fragments listed in one reply.
 const LIST_PAGE: usize = 1000;
@@ -128,12 +127,14 @@ fn wire_id(key: &FragmentKey) -> FragmentId {
 }
 
 /// Answers one request. Runs on a blocking thread: it touches the disk.
+/// `now`: wall-clock Unix seconds of the request (a cancel starts the grace period then).
 fn answer(
     store: &FragmentStore,
     settings: &SupplierSettings,
     customer: NodeId,
     trusted: bool,
     body: Body,
+    now: u64,
 ) -> Body {
     let result: Result<Body, FragmentError> = (|| match body {
         Body::ServiceRequest(req) => {
@@ -176,7 +177,7 @@ fn answer(
             }
         }
         Body::ServiceCancel(_) => {
-            store.cancel(&customer, unix_now())?;
+            store.cancel(&customer, now)?;
             tracing::info!(customer = %customer, "customer left; data kept for the grace period");
             Ok(Body::Ack(Ack {
                 size: 0,
@@ -276,11 +277,11 @@ impl Driver for SupplierDriver {
             Output::Purge => {
                 if let Some(store) = self.store.clone() {
                     let grace = self.settings.grace;
+                    let now = io.unix_secs();
                     io.spawn_task(async move {
-                        let purged = tokio::task::spawn_blocking(move || {
-                            store.purge_expired(unix_now(), grace)
-                        })
-                        .await;
+                        let purged =
+                            tokio::task::spawn_blocking(move || store.purge_expired(now, grace))
+                                .await;
                         if let Ok(Ok(customers)) = purged
                             && !customers.is_empty()
                         {
@@ -323,12 +324,13 @@ impl Driver for SupplierDriver {
                     return vec![];
                 };
                 let settings = self.settings.clone();
+                let now = io.unix_secs();
                 let turn = self.turns.entry(customer).or_default().clone();
                 io.spawn_task(async move {
                     // Taken now, in arrival order (tokio's mutex is fair), held until replied.
                     let _turn = turn.lock().await;
                     let reply = tokio::task::spawn_blocking(move || {
-                        answer(&store, &settings, customer, trusted, body)
+                        answer(&store, &settings, customer, trusted, body, now)
                     })
                     .await
                     .unwrap_or_else(|e| fail(FailReason::StorageError, e.to_string()));
@@ -363,8 +365,9 @@ impl Driver for SupplierDriver {
                     let _ = reply.send(Err("storage is not available".into()));
                     return SupplierAnswer::Dropping(answer);
                 };
+                let now = io.unix_secs();
                 io.spawn_task(async move {
-                    let cancelled = tokio::task::spawn_blocking(move || store.cancel(&customer, unix_now()))
+                    let cancelled = tokio::task::spawn_blocking(move || store.cancel(&customer, now))
                         .await
                         .map_err(|e| e.to_string())
                         .and_then(|r| r.map_err(|e| e.to_string()));
