@@ -26,7 +26,7 @@ use bytes::BytesMut;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use snow::{StatelessTransportState, params::NoiseParams};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
-use tokio_util::codec::{Decoder, Encoder, Framed, FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, Encoder, Framed, FramedParts, FramedWrite};
 
 use crate::net::NetError;
 use crate::net::frame::{self, FrameCodec, NOISE_MAX_MSG};
@@ -494,9 +494,17 @@ where
         let (r, w) = split(parts.io);
         let SessionCodec { frames, sealer } = parts.codec;
 
-        let mut reader =
-            FramedRead::with_capacity(r, frames, READ_CAPACITY.max(parts.read_buf.len()));
-        reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        // Bytes read with the last handshake or identity message may already hold whole
+        // frames. `Framed::from_parts` marks a non-empty buffer as readable, so they are
+        // decoded before the socket is read again; a fresh `FramedRead` would first wait for
+        // new bytes, and a request sent together with the identity would stall (issue 11).
+        let mut read_parts = FramedParts::new::<&[u8]>(r, frames);
+        read_parts.read_buf = parts.read_buf;
+        let mut reader = Framed::from_parts(read_parts);
+        let spare = reader.read_buffer().capacity() - reader.read_buffer().len();
+        reader
+            .read_buffer_mut()
+            .reserve(READ_CAPACITY.saturating_sub(spare));
         let mut writer = FramedWrite::new(w, sealer);
         writer.set_backpressure_boundary(WRITE_BOUNDARY);
         writer
@@ -519,7 +527,9 @@ where
 
 /// Receiving half of a [`NoiseSession`].
 pub struct NoiseReader<R> {
-    framed: FramedRead<R, FrameCodec>,
+    /// A `Framed` rather than a `FramedRead` only for `from_parts` (see `split_with`); it
+    /// is never written to.
+    framed: Framed<R, FrameCodec>,
     opener: Opener,
     keys: SessionKeys,
 }
@@ -673,6 +683,27 @@ mod tests {
         assert_eq!(b.recv().await.unwrap().unwrap(), b"");
         drop(a);
         assert!(b.recv().await.unwrap().is_none());
+    }
+
+    /// Fault 2 of issue 11: messages that arrived in the same read as an earlier one are
+    /// still in the session's read buffer when it is split; the reader half must decode them
+    /// at once, not wait for more bytes from the socket (which may never come).
+    #[tokio::test]
+    async fn buffered_messages_survive_the_split() {
+        let Pair { mut a, mut b, .. } = pair().await;
+        // Both messages are in the pipe before b reads: one read takes both.
+        a.send(b"identity").await.unwrap();
+        a.send(b"request").await.unwrap();
+        assert_eq!(b.recv().await.unwrap().unwrap(), b"identity");
+        let (mut br, _bw) = b.split();
+        let next = tokio::time::timeout(Duration::from_secs(2), br.recv())
+            .await
+            .expect("the buffered message is decoded without more input");
+        assert_eq!(next.unwrap().unwrap(), b"request");
+        // The reader still reads new input from the stream afterwards.
+        let (_ar, mut aw) = a.split();
+        aw.send(b"later").await.unwrap();
+        assert_eq!(br.recv().await.unwrap().unwrap(), b"later");
     }
 
     #[tokio::test]
