@@ -284,3 +284,52 @@ fn a_removed_peer_is_disconnected_and_refused() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not a peer"));
 }
+
+/// Issue 11, fault 1: a friend re-signs with a new Noise key and pushes revision 2. Whoever
+/// still holds the old key cannot log in with the (validly signed) revision 1 any more.
+#[test]
+fn a_retired_noise_key_cannot_log_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    init(&home, "a");
+    let (old_keys, old) = stranger();
+    add_peer(&home, &old.card());
+    let _node = Node::start(&home);
+    wait_for("node up", 20, || try_status(&home));
+    let addr = listen_addr(&home);
+    let peer = old.node_id().to_string();
+
+    // Revision 2 under a new Noise key (same signing key, so the same node id).
+    let (new_noise, _) = bitdust::net::generate_static_keypair();
+    let new_keys = bitdust::crypto::keys::NodeKeys::from_secret_bytes(
+        &old_keys.signing_secret_bytes(),
+        &new_noise,
+    )
+    .expect("keys");
+    let newer = Identity::create(&new_keys, "mallory", vec!["tcp://127.0.0.1:9".into()], 2, 1)
+        .expect("identity");
+    let mut client = RawClient::login(&addr, &old_keys, &old);
+    client.send(&envelope::encode(&envelope::envelope(
+        2,
+        0,
+        Body::Identity(IdentityExchange {
+            identity: Some(newer.signed().clone()),
+        }),
+    )));
+    wait_for("revision 2 adopted", 20, || {
+        (peer_status(&try_status(&home)?, &peer)?["revision"] == 2).then_some(())
+    });
+    drop(client);
+    wait_session(&home, &peer, "Disconnected");
+
+    // The old key with the old revision is refused, and counted.
+    let before = closed_count(&status_json(&home), "BadIdentity");
+    let mut thief = RawClient::connect(&addr, &old_keys.noise_secret_bytes());
+    thief.send(&identity_envelope(&old));
+    assert!(thief.closed_by_peer());
+    wait_closed(&home, "BadIdentity", before + 1);
+    // The new key logs in.
+    let mut client = RawClient::login(&addr, &new_keys, &newer);
+    let pong = client.request(3, Body::Ping(Ping { nonce: 5 }));
+    assert!(matches!(pong.body, Some(Body::Pong(_))), "{pong:?}");
+}

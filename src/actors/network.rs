@@ -20,7 +20,7 @@ use crate::crypto::identity::{Identity, NodeId};
 use crate::fsm::Label;
 use crate::fsm::network_connector::{Action, Event, NetworkConnector};
 use crate::fsm::peer_session::{CloseReason, Event as SessionEvent, PeerSession};
-use crate::net::link::{InFlight, LinkHandle, TrustPolicy};
+use crate::net::link::{InFlight, LinkHandle, NewestKey, TrustPolicy};
 use crate::proto::envelope::Body;
 use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, PeerRecord, Ping};
 use crate::store::{Cf, KvStore};
@@ -249,6 +249,8 @@ impl NetworkDriver {
             tracing::error!(peer = %peer, error = %e, "cannot persist the peer's new identity");
         }
         self.learn(identity.clone(), None);
+        // From now on only the new revision's Noise key logs in as this peer.
+        self.publish_policy();
         true
     }
 
@@ -282,7 +284,11 @@ impl NetworkDriver {
     fn publish_policy(&self) {
         let open = self.policy.borrow().open;
         self.policy.send_replace(TrustPolicy {
-            trusted: self.book.keys().copied().collect(),
+            trusted: self
+                .book
+                .iter()
+                .map(|(id, e)| (*id, NewestKey::of(&e.identity)))
+                .collect(),
             open,
         });
     }

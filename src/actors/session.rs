@@ -14,7 +14,7 @@ use super::shell::{Driver, Fire, Input, Io, Shell};
 use crate::crypto::identity::{Identity, NodeId};
 use crate::fsm::Label;
 use crate::fsm::peer_session::{Action, CloseReason, Event, PeerSession};
-use crate::net::link::{self, LinkEvent, LinkHandle, LinkTasks, TrustPolicy};
+use crate::net::link::{self, LinkClose, LinkEvent, LinkHandle, LinkTasks, TrustPolicy};
 use crate::net::noise::NoiseSession;
 use crate::proto::Ping;
 use crate::proto::envelope::Body;
@@ -85,6 +85,38 @@ async fn connect_any(contacts: Vec<String>, timeout: Duration) -> Option<TcpStre
         }
     }
     None
+}
+
+/// The session machine's reason for a net-level close. `StaleIdentity` has no reason of its
+/// own in the machine yet: it is counted as `BadIdentity` (and logged under its own name).
+fn session_reason(reason: LinkClose) -> CloseReason {
+    match reason {
+        LinkClose::HandshakeTimeout => CloseReason::HandshakeTimeout,
+        LinkClose::BadHandshake => CloseReason::BadHandshake,
+        LinkClose::FrameTooLarge => CloseReason::FrameTooLarge,
+        LinkClose::DecryptFailed => CloseReason::DecryptFailed,
+        LinkClose::MessageTooLarge => CloseReason::MessageTooLarge,
+        LinkClose::Malformed => CloseReason::Malformed,
+        LinkClose::UnsupportedVersion => CloseReason::UnsupportedVersion,
+        LinkClose::UnexpectedMessage => CloseReason::UnexpectedMessage,
+        LinkClose::IdentityMismatch => CloseReason::IdentityMismatch,
+        LinkClose::BadIdentity | LinkClose::StaleIdentity => CloseReason::BadIdentity,
+        LinkClose::UnknownPeer => CloseReason::UnknownPeer,
+        LinkClose::WrongPeer => CloseReason::WrongPeer,
+        LinkClose::PeerClosed => CloseReason::PeerClosed,
+        LinkClose::IoError => CloseReason::IoError,
+    }
+}
+
+fn net_failed(session: u64, reason: LinkClose) -> CloseReason {
+    if reason == LinkClose::StaleIdentity {
+        tracing::warn!(
+            session,
+            reason = reason.name(),
+            "refused an older identity revision"
+        );
+    }
+    session_reason(reason)
 }
 
 fn is_routine(reason: CloseReason) -> bool {
@@ -160,7 +192,7 @@ impl Driver for SessionDriver {
                         driver.authenticated = Some((session, identity));
                         Event::Authenticated(peer)
                     }
-                    Err(reason) => Event::HandshakeFailed(reason),
+                    Err(reason) => Event::HandshakeFailed(net_failed(driver.id, reason)),
                 });
             }
             Action::StartLink => {
@@ -174,7 +206,9 @@ impl Driver for SessionDriver {
                 let peer = identity.node_id();
                 let sink: link::LinkSink = Arc::new(move |event| match event {
                     LinkEvent::Pong => me.do_send(Fire(Event::Pong)),
-                    LinkEvent::Closed(reason) => me.do_send(Fire(Event::LinkFailed(reason))),
+                    LinkEvent::Closed(reason) => {
+                        me.do_send(Fire(Event::LinkFailed(session_reason(reason))))
+                    }
                     LinkEvent::Identity(identity) => {
                         network.do_send(Input(NetInput::PeerIdentity(identity)))
                     }

@@ -2,7 +2,7 @@
 //! then a reader and a writer task with request/reply matching by request id, a bounded outbound
 //! queue (backpressure, no unbounded memory) and per-request timeouts.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,44 +17,127 @@ use super::noise::{
     NoiseReader, NoiseSession, NoiseWriter, handshake_initiator, handshake_responder,
 };
 use crate::crypto::identity::{Identity, NodeId};
-use crate::fsm::peer_session::CloseReason;
 use crate::proto::envelope::Body;
 use crate::proto::{Envelope, IdentityExchange, Pong};
 
 /// Binds the protocol into the Noise handshake: a peer of another protocol fails the handshake.
 pub const PROLOGUE: &[u8] = b"bitdust.v1";
 
+/// Why the net layer refused or ended a session. The session actor maps it onto its own
+/// close reasons; `name` is a stable counter/log key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkClose {
+    HandshakeTimeout,
+    BadHandshake,
+    FrameTooLarge,
+    DecryptFailed,
+    MessageTooLarge,
+    Malformed,
+    UnsupportedVersion,
+    UnexpectedMessage,
+    /// The identity's Noise key is not the key the handshake proved.
+    IdentityMismatch,
+    /// The identity does not verify.
+    BadIdentity,
+    /// The identity is older than the newest one this node knows for that peer (or has the
+    /// same revision and another Noise key): its key may be retired, so it cannot log in.
+    StaleIdentity,
+    UnknownPeer,
+    WrongPeer,
+    PeerClosed,
+    IoError,
+}
+
+impl LinkClose {
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkClose::HandshakeTimeout => "HandshakeTimeout",
+            LinkClose::BadHandshake => "BadHandshake",
+            LinkClose::FrameTooLarge => "FrameTooLarge",
+            LinkClose::DecryptFailed => "DecryptFailed",
+            LinkClose::MessageTooLarge => "MessageTooLarge",
+            LinkClose::Malformed => "Malformed",
+            LinkClose::UnsupportedVersion => "UnsupportedVersion",
+            LinkClose::UnexpectedMessage => "UnexpectedMessage",
+            LinkClose::IdentityMismatch => "IdentityMismatch",
+            LinkClose::BadIdentity => "BadIdentity",
+            LinkClose::StaleIdentity => "StaleIdentity",
+            LinkClose::UnknownPeer => "UnknownPeer",
+            LinkClose::WrongPeer => "WrongPeer",
+            LinkClose::PeerClosed => "PeerClosed",
+            LinkClose::IoError => "IoError",
+        }
+    }
+}
+
+/// What this node knows of a friend's newest identity: a session with that friend must prove
+/// this Noise key (or present a newer revision, which the node then adopts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewestKey {
+    pub revision: u64,
+    pub noise_key: [u8; 32],
+}
+
+impl NewestKey {
+    pub fn of(identity: &Identity) -> Self {
+        NewestKey {
+            revision: identity.revision(),
+            noise_key: *identity.noise_key(),
+        }
+    }
+}
+
 /// Who may complete a handshake with this node.
 #[derive(Clone, Debug, Default)]
 pub struct TrustPolicy {
-    pub trusted: HashSet<NodeId>,
+    /// Friends, with the newest identity this node knows for each.
+    pub trusted: HashMap<NodeId, NewestKey>,
     /// Accept any authenticated node (supplier `accept = "open"`).
     pub open: bool,
 }
 
 impl TrustPolicy {
     pub fn allows(&self, node: &NodeId) -> bool {
-        self.open || self.trusted.contains(node)
+        self.open || self.trusted.contains_key(node)
+    }
+
+    /// Checks an identity whose Noise key the handshake has just proven. A friend's older
+    /// revision is refused even though it is validly signed: after a re-sign with a new Noise
+    /// key, whoever holds the old key must not log in as that friend.
+    pub fn admit(&self, identity: &Identity) -> Result<(), LinkClose> {
+        if let Some(newest) = self.trusted.get(&identity.node_id()) {
+            let stale = identity.revision() < newest.revision
+                || (identity.revision() == newest.revision
+                    && identity.noise_key() != &newest.noise_key);
+            if stale {
+                return Err(LinkClose::StaleIdentity);
+            }
+        }
+        if self.allows(&identity.node_id()) {
+            Ok(())
+        } else {
+            Err(LinkClose::UnknownPeer)
+        }
     }
 }
 
-pub fn close_reason(e: &NetError) -> CloseReason {
+pub fn close_reason(e: &NetError) -> LinkClose {
     match e {
-        NetError::FrameTooLarge { .. } => CloseReason::FrameTooLarge,
-        NetError::HandshakeTimeout => CloseReason::HandshakeTimeout,
-        NetError::Handshake(_) => CloseReason::BadHandshake,
-        NetError::Decrypt => CloseReason::DecryptFailed,
-        NetError::MessageTooLarge { .. } => CloseReason::MessageTooLarge,
-        NetError::BadChunk => CloseReason::Malformed,
-        NetError::UnexpectedEof | NetError::Closed => CloseReason::PeerClosed,
-        NetError::Io(_) => CloseReason::IoError,
+        NetError::FrameTooLarge { .. } => LinkClose::FrameTooLarge,
+        NetError::HandshakeTimeout => LinkClose::HandshakeTimeout,
+        NetError::Handshake(_) => LinkClose::BadHandshake,
+        NetError::Decrypt => LinkClose::DecryptFailed,
+        NetError::MessageTooLarge { .. } => LinkClose::MessageTooLarge,
+        NetError::BadChunk => LinkClose::Malformed,
+        NetError::UnexpectedEof | NetError::Closed => LinkClose::PeerClosed,
+        NetError::Io(_) => LinkClose::IoError,
     }
 }
 
-fn envelope_reason(e: &EnvelopeError) -> CloseReason {
+fn envelope_reason(e: &EnvelopeError) -> LinkClose {
     match e {
-        EnvelopeError::UnsupportedVersion(_) => CloseReason::UnsupportedVersion,
-        _ => CloseReason::Malformed,
+        EnvelopeError::UnsupportedVersion(_) => LinkClose::UnsupportedVersion,
+        _ => LinkClose::Malformed,
     }
 }
 
@@ -71,7 +154,7 @@ pub async fn establish<IO>(
     policy: &TrustPolicy,
     timeout: Duration,
     max_message: usize,
-) -> Result<(NoiseSession<IO>, Identity), CloseReason>
+) -> Result<(NoiseSession<IO>, Identity), LinkClose>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -82,9 +165,9 @@ where
             handshake_responder(io, noise_secret, PROLOGUE, timeout).await
         }
         .map_err(|e| match e {
-            NetError::HandshakeTimeout => CloseReason::HandshakeTimeout,
-            NetError::FrameTooLarge { .. } => CloseReason::FrameTooLarge,
-            _ => CloseReason::BadHandshake,
+            NetError::HandshakeTimeout => LinkClose::HandshakeTimeout,
+            NetError::FrameTooLarge { .. } => LinkClose::FrameTooLarge,
+            _ => LinkClose::BadHandshake,
         })?;
         session.set_max_message(max_message);
         let hello = envelope::envelope(
@@ -102,29 +185,27 @@ where
             .recv()
             .await
             .map_err(|e| close_reason(&e))?
-            .ok_or(CloseReason::PeerClosed)?;
+            .ok_or(LinkClose::PeerClosed)?;
         let theirs = envelope::decode(&bytes).map_err(|e| envelope_reason(&e))?;
         let Some(Body::Identity(IdentityExchange {
             identity: Some(signed),
         })) = theirs.body
         else {
-            return Err(CloseReason::UnexpectedMessage);
+            return Err(LinkClose::UnexpectedMessage);
         };
-        let identity = Identity::verify(signed).map_err(|_| CloseReason::BadIdentity)?;
+        let identity = Identity::verify(signed).map_err(|_| LinkClose::BadIdentity)?;
         if identity.noise_key() != &session.remote_static() {
-            return Err(CloseReason::IdentityMismatch);
+            return Err(LinkClose::IdentityMismatch);
         }
         if expected.is_some_and(|e| e != identity.node_id()) {
-            return Err(CloseReason::WrongPeer);
+            return Err(LinkClose::WrongPeer);
         }
-        if !policy.allows(&identity.node_id()) {
-            return Err(CloseReason::UnknownPeer);
-        }
+        policy.admit(&identity)?;
         Ok((session, identity))
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| CloseReason::HandshakeTimeout)?
+        .map_err(|_| LinkClose::HandshakeTimeout)?
 }
 
 /// Traffic counters of one link, readable while it runs.
@@ -149,7 +230,7 @@ pub enum LinkEvent {
     /// A request for a service (fragments, audits, contracts): answer on the link it came on,
     /// then drop the permit (at most `MAX_IN_FLIGHT` requests per link are being handled).
     Request(Box<Envelope>, LinkHandle, InFlight),
-    Closed(CloseReason),
+    Closed(LinkClose),
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -317,7 +398,7 @@ where
         let reason = loop {
             let bytes = match reader.recv().await {
                 Ok(Some(bytes)) => bytes,
-                Ok(None) => break CloseReason::PeerClosed,
+                Ok(None) => break LinkClose::PeerClosed,
                 Err(e) => break close_reason(&e),
             };
             stats
@@ -358,7 +439,7 @@ where
                 Some(Body::Pong(_)) => sink(LinkEvent::Pong),
                 _ => {
                     let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                        break CloseReason::IoError;
+                        break LinkClose::IoError;
                     };
                     sink(LinkEvent::Request(Box::new(envelope), link.clone(), permit))
                 }
@@ -395,7 +476,7 @@ mod tests {
 
     fn trusting(id: &Identity) -> TrustPolicy {
         TrustPolicy {
-            trusted: [id.node_id()].into_iter().collect(),
+            trusted: [(id.node_id(), NewestKey::of(id))].into_iter().collect(),
             open: false,
         }
     }
@@ -578,6 +659,61 @@ mod tests {
         );
     }
 
+    /// Fault 1 of issue 11: after a friend re-signs with a new Noise key, whoever holds the
+    /// old key and the old (validly signed) revision cannot log in as that friend.
+    #[tokio::test]
+    async fn a_retired_key_with_an_older_revision_is_refused() {
+        let (old_keys, old) = node("a");
+        let (new_noise, _) = crate::net::generate_static_keypair();
+        let new_keys = NodeKeys::from_secret_bytes(&old_keys.signing_secret_bytes(), &new_noise)
+            .expect("keys");
+        let newer = Identity::create(&new_keys, "a", vec!["tcp://127.0.0.1:2".into()], 2, 1)
+            .expect("identity");
+        assert_eq!(newer.node_id(), old.node_id());
+        let (kb, b) = node("b");
+        let nb = kb.noise_secret_bytes();
+        let knows_newer = trusting(&newer);
+        let attempt = |keys: &NodeKeys, presented: &Identity, policy: &TrustPolicy| {
+            let (io_a, io_b) = tokio::io::duplex(1 << 16);
+            let na = keys.noise_secret_bytes();
+            let (presented, policy, b) = (presented.clone(), policy.clone(), b.clone());
+            async move {
+                let trusts_b = trusting(&b);
+                let (_, rb) = tokio::join!(
+                    establish(io_a, true, &na, &presented, None, &trusts_b, T, 1 << 16),
+                    establish(io_b, false, &nb, &b, None, &policy, T, 1 << 16),
+                );
+                rb.map(|(_, seen)| seen.revision())
+            }
+        };
+        // The old key with the old revision: validly signed, but not the newest.
+        assert_eq!(
+            attempt(&old_keys, &old, &knows_newer).await.err(),
+            Some(LinkClose::StaleIdentity)
+        );
+        // The same revision as the newest known but another key (a second body signed with
+        // that revision number): refused as well.
+        let twin = Identity::create(&old_keys, "a", vec![], 2, 1).expect("identity");
+        assert_eq!(
+            attempt(&old_keys, &twin, &knows_newer).await.err(),
+            Some(LinkClose::StaleIdentity)
+        );
+        // The newest key logs in; so does a newer revision than any known (adopted later).
+        assert_eq!(attempt(&new_keys, &newer, &knows_newer).await.ok(), Some(2));
+        let newest = newer
+            .with_contacts(&old_keys, vec![], 2)
+            .expect("revision 3");
+        assert_eq!(
+            attempt(&old_keys, &newest, &knows_newer).await.ok(),
+            Some(3)
+        );
+        // A node that only knows revision 1 still accepts it.
+        assert_eq!(
+            attempt(&old_keys, &old, &trusting(&old)).await.ok(),
+            Some(1)
+        );
+    }
+
     #[tokio::test]
     async fn wrong_peer_and_unknown_peer_are_refused() {
         let (ka, a) = node("a");
@@ -591,7 +727,7 @@ mod tests {
             establish(io_a, true, &na, &a, Some(c.node_id()), &pa, T, 1 << 16),
             establish(io_b, false, &nb, &b, None, &pb, T, 1 << 16),
         );
-        assert_eq!(ra.err(), Some(CloseReason::WrongPeer));
+        assert_eq!(ra.err(), Some(LinkClose::WrongPeer));
         // B does not trust A.
         let (io_a, io_b) = tokio::io::duplex(1 << 16);
         let nobody = TrustPolicy::default();
@@ -599,6 +735,6 @@ mod tests {
             establish(io_a, true, &na, &a, None, &pa, T, 1 << 16),
             establish(io_b, false, &nb, &b, None, &nobody, T, 1 << 16),
         );
-        assert_eq!(rb.err(), Some(CloseReason::UnknownPeer));
+        assert_eq!(rb.err(), Some(LinkClose::UnknownPeer));
     }
 }
