@@ -333,3 +333,68 @@ fn a_retired_noise_key_cannot_log_in() {
     let pong = client.request(3, Body::Ping(Ping { nonce: 5 }));
     assert!(matches!(pong.body, Some(Body::Pong(_))), "{pong:?}");
 }
+
+/// Issue 11, fault 3: 200 connections from one address that never handshake do not keep a
+/// friend (connecting from another address, one its contacts name) out.
+#[test]
+fn a_flood_from_one_address_does_not_lock_a_friend_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    init(&home, "a");
+    let (keys, friend) = stranger(); // contacts: tcp://127.0.0.1:9
+    add_peer(&home, &friend.card());
+    // A short pre-authentication deadline, so the test also sees the admitted flood expire.
+    let config_path = home.join("config.toml");
+    let config = std::fs::read_to_string(&config_path).expect("config");
+    assert!(
+        config.contains("preauth_timeout = \"5s\""),
+        "documented default"
+    );
+    std::fs::write(
+        &config_path,
+        config.replace("preauth_timeout = \"5s\"", "preauth_timeout = \"1s\""),
+    )
+    .expect("write config");
+    let _node = Node::start(&home);
+    wait_for("node up", 20, || try_status(&home));
+    let addr: std::net::SocketAddr = listen_addr(&home).parse().expect("addr");
+
+    // 127.0.0.2 is a distinct source address on loopback (Linux routes all of 127/8 there).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let flood: Vec<tokio::net::TcpStream> = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..200 {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind("127.0.0.2:0".parse().expect("addr"))
+                .expect("bind");
+            if let Ok(stream) = socket.connect(addr).await {
+                held.push(stream);
+            }
+        }
+        held
+    });
+    assert!(flood.len() >= 100, "only {} flood connections", flood.len());
+    wait_for("the flood refused", 20, || {
+        let s = try_status(&home)?;
+        let refused =
+            closed_count(&s, "TooManyFromAddress") + closed_count(&s, "TooManyConnections");
+        (refused >= 100).then_some(())
+    });
+
+    let started = std::time::Instant::now();
+    let mut client = RawClient::login(&addr.to_string(), &keys, &friend);
+    let pong = client.request(2, Body::Ping(Ping { nonce: 7 }));
+    let took = started.elapsed();
+    assert!(matches!(pong.body, Some(Body::Pong(_))), "{pong:?}");
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "friend served after {took:?}"
+    );
+    // The flood's admitted connections (8 by default) are closed at the deadline.
+    wait_closed(&home, "HandshakeTimeout", 8);
+    drop(flood);
+}

@@ -20,6 +20,7 @@ use crate::crypto::identity::{Identity, NodeId};
 use crate::fsm::Label;
 use crate::fsm::network_connector::{Action, Event, NetworkConnector};
 use crate::fsm::peer_session::{CloseReason, Event as SessionEvent, PeerSession};
+use crate::net::admission::{Admission, Limits};
 use crate::net::link::{InFlight, LinkHandle, NewestKey, TrustPolicy};
 use crate::proto::envelope::Body;
 use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, PeerRecord, Ping};
@@ -28,9 +29,6 @@ use crate::store::{Cf, KvStore};
 /// Sessions with one peer established within this window of each other are a simultaneous
 /// dial, settled by node id; a session older than that is replaced by a new one.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(5);
-
-/// Inbound connections allowed to be handshaking at once; more are dropped (and counted).
-const MAX_PENDING_INBOUND: usize = 64;
 
 pub enum NetInput {
     Accepted(TcpStream, SocketAddr),
@@ -123,7 +121,6 @@ struct SessionEntry {
     dialed: Option<NodeId>,
     link: Option<LinkHandle>,
     remote: Option<SocketAddr>,
-    outbound: bool,
     /// When the session was established.
     up_since: Option<Instant>,
 }
@@ -132,6 +129,8 @@ pub struct NetworkSettings {
     pub listen: SocketAddr,
     pub request_timeout: Duration,
     pub keepalive: Duration,
+    /// Limits on inbound connections that have not authenticated yet.
+    pub admission: Limits,
 }
 
 pub struct NetworkDriver {
@@ -149,6 +148,7 @@ pub struct NetworkDriver {
     listener: Option<actix::SpawnHandle>,
     bound: Option<SocketAddr>,
     sinks: Option<Sinks>,
+    admission: Admission,
 }
 
 /// Loads the persisted peer book.
@@ -203,7 +203,9 @@ impl NetworkDriver {
         policy: watch::Sender<TrustPolicy>,
         peers: Vec<(Identity, Option<String>)>,
     ) -> Self {
+        let admission = Admission::new(settings.admission);
         let mut driver = NetworkDriver {
+            admission,
             settings,
             my_id,
             shared,
@@ -281,7 +283,12 @@ impl NetworkDriver {
         }
     }
 
-    fn publish_policy(&self) {
+    fn publish_policy(&mut self) {
+        self.admission.set_friend_contacts(
+            self.book
+                .values()
+                .flat_map(|e| e.identity.contacts().iter().map(String::as_str)),
+        );
         let open = self.policy.borrow().open;
         self.policy.send_replace(TrustPolicy {
             trusted: self
@@ -313,9 +320,17 @@ impl NetworkDriver {
         let dialed = target.as_ref().map(|t| t.peer);
         let driver = SessionDriver::new(id, target, stream, self.shared.clone(), io.address());
         let remote = None;
+        // An inbound connection has to authenticate within the (shorter) pre-auth deadline.
+        let handshake_timeout = if outbound {
+            self.shared.handshake_timeout
+        } else {
+            self.shared
+                .handshake_timeout
+                .min(self.settings.admission.preauth_timeout)
+        };
         let machine = PeerSession {
             connect_timeout: self.shared.connect_timeout,
-            handshake_timeout: self.shared.handshake_timeout,
+            handshake_timeout,
             keepalive: self.settings.keepalive,
             ..PeerSession::default()
         };
@@ -335,16 +350,8 @@ impl NetworkDriver {
                 dialed,
                 link: None,
                 remote,
-                outbound,
             },
         );
-    }
-
-    fn pending_inbound(&self) -> usize {
-        self.sessions
-            .values()
-            .filter(|s| !s.outbound && s.link.is_none())
-            .count()
     }
 
     fn link_of(&self, peer: &NodeId) -> Option<LinkHandle> {
@@ -490,9 +497,10 @@ impl Driver for NetworkDriver {
     ) -> Vec<Event> {
         match input {
             NetInput::Accepted(stream, remote) => {
-                if self.pending_inbound() >= MAX_PENDING_INBOUND {
-                    self.count("TooManyConnections");
-                    tracing::warn!(remote = %remote, "too many connections handshaking; dropping one");
+                // The id start_session is about to give this connection.
+                if let Err(refused) = self.admission.admit(self.next_session, remote.ip()) {
+                    self.count(refused.name());
+                    tracing::debug!(remote = %remote, reason = refused.name(), "connection refused before the handshake");
                     return vec![];
                 }
                 self.start_session(None, Some(stream), io);
@@ -508,6 +516,13 @@ impl Driver for NetworkDriver {
                 sent_revision,
             } => {
                 let peer = identity.node_id();
+                self.admission.release(session);
+                if let Some(ip) = remote
+                    .map(|r| r.ip())
+                    .filter(|_| self.book.contains_key(&peer))
+                {
+                    self.admission.friend_seen_at(ip);
+                }
                 // Re-signed while this session was handshaking: the peer has an older card.
                 let current = self.shared.identity.borrow().clone();
                 if let Some(current) = current.filter(|c| c.revision() > sent_revision) {
@@ -574,6 +589,7 @@ impl Driver for NetworkDriver {
                 reason,
             } => {
                 self.count(reason.name());
+                self.admission.release(session);
                 let entry = self.sessions.remove(&session);
                 if let (Some(entry), Some(p)) = (&entry, peer)
                     && let (Some(book), Some(link)) = (self.book.get_mut(&p), &entry.link)

@@ -319,6 +319,7 @@ fn start_network(
         listen: config.node.listen,
         request_timeout: n.request_timeout.get(),
         keepalive: n.keepalive.get(),
+        admission: n.admission_limits(),
     };
     let driver = NetworkDriver::new(
         settings,
