@@ -10,7 +10,7 @@ use std::path::Path;
 use bitdust::crypto::identity::Identity;
 use bitdust::net::envelope;
 use bitdust::proto::envelope::Body;
-use bitdust::proto::{IdentityExchange, Ping};
+use bitdust::proto::{FailReason, IdentityExchange, Ping};
 use common::*;
 use prost::Message as _;
 
@@ -153,6 +153,11 @@ fn bad_input_closes_only_that_connection() {
     // A protobuf that does not decode.
     let mut client = RawClient::connect(&addr, &keys.noise_secret_bytes());
     client.send(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+    let said = envelope::decode(&client.recv().expect("a Fail")).expect("an envelope");
+    assert!(
+        matches!(&said.body, Some(Body::Fail(f)) if f.reason == FailReason::Malformed as i32),
+        "{said:?}"
+    );
     assert!(client.closed_by_peer());
     wait_closed(a, "Malformed", 1);
 
@@ -167,6 +172,13 @@ fn bad_input_closes_only_that_connection() {
     );
     future.version = 99;
     client.send(&future.encode_to_vec());
+    // Told why (in a version 1 envelope answering request 1), then closed.
+    let said = envelope::decode(&client.recv().expect("a Fail")).expect("an envelope");
+    assert_eq!(said.reply_to, 1);
+    assert!(
+        matches!(&said.body, Some(Body::Fail(f)) if f.reason == FailReason::UnsupportedVersion as i32),
+        "{said:?}"
+    );
     assert!(client.closed_by_peer());
     wait_closed(a, "UnsupportedVersion", 1);
 
@@ -199,14 +211,19 @@ fn wrong_static_key_and_relaying_man_in_the_middle_are_refused() {
     assert!(client.closed_by_peer());
     wait_closed(a, "IdentityMismatch", 1);
 
-    // A relay that terminates Noise on both sides and re-encrypts: it gets B's real identity
-    // message from B, and replays it to A inside its own session. A sees the relay's key.
+    // A relay that terminates Noise on both sides and re-encrypts. B does not show its
+    // identity to a node it does not trust (it says NOT_TRUSTED), so the relay replays B's
+    // public card to A inside its own session. A sees the relay's key.
     let (relay_keys, relay_identity) = stranger();
     let mut to_b = RawClient::connect(&b_addr, &relay_keys.noise_secret_bytes());
     to_b.send(&identity_envelope(&relay_identity));
-    let b_hello = to_b.recv().expect("B sends its identity first");
+    let b_said = envelope::decode(&to_b.recv().expect("B answers")).expect("an envelope");
+    assert!(
+        matches!(&b_said.body, Some(Body::Fail(f)) if f.reason == FailReason::NotTrusted as i32),
+        "{b_said:?}"
+    );
     let mut to_a = RawClient::connect(&a_addr, &relay_keys.noise_secret_bytes());
-    to_a.send(&b_hello);
+    to_a.send(&identity_envelope(&b_identity));
     assert!(to_a.closed_by_peer());
     wait_closed(a, "IdentityMismatch", 2);
     // B refused the relay as an unknown node.

@@ -16,8 +16,8 @@ use crate::fsm::Label;
 use crate::fsm::peer_session::{Action, CloseReason, Event, PeerSession};
 use crate::net::link::{self, LinkClose, LinkEvent, LinkHandle, LinkTasks, TrustPolicy};
 use crate::net::noise::NoiseSession;
-use crate::proto::Ping;
 use crate::proto::envelope::Body;
+use crate::proto::{FailReason, Ping};
 
 /// What every session of this node shares. Holds the Noise secret: never `Debug`.
 pub struct SessionShared {
@@ -173,6 +173,9 @@ impl Driver for SessionDriver {
                 let expected = self.target.as_ref().map(|t| t.peer);
                 let outbound = self.target.is_some();
                 let policy = shared.policy.borrow().clone();
+                // The machine's deadline (shorter for inbound: the pre-auth deadline), so the
+                // net layer's own deadline comes first and can tell the peer TIMEOUT.
+                let deadline = machine.handshake_timeout;
                 let work = async move {
                     link::establish(
                         stream,
@@ -181,7 +184,7 @@ impl Driver for SessionDriver {
                         &mine,
                         expected,
                         &policy,
-                        shared.handshake_timeout,
+                        deadline,
                         shared.max_message,
                     )
                     .await
@@ -256,7 +259,13 @@ impl Driver for SessionDriver {
                 } else {
                     tracing::warn!(session = self.id, peer = %peer_text, remote = %remote, reason = reason.name(), "session closed");
                 }
-                self.link = None;
+                // A session we end ourselves says so before the close; other ends are the
+                // peer's doing or a broken transport.
+                if let Some((_, tasks)) = self.link.take()
+                    && reason == CloseReason::Shutdown
+                {
+                    tasks.farewell(FailReason::ShuttingDown, "this node is closing the session");
+                }
                 self.stream = None;
                 self.authenticated = None;
                 self.network.do_send(Input(NetInput::SessionDown {
