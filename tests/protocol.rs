@@ -82,6 +82,30 @@ fn parse_card(card: &str) -> SignedIdentity {
     SignedIdentity::decode(bytes.as_slice()).expect("SignedIdentity")
 }
 
+/// One logical message as framed transport chunks: each chunk's plaintext is a flag byte, then
+/// up to 65518 bytes of data; each sealed chunk goes in one frame (4-byte big-endian length).
+fn seal_message(cipher: &mut Cipher, message: &[u8]) -> Vec<u8> {
+    let pieces: Vec<&[u8]> = if message.is_empty() {
+        vec![&[]]
+    } else {
+        message.chunks(MAX_CHUNK_DATA).collect()
+    };
+    let mut wire = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        let flag = if i + 1 == pieces.len() {
+            FLAG_FINAL
+        } else {
+            FLAG_MORE
+        };
+        let mut plain = vec![flag];
+        plain.extend_from_slice(piece);
+        let sealed = cipher.encrypt_vec(&plain);
+        wire.extend_from_slice(&(sealed.len() as u32).to_be_bytes());
+        wire.extend_from_slice(&sealed);
+    }
+    wire
+}
+
 type Handshake = HandshakeState<X25519, ChaCha20Poly1305, Blake2s>;
 type Cipher = CipherState<ChaCha20Poly1305>;
 
@@ -141,24 +165,9 @@ impl Client {
         }
     }
 
-    /// One logical message as transport chunks: flag byte, then up to 65518 bytes of data.
     fn send_message(&mut self, message: &[u8]) {
-        let pieces: Vec<&[u8]> = if message.is_empty() {
-            vec![&[]]
-        } else {
-            message.chunks(MAX_CHUNK_DATA).collect()
-        };
-        for (i, piece) in pieces.iter().enumerate() {
-            let flag = if i + 1 == pieces.len() {
-                FLAG_FINAL
-            } else {
-                FLAG_MORE
-            };
-            let mut plain = vec![flag];
-            plain.extend_from_slice(piece);
-            let sealed = self.send.encrypt_vec(&plain);
-            write_frame(&mut self.stream, &sealed);
-        }
+        let wire = seal_message(&mut self.send, message);
+        self.stream.write_all(&wire).expect("write");
     }
 
     fn recv_message(&mut self) -> Option<Vec<u8>> {
@@ -405,4 +414,263 @@ fn a_client_written_from_the_spec_talks_to_a_node() {
         "{said:?}"
     );
     assert!(client.recv_message().is_none(), "closed after the Fail");
+}
+
+// ---------------------------------------------------------------- test vectors
+
+const VECTORS_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto/test-vectors.json");
+
+/// 32 bytes counting up from `start`: the fixed keys of the vectors.
+fn counting(start: u8) -> [u8; 32] {
+    std::array::from_fn(|i| start.wrapping_add(i as u8))
+}
+
+/// The vectors' fragment data: byte i is (i * 7) mod 251.
+fn pattern(len: u32) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+fn frame_lengths(wire: &[u8]) -> Vec<u32> {
+    let mut lengths = Vec::new();
+    let mut rest = wire;
+    while rest.len() >= 4 {
+        let len = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes"));
+        lengths.push(len);
+        rest = &rest[4 + len as usize..];
+    }
+    lengths
+}
+
+fn envelope_bytes(request_id: u64, reply_to: u64, body: Body) -> Vec<u8> {
+    Envelope {
+        version: VERSION,
+        request_id,
+        reply_to,
+        body: Some(body),
+    }
+    .encode_to_vec()
+}
+
+/// Computes every vector with this file's own implementation of the spec.
+fn compute_vectors() -> serde_json::Value {
+    // A signed identity, its card and its node id.
+    let signing_secret = counting(0x00);
+    let initiator_static = counting(0x20);
+    let signing = SigningKey::from_bytes(&signing_secret);
+    let noise_key = <X25519 as DH>::pubkey(&<X25519 as DH>::Key::from_slice(&initiator_static));
+    let body = IdentityBody {
+        format: 1,
+        signing_key: signing.verifying_key().to_bytes().to_vec(),
+        noise_key: noise_key.to_vec(),
+        name: "vector".into(),
+        contacts: vec!["tcp://192.0.2.1:7771".into()],
+        revision: 1,
+        timestamp: 1_790_000_000,
+    };
+    let signed = sign_identity(&signing, &body);
+    let identity = serde_json::json!({
+        "signing_secret": hex::encode(signing_secret),
+        "noise_secret": hex::encode(initiator_static),
+        "signing_key": hex::encode(&body.signing_key),
+        "noise_key": hex::encode(&body.noise_key),
+        "name": body.name,
+        "contacts": body.contacts,
+        "revision": body.revision,
+        "timestamp": body.timestamp,
+        "body": hex::encode(&signed.body),
+        "signature": hex::encode(&signed.signature),
+        "signed_identity": hex::encode(signed.encode_to_vec()),
+        "card": card(&signed),
+        "node_id": node_id(&signing.verifying_key().to_bytes()),
+    });
+
+    // A session under fixed static and ephemeral keys.
+    let key = |k: [u8; 32]| <X25519 as DH>::Key::from_slice(&k);
+    let (i_s, i_e, r_s, r_e) = (
+        counting(0x20),
+        counting(0x40),
+        counting(0x60),
+        counting(0x80),
+    );
+    let mut initiator = Handshake::new(
+        noise_xx(),
+        true,
+        PROLOGUE,
+        Some(key(i_s)),
+        Some(key(i_e)),
+        None,
+        None,
+    );
+    let mut responder = Handshake::new(
+        noise_xx(),
+        false,
+        PROLOGUE,
+        Some(key(r_s)),
+        Some(key(r_e)),
+        None,
+        None,
+    );
+    let msg1 = initiator.write_message_vec(&[]).expect("msg 1");
+    responder.read_message_vec(&msg1).expect("read 1");
+    let msg2 = responder.write_message_vec(&[]).expect("msg 2");
+    initiator.read_message_vec(&msg2).expect("read 2");
+    let msg3 = initiator.write_message_vec(&[]).expect("msg 3");
+    responder.read_message_vec(&msg3).expect("read 3");
+    assert_eq!(initiator.get_hash(), responder.get_hash());
+    let (mut i_send, _) = initiator.get_ciphers();
+    let (_, mut r_send) = responder.get_ciphers();
+
+    let hello = envelope_bytes(
+        1,
+        0,
+        Body::Identity(IdentityExchange {
+            identity: Some(signed.clone()),
+        }),
+    );
+    let data = pattern(70_000);
+    let store = envelope_bytes(
+        2,
+        0,
+        Body::StoreFragment(StoreFragment {
+            id: Some(FragmentId {
+                block: blake3::hash(b"vector block").as_bytes().to_vec(),
+                position: 3,
+            }),
+            hash: blake3::hash(&data).as_bytes().to_vec(),
+            data,
+        }),
+    );
+    let ack = envelope_bytes(
+        1,
+        2,
+        Body::Ack(bitdust::proto::Ack {
+            size: 70_000,
+            hash: blake3::hash(&pattern(70_000)).as_bytes().to_vec(),
+        }),
+    );
+    let hello_wire = seal_message(&mut i_send, &hello);
+    let store_wire = seal_message(&mut i_send, &store);
+    let ack_wire = seal_message(&mut r_send, &ack);
+    let last_frame = {
+        let lengths = frame_lengths(&store_wire);
+        let last = *lengths.last().expect("frames") as usize;
+        hex::encode(&store_wire[store_wire.len() - 4 - last..])
+    };
+    serde_json::json!({
+        "identity": identity,
+        "session": {
+            "noise": "Noise_XX_25519_ChaChaPoly_BLAKE2s",
+            "prologue": String::from_utf8_lossy(PROLOGUE),
+            "initiator_static_secret": hex::encode(i_s),
+            "initiator_ephemeral_secret": hex::encode(i_e),
+            "responder_static_secret": hex::encode(r_s),
+            "responder_ephemeral_secret": hex::encode(r_e),
+            "handshake": [
+                hex::encode(frame(&msg1)),
+                hex::encode(frame(&msg2)),
+                hex::encode(frame(&msg3)),
+            ],
+            "handshake_hash": hex::encode(initiator.get_hash()),
+            "messages": [
+                {
+                    "note": "initiator -> responder, nonce 0: its identity (the identity vector above), one chunk",
+                    "plaintext": hex::encode(&hello),
+                    "wire": hex::encode(&hello_wire),
+                },
+                {
+                    "note": "initiator -> responder, nonces 1-2: StoreFragment of pattern(70000), two chunks",
+                    "plaintext_len": store.len(),
+                    "plaintext_blake3": blake3::hash(&store).to_hex().to_string(),
+                    "wire_len": store_wire.len(),
+                    "wire_blake3": blake3::hash(&store_wire).to_hex().to_string(),
+                    "frame_lengths": frame_lengths(&store_wire),
+                    "wire_head": hex::encode(&store_wire[..64]),
+                    "last_frame": last_frame,
+                },
+                {
+                    "note": "responder -> initiator, nonce 0: the Ack answering request 2, one chunk",
+                    "plaintext": hex::encode(&ack),
+                    "wire": hex::encode(&ack_wire),
+                },
+            ],
+        },
+    })
+}
+
+/// The vectors beside PROTOCOL.md match what this implementation computes, and what the
+/// node's own code computes (identity signing, card and node id here; the chunked framing in
+/// `bitdust::net::noise`'s unit tests). `BITDUST_WRITE_VECTORS=1` rewrites the file.
+#[test]
+fn the_test_vectors_hold() {
+    let computed = compute_vectors();
+    if std::env::var_os("BITDUST_WRITE_VECTORS").is_some() {
+        let text = serde_json::to_string_pretty(&computed).expect("json") + "\n";
+        std::fs::write(VECTORS_FILE, text).expect("write vectors");
+    }
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(VECTORS_FILE).expect("vectors file"))
+            .expect("vectors parse");
+    assert_eq!(
+        computed, stored,
+        "computed vectors differ from {VECTORS_FILE}"
+    );
+
+    // The node's implementation of identities agrees.
+    let v = &stored["identity"];
+    let unhex = |key: &str| hex::decode(v[key].as_str().expect(key)).expect("hex");
+    let keys = bitdust::crypto::keys::NodeKeys::from_secret_bytes(
+        &unhex("signing_secret"),
+        &unhex("noise_secret"),
+    )
+    .expect("keys");
+    let identity = bitdust::crypto::identity::Identity::create(
+        &keys,
+        "vector",
+        vec!["tcp://192.0.2.1:7771".into()],
+        1,
+        1_790_000_000,
+    )
+    .expect("identity");
+    assert_eq!(identity.card(), v["card"].as_str().expect("card"));
+    assert_eq!(
+        identity.node_id().to_string(),
+        v["node_id"].as_str().expect("id")
+    );
+    assert_eq!(identity.to_bytes(), unhex("signed_identity"));
+    let parsed = bitdust::crypto::identity::Identity::from_card(v["card"].as_str().expect("card"))
+        .expect("the node reads the vector card");
+    assert_eq!(parsed.noise_key().to_vec(), unhex("noise_key"));
+
+    // snow (the node's Noise library), with the same fixed keys, produces the same handshake.
+    let s = &stored["session"];
+    let unhex = |v: &serde_json::Value| hex::decode(v.as_str().expect("hex")).expect("hex");
+    let (i_s, i_e) = (
+        unhex(&s["initiator_static_secret"]),
+        unhex(&s["initiator_ephemeral_secret"]),
+    );
+    let mut hs = snow::Builder::new(s["noise"].as_str().expect("name").parse().expect("params"))
+        .local_private_key(&i_s)
+        .expect("s")
+        .fixed_ephemeral_key_for_testing_only(&i_e)
+        .prologue(PROLOGUE)
+        .expect("prologue")
+        .build_initiator()
+        .expect("initiator");
+    let mut buf = vec![0u8; 65535];
+    let n = hs.write_message(&[], &mut buf).expect("msg 1");
+    assert_eq!(frame(&buf[..n]), unhex(&s["handshake"][0]));
+    let msg2 = unhex(&s["handshake"][1]);
+    hs.read_message(&msg2[4..], &mut buf).expect("msg 2");
+    let n = hs.write_message(&[], &mut buf).expect("msg 3");
+    assert_eq!(frame(&buf[..n]), unhex(&s["handshake"][2]));
+    assert_eq!(
+        hs.get_handshake_hash().to_vec(),
+        unhex(&s["handshake_hash"])
+    );
 }
