@@ -415,3 +415,27 @@ fn a_flood_from_one_address_does_not_lock_a_friend_out() {
     wait_closed(&home, "HandshakeTimeout", 8);
     drop(flood);
 }
+
+/// A node that stops tells each connected peer SHUTTING_DOWN before it closes the session.
+#[test]
+fn a_stopping_node_says_shutting_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    init(&home, "a");
+    let (keys, me) = stranger();
+    add_peer(&home, &me.card());
+    let mut node = Node::start(&home);
+    wait_for("node up", 20, || try_status(&home));
+    let mut client = RawClient::login(&listen_addr(&home), &keys, &me);
+    node.signal(libc::SIGTERM);
+    let said = loop {
+        let env = envelope::decode(&client.recv().expect("a Fail before the close"))
+            .expect("an envelope");
+        if let Some(Body::Fail(f)) = env.body {
+            break (env.reply_to, f.reason);
+        }
+    };
+    assert_eq!(said, (0, FailReason::ShuttingDown as i32));
+    assert!(client.closed_by_peer());
+    assert!(node.wait_exit().success());
+}
