@@ -85,12 +85,15 @@ impl Admission {
     }
 
     pub fn is_friend_host(&self, ip: &IpAddr) -> bool {
-        self.contact_hosts.contains(ip) || self.seen_hosts.contains(ip)
+        let ip = ip.to_canonical();
+        self.contact_hosts.contains(&ip) || self.seen_hosts.contains(&ip)
     }
 
     /// Admits connection `session` from `ip`, or says why not. Admitting an id twice is a
     /// caller bug and changes nothing.
     pub fn admit(&mut self, session: u64, ip: IpAddr) -> Result<(), Refused> {
+        // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.
+        let ip = ip.to_canonical();
         if self.pending.contains_key(&session) {
             return Ok(());
         }
@@ -128,7 +131,7 @@ impl Admission {
 
     /// A friend authenticated from `ip`: later connections from there get the reserved room.
     pub fn friend_seen_at(&mut self, ip: IpAddr) {
-        self.seen_hosts.insert(ip);
+        self.seen_hosts.insert(ip.to_canonical());
     }
 
     /// Replaces the hosts taken from friends' contacts (`tcp://HOST:PORT`, literal IPs only:
@@ -146,7 +149,9 @@ impl Admission {
 /// The IP of a `tcp://IP:PORT` contact, if it is a literal address.
 fn contact_ip(contact: &str) -> Option<IpAddr> {
     let addr = contact.strip_prefix("tcp://")?;
-    addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
+    addr.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip().to_canonical())
 }
 
 #[cfg(test)]
@@ -226,5 +231,16 @@ mod tests {
         a.set_friend_contacts(["tcp://[2001:db8::1]:1"]);
         assert!(!a.is_friend_host(&ip("192.0.2.7")));
         assert!(a.is_friend_host(&ip("2001:db8::1")));
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_the_same_host() {
+        let mut a = Admission::new(limits());
+        a.set_friend_contacts(["tcp://192.0.2.7:1"]);
+        assert!(a.is_friend_host(&ip("::ffff:192.0.2.7")));
+        for id in 0..3 {
+            assert_eq!(a.admit(id, ip("::ffff:10.0.0.1")), Ok(()));
+        }
+        assert_eq!(a.admit(3, ip("10.0.0.1")), Err(Refused::PerAddress));
     }
 }
