@@ -130,10 +130,6 @@ fn each_layer_imports_only_the_layers_below() {
             let text = std::fs::read_to_string(&file).expect("readable source");
             for name in crate_imports(&text) {
                 checked += 1;
-                // TEMPORARY until the protocol work lands: the link still names a machine label.
-                if file.ends_with("net/link.rs") && name == "fsm" {
-                    continue;
-                }
                 if !allowed.contains(&name.as_str()) {
                     problems.push(format!("{} imports crate::{name}", file.display()));
                 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use bitdust::crypto::identity::Identity;
 use bitdust::net::envelope;
 use bitdust::proto::envelope::Body;
-use bitdust::proto::{IdentityExchange, Ping};
+use bitdust::proto::{FailReason, IdentityExchange, Ping};
 use common::*;
 use prost::Message as _;
 
@@ -153,6 +153,11 @@ fn bad_input_closes_only_that_connection() {
     // A protobuf that does not decode.
     let mut client = RawClient::connect(&addr, &keys.noise_secret_bytes());
     client.send(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+    let said = envelope::decode(&client.recv().expect("a Fail")).expect("an envelope");
+    assert!(
+        matches!(&said.body, Some(Body::Fail(f)) if f.reason == FailReason::Malformed as i32),
+        "{said:?}"
+    );
     assert!(client.closed_by_peer());
     wait_closed(a, "Malformed", 1);
 
@@ -167,6 +172,13 @@ fn bad_input_closes_only_that_connection() {
     );
     future.version = 99;
     client.send(&future.encode_to_vec());
+    // Told why (in a version 1 envelope answering request 1), then closed.
+    let said = envelope::decode(&client.recv().expect("a Fail")).expect("an envelope");
+    assert_eq!(said.reply_to, 1);
+    assert!(
+        matches!(&said.body, Some(Body::Fail(f)) if f.reason == FailReason::UnsupportedVersion as i32),
+        "{said:?}"
+    );
     assert!(client.closed_by_peer());
     wait_closed(a, "UnsupportedVersion", 1);
 
@@ -199,14 +211,19 @@ fn wrong_static_key_and_relaying_man_in_the_middle_are_refused() {
     assert!(client.closed_by_peer());
     wait_closed(a, "IdentityMismatch", 1);
 
-    // A relay that terminates Noise on both sides and re-encrypts: it gets B's real identity
-    // message from B, and replays it to A inside its own session. A sees the relay's key.
+    // A relay that terminates Noise on both sides and re-encrypts. B does not show its
+    // identity to a node it does not trust (it says NOT_TRUSTED), so the relay replays B's
+    // public card to A inside its own session. A sees the relay's key.
     let (relay_keys, relay_identity) = stranger();
     let mut to_b = RawClient::connect(&b_addr, &relay_keys.noise_secret_bytes());
     to_b.send(&identity_envelope(&relay_identity));
-    let b_hello = to_b.recv().expect("B sends its identity first");
+    let b_said = envelope::decode(&to_b.recv().expect("B answers")).expect("an envelope");
+    assert!(
+        matches!(&b_said.body, Some(Body::Fail(f)) if f.reason == FailReason::NotTrusted as i32),
+        "{b_said:?}"
+    );
     let mut to_a = RawClient::connect(&a_addr, &relay_keys.noise_secret_bytes());
-    to_a.send(&b_hello);
+    to_a.send(&identity_envelope(&b_identity));
     assert!(to_a.closed_by_peer());
     wait_closed(a, "IdentityMismatch", 2);
     // B refused the relay as an unknown node.
@@ -283,4 +300,142 @@ fn a_removed_peer_is_disconnected_and_refused() {
     let again = bitdust(a, &["peer", "remove", &c.ids[1]]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not a peer"));
+}
+
+/// Issue 11, fault 1: a friend re-signs with a new Noise key and pushes revision 2. Whoever
+/// still holds the old key cannot log in with the (validly signed) revision 1 any more.
+#[test]
+fn a_retired_noise_key_cannot_log_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    init(&home, "a");
+    let (old_keys, old) = stranger();
+    add_peer(&home, &old.card());
+    let _node = Node::start(&home);
+    wait_for("node up", 20, || try_status(&home));
+    let addr = listen_addr(&home);
+    let peer = old.node_id().to_string();
+
+    // Revision 2 under a new Noise key (same signing key, so the same node id).
+    let (new_noise, _) = bitdust::net::generate_static_keypair();
+    let new_keys = bitdust::crypto::keys::NodeKeys::from_secret_bytes(
+        &old_keys.signing_secret_bytes(),
+        &new_noise,
+    )
+    .expect("keys");
+    let newer = Identity::create(&new_keys, "mallory", vec!["tcp://127.0.0.1:9".into()], 2, 1)
+        .expect("identity");
+    let mut client = RawClient::login(&addr, &old_keys, &old);
+    client.send(&envelope::encode(&envelope::envelope(
+        2,
+        0,
+        Body::Identity(IdentityExchange {
+            identity: Some(newer.signed().clone()),
+        }),
+    )));
+    wait_for("revision 2 adopted", 20, || {
+        (peer_status(&try_status(&home)?, &peer)?["revision"] == 2).then_some(())
+    });
+    drop(client);
+    wait_session(&home, &peer, "Disconnected");
+
+    // The old key with the old revision is refused, and counted.
+    let before = closed_count(&status_json(&home), "RetiredKey");
+    let mut thief = RawClient::connect(&addr, &old_keys.noise_secret_bytes());
+    thief.send(&identity_envelope(&old));
+    assert!(thief.closed_by_peer());
+    wait_closed(&home, "RetiredKey", before + 1);
+    // The new key logs in.
+    let mut client = RawClient::login(&addr, &new_keys, &newer);
+    let pong = client.request(3, Body::Ping(Ping { nonce: 5 }));
+    assert!(matches!(pong.body, Some(Body::Pong(_))), "{pong:?}");
+}
+
+/// Issue 11, fault 3: 200 connections from one address that never handshake do not keep a
+/// friend (connecting from another address, one its contacts name) out.
+#[test]
+fn a_flood_from_one_address_does_not_lock_a_friend_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    init(&home, "a");
+    let (keys, friend) = stranger(); // contacts: tcp://127.0.0.1:9
+    add_peer(&home, &friend.card());
+    // A short pre-authentication deadline, so the test also sees the admitted flood expire.
+    let config_path = home.join("config.toml");
+    let config = std::fs::read_to_string(&config_path).expect("config");
+    assert!(
+        config.contains("preauth_timeout = \"5s\""),
+        "documented default"
+    );
+    std::fs::write(
+        &config_path,
+        config.replace("preauth_timeout = \"5s\"", "preauth_timeout = \"1s\""),
+    )
+    .expect("write config");
+    let _node = Node::start(&home);
+    wait_for("node up", 20, || try_status(&home));
+    let addr: std::net::SocketAddr = listen_addr(&home).parse().expect("addr");
+
+    // 127.0.0.2 is a distinct source address on loopback (Linux routes all of 127/8 there).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let flood: Vec<tokio::net::TcpStream> = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..200 {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind("127.0.0.2:0".parse().expect("addr"))
+                .expect("bind");
+            if let Ok(stream) = socket.connect(addr).await {
+                held.push(stream);
+            }
+        }
+        held
+    });
+    assert!(flood.len() >= 100, "only {} flood connections", flood.len());
+    wait_for("the flood refused", 20, || {
+        let s = try_status(&home)?;
+        let refused =
+            closed_count(&s, "TooManyFromAddress") + closed_count(&s, "TooManyConnections");
+        (refused >= 100).then_some(())
+    });
+
+    let started = std::time::Instant::now();
+    let mut client = RawClient::login(&addr.to_string(), &keys, &friend);
+    let pong = client.request(2, Body::Ping(Ping { nonce: 7 }));
+    let took = started.elapsed();
+    assert!(matches!(pong.body, Some(Body::Pong(_))), "{pong:?}");
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "friend served after {took:?}"
+    );
+    // The flood's admitted connections (8 by default) are closed at the deadline.
+    wait_closed(&home, "HandshakeTimeout", 8);
+    drop(flood);
+}
+
+/// A node that stops tells each connected peer SHUTTING_DOWN before it closes the session.
+#[test]
+fn a_stopping_node_says_shutting_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    init(&home, "a");
+    let (keys, me) = stranger();
+    add_peer(&home, &me.card());
+    let mut node = Node::start(&home);
+    wait_for("node up", 20, || try_status(&home));
+    let mut client = RawClient::login(&listen_addr(&home), &keys, &me);
+    node.signal(libc::SIGTERM);
+    let said = loop {
+        let env = envelope::decode(&client.recv().expect("a Fail before the close"))
+            .expect("an envelope");
+        if let Some(Body::Fail(f)) = env.body {
+            break (env.reply_to, f.reason);
+        }
+    };
+    assert_eq!(said, (0, FailReason::ShuttingDown as i32));
+    assert!(client.closed_by_peer());
+    assert!(node.wait_exit().success());
 }

@@ -23,13 +23,11 @@ use crate::crypto::identity::{Identity, NodeId};
 use crate::fsm::Label;
 use crate::fsm::network_connector::{Event, NetworkConnector, Output};
 use crate::fsm::peer_session::{CloseReason, Event as SessionEvent, PeerSession};
-use crate::net::link::{InFlight, LinkHandle, TrustPolicy};
+use crate::net::admission::{Admission, Limits};
+use crate::net::link::{InFlight, LinkHandle, NewestKey, TrustPolicy};
 use crate::proto::envelope::Body;
 use crate::proto::{Envelope, IdentityExchange, PeerRecord};
 use crate::store::{Cf, KvStore, StoreError};
-
-/// Inbound connections allowed to be handshaking at once; more are dropped (and counted).
-const MAX_PENDING_INBOUND: usize = 64;
 
 /// Presence notices waiting to be forwarded (two per friend going down and up again).
 const PRESENCE_QUEUE: usize = 1024;
@@ -154,13 +152,14 @@ struct SessionEntry {
     dialed: Option<NodeId>,
     link: Option<LinkHandle>,
     remote: Option<SocketAddr>,
-    outbound: bool,
 }
 
 pub struct NetworkSettings {
     pub listen: SocketAddr,
     pub keepalive: Duration,
     pub dead_after: Duration,
+    /// Limits on inbound connections that have not authenticated yet.
+    pub admission: Limits,
 }
 
 /// Where the network's news goes, fixed before the actor starts.
@@ -185,6 +184,8 @@ pub struct NetworkDriver {
     bound: Option<SocketAddr>,
     /// Presence notices, forwarded in order by one task.
     presence: tokio::sync::mpsc::Sender<Presence>,
+    /// Who may hold a pre-handshake slot (per address, room kept for friends).
+    admission: Admission,
     /// When the last warning about forged pushes was logged (the shell's clock).
     last_forged_warning: Option<Duration>,
 }
@@ -250,7 +251,9 @@ impl NetworkDriver {
                 }
             }
         });
+        let admission = Admission::new(settings.admission);
         let mut driver = NetworkDriver {
+            admission,
             settings,
             shared,
             store,
@@ -325,10 +328,20 @@ impl NetworkDriver {
         }
     }
 
-    fn publish_policy(&self) {
+    fn publish_policy(&mut self) {
+        self.admission.set_friend_contacts(
+            self.book
+                .values()
+                .flat_map(|e| e.identity.contacts().iter().map(String::as_str)),
+        );
         let open = self.policy.borrow().open;
+        // Only the newest known revision's Noise key logs in as a friend.
         self.policy.send_replace(TrustPolicy {
-            trusted: self.book.keys().copied().collect(),
+            trusted: self
+                .book
+                .iter()
+                .map(|(id, e)| (*id, NewestKey::of(&e.identity)))
+                .collect(),
             open,
         });
     }
@@ -349,9 +362,17 @@ impl NetworkDriver {
         let dialed = target.as_ref().map(|t| t.peer);
         let network = io.address().recipient();
         let driver = SessionDriver::new(id, target, stream, self.shared.clone(), network);
+        // An inbound connection has to authenticate within the (shorter) pre-auth deadline.
+        let handshake_timeout = if outbound {
+            self.shared.handshake_timeout
+        } else {
+            self.shared
+                .handshake_timeout
+                .min(self.settings.admission.preauth_timeout)
+        };
         let machine = PeerSession {
             connect_timeout: self.shared.connect_timeout,
-            handshake_timeout: self.shared.handshake_timeout,
+            handshake_timeout,
             keepalive: self.settings.keepalive,
             dead_after: self.settings.dead_after,
             ..PeerSession::default()
@@ -371,7 +392,6 @@ impl NetworkDriver {
                 dialed,
                 link: None,
                 remote: None,
-                outbound,
             },
         );
     }
@@ -390,13 +410,6 @@ impl NetworkDriver {
         actix::spawn(async move {
             let _ = addr.send(Shutdown).await;
         });
-    }
-
-    fn pending_inbound(&self) -> usize {
-        self.sessions
-            .values()
-            .filter(|s| !s.outbound && s.link.is_none())
-            .count()
     }
 
     fn link_of(&self, machine: &NetworkConnector, peer: &NodeId) -> Option<LinkHandle> {
@@ -573,9 +586,10 @@ impl Driver for NetworkDriver {
     ) -> Vec<Event> {
         match input {
             NetInput::Accepted(stream, remote) => {
-                if self.pending_inbound() >= MAX_PENDING_INBOUND {
-                    self.count("TooManyConnections");
-                    tracing::warn!(remote = %remote, "too many connections handshaking; dropping one");
+                // The id start_session is about to give this connection.
+                if let Err(refused) = self.admission.admit(self.next_session, remote.ip()) {
+                    self.count(refused.name());
+                    tracing::debug!(remote = %remote, reason = refused.name(), "connection refused before the handshake");
                     return vec![];
                 }
                 self.start_session(None, Some(stream), io);
@@ -590,6 +604,13 @@ impl Driver for NetworkDriver {
                 sent_revision,
             } => {
                 let peer = identity.node_id();
+                self.admission.release(session);
+                if let Some(ip) = remote
+                    .map(|r| r.ip())
+                    .filter(|_| self.book.contains_key(&peer))
+                {
+                    self.admission.friend_seen_at(ip);
+                }
                 // Re-signed while this session was handshaking: the peer has an older card.
                 let current = self.shared.identity.borrow().clone();
                 if let Some(current) = current.filter(|c| c.revision() > sent_revision) {
@@ -615,6 +636,7 @@ impl Driver for NetworkDriver {
                 reason,
             } => {
                 self.count(reason.name());
+                self.admission.release(session);
                 let entry = self.sessions.remove(&session);
                 if let (Some(entry), Some(p)) = (&entry, peer)
                     && let (Some(book), Some(link)) = (self.book.get_mut(&p), &entry.link)

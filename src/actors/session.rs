@@ -16,10 +16,10 @@ use super::shell::{Deliver, Driver, Input, Io};
 use crate::crypto::identity::{Identity, NodeId};
 use crate::fsm::Label;
 use crate::fsm::peer_session::{CloseReason, Event, Output, PeerSession};
-use crate::net::link::{self, LinkEvent, LinkHandle, LinkTasks, TrustPolicy};
+use crate::net::link::{self, LinkClose, LinkEvent, LinkHandle, LinkTasks, TrustPolicy};
 use crate::net::noise::NoiseSession;
-use crate::proto::Ping;
 use crate::proto::envelope::Body;
+use crate::proto::{FailReason, Ping};
 
 /// What every session of this node shares. Holds the Noise secret: never `Debug`.
 pub struct SessionShared {
@@ -92,6 +92,27 @@ async fn connect_any(contacts: Vec<String>, timeout: Duration) -> Option<TcpStre
     None
 }
 
+/// The session machine's reason for a net-level close.
+fn session_reason(reason: LinkClose) -> CloseReason {
+    match reason {
+        LinkClose::HandshakeTimeout => CloseReason::HandshakeTimeout,
+        LinkClose::BadHandshake => CloseReason::BadHandshake,
+        LinkClose::FrameTooLarge => CloseReason::FrameTooLarge,
+        LinkClose::DecryptFailed => CloseReason::DecryptFailed,
+        LinkClose::MessageTooLarge => CloseReason::MessageTooLarge,
+        LinkClose::Malformed => CloseReason::Malformed,
+        LinkClose::UnsupportedVersion => CloseReason::UnsupportedVersion,
+        LinkClose::UnexpectedMessage => CloseReason::UnexpectedMessage,
+        LinkClose::IdentityMismatch => CloseReason::IdentityMismatch,
+        LinkClose::BadIdentity => CloseReason::BadIdentity,
+        LinkClose::StaleIdentity => CloseReason::RetiredKey,
+        LinkClose::UnknownPeer => CloseReason::UnknownPeer,
+        LinkClose::WrongPeer => CloseReason::WrongPeer,
+        LinkClose::PeerClosed => CloseReason::PeerClosed,
+        LinkClose::IoError => CloseReason::IoError,
+    }
+}
+
 fn is_routine(reason: CloseReason) -> bool {
     matches!(
         reason,
@@ -123,7 +144,7 @@ impl Driver for SessionDriver {
         match query {}
     }
 
-    fn perform(&mut self, output: Output, _machine: &PeerSession, io: &mut Io<'_, Self>) {
+    fn perform(&mut self, output: Output, machine: &PeerSession, io: &mut Io<'_, Self>) {
         match output {
             Output::OpenTcp => {
                 let contacts = self
@@ -156,6 +177,9 @@ impl Driver for SessionDriver {
                 let expected = self.target.as_ref().map(|t| t.peer);
                 let outbound = self.target.is_some();
                 let policy = shared.policy.borrow().clone();
+                // The machine's deadline (shorter for inbound: the pre-auth deadline), so the
+                // net layer's own deadline comes first and can tell the peer TIMEOUT.
+                let deadline = machine.handshake_timeout;
                 let work = async move {
                     link::establish(
                         stream,
@@ -164,7 +188,7 @@ impl Driver for SessionDriver {
                         &mine,
                         expected,
                         &policy,
-                        shared.handshake_timeout,
+                        deadline,
                         shared.max_message,
                     )
                     .await
@@ -175,7 +199,7 @@ impl Driver for SessionDriver {
                         driver.authenticated = Some((session, identity));
                         Event::Authenticated(peer)
                     }
-                    Err(reason) => Event::HandshakeFailed(reason),
+                    Err(reason) => Event::HandshakeFailed(session_reason(reason)),
                 });
             }
             Output::StartLink { .. } => {
@@ -216,6 +240,7 @@ impl Driver for SessionDriver {
                     LinkEvent::Closed(reason) => {
                         let me = me.clone();
                         tokio::spawn(async move {
+                            let reason = session_reason(reason);
                             let _ = me.send(Deliver(Event::LinkFailed(reason))).await;
                         });
                     }
@@ -276,7 +301,13 @@ impl Driver for SessionDriver {
                 } else {
                     tracing::warn!(session = self.id, peer = %peer_text, remote = %remote, reason = reason.name(), "session closed");
                 }
-                self.link = None;
+                // A session we end ourselves says so before the close; other ends are the
+                // peer's doing or a broken transport.
+                if let Some((_, tasks)) = self.link.take()
+                    && reason == CloseReason::Shutdown
+                {
+                    tasks.farewell(FailReason::ShuttingDown, "this node is closing the session");
+                }
                 self.stream = None;
                 self.authenticated = None;
                 self.report(NetInput::SessionDown {

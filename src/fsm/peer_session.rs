@@ -64,7 +64,8 @@ labels! {
         ConnectFailed, ConnectTimeout, HandshakeTimeout, BadHandshake, FrameTooLarge, DecryptFailed,
         MessageTooLarge, Malformed, UnsupportedVersion, UnexpectedMessage, IdentityMismatch,
         BadIdentity, UnknownPeer, WrongPeer, PeerSilent, PeerClosed, IoError, Duplicate, Shutdown,
-        RetiredKey, NotReady,
+        /// The peer logged in with the key of an identity it has since replaced.
+        RetiredKey,
     }
 }
 

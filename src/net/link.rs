@@ -2,7 +2,7 @@
 //! then a reader and a writer task with request/reply matching by request id, a bounded outbound
 //! queue (backpressure, no unbounded memory) and per-request timeouts.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,50 +17,137 @@ use super::noise::{
     NoiseReader, NoiseSession, NoiseWriter, handshake_initiator, handshake_responder,
 };
 use crate::crypto::identity::{Identity, NodeId};
-use crate::fsm::peer_session::CloseReason;
 use crate::proto::envelope::Body;
-use crate::proto::{Envelope, IdentityExchange, Pong};
+use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, Pong};
 
 /// Binds the protocol into the Noise handshake: a peer of another protocol fails the handshake.
 pub const PROLOGUE: &[u8] = b"bitdust.v1";
 
+/// Why the net layer refused or ended a session. The session actor maps it onto its own
+/// close reasons; `name` is a stable counter/log key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkClose {
+    HandshakeTimeout,
+    BadHandshake,
+    FrameTooLarge,
+    DecryptFailed,
+    MessageTooLarge,
+    Malformed,
+    UnsupportedVersion,
+    UnexpectedMessage,
+    /// The identity's Noise key is not the key the handshake proved.
+    IdentityMismatch,
+    /// The identity does not verify.
+    BadIdentity,
+    /// The identity is older than the newest one this node knows for that peer (or has the
+    /// same revision and another Noise key): its key may be retired, so it cannot log in.
+    StaleIdentity,
+    UnknownPeer,
+    WrongPeer,
+    PeerClosed,
+    IoError,
+}
+
+impl LinkClose {
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkClose::HandshakeTimeout => "HandshakeTimeout",
+            LinkClose::BadHandshake => "BadHandshake",
+            LinkClose::FrameTooLarge => "FrameTooLarge",
+            LinkClose::DecryptFailed => "DecryptFailed",
+            LinkClose::MessageTooLarge => "MessageTooLarge",
+            LinkClose::Malformed => "Malformed",
+            LinkClose::UnsupportedVersion => "UnsupportedVersion",
+            LinkClose::UnexpectedMessage => "UnexpectedMessage",
+            LinkClose::IdentityMismatch => "IdentityMismatch",
+            LinkClose::BadIdentity => "BadIdentity",
+            LinkClose::StaleIdentity => "StaleIdentity",
+            LinkClose::UnknownPeer => "UnknownPeer",
+            LinkClose::WrongPeer => "WrongPeer",
+            LinkClose::PeerClosed => "PeerClosed",
+            LinkClose::IoError => "IoError",
+        }
+    }
+}
+
+/// What this node knows of a friend's newest identity: a session with that friend must prove
+/// this Noise key (or present a newer revision, which the node then adopts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewestKey {
+    pub revision: u64,
+    pub noise_key: [u8; 32],
+}
+
+impl NewestKey {
+    pub fn of(identity: &Identity) -> Self {
+        NewestKey {
+            revision: identity.revision(),
+            noise_key: *identity.noise_key(),
+        }
+    }
+}
+
 /// Who may complete a handshake with this node.
 #[derive(Clone, Debug, Default)]
 pub struct TrustPolicy {
-    pub trusted: HashSet<NodeId>,
+    /// Friends, with the newest identity this node knows for each.
+    pub trusted: HashMap<NodeId, NewestKey>,
     /// Accept any authenticated node (supplier `accept = "open"`).
     pub open: bool,
 }
 
 impl TrustPolicy {
     pub fn allows(&self, node: &NodeId) -> bool {
-        self.open || self.trusted.contains(node)
+        self.open || self.trusted.contains_key(node)
+    }
+
+    /// Checks an identity whose Noise key the handshake has just proven. A friend's older
+    /// revision is refused even though it is validly signed: after a re-sign with a new Noise
+    /// key, whoever holds the old key must not log in as that friend.
+    pub fn admit(&self, identity: &Identity) -> Result<(), LinkClose> {
+        if let Some(newest) = self.trusted.get(&identity.node_id()) {
+            let stale = identity.revision() < newest.revision
+                || (identity.revision() == newest.revision
+                    && identity.noise_key() != &newest.noise_key);
+            if stale {
+                return Err(LinkClose::StaleIdentity);
+            }
+        }
+        if self.allows(&identity.node_id()) {
+            Ok(())
+        } else {
+            Err(LinkClose::UnknownPeer)
+        }
     }
 }
 
-pub fn close_reason(e: &NetError) -> CloseReason {
+pub fn close_reason(e: &NetError) -> LinkClose {
     match e {
-        NetError::FrameTooLarge { .. } => CloseReason::FrameTooLarge,
-        NetError::HandshakeTimeout => CloseReason::HandshakeTimeout,
-        NetError::Handshake(_) => CloseReason::BadHandshake,
-        NetError::Decrypt => CloseReason::DecryptFailed,
-        NetError::MessageTooLarge { .. } => CloseReason::MessageTooLarge,
-        NetError::BadChunk => CloseReason::Malformed,
-        NetError::UnexpectedEof | NetError::Closed => CloseReason::PeerClosed,
-        NetError::Io(_) => CloseReason::IoError,
+        NetError::FrameTooLarge { .. } => LinkClose::FrameTooLarge,
+        NetError::HandshakeTimeout => LinkClose::HandshakeTimeout,
+        NetError::Handshake(_) => LinkClose::BadHandshake,
+        NetError::Decrypt => LinkClose::DecryptFailed,
+        NetError::MessageTooLarge { .. } => LinkClose::MessageTooLarge,
+        NetError::BadChunk => LinkClose::Malformed,
+        NetError::UnexpectedEof | NetError::Closed => LinkClose::PeerClosed,
+        NetError::Io(_) => LinkClose::IoError,
     }
 }
 
-fn envelope_reason(e: &EnvelopeError) -> CloseReason {
+fn envelope_reason(e: &EnvelopeError) -> LinkClose {
     match e {
-        EnvelopeError::UnsupportedVersion(_) => CloseReason::UnsupportedVersion,
-        _ => CloseReason::Malformed,
+        EnvelopeError::UnsupportedVersion(_) => LinkClose::UnsupportedVersion,
+        _ => LinkClose::Malformed,
     }
 }
 
 /// Runs the Noise handshake, then exchanges signed identities and checks that the peer's
 /// identity is signed, names the Noise key it just proved, is the node we meant to reach
 /// (outbound) and is allowed by `policy`.
+///
+/// The initiator names itself first; the responder sends its identity only to a peer it has
+/// admitted, so a stranger learns nothing of this node beyond its Noise key. A peer refused
+/// after the handshake is told why in a `Fail` before the connection closes.
 #[allow(clippy::too_many_arguments)] // each is a distinct input of the handshake
 pub async fn establish<IO>(
     io: IO,
@@ -71,10 +158,11 @@ pub async fn establish<IO>(
     policy: &TrustPolicy,
     timeout: Duration,
     max_message: usize,
-) -> Result<(NoiseSession<IO>, Identity), CloseReason>
+) -> Result<(NoiseSession<IO>, Identity), LinkClose>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let started = tokio::time::Instant::now();
     let work = async {
         let mut session = if outbound {
             handshake_initiator(io, noise_secret, PROLOGUE, timeout).await
@@ -82,49 +170,149 @@ where
             handshake_responder(io, noise_secret, PROLOGUE, timeout).await
         }
         .map_err(|e| match e {
-            NetError::HandshakeTimeout => CloseReason::HandshakeTimeout,
-            NetError::FrameTooLarge { .. } => CloseReason::FrameTooLarge,
-            _ => CloseReason::BadHandshake,
+            NetError::HandshakeTimeout => LinkClose::HandshakeTimeout,
+            NetError::FrameTooLarge { .. } => LinkClose::FrameTooLarge,
+            _ => LinkClose::BadHandshake,
         })?;
         session.set_max_message(max_message);
-        let hello = envelope::envelope(
+        let hello = envelope::encode(&envelope::envelope(
             1,
             0,
             Body::Identity(IdentityExchange {
                 identity: Some(mine.signed().clone()),
             }),
-        );
-        session
-            .send(&envelope::encode(&hello))
-            .await
-            .map_err(|e| close_reason(&e))?;
-        let bytes = session
-            .recv()
-            .await
-            .map_err(|e| close_reason(&e))?
-            .ok_or(CloseReason::PeerClosed)?;
-        let theirs = envelope::decode(&bytes).map_err(|e| envelope_reason(&e))?;
-        let Some(Body::Identity(IdentityExchange {
-            identity: Some(signed),
-        })) = theirs.body
-        else {
-            return Err(CloseReason::UnexpectedMessage);
+        ));
+        // Our next request id: 1 went with our identity if we sent it.
+        let fail_id = if outbound { 2 } else { 1 };
+        if outbound {
+            session.send(&hello).await.map_err(|e| close_reason(&e))?;
+        }
+        // The last tenth of the deadline is kept for telling the peer it was too slow.
+        let soft = (timeout - timeout / 10).saturating_sub(started.elapsed());
+        let bytes = match tokio::time::timeout(soft, session.recv()).await {
+            Err(_) => {
+                say_fail(
+                    &mut session,
+                    fail_id,
+                    0,
+                    FailReason::Timeout,
+                    "no identity in time",
+                )
+                .await;
+                return Err(LinkClose::HandshakeTimeout);
+            }
+            Ok(received) => received
+                .map_err(|e| close_reason(&e))?
+                .ok_or(LinkClose::PeerClosed)?,
         };
-        let identity = Identity::verify(signed).map_err(|_| CloseReason::BadIdentity)?;
-        if identity.noise_key() != &session.remote_static() {
-            return Err(CloseReason::IdentityMismatch);
-        }
-        if expected.is_some_and(|e| e != identity.node_id()) {
-            return Err(CloseReason::WrongPeer);
-        }
-        if !policy.allows(&identity.node_id()) {
-            return Err(CloseReason::UnknownPeer);
+        let identity = match check_identity(&bytes, &session.remote_static(), expected, policy) {
+            Ok(identity) => identity,
+            Err(reason) => {
+                if let Some((fail, detail)) = fail_for(reason) {
+                    let reply_to = raw_request_id(&bytes);
+                    say_fail(&mut session, fail_id, reply_to, fail, detail).await;
+                }
+                return Err(reason);
+            }
+        };
+        if !outbound {
+            session.send(&hello).await.map_err(|e| close_reason(&e))?;
         }
         Ok((session, identity))
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| CloseReason::HandshakeTimeout)?
+        .map_err(|_| LinkClose::HandshakeTimeout)?
+}
+
+/// Checks the first message of the peer: an identity, signed, naming the proven Noise key,
+/// the node we dialed (if we did), admitted by the policy.
+fn check_identity(
+    bytes: &[u8],
+    remote_static: &[u8; 32],
+    expected: Option<NodeId>,
+    policy: &TrustPolicy,
+) -> Result<Identity, LinkClose> {
+    let theirs = envelope::decode(bytes).map_err(|e| envelope_reason(&e))?;
+    let Some(Body::Identity(IdentityExchange {
+        identity: Some(signed),
+    })) = theirs.body
+    else {
+        return Err(LinkClose::UnexpectedMessage);
+    };
+    let identity = Identity::verify(signed).map_err(|_| LinkClose::BadIdentity)?;
+    if identity.noise_key() != remote_static {
+        return Err(LinkClose::IdentityMismatch);
+    }
+    if expected.is_some_and(|e| e != identity.node_id()) {
+        return Err(LinkClose::WrongPeer);
+    }
+    policy.admit(&identity)?;
+    Ok(identity)
+}
+
+/// What a peer is told before a close for `reason`; `None` where nothing is said (the
+/// transport itself failed, or we dialed the wrong node and owe it nothing).
+pub fn fail_for(reason: LinkClose) -> Option<(FailReason, &'static str)> {
+    Some(match reason {
+        LinkClose::UnsupportedVersion => (
+            FailReason::UnsupportedVersion,
+            "this node speaks protocol version 1",
+        ),
+        LinkClose::Malformed => (FailReason::Malformed, "message does not decode"),
+        LinkClose::BadIdentity => (FailReason::Malformed, "identity does not verify"),
+        LinkClose::UnexpectedMessage => (FailReason::Unexpected, "expected an identity first"),
+        LinkClose::IdentityMismatch => (
+            FailReason::NotTrusted,
+            "identity names another Noise key than the handshake's",
+        ),
+        LinkClose::StaleIdentity => (
+            FailReason::NotTrusted,
+            "a newer identity revision is known for this node",
+        ),
+        LinkClose::UnknownPeer => (FailReason::NotTrusted, "not a friend of this node"),
+        LinkClose::HandshakeTimeout => (FailReason::Timeout, "no identity in time"),
+        LinkClose::WrongPeer
+        | LinkClose::BadHandshake
+        | LinkClose::FrameTooLarge
+        | LinkClose::DecryptFailed
+        | LinkClose::MessageTooLarge
+        | LinkClose::PeerClosed
+        | LinkClose::IoError => return None,
+    })
+}
+
+/// The request id of a message that may not pass [`envelope::decode`] (another version), so
+/// a `Fail` can name what it answers; 0 when even that cannot be read.
+fn raw_request_id(bytes: &[u8]) -> u64 {
+    use prost::Message as _;
+    Envelope::decode(bytes).map_or(0, |e| e.request_id)
+}
+
+fn fail_bytes(id: u64, reply_to: u64, reason: FailReason, detail: &str) -> Vec<u8> {
+    envelope::encode(&envelope::envelope(
+        id,
+        reply_to,
+        Body::Fail(Fail {
+            reason: reason as i32,
+            detail: detail.into(),
+        }),
+    ))
+}
+
+/// Best effort: the connection is about to close whatever happens.
+async fn say_fail<IO>(
+    session: &mut NoiseSession<IO>,
+    id: u64,
+    reply_to: u64,
+    reason: FailReason,
+    detail: &str,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let _ = session
+        .send(&fail_bytes(id, reply_to, reason, detail))
+        .await;
 }
 
 /// Traffic counters of one link, readable while it runs.
@@ -136,6 +324,8 @@ pub struct LinkStats {
     pub messages_out: AtomicU64,
     /// Unix seconds of the last message received.
     pub last_seen: AtomicU64,
+    /// Pongs and other control replies dropped because their queue was full.
+    pub control_dropped: AtomicU64,
 }
 
 /// What the reader hands to the session that owns the link.
@@ -149,7 +339,7 @@ pub enum LinkEvent {
     /// A request for a service (fragments, audits, contracts): answer on the link it came on,
     /// then drop the permit (at most `MAX_IN_FLIGHT` requests per link are being handled).
     Request(Box<Envelope>, LinkHandle, InFlight),
-    Closed(CloseReason),
+    Closed(LinkClose),
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -243,18 +433,59 @@ impl LinkHandle {
     }
 }
 
+/// A message to write before the link closes, and who to tell once it is out.
+type LastWords = (Vec<u8>, Option<oneshot::Sender<()>>);
+
+/// How long the writer may take to get a closing `Fail` out to a peer that does not read.
+const FAREWELL_TIME: Duration = Duration::from_secs(1);
+
+/// Pongs (and other control replies) waiting to be written; they bypass the request queue.
+const CONTROL_QUEUE: usize = 8;
+
 /// The running tasks of a link; dropping this ends them, and every request still waiting for
 /// a reply on this link fails at once with `Closed` (rather than waiting out its timeout).
 pub struct LinkTasks {
     reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
+    writer: Option<JoinHandle<()>>,
     pending: Pending,
+    last_words: mpsc::Sender<LastWords>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl LinkTasks {
+    /// Ends the link after telling the peer why (`SHUTTING_DOWN` when the node stops). The
+    /// writer sends the `Fail` ahead of anything still queued, then closes; a peer that does
+    /// not read gets [`FAREWELL_TIME`].
+    pub fn farewell(mut self, reason: FailReason, detail: &str) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (Some(writer), Ok(runtime)) =
+            (self.writer.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if self
+            .last_words
+            .try_send((fail_bytes(id, 0, reason, detail), None))
+            .is_err()
+        {
+            writer.abort();
+            return;
+        }
+        let abort = writer.abort_handle();
+        runtime.spawn(async move {
+            if tokio::time::timeout(FAREWELL_TIME, writer).await.is_err() {
+                abort.abort();
+            }
+        });
+    }
 }
 
 impl Drop for LinkTasks {
     fn drop(&mut self) {
         self.reader.abort();
-        self.writer.abort();
+        if let Some(writer) = &self.writer {
+            writer.abort();
+        }
         lock(&self.pending).clear();
     }
 }
@@ -284,6 +515,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(queue.max(1));
+    let (control_tx, mut control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
+    let (last_tx, mut last_rx) = mpsc::channel::<LastWords>(1);
     let stats = Arc::new(LinkStats::default());
     stats.last_seen.store(unix_now(), Ordering::Relaxed);
     let handle = LinkHandle {
@@ -297,7 +530,23 @@ where
     let writer_sink = sink.clone();
     let writer_stats = stats.clone();
     let writer_task = tokio::spawn(async move {
-        while let Some(bytes) = rx.recv().await {
+        loop {
+            // Closing words first, then control replies (pongs), then the request queue.
+            let bytes = tokio::select! {
+                biased;
+                Some((bytes, written)) = last_rx.recv() => {
+                    let _ = writer.send(&bytes).await;
+                    if let Some(written) = written {
+                        let _ = written.send(());
+                    }
+                    break;
+                }
+                Some(bytes) = control_rx.recv() => bytes,
+                next = rx.recv() => match next {
+                    Some(bytes) => bytes,
+                    None => break,
+                },
+            };
             if let Err(e) = writer.send(&bytes).await {
                 writer_sink(LinkEvent::Closed(close_reason(&e)));
                 return;
@@ -313,11 +562,12 @@ where
     let link = handle.clone();
     let peer_id = peer.node_id();
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let reader_last_words = last_tx.clone();
     let reader_task = tokio::spawn(async move {
         let reason = loop {
             let bytes = match reader.recv().await {
                 Ok(Some(bytes)) => bytes,
-                Ok(None) => break CloseReason::PeerClosed,
+                Ok(None) => break LinkClose::PeerClosed,
                 Err(e) => break close_reason(&e),
             };
             stats
@@ -327,7 +577,35 @@ where
             stats.last_seen.store(unix_now(), Ordering::Relaxed);
             let envelope = match envelope::decode(&bytes) {
                 Ok(e) => e,
-                Err(e) => break envelope_reason(&e),
+                Err(EnvelopeError::MissingBody) => {
+                    // A message type this node does not know (a newer minor addition, see
+                    // PROTOCOL.md "Versioning"): a request is answered, the session stays.
+                    let request = raw_request_id(&bytes);
+                    if request != 0 && raw_reply_to(&bytes) == 0 {
+                        let fail = fail_bytes(
+                            link.next_id(),
+                            request,
+                            FailReason::NoService,
+                            "no such request on this node",
+                        );
+                        if control_tx.try_send(fail).is_err() {
+                            stats.control_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let reason = envelope_reason(&e);
+                    if let Some((fail, detail)) = fail_for(reason) {
+                        let words =
+                            fail_bytes(link.next_id(), raw_request_id(&bytes), fail, detail);
+                        let (written, out) = oneshot::channel();
+                        if reader_last_words.try_send((words, Some(written))).is_ok() {
+                            let _ = tokio::time::timeout(FAREWELL_TIME, out).await;
+                        }
+                    }
+                    break reason;
+                }
             };
             if envelope.reply_to != 0 {
                 if let Some(waiter) = lock(&link.pending).remove(&envelope.reply_to) {
@@ -339,13 +617,16 @@ where
             }
             match envelope.body {
                 Some(Body::Ping(ping)) => {
-                    // Best effort: a full queue already proves the link is alive.
+                    // Pongs skip the request queue; if even their own queue is full (the peer
+                    // pings faster than it reads), the drop is counted, not silent.
                     let pong = envelope::envelope(
                         link.next_id(),
                         envelope.request_id,
                         Body::Pong(Pong { nonce: ping.nonce }),
                     );
-                    let _ = link.tx.try_send(envelope::encode(&pong));
+                    if control_tx.try_send(envelope::encode(&pong)).is_err() {
+                        stats.control_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 Some(Body::Identity(IdentityExchange {
                     identity: Some(signed),
@@ -356,9 +637,12 @@ where
                     _ => sink(LinkEvent::ForgedIdentity),
                 },
                 Some(Body::Pong(_)) => sink(LinkEvent::Pong),
+                // A Fail answering nothing says why the peer is about to close (e.g.
+                // SHUTTING_DOWN); the close itself follows. Never answered: no Fail loops.
+                Some(Body::Fail(_)) => {}
                 _ => {
                     let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                        break CloseReason::IoError;
+                        break LinkClose::IoError;
                     };
                     sink(LinkEvent::Request(Box::new(envelope), link.clone(), permit))
                 }
@@ -369,20 +653,29 @@ where
         sink(LinkEvent::Closed(reason));
     });
     let pending = handle.pending.clone();
+    let next_id = handle.next_id.clone();
     (
         handle,
         LinkTasks {
             reader: reader_task,
-            writer: writer_task,
+            writer: Some(writer_task),
             pending,
+            last_words: last_tx,
+            next_id,
         },
     )
+}
+
+fn raw_reply_to(bytes: &[u8]) -> u64 {
+    use prost::Message as _;
+    Envelope::decode(bytes).map_or(0, |e| e.reply_to)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crypto::keys::NodeKeys;
+    use crate::net::noise::handshake_initiator;
     use crate::proto::{Ack, Ping};
     use std::sync::mpsc as std_mpsc;
 
@@ -395,7 +688,7 @@ mod tests {
 
     fn trusting(id: &Identity) -> TrustPolicy {
         TrustPolicy {
-            trusted: [id.node_id()].into_iter().collect(),
+            trusted: [(id.node_id(), NewestKey::of(id))].into_iter().collect(),
             open: false,
         }
     }
@@ -556,25 +849,292 @@ mod tests {
         assert_eq!(rest.len(), 8);
     }
 
+    /// A node (b, running the link) and a peer speaking raw Noise (a), over a pipe of
+    /// `pipe` bytes per direction.
+    async fn raw_and_link(
+        queue: usize,
+        pipe: usize,
+    ) -> (
+        NoiseSession<tokio::io::DuplexStream>,
+        LinkHandle,
+        LinkTasks,
+        std_mpsc::Receiver<LinkEvent>,
+    ) {
+        let (ka, a) = node("a");
+        let (kb, b) = node("b");
+        let (io_a, io_b) = tokio::io::duplex(pipe);
+        let (pa, pb) = (trusting(&b), trusting(&a));
+        let (na, nb) = (ka.noise_secret_bytes(), kb.noise_secret_bytes());
+        let (sa, sb) = tokio::join!(
+            establish(io_a, true, &na, &a, None, &pa, T, 1 << 20),
+            establish(io_b, false, &nb, &b, None, &pb, T, 1 << 20),
+        );
+        let ((sa, _), (sb, seen_a)) = (sa.expect("a side"), sb.expect("b side"));
+        let (tx, rx) = std_mpsc::channel();
+        let sink: LinkSink = Arc::new(move |e| {
+            let _ = tx.send(e);
+        });
+        let (r, w) = sb.split();
+        let (handle, tasks) = start(r, w, seen_a, queue, sink);
+        (sa, handle, tasks, rx)
+    }
+
+    fn fail_of(bytes: &[u8]) -> (u64, FailReason) {
+        let env = envelope::decode(bytes).expect("an envelope");
+        match env.body {
+            Some(Body::Fail(f)) => (
+                env.reply_to,
+                FailReason::try_from(f.reason).expect("a known reason"),
+            ),
+            other => panic!("expected a Fail, got {other:?}"),
+        }
+    }
+
+    fn big_fragment() -> Body {
+        Body::StoreFragment(crate::proto::StoreFragment {
+            id: None,
+            data: vec![7; 100_000],
+            hash: vec![],
+        })
+    }
+
     #[tokio::test]
     async fn outbound_queue_is_bounded() {
-        let ((a, ta, _ea), _b) = pair(2).await;
-        // Stop the writer so nothing drains: the queue fills and then refuses.
-        ta.writer.abort();
-        tokio::task::yield_now().await;
+        // The peer does not read: the writer blocks on a full pipe, then the queue fills.
+        let (_a, b, _tb, _eb) = raw_and_link(2, 64 * 1024).await;
         let mut refused = None;
-        for _ in 0..10 {
-            if let Err(e) = a.try_send(Body::Ping(Ping { nonce: 1 })) {
+        for _ in 0..20 {
+            if let Err(e) = b.try_send(big_fragment()) {
                 refused = Some(e);
                 break;
             }
+            tokio::task::yield_now().await;
         }
+        assert_eq!(refused, Some(RequestError::QueueFull));
+    }
+
+    #[tokio::test]
+    async fn pongs_skip_a_full_queue_and_drops_are_counted() {
+        let (mut a, b, _tb, _eb) = raw_and_link(4, 64 * 1024).await;
+        let mut queued = 0;
+        while b.try_send(big_fragment()).is_ok() {
+            queued += 1;
+            tokio::task::yield_now().await;
+        }
+        // 20 pings while the writer is stuck: 8 pongs wait in their own queue, 12 are dropped.
+        for nonce in 0..20u64 {
+            let ping = envelope::envelope(100 + nonce, 0, Body::Ping(Ping { nonce }));
+            a.send(&envelope::encode(&ping)).await.expect("ping");
+        }
+        for _ in 0..200 {
+            if b.stats.control_dropped.load(Ordering::Relaxed) >= 12 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(b.stats.control_dropped.load(Ordering::Relaxed), 12);
+        // Now read: the pongs come right after the message that was being written, ahead of
+        // the rest of the queue.
+        let mut order = Vec::new();
+        while order.len() < queued + 8 {
+            let bytes = a.recv().await.expect("recv").expect("message");
+            let env = envelope::decode(&bytes).expect("envelope");
+            order.push(matches!(env.body, Some(Body::Pong(_))));
+        }
+        let first_pong = order.iter().position(|p| *p).expect("pongs arrive");
+        assert!(
+            first_pong < queued,
+            "pongs waited behind the queue: {order:?}"
+        );
+        assert_eq!(order.iter().filter(|p| **p).count(), 8);
+    }
+
+    #[tokio::test]
+    async fn another_version_is_told_then_closed() {
+        let (mut a, _b, _tb, eb) = raw_and_link(8, 1 << 20).await;
+        let mut future = envelope::envelope(41, 0, Body::Ping(Ping { nonce: 1 }));
+        future.version = 2;
+        a.send(&envelope::encode(&future)).await.expect("send");
+        let said = a.recv().await.expect("recv").expect("a Fail");
+        assert_eq!(fail_of(&said), (41, FailReason::UnsupportedVersion));
+        assert!(a.recv().await.expect("clean end").is_none());
+        let events = collect_events(&eb, 1).await;
         assert!(
             matches!(
-                refused,
-                Some(RequestError::QueueFull | RequestError::Closed)
+                events.last(),
+                Some(LinkEvent::Closed(LinkClose::UnsupportedVersion))
             ),
-            "{refused:?}"
+            "{events:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_is_told_malformed_then_closed() {
+        let (mut a, _b, _tb, eb) = raw_and_link(8, 1 << 20).await;
+        a.send(&[0xff, 0xff, 0xff, 0xff, 0x0f]).await.expect("send");
+        let said = a.recv().await.expect("recv").expect("a Fail");
+        assert_eq!(fail_of(&said), (0, FailReason::Malformed));
+        assert!(a.recv().await.expect("clean end").is_none());
+        let events = collect_events(&eb, 1).await;
+        assert!(
+            matches!(events.last(), Some(LinkEvent::Closed(LinkClose::Malformed))),
+            "{events:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_request_is_answered_and_the_session_stays() {
+        let (mut a, _b, _tb, _eb) = raw_and_link(8, 1 << 20).await;
+        // What a newer message type looks like to this node: a version 1 envelope whose body
+        // field it does not know (field 99, an empty message).
+        let mut bytes = envelope::encode(&Envelope {
+            version: 1,
+            request_id: 42,
+            reply_to: 0,
+            body: None,
+        });
+        bytes.extend_from_slice(&[0x9a, 0x06, 0x00]);
+        a.send(&bytes).await.expect("send");
+        let said = a.recv().await.expect("recv").expect("a Fail");
+        assert_eq!(fail_of(&said), (42, FailReason::NoService));
+        let ping = envelope::envelope(43, 0, Body::Ping(Ping { nonce: 5 }));
+        a.send(&envelope::encode(&ping)).await.expect("send");
+        let pong = envelope::decode(&a.recv().await.expect("recv").expect("pong")).expect("env");
+        assert_eq!(pong.reply_to, 43);
+        assert!(matches!(pong.body, Some(Body::Pong(Pong { nonce: 5 }))));
+    }
+
+    #[tokio::test]
+    async fn farewell_says_shutting_down_before_the_close() {
+        let (mut a, _b, tb, _eb) = raw_and_link(8, 1 << 20).await;
+        tb.farewell(FailReason::ShuttingDown, "bye");
+        let said = a.recv().await.expect("recv").expect("a Fail");
+        assert_eq!(fail_of(&said), (0, FailReason::ShuttingDown));
+        assert!(a.recv().await.expect("clean end").is_none());
+    }
+
+    #[tokio::test]
+    async fn refusals_in_the_handshake_are_told() {
+        let (ka, a) = node("a");
+        let (kb, b) = node("b");
+        let (na, nb) = (ka.noise_secret_bytes(), kb.noise_secret_bytes());
+        // b does not know a: a hears NOT_TRUSTED, and never sees b's identity.
+        let (io_a, io_b) = tokio::io::duplex(1 << 16);
+        let responder = tokio::spawn(async move {
+            establish(
+                io_b,
+                false,
+                &nb,
+                &b,
+                None,
+                &TrustPolicy::default(),
+                T,
+                1 << 16,
+            )
+            .await
+            .err()
+        });
+        let mut raw = handshake_initiator(io_a, &na, PROLOGUE, T)
+            .await
+            .expect("noise");
+        let hello = envelope::envelope(
+            1,
+            0,
+            Body::Identity(IdentityExchange {
+                identity: Some(a.signed().clone()),
+            }),
+        );
+        raw.send(&envelope::encode(&hello)).await.expect("send");
+        let said = raw.recv().await.expect("recv").expect("a Fail");
+        assert_eq!(fail_of(&said), (1, FailReason::NotTrusted));
+        assert!(raw.recv().await.expect("clean end").is_none());
+        assert_eq!(
+            responder.await.expect("joined"),
+            Some(LinkClose::UnknownPeer)
+        );
+
+        // Silence after the handshake: TIMEOUT is said before the deadline closes it.
+        let (kb, b) = node("b");
+        let nb = kb.noise_secret_bytes();
+        let (io_a, io_b) = tokio::io::duplex(1 << 16);
+        let short = Duration::from_millis(300);
+        let responder = tokio::spawn(async move {
+            establish(
+                io_b,
+                false,
+                &nb,
+                &b,
+                None,
+                &TrustPolicy::default(),
+                short,
+                1 << 16,
+            )
+            .await
+            .err()
+        });
+        let mut raw = handshake_initiator(io_a, &na, PROLOGUE, T)
+            .await
+            .expect("noise");
+        let said = raw.recv().await.expect("recv").expect("a Fail");
+        assert_eq!(fail_of(&said), (0, FailReason::Timeout));
+        assert_eq!(
+            responder.await.expect("joined"),
+            Some(LinkClose::HandshakeTimeout)
+        );
+    }
+
+    /// Fault 1 of issue 11: after a friend re-signs with a new Noise key, whoever holds the
+    /// old key and the old (validly signed) revision cannot log in as that friend.
+    #[tokio::test]
+    async fn a_retired_key_with_an_older_revision_is_refused() {
+        let (old_keys, old) = node("a");
+        let (new_noise, _) = crate::net::generate_static_keypair();
+        let new_keys = NodeKeys::from_secret_bytes(&old_keys.signing_secret_bytes(), &new_noise)
+            .expect("keys");
+        let newer = Identity::create(&new_keys, "a", vec!["tcp://127.0.0.1:2".into()], 2, 1)
+            .expect("identity");
+        assert_eq!(newer.node_id(), old.node_id());
+        let (kb, b) = node("b");
+        let nb = kb.noise_secret_bytes();
+        let knows_newer = trusting(&newer);
+        let attempt = |keys: &NodeKeys, presented: &Identity, policy: &TrustPolicy| {
+            let (io_a, io_b) = tokio::io::duplex(1 << 16);
+            let na = keys.noise_secret_bytes();
+            let (presented, policy, b) = (presented.clone(), policy.clone(), b.clone());
+            async move {
+                let trusts_b = trusting(&b);
+                let (_, rb) = tokio::join!(
+                    establish(io_a, true, &na, &presented, None, &trusts_b, T, 1 << 16),
+                    establish(io_b, false, &nb, &b, None, &policy, T, 1 << 16),
+                );
+                rb.map(|(_, seen)| seen.revision())
+            }
+        };
+        // The old key with the old revision: validly signed, but not the newest.
+        assert_eq!(
+            attempt(&old_keys, &old, &knows_newer).await.err(),
+            Some(LinkClose::StaleIdentity)
+        );
+        // The same revision as the newest known but another key (a second body signed with
+        // that revision number): refused as well.
+        let twin = Identity::create(&old_keys, "a", vec![], 2, 1).expect("identity");
+        assert_eq!(
+            attempt(&old_keys, &twin, &knows_newer).await.err(),
+            Some(LinkClose::StaleIdentity)
+        );
+        // The newest key logs in; so does a newer revision than any known (adopted later).
+        assert_eq!(attempt(&new_keys, &newer, &knows_newer).await.ok(), Some(2));
+        let newest = newer
+            .with_contacts(&old_keys, vec![], 2)
+            .expect("revision 3");
+        assert_eq!(
+            attempt(&old_keys, &newest, &knows_newer).await.ok(),
+            Some(3)
+        );
+        // A node that only knows revision 1 still accepts it.
+        assert_eq!(
+            attempt(&old_keys, &old, &trusting(&old)).await.ok(),
+            Some(1)
         );
     }
 
@@ -591,7 +1151,7 @@ mod tests {
             establish(io_a, true, &na, &a, Some(c.node_id()), &pa, T, 1 << 16),
             establish(io_b, false, &nb, &b, None, &pb, T, 1 << 16),
         );
-        assert_eq!(ra.err(), Some(CloseReason::WrongPeer));
+        assert_eq!(ra.err(), Some(LinkClose::WrongPeer));
         // B does not trust A.
         let (io_a, io_b) = tokio::io::duplex(1 << 16);
         let nobody = TrustPolicy::default();
@@ -599,6 +1159,6 @@ mod tests {
             establish(io_a, true, &na, &a, None, &pa, T, 1 << 16),
             establish(io_b, false, &nb, &b, None, &nobody, T, 1 << 16),
         );
-        assert_eq!(rb.err(), Some(CloseReason::UnknownPeer));
+        assert_eq!(rb.err(), Some(LinkClose::UnknownPeer));
     }
 }

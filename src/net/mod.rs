@@ -5,6 +5,8 @@
 //! * [`noise`]: a `Noise_XX_25519_ChaChaPoly_BLAKE2s` handshake over any
 //!   `AsyncRead + AsyncWrite` stream, then a chunked message transport whose
 //!   read and write halves can be driven from separate tasks.
+//! * [`link`]: the identity exchange after the handshake, then request/reply over a session.
+//! * [`admission`]: limits on inbound connections that have not authenticated yet.
 //!
 //! The handshake only proves that the peer holds the private half of
 //! [`noise::NoiseSession::remote_static`]; the caller must check that key
@@ -12,6 +14,7 @@
 //!
 //! Nothing in this module logs key material or payload bytes.
 
+pub mod admission;
 pub mod envelope;
 pub mod frame;
 pub mod link;

@@ -26,7 +26,7 @@ use bytes::BytesMut;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use snow::{StatelessTransportState, params::NoiseParams};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
-use tokio_util::codec::{Decoder, Encoder, Framed, FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, Encoder, Framed, FramedParts, FramedWrite};
 
 use crate::net::NetError;
 use crate::net::frame::{self, FrameCodec, NOISE_MAX_MSG};
@@ -494,9 +494,17 @@ where
         let (r, w) = split(parts.io);
         let SessionCodec { frames, sealer } = parts.codec;
 
-        let mut reader =
-            FramedRead::with_capacity(r, frames, READ_CAPACITY.max(parts.read_buf.len()));
-        reader.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        // Bytes read with the last handshake or identity message may already hold whole
+        // frames. `Framed::from_parts` marks a non-empty buffer as readable, so they are
+        // decoded before the socket is read again; a fresh `FramedRead` would first wait for
+        // new bytes, and a request sent together with the identity would stall (issue 11).
+        let mut read_parts = FramedParts::new::<&[u8]>(r, frames);
+        read_parts.read_buf = parts.read_buf;
+        let mut reader = Framed::from_parts(read_parts);
+        let spare = reader.read_buffer().capacity() - reader.read_buffer().len();
+        reader
+            .read_buffer_mut()
+            .reserve(READ_CAPACITY.saturating_sub(spare));
         let mut writer = FramedWrite::new(w, sealer);
         writer.set_backpressure_boundary(WRITE_BOUNDARY);
         writer
@@ -519,7 +527,9 @@ where
 
 /// Receiving half of a [`NoiseSession`].
 pub struct NoiseReader<R> {
-    framed: FramedRead<R, FrameCodec>,
+    /// A `Framed` rather than a `FramedRead` only for `from_parts` (see `split_with`); it
+    /// is never written to.
+    framed: Framed<R, FrameCodec>,
     opener: Opener,
     keys: SessionKeys,
 }
@@ -673,6 +683,138 @@ mod tests {
         assert_eq!(b.recv().await.unwrap().unwrap(), b"");
         drop(a);
         assert!(b.recv().await.unwrap().is_none());
+    }
+
+    /// The byte-level vectors beside proto/PROTOCOL.md (computed there by a second
+    /// implementation) come out of this chunk layer byte for byte, and open back.
+    #[tokio::test]
+    async fn the_spec_vectors_match_this_chunk_layer() {
+        let vectors: serde_json::Value =
+            serde_json::from_str(include_str!("../../proto/test-vectors.json")).unwrap();
+        let s = &vectors["session"];
+        let hx = |v: &serde_json::Value| hex::decode(v.as_str().unwrap()).unwrap();
+        let (i_s, i_e) = (
+            hx(&s["initiator_static_secret"]),
+            hx(&s["initiator_ephemeral_secret"]),
+        );
+        let (r_s, r_e) = (
+            hx(&s["responder_static_secret"]),
+            hx(&s["responder_ephemeral_secret"]),
+        );
+        let prologue = crate::net::link::PROLOGUE;
+        let mut i = snow::Builder::new(noise_params())
+            .local_private_key(&i_s)
+            .unwrap()
+            .fixed_ephemeral_key_for_testing_only(&i_e)
+            .prologue(prologue)
+            .unwrap()
+            .build_initiator()
+            .unwrap();
+        let mut r = snow::Builder::new(noise_params())
+            .local_private_key(&r_s)
+            .unwrap()
+            .fixed_ephemeral_key_for_testing_only(&r_e)
+            .prologue(prologue)
+            .unwrap()
+            .build_responder()
+            .unwrap();
+        let (mut buf, mut out) = (vec![0u8; NOISE_MAX_MSG], vec![0u8; NOISE_MAX_MSG]);
+        for (step, framed) in s["handshake"].as_array().unwrap().iter().enumerate() {
+            let (writer, reader) = if step % 2 == 0 {
+                (&mut i, &mut r)
+            } else {
+                (&mut r, &mut i)
+            };
+            let n = writer.write_message(&[], &mut buf).unwrap();
+            let mut wire = (n as u32).to_be_bytes().to_vec();
+            wire.extend_from_slice(&buf[..n]);
+            assert_eq!(wire, hx(framed), "handshake message {}", step + 1);
+            assert_eq!(reader.read_message(&buf[..n], &mut out).unwrap(), 0);
+        }
+        assert_eq!(i.get_handshake_hash().to_vec(), hx(&s["handshake_hash"]));
+        let it = Arc::new(i.into_stateless_transport_mode().unwrap());
+        let rt = Arc::new(r.into_stateless_transport_mode().unwrap());
+
+        async fn seal(w: &mut FramedWrite<Vec<u8>, Sealer>, msg: &[u8]) -> Vec<u8> {
+            let start = w.get_ref().len();
+            send_to(w, &mut SendState::new(), msg).await.unwrap();
+            w.get_ref()[start..].to_vec()
+        }
+        fn open(opener: &mut Opener, wire: &[u8]) -> Vec<u8> {
+            let mut rest = wire;
+            loop {
+                let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+                let got = opener.open(&rest[4..4 + len]).unwrap();
+                rest = &rest[4 + len..];
+                if let Some(msg) = got {
+                    assert!(rest.is_empty());
+                    return msg;
+                }
+            }
+        }
+        let m = &s["messages"];
+        let mut i_send = FramedWrite::new(Vec::new(), Sealer::new(it.clone()));
+        let mut r_open = Opener::new(rt.clone());
+        assert_eq!(
+            seal(&mut i_send, &hx(&m[0]["plaintext"])).await,
+            hx(&m[0]["wire"])
+        );
+        assert_eq!(
+            open(&mut r_open, &hx(&m[0]["wire"])),
+            hx(&m[0]["plaintext"])
+        );
+        // The chunked one is given by digests: rebuild its plaintext as PROTOCOL.md says.
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let store = crate::net::envelope::encode(&crate::net::envelope::envelope(
+            2,
+            0,
+            crate::proto::envelope::Body::StoreFragment(crate::proto::StoreFragment {
+                id: Some(crate::proto::FragmentId {
+                    block: blake3::hash(b"vector block").as_bytes().to_vec(),
+                    position: 3,
+                }),
+                hash: blake3::hash(&data).as_bytes().to_vec(),
+                data,
+            }),
+        ));
+        let digest = |b: &[u8]| serde_json::Value::from(blake3::hash(b).to_hex().to_string());
+        assert_eq!(digest(&store), m[1]["plaintext_blake3"]);
+        let wire = seal(&mut i_send, &store).await;
+        assert_eq!(digest(&wire), m[1]["wire_blake3"]);
+        assert_eq!(wire.len() as u64, m[1]["wire_len"].as_u64().unwrap());
+        assert!(wire.ends_with(&hx(&m[1]["last_frame"])));
+        assert_eq!(open(&mut r_open, &wire), store);
+        let mut r_send = FramedWrite::new(Vec::new(), Sealer::new(rt.clone()));
+        let mut i_open = Opener::new(it);
+        assert_eq!(
+            seal(&mut r_send, &hx(&m[2]["plaintext"])).await,
+            hx(&m[2]["wire"])
+        );
+        assert_eq!(
+            open(&mut i_open, &hx(&m[2]["wire"])),
+            hx(&m[2]["plaintext"])
+        );
+    }
+
+    /// Fault 2 of issue 11: messages that arrived in the same read as an earlier one are
+    /// still in the session's read buffer when it is split; the reader half must decode them
+    /// at once, not wait for more bytes from the socket (which may never come).
+    #[tokio::test]
+    async fn buffered_messages_survive_the_split() {
+        let Pair { mut a, mut b, .. } = pair().await;
+        // Both messages are in the pipe before b reads: one read takes both.
+        a.send(b"identity").await.unwrap();
+        a.send(b"request").await.unwrap();
+        assert_eq!(b.recv().await.unwrap().unwrap(), b"identity");
+        let (mut br, _bw) = b.split();
+        let next = tokio::time::timeout(Duration::from_secs(2), br.recv())
+            .await
+            .expect("the buffered message is decoded without more input");
+        assert_eq!(next.unwrap().unwrap(), b"request");
+        // The reader still reads new input from the stream afterwards.
+        let (_ar, mut aw) = a.split();
+        aw.send(b"later").await.unwrap();
+        assert_eq!(br.recv().await.unwrap().unwrap(), b"later");
     }
 
     #[tokio::test]

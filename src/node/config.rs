@@ -93,6 +93,27 @@ pub struct NetworkSection {
     pub outbound_queue: usize,
     /// Largest protocol message accepted from a peer.
     pub max_message: ByteSize,
+    /// Inbound connections allowed to be handshaking at once, all sources together.
+    pub max_pending: usize,
+    /// Inbound connections allowed to be handshaking at once from one source IP.
+    pub max_pending_per_address: usize,
+    /// Of `max_pending`, slots kept for friends' hosts (their contact IPs and the IPs they
+    /// connected from before).
+    pub friend_reserve: usize,
+    /// Time an inbound connection has to authenticate (handshake and identity exchange).
+    pub preauth_timeout: Span,
+}
+
+impl NetworkSection {
+    /// The pre-handshake admission limits of this section.
+    pub fn admission_limits(&self) -> crate::net::admission::Limits {
+        crate::net::admission::Limits {
+            max_pending: self.max_pending,
+            per_address: self.max_pending_per_address,
+            friend_reserve: self.friend_reserve,
+            preauth_timeout: self.preauth_timeout.get(),
+        }
+    }
 }
 
 impl Default for NetworkSection {
@@ -107,6 +128,10 @@ impl Default for NetworkSection {
             reconnect_max: Span(Duration::from_secs(300)),
             outbound_queue: 64,
             max_message: ByteSize(32 * MIB),
+            max_pending: 64,
+            max_pending_per_address: 8,
+            friend_reserve: 16,
+            preauth_timeout: Span(Duration::from_secs(5)),
         }
     }
 }
@@ -337,6 +362,7 @@ impl Config {
             ("network.dead_after", n.dead_after),
             ("network.request_timeout", n.request_timeout),
             ("network.reconnect_min", n.reconnect_min),
+            ("network.preauth_timeout", n.preauth_timeout),
             ("node.shutdown_timeout", self.node.shutdown_timeout),
         ] {
             if value.get().is_zero() {
@@ -347,6 +373,18 @@ impl Config {
             return Err((
                 "network.reconnect_max".into(),
                 "must not be less than network.reconnect_min".into(),
+            ));
+        }
+        if n.max_pending_per_address == 0 {
+            return Err((
+                "network.max_pending_per_address".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if n.friend_reserve >= n.max_pending {
+            return Err((
+                "network.friend_reserve".into(),
+                "must be less than network.max_pending (strangers need room too)".into(),
             ));
         }
         if n.outbound_queue == 0 {
@@ -471,6 +509,13 @@ reconnect_max = "{rmax}"
 outbound_queue = {queue}
 # Largest message accepted from a peer.
 max_message = "{max_message}"
+# Inbound connections handshaking at once: in total, from one IP address, and how many of
+# the total are kept for friends' hosts (their contact IPs and IPs they connected from).
+max_pending = {max_pending}
+max_pending_per_address = {per_address}
+friend_reserve = {friend_reserve}
+# Time an inbound connection has to authenticate; slower ones are closed.
+preauth_timeout = "{preauth}"
 
 [supplier]
 # Disk space offered to friends in total.
@@ -518,6 +563,10 @@ level = "info"
         rmax = n.reconnect_max,
         queue = n.outbound_queue,
         max_message = n.max_message,
+        max_pending = n.max_pending,
+        per_address = n.max_pending_per_address,
+        friend_reserve = n.friend_reserve,
+        preauth = n.preauth_timeout,
         grace = s.grace_period,
         k = b.data_shards,
         m = b.parity_shards,

@@ -500,6 +500,7 @@ async fn start_network(
         listen: config.node.listen,
         keepalive: n.keepalive.get(),
         dead_after: n.dead_after.get(),
+        admission: n.admission_limits(),
     };
     let driver = NetworkDriver::new(
         settings,
