@@ -133,7 +133,17 @@ fn default_name() -> String {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: a SIGTERM or SIGHUP sent the moment we were spawned must be
+    // honoured by the node (bitdust::node::signals explains how).
+    if let Err(e) = bitdust::node::signals::install() {
+        eprintln!("bitdust: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run) {
+        // Only the node handles signals; every other command dies of them as usual.
+        bitdust::node::signals::restore_default();
+    }
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
