@@ -132,9 +132,21 @@ fn default_name() -> String {
         .unwrap_or_else(|| "bitdust-node".into())
 }
 
+/// Installs the signal handlers from the ELF initialiser list, before `main` and before the
+/// static constructors of the linked C++ (RocksDB): a SIGTERM or SIGHUP sent the moment we were
+/// spawned must find them (bitdust::node::signals explains why). Only libc calls and atomics run
+/// here, which is all that is safe before the Rust runtime is set up.
+#[used]
+#[unsafe(link_section = ".init_array.00200")]
+static INSTALL_SIGNALS_EARLY: extern "C" fn() = install_signals_early;
+
+extern "C" fn install_signals_early() {
+    // An error is reported by the call in `main`, where printing is possible.
+    let _ = bitdust::node::signals::install();
+}
+
 fn main() -> ExitCode {
-    // Before anything else: a SIGTERM or SIGHUP sent the moment we were spawned must be
-    // honoured by the node (bitdust::node::signals explains how).
+    // Again in case the initialiser did not run or failed (a no-op when it worked).
     if let Err(e) = bitdust::node::signals::install() {
         eprintln!("bitdust: {e}");
         return ExitCode::FAILURE;

@@ -15,6 +15,11 @@
 //!
 //! Commands other than `run` call [`restore_default`] right after parsing their arguments, so
 //! `bitdust status` still dies of SIGTERM like any command-line tool.
+//!
+//! The binary installs the handlers from its ELF initialiser, ~1–2 ms after `execve` (the
+//! kernel's exec and the dynamic loader run first; no program can act before that). A signal
+//! sent inside that window kills any process, unless the spawner blocks it across the exec: then
+//! it stays pending, and `install` unblocks it into the handler.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,8 +78,12 @@ extern "C" fn on_signal(sig: libc::c_int) {
     unsafe { *libc::__errno_location() = saved };
 }
 
-/// Installs the handlers. Call first thing in `main`: nothing before it may take long.
+/// Installs the handlers (once; later calls do nothing). Call before anything else: the binary
+/// does it from its ELF initialiser, before `main`.
 pub fn install() -> Result<(), SignalError> {
+    if INSTALLED.load(Ordering::SeqCst) {
+        return Ok(());
+    }
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 fills the two descriptors; non-blocking so the handler never waits.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -96,6 +105,21 @@ pub fn install() -> Result<(), SignalError> {
         }
     }
     INSTALLED.store(true, Ordering::SeqCst);
+    // A spawner may hand us these signals blocked (the only way to keep one sent during
+    // execve itself, before any code of ours can run, from killing us). Unblocking delivers
+    // any that are pending to the handler above.
+    // SAFETY: building a signal set on the stack and changing this thread's mask.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in CAUGHT {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(SignalError::Install(std::io::Error::from_raw_os_error(rc)));
+    }
     Ok(())
 }
 

@@ -430,3 +430,18 @@ impl RawClient {
         }
     }
 }
+
+impl Node {
+    /// The node's process id (to inspect it in /proc while it cannot be reaped).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every log line received so far (those waiting on the channel included).
+    pub fn logs_so_far(&mut self) -> &[serde_json::Value] {
+        while let Ok(v) = self.logs.try_recv() {
+            self.seen.push(v);
+        }
+        &self.seen
+    }
+}
