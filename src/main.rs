@@ -180,6 +180,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let donated = ByteSize::parse(&donate).map_err(|e| anyhow::anyhow!("--donate: {e}"))?;
             let name = name.unwrap_or_else(default_name);
             let identity = home.init(&name, listen, donated, bitdust::unix_now())?;
+            // Accepted (the disk may grow, or be mounted later), but not silently.
+            if let Ok(free) = bitdust::store::free_space(&home.store_dir()) {
+                let mut offered = bitdust::node::config::Config::default();
+                offered.supplier.donated = donated;
+                if let Some(warning) = bitdust::node::config::donation_warning(&offered, 0, free) {
+                    eprintln!("bitdust: warning: {warning}");
+                }
+            }
             println!("{}", identity.node_id());
             eprintln!(
                 "bitdust: new node `{}` in {}; start it with `bitdust run --home {}`",
@@ -376,6 +384,7 @@ fn render_status(data: &serde_json::Value) -> String {
     );
     let _ = writeln!(out, "revision  {}", text(&data["revision"]));
     let _ = writeln!(out, "uptime    {}s", text(&data["uptime_secs"]));
+    let _ = writeln!(out, "disk      {}", text(&data["disk"]["line"]));
     let _ = writeln!(
         out,
         "\n{:<20} {:<8} {:<14} {:>8}",

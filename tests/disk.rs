@@ -167,8 +167,20 @@ fn a_full_disk_refuses_writes_then_resumes_without_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mounted = or_skip!(tmpfs(dir.path(), "24m"), "the full-disk test");
     let home = mounted.dir.join("n1");
-    // `init` donates 1 GiB, far more than this disk has.
-    init(&home, "full");
+    // 1 GiB is far more than this disk has: accepted, with a warning.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = bitdust(
+        &home,
+        &[
+            "init", "--listen", &listen, "--name", "full", "--donate", "1 GiB",
+        ],
+    );
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: supplier.donated (1 GiB) exceeds"),
+        "{err}"
+    );
     edit_config(&home, "keep_free = \"16 MiB\"", "keep_free = \"1 MiB\"");
     let (_friend_dir, friend) = temp_home();
     init(&friend, "friend");

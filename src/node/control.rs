@@ -158,18 +158,21 @@ struct AcceptWarnings {
 const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 impl AcceptWarnings {
-    fn failed(&mut self, e: &std::io::Error) {
+    /// Records a failed accept; logs it unless one was logged within the minute. Returns
+    /// whether it logged.
+    fn failed(&mut self, e: &std::io::Error) -> bool {
         if self
             .last
             .is_some_and(|t| t.elapsed() < ACCEPT_WARNING_EVERY)
         {
             self.suppressed += 1;
-            return;
+            return false;
         }
         tracing::warn!(error = %e, suppressed = self.suppressed,
             "control socket accept failed (further failures logged once a minute)");
         self.last = Some(Instant::now());
         self.suppressed = 0;
+        true
     }
 }
 
@@ -334,4 +337,27 @@ pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlErr
     tokio::time::timeout(Duration::from_secs(10), work)
         .await
         .map_err(|_| ControlError::Timeout)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_warn_once_a_minute_with_a_count() {
+        let mut w = AcceptWarnings {
+            last: None,
+            suppressed: 0,
+        };
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(w.failed(&emfile));
+        for _ in 0..200 {
+            assert!(!w.failed(&emfile), "a storm logs once");
+        }
+        assert_eq!(w.suppressed, 200);
+        // A minute on, the next one is logged (carrying the count) and the count restarts.
+        w.last = Instant::now().checked_sub(ACCEPT_WARNING_EVERY);
+        assert!(w.failed(&emfile));
+        assert_eq!(w.suppressed, 0);
+    }
 }
