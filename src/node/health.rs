@@ -50,6 +50,8 @@ pub struct DiskHealth {
     space: Option<Arc<SpaceState>>,
     keep_free: AtomicU64,
     free: AtomicU64,
+    /// Run after each sample: lets the store clear a disk-full state once space is back.
+    recovery: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl DiskHealth {
@@ -67,7 +69,14 @@ impl DiskHealth {
             space,
             keep_free: AtomicU64::new(keep_free),
             free: AtomicU64::new(UNKNOWN),
+            recovery: None,
         }
+    }
+
+    /// Runs `recover` after every free-space sample (on the sampler thread).
+    pub fn with_recovery(mut self, recover: impl Fn() + Send + Sync + 'static) -> Self {
+        self.recovery = Some(Box::new(recover));
+        self
     }
 
     /// Samples the free space now, then every `every` on a thread of its own.
@@ -79,6 +88,9 @@ impl DiskHealth {
             .spawn(move || {
                 while let Some(health) = health.upgrade() {
                     health.sample();
+                    if let Some(recover) = &health.recovery {
+                        recover();
+                    }
                     drop(health);
                     std::thread::sleep(every);
                 }
@@ -145,8 +157,14 @@ impl DiskHealth {
                 snapshot.queued
             ),
             DiskState::Full(d) => format!(
-                "disk full for {} s: writes refused until space is freed ({free} free, {} needed)",
+                "disk full for {} s: writes refused until space is freed ({} free, {} needed)",
                 d.as_secs(),
+                // The store's own figure from its last check is fresher than the sample.
+                self.space
+                    .as_ref()
+                    .filter(|s| s.full_for().is_some())
+                    .map_or(free.clone(), |s| ByteSize(s.free_when_checked())
+                        .to_string()),
                 ByteSize(self.keep_free.load(Ordering::Relaxed))
             ),
             DiskState::Failing(e) => format!("disk failing: the latest write failed: {e}"),

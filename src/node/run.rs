@@ -76,6 +76,8 @@ pub fn run(home: Home, log_format: Option<LogFormat>) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", home.db_dir().display()))?,
     );
     let space = rocks.space();
+    // Weak: the sampler must not keep the database open past its close at the end of `run`.
+    let resumable = Arc::downgrade(&rocks);
     let store: Arc<dyn KvStore> = rocks;
     let (writer, writer_thread) = Writer::spawn(
         store.clone(),
@@ -85,12 +87,21 @@ pub fn run(home: Home, log_format: Option<LogFormat>) -> anyhow::Result<()> {
         },
     )
     .context("starting the disk writer")?;
-    let disk_health = Arc::new(DiskHealth::new(
-        home.root(),
-        writer.stats(),
-        Some(space),
-        config.node.keep_free.0,
-    ));
+    let disk_health = Arc::new(
+        DiskHealth::new(
+            home.root(),
+            writer.stats(),
+            Some(space),
+            config.node.keep_free.0,
+        )
+        .with_recovery(move || {
+            if let Some(store) = resumable.upgrade()
+                && let Err(e) = store.resume_if_space()
+            {
+                tracing::warn!(error = %e, "cannot reopen the database after a disk error");
+            }
+        }),
+    );
     disk_health
         .start_sampler(Duration::from_secs(1))
         .context("starting the disk health sampler")?;

@@ -110,6 +110,27 @@ impl RocksStore {
         })
     }
 
+    /// Clears the disk-full state if space is back, without waiting for a write to try: the
+    /// health sampler calls this, so `status` turns back to ok and the database is writable
+    /// again within a sample. Returns whether it resumed.
+    pub fn resume_if_space(&self) -> Result<bool, StoreError> {
+        if self.space.since().is_none() {
+            return Ok(false);
+        }
+        let free = free_space(&self.path).map_err(|e| StoreError::Io {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        self.space.free.store(free, Ordering::Relaxed);
+        if free < self.options.min_free {
+            return Ok(false);
+        }
+        self.reopen()?;
+        self.space.set_full(false);
+        tracing::info!(path = %self.path.display(), free, "disk has space again: writes resumed");
+        Ok(true)
+    }
+
     /// The disk-full state, for the health report.
     pub fn space(&self) -> Arc<SpaceState> {
         self.space.clone()
