@@ -380,13 +380,11 @@ fn a_silent_control_client_is_disconnected_and_status_still_answers() {
         .expect("timeout");
     // While it sits there saying nothing, others are served.
     assert_eq!(status_json(&home)["name"], "silent");
-    let began = Instant::now();
     let mut reply = String::new();
     // The node gives up on it: a short error line, then end of stream (not our read timeout).
     silent
         .read_to_string(&mut reply)
         .expect("the node closes the connection");
-    assert!(began.elapsed() < Duration::from_secs(10));
     assert!(reply.contains("no request within 1000 ms"), "{reply}");
     node.signal(libc::SIGTERM);
     assert!(node.wait_exit().success());

@@ -106,8 +106,12 @@ impl DiskHealth {
         }
     }
 
+    /// `node.keep_free` changed (SIGHUP): for the report, grants, and when the store resumes.
     pub fn set_keep_free(&self, keep_free: u64) {
         self.keep_free.store(keep_free, Ordering::Relaxed);
+        if let Some(space) = &self.space {
+            space.set_min_free(keep_free);
+        }
     }
 
     /// Free bytes at the last sample; `None` before the first.

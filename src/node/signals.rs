@@ -213,7 +213,11 @@ fn pump(fd: libc::c_int, tx: &mpsc::UnboundedSender<Signal>, shutdown: &Arc<Shut
         // SAFETY: polling one descriptor we own, without a timeout.
         let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
         if rc < 0 {
-            continue; // EINTR: one of our own signals landed on this thread.
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue; // one of our own signals landed on this thread
+            }
+            tracing::error!(error = %std::io::Error::last_os_error(), "the signal pipe failed");
+            return;
         }
         let mut byte = 0u8;
         // SAFETY: reading one byte into a local.

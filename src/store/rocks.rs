@@ -40,6 +40,8 @@ pub struct SpaceState {
     free: AtomicU64,
     /// Times the database was reopened to clear a latched error.
     resumes: AtomicU64,
+    /// `StoreOptions::min_free`, changeable while running (SIGHUP).
+    min_free: AtomicU64,
 }
 
 impl SpaceState {
@@ -55,6 +57,15 @@ impl SpaceState {
 
     pub fn resumes(&self) -> u64 {
         self.resumes.load(Ordering::Relaxed)
+    }
+
+    /// Changes the free space needed before writes resume after a disk-full error.
+    pub fn set_min_free(&self, bytes: u64) {
+        self.min_free.store(bytes, Ordering::Relaxed);
+    }
+
+    fn min_free(&self) -> u64 {
+        self.min_free.load(Ordering::Relaxed)
     }
 
     fn since(&self) -> Option<Instant> {
@@ -73,7 +84,6 @@ impl SpaceState {
 
 pub struct RocksStore {
     path: PathBuf,
-    options: StoreOptions,
     /// `None` only between closing a failed database and reopening it.
     db: RwLock<Option<DB>>,
     space: Arc<SpaceState>,
@@ -101,11 +111,12 @@ impl RocksStore {
 
     pub fn open_with(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let db = open_db(path)?;
+        let space = SpaceState::default();
+        space.set_min_free(options.min_free);
         Ok(RocksStore {
             path: path.to_path_buf(),
-            options,
             db: RwLock::new(Some(db)),
-            space: Arc::new(SpaceState::default()),
+            space: Arc::new(space),
             latched: Mutex::new(None),
         })
     }
@@ -122,7 +133,7 @@ impl RocksStore {
             message: e.to_string(),
         })?;
         self.space.free.store(free, Ordering::Relaxed);
-        if free < self.options.min_free {
+        if free < self.space.min_free() {
             return Ok(false);
         }
         self.reopen()?;
@@ -196,7 +207,7 @@ impl RocksStore {
                 message: e.to_string(),
             })?;
             self.space.free.store(free, Ordering::Relaxed);
-            if free < self.options.min_free {
+            if free < self.space.min_free() {
                 return Err(StoreError::NoSpace {
                     path: self.path.display().to_string(),
                     free,
