@@ -328,3 +328,33 @@ fn a_second_signal_exits_at_once_even_with_a_frozen_disk() {
     // Status 1: the second signal, not the watchdog's 2.
     assert_eq!(node.wait_exit().code(), Some(1));
 }
+
+#[test]
+fn a_stop_during_a_start_stuck_on_a_frozen_disk_is_bounded_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mounted = or_skip!(loop_ext4(dir.path(), 64), "the frozen start-up test");
+    let home = mounted.dir.join("n1");
+    init(&home, "stuck");
+    edit_config(
+        &home,
+        "shutdown_timeout = \"5s\"",
+        "shutdown_timeout = \"2s\"",
+    );
+    // Frozen before the start: taking the home lock (it writes the pid) hangs.
+    let mut node = Node::start(&home);
+    let frozen = or_skip!(Frozen::new(&mounted.dir), "the frozen start-up test");
+    node.signal(libc::SIGTERM);
+    let gave_up = node.wait_log("the watchdog", |v| {
+        message_contains(v, "shutdown did not finish within node.shutdown_timeout")
+    });
+    let unfinished = gave_up["unfinished"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(unfinished.contains("start-up"), "{gave_up}");
+    eprintln!("stuck start-up: unfinished {unfinished}");
+    let pid = node.pid();
+    wait_for("the process to end", 10, || ended(pid).then_some(()));
+    drop(frozen);
+    assert_eq!(node.wait_exit().code(), Some(2));
+}

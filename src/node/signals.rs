@@ -108,6 +108,16 @@ pub fn install() -> Result<(), SignalError> {
     // A spawner may hand us these signals blocked (the only way to keep one sent during
     // execve itself, before any code of ours can run, from killing us). Unblocking delivers
     // any that are pending to the handler above.
+    set_blocked(false).map_err(SignalError::Install)
+}
+
+/// Blocks or unblocks the caught signals in the calling thread (inherited by threads it starts).
+fn set_blocked(blocked: bool) -> std::io::Result<()> {
+    let how = if blocked {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
     // SAFETY: building a signal set on the stack and changing this thread's mask.
     let rc = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -115,10 +125,10 @@ pub fn install() -> Result<(), SignalError> {
         for sig in CAUGHT {
             libc::sigaddset(&mut set, sig);
         }
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut())
     };
     if rc != 0 {
-        return Err(SignalError::Install(std::io::Error::from_raw_os_error(rc)));
+        return Err(std::io::Error::from_raw_os_error(rc));
     }
     Ok(())
 }
@@ -170,10 +180,16 @@ impl Signals {
         let shutdown = Arc::new(Shutdown::default());
         shutdown.begin("start-up");
         let watch = shutdown.clone();
+        // Spawned while this thread still takes the signals, so it inherits that.
         std::thread::Builder::new()
             .name("bitdust-signals".into())
             .spawn(move || pump(fd, &tx, &watch))
             .map_err(SignalError::Thread)?;
+        // From here on only that thread (and the watchdog it starts) takes them: the kernel
+        // hands a process signal to a thread that does not block it, and one stuck in a frozen
+        // filesystem (uninterruptible) would sit on it. Every thread started later from here
+        // (runtime, RocksDB, writer) inherits the block.
+        set_blocked(true).map_err(SignalError::Install)?;
         Ok(Signals { rx, shutdown })
     }
 

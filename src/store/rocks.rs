@@ -333,6 +333,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rocksdb_errors_are_classified() {
+        assert!(is_no_space(
+            "IO error: No space left on device: While appending to file: /h/db/000004.log"
+        ));
+        assert!(is_io(
+            "IO error: Input/output error: While fsync: /h/db/000004.log"
+        ));
+        assert!(!is_no_space("Corruption: block checksum mismatch"));
+        assert!(!is_io("Corruption: block checksum mismatch"));
+    }
+
+    #[test]
+    fn not_full_means_nothing_to_resume() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RocksStore::open(dir.path()).expect("open");
+        assert!(!store.resume_if_space().expect("resume"));
+        assert_eq!(store.space().full_for(), None);
+        assert_eq!(store.space().resumes(), 0);
+    }
+
+    #[test]
     fn contract_and_persistence() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
