@@ -133,8 +133,30 @@ fn default_name() -> String {
         .unwrap_or_else(|| "bitdust-node".into())
 }
 
+/// Installs the signal handlers from the ELF initialiser list, before `main` and before the
+/// static constructors of the linked C++ (RocksDB): a SIGTERM or SIGHUP sent the moment we were
+/// spawned must find them (bitdust::node::signals explains why). Only libc calls and atomics run
+/// here, which is all that is safe before the Rust runtime is set up.
+#[used]
+#[unsafe(link_section = ".init_array.00200")]
+static INSTALL_SIGNALS_EARLY: extern "C" fn() = install_signals_early;
+
+extern "C" fn install_signals_early() {
+    // An error is reported by the call in `main`, where printing is possible.
+    let _ = bitdust::node::signals::install();
+}
+
 fn main() -> ExitCode {
+    // Again in case the initialiser did not run or failed (a no-op when it worked).
+    if let Err(e) = bitdust::node::signals::install() {
+        eprintln!("bitdust: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run) {
+        // Only the node handles signals; every other command dies of them as usual.
+        bitdust::node::signals::restore_default();
+    }
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -159,6 +181,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let donated = ByteSize::parse(&donate).map_err(|e| anyhow::anyhow!("--donate: {e}"))?;
             let name = name.unwrap_or_else(default_name);
             let identity = home.init(&name, listen, donated, bitdust::unix_now())?;
+            // Accepted (the disk may grow, or be mounted later), but not silently.
+            if let Ok(free) = bitdust::store::free_space(&home.store_dir()) {
+                let mut offered = bitdust::node::config::Config::default();
+                offered.supplier.donated = donated;
+                if let Some(warning) = bitdust::node::config::donation_warning(&offered, 0, free) {
+                    eprintln!("bitdust: warning: {warning}");
+                }
+            }
             println!("{}", identity.node_id());
             eprintln!(
                 "bitdust: new node `{}` in {}; start it with `bitdust run --home {}`",
@@ -348,8 +378,8 @@ fn render_status(status: &NodeStatus) -> String {
     let revision = status.revision.map_or("-".into(), |r| r.to_string());
     let _ = writeln!(out, "revision  {revision}");
     let _ = writeln!(out, "uptime    {}s", status.uptime_secs);
-    for line in &status.health {
-        let _ = writeln!(out, "HEALTH    {line}");
+    if let Some(disk) = &status.disk {
+        let _ = writeln!(out, "disk      {}", disk.line);
     }
     let _ = writeln!(
         out,

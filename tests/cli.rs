@@ -239,3 +239,272 @@ fn no_secret_reaches_the_log_even_at_trace_level() {
         }
     }
 }
+
+/// Starts `bitdust run --log-format json` with SIGHUP/SIGTERM/SIGINT blocked across the exec,
+/// as a careful supervisor does: a signal sent during `execve` itself (before any code of the
+/// program exists to catch it) then stays pending instead of killing the process. The node
+/// must install its handlers first thing and unblock them; its JSON log lines come back on
+/// the channel.
+fn spawn_with_signals_blocked(
+    home: &std::path::Path,
+) -> (std::process::Child, mpsc::Receiver<serde_json::Value>) {
+    spawn_node(home, || {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+        Ok(())
+    })
+}
+
+/// Starts `bitdust run --log-format json`, running `before_exec` in the child first.
+fn spawn_node(
+    home: &std::path::Path,
+    before_exec: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> (std::process::Child, mpsc::Receiver<serde_json::Value>) {
+    use std::os::unix::process::CommandExt as _;
+    let mut command = Command::new(BIN);
+    command
+        .arg("--home")
+        .arg(home)
+        .args(["run", "--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: the callers' hooks make only async-signal-safe calls.
+    unsafe {
+        command.pre_exec(before_exec);
+    }
+    let mut child = command.spawn().expect("run");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let value =
+                serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+            if tx.send(value).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+fn wait_line(
+    rx: &mpsc::Receiver<serde_json::Value>,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(v) if pred(&v) => return v,
+            Ok(v) => seen.push(v),
+            Err(_) => break,
+        }
+    }
+    panic!("no log line for {what}; saw {seen:#?}");
+}
+
+fn wait_child(child: &mut std::process::Child) -> std::process::ExitStatus {
+    wait_for("the node to exit", 20, || {
+        child.try_wait().expect("try_wait")
+    })
+}
+
+#[test]
+fn sigterm_sent_at_spawn_stops_gracefully() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let (_dir, home) = temp_home();
+    init(&home, "early-term");
+    let (mut child, logs) = spawn_with_signals_blocked(&home);
+    // 0 ms after spawn: before the runtime, the config or the database exist.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_child(&mut child);
+    assert_eq!(status.signal(), None, "killed by the signal: {status:?}");
+    assert!(status.success(), "exit status {status:?}");
+    // The graceful path ran after start-up: the stop was logged, the socket removed.
+    wait_line(&logs, "shutting down", |v| {
+        v["message"] == "shutting down" && v["signal"] == "SIGTERM"
+    });
+    wait_line(&logs, "stopped", |v| v["message"] == "node stopped");
+    assert!(!home.join("control.sock").exists());
+}
+
+#[test]
+fn sighup_sent_at_spawn_reloads_and_the_node_keeps_running() {
+    let (_dir, home) = temp_home();
+    init(&home, "early-hup");
+    let (mut child, logs) = spawn_with_signals_blocked(&home);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    wait_line(&logs, "reload", |v| v["message"] == "config reloaded");
+    // Still running and answering.
+    assert_eq!(status_json(&home)["name"], "early-hup");
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_child(&mut child).success());
+}
+
+/// Shortens the control socket's read deadline in `home`'s config.
+fn set_control_timeout(home: &std::path::Path, value: &str) {
+    let path = home.join("config.toml");
+    let config = std::fs::read_to_string(&path).expect("config");
+    let changed = config.replace(
+        "control_timeout = \"5s\"",
+        &format!("control_timeout = \"{value}\""),
+    );
+    assert_ne!(changed, config, "the default file has control_timeout");
+    std::fs::write(&path, changed).expect("write config");
+}
+
+#[test]
+fn a_silent_control_client_is_disconnected_and_status_still_answers() {
+    use std::io::Read as _;
+    let (_dir, home) = temp_home();
+    init(&home, "silent");
+    set_control_timeout(&home, "1s");
+    let mut node = Node::start(&home);
+    node.wait_log("ready", |v| transition(v, "identity", "Loading", "Ready"));
+    let mut silent =
+        std::os::unix::net::UnixStream::connect(home.join("control.sock")).expect("connect");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    // While it sits there saying nothing, others are served.
+    assert_eq!(status_json(&home)["name"], "silent");
+    let mut reply = String::new();
+    // The node gives up on it: a short error line, then end of stream (not our read timeout).
+    silent
+        .read_to_string(&mut reply)
+        .expect("the node closes the connection");
+    assert!(reply.contains("no request within 1000 ms"), "{reply}");
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_exit().success());
+}
+
+/// Raises this test process's descriptor limit, so that it can hold a thousand sockets.
+fn raise_own_fd_limit(want: u64) -> bool {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return false;
+        }
+        limit.rlim_cur = limit.rlim_max.min(want.max(limit.rlim_cur));
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur >= want
+    }
+}
+
+#[test]
+fn a_thousand_silent_control_clients_do_not_lock_out_status() {
+    if !raise_own_fd_limit(1400) {
+        eprintln!("skipping: this process cannot hold 1400 descriptors");
+        return;
+    }
+    let (_dir, home) = temp_home();
+    init(&home, "crowd");
+    // A deadline longer than the test: only dropping the silent clients can make room.
+    set_control_timeout(&home, "120s");
+    let mut node = Node::start(&home);
+    node.wait_log("ready", |v| transition(v, "identity", "Loading", "Ready"));
+    let socket = home.join("control.sock");
+    let mut silent = Vec::new();
+    for _ in 0..1000 {
+        silent.push(std::os::unix::net::UnixStream::connect(&socket).expect("connect"));
+    }
+    // All thousand are still connected on our side and no read deadline has passed: status
+    // gets through because the node drops the clients silent longest.
+    let status = status_json(&home);
+    assert_eq!(status["name"], "crowd");
+    // The first client is one of those dropped: end of stream, not a reply.
+    {
+        use std::io::Read as _;
+        let first = &mut silent[0];
+        first
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        assert_eq!(first.read(&mut buf).expect("closed by the node"), 0);
+    }
+    let warnings = node
+        .logs_so_far()
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("accept failed"))
+        })
+        .count();
+    assert_eq!(warnings, 0, "descriptors ran out");
+    drop(silent);
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_exit().success());
+}
+
+#[test]
+fn running_out_of_descriptors_logs_one_warning_and_status_recovers() {
+    let (_dir, home) = temp_home();
+    init(&home, "starved");
+    // No eviction (more slots than descriptors) and a short read deadline.
+    set_control_timeout(&home, "2s");
+    let path = home.join("config.toml");
+    let config = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(
+        &path,
+        config.replace("control_clients = 64", "control_clients = 10000"),
+    )
+    .expect("write config");
+    // A hard limit of 96 descriptors: the node cannot raise past it.
+    let (mut child, logs) = spawn_node(&home, || {
+        let limit = libc::rlimit {
+            rlim_cur: 96,
+            rlim_max: 96,
+        };
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+        Ok(())
+    });
+    wait_line(&logs, "ready", |v| {
+        transition(v, "identity", "Loading", "Ready")
+    });
+    let socket = home.join("control.sock");
+    let mut silent = Vec::new();
+    for _ in 0..150 {
+        match std::os::unix::net::UnixStream::connect(&socket) {
+            Ok(s) => silent.push(s),
+            Err(_) => break,
+        }
+    }
+    // The node ran out and kept failing accepts (every 100 ms) until deadlines freed
+    // descriptors; status gets through once they do.
+    let status = wait_for("status", 30, || try_status(&home));
+    assert_eq!(status["name"], "starved");
+    drop(silent);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_child(&mut child).success());
+    // The log ends with the process: read all of it.
+    let warnings: Vec<_> = logs
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("accept failed"))
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Too many open files")),
+        "{warnings:#?}"
+    );
+}

@@ -15,7 +15,7 @@ pub struct MachineStatus {
     pub for_secs: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct NodeStatus {
     pub node_id: String,
     pub name: Option<String>,
@@ -27,9 +27,26 @@ pub struct NodeStatus {
     pub network: NetworkStatus,
     pub customer: CustomerStatus,
     pub supplier: SupplierStatus,
-    /// Health lines an operator should read (a stalled or full disk, ...); empty when all is well.
+    /// The disk under the home: its state and write latency (filled by the node, read from
+    /// counters, so it answers even while the disk is frozen).
     #[serde(default)]
-    pub health: Vec<String>,
+    pub disk: Option<DiskStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DiskStatus {
+    /// `ok`, `low`, `full`, `failing` or `stalled`.
+    pub state: String,
+    /// The line an operator reads, e.g. "disk stalled for 12 s: ...".
+    pub line: String,
+    pub free_bytes: Option<u64>,
+    pub current_write_ms: Option<f64>,
+    pub last_write_ms: f64,
+    pub slowest_write_ms: f64,
+    pub writes: u64,
+    pub failed_writes: u64,
+    pub queued_writes: u64,
+    pub database_resumes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -64,6 +64,15 @@ pub struct NodeSection {
     pub contacts: Vec<String>,
     /// How long a graceful stop may take before the node exits anyway.
     pub shutdown_timeout: Span,
+    /// Space always left free on the home's disk: grants to customers are capped so fragments
+    /// never eat into it, and after a disk-full error writes resume once this much is free.
+    pub keep_free: ByteSize,
+    /// A database write running longer than this shows as "disk stalled" in `status`.
+    pub disk_stall: Span,
+    /// How long a control client may take to send its request before it is disconnected.
+    pub control_timeout: Span,
+    /// Control clients served at once; past it the one idle longest is disconnected.
+    pub control_clients: usize,
 }
 
 impl Default for NodeSection {
@@ -73,6 +82,10 @@ impl Default for NodeSection {
             listen: SocketAddr::from(([0, 0, 0, 0], 7771)),
             contacts: Vec::new(),
             shutdown_timeout: Span(Duration::from_secs(5)),
+            keep_free: ByteSize(16 * MIB),
+            disk_stall: Span(Duration::from_secs(5)),
+            control_timeout: Span(Duration::from_secs(5)),
+            control_clients: 64,
         }
     }
 }
@@ -364,10 +377,15 @@ impl Config {
             ("network.reconnect_min", n.reconnect_min),
             ("network.preauth_timeout", n.preauth_timeout),
             ("node.shutdown_timeout", self.node.shutdown_timeout),
+            ("node.disk_stall", self.node.disk_stall),
+            ("node.control_timeout", self.node.control_timeout),
         ] {
             if value.get().is_zero() {
                 return Err((key.into(), "must be greater than zero".into()));
             }
+        }
+        if self.node.control_clients == 0 {
+            return Err(("node.control_clients".into(), "must be at least 1".into()));
         }
         if n.reconnect_max < n.reconnect_min {
             return Err((
@@ -425,7 +443,7 @@ impl Config {
     }
 
     /// Keys whose change a SIGHUP cannot apply: they need a restart. Applied live: node.contacts,
-    /// node.shutdown_timeout, [supplier], [[peers]] (added ones).
+    /// node.shutdown_timeout, node.keep_free, [supplier], [[peers]] (added ones).
     pub fn restart_needed(&self, newer: &Config) -> Vec<&'static str> {
         let mut keys = Vec::new();
         if self.node.listen != newer.node.listen {
@@ -433,6 +451,15 @@ impl Config {
         }
         if self.node.name != newer.node.name {
             keys.push("node.name");
+        }
+        if self.node.disk_stall != newer.node.disk_stall {
+            keys.push("node.disk_stall");
+        }
+        if self.node.control_timeout != newer.node.control_timeout {
+            keys.push("node.control_timeout");
+        }
+        if self.node.control_clients != newer.node.control_clients {
+            keys.push("node.control_clients");
         }
         if self.backup.data_shards != newer.backup.data_shards {
             keys.push("backup.data_shards");
@@ -451,6 +478,29 @@ impl Config {
         }
         keys
     }
+}
+
+/// The space a supplier may grant in total: `donated`, capped by what the disk really has.
+/// Bytes already `held` for customers count (they are on the disk, inside the donation); of the
+/// `free` space, `keep_free` stays untouched.
+pub fn grantable(donated: u64, held: u64, free: u64, keep_free: u64) -> u64 {
+    donated.min(held.saturating_add(free.saturating_sub(keep_free)))
+}
+
+/// The warning for a donation the disk cannot honour (`None` when it can): logged at start and
+/// on reload, with the capped figure grants will really use.
+pub fn donation_warning(config: &Config, held: u64, free: u64) -> Option<String> {
+    let donated = config.supplier.donated.0;
+    let cap = grantable(donated, held, free, config.node.keep_free.0);
+    (cap < donated).then(|| {
+        format!(
+            "supplier.donated ({}) exceeds what the disk holding store/ can give ({} free, {} kept free): grants are capped at {}",
+            ByteSize(donated),
+            ByteSize(free),
+            config.node.keep_free,
+            ByteSize(cap)
+        )
+    })
 }
 
 /// The key named in a `config` crate error such as "... for key `node.listen` ...".
@@ -490,8 +540,17 @@ listen = "{listen}"
 # Addresses friends dial, most preferred first, e.g. ["tcp://203.0.113.7:7771"].
 # Empty: derived from `listen`. A change re-signs the identity with a new revision.
 contacts = []
-# How long a graceful stop (SIGTERM/SIGINT) may take.
+# How long a graceful stop (SIGTERM/SIGINT) may take; past it the node exits with status 2.
 shutdown_timeout = "{shutdown}"
+# Space always left free on this disk: grants to customers are capped by it, and after a
+# disk-full error writes resume once this much is free again.
+keep_free = "{keep_free}"
+# A database write running longer than this shows as "disk stalled" in `status`. (restart)
+disk_stall = "{disk_stall}"
+# A control client (the CLI) that sends nothing for this long is disconnected. (restart)
+control_timeout = "{control_timeout}"
+# Control clients served at once; past it the one idle longest is dropped. (restart)
+control_clients = {control_clients}
 
 # Every key in [network] takes effect after a restart.
 [network]
@@ -554,6 +613,10 @@ format = "human"
 level = "info"
 "#,
         shutdown = d.node.shutdown_timeout,
+        keep_free = d.node.keep_free,
+        disk_stall = d.node.disk_stall,
+        control_timeout = d.node.control_timeout,
+        control_clients = d.node.control_clients,
         connect = n.connect_timeout,
         handshake = n.handshake_timeout,
         keepalive = n.keepalive,
@@ -667,6 +730,36 @@ mod tests {
         vars.insert("BITDUST_NODE__LISTEN".to_string(), "bad".to_string());
         let e = Config::parse_with_env("", Path::new("c.toml"), &vars).expect_err("bad env");
         assert_eq!(e.key(), Some("node.listen"));
+    }
+
+    #[test]
+    fn grants_are_capped_by_the_disk() {
+        // Plenty of disk: the donation stands.
+        assert_eq!(grantable(GIB, 0, 10 * GIB, 16 * MIB), GIB);
+        // A 20 MiB disk: 1 GiB is not there; what is, minus what stays free.
+        assert_eq!(grantable(GIB, 0, 20 * MIB, 16 * MIB), 4 * MIB);
+        // Fragments already held are inside the donation, not extra.
+        assert_eq!(grantable(GIB, 300 * MIB, 20 * MIB, 16 * MIB), 304 * MIB);
+        assert_eq!(grantable(GIB, 0, MIB, 16 * MIB), 0);
+        let mut c = Config::default();
+        c.supplier.donated = ByteSize(GIB);
+        assert_eq!(donation_warning(&c, 0, 10 * GIB), None);
+        let w = donation_warning(&c, 0, 20 * MIB).expect("warned");
+        assert!(
+            w.contains("supplier.donated") && w.contains("capped at 4 MiB"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn new_node_keys_are_validated() {
+        assert_eq!(
+            key_of("[node]\ncontrol_clients = 0\n"),
+            "node.control_clients"
+        );
+        assert_eq!(key_of("[node]\ndisk_stall = \"0s\"\n"), "node.disk_stall");
+        let c = parse("[node]\nkeep_free = \"1 MiB\"\n").expect("valid");
+        assert_eq!(c.node.keep_free, ByteSize(MIB));
     }
 
     #[test]

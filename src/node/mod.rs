@@ -2,7 +2,9 @@
 
 pub mod config;
 pub mod control;
+pub mod health;
 pub mod home;
 pub mod logging;
 pub mod run;
+pub mod signals;
 pub mod units;

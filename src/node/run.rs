@@ -1,9 +1,11 @@
 //! `bitdust run`: starts every actor, serves the control socket, handles signals.
 //!
-//! SIGHUP re-reads the config (a bad file is logged and the running config stays).
-//! SIGTERM/SIGINT: every machine is sent `Shutdown` and awaited (bounded by
-//! `node.shutdown_timeout`), the store is flushed and closed last, exit status 0. A second signal
-//! during that exits at once.
+//! Signals are caught from the first line of `main` (see `signals`): SIGHUP re-reads the config
+//! (a bad file is logged and the running config stays); SIGTERM/SIGINT stop the node: every
+//! machine is sent `Shutdown` and awaited, the disk writer drains, the store is flushed and
+//! closed last, exit status 0. The whole stop is bounded by `node.shutdown_timeout` (a watchdog
+//! thread, independent of the event loop and of the disk, exits with status 2 naming what did
+//! not finish); a second signal exits at once with status 1.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -12,13 +14,14 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use anyhow::Context as _;
 use serde_json::json;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use super::config::{AcceptPolicy, Config, LogFormat};
 use super::control::{self, Request, Response};
+use super::health::{self, DiskHealth};
 use super::home::Home;
 use super::logging;
+use super::signals::{self, Signal, Signals};
 use crate::actors::customer::{self, CustomerQuery, CustomerSettings, FireHireDriver};
 use crate::actors::identity::IdentityDriver;
 use crate::actors::network::{
@@ -40,24 +43,80 @@ use crate::fsm::supplier_service::{Event as ServiceEvent, SupplierService};
 use crate::net::link::TrustPolicy;
 use crate::proto::Ping;
 use crate::proto::envelope::Body;
-use crate::store::{KvStore, RocksStore};
+use crate::store::{KvStore, RocksStore, StoreOptions, Writer, WriterSettings};
 
 type NetworkAddr = Addr<Shell<NetworkDriver>>;
 type SupplierAddr = Addr<Shell<SupplierDriver>>;
 type CustomerAddr = Addr<Shell<FireHireDriver>>;
 type IdentityAddr = Addr<Shell<IdentityDriver>>;
 
+/// The node's disk: the bounded writer every synced write goes through, and its health.
+pub struct Disk {
+    pub writer: Writer,
+    pub health: Arc<DiskHealth>,
+}
+
 /// Runs the node in the foreground until SIGTERM/SIGINT.
 pub fn run(home: Home, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+    // First: signals caught since main's first line are delivered from here on, and a stop
+    // signal from now on is bounded by the shutdown watchdog even if start-up hangs on the disk.
+    let signals = Signals::start()?;
+    let progress = signals.shutdown();
     let config = Config::load(home.root())?;
+    signals::set_shutdown_timeout(config.node.shutdown_timeout.get());
     logging::init(log_format.unwrap_or(config.log.format), &config.log.level);
+    match control::raise_fd_limit() {
+        Ok((old, new)) if new > old => tracing::debug!(old, new, "raised the open-file limit"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let _lock = home.lock()?;
     let keys = Arc::new(home.load_keys()?);
     let identity = home.load_identity(&keys)?;
-    let store: Arc<dyn KvStore> = Arc::new(
-        RocksStore::open(&home.db_dir())
-            .with_context(|| format!("opening {}", home.db_dir().display()))?,
+    let rocks = Arc::new(
+        RocksStore::open_with(
+            &home.db_dir(),
+            StoreOptions {
+                min_free: config.node.keep_free.0,
+            },
+        )
+        .with_context(|| format!("opening {}", home.db_dir().display()))?,
     );
+    let space = rocks.space();
+    // Weak: the sampler must not keep the database open past its close at the end of `run`.
+    let resumable = Arc::downgrade(&rocks);
+    let store: Arc<dyn KvStore> = rocks;
+    let (writer, writer_thread) = Writer::spawn(
+        store.clone(),
+        WriterSettings {
+            stall_after: config.node.disk_stall.get(),
+            ..WriterSettings::default()
+        },
+    )
+    .context("starting the disk writer")?;
+    let disk_health = Arc::new(
+        DiskHealth::new(
+            home.root(),
+            writer.stats(),
+            Some(space),
+            config.node.keep_free.0,
+        )
+        .with_recovery(move || {
+            if let Some(store) = resumable.upgrade()
+                && let Err(e) = store.resume_if_space()
+            {
+                tracing::warn!(error = %e, "cannot reopen the database after a disk error");
+            }
+        }),
+    );
+    disk_health
+        .start_sampler(Duration::from_secs(1))
+        .context("starting the disk health sampler")?;
+    health::check_donation(&config, &home.store_dir());
+    let disk = Disk {
+        writer,
+        health: disk_health,
+    };
     let system = System::new();
     let result = system.block_on(node_main(
         home.clone(),
@@ -65,11 +124,25 @@ pub fn run(home: Home, log_format: Option<LogFormat>) -> anyhow::Result<()> {
         keys,
         identity,
         store.clone(),
+        disk,
+        signals,
     ));
-    // The store closes last, after every actor is gone.
-    store.flush().context("flushing the database")?;
+    // Every actor goes with the system; then the writer drains, the store flushes and closes.
+    // All of it runs under the watchdog's deadline, which started with the stop signal.
+    progress.begin("actors");
+    drop(system);
+    progress.end("actors");
+    progress.begin("pending writes");
+    writer_thread.join();
+    progress.end("pending writes");
+    progress.begin("final flush");
+    let flushed = store.flush().context("flushing the database");
+    progress.end("final flush");
+    progress.begin("database close");
     drop(store);
+    progress.end("database close");
     let _ = std::fs::remove_file(home.control_socket());
+    flushed?;
     if result.is_ok() {
         tracing::info!("node stopped");
     }
@@ -82,11 +155,9 @@ async fn node_main(
     keys: Arc<NodeKeys>,
     identity: Identity,
     store: Arc<dyn KvStore>,
+    disk: Disk,
+    mut signals: Signals,
 ) -> anyhow::Result<()> {
-    // Before anything else: a signal during start-up must not kill the node.
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let started = Instant::now();
     let registry = Registry::default();
     let node_id = identity.node_id();
@@ -142,45 +213,63 @@ async fn node_main(
         customer: customer_actor.clone(),
         request_timeout: config.network.request_timeout.get(),
     });
+    let disk_health = disk.health.clone();
     let handler: control::Handler = Rc::new(move |request| {
         let state = control_state.clone();
-        Box::pin(async move { state.handle(request).await })
+        let disk_health = disk_health.clone();
+        Box::pin(async move {
+            let is_status = request == Request::Status;
+            let mut response = state.handle(request).await;
+            // Read from atomics: answers even while the disk is frozen.
+            if let Some(data) = response.data.as_mut().filter(|_| is_status) {
+                data["disk"] = disk_health.report();
+            }
+            response
+        })
     });
-    let control_task = actix::spawn(control::serve(listener, handler));
+    let limits = control::Limits {
+        read_timeout: config.node.control_timeout.get(),
+        max_clients: config.node.control_clients,
+    };
+    let control_task = actix::spawn(control::serve(listener, handler, limits));
+    let progress = signals.shutdown();
+    progress.end("start-up");
 
     tracing::info!(node_id = %node_id, name = identity.name(), listen = %config.node.listen,
         home = %home.root().display(), "node running");
 
     let stop_signal = loop {
-        tokio::select! {
-            _ = hup.recv() => reload(&home, &mut config, &identity_actor, &network_actor, &supplier_actor),
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
+        match signals.next().await {
+            Some(Signal::Reload) => reload(
+                &home,
+                &mut config,
+                &identity_actor,
+                &network_actor,
+                &supplier_actor,
+                &disk,
+            ),
+            Some(Signal::Stop(name)) => break name,
+            None => break "signal thread gone",
         }
     };
     tracing::info!(signal = stop_signal, "shutting down");
-    actix::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-        eprintln!("bitdust: second signal, exiting without waiting");
-        std::process::exit(1);
-    });
     control_task.abort();
 
-    let closing = async {
-        let _ = customer_actor.send(Shutdown).await;
-        let _ = supplier_actor.send(Shutdown).await;
-        let _ = network_actor.send(Shutdown).await;
-        let _ = identity_actor.send(Shutdown).await;
-    };
-    if tokio::time::timeout(config.node.shutdown_timeout.get(), closing)
-        .await
-        .is_err()
-    {
-        tracing::warn!(timeout = %config.node.shutdown_timeout, "some machines did not close in time");
-    }
+    // Bounded by the watchdog (node.shutdown_timeout from the first signal), not by a timer on
+    // this loop: a write stuck on a frozen disk could hold the loop itself.
+    progress.begin("customer actor");
+    let _ = customer_actor.send(Shutdown).await;
+    progress.end("customer actor");
+    progress.begin("supplier actor");
+    let _ = supplier_actor.send(Shutdown).await;
+    progress.end("supplier actor");
+    progress.begin("network actor");
+    let _ = network_actor.send(Shutdown).await;
+    progress.end("network actor");
+    progress.begin("identity actor");
+    let _ = identity_actor.send(Shutdown).await;
+    progress.end("identity actor");
+    drop(disk);
     System::current().stop();
     Ok(())
 }
@@ -226,7 +315,7 @@ impl ControlState {
                     network,
                     customer,
                     supplier,
-                    health: Vec::new(),
+                    disk: None,
                 };
                 match serde_json::to_value(status) {
                     Ok(value) => Response::ok(value),
@@ -333,9 +422,13 @@ fn reload(
     identity: &IdentityAddr,
     network: &NetworkAddr,
     supplier: &SupplierAddr,
+    disk: &Disk,
 ) {
     match Config::load(home.root()) {
         Ok(newer) => {
+            signals::set_shutdown_timeout(newer.node.shutdown_timeout.get());
+            disk.health.set_keep_free(newer.node.keep_free.0);
+            health::check_donation(&newer, &home.store_dir());
             let needs_restart = config.restart_needed(&newer);
             if !needs_restart.is_empty() {
                 tracing::warn!(keys = ?needs_restart, "config changes that take effect after a restart");

@@ -1,12 +1,19 @@
 //! Node state: a key-value store with one column family per concern and atomic batches.
-//! `RocksStore` is the real one; `MemStore` has the same semantics for tests and simulation.
+//! `RocksStore` is the real one; `MemStore` has the same semantics for tests and simulation;
+//! `FaultyStore` wraps either to inject disk faults (full, IO error, a write that hangs) through
+//! the same trait production uses. `Writer` runs synced writes on a thread of its own, so no
+//! actor's event loop ever waits for the disk.
 
+pub mod faulty;
 pub mod fragments;
 mod mem;
 mod rocks;
+pub mod writer;
 
+pub use faulty::{Fault, FaultyStore};
 pub use mem::MemStore;
-pub use rocks::RocksStore;
+pub use rocks::{RocksStore, SpaceState, StoreOptions};
+pub use writer::{WriteStats, Writer, WriterError, WriterSettings};
 
 /// Column families, one per concern. Each actor owns its own.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
@@ -63,6 +70,23 @@ pub enum StoreError {
     Locked { path: String },
     #[error("database error: {0}")]
     Db(String),
+    /// The disk holding the database is full. Not a fate: once space is freed the next write
+    /// goes through again (the database's error state is cleared without a restart).
+    #[error(
+        "no space left on the disk holding {path} ({free} bytes free): writes are refused until space is freed"
+    )]
+    NoSpace { path: String, free: u64 },
+    /// The operating system reported an IO error (EIO and the like): a failing disk.
+    #[error("disk IO error on {path}: {message}")]
+    Io { path: String, message: String },
+}
+
+impl StoreError {
+    /// Whether this error means "the disk is full" (the caller refuses new work for a reason
+    /// the peer understands, rather than failing it as a fault).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::NoSpace { .. })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +137,22 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+}
+
+/// Bytes an unprivileged process may still write on the filesystem holding `path`.
+/// A syscall that can itself hang on a dead network mount: call it off any event loop.
+pub fn free_space(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path holds a NUL"))?;
+    // SAFETY: statvfs only writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // the field widths differ between targets
+    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
 /// One entry of a scan.

@@ -450,3 +450,10 @@ impl RawClient {
         }
     }
 }
+
+impl Node {
+    /// The node's process id (to inspect it in /proc while it cannot be reaped).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
