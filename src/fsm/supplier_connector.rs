@@ -12,7 +12,7 @@ use std::time::Duration;
 
 #[cfg(test)]
 use super::machine::Label;
-use super::machine::{Ctx, Entry, Machine, NoChoice, Out, Row, TimerRow, To, row};
+use super::machine::{Ctx, Machine, NoChoice, Out, Row, TimerRow, To, row};
 use crate::{events, labels};
 
 labels! {
@@ -315,8 +315,6 @@ static TIMERS: &[TimerRow<SupplierConnector>] = &[
     },
 ];
 
-static ENTRY: &[Entry<SupplierConnector>] = &[];
-
 impl Machine for SupplierConnector {
     type State = State;
     type EventKind = EventKind;
@@ -338,10 +336,6 @@ impl Machine for SupplierConnector {
 
     fn timers() -> &'static [TimerRow<Self>] {
         TIMERS
-    }
-
-    fn entry() -> &'static [Entry<Self>] {
-        ENTRY
     }
 
     fn timer_event(timer: Timer) -> Event {
@@ -539,6 +533,47 @@ mod tests {
         assert_eq!(
             c.step(&Event::Accepted, &at(3)).map(|s| s.to),
             Some(Connected)
+        );
+    }
+
+    #[test]
+    fn a_resumed_contract_that_goes_silent_is_disconnected_not_refused() {
+        let mut c = Instance::new(SupplierConnector::resumed(), "0");
+        c.step(&Event::Connect, &C);
+        for _ in 0..3 {
+            c.step(&Event::Timeout(Timer::Request), &C);
+        }
+        assert_eq!(
+            c.state(),
+            Disconnected,
+            "an earlier run's contract is kept on silence"
+        );
+    }
+
+    #[test]
+    fn refusals_are_reported_with_their_reason() {
+        let reported = |event: Event| {
+            let mut c = Instance::new(SupplierConnector::default(), "0");
+            c.step(&Event::Connect, &C);
+            let s = c.step(&event, &C).expect("handled");
+            s.outputs
+        };
+        let refused = |r| vec![Output::Report(Report::Refused(r))];
+        assert_eq!(
+            reported(Event::Refused(FailCode::NotTrusted)),
+            refused(RefuseReason::NotTrusted)
+        );
+        assert_eq!(
+            reported(Event::Refused(FailCode::NoSpace)),
+            refused(RefuseReason::NoSpace)
+        );
+        assert_eq!(
+            reported(Event::Refused(FailCode::OverQuota)),
+            refused(RefuseReason::NoSpace)
+        );
+        assert_eq!(
+            reported(Event::SupplierCancelled),
+            refused(RefuseReason::Left)
         );
     }
 }
