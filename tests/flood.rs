@@ -254,3 +254,41 @@ fn a_frozen_peer_is_noticed_within_keepalive_and_dead_after() {
     // Once it wakes, the friends reconnect.
     wait_session(&c.homes[0], &c.ids[1], "Established");
 }
+
+#[test]
+fn a_forward_dated_or_replayed_revision_is_not_adopted() {
+    let Friend {
+        _dir,
+        home,
+        node: _node,
+        mut client,
+        keys,
+        me,
+    } = friend_of_a_node();
+    let now = bitdust::unix_now();
+    let contacts = || vec!["tcp://127.0.0.1:9".to_string()];
+    let known =
+        Identity::create(&keys, "mallory", contacts(), me.revision() + 1, now - 100).expect("id");
+    client.send(&push(&known, 299));
+    wait_for("a dated revision adopted", 20, || {
+        (node_status(&home)?.network.peers[0].revision == known.revision()).then_some(())
+    });
+    // Ten days ahead of the node's clock.
+    let ahead = Identity::create(&keys, "mallory", contacts(), 5, now + 10 * 86_400).expect("id");
+    client.send(&push(&ahead, 300));
+    // A higher revision dated before the known one (a replay of an old signing session).
+    let behind = Identity::create(&keys, "mallory", contacts(), 6, now - 200).expect("id");
+    client.send(&push(&behind, 301));
+    wait_for("both refused and counted", 20, || {
+        let s = node_status(&home)?;
+        (s.network.counters.get("BadIdentityTimestamp") == Some(&2)).then_some(())
+    });
+    let peer = &node_status(&home).expect("status").network.peers[0];
+    assert_eq!(peer.revision, known.revision(), "the known revision stays");
+    // A believable newer revision is still adopted.
+    let next = Identity::create(&keys, "mallory", contacts(), 7, now).expect("id");
+    client.send(&push(&next, 302));
+    wait_for("revision 7 adopted", 20, || {
+        (node_status(&home)?.network.peers[0].revision == 7).then_some(())
+    });
+}

@@ -369,6 +369,38 @@ fn a_client_written_from_the_spec_talks_to_a_node() {
     assert_eq!(list.fragments[0].id.as_ref(), Some(&fragment));
     assert_eq!(list.fragments[0].size, data.len() as u64);
     assert_eq!(list.fragments[0].hash, hash);
+    // No limit: a full page, not one item.
+    let second = FragmentId {
+        block: blake3::hash(b"block three").as_bytes().to_vec(),
+        position: 1,
+    };
+    let small = client.request(Body::StoreFragment(StoreFragment {
+        id: Some(second.clone()),
+        data: vec![9; 10],
+        hash: blake3::hash(&[9; 10]).as_bytes().to_vec(),
+    }));
+    assert!(matches!(&small, Body::Ack(_)), "{small:?}");
+    let listed = client.request(Body::ListFragments(ListFragments {
+        after: None,
+        limit: 0,
+    }));
+    assert!(
+        matches!(&listed, Body::FragmentList(l) if l.fragments.len() == 2 && !l.more),
+        "{listed:?}"
+    );
+    let removed = client.request(Body::DeleteFragment(DeleteFragment { id: Some(second) }));
+    assert!(matches!(&removed, Body::Ack(_)), "{removed:?}");
+    // A block id that is not 32 bytes is malformed, not missing.
+    let odd = client.request(Body::RetrieveFragment(RetrieveFragment {
+        id: Some(FragmentId {
+            block: vec![1; 5],
+            position: 0,
+        }),
+    }));
+    assert!(
+        matches!(&odd, Body::Fail(f) if f.reason == FailReason::Malformed as i32),
+        "{odd:?}"
+    );
 
     // Retrieve.
     let got = client.request(Body::RetrieveFragment(RetrieveFragment {

@@ -32,6 +32,9 @@ use crate::store::{Cf, KvStore, StoreError};
 /// Presence notices waiting to be forwarded (two per friend going down and up again).
 const PRESENCE_QUEUE: usize = 1024;
 
+/// How far ahead of this node's clock a friend's identity timestamp may be (clocks differ).
+const MAX_CLOCK_AHEAD: u64 = 24 * 3600;
+
 /// At most one warning about forged identity pushes per this interval (the rest are counted).
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -120,6 +123,8 @@ struct Traffic {
     bytes_out: u64,
     messages_in: u64,
     messages_out: u64,
+    /// Pongs and other control messages dropped because the link's control queue was full.
+    control_dropped: u64,
     last_seen: u64,
 }
 
@@ -131,6 +136,7 @@ impl Traffic {
             bytes_out: s.bytes_out.load(Ordering::Relaxed),
             messages_in: s.messages_in.load(Ordering::Relaxed),
             messages_out: s.messages_out.load(Ordering::Relaxed),
+            control_dropped: s.control_dropped.load(Ordering::Relaxed),
             last_seen: s.last_seen.load(Ordering::Relaxed),
         }
     }
@@ -141,6 +147,7 @@ impl Traffic {
             bytes_out: self.bytes_out + other.bytes_out,
             messages_in: self.messages_in + other.messages_in,
             messages_out: self.messages_out + other.messages_out,
+            control_dropped: self.control_dropped + other.control_dropped,
             last_seen: self.last_seen.max(other.last_seen),
         }
     }
@@ -282,7 +289,9 @@ impl NetworkDriver {
     }
 
     /// Replaces a friend's identity with a newer revision signed by the same key, and saves it.
-    /// False when `identity` is not a newer revision of a friend.
+    /// False when `identity` is not a newer revision of a friend, or its timestamp is not
+    /// believable (more than a day ahead of this node's clock, or before the revision it
+    /// replaces: a replayed or forward-dated document).
     fn adopt_newer(&mut self, identity: &Identity, now: u64) -> bool {
         let peer = identity.node_id();
         let Some(entry) = self
@@ -292,6 +301,14 @@ impl NetworkDriver {
         else {
             return false;
         };
+        if identity.timestamp() > now.saturating_add(MAX_CLOCK_AHEAD)
+            || identity.timestamp() < entry.identity.timestamp()
+        {
+            tracing::warn!(peer = %peer, revision = identity.revision(), timestamp = identity.timestamp(),
+                "ignoring a newer identity revision with an unbelievable timestamp");
+            self.count("BadIdentityTimestamp");
+            return false;
+        }
         tracing::info!(peer = %peer, revision = identity.revision(), contacts = ?identity.contacts(),
             "peer identity updated");
         if let Err(e) = save_peer(self.store.as_ref(), identity, entry.label.as_deref(), now) {
@@ -477,6 +494,7 @@ impl NetworkDriver {
                     bytes_out: traffic.bytes_out,
                     messages_in: traffic.messages_in,
                     messages_out: traffic.messages_out,
+                    control_dropped: traffic.control_dropped,
                 }
             })
             .collect();

@@ -74,6 +74,9 @@ pub struct PeerStatus {
     /// Protocol messages received and sent (keep-alives included).
     pub messages_in: u64,
     pub messages_out: u64,
+    /// Pongs and other control messages dropped because the link's queue was full.
+    #[serde(default)]
+    pub control_dropped: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

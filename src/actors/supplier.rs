@@ -119,6 +119,14 @@ fn key_of(id: Option<&FragmentId>) -> Option<FragmentKey> {
     })
 }
 
+/// The answer to a fragment id that is missing or whose block is not 32 bytes.
+fn malformed_id() -> Body {
+    fail(
+        FailReason::Malformed,
+        "fragment id missing or its block is not 32 bytes",
+    )
+}
+
 fn wire_id(key: &FragmentKey) -> FragmentId {
     FragmentId {
         block: key.block.to_vec(),
@@ -185,7 +193,9 @@ fn answer(
             }))
         }
         Body::StoreFragment(req) => {
-            let key = key_of(req.id.as_ref()).ok_or(FragmentError::NotFound)?;
+            let Some(key) = key_of(req.id.as_ref()) else {
+                return Ok(malformed_id());
+            };
             let expected: [u8; 32] = req
                 .hash
                 .as_slice()
@@ -198,13 +208,19 @@ fn answer(
             }))
         }
         Body::RetrieveFragment(req) => {
-            let key = key_of(req.id.as_ref()).ok_or(FragmentError::NotFound)?;
+            let Some(key) = key_of(req.id.as_ref()) else {
+                return Ok(malformed_id());
+            };
             let data = store.get(&customer, key)?;
             Ok(Body::FragmentData(FragmentData { id: req.id, data }))
         }
         Body::ListFragments(req) => {
             let after = key_of(req.after.as_ref());
-            let limit = (req.limit as usize).clamp(1, LIST_PAGE);
+            // No limit given: a full page.
+            let limit = match req.limit as usize {
+                0 => LIST_PAGE,
+                n => n.min(LIST_PAGE),
+            };
             let (items, more) = store.list(&customer, after, limit)?;
             let fragments = items
                 .iter()
@@ -217,7 +233,9 @@ fn answer(
             Ok(Body::FragmentList(FragmentList { fragments, more }))
         }
         Body::DeleteFragment(req) => {
-            let key = key_of(req.id.as_ref()).ok_or(FragmentError::NotFound)?;
+            let Some(key) = key_of(req.id.as_ref()) else {
+                return Ok(malformed_id());
+            };
             let freed = store.delete(&customer, key)?;
             Ok(Body::Ack(Ack {
                 size: freed,
