@@ -19,7 +19,7 @@ use crate::fsm::supplier_connector::{self as sc, RefuseReason, SupplierConnector
 use crate::net::link::RequestError;
 use crate::proto::envelope::Body;
 use crate::proto::{Envelope, FailReason, ServiceCancel, ServiceRequest};
-use crate::store::{Batch, Cf, KvStore};
+use crate::store::{KvStore, StoreError, contracts};
 
 #[derive(Clone)]
 pub struct CustomerSettings {
@@ -29,40 +29,22 @@ pub struct CustomerSettings {
     pub request_timeout: Duration,
 }
 
-/// Reads the positions a previous run saved: (position, supplier).
+/// Reads the positions a previous run saved: (position, supplier), confirmed ones only.
 pub fn load_contracts(kv: &dyn KvStore) -> Vec<(u32, NodeId)> {
-    let Ok(rows) = kv.scan(Cf::Contracts, b"", None, 1024) else {
-        return Vec::new();
-    };
-    rows.into_iter()
-        .filter_map(|(k, v)| {
-            let position = u32::from_be_bytes(k.as_slice().try_into().ok()?);
-            let id: [u8; 16] = v.get(..16)?.try_into().ok()?;
-            // A hire never confirmed by its supplier is not a contract: hire that position anew.
-            if v.get(16) != Some(&1) {
-                return None;
-            }
-            Some((position, NodeId::parse(&hex::encode(id))?))
-        })
-        .collect()
+    contracts::confirmed(kv).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read the saved supplier positions");
+        Vec::new()
+    })
 }
 
-fn save_contracts(kv: &dyn KvStore, slots: &[Option<fire_hire::Hire>]) -> Result<(), String> {
-    let mut batch = Batch::new();
-    for (position, slot) in slots.iter().enumerate() {
-        let key = (position as u32).to_be_bytes().to_vec();
-        match slot {
-            Some(hire) => {
-                let mut value = hire.supplier.as_bytes().to_vec();
-                value.push(u8::from(hire.confirmed));
-                batch.put(Cf::Contracts, key, value);
-            }
-            None => {
-                batch.delete(Cf::Contracts, key);
-            }
-        }
-    }
-    kv.write(batch).map_err(|e| e.to_string())
+fn save_contracts(kv: &dyn KvStore, slots: &[Option<fire_hire::Hire>]) -> Result<(), StoreError> {
+    let slots = slots.iter().map(|slot| {
+        slot.as_ref().map(|hire| contracts::Contract {
+            supplier: hire.supplier,
+            confirmed: hire.confirmed,
+        })
+    });
+    contracts::save(kv, slots)
 }
 
 pub enum CustomerInput {

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use prost::Message as _;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
@@ -22,8 +21,8 @@ use crate::fsm::network_connector::{Action, Event, NetworkConnector};
 use crate::fsm::peer_session::{CloseReason, Event as SessionEvent, PeerSession};
 use crate::net::link::{InFlight, LinkHandle, TrustPolicy};
 use crate::proto::envelope::Body;
-use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, PeerRecord, Ping};
-use crate::store::{Cf, KvStore};
+use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, Ping};
+use crate::store::{KvStore, peers};
 
 /// Sessions with one peer established within this window of each other are a simultaneous
 /// dial, settled by node id; a session older than that is replaced by a new one.
@@ -151,46 +150,12 @@ pub struct NetworkDriver {
     sinks: Option<Sinks>,
 }
 
-/// Loads the persisted peer book.
+/// Loads the persisted peer book (a database that cannot be read counts as an empty book).
 pub fn load_peers(store: &dyn KvStore) -> Vec<(Identity, Option<String>)> {
-    let mut out = Vec::new();
-    let Ok(rows) = store.scan(Cf::Peers, b"", None, 100_000) else {
-        return out;
-    };
-    for (key, value) in rows {
-        let parsed = PeerRecord::decode(value.as_slice())
-            .ok()
-            .and_then(|r| Some((Identity::verify(r.identity?).ok()?, r.label)));
-        match parsed {
-            Some((identity, label))
-                if identity.node_id().as_bytes().as_slice() == key.as_slice() =>
-            {
-                out.push((identity, (!label.is_empty()).then_some(label)));
-            }
-            _ => tracing::warn!(key = %hex::encode(&key), "skipping an unreadable peer record"),
-        }
-    }
-    out
-}
-
-/// Persists a peer (CLI path when the node is not running, and the actor's path).
-pub fn save_peer(
-    store: &dyn KvStore,
-    identity: &Identity,
-    label: Option<&str>,
-) -> Result<(), String> {
-    let record = PeerRecord {
-        identity: Some(identity.signed().clone()),
-        label: label.unwrap_or_default().to_string(),
-        added_at: crate::unix_now(),
-    };
-    store
-        .put(
-            Cf::Peers,
-            identity.node_id().as_bytes(),
-            &record.encode_to_vec(),
-        )
-        .map_err(|e| e.to_string())
+    crate::store::peers::load(store).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read the peer book");
+        Vec::new()
+    })
 }
 
 impl NetworkDriver {
@@ -245,7 +210,7 @@ impl NetworkDriver {
         };
         tracing::info!(peer = %peer, revision = identity.revision(), contacts = ?identity.contacts(),
             "peer identity updated");
-        if let Err(e) = save_peer(self.store.as_ref(), identity, entry.label.as_deref()) {
+        if let Err(e) = peers::save(self.store.as_ref(), identity, entry.label.as_deref()) {
             tracing::error!(peer = %peer, error = %e, "cannot persist the peer's new identity");
         }
         self.learn(identity.clone(), None);
@@ -692,7 +657,7 @@ impl Driver for NetworkDriver {
                     let _ = reply.send(Err("that is this node's own card".into()));
                     return vec![];
                 }
-                if let Err(e) = save_peer(self.store.as_ref(), &identity, label.as_deref()) {
+                if let Err(e) = peers::save(self.store.as_ref(), &identity, label.as_deref()) {
                     let _ = reply.send(Err(format!("cannot save the peer: {e}")));
                     return vec![];
                 }
@@ -756,7 +721,7 @@ impl Driver for NetworkDriver {
                     let _ = reply.send(Err(format!("{peer} is not a peer of this node")));
                     return vec![];
                 }
-                if let Err(e) = self.store.delete(Cf::Peers, peer.as_bytes()) {
+                if let Err(e) = peers::remove(self.store.as_ref(), &peer) {
                     let _ = reply.send(Err(format!("cannot remove the peer: {e}")));
                     return vec![];
                 }

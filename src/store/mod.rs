@@ -1,10 +1,14 @@
 //! Node state: a key-value store with one column family per concern and atomic batches.
 //! `RocksStore` is the real one; `MemStore` has the same semantics for tests and simulation.
 
+pub mod codec;
+pub mod contracts;
 pub mod fragments;
 mod mem;
+pub mod peers;
 mod rocks;
 
+pub use codec::{KvPages, Pages};
 pub use mem::MemStore;
 pub use rocks::RocksStore;
 
