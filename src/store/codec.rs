@@ -86,12 +86,6 @@ impl Key {
     }
 }
 
-impl AsRef<[u8]> for Key {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
 impl From<Key> for Vec<u8> {
     fn from(k: Key) -> Vec<u8> {
         k.0
