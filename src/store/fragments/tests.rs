@@ -15,6 +15,7 @@ enum Fault {
     SyncFile,
     Rename,
     SyncDir,
+    CreateDir,
 }
 
 /// One file operation or index write, in the order the store made it.
@@ -81,12 +82,8 @@ impl FileSystem for TestFs {
     }
 
     fn create_dir(&self, dir: &Path) -> io::Result<()> {
-        RealFs.create_dir(dir)?;
-        self.log
-            .lock()
-            .expect("log")
-            .push(Step::CreateDir(dir.to_path_buf()));
-        Ok(())
+        self.step(Fault::CreateDir, Step::CreateDir(dir.to_path_buf()))?;
+        RealFs.create_dir(dir)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
@@ -377,6 +374,44 @@ fn grant_refuses_more_than_donated() {
     ));
     f.store.grant(a, 100, 1000).expect("shrink");
     assert_eq!(f.store.accounts().expect("accounts").len(), 2);
+}
+
+#[test]
+fn a_new_grant_replaces_the_quota_and_keeps_the_data() {
+    let f = Fixture::mem();
+    let a = node(1);
+    f.store.grant(a, 100, 1000).expect("grant");
+    f.put(&a, fkey(1, 0), b"data").expect("put");
+    f.store.grant(a, 300, 1000).expect("grow");
+    let account = f.store.account(&a).expect("account").expect("some");
+    assert_eq!((account.quota, account.used), (300, 4));
+    f.store.grant(a, 2, 1000).expect("below used is allowed");
+    assert_eq!(
+        f.store.account(&a).expect("account").expect("some").quota,
+        2
+    );
+    assert!(matches!(
+        f.put(&a, fkey(2, 0), b"x"),
+        Err(FragmentError::OverQuota { .. })
+    ));
+}
+
+#[test]
+fn a_directory_that_cannot_be_created_fails_the_put() {
+    let f = Fixture::mem();
+    let a = node(1);
+    f.store.grant(a, 100, 1000).expect("grant");
+    f.fs.fail_next(Fault::CreateDir);
+    match f.put(&a, fkey(1, 0), b"data") {
+        Err(FragmentError::Io { context, source }) => {
+            assert!(context.contains("creating"), "{context}");
+            assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+        }
+        other => panic!("expected Io, got {other:?}"),
+    }
+    assert!(f.list_all(&a).is_empty());
+    f.put(&a, fkey(1, 0), b"data")
+        .expect("put once the disk has room");
 }
 
 #[test]
