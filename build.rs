@@ -2,7 +2,8 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/bitdust.proto"];
+    // The wire protocol (`bitdust.v1`) and the on-disk records (`bitdust.store.v1`).
+    let protos = ["proto/bitdust.proto", "proto/store.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

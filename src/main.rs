@@ -318,7 +318,7 @@ fn peer_add(home: &Home, card: String, name: Option<String>) -> anyhow::Result<(
         bail!("that is this node's own card");
     }
     let store = bitdust::store::RocksStore::open(&home.db_dir())?;
-    bitdust::actors::network::save_peer(&store, &identity, name.as_deref(), bitdust::unix_now())?;
+    bitdust::store::peers::save(&store, &identity, name.as_deref(), bitdust::unix_now())?;
     println!("{}", identity.node_id());
     Ok(())
 }
@@ -339,14 +339,9 @@ fn peer_remove(home: &Home, node_id: String) -> anyhow::Result<()> {
     }
     let _lock = home.lock()?;
     let store = bitdust::store::RocksStore::open(&home.db_dir())?;
-    use bitdust::store::KvStore as _;
-    if store
-        .get(bitdust::store::Cf::Peers, peer.as_bytes())?
-        .is_none()
-    {
+    if !bitdust::store::peers::remove(&store, &peer)? {
         bail!("{node_id} is not a peer of this node");
     }
-    store.delete(bitdust::store::Cf::Peers, peer.as_bytes())?;
     println!("{node_id}");
     Ok(())
 }

@@ -4,7 +4,6 @@
 //! the machines' decisions; these drivers start connectors, send requests and save positions.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -20,7 +19,7 @@ use crate::fsm::supplier_connector::{self as sc, FailCode, Report, SupplierConne
 use crate::net::link::RequestError;
 use crate::proto::envelope::Body;
 use crate::proto::{Ack, Envelope, FailReason, ServiceCancel, ServiceRequest};
-use crate::store::{Batch, Cf, KvStore, StoreError};
+use crate::store::{KvStore, Writer, contracts};
 
 #[derive(Clone)]
 pub struct CustomerSettings {
@@ -30,40 +29,12 @@ pub struct CustomerSettings {
     pub request_timeout: Duration,
 }
 
-/// Reads the positions a previous run saved: (position, supplier).
+/// Reads the positions a previous run saved: (position, supplier), confirmed ones only.
 pub fn load_contracts(kv: &dyn KvStore) -> Vec<(u32, NodeId)> {
-    let Ok(rows) = kv.scan(Cf::Contracts, b"", None, 1024) else {
-        return Vec::new();
-    };
-    rows.into_iter()
-        .filter_map(|(k, v)| {
-            let position = u32::from_be_bytes(k.as_slice().try_into().ok()?);
-            let id: [u8; 16] = v.get(..16)?.try_into().ok()?;
-            // A hire never confirmed by its supplier is not a contract: hire that position anew.
-            if v.get(16) != Some(&1) {
-                return None;
-            }
-            Some((position, NodeId::parse(&hex::encode(id))?))
-        })
-        .collect()
-}
-
-fn save_contracts(kv: &dyn KvStore, slots: &[Option<(NodeId, bool)>]) -> Result<(), StoreError> {
-    let mut batch = Batch::new();
-    for (position, slot) in slots.iter().enumerate() {
-        let key = (position as u32).to_be_bytes().to_vec();
-        match slot {
-            Some((supplier, confirmed)) => {
-                let mut value = supplier.as_bytes().to_vec();
-                value.push(u8::from(*confirmed));
-                batch.put(Cf::Contracts, key, value);
-            }
-            None => {
-                batch.delete(Cf::Contracts, key);
-            }
-        }
-    }
-    kv.write(batch)
+    contracts::confirmed(kv).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read the saved supplier positions");
+        Vec::new()
+    })
 }
 
 pub enum CustomerInput {
@@ -81,29 +52,27 @@ type NetworkAddr = Addr<Shell<NetworkDriver>>;
 
 pub struct FireHireDriver {
     settings: CustomerSettings,
-    kv: Arc<dyn KvStore>,
+    /// Position saves go through the writer thread, in order.
+    writer: Writer,
     network: NetworkAddr,
     registry: Registry,
     /// Running connectors by instance id (a position may have a leaving one and its successor).
     connectors: BTreeMap<u64, Addr<Shell<ConnectorDriver>>>,
-    /// Serialises position saves.
-    saving: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl FireHireDriver {
     pub fn new(
         settings: CustomerSettings,
-        kv: Arc<dyn KvStore>,
+        writer: Writer,
         network: NetworkAddr,
         registry: Registry,
     ) -> Self {
         FireHireDriver {
             settings,
-            kv,
+            writer,
             network,
             registry,
             connectors: BTreeMap::new(),
-            saving: Default::default(),
         }
     }
 
@@ -160,18 +129,23 @@ impl Driver for FireHireDriver {
             }
             fire_hire::Output::Tell { instance, event } => self.tell(instance, event),
             fire_hire::Output::Save(slots) => {
-                // A synced write: off the event loop, one at a time, in order; detached from
-                // this actor so a save still runs if the actor stops meanwhile.
-                let (kv, gate) = (self.kv.clone(), self.saving.clone());
-                actix::spawn(async move {
-                    let _turn = gate.lock().await;
-                    let saved =
-                        tokio::task::spawn_blocking(move || save_contracts(kv.as_ref(), &slots))
-                            .await;
-                    if let Ok(Err(e)) = saved {
-                        tracing::error!(error = %e, "cannot save supplier positions");
+                // Queued in order on the writer thread, never a synced write on this loop.
+                let batch = contracts::save_batch(slots.into_iter().map(|slot| {
+                    slot.map(|(supplier, confirmed)| contracts::Contract {
+                        supplier,
+                        confirmed,
+                    })
+                }));
+                match self.writer.submit(batch) {
+                    Ok(pending) => {
+                        actix::spawn(async move {
+                            if let Err(e) = pending.await {
+                                tracing::error!(error = %e, "cannot save supplier positions");
+                            }
+                        });
                     }
-                });
+                    Err(e) => tracing::error!(error = %e, "cannot save supplier positions"),
+                }
             }
             fire_hire::Output::StopConnectors => {
                 // The node stops: every connector closes too, keeping its contract.

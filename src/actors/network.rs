@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use actix::prelude::*;
-use prost::Message as _;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -26,8 +25,9 @@ use crate::fsm::peer_session::{CloseReason, Event as SessionEvent, PeerSession};
 use crate::net::admission::{Admission, Limits};
 use crate::net::link::{InFlight, LinkHandle, NewestKey, TrustPolicy};
 use crate::proto::envelope::Body;
-use crate::proto::{Envelope, IdentityExchange, PeerRecord};
-use crate::store::{Cf, KvStore, StoreError};
+use crate::proto::{Envelope, IdentityExchange};
+use crate::store::writer::Pending;
+use crate::store::{Batch, KvStore, Writer, WriterError, peers};
 
 /// Presence notices waiting to be forwarded (two per friend going down and up again).
 const PRESENCE_QUEUE: usize = 1024;
@@ -87,8 +87,10 @@ pub enum NetQuery {
 pub enum NetAnswer {
     Status(NetworkStatus),
     Link(Option<LinkHandle>),
-    Added(Result<bool, PeerBookError>),
-    Removed(Result<(), PeerBookError>),
+    /// Whether the friend is new, and the write that makes it durable.
+    Added(Result<(bool, Pending), PeerBookError>),
+    /// The write that forgets the friend.
+    Removed(Result<Pending, PeerBookError>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +100,7 @@ pub enum PeerBookError {
     #[error("{0} is not a peer of this node")]
     NotAPeer(NodeId),
     #[error("cannot save the peer book: {0}")]
-    Store(#[from] StoreError),
+    Store(#[from] WriterError),
 }
 
 /// A friend reachable (true) or not (false): news for the customer side.
@@ -179,7 +181,8 @@ pub struct NetworkWiring {
 pub struct NetworkDriver {
     settings: NetworkSettings,
     shared: Arc<SessionShared>,
-    store: Arc<dyn KvStore>,
+    /// Peer book writes go through the writer thread: never a synced write on this loop.
+    writer: Writer,
     registry: Registry,
     policy: watch::Sender<TrustPolicy>,
     wiring: NetworkWiring,
@@ -197,52 +200,19 @@ pub struct NetworkDriver {
     last_forged_warning: Option<Duration>,
 }
 
-/// Loads the persisted peer book.
+/// Loads the persisted peer book (a database that cannot be read counts as an empty book).
 pub fn load_peers(store: &dyn KvStore) -> Vec<(Identity, Option<String>)> {
-    let mut out = Vec::new();
-    let Ok(rows) = store.scan(Cf::Peers, b"", None, 100_000) else {
-        return out;
-    };
-    for (key, value) in rows {
-        let parsed = PeerRecord::decode(value.as_slice())
-            .ok()
-            .and_then(|r| Some((Identity::verify(r.identity?).ok()?, r.label)));
-        match parsed {
-            Some((identity, label))
-                if identity.node_id().as_bytes().as_slice() == key.as_slice() =>
-            {
-                out.push((identity, (!label.is_empty()).then_some(label)));
-            }
-            _ => tracing::warn!(key = %hex::encode(&key), "skipping an unreadable peer record"),
-        }
-    }
-    out
-}
-
-/// Persists a peer (CLI path when the node is not running, and the actor's path).
-pub fn save_peer(
-    store: &dyn KvStore,
-    identity: &Identity,
-    label: Option<&str>,
-    added_at: u64,
-) -> Result<(), StoreError> {
-    let record = PeerRecord {
-        identity: Some(identity.signed().clone()),
-        label: label.unwrap_or_default().to_string(),
-        added_at,
-    };
-    store.put(
-        Cf::Peers,
-        identity.node_id().as_bytes(),
-        &record.encode_to_vec(),
-    )
+    peers::load(store).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read the peer book");
+        Vec::new()
+    })
 }
 
 impl NetworkDriver {
     pub fn new(
         settings: NetworkSettings,
         shared: Arc<SessionShared>,
-        store: Arc<dyn KvStore>,
+        writer: Writer,
         registry: Registry,
         policy: watch::Sender<TrustPolicy>,
         wiring: NetworkWiring,
@@ -263,7 +233,7 @@ impl NetworkDriver {
             admission,
             settings,
             shared,
-            store,
+            writer,
             registry,
             policy,
             wiring,
@@ -311,9 +281,8 @@ impl NetworkDriver {
         }
         tracing::info!(peer = %peer, revision = identity.revision(), contacts = ?identity.contacts(),
             "peer identity updated");
-        if let Err(e) = save_peer(self.store.as_ref(), identity, entry.label.as_deref(), now) {
-            tracing::error!(peer = %peer, error = %e, "cannot persist the peer's new identity");
-        }
+        let batch = peers::save_batch(identity, entry.label.as_deref(), now);
+        self.persist(batch, "cannot persist the peer's new identity");
         self.learn(identity.clone(), None);
         self.publish_policy();
         true
@@ -436,6 +405,21 @@ impl NetworkDriver {
             .get(peer)
             .and_then(|s| self.sessions.get(s))
             .and_then(|s| s.link.clone())
+    }
+
+    /// Writes `batch` through the writer thread; a failure is logged (the book in memory is
+    /// ahead of the disk until that peer is saved again).
+    fn persist(&self, batch: Batch, what: &'static str) {
+        match self.writer.submit(batch) {
+            Ok(pending) => {
+                actix::spawn(async move {
+                    if let Err(e) = pending.await {
+                        tracing::error!(error = %e, "{what}");
+                    }
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "{what}"),
+        }
     }
 
     fn tell_presence(&mut self, notice: Presence) {
@@ -752,32 +736,30 @@ impl Driver for NetworkDriver {
                 if peer == machine.me {
                     return NetAnswer::Added(Err(PeerBookError::OwnCard));
                 }
-                if let Err(e) = save_peer(
-                    self.store.as_ref(),
-                    &identity,
-                    label.as_deref(),
-                    io.unix_secs(),
-                ) {
-                    return NetAnswer::Added(Err(e.into()));
-                }
+                let batch = peers::save_batch(&identity, label.as_deref(), io.unix_secs());
+                let pending = match self.writer.submit(batch) {
+                    Ok(pending) => pending,
+                    Err(e) => return NetAnswer::Added(Err(e.into())),
+                };
                 let new = self.learn(*identity, label);
                 self.publish_policy();
                 tracing::info!(peer = %peer, new, "peer added");
                 io.send(Event::PeerAdded(peer));
-                NetAnswer::Added(Ok(new))
+                NetAnswer::Added(Ok((new, pending)))
             }
             NetQuery::RemovePeer(peer) => {
                 if !self.book.contains_key(&peer) {
                     return NetAnswer::Removed(Err(PeerBookError::NotAPeer(peer)));
                 }
-                if let Err(e) = self.store.delete(Cf::Peers, peer.as_bytes()) {
-                    return NetAnswer::Removed(Err(e.into()));
-                }
+                let pending = match self.writer.submit(peers::remove_batch(&peer)) {
+                    Ok(pending) => pending,
+                    Err(e) => return NetAnswer::Removed(Err(e.into())),
+                };
                 self.book.remove(&peer);
                 self.publish_policy();
                 tracing::info!(peer = %peer, "peer removed");
                 io.send(Event::PeerRemoved(peer));
-                NetAnswer::Removed(Ok(()))
+                NetAnswer::Removed(Ok(pending))
             }
         }
     }

@@ -53,6 +53,11 @@ impl NodeId {
         NodeId(id)
     }
 
+    /// The id whose bytes these are (as `as_bytes` returns them, e.g. read back from a key).
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        NodeId(bytes)
+    }
+
     pub fn as_bytes(&self) -> &[u8; 16] {
         &self.0
     }
@@ -65,6 +70,15 @@ impl NodeId {
     /// The first 8 hex characters, for compact displays.
     pub fn short(&self) -> String {
         hex::encode(&self.0[..4])
+    }
+}
+
+/// Exactly 16 bytes, else an error (a stored key or record of the wrong length).
+impl TryFrom<&[u8]> for NodeId {
+    type Error = std::array::TryFromSliceError;
+
+    fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
+        Ok(NodeId(bytes.try_into()?))
     }
 }
 
@@ -347,6 +361,15 @@ mod tests {
         );
         assert_eq!(back.noise_key(), &keys.noise_public());
         assert_eq!(NodeId::parse(&id.node_id().to_string()), Some(id.node_id()));
+    }
+
+    #[test]
+    fn node_id_from_its_bytes() {
+        let id = NodeId::from_signing_key(&[7; 32]);
+        assert_eq!(NodeId::from_bytes(*id.as_bytes()), id);
+        assert_eq!(NodeId::try_from(id.as_bytes().as_slice()).ok(), Some(id));
+        assert!(NodeId::try_from(&id.as_bytes()[..15]).is_err());
+        assert!(NodeId::try_from([0u8; 17].as_slice()).is_err());
     }
 
     #[test]

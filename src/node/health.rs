@@ -124,15 +124,17 @@ impl DiskHealth {
             return DiskState::Stalled(stalled);
         }
         let snapshot = self.writes.snapshot();
-        let full = self
-            .space
-            .as_ref()
-            .and_then(|s| s.full_for())
-            .or(snapshot.no_space_for);
+        // The store knows best whether space is back (its sampler reopens it); the writer's own
+        // record of "no space" only counts where there is no store to ask.
+        let full = match &self.space {
+            Some(space) => space.full_for(),
+            None => snapshot.no_space_for,
+        };
         if let Some(full) = full {
             return DiskState::Full(full);
         }
-        if snapshot.failing {
+        // A write that failed for lack of space is not a failing disk once space is back.
+        if snapshot.failing && snapshot.no_space_for.is_none() {
             return DiskState::Failing(snapshot.last_error.unwrap_or_default());
         }
         match self.free() {

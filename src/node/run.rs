@@ -175,15 +175,16 @@ async fn node_main(
         .send(Deliver(IdentityEvent::ContactsChanged(config.contacts())))
         .await;
 
-    let (network_actor, supplier_actor, customer_actor) = start_peers(
-        &home,
-        &config,
-        &keys,
+    let (network_actor, supplier_actor, customer_actor) = start_peers(Start {
+        home: &home,
+        config: &config,
+        keys: &keys,
         node_id,
-        published_rx.clone(),
+        identity: published_rx.clone(),
         store,
-        &registry,
-    )
+        writer: disk.writer.clone(),
+        registry: &registry,
+    })
     .await;
     // Every new identity revision goes to every connected peer.
     let mut revisions = published_rx.clone();
@@ -333,9 +334,10 @@ impl ControlState {
                     label: name,
                 };
                 match self.network.send(Query::new(query)).await {
-                    Ok(NetAnswer::Added(Ok(new))) => {
-                        Response::ok(json!({ "node_id": node.to_string(), "new": new }))
-                    }
+                    Ok(NetAnswer::Added(Ok((new, saved)))) => match saved.await {
+                        Ok(()) => Response::ok(json!({ "node_id": node.to_string(), "new": new })),
+                        Err(e) => Response::error(format!("cannot save the peer book: {e}")),
+                    },
                     Ok(NetAnswer::Added(Err(e))) => Response::error(e.to_string()),
                     _ => shutting_down(),
                 }
@@ -350,7 +352,10 @@ impl ControlState {
                     .send(Query::new(NetQuery::RemovePeer(peer)))
                     .await
                 {
-                    Ok(NetAnswer::Removed(Ok(()))) => Response::ok(json!({ "node_id": node_id })),
+                    Ok(NetAnswer::Removed(Ok(saved))) => match saved.await {
+                        Ok(()) => Response::ok(json!({ "node_id": node_id })),
+                        Err(e) => Response::error(format!("cannot save the peer book: {e}")),
+                    },
                     Ok(NetAnswer::Removed(Err(e))) => Response::error(e.to_string()),
                     _ => shutting_down(),
                 }
@@ -450,9 +455,16 @@ fn reload(
                     };
                     let network = network.clone();
                     actix::spawn(async move {
-                        if let Ok(NetAnswer::Added(Err(e))) = network.send(Query::new(query)).await
-                        {
-                            tracing::error!(error = %e, "cannot add a peer from the config");
+                        match network.send(Query::new(query)).await {
+                            Ok(NetAnswer::Added(Err(e))) => {
+                                tracing::error!(error = %e, "cannot add a peer from the config")
+                            }
+                            Ok(NetAnswer::Added(Ok((_, saved)))) => {
+                                if let Err(e) = saved.await {
+                                    tracing::error!(error = %e, "cannot save a peer from the config");
+                                }
+                            }
+                            _ => {}
                         }
                     });
                 }
@@ -479,17 +491,27 @@ fn reload(
     }
 }
 
-/// Starts the network, supplier and customer actors, wired to each other: the customer's and
-/// supplier's addresses exist before they start, so the network is given them at construction.
-async fn start_peers(
-    home: &Home,
-    config: &Config,
-    keys: &NodeKeys,
+/// What the peer-facing actors are started with.
+struct Start<'a> {
+    home: &'a Home,
+    config: &'a Config,
+    keys: &'a NodeKeys,
     node_id: NodeId,
     identity: watch::Receiver<Option<Identity>>,
     store: Arc<dyn KvStore>,
-    registry: &Registry,
-) -> (NetworkAddr, SupplierAddr, CustomerAddr) {
+    writer: Writer,
+    registry: &'a Registry,
+}
+
+/// Starts the network, supplier and customer actors, wired to each other: the customer's and
+/// supplier's addresses exist before they start, so the network is given them at construction.
+async fn start_peers(start: Start<'_>) -> (NetworkAddr, SupplierAddr, CustomerAddr) {
+    let Start {
+        home,
+        config,
+        registry,
+        ..
+    } = start;
     let supplier_ctx = actix::Context::<Shell<SupplierDriver>>::new();
     let customer_ctx = actix::Context::<Shell<FireHireDriver>>::new();
     let (supplier, customer) = (supplier_ctx.address(), customer_ctx.address());
@@ -511,16 +533,8 @@ async fn start_peers(
         router,
         presence: vec![customer.clone().recipient::<Presence>()],
     };
-    let network = start_network(
-        config,
-        keys,
-        node_id,
-        identity,
-        store.clone(),
-        registry,
-        wiring,
-    )
-    .await;
+    let network = start_network(&start, wiring).await;
+    let Start { store, writer, .. } = start;
 
     let supplier_settings = SupplierSettings {
         root: home.store_dir(),
@@ -545,7 +559,7 @@ async fn start_peers(
     };
     let positions = usize::from(b.data_shards) + usize::from(b.parity_shards);
     let resumed = customer::load_contracts(store.as_ref());
-    let driver = FireHireDriver::new(settings, store, network.clone(), registry.clone());
+    let driver = FireHireDriver::new(settings, writer, network.clone(), registry.clone());
     customer_ctx.run(Shell::new(
         FireHire::new(positions),
         "self",
@@ -557,16 +571,15 @@ async fn start_peers(
 }
 
 /// Starts the network actor with the persisted and configured peers.
-async fn start_network(
-    config: &Config,
-    keys: &NodeKeys,
-    node_id: NodeId,
-    identity: watch::Receiver<Option<Identity>>,
-    store: Arc<dyn KvStore>,
-    registry: &Registry,
-    wiring: NetworkWiring,
-) -> NetworkAddr {
-    let mut peers = network::load_peers(store.as_ref());
+async fn start_network(start: &Start<'_>, wiring: NetworkWiring) -> NetworkAddr {
+    let Start {
+        config,
+        keys,
+        node_id,
+        registry,
+        ..
+    } = *start;
+    let mut peers = network::load_peers(start.store.as_ref());
     for entry in &config.peers {
         // Validated with the config: a card that does not verify never gets here.
         if let Ok(identity) = Identity::from_card(&entry.card) {
@@ -581,7 +594,7 @@ async fn start_network(
     let n = &config.network;
     let shared = Arc::new(SessionShared {
         noise_secret: keys.noise_secret_bytes(),
-        identity,
+        identity: start.identity.clone(),
         policy: policy_rx,
         connect_timeout: n.connect_timeout.get(),
         handshake_timeout: n.handshake_timeout.get(),
@@ -598,7 +611,7 @@ async fn start_network(
     let driver = NetworkDriver::new(
         settings,
         shared,
-        store,
+        start.writer.clone(),
         registry.clone(),
         policy_tx,
         wiring,

@@ -4,12 +4,16 @@
 //! the same trait production uses. `Writer` runs synced writes on a thread of its own, so no
 //! actor's event loop ever waits for the disk.
 
+pub mod codec;
+pub mod contracts;
 pub mod faulty;
 pub mod fragments;
 mod mem;
+pub mod peers;
 mod rocks;
 pub mod writer;
 
+pub use codec::{KvPages, Pages};
 pub use faulty::{Fault, FaultyStore};
 pub use mem::MemStore;
 pub use rocks::{RocksStore, SpaceState, StoreOptions};
