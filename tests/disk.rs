@@ -185,6 +185,9 @@ fn a_full_disk_refuses_writes_then_resumes_without_restart() {
     let (_friend_dir, friend) = temp_home();
     init(&friend, "friend");
     let friend_card = card(&friend);
+    // A would-be customer, to see the supplier side refuse while the disk is full.
+    let (customer_keys, customer) = stranger();
+    add_peer(&home, &customer.card());
 
     let mut node = Node::start(&home);
     node.wait_log("ready", |v| transition(v, "identity", "Loading", "Ready"));
@@ -214,6 +217,25 @@ fn a_full_disk_refuses_writes_then_resumes_without_restart() {
         "{line}"
     );
     eprintln!("status while full: {line}");
+    // The supplier takes no new contract while it cannot write, and says why.
+    let mut client = RawClient::login(&listen_addr(&home), &customer_keys, &customer);
+    let reply = client.request(
+        2,
+        bitdust::proto::envelope::Body::ServiceRequest(bitdust::proto::ServiceRequest {
+            space: 1 << 20,
+            position: 0,
+            data_shards: 4,
+            parity_shards: 2,
+        }),
+    );
+    match reply.body {
+        Some(bitdust::proto::envelope::Body::ServiceRefuse(r)) => {
+            assert_eq!(r.reason, bitdust::proto::FailReason::NoSpace as i32);
+            assert!(r.detail.contains("disk cannot take writes"), "{}", r.detail);
+        }
+        other => panic!("a refusal, got {other:?}"),
+    }
+    drop(client);
     // Still refused, clearly, while the space lacks.
     let again = bitdust(&home, &["peer", "add", &friend_card]);
     assert!(!again.status.success());

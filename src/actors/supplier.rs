@@ -21,6 +21,17 @@ use crate::proto::{
 use crate::store::KvStore;
 use crate::store::fragments::{AccountState, FragmentError, FragmentKey, FragmentStore};
 
+/// Why a supplier whose disk is full, failing or stalled takes no new contract or fragment.
+const DISK_REFUSES: &str = "this node's disk cannot take writes now (full, failing or stalled)";
+
+/// What the supplier needs to know of the disk under its store: whether it can take writes now,
+/// and how much it can really grant.
+pub trait DiskGate: Send + Sync + 'static {
+    fn can_write(&self) -> bool;
+    /// `donated`, capped by what the disk can give (`held`: bytes customers already store).
+    fn grantable(&self, donated: u64, held: u64) -> u64;
+}
+
 /// Most fragments listed in one reply.
 const LIST_PAGE: usize = 1000;
 
@@ -28,6 +39,7 @@ const LIST_PAGE: usize = 1000;
 pub struct SupplierSettings {
     pub root: std::path::PathBuf,
     pub donated: u64,
+    pub disk: Arc<dyn DiskGate>,
     pub open: bool,
     pub grace: Duration,
 }
@@ -146,41 +158,31 @@ fn answer(
 ) -> Body {
     let result: Result<Body, FragmentError> = (|| match body {
         Body::ServiceRequest(req) => {
-            let accounts = store.accounts()?;
-            let current = accounts
-                .iter()
-                .find(|a| a.customer == customer && a.state == AccountState::Active)
-                .map_or(0, |a| a.quota);
-            let total: u64 = accounts
-                .iter()
-                .filter(|a| a.state == AccountState::Active)
-                .map(|a| a.quota)
-                .sum();
-            match decide(
-                trusted,
-                settings.open,
-                req.space,
-                current,
-                total,
-                settings.donated,
-            ) {
+            let refuse = |reason: FailReason, detail: &str| {
+                tracing::info!(customer = %customer, space = req.space, reason = detail, "service refused");
+                Ok(Body::ServiceRefuse(ServiceRefuse {
+                    reason: reason as i32,
+                    detail: detail.into(),
+                }))
+            };
+            if !settings.disk.can_write() {
+                return refuse(FailReason::NoSpace, DISK_REFUSES);
+            }
+            let held: u64 = store.accounts()?.iter().map(|a| a.used).sum();
+            let capacity = settings.disk.grantable(settings.donated, held);
+            let decided = store.grant_with(customer, |others| {
+                decide(trusted, settings.open, req.space, others, capacity)
+            })?;
+            match decided {
                 Ok(space) => {
-                    store.grant(customer, space, settings.donated)?;
                     tracing::info!(customer = %customer, space, position = req.position, "service granted");
                     Ok(Body::ServiceAccept(ServiceAccept { space }))
                 }
-                Err(refusal) => {
-                    let (reason, detail) = match refusal {
-                        Refusal::NotTrusted => {
-                            (FailReason::NotTrusted, "not a friend of this node")
-                        }
-                        Refusal::NoSpace => (FailReason::NoSpace, "not enough donated space left"),
-                    };
-                    tracing::info!(customer = %customer, space = req.space, reason = detail, "service refused");
-                    Ok(Body::ServiceRefuse(ServiceRefuse {
-                        reason: reason as i32,
-                        detail: detail.into(),
-                    }))
+                Err(Refusal::NotTrusted) => {
+                    refuse(FailReason::NotTrusted, "not a friend of this node")
+                }
+                Err(Refusal::NoSpace) => {
+                    refuse(FailReason::NoSpace, "not enough donated space left")
                 }
             }
         }
@@ -191,6 +193,9 @@ fn answer(
                 size: 0,
                 hash: vec![],
             }))
+        }
+        Body::StoreFragment(_) if !settings.disk.can_write() => {
+            Ok(fail(FailReason::NoSpace, DISK_REFUSES))
         }
         Body::StoreFragment(req) => {
             let Some(key) = key_of(req.id.as_ref()) else {

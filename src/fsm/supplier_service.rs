@@ -70,24 +70,24 @@ impl Default for SupplierService {
     }
 }
 
-/// What a supplier answers to a service request.
+/// What a supplier answers to a service request: the one space rule, used by the supplier
+/// actor (inside the fragment store's grant, under its lock) and by the simulation.
 ///
 /// `trusted`: the customer is a peer; `open`: any authenticated node may store here.
-/// `current_quota`: what this customer holds already (its own quota is not counted twice).
-/// `granted_total`: the sum of every customer's quota, this one's included.
+/// `others`: the space other customers hold claim to (active ones their quota, departed ones the
+/// bytes they still hold); the customer's own current quota is not counted, so re-asking for it
+/// is not counted twice. `capacity`: the donated space, capped by what the disk can really give.
 pub fn decide(
     trusted: bool,
     open: bool,
     requested: u64,
-    current_quota: u64,
-    granted_total: u64,
-    donated: u64,
+    others: u64,
+    capacity: u64,
 ) -> Result<u64, Refusal> {
     if !trusted && !open {
         return Err(Refusal::NotTrusted);
     }
-    let others = granted_total.saturating_sub(current_quota);
-    if others.saturating_add(requested) > donated {
+    if others.saturating_add(requested) > capacity {
         return Err(Refusal::NoSpace);
     }
     Ok(requested)
@@ -202,14 +202,11 @@ mod tests {
 
     #[test]
     fn decisions() {
-        assert_eq!(
-            decide(false, false, 10, 0, 0, 100),
-            Err(Refusal::NotTrusted)
-        );
-        assert_eq!(decide(false, true, 10, 0, 0, 100), Ok(10));
-        assert_eq!(decide(true, false, 60, 0, 50, 100), Err(Refusal::NoSpace));
-        // A customer re-requesting its own quota is not counted twice.
-        assert_eq!(decide(true, false, 60, 60, 100, 100), Ok(60));
-        assert_eq!(decide(true, false, 70, 60, 100, 100), Err(Refusal::NoSpace));
+        assert_eq!(decide(false, false, 10, 0, 100), Err(Refusal::NotTrusted));
+        assert_eq!(decide(false, true, 10, 0, 100), Ok(10));
+        assert_eq!(decide(true, false, 60, 50, 100), Err(Refusal::NoSpace));
+        // Exactly full is allowed; one byte more is not.
+        assert_eq!(decide(true, false, 50, 50, 100), Ok(50));
+        assert_eq!(decide(true, false, 51, 50, 100), Err(Refusal::NoSpace));
     }
 }

@@ -264,6 +264,16 @@ pub fn check_donation(config: &super::config::Config, store_dir: &Path) {
     }
 }
 
+impl crate::actors::supplier::DiskGate for DiskHealth {
+    fn can_write(&self) -> bool {
+        DiskHealth::can_write(self)
+    }
+
+    fn grantable(&self, donated: u64, held: u64) -> u64 {
+        DiskHealth::grantable(self, donated, held)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;

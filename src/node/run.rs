@@ -183,6 +183,7 @@ async fn node_main(
         identity: published_rx.clone(),
         store,
         writer: disk.writer.clone(),
+        disk: disk.health.clone(),
         registry: &registry,
     })
     .await;
@@ -500,6 +501,7 @@ struct Start<'a> {
     identity: watch::Receiver<Option<Identity>>,
     store: Arc<dyn KvStore>,
     writer: Writer,
+    disk: Arc<DiskHealth>,
     registry: &'a Registry,
 }
 
@@ -539,6 +541,7 @@ async fn start_peers(start: Start<'_>) -> (NetworkAddr, SupplierAddr, CustomerAd
     let supplier_settings = SupplierSettings {
         root: home.store_dir(),
         donated: config.supplier.donated.0,
+        disk: start.disk.clone(),
         open: config.supplier.accept == AcceptPolicy::Open,
         grace: config.supplier.grace_period.get(),
     };

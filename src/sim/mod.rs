@@ -614,17 +614,14 @@ impl Sim {
                 code: FailCode::NotReady,
             };
         }
-        let current = service.granted.get(&customer).copied().unwrap_or(0);
-        let total: u64 = service.granted.values().sum();
+        let others: u64 = service
+            .granted
+            .iter()
+            .filter(|(c, _)| **c != customer)
+            .map(|(_, q)| q)
+            .sum();
         let trusted = service.trusted.contains(&customer);
-        match decide(
-            trusted,
-            service.open,
-            space,
-            current,
-            total,
-            service.donated,
-        ) {
+        match decide(trusted, service.open, space, others, service.donated) {
             Ok(quota) => {
                 service.granted.insert(customer, quota);
                 Msg::Accept { instance }

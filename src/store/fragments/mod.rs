@@ -250,11 +250,17 @@ impl FragmentStore {
         &self.recovered
     }
 
-    /// Grants (or changes) a customer's quota; NoSpace when the sum of all quotas would exceed
-    /// `donated`. Other active customers count with their quota, cancelled ones with the bytes
-    /// they still hold. Re-granting an existing customer re-activates a cancelled account and
-    /// keeps its data. A quota below `used` is allowed: puts are refused until deletes free space.
-    pub fn grant(&self, customer: NodeId, quota: u64, donated: u64) -> Result<(), FragmentError> {
+    /// Grants (or changes) a customer's quota as `decide` says, given the space other
+    /// customers hold claim to (active ones their quota, cancelled ones the bytes they still
+    /// hold). The decision is taken under the store's lock, so two grants cannot both count the
+    /// same space; the rule itself is the caller's (`fsm::supplier_service::decide`).
+    /// Re-granting an existing customer re-activates a cancelled account and keeps its data. A
+    /// quota below `used` is allowed: puts are refused until deletes free space.
+    pub fn grant_with<E>(
+        &self,
+        customer: NodeId,
+        decide: impl FnOnce(u64) -> Result<u64, E>,
+    ) -> Result<Result<u64, E>, FragmentError> {
         let _w = self.exclusive();
         let mut others: u64 = 0;
         self.for_each_account(|account| {
@@ -266,13 +272,10 @@ impl FragmentStore {
             }
             Ok(())
         })?;
-        let available = donated.saturating_sub(others);
-        if quota > available {
-            return Err(FragmentError::NoSpace {
-                requested: quota,
-                available,
-            });
-        }
+        let quota = match decide(others) {
+            Ok(quota) => quota,
+            Err(refused) => return Ok(Err(refused)),
+        };
         let account = match self.load_account(&customer)? {
             Some(a) => CustomerAccount {
                 quota,
@@ -288,7 +291,7 @@ impl FragmentStore {
         };
         self.kv
             .put(CF, &account_key(&customer), &encode_account(&account))?;
-        Ok(())
+        Ok(Ok(quota))
     }
 
     pub fn account(&self, customer: &NodeId) -> Result<Option<CustomerAccount>, FragmentError> {
