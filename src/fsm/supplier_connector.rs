@@ -503,12 +503,54 @@ mod tests {
 
     #[test]
     fn only_final_refusals_end_a_contract() {
-        for code in FailCode::ALL {
+        use FailCode::*;
+        for (code, ends) in [
+            (NotTrusted, true),
+            (NoSpace, true),
+            (OverQuota, true),
+            (NotReady, false),
+            (Unavailable, false),
+            (Other, false),
+        ] {
             let mut c = Instance::new(SupplierConnector::default(), "0");
             c.step(&Event::Connect, &C);
-            let s = c.step(&Event::Refused(*code), &C).expect("handled");
-            assert_eq!(s.to == Refused, code.ends_contract(), "{code:?}");
+            let s = c.step(&Event::Refused(code), &C).expect("handled");
+            let expected = if ends { Refused } else { Requesting };
+            assert_eq!(s.to, expected, "{code:?}");
         }
+    }
+
+    #[test]
+    fn presence_is_remembered_whatever_the_row() {
+        let mut c = Instance::new(SupplierConnector::default(), "0");
+        c.step(&Event::Connect, &C);
+        c.step(&Event::Accepted, &C);
+        c.step(&Event::PeerDown, &C);
+        assert_eq!(c.state(), Disconnected);
+        // The supplier is down: the retry timer does not ask.
+        assert!(c.step(&Event::Timeout(Timer::Retry), &C).is_none());
+        // Down again while disconnected (a stay row with no action): still remembered.
+        c.step(&Event::PeerDown, &C);
+        assert!(!c.machine.peer_up);
+        // Up: it asks at once; silent through its request timeouts, it is disconnected again,
+        // and the retry timer asks again because the supplier is known to be up.
+        c.step(&Event::PeerUp, &C);
+        for _ in 0..3 {
+            c.step(&Event::Timeout(Timer::Request), &C);
+        }
+        assert_eq!(c.state(), Disconnected);
+        let s = c.step(&Event::Timeout(Timer::Retry), &C).expect("asks");
+        assert_eq!(s.outputs, vec![Output::SendRequest]);
+    }
+
+    #[test]
+    fn the_invariant_reports_too_many_attempts() {
+        let m = SupplierConnector {
+            attempts: 4,
+            ..SupplierConnector::default()
+        };
+        assert!(m.invariant(Requesting).is_err());
+        assert!(SupplierConnector::default().invariant(Requesting).is_ok());
     }
 
     #[test]

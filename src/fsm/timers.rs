@@ -117,3 +117,44 @@ impl<M: Machine> TimerTable<M> {
         self.oneshot.iter().map(|&(t, d, _)| (t, d))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::network_connector::{NetworkConnector, State, Timer};
+
+    #[test]
+    fn a_change_of_state_drops_state_timeouts_and_keeps_named_deadlines() {
+        let m = NetworkConnector::default();
+        let mut t = TimerTable::<NetworkConnector>::default();
+        t.command(TimerCommand::Set(Timer::Dial, Duration::from_secs(10)));
+        t.command(TimerCommand::StateTimeout(
+            Timer::Rebind,
+            Duration::from_secs(20),
+        ));
+        t.enter(&m, State::Online, Duration::from_secs(1));
+        let left: Vec<_> = t.deadlines().collect();
+        assert_eq!(left, vec![(Timer::Dial, Duration::from_secs(10))]);
+    }
+
+    #[test]
+    fn the_earliest_deadline_fires_first_and_one_shots_fire_once() {
+        let m = NetworkConnector::default();
+        let mut t = TimerTable::<NetworkConnector>::default();
+        t.enter(&m, State::Offline, Duration::ZERO); // Rebind every 5 s
+        t.command(TimerCommand::Set(Timer::Dial, Duration::from_secs(3)));
+        assert_eq!(t.next_deadline(), Some(Duration::from_secs(3)));
+        assert_eq!(t.pop_expired(&m, Duration::from_secs(2)), None);
+        assert_eq!(t.pop_expired(&m, Duration::from_secs(6)), Some(Timer::Dial));
+        assert_eq!(
+            t.pop_expired(&m, Duration::from_secs(6)),
+            Some(Timer::Rebind)
+        );
+        // The periodic one is re-armed, the one-shot is gone.
+        assert_eq!(t.pop_expired(&m, Duration::from_secs(6)), None);
+        assert_eq!(t.next_deadline(), Some(Duration::from_secs(10)));
+        t.command(TimerCommand::Set(Timer::Dial, Duration::from_secs(8)));
+        t.command(TimerCommand::Cancel(Timer::Dial));
+        assert_eq!(t.next_deadline(), Some(Duration::from_secs(10)));
+    }
+}
