@@ -10,8 +10,6 @@
 
 use std::time::Duration;
 
-#[cfg(test)]
-use super::machine::Label;
 use super::machine::{Ctx, Machine, NoChoice, Out, Row, TimerRow, To, row};
 use crate::{events, labels};
 
