@@ -4,7 +4,10 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::shell::{Driver, Io};
+use actix::prelude::*;
+
+use super::registry::Registry;
+use super::shell::{Deliver, Driver, Io, Shell};
 use crate::crypto::identity::Identity;
 use crate::crypto::keys::NodeKeys;
 use crate::fsm::identity::{Event, IdentityMachine, Output};
@@ -38,6 +41,18 @@ impl IdentityDriver {
 
 /// The identity actor takes no inputs besides its events.
 pub enum NoInput {}
+
+/// Starts the identity actor: it loads the identity, then re-signs it if `contacts` differ.
+pub async fn start(
+    driver: IdentityDriver,
+    contacts: Vec<String>,
+    registry: &Registry,
+) -> Addr<Shell<IdentityDriver>> {
+    let addr = Shell::new(IdentityMachine::default(), "self", driver, registry.clone()).start();
+    let _ = addr.send(Deliver(Event::Start)).await;
+    let _ = addr.send(Deliver(Event::ContactsChanged(contacts))).await;
+    addr
+}
 
 impl Driver for IdentityDriver {
     type M = IdentityMachine;

@@ -264,7 +264,7 @@ pub fn check_donation(config: &super::config::Config, store_dir: &Path) {
     }
 }
 
-impl crate::actors::supplier::DiskGate for DiskHealth {
+impl crate::actors::supplier_service::DiskGate for DiskHealth {
     fn can_write(&self) -> bool {
         DiskHealth::can_write(self)
     }

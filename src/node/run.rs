@@ -22,31 +22,30 @@ use super::health::{self, DiskHealth};
 use super::home::Home;
 use super::logging;
 use super::signals::{self, Signal, Signals};
-use crate::actors::customer::{self, CustomerQuery, CustomerSettings, FireHireDriver};
-use crate::actors::identity::IdentityDriver;
-use crate::actors::network::{
-    self, NetAnswer, NetInput, NetQuery, NetworkDriver, NetworkSettings, NetworkWiring, Presence,
+use crate::actors::fire_hire::{self, CustomerSettings, FireHireDriver, FireHireQuery};
+use crate::actors::identity::{self, IdentityDriver};
+use crate::actors::network_connector::{
+    self, NetAnswer, NetInput, NetQuery, NetworkConnectorDriver, NetworkSettings, NetworkWiring,
+    Presence,
 };
+use crate::actors::peer_session::SessionShared;
 use crate::actors::router::{RequestKind, Router};
-use crate::actors::session::SessionShared;
 use crate::actors::status::NodeStatus;
-use crate::actors::supplier::{
-    SupplierAnswer, SupplierDriver, SupplierInput, SupplierQuery, SupplierSettings,
+use crate::actors::supplier_service::{
+    self, SupplierAnswer, SupplierInput, SupplierQuery, SupplierServiceDriver, SupplierSettings,
 };
 use crate::actors::{Deliver, Input, Query, Registry, Shell, Shutdown};
 use crate::crypto::identity::{Identity, NodeId};
 use crate::crypto::keys::NodeKeys;
-use crate::fsm::fire_hire::{Event as HireEvent, FireHire};
-use crate::fsm::identity::{Event as IdentityEvent, IdentityMachine};
-use crate::fsm::network_connector::{Event as NetEvent, NetworkConnector};
-use crate::fsm::supplier_service::{Event as ServiceEvent, SupplierService};
+use crate::fsm::identity::Event as IdentityEvent;
+use crate::fsm::network_connector::NetworkConnector;
 use crate::net::link::TrustPolicy;
 use crate::proto::Ping;
 use crate::proto::envelope::Body;
 use crate::store::{KvStore, RocksStore, StoreOptions, Writer, WriterSettings};
 
-type NetworkAddr = Addr<Shell<NetworkDriver>>;
-type SupplierAddr = Addr<Shell<SupplierDriver>>;
+type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
+type SupplierAddr = Addr<Shell<SupplierServiceDriver>>;
 type CustomerAddr = Addr<Shell<FireHireDriver>>;
 type IdentityAddr = Addr<Shell<IdentityDriver>>;
 
@@ -163,17 +162,8 @@ async fn node_main(
     let node_id = identity.node_id();
 
     let (published_tx, published_rx) = watch::channel(Some(identity.clone()));
-    let identity_actor = Shell::new(
-        IdentityMachine::default(),
-        "self",
-        IdentityDriver::new(Arc::new(home.clone()), keys.clone(), published_tx),
-        registry.clone(),
-    )
-    .start();
-    let _ = identity_actor.send(Deliver(IdentityEvent::Start)).await;
-    let _ = identity_actor
-        .send(Deliver(IdentityEvent::ContactsChanged(config.contacts())))
-        .await;
+    let identity_driver = IdentityDriver::new(Arc::new(home.clone()), keys.clone(), published_tx);
+    let identity_actor = identity::start(identity_driver, config.contacts(), &registry).await;
 
     let (network_actor, supplier_actor, customer_actor) = start_peers(Start {
         home: &home,
@@ -299,7 +289,7 @@ impl ControlState {
                 };
                 let customer = self
                     .customer
-                    .send(Query::new(CustomerQuery::Status))
+                    .send(Query::new(FireHireQuery::Status))
                     .await
                     .unwrap_or_default();
                 let supplier = match self.supplier.send(Query::new(SupplierQuery::Status)).await {
@@ -514,7 +504,7 @@ async fn start_peers(start: Start<'_>) -> (NetworkAddr, SupplierAddr, CustomerAd
         registry,
         ..
     } = start;
-    let supplier_ctx = actix::Context::<Shell<SupplierDriver>>::new();
+    let supplier_ctx = actix::Context::<Shell<SupplierServiceDriver>>::new();
     let customer_ctx = actix::Context::<Shell<FireHireDriver>>::new();
     let (supplier, customer) = (supplier_ctx.address(), customer_ctx.address());
 
@@ -545,13 +535,8 @@ async fn start_peers(start: Start<'_>) -> (NetworkAddr, SupplierAddr, CustomerAd
         open: config.supplier.accept == AcceptPolicy::Open,
         grace: config.supplier.grace_period.get(),
     };
-    supplier_ctx.run(Shell::new(
-        SupplierService::default(),
-        "self",
-        SupplierDriver::new(supplier_settings, store.clone()),
-        registry.clone(),
-    ));
-    let _ = supplier.send(Deliver(ServiceEvent::Start)).await;
+    let supplier =
+        supplier_service::start(supplier_ctx, supplier_settings, store.clone(), registry).await;
 
     let b = &config.backup;
     let settings = CustomerSettings {
@@ -561,15 +546,9 @@ async fn start_peers(start: Start<'_>) -> (NetworkAddr, SupplierAddr, CustomerAd
         request_timeout: config.network.request_timeout.get(),
     };
     let positions = usize::from(b.data_shards) + usize::from(b.parity_shards);
-    let resumed = customer::load_contracts(store.as_ref());
     let driver = FireHireDriver::new(settings, writer, network.clone(), registry.clone());
-    customer_ctx.run(Shell::new(
-        FireHire::new(positions),
-        "self",
-        driver,
-        registry.clone(),
-    ));
-    let _ = customer.send(Deliver(HireEvent::Start { resumed })).await;
+    let customer =
+        fire_hire::start(customer_ctx, driver, positions, store.as_ref(), registry).await;
     (network, supplier, customer)
 }
 
@@ -582,7 +561,7 @@ async fn start_network(start: &Start<'_>, wiring: NetworkWiring) -> NetworkAddr 
         registry,
         ..
     } = *start;
-    let mut peers = network::load_peers(start.store.as_ref());
+    let mut peers = network_connector::load_peers(start.store.as_ref());
     for entry in &config.peers {
         // Validated with the config: a card that does not verify never gets here.
         if let Ok(identity) = Identity::from_card(&entry.card) {
@@ -611,7 +590,7 @@ async fn start_network(start: &Start<'_>, wiring: NetworkWiring) -> NetworkAddr 
         dead_after: n.dead_after.get(),
         admission: n.admission_limits(),
     };
-    let driver = NetworkDriver::new(
+    let driver = NetworkConnectorDriver::new(
         settings,
         shared,
         start.writer.clone(),
@@ -620,16 +599,10 @@ async fn start_network(start: &Start<'_>, wiring: NetworkWiring) -> NetworkAddr 
         wiring,
         peers,
     );
-    let known = driver.known_peers();
     let machine = NetworkConnector {
         reconnect_min: n.reconnect_min.get(),
         reconnect_max: n.reconnect_max.get(),
         ..NetworkConnector::new(node_id)
     };
-    let addr = Shell::new(machine, "self", driver, registry.clone()).start();
-    for peer in known {
-        let _ = addr.send(Deliver(NetEvent::PeerAdded(peer))).await;
-    }
-    let _ = addr.send(Deliver(NetEvent::Start)).await;
-    addr
+    network_connector::start(driver, machine, registry).await
 }

@@ -11,7 +11,7 @@ use actix::Recipient;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use super::network::NetInput;
+use super::network_connector::NetInput;
 use super::shell::{Deliver, Driver, Input, Io};
 use crate::crypto::identity::{Identity, NodeId};
 use crate::fsm::Label;
@@ -42,7 +42,7 @@ pub struct Target {
     pub contacts: Vec<String>,
 }
 
-pub struct SessionDriver {
+pub struct PeerSessionDriver {
     id: u64,
     target: Option<Target>,
     shared: Arc<SessionShared>,
@@ -55,7 +55,7 @@ pub struct SessionDriver {
     sent_revision: u64,
 }
 
-impl SessionDriver {
+impl PeerSessionDriver {
     pub fn new(
         id: u64,
         target: Option<Target>,
@@ -64,7 +64,7 @@ impl SessionDriver {
         network: Recipient<Input<NetInput>>,
     ) -> Self {
         let remote = stream.as_ref().and_then(|s| s.peer_addr().ok());
-        SessionDriver {
+        PeerSessionDriver {
             id,
             target,
             shared,
@@ -120,7 +120,7 @@ fn is_routine(reason: CloseReason) -> bool {
     )
 }
 
-impl SessionDriver {
+impl PeerSessionDriver {
     /// Reports to the network actor, waiting for room in its mailbox.
     fn report(&self, input: NetInput) {
         let network = self.network.clone();
@@ -130,7 +130,7 @@ impl SessionDriver {
     }
 }
 
-impl Driver for SessionDriver {
+impl Driver for PeerSessionDriver {
     type M = PeerSession;
     type Input = std::convert::Infallible;
     type Query = std::convert::Infallible;

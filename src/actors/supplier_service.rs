@@ -7,8 +7,9 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use super::registry::Registry;
 use super::router::Routed;
-use super::shell::{Driver, Input, Io, Shell};
+use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{AccountStatus, SupplierStatus};
 use crate::crypto::identity::NodeId;
 use crate::fsm::supplier_service::{Event, Output, Refusal, SupplierService, decide};
@@ -71,7 +72,7 @@ pub enum SupplierAnswer {
 }
 
 /// Requests from peers reach the supplier through the network's router.
-impl Handler<Routed> for Shell<SupplierDriver> {
+impl Handler<Routed> for Shell<SupplierServiceDriver> {
     type Result = ();
 
     fn handle(&mut self, msg: Routed, ctx: &mut Context<Self>) {
@@ -83,7 +84,7 @@ impl Handler<Routed> for Shell<SupplierDriver> {
     }
 }
 
-pub struct SupplierDriver {
+pub struct SupplierServiceDriver {
     settings: SupplierSettings,
     kv: Arc<dyn KvStore>,
     store: Option<Arc<FragmentStore>>,
@@ -92,9 +93,9 @@ pub struct SupplierDriver {
     turns: std::collections::HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
 }
 
-impl SupplierDriver {
+impl SupplierServiceDriver {
     pub fn new(settings: SupplierSettings, kv: Arc<dyn KvStore>) -> Self {
-        SupplierDriver {
+        SupplierServiceDriver {
             settings,
             kv,
             store: None,
@@ -266,7 +267,26 @@ fn answer(
     })
 }
 
-impl Driver for SupplierDriver {
+/// Starts the supplier side in `ctx` (made beforehand, so the router could be given its
+/// address): it opens the fragment store and then serves.
+pub async fn start(
+    ctx: Context<Shell<SupplierServiceDriver>>,
+    settings: SupplierSettings,
+    kv: Arc<dyn KvStore>,
+    registry: &Registry,
+) -> Addr<Shell<SupplierServiceDriver>> {
+    let addr = ctx.address();
+    ctx.run(Shell::new(
+        SupplierService::default(),
+        "self",
+        SupplierServiceDriver::new(settings, kv),
+        registry.clone(),
+    ));
+    let _ = addr.send(Deliver(Event::Start)).await;
+    addr
+}
+
+impl Driver for SupplierServiceDriver {
     type M = SupplierService;
     type Input = SupplierInput;
     type Query = SupplierQuery;

@@ -1,24 +1,24 @@
-//! The customer side's IO: fire_hire (positions persisted in the `contracts` column family) and
-//! one supplier_connector per hire, talking to suppliers over the network's links. Which
-//! supplier to hire, which connector holds a position and how a supplier's answer is read are
-//! the machines' decisions; these drivers start connectors, send requests and save positions.
+//! The fire_hire actor's IO: the customer side's positions (persisted in the `contracts` column
+//! family through the writer) and one supplier_connector actor per hire. Which supplier to hire
+//! and which connector holds a position are the machine's decisions; this driver starts
+//! connectors, passes news to them and saves positions.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::network::{NetAnswer, NetQuery, NetworkDriver, Presence};
+use super::network_connector::{NetworkConnectorDriver, Presence};
 use super::registry::Registry;
 use super::router::Routed;
-use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
+use super::shell::{Deliver, Driver, Io, Shell};
 use super::status::{CustomerStatus, PositionStatus};
+use super::supplier_connector::SupplierConnectorDriver;
 use crate::crypto::identity::NodeId;
 use crate::fsm::fire_hire::{self, FireHire};
-use crate::fsm::supplier_connector::{self as sc, FailCode, Report, SupplierConnector};
-use crate::net::link::RequestError;
+use crate::fsm::supplier_connector::{self as sc, Report, SupplierConnector};
+use crate::proto::Ack;
 use crate::proto::envelope::Body;
-use crate::proto::{Ack, Envelope, FailReason, ServiceCancel, ServiceRequest};
 use crate::store::{KvStore, Writer, contracts};
 
 #[derive(Clone)]
@@ -37,18 +37,18 @@ pub fn load_contracts(kv: &dyn KvStore) -> Vec<(u32, NodeId)> {
     })
 }
 
-pub enum CustomerInput {
+pub enum FireHireInput {
     /// A connector's news.
     Report { instance: u64, report: Report },
     /// Replace the supplier at a position (monitor or operator).
     Fire { position: u32 },
 }
 
-pub enum CustomerQuery {
+pub enum FireHireQuery {
     Status,
 }
 
-type NetworkAddr = Addr<Shell<NetworkDriver>>;
+type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
 
 pub struct FireHireDriver {
     settings: CustomerSettings,
@@ -57,7 +57,7 @@ pub struct FireHireDriver {
     network: NetworkAddr,
     registry: Registry,
     /// Running connectors by instance id (a position may have a leaving one and its successor).
-    connectors: BTreeMap<u64, Addr<Shell<ConnectorDriver>>>,
+    connectors: BTreeMap<u64, Addr<Shell<SupplierConnectorDriver>>>,
 }
 
 impl FireHireDriver {
@@ -86,10 +86,33 @@ impl FireHireDriver {
     }
 }
 
+/// Starts fire_hire in `ctx` (made beforehand, so the network could be given its address),
+/// resuming the contracts an earlier run saved in `kv`.
+pub async fn start(
+    ctx: Context<Shell<FireHireDriver>>,
+    driver: FireHireDriver,
+    positions: usize,
+    kv: &dyn KvStore,
+    registry: &Registry,
+) -> Addr<Shell<FireHireDriver>> {
+    let resumed = load_contracts(kv);
+    let addr = ctx.address();
+    ctx.run(Shell::new(
+        FireHire::new(positions),
+        "self",
+        driver,
+        registry.clone(),
+    ));
+    let _ = addr
+        .send(Deliver(fire_hire::Event::Start { resumed }))
+        .await;
+    addr
+}
+
 impl Driver for FireHireDriver {
     type M = FireHire;
-    type Input = CustomerInput;
-    type Query = CustomerQuery;
+    type Input = FireHireInput;
+    type Query = FireHireQuery;
     type Answer = CustomerStatus;
 
     fn perform(&mut self, output: fire_hire::Output, _machine: &FireHire, io: &mut Io<'_, Self>) {
@@ -108,7 +131,7 @@ impl Driver for FireHireDriver {
                 };
                 machine.request_timeout = self.settings.request_timeout;
                 machine.peer_up = peer_up;
-                let driver = ConnectorDriver {
+                let driver = SupplierConnectorDriver {
                     instance,
                     position,
                     supplier,
@@ -161,24 +184,24 @@ impl Driver for FireHireDriver {
 
     fn input(
         &mut self,
-        input: CustomerInput,
+        input: FireHireInput,
         _machine: &FireHire,
         _io: &mut Io<'_, Self>,
     ) -> Vec<fire_hire::Event> {
         match input {
-            CustomerInput::Report { instance, report } => {
+            FireHireInput::Report { instance, report } => {
                 if report == Report::Closed {
                     self.connectors.remove(&instance);
                 }
                 vec![fire_hire::Event::Report { instance, report }]
             }
-            CustomerInput::Fire { position } => vec![fire_hire::Event::Fire { position }],
+            FireHireInput::Fire { position } => vec![fire_hire::Event::Fire { position }],
         }
     }
 
     fn query(
         &mut self,
-        CustomerQuery::Status: CustomerQuery,
+        FireHireQuery::Status: FireHireQuery,
         machine: &FireHire,
         _io: &mut Io<'_, Self>,
     ) -> CustomerStatus {
@@ -236,125 +259,5 @@ impl Handler<Routed> for Shell<FireHireDriver> {
             Deliver(fire_hire::Event::SupplierLeft(supplier)),
             ctx,
         );
-    }
-}
-
-pub struct ConnectorDriver {
-    instance: u64,
-    position: u32,
-    supplier: NodeId,
-    settings: CustomerSettings,
-    network: NetworkAddr,
-    fire_hire: Recipient<Input<CustomerInput>>,
-}
-
-/// A wire fail reason, as the connector machine reads it (mapped one to one).
-fn fail_code(code: i32) -> FailCode {
-    match FailReason::try_from(code) {
-        Ok(FailReason::NotTrusted) => FailCode::NotTrusted,
-        Ok(FailReason::NoSpace) => FailCode::NoSpace,
-        Ok(FailReason::OverQuota) => FailCode::OverQuota,
-        Ok(FailReason::StorageError | FailReason::ShuttingDown | FailReason::Timeout) => {
-            FailCode::NotReady
-        }
-        _ => FailCode::Other,
-    }
-}
-
-impl ConnectorDriver {
-    fn report(&self, report: Report) {
-        let to = self.fire_hire.clone();
-        let instance = self.instance;
-        actix::spawn(async move {
-            let _ = to
-                .send(Input(CustomerInput::Report { instance, report }))
-                .await;
-        });
-    }
-
-    /// Sends `body` to the supplier on its current link and returns the reply: `Err` with a
-    /// passing failure when there is no link or it closed (the machine retries soon), `Ok(None)`
-    /// when the request timed out (the machine's request timer decides).
-    fn ask(
-        &self,
-        body: Body,
-    ) -> impl std::future::Future<Output = Result<Option<Envelope>, FailCode>> + 'static {
-        let network = self.network.clone();
-        let peer = self.supplier;
-        let timeout = self.settings.request_timeout;
-        async move {
-            let link = match network.send(Query::new(NetQuery::Link(peer))).await {
-                Ok(NetAnswer::Link(Some(link))) => link,
-                _ => return Err(FailCode::Unavailable),
-            };
-            match link.request(body, timeout).await {
-                Ok(reply) => Ok(Some(reply)),
-                Err(RequestError::Timeout(_)) => Ok(None),
-                Err(RequestError::Closed | RequestError::QueueFull) => Err(FailCode::Unavailable),
-            }
-        }
-    }
-}
-
-impl Driver for ConnectorDriver {
-    type M = SupplierConnector;
-    type Input = std::convert::Infallible;
-    type Query = std::convert::Infallible;
-    type Answer = ();
-
-    fn input(
-        &mut self,
-        input: Self::Input,
-        _: &SupplierConnector,
-        _: &mut Io<'_, Self>,
-    ) -> Vec<sc::Event> {
-        match input {}
-    }
-
-    fn query(&mut self, query: Self::Query, _: &SupplierConnector, _: &mut Io<'_, Self>) {
-        match query {}
-    }
-
-    fn perform(&mut self, output: sc::Output, _machine: &SupplierConnector, io: &mut Io<'_, Self>) {
-        match output {
-            sc::Output::SendRequest => {
-                let request = ServiceRequest {
-                    space: self.settings.space_per_supplier,
-                    position: self.position,
-                    data_shards: self.settings.data_shards,
-                    parity_shards: self.settings.parity_shards,
-                };
-                let ask = self.ask(Body::ServiceRequest(request));
-                io.spawn_opt(async move {
-                    match ask.await {
-                        Err(code) => Some(sc::Event::Refused(code)),
-                        Ok(None) => None,
-                        Ok(Some(reply)) => match reply.body? {
-                            Body::ServiceAccept(_) => Some(sc::Event::Accepted),
-                            Body::ServiceRefuse(r) => Some(sc::Event::Refused(fail_code(r.reason))),
-                            Body::Fail(f) => Some(sc::Event::Refused(fail_code(f.reason))),
-                            _ => None,
-                        },
-                    }
-                });
-            }
-            sc::Output::Report(report) => {
-                if let Report::Refused(reason) = report {
-                    tracing::info!(position = self.position, supplier = %self.supplier,
-                        reason = ?reason, "supplier refused or left");
-                }
-                self.report(report);
-            }
-            sc::Output::SendCancel => {
-                let ask = self.ask(Body::ServiceCancel(ServiceCancel {
-                    from_supplier: false,
-                }));
-                io.spawn_opt(async move {
-                    // Any answer ends it; silence waits for the cancel timer.
-                    ask.await.ok()??;
-                    Some(sc::Event::CancelDone)
-                });
-            }
-        }
     }
 }

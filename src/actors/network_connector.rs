@@ -13,9 +13,9 @@ use actix::prelude::*;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::peer_session::{PeerSessionDriver, SessionShared, Target};
 use super::registry::Registry;
 use super::router::{Routed, Router};
-use super::session::{SessionDriver, SessionShared, Target};
 use super::shell::{Deliver, Driver, Io, Shell, Shutdown};
 use super::status::{NetworkStatus, PeerStatus};
 use crate::crypto::identity::{Identity, NodeId};
@@ -156,7 +156,7 @@ impl Traffic {
 }
 
 struct SessionEntry {
-    addr: Addr<Shell<SessionDriver>>,
+    addr: Addr<Shell<PeerSessionDriver>>,
     peer: Option<NodeId>,
     dialed: Option<NodeId>,
     link: Option<LinkHandle>,
@@ -178,7 +178,7 @@ pub struct NetworkWiring {
     pub presence: Vec<Recipient<Presence>>,
 }
 
-pub struct NetworkDriver {
+pub struct NetworkConnectorDriver {
     settings: NetworkSettings,
     shared: Arc<SessionShared>,
     /// Peer book writes go through the writer thread: never a synced write on this loop.
@@ -208,7 +208,7 @@ pub fn load_peers(store: &dyn KvStore) -> Vec<(Identity, Option<String>)> {
     })
 }
 
-impl NetworkDriver {
+impl NetworkConnectorDriver {
     pub fn new(
         settings: NetworkSettings,
         shared: Arc<SessionShared>,
@@ -229,7 +229,7 @@ impl NetworkDriver {
             }
         });
         let admission = Admission::new(settings.admission);
-        let mut driver = NetworkDriver {
+        let mut driver = NetworkConnectorDriver {
             admission,
             settings,
             shared,
@@ -347,7 +347,7 @@ impl NetworkDriver {
         let outbound = target.is_some();
         let dialed = target.as_ref().map(|t| t.peer);
         let network = io.address().recipient();
-        let driver = SessionDriver::new(id, target, stream, self.shared.clone(), network);
+        let driver = PeerSessionDriver::new(id, target, stream, self.shared.clone(), network);
         // An inbound connection has to authenticate within the (shorter) pre-auth deadline.
         let handshake_timeout = if outbound {
             self.shared.handshake_timeout
@@ -533,7 +533,22 @@ impl NetworkDriver {
     }
 }
 
-impl Driver for NetworkDriver {
+/// Starts the network actor: every friend in its book is added, then it binds and dials.
+pub async fn start(
+    driver: NetworkConnectorDriver,
+    machine: NetworkConnector,
+    registry: &Registry,
+) -> Addr<Shell<NetworkConnectorDriver>> {
+    let known = driver.known_peers();
+    let addr = Shell::new(machine, "self", driver, registry.clone()).start();
+    for peer in known {
+        let _ = addr.send(Deliver(Event::PeerAdded(peer))).await;
+    }
+    let _ = addr.send(Deliver(Event::Start)).await;
+    addr
+}
+
+impl Driver for NetworkConnectorDriver {
     type M = NetworkConnector;
     type Input = NetInput;
     type Query = NetQuery;
