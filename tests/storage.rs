@@ -26,17 +26,13 @@ fn set_donated(home: &Path, size: &str) {
 
 /// Positions on the customer: (supplier, contract state).
 fn positions(home: &Path) -> Option<Vec<(Option<String>, String)>> {
-    let status = try_status(home)?;
+    let status = node_status(home)?;
     Some(
-        status["customer"]["positions"]
-            .as_array()?
-            .iter()
-            .map(|p| {
-                (
-                    p["supplier"].as_str().map(str::to_string),
-                    p["contract"].as_str().unwrap_or("").to_string(),
-                )
-            })
+        status
+            .customer
+            .positions
+            .into_iter()
+            .map(|p| (p.supplier, p.contract))
             .collect(),
     )
 }
@@ -109,15 +105,11 @@ fn customer_hires_one_supplier_per_position_and_replaces_one_that_leaves() {
         .iter()
         .position(|id| *id == hired[0])
         .expect("a friend");
-    let status = status_json(&c.homes[s]);
-    let customers = status["supplier"]["customers"]
-        .as_array()
-        .expect("customers")
-        .clone();
+    let customers = node_status(&c.homes[s]).expect("status").supplier.customers;
     assert!(
         customers
             .iter()
-            .any(|x| x["node_id"] == c.ids[0].as_str() && x["quota"] == 1u64 << 30),
+            .any(|x| x.node_id == c.ids[0] && x.quota == 1u64 << 30),
         "{customers:?}"
     );
 
@@ -309,14 +301,9 @@ fn quota_isolation_and_interrupted_writes_through_the_wire() {
         matches!(got.body, Some(Body::FragmentData(ref d)) if d.data == vec![7u8; 600]),
         "{got:?}"
     );
-    let status = status_json(&home);
-    let used: Vec<u64> = status["supplier"]["customers"]
-        .as_array()
-        .expect("customers")
-        .iter()
-        .filter_map(|c| c["used"].as_u64())
-        .collect();
-    assert!(used.contains(&600), "{status:#}");
+    let status = node_status(&home).expect("status");
+    let used: Vec<u64> = status.supplier.customers.iter().map(|c| c.used).collect();
+    assert!(used.contains(&600), "{status:#?}");
 
     // SIGHUP with less donated space: applies at once, a larger request is refused.
     set_donated(&home, "1500");
