@@ -380,3 +380,47 @@ fn a_stop_during_a_start_stuck_on_a_frozen_disk_is_bounded_too() {
     drop(frozen);
     assert_eq!(node.wait_exit().code(), Some(2));
 }
+
+#[test]
+fn a_write_stuck_on_a_frozen_disk_shows_as_stalled_and_status_still_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mounted, home, mut node) =
+        or_skip!(frozen_node(dir.path(), "4s"), "the stalled-disk test");
+    let (_other_dir, other) = temp_home();
+    init(&other, "other");
+    let other_card = card(&other);
+    let frozen = or_skip!(Frozen::new(&mounted.dir), "the stalled-disk test");
+    // `peer add` goes through the writer thread, which the frozen disk holds: the node's event
+    // loop stays free, the CLI waits for the write.
+    let adding = std::process::Command::new(BIN)
+        .arg("--home")
+        .arg(&home)
+        .args(["peer", "add", &other_card])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("peer add runs");
+    let frozen_at = Instant::now();
+    let line = wait_for("status to say the disk is stalled", 30, || {
+        let status = node_status(&home)?;
+        let disk = status.disk?;
+        (disk.state == "stalled").then_some(disk.line)
+    });
+    assert!(line.starts_with("disk stalled for"), "{line}");
+    eprintln!(
+        "frozen disk, a write waiting: after {:.1} s status says: {line}",
+        frozen_at.elapsed().as_secs_f64()
+    );
+    // Thawed: the write completes, the CLI succeeds, status is ok again.
+    drop(frozen);
+    let mut adding = adding;
+    let added = wait_for("peer add to finish", 30, || {
+        adding.try_wait().ok().flatten()
+    });
+    assert!(added.success(), "{added:?}");
+    wait_for("status ok again", 30, || {
+        (node_status(&home)?.disk?.state == "ok").then_some(())
+    });
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_exit().success());
+}
