@@ -8,30 +8,42 @@ use super::{DataError, MAX_BLOCK_SIZE};
 
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
-const HEADER: usize = 5;
+pub(crate) const HEADER: usize = 5;
 
 /// Compresses `plain` at `level`; raw when that would not be smaller.
 pub fn compress(plain: &[u8], level: i32) -> Result<Vec<u8>, DataError> {
+    let mut out = Vec::with_capacity(HEADER + plain.len());
+    compress_into(plain, level, &mut out)?;
+    Ok(out)
+}
+
+/// [`compress`], appending the frame to `out` (so the caller can leave room in front); returns
+/// whether zstd was used.
+pub(crate) fn compress_into(
+    plain: &[u8],
+    level: i32,
+    out: &mut Vec<u8>,
+) -> Result<bool, DataError> {
     let len = u32::try_from(plain.len())
         .ok()
         .filter(|_| plain.len() <= MAX_BLOCK_SIZE)
         .ok_or(DataError::Params("block larger than MAX_BLOCK_SIZE"))?;
-    let mut out = Vec::with_capacity(HEADER + plain.len());
+    let start = out.len();
     out.push(ZSTD);
     out.extend_from_slice(&len.to_le_bytes());
     // Give zstd exactly the room a raw copy would take: if it needs more, raw wins anyway.
-    out.resize(HEADER + plain.len(), 0);
+    out.resize(start + HEADER + plain.len(), 0);
     let mut compressor = zstd::bulk::Compressor::new(level).map_err(DataError::Zstd)?;
-    match compressor.compress_to_buffer(plain, &mut out[HEADER..]) {
+    match compressor.compress_to_buffer(plain, &mut out[start + HEADER..]) {
         Ok(n) if n < plain.len() => {
-            out.truncate(HEADER + n);
-            Ok(out)
+            out.truncate(start + HEADER + n);
+            Ok(true)
         }
         // Not smaller (or did not fit in the raw size): store raw.
         _ => {
-            out[0] = RAW;
-            out[HEADER..].copy_from_slice(plain);
-            Ok(out)
+            out[start] = RAW;
+            out[start + HEADER..].copy_from_slice(plain);
+            Ok(false)
         }
     }
 }

@@ -176,12 +176,16 @@ pub fn encode_block(
     if plain.len() > MAX_BLOCK_SIZE {
         return Err(DataError::Params("plain block larger than MAX_BLOCK_SIZE"));
     }
-    let framed = compress::compress(plain, zstd_level)?;
-    let compressed = compress::is_compressed(&framed);
-    let padded = pad::pad(&framed);
-    drop(framed);
-    let sealed = seal::seal(key, random.id, &padded, random.nonce)?;
-    drop(padded);
+    // One buffer for the three stages, in place: room for the sealed header and the padding's
+    // length, then the compressed frame; padded, then encrypted where it lies.
+    let room = seal::HEADER + pad::LEN;
+    let mut sealed = Vec::with_capacity(
+        seal::HEADER + pad::padded_len(compress::HEADER + plain.len()) + seal::TAG,
+    );
+    sealed.resize(room, 0);
+    let compressed = compress::compress_into(plain, zstd_level, &mut sealed)?;
+    pad::pad_in_place(&mut sealed, seal::HEADER);
+    seal::seal_in_place(key, random.id, random.nonce, &mut sealed)?;
     let fragments = erasure::encode(&sealed, layout)?;
     let manifest = BlockManifest::new(random.id, layout, sealed.len(), &fragments);
     let signed_manifest = manifest.sign(owner);

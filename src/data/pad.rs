@@ -8,7 +8,7 @@
 
 use super::DataError;
 
-const LEN: usize = 8;
+pub(crate) const LEN: usize = 8;
 
 /// The Padmé length for `len`.
 pub fn padme(len: u64) -> u64 {
@@ -24,12 +24,27 @@ pub fn padme(len: u64) -> u64 {
 
 /// Prefixes the length and pads with zeros to the Padmé size.
 pub fn pad(content: &[u8]) -> Vec<u8> {
-    let total = padme((LEN + content.len()) as u64) as usize;
-    let mut out = Vec::with_capacity(total);
-    out.extend_from_slice(&(content.len() as u64).to_le_bytes());
+    let mut out = Vec::with_capacity(padme((LEN + content.len()) as u64) as usize);
+    out.resize(LEN, 0);
     out.extend_from_slice(content);
-    out.resize(total, 0);
+    pad_in_place(&mut out, 0);
     out
+}
+
+/// [`pad`] without copying: `buf[start..start + 8]` is room for the length, the content follows
+/// to the end of `buf`; the length is written and the zeros appended.
+pub(crate) fn pad_in_place(buf: &mut Vec<u8>, start: usize) {
+    if buf.len() < start + LEN {
+        buf.resize(start + LEN, 0);
+    }
+    let content = buf.len() - start - LEN;
+    buf[start..start + LEN].copy_from_slice(&(content as u64).to_le_bytes());
+    buf.resize(start + padme((LEN + content) as u64) as usize, 0);
+}
+
+/// Padded size of `content_len` bytes of content.
+pub fn padded_len(content_len: usize) -> usize {
+    padme((LEN + content_len) as u64) as usize
 }
 
 /// The content back; the length must fit and the padding must be zeros of exactly Padmé size.

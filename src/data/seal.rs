@@ -13,8 +13,9 @@ use crate::crypto::derive::BlockKey;
 use chacha20poly1305::{AeadInPlace, Tag, XNonce};
 
 const VERSION: u8 = 1;
-const HEADER: usize = 1 + 8 + 32 + 24;
-const TAG: usize = 16;
+/// Bytes before the ciphertext.
+pub const HEADER: usize = 1 + 8 + 32 + 24;
+pub(crate) const TAG: usize = 16;
 /// Bytes sealing adds to the plaintext.
 pub const OVERHEAD: usize = HEADER + TAG;
 
@@ -26,19 +27,35 @@ pub fn seal(
     nonce: [u8; 24],
 ) -> Result<Vec<u8>, DataError> {
     let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
-    out.push(VERSION);
-    out.extend_from_slice(&key.check_value());
-    out.extend_from_slice(&id.0);
-    out.extend_from_slice(&nonce);
+    out.resize(HEADER, 0);
     out.extend_from_slice(plaintext);
-    let (header, body) = out.split_at_mut(HEADER);
+    seal_in_place(key, id, nonce, &mut out)?;
+    Ok(out)
+}
+
+/// [`seal`] without copying: `buf` holds [`HEADER`] bytes of room (overwritten) followed by the
+/// plaintext, which is encrypted in place; the tag is appended.
+pub(crate) fn seal_in_place(
+    key: &BlockKey,
+    id: BlockId,
+    nonce: [u8; 24],
+    buf: &mut Vec<u8>,
+) -> Result<(), DataError> {
+    if buf.len() < HEADER {
+        return Err(DataError::Params("no room for the sealed header"));
+    }
+    buf[0] = VERSION;
+    buf[1..9].copy_from_slice(&key.check_value());
+    buf[9..41].copy_from_slice(&id.0);
+    buf[41..HEADER].copy_from_slice(&nonce);
+    let (header, body) = buf.split_at_mut(HEADER);
     // Encryption only fails for messages beyond the cipher's 256 GiB limit.
     let tag = key
         .cipher()
         .encrypt_in_place_detached(XNonce::from_slice(&nonce), header, body)
         .map_err(|_| DataError::Params("plaintext too long to seal"))?;
-    out.extend_from_slice(&tag);
-    Ok(out)
+    buf.extend_from_slice(&tag);
+    Ok(())
 }
 
 /// Checks and decrypts a sealed block that should be block `id`.
