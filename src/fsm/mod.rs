@@ -2,6 +2,7 @@
 //! enforces it). Each machine is a table (`machine::Row`) plus pure logic that turns the table's
 //! actions into outputs with data; `actors` runs them, and so does the simulation (`sim`).
 
+pub mod backup_job;
 pub mod check;
 pub mod diagram;
 pub mod fire_hire;
@@ -29,6 +30,7 @@ macro_rules! for_each_machine {
         $f::<$crate::fsm::supplier_service::SupplierService>($($arg),*);
         $f::<$crate::fsm::supplier_connector::SupplierConnector>($($arg),*);
         $f::<$crate::fsm::fire_hire::FireHire>($($arg),*);
+        $f::<$crate::fsm::backup_job::BackupJob>($($arg),*);
     }};
 }
 

@@ -1,0 +1,751 @@
+//! backup_job: one backup of one source, from the first block the pipeline produces to the
+//! committed catalog. The table is the job's lifecycle; which fragment goes where, what waits in
+//! an outbox while its supplier is away, and when the pipeline may produce the next block are
+//! decided by the pure [`Ledger`] beside it.
+//!
+//! Flow: the driver runs the data pipeline (`src/data`) on a worker pool and asks it for one
+//! block per `Produce`; each block's `k + m` fragments are staged on disk by the driver, and the
+//! machine says where each goes (`Place`) or keeps it in the position's outbox while that
+//! supplier is down. The job commits (`SaveCatalog`) once the input is done and every block has
+//! at least `k` fragments placed, the rest placed or waiting in an outbox (reduced redundancy,
+//! shown in status); with fewer than `k` suppliers up it waits instead of failing.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, row};
+use crate::{events, labels};
+
+/// A block's id (random, chosen by the pipeline; see `data::BlockId`).
+pub type BlockId = [u8; 32];
+
+labels! {
+    pub enum State {
+        AtStartup, Running, WaitingForSuppliers, Paused, Committing, Committed, Aborted, Failed,
+    }
+}
+
+events! {
+    pub enum Event / EventKind {
+        /// Begin, with the positions whose suppliers are up now.
+        Start { up: Vec<u32> },
+        /// The pipeline produced a block; its fragments are staged.
+        BlockReady { block: BlockId, bytes: u64 },
+        /// The pipeline has no more blocks.
+        InputDone,
+        /// A supplier acknowledged a fragment.
+        Placed { block: BlockId, position: u32 },
+        /// A fragment could not be placed (it goes back to the position's outbox).
+        PlaceFailed { block: BlockId, position: u32 },
+        SupplierUp(u32),
+        SupplierDown(u32),
+        /// The catalog and the recovery record are stored.
+        CatalogSaved,
+        /// Something the job cannot go on without (the pipeline or the disk) failed.
+        Fatal(String),
+        Pause,
+        Continue,
+        Abort,
+        Timeout(Timer),
+        Shutdown,
+    }
+}
+
+labels! {
+    pub enum Guard {}
+}
+
+labels! {
+    pub enum Action {
+        /// Record what the event says in the ledger; place or queue fragments.
+        Note,
+        /// Ask the pipeline for blocks while the bounds allow.
+        Produce,
+        /// Store the catalog and the recovery record (IO).
+        SaveCatalog,
+        /// Stop the pipeline and drop what is staged (IO).
+        Cancel,
+        /// Report how the job ended (IO).
+        Finish,
+        /// Report the figures for `status`.
+        Report,
+    }
+}
+
+labels! {
+    pub enum Timer { Progress }
+}
+
+labels! {
+    pub enum Choice { Placing }
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Committed,
+    Aborted,
+    Failed(String),
+    /// The node stopped; the job resumes from what was persisted.
+    Interrupted,
+}
+
+/// What the backup job's driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Produce the next block (the pipeline answers `BlockReady` or `InputDone`).
+    Produce,
+    /// Send the staged fragment `position` of `block` to that position's supplier.
+    Place {
+        block: BlockId,
+        position: u32,
+    },
+    SaveCatalog,
+    Cancel,
+    /// Progress for `status` (on the periodic timer and on each change of state).
+    Progress(Progress),
+    Finished(Outcome),
+}
+
+/// The job's figures for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub blocks: u64,
+    pub bytes: u64,
+    /// Blocks with every fragment placed.
+    pub complete: u64,
+    /// Fragments waiting for their supplier.
+    pub queued: u64,
+    /// The least redundancy of any block so far: fragments placed minus `k` (negative: below).
+    pub worst_redundancy: i64,
+}
+
+/// Where each fragment of each unfinished block is, and what waits for which supplier.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pub data_shards: u32,
+    pub parity_shards: u32,
+    /// Blocks the pipeline may have produced and not fully placed at once (memory and disk
+    /// staging stay bounded whatever the size of the backup).
+    pub max_unplaced: usize,
+    /// Fragments one position's outbox may hold before the pipeline is held back.
+    pub outbox_limit: usize,
+    /// Fragments sent to one supplier and not yet acknowledged, at most.
+    pub window: usize,
+    up: BTreeSet<u32>,
+    /// Unfinished blocks: the positions placed so far.
+    placed: BTreeMap<BlockId, BTreeSet<u32>>,
+    /// Per position: fragments waiting for the supplier, oldest first.
+    outbox: BTreeMap<u32, VecDeque<BlockId>>,
+    /// Per position: fragments sent and not yet answered.
+    sending: BTreeMap<u32, BTreeSet<BlockId>>,
+    /// Blocks the pipeline was asked for and has not delivered.
+    producing: usize,
+    pub input_done: bool,
+    pub progress: Progress,
+}
+
+impl Ledger {
+    pub fn new(data_shards: u32, parity_shards: u32) -> Self {
+        Ledger {
+            data_shards,
+            parity_shards,
+            max_unplaced: 8,
+            outbox_limit: 256,
+            window: 4,
+            up: BTreeSet::new(),
+            placed: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            sending: BTreeMap::new(),
+            producing: 0,
+            input_done: false,
+            progress: Progress::default(),
+        }
+    }
+
+    fn positions(&self) -> u32 {
+        self.data_shards + self.parity_shards
+    }
+
+    pub fn suppliers_up(&self) -> usize {
+        self.up.len()
+    }
+
+    /// Blocks not yet placed in full (sent or queued fragments remain).
+    fn unplaced(&self) -> usize {
+        self.placed
+            .values()
+            .filter(|p| p.len() < self.positions() as usize)
+            .count()
+    }
+
+    /// Whether the pipeline may be asked for one more block now.
+    pub fn may_produce(&self) -> bool {
+        !self.input_done
+            && self.up.len() >= self.data_shards as usize
+            && self.unplaced() + self.producing < self.max_unplaced
+            && self.outbox.values().all(|q| q.len() < self.outbox_limit)
+    }
+
+    /// Every block has at least `k` fragments placed, and no fragment is out for an answer.
+    pub fn safe_to_commit(&self) -> bool {
+        self.input_done
+            && self.producing == 0
+            && self.sending.values().all(BTreeSet::is_empty)
+            && self
+                .placed
+                .values()
+                .all(|p| p.len() >= self.data_shards as usize)
+    }
+
+    /// Sends what the window allows from `position`'s outbox.
+    fn drain(&mut self, position: u32, out: &mut Vec<(BlockId, u32)>) {
+        if !self.up.contains(&position) {
+            return;
+        }
+        let sending = self.sending.entry(position).or_default();
+        let queue = self.outbox.entry(position).or_default();
+        while sending.len() < self.window {
+            let Some(block) = queue.pop_front() else {
+                break;
+            };
+            sending.insert(block);
+            out.push((block, position));
+        }
+    }
+
+    /// A new block: every fragment goes to its position's outbox, then out as windows allow.
+    pub fn block_ready(&mut self, block: BlockId, bytes: u64) -> Vec<(BlockId, u32)> {
+        self.producing = self.producing.saturating_sub(1);
+        // A block announced twice (a driver retrying) is placed once.
+        if self.placed.contains_key(&block) {
+            return Vec::new();
+        }
+        self.placed.insert(block, BTreeSet::new());
+        self.progress.blocks += 1;
+        self.progress.bytes += bytes;
+        let mut sends = Vec::new();
+        for position in 0..self.positions() {
+            self.outbox.entry(position).or_default().push_back(block);
+            self.drain(position, &mut sends);
+        }
+        sends
+    }
+
+    pub fn placed(&mut self, block: BlockId, position: u32) -> Vec<(BlockId, u32)> {
+        let was_sent = self
+            .sending
+            .get_mut(&position)
+            .is_some_and(|s| s.remove(&block));
+        if was_sent && let Some(p) = self.placed.get_mut(&block) {
+            p.insert(position);
+            if p.len() == self.positions() as usize {
+                self.progress.complete += 1;
+            }
+        }
+        let mut sends = Vec::new();
+        self.drain(position, &mut sends);
+        sends
+    }
+
+    pub fn place_failed(&mut self, block: BlockId, position: u32) -> Vec<(BlockId, u32)> {
+        if self
+            .sending
+            .get_mut(&position)
+            .is_some_and(|s| s.remove(&block))
+        {
+            self.outbox.entry(position).or_default().push_front(block);
+        }
+        let mut sends = Vec::new();
+        self.drain(position, &mut sends);
+        sends
+    }
+
+    pub fn supplier_up(&mut self, position: u32) -> Vec<(BlockId, u32)> {
+        self.up.insert(position);
+        let mut sends = Vec::new();
+        self.drain(position, &mut sends);
+        sends
+    }
+
+    /// A supplier went away: what it was sending goes back to its outbox, oldest first.
+    pub fn supplier_down(&mut self, position: u32) {
+        self.up.remove(&position);
+        let back: Vec<BlockId> = self
+            .sending
+            .remove(&position)
+            .map(|s| s.into_iter().collect())
+            .unwrap_or_default();
+        let queue = self.outbox.entry(position).or_default();
+        for block in back.into_iter().rev() {
+            queue.push_front(block);
+        }
+    }
+
+    pub fn asked_to_produce(&mut self) {
+        self.producing += 1;
+    }
+
+    pub fn input_done(&mut self) {
+        self.producing = 0;
+        self.input_done = true;
+    }
+
+    /// The figures for `status`, brought up to date.
+    pub fn progress(&mut self) -> Progress {
+        let k = i64::from(self.data_shards);
+        self.progress.queued = self.outbox.values().map(|q| q.len() as u64).sum();
+        self.progress.worst_redundancy = self
+            .placed
+            .values()
+            .map(|p| p.len() as i64 - k)
+            .min()
+            .unwrap_or(i64::from(self.parity_shards));
+        self.progress.clone()
+    }
+
+    /// Every fragment of every block is accounted for exactly once: placed, sent or queued.
+    pub fn check(&self) -> Result<(), String> {
+        for (block, placed) in &self.placed {
+            for position in 0..self.positions() {
+                let sent = self
+                    .sending
+                    .get(&position)
+                    .is_some_and(|s| s.contains(block));
+                let queued = self
+                    .outbox
+                    .get(&position)
+                    .map_or(0, |q| q.iter().filter(|b| *b == block).count());
+                let count = usize::from(placed.contains(&position)) + usize::from(sent) + queued;
+                if count != 1 {
+                    return Err(format!(
+                        "fragment {position} of a block is accounted for {count} times"
+                    ));
+                }
+            }
+        }
+        for (position, sending) in &self.sending {
+            if sending.len() > self.window {
+                return Err(format!(
+                    "{} fragments out to position {position}",
+                    sending.len()
+                ));
+            }
+            if !sending.is_empty() && !self.up.contains(position) {
+                return Err(format!(
+                    "fragments out to position {position}, which is down"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupJob {
+    pub ledger: Ledger,
+    pub progress_every: Duration,
+}
+
+impl Default for BackupJob {
+    fn default() -> Self {
+        BackupJob {
+            ledger: Ledger::new(4, 2),
+            progress_every: Duration::from_secs(1),
+        }
+    }
+}
+
+impl BackupJob {
+    fn produce(&mut self, out: &mut Out<Self>) {
+        while self.ledger.may_produce() {
+            self.ledger.asked_to_produce();
+            out.push(Output::Produce);
+        }
+    }
+
+    fn place(out: &mut Out<Self>, sends: Vec<(BlockId, u32)>) {
+        for (block, position) in sends {
+            out.push(Output::Place { block, position });
+        }
+    }
+}
+
+use State::*;
+use To::State as Go;
+
+const WORKING: &[State] = &[Running, WaitingForSuppliers];
+const LIVE: &[State] = &[AtStartup, Running, WaitingForSuppliers, Paused, Committing];
+const PLACING: To<BackupJob> = To::Choose(Choice::Placing);
+const NOTE: &[Action] = &[Action::Note, Action::Produce];
+
+static ROWS: &[Row<BackupJob>] = &[
+    row(&[AtStartup], EventKind::Start, PLACING, NOTE),
+    row(WORKING, EventKind::BlockReady, PLACING, NOTE),
+    row(WORKING, EventKind::InputDone, PLACING, NOTE),
+    row(WORKING, EventKind::Placed, PLACING, NOTE),
+    row(WORKING, EventKind::PlaceFailed, PLACING, NOTE),
+    row(WORKING, EventKind::SupplierUp, PLACING, NOTE),
+    row(WORKING, EventKind::SupplierDown, PLACING, NOTE),
+    row(WORKING, EventKind::Timeout, To::Stay, &[Action::Report]),
+    // While paused the ledger still hears of acks and presence; nothing new is produced.
+    row(&[Paused], EventKind::BlockReady, To::Stay, &[Action::Note]),
+    row(&[Paused], EventKind::InputDone, To::Stay, &[Action::Note]),
+    row(&[Paused], EventKind::Placed, To::Stay, &[Action::Note]),
+    row(&[Paused], EventKind::PlaceFailed, To::Stay, &[Action::Note]),
+    row(&[Paused], EventKind::SupplierUp, To::Stay, &[Action::Note]),
+    row(
+        &[Paused],
+        EventKind::SupplierDown,
+        To::Stay,
+        &[Action::Note],
+    ),
+    row(WORKING, EventKind::Pause, Go(Paused), &[]),
+    row(&[Paused], EventKind::Continue, PLACING, NOTE),
+    row(&[Committing], EventKind::CatalogSaved, Go(Committed), &[]),
+    row(
+        &[Committing],
+        EventKind::SupplierUp,
+        To::Stay,
+        &[Action::Note],
+    ),
+    row(
+        &[Committing],
+        EventKind::SupplierDown,
+        To::Stay,
+        &[Action::Note],
+    ),
+    row(LIVE, EventKind::Abort, Go(Aborted), &[Action::Cancel]),
+    row(LIVE, EventKind::Fatal, Go(Failed), &[Action::Cancel]),
+    row(LIVE, EventKind::Shutdown, Go(Aborted), &[Action::Cancel]),
+];
+
+static ENTRY: &[super::machine::Entry<BackupJob>] = &[
+    super::machine::Entry {
+        state: Committing,
+        actions: &[Action::SaveCatalog],
+    },
+    super::machine::Entry {
+        state: Committed,
+        actions: &[Action::Finish],
+    },
+    super::machine::Entry {
+        state: Aborted,
+        actions: &[Action::Finish],
+    },
+    super::machine::Entry {
+        state: Failed,
+        actions: &[Action::Finish],
+    },
+];
+
+static CHOICES: &[ChoiceRow<BackupJob>] = &[ChoiceRow {
+    choice: Choice::Placing,
+    targets: &[
+        (Committing, "input done, every block has k fragments placed"),
+        (WaitingForSuppliers, "fewer than k suppliers up"),
+        (Running, "otherwise"),
+    ],
+}];
+
+static TIMERS: &[TimerRow<BackupJob>] = &[TimerRow {
+    timer: Timer::Progress,
+    period: Duration::from_secs(1),
+    config: None,
+    states: &[Running, WaitingForSuppliers],
+}];
+
+impl Machine for BackupJob {
+    type State = State;
+    type EventKind = EventKind;
+    type Event = Event;
+    type Guard = Guard;
+    type Action = Action;
+    type Timer = Timer;
+    type Choice = Choice;
+    type Output = Output;
+
+    const NAME: &'static str = "backup_job";
+    const ABOUT: &'static str = "One backup of one source: asks the pipeline for blocks within bounds, places each fragment on its position's supplier or keeps it in that position's outbox while the supplier is away, waits while fewer than k suppliers are up, and commits the catalog once every block has k fragments placed.";
+    const INITIAL: State = AtStartup;
+    const TERMINAL: &'static [State] = &[Committed, Aborted, Failed];
+
+    fn rows() -> &'static [Row<Self>] {
+        ROWS
+    }
+
+    fn timers() -> &'static [TimerRow<Self>] {
+        TIMERS
+    }
+
+    fn entry() -> &'static [super::machine::Entry<Self>] {
+        ENTRY
+    }
+
+    fn choices() -> &'static [ChoiceRow<Self>] {
+        CHOICES
+    }
+
+    fn timer_event(timer: Timer) -> Event {
+        Event::Timeout(timer)
+    }
+
+    fn shutdown_event() -> Event {
+        Event::Shutdown
+    }
+
+    fn timer_period(&self, _timer: Timer) -> Duration {
+        self.progress_every
+    }
+
+    fn guard(&self, guard: Guard, _: &Event, _: &Ctx) -> bool {
+        match guard {}
+    }
+
+    fn choose(&self, _choice: Choice, _: &Ctx) -> State {
+        if self.ledger.safe_to_commit() {
+            Committing
+        } else if self.ledger.suppliers_up() < self.ledger.data_shards as usize {
+            WaitingForSuppliers
+        } else {
+            Running
+        }
+    }
+
+    fn apply(&mut self, action: Action, event: &Event, _: &Ctx, out: &mut Out<Self>) {
+        match action {
+            Action::Note => {
+                let sends = match event {
+                    Event::Start { up } => {
+                        let mut sends = Vec::new();
+                        for position in up {
+                            sends.extend(self.ledger.supplier_up(*position));
+                        }
+                        sends
+                    }
+                    Event::BlockReady { block, bytes } => self.ledger.block_ready(*block, *bytes),
+                    Event::InputDone => {
+                        self.ledger.input_done();
+                        Vec::new()
+                    }
+                    Event::Placed { block, position } => self.ledger.placed(*block, *position),
+                    Event::PlaceFailed { block, position } => {
+                        self.ledger.place_failed(*block, *position)
+                    }
+                    Event::SupplierUp(position) => self.ledger.supplier_up(*position),
+                    Event::SupplierDown(position) => {
+                        self.ledger.supplier_down(*position);
+                        Vec::new()
+                    }
+                    _ => Vec::new(),
+                };
+                Self::place(out, sends);
+            }
+            Action::Produce => self.produce(out),
+            Action::SaveCatalog => out.push(Output::SaveCatalog),
+            Action::Report => out.push(Output::Progress(self.ledger.progress())),
+            Action::Cancel => out.push(Output::Cancel),
+            Action::Finish => {
+                let outcome = match event {
+                    Event::CatalogSaved => Outcome::Committed,
+                    Event::Fatal(why) => Outcome::Failed(why.clone()),
+                    Event::Shutdown => Outcome::Interrupted,
+                    _ => Outcome::Aborted,
+                };
+                out.push(Output::Progress(self.ledger.progress()));
+                out.push(Output::Finished(outcome));
+            }
+        }
+    }
+
+    fn invariant(&self, state: State) -> Result<(), String> {
+        self.ledger.check()?;
+        if state == Committed && !self.ledger.safe_to_commit() {
+            return Err("committed before every block had k fragments placed".into());
+        }
+        Ok(())
+    }
+
+    fn sample_events() -> Vec<Event> {
+        let (a, b) = ([1; 32], [2; 32]);
+        vec![
+            Event::Start {
+                up: vec![0, 1, 2, 3, 4, 5],
+            },
+            Event::Start { up: vec![0, 1] },
+            Event::BlockReady {
+                block: a,
+                bytes: 100,
+            },
+            Event::BlockReady {
+                block: b,
+                bytes: 100,
+            },
+            Event::InputDone,
+            Event::Placed {
+                block: a,
+                position: 0,
+            },
+            Event::Placed {
+                block: a,
+                position: 5,
+            },
+            Event::Placed {
+                block: b,
+                position: 1,
+            },
+            Event::PlaceFailed {
+                block: a,
+                position: 2,
+            },
+            Event::SupplierUp(4),
+            Event::SupplierDown(3),
+            Event::CatalogSaved,
+            Event::Fatal("disk".into()),
+            Event::Pause,
+            Event::Continue,
+            Event::Abort,
+            Event::Timeout(Timer::Progress),
+            Event::Shutdown,
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::{Instance, Stepped};
+
+    const C: Ctx = Ctx::at(Duration::ZERO);
+
+    fn places(s: &Stepped<BackupJob>) -> Vec<(BlockId, u32)> {
+        s.outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Place { block, position } => Some((*block, *position)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn produces(s: &Stepped<BackupJob>) -> usize {
+        s.outputs.iter().filter(|o| **o == Output::Produce).count()
+    }
+
+    fn started(up: Vec<u32>) -> (Instance<BackupJob>, Stepped<BackupJob>) {
+        let mut job = Instance::new(BackupJob::default(), "j");
+        let s = job.step(&Event::Start { up }, &C).expect("start");
+        (job, s)
+    }
+
+    #[test]
+    fn blocks_are_produced_within_bounds_and_placed_one_fragment_per_position() {
+        let (mut job, s) = started((0..6).collect());
+        assert_eq!(s.to, Running);
+        assert_eq!(
+            produces(&s),
+            8,
+            "up to max_unplaced blocks asked for at once"
+        );
+        let s = job
+            .step(
+                &Event::BlockReady {
+                    block: [1; 32],
+                    bytes: 10,
+                },
+                &C,
+            )
+            .expect("ready");
+        let positions: Vec<u32> = places(&s).iter().map(|(_, p)| *p).collect();
+        assert_eq!(positions, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(
+            produces(&s),
+            0,
+            "the block is still unplaced: no room for more"
+        );
+    }
+
+    #[test]
+    fn a_supplier_away_gets_its_fragments_queued_and_sent_when_it_returns() {
+        let (mut job, _) = started(vec![0, 1, 2, 3, 4]);
+        let block = [7; 32];
+        let s = job
+            .step(&Event::BlockReady { block, bytes: 10 }, &C)
+            .expect("ready");
+        assert!(
+            !places(&s).iter().any(|(_, p)| *p == 5),
+            "position 5 is down"
+        );
+        for position in 0..5 {
+            job.step(&Event::Placed { block, position }, &C);
+        }
+        assert_eq!(job.machine.ledger.progress().queued, 1);
+        assert_eq!(job.machine.ledger.progress().worst_redundancy, 1);
+        let s = job.step(&Event::SupplierUp(5), &C).expect("up");
+        assert_eq!(places(&s), vec![(block, 5)]);
+    }
+
+    #[test]
+    fn fewer_than_k_suppliers_waits_instead_of_failing() {
+        let (mut job, s) = started(vec![0, 1, 2]);
+        assert_eq!(s.to, WaitingForSuppliers);
+        assert_eq!(produces(&s), 0, "nothing produced while too few are up");
+        let s = job.step(&Event::SupplierUp(3), &C).expect("up");
+        assert_eq!(s.to, Running);
+        assert!(produces(&s) > 0);
+    }
+
+    #[test]
+    fn commits_once_every_block_has_k_placed_and_nothing_is_out() {
+        let (mut job, _) = started(vec![0, 1, 2, 3, 4]);
+        let block = [9; 32];
+        job.step(&Event::BlockReady { block, bytes: 10 }, &C);
+        job.step(&Event::InputDone, &C);
+        for position in 0..3 {
+            let s = job
+                .step(&Event::Placed { block, position }, &C)
+                .expect("placed");
+            assert_ne!(s.to, Committing, "only {} placed", position + 1);
+        }
+        let s = job
+            .step(&Event::Placed { block, position: 3 }, &C)
+            .expect("placed");
+        assert_ne!(s.to, Committing, "position 4 is still out for an answer");
+        let s = job
+            .step(&Event::Placed { block, position: 4 }, &C)
+            .expect("placed");
+        assert_eq!(s.to, Committing);
+        assert!(s.outputs.contains(&Output::SaveCatalog));
+        let s = job.step(&Event::CatalogSaved, &C).expect("saved");
+        assert_eq!(s.to, Committed);
+        assert!(s.outputs.contains(&Output::Finished(Outcome::Committed)));
+    }
+
+    #[test]
+    fn a_failed_placement_is_retried_and_a_lost_supplier_requeues_what_was_out() {
+        let (mut job, _) = started((0..6).collect());
+        let block = [3; 32];
+        job.step(&Event::BlockReady { block, bytes: 10 }, &C);
+        let s = job
+            .step(&Event::PlaceFailed { block, position: 2 }, &C)
+            .expect("failed");
+        assert_eq!(places(&s), vec![(block, 2)], "sent again at once");
+        job.step(&Event::SupplierDown(4), &C);
+        job.machine.ledger.check().expect("accounted for");
+        assert_eq!(job.machine.ledger.progress().queued, 1);
+        let s = job.step(&Event::SupplierUp(4), &C).expect("up");
+        assert_eq!(places(&s), vec![(block, 4)]);
+    }
+
+    #[test]
+    fn shutdown_interrupts_and_abort_cancels() {
+        let (mut job, _) = started((0..6).collect());
+        let s = job.step(&Event::Shutdown, &C).expect("stop");
+        assert_eq!(s.to, Aborted);
+        assert!(s.outputs.contains(&Output::Finished(Outcome::Interrupted)));
+        let (mut job, _) = started((0..6).collect());
+        let s = job.step(&Event::Abort, &C).expect("abort");
+        assert!(s.outputs.contains(&Output::Cancel));
+        assert!(s.outputs.contains(&Output::Finished(Outcome::Aborted)));
+    }
+}
