@@ -157,4 +157,21 @@ mod tests {
         t.command(TimerCommand::Cancel(Timer::Dial));
         assert_eq!(t.next_deadline(), Some(Duration::from_secs(10)));
     }
+
+    #[test]
+    fn a_periodic_timer_due_before_a_one_shot_fires_first_and_clear_empties_all() {
+        let m = NetworkConnector::default();
+        let mut t = TimerTable::<NetworkConnector>::default();
+        t.enter(&m, State::Offline, Duration::ZERO); // Rebind at 5 s
+        t.command(TimerCommand::Set(Timer::Dial, Duration::from_secs(7)));
+        assert_eq!(
+            t.pop_expired(&m, Duration::from_secs(8)),
+            Some(Timer::Rebind)
+        );
+        assert_eq!(t.pop_expired(&m, Duration::from_secs(8)), Some(Timer::Dial));
+        t.command(TimerCommand::Set(Timer::Dial, Duration::from_secs(20)));
+        t.clear();
+        assert_eq!(t.next_deadline(), None);
+        assert_eq!(t.armed().count(), 0);
+    }
 }
