@@ -367,3 +367,63 @@ fn a_hand_made_violation_is_caught() {
     let e = invariant(&sim).expect_err("a lost connector must be reported");
     assert!(e.contains("is gone"), "{e}");
 }
+
+/// A backup job on the production machine: under loss and delay, with a supplier partitioned
+/// for a while and another one restarting, it commits, and every block has its fragments on the
+/// suppliers of their positions — at least `k` of them, all `k + m` once the absent return.
+#[test]
+fn backup_job_commits_under_loss_partition_and_restart() {
+    use bitdust::fsm::backup_job::{Outcome, State as JobState};
+    use rand::{Rng, SeedableRng};
+    for seed in seeds(40, 2) {
+        let mut sim = world(seed, 0.1, &[4 * GIB; 7]);
+        let mut chaos = rand::rngs::StdRng::seed_from_u64(seed ^ 0xb4c4);
+        sim.start_customer(0);
+        sim.run_until(20 * MIN, &invariant)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(all_hired(&sim), "seed {seed}");
+        let suppliers: Vec<usize> = sim.slots(0).iter().flatten().map(|s| s.0).collect();
+        let away = suppliers[chaos.gen_range(0..suppliers.len())];
+        let restarting = suppliers[chaos.gen_range(0..suppliers.len())];
+        sim.start_backup(0, 30);
+        sim.partition(0, away);
+        let t = sim.now + Duration::from_secs(chaos.gen_range(1..20));
+        sim.run_until(t, &invariant)
+            .unwrap_or_else(|e| panic!("{e}"));
+        sim.restart_node(restarting, Duration::from_secs(2));
+        let t = sim.now + Duration::from_secs(chaos.gen_range(20..90));
+        sim.run_until(t, &invariant)
+            .unwrap_or_else(|e| panic!("{e}"));
+        sim.heal(0, away);
+        let t = sim.now + 30 * MIN;
+        sim.run_until(t, &invariant)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            sim.backup_outcome(0),
+            Some(Outcome::Committed),
+            "seed {seed}: {:?}",
+            sim.backup_state(0)
+        );
+        assert_eq!(sim.backup_state(0), Some(JobState::Committed));
+        let blocks = sim.backup_blocks(0);
+        assert_eq!(blocks.len(), 30, "seed {seed}");
+        let slots = sim.slots(0);
+        for block in &blocks {
+            let mut held = 0;
+            for (position, slot) in slots.iter().enumerate() {
+                let Some((supplier, _)) = slot else { continue };
+                if sim.nodes[*supplier]
+                    .service
+                    .stored
+                    .contains(&(0, *block, position as u32))
+                {
+                    held += 1;
+                }
+            }
+            assert!(
+                held >= 4,
+                "seed {seed}: a block has only {held} fragments placed"
+            );
+        }
+    }
+}

@@ -23,6 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::crypto::identity::NodeId;
+use crate::fsm::backup_job::{self as bj, BackupJob, BlockId};
 use crate::fsm::fire_hire::{self, FireHire};
 use crate::fsm::network_connector::{self as nc, NetworkConnector};
 use crate::fsm::peer_session::{self as ps, PeerSession};
@@ -99,6 +100,29 @@ enum Msg {
     },
     /// The supplier ends the customer's contract.
     SupplierCancel,
+    /// A fragment for the supplier at `position`, and its answers.
+    Store {
+        block: BlockId,
+        position: u32,
+    },
+    StoreAck {
+        block: BlockId,
+        position: u32,
+    },
+    StoreFail {
+        block: BlockId,
+        position: u32,
+    },
+    /// Local events of a node (the pipeline's output, a request's timeout, a catalog saved).
+    BlockReady {
+        block: BlockId,
+    },
+    InputDone,
+    StoreTimeout {
+        block: BlockId,
+        position: u32,
+    },
+    CatalogSaved,
 }
 
 /// A simulated session: the node index of the other end (known from the TCP connection in the
@@ -123,6 +147,8 @@ pub struct ServiceModel {
     pub open: bool,
     /// customer -> quota
     pub granted: BTreeMap<usize, u64>,
+    /// Fragments held: (customer, block, position).
+    pub stored: BTreeSet<(usize, BlockId, u32)>,
     /// Before this time the store is still opening: requests get a passing failure.
     pub ready_at: Duration,
 }
@@ -139,11 +165,24 @@ pub struct SimNode {
     sessions: BTreeMap<u64, Session>,
     /// Positions persisted by fire_hire's `Save` (what a restart resumes): confirmed only.
     pub saved: Vec<(u32, usize)>,
+    backup: Option<BackupRun>,
+}
+
+/// A backup job on a customer node: the machine, and the simulated pipeline's input.
+struct BackupRun {
+    run: Instance<BackupJob>,
+    /// Blocks the pipeline has yet to produce.
+    left: u64,
+    next: u64,
+    /// Fragments sent and not yet answered: (block, position) -> the supplier it went to.
+    awaiting: BTreeMap<(BlockId, u32), usize>,
+    outcome: Option<bj::Outcome>,
 }
 
 /// Which machine on a node a timer belongs to.
 #[derive(Clone, Copy, Debug)]
 enum Target {
+    Backup,
     Hire,
     Net,
     Connector(u64),
@@ -200,6 +239,7 @@ impl Sim {
                 net: None,
                 sessions: BTreeMap::new(),
                 saved: Vec::new(),
+                backup: None,
             })
             .collect();
         let mut sim = Sim {
@@ -393,6 +433,141 @@ impl Sim {
             fire_hire::Event::CandidateDown(id)
         };
         self.fire_hire(at, event);
+        // The backup hears of the positions this supplier holds.
+        for position in self.positions_of(at, peer) {
+            let event = if up {
+                bj::Event::SupplierUp(position)
+            } else {
+                bj::Event::SupplierDown(position)
+            };
+            self.backup(at, event);
+        }
+    }
+
+    /// The positions `supplier` holds, confirmed, on `customer`.
+    fn positions_of(&self, customer: usize, supplier: usize) -> Vec<u32> {
+        self.slots(customer)
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s == Some((supplier, true)))
+            .map(|(p, _)| p as u32)
+            .collect()
+    }
+
+    // ---- backup_job ----
+
+    /// Starts a backup of `blocks` blocks on `customer`, whose positions are hired.
+    pub fn start_backup(&mut self, customer: usize, blocks: u64) {
+        let (k, m) = (self.cfg.data_shards as u32, self.cfg.parity_shards as u32);
+        let mut run = Instance::new(
+            BackupJob {
+                ledger: bj::Ledger::new(k, m),
+                ..BackupJob::default()
+            },
+            format!("n{customer}b"),
+        );
+        run.start(self.now);
+        let up = self
+            .slots(customer)
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.is_some_and(|(sup, ok)| ok && self.nodes[customer].sees_up.contains(&sup))
+            })
+            .map(|(p, _)| p as u32)
+            .collect();
+        self.nodes[customer].backup = Some(BackupRun {
+            run,
+            left: blocks,
+            next: 0,
+            awaiting: BTreeMap::new(),
+            outcome: None,
+        });
+        self.backup(customer, bj::Event::Start { up });
+    }
+
+    /// How the backup on `customer` ended, if it did.
+    pub fn backup_outcome(&self, customer: usize) -> Option<bj::Outcome> {
+        self.nodes[customer].backup.as_ref()?.outcome.clone()
+    }
+
+    pub fn backup_state(&self, customer: usize) -> Option<bj::State> {
+        Some(self.nodes[customer].backup.as_ref()?.run.state())
+    }
+
+    /// The blocks the backup on `customer` produced.
+    pub fn backup_blocks(&self, customer: usize) -> Vec<BlockId> {
+        let Some(b) = &self.nodes[customer].backup else {
+            return Vec::new();
+        };
+        (0..b.next).map(block_id).collect()
+    }
+
+    fn backup(&mut self, node: usize, event: bj::Event) {
+        let ctx = self.ctx();
+        let Some(stepped) = self.nodes[node]
+            .backup
+            .as_mut()
+            .and_then(|b| b.run.step(&event, &ctx))
+        else {
+            return;
+        };
+        for output in stepped.outputs {
+            match output {
+                bj::Output::Produce => {
+                    let Some(b) = self.nodes[node].backup.as_mut() else {
+                        return;
+                    };
+                    let msg = if b.left > 0 {
+                        b.left -= 1;
+                        let block = block_id(b.next);
+                        b.next += 1;
+                        Msg::BlockReady { block }
+                    } else {
+                        Msg::InputDone
+                    };
+                    // The pipeline's CPU time.
+                    self.local(node, Duration::from_millis(20), msg);
+                }
+                bj::Output::Place { block, position } => {
+                    let supplier = self
+                        .slots(node)
+                        .get(position as usize)
+                        .copied()
+                        .flatten()
+                        .map(|(s, _)| s);
+                    match supplier {
+                        Some(s) => {
+                            if let Some(b) = self.nodes[node].backup.as_mut() {
+                                b.awaiting.insert((block, position), s);
+                            }
+                            self.send(node, s, Msg::Store { block, position });
+                            // The request's timeout.
+                            self.local(
+                                node,
+                                Duration::from_secs(30),
+                                Msg::StoreTimeout { block, position },
+                            );
+                        }
+                        None => self.backup(node, bj::Event::SupplierDown(position)),
+                    }
+                }
+                bj::Output::SaveCatalog => {
+                    self.local(node, Duration::from_millis(50), Msg::CatalogSaved)
+                }
+                bj::Output::Finished(outcome) => {
+                    if let Some(b) = self.nodes[node].backup.as_mut() {
+                        b.outcome = Some(outcome);
+                    }
+                }
+                bj::Output::Cancel | bj::Output::Progress(_) => {}
+            }
+        }
+    }
+
+    /// A message from a node to itself after `delay` (never lost).
+    fn local(&mut self, node: usize, delay: Duration, msg: Msg) {
+        self.schedule(self.now + delay, node, node, msg);
     }
 
     // ---- fire_hire and supplier_connector ----
@@ -529,6 +704,10 @@ impl Sim {
                 | Msg::Pong { .. }
                 | Msg::Close { .. }
                 | Msg::SupplierCancel
+                | Msg::BlockReady { .. }
+                | Msg::InputDone
+                | Msg::StoreTimeout { .. }
+                | Msg::CatalogSaved
         );
         if self.cut.contains(&pair(from, to))
             || (lossy && self.rng.gen_bool(self.cfg.loss.clamp(0.0, 1.0)))
@@ -601,6 +780,52 @@ impl Sim {
                 let id = self.nodes[from].id;
                 self.fire_hire(to, fire_hire::Event::SupplierLeft(id));
             }
+            Msg::Store { block, position } => {
+                let answer = if self.nodes[to].service.granted.contains_key(&from) {
+                    self.nodes[to]
+                        .service
+                        .stored
+                        .insert((from, block, position));
+                    Msg::StoreAck { block, position }
+                } else {
+                    Msg::StoreFail { block, position }
+                };
+                self.send(to, from, answer);
+            }
+            Msg::StoreAck { block, position } | Msg::StoreFail { block, position } => {
+                let ok = matches!(msg, Msg::StoreAck { .. });
+                let Some(b) = self.nodes[to].backup.as_mut() else {
+                    return;
+                };
+                // Only the answer from the supplier the fragment went to, once.
+                if b.awaiting.get(&(block, position)) != Some(&from) {
+                    return;
+                }
+                b.awaiting.remove(&(block, position));
+                let event = if ok {
+                    bj::Event::Placed { block, position }
+                } else {
+                    bj::Event::PlaceFailed { block, position }
+                };
+                self.backup(to, event);
+            }
+            Msg::StoreTimeout { block, position } => {
+                let Some(b) = self.nodes[to].backup.as_mut() else {
+                    return;
+                };
+                if b.awaiting.remove(&(block, position)).is_some() {
+                    self.backup(to, bj::Event::PlaceFailed { block, position });
+                }
+            }
+            Msg::BlockReady { block } => self.backup(
+                to,
+                bj::Event::BlockReady {
+                    block,
+                    bytes: 4 << 20,
+                },
+            ),
+            Msg::InputDone => self.backup(to, bj::Event::InputDone),
+            Msg::CatalogSaved => self.backup(to, bj::Event::CatalogSaved),
         }
     }
 
@@ -698,6 +923,11 @@ impl Sim {
         };
         for (i, node) in self.nodes.iter().enumerate() {
             consider(
+                node.backup.as_ref().and_then(|b| b.run.next_deadline()),
+                i,
+                Target::Backup,
+            );
+            consider(
                 node.hire.as_ref().and_then(|r| r.next_deadline()),
                 i,
                 Target::Hire,
@@ -721,6 +951,11 @@ impl Sim {
         let now = self.now;
         let n = &mut self.nodes[node];
         match target {
+            Target::Backup => {
+                if let Some(t) = n.backup.as_mut().and_then(|b| b.run.due_timer(now)) {
+                    self.backup(node, BackupJob::timer_event(t));
+                }
+            }
             Target::Hire => {
                 if let Some(t) = n.hire.as_mut().and_then(|r| r.due_timer(now)) {
                     self.fire_hire(node, FireHire::timer_event(t));
@@ -795,6 +1030,9 @@ impl Sim {
             }
             if let Some(run) = &node.hire {
                 check(&at, run)?;
+            }
+            if let Some(b) = &node.backup {
+                check(&at, &b.run)?;
             }
             for c in node.connectors.values() {
                 check(&at, &c.run)?;
@@ -961,4 +1199,11 @@ impl Sim {
             self.nodes[customer].connectors.remove(&instance);
         }
     }
+}
+
+/// The id of the `n`th simulated block.
+fn block_id(n: u64) -> BlockId {
+    let mut id = [0u8; 32];
+    id[..8].copy_from_slice(&n.to_be_bytes());
+    id
 }
