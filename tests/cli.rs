@@ -109,6 +109,7 @@ fn sigint_stops_and_a_restart_works() {
     for _ in 0..2 {
         let mut node = Node::start(&home);
         node.wait_log("ready", |v| transition(v, "identity", "Loading", "Ready"));
+        node.wait_running();
         node.signal(libc::SIGINT);
         assert!(node.wait_exit().success());
     }
@@ -373,6 +374,7 @@ fn a_silent_control_client_is_disconnected_and_status_still_answers() {
     set_control_timeout(&home, "1s");
     let mut node = Node::start(&home);
     node.wait_log("ready", |v| transition(v, "identity", "Loading", "Ready"));
+    node.wait_running();
     let mut silent =
         std::os::unix::net::UnixStream::connect(home.join("control.sock")).expect("connect");
     silent
@@ -415,6 +417,7 @@ fn a_thousand_silent_control_clients_do_not_lock_out_status() {
     set_control_timeout(&home, "120s");
     let mut node = Node::start(&home);
     node.wait_log("ready", |v| transition(v, "identity", "Loading", "Ready"));
+    node.wait_running();
     let socket = home.join("control.sock");
     let mut silent = Vec::new();
     for _ in 0..1000 {

@@ -191,6 +191,7 @@ fn a_full_disk_refuses_writes_then_resumes_without_restart() {
 
     let mut node = Node::start(&home);
     node.wait_log("ready", |v| transition(v, "identity", "Loading", "Ready"));
+    node.wait_running();
     let warning = node.wait_log("donation warning", |v| {
         message_contains(v, "supplier.donated")
     });
@@ -288,6 +289,7 @@ fn frozen_node(dir: &Path, timeout: &str) -> Result<(Mounted, PathBuf, Node), St
     init(&friend, "friend");
     let mut node = Node::start(&home);
     node.wait_log("ready", |v| transition(v, "identity", "Loading", "Ready"));
+    node.wait_running();
     add_peer(&home, &card(&friend));
     Ok((mounted, home, node))
 }

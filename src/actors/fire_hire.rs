@@ -159,16 +159,7 @@ impl Driver for FireHireDriver {
                         confirmed,
                     })
                 }));
-                match self.writer.submit(batch) {
-                    Ok(pending) => {
-                        actix::spawn(async move {
-                            if let Err(e) = pending.await {
-                                tracing::error!(error = %e, "cannot save supplier positions");
-                            }
-                        });
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot save supplier positions"),
-                }
+                super::persist(&self.writer, batch, "cannot save supplier positions");
             }
             fire_hire::Output::StopConnectors => {
                 // The node stops: every connector closes too, keeping its contract.

@@ -14,3 +14,22 @@ pub mod supplier_service;
 
 pub use registry::Registry;
 pub use shell::{Deliver, Driver, Input, Io, Query, Shell, Shutdown};
+
+/// Queues `batch` on the writer thread without waiting; a failure (now or when the write runs)
+/// is logged as `what`. For writes no one waits on (positions, a friend's newer identity).
+pub(crate) fn persist(
+    writer: &crate::store::Writer,
+    batch: crate::store::Batch,
+    what: &'static str,
+) {
+    match writer.submit(batch) {
+        Ok(pending) => {
+            actix::spawn(async move {
+                if let Err(e) = pending.await {
+                    tracing::error!(error = %e, "{what}");
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "{what}"),
+    }
+}

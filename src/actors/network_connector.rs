@@ -27,7 +27,7 @@ use crate::net::link::{InFlight, LinkHandle, NewestKey, TrustPolicy};
 use crate::proto::envelope::Body;
 use crate::proto::{Envelope, IdentityExchange};
 use crate::store::writer::Pending;
-use crate::store::{Batch, KvStore, Writer, WriterError, peers};
+use crate::store::{KvStore, Writer, WriterError, peers};
 
 /// Presence notices waiting to be forwarded (two per friend going down and up again).
 const PRESENCE_QUEUE: usize = 1024;
@@ -282,7 +282,11 @@ impl NetworkConnectorDriver {
         tracing::info!(peer = %peer, revision = identity.revision(), contacts = ?identity.contacts(),
             "peer identity updated");
         let batch = peers::save_batch(identity, entry.label.as_deref(), now);
-        self.persist(batch, "cannot persist the peer's new identity");
+        super::persist(
+            &self.writer,
+            batch,
+            "cannot persist the peer's new identity",
+        );
         self.learn(identity.clone(), None);
         self.publish_policy();
         true
@@ -405,21 +409,6 @@ impl NetworkConnectorDriver {
             .get(peer)
             .and_then(|s| self.sessions.get(s))
             .and_then(|s| s.link.clone())
-    }
-
-    /// Writes `batch` through the writer thread; a failure is logged (the book in memory is
-    /// ahead of the disk until that peer is saved again).
-    fn persist(&self, batch: Batch, what: &'static str) {
-        match self.writer.submit(batch) {
-            Ok(pending) => {
-                actix::spawn(async move {
-                    if let Err(e) = pending.await {
-                        tracing::error!(error = %e, "{what}");
-                    }
-                });
-            }
-            Err(e) => tracing::error!(error = %e, "{what}"),
-        }
     }
 
     fn tell_presence(&mut self, notice: Presence) {

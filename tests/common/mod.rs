@@ -147,6 +147,11 @@ impl Node {
         panic!("no log line for {what}; saw:\n{:#?}", self.seen);
     }
 
+    /// Waits until the node serves its control socket (everything started).
+    pub fn wait_running(&mut self) {
+        self.wait_log("node running", |v| v["message"] == "node running");
+    }
+
     /// Every log line so far (without waiting for more).
     pub fn logs_so_far(&mut self) -> &[serde_json::Value] {
         while let Ok(v) = self.logs.try_recv() {
