@@ -27,6 +27,7 @@ fn init_run_status_reload_and_graceful_stop() {
         transition(v, "identity", "Loading", "Ready")
     });
     let transition_line = node.wait_log("first transition", |v| v["message"] == "transition");
+    node.wait_running();
     for field in ["actor", "id", "from", "event", "to"] {
         assert!(
             transition_line.get(field).is_some(),
@@ -475,9 +476,7 @@ fn running_out_of_descriptors_logs_one_warning_and_status_recovers() {
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
         Ok(())
     });
-    wait_line(&logs, "ready", |v| {
-        transition(v, "identity", "Loading", "Ready")
-    });
+    wait_line(&logs, "running", |v| v["message"] == "node running");
     let socket = home.join("control.sock");
     let mut silent = Vec::new();
     for _ in 0..150 {
