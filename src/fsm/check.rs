@@ -147,14 +147,19 @@ pub fn drive<M: Machine>(machine: M, events: &[M::Event]) -> Result<Instance<M>,
         if M::TERMINAL.contains(&before) {
             return Err(format!("left terminal state {}", before.name()));
         }
-        let row = M::rows()
+        // Some row for this event in that state must lead where the machine went.
+        let mut rows = M::rows()
             .iter()
-            .find(|r| r.event == stepped.event && r.from.contains(&before))
-            .ok_or_else(|| format!("no row for {} in {}", stepped.event.name(), before.name()))?;
-        let allowed = M::rows()
-            .iter()
-            .filter(|r| r.event == row.event && r.from.contains(&before))
-            .any(|r| row_targets(r, before).contains(&stepped.to));
+            .filter(|r| r.event == stepped.event && r.from.contains(&before))
+            .peekable();
+        if rows.peek().is_none() {
+            return Err(format!(
+                "no row for {} in {}",
+                stepped.event.name(),
+                before.name()
+            ));
+        }
+        let allowed = rows.any(|r| row_targets(r, before).contains(&stepped.to));
         if !allowed {
             return Err(format!(
                 "{} led from {} to {}, which no row allows",

@@ -467,14 +467,10 @@ impl Sim {
             format!("n{customer}b"),
         );
         run.start(self.now);
-        let up = self
-            .slots(customer)
+        let up = self.nodes[customer]
+            .sees_up
             .iter()
-            .enumerate()
-            .filter(|(_, s)| {
-                s.is_some_and(|(sup, ok)| ok && self.nodes[customer].sees_up.contains(&sup))
-            })
-            .map(|(p, _)| p as u32)
+            .flat_map(|&supplier| self.positions_of(customer, supplier))
             .collect();
         self.nodes[customer].backup = Some(BackupRun {
             run,
