@@ -40,6 +40,7 @@ pub mod manifest;
 pub mod pack;
 pub mod pad;
 pub mod seal;
+pub mod stored;
 
 use crate::crypto::derive::{BlockKey, ChunkIdKey};
 use ed25519_dalek::SigningKey;
@@ -96,6 +97,8 @@ pub enum DataError {
     Zstd(#[source] std::io::Error),
     #[error("plain block is malformed: {0}")]
     BlockMalformed(&'static str),
+    #[error("stored fragment envelope is malformed")]
+    StoredMalformed,
     #[error("reed-solomon: {0}")]
     Erasure(&'static str),
 }

@@ -4,6 +4,7 @@
 //! the same trait production uses. `Writer` runs synced writes on a thread of its own, so no
 //! actor's event loop ever waits for the disk.
 
+pub mod catalog;
 pub mod codec;
 pub mod contracts;
 pub mod faulty;
