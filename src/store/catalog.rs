@@ -25,8 +25,11 @@ use std::sync::Mutex;
 
 use super::codec::{self, Key, KeyReader, KvPages, Pages, records};
 use super::{Batch, Cf, KeyValue, KvStore, StoreError, jobs};
+use crate::crypto::derive::BlockKey;
 use crate::crypto::identity::NodeId;
 use crate::data::{BlockId, ChunkId};
+use chacha20poly1305::{AeadInPlace, Tag, XNonce};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 /// A snapshot's number: allocated in increasing order, never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -149,6 +152,30 @@ pub enum CatalogError {
     FileKind(i32),
     #[error("a catalog record has an invalid `{0}`")]
     Invalid(&'static str),
+    #[error("not a catalog export (bad magic)")]
+    ExportMagic,
+    #[error("catalog export format version {0} is not supported")]
+    ExportVersion(u8),
+    #[error("catalog export is truncated")]
+    ExportTruncated,
+    #[error("catalog export is corrupt or truncated (checksum mismatch)")]
+    ExportChecksum,
+    #[error("catalog export is malformed: {0}")]
+    ExportFraming(&'static str),
+    #[error("recovery record is truncated")]
+    RecoveryTruncated,
+    #[error("not a recovery record (bad magic)")]
+    RecoveryMagic,
+    #[error("recovery record format version {0} is not supported")]
+    RecoveryVersion(u8),
+    #[error("recovery record is not signed by this owner (or was altered)")]
+    RecoverySignature,
+    #[error("recovery record was sealed with another key")]
+    RecoveryWrongKey,
+    #[error("recovery record failed authentication (corrupted bytes)")]
+    RecoveryCorrupt,
+    #[error("recovery record content is malformed: {0}")]
+    RecoveryMalformed(&'static str),
 }
 
 impl SnapshotId {
@@ -593,6 +620,366 @@ pub fn drop_files(kv: &dyn KvStore, snapshot: SnapshotId) -> Result<(), StoreErr
     Ok(())
 }
 
+// ---- Export and import: the whole catalog as one byte string (what is sealed and placed on the
+// suppliers after each snapshot, and what a recovering node imports).
+//
+// Format v1:
+//   magic "BDCATLG\0" | version u8 = 1
+//   entries, in key order: key length u32 BE | key | value length u32 BE | value
+//   entry count u64 BE | BLAKE3 of every byte before it (32)
+// The checksum makes a cut at an entry boundary, or any flipped byte, visible before a single
+// entry is written; the count is a second check on the framing.
+
+const EXPORT_MAGIC: &[u8; 8] = b"BDCATLG\0";
+const EXPORT_VERSION: u8 = 1;
+const EXPORT_HEADER: usize = EXPORT_MAGIC.len() + 1;
+const EXPORT_TRAILER: usize = 8 + 32;
+/// Entries per batch while importing, and a byte bound, so a large catalog is never one huge
+/// write.
+const IMPORT_BATCH_ENTRIES: usize = 1024;
+const IMPORT_BATCH_BYTES: usize = 4 << 20;
+
+/// Every entry of `Cf::Catalog`, framed (see above). Read a page at a time.
+pub fn export(kv: &dyn KvStore) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(EXPORT_HEADER + EXPORT_TRAILER);
+    out.extend_from_slice(EXPORT_MAGIC);
+    out.push(EXPORT_VERSION);
+    let mut count: u64 = 0;
+    for page in kv.pages(CF, b"", PAGE) {
+        for (k, v) in page? {
+            for field in [&k, &v] {
+                let len = u32::try_from(field.len())
+                    .map_err(|_| StoreError::Db("a catalog entry is over 4 GiB".into()))?;
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(field);
+            }
+            count += 1;
+        }
+    }
+    out.extend_from_slice(&count.to_be_bytes());
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    Ok(out)
+}
+
+/// One length-prefixed field off the front of `rest`.
+fn take_field<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], CatalogError> {
+    let (len, tail) = rest
+        .split_first_chunk::<4>()
+        .ok_or(CatalogError::ExportFraming("a length runs past the end"))?;
+    let len = u32::from_be_bytes(*len) as usize;
+    if tail.len() < len {
+        return Err(CatalogError::ExportFraming("an entry runs past the end"));
+    }
+    let (field, tail) = tail.split_at(len);
+    *rest = tail;
+    Ok(field)
+}
+
+/// Checks the whole framing and returns the entries, borrowed from `bytes`.
+/// An export's entry, borrowed from the export.
+type Entry<'a> = (&'a [u8], &'a [u8]);
+
+fn parse_export(bytes: &[u8]) -> Result<Vec<Entry<'_>>, CatalogError> {
+    if bytes.len() < EXPORT_HEADER {
+        return Err(if EXPORT_MAGIC.starts_with(bytes) {
+            CatalogError::ExportTruncated
+        } else {
+            CatalogError::ExportMagic
+        });
+    }
+    if &bytes[..EXPORT_MAGIC.len()] != EXPORT_MAGIC {
+        return Err(CatalogError::ExportMagic);
+    }
+    let version = bytes[EXPORT_MAGIC.len()];
+    if version != EXPORT_VERSION {
+        return Err(CatalogError::ExportVersion(version));
+    }
+    if bytes.len() < EXPORT_HEADER + EXPORT_TRAILER {
+        return Err(CatalogError::ExportTruncated);
+    }
+    let (covered, sum) = bytes.split_at(bytes.len() - 32);
+    if blake3::hash(covered).as_bytes() != sum {
+        return Err(CatalogError::ExportChecksum);
+    }
+    let (body, count) = covered[EXPORT_HEADER..].split_at(covered.len() - EXPORT_HEADER - 8);
+    let count = u64::from_be_bytes(fixed(count, "count")?);
+    let mut rest = body;
+    let mut entries = Vec::new();
+    while !rest.is_empty() {
+        let k = take_field(&mut rest)?;
+        let v = take_field(&mut rest)?;
+        if k.is_empty() {
+            return Err(CatalogError::ExportFraming("an entry has an empty key"));
+        }
+        entries.push((k, v));
+    }
+    if entries.len() as u64 != count {
+        return Err(CatalogError::ExportFraming(
+            "the entry count does not match the entries",
+        ));
+    }
+    Ok(entries)
+}
+
+/// Writes every entry of an export into `Cf::Catalog`, after checking the whole export: a
+/// corrupt, truncated or unknown-version export is refused with nothing written. Entries go in
+/// bounded batches. The snapshot counter is never lowered: if this store already handed out
+/// higher ids, its counter stays. Returns the number of entries written.
+pub fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
+    let entries = parse_export(bytes)?;
+    let mut written = 0u64;
+    let mut batch = Batch::new();
+    let mut batch_bytes = 0;
+    for (k, v) in entries {
+        if k == COUNTER_KEY && !raises_counter(kv, v)? {
+            continue;
+        }
+        batch.put(CF, k, v);
+        batch_bytes += k.len() + v.len();
+        written += 1;
+        if batch.ops().len() >= IMPORT_BATCH_ENTRIES || batch_bytes >= IMPORT_BATCH_BYTES {
+            kv.write(std::mem::take(&mut batch))?;
+            batch_bytes = 0;
+        }
+    }
+    if !batch.is_empty() {
+        kv.write(batch)?;
+    }
+    Ok(written)
+}
+
+/// Whether an imported counter should replace this store's: only if it is higher (or this
+/// store's is missing or unreadable, in which case `allocate_snapshot` falls back to scanning).
+fn raises_counter(kv: &dyn KvStore, imported: &[u8]) -> Result<bool, StoreError> {
+    let Some(mine) = kv.get(CF, COUNTER_KEY)? else {
+        return Ok(true);
+    };
+    let last = |v: &[u8]| codec::decode::<records::SnapshotCounter>(v).map(|c| c.last);
+    Ok(match (last(&mine), last(imported)) {
+        (Ok(mine), Ok(theirs)) => theirs > mine,
+        (Err(_), _) => true,
+        (Ok(_), Err(_)) => false,
+    })
+}
+
+// ---- The recovery record: a small signed, encrypted record stored whole on every supplier, so
+// that the key file plus any one supplier leads to the catalog and from it to everything.
+//
+// Format v1:
+//   magic "BDRR" | version u8 = 1 | key check value (8) | nonce (24)      = the header
+//   ciphertext of a `records::RecoveryRecordBody` | Poly1305 tag (16)
+//   Ed25519 signature (64) by the owner over RECOVERY_DOMAIN followed by every byte before it
+// Encrypt-then-sign: a supplier (who has the owner's public key but not the recovery key) can
+// check a record comes from the owner before agreeing to keep it, without reading it. The header
+// is the associated data, so its version and nonce cannot be swapped either.
+
+const RECOVERY_MAGIC: &[u8; 4] = b"BDRR";
+const RECOVERY_VERSION: u8 = 1;
+const RECOVERY_HEADER: usize = RECOVERY_MAGIC.len() + 1 + 8 + 24;
+const RECOVERY_TAG: usize = 16;
+const RECOVERY_SIGNATURE: usize = 64;
+/// Keeps a recovery record's signature from being valid as any other signed object of the owner.
+const RECOVERY_DOMAIN: &[u8] = b"bitdust recovery record v1\0";
+
+/// One block of the sealed catalog export, and who holds each of its fragments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogBlock {
+    pub id: BlockId,
+    pub signed_manifest: Vec<u8>,
+    /// One per position; `None` where no supplier holds that fragment.
+    pub suppliers: Vec<Option<NodeId>>,
+}
+
+/// Where the owner's latest catalog is, and who the suppliers are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryRecord {
+    /// Increases with every record; the newest one found wins.
+    pub revision: u64,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub data_shards: u32,
+    pub parity_shards: u32,
+    /// The supplier at each position.
+    pub suppliers: Vec<(u32, NodeId)>,
+    /// The blocks holding the catalog export, in order.
+    pub catalog: Vec<CatalogBlock>,
+    /// Length of the catalog export.
+    pub catalog_len: u64,
+}
+
+fn recovery_body(record: &RecoveryRecord) -> records::RecoveryRecordBody {
+    records::RecoveryRecordBody {
+        revision: record.revision,
+        created_at: record.created_at,
+        data_shards: record.data_shards,
+        parity_shards: record.parity_shards,
+        suppliers: record
+            .suppliers
+            .iter()
+            .map(|(position, node)| records::RecoverySupplier {
+                position: *position,
+                node: node.as_bytes().to_vec(),
+            })
+            .collect(),
+        catalog: record
+            .catalog
+            .iter()
+            .map(|b| records::RecoveryCatalogBlock {
+                id: b.id.0.to_vec(),
+                signed_manifest: b.signed_manifest.clone(),
+                suppliers: b
+                    .suppliers
+                    .iter()
+                    .map(|s| s.map(|n| n.as_bytes().to_vec()).unwrap_or_default())
+                    .collect(),
+            })
+            .collect(),
+        catalog_len: record.catalog_len,
+    }
+}
+
+fn recovery_node(bytes: &[u8]) -> Result<NodeId, CatalogError> {
+    NodeId::try_from(bytes).map_err(|_| CatalogError::RecoveryMalformed("a node id"))
+}
+
+fn recovery_from_body(body: records::RecoveryRecordBody) -> Result<RecoveryRecord, CatalogError> {
+    Ok(RecoveryRecord {
+        revision: body.revision,
+        created_at: body.created_at,
+        data_shards: body.data_shards,
+        parity_shards: body.parity_shards,
+        suppliers: body
+            .suppliers
+            .into_iter()
+            .map(|s| Ok((s.position, recovery_node(&s.node)?)))
+            .collect::<Result<_, CatalogError>>()?,
+        catalog: body
+            .catalog
+            .into_iter()
+            .map(|b| {
+                Ok(CatalogBlock {
+                    id: BlockId(
+                        b.id.as_slice()
+                            .try_into()
+                            .map_err(|_| CatalogError::RecoveryMalformed("a block id"))?,
+                    ),
+                    signed_manifest: b.signed_manifest,
+                    suppliers: b
+                        .suppliers
+                        .iter()
+                        .map(|s| {
+                            if s.is_empty() {
+                                Ok(None)
+                            } else {
+                                recovery_node(s).map(Some)
+                            }
+                        })
+                        .collect::<Result<_, CatalogError>>()?,
+                })
+            })
+            .collect::<Result<_, CatalogError>>()?,
+        catalog_len: body.catalog_len,
+    })
+}
+
+/// Encrypts `record` under `key` (the recovery key), then signs the result with the owner's key.
+/// `nonce` must be random (the caller draws it).
+pub fn seal_recovery(
+    record: &RecoveryRecord,
+    key: &BlockKey,
+    owner: &SigningKey,
+    nonce: [u8; 24],
+) -> Vec<u8> {
+    seal_recovery_bytes(&codec::encode(&recovery_body(record)), key, owner, nonce)
+}
+
+fn seal_recovery_bytes(
+    body: &[u8],
+    key: &BlockKey,
+    owner: &SigningKey,
+    nonce: [u8; 24],
+) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(RECOVERY_HEADER + body.len() + RECOVERY_TAG + RECOVERY_SIGNATURE);
+    out.extend_from_slice(RECOVERY_MAGIC);
+    out.push(RECOVERY_VERSION);
+    out.extend_from_slice(&key.check_value());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(body);
+    let (header, plain) = out.split_at_mut(RECOVERY_HEADER);
+    // Encryption fails only past the cipher's 256 GiB limit; a recovery record is kilobytes.
+    let tag = key
+        .cipher()
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), header, plain)
+        .expect("a recovery record is far below the cipher's message limit");
+    out.extend_from_slice(&tag);
+    let signature = owner.sign(&[RECOVERY_DOMAIN, &out[..]].concat());
+    out.extend_from_slice(&signature.to_bytes());
+    out
+}
+
+/// Checks that `bytes` is a recovery record signed by `owner`, without decrypting it: what a
+/// supplier checks before keeping one. Returns the signed part (header and ciphertext).
+pub fn verify_recovery<'a>(
+    bytes: &'a [u8],
+    owner: &VerifyingKey,
+) -> Result<&'a [u8], CatalogError> {
+    if bytes.len() < RECOVERY_MAGIC.len() + 1 {
+        return Err(if RECOVERY_MAGIC.starts_with(bytes) {
+            CatalogError::RecoveryTruncated
+        } else {
+            CatalogError::RecoveryMagic
+        });
+    }
+    if &bytes[..RECOVERY_MAGIC.len()] != RECOVERY_MAGIC {
+        return Err(CatalogError::RecoveryMagic);
+    }
+    let version = bytes[RECOVERY_MAGIC.len()];
+    if version != RECOVERY_VERSION {
+        return Err(CatalogError::RecoveryVersion(version));
+    }
+    if bytes.len() < RECOVERY_HEADER + RECOVERY_TAG + RECOVERY_SIGNATURE {
+        return Err(CatalogError::RecoveryTruncated);
+    }
+    let (signed, signature) = bytes.split_at(bytes.len() - RECOVERY_SIGNATURE);
+    let signature =
+        Signature::from_slice(signature).map_err(|_| CatalogError::RecoverySignature)?;
+    owner
+        .verify_strict(&[RECOVERY_DOMAIN, signed].concat(), &signature)
+        .map_err(|_| CatalogError::RecoverySignature)?;
+    Ok(signed)
+}
+
+/// Checks the owner's signature, then decrypts and parses a recovery record. Each way it can be
+/// wrong has its own error: truncated, another format version, not the owner's signature, sealed
+/// under another key, corrupted ciphertext, malformed content.
+pub fn open_recovery(
+    bytes: &[u8],
+    key: &BlockKey,
+    owner: &VerifyingKey,
+) -> Result<RecoveryRecord, CatalogError> {
+    let signed = verify_recovery(bytes, owner)?;
+    let (header, sealed) = signed.split_at(RECOVERY_HEADER);
+    if header[RECOVERY_MAGIC.len() + 1..RECOVERY_MAGIC.len() + 9] != key.check_value() {
+        return Err(CatalogError::RecoveryWrongKey);
+    }
+    let nonce = &header[RECOVERY_HEADER - 24..];
+    let (ciphertext, tag) = sealed.split_at(sealed.len() - RECOVERY_TAG);
+    let mut plain = ciphertext.to_vec();
+    key.cipher()
+        .decrypt_in_place_detached(
+            XNonce::from_slice(nonce),
+            header,
+            &mut plain,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| CatalogError::RecoveryCorrupt)?;
+    let body: records::RecoveryRecordBody = codec::decode(&plain)
+        .map_err(|_| CatalogError::RecoveryMalformed("the record does not decode"))?;
+    recovery_from_body(body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1005,5 +1392,356 @@ mod tests {
             block(&kv, &block_id(1)).expect("block"),
             Some(block_entry(1))
         );
+    }
+
+    fn catalog_entries(kv: &dyn KvStore) -> Vec<KeyValue> {
+        kv.scan(CF, b"", None, usize::MAX).expect("scan")
+    }
+
+    /// A catalog with every kind of entry.
+    fn filled() -> MemStore {
+        let kv = MemStore::new();
+        let a = allocate_snapshot(&kv).expect("id");
+        let b = allocate_snapshot(&kv).expect("id");
+        let mut batch = Batch::new();
+        for e in entries() {
+            put_file(&mut batch, a, &e);
+        }
+        for i in 0..600 {
+            put_file(&mut batch, b, &regular(&format!("many/{i}"), i % 4));
+            put_chunk(&mut batch, &chunk(i), &block_id(i / 10));
+        }
+        for n in 0..70 {
+            put_block(&mut batch, &block_entry(n));
+        }
+        commit_snapshot(&mut batch, &snapshot(a.0, "docs"));
+        commit_snapshot(&mut batch, &snapshot(b.0, "photos"));
+        kv.write(batch).expect("write");
+        kv
+    }
+
+    #[test]
+    fn export_then_import_reproduces_every_entry() {
+        let src = filled();
+        let bytes = export(&src).expect("export");
+        let dst = MemStore::new();
+        let n = import(&dst, &bytes).expect("import");
+        let want = catalog_entries(&src);
+        assert_eq!(n, want.len() as u64);
+        assert_eq!(catalog_entries(&dst), want);
+        assert_eq!(
+            export(&dst).expect("export"),
+            bytes,
+            "export is deterministic"
+        );
+        // The imported catalog works through the API, its counter included.
+        assert_eq!(
+            snapshots(&dst).expect("snapshots"),
+            snapshots(&src).expect("snapshots")
+        );
+        assert_eq!(allocate_snapshot(&dst).expect("id"), SnapshotId(3));
+        // An empty catalog exports to a valid, empty export.
+        let empty = export(&MemStore::new()).expect("export");
+        assert_eq!(import(&MemStore::new(), &empty).expect("import"), 0);
+    }
+
+    fn assert_refused(bytes: &[u8], what: &str) -> CatalogError {
+        let dst = MemStore::new();
+        let err = match import(&dst, bytes) {
+            Ok(n) => panic!("{what}: accepted ({n} entries)"),
+            Err(e) => e,
+        };
+        assert!(catalog_entries(&dst).is_empty(), "{what}: wrote entries");
+        err
+    }
+
+    #[test]
+    fn a_corrupt_or_truncated_export_is_refused_with_nothing_written() {
+        let src = MemStore::new();
+        let mut b = Batch::new();
+        for e in entries() {
+            put_file(&mut b, SnapshotId(1), &e);
+        }
+        put_block(&mut b, &block_entry(1));
+        commit_snapshot(&mut b, &snapshot(1, "docs"));
+        src.write(b).expect("write");
+        let bytes = export(&src).expect("export");
+        // Every single flipped byte and every truncation.
+        for at in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x04;
+            assert_refused(&bad, &format!("flip at {at}"));
+        }
+        for cut in 0..bytes.len() {
+            assert_refused(&bytes[..cut], &format!("cut to {cut}"));
+        }
+        assert!(matches!(
+            assert_refused(&bytes[..bytes.len() - 1], "cut"),
+            CatalogError::ExportChecksum
+        ));
+        assert!(matches!(
+            assert_refused(&bytes[..EXPORT_HEADER + 3], "cut"),
+            CatalogError::ExportTruncated
+        ));
+        assert!(matches!(
+            assert_refused(&bytes[..3], "cut"),
+            CatalogError::ExportTruncated
+        ));
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            assert_refused(&bad, "magic"),
+            CatalogError::ExportMagic
+        ));
+        let mut bad = bytes.clone();
+        bad[EXPORT_MAGIC.len()] = 2;
+        assert!(matches!(
+            assert_refused(&bad, "version"),
+            CatalogError::ExportVersion(2)
+        ));
+        // A valid checksum over bad framing (a writer's bug): refused too.
+        let reframe = |body: &[u8], count: u64| {
+            let mut out = EXPORT_MAGIC.to_vec();
+            out.push(EXPORT_VERSION);
+            out.extend_from_slice(body);
+            out.extend_from_slice(&count.to_be_bytes());
+            let sum = blake3::hash(&out);
+            out.extend_from_slice(sum.as_bytes());
+            out
+        };
+        let body = &bytes[EXPORT_HEADER..bytes.len() - EXPORT_TRAILER];
+        let n = catalog_entries(&src).len() as u64;
+        assert_eq!(
+            import(&MemStore::new(), &reframe(body, n)).expect("valid"),
+            n
+        );
+        for (bad, what) in [
+            (reframe(body, n + 1), "count"),
+            (reframe(&body[..body.len() - 1], n), "short entry"),
+            (reframe(&[body, &[0, 0][..]].concat(), n), "short length"),
+            (reframe(&[body, &[0; 8][..]].concat(), n + 1), "empty key"),
+        ] {
+            assert!(
+                matches!(assert_refused(&bad, what), CatalogError::ExportFraming(_)),
+                "{what}"
+            );
+        }
+    }
+
+    /// Records the size of every batch written.
+    #[derive(Default)]
+    struct Batches {
+        inner: MemStore,
+        sizes: Mutex<Vec<usize>>,
+    }
+
+    impl KvStore for Batches {
+        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(cf, key)
+        }
+        fn write(&self, batch: Batch) -> Result<(), StoreError> {
+            self.sizes.lock().expect("lock").push(batch.ops().len());
+            self.inner.write(batch)
+        }
+        fn scan(
+            &self,
+            cf: Cf,
+            prefix: &[u8],
+            from: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Vec<KeyValue>, StoreError> {
+            self.inner.scan(cf, prefix, from, limit)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn import_writes_in_bounded_batches() {
+        let src = MemStore::new();
+        let mut b = Batch::new();
+        for i in 0..(IMPORT_BATCH_ENTRIES as u32 * 2 + 5) {
+            put_chunk(&mut b, &chunk(i), &block_id(i));
+        }
+        src.write(b).expect("write");
+        let dst = Batches::default();
+        let n = import(&dst, &export(&src).expect("export")).expect("import");
+        assert_eq!(n, IMPORT_BATCH_ENTRIES as u64 * 2 + 5);
+        let sizes = dst.sizes.lock().expect("lock").clone();
+        assert_eq!(sizes, vec![IMPORT_BATCH_ENTRIES, IMPORT_BATCH_ENTRIES, 5]);
+    }
+
+    #[test]
+    fn import_never_lowers_the_snapshot_counter() {
+        let src = filled(); // counter at 2
+        let bytes = export(&src).expect("export");
+        let dst = MemStore::new();
+        for _ in 0..50 {
+            allocate_snapshot(&dst).expect("id");
+        }
+        let n = import(&dst, &bytes).expect("import");
+        assert_eq!(n, catalog_entries(&src).len() as u64 - 1, "counter kept");
+        assert_eq!(allocate_snapshot(&dst).expect("id"), SnapshotId(51));
+        // And a higher imported counter is taken.
+        let dst = MemStore::new();
+        allocate_snapshot(&dst).expect("id");
+        import(&dst, &bytes).expect("import");
+        assert_eq!(allocate_snapshot(&dst).expect("id"), SnapshotId(3));
+    }
+
+    fn recovery_record() -> RecoveryRecord {
+        RecoveryRecord {
+            revision: 7,
+            created_at: 1_764_000_000,
+            data_shards: 4,
+            parity_shards: 2,
+            suppliers: (0..6u8).map(|i| (u32::from(i), node(i + 1))).collect(),
+            catalog: vec![
+                CatalogBlock {
+                    id: block_id(1),
+                    signed_manifest: b"MANIFEST-ONE".repeat(10),
+                    suppliers: (0..6u8).map(|i| Some(node(i + 1))).collect(),
+                },
+                CatalogBlock {
+                    id: block_id(2),
+                    signed_manifest: b"MANIFEST-TWO".repeat(10),
+                    suppliers: (0..6u8).map(|i| (i != 2).then(|| node(i + 1))).collect(),
+                },
+            ],
+            catalog_len: 5_000_123,
+        }
+    }
+
+    fn owner(n: u8) -> SigningKey {
+        SigningKey::from_bytes(&[n; 32])
+    }
+
+    /// Re-signs altered bytes with the owner's key: what only the owner (or a bug) could make.
+    fn resign(bytes: &[u8], owner: &SigningKey) -> Vec<u8> {
+        let mut out = bytes[..bytes.len() - RECOVERY_SIGNATURE].to_vec();
+        let signature = owner.sign(&[RECOVERY_DOMAIN, &out[..]].concat());
+        out.extend_from_slice(&signature.to_bytes());
+        out
+    }
+
+    #[test]
+    fn recovery_record_round_trips_and_a_supplier_can_check_it_without_the_key() {
+        let key = BlockKey::from_bytes([5; 32]);
+        let sealed = seal_recovery(&recovery_record(), &key, &owner(1), [9; 24]);
+        assert_eq!(
+            open_recovery(&sealed, &key, &owner(1).verifying_key()).expect("opens"),
+            recovery_record()
+        );
+        // Encrypted: nothing of the content shows.
+        assert!(!sealed.windows(8).any(|w| w == b"MANIFEST"));
+        assert!(!sealed.windows(16).any(|w| w == node(1).as_bytes()));
+        verify_recovery(&sealed, &owner(1).verifying_key()).expect("the owner's");
+        assert!(matches!(
+            verify_recovery(&sealed, &owner(2).verifying_key()),
+            Err(CatalogError::RecoverySignature)
+        ));
+        // A fresh nonce, a different ciphertext.
+        let again = seal_recovery(&recovery_record(), &key, &owner(1), [8; 24]);
+        assert_ne!(again[RECOVERY_HEADER..], sealed[RECOVERY_HEADER..]);
+    }
+
+    #[test]
+    fn each_tampering_of_a_recovery_record_is_refused_with_its_own_error() {
+        let key = BlockKey::from_bytes([5; 32]);
+        let owner1 = owner(1);
+        let public = owner1.verifying_key();
+        let sealed = seal_recovery(&recovery_record(), &key, &owner1, [9; 24]);
+        let open = |b: &[u8]| open_recovery(b, &key, &public);
+
+        // Any flipped byte anywhere is refused.
+        for at in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[at] ^= 0x20;
+            assert!(open(&bad).is_err(), "flip at {at} accepted");
+        }
+        let mut bad = sealed.clone();
+        bad[RECOVERY_HEADER + 3] ^= 1;
+        assert!(
+            matches!(open(&bad), Err(CatalogError::RecoverySignature)),
+            "ciphertext"
+        );
+        let mut bad = sealed.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(
+            matches!(open(&bad), Err(CatalogError::RecoverySignature)),
+            "signature"
+        );
+        assert!(matches!(
+            open_recovery(&sealed, &BlockKey::from_bytes([6; 32]), &public),
+            Err(CatalogError::RecoveryWrongKey)
+        ));
+        assert!(matches!(
+            open_recovery(&sealed, &key, &owner(2).verifying_key()),
+            Err(CatalogError::RecoverySignature)
+        ));
+        // Another owner sealing with our key is not us either.
+        let forged = seal_recovery(&recovery_record(), &key, &owner(2), [9; 24]);
+        assert!(matches!(
+            open(&forged),
+            Err(CatalogError::RecoverySignature)
+        ));
+        // Too short to hold a header, a tag and a signature (a cut inside the magic included).
+        for cut in 0..RECOVERY_HEADER + RECOVERY_TAG + RECOVERY_SIGNATURE {
+            assert!(
+                matches!(open(&sealed[..cut]), Err(CatalogError::RecoveryTruncated)),
+                "cut to {cut}"
+            );
+        }
+        // Long enough, but the signature no longer covers what is left.
+        for cut in [
+            RECOVERY_HEADER + RECOVERY_TAG + RECOVERY_SIGNATURE,
+            sealed.len() - 1,
+        ] {
+            assert!(matches!(
+                open(&sealed[..cut]),
+                Err(CatalogError::RecoverySignature)
+            ));
+        }
+        let mut bad = sealed.clone();
+        bad[RECOVERY_MAGIC.len()] = 2;
+        assert!(matches!(open(&bad), Err(CatalogError::RecoveryVersion(2))));
+        let mut bad = sealed.clone();
+        bad[0] = b'X';
+        assert!(matches!(open(&bad), Err(CatalogError::RecoveryMagic)));
+
+        // Past the signature (bytes only the owner could sign): authentication still holds.
+        let mut bad = sealed.clone();
+        bad[RECOVERY_HEADER + 3] ^= 1;
+        assert!(matches!(
+            open(&resign(&bad, &owner1)),
+            Err(CatalogError::RecoveryCorrupt)
+        ));
+        // Sealed under another key that copies our key's check value.
+        let mut bad = seal_recovery(
+            &recovery_record(),
+            &BlockKey::from_bytes([6; 32]),
+            &owner1,
+            [9; 24],
+        );
+        bad[RECOVERY_MAGIC.len() + 1..RECOVERY_MAGIC.len() + 9].copy_from_slice(&key.check_value());
+        assert!(matches!(
+            open(&resign(&bad, &owner1)),
+            Err(CatalogError::RecoveryCorrupt)
+        ));
+        // Authentic but malformed content: a node id of 15 bytes, a body that is not a record.
+        let mut body = recovery_body(&recovery_record());
+        body.suppliers[0].node.pop();
+        let bad = seal_recovery_bytes(&codec::encode(&body), &key, &owner1, [1; 24]);
+        assert!(matches!(
+            open(&bad),
+            Err(CatalogError::RecoveryMalformed(_))
+        ));
+        let bad = seal_recovery_bytes(b"\x02garbage", &key, &owner1, [1; 24]);
+        assert!(matches!(
+            open(&bad),
+            Err(CatalogError::RecoveryMalformed(_))
+        ));
     }
 }
