@@ -429,9 +429,9 @@ impl<T> Iterator for Records<'_, T> {
 /// the store, and two jobs starting at once must not get one id.
 static ALLOCATE: Mutex<()> = Mutex::new(());
 
-/// A new snapshot id, higher than any handed out before. The counter is written (and flushed)
-/// before the id is returned, so a crash right after cannot hand the same id out again. If the
-/// counter is missing or unreadable, the next id is found from what the catalog holds (committed
+/// A new snapshot id, higher than any handed out before. The counter is written (synced) before
+/// the id is returned, so a crash right after cannot hand the same id out again. If the counter
+/// is missing or unreadable, the next id is found from what the catalog holds (committed
 /// snapshots, trees, running jobs), so it still never collides with an id in use.
 pub fn allocate_snapshot(kv: &dyn KvStore) -> Result<SnapshotId, StoreError> {
     let _one_at_a_time = ALLOCATE.lock().unwrap_or_else(|e| e.into_inner());
@@ -452,12 +452,12 @@ pub fn allocate_snapshot(kv: &dyn KvStore) -> Result<SnapshotId, StoreError> {
     let id = SnapshotId(last)
         .next()
         .ok_or_else(|| StoreError::Db("every snapshot id is used".into()))?;
+    // A store's write is durable when it returns (RocksStore syncs every write), so no flush.
     kv.put(
         CF,
         COUNTER_KEY,
         &codec::encode(&records::SnapshotCounter { last: id.0 }),
     )?;
-    kv.flush()?;
     Ok(id)
 }
 
@@ -676,10 +676,10 @@ fn take_field<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], CatalogError> {
     Ok(field)
 }
 
-/// Checks the whole framing and returns the entries, borrowed from `bytes`.
 /// An export's entry, borrowed from the export.
 type Entry<'a> = (&'a [u8], &'a [u8]);
 
+/// Checks the whole framing and returns the entries, borrowed from `bytes`.
 fn parse_export(bytes: &[u8]) -> Result<Vec<Entry<'_>>, CatalogError> {
     if bytes.len() < EXPORT_HEADER {
         return Err(if EXPORT_MAGIC.starts_with(bytes) {
