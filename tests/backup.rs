@@ -321,3 +321,68 @@ fn a_backup_killed_midway_resumes_and_uploads_each_block_under_one_id() {
     assert_eq!(versions.len(), 1, "{list:#}");
     assert_eq!(versions[0]["bytes"], 16 * (3 << 20), "{list:#}");
 }
+
+#[test]
+fn with_suppliers_away_the_job_waits_then_commits_and_sends_the_rest_when_they_return() {
+    let c = star(6);
+    let mut nodes: Vec<Node> = c.homes.iter().map(|h| Node::start(h)).collect();
+    let hired = wait_all_connected(&c.homes[0], 60);
+    let home_of = |id: &String| c.ids.iter().position(|x| x == id).expect("a friend");
+    // The suppliers of positions 3, 4 and 5 stop: only 3 of the k = 4 needed remain.
+    let away: Vec<usize> = hired[3..].iter().map(home_of).collect();
+    for &i in &away {
+        nodes[i].signal(libc::SIGTERM);
+        assert!(nodes[i].wait_exit().success());
+    }
+    wait_for("three positions down", 30, || {
+        let p = positions(&c.homes[0])?;
+        (p.iter().filter(|(_, state)| state == "Connected").count() == 3).then_some(())
+    });
+    let source = tempfile::tempdir().expect("tempdir");
+    for i in 0..6 {
+        std::fs::write(
+            source.path().join(format!("f{i}.bin")),
+            noise(200 + i, 2 << 20),
+        )
+        .expect("write");
+    }
+    let out = bitdust(
+        &c.homes[0],
+        &["backup", source.path().to_str().expect("utf-8")],
+    );
+    assert!(out.status.success());
+    wait_for("the job waiting for suppliers", 30, || {
+        let job = node_status(&c.homes[0])?.backup.running?;
+        (job.state == "WaitingForSuppliers").then_some(())
+    });
+
+    // Two come back (5 of 6 up): the job commits, one fragment per block waits in the outbox.
+    for &i in &away[..2] {
+        nodes[i] = Node::start(&c.homes[i]);
+    }
+    let result = wait_for("the backup committed", 60, || {
+        node_status(&c.homes[0])?.backup.finished.first().cloned()
+    });
+    assert_eq!(result.outcome, "committed", "{result:?}");
+    let job = node_status(&c.homes[0])
+        .and_then(|s| s.backup.running)
+        .expect("the job still sends what waits");
+    assert_eq!(job.state, "Draining");
+    assert_eq!(job.worst_redundancy, 1, "5 of 6 fragments placed: {job:?}");
+    assert!(job.queued_fragments > 0, "{job:?}");
+    let waiting = placement(&c);
+    assert!(
+        waiting.values().all(|p| p.len() == 5),
+        "5 positions per block while one supplier is away: {waiting:?}"
+    );
+
+    // The last one returns: its fragments are sent, the outbox empties.
+    nodes[away[2]] = Node::start(&c.homes[away[2]]);
+    wait_for("the outbox drained", 60, || {
+        let s = node_status(&c.homes[0])?;
+        s.backup.running.is_none().then_some(())
+    });
+    let after = placement(&c);
+    assert_spread(&after);
+    assert!(files_under(&c.homes[0].join("outbox")).is_empty());
+}

@@ -107,6 +107,9 @@ pub enum BackupInput {
         bytes: u64,
         result: Result<(), String>,
     },
+    /// A catalog block some supplier was away for: its missing fragments are staged in the
+    /// outbox and go out like data fragments when their suppliers return.
+    CatalogPartial(BlockEntry),
 }
 
 /// The catalog as the pipeline reads it: the previous snapshot's entries, and whether a chunk
@@ -170,6 +173,8 @@ pub struct BackupJobDriver {
     progress: Progress,
     catalog_stored: bool,
     done: Option<oneshot::Sender<()>>,
+    /// The result went out (at commit, or at the end).
+    result_published: bool,
     /// Monotonic time of the job's first step (for its duration and rate).
     began: Option<Duration>,
     /// Block records queued and not yet durable.
@@ -373,6 +378,7 @@ impl BackupJobDriver {
         catalog::commit_snapshot(&mut batch, &self.snapshot_record(io.unix_secs()));
         jobs::delete_job(&mut batch, self.snapshot);
         let committed = self.wiring.writer.submit(batch);
+        let me = io.address();
         let upload = CatalogUpload {
             kv: self.wiring.kv.clone(),
             network: self.wiring.network.clone(),
@@ -389,7 +395,11 @@ impl BackupJobDriver {
                     .map_err(|e| format!("cannot commit the snapshot: {e}"))?
                     .await
                     .map_err(|e| format!("cannot commit the snapshot: {e}"))?;
-                upload.run().await
+                let partial = upload.run().await?;
+                for entry in partial {
+                    let _ = me.send(Input(BackupInput::CatalogPartial(entry))).await;
+                }
+                Ok(())
             },
             |driver, result| match result {
                 Ok(()) => {
@@ -401,7 +411,16 @@ impl BackupJobDriver {
         );
     }
 
-    fn publish(&self, machine_state: &str, elapsed: f64) {
+    fn publish(&self, elapsed: f64) {
+        // The shell records the new state before it performs the step's outputs.
+        let machine_state = self
+            .wiring
+            .registry
+            .state_of(
+                <BackupJob as crate::fsm::Machine>::NAME,
+                &self.run.to_string(),
+            )
+            .unwrap_or("Running");
         let t = self
             .pipeline
             .as_ref()
@@ -456,6 +475,21 @@ impl BackupJobDriver {
                 });
             }
         }
+        self.publish_result(name, error, seconds);
+        if let Ok(mut s) = self.wiring.status.lock()
+            && s.running.as_ref().is_some_and(|r| r.run == self.run)
+        {
+            s.running = None;
+        }
+    }
+
+    /// The job's result for `status` and `backup --wait` (once: a committed job that drains its
+    /// outboxes afterwards has reported already).
+    fn publish_result(&mut self, name: &str, error: Option<String>, seconds: f64) {
+        if self.result_published {
+            return;
+        }
+        self.result_published = true;
         let t = &self.totals;
         let result = JobResult {
             run: self.run,
@@ -485,7 +519,6 @@ impl BackupJobDriver {
             outcome = name, files = t.files, bytes = t.bytes, new_bytes = t.new_bytes,
             skipped = self.skipped.len(), "backup finished");
         if let Ok(mut s) = self.wiring.status.lock() {
-            s.running = None;
             s.finished.push(result);
             let excess = s.finished.len().saturating_sub(RESULTS_KEPT);
             s.finished.drain(..excess);
@@ -502,7 +535,7 @@ impl Driver for BackupJobDriver {
     type Query = std::convert::Infallible;
     type Answer = ();
 
-    fn perform(&mut self, output: bj::Output, _machine: &BackupJob, io: &mut Io<'_, Self>) {
+    fn perform(&mut self, output: bj::Output, machine: &BackupJob, io: &mut Io<'_, Self>) {
         let began = *self.began.get_or_insert(io.ctx().now);
         let elapsed = io.ctx().now.saturating_sub(began).as_secs_f64();
         match output {
@@ -521,15 +554,17 @@ impl Driver for BackupJobDriver {
             bj::Output::Progress(progress) => {
                 self.progress = progress;
                 self.flush_dirty(io);
-                let state = self
-                    .wiring
-                    .registry
-                    .state_of(
-                        <BackupJob as crate::fsm::Machine>::NAME,
-                        &self.run.to_string(),
-                    )
-                    .unwrap_or("Running");
-                self.publish(state, elapsed);
+                self.publish(elapsed);
+            }
+            bj::Output::Committed => {
+                tracing::info!(
+                    run = self.run,
+                    queued = self.progress.queued,
+                    "snapshot committed; fragments wait for suppliers that are away"
+                );
+                self.progress = machine.ledger.clone().progress();
+                self.publish(elapsed);
+                self.publish_result("committed", None, elapsed);
             }
             bj::Output::Finished(outcome) => self.finish(outcome, elapsed, io),
         }
@@ -543,6 +578,23 @@ impl Driver for BackupJobDriver {
     ) -> Vec<bj::Event> {
         match input {
             BackupInput::Pipeline(event) => self.on_pipeline(event, io),
+            BackupInput::CatalogPartial(entry) => {
+                let block = entry.id.0;
+                let bytes = entry.plain_len;
+                let placed = entry
+                    .fragments
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| f.supplier.is_some())
+                    .map(|(p, _)| p as u32)
+                    .collect();
+                self.blocks.insert(block, entry);
+                vec![bj::Event::BlockReady {
+                    block,
+                    bytes,
+                    placed,
+                }]
+            }
             BackupInput::Recorded {
                 block,
                 bytes,
@@ -648,7 +700,8 @@ struct CatalogUpload {
 }
 
 impl CatalogUpload {
-    async fn run(self) -> Result<(), String> {
+    /// Returns the catalog blocks with fragments left to place (staged in the outbox).
+    async fn run(self) -> Result<Vec<BlockEntry>, String> {
         let k = self.settings.data_shards as usize;
         let layout = self.settings.layout()?;
         let kv = self.kv.clone();
@@ -676,6 +729,7 @@ impl CatalogUpload {
         .map_err(|e| e.to_string())??;
         let mut blocks = Vec::new();
         let mut entries = Batch::new();
+        let mut partial = Vec::new();
         for block in encoded {
             let mut sends = Vec::new();
             for (position, fragment) in block.fragments.iter().enumerate() {
@@ -730,17 +784,30 @@ impl CatalogUpload {
                 signed_manifest: block.signed_manifest.clone(),
                 suppliers: places.iter().map(|p| p.supplier).collect(),
             });
-            catalog::put_block(
-                &mut entries,
-                &BlockEntry {
-                    id: block.id,
-                    signed_manifest: block.signed_manifest,
-                    data_shards: self.settings.data_shards,
-                    parity_shards: self.settings.parity_shards,
-                    plain_len: block.plain_len as u64,
-                    fragments: places,
-                },
-            );
+            // What did not reach its supplier waits in the outbox, as data fragments do.
+            for (position, fragment) in block.fragments.iter().enumerate() {
+                if places[position].supplier.is_none() {
+                    let stored = data::stored::wrap(&block.signed_manifest, fragment);
+                    places[position].size = stored.len() as u64;
+                    places[position].blake3 = *blake3::hash(&stored).as_bytes();
+                    let path = staged_path(&self.settings.outbox, &block.id, position as u32);
+                    stage(&path, &stored)
+                        .await
+                        .map_err(|e| format!("cannot stage a catalog fragment: {e}"))?;
+                }
+            }
+            let entry = BlockEntry {
+                id: block.id,
+                signed_manifest: block.signed_manifest,
+                data_shards: self.settings.data_shards,
+                parity_shards: self.settings.parity_shards,
+                plain_len: block.plain_len as u64,
+                fragments: places,
+            };
+            catalog::put_block(&mut entries, &entry);
+            if entry.placed() < entry.fragments.len() {
+                partial.push(entry);
+            }
         }
         let record = RecoveryRecord {
             revision: self.revision,
@@ -789,8 +856,24 @@ impl CatalogUpload {
             recovery_copies = stored,
             "catalog and recovery record stored"
         );
-        Ok(())
+        Ok(partial)
     }
+}
+
+/// Writes one staged fragment durably (file and directory synced).
+async fn stage(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let (path, bytes) = (path.to_path_buf(), bytes.to_vec());
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut file = std::fs::File::create(&path)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::File::open(dir)?.sync_all()
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Starts one job; `done` resolves when it finished (however it ended).
@@ -927,6 +1010,7 @@ pub async fn start(
         recording: 0,
         input_done_waiting: false,
         began: None,
+        result_published: false,
     };
     tracing::info!(run, snapshot = record.snapshot.0, source = %driver.spec.source,
         resumed_blocks = resumed_events.len(), "backup started");

@@ -21,7 +21,8 @@ pub type BlockId = [u8; 32];
 
 labels! {
     pub enum State {
-        AtStartup, Running, WaitingForSuppliers, Paused, Committing, Committed, Aborted, Failed,
+        AtStartup, Running, WaitingForSuppliers, Paused, Committing, Draining, Committed, Aborted,
+        Failed,
     }
 }
 
@@ -68,6 +69,8 @@ labels! {
         Cancel,
         /// Report how the job ended (IO).
         Finish,
+        /// Report that the snapshot is committed while fragments still wait for their suppliers.
+        Commit,
         /// Report the figures for `status`.
         Report,
     }
@@ -79,7 +82,7 @@ labels! {
 }
 
 labels! {
-    pub enum Choice { Placing }
+    pub enum Choice { Placing, Drained }
 }
 
 /// How a job ended.
@@ -103,6 +106,9 @@ pub enum Output {
         position: u32,
     },
     SaveCatalog,
+    /// The snapshot is committed; fragments still wait in outboxes (`Finished` follows once they
+    /// are placed, or when the job is stopped and leaves them to the next job).
+    Committed,
     Cancel,
     /// Progress for `status` (on the periodic timer and on each change of state).
     Progress(Progress),
@@ -135,7 +141,8 @@ pub struct Ledger {
     /// Fragments sent to one supplier and not yet acknowledged, at most.
     pub window: usize,
     up: BTreeSet<u32>,
-    /// Unfinished blocks: the positions placed so far.
+    /// Unfinished blocks: the positions placed so far. A block leaves once every position is
+    /// placed, so the ledger's size is bounded by the blocks in flight, not the backup's size.
     placed: BTreeMap<BlockId, BTreeSet<u32>>,
     /// Per position: fragments waiting for the supplier, oldest first.
     outbox: BTreeMap<u32, VecDeque<BlockId>>,
@@ -193,6 +200,12 @@ impl Ledger {
             && self.outbox.values().all(|q| q.len() < self.outbox_limit)
     }
 
+    /// Nothing waits in an outbox and nothing is out for an answer.
+    pub fn drained(&self) -> bool {
+        self.outbox.values().all(VecDeque::is_empty)
+            && self.sending.values().all(BTreeSet::is_empty)
+    }
+
     /// Every block has at least `k` fragments placed, and no fragment is out for an answer.
     pub fn safe_to_commit(&self) -> bool {
         self.input_done
@@ -244,6 +257,7 @@ impl Ledger {
         self.progress.bytes += bytes;
         if placed.len() == self.positions() as usize {
             self.progress.complete += 1;
+            return Vec::new();
         }
         let mut sends = Vec::new();
         for position in 0..self.positions() {
@@ -265,6 +279,7 @@ impl Ledger {
             p.insert(position);
             if p.len() == self.positions() as usize {
                 self.progress.complete += 1;
+                self.placed.remove(&block);
             }
         }
         let mut sends = Vec::new();
@@ -384,6 +399,8 @@ pub struct BackupJob {
     pub progress_every: Duration,
     /// How long a position whose placement failed is held back.
     pub retry_after: Duration,
+    /// The catalog was saved: however the job ends now, the snapshot is committed.
+    pub committed: bool,
 }
 
 impl Default for BackupJob {
@@ -392,6 +409,7 @@ impl Default for BackupJob {
             ledger: Ledger::new(4, 2),
             progress_every: Duration::from_secs(1),
             retry_after: Duration::from_secs(2),
+            committed: false,
         }
     }
 }
@@ -417,6 +435,7 @@ use To::State as Go;
 const WORKING: &[State] = &[Running, WaitingForSuppliers];
 const LIVE: &[State] = &[AtStartup, Running, WaitingForSuppliers, Paused, Committing];
 const PLACING: To<BackupJob> = To::Choose(Choice::Placing);
+const DRAINED: To<BackupJob> = To::Choose(Choice::Drained);
 const NOTE: &[Action] = &[Action::Note, Action::Produce];
 
 static ROWS: &[Row<BackupJob>] = &[
@@ -448,7 +467,52 @@ static ROWS: &[Row<BackupJob>] = &[
     ),
     row(WORKING, EventKind::Pause, Go(Paused), &[]),
     row(&[Paused], EventKind::Continue, PLACING, NOTE),
-    row(&[Committing], EventKind::CatalogSaved, Go(Committed), &[]),
+    row(
+        &[Committing],
+        EventKind::CatalogSaved,
+        DRAINED,
+        &[Action::Note],
+    ),
+    // Committed, with fragments still waiting for suppliers that are away: sent as they return.
+    row(&[Draining], EventKind::Placed, DRAINED, &[Action::Note]),
+    row(
+        &[Draining],
+        EventKind::PlaceFailed,
+        DRAINED,
+        &[Action::Note],
+    ),
+    row(&[Draining], EventKind::SupplierUp, DRAINED, &[Action::Note]),
+    row(
+        &[Draining],
+        EventKind::SupplierDown,
+        DRAINED,
+        &[Action::Note],
+    ),
+    row(
+        &[Draining],
+        EventKind::Timeout,
+        DRAINED,
+        &[Action::Note, Action::Report],
+    ),
+    // Stopped while draining: the snapshot stands; what waits is placed by the next job.
+    row(&[Draining], EventKind::Shutdown, Go(Committed), &[]),
+    row(&[Draining], EventKind::Abort, Go(Committed), &[]),
+    row(&[Draining], EventKind::Fatal, Go(Committed), &[]),
+    // The catalog's own blocks join the ledger here when a supplier was away for them.
+    row(
+        &[Committing],
+        EventKind::BlockReady,
+        To::Stay,
+        &[Action::Note],
+    ),
+    row(&[Committing], EventKind::Placed, To::Stay, &[Action::Note]),
+    row(
+        &[Committing],
+        EventKind::PlaceFailed,
+        To::Stay,
+        &[Action::Note],
+    ),
+    row(&[Committing], EventKind::Timeout, To::Stay, &[Action::Note]),
     row(
         &[Committing],
         EventKind::SupplierUp,
@@ -472,6 +536,10 @@ static ENTRY: &[super::machine::Entry<BackupJob>] = &[
         actions: &[Action::SaveCatalog],
     },
     super::machine::Entry {
+        state: Draining,
+        actions: &[Action::Commit],
+    },
+    super::machine::Entry {
         state: Committed,
         actions: &[Action::Finish],
     },
@@ -485,20 +553,29 @@ static ENTRY: &[super::machine::Entry<BackupJob>] = &[
     },
 ];
 
-static CHOICES: &[ChoiceRow<BackupJob>] = &[ChoiceRow {
-    choice: Choice::Placing,
-    targets: &[
-        (Committing, "input done, every block has k fragments placed"),
-        (WaitingForSuppliers, "fewer than k suppliers up"),
-        (Running, "otherwise"),
-    ],
-}];
+static CHOICES: &[ChoiceRow<BackupJob>] = &[
+    ChoiceRow {
+        choice: Choice::Placing,
+        targets: &[
+            (Committing, "input done, every block has k fragments placed"),
+            (WaitingForSuppliers, "fewer than k suppliers up"),
+            (Running, "otherwise"),
+        ],
+    },
+    ChoiceRow {
+        choice: Choice::Drained,
+        targets: &[
+            (Committed, "every fragment placed"),
+            (Draining, "fragments wait for their suppliers"),
+        ],
+    },
+];
 
 static TIMERS: &[TimerRow<BackupJob>] = &[TimerRow {
     timer: Timer::Progress,
     period: Duration::from_secs(1),
     config: None,
-    states: &[Running, WaitingForSuppliers],
+    states: &[Running, WaitingForSuppliers, Draining],
 }];
 
 impl Machine for BackupJob {
@@ -548,7 +625,14 @@ impl Machine for BackupJob {
         match guard {}
     }
 
-    fn choose(&self, _choice: Choice, _: &Ctx) -> State {
+    fn choose(&self, choice: Choice, _: &Ctx) -> State {
+        if choice == Choice::Drained {
+            return if self.ledger.drained() {
+                Committed
+            } else {
+                Draining
+            };
+        }
         if self.ledger.safe_to_commit() {
             Committing
         } else if self.ledger.suppliers_up() < self.ledger.data_shards as usize {
@@ -591,6 +675,10 @@ impl Machine for BackupJob {
                         self.ledger.supplier_down(*position);
                         Vec::new()
                     }
+                    Event::CatalogSaved => {
+                        self.committed = true;
+                        Vec::new()
+                    }
                     _ => Vec::new(),
                 };
                 Self::place(out, sends);
@@ -599,9 +687,10 @@ impl Machine for BackupJob {
             Action::SaveCatalog => out.push(Output::SaveCatalog),
             Action::Report => out.push(Output::Progress(self.ledger.progress())),
             Action::Cancel => out.push(Output::Cancel),
+            Action::Commit => out.push(Output::Committed),
             Action::Finish => {
                 let outcome = match event {
-                    Event::CatalogSaved => Outcome::Committed,
+                    _ if self.committed => Outcome::Committed,
                     Event::Fatal(why) => Outcome::Failed(why.clone()),
                     Event::Shutdown => Outcome::Interrupted,
                     _ => Outcome::Aborted,
@@ -789,6 +878,17 @@ mod tests {
         assert_eq!(s.to, Committing);
         assert!(s.outputs.contains(&Output::SaveCatalog));
         let s = job.step(&Event::CatalogSaved, &C).expect("saved");
+        assert_eq!(s.to, Draining, "position 5's fragment still waits");
+        assert!(s.outputs.contains(&Output::Committed));
+        let s = job.step(&Event::SupplierUp(5), &C).expect("up");
+        assert_eq!(
+            places(&s),
+            vec![(block, 5)],
+            "sent once its supplier is back"
+        );
+        let s = job
+            .step(&Event::Placed { block, position: 5 }, &C)
+            .expect("placed");
         assert_eq!(s.to, Committed);
         assert!(s.outputs.contains(&Output::Finished(Outcome::Committed)));
     }
@@ -839,6 +939,29 @@ mod tests {
         assert_eq!(places(&s), vec![(block, 4), (block, 5)]);
         assert_eq!(produces(&s), 0, "a resumed block was not asked for");
         job.machine.ledger.check().expect("accounted for");
+    }
+
+    #[test]
+    fn a_job_stopped_while_draining_stays_committed() {
+        let (mut job, _) = started(vec![0, 1, 2, 3, 4]);
+        let block = [8; 32];
+        job.step(
+            &Event::BlockReady {
+                block,
+                bytes: 10,
+                placed: vec![],
+            },
+            &C,
+        );
+        job.step(&Event::InputDone, &C);
+        for position in 0..5 {
+            job.step(&Event::Placed { block, position }, &C);
+        }
+        let s = job.step(&Event::CatalogSaved, &C).expect("saved");
+        assert_eq!(s.to, Draining);
+        let s = job.step(&Event::Shutdown, &C).expect("stop");
+        assert_eq!(s.to, Committed);
+        assert!(s.outputs.contains(&Output::Finished(Outcome::Committed)));
     }
 
     #[test]

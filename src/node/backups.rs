@@ -40,6 +40,9 @@ pub struct Backups {
     wake: Notify,
     next_run: Cell<u64>,
     current: RefCell<Option<Running>>,
+    /// A committed job still sending fragments to suppliers that were away. It is stopped
+    /// before the next job starts, which takes over its outbox.
+    draining: RefCell<Option<Addr<Shell<BackupJobDriver>>>>,
     stopping: Cell<bool>,
 }
 
@@ -67,6 +70,7 @@ impl Backups {
             wake: Notify::new(),
             next_run: Cell::new(1),
             current: RefCell::new(None),
+            draining: RefCell::new(None),
             stopping: Cell::new(false),
         });
         for record in unfinished {
@@ -165,6 +169,10 @@ impl Backups {
                 return;
             }
             let source = job.spec.source.clone();
+            let draining = self.draining.borrow_mut().take();
+            if let Some(addr) = draining {
+                let _ = addr.send(crate::actors::Shutdown).await;
+            }
             match backup_job::start(
                 self.wiring.clone(),
                 job.run,
@@ -181,7 +189,11 @@ impl Backups {
                         addr,
                     });
                     let _ = done.await;
-                    *self.current.borrow_mut() = None;
+                    if let Some(running) = self.current.borrow_mut().take()
+                        && running.addr.connected()
+                    {
+                        *self.draining.borrow_mut() = Some(running.addr);
+                    }
                 }
                 Err(why) => {
                     tracing::error!(run = job.run, source = %source, error = %why,
@@ -206,7 +218,8 @@ impl Backups {
         self.queue.borrow_mut().clear();
         self.wake.notify_one();
         let current = self.current.borrow().as_ref().map(|r| r.addr.clone());
-        if let Some(addr) = current {
+        let draining = self.draining.borrow_mut().take();
+        for addr in current.into_iter().chain(draining) {
             let _ = addr.send(crate::actors::Shutdown).await;
         }
     }

@@ -551,6 +551,8 @@ impl Sim {
                 bj::Output::SaveCatalog => {
                     self.local(node, Duration::from_millis(50), Msg::CatalogSaved)
                 }
+                // The snapshot stands; the job drains its outboxes before `Finished`.
+                bj::Output::Committed => {}
                 bj::Output::Finished(outcome) => {
                     if let Some(b) = self.nodes[node].backup.as_mut() {
                         b.outcome = Some(outcome);
