@@ -598,3 +598,26 @@ fn unreadable_and_changing_files_are_named_and_the_run_completes() {
     assert!(entries.contains_key(&b"ok"[..]) && !entries.contains_key(&b"vanishing"[..]));
     assert_eq!(totals.files, 2);
 }
+
+#[test]
+fn files_waiting_for_the_open_block_are_capped() {
+    // HOLD_MAX + 4 identical tiny files wait for the block holding their one chunk: at HOLD_MAX
+    // that block is closed early, so the last, different file's chunk gets a second block
+    // although all the data would fit in one.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (root, outbox) = (dir.path().join("src"), dir.path().join("outbox"));
+    for n in 0..HOLD_MAX + 4 {
+        write(&root, &format!("same/{n:05}"), b"same bytes");
+    }
+    write(&root, "zz/last", b"other bytes");
+    let (events, totals) = run(settings(&root, &outbox), MemLookup::default());
+    assert_eq!(totals.files, HOLD_MAX as u64 + 5);
+    assert_eq!(totals.new_blocks, 2);
+    let blocks = blocks(&events);
+    assert_eq!(
+        blocks[0].chunks.len(),
+        1,
+        "the first block was closed early"
+    );
+    assert_eq!(blocks[0].chunks[0].1 as usize, b"same bytes".len());
+}

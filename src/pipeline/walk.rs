@@ -1,4 +1,5 @@
-//! The walker thread: walks the tree depth-first in name order, stats every entry (never following
+//! The walker thread: walks the tree depth-first (a directory's entries in name order, its
+//! subdirectories after its other entries), stats every entry (never following
 //! a symlink), reads and chunks changed files, deduplicates, packs new chunks and hands finished
 //! blocks to the encoders, one credit each.
 
@@ -91,8 +92,8 @@ impl Walker {
         shared: Arc<Shared>,
         jobs: SyncSender<Job>,
         items: SyncSender<Item>,
-    ) -> Result<Self, PipelineError> {
-        Ok(Walker {
+    ) -> Self {
+        Walker {
             root: settings.root.clone(),
             excludes: prepared.excludes,
             chunker: prepared.chunker,
@@ -107,7 +108,7 @@ impl Walker {
                 next_seq: 0,
                 held: Vec::new(),
             },
-        })
+        }
     }
 
     pub fn run(mut self) {
