@@ -64,6 +64,9 @@ pub(super) struct Walker {
     root: PathBuf,
     excludes: GlobSet,
     chunker: Chunker,
+    /// The read buffer, allocated once: zeroing 1 MiB per file would cost more than reading a
+    /// small file.
+    buf: Vec<u8>,
     sink: Sink,
 }
 
@@ -97,6 +100,7 @@ impl Walker {
             root: settings.root.clone(),
             excludes: prepared.excludes,
             chunker: prepared.chunker,
+            buf: vec![0; READ_SIZE],
             sink: Sink {
                 keys,
                 lookup,
@@ -254,10 +258,9 @@ impl Walker {
         let mut e = entry(&rel, FileKind::File, &before);
         let mut dep = None;
         let mut read = 0u64;
-        let mut buf = vec![0u8; READ_SIZE];
         loop {
             self.sink.check_halt()?;
-            let n = match file.read(&mut buf) {
+            let n = match file.read(&mut self.buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(err) if err.kind() == ErrorKind::Interrupted => continue,
@@ -271,7 +274,7 @@ impl Walker {
             };
             read += n as u64;
             Counters::add(&self.sink.shared.counters.bytes_read, n as u64);
-            self.chunker.feed(&buf[..n]);
+            self.chunker.feed(&self.buf[..n]);
             while let Some(chunk) = self.chunker.next_chunk() {
                 self.sink.chunk(chunk, &mut e.chunks, &mut dep)?;
             }
