@@ -258,9 +258,16 @@ impl Walker {
         let mut e = entry(&rel, FileKind::File, &before);
         let mut dep = None;
         let mut read = 0u64;
-        loop {
+        // Read no more than the size at open: a file appended to faster than we read (a busy
+        // log) would otherwise keep the walk on it forever. Growth shows in the second stat.
+        let limit = before.size();
+        while read < limit {
             self.sink.check_halt()?;
-            let n = match file.read(&mut self.buf) {
+            let want = self
+                .buf
+                .len()
+                .min(usize::try_from(limit - read).unwrap_or(usize::MAX));
+            let n = match file.read(&mut self.buf[..want]) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(err) if err.kind() == ErrorKind::Interrupted => continue,
