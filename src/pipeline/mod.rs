@@ -327,7 +327,7 @@ impl Pipeline {
             shared.clone(),
             jobs_tx,
             items_tx,
-        )?;
+        );
         spawn("bd-walk".into(), Box::new(move || walker.run()))
             .map_err(|e| on_spawn_error(&shared, e))?;
         Ok(Pipeline { shared })

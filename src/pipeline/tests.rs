@@ -533,8 +533,8 @@ fn an_outbox_that_cannot_be_written_fails_the_run() {
 }
 
 /// A lookup that changes the tree at the moment the walker asks about a file: "vanishing" is
-/// removed just before it is opened, "growing" grows when its first chunk is named (after its
-/// last read).
+/// removed just before it is opened, "growing" grows by 2 MiB when its first chunk is named
+/// (mid-read: a chunk is cut only with 4 MiB at hand).
 struct Meddling {
     root: std::path::PathBuf,
     grown: std::sync::atomic::AtomicBool,
@@ -554,7 +554,7 @@ impl Lookup for Meddling {
                 .append(true)
                 .open(self.root.join("growing"))
                 .expect("open");
-            f.write_all(b" and more").expect("append");
+            f.write_all(&random_bytes(41, 2 * MIB)).expect("append");
         }
         false
     }
@@ -564,7 +564,8 @@ impl Lookup for Meddling {
 fn unreadable_and_changing_files_are_named_and_the_run_completes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (root, outbox) = (dir.path().join("src"), dir.path().join("outbox"));
-    write(&root, "growing", b"first version");
+    let growing = random_bytes(40, 6 * MIB);
+    write(&root, "growing", &growing);
     write(&root, "ok", b"fine");
     write(&root, "vanishing", b"soon gone");
     let lookup = Meddling {
@@ -594,7 +595,32 @@ fn unreadable_and_changing_files_are_named_and_the_run_completes() {
     assert_eq!(named[1].0, "vanishing");
     assert!(named[1].1.starts_with("cannot open"), "{named:?}");
     let entries = files(&events);
-    assert_eq!(entries[&b"growing"[..]].size, b"first version".len() as u64);
+    // Read up to the size at open, no further: the entry is what was read.
+    assert_eq!(entries[&b"growing"[..]].size, growing.len() as u64);
+    assert_eq!(totals.bytes_read, (growing.len() + b"fine".len()) as u64);
     assert!(entries.contains_key(&b"ok"[..]) && !entries.contains_key(&b"vanishing"[..]));
     assert_eq!(totals.files, 2);
+}
+
+#[test]
+fn files_waiting_for_the_open_block_are_capped() {
+    // HOLD_MAX + 4 identical tiny files wait for the block holding their one chunk: at HOLD_MAX
+    // that block is closed early, so the last, different file's chunk gets a second block
+    // although all the data would fit in one.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (root, outbox) = (dir.path().join("src"), dir.path().join("outbox"));
+    for n in 0..HOLD_MAX + 4 {
+        write(&root, &format!("same/{n:05}"), b"same bytes");
+    }
+    write(&root, "zz/last", b"other bytes");
+    let (events, totals) = run(settings(&root, &outbox), MemLookup::default());
+    assert_eq!(totals.files, HOLD_MAX as u64 + 5);
+    assert_eq!(totals.new_blocks, 2);
+    let blocks = blocks(&events);
+    assert_eq!(
+        blocks[0].chunks.len(),
+        1,
+        "the first block was closed early"
+    );
+    assert_eq!(blocks[0].chunks[0].1 as usize, b"same bytes".len());
 }

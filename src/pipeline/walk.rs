@@ -1,4 +1,5 @@
-//! The walker thread: walks the tree depth-first in name order, stats every entry (never following
+//! The walker thread: walks the tree depth-first (a directory's entries in name order, its
+//! subdirectories after its other entries), stats every entry (never following
 //! a symlink), reads and chunks changed files, deduplicates, packs new chunks and hands finished
 //! blocks to the encoders, one credit each.
 
@@ -63,6 +64,9 @@ pub(super) struct Walker {
     root: PathBuf,
     excludes: GlobSet,
     chunker: Chunker,
+    /// The read buffer, allocated once: zeroing 1 MiB per file would cost more than reading a
+    /// small file.
+    buf: Vec<u8>,
     sink: Sink,
 }
 
@@ -91,11 +95,12 @@ impl Walker {
         shared: Arc<Shared>,
         jobs: SyncSender<Job>,
         items: SyncSender<Item>,
-    ) -> Result<Self, PipelineError> {
-        Ok(Walker {
+    ) -> Self {
+        Walker {
             root: settings.root.clone(),
             excludes: prepared.excludes,
             chunker: prepared.chunker,
+            buf: vec![0; READ_SIZE],
             sink: Sink {
                 keys,
                 lookup,
@@ -107,7 +112,7 @@ impl Walker {
                 next_seq: 0,
                 held: Vec::new(),
             },
-        })
+        }
     }
 
     pub fn run(mut self) {
@@ -253,10 +258,16 @@ impl Walker {
         let mut e = entry(&rel, FileKind::File, &before);
         let mut dep = None;
         let mut read = 0u64;
-        let mut buf = vec![0u8; READ_SIZE];
-        loop {
+        // Read no more than the size at open: a file appended to faster than we read (a busy
+        // log) would otherwise keep the walk on it forever. Growth shows in the second stat.
+        let limit = before.size();
+        while read < limit {
             self.sink.check_halt()?;
-            let n = match file.read(&mut buf) {
+            let want = self
+                .buf
+                .len()
+                .min(usize::try_from(limit - read).unwrap_or(usize::MAX));
+            let n = match file.read(&mut self.buf[..want]) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(err) if err.kind() == ErrorKind::Interrupted => continue,
@@ -270,7 +281,7 @@ impl Walker {
             };
             read += n as u64;
             Counters::add(&self.sink.shared.counters.bytes_read, n as u64);
-            self.chunker.feed(&buf[..n]);
+            self.chunker.feed(&self.buf[..n]);
             while let Some(chunk) = self.chunker.next_chunk() {
                 self.sink.chunk(chunk, &mut e.chunks, &mut dep)?;
             }
