@@ -124,6 +124,20 @@ bd() {
     "$BIN" --home "$home" "$@"
 }
 
+# "key=value key=value ..." from two arrays named KEYS and VALUES; "(failed)" when VALUES is empty.
+pairs() {
+    local -n keys_=$1 values_=$2
+    local i joined=()
+    ((${#values_[@]})) || {
+        echo "(failed)"
+        return 0
+    }
+    for i in "${!keys_[@]}"; do
+        joined+=("${keys_[$i]}=${values_[$i]:-n/a}")
+    done
+    echo "${joined[*]}"
+}
+
 # N free TCP ports on 127.0.0.1, below the kernel's ephemeral range (so no outgoing connection
 # takes one before its node binds it), as the tests do.
 free_ports() {
@@ -469,8 +483,9 @@ bitdust_backup() {
     fi
     mapfile -t fields < <(json_fields "$WORK/bitdust-$n.json" "${BD_KEYS[@]}")
     printf -v "BD${n}_S" '%s' "$T_SECS"
+    # shellcheck disable=SC2034 # read through pairs' nameref
     if ((n == 1)); then BD1=("${fields[@]}"); else BD2=("${fields[@]}"); fi
-    log "bitdust #$n: ${T_SECS}s; $(paste -d= <(printf '%s\n' "${BD_KEYS[@]}") <(printf '%s\n' "${fields[@]}") | tr '\n' ' ')"
+    log "bitdust #$n: ${T_SECS}s; $(pairs BD_KEYS fields)"
 }
 
 RESTIC_KEYS=(total_files_processed total_bytes_processed files_new data_added snapshot_id)
@@ -495,8 +510,9 @@ restic_backup() {
     mapfile -t fields < <(json_fields "$WORK/restic-$n.json" "${RESTIC_KEYS[@]}")
     printf -v "R${n}_S" '%s' "$T_SECS"
     printf -v "R${n}_RSS_KB" '%s' "$T_RSS_KB"
+    # shellcheck disable=SC2034 # read through pairs' nameref
     if ((n == 1)); then R1=("${fields[@]}"); else R2=("${fields[@]}"); fi
-    log "restic #$n: ${T_SECS}s; $(paste -d= <(printf '%s\n' "${RESTIC_KEYS[@]}") <(printf '%s\n' "${fields[@]}") | tr '\n' ' ')"
+    log "restic #$n: ${T_SECS}s; $(pairs RESTIC_KEYS fields)"
 }
 
 # The password lives only in this process's environment (restic reads it from there).
@@ -570,11 +586,11 @@ row "restore (issue 9)" "-" "-" "" "not measured yet"
 echo
 echo "  per supplier, MB: ${PER_SUPPLIER[*]}; owner's db: $(mb "$OWNER_DB") MB"
 if ((BD_AVAILABLE)); then
-    echo "  bitdust #1: $(paste -d= <(printf '%s\n' "${BD_KEYS[@]}") <(printf '%s\n' "${BD1[@]:-}") | tr '\n' ' ')"
-    echo "  bitdust #2: $(paste -d= <(printf '%s\n' "${BD_KEYS[@]}") <(printf '%s\n' "${BD2[@]:-}") | tr '\n' ' ')"
+    echo "  bitdust #1: $(pairs BD_KEYS BD1)"
+    echo "  bitdust #2: $(pairs BD_KEYS BD2)"
 fi
-echo "  restic #1:  $(paste -d= <(printf '%s\n' "${RESTIC_KEYS[@]}") <(printf '%s\n' "${R1[@]:-}") | tr '\n' ' ')"
-echo "  restic #2:  $(paste -d= <(printf '%s\n' "${RESTIC_KEYS[@]}") <(printf '%s\n' "${R2[@]:-}") | tr '\n' ' ')"
+echo "  restic #1:  $(pairs RESTIC_KEYS R1)"
+echo "  restic #2:  $(pairs RESTIC_KEYS R2)"
 echo
 
 if ((FAILED)); then
