@@ -204,8 +204,8 @@ try:
 except ValueError:
     print("  (status is not JSON)"); sys.exit(0)
 for x in (s.get("customer") or {}).get("positions") or []:
-    print("  position %s: supplier %s, confirmed %s, contract %s" % (
-        x.get("position"), x.get("supplier"), x.get("confirmed"), x.get("contract")))' || true
+    print("  position %s: supplier %s, confirmed %s, contract %s" % tuple(json.dumps(v) for v in (
+        x.get("position"), x.get("supplier"), x.get("confirmed"), x.get("contract"))))' || true
     else
         jq -r '.customer.positions[]? | "  position \(.position): supplier \(.supplier), confirmed \(.confirmed), contract \(.contract)"' || true
     fi
@@ -521,6 +521,9 @@ export RESTIC_PASSWORD
 export RESTIC_REPOSITORY="$WORK/restic-repo"
 export RESTIC_CACHE_DIR="$WORK/restic-cache"
 restic init >"$WORK/restic-init.out" 2>&1 || die "restic init failed: $(tail -n 3 "$WORK/restic-init.out")"
+# Version 2 repositories compress (restic >= 0.14 creates them by default); say which it is.
+restic cat config >"$WORK/restic-config.json" 2>/dev/null || true
+RESTIC_REPO_VERSION=$(json_fields "$WORK/restic-config.json" version)
 
 # First backups, then the unchanged second ones.
 if ((BD_AVAILABLE)); then bitdust_backup 1; fi
@@ -571,7 +574,7 @@ SECOND_RATIO=$(ratio "$BD2_S" "$R2_S")
 echo
 echo "bitdust vs restic on $TREE: $(mb "$TREE_BYTES") MB in $TREE_FILES files (MB = 10^6 bytes)"
 echo "  $BITDUST_VERSION, owner + $SUPPLIERS loopback suppliers, $DATA_SHARDS data + $PARITY_SHARDS parity"
-echo "  $RESTIC_VERSION, local repository; both on $(nproc) cores, same run, page cache $([[ $WARM == 1 ]] && echo warm || echo as found)"
+echo "  $RESTIC_VERSION, local repository v$RESTIC_REPO_VERSION; both on $(nproc) cores, same run, page cache $([[ $WARM == 1 ]] && echo warm || echo as found)"
 ((BD_AVAILABLE)) || echo "  bitdust backup not available in this build: its columns are n/a"
 echo
 row "" bitdust restic "bd/restic" target
