@@ -7,6 +7,7 @@ pub mod data; // pure backup pipeline: chunk, pack, compress, pad, seal, erasure
 pub mod fsm; // pure state machines: tables, step, timers, diagrams
 pub mod net; // Noise over TCP, framing, envelopes, authenticated links
 pub mod node; // config, home directory, logging, control socket, signals, `run`
+pub mod pipeline; // the pipeline's IO edge: walk, read, seal on worker threads, stage fragments
 pub mod proto; // prost types for the wire protocol and documents
 pub mod sim; // deterministic multi-node simulation of the machines (virtual clock, seeded RNG)
 pub mod store; // RocksDB (and in-memory) key-value store with column families

@@ -63,6 +63,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Back up directories (default: the configured [[backup.sources]]) through the running node
+    Backup {
+        /// Directories to back up
+        paths: Vec<PathBuf>,
+        /// Wait until the backup is committed, with a progress bar on a terminal
+        #[arg(long)]
+        wait: bool,
+        /// Print the result as one JSON document
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the backed-up sources and their versions
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage trusted friends
     Peer {
         #[command(subcommand)]
@@ -209,6 +225,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { json } => status(&home, json),
+        Command::Backup { paths, wait, json } => backup(&home, paths, wait, json),
+        Command::List { json } => list(&home, json),
         Command::Peer {
             command: PeerCommand::Add { card, name },
         } => peer_add(&home, card, name),
@@ -453,4 +471,181 @@ fn render_status(status: &NodeStatus) -> String {
         let _ = writeln!(out, "\ncounters: {}", parts.join(" "));
     }
     out
+}
+
+/// `bitdust backup`: asks the node to back up, then (with `--wait`) follows the job until it
+/// ended. Exit status 0 only when every asked-for backup committed.
+fn backup(home: &Home, paths: Vec<PathBuf>, wait: bool, json: bool) -> anyhow::Result<()> {
+    let mut absolute = Vec::new();
+    for path in &paths {
+        let resolved = std::fs::canonicalize(path)
+            .with_context(|| format!("cannot back up {}", path.display()))?;
+        if !resolved.is_dir() {
+            bail!("cannot back up {}: not a directory", path.display());
+        }
+        absolute.push(resolved);
+    }
+    let request = Request::Backup {
+        paths: absolute.iter().map(|p| p.display().to_string()).collect(),
+    };
+    let data = call(home, &request)?;
+    let runs: Vec<u64> = serde_json::from_value(data["runs"].clone())
+        .context("the node answered with run numbers this version cannot read")?;
+    if !wait {
+        if json {
+            println!("{}", serde_json::json!({ "runs": runs }));
+        } else {
+            println!("backup queued (run {runs:?}); follow it with `bitdust status`");
+        }
+        return Ok(());
+    }
+    let total: u64 = absolute.iter().map(|p| tree_size(p)).sum();
+    let results = follow_backup(home, &runs, total, !json)?;
+    let failed = results.iter().filter(|r| r.outcome != "committed").count();
+    if json {
+        let doc = if results.len() == 1 {
+            serde_json::to_value(&results[0])?
+        } else {
+            serde_json::json!({ "results": results })
+        };
+        println!("{doc}");
+    } else {
+        for r in &results {
+            println!(
+                "{}: {} (snapshot {}): {} files, {} read, {} new in {} blocks, {:.1} s",
+                r.source,
+                r.outcome,
+                r.snapshot,
+                r.files,
+                ByteSize(r.bytes_read),
+                ByteSize(r.new_bytes),
+                r.new_blocks,
+                r.seconds
+            );
+            if let Some(e) = &r.error {
+                println!("  error: {e}");
+            }
+            for s in &r.skipped {
+                println!("  not backed up: {} ({})", s.path, s.reason);
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} backup(s) did not commit");
+    }
+    Ok(())
+}
+
+/// Bytes of regular files under `root` (symlinks not followed): the progress bar's total.
+fn tree_size(root: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(entry.path()),
+                Ok(t) if t.is_file() => total += entry.metadata().map_or(0, |m| m.len()),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// Polls the node's status until every run in `runs` has a result.
+fn follow_backup(
+    home: &Home,
+    runs: &[u64],
+    total: u64,
+    show: bool,
+) -> anyhow::Result<Vec<bitdust::actors::status::JobResult>> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal as _;
+    let bar = if show && std::io::stderr().is_terminal() {
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {wide_msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    loop {
+        let data = call(home, &Request::Status)?;
+        let status: NodeStatus = serde_json::from_value(data)
+            .context("the node answered with a status this version cannot read")?;
+        let results: Vec<_> = runs
+            .iter()
+            .filter_map(|run| status.backup.finished.iter().find(|r| r.run == *run))
+            .cloned()
+            .collect();
+        if results.len() == runs.len() {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            return Ok(results);
+        }
+        if let (Some(bar), Some(job)) = (&bar, &status.backup.running) {
+            bar.set_position(job.bytes.min(total));
+            bar.set_message(format!(
+                "{} {} files, {} new, {}/{} blocks placed{}",
+                job.state,
+                job.files,
+                ByteSize(job.new_bytes),
+                job.blocks_complete,
+                job.blocks,
+                if job.queued_fragments > 0 {
+                    format!(", {} fragments waiting for suppliers", job.queued_fragments)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// `bitdust list`: the versions in the catalog, from the running node or the database.
+fn list(home: &Home, json: bool) -> anyhow::Result<()> {
+    let data = match call_if_running(home, &Request::List)? {
+        Some(data) => data,
+        None => {
+            let _lock = home.lock()?;
+            let store = bitdust::store::RocksStore::open(&home.db_dir())?;
+            bitdust::node::run::list_json(&bitdust::store::catalog::snapshots(&store)?)
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let versions = data["versions"].as_array().cloned().unwrap_or_default();
+    if versions.is_empty() {
+        println!("no backups yet");
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:>8}  {:<20} {:>8} {:>10} {:>10}",
+        "SOURCE", "VERSION", "DATE (UTC)", "FILES", "SIZE", "NEW"
+    );
+    for v in versions {
+        let when = std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(v["finished_at"].as_u64().unwrap_or(0));
+        println!(
+            "{:<40} {:>8}  {:<20} {:>8} {:>10} {:>10}",
+            v["source"].as_str().unwrap_or("?"),
+            v["snapshot"].as_u64().unwrap_or(0),
+            humantime::format_rfc3339_seconds(when).to_string(),
+            v["files"].as_u64().unwrap_or(0),
+            ByteSize(v["bytes"].as_u64().unwrap_or(0)).to_string(),
+            ByteSize(v["new_bytes"].as_u64().unwrap_or(0)).to_string(),
+        );
+    }
+    Ok(())
 }

@@ -37,18 +37,22 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("data", &["data", "crypto"]),
     ("crypto", &["crypto", "proto"]),
     ("net", &["net", "proto", "crypto", "unix_now"]),
-    ("store", &["store", "proto", "crypto", "unix_now"]),
+    // The catalog names chunks and blocks by the pure pipeline's id types.
+    ("store", &["store", "proto", "crypto", "data", "unix_now"]),
+    // The pipeline's IO edge: runs the pure stages, reads the catalog's types.
+    ("pipeline", &["pipeline", "data", "crypto", "store"]),
     ("sim", &["sim", "fsm", "crypto"]),
     (
         "actors",
         &[
-            "actors", "fsm", "data", "net", "store", "crypto", "proto", "labels", "unix_now",
+            "actors", "fsm", "data", "pipeline", "net", "store", "crypto", "proto", "labels",
+            "unix_now",
         ],
     ),
     (
         "node",
         &[
-            "node", "actors", "fsm", "net", "store", "crypto", "proto", "unix_now",
+            "node", "actors", "fsm", "data", "net", "store", "crypto", "proto", "unix_now",
         ],
     ),
 ];

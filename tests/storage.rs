@@ -24,65 +24,6 @@ fn set_donated(home: &Path, size: &str) {
     std::fs::write(&path, format!("{before}donated = \"{size}\"{rest}")).expect("write");
 }
 
-/// Positions on the customer: (supplier, contract state).
-fn positions(home: &Path) -> Option<Vec<(Option<String>, String)>> {
-    let status = node_status(home)?;
-    Some(
-        status
-            .customer
-            .positions
-            .into_iter()
-            .map(|p| (p.supplier, p.contract))
-            .collect(),
-    )
-}
-
-/// Waits until every position is held, Connected, by distinct suppliers; returns them.
-fn wait_all_connected(home: &Path, secs: u64) -> Vec<String> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    let mut last = None;
-    while std::time::Instant::now() < deadline {
-        if let Some(p) = positions(home) {
-            let suppliers: Vec<String> = p
-                .iter()
-                .filter_map(|(s, c)| (c == "Connected").then_some(s.clone()).flatten())
-                .collect();
-            if suppliers.len() == p.len() {
-                return suppliers;
-            }
-            last = Some(p);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!(
-        "positions not all connected after {secs}s: {last:?}\n{:#}",
-        try_status(home).unwrap_or_default()
-    );
-}
-
-/// A customer (node 0) and `friends` friends who trust it and whom it trusts.
-fn star(friends: usize) -> Cluster {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let homes: Vec<_> = (0..=friends)
-        .map(|i| dir.path().join(format!("n{i}")))
-        .collect();
-    let ids: Vec<String> = homes
-        .iter()
-        .enumerate()
-        .map(|(i, h)| init(h, &format!("node{i}")))
-        .collect();
-    let customer_card = card(&homes[0]);
-    for home in &homes[1..] {
-        add_peer(&homes[0], &card(home));
-        add_peer(home, &customer_card);
-    }
-    Cluster {
-        _dir: dir,
-        homes,
-        ids,
-    }
-}
-
 #[test]
 fn customer_hires_one_supplier_per_position_and_replaces_one_that_leaves() {
     let c = star(7);

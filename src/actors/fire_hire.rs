@@ -37,9 +37,21 @@ pub fn load_contracts(kv: &dyn KvStore) -> Vec<(u32, NodeId)> {
     })
 }
 
+/// A position's supplier came up (its contract is confirmed and its session open) or went down.
+/// Sent to every subscriber (the backup job) as connectors report.
+#[derive(Message, Clone, Copy, Debug, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub struct PositionNews {
+    pub position: u32,
+    pub supplier: NodeId,
+    pub up: bool,
+}
+
 pub enum FireHireInput {
     /// A connector's news.
     Report { instance: u64, report: Report },
+    /// Hear of positions going up and down from now on.
+    Subscribe(Recipient<PositionNews>),
     /// Replace the supplier at a position (monitor or operator).
     Fire { position: u32 },
 }
@@ -58,6 +70,7 @@ pub struct FireHireDriver {
     registry: Registry,
     /// Running connectors by instance id (a position may have a leaving one and its successor).
     connectors: BTreeMap<u64, Addr<Shell<SupplierConnectorDriver>>>,
+    subscribers: Vec<Recipient<PositionNews>>,
 }
 
 impl FireHireDriver {
@@ -73,6 +86,7 @@ impl FireHireDriver {
             network,
             registry,
             connectors: BTreeMap::new(),
+            subscribers: Vec::new(),
         }
     }
 
@@ -176,13 +190,36 @@ impl Driver for FireHireDriver {
     fn input(
         &mut self,
         input: FireHireInput,
-        _machine: &FireHire,
+        machine: &FireHire,
         _io: &mut Io<'_, Self>,
     ) -> Vec<fire_hire::Event> {
         match input {
+            FireHireInput::Subscribe(to) => {
+                self.subscribers.push(to);
+                Vec::new()
+            }
             FireHireInput::Report { instance, report } => {
                 if report == Report::Closed {
                     self.connectors.remove(&instance);
+                }
+                // Only the connector holding a position speaks for it (not one leaving).
+                let holder = machine.slots.iter().enumerate().find_map(|(p, slot)| {
+                    slot.filter(|h| h.instance == instance)
+                        .map(|h| (p as u32, h.supplier))
+                });
+                if let Some((position, supplier)) = holder {
+                    self.subscribers.retain(|s| s.connected());
+                    let news = PositionNews {
+                        position,
+                        supplier,
+                        up: report == Report::Connected,
+                    };
+                    for to in &self.subscribers {
+                        let to = to.clone();
+                        actix::spawn(async move {
+                            let _ = to.send(news).await;
+                        });
+                    }
                 }
                 vec![fire_hire::Event::Report { instance, report }]
             }

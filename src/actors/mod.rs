@@ -1,6 +1,7 @@
 //! Actors: one generic actix shell (`shell::Shell`) runs a pure machine from `fsm` and hands its
 //! outputs to a `Driver` that does the IO. Actix knowledge stays in this module.
 
+pub mod backup_job;
 pub mod fire_hire;
 pub mod identity;
 pub mod network_connector;

@@ -31,6 +31,71 @@ pub struct NodeStatus {
     /// counters, so it answers even while the disk is frozen).
     #[serde(default)]
     pub disk: Option<DiskStatus>,
+    #[serde(default)]
+    pub backup: BackupStatus,
+}
+
+/// Backups: the job running now and the latest results (newest last).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct BackupStatus {
+    pub running: Option<JobStatus>,
+    /// Jobs asked for and not started yet.
+    pub queued: Vec<String>,
+    pub finished: Vec<JobResult>,
+}
+
+/// A running backup job's figures.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct JobStatus {
+    /// The job's number (increasing per node run; `backup --wait` waits for its own).
+    pub run: u64,
+    pub snapshot: u64,
+    pub source: String,
+    pub state: String,
+    pub files: u64,
+    pub bytes_read: u64,
+    /// Bytes of the files seen so far (read or unchanged).
+    pub bytes: u64,
+    /// Bytes of new chunks (after deduplication).
+    pub new_bytes: u64,
+    pub blocks: u64,
+    /// Blocks with every fragment placed.
+    pub blocks_complete: u64,
+    /// Fragments waiting in an outbox for their supplier.
+    pub queued_fragments: u64,
+    /// Least redundancy of any block so far: fragments placed minus k.
+    pub worst_redundancy: i64,
+    pub started_at: u64,
+    pub elapsed_secs: f64,
+}
+
+/// How a backup job ended.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct JobResult {
+    pub run: u64,
+    pub snapshot: u64,
+    pub source: String,
+    /// `committed`, `aborted`, `failed` or `interrupted` (resumed at the next start).
+    pub outcome: String,
+    pub error: Option<String>,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub bytes_read: u64,
+    pub new_bytes: u64,
+    pub new_blocks: u64,
+    pub seconds: f64,
+    /// Files not backed up (or backed up while changing), with why.
+    pub skipped: Vec<SkippedFile>,
+    /// The catalog and the recovery record reached the suppliers.
+    pub catalog_stored: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SkippedFile {
+    pub path: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -29,8 +29,9 @@ events! {
     pub enum Event / EventKind {
         /// Begin, with the positions whose suppliers are up now.
         Start { up: Vec<u32> },
-        /// The pipeline produced a block; its fragments are staged.
-        BlockReady { block: BlockId, bytes: u64 },
+        /// The pipeline produced a block; its fragments are staged. `placed`: positions already
+        /// acknowledged (a block resumed after a restart).
+        BlockReady { block: BlockId, bytes: u64, placed: Vec<u32> },
         /// The pipeline has no more blocks.
         InputDone,
         /// A supplier acknowledged a fragment.
@@ -73,7 +74,8 @@ labels! {
 }
 
 labels! {
-    pub enum Timer { Progress }
+    /// `Retry`: a position whose placement failed is held back until then.
+    pub enum Timer { Progress, Retry }
 }
 
 labels! {
@@ -139,6 +141,9 @@ pub struct Ledger {
     outbox: BTreeMap<u32, VecDeque<BlockId>>,
     /// Per position: fragments sent and not yet answered.
     sending: BTreeMap<u32, BTreeSet<BlockId>>,
+    /// Positions whose last placement failed: nothing is sent to them until the retry timer
+    /// (or news that the supplier is back), so a refusing supplier is not asked in a loop.
+    held: BTreeSet<u32>,
     /// Blocks the pipeline was asked for and has not delivered.
     producing: usize,
     pub input_done: bool,
@@ -157,6 +162,7 @@ impl Ledger {
             placed: BTreeMap::new(),
             outbox: BTreeMap::new(),
             sending: BTreeMap::new(),
+            held: BTreeSet::new(),
             producing: 0,
             input_done: false,
             progress: Progress::default(),
@@ -200,7 +206,7 @@ impl Ledger {
 
     /// Sends what the window allows from `position`'s outbox.
     fn drain(&mut self, position: u32, out: &mut Vec<(BlockId, u32)>) {
-        if !self.up.contains(&position) {
+        if !self.up.contains(&position) || self.held.contains(&position) {
             return;
         }
         let sending = self.sending.entry(position).or_default();
@@ -215,20 +221,38 @@ impl Ledger {
     }
 
     /// A new block: every fragment goes to its position's outbox, then out as windows allow.
-    pub fn block_ready(&mut self, block: BlockId, bytes: u64) -> Vec<(BlockId, u32)> {
-        self.producing = self.producing.saturating_sub(1);
+    pub fn block_ready(
+        &mut self,
+        block: BlockId,
+        bytes: u64,
+        already: &[u32],
+    ) -> Vec<(BlockId, u32)> {
+        // A resumed block was not asked for.
+        if already.is_empty() {
+            self.producing = self.producing.saturating_sub(1);
+        }
         // A block announced twice (a driver retrying) is placed once.
         if self.placed.contains_key(&block) {
             return Vec::new();
         }
-        self.placed.insert(block, BTreeSet::new());
+        let placed: BTreeSet<u32> = already
+            .iter()
+            .copied()
+            .filter(|p| *p < self.positions())
+            .collect();
         self.progress.blocks += 1;
         self.progress.bytes += bytes;
+        if placed.len() == self.positions() as usize {
+            self.progress.complete += 1;
+        }
         let mut sends = Vec::new();
         for position in 0..self.positions() {
-            self.outbox.entry(position).or_default().push_back(block);
-            self.drain(position, &mut sends);
+            if !placed.contains(&position) {
+                self.outbox.entry(position).or_default().push_back(block);
+                self.drain(position, &mut sends);
+            }
         }
+        self.placed.insert(block, placed);
         sends
     }
 
@@ -248,21 +272,34 @@ impl Ledger {
         sends
     }
 
-    pub fn place_failed(&mut self, block: BlockId, position: u32) -> Vec<(BlockId, u32)> {
+    /// The fragment goes back to the front of its outbox and the position is held until
+    /// [`Ledger::release`]. Returns whether anything was held (the caller sets the retry timer).
+    pub fn place_failed(&mut self, block: BlockId, position: u32) -> bool {
         if self
             .sending
             .get_mut(&position)
             .is_some_and(|s| s.remove(&block))
         {
             self.outbox.entry(position).or_default().push_front(block);
+            self.held.insert(position);
+            return true;
         }
+        false
+    }
+
+    /// Every held position may be sent to again.
+    pub fn release(&mut self) -> Vec<(BlockId, u32)> {
+        let held = std::mem::take(&mut self.held);
         let mut sends = Vec::new();
-        self.drain(position, &mut sends);
+        for position in held {
+            self.drain(position, &mut sends);
+        }
         sends
     }
 
     pub fn supplier_up(&mut self, position: u32) -> Vec<(BlockId, u32)> {
         self.up.insert(position);
+        self.held.remove(&position);
         let mut sends = Vec::new();
         self.drain(position, &mut sends);
         sends
@@ -345,6 +382,8 @@ impl Ledger {
 pub struct BackupJob {
     pub ledger: Ledger,
     pub progress_every: Duration,
+    /// How long a position whose placement failed is held back.
+    pub retry_after: Duration,
 }
 
 impl Default for BackupJob {
@@ -352,6 +391,7 @@ impl Default for BackupJob {
         BackupJob {
             ledger: Ledger::new(4, 2),
             progress_every: Duration::from_secs(1),
+            retry_after: Duration::from_secs(2),
         }
     }
 }
@@ -387,13 +427,19 @@ static ROWS: &[Row<BackupJob>] = &[
     row(WORKING, EventKind::PlaceFailed, PLACING, NOTE),
     row(WORKING, EventKind::SupplierUp, PLACING, NOTE),
     row(WORKING, EventKind::SupplierDown, PLACING, NOTE),
-    row(WORKING, EventKind::Timeout, To::Stay, &[Action::Report]),
+    row(
+        WORKING,
+        EventKind::Timeout,
+        PLACING,
+        &[Action::Note, Action::Produce, Action::Report],
+    ),
     // While paused the ledger still hears of acks and presence; nothing new is produced.
     row(&[Paused], EventKind::BlockReady, To::Stay, &[Action::Note]),
     row(&[Paused], EventKind::InputDone, To::Stay, &[Action::Note]),
     row(&[Paused], EventKind::Placed, To::Stay, &[Action::Note]),
     row(&[Paused], EventKind::PlaceFailed, To::Stay, &[Action::Note]),
     row(&[Paused], EventKind::SupplierUp, To::Stay, &[Action::Note]),
+    row(&[Paused], EventKind::Timeout, To::Stay, &[Action::Note]),
     row(
         &[Paused],
         EventKind::SupplierDown,
@@ -512,7 +558,7 @@ impl Machine for BackupJob {
         }
     }
 
-    fn apply(&mut self, action: Action, event: &Event, _: &Ctx, out: &mut Out<Self>) {
+    fn apply(&mut self, action: Action, event: &Event, ctx: &Ctx, out: &mut Out<Self>) {
         match action {
             Action::Note => {
                 let sends = match event {
@@ -523,15 +569,23 @@ impl Machine for BackupJob {
                         }
                         sends
                     }
-                    Event::BlockReady { block, bytes } => self.ledger.block_ready(*block, *bytes),
+                    Event::BlockReady {
+                        block,
+                        bytes,
+                        placed,
+                    } => self.ledger.block_ready(*block, *bytes, placed),
                     Event::InputDone => {
                         self.ledger.input_done();
                         Vec::new()
                     }
                     Event::Placed { block, position } => self.ledger.placed(*block, *position),
                     Event::PlaceFailed { block, position } => {
-                        self.ledger.place_failed(*block, *position)
+                        if self.ledger.place_failed(*block, *position) {
+                            out.set_timer(Timer::Retry, ctx.now + self.retry_after);
+                        }
+                        Vec::new()
                     }
+                    Event::Timeout(Timer::Retry) => self.ledger.release(),
                     Event::SupplierUp(position) => self.ledger.supplier_up(*position),
                     Event::SupplierDown(position) => {
                         self.ledger.supplier_down(*position);
@@ -576,10 +630,12 @@ impl Machine for BackupJob {
             Event::BlockReady {
                 block: a,
                 bytes: 100,
+                placed: vec![],
             },
             Event::BlockReady {
                 block: b,
                 bytes: 100,
+                placed: vec![0, 2],
             },
             Event::InputDone,
             Event::Placed {
@@ -606,6 +662,7 @@ impl Machine for BackupJob {
             Event::Continue,
             Event::Abort,
             Event::Timeout(Timer::Progress),
+            Event::Timeout(Timer::Retry),
             Event::Shutdown,
         ]
     }
@@ -652,6 +709,7 @@ mod tests {
                 &Event::BlockReady {
                     block: [1; 32],
                     bytes: 10,
+                    placed: vec![],
                 },
                 &C,
             )
@@ -670,7 +728,14 @@ mod tests {
         let (mut job, _) = started(vec![0, 1, 2, 3, 4]);
         let block = [7; 32];
         let s = job
-            .step(&Event::BlockReady { block, bytes: 10 }, &C)
+            .step(
+                &Event::BlockReady {
+                    block,
+                    bytes: 10,
+                    placed: vec![],
+                },
+                &C,
+            )
             .expect("ready");
         assert!(
             !places(&s).iter().any(|(_, p)| *p == 5),
@@ -699,7 +764,14 @@ mod tests {
     fn commits_once_every_block_has_k_placed_and_nothing_is_out() {
         let (mut job, _) = started(vec![0, 1, 2, 3, 4]);
         let block = [9; 32];
-        job.step(&Event::BlockReady { block, bytes: 10 }, &C);
+        job.step(
+            &Event::BlockReady {
+                block,
+                bytes: 10,
+                placed: vec![],
+            },
+            &C,
+        );
         job.step(&Event::InputDone, &C);
         for position in 0..3 {
             let s = job
@@ -725,16 +797,48 @@ mod tests {
     fn a_failed_placement_is_retried_and_a_lost_supplier_requeues_what_was_out() {
         let (mut job, _) = started((0..6).collect());
         let block = [3; 32];
-        job.step(&Event::BlockReady { block, bytes: 10 }, &C);
+        job.step(
+            &Event::BlockReady {
+                block,
+                bytes: 10,
+                placed: vec![],
+            },
+            &C,
+        );
         let s = job
             .step(&Event::PlaceFailed { block, position: 2 }, &C)
             .expect("failed");
-        assert_eq!(places(&s), vec![(block, 2)], "sent again at once");
+        assert!(places(&s).is_empty(), "not asked again in a loop");
+        let s = job.step(&Event::Timeout(Timer::Retry), &C).expect("retry");
+        assert_eq!(
+            places(&s),
+            vec![(block, 2)],
+            "sent again after the retry delay"
+        );
         job.step(&Event::SupplierDown(4), &C);
         job.machine.ledger.check().expect("accounted for");
         assert_eq!(job.machine.ledger.progress().queued, 1);
         let s = job.step(&Event::SupplierUp(4), &C).expect("up");
         assert_eq!(places(&s), vec![(block, 4)]);
+    }
+
+    #[test]
+    fn a_resumed_block_sends_only_what_was_not_acknowledged() {
+        let (mut job, _) = started((0..6).collect());
+        let block = [4; 32];
+        let s = job
+            .step(
+                &Event::BlockReady {
+                    block,
+                    bytes: 10,
+                    placed: vec![0, 1, 2, 3],
+                },
+                &C,
+            )
+            .expect("resumed");
+        assert_eq!(places(&s), vec![(block, 4), (block, 5)]);
+        assert_eq!(produces(&s), 0, "a resumed block was not asked for");
+        job.machine.ledger.check().expect("accounted for");
     }
 
     #[test]

@@ -27,6 +27,13 @@ const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Back up these absolute paths (none: the configured sources); answers the run numbers.
+    Backup {
+        #[serde(default)]
+        paths: Vec<String>,
+    },
+    /// The catalog's versions.
+    List,
     PeerAdd {
         card: String,
         #[serde(default)]

@@ -10,11 +10,14 @@ use std::path::{Path, PathBuf};
 
 use super::config::{CONFIG_FILE, default_file};
 use super::units::ByteSize;
+use crate::crypto::derive::MasterSecret;
 use crate::crypto::identity::{Identity, IdentityError};
 use crate::crypto::keys::NodeKeys;
 
 pub const SIGNING_KEY_FILE: &str = "keys/signing.key";
 pub const NOISE_KEY_FILE: &str = "keys/noise.key";
+/// The owner's 32-byte master secret: every backup key derives from it (`crypto::derive`).
+pub const MASTER_KEY_FILE: &str = "keys/master.key";
 pub const IDENTITY_FILE: &str = "identity.card";
 pub const LOCK_FILE: &str = "node.lock";
 pub const CONTROL_SOCKET: &str = "control.sock";
@@ -78,6 +81,11 @@ impl Home {
         self.path("store")
     }
 
+    /// Fragments staged for suppliers (the backup's outbox).
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.path("outbox")
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         self.path(CONTROL_SOCKET)
     }
@@ -124,6 +132,7 @@ impl Home {
             })?;
         write_secret(&self.path(SIGNING_KEY_FILE), &keys.signing_secret_bytes())?;
         write_secret(&self.path(NOISE_KEY_FILE), &keys.noise_secret_bytes())?;
+        write_secret(&self.path(MASTER_KEY_FILE), &rand::random::<[u8; 32]>())?;
         self.save_identity(&identity)?;
         write_atomic(&self.config_file(), text.as_bytes(), 0o600)?;
         Ok(identity)
@@ -137,6 +146,23 @@ impl Home {
             path: self.path("keys"),
             message: e.to_string(),
         })
+    }
+
+    /// The owner's master secret. A home made before backups existed gets one now (nothing was
+    /// encrypted with an earlier one, so nothing is lost); a damaged file is an error, never
+    /// silently replaced (that would orphan every backup).
+    pub fn load_master(&self) -> Result<MasterSecret, HomeError> {
+        let path = self.path(MASTER_KEY_FILE);
+        if !path.exists() {
+            write_secret(&path, &rand::random::<[u8; 32]>())?;
+            tracing::info!(path = %path.display(), "created the backup master key");
+        }
+        let bytes = read_secret(&path)?;
+        let bytes: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| HomeError::BadFile {
+            path: path.clone(),
+            message: format!("holds {} bytes, expected 32", b.len()),
+        })?;
+        Ok(MasterSecret::from_bytes(bytes))
     }
 
     /// Reads and verifies this node's identity, and checks it belongs to the keys in `keys/`.

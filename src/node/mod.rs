@@ -1,5 +1,6 @@
 //! The node: config, home directory, logging, control socket, signals, and the wiring of actors.
 
+pub mod backups;
 pub mod config;
 pub mod control;
 pub mod health;

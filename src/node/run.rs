@@ -7,8 +7,9 @@
 //! thread, independent of the event loop and of the disk, exits with status 2 naming what did
 //! not finish); a second signal exits at once with status 1.
 
+use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -16,12 +17,14 @@ use anyhow::Context as _;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::config::{AcceptPolicy, Config, LogFormat};
+use super::backups::{self, Backups};
+use super::config::{AcceptPolicy, BackupSection, Config, LogFormat};
 use super::control::{self, Request, Response};
 use super::health::{self, DiskHealth};
 use super::home::Home;
 use super::logging;
 use super::signals::{self, Signal, Signals};
+use crate::actors::backup_job::{BackupSettings, BackupWiring, JobSpec};
 use crate::actors::fire_hire::{self, CustomerSettings, FireHireDriver, FireHireQuery};
 use crate::actors::identity::{self, IdentityDriver};
 use crate::actors::network_connector::{
@@ -30,11 +33,13 @@ use crate::actors::network_connector::{
 };
 use crate::actors::peer_session::SessionShared;
 use crate::actors::router::{RequestKind, Router};
+use crate::actors::status::BackupStatus;
 use crate::actors::status::NodeStatus;
 use crate::actors::supplier_service::{
     self, SupplierAnswer, SupplierInput, SupplierQuery, SupplierServiceDriver, SupplierSettings,
 };
 use crate::actors::{Deliver, Input, Query, Registry, Shell, Shutdown};
+use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::{Identity, NodeId};
 use crate::crypto::keys::NodeKeys;
 use crate::fsm::identity::Event as IdentityEvent;
@@ -42,6 +47,8 @@ use crate::fsm::network_connector::NetworkConnector;
 use crate::net::link::TrustPolicy;
 use crate::proto::Ping;
 use crate::proto::envelope::Body;
+use crate::store::catalog::{self, Snapshot};
+use crate::store::jobs;
 use crate::store::{KvStore, RocksStore, StoreOptions, Writer, WriterSettings};
 
 type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
@@ -159,6 +166,7 @@ async fn node_main(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let registry = Registry::default();
+    let data_keys: Arc<DataKeys> = Arc::new(home.load_master()?.data_keys());
     let node_id = identity.node_id();
 
     let (published_tx, published_rx) = watch::channel(Some(identity.clone()));
@@ -171,7 +179,7 @@ async fn node_main(
         keys: &keys,
         node_id,
         identity: published_rx.clone(),
-        store,
+        store: store.clone(),
         writer: disk.writer.clone(),
         disk: disk.health.clone(),
         registry: &registry,
@@ -194,6 +202,34 @@ async fn node_main(
         }
     });
 
+    let backup_status = Arc::new(Mutex::new(BackupStatus::default()));
+    let b = &config.backup;
+    let wiring = BackupWiring {
+        kv: store.clone(),
+        writer: disk.writer.clone(),
+        network: network_actor.clone(),
+        fire_hire: customer_actor.clone(),
+        keys: data_keys,
+        owner: keys.signing_key().clone(),
+        settings: BackupSettings {
+            data_shards: u32::from(b.data_shards),
+            parity_shards: u32::from(b.parity_shards),
+            block_size: b.block_size.0 as usize,
+            zstd_level: crate::data::DEFAULT_ZSTD_LEVEL,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            request_timeout: config.network.request_timeout.get(),
+            outbox: home.outbox_dir(),
+        },
+        registry: registry.clone(),
+        status: backup_status.clone(),
+    };
+    let unfinished = jobs::jobs(store.as_ref()).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read unfinished backups");
+        Vec::new()
+    });
+    let backups = Backups::start(wiring, unfinished);
+    let sources = Rc::new(RefCell::new(config.backup.clone()));
+
     let listener = control::bind(&home.control_socket())?;
     let control_state = Rc::new(ControlState {
         node_id,
@@ -204,6 +240,10 @@ async fn node_main(
         supplier: supplier_actor.clone(),
         customer: customer_actor.clone(),
         request_timeout: config.network.request_timeout.get(),
+        backups: backups.clone(),
+        backup_status,
+        sources: sources.clone(),
+        store: store.clone(),
     });
     let disk_health = disk.health.clone();
     let handler: control::Handler = Rc::new(move |request| {
@@ -230,22 +270,35 @@ async fn node_main(
     tracing::info!(node_id = %node_id, name = identity.name(), listen = %config.node.listen,
         home = %home.root().display(), "node running");
 
+    // Scheduled backups: checked every half minute against each source's last snapshot.
+    let mut schedule = tokio::time::interval(Duration::from_secs(30));
     let stop_signal = loop {
-        match signals.next().await {
-            Some(Signal::Reload) => reload(
-                &home,
-                &mut config,
-                &identity_actor,
-                &network_actor,
-                &supplier_actor,
-                &disk,
-            ),
-            Some(Signal::Stop(name)) => break name,
-            None => break "signal thread gone",
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Some(Signal::Reload) => {
+                    reload(
+                        &home,
+                        &mut config,
+                        &identity_actor,
+                        &network_actor,
+                        &supplier_actor,
+                        &disk,
+                    );
+                    *sources.borrow_mut() = config.backup.clone();
+                }
+                Some(Signal::Stop(name)) => break name,
+                None => break "signal thread gone",
+            },
+            _ = schedule.tick() => backups.schedule_due(&sources.borrow()),
         }
     };
     tracing::info!(signal = stop_signal, "shutting down");
     control_task.abort();
+
+    // A running backup stops first: it is resumed from its job record at the next start.
+    progress.begin("backup job");
+    backups.shutdown().await;
+    progress.end("backup job");
 
     // Bounded by the watchdog (node.shutdown_timeout from the first signal), not by a timer on
     // this loop: a write stuck on a frozen disk could hold the loop itself.
@@ -276,6 +329,10 @@ struct ControlState {
     supplier: SupplierAddr,
     customer: CustomerAddr,
     request_timeout: Duration,
+    backups: Rc<Backups>,
+    backup_status: Arc<Mutex<BackupStatus>>,
+    sources: Rc<RefCell<BackupSection>>,
+    store: Arc<dyn KvStore>,
 }
 
 impl ControlState {
@@ -308,9 +365,54 @@ impl ControlState {
                     customer,
                     supplier,
                     disk: None,
+                    backup: self
+                        .backup_status
+                        .lock()
+                        .map(|s| s.clone())
+                        .unwrap_or_default(),
                 };
                 match serde_json::to_value(status) {
                     Ok(value) => Response::ok(value),
+                    Err(e) => Response::error(e.to_string()),
+                }
+            }
+            Request::Backup { paths } => {
+                let section = self.sources.borrow().clone();
+                let specs: Vec<JobSpec> = if paths.is_empty() {
+                    section.sources.iter().map(backups::spec_of).collect()
+                } else {
+                    paths
+                        .iter()
+                        .map(|p| {
+                            let root = std::path::PathBuf::from(p);
+                            // A configured source keeps its excludes when named on the line.
+                            match section.sources.iter().find(|s| s.path == root) {
+                                Some(source) => backups::spec_of(source),
+                                None => JobSpec {
+                                    source: root.display().to_string(),
+                                    root,
+                                    excludes: Vec::new(),
+                                },
+                            }
+                        })
+                        .collect()
+                };
+                if specs.is_empty() {
+                    return Response::error(
+                        "nothing to back up: give a PATH or add [[backup.sources]] to config.toml",
+                    );
+                }
+                match self.backups.request(specs) {
+                    Ok(runs) => Response::ok(json!({ "runs": runs })),
+                    Err(e) => Response::error(e),
+                }
+            }
+            Request::List => {
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || catalog::snapshots(store.as_ref())).await
+                {
+                    Ok(Ok(snapshots)) => Response::ok(list_json(&snapshots)),
+                    Ok(Err(e)) => Response::error(format!("cannot read the catalog: {e}")),
                     Err(e) => Response::error(e.to_string()),
                 }
             }
@@ -405,6 +507,29 @@ impl ControlState {
             }
         }
     }
+}
+
+/// The catalog's versions as `bitdust list --json` shows them (also used when no node runs).
+pub fn list_json(snapshots: &[Snapshot]) -> serde_json::Value {
+    let versions: Vec<serde_json::Value> = snapshots
+        .iter()
+        .map(|s| {
+            json!({
+                "snapshot": s.id.0,
+                "source": s.source,
+                "started_at": s.started_at,
+                "finished_at": s.finished_at,
+                "files": s.files,
+                "dirs": s.dirs,
+                "symlinks": s.symlinks,
+                "bytes": s.bytes,
+                "new_bytes": s.new_bytes,
+                "new_blocks": s.new_blocks,
+                "skipped": s.skipped.len(),
+            })
+        })
+        .collect();
+    json!({ "versions": versions })
 }
 
 fn shutting_down() -> Response {

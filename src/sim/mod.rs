@@ -818,6 +818,7 @@ impl Sim {
                 bj::Event::BlockReady {
                     block,
                     bytes: 4 << 20,
+                    placed: vec![],
                 },
             ),
             Msg::InputDone => self.backup(to, bj::Event::InputDone),

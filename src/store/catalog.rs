@@ -3,10 +3,33 @@
 //!
 //! These types are the catalog's in-memory shape, shared by the pipeline (which makes file and
 //! block entries), the backup job (which records them) and restore (which reads them). The key
-//! layout and the record encodings are below the types.
+//! layout and the record encodings are below the types; running jobs are in [`super::jobs`].
+//!
+//! | key | value |
+//! |---|---|
+//! | `n` | `records::SnapshotCounter`: the last snapshot id handed out |
+//! | `t<snapshot u64 BE><path bytes>` | `records::FileRecord`: one entry of a snapshot's tree |
+//! | `c<chunk id 32>` | `records::ChunkRecord`: the block holding that chunk |
+//! | `b<block id 32>` | `records::BlockRecord`: the block's manifest, layout and placements |
+//! | `s<snapshot u64 BE>` | `records::SnapshotRecord`: a committed snapshot |
+//!
+//! Invariants:
+//! - A snapshot is visible (in [`snapshots`], [`latest`]) only once its `s` record is written,
+//!   and [`commit_snapshot`] is meant to go in the same batch as the tree's last entries, so a
+//!   crash never leaves a visible snapshot with half a tree.
+//! - Snapshot ids are never reused: [`allocate_snapshot`] writes the counter before it returns.
+//! - Readers skip an unreadable record with a WARN rather than failing the whole catalog; a
+//!   missing chunk or block then costs a re-upload, never a wrong restore.
 
+use std::sync::Mutex;
+
+use super::codec::{self, Key, KeyReader, KvPages, Pages, records};
+use super::{Batch, Cf, KeyValue, KvStore, StoreError, jobs};
+use crate::crypto::derive::BlockKey;
 use crate::crypto::identity::NodeId;
 use crate::data::{BlockId, ChunkId};
+use chacha20poly1305::{AeadInPlace, Tag, XNonce};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 /// A snapshot's number: allocated in increasing order, never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -101,4 +124,1624 @@ pub struct Snapshot {
     pub new_bytes: u64,
     pub new_blocks: u64,
     pub skipped: Vec<Skipped>,
+}
+
+const CF: Cf = Cf::Catalog;
+const TAG_FILE: &[u8] = b"t";
+const TAG_CHUNK: &[u8] = b"c";
+const TAG_BLOCK: &[u8] = b"b";
+const TAG_SNAPSHOT: &[u8] = b"s";
+const COUNTER_KEY: &[u8] = b"n";
+/// Entries read per scan: a file record is ~100 bytes plus 32 per chunk, so a page stays small.
+const PAGE: usize = 512;
+/// Bytes of a chunk id inside a file record's concatenated chunk list.
+const CHUNK_ID_LEN: usize = 32;
+
+/// A catalog record or export that is not what it should be, or a store failure underneath.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Record(#[from] codec::CodecError),
+    #[error("a catalog key has the wrong shape")]
+    Key,
+    #[error("a file entry's chunk list has {0} bytes, not a multiple of 32")]
+    ChunkList(usize),
+    #[error("a file entry has an unknown kind ({0})")]
+    FileKind(i32),
+    #[error("a catalog record has an invalid `{0}`")]
+    Invalid(&'static str),
+    #[error("not a catalog export (bad magic)")]
+    ExportMagic,
+    #[error("catalog export format version {0} is not supported")]
+    ExportVersion(u8),
+    #[error("catalog export is truncated")]
+    ExportTruncated,
+    #[error("catalog export is corrupt or truncated (checksum mismatch)")]
+    ExportChecksum,
+    #[error("catalog export is malformed: {0}")]
+    ExportFraming(&'static str),
+    #[error("recovery record is truncated")]
+    RecoveryTruncated,
+    #[error("not a recovery record (bad magic)")]
+    RecoveryMagic,
+    #[error("recovery record format version {0} is not supported")]
+    RecoveryVersion(u8),
+    #[error("recovery record is not signed by this owner (or was altered)")]
+    RecoverySignature,
+    #[error("recovery record was sealed with another key")]
+    RecoveryWrongKey,
+    #[error("recovery record failed authentication (corrupted bytes)")]
+    RecoveryCorrupt,
+    #[error("recovery record content is malformed: {0}")]
+    RecoveryMalformed(&'static str),
+}
+
+impl SnapshotId {
+    /// The next id (`None` once every id was used, which no real node reaches).
+    pub fn next(self) -> Option<SnapshotId> {
+        self.0.checked_add(1).map(SnapshotId)
+    }
+}
+
+fn kind_to_record(kind: FileKind) -> records::FileKind {
+    match kind {
+        FileKind::File => records::FileKind::File,
+        FileKind::Dir => records::FileKind::Dir,
+        FileKind::Symlink => records::FileKind::Symlink,
+    }
+}
+
+fn kind_from_record(kind: i32) -> Result<FileKind, CatalogError> {
+    match records::FileKind::try_from(kind) {
+        Ok(records::FileKind::File) => Ok(FileKind::File),
+        Ok(records::FileKind::Dir) => Ok(FileKind::Dir),
+        Ok(records::FileKind::Symlink) => Ok(FileKind::Symlink),
+        Ok(records::FileKind::Unspecified) | Err(_) => Err(CatalogError::FileKind(kind)),
+    }
+}
+
+fn snapshot_prefix(snapshot: SnapshotId) -> Vec<u8> {
+    Key::new(TAG_FILE).u64(snapshot.0).into_vec()
+}
+
+fn file_key(snapshot: SnapshotId, path: &[u8]) -> Vec<u8> {
+    // The path is variable-length, so it goes last: keys of one snapshot sort by path.
+    let mut k = snapshot_prefix(snapshot);
+    k.extend_from_slice(path);
+    k
+}
+
+fn encode_file(entry: &FileEntry) -> Vec<u8> {
+    let mut chunks = Vec::with_capacity(entry.chunks.len() * CHUNK_ID_LEN);
+    for c in &entry.chunks {
+        chunks.extend_from_slice(&c.0);
+    }
+    codec::encode(&records::FileRecord {
+        kind: kind_to_record(entry.kind) as i32,
+        mode: entry.mode,
+        mtime_ns: entry.mtime_ns,
+        ctime_ns: entry.ctime_ns,
+        inode: entry.inode,
+        size: entry.size,
+        chunks,
+        target: entry.target.clone(),
+    })
+}
+
+/// A file record read back under its path.
+fn decode_file(path: &[u8], value: &[u8]) -> Result<FileEntry, CatalogError> {
+    let r: records::FileRecord = codec::decode(value)?;
+    if !r.chunks.len().is_multiple_of(CHUNK_ID_LEN) {
+        return Err(CatalogError::ChunkList(r.chunks.len()));
+    }
+    let chunks = r
+        .chunks
+        .chunks_exact(CHUNK_ID_LEN)
+        .map(|c| {
+            let mut id = [0; CHUNK_ID_LEN];
+            id.copy_from_slice(c);
+            ChunkId(id)
+        })
+        .collect();
+    Ok(FileEntry {
+        path: path.to_vec(),
+        kind: kind_from_record(r.kind)?,
+        mode: r.mode,
+        mtime_ns: r.mtime_ns,
+        ctime_ns: r.ctime_ns,
+        inode: r.inode,
+        size: r.size,
+        chunks,
+        target: r.target,
+    })
+}
+
+/// A file entry's key-value pair: the path is everything after the tag and the snapshot.
+fn parse_file(k: &[u8], v: &[u8]) -> Result<FileEntry, CatalogError> {
+    let path = k.get(TAG_FILE.len() + 8..).ok_or(CatalogError::Key)?;
+    decode_file(path, v)
+}
+
+fn fixed<const N: usize>(bytes: &[u8], field: &'static str) -> Result<[u8; N], CatalogError> {
+    bytes.try_into().map_err(|_| CatalogError::Invalid(field))
+}
+
+fn encode_block(block: &BlockEntry) -> Vec<u8> {
+    codec::encode(&records::BlockRecord {
+        signed_manifest: block.signed_manifest.clone(),
+        data_shards: block.data_shards,
+        parity_shards: block.parity_shards,
+        plain_len: block.plain_len,
+        fragments: block
+            .fragments
+            .iter()
+            .map(|f| records::FragmentPlaceRecord {
+                supplier: f
+                    .supplier
+                    .map(|s| s.as_bytes().to_vec())
+                    .unwrap_or_default(),
+                size: f.size,
+                blake3: f.blake3.to_vec(),
+            })
+            .collect(),
+    })
+}
+
+fn decode_block(id: BlockId, value: &[u8]) -> Result<BlockEntry, CatalogError> {
+    let r: records::BlockRecord = codec::decode(value)?;
+    let fragments = r
+        .fragments
+        .into_iter()
+        .map(|f| {
+            Ok(FragmentPlace {
+                supplier: if f.supplier.is_empty() {
+                    None
+                } else {
+                    Some(codec::node_id_field(&f.supplier, "supplier")?)
+                },
+                size: f.size,
+                blake3: fixed(&f.blake3, "blake3")?,
+            })
+        })
+        .collect::<Result<Vec<_>, CatalogError>>()?;
+    Ok(BlockEntry {
+        id,
+        signed_manifest: r.signed_manifest,
+        data_shards: r.data_shards,
+        parity_shards: r.parity_shards,
+        plain_len: r.plain_len,
+        fragments,
+    })
+}
+
+fn parse_block(k: &[u8], v: &[u8]) -> Result<BlockEntry, CatalogError> {
+    let mut r = KeyReader::new(k, TAG_BLOCK).ok_or(CatalogError::Key)?;
+    let id = BlockId(r.bytes().ok_or(CatalogError::Key)?);
+    r.end().ok_or(CatalogError::Key)?;
+    decode_block(id, v)
+}
+
+fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
+    codec::encode(&records::SnapshotRecord {
+        source: s.source.clone(),
+        root: s.root.clone(),
+        started_at: s.started_at,
+        finished_at: s.finished_at,
+        files: s.files,
+        dirs: s.dirs,
+        symlinks: s.symlinks,
+        bytes: s.bytes,
+        new_bytes: s.new_bytes,
+        new_blocks: s.new_blocks,
+        skipped: s
+            .skipped
+            .iter()
+            .map(|k| records::SkippedRecord {
+                path: k.path.clone(),
+                reason: k.reason.clone(),
+            })
+            .collect(),
+    })
+}
+
+fn parse_snapshot(k: &[u8], v: &[u8]) -> Result<Snapshot, CatalogError> {
+    let mut r = KeyReader::new(k, TAG_SNAPSHOT).ok_or(CatalogError::Key)?;
+    let id = SnapshotId(r.u64().ok_or(CatalogError::Key)?);
+    r.end().ok_or(CatalogError::Key)?;
+    let r: records::SnapshotRecord = codec::decode(v)?;
+    Ok(Snapshot {
+        id,
+        source: r.source,
+        root: r.root,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        files: r.files,
+        dirs: r.dirs,
+        symlinks: r.symlinks,
+        bytes: r.bytes,
+        new_bytes: r.new_bytes,
+        new_blocks: r.new_blocks,
+        skipped: r
+            .skipped
+            .into_iter()
+            .map(|k| Skipped {
+                path: k.path,
+                reason: k.reason,
+            })
+            .collect(),
+    })
+}
+
+/// Logs a record a reader skips. Never the key or value: a file entry's key is its path.
+fn warn_skipped(what: &'static str, error: &CatalogError) {
+    tracing::warn!(record = what, error = %error, "skipping an unreadable catalog record");
+}
+
+/// Every readable record under a prefix, a page at a time, unreadable ones skipped with a WARN.
+struct Records<'a, T> {
+    pages: Pages<'a, dyn KvStore + 'a>,
+    rows: std::vec::IntoIter<KeyValue>,
+    parse: fn(&[u8], &[u8]) -> Result<T, CatalogError>,
+    what: &'static str,
+}
+
+impl<'a, T> Records<'a, T> {
+    fn new(
+        kv: &'a dyn KvStore,
+        prefix: &[u8],
+        parse: fn(&[u8], &[u8]) -> Result<T, CatalogError>,
+        what: &'static str,
+    ) -> Self {
+        Records {
+            pages: kv.pages(CF, prefix, PAGE),
+            rows: Vec::new().into_iter(),
+            parse,
+            what,
+        }
+    }
+}
+
+impl<T> Iterator for Records<'_, T> {
+    type Item = Result<T, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((k, v)) = self.rows.next() {
+                match (self.parse)(&k, &v) {
+                    Ok(item) => return Some(Ok(item)),
+                    Err(e) => {
+                        warn_skipped(self.what, &e);
+                        continue;
+                    }
+                }
+            }
+            match self.pages.next()? {
+                Ok(page) => self.rows = page.into_iter(),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// Serialises allocations within the process: the read-increment-write below is not atomic in
+/// the store, and two jobs starting at once must not get one id.
+static ALLOCATE: Mutex<()> = Mutex::new(());
+
+/// A new snapshot id, higher than any handed out before. The counter is written (synced) before
+/// the id is returned, so a crash right after cannot hand the same id out again. If the counter
+/// is missing or unreadable, the next id is found from what the catalog holds (committed
+/// snapshots, trees, running jobs), so it still never collides with an id in use.
+pub fn allocate_snapshot(kv: &dyn KvStore) -> Result<SnapshotId, StoreError> {
+    let _one_at_a_time = ALLOCATE.lock().unwrap_or_else(|e| e.into_inner());
+    let counted = match kv.get(CF, COUNTER_KEY)? {
+        Some(v) => match codec::decode::<records::SnapshotCounter>(&v) {
+            Ok(c) => Some(c.last),
+            Err(e) => {
+                warn_skipped("snapshot counter", &e.into());
+                None
+            }
+        },
+        None => None,
+    };
+    let last = match counted {
+        Some(last) => last,
+        None => highest_used(kv)?,
+    };
+    let id = SnapshotId(last)
+        .next()
+        .ok_or_else(|| StoreError::Db("every snapshot id is used".into()))?;
+    // A store's write is durable when it returns (RocksStore syncs every write), so no flush.
+    kv.put(
+        CF,
+        COUNTER_KEY,
+        &codec::encode(&records::SnapshotCounter { last: id.0 }),
+    )?;
+    Ok(id)
+}
+
+/// The highest snapshot id the catalog mentions anywhere (0 when none).
+fn highest_used(kv: &dyn KvStore) -> Result<u64, StoreError> {
+    let mut highest = 0;
+    for page in kv.pages(CF, TAG_SNAPSHOT, PAGE) {
+        for (k, _) in page? {
+            if let Some(id) = KeyReader::new(&k, TAG_SNAPSHOT).and_then(|mut r| r.u64()) {
+                highest = highest.max(id);
+            }
+        }
+    }
+    for job in jobs::jobs(kv)? {
+        highest = highest.max(job.snapshot.0);
+    }
+    // Trees: one scan per distinct snapshot, jumping past each one's entries.
+    let mut from = snapshot_prefix(SnapshotId(0));
+    loop {
+        let rows = kv.scan(CF, TAG_FILE, Some(&from), 1)?;
+        let Some((k, _)) = rows.first() else { break };
+        match KeyReader::new(k, TAG_FILE).and_then(|mut r| r.u64()) {
+            Some(id) => {
+                highest = highest.max(id);
+                match id.checked_add(1) {
+                    Some(next) => from = snapshot_prefix(SnapshotId(next)),
+                    None => break,
+                }
+            }
+            // A key too short to hold a snapshot id: step over it.
+            None => from = codec::successor(k),
+        }
+    }
+    Ok(highest)
+}
+
+/// Adds (or replaces) an entry of a snapshot's tree.
+pub fn put_file(batch: &mut Batch, snapshot: SnapshotId, entry: &FileEntry) {
+    batch.put(CF, file_key(snapshot, &entry.path), encode_file(entry));
+}
+
+/// One entry of a snapshot's tree (`None` if absent or unreadable).
+pub fn file(
+    kv: &dyn KvStore,
+    snapshot: SnapshotId,
+    path: &[u8],
+) -> Result<Option<FileEntry>, StoreError> {
+    let Some(v) = kv.get(CF, &file_key(snapshot, path))? else {
+        return Ok(None);
+    };
+    Ok(decode_file(path, &v)
+        .inspect_err(|e| warn_skipped("file", e))
+        .ok())
+}
+
+/// A snapshot's tree in path (byte) order, read a page at a time.
+pub fn files(
+    kv: &dyn KvStore,
+    snapshot: SnapshotId,
+) -> impl Iterator<Item = Result<FileEntry, StoreError>> + '_ {
+    Records::new(kv, &snapshot_prefix(snapshot), parse_file, "file")
+}
+
+/// Records that `chunk` is stored in `block` (the dedup index).
+pub fn put_chunk(batch: &mut Batch, chunk: &ChunkId, block: &BlockId) {
+    let record = records::ChunkRecord {
+        block: block.0.to_vec(),
+    };
+    batch.put(
+        CF,
+        Key::new(TAG_CHUNK).bytes(&chunk.0),
+        codec::encode(&record),
+    );
+}
+
+/// The block holding `chunk` (`None` if the chunk was never stored, or its record is unreadable:
+/// then it is stored again).
+pub fn chunk_block(kv: &dyn KvStore, chunk: &ChunkId) -> Result<Option<BlockId>, StoreError> {
+    let Some(v) = kv.get(CF, Key::new(TAG_CHUNK).bytes(&chunk.0).as_bytes())? else {
+        return Ok(None);
+    };
+    let parsed = codec::decode::<records::ChunkRecord>(&v)
+        .map_err(CatalogError::from)
+        .and_then(|r| fixed(&r.block, "block").map(BlockId));
+    Ok(parsed.inspect_err(|e| warn_skipped("chunk", e)).ok())
+}
+
+/// Adds (or replaces, e.g. once more fragments are placed) a block of the block index.
+pub fn put_block(batch: &mut Batch, block: &BlockEntry) {
+    batch.put(
+        CF,
+        Key::new(TAG_BLOCK).bytes(&block.id.0),
+        encode_block(block),
+    );
+}
+
+/// One block of the block index (`None` if absent or unreadable).
+pub fn block(kv: &dyn KvStore, id: &BlockId) -> Result<Option<BlockEntry>, StoreError> {
+    let Some(v) = kv.get(CF, Key::new(TAG_BLOCK).bytes(&id.0).as_bytes())? else {
+        return Ok(None);
+    };
+    Ok(decode_block(*id, &v)
+        .inspect_err(|e| warn_skipped("block", e))
+        .ok())
+}
+
+/// Every readable block, in block id order, read a page at a time.
+pub fn blocks(kv: &dyn KvStore) -> impl Iterator<Item = Result<BlockEntry, StoreError>> + '_ {
+    Records::new(kv, TAG_BLOCK, parse_block, "block")
+}
+
+/// Makes a snapshot visible. Put it in the batch with the tree's last entries (and the job's
+/// deletion), so the version appears whole or not at all.
+pub fn commit_snapshot(batch: &mut Batch, snapshot: &Snapshot) {
+    batch.put(
+        CF,
+        Key::new(TAG_SNAPSHOT).u64(snapshot.id.0),
+        encode_snapshot(snapshot),
+    );
+}
+
+/// Every committed, readable snapshot, in id order.
+pub fn snapshots(kv: &dyn KvStore) -> Result<Vec<Snapshot>, StoreError> {
+    Records::new(kv, TAG_SNAPSHOT, parse_snapshot, "snapshot").collect()
+}
+
+/// The newest committed snapshot of `source`.
+pub fn latest(kv: &dyn KvStore, source: &str) -> Result<Option<Snapshot>, StoreError> {
+    let mut newest = None;
+    for s in Records::new(kv, TAG_SNAPSHOT, parse_snapshot, "snapshot") {
+        let s = s?;
+        if s.source == source {
+            newest = Some(s);
+        }
+    }
+    Ok(newest)
+}
+
+/// Deletes the tree of a snapshot that was never committed (an abandoned job), one page per
+/// batch so memory stays bounded. A committed snapshot's tree is left alone (with a WARN):
+/// deleting it would leave a visible version with no files.
+pub fn drop_files(kv: &dyn KvStore, snapshot: SnapshotId) -> Result<(), StoreError> {
+    if kv
+        .get(CF, Key::new(TAG_SNAPSHOT).u64(snapshot.0).as_bytes())?
+        .is_some()
+    {
+        tracing::warn!(
+            snapshot = snapshot.0,
+            "not dropping the tree of a committed snapshot"
+        );
+        return Ok(());
+    }
+    for page in kv.pages(CF, &snapshot_prefix(snapshot), PAGE) {
+        let mut batch = Batch::new();
+        for (k, _) in page? {
+            batch.delete(CF, k);
+        }
+        kv.write(batch)?;
+    }
+    Ok(())
+}
+
+// ---- Export and import: the whole catalog as one byte string (what is sealed and placed on the
+// suppliers after each snapshot, and what a recovering node imports).
+//
+// Format v1:
+//   magic "BDCATLG\0" | version u8 = 1
+//   entries, in key order: key length u32 BE | key | value length u32 BE | value
+//   entry count u64 BE | BLAKE3 of every byte before it (32)
+// The checksum makes a cut at an entry boundary, or any flipped byte, visible before a single
+// entry is written; the count is a second check on the framing.
+
+const EXPORT_MAGIC: &[u8; 8] = b"BDCATLG\0";
+const EXPORT_VERSION: u8 = 1;
+const EXPORT_HEADER: usize = EXPORT_MAGIC.len() + 1;
+const EXPORT_TRAILER: usize = 8 + 32;
+/// Entries per batch while importing, and a byte bound, so a large catalog is never one huge
+/// write.
+const IMPORT_BATCH_ENTRIES: usize = 1024;
+const IMPORT_BATCH_BYTES: usize = 4 << 20;
+
+/// Every entry of `Cf::Catalog`, framed (see above). Read a page at a time.
+pub fn export(kv: &dyn KvStore) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(EXPORT_HEADER + EXPORT_TRAILER);
+    out.extend_from_slice(EXPORT_MAGIC);
+    out.push(EXPORT_VERSION);
+    let mut count: u64 = 0;
+    for page in kv.pages(CF, b"", PAGE) {
+        for (k, v) in page? {
+            for field in [&k, &v] {
+                let len = u32::try_from(field.len())
+                    .map_err(|_| StoreError::Db("a catalog entry is over 4 GiB".into()))?;
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(field);
+            }
+            count += 1;
+        }
+    }
+    out.extend_from_slice(&count.to_be_bytes());
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    Ok(out)
+}
+
+/// One length-prefixed field off the front of `rest`.
+fn take_field<'a>(rest: &mut &'a [u8]) -> Result<&'a [u8], CatalogError> {
+    let (len, tail) = rest
+        .split_first_chunk::<4>()
+        .ok_or(CatalogError::ExportFraming("a length runs past the end"))?;
+    let len = u32::from_be_bytes(*len) as usize;
+    if tail.len() < len {
+        return Err(CatalogError::ExportFraming("an entry runs past the end"));
+    }
+    let (field, tail) = tail.split_at(len);
+    *rest = tail;
+    Ok(field)
+}
+
+/// An export's entry, borrowed from the export.
+type Entry<'a> = (&'a [u8], &'a [u8]);
+
+/// Checks the whole framing and returns the entries, borrowed from `bytes`.
+fn parse_export(bytes: &[u8]) -> Result<Vec<Entry<'_>>, CatalogError> {
+    if bytes.len() < EXPORT_HEADER {
+        return Err(if EXPORT_MAGIC.starts_with(bytes) {
+            CatalogError::ExportTruncated
+        } else {
+            CatalogError::ExportMagic
+        });
+    }
+    if &bytes[..EXPORT_MAGIC.len()] != EXPORT_MAGIC {
+        return Err(CatalogError::ExportMagic);
+    }
+    let version = bytes[EXPORT_MAGIC.len()];
+    if version != EXPORT_VERSION {
+        return Err(CatalogError::ExportVersion(version));
+    }
+    if bytes.len() < EXPORT_HEADER + EXPORT_TRAILER {
+        return Err(CatalogError::ExportTruncated);
+    }
+    let (covered, sum) = bytes.split_at(bytes.len() - 32);
+    if blake3::hash(covered).as_bytes() != sum {
+        return Err(CatalogError::ExportChecksum);
+    }
+    let (body, count) = covered[EXPORT_HEADER..].split_at(covered.len() - EXPORT_HEADER - 8);
+    let count = u64::from_be_bytes(fixed(count, "count")?);
+    let mut rest = body;
+    let mut entries = Vec::new();
+    while !rest.is_empty() {
+        let k = take_field(&mut rest)?;
+        let v = take_field(&mut rest)?;
+        if k.is_empty() {
+            return Err(CatalogError::ExportFraming("an entry has an empty key"));
+        }
+        entries.push((k, v));
+    }
+    if entries.len() as u64 != count {
+        return Err(CatalogError::ExportFraming(
+            "the entry count does not match the entries",
+        ));
+    }
+    Ok(entries)
+}
+
+/// Writes every entry of an export into `Cf::Catalog`, after checking the whole export: a
+/// corrupt, truncated or unknown-version export is refused with nothing written. Entries go in
+/// bounded batches. The snapshot counter is never lowered: if this store already handed out
+/// higher ids, its counter stays. Returns the number of entries written.
+pub fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
+    let entries = parse_export(bytes)?;
+    let mut written = 0u64;
+    let mut batch = Batch::new();
+    let mut batch_bytes = 0;
+    for (k, v) in entries {
+        if k == COUNTER_KEY && !raises_counter(kv, v)? {
+            continue;
+        }
+        batch.put(CF, k, v);
+        batch_bytes += k.len() + v.len();
+        written += 1;
+        if batch.ops().len() >= IMPORT_BATCH_ENTRIES || batch_bytes >= IMPORT_BATCH_BYTES {
+            kv.write(std::mem::take(&mut batch))?;
+            batch_bytes = 0;
+        }
+    }
+    if !batch.is_empty() {
+        kv.write(batch)?;
+    }
+    Ok(written)
+}
+
+/// Whether an imported counter should replace this store's: only if it is higher (or this
+/// store's is missing or unreadable, in which case `allocate_snapshot` falls back to scanning).
+fn raises_counter(kv: &dyn KvStore, imported: &[u8]) -> Result<bool, StoreError> {
+    let Some(mine) = kv.get(CF, COUNTER_KEY)? else {
+        return Ok(true);
+    };
+    let last = |v: &[u8]| codec::decode::<records::SnapshotCounter>(v).map(|c| c.last);
+    Ok(match (last(&mine), last(imported)) {
+        (Ok(mine), Ok(theirs)) => theirs > mine,
+        (Err(_), _) => true,
+        (Ok(_), Err(_)) => false,
+    })
+}
+
+// ---- The recovery record: a small signed, encrypted record stored whole on every supplier, so
+// that the key file plus any one supplier leads to the catalog and from it to everything.
+//
+// Format v1:
+//   magic "BDRR" | version u8 = 1 | key check value (8) | nonce (24)      = the header
+//   ciphertext of a `records::RecoveryRecordBody` | Poly1305 tag (16)
+//   Ed25519 signature (64) by the owner over RECOVERY_DOMAIN followed by every byte before it
+// Encrypt-then-sign: a supplier (who has the owner's public key but not the recovery key) can
+// check a record comes from the owner before agreeing to keep it, without reading it. The header
+// is the associated data, so its version and nonce cannot be swapped either.
+
+const RECOVERY_MAGIC: &[u8; 4] = b"BDRR";
+const RECOVERY_VERSION: u8 = 1;
+const RECOVERY_HEADER: usize = RECOVERY_MAGIC.len() + 1 + 8 + 24;
+const RECOVERY_TAG: usize = 16;
+const RECOVERY_SIGNATURE: usize = 64;
+/// Keeps a recovery record's signature from being valid as any other signed object of the owner.
+const RECOVERY_DOMAIN: &[u8] = b"bitdust recovery record v1\0";
+
+/// One block of the sealed catalog export, and who holds each of its fragments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogBlock {
+    pub id: BlockId,
+    pub signed_manifest: Vec<u8>,
+    /// One per position; `None` where no supplier holds that fragment.
+    pub suppliers: Vec<Option<NodeId>>,
+}
+
+/// Where the owner's latest catalog is, and who the suppliers are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryRecord {
+    /// Increases with every record; the newest one found wins.
+    pub revision: u64,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub data_shards: u32,
+    pub parity_shards: u32,
+    /// The supplier at each position.
+    pub suppliers: Vec<(u32, NodeId)>,
+    /// The blocks holding the catalog export, in order.
+    pub catalog: Vec<CatalogBlock>,
+    /// Length of the catalog export.
+    pub catalog_len: u64,
+}
+
+fn recovery_body(record: &RecoveryRecord) -> records::RecoveryRecordBody {
+    records::RecoveryRecordBody {
+        revision: record.revision,
+        created_at: record.created_at,
+        data_shards: record.data_shards,
+        parity_shards: record.parity_shards,
+        suppliers: record
+            .suppliers
+            .iter()
+            .map(|(position, node)| records::RecoverySupplier {
+                position: *position,
+                node: node.as_bytes().to_vec(),
+            })
+            .collect(),
+        catalog: record
+            .catalog
+            .iter()
+            .map(|b| records::RecoveryCatalogBlock {
+                id: b.id.0.to_vec(),
+                signed_manifest: b.signed_manifest.clone(),
+                suppliers: b
+                    .suppliers
+                    .iter()
+                    .map(|s| s.map(|n| n.as_bytes().to_vec()).unwrap_or_default())
+                    .collect(),
+            })
+            .collect(),
+        catalog_len: record.catalog_len,
+    }
+}
+
+fn recovery_node(bytes: &[u8]) -> Result<NodeId, CatalogError> {
+    NodeId::try_from(bytes).map_err(|_| CatalogError::RecoveryMalformed("a node id"))
+}
+
+fn recovery_from_body(body: records::RecoveryRecordBody) -> Result<RecoveryRecord, CatalogError> {
+    Ok(RecoveryRecord {
+        revision: body.revision,
+        created_at: body.created_at,
+        data_shards: body.data_shards,
+        parity_shards: body.parity_shards,
+        suppliers: body
+            .suppliers
+            .into_iter()
+            .map(|s| Ok((s.position, recovery_node(&s.node)?)))
+            .collect::<Result<_, CatalogError>>()?,
+        catalog: body
+            .catalog
+            .into_iter()
+            .map(|b| {
+                Ok(CatalogBlock {
+                    id: BlockId(
+                        b.id.as_slice()
+                            .try_into()
+                            .map_err(|_| CatalogError::RecoveryMalformed("a block id"))?,
+                    ),
+                    signed_manifest: b.signed_manifest,
+                    suppliers: b
+                        .suppliers
+                        .iter()
+                        .map(|s| {
+                            if s.is_empty() {
+                                Ok(None)
+                            } else {
+                                recovery_node(s).map(Some)
+                            }
+                        })
+                        .collect::<Result<_, CatalogError>>()?,
+                })
+            })
+            .collect::<Result<_, CatalogError>>()?,
+        catalog_len: body.catalog_len,
+    })
+}
+
+/// Encrypts `record` under `key` (the recovery key), then signs the result with the owner's key.
+/// `nonce` must be random (the caller draws it).
+pub fn seal_recovery(
+    record: &RecoveryRecord,
+    key: &BlockKey,
+    owner: &SigningKey,
+    nonce: [u8; 24],
+) -> Vec<u8> {
+    seal_recovery_bytes(&codec::encode(&recovery_body(record)), key, owner, nonce)
+}
+
+fn seal_recovery_bytes(
+    body: &[u8],
+    key: &BlockKey,
+    owner: &SigningKey,
+    nonce: [u8; 24],
+) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(RECOVERY_HEADER + body.len() + RECOVERY_TAG + RECOVERY_SIGNATURE);
+    out.extend_from_slice(RECOVERY_MAGIC);
+    out.push(RECOVERY_VERSION);
+    out.extend_from_slice(&key.check_value());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(body);
+    let (header, plain) = out.split_at_mut(RECOVERY_HEADER);
+    // Encryption fails only past the cipher's 256 GiB limit; a recovery record is kilobytes.
+    let tag = key
+        .cipher()
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), header, plain)
+        .expect("a recovery record is far below the cipher's message limit");
+    out.extend_from_slice(&tag);
+    let signature = owner.sign(&[RECOVERY_DOMAIN, &out[..]].concat());
+    out.extend_from_slice(&signature.to_bytes());
+    out
+}
+
+/// Checks that `bytes` is a recovery record signed by `owner`, without decrypting it: what a
+/// supplier checks before keeping one. Returns the signed part (header and ciphertext).
+pub fn verify_recovery<'a>(
+    bytes: &'a [u8],
+    owner: &VerifyingKey,
+) -> Result<&'a [u8], CatalogError> {
+    if bytes.len() < RECOVERY_MAGIC.len() + 1 {
+        return Err(if RECOVERY_MAGIC.starts_with(bytes) {
+            CatalogError::RecoveryTruncated
+        } else {
+            CatalogError::RecoveryMagic
+        });
+    }
+    if &bytes[..RECOVERY_MAGIC.len()] != RECOVERY_MAGIC {
+        return Err(CatalogError::RecoveryMagic);
+    }
+    let version = bytes[RECOVERY_MAGIC.len()];
+    if version != RECOVERY_VERSION {
+        return Err(CatalogError::RecoveryVersion(version));
+    }
+    if bytes.len() < RECOVERY_HEADER + RECOVERY_TAG + RECOVERY_SIGNATURE {
+        return Err(CatalogError::RecoveryTruncated);
+    }
+    let (signed, signature) = bytes.split_at(bytes.len() - RECOVERY_SIGNATURE);
+    let signature =
+        Signature::from_slice(signature).map_err(|_| CatalogError::RecoverySignature)?;
+    owner
+        .verify_strict(&[RECOVERY_DOMAIN, signed].concat(), &signature)
+        .map_err(|_| CatalogError::RecoverySignature)?;
+    Ok(signed)
+}
+
+/// Checks the owner's signature, then decrypts and parses a recovery record. Each way it can be
+/// wrong has its own error: truncated, another format version, not the owner's signature, sealed
+/// under another key, corrupted ciphertext, malformed content.
+pub fn open_recovery(
+    bytes: &[u8],
+    key: &BlockKey,
+    owner: &VerifyingKey,
+) -> Result<RecoveryRecord, CatalogError> {
+    let signed = verify_recovery(bytes, owner)?;
+    let (header, sealed) = signed.split_at(RECOVERY_HEADER);
+    if header[RECOVERY_MAGIC.len() + 1..RECOVERY_MAGIC.len() + 9] != key.check_value() {
+        return Err(CatalogError::RecoveryWrongKey);
+    }
+    let nonce = &header[RECOVERY_HEADER - 24..];
+    let (ciphertext, tag) = sealed.split_at(sealed.len() - RECOVERY_TAG);
+    let mut plain = ciphertext.to_vec();
+    key.cipher()
+        .decrypt_in_place_detached(
+            XNonce::from_slice(nonce),
+            header,
+            &mut plain,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| CatalogError::RecoveryCorrupt)?;
+    let body: records::RecoveryRecordBody = codec::decode(&plain)
+        .map_err(|_| CatalogError::RecoveryMalformed("the record does not decode"))?;
+    recovery_from_body(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemStore, RocksStore};
+
+    fn chunk(n: u32) -> ChunkId {
+        let mut id = [0; 32];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        id[31] = 0xc4;
+        ChunkId(id)
+    }
+
+    fn block_id(n: u32) -> BlockId {
+        let mut id = [0xb1; 32];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        BlockId(id)
+    }
+
+    fn node(i: u8) -> NodeId {
+        NodeId::from_bytes([i; 16])
+    }
+
+    fn regular(path: &str, n_chunks: u32) -> FileEntry {
+        FileEntry {
+            path: path.as_bytes().to_vec(),
+            kind: FileKind::File,
+            mode: 0o644,
+            mtime_ns: 1_700_000_000_123_456_789,
+            ctime_ns: -5,
+            inode: 42 + u64::from(n_chunks),
+            size: u64::from(n_chunks) * 1_000_000 + 7,
+            chunks: (0..n_chunks).map(chunk).collect(),
+            target: Vec::new(),
+        }
+    }
+
+    fn entries() -> Vec<FileEntry> {
+        vec![
+            FileEntry {
+                path: Vec::new(),
+                kind: FileKind::Dir,
+                mode: 0o755,
+                mtime_ns: 1,
+                ctime_ns: 2,
+                inode: 3,
+                size: 0,
+                chunks: Vec::new(),
+                target: Vec::new(),
+            },
+            regular("a/big.bin", 5),
+            regular("a/empty", 0),
+            FileEntry {
+                path: b"a/link\xff".to_vec(),
+                kind: FileKind::Symlink,
+                mode: 0o777,
+                mtime_ns: 9,
+                ctime_ns: 9,
+                inode: 10,
+                size: 0,
+                chunks: Vec::new(),
+                target: b"../elsewhere".to_vec(),
+            },
+        ]
+    }
+
+    fn block_entry(n: u32) -> BlockEntry {
+        BlockEntry {
+            id: block_id(n),
+            signed_manifest: vec![n as u8; 150],
+            data_shards: 4,
+            parity_shards: 2,
+            plain_len: 4_000_000 + u64::from(n),
+            fragments: (0..6u8)
+                .map(|i| FragmentPlace {
+                    supplier: (i != 3).then(|| node(i)),
+                    size: 1_000_100,
+                    blake3: [i ^ n as u8; 32],
+                })
+                .collect(),
+        }
+    }
+
+    fn snapshot(id: u64, source: &str) -> Snapshot {
+        Snapshot {
+            id: SnapshotId(id),
+            source: source.to_string(),
+            root: format!("/home/u/{source}").into_bytes(),
+            started_at: 1_700_000_000 + id,
+            finished_at: 1_700_000_100 + id,
+            files: 10 + id,
+            dirs: 2,
+            symlinks: 1,
+            bytes: 12_345,
+            new_bytes: 678,
+            new_blocks: 1,
+            skipped: vec![Skipped {
+                path: b"a/locked".to_vec(),
+                reason: "permission denied".into(),
+            }],
+        }
+    }
+
+    fn all_files(kv: &dyn KvStore, s: SnapshotId) -> Vec<FileEntry> {
+        files(kv, s).collect::<Result<_, _>>().expect("files read")
+    }
+
+    #[test]
+    fn file_entries_round_trip_per_snapshot() {
+        let kv = MemStore::new();
+        let mut b = Batch::new();
+        for e in entries() {
+            put_file(&mut b, SnapshotId(1), &e);
+        }
+        // A neighbour snapshot whose entries must not show up under snapshot 1.
+        put_file(&mut b, SnapshotId(2), &regular("a/big.bin", 1));
+        put_file(&mut b, SnapshotId(256), &regular("z", 1));
+        kv.write(b).expect("write");
+        for e in entries() {
+            assert_eq!(
+                file(&kv, SnapshotId(1), &e.path).expect("file"),
+                Some(e.clone())
+            );
+        }
+        assert_eq!(
+            file(&kv, SnapshotId(2), b"a/big.bin").expect("file"),
+            Some(regular("a/big.bin", 1))
+        );
+        assert_eq!(file(&kv, SnapshotId(1), b"nope").expect("file"), None);
+        assert_eq!(file(&kv, SnapshotId(3), b"a/big.bin").expect("file"), None);
+        assert_eq!(all_files(&kv, SnapshotId(1)), entries());
+        assert_eq!(all_files(&kv, SnapshotId(2)), vec![regular("a/big.bin", 1)]);
+        assert!(all_files(&kv, SnapshotId(3)).is_empty());
+    }
+
+    #[test]
+    fn files_page_in_path_order() {
+        let kv = MemStore::new();
+        let n = PAGE * 2 + 17;
+        let mut b = Batch::new();
+        // Written in reverse; read back in byte order of the path.
+        for i in (0..n).rev() {
+            put_file(&mut b, SnapshotId(7), &regular(&format!("d/{i:05}"), 2));
+        }
+        put_file(&mut b, SnapshotId(8), &regular("d/00000", 1));
+        kv.write(b).expect("write");
+        let got = all_files(&kv, SnapshotId(7));
+        assert_eq!(got.len(), n);
+        for (i, e) in got.iter().enumerate() {
+            assert_eq!(e, &regular(&format!("d/{i:05}"), 2));
+        }
+    }
+
+    #[test]
+    fn a_chunk_list_not_a_multiple_of_32_is_refused() {
+        let mut record = records::FileRecord {
+            kind: records::FileKind::File as i32,
+            chunks: vec![7; 64],
+            ..Default::default()
+        };
+        let ok = decode_file(b"f", &codec::encode(&record)).expect("64 bytes: 2 chunks");
+        assert_eq!(ok.chunks, vec![ChunkId([7; 32]); 2]);
+        for len in [1, 31, 33, 65] {
+            record.chunks = vec![7; len];
+            assert!(matches!(
+                decode_file(b"f", &codec::encode(&record)),
+                Err(CatalogError::ChunkList(l)) if l == len
+            ));
+        }
+        record.chunks.clear();
+        for kind in [0, 4, -1] {
+            record.kind = kind;
+            assert!(matches!(
+                decode_file(b"f", &codec::encode(&record)),
+                Err(CatalogError::FileKind(k)) if k == kind
+            ));
+        }
+    }
+
+    #[test]
+    fn unreadable_entries_are_skipped_not_fatal() {
+        let kv = MemStore::new();
+        let mut b = Batch::new();
+        for e in entries() {
+            put_file(&mut b, SnapshotId(1), &e);
+        }
+        kv.write(b).expect("write");
+        let bad = records::FileRecord {
+            kind: records::FileKind::File as i32,
+            chunks: vec![1; 40],
+            ..Default::default()
+        };
+        kv.put(CF, &file_key(SnapshotId(1), b"a/bad"), &codec::encode(&bad))
+            .expect("put");
+        kv.put(CF, &file_key(SnapshotId(1), b"a/garbage"), b"\x02garbage")
+            .expect("put");
+        assert_eq!(all_files(&kv, SnapshotId(1)), entries());
+        assert_eq!(file(&kv, SnapshotId(1), b"a/bad").expect("file"), None);
+        // A block with a malformed supplier id, and a key of the wrong shape.
+        let mut b = Batch::new();
+        put_block(&mut b, &block_entry(1));
+        put_block(&mut b, &block_entry(2));
+        kv.write(b).expect("write");
+        let mut broken = records::BlockRecord::default();
+        broken.fragments.push(records::FragmentPlaceRecord {
+            supplier: vec![1; 15],
+            size: 1,
+            blake3: vec![0; 32],
+        });
+        kv.put(
+            CF,
+            Key::new(TAG_BLOCK).bytes(&block_id(2).0).as_bytes(),
+            &codec::encode(&broken),
+        )
+        .expect("put");
+        kv.put(CF, b"b-short", &encode_block(&block_entry(3)))
+            .expect("put");
+        let got: Vec<_> = blocks(&kv).collect::<Result<_, _>>().expect("blocks");
+        assert_eq!(got, vec![block_entry(1)]);
+        assert_eq!(block(&kv, &block_id(2)).expect("block"), None);
+        kv.put(
+            CF,
+            Key::new(TAG_CHUNK).bytes(&chunk(1).0).as_bytes(),
+            &codec::encode(&records::ChunkRecord { block: vec![1; 31] }),
+        )
+        .expect("put");
+        assert_eq!(chunk_block(&kv, &chunk(1)).expect("chunk"), None);
+    }
+
+    #[test]
+    fn chunks_and_blocks_round_trip() {
+        let kv = MemStore::new();
+        assert_eq!(chunk_block(&kv, &chunk(1)).expect("chunk"), None);
+        assert_eq!(block(&kv, &block_id(1)).expect("block"), None);
+        let mut b = Batch::new();
+        put_chunk(&mut b, &chunk(1), &block_id(9));
+        put_chunk(&mut b, &chunk(2), &block_id(9));
+        put_chunk(&mut b, &chunk(3), &block_id(10));
+        for n in [300, 1, 2] {
+            put_block(&mut b, &block_entry(n));
+        }
+        kv.write(b).expect("write");
+        assert_eq!(
+            chunk_block(&kv, &chunk(1)).expect("chunk"),
+            Some(block_id(9))
+        );
+        assert_eq!(
+            chunk_block(&kv, &chunk(3)).expect("chunk"),
+            Some(block_id(10))
+        );
+        assert_eq!(chunk_block(&kv, &chunk(4)).expect("chunk"), None);
+        let b1 = block(&kv, &block_id(1)).expect("block").expect("present");
+        assert_eq!(b1, block_entry(1));
+        assert_eq!(b1.placed(), 5, "position 3 waits in the outbox");
+        assert_eq!(b1.fragments[3].supplier, None);
+        let all: Vec<_> = blocks(&kv).collect::<Result<_, _>>().expect("blocks");
+        assert_eq!(all, vec![block_entry(1), block_entry(2), block_entry(300)]);
+        // Replacing a block records a fragment placed later.
+        let mut placed = block_entry(1);
+        placed.fragments[3].supplier = Some(node(30));
+        let mut b = Batch::new();
+        put_block(&mut b, &placed);
+        kv.write(b).expect("write");
+        assert_eq!(block(&kv, &block_id(1)).expect("block"), Some(placed));
+    }
+
+    #[test]
+    fn many_blocks_page() {
+        let kv = MemStore::new();
+        let n = PAGE as u32 + 3;
+        let mut b = Batch::new();
+        for i in 0..n {
+            put_block(&mut b, &block_entry(i));
+        }
+        kv.write(b).expect("write");
+        let ids: Vec<BlockId> = blocks(&kv).map(|b| b.expect("block").id).collect();
+        assert_eq!(ids, (0..n).map(block_id).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn snapshots_are_invisible_until_committed_and_latest_is_per_source() {
+        let kv = MemStore::new();
+        assert!(snapshots(&kv).expect("snapshots").is_empty());
+        assert_eq!(latest(&kv, "docs").expect("latest"), None);
+        let mut b = Batch::new();
+        put_file(&mut b, SnapshotId(1), &regular("x", 1));
+        kv.write(b).expect("write");
+        assert!(
+            snapshots(&kv).expect("snapshots").is_empty(),
+            "a tree alone is not a snapshot"
+        );
+        assert_eq!(latest(&kv, "docs").expect("latest"), None);
+
+        let mut b = Batch::new();
+        commit_snapshot(&mut b, &snapshot(1, "docs"));
+        kv.write(b).expect("write");
+        assert_eq!(
+            snapshots(&kv).expect("snapshots"),
+            vec![snapshot(1, "docs")]
+        );
+        // Committed out of order, ids past one byte: listed in numeric id order.
+        let mut b = Batch::new();
+        for (id, source) in [(300, "docs"), (2, "photos"), (5, "docs"), (400, "photos")] {
+            commit_snapshot(&mut b, &snapshot(id, source));
+        }
+        kv.write(b).expect("write");
+        let ids: Vec<u64> = snapshots(&kv)
+            .expect("snapshots")
+            .iter()
+            .map(|s| s.id.0)
+            .collect();
+        assert_eq!(ids, vec![1, 2, 5, 300, 400]);
+        assert_eq!(
+            latest(&kv, "docs").expect("latest"),
+            Some(snapshot(300, "docs"))
+        );
+        assert_eq!(
+            latest(&kv, "photos").expect("latest"),
+            Some(snapshot(400, "photos"))
+        );
+        assert_eq!(latest(&kv, "doc").expect("latest"), None);
+    }
+
+    #[test]
+    fn allocate_counts_up_and_recovers_without_its_counter() {
+        let kv = MemStore::new();
+        assert_eq!(allocate_snapshot(&kv).expect("id"), SnapshotId(1));
+        assert_eq!(allocate_snapshot(&kv).expect("id"), SnapshotId(2));
+        // An id allocated and abandoned is not handed out again.
+        assert_eq!(allocate_snapshot(&kv).expect("id"), SnapshotId(3));
+
+        // Lost counter: the next id is above every id the catalog mentions.
+        let mut b = Batch::new();
+        commit_snapshot(&mut b, &snapshot(10, "docs"));
+        put_file(&mut b, SnapshotId(700), &regular("x", 1));
+        put_file(&mut b, SnapshotId(12), &regular("x", 1));
+        kv.write(b).expect("write");
+        kv.delete(CF, COUNTER_KEY).expect("delete");
+        assert_eq!(allocate_snapshot(&kv).expect("id"), SnapshotId(701));
+        // Unreadable counter, a running job highest of all.
+        let mut b = Batch::new();
+        jobs::put_job(
+            &mut b,
+            &jobs::JobRecord {
+                snapshot: SnapshotId(900),
+                source: "docs".into(),
+                root: b"/r".to_vec(),
+                started_at: 1,
+            },
+        );
+        kv.write(b).expect("write");
+        kv.put(CF, COUNTER_KEY, b"\x02garbage").expect("put");
+        assert_eq!(allocate_snapshot(&kv).expect("id"), SnapshotId(901));
+        assert_eq!(allocate_snapshot(&kv).expect("id"), SnapshotId(902));
+    }
+
+    #[test]
+    fn drop_files_removes_only_an_uncommitted_tree() {
+        let kv = MemStore::new();
+        let mut b = Batch::new();
+        for i in 0..(PAGE + 5) {
+            put_file(&mut b, SnapshotId(4), &regular(&format!("{i}"), 1));
+        }
+        for e in entries() {
+            put_file(&mut b, SnapshotId(3), &e);
+            put_file(&mut b, SnapshotId(5), &e);
+        }
+        commit_snapshot(&mut b, &snapshot(5, "docs"));
+        kv.write(b).expect("write");
+        drop_files(&kv, SnapshotId(4)).expect("drop");
+        assert!(all_files(&kv, SnapshotId(4)).is_empty());
+        assert_eq!(all_files(&kv, SnapshotId(3)), entries());
+        drop_files(&kv, SnapshotId(5)).expect("drop");
+        assert_eq!(
+            all_files(&kv, SnapshotId(5)),
+            entries(),
+            "a committed tree stays"
+        );
+    }
+
+    #[test]
+    fn on_rocksdb_ids_are_never_reused_after_reopen_and_everything_persists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = {
+            let kv = RocksStore::open(dir.path()).expect("open");
+            let a = allocate_snapshot(&kv).expect("id");
+            let b = allocate_snapshot(&kv).expect("id");
+            assert!(b > a);
+            let mut batch = Batch::new();
+            for e in entries() {
+                put_file(&mut batch, a, &e);
+            }
+            put_chunk(&mut batch, &chunk(1), &block_id(1));
+            put_block(&mut batch, &block_entry(1));
+            commit_snapshot(&mut batch, &snapshot(a.0, "docs"));
+            kv.write(batch).expect("write");
+            // `b` is abandoned without a trace but the counter.
+            b
+        };
+        let kv = RocksStore::open(dir.path()).expect("reopen");
+        let c = allocate_snapshot(&kv).expect("id");
+        assert!(c > first, "{c:?} reuses an id up to {first:?}");
+        let committed = snapshots(&kv).expect("snapshots");
+        assert_eq!(committed.len(), 1);
+        assert_eq!(all_files(&kv, committed[0].id), entries());
+        assert_eq!(
+            chunk_block(&kv, &chunk(1)).expect("chunk"),
+            Some(block_id(1))
+        );
+        assert_eq!(
+            block(&kv, &block_id(1)).expect("block"),
+            Some(block_entry(1))
+        );
+    }
+
+    fn catalog_entries(kv: &dyn KvStore) -> Vec<KeyValue> {
+        kv.scan(CF, b"", None, usize::MAX).expect("scan")
+    }
+
+    /// A catalog with every kind of entry.
+    fn filled() -> MemStore {
+        let kv = MemStore::new();
+        let a = allocate_snapshot(&kv).expect("id");
+        let b = allocate_snapshot(&kv).expect("id");
+        let mut batch = Batch::new();
+        for e in entries() {
+            put_file(&mut batch, a, &e);
+        }
+        for i in 0..600 {
+            put_file(&mut batch, b, &regular(&format!("many/{i}"), i % 4));
+            put_chunk(&mut batch, &chunk(i), &block_id(i / 10));
+        }
+        for n in 0..70 {
+            put_block(&mut batch, &block_entry(n));
+        }
+        commit_snapshot(&mut batch, &snapshot(a.0, "docs"));
+        commit_snapshot(&mut batch, &snapshot(b.0, "photos"));
+        kv.write(batch).expect("write");
+        kv
+    }
+
+    #[test]
+    fn export_then_import_reproduces_every_entry() {
+        let src = filled();
+        let bytes = export(&src).expect("export");
+        let dst = MemStore::new();
+        let n = import(&dst, &bytes).expect("import");
+        let want = catalog_entries(&src);
+        assert_eq!(n, want.len() as u64);
+        assert_eq!(catalog_entries(&dst), want);
+        assert_eq!(
+            export(&dst).expect("export"),
+            bytes,
+            "export is deterministic"
+        );
+        // The imported catalog works through the API, its counter included.
+        assert_eq!(
+            snapshots(&dst).expect("snapshots"),
+            snapshots(&src).expect("snapshots")
+        );
+        assert_eq!(allocate_snapshot(&dst).expect("id"), SnapshotId(3));
+        // An empty catalog exports to a valid, empty export.
+        let empty = export(&MemStore::new()).expect("export");
+        assert_eq!(import(&MemStore::new(), &empty).expect("import"), 0);
+    }
+
+    fn assert_refused(bytes: &[u8], what: &str) -> CatalogError {
+        let dst = MemStore::new();
+        let err = match import(&dst, bytes) {
+            Ok(n) => panic!("{what}: accepted ({n} entries)"),
+            Err(e) => e,
+        };
+        assert!(catalog_entries(&dst).is_empty(), "{what}: wrote entries");
+        err
+    }
+
+    #[test]
+    fn a_corrupt_or_truncated_export_is_refused_with_nothing_written() {
+        let src = MemStore::new();
+        let mut b = Batch::new();
+        for e in entries() {
+            put_file(&mut b, SnapshotId(1), &e);
+        }
+        put_block(&mut b, &block_entry(1));
+        commit_snapshot(&mut b, &snapshot(1, "docs"));
+        src.write(b).expect("write");
+        let bytes = export(&src).expect("export");
+        // Every single flipped byte and every truncation.
+        for at in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x04;
+            assert_refused(&bad, &format!("flip at {at}"));
+        }
+        for cut in 0..bytes.len() {
+            assert_refused(&bytes[..cut], &format!("cut to {cut}"));
+        }
+        assert!(matches!(
+            assert_refused(&bytes[..bytes.len() - 1], "cut"),
+            CatalogError::ExportChecksum
+        ));
+        assert!(matches!(
+            assert_refused(&bytes[..EXPORT_HEADER + 3], "cut"),
+            CatalogError::ExportTruncated
+        ));
+        assert!(matches!(
+            assert_refused(&bytes[..3], "cut"),
+            CatalogError::ExportTruncated
+        ));
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            assert_refused(&bad, "magic"),
+            CatalogError::ExportMagic
+        ));
+        let mut bad = bytes.clone();
+        bad[EXPORT_MAGIC.len()] = 2;
+        assert!(matches!(
+            assert_refused(&bad, "version"),
+            CatalogError::ExportVersion(2)
+        ));
+        // A valid checksum over bad framing (a writer's bug): refused too.
+        let reframe = |body: &[u8], count: u64| {
+            let mut out = EXPORT_MAGIC.to_vec();
+            out.push(EXPORT_VERSION);
+            out.extend_from_slice(body);
+            out.extend_from_slice(&count.to_be_bytes());
+            let sum = blake3::hash(&out);
+            out.extend_from_slice(sum.as_bytes());
+            out
+        };
+        let body = &bytes[EXPORT_HEADER..bytes.len() - EXPORT_TRAILER];
+        let n = catalog_entries(&src).len() as u64;
+        assert_eq!(
+            import(&MemStore::new(), &reframe(body, n)).expect("valid"),
+            n
+        );
+        for (bad, what) in [
+            (reframe(body, n + 1), "count"),
+            (reframe(&body[..body.len() - 1], n), "short entry"),
+            (reframe(&[body, &[0, 0][..]].concat(), n), "short length"),
+            (reframe(&[body, &[0; 8][..]].concat(), n + 1), "empty key"),
+        ] {
+            assert!(
+                matches!(assert_refused(&bad, what), CatalogError::ExportFraming(_)),
+                "{what}"
+            );
+        }
+    }
+
+    /// Records the size of every batch written.
+    #[derive(Default)]
+    struct Batches {
+        inner: MemStore,
+        sizes: Mutex<Vec<usize>>,
+    }
+
+    impl KvStore for Batches {
+        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(cf, key)
+        }
+        fn write(&self, batch: Batch) -> Result<(), StoreError> {
+            self.sizes.lock().expect("lock").push(batch.ops().len());
+            self.inner.write(batch)
+        }
+        fn scan(
+            &self,
+            cf: Cf,
+            prefix: &[u8],
+            from: Option<&[u8]>,
+            limit: usize,
+        ) -> Result<Vec<KeyValue>, StoreError> {
+            self.inner.scan(cf, prefix, from, limit)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn import_writes_in_bounded_batches() {
+        let src = MemStore::new();
+        let mut b = Batch::new();
+        for i in 0..(IMPORT_BATCH_ENTRIES as u32 * 2 + 5) {
+            put_chunk(&mut b, &chunk(i), &block_id(i));
+        }
+        src.write(b).expect("write");
+        let dst = Batches::default();
+        let n = import(&dst, &export(&src).expect("export")).expect("import");
+        assert_eq!(n, IMPORT_BATCH_ENTRIES as u64 * 2 + 5);
+        let sizes = dst.sizes.lock().expect("lock").clone();
+        assert_eq!(sizes, vec![IMPORT_BATCH_ENTRIES, IMPORT_BATCH_ENTRIES, 5]);
+    }
+
+    #[test]
+    fn import_never_lowers_the_snapshot_counter() {
+        let src = filled(); // counter at 2
+        let bytes = export(&src).expect("export");
+        let dst = MemStore::new();
+        for _ in 0..50 {
+            allocate_snapshot(&dst).expect("id");
+        }
+        let n = import(&dst, &bytes).expect("import");
+        assert_eq!(n, catalog_entries(&src).len() as u64 - 1, "counter kept");
+        assert_eq!(allocate_snapshot(&dst).expect("id"), SnapshotId(51));
+        // And a higher imported counter is taken.
+        let dst = MemStore::new();
+        allocate_snapshot(&dst).expect("id");
+        import(&dst, &bytes).expect("import");
+        assert_eq!(allocate_snapshot(&dst).expect("id"), SnapshotId(3));
+    }
+
+    fn recovery_record() -> RecoveryRecord {
+        RecoveryRecord {
+            revision: 7,
+            created_at: 1_764_000_000,
+            data_shards: 4,
+            parity_shards: 2,
+            suppliers: (0..6u8).map(|i| (u32::from(i), node(i + 1))).collect(),
+            catalog: vec![
+                CatalogBlock {
+                    id: block_id(1),
+                    signed_manifest: b"MANIFEST-ONE".repeat(10),
+                    suppliers: (0..6u8).map(|i| Some(node(i + 1))).collect(),
+                },
+                CatalogBlock {
+                    id: block_id(2),
+                    signed_manifest: b"MANIFEST-TWO".repeat(10),
+                    suppliers: (0..6u8).map(|i| (i != 2).then(|| node(i + 1))).collect(),
+                },
+            ],
+            catalog_len: 5_000_123,
+        }
+    }
+
+    fn owner(n: u8) -> SigningKey {
+        SigningKey::from_bytes(&[n; 32])
+    }
+
+    /// Re-signs altered bytes with the owner's key: what only the owner (or a bug) could make.
+    fn resign(bytes: &[u8], owner: &SigningKey) -> Vec<u8> {
+        let mut out = bytes[..bytes.len() - RECOVERY_SIGNATURE].to_vec();
+        let signature = owner.sign(&[RECOVERY_DOMAIN, &out[..]].concat());
+        out.extend_from_slice(&signature.to_bytes());
+        out
+    }
+
+    #[test]
+    fn recovery_record_round_trips_and_a_supplier_can_check_it_without_the_key() {
+        let key = BlockKey::from_bytes([5; 32]);
+        let sealed = seal_recovery(&recovery_record(), &key, &owner(1), [9; 24]);
+        assert_eq!(
+            open_recovery(&sealed, &key, &owner(1).verifying_key()).expect("opens"),
+            recovery_record()
+        );
+        // Encrypted: nothing of the content shows.
+        assert!(!sealed.windows(8).any(|w| w == b"MANIFEST"));
+        assert!(!sealed.windows(16).any(|w| w == node(1).as_bytes()));
+        verify_recovery(&sealed, &owner(1).verifying_key()).expect("the owner's");
+        assert!(matches!(
+            verify_recovery(&sealed, &owner(2).verifying_key()),
+            Err(CatalogError::RecoverySignature)
+        ));
+        // A fresh nonce, a different ciphertext.
+        let again = seal_recovery(&recovery_record(), &key, &owner(1), [8; 24]);
+        assert_ne!(again[RECOVERY_HEADER..], sealed[RECOVERY_HEADER..]);
+    }
+
+    #[test]
+    fn each_tampering_of_a_recovery_record_is_refused_with_its_own_error() {
+        let key = BlockKey::from_bytes([5; 32]);
+        let owner1 = owner(1);
+        let public = owner1.verifying_key();
+        let sealed = seal_recovery(&recovery_record(), &key, &owner1, [9; 24]);
+        let open = |b: &[u8]| open_recovery(b, &key, &public);
+
+        // Any flipped byte anywhere is refused.
+        for at in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[at] ^= 0x20;
+            assert!(open(&bad).is_err(), "flip at {at} accepted");
+        }
+        let mut bad = sealed.clone();
+        bad[RECOVERY_HEADER + 3] ^= 1;
+        assert!(
+            matches!(open(&bad), Err(CatalogError::RecoverySignature)),
+            "ciphertext"
+        );
+        let mut bad = sealed.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(
+            matches!(open(&bad), Err(CatalogError::RecoverySignature)),
+            "signature"
+        );
+        assert!(matches!(
+            open_recovery(&sealed, &BlockKey::from_bytes([6; 32]), &public),
+            Err(CatalogError::RecoveryWrongKey)
+        ));
+        assert!(matches!(
+            open_recovery(&sealed, &key, &owner(2).verifying_key()),
+            Err(CatalogError::RecoverySignature)
+        ));
+        // Another owner sealing with our key is not us either.
+        let forged = seal_recovery(&recovery_record(), &key, &owner(2), [9; 24]);
+        assert!(matches!(
+            open(&forged),
+            Err(CatalogError::RecoverySignature)
+        ));
+        // Too short to hold a header, a tag and a signature (a cut inside the magic included).
+        for cut in 0..RECOVERY_HEADER + RECOVERY_TAG + RECOVERY_SIGNATURE {
+            assert!(
+                matches!(open(&sealed[..cut]), Err(CatalogError::RecoveryTruncated)),
+                "cut to {cut}"
+            );
+        }
+        // Long enough, but the signature no longer covers what is left.
+        for cut in [
+            RECOVERY_HEADER + RECOVERY_TAG + RECOVERY_SIGNATURE,
+            sealed.len() - 1,
+        ] {
+            assert!(matches!(
+                open(&sealed[..cut]),
+                Err(CatalogError::RecoverySignature)
+            ));
+        }
+        let mut bad = sealed.clone();
+        bad[RECOVERY_MAGIC.len()] = 2;
+        assert!(matches!(open(&bad), Err(CatalogError::RecoveryVersion(2))));
+        let mut bad = sealed.clone();
+        bad[0] = b'X';
+        assert!(matches!(open(&bad), Err(CatalogError::RecoveryMagic)));
+
+        // Past the signature (bytes only the owner could sign): authentication still holds.
+        let mut bad = sealed.clone();
+        bad[RECOVERY_HEADER + 3] ^= 1;
+        assert!(matches!(
+            open(&resign(&bad, &owner1)),
+            Err(CatalogError::RecoveryCorrupt)
+        ));
+        // Sealed under another key that copies our key's check value.
+        let mut bad = seal_recovery(
+            &recovery_record(),
+            &BlockKey::from_bytes([6; 32]),
+            &owner1,
+            [9; 24],
+        );
+        bad[RECOVERY_MAGIC.len() + 1..RECOVERY_MAGIC.len() + 9].copy_from_slice(&key.check_value());
+        assert!(matches!(
+            open(&resign(&bad, &owner1)),
+            Err(CatalogError::RecoveryCorrupt)
+        ));
+        // Authentic but malformed content: a node id of 15 bytes, a body that is not a record.
+        let mut body = recovery_body(&recovery_record());
+        body.suppliers[0].node.pop();
+        let bad = seal_recovery_bytes(&codec::encode(&body), &key, &owner1, [1; 24]);
+        assert!(matches!(
+            open(&bad),
+            Err(CatalogError::RecoveryMalformed(_))
+        ));
+        let bad = seal_recovery_bytes(b"\x02garbage", &key, &owner1, [1; 24]);
+        assert!(matches!(
+            open(&bad),
+            Err(CatalogError::RecoveryMalformed(_))
+        ));
+    }
 }
