@@ -245,7 +245,9 @@ if found is None:  # one pretty-printed document
         pass
 for k in keys:
     v = (found or {}).get(k)
-    print("n/a" if v is None or isinstance(v, (dict, list)) else v)
+    if v is None or isinstance(v, (dict, list)):
+        v = "n/a"
+    print(json.dumps(v) if isinstance(v, bool) else v)
 EOF
     else
         local obj key
@@ -465,7 +467,8 @@ if ! "$BIN" backup --help >/dev/null 2>&1; then
     printf 'bitdust backup not available in this build: measuring restic only\n' >&2
 fi
 
-BD_KEYS=(snapshot files bytes new_bytes new_blocks seconds)
+# `bitdust backup --json` prints one JobResult (src/actors/status.rs); the first key picks it out.
+BD_KEYS=(snapshot outcome files bytes bytes_read new_bytes new_blocks seconds catalog_stored)
 BD1_S=n/a BD2_S=n/a
 BD1=() BD2=()
 
@@ -476,7 +479,9 @@ bitdust_backup() {
     run_timed "bitdust-$n" "$WORK/bitdust-$n.json" "$WORK/bitdust-$n.err" \
         "$BIN" --home "$OWNER" backup "$TREE" --wait --json || rc=$?
     if ((rc != 0)); then
-        warn "bitdust backup #$n failed (status $rc); its stderr ends:"
+        # It prints its result before exiting non-zero on an outcome other than committed.
+        mapfile -t fields < <(json_fields "$WORK/bitdust-$n.json" outcome error)
+        warn "bitdust backup #$n failed (status $rc, outcome ${fields[0]:-n/a}: ${fields[1]:-n/a}); its stderr ends:"
         tail -n 5 "$WORK/bitdust-$n.err" >&2 || true
         FAILED=1
         return 0
