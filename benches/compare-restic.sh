@@ -326,9 +326,9 @@ read -r TREE_FILES TREE_BYTES < <(find "$TREE" -type f -printf '%s\n' 2>/dev/nul
     awk '{ n++; b += $1 } END { printf "%d %d\n", n, b }')
 ((TREE_FILES > 0)) || die "$TREE holds no regular files"
 
-# Suppliers hold every block k + m times over k (1.5x), padded (Padmé adds up to ~12%) and
-# rarely compressed on /usr/share-like trees; restic's repository holds up to the tree once; the
-# owner's catalog and outbox are small. 1 GiB on top for logs, databases and slack.
+# Suppliers hold every block k + m times over k (1.5x), padded (Padmé adds up to ~12%), with no
+# credit taken for compression; restic's repository holds up to the tree once; the owner's
+# catalog and outbox are small. 1 GiB on top for logs, databases and slack.
 TMP_PARENT=${BENCH_TMPDIR:-/var/tmp}
 [[ -d $TMP_PARENT && -w $TMP_PARENT ]] || die "BENCH_TMPDIR=$TMP_PARENT is not a writable directory"
 NEED=$((TREE_BYTES * 3 * 115 / 200 + TREE_BYTES + 1024 * MIB))
@@ -384,14 +384,12 @@ HOMES=("$OWNER")
 for ((i = 1; i <= SUPPLIERS; i++)); do
     HOMES+=("$WORK/supplier$i")
 done
-IDS=()
 for i in "${!HOMES[@]}"; do
     home=${HOMES[$i]}
     name=$(basename "$home")
     if ((i == 0)); then donate="64 MiB"; else donate="$DONATE_MIB MiB"; fi
-    id=$(bd "$home" init --listen "127.0.0.1:${PORTS[$i]}" --name "$name" --donate "$donate" 2>"$WORK/$name.init.err") ||
-        die "bitdust init $name failed: $(cat "$WORK/$name.init.err")"
-    IDS+=("$id")
+    bd "$home" init --listen "127.0.0.1:${PORTS[$i]}" --name "$name" --donate "$donate" \
+        >"$WORK/$name.init.out" 2>&1 || die "bitdust init $name failed: $(cat "$WORK/$name.init.out")"
 done
 set_key "$OWNER/config.toml" data_shards "$DATA_SHARDS"
 set_key "$OWNER/config.toml" parity_shards "$PARITY_SHARDS"
