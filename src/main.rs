@@ -462,6 +462,43 @@ fn render_status(status: &NodeStatus) -> String {
             c.state
         );
     }
+    let backup = &status.backup;
+    if let Some(job) = &backup.running {
+        let _ = writeln!(
+            out,
+            "\nbackup running: {} (snapshot {}) {}: {} files, {} read, {} new, {}/{} blocks placed, {} fragments waiting, redundancy {:+}",
+            job.source,
+            job.snapshot,
+            job.state,
+            job.files,
+            size(job.bytes_read),
+            size(job.new_bytes),
+            job.blocks_complete,
+            job.blocks,
+            job.queued_fragments,
+            job.worst_redundancy
+        );
+    }
+    if !backup.queued.is_empty() {
+        let _ = writeln!(out, "backups waiting: {}", backup.queued.join(", "));
+    }
+    if let Some(last) = backup.finished.last() {
+        let _ = writeln!(
+            out,
+            "last backup: {} (snapshot {}) {}{}: {} files, {} new, {:.1} s, {} not backed up",
+            last.source,
+            last.snapshot,
+            last.outcome,
+            last.error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default(),
+            last.files,
+            size(last.new_bytes),
+            last.seconds,
+            last.skipped.len()
+        );
+    }
     if !network.counters.is_empty() {
         let parts: Vec<String> = network
             .counters

@@ -386,3 +386,31 @@ fn with_suppliers_away_the_job_waits_then_commits_and_sends_the_rest_when_they_r
     assert_spread(&after);
     assert!(files_under(&c.homes[0].join("outbox")).is_empty());
 }
+
+#[test]
+fn a_configured_source_is_backed_up_on_schedule_with_its_excludes() {
+    let c = star(6);
+    let source = tempfile::tempdir().expect("tempdir");
+    std::fs::write(source.path().join("keep.txt"), b"kept").expect("write");
+    std::fs::write(source.path().join("scratch.tmp"), b"left out").expect("write");
+    let config = c.homes[0].join("config.toml");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(&format!(
+        "\n[[backup.sources]]\npath = \"{}\"\nschedule = \"1h\"\nexclude = [\"*.tmp\"]\n",
+        source.path().display()
+    ));
+    std::fs::write(&config, text).expect("write config");
+    let _nodes: Vec<Node> = c.homes.iter().map(|h| Node::start(h)).collect();
+    // Never backed up: due at once; it runs as soon as the suppliers are there.
+    let result = wait_for("the scheduled backup", 90, || {
+        node_status(&c.homes[0])?.backup.finished.first().cloned()
+    });
+    assert_eq!(result.outcome, "committed", "{result:?}");
+    assert_eq!(result.files, 1, "the *.tmp file is excluded: {result:?}");
+    assert_eq!(result.source, source.path().display().to_string());
+    // Not again within the hour.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let status = node_status(&c.homes[0]).expect("status");
+    assert_eq!(status.backup.finished.len(), 1, "{:?}", status.backup);
+    assert!(status.backup.running.is_none());
+}

@@ -270,8 +270,8 @@ async fn node_main(
     tracing::info!(node_id = %node_id, name = identity.name(), listen = %config.node.listen,
         home = %home.root().display(), "node running");
 
-    // Scheduled backups: checked every half minute against each source's last snapshot.
-    let mut schedule = tokio::time::interval(Duration::from_secs(30));
+    // Scheduled backups: checked every 5 s against each source's last snapshot (a read per source).
+    let mut schedule = tokio::time::interval(Duration::from_secs(5));
     let stop_signal = loop {
         tokio::select! {
             signal = signals.next() => match signal {
