@@ -52,6 +52,8 @@ pub struct RestorePlan {
     uses: HashMap<BlockId, u64>,
     /// The block holding each chunk of the plan.
     chunk_blocks: HashMap<ChunkId, BlockId>,
+    /// Files found complete by [`RestorePlan::skip_complete`]: their uses are out of `uses`.
+    complete: HashSet<Vec<u8>>,
 }
 
 impl RestorePlan {
@@ -62,6 +64,38 @@ impl RestorePlan {
             .filter(|f| f.kind == FileKind::File)
             .map(|f| f.size)
             .sum()
+    }
+
+    /// For a resumed restore: finds the files already complete under the target (size and mtime
+    /// match, as a killed run left them), and takes their blocks out of `blocks` where no other
+    /// file needs them, so the caller fetches only what is missing. The entries stay in the plan:
+    /// [`restore_files`] checks them again (a file changed since is written after all, its blocks
+    /// then asked for on demand). Returns how many files were found complete.
+    pub fn skip_complete(&mut self, target: &RestoreTarget) -> u64 {
+        for entry in self.files.iter().filter(|f| f.kind == FileKind::File) {
+            if self.complete.contains(&entry.path) || components(&entry.path).is_none() {
+                continue;
+            }
+            let complete = std::fs::symlink_metadata(target.root.join(os(&entry.path)))
+                .is_ok_and(|meta| is_complete(&meta, entry));
+            if !complete {
+                continue;
+            }
+            for chunk in &entry.chunks {
+                if let Some(block) = self.chunk_blocks.get(chunk)
+                    && let Some(n) = self.uses.get_mut(block)
+                {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.uses.remove(block);
+                    }
+                }
+            }
+            self.complete.insert(entry.path.clone());
+        }
+        let uses = &self.uses;
+        self.blocks.retain(|b| uses.contains_key(b));
+        self.complete.len() as u64
     }
 }
 
@@ -244,6 +278,7 @@ pub fn plan(
         blocks,
         uses,
         chunk_blocks,
+        complete: HashSet::new(),
     })
 }
 
@@ -276,6 +311,16 @@ impl BlockCache<'_> {
                 self.remaining.remove(block);
                 self.blocks.remove(block);
                 RestoreCounters::add(&self.counters.blocks_used, 1);
+            }
+        }
+    }
+
+    /// A file [`RestorePlan::skip_complete`] counted as done is written after all: its uses
+    /// count again.
+    fn reclaim(&mut self, entry: &FileEntry, chunk_blocks: &HashMap<ChunkId, BlockId>) {
+        for chunk in &entry.chunks {
+            if let Some(block) = chunk_blocks.get(chunk) {
+                *self.remaining.entry(*block).or_default() += 1;
             }
         }
     }
@@ -398,6 +443,14 @@ fn same_mtime(on_disk: i64, wanted: i64) -> bool {
         || on_disk == wanted - wanted.rem_euclid(1_000_000_000)
 }
 
+/// Whether what is on disk is the entry's file as a previous run completed it (a file under its
+/// real name was renamed there complete, with its mtime already set).
+fn is_complete(meta: &std::fs::Metadata, entry: &FileEntry) -> bool {
+    meta.file_type().is_file()
+        && meta.len() == entry.size
+        && same_mtime(mtime_ns(meta), entry.mtime_ns)
+}
+
 /// The temporary name of `name` while it is written: fixed per name (so a resumed run finds a
 /// stale one), short whatever the name's length.
 fn temp_name(name: &[u8]) -> Vec<u8> {
@@ -423,6 +476,8 @@ struct Restorer<'a> {
     counters: &'a RestoreCounters,
     /// Whether the current file's chunk uses were counted (by `write_chunks`).
     consumed: bool,
+    /// The plan's files found complete before the run (their uses are not counted).
+    complete: &'a HashSet<Vec<u8>>,
 }
 
 impl Restorer<'_> {
@@ -508,11 +563,13 @@ impl Restorer<'_> {
         remove_stale(&temp)?;
         std::os::unix::fs::symlink(os(&entry.target), &temp)
             .map_err(|e| EntryError::io("creating the link", e))?;
-        if let Err(e) = std::fs::rename(&temp, &path) {
+        let placed = link_mtime(&temp, entry.mtime_ns).and_then(|()| {
+            std::fs::rename(&temp, &path).map_err(|e| EntryError::io("renaming into place", e))
+        });
+        if placed.is_err() {
             let _ = std::fs::remove_file(&temp);
-            return Err(EntryError::io("renaming into place", e));
         }
-        Ok(Done::Written(0))
+        placed.map(|()| Done::Written(0))
     }
 
     fn file(
@@ -527,10 +584,7 @@ impl Restorer<'_> {
         let path = parent.join(os(name));
         match std::fs::symlink_metadata(&path) {
             Ok(meta) => {
-                if meta.file_type().is_file()
-                    && meta.len() == entry.size
-                    && same_mtime(mtime_ns(&meta), entry.mtime_ns)
-                {
+                if is_complete(&meta, entry) {
                     return Ok(Done::Existing);
                 }
                 if !self.overwrite {
@@ -557,6 +611,9 @@ impl Restorer<'_> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&temp)
             .map_err(|e| EntryError::io("creating the temporary file", e))?;
+        if self.complete.contains(&entry.path) {
+            cache.reclaim(entry, chunk_blocks);
+        }
         self.consumed = true;
         let written = write_chunks(&mut out, entry, cache, chunk_blocks)
             .and_then(|n| {
@@ -580,6 +637,39 @@ impl Restorer<'_> {
             let _ = std::fs::remove_file(&temp);
         }
         result.map(Done::Written)
+    }
+}
+
+/// Sets a symlink's own mtime (`utimensat` with `AT_SYMLINK_NOFOLLOW`; std has no call for it).
+fn link_mtime(path: &Path, ns: i64) -> Result<(), EntryError> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| EntryError::Entry("a NUL in the path".into()))?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: ns.div_euclid(1_000_000_000) as libc::time_t,
+            tv_nsec: ns.rem_euclid(1_000_000_000) as libc::c_long,
+        },
+    ];
+    // SAFETY: a valid NUL-terminated path and an array of two timespecs, as utimensat wants.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(EntryError::io(
+            "setting the link's mtime",
+            std::io::Error::last_os_error(),
+        ))
     }
 }
 
@@ -689,6 +779,7 @@ pub fn restore_files(
         report: RestoreReport::default(),
         counters,
         consumed: false,
+        complete: &plan.complete,
     };
     // Directories whose mode and mtime are set at the end, deepest first (writing into a
     // directory changes its mtime, and a read-only mode would stop the writes).
@@ -707,7 +798,8 @@ pub fn restore_files(
                 FileKind::File => r.file(entry, &parts, &mut cache, &plan.chunk_blocks),
             },
         };
-        if entry.kind == FileKind::File && !std::mem::take(&mut r.consumed) {
+        let consumed = std::mem::take(&mut r.consumed);
+        if entry.kind == FileKind::File && !consumed && !plan.complete.contains(&entry.path) {
             // Skipped or failed before reading (an existing file, a bad path): its chunks' uses
             // are released all the same, so the cache frees their blocks.
             for chunk in &entry.chunks {
@@ -940,7 +1032,7 @@ mod tests {
             let ft = meta.file_type();
             let (kind, data, mtime) = if ft.is_symlink() {
                 let t = std::fs::read_link(&path).expect("readlink");
-                ("link", t.as_os_str().as_bytes().to_vec(), 0)
+                ("link", t.as_os_str().as_bytes().to_vec(), mtime_ns(&meta))
             } else if ft.is_dir() {
                 ("dir", Vec::new(), mtime_ns(&meta))
             } else {
@@ -1304,8 +1396,12 @@ mod tests {
         // catalog has a directory.
         std::fs::create_dir_all(&root).expect("mkdir");
         std::os::unix::fs::symlink(&outside, root.join("c")).expect("symlink");
+        // A stale temporary name that is a link to outside (a killed run's, or planted).
+        std::os::unix::fs::symlink(outside.join("planted"), root.join(os(&temp_name(b"f"))))
+            .expect("symlink");
         let entries = [
             entry(b"", FileKind::Dir),
+            entry(b"f", FileKind::File),
             link(b"a", &outside),
             entry(b"a/evil", FileKind::File),
             entry(b"a/d", FileKind::Dir),
@@ -1321,7 +1417,8 @@ mod tests {
             failed_paths(&report),
             ["a/d", "a/evil", "a/l", "b/evil", "c", "c/d/evil", "c/evil"]
         );
-        assert_eq!(report.symlinks, 2);
+        assert_eq!((report.symlinks, report.files), (2, 1));
+        assert!(root.join("f").is_file());
         assert_eq!(
             std::fs::read_dir(&outside).expect("readdir").count(),
             0,
@@ -1369,6 +1466,31 @@ mod tests {
             .collect();
         assert_eq!(before, after, "the others were not rewritten");
         assert!(!stale.exists());
+        assert_same_tree(&b.src, &target.root);
+
+        // The same with the plan pruned first: only z/1's blocks are left to prefetch.
+        std::fs::remove_file(target.root.join("z/1")).expect("rm");
+        let mut pruned = plan.clone();
+        assert_eq!(pruned.skip_complete(&target), 9);
+        assert_eq!(pruned.blocks, wanted);
+        let mut blocks = Blocks::new(&b);
+        let (again, progress) = restore(&pruned, &target, &mut blocks, 64);
+        assert_eq!(again.failed, vec![]);
+        assert_eq!(counts(&again), (1, 6, 0, 10));
+        assert_eq!(blocks.calls, wanted);
+        assert_eq!(progress.blocks_used, wanted.len() as u64);
+        assert!(blocks.given.iter().all(|w| w.strong_count() == 0));
+        assert_same_tree(&b.src, &target.root);
+
+        // A file found complete, then lost before the run: written after all, its blocks asked
+        // for on demand.
+        let mut pruned = plan.clone();
+        assert_eq!(pruned.skip_complete(&target), 10);
+        assert_eq!(pruned.blocks, vec![]);
+        std::fs::remove_file(target.root.join("big.bin")).expect("rm");
+        let (again, _) = restore(&pruned, &target, &mut Blocks::new(&b), 64);
+        assert_eq!(again.failed, vec![]);
+        assert_eq!(counts(&again), (1, 6, 0, 10));
         assert_same_tree(&b.src, &target.root);
     }
 
