@@ -25,6 +25,7 @@
 //!   caller to clean. Dropping the [`Pipeline`] cancels it.
 
 mod encode;
+pub mod restore;
 mod walk;
 
 #[cfg(test)]

@@ -12,23 +12,23 @@ use crate::crypto::derive::MasterSecret;
 use crate::data::{BlockManifest, PackedBlock, decode_block, stored};
 use crate::store::catalog::FileKind;
 
-const MIB: usize = 1 << 20;
+pub(super) const MIB: usize = 1 << 20;
 const WAIT: Duration = Duration::from_secs(120);
 
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+pub(super) fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut out = vec![0; len];
     rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut out);
     out
 }
 
-fn keys() -> PipelineKeys {
+pub(super) fn keys() -> PipelineKeys {
     PipelineKeys {
         data: Arc::new(MasterSecret::from_bytes([3; 32]).data_keys()),
         owner: SigningKey::from_bytes(&[5; 32]),
     }
 }
 
-fn settings(root: &Path, outbox: &Path) -> PipelineSettings {
+pub(super) fn settings(root: &Path, outbox: &Path) -> PipelineSettings {
     PipelineSettings {
         root: root.to_path_buf(),
         excludes: Vec::new(),
@@ -42,7 +42,7 @@ fn settings(root: &Path, outbox: &Path) -> PipelineSettings {
 
 /// A catalog built from earlier runs' events.
 #[derive(Default)]
-struct MemLookup {
+pub(super) struct MemLookup {
     files: HashMap<Vec<u8>, FileEntry>,
     chunks: HashSet<ChunkId>,
 }
@@ -91,7 +91,7 @@ fn next(rx: &mut mpsc::Receiver<PipelineEvent>, deadline: Instant) -> Option<Pip
 
 /// Runs to the end with unlimited credit; checks the ordering guarantee on the way (every chunk
 /// of a file is known before or staged in a block sent before the file).
-fn run(settings: PipelineSettings, lookup: MemLookup) -> (Vec<PipelineEvent>, Totals) {
+pub(super) fn run(settings: PipelineSettings, lookup: MemLookup) -> (Vec<PipelineEvent>, Totals) {
     let known = lookup.chunks.clone();
     let (tx, mut rx) = mpsc::channel(8);
     let pipeline = Pipeline::start(settings, keys(), Arc::new(lookup), tx).expect("starts");
@@ -124,7 +124,7 @@ fn run(settings: PipelineSettings, lookup: MemLookup) -> (Vec<PipelineEvent>, To
     panic!("events ended without Done");
 }
 
-fn files(events: &[PipelineEvent]) -> HashMap<Vec<u8>, FileEntry> {
+pub(super) fn files(events: &[PipelineEvent]) -> HashMap<Vec<u8>, FileEntry> {
     events
         .iter()
         .filter_map(|e| match e {
@@ -134,7 +134,7 @@ fn files(events: &[PipelineEvent]) -> HashMap<Vec<u8>, FileEntry> {
         .collect()
 }
 
-fn blocks(events: &[PipelineEvent]) -> Vec<&StagedBlock> {
+pub(super) fn blocks(events: &[PipelineEvent]) -> Vec<&StagedBlock> {
     events
         .iter()
         .filter_map(|e| match e {
@@ -210,7 +210,7 @@ fn restore_chunks(outbox: &Path, blocks: &[&StagedBlock]) -> HashMap<ChunkId, Ve
     out
 }
 
-fn write(root: &Path, rel: &str, bytes: &[u8]) {
+pub(super) fn write(root: &Path, rel: &str, bytes: &[u8]) {
     let path = root.join(rel);
     std::fs::create_dir_all(path.parent().expect("has a parent")).expect("mkdir");
     std::fs::write(path, bytes).expect("write");
@@ -218,7 +218,7 @@ fn write(root: &Path, rel: &str, bytes: &[u8]) {
 
 /// Mixed tree: empty, small, big random, duplicates (whole files and a shared big prefix),
 /// nested dirs, a symlink.
-fn mixed_tree(root: &Path) -> HashMap<String, Vec<u8>> {
+pub(super) fn mixed_tree(root: &Path) -> HashMap<String, Vec<u8>> {
     let big = random_bytes(1, 6 * MIB + 12345);
     let mut prefixed = big[..3 * MIB].to_vec();
     prefixed.extend_from_slice(&random_bytes(2, MIB));
