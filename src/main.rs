@@ -74,6 +74,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restore a backed-up version into a directory (default: the latest of every source)
+    Restore {
+        /// SOURCE (as `list` shows it) with an optional @VERSION, e.g. /home/me/Documents@12
+        source: Option<String>,
+        /// Directory to restore into (created if missing)
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Only this file or directory, relative to the source
+        #[arg(long, value_name = "SUB")]
+        path: Option<String>,
+        /// Replace existing files that differ (without it they are left alone and named)
+        #[arg(long)]
+        overwrite: bool,
+        /// Wait until the restore ended, with a progress bar on a terminal
+        #[arg(long)]
+        wait: bool,
+        /// Print the result as one JSON document
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the backed-up sources and their versions
     List {
         #[arg(long)]
@@ -227,6 +247,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => status(&home, json),
         Command::Backup { paths, wait, json } => backup(&home, paths, wait, json),
         Command::List { json } => list(&home, json),
+        Command::Restore {
+            source,
+            to,
+            path,
+            overwrite,
+            wait,
+            json,
+        } => restore(&home, source, to, path, overwrite, wait, json),
         Command::Peer {
             command: PeerCommand::Add { card, name },
         } => peer_add(&home, card, name),
@@ -685,4 +713,144 @@ fn list(home: &Home, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `bitdust restore`: asks the node to restore, then (with `--wait`) follows it. Exit status 0
+/// only when every file was restored.
+fn restore(
+    home: &Home,
+    source: Option<String>,
+    to: PathBuf,
+    path: Option<String>,
+    overwrite: bool,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    // SOURCE@VERSION: the version is the part after the last '@' when it is a number.
+    let (source, version) = match source {
+        Some(s) => match s.rsplit_once('@') {
+            Some((name, v)) if v.chars().all(|c| c.is_ascii_digit()) && !v.is_empty() => (
+                (!name.is_empty()).then(|| name.to_string()),
+                Some(v.parse::<u64>().context("version number too large")?),
+            ),
+            _ => (Some(s), None),
+        },
+        None => (None, None),
+    };
+    let to = if to.is_absolute() {
+        to
+    } else {
+        std::env::current_dir()
+            .context("cannot read the current directory")?
+            .join(to)
+    };
+    let request = Request::Restore {
+        source,
+        version,
+        to: to.display().to_string(),
+        path,
+        overwrite,
+    };
+    let data = call(home, &request)?;
+    let runs: Vec<u64> = serde_json::from_value(data["runs"].clone())
+        .context("the node answered with run numbers this version cannot read")?;
+    if !wait {
+        if json {
+            println!("{}", serde_json::json!({ "runs": runs }));
+        } else {
+            println!("restore queued (run {runs:?}); follow it with `bitdust status`");
+        }
+        return Ok(());
+    }
+    let results = follow_restore(home, &runs, !json)?;
+    if json {
+        let doc = if results.len() == 1 {
+            serde_json::to_value(&results[0])?
+        } else {
+            serde_json::json!({ "results": results })
+        };
+        println!("{doc}");
+    } else {
+        for r in &results {
+            println!(
+                "{} (version {}) -> {}: {}: {} files, {} dirs, {} symlinks, {} in {:.1} s ({} fetched){}",
+                r.source,
+                r.snapshot,
+                r.to,
+                r.outcome,
+                r.files,
+                r.dirs,
+                r.symlinks,
+                ByteSize(r.bytes),
+                r.seconds,
+                ByteSize(r.fetched_bytes),
+                if r.skipped_existing > 0 {
+                    format!(", {} already there", r.skipped_existing)
+                } else {
+                    String::new()
+                }
+            );
+            if let Some(e) = &r.error {
+                println!("  error: {e}");
+            }
+            for f in &r.failed {
+                println!("  not restored: {} ({})", f.path, f.reason);
+            }
+        }
+    }
+    let incomplete = results.iter().filter(|r| r.outcome != "complete").count();
+    if incomplete > 0 {
+        bail!("{incomplete} restore(s) did not complete");
+    }
+    Ok(())
+}
+
+/// Polls the node's status until every run in `runs` has a result.
+fn follow_restore(
+    home: &Home,
+    runs: &[u64],
+    show: bool,
+) -> anyhow::Result<Vec<bitdust::actors::status::RestoreResult>> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal as _;
+    let bar = (show && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {wide_msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    loop {
+        let data = call(home, &Request::Status)?;
+        let status: NodeStatus = serde_json::from_value(data)
+            .context("the node answered with a status this version cannot read")?;
+        let results: Vec<_> = runs
+            .iter()
+            .filter_map(|run| status.restore.finished.iter().find(|r| r.run == *run))
+            .cloned()
+            .collect();
+        if results.len() == runs.len() {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            return Ok(results);
+        }
+        if let (Some(bar), Some(job)) = (&bar, &status.restore.running) {
+            bar.set_length(job.bytes_total);
+            bar.set_position(job.bytes_written.min(job.bytes_total));
+            bar.set_message(format!(
+                "{} {}/{} files, {}/{} blocks, {} fetched",
+                job.state,
+                job.files_done,
+                job.files_total,
+                job.blocks_decoded,
+                job.blocks,
+                ByteSize(job.fetched_bytes)
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

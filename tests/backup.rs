@@ -414,3 +414,226 @@ fn a_configured_source_is_backed_up_on_schedule_with_its_excludes() {
     assert_eq!(status.backup.finished.len(), 1, "{:?}", status.backup);
     assert!(status.backup.running.is_none());
 }
+
+// ------------------------------------------------------------------ restore
+
+/// `bitdust restore ARGS --wait --json`: (exit success, the result).
+fn restore(home: &Path, args: &[&str]) -> (bool, serde_json::Value) {
+    let mut all = vec!["restore"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--wait", "--json"]);
+    let out = bitdust(home, &all);
+    let result = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no JSON result: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (out.status.success(), result)
+}
+
+/// Every entry under `a` is under `b` with the same kind, bytes, permissions, mtime and link
+/// target (and nothing more under `b`).
+fn assert_same_tree(a: &Path, b: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    let list = |root: &Path| -> BTreeSet<PathBuf> {
+        let mut out = BTreeSet::new();
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for e in std::fs::read_dir(&dir).expect("read_dir").flatten() {
+                let p = e.path();
+                if e.file_type().expect("type").is_dir() {
+                    dirs.push(p.clone());
+                }
+                out.insert(p.strip_prefix(root).expect("under root").to_path_buf());
+            }
+        }
+        out
+    };
+    let (left, right) = (list(a), list(b));
+    assert_eq!(left, right, "the same entries");
+    for rel in &left {
+        let (x, y) = (a.join(rel), b.join(rel));
+        let (mx, my) = (
+            std::fs::symlink_metadata(&x).expect("meta"),
+            std::fs::symlink_metadata(&y).expect("meta"),
+        );
+        assert_eq!(mx.file_type(), my.file_type(), "{}", rel.display());
+        if mx.file_type().is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&x).expect("link"),
+                std::fs::read_link(&y).expect("link")
+            );
+            continue;
+        }
+        assert_eq!(mx.mode() & 0o7777, my.mode() & 0o7777, "{}", rel.display());
+        assert_eq!(
+            (mx.mtime(), mx.mtime_nsec()),
+            (my.mtime(), my.mtime_nsec()),
+            "mtime of {}",
+            rel.display()
+        );
+        if mx.is_file() {
+            assert!(
+                std::fs::read(&x).expect("read") == std::fs::read(&y).expect("read"),
+                "contents of {}",
+                rel.display()
+            );
+        }
+    }
+}
+
+/// A supplier that lies: the fragment file is changed and its own index made to agree, so it
+/// serves the wrong bytes as good ones. Returns the (block hex, position) it now lies about.
+fn make_supplier_lie(supplier: &Path, customer: &str) -> (String, u32) {
+    use bitdust::store::codec::{self, records::FragmentEntry};
+    use bitdust::store::{Cf, KvStore};
+    let (block, position) = held(supplier, customer)
+        .into_iter()
+        .find(|(b, p)| *p < 4 && *b != hex::encode(RECOVERY_BLOCK))
+        .expect("a data fragment");
+    let file = supplier
+        .join("store")
+        .join(customer)
+        .join(&block[..2])
+        .join(format!("{block}.{position}"));
+    let mut bytes = std::fs::read(&file).expect("fragment");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&file, &bytes).expect("write");
+    let store = bitdust::store::RocksStore::open(&supplier.join("db")).expect("supplier db");
+    let mut key = b"f/".to_vec();
+    key.extend_from_slice(&hex::decode(customer).expect("hex"));
+    key.extend_from_slice(&hex::decode(&block).expect("hex"));
+    key.extend_from_slice(&position.to_be_bytes());
+    let entry = FragmentEntry {
+        size: bytes.len() as u64,
+        blake3: blake3::hash(&bytes).as_bytes().to_vec(),
+    };
+    store
+        .put(Cf::SupplierIndex, &key, &codec::encode(&entry))
+        .expect("rewrite the index");
+    (block, position)
+}
+
+#[test]
+fn restore_is_byte_identical_for_the_latest_an_older_version_and_a_sub_path_and_with_m_suppliers_away()
+ {
+    let c = star(6);
+    let mut nodes: Vec<Node> = c.homes.iter().map(|h| Node::start(h)).collect();
+    let hired = wait_all_connected(&c.homes[0], 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    let v1_copy = tempfile::tempdir().expect("tempdir");
+    let cp = std::process::Command::new("cp")
+        .args(["-a", &format!("{}/.", source.path().display())])
+        .arg(v1_copy.path())
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+    let first = backup(&c.homes[0], source.path());
+    let v1 = first["snapshot"].as_u64().expect("snapshot");
+    std::fs::write(source.path().join("docs/note-0.txt"), b"changed in v2").expect("write");
+    std::fs::write(source.path().join("new-in-v2"), noise(7, 100_000)).expect("write");
+    backup(&c.homes[0], source.path());
+    let out = tempfile::tempdir().expect("tempdir");
+
+    // The latest version.
+    let latest = out.path().join("latest");
+    let (ok, r) = restore(&c.homes[0], &["--to", latest.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_eq!(r["outcome"], "complete");
+    assert_same_tree(source.path(), &latest);
+    // Just k fragments per block were fetched: at most (k + m) / k of what was stored.
+    let stored: u64 = placement(&c).len() as u64; // blocks, for the message
+    assert_eq!(r["extra_fragments"], 0, "{r:#} ({stored} blocks)");
+
+    // The older version, by SOURCE@VERSION.
+    let older = out.path().join("older");
+    let spec = format!("{}@{v1}", source.path().display());
+    let (ok, r) = restore(
+        &c.homes[0],
+        &[&spec, "--to", older.to_str().expect("utf-8")],
+    );
+    assert!(ok, "{r:#}");
+    assert_same_tree(v1_copy.path(), &older);
+
+    // A sub-path: that directory and its ancestors only.
+    let sub = out.path().join("sub");
+    let (ok, r) = restore(
+        &c.homes[0],
+        &["--to", sub.to_str().expect("utf-8"), "--path", "docs/deep"],
+    );
+    assert!(ok, "{r:#}");
+    assert!(sub.join("docs/deep/er/big-copy.bin").exists());
+    assert!(!sub.join("big.bin").exists() && !sub.join("docs/note-1.txt").exists());
+
+    // An existing different file is not overwritten without --overwrite.
+    let (ok, r) = restore(&c.homes[0], &["--to", latest.to_str().expect("utf-8")]);
+    assert!(ok, "an identical tree is left as it is: {r:#}");
+    std::fs::write(latest.join("empty"), b"mine").expect("write");
+    let (ok, r) = restore(&c.homes[0], &["--to", latest.to_str().expect("utf-8")]);
+    assert!(!ok && r["outcome"] == "partial", "{r:#}");
+    assert_eq!(std::fs::read(latest.join("empty")).expect("read"), b"mine");
+
+    // m = 2 suppliers away: still byte-identical.
+    let home_of = |id: &String| c.ids.iter().position(|x| x == id).expect("a friend");
+    let away: Vec<usize> = hired[..3].iter().map(home_of).collect();
+    for &i in &away[..2] {
+        nodes[i].signal(libc::SIGTERM);
+        assert!(nodes[i].wait_exit().success());
+    }
+    let degraded = out.path().join("degraded");
+    let (ok, r) = restore(&c.homes[0], &["--to", degraded.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &degraded);
+
+    // m + 1 away: what can be restored is, the rest is named, the exit status says so.
+    nodes[away[2]].signal(libc::SIGTERM);
+    assert!(nodes[away[2]].wait_exit().success());
+    let partial = out.path().join("partial");
+    let (ok, r) = restore(&c.homes[0], &["--to", partial.to_str().expect("utf-8")]);
+    assert!(!ok, "{r:#}");
+    assert_eq!(r["outcome"], "partial", "{r:#}");
+    let failed = r["failed"].as_array().expect("failed");
+    assert!(
+        failed.iter().any(|f| f["path"].as_str() == Some("big.bin")),
+        "{r:#}"
+    );
+    assert!(
+        partial.join("empty").exists(),
+        "files needing no block are restored"
+    );
+    assert!(partial.join("link").symlink_metadata().is_ok());
+}
+
+#[test]
+fn a_supplier_serving_forged_bytes_is_caught_and_another_fragment_used() {
+    let c = star(6);
+    let mut nodes: Vec<Node> = c.homes.iter().map(|h| Node::start(h)).collect();
+    wait_all_connected(&c.homes[0], 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    std::fs::write(source.path().join("data.bin"), noise(9, 3 << 20)).expect("write");
+    backup(&c.homes[0], source.path());
+    // Supplier 1 is stopped, made to lie about one data fragment, started again.
+    nodes[1].signal(libc::SIGTERM);
+    assert!(nodes[1].wait_exit().success());
+    make_supplier_lie(&c.homes[1], &c.ids[0]);
+    nodes[1] = Node::start(&c.homes[1]);
+    wait_all_connected(&c.homes[0], 60);
+    let to = tempfile::tempdir().expect("tempdir");
+    let target = to.path().join("r");
+    let (ok, r) = restore(&c.homes[0], &["--to", target.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &target);
+    assert_eq!(
+        r["extra_fragments"], 1,
+        "one parity fragment replaced the forged one: {r:#}"
+    );
+    assert_eq!(
+        r["corrupt_fragments"].as_array().map(Vec::len),
+        Some(1),
+        "the forgery is noted: {r:#}"
+    );
+}

@@ -7,6 +7,7 @@ pub mod identity;
 pub mod network_connector;
 pub mod peer_session;
 pub mod registry;
+pub mod restore_worker;
 pub mod router;
 pub mod shell;
 pub mod status;

@@ -33,6 +33,59 @@ pub struct NodeStatus {
     pub disk: Option<DiskStatus>,
     #[serde(default)]
     pub backup: BackupStatus,
+    #[serde(default)]
+    pub restore: RestoreStatus,
+}
+
+/// Restores: the one running now and the latest results (newest last).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RestoreStatus {
+    pub running: Option<RestoreJobStatus>,
+    pub finished: Vec<RestoreResult>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RestoreJobStatus {
+    pub run: u64,
+    pub snapshot: u64,
+    pub source: String,
+    pub to: String,
+    pub state: String,
+    pub blocks: u64,
+    pub blocks_decoded: u64,
+    pub blocks_lost: u64,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_written: u64,
+    pub bytes_total: u64,
+    pub fetched_bytes: u64,
+    pub elapsed_secs: f64,
+}
+
+/// How a restore ended.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RestoreResult {
+    pub run: u64,
+    pub snapshot: u64,
+    pub source: String,
+    pub to: String,
+    /// `complete`, `partial` (some files named in `failed`), `failed`, `aborted`, `interrupted`.
+    pub outcome: String,
+    pub error: Option<String>,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    /// Files already complete from an earlier, interrupted restore.
+    pub skipped_existing: u64,
+    pub failed: Vec<SkippedFile>,
+    pub seconds: f64,
+    /// Fragment bytes received from suppliers.
+    pub fetched_bytes: u64,
+    /// Fragments asked beyond `k` per block (something failed).
+    pub extra_fragments: u64,
+    /// Suppliers that sent fragments not matching the owner's manifest, with a count.
+    pub corrupt_fragments: Vec<(String, u64)>,
 }
 
 /// Backups: the job running now and the latest results (newest last).

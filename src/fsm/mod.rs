@@ -10,6 +10,7 @@ pub mod identity;
 pub mod machine;
 pub mod network_connector;
 pub mod peer_session;
+pub mod restore_worker;
 pub mod supplier_connector;
 pub mod supplier_service;
 pub mod timers;
@@ -31,6 +32,7 @@ macro_rules! for_each_machine {
         $f::<$crate::fsm::supplier_connector::SupplierConnector>($($arg),*);
         $f::<$crate::fsm::fire_hire::FireHire>($($arg),*);
         $f::<$crate::fsm::backup_job::BackupJob>($($arg),*);
+        $f::<$crate::fsm::restore_worker::RestoreWorker>($($arg),*);
     }};
 }
 

@@ -34,6 +34,19 @@ pub enum Request {
     },
     /// The catalog's versions.
     List,
+    /// Restore a version (default: the latest of `source`, or of every source) under `to`
+    /// (absolute); answers the run numbers.
+    Restore {
+        #[serde(default)]
+        source: Option<String>,
+        #[serde(default)]
+        version: Option<u64>,
+        to: String,
+        #[serde(default)]
+        path: Option<String>,
+        #[serde(default)]
+        overwrite: bool,
+    },
     PeerAdd {
         card: String,
         #[serde(default)]

@@ -23,6 +23,7 @@ use super::control::{self, Request, Response};
 use super::health::{self, DiskHealth};
 use super::home::Home;
 use super::logging;
+use super::restores::Restores;
 use super::signals::{self, Signal, Signals};
 use crate::actors::backup_job::{BackupSettings, BackupWiring, JobSpec};
 use crate::actors::fire_hire::{self, CustomerSettings, FireHireDriver, FireHireQuery};
@@ -32,9 +33,10 @@ use crate::actors::network_connector::{
     Presence,
 };
 use crate::actors::peer_session::SessionShared;
+use crate::actors::restore_worker::{RestoreSpec, RestoreWiring};
 use crate::actors::router::{RequestKind, Router};
-use crate::actors::status::BackupStatus;
 use crate::actors::status::NodeStatus;
+use crate::actors::status::{BackupStatus, RestoreStatus};
 use crate::actors::supplier_service::{
     self, SupplierAnswer, SupplierInput, SupplierQuery, SupplierServiceDriver, SupplierSettings,
 };
@@ -209,7 +211,7 @@ async fn node_main(
         writer: disk.writer.clone(),
         network: network_actor.clone(),
         fire_hire: customer_actor.clone(),
-        keys: data_keys,
+        keys: data_keys.clone(),
         owner: keys.signing_key().clone(),
         settings: BackupSettings {
             data_shards: u32::from(b.data_shards),
@@ -228,6 +230,17 @@ async fn node_main(
         Vec::new()
     });
     let backups = Backups::start(wiring, unfinished);
+    let restore_status = Arc::new(Mutex::new(RestoreStatus::default()));
+    let restores = Restores::start(RestoreWiring {
+        kv: store.clone(),
+        network: network_actor.clone(),
+        fire_hire: customer_actor.clone(),
+        keys: data_keys.clone(),
+        owner: keys.signing_key().verifying_key(),
+        request_timeout: config.network.request_timeout.get(),
+        registry: registry.clone(),
+        status: restore_status.clone(),
+    });
     let sources = Rc::new(RefCell::new(config.backup.clone()));
 
     let listener = control::bind(&home.control_socket())?;
@@ -242,6 +255,8 @@ async fn node_main(
         request_timeout: config.network.request_timeout.get(),
         backups: backups.clone(),
         backup_status,
+        restores: restores.clone(),
+        restore_status,
         sources: sources.clone(),
         store: store.clone(),
     });
@@ -299,6 +314,9 @@ async fn node_main(
     progress.begin("backup job");
     backups.shutdown().await;
     progress.end("backup job");
+    progress.begin("restore");
+    restores.shutdown().await;
+    progress.end("restore");
 
     // Bounded by the watchdog (node.shutdown_timeout from the first signal), not by a timer on
     // this loop: a write stuck on a frozen disk could hold the loop itself.
@@ -331,6 +349,8 @@ struct ControlState {
     request_timeout: Duration,
     backups: Rc<Backups>,
     backup_status: Arc<Mutex<BackupStatus>>,
+    restores: Rc<Restores>,
+    restore_status: Arc<Mutex<RestoreStatus>>,
     sources: Rc<RefCell<BackupSection>>,
     store: Arc<dyn KvStore>,
 }
@@ -367,6 +387,11 @@ impl ControlState {
                     disk: None,
                     backup: self
                         .backup_status
+                        .lock()
+                        .map(|s| s.clone())
+                        .unwrap_or_default(),
+                    restore: self
+                        .restore_status
                         .lock()
                         .map(|s| s.clone())
                         .unwrap_or_default(),
@@ -414,6 +439,33 @@ impl ControlState {
                     Ok(Ok(snapshots)) => Response::ok(list_json(&snapshots)),
                     Ok(Err(e)) => Response::error(format!("cannot read the catalog: {e}")),
                     Err(e) => Response::error(e.to_string()),
+                }
+            }
+            Request::Restore {
+                source,
+                version,
+                to,
+                path,
+                overwrite,
+            } => {
+                let store = self.store.clone();
+                let snapshots =
+                    match tokio::task::spawn_blocking(move || catalog::snapshots(store.as_ref()))
+                        .await
+                    {
+                        Ok(Ok(snapshots)) => snapshots,
+                        Ok(Err(e)) => {
+                            return Response::error(format!("cannot read the catalog: {e}"));
+                        }
+                        Err(e) => return Response::error(e.to_string()),
+                    };
+                let specs = match restore_specs(&snapshots, source, version, &to, path, overwrite) {
+                    Ok(specs) => specs,
+                    Err(e) => return Response::error(e),
+                };
+                match self.restores.request(specs) {
+                    Ok(runs) => Response::ok(json!({ "runs": runs })),
+                    Err(e) => Response::error(e),
                 }
             }
             Request::PeerAdd { card, name } => {
@@ -505,6 +557,86 @@ impl ControlState {
                     Err(e) => Response::error(e.to_string()),
                 }
             }
+        }
+    }
+}
+
+/// Which versions a restore request means: `version` exactly; else the latest of `source`; else
+/// the latest of every source (each under `to/<its directory name>` when there are several).
+fn restore_specs(
+    snapshots: &[Snapshot],
+    source: Option<String>,
+    version: Option<u64>,
+    to: &str,
+    path: Option<String>,
+    overwrite: bool,
+) -> Result<Vec<RestoreSpec>, String> {
+    if snapshots.is_empty() {
+        return Err("no backups yet".into());
+    }
+    let to = std::path::PathBuf::from(to);
+    if !to.is_absolute() {
+        return Err("the restore target must be an absolute path".into());
+    }
+    let sub_path = path.map(|p| p.trim_start_matches('/').as_bytes().to_vec());
+    let spec = |s: &Snapshot, to: std::path::PathBuf| RestoreSpec {
+        snapshot: s.id,
+        source: s.source.clone(),
+        to,
+        sub_path: sub_path.clone(),
+        overwrite,
+    };
+    let matches = |s: &&Snapshot| source.as_deref().is_none_or(|src| s.source == src);
+    if let Some(v) = version {
+        let s = snapshots
+            .iter()
+            .filter(matches)
+            .find(|s| s.id.0 == v)
+            .ok_or_else(|| {
+                format!(
+                    "no version {v}{}",
+                    source
+                        .as_deref()
+                        .map(|s| format!(" of {s}"))
+                        .unwrap_or_default()
+                )
+            })?;
+        return Ok(vec![spec(s, to)]);
+    }
+    // The latest version of each matching source, in the order sources first appeared.
+    let mut latest: Vec<&Snapshot> = Vec::new();
+    for s in snapshots.iter().filter(matches) {
+        match latest.iter_mut().find(|l| l.source == s.source) {
+            Some(l) => {
+                if s.id > l.id {
+                    *l = s;
+                }
+            }
+            None => latest.push(s),
+        }
+    }
+    match latest.len() {
+        0 => Err(format!("no backup of {}", source.unwrap_or_default())),
+        1 => Ok(vec![spec(latest[0], to)]),
+        _ => {
+            let mut used = std::collections::BTreeSet::new();
+            Ok(latest
+                .into_iter()
+                .map(|s| {
+                    let base = std::path::Path::new(&s.source)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| "root".into());
+                    let mut name = base.clone();
+                    let mut n = 2;
+                    while !used.insert(name.clone()) {
+                        name = format!("{base}-{n}");
+                        n += 1;
+                    }
+                    spec(s, to.join(name))
+                })
+                .collect())
         }
     }
 }

@@ -1,0 +1,520 @@
+//! The restore_worker actor's IO: fetches the fragments the machine asks for from the suppliers
+//! that acknowledged them at backup time, checks each against the owner-signed manifest, decodes
+//! blocks off the event loop and hands them to the file writer (`pipeline::restore`), which runs
+//! on a thread of its own and says when it consumed a block or needs one again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use ed25519_dalek::VerifyingKey;
+use tokio::sync::{mpsc, oneshot};
+
+use super::fire_hire::{FireHireDriver, FireHireQuery};
+use super::network_connector::{NetAnswer, NetQuery, NetworkConnectorDriver};
+use super::registry::Registry;
+use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
+use super::status::{RestoreJobStatus, RestoreResult, RestoreStatus, SkippedFile};
+use crate::crypto::derive::DataKeys;
+use crate::crypto::identity::NodeId;
+use crate::data::{self, BlockId, BlockManifest};
+use crate::fsm::restore_worker::{self as rw, Outcome, Progress, RestoreWorker};
+use crate::pipeline::restore::{self, RestoreCounters, RestorePlan, RestoreReport, RestoreTarget};
+use crate::proto::envelope::Body;
+use crate::proto::{FragmentId, RetrieveFragment};
+use crate::store::KvStore;
+use crate::store::catalog::{self, SnapshotId};
+
+type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
+type FireHireAddr = Addr<Shell<FireHireDriver>>;
+
+/// Blocks fetched at once (each holds `k` fragments while it is assembled).
+const WINDOW: usize = 6;
+/// Decoded blocks the writer keeps while they still have uses.
+const CACHE_BLOCKS: usize = 16;
+const RESULTS_KEPT: usize = 16;
+
+/// What to restore.
+#[derive(Clone, Debug)]
+pub struct RestoreSpec {
+    pub snapshot: SnapshotId,
+    pub source: String,
+    pub to: PathBuf,
+    pub sub_path: Option<Vec<u8>>,
+    pub overwrite: bool,
+}
+
+/// The node's pieces every restore uses.
+#[derive(Clone)]
+pub struct RestoreWiring {
+    pub kv: Arc<dyn KvStore>,
+    pub network: NetworkAddr,
+    pub fire_hire: FireHireAddr,
+    pub keys: Arc<DataKeys>,
+    pub owner: VerifyingKey,
+    pub request_timeout: Duration,
+    pub registry: Registry,
+    pub status: Arc<Mutex<RestoreStatus>>,
+}
+
+/// A decoded block, or why it cannot be had.
+type BlockResult = Result<Arc<Vec<u8>>, String>;
+
+/// Between the actor and the writer thread: decoded blocks waiting to be taken.
+#[derive(Default)]
+struct Handoff {
+    ready: Mutex<HashMap<[u8; 32], BlockResult>>,
+    arrived: Condvar,
+    cancelled: AtomicBool,
+}
+
+impl Handoff {
+    fn put(&self, block: [u8; 32], value: BlockResult) {
+        if let Ok(mut ready) = self.ready.lock() {
+            ready.insert(block, value);
+        }
+        self.arrived.notify_all();
+    }
+}
+
+pub enum RestoreInput {
+    /// From the writer thread.
+    Consumed([u8; 32]),
+    Want([u8; 32]),
+    WriterDone(Result<RestoreReport, String>),
+}
+
+/// One block's manifest and who holds each position.
+struct BlockSource {
+    manifest: BlockManifest,
+    holders: Vec<Option<NodeId>>,
+    fragments: Vec<Option<Vec<u8>>>,
+}
+
+pub struct RestoreWorkerDriver {
+    run: u64,
+    spec: RestoreSpec,
+    wiring: RestoreWiring,
+    blocks: HashMap<[u8; 32], BlockSource>,
+    handoff: Arc<Handoff>,
+    counters: Arc<RestoreCounters>,
+    fetched: Arc<AtomicU64>,
+    files_total: u64,
+    bytes_total: u64,
+    progress: Progress,
+    report: Option<RestoreReport>,
+    began: Option<Duration>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl RestoreWorkerDriver {
+    fn fetch(&mut self, block: [u8; 32], position: u32, io: &mut Io<'_, Self>) {
+        let failed = rw::Event::FragmentFailed {
+            block,
+            position,
+            corrupt: false,
+        };
+        let Some(source) = self.blocks.get(&block) else {
+            io.send(failed);
+            return;
+        };
+        let Some(Some(supplier)) = source.holders.get(position as usize).copied() else {
+            io.send(failed);
+            return;
+        };
+        let network = self.wiring.network.clone();
+        let timeout = self.wiring.request_timeout;
+        let fetched = self.fetched.clone();
+        let ask = async move {
+            let link = match network.send(Query::new(NetQuery::Link(supplier))).await {
+                Ok(NetAnswer::Link(Some(link))) => link,
+                _ => return Err("no session with the supplier".to_string()),
+            };
+            let request = Body::RetrieveFragment(RetrieveFragment {
+                id: Some(FragmentId {
+                    block: block.to_vec(),
+                    position,
+                }),
+            });
+            let reply = link
+                .request(request, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            match reply.body {
+                Some(Body::FragmentData(d)) => {
+                    fetched.fetch_add(d.data.len() as u64, Ordering::Relaxed);
+                    Ok(d.data)
+                }
+                Some(Body::Fail(f)) => Err(format!("refused ({}): {}", f.reason, f.detail)),
+                _ => Err("unexpected reply".into()),
+            }
+        };
+        io.spawn_then(ask, move |driver, result| {
+            driver.received(block, position, supplier, result)
+        });
+    }
+
+    /// A fragment's bytes: checked against the owner's manifest before they count.
+    fn received(
+        &mut self,
+        block: [u8; 32],
+        position: u32,
+        supplier: NodeId,
+        result: Result<Vec<u8>, String>,
+    ) -> rw::Event {
+        let failed = |corrupt| rw::Event::FragmentFailed {
+            block,
+            position,
+            corrupt,
+        };
+        let stored = match result {
+            Ok(stored) => stored,
+            Err(why) => {
+                tracing::debug!(position, supplier = %supplier, error = %why, "fragment not fetched");
+                return failed(false);
+            }
+        };
+        let Some(source) = self.blocks.get_mut(&block) else {
+            return failed(false);
+        };
+        let fragment = match data::stored::unwrap(&stored) {
+            Ok((_, fragment)) => fragment,
+            Err(_) => {
+                tracing::warn!(position, supplier = %supplier, "a supplier sent a malformed fragment");
+                return failed(true);
+            }
+        };
+        if source
+            .manifest
+            .check_fragment(position as usize, fragment)
+            .is_err()
+        {
+            tracing::warn!(position, supplier = %supplier,
+                "a supplier sent a fragment that does not match the owner's manifest");
+            return failed(true);
+        }
+        if let Some(slot) = source.fragments.get_mut(position as usize) {
+            *slot = Some(fragment.to_vec());
+        }
+        rw::Event::FragmentOk { block, position }
+    }
+
+    fn decode(&mut self, block: [u8; 32], io: &mut Io<'_, Self>) {
+        let Some(source) = self.blocks.get_mut(&block) else {
+            return;
+        };
+        // The fragments leave the driver: a block is decoded once, then only the writer has it.
+        let fragments = std::mem::replace(&mut source.fragments, vec![None; source.holders.len()]);
+        let manifest = source.manifest.clone();
+        let keys = self.wiring.keys.clone();
+        let handoff = self.handoff.clone();
+        io.spawn_blocking(move || {
+            let refs: Vec<Option<&[u8]>> = fragments.iter().map(|f| f.as_deref()).collect();
+            match data::decode_block(&refs, &manifest, &keys.block) {
+                Ok(decoded) => {
+                    handoff.put(block, Ok(Arc::new(decoded.plain)));
+                    rw::Event::Decoded { block }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a block did not decode from fragments matching its manifest");
+                    handoff.put(block, Err(format!("block did not decode: {e}")));
+                    rw::Event::DecodeFailed { block }
+                }
+            }
+        });
+    }
+
+    fn publish(&self, elapsed: f64) {
+        let p = self.counters.snapshot();
+        let state = self
+            .wiring
+            .registry
+            .state_of(
+                <RestoreWorker as crate::fsm::Machine>::NAME,
+                &self.run.to_string(),
+            )
+            .unwrap_or("Fetching");
+        let status = RestoreJobStatus {
+            run: self.run,
+            snapshot: self.spec.snapshot.0,
+            source: self.spec.source.clone(),
+            to: self.spec.to.display().to_string(),
+            state: state.to_string(),
+            blocks: self.progress.blocks,
+            blocks_decoded: self.progress.decoded,
+            blocks_lost: self.progress.lost,
+            files_done: p.files_done,
+            files_total: self.files_total,
+            bytes_written: p.bytes_written,
+            bytes_total: self.bytes_total,
+            fetched_bytes: self.fetched.load(Ordering::Relaxed),
+            elapsed_secs: elapsed,
+        };
+        if let Ok(mut s) = self.wiring.status.lock() {
+            s.running = Some(status);
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome, elapsed: f64) {
+        self.handoff.cancelled.store(true, Ordering::Relaxed);
+        self.handoff.arrived.notify_all();
+        let (name, error) = match &outcome {
+            Outcome::Complete => ("complete", None),
+            Outcome::Partial => ("partial", None),
+            Outcome::Aborted => ("aborted", None),
+            Outcome::Failed(why) => ("failed", Some(why.clone())),
+            Outcome::Interrupted => ("interrupted", None),
+        };
+        let report = self.report.take().unwrap_or_default();
+        let holders: BTreeMap<u32, u64> = self.progress.corrupt.clone();
+        let result = RestoreResult {
+            run: self.run,
+            snapshot: self.spec.snapshot.0,
+            source: self.spec.source.clone(),
+            to: self.spec.to.display().to_string(),
+            outcome: name.to_string(),
+            error,
+            files: report.files,
+            dirs: report.dirs,
+            symlinks: report.symlinks,
+            bytes: report.bytes,
+            skipped_existing: report.skipped_existing,
+            failed: report
+                .failed
+                .iter()
+                .map(|(path, reason)| SkippedFile {
+                    path: String::from_utf8_lossy(path).into_owned(),
+                    reason: reason.clone(),
+                })
+                .collect(),
+            seconds: elapsed,
+            fetched_bytes: self.fetched.load(Ordering::Relaxed),
+            extra_fragments: self.progress.extra_fragments,
+            corrupt_fragments: holders
+                .into_iter()
+                .map(|(position, n)| (format!("position {position}"), n))
+                .collect(),
+        };
+        tracing::info!(
+            run = self.run,
+            snapshot = self.spec.snapshot.0,
+            outcome = name,
+            files = result.files,
+            bytes = result.bytes,
+            failed = result.failed.len(),
+            fetched = result.fetched_bytes,
+            "restore finished"
+        );
+        if let Ok(mut s) = self.wiring.status.lock() {
+            if s.running.as_ref().is_some_and(|r| r.run == self.run) {
+                s.running = None;
+            }
+            s.finished.push(result);
+            let excess = s.finished.len().saturating_sub(RESULTS_KEPT);
+            s.finished.drain(..excess);
+        }
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Driver for RestoreWorkerDriver {
+    type M = RestoreWorker;
+    type Input = RestoreInput;
+    type Query = std::convert::Infallible;
+    type Answer = ();
+
+    fn perform(&mut self, output: rw::Output, machine: &RestoreWorker, io: &mut Io<'_, Self>) {
+        let began = *self.began.get_or_insert(io.ctx().now);
+        let elapsed = io.ctx().now.saturating_sub(began).as_secs_f64();
+        match output {
+            rw::Output::Fetch { block, position } => self.fetch(block, position, io),
+            rw::Output::Decode { block } => self.decode(block, io),
+            rw::Output::GiveUp { block } => {
+                self.handoff.put(
+                    block,
+                    Err("fewer than k suppliers could give a good fragment".into()),
+                );
+            }
+            rw::Output::Progress(progress) => {
+                self.progress = progress;
+                self.publish(elapsed);
+            }
+            rw::Output::Cancel => {
+                self.handoff.cancelled.store(true, Ordering::Relaxed);
+                self.handoff.arrived.notify_all();
+            }
+            rw::Output::Finished(outcome) => {
+                self.progress = machine.fetches.progress.clone();
+                self.finish(outcome, elapsed);
+            }
+        }
+    }
+
+    fn input(
+        &mut self,
+        input: RestoreInput,
+        _machine: &RestoreWorker,
+        _io: &mut Io<'_, Self>,
+    ) -> Vec<rw::Event> {
+        match input {
+            RestoreInput::Consumed(block) => vec![rw::Event::Consumed { block }],
+            RestoreInput::Want(block) => vec![rw::Event::Want { block }],
+            RestoreInput::WriterDone(Ok(report)) => {
+                let failed = report.failed.len() as u64;
+                self.report = Some(report);
+                vec![rw::Event::WriterDone { failed }]
+            }
+            RestoreInput::WriterDone(Err(e)) => vec![rw::Event::Fatal(e)],
+        }
+    }
+
+    fn query(&mut self, query: Self::Query, _: &RestoreWorker, _: &mut Io<'_, Self>) {
+        match query {}
+    }
+}
+
+/// Runs the writer: takes blocks from the handoff as files need them.
+fn run_writer(
+    plan: RestorePlan,
+    target: RestoreTarget,
+    handoff: Arc<Handoff>,
+    counters: Arc<RestoreCounters>,
+    news: mpsc::UnboundedSender<RestoreInput>,
+) {
+    let mut get_block = |id: BlockId| -> Result<Arc<Vec<u8>>, String> {
+        let mut asked = false;
+        let Ok(mut ready) = handoff.ready.lock() else {
+            return Err("restore stopped".into());
+        };
+        loop {
+            if let Some(value) = ready.remove(&id.0) {
+                let _ = news.send(RestoreInput::Consumed(id.0));
+                return value;
+            }
+            if handoff.cancelled.load(Ordering::Relaxed) {
+                return Err("restore stopped".into());
+            }
+            if !asked {
+                let _ = news.send(RestoreInput::Want(id.0));
+                asked = true;
+            }
+            ready = match handoff
+                .arrived
+                .wait_timeout(ready, Duration::from_millis(500))
+            {
+                Ok((guard, _)) => guard,
+                Err(_) => return Err("restore stopped".into()),
+            };
+        }
+    };
+    let result = restore::restore_files(&plan, &target, &mut get_block, CACHE_BLOCKS, &counters)
+        .map_err(|e| e.to_string());
+    let _ = news.send(RestoreInput::WriterDone(result));
+}
+
+/// Starts one restore; `done` resolves when it finished.
+pub async fn start(
+    wiring: RestoreWiring,
+    run: u64,
+    spec: RestoreSpec,
+) -> Result<(Addr<Shell<RestoreWorkerDriver>>, oneshot::Receiver<()>), String> {
+    let kv = wiring.kv.clone();
+    let owner = wiring.owner;
+    let snapshot = spec.snapshot;
+    let sub = spec.sub_path.clone();
+    // The plan and every block's manifest: read and verified off the event loop.
+    let prepared = tokio::task::spawn_blocking(move || {
+        let plan = restore::plan(&*kv, snapshot, sub.as_deref()).map_err(|e| e.to_string())?;
+        let mut sources = HashMap::new();
+        let mut layout = Vec::new();
+        for id in &plan.blocks {
+            let Some(entry) = catalog::block(&*kv, id).map_err(|e| e.to_string())? else {
+                continue;
+            };
+            let manifest = BlockManifest::verify(&entry.signed_manifest, &owner)
+                .map_err(|e| format!("block {id}: {e}"))?;
+            let total = entry.fragments.len();
+            layout.push((id.0, entry.data_shards, total as u32));
+            sources.insert(
+                id.0,
+                BlockSource {
+                    manifest,
+                    holders: entry.fragments.iter().map(|f| f.supplier).collect(),
+                    fragments: vec![None; total],
+                },
+            );
+        }
+        Ok::<_, String>((plan, sources, layout))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let (plan, sources, layout) = prepared;
+    let customer = wiring
+        .fire_hire
+        .send(Query::new(FireHireQuery::Status))
+        .await
+        .unwrap_or_default();
+    let down: Vec<u32> = customer
+        .positions
+        .iter()
+        .filter(|p| p.contract != "Connected")
+        .map(|p| p.position)
+        .collect();
+
+    let handoff = Arc::new(Handoff::default());
+    let counters = Arc::new(RestoreCounters::default());
+    let (news_tx, mut news_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    let driver = RestoreWorkerDriver {
+        run,
+        spec: spec.clone(),
+        wiring: wiring.clone(),
+        blocks: sources,
+        handoff: handoff.clone(),
+        counters: counters.clone(),
+        fetched: Arc::new(AtomicU64::new(0)),
+        files_total: plan.files.len() as u64,
+        bytes_total: plan.bytes(),
+        progress: Progress::default(),
+        report: None,
+        began: None,
+        done: Some(done_tx),
+    };
+    tracing::info!(run, snapshot = spec.snapshot.0, source = %spec.source,
+        to = %spec.to.display(), blocks = layout.len(), files = plan.files.len(), "restore started");
+    let addr = Shell::new(
+        RestoreWorker::with_window(WINDOW),
+        run.to_string(),
+        driver,
+        wiring.registry.clone(),
+    )
+    .start();
+    let _ = addr
+        .send(Deliver(rw::Event::Start {
+            blocks: layout,
+            down,
+        }))
+        .await;
+    let forward = addr.clone();
+    actix::spawn(async move {
+        while let Some(news) = news_rx.recv().await {
+            if forward.send(Input(news)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let target = RestoreTarget {
+        root: spec.to.clone(),
+        overwrite: spec.overwrite,
+    };
+    std::thread::Builder::new()
+        .name("restore-writer".into())
+        .spawn(move || run_writer(plan, target, handoff, counters, news_tx))
+        .map_err(|e| format!("cannot start the restore writer: {e}"))?;
+    Ok((addr, done_rx))
+}
