@@ -809,6 +809,22 @@ impl CatalogUpload {
                 partial.push(entry);
             }
         }
+        // The suppliers' identities from the peer book: a new machine reaches them with these.
+        let kv = self.kv.clone();
+        let wanted: Vec<NodeId> = self.suppliers.values().copied().collect();
+        let identities = tokio::task::spawn_blocking(move || {
+            crate::store::peers::load(&*kv)
+                .map(|peers| {
+                    peers
+                        .into_iter()
+                        .filter(|(identity, _)| wanted.contains(&identity.node_id()))
+                        .map(|(identity, _)| identity.to_bytes())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         let record = RecoveryRecord {
             revision: self.revision,
             created_at: self.now,
@@ -817,6 +833,7 @@ impl CatalogUpload {
             suppliers: self.suppliers.iter().map(|(p, s)| (*p, *s)).collect(),
             catalog: blocks,
             catalog_len,
+            identities,
         };
         let sealed =
             catalog::seal_recovery(&record, &self.keys.recovery, &self.owner, rand::random());

@@ -6,6 +6,7 @@ pub mod control;
 pub mod health;
 pub mod home;
 pub mod logging;
+pub mod recover;
 pub mod restores;
 pub mod run;
 pub mod signals;

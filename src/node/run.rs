@@ -171,6 +171,22 @@ async fn node_main(
     let data_keys: Arc<DataKeys> = Arc::new(home.load_master()?.data_keys());
     let node_id = identity.node_id();
 
+    // A home made by `bitdust recover`: fetch the catalog before anything is hired.
+    match super::recover::run_pending(
+        &home,
+        &keys,
+        &identity,
+        store.clone(),
+        &data_keys,
+        config.network.max_message.0 as usize,
+    )
+    .await
+    {
+        Ok(true) | Ok(false) => {}
+        Err(e) => tracing::error!(error = %format!("{e:#}"),
+            "recovery did not complete; it is tried again at the next start"),
+    }
+
     let (published_tx, published_rx) = watch::channel(Some(identity.clone()));
     let identity_driver = IdentityDriver::new(Arc::new(home.clone()), keys.clone(), published_tx);
     let identity_actor = identity::start(identity_driver, config.contacts(), &registry).await;

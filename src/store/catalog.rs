@@ -806,6 +806,8 @@ pub struct RecoveryRecord {
     pub catalog: Vec<CatalogBlock>,
     /// Length of the catalog export.
     pub catalog_len: u64,
+    /// The suppliers' signed identities (their cards' contents), for a new machine to reach them.
+    pub identities: Vec<Vec<u8>>,
 }
 
 fn recovery_body(record: &RecoveryRecord) -> records::RecoveryRecordBody {
@@ -836,6 +838,7 @@ fn recovery_body(record: &RecoveryRecord) -> records::RecoveryRecordBody {
             })
             .collect(),
         catalog_len: record.catalog_len,
+        identities: record.identities.clone(),
     }
 }
 
@@ -880,6 +883,7 @@ fn recovery_from_body(body: records::RecoveryRecordBody) -> Result<RecoveryRecor
             })
             .collect::<Result<_, CatalogError>>()?,
         catalog_len: body.catalog_len,
+        identities: body.identities,
     })
 }
 
@@ -1610,6 +1614,7 @@ mod tests {
                 },
             ],
             catalog_len: 5_000_123,
+            identities: vec![b"a signed identity".to_vec()],
         }
     }
 
