@@ -431,7 +431,7 @@ mod tests {
     }
 
     /// Rewrites the checksum after an edit, so the test reaches the check behind it.
-    fn fix_checksum(binary: &mut Vec<u8>) {
+    fn fix_checksum(binary: &mut [u8]) {
         let body = binary.len() - CHECKSUM_LEN;
         let sum = blake3::hash(&binary[..body]);
         binary[body..].copy_from_slice(sum.as_bytes());
