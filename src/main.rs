@@ -94,6 +94,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the recovery key file (keys, master secret, identity); the passphrase comes from
+    /// $BITDUST_PASSPHRASE or a prompt, never from the command line
+    ExportKey {
+        /// File to write (mode 0600); an existing file is never overwritten
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Become a lost node again on a new machine, from its key file and one friend's card
+    Recover {
+        /// The key file written by `bitdust export-key`
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// A friend's contact card (`bitdust id` on their node)
+        #[arg(long, value_name = "CARD")]
+        peer: String,
+        /// Address to listen on for peers
+        #[arg(long, default_value = "0.0.0.0:7771")]
+        listen: SocketAddr,
+        /// Disk space offered to friends, e.g. "8 GiB"
+        #[arg(long, default_value = "8 GiB")]
+        donate: String,
+    },
     /// Show the backed-up sources and their versions
     List {
         #[arg(long)]
@@ -247,6 +269,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => status(&home, json),
         Command::Backup { paths, wait, json } => backup(&home, paths, wait, json),
         Command::List { json } => list(&home, json),
+        Command::ExportKey { out } => export_key(&home, &out),
+        Command::Recover {
+            key,
+            peer,
+            listen,
+            donate,
+        } => recover(&home, &key, &peer, listen, &donate),
         Command::Restore {
             source,
             to,
@@ -853,4 +882,178 @@ fn follow_restore(
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Where a key file's passphrase may come from besides the prompt; never a command-line argument
+/// (other users see those in `ps`).
+const PASSPHRASE_ENV: &str = "BITDUST_PASSPHRASE";
+
+/// The passphrase in the environment: `Some(None)` when set but empty (deliberately none),
+/// `None` when unset.
+fn passphrase_from_env() -> anyhow::Result<Option<Option<String>>> {
+    match std::env::var(PASSPHRASE_ENV) {
+        Ok(p) if p.is_empty() => Ok(Some(None)),
+        Ok(p) => Ok(Some(Some(p))),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => bail!("${PASSPHRASE_ENV} is not valid UTF-8"),
+    }
+}
+
+fn stdin_is_terminal() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stdin().is_terminal()
+}
+
+/// `bitdust export-key`: seals the home's keys, master secret and identity into `out`.
+fn export_key(home: &Home, out: &std::path::Path) -> anyhow::Result<()> {
+    use bitdust::crypto::keyfile::{self, RecoverySecrets};
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    // Checked before asking for a passphrase; `create_new` below closes the race.
+    if out.symlink_metadata().is_ok() {
+        bail!(
+            "{} already exists; refusing to overwrite it (choose another --out)",
+            out.display()
+        );
+    }
+    let keys = home.load_keys()?;
+    let identity = home.load_identity(&keys)?;
+    let master = home.load_master()?;
+    let secrets = RecoverySecrets::new(keys, master, identity)?;
+    let passphrase = match passphrase_from_env()? {
+        Some(p) => p,
+        None if stdin_is_terminal() => {
+            let first =
+                rpassword::prompt_password("Passphrase to protect the key file (empty for none): ")
+                    .context("reading the passphrase")?;
+            if first.is_empty() {
+                None
+            } else {
+                let again = rpassword::prompt_password("The same passphrase again: ")
+                    .context("reading the passphrase")?;
+                if again != first {
+                    bail!("the two passphrases differ; nothing written");
+                }
+                Some(first)
+            }
+        }
+        None => None,
+    };
+    let bytes = keyfile::seal(&secrets, passphrase.as_deref())?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    if let Err(e) = file.write_all(&bytes).and_then(|()| file.sync_all()) {
+        // A partial key file would fail only on the day it is needed.
+        let _ = std::fs::remove_file(out);
+        return Err(e).with_context(|| format!("writing {}", out.display()));
+    }
+    println!("{}", secrets.identity().node_id());
+    if passphrase.is_none() {
+        eprintln!(
+            "bitdust: WARNING: {} is NOT protected by a passphrase.\n\
+             bitdust: WARNING: whoever reads it can read every backup of this node and act as it.\n\
+             bitdust: WARNING: keep it offline, or export again with ${PASSPHRASE_ENV} set or on a terminal.",
+            out.display()
+        );
+    } else {
+        eprintln!(
+            "bitdust: wrote the recovery key of node {} to {}, protected by your passphrase; \
+             keep both: without them your backups cannot be restored",
+            secrets.identity().node_id(),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Opens a key file with the passphrase from the environment, else asks on a terminal when the
+/// file needs one.
+fn open_key_file(bytes: &[u8]) -> anyhow::Result<bitdust::crypto::keyfile::RecoverySecrets> {
+    use bitdust::crypto::keyfile::{self, KeyFileError};
+    let from_env = passphrase_from_env()?.flatten();
+    match keyfile::open(bytes, from_env.as_deref()) {
+        Err(KeyFileError::PassphraseNeeded) if from_env.is_none() && stdin_is_terminal() => {
+            let p = rpassword::prompt_password("Passphrase of the key file: ")
+                .context("reading the passphrase")?;
+            Ok(keyfile::open(bytes, Some(&p))?)
+        }
+        Err(KeyFileError::PassphraseNeeded) => bail!(
+            "the key file is protected by a passphrase: set ${PASSPHRASE_ENV} or run on a terminal"
+        ),
+        other => Ok(other?),
+    }
+}
+
+/// `bitdust recover`: a new home with the lost node's keys and identity, the friend in its peer
+/// book, and a marker that makes the node fetch its recovery record from that friend at start.
+/// Nothing is created until the key file has opened.
+fn recover(
+    home: &Home,
+    key: &std::path::Path,
+    peer: &str,
+    listen: SocketAddr,
+    donate: &str,
+) -> anyhow::Result<()> {
+    use bitdust::node::home::{IDENTITY_FILE, RECOVER_PENDING_FILE, SIGNING_KEY_FILE};
+
+    let donated = ByteSize::parse(donate).map_err(|e| anyhow::anyhow!("--donate: {e}"))?;
+    let friend = Identity::from_card(peer).context("--peer: invalid card")?;
+    for rel in [
+        SIGNING_KEY_FILE,
+        IDENTITY_FILE,
+        bitdust::node::config::CONFIG_FILE,
+    ] {
+        if home.path(rel).exists() {
+            bail!(
+                "{} is already a bitdust home (it has {rel}); recover into a new directory",
+                home.root().display()
+            );
+        }
+    }
+    let bytes = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+    let secrets = open_key_file(&bytes).with_context(|| key.display().to_string())?;
+    let identity = secrets.identity().clone();
+    if identity.node_id() == friend.node_id() {
+        bail!("--peer is this node's own card; give a friend's");
+    }
+    let created_root = !home.root().exists();
+    let result = (|| -> anyhow::Result<()> {
+        std::fs::create_dir_all(home.root())
+            .with_context(|| format!("creating {}", home.root().display()))?;
+        home.init_from_secrets(&secrets, listen, donated)?;
+        let _lock = home.lock()?;
+        let store = bitdust::store::RocksStore::open(&home.db_dir())?;
+        bitdust::store::peers::save(&store, &friend, None, bitdust::unix_now())?;
+        bitdust::node::home::write_atomic(
+            &home.path(RECOVER_PENDING_FILE),
+            friend.node_id().to_string().as_bytes(),
+            0o600,
+        )?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        // Half a home would be refused by the next attempt as "already a home".
+        if created_root {
+            let _ = std::fs::remove_dir_all(home.root());
+        }
+        return Err(e);
+    }
+    println!("{}", identity.node_id());
+    eprintln!(
+        "bitdust: recovered node `{}` ({}) in {}.\n\
+         bitdust: start the node with `bitdust run --home {}`; it fetches your catalog from `{}` ({}),\n\
+         bitdust: then `bitdust list` and `bitdust restore` work as on the old machine.",
+        identity.name(),
+        identity.node_id(),
+        home.root().display(),
+        home.root().display(),
+        friend.name(),
+        friend.node_id()
+    );
+    Ok(())
 }

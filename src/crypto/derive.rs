@@ -22,6 +22,11 @@ impl MasterSecret {
         MasterSecret(bytes)
     }
 
+    /// The raw secret, for the recovery key file (`crypto::keyfile`) only; never log it.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
     /// All keys the data pipeline and the catalog use.
     pub fn data_keys(&self) -> DataKeys {
         DataKeys {

@@ -4,4 +4,5 @@
 
 pub mod derive;
 pub mod identity;
+pub mod keyfile;
 pub mod keys;

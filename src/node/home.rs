@@ -21,6 +21,9 @@ pub const MASTER_KEY_FILE: &str = "keys/master.key";
 pub const IDENTITY_FILE: &str = "identity.card";
 pub const LOCK_FILE: &str = "node.lock";
 pub const CONTROL_SOCKET: &str = "control.sock";
+/// Left by `bitdust recover`: the node id of the friend to fetch the recovery record from; the
+/// node acts on it at start.
+pub const RECOVER_PENDING_FILE: &str = "recover.pending";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HomeError {
@@ -136,6 +139,45 @@ impl Home {
         self.save_identity(&identity)?;
         write_atomic(&self.config_file(), text.as_bytes(), 0o600)?;
         Ok(identity)
+    }
+
+    /// Creates a home for a node restored from its recovery key file (`bitdust recover`): the
+    /// same keys, master secret and identity as the lost machine, a fresh config and directories.
+    /// The identity is kept as signed; the node re-signs it at start if the contacts differ.
+    pub fn init_from_secrets(
+        &self,
+        secrets: &crate::crypto::keyfile::RecoverySecrets,
+        listen: SocketAddr,
+        donated: ByteSize,
+    ) -> Result<(), HomeError> {
+        for (rel, what) in [
+            (SIGNING_KEY_FILE, "keys"),
+            (IDENTITY_FILE, "an identity"),
+            (CONFIG_FILE, "a config"),
+        ] {
+            if self.path(rel).exists() {
+                return Err(HomeError::AlreadyInitialised(self.root.clone(), what));
+            }
+        }
+        let keys_dir = self.path("keys");
+        fs::create_dir_all(&keys_dir).map_err(io_err(&keys_dir))?;
+        fs::set_permissions(&keys_dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&keys_dir))?;
+        for dir in [self.store_dir(), self.db_dir()] {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        let text = default_file(secrets.identity().name(), listen, donated);
+        super::config::Config::parse_with_env(&text, &self.config_file(), &Default::default())
+            .map_err(|e| HomeError::BadFile {
+                path: self.config_file(),
+                message: e.to_string(),
+            })?;
+        let keys = secrets.keys();
+        write_secret(&self.path(SIGNING_KEY_FILE), &keys.signing_secret_bytes())?;
+        write_secret(&self.path(NOISE_KEY_FILE), &keys.noise_secret_bytes())?;
+        write_secret(&self.path(MASTER_KEY_FILE), &secrets.master().to_bytes())?;
+        self.save_identity(secrets.identity())?;
+        write_atomic(&self.config_file(), text.as_bytes(), 0o600)
     }
 
     /// Reads both secret keys, refusing files other users could read.
