@@ -637,3 +637,82 @@ fn a_supplier_serving_forged_bytes_is_caught_and_another_fragment_used() {
         "the forgery is noted: {r:#}"
     );
 }
+
+// ------------------------------------------------------------------ recovery
+
+/// The binary with `$BITDUST_PASSPHRASE` set (stdin not a terminal: it never prompts).
+fn bitdust_with_passphrase(home: &Path, args: &[&str], passphrase: &str) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("BITDUST_PASSPHRASE", passphrase)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("bitdust runs")
+}
+
+#[test]
+fn a_new_machine_with_the_key_file_and_one_friend_recovers_the_catalog_and_restores() {
+    let c = star(6);
+    let mut nodes: Vec<Node> = c.homes.iter().map(|h| Node::start(h)).collect();
+    wait_all_connected(&c.homes[0], 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&c.homes[0], source.path());
+    let keys = tempfile::tempdir().expect("tempdir");
+    let key_file = keys.path().join("owner.key");
+    let out = bitdust_with_passphrase(
+        &c.homes[0],
+        &["export-key", "--out", key_file.to_str().expect("utf-8")],
+        "correct horse",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The old machine is gone.
+    nodes[0].signal(libc::SIGKILL);
+    nodes[0].wait_exit();
+    let fresh = tempfile::tempdir().expect("tempdir");
+    let new_home = fresh.path().join("owner-again");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let friend = card(&c.homes[1]);
+    let out = bitdust_with_passphrase(
+        &new_home,
+        &[
+            "recover",
+            "--key",
+            key_file.to_str().expect("utf-8"),
+            "--peer",
+            &friend,
+            "--listen",
+            &listen,
+        ],
+        "correct horse",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut owner = Node::start(&new_home);
+    owner.wait_log("the catalog recovered", |v| {
+        v["message"] == "recovered the catalog; resuming the suppliers"
+    });
+    wait_all_connected(&new_home, 60);
+    let list = bitdust(&new_home, &["list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+    assert_eq!(
+        list["versions"].as_array().map(Vec::len),
+        Some(1),
+        "{list:#}"
+    );
+    let to = fresh.path().join("restored");
+    let (ok, r) = restore(&new_home, &["--to", to.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &to);
+}

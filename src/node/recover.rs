@@ -27,9 +27,6 @@ use crate::store::catalog::{self, RecoveryRecord};
 use crate::store::contracts::{self, Contract};
 use crate::store::{KvStore, peers};
 
-/// Names the friend to recover from (its node id in hex).
-pub const PENDING_FILE: &str = "recover.pending";
-
 const TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Open sessions to the peers recovery talks to.
@@ -129,7 +126,7 @@ pub async fn run_pending(
     data_keys: &DataKeys,
     max_message: usize,
 ) -> anyhow::Result<bool> {
-    let marker = home.path(PENDING_FILE);
+    let marker = home.path(super::home::RECOVER_PENDING_FILE);
     let Ok(text) = std::fs::read_to_string(&marker) else {
         return Ok(false);
     };
