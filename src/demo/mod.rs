@@ -684,8 +684,14 @@ impl<'a> Demo<'a> {
         self.say(format_args!("{} {command}", step.counter()));
         let total = self.source.summary().bytes;
         let wall = Instant::now();
-        let finished = self.cli_any(step, 0, &args, LONG_LIMIT, |_| {
+        let mut last = None;
+        let finished = self.cli_any(step, 0, &args, LONG_LIMIT, |elapsed| {
             if let Some(job) = self.owner_status().and_then(|s| s.backup.running) {
+                // The node refreshes its figures now and then: print only news.
+                let now = (job.bytes, job.blocks_complete, job.queued_fragments);
+                if last.replace(now) == Some(now) {
+                    return;
+                }
                 let rate = if job.elapsed_secs > 0.0 {
                     job.bytes as f64 / job.elapsed_secs
                 } else {
@@ -698,7 +704,7 @@ impl<'a> Demo<'a> {
                 };
                 self.say(format_args!(
                     "      {:>5.1} s  {} of {}, {}/s, {}/{} blocks placed ({}){waiting}",
-                    job.elapsed_secs,
+                    elapsed.as_secs_f64(),
                     report::size(job.bytes),
                     report::size(total),
                     report::size(rate as u64),

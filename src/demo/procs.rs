@@ -257,7 +257,9 @@ impl Bitdust {
             }
             if Instant::now() >= next_tick {
                 tick(started.elapsed());
-                next_tick += Duration::from_secs(1);
+                // From now, not from the last tick: a slow tick (a busy node answering
+                // `status`) must not be followed by a burst of catch-up ticks.
+                next_tick = Instant::now() + Duration::from_secs(1);
             }
             std::thread::sleep(Duration::from_millis(20));
         };
