@@ -4,6 +4,7 @@
 pub mod actors; // actix shells that run the machines and do their IO
 pub mod crypto; // node keys, signed identity documents, contact cards, derived backup keys
 pub mod data; // pure backup pipeline: chunk, pack, compress, pad, seal, erasure-code, manifests
+pub mod demo; // `bitdust demo`: a loopback network of this binary, backup, restore, verify, report
 pub mod fsm; // pure state machines: tables, step, timers, diagrams
 pub mod net; // Noise over TCP, framing, envelopes, authenticated links
 pub mod node; // config, home directory, logging, control socket, signals, `run`

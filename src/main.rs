@@ -131,6 +131,19 @@ enum Command {
         #[command(subcommand)]
         command: CustomerCommand,
     },
+    /// Try it with no setup: a loopback network of 1 owner + 7 friends backs up a directory,
+    /// loses two suppliers, restores and verifies every byte; prints a report
+    Demo {
+        /// Directory to back up [default: a generated sample]
+        #[arg(long, value_name = "PATH")]
+        data: Option<PathBuf>,
+        /// Keep the temporary homes, logs and restored files (their path is printed)
+        #[arg(long)]
+        keep: bool,
+        /// Print the report as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the state diagrams generated from the machines' tables
     Diagrams {
         #[arg(long, default_value = "state-diagrams")]
@@ -313,6 +326,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Demo { data, keep, json } => Ok(bitdust::demo::run(&bitdust::demo::Options {
+            data,
+            keep,
+            json,
+        })?),
         Command::Diagrams { out } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             for (name, contents) in bitdust::fsm::diagram_files() {

@@ -55,6 +55,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "node", "actors", "fsm", "data", "net", "store", "crypto", "proto", "unix_now",
         ],
     ),
+    // Runs the binary's own CLI as child processes; reads the status types it prints.
+    ("demo", &["demo", "node", "actors", "store", "crypto"]),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -364,11 +364,11 @@ fn with_suppliers_away_the_job_waits_then_commits_and_sends_the_rest_when_they_r
         node_status(&c.homes[0])?.backup.finished.first().cloned()
     });
     assert_eq!(result.outcome, "committed", "{result:?}");
-    let job = node_status(&c.homes[0])
-        .and_then(|s| s.backup.running)
-        .expect("the job still sends what waits");
-    assert_eq!(job.state, "Draining");
-    assert_eq!(job.worst_redundancy, 1, "5 of 6 fragments placed: {job:?}");
+    // Committed; the sixth fragments wait (a returning supplier may still be reconnecting).
+    let job = wait_for("redundancy 1 while one supplier is away", 30, || {
+        let job = node_status(&c.homes[0])?.backup.running?;
+        (job.state == "Draining" && job.worst_redundancy == 1).then_some(job)
+    });
     assert!(job.queued_fragments > 0, "{job:?}");
     let waiting = placement(&c);
     assert!(

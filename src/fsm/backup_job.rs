@@ -54,7 +54,9 @@ events! {
 }
 
 labels! {
-    pub enum Guard {}
+    /// `HasK`: a block announced with at least `k` positions already placed (the catalog's own
+    /// blocks, which join while committing).
+    pub enum Guard { HasK }
 }
 
 labels! {
@@ -204,6 +206,13 @@ impl Ledger {
     pub fn drained(&self) -> bool {
         self.outbox.values().all(VecDeque::is_empty)
             && self.sending.values().all(BTreeSet::is_empty)
+    }
+
+    /// Every block known to the ledger has at least `k` fragments placed.
+    pub fn every_block_has_k(&self) -> bool {
+        self.placed
+            .values()
+            .all(|p| p.len() >= self.data_shards as usize)
     }
 
     /// Every block has at least `k` fragments placed, and no fragment is out for an answer.
@@ -504,7 +513,8 @@ static ROWS: &[Row<BackupJob>] = &[
         EventKind::BlockReady,
         To::Stay,
         &[Action::Note],
-    ),
+    )
+    .when(Guard::HasK),
     row(&[Committing], EventKind::Placed, To::Stay, &[Action::Note]),
     row(
         &[Committing],
@@ -621,8 +631,13 @@ impl Machine for BackupJob {
         self.progress_every
     }
 
-    fn guard(&self, guard: Guard, _: &Event, _: &Ctx) -> bool {
-        match guard {}
+    fn guard(&self, guard: Guard, event: &Event, _: &Ctx) -> bool {
+        match (guard, event) {
+            (Guard::HasK, Event::BlockReady { placed, .. }) => {
+                placed.len() >= self.ledger.data_shards as usize
+            }
+            _ => false,
+        }
     }
 
     fn choose(&self, choice: Choice, _: &Ctx) -> State {
@@ -703,7 +718,7 @@ impl Machine for BackupJob {
 
     fn invariant(&self, state: State) -> Result<(), String> {
         self.ledger.check()?;
-        if state == Committed && !self.ledger.safe_to_commit() {
+        if state == Committed && !self.ledger.every_block_has_k() {
             return Err("committed before every block had k fragments placed".into());
         }
         Ok(())
