@@ -484,15 +484,29 @@ fn assert_same_tree(a: &Path, b: &Path) {
     }
 }
 
-/// A supplier that lies: the fragment file is changed and its own index made to agree, so it
-/// serves the wrong bytes as good ones. Returns the (block hex, position) it now lies about.
-fn make_supplier_lie(supplier: &Path, customer: &str) -> (String, u32) {
+/// A supplier that lies: each fragment file it holds is changed and its own index made to
+/// agree, so it serves the wrong bytes as good ones. Returns how many it now lies about.
+fn make_supplier_lie(supplier: &Path, customer: &str) -> usize {
+    let fragments: Vec<(String, u32)> = held(supplier, customer)
+        .into_iter()
+        .filter(|(b, _)| *b != hex::encode(RECOVERY_BLOCK))
+        .collect();
+    let store = bitdust::store::RocksStore::open(&supplier.join("db")).expect("supplier db");
+    for (block, position) in &fragments {
+        forge(supplier, &store, customer, block, *position);
+    }
+    fragments.len()
+}
+
+fn forge(
+    supplier: &Path,
+    store: &bitdust::store::RocksStore,
+    customer: &str,
+    block: &str,
+    position: u32,
+) {
     use bitdust::store::codec::{self, records::FragmentEntry};
     use bitdust::store::{Cf, KvStore};
-    let (block, position) = held(supplier, customer)
-        .into_iter()
-        .find(|(b, p)| *p < 4 && *b != hex::encode(RECOVERY_BLOCK))
-        .expect("a data fragment");
     let file = supplier
         .join("store")
         .join(customer)
@@ -502,10 +516,9 @@ fn make_supplier_lie(supplier: &Path, customer: &str) -> (String, u32) {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x55;
     std::fs::write(&file, &bytes).expect("write");
-    let store = bitdust::store::RocksStore::open(&supplier.join("db")).expect("supplier db");
     let mut key = b"f/".to_vec();
     key.extend_from_slice(&hex::decode(customer).expect("hex"));
-    key.extend_from_slice(&hex::decode(&block).expect("hex"));
+    key.extend_from_slice(&hex::decode(block).expect("hex"));
     key.extend_from_slice(&position.to_be_bytes());
     let entry = FragmentEntry {
         size: bytes.len() as u64,
@@ -514,7 +527,6 @@ fn make_supplier_lie(supplier: &Path, customer: &str) -> (String, u32) {
     store
         .put(Cf::SupplierIndex, &key, &codec::encode(&entry))
         .expect("rewrite the index");
-    (block, position)
 }
 
 #[test]
@@ -612,15 +624,21 @@ fn restore_is_byte_identical_for_the_latest_an_older_version_and_a_sub_path_and_
 fn a_supplier_serving_forged_bytes_is_caught_and_another_fragment_used() {
     let c = star(6);
     let mut nodes: Vec<Node> = c.homes.iter().map(|h| Node::start(h)).collect();
-    wait_all_connected(&c.homes[0], 60);
+    let hired = wait_all_connected(&c.homes[0], 60);
     let source = tempfile::tempdir().expect("tempdir");
     std::fs::write(source.path().join("data.bin"), noise(9, 3 << 20)).expect("write");
     backup(&c.homes[0], source.path());
-    // Supplier 1 is stopped, made to lie about one data fragment, started again.
-    nodes[1].signal(libc::SIGTERM);
-    assert!(nodes[1].wait_exit().success());
-    make_supplier_lie(&c.homes[1], &c.ids[0]);
-    nodes[1] = Node::start(&c.homes[1]);
+    // The supplier of position 0 (a data position, always asked first) is stopped, made to lie
+    // about everything it holds, and started again.
+    let liar = c
+        .ids
+        .iter()
+        .position(|id| *id == hired[0])
+        .expect("a friend");
+    nodes[liar].signal(libc::SIGTERM);
+    assert!(nodes[liar].wait_exit().success());
+    assert!(make_supplier_lie(&c.homes[liar], &c.ids[0]) >= 2);
+    nodes[liar] = Node::start(&c.homes[liar]);
     wait_all_connected(&c.homes[0], 60);
     let to = tempfile::tempdir().expect("tempdir");
     let target = to.path().join("r");
@@ -632,9 +650,8 @@ fn a_supplier_serving_forged_bytes_is_caught_and_another_fragment_used() {
         "one parity fragment replaced the forged one: {r:#}"
     );
     assert_eq!(
-        r["corrupt_fragments"].as_array().map(Vec::len),
-        Some(1),
-        "the forgery is noted: {r:#}"
+        r["corrupt_fragments"][0][0], hired[0],
+        "the forging supplier is named: {r:#}"
     );
 }
 
@@ -715,4 +732,54 @@ fn a_new_machine_with_the_key_file_and_one_friend_recovers_the_catalog_and_resto
     let (ok, r) = restore(&new_home, &["--to", to.to_str().expect("utf-8")]);
     assert!(ok, "{r:#}");
     assert_same_tree(source.path(), &to);
+}
+
+#[test]
+fn a_restore_killed_midway_completes_when_run_again_and_writes_nothing_outside_its_target() {
+    let c = star(6);
+    let mut nodes: Vec<Node> = c.homes.iter().map(|h| Node::start(h)).collect();
+    wait_all_connected(&c.homes[0], 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    // Many small files: each is written, fsynced and renamed, so the restore takes seconds.
+    for i in 0..1000u64 {
+        let dir = source.path().join(format!("d{}", i % 10));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join(format!("f{i}")), noise(1000 + i, 8192)).expect("write");
+    }
+    backup(&c.homes[0], source.path());
+    let out = tempfile::tempdir().expect("tempdir");
+    let to = out.path().join("to");
+    let asked = bitdust(
+        &c.homes[0],
+        &["restore", "--to", to.to_str().expect("utf-8")],
+    );
+    assert!(asked.status.success());
+    let midway = wait_for("the restore under way", 60, || {
+        let s = node_status(&c.homes[0])?;
+        if let Some(job) = s.restore.running {
+            return (job.files_done > 0).then_some(true);
+        }
+        (!s.restore.finished.is_empty()).then_some(false)
+    });
+    nodes[0].signal(libc::SIGKILL);
+    nodes[0].wait_exit();
+    let mut owner = Node::start(&c.homes[0]);
+    owner.wait_running();
+    wait_all_connected(&c.homes[0], 60);
+    let (ok, r) = restore(&c.homes[0], &["--to", to.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    if midway {
+        assert!(
+            r["skipped_existing"].as_u64().expect("count") > 0,
+            "files finished before the kill are not written again: {r:#}"
+        );
+    }
+    assert_same_tree(source.path(), &to);
+    // Only the target was written to: the scratch directory holds it and nothing else.
+    let entries: Vec<_> = std::fs::read_dir(out.path())
+        .expect("read_dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from("to")]);
 }

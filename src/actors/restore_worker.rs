@@ -108,6 +108,8 @@ pub struct RestoreWorkerDriver {
     report: Option<RestoreReport>,
     began: Option<Duration>,
     done: Option<oneshot::Sender<()>>,
+    /// Fragments that arrived and did not match the owner's manifest, by supplier.
+    corrupt_by: BTreeMap<NodeId, u64>,
 }
 
 impl RestoreWorkerDriver {
@@ -184,6 +186,7 @@ impl RestoreWorkerDriver {
             Ok((_, fragment)) => fragment,
             Err(_) => {
                 tracing::warn!(position, supplier = %supplier, "a supplier sent a malformed fragment");
+                *self.corrupt_by.entry(supplier).or_default() += 1;
                 return failed(true);
             }
         };
@@ -194,6 +197,7 @@ impl RestoreWorkerDriver {
         {
             tracing::warn!(position, supplier = %supplier,
                 "a supplier sent a fragment that does not match the owner's manifest");
+            *self.corrupt_by.entry(supplier).or_default() += 1;
             return failed(true);
         }
         if let Some(slot) = source.fragments.get_mut(position as usize) {
@@ -269,7 +273,6 @@ impl RestoreWorkerDriver {
             Outcome::Interrupted => ("interrupted", None),
         };
         let report = self.report.take().unwrap_or_default();
-        let holders: BTreeMap<u32, u64> = self.progress.corrupt.clone();
         let result = RestoreResult {
             run: self.run,
             snapshot: self.spec.snapshot.0,
@@ -293,9 +296,10 @@ impl RestoreWorkerDriver {
             seconds: elapsed,
             fetched_bytes: self.fetched.load(Ordering::Relaxed),
             extra_fragments: self.progress.extra_fragments,
-            corrupt_fragments: holders
-                .into_iter()
-                .map(|(position, n)| (format!("position {position}"), n))
+            corrupt_fragments: self
+                .corrupt_by
+                .iter()
+                .map(|(supplier, n)| (supplier.to_string(), *n))
                 .collect(),
         };
         tracing::info!(
@@ -484,6 +488,7 @@ pub async fn start(
         report: None,
         began: None,
         done: Some(done_tx),
+        corrupt_by: BTreeMap::new(),
     };
     tracing::info!(run, snapshot = spec.snapshot.0, source = %spec.source,
         to = %spec.to.display(), blocks = layout.len(), files = plan.files.len(), "restore started");
