@@ -428,3 +428,198 @@ fn backup_job_commits_under_loss_partition_and_restart() {
         }
     }
 }
+
+/// The restore_worker machine against a simulated set of suppliers and writer, over many seeds:
+/// replies arrive in random order, up to `m` suppliers are unreachable or serve forged bytes, the
+/// writer consumes blocks in order and sometimes needs an evicted one again. With at most `m` bad
+/// suppliers every block decodes and the restore is complete, asking at most `k` + (bad
+/// positions) fragments per block; with `m + 1` every block is given up and the restore is partial.
+#[test]
+fn restore_worker_fetches_k_per_block_and_survives_up_to_m_bad_suppliers() {
+    use bitdust::fsm::Machine as _;
+    use bitdust::fsm::restore_worker::{Event, Outcome, Output, RestoreWorker};
+    use bitdust::fsm::{Ctx, Instance};
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    const C: Ctx = Ctx::at(Duration::ZERO);
+    for seed in seeds(300, 20) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let count = rng.gen_range(1..25u8);
+        let blocks: Vec<[u8; 32]> = (0..count).map(|i| [i; 32]).collect();
+        let n_bad = rng.gen_range(0..=3usize);
+        let mut positions: Vec<u32> = (0..6).collect();
+        positions.shuffle(&mut rng);
+        let bad: BTreeSet<u32> = positions[..n_bad].iter().copied().collect();
+        let corrupt = rng.gen_bool(0.5);
+        // Some bad suppliers are known to be down at the start.
+        let down: Vec<u32> = bad.iter().copied().filter(|_| rng.gen_bool(0.5)).collect();
+        let mut job = Instance::new(RestoreWorker::with_window(rng.gen_range(1..6)), "sim");
+        let mut pending: Vec<Event> = Vec::new();
+        let mut asked: BTreeMap<[u8; 32], u32> = BTreeMap::new();
+        let mut decoded: BTreeSet<[u8; 32]> = BTreeSet::new();
+        let mut given_up: BTreeSet<[u8; 32]> = BTreeSet::new();
+        let mut next_needed = 0usize;
+        let mut wanted_again = false;
+        let mut outcome = None;
+        let mut feed = |job: &mut Instance<RestoreWorker>,
+                        event: Event,
+                        pending: &mut Vec<Event>,
+                        asked: &mut BTreeMap<[u8; 32], u32>,
+                        decoded: &mut BTreeSet<[u8; 32]>,
+                        given_up: &mut BTreeSet<[u8; 32]>,
+                        outcome: &mut Option<Outcome>| {
+            let Some(stepped) = job.step(&event, &C) else {
+                return;
+            };
+            job.machine
+                .invariant(job.state())
+                .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            for output in stepped.outputs {
+                match output {
+                    Output::Fetch { block, position } => {
+                        *asked.entry(block).or_default() += 1;
+                        pending.push(if bad.contains(&position) {
+                            Event::FragmentFailed {
+                                block,
+                                position,
+                                corrupt,
+                            }
+                        } else {
+                            Event::FragmentOk { block, position }
+                        });
+                    }
+                    Output::Decode { block } => {
+                        decoded.insert(block);
+                        pending.push(Event::Decoded { block });
+                    }
+                    Output::GiveUp { block } => {
+                        given_up.insert(block);
+                    }
+                    Output::Finished(o) => *outcome = Some(o),
+                    _ => {}
+                }
+            }
+        };
+        let start = Event::Start {
+            blocks: blocks.iter().map(|b| (*b, 4, 6)).collect(),
+            down,
+        };
+        feed(
+            &mut job,
+            start,
+            &mut pending,
+            &mut asked,
+            &mut decoded,
+            &mut given_up,
+            &mut outcome,
+        );
+        let mut steps = 0;
+        while outcome.is_none() {
+            steps += 1;
+            assert!(steps < 100_000, "seed {seed}: no progress");
+            // The writer takes the next block once it is decoded (or given up).
+            if next_needed < blocks.len() {
+                let b = blocks[next_needed];
+                let ready = decoded.contains(&b)
+                    && !pending
+                        .iter()
+                        .any(|e| matches!(e, Event::Decoded { block } if *block == b));
+                if ready || given_up.contains(&b) {
+                    next_needed += 1;
+                    decoded.remove(&b);
+                    let consumed = Event::Consumed { block: b };
+                    feed(
+                        &mut job,
+                        consumed,
+                        &mut pending,
+                        &mut asked,
+                        &mut decoded,
+                        &mut given_up,
+                        &mut outcome,
+                    );
+                    // Now and then an evicted block is needed again.
+                    if !wanted_again && next_needed > 1 && rng.gen_bool(0.05) {
+                        wanted_again = true;
+                        next_needed -= 1;
+                        let again = Event::Want {
+                            block: blocks[next_needed],
+                        };
+                        feed(
+                            &mut job,
+                            again,
+                            &mut pending,
+                            &mut asked,
+                            &mut decoded,
+                            &mut given_up,
+                            &mut outcome,
+                        );
+                    }
+                    continue;
+                }
+            } else {
+                let failed = given_up.len() as u64;
+                let done = Event::WriterDone { failed };
+                feed(
+                    &mut job,
+                    done,
+                    &mut pending,
+                    &mut asked,
+                    &mut decoded,
+                    &mut given_up,
+                    &mut outcome,
+                );
+                continue;
+            }
+            if pending.is_empty() {
+                // The writer waits for a block nobody fetches: it asks for it.
+                let want = Event::Want {
+                    block: blocks[next_needed],
+                };
+                feed(
+                    &mut job,
+                    want,
+                    &mut pending,
+                    &mut asked,
+                    &mut decoded,
+                    &mut given_up,
+                    &mut outcome,
+                );
+                assert!(
+                    !pending.is_empty() || given_up.contains(&blocks[next_needed]),
+                    "seed {seed}: stuck waiting for block {next_needed}"
+                );
+                continue;
+            }
+            // Replies arrive in any order.
+            let i = rng.gen_range(0..pending.len());
+            let event = pending.swap_remove(i);
+            feed(
+                &mut job,
+                event,
+                &mut pending,
+                &mut asked,
+                &mut decoded,
+                &mut given_up,
+                &mut outcome,
+            );
+        }
+        if n_bad <= 2 {
+            assert_eq!(outcome, Some(Outcome::Complete), "seed {seed}: {n_bad} bad");
+            assert!(given_up.is_empty(), "seed {seed}");
+            let refetched = usize::from(wanted_again);
+            for (block, n) in &asked {
+                let once = 4 + bad.len() as u32;
+                assert!(
+                    *n <= once * (1 + refetched as u32),
+                    "seed {seed}: {n} fragments asked for block {}",
+                    block[0]
+                );
+            }
+        } else {
+            assert_eq!(outcome, Some(Outcome::Partial), "seed {seed}");
+            assert_eq!(given_up.len(), blocks.len(), "seed {seed}");
+        }
+    }
+}
