@@ -463,7 +463,7 @@ fn restore_worker_fetches_k_per_block_and_survives_up_to_m_bad_suppliers() {
         let mut next_needed = 0usize;
         let mut wanted_again = false;
         let mut outcome = None;
-        let mut feed = |job: &mut Instance<RestoreWorker>,
+        let feed = |job: &mut Instance<RestoreWorker>,
                         event: Event,
                         pending: &mut Vec<Event>,
                         asked: &mut BTreeMap<[u8; 32], u32>,
