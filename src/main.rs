@@ -667,16 +667,19 @@ fn tree_size(root: &std::path::Path) -> u64 {
     total
 }
 
-/// Polls the node's status until every run in `runs` has a result.
-fn follow_backup(
+/// Polls the node's status until `result(status, run)` answers for every run in `runs`; on a
+/// terminal (when `show`) a progress bar of `total` bytes is redrawn by `draw`.
+fn follow<R>(
     home: &Home,
     runs: &[u64],
     total: u64,
     show: bool,
-) -> anyhow::Result<Vec<bitdust::actors::status::JobResult>> {
+    result: impl Fn(&NodeStatus, u64) -> Option<R>,
+    draw: impl Fn(&indicatif::ProgressBar, &NodeStatus),
+) -> anyhow::Result<Vec<R>> {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
     use std::io::IsTerminal as _;
-    let bar = if show && std::io::stderr().is_terminal() {
+    let bar = (show && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template(
@@ -684,18 +687,15 @@ fn follow_backup(
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        Some(bar)
-    } else {
-        None
-    };
+        bar
+    });
     loop {
         let data = call(home, &Request::Status)?;
         let status: NodeStatus = serde_json::from_value(data)
             .context("the node answered with a status this version cannot read")?;
-        let results: Vec<_> = runs
+        let results: Vec<R> = runs
             .iter()
-            .filter_map(|run| status.backup.finished.iter().find(|r| r.run == *run))
-            .cloned()
+            .filter_map(|run| result(&status, *run))
             .collect();
         if results.len() == runs.len() {
             if let Some(bar) = &bar {
@@ -703,7 +703,33 @@ fn follow_backup(
             }
             return Ok(results);
         }
-        if let (Some(bar), Some(job)) = (&bar, &status.backup.running) {
+        if let Some(bar) = &bar {
+            draw(bar, &status);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// Follows backup runs until each has a result.
+fn follow_backup(
+    home: &Home,
+    runs: &[u64],
+    total: u64,
+    show: bool,
+) -> anyhow::Result<Vec<bitdust::actors::status::JobResult>> {
+    follow(
+        home,
+        runs,
+        total,
+        show,
+        |status, run| {
+            let finished = &status.backup.finished;
+            finished.iter().find(|r| r.run == run).cloned()
+        },
+        |bar, status| {
+            let Some(job) = &status.backup.running else {
+                return;
+            };
             bar.set_position(job.bytes.min(total));
             bar.set_message(format!(
                 "{} {} files, {} new, {}/{} blocks placed{}",
@@ -718,9 +744,8 @@ fn follow_backup(
                     String::new()
                 }
             ));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(250));
-    }
+        },
+    )
 }
 
 /// `bitdust list`: the versions in the catalog, from the running node or the database.
@@ -852,40 +877,25 @@ fn restore(
     Ok(())
 }
 
-/// Polls the node's status until every run in `runs` has a result.
+/// Follows restore runs until each has a result.
 fn follow_restore(
     home: &Home,
     runs: &[u64],
     show: bool,
 ) -> anyhow::Result<Vec<bitdust::actors::status::RestoreResult>> {
-    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-    use std::io::IsTerminal as _;
-    let bar = (show && std::io::stderr().is_terminal()).then(|| {
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {wide_msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    loop {
-        let data = call(home, &Request::Status)?;
-        let status: NodeStatus = serde_json::from_value(data)
-            .context("the node answered with a status this version cannot read")?;
-        let results: Vec<_> = runs
-            .iter()
-            .filter_map(|run| status.restore.finished.iter().find(|r| r.run == *run))
-            .cloned()
-            .collect();
-        if results.len() == runs.len() {
-            if let Some(bar) = &bar {
-                bar.finish_and_clear();
-            }
-            return Ok(results);
-        }
-        if let (Some(bar), Some(job)) = (&bar, &status.restore.running) {
+    follow(
+        home,
+        runs,
+        0,
+        show,
+        |status, run| {
+            let finished = &status.restore.finished;
+            finished.iter().find(|r| r.run == run).cloned()
+        },
+        |bar, status| {
+            let Some(job) = &status.restore.running else {
+                return;
+            };
             bar.set_length(job.bytes_total);
             bar.set_position(job.bytes_written.min(job.bytes_total));
             bar.set_message(format!(
@@ -897,9 +907,8 @@ fn follow_restore(
                 job.blocks,
                 ByteSize(job.fetched_bytes)
             ));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+        },
+    )
 }
 
 /// Where a key file's passphrase may come from besides the prompt; never a command-line argument

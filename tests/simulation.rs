@@ -464,12 +464,12 @@ fn restore_worker_fetches_k_per_block_and_survives_up_to_m_bad_suppliers() {
         let mut wanted_again = false;
         let mut outcome = None;
         let feed = |job: &mut Instance<RestoreWorker>,
-                        event: Event,
-                        pending: &mut Vec<Event>,
-                        asked: &mut BTreeMap<[u8; 32], u32>,
-                        decoded: &mut BTreeSet<[u8; 32]>,
-                        given_up: &mut BTreeSet<[u8; 32]>,
-                        outcome: &mut Option<Outcome>| {
+                    event: Event,
+                    pending: &mut Vec<Event>,
+                    asked: &mut BTreeMap<[u8; 32], u32>,
+                    decoded: &mut BTreeSet<[u8; 32]>,
+                    given_up: &mut BTreeSet<[u8; 32]>,
+                    outcome: &mut Option<Outcome>| {
             let Some(stepped) = job.step(&event, &C) else {
                 return;
             };

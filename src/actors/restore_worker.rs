@@ -22,6 +22,7 @@ use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
 use crate::data::{self, BlockId, BlockManifest};
 use crate::fsm::restore_worker::{self as rw, Outcome, Progress, RestoreWorker};
+use crate::net::link::LinkHandle;
 use crate::pipeline::restore::{self, RestoreCounters, RestorePlan, RestoreReport, RestoreTarget};
 use crate::proto::envelope::Body;
 use crate::proto::{FragmentId, RetrieveFragment};
@@ -135,24 +136,9 @@ impl RestoreWorkerDriver {
                 Ok(NetAnswer::Link(Some(link))) => link,
                 _ => return Err("no session with the supplier".to_string()),
             };
-            let request = Body::RetrieveFragment(RetrieveFragment {
-                id: Some(FragmentId {
-                    block: block.to_vec(),
-                    position,
-                }),
-            });
-            let reply = link
-                .request(request, timeout)
-                .await
-                .map_err(|e| e.to_string())?;
-            match reply.body {
-                Some(Body::FragmentData(d)) => {
-                    fetched.fetch_add(d.data.len() as u64, Ordering::Relaxed);
-                    Ok(d.data)
-                }
-                Some(Body::Fail(f)) => Err(format!("refused ({}): {}", f.reason, f.detail)),
-                _ => Err("unexpected reply".into()),
-            }
+            let data = retrieve(&link, block, position, timeout).await?;
+            fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
+            Ok(data)
         };
         io.spawn_then(ask, move |driver, result| {
             driver.received(block, position, supplier, result)
@@ -379,6 +365,30 @@ impl Driver for RestoreWorkerDriver {
 
     fn query(&mut self, query: Self::Query, _: &RestoreWorker, _: &mut Io<'_, Self>) {
         match query {}
+    }
+}
+
+/// Asks `link`'s peer for one stored fragment (the envelope with its manifest).
+pub async fn retrieve(
+    link: &LinkHandle,
+    block: [u8; 32],
+    position: u32,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
+    let request = Body::RetrieveFragment(RetrieveFragment {
+        id: Some(FragmentId {
+            block: block.to_vec(),
+            position,
+        }),
+    });
+    let reply = link
+        .request(request, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    match reply.body {
+        Some(Body::FragmentData(d)) => Ok(d.data),
+        Some(Body::Fail(f)) => Err(format!("refused ({}): {}", f.reason, f.detail)),
+        _ => Err("unexpected reply".into()),
     }
 }
 

@@ -16,13 +16,12 @@ use tokio::net::TcpStream;
 
 use super::home::Home;
 use crate::actors::backup_job::{RECOVERY_BLOCK, RECOVERY_POSITION};
+use crate::actors::restore_worker::retrieve;
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::{Identity, NodeId};
 use crate::crypto::keys::NodeKeys;
 use crate::data::{self, BlockManifest};
 use crate::net::link::{self, LinkHandle, LinkTasks, NewestKey, TrustPolicy};
-use crate::proto::envelope::Body;
-use crate::proto::{FragmentId, RetrieveFragment};
 use crate::store::catalog::{self, RecoveryRecord};
 use crate::store::contracts::{self, Contract};
 use crate::store::{KvStore, peers};
@@ -99,21 +98,9 @@ impl Links<'_> {
         position: u32,
     ) -> anyhow::Result<Vec<u8>> {
         let link = self.get(peer).await?;
-        let request = Body::RetrieveFragment(RetrieveFragment {
-            id: Some(FragmentId {
-                block: block.to_vec(),
-                position,
-            }),
-        });
-        let reply = link
-            .request(request, TIMEOUT)
+        retrieve(&link, block, position, TIMEOUT)
             .await
-            .map_err(|e| anyhow!("{}: {e}", peer.node_id()))?;
-        match reply.body {
-            Some(Body::FragmentData(d)) => Ok(d.data),
-            Some(Body::Fail(f)) => bail!("{} refused ({}): {}", peer.node_id(), f.reason, f.detail),
-            _ => bail!("{} sent an unexpected reply", peer.node_id()),
-        }
+            .map_err(|e| anyhow!("{}: {e}", peer.node_id()))
     }
 }
 
