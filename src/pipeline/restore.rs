@@ -518,12 +518,16 @@ impl Restorer<'_> {
 
     fn dir(&mut self, entry: &FileEntry, parts: &[&[u8]]) -> Result<Done, EntryError> {
         if parts.is_empty() {
-            return Ok(Done::Written(0)); // the root, made by restore_files
+            // The root, made by restore_files; the user's `--to` may be a link they chose.
+            if let Ok(meta) = std::fs::metadata(self.root) {
+                writable(self.root, &meta, true)?;
+            }
+            return Ok(Done::Written(0));
         }
         let parent = self.parents(parts)?;
         let path = parent.join(os(parts[parts.len() - 1]));
         match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_dir() => {}
+            Ok(meta) if meta.file_type().is_dir() => writable(&path, &meta, false)?,
             Ok(_) => {
                 return Err(EntryError::Entry(
                     "exists and is not a directory (not replaced)".into(),
@@ -723,6 +727,21 @@ fn finish(out: &File, entry: &FileEntry) -> Result<(), EntryError> {
     out.sync_all().map_err(|e| EntryError::io("fsync", e))
 }
 
+/// Lets the owner write into a directory a previous run left read-only (its mode is set again
+/// at the end), so a resumed run can add what is missing.
+fn writable(path: &Path, meta: &std::fs::Metadata, follow: bool) -> Result<(), EntryError> {
+    if meta.mode() & 0o700 == 0o700 {
+        return Ok(());
+    }
+    let flags = libc::O_DIRECTORY | if follow { 0 } else { libc::O_NOFOLLOW };
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .and_then(|dir| dir.set_permissions(Permissions::from_mode((meta.mode() & 0o7777) | 0o700)))
+        .map_err(|e| EntryError::io("making the directory writable", e))
+}
+
 /// Sets a directory's mode and mtime through a descriptor opened without following a symlink.
 fn dir_metadata(path: &Path, entry: &FileEntry, follow: bool) -> Result<(), EntryError> {
     let flags = libc::O_DIRECTORY | if follow { 0 } else { libc::O_NOFOLLOW };
@@ -892,10 +911,12 @@ mod tests {
     /// The pipeline's mixed tree plus modes, nanosecond mtimes (directories last) and a second
     /// empty file, backed up through the real pipeline.
     fn backed() -> Backed {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (src, outbox) = (dir.path().join("src"), dir.path().join("outbox"));
-        mixed_tree(&src);
-        write(&src, "a/b/also-empty", b"");
+        backed_with(mixed)
+    }
+
+    fn mixed(src: &Path) {
+        mixed_tree(src);
+        write(src, "a/b/also-empty", b"");
         chmod(&src.join("small.txt"), 0o640);
         chmod(&src.join("z/2"), 0o755);
         chmod(&src.join("a/b"), 0o700);
@@ -918,6 +939,12 @@ mod tests {
             n += 1;
             set_mtime(&src.join(rel), T0 + n * 1_000_000_007);
         }
+    }
+
+    fn backed_with(tree: fn(&Path)) -> Backed {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, outbox) = (dir.path().join("src"), dir.path().join("outbox"));
+        tree(&src);
         let (events, _) = run(settings(&src, &outbox), MemLookup::default());
         let kv = MemStore::new();
         let mut batch = Batch::new();
@@ -1491,6 +1518,44 @@ mod tests {
         let (again, _) = restore(&pruned, &target, &mut Blocks::new(&b), 64);
         assert_eq!(again.failed, vec![]);
         assert_eq!(counts(&again), (1, 6, 0, 10));
+        assert_same_tree(&b.src, &target.root);
+    }
+
+    #[test]
+    fn a_resumed_run_writes_into_a_directory_the_first_run_made_read_only() {
+        let b = backed_with(|src| {
+            write(src, "ro/f", b"inside a read-only directory");
+            chmod(&src.join("ro"), 0o555);
+            set_mtime(&src.join("ro"), T0);
+        });
+        let plan = plan(&b.kv, SNAP, None).expect("plan");
+        let target = b.target("out", false);
+        let (first, _) = restore(&plan, &target, &mut Blocks::new(&b), 8);
+        assert_eq!(first.failed, vec![]);
+        assert_same_tree(&b.src, &target.root);
+        let ro = target.root.join("ro");
+        // Root could write anyway: watch the mode instead, when the file's block is asked for.
+        chmod(&ro, 0o755);
+        std::fs::remove_file(ro.join("f")).expect("rm");
+        chmod(&ro, 0o555);
+        set_mtime(&ro, T0);
+        let mut blocks = Blocks::new(&b);
+        let mut modes = Vec::new();
+        let counters = RestoreCounters::default();
+        let again = restore_files(
+            &plan,
+            &target,
+            &mut |id| {
+                modes.push(std::fs::metadata(&ro).expect("stat").mode() & 0o7777);
+                blocks.get(id)
+            },
+            8,
+            &counters,
+        )
+        .expect("target usable");
+        assert_eq!(again.failed, vec![]);
+        assert_eq!(again.files, 1);
+        assert_eq!(modes, [0o755], "owner-writable while the file is written");
         assert_same_tree(&b.src, &target.root);
     }
 
