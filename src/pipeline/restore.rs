@@ -612,15 +612,24 @@ impl Restorer<'_> {
             Err(e) => return Err(EntryError::io("checking", e)),
         }
         let temp = parent.join(os(&temp_name(name)));
-        remove_stale(&temp)?;
         // O_EXCL: never opens what is there (a symlink included); O_NOFOLLOW for good measure.
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&temp)
-            .map_err(|e| EntryError::io("creating the temporary file", e))?;
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&temp)
+        };
+        let mut out = match create() {
+            Ok(f) => f,
+            // A killed run's leftover (checked only then: one syscall less per file).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                remove_stale(&temp)?;
+                create().map_err(|e| EntryError::io("creating the temporary file", e))?
+            }
+            Err(e) => return Err(EntryError::io("creating the temporary file", e)),
+        };
         if self.complete.contains(&entry.path) {
             cache.reclaim(entry, chunk_blocks);
         }
