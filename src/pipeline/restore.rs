@@ -724,7 +724,7 @@ struct Staged {
 
 /// A batch of staged files is flushed at this many files or bytes, whichever comes first: large
 /// enough that flushes are rare, small enough that little is rewritten after a crash.
-const BATCH_FILES: usize = 4096;
+const BATCH_FILES: usize = 16_384;
 const BATCH_BYTES: u64 = 256 << 20;
 
 /// Sets a symlink's own mtime (`utimensat` with `AT_SYMLINK_NOFOLLOW`; std has no call for it).
