@@ -13,8 +13,9 @@
 //!   renamed into place (a rename replaces a final symlink, never follows it).
 //! - **Never destroys silently.** Without `overwrite`, an existing different file or symlink is a
 //!   failure named in the report; with it, it is replaced by temp + rename.
-//! - **Complete or absent.** A file is written under a temporary name in its directory, fsynced,
-//!   given its mode and mtime, then renamed: a file under its real name is complete. So a resumed
+//! - **Complete or absent.** A file is written under a temporary name in its directory, given its
+//!   mode and mtime, made durable (one `syncfs` per batch of files rather than an fsync per file),
+//!   then renamed: a file under its real name is complete, even after a power loss. So a resumed
 //!   run skips a file whose size and mtime already match, and replaces stale temporary files.
 //! - **Failures are local.** A block that cannot be had, a bad path or an entry that cannot be
 //!   written fails that entry only; only target-level failures (the root, a full disk) stop the
@@ -395,6 +396,8 @@ impl BlockCache<'_> {
 /// Outcome of one entry.
 enum Done {
     Written(u64),
+    /// A file written under its temporary name, renamed at the batch's flush.
+    Staged(u64),
     Existing,
 }
 
@@ -478,6 +481,9 @@ struct Restorer<'a> {
     consumed: bool,
     /// The plan's files found complete before the run (their uses are not counted).
     complete: &'a HashSet<Vec<u8>>,
+    /// Files written, waiting for the flush that makes them durable before their rename.
+    pending: Vec<Staged>,
+    pending_bytes: u64,
 }
 
 impl Restorer<'_> {
@@ -518,12 +524,16 @@ impl Restorer<'_> {
 
     fn dir(&mut self, entry: &FileEntry, parts: &[&[u8]]) -> Result<Done, EntryError> {
         if parts.is_empty() {
-            return Ok(Done::Written(0)); // the root, made by restore_files
+            // The root, made by restore_files; the user's `--to` may be a link they chose.
+            if let Ok(meta) = std::fs::metadata(self.root) {
+                writable(self.root, &meta, true)?;
+            }
+            return Ok(Done::Written(0));
         }
         let parent = self.parents(parts)?;
         let path = parent.join(os(parts[parts.len() - 1]));
         match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_dir() => {}
+            Ok(meta) if meta.file_type().is_dir() => writable(&path, &meta, false)?,
             Ok(_) => {
                 return Err(EntryError::Entry(
                     "exists and is not a directory (not replaced)".into(),
@@ -602,15 +612,24 @@ impl Restorer<'_> {
             Err(e) => return Err(EntryError::io("checking", e)),
         }
         let temp = parent.join(os(&temp_name(name)));
-        remove_stale(&temp)?;
         // O_EXCL: never opens what is there (a symlink included); O_NOFOLLOW for good measure.
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&temp)
-            .map_err(|e| EntryError::io("creating the temporary file", e))?;
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&temp)
+        };
+        let mut out = match create() {
+            Ok(f) => f,
+            // A killed run's leftover (checked only then: one syscall less per file).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                remove_stale(&temp)?;
+                create().map_err(|e| EntryError::io("creating the temporary file", e))?
+            }
+            Err(e) => return Err(EntryError::io("creating the temporary file", e)),
+        };
         if self.complete.contains(&entry.path) {
             cache.reclaim(entry, chunk_blocks);
         }
@@ -628,17 +647,85 @@ impl Restorer<'_> {
             })
             .and_then(|n| finish(&out, entry).map(|()| n));
         drop(out);
-        let result = written.and_then(|n| {
-            std::fs::rename(&temp, &path)
-                .map(|()| n)
-                .map_err(|e| EntryError::io("renaming into place", e))
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&temp);
+        match written {
+            Ok(n) => {
+                self.pending.push(Staged {
+                    temp,
+                    path,
+                    entry: entry.path.clone(),
+                    bytes: n,
+                });
+                self.pending_bytes += n;
+                Ok(Done::Staged(n))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&temp);
+                Err(e)
+            }
         }
-        result.map(Done::Written)
+    }
+
+    /// Makes the staged files durable with one `syncfs`, then renames each into place: a file
+    /// under its real name is always complete on disk, even after a power loss, at one flush per
+    /// batch instead of one fsync per file (which cost ~0.5 ms a file, most of a restore of many
+    /// small files). `Err` only when the flush itself fails.
+    fn flush(&mut self) -> Result<(), std::io::Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        syncfs(self.root)?;
+        for staged in std::mem::take(&mut self.pending) {
+            match std::fs::rename(&staged.temp, &staged.path) {
+                Ok(()) => {
+                    self.report.files += 1;
+                    self.report.bytes += staged.bytes;
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&staged.temp);
+                    self.report
+                        .failed
+                        .push((staged.entry, format!("renaming into place: {e}")));
+                }
+            }
+        }
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Removes the staged files of a run that stops on a target-level failure.
+    fn abandon(&mut self) {
+        for staged in std::mem::take(&mut self.pending) {
+            let _ = std::fs::remove_file(&staged.temp);
+        }
     }
 }
+
+/// Flushes the file system holding `root` (every file written there so far).
+fn syncfs(root: &Path) -> Result<(), std::io::Error> {
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(root)?;
+    // SAFETY: a valid open descriptor, owned by `dir` for the duration of the call.
+    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A file written and closed under its temporary name, waiting for the batch's flush.
+struct Staged {
+    temp: PathBuf,
+    path: PathBuf,
+    entry: Vec<u8>,
+    bytes: u64,
+}
+
+/// A batch of staged files is flushed at this many files or bytes, whichever comes first: large
+/// enough that flushes are rare, small enough that little is rewritten after a crash.
+const BATCH_FILES: usize = 16_384;
+const BATCH_BYTES: u64 = 256 << 20;
 
 /// Sets a symlink's own mtime (`utimensat` with `AT_SYMLINK_NOFOLLOW`; std has no call for it).
 fn link_mtime(path: &Path, ns: i64) -> Result<(), EntryError> {
@@ -714,13 +801,27 @@ fn write_chunks(
     result.map(|()| written)
 }
 
-/// Mode, mtime and fsync of a complete temporary file.
+/// Mode and mtime of a complete temporary file (made durable by the batch's flush).
 fn finish(out: &File, entry: &FileEntry) -> Result<(), EntryError> {
     out.set_permissions(Permissions::from_mode(entry.mode & 0o7777))
         .map_err(|e| EntryError::io("setting the mode", e))?;
     out.set_times(FileTimes::new().set_modified(system_time(entry.mtime_ns)))
-        .map_err(|e| EntryError::io("setting the mtime", e))?;
-    out.sync_all().map_err(|e| EntryError::io("fsync", e))
+        .map_err(|e| EntryError::io("setting the mtime", e))
+}
+
+/// Lets the owner write into a directory a previous run left read-only (its mode is set again
+/// at the end), so a resumed run can add what is missing.
+fn writable(path: &Path, meta: &std::fs::Metadata, follow: bool) -> Result<(), EntryError> {
+    if meta.mode() & 0o700 == 0o700 {
+        return Ok(());
+    }
+    let flags = libc::O_DIRECTORY | if follow { 0 } else { libc::O_NOFOLLOW };
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .and_then(|dir| dir.set_permissions(Permissions::from_mode((meta.mode() & 0o7777) | 0o700)))
+        .map_err(|e| EntryError::io("making the directory writable", e))
 }
 
 /// Sets a directory's mode and mtime through a descriptor opened without following a symlink.
@@ -751,6 +852,25 @@ pub fn restore_files(
     cache_blocks: usize,
     counters: &RestoreCounters,
 ) -> Result<RestoreReport, RestoreError> {
+    restore_batched(
+        plan,
+        target,
+        get_block,
+        cache_blocks,
+        counters,
+        (BATCH_FILES, BATCH_BYTES),
+    )
+}
+
+/// [`restore_files`] with the flush batch's size in files and bytes (small in tests).
+fn restore_batched(
+    plan: &RestorePlan,
+    target: &RestoreTarget,
+    get_block: &mut dyn FnMut(BlockId) -> Result<Arc<Vec<u8>>, String>,
+    cache_blocks: usize,
+    counters: &RestoreCounters,
+    (batch_files, batch_bytes): (usize, u64),
+) -> Result<RestoreReport, RestoreError> {
     let root = &target.root;
     std::fs::create_dir_all(root).map_err(|source| RestoreError::Root {
         path: root.clone(),
@@ -780,6 +900,8 @@ pub fn restore_files(
         counters,
         consumed: false,
         complete: &plan.complete,
+        pending: Vec::new(),
+        pending_bytes: 0,
     };
     // Directories whose mode and mtime are set at the end, deepest first (writing into a
     // directory changes its mtime, and a read-only mode would stop the writes).
@@ -821,14 +943,28 @@ pub fn restore_files(
                 r.report.bytes += n;
                 RestoreCounters::add(&r.counters.bytes_written, n);
             }
+            Ok(Done::Staged(n)) => RestoreCounters::add(&r.counters.bytes_written, n),
             Ok(Done::Existing) => r.report.skipped_existing += 1,
             Err(EntryError::Entry(reason)) => {
                 r.report.failed.push((entry.path.clone(), reason));
             }
-            Err(EntryError::Target(e)) => return Err(RestoreError::Target(e)),
+            Err(EntryError::Target(e)) => {
+                r.abandon();
+                return Err(RestoreError::Target(e));
+            }
         }
         RestoreCounters::add(&r.counters.files_done, 1);
+        if r.pending.len() >= batch_files || r.pending_bytes >= batch_bytes {
+            r.flush().map_err(|e| {
+                r.abandon();
+                RestoreError::Target(e)
+            })?;
+        }
     }
+    r.flush().map_err(|e| {
+        r.abandon();
+        RestoreError::Target(e)
+    })?;
     for entry in dirs_done.iter().rev() {
         let path = root.join(os(&entry.path));
         // The root is the user's `--to`, which may be a symlink they chose.
@@ -892,10 +1028,12 @@ mod tests {
     /// The pipeline's mixed tree plus modes, nanosecond mtimes (directories last) and a second
     /// empty file, backed up through the real pipeline.
     fn backed() -> Backed {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (src, outbox) = (dir.path().join("src"), dir.path().join("outbox"));
-        mixed_tree(&src);
-        write(&src, "a/b/also-empty", b"");
+        backed_with(mixed)
+    }
+
+    fn mixed(src: &Path) {
+        mixed_tree(src);
+        write(src, "a/b/also-empty", b"");
         chmod(&src.join("small.txt"), 0o640);
         chmod(&src.join("z/2"), 0o755);
         chmod(&src.join("a/b"), 0o700);
@@ -918,6 +1056,12 @@ mod tests {
             n += 1;
             set_mtime(&src.join(rel), T0 + n * 1_000_000_007);
         }
+    }
+
+    fn backed_with(tree: fn(&Path)) -> Backed {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, outbox) = (dir.path().join("src"), dir.path().join("outbox"));
+        tree(&src);
         let (events, _) = run(settings(&src, &outbox), MemLookup::default());
         let kv = MemStore::new();
         let mut batch = Batch::new();
@@ -1495,13 +1639,80 @@ mod tests {
     }
 
     #[test]
+    fn a_resumed_run_writes_into_a_directory_the_first_run_made_read_only() {
+        let b = backed_with(|src| {
+            write(src, "ro/f", b"inside a read-only directory");
+            chmod(&src.join("ro"), 0o555);
+            set_mtime(&src.join("ro"), T0);
+        });
+        let plan = plan(&b.kv, SNAP, None).expect("plan");
+        let target = b.target("out", false);
+        let (first, _) = restore(&plan, &target, &mut Blocks::new(&b), 8);
+        assert_eq!(first.failed, vec![]);
+        assert_same_tree(&b.src, &target.root);
+        let ro = target.root.join("ro");
+        // Root could write anyway: watch the mode instead, when the file's block is asked for.
+        chmod(&ro, 0o755);
+        std::fs::remove_file(ro.join("f")).expect("rm");
+        chmod(&ro, 0o555);
+        set_mtime(&ro, T0);
+        let mut blocks = Blocks::new(&b);
+        let mut modes = Vec::new();
+        let counters = RestoreCounters::default();
+        let again = restore_files(
+            &plan,
+            &target,
+            &mut |id| {
+                modes.push(std::fs::metadata(&ro).expect("stat").mode() & 0o7777);
+                blocks.get(id)
+            },
+            8,
+            &counters,
+        )
+        .expect("target usable");
+        assert_eq!(again.failed, vec![]);
+        assert_eq!(again.files, 1);
+        assert_eq!(modes, [0o755], "owner-writable while the file is written");
+        assert_same_tree(&b.src, &target.root);
+    }
+
+    #[test]
     fn a_one_block_cache_still_restores_everything() {
         let b = backed();
         let plan = plan(&b.kv, SNAP, None).expect("plan");
         let target = b.target("out", false);
         let mut blocks = Blocks::new(&b);
-        let (report, progress) = restore(&plan, &target, &mut blocks, 1);
+        let counters = RestoreCounters::default();
+        // Tiny flush batches too: files renamed a few at a time along the way.
+        let mut most_staged = 0;
+        let report = restore_batched(
+            &plan,
+            &target,
+            &mut |id| {
+                let staged = tree(&target.root)
+                    .keys()
+                    .filter(|p| {
+                        p.rsplit('/')
+                            .next()
+                            .is_some_and(|n| n.starts_with(TEMP_PREFIX))
+                    })
+                    .count();
+                most_staged = most_staged.max(staged);
+                blocks.get(id)
+            },
+            1,
+            &counters,
+            (2, 100_000),
+        )
+        .expect("target usable");
+        // At most a full batch and the file being written wait under temporary names.
+        assert!(
+            (1..=3).contains(&most_staged),
+            "{most_staged} staged at once"
+        );
+        let progress = counters.snapshot();
         assert_eq!(report.failed, vec![]);
+        assert_eq!((report.files, report.bytes), (10, plan.bytes()));
         assert!(
             blocks.calls.len() > plan.blocks.len(),
             "evicted blocks are asked for again ({} calls for {} blocks)",
