@@ -441,9 +441,16 @@ pub async fn start(
     let owner = wiring.owner;
     let snapshot = spec.snapshot;
     let sub = spec.sub_path.clone();
-    // The plan and every block's manifest: read and verified off the event loop.
+    let target = RestoreTarget {
+        root: spec.to.clone(),
+        overwrite: spec.overwrite,
+    };
+    let resume_target = target.clone();
+    // The plan and every block's manifest: read and verified off the event loop. A restore run
+    // again after an interruption leaves out the blocks of files already complete.
     let prepared = tokio::task::spawn_blocking(move || {
-        let plan = restore::plan(&*kv, snapshot, sub.as_deref()).map_err(|e| e.to_string())?;
+        let mut plan = restore::plan(&*kv, snapshot, sub.as_deref()).map_err(|e| e.to_string())?;
+        plan.skip_complete(&resume_target);
         let mut sources = HashMap::new();
         let mut layout = Vec::new();
         for id in &plan.blocks {
@@ -523,10 +530,6 @@ pub async fn start(
             }
         }
     });
-    let target = RestoreTarget {
-        root: spec.to.clone(),
-        overwrite: spec.overwrite,
-    };
     std::thread::Builder::new()
         .name("restore-writer".into())
         .spawn(move || run_writer(plan, target, handoff, counters, news_tx))
