@@ -574,6 +574,36 @@ fn render_status(status: &NodeStatus) -> String {
             last.skipped.len()
         );
     }
+    let restore = &status.restore;
+    if let Some(job) = &restore.running {
+        let _ = writeln!(
+            out,
+            "\nrestore running: {} (version {}) -> {} {}: {}/{} files, {} of {}, {}/{} blocks, {} fetched",
+            job.source,
+            job.snapshot,
+            job.to,
+            job.state,
+            job.files_done,
+            job.files_total,
+            size(job.bytes_written),
+            size(job.bytes_total),
+            job.blocks_decoded,
+            job.blocks,
+            size(job.fetched_bytes)
+        );
+    }
+    if let Some(last) = restore.finished.last() {
+        let _ = writeln!(
+            out,
+            "last restore: {} (version {}) -> {}: {}: {} files, {} not restored",
+            last.source,
+            last.snapshot,
+            last.to,
+            last.outcome,
+            last.files,
+            last.failed.len()
+        );
+    }
     if !network.counters.is_empty() {
         let parts: Vec<String> = network
             .counters

@@ -1038,6 +1038,27 @@ pub async fn start(
         wiring.registry.clone(),
     ));
     let _ = addr.send(Deliver(bj::Event::Start { up })).await;
+    // News that reached the job before `Start` was not heard by its machine: ask once more now
+    // that it listens (a position already up is noted again, which changes nothing).
+    let again = wiring
+        .fire_hire
+        .send(Query::new(FireHireQuery::Status))
+        .await
+        .unwrap_or_default();
+    for p in again
+        .positions
+        .iter()
+        .filter(|p| p.confirmed && p.contract == "Connected")
+    {
+        if let Some(supplier) = p.supplier.as_deref().and_then(|s| s.parse::<NodeId>().ok()) {
+            let news = PositionNews {
+                position: p.position,
+                supplier,
+                up: true,
+            };
+            let _ = addr.send(news).await;
+        }
+    }
     for event in resumed_events {
         let _ = addr.send(Deliver(event)).await;
     }
