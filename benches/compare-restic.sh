@@ -2,7 +2,9 @@
 # bitdust against restic on one real tree, in one run on this machine (issue 8, "Benchmark"):
 # a first backup to a loopback cluster of 1 owner + 6 suppliers (4 data + 2 parity) beside
 # `restic backup` to a local repository, then an unchanged second backup of each, the bytes each
-# stores, and the owner's peak RSS.
+# stores, and the owner's peak RSS; then (issue 9, "Benchmark") `bitdust restore` of the tree from
+# the cluster beside `restic restore latest`, each into an empty directory, the bytes bitdust
+# fetched per byte restored, and a check that the bitdust restore matches the tree.
 #
 #   bash benches/compare-restic.sh [TREE]          (TREE defaults to /usr/share)
 #
@@ -11,11 +13,13 @@
 #   BENCH_TMPDIR=DIR  where the temporary directory goes (default /var/tmp: /tmp may be RAM)
 #   BITDUST_BIN=PATH  use this binary instead of building one (`cargo build --release --locked`)
 #   HIRE_TIMEOUT=S    seconds to wait for the owner to hire all positions (default 120)
-#   BACKUP_TIMEOUT=S  seconds any one backup may take (default 3600)
+#   BACKUP_TIMEOUT=S  seconds any one backup or restore may take (default 3600)
 #   WARM=0            do not read the tree once before the first backups (see below)
+#   DROP_CACHES=auto  before each restore: drop the page cache when root (1: insist, 0: never)
 #
 # Prints progress on stderr and the results table on stdout. Exits non-zero when a step fails
-# (a bitdust build without the `backup` command is not a failure: the restic half still runs).
+# (a bitdust build without the `backup` command is not a failure: the restic half still runs), and
+# when the bitdust restore is not complete or differs from the tree.
 set -euo pipefail
 set -o errtrace
 
@@ -328,13 +332,14 @@ read -r TREE_FILES TREE_BYTES < <(find "$TREE" -type f -printf '%s\n' 2>/dev/nul
 
 # Suppliers hold every block k + m times over k (1.5x), padded (Padmé adds up to ~12%), with no
 # credit taken for compression; restic's repository holds up to the tree once; the owner's
-# catalog and outbox are small. 1 GiB on top for logs, databases and slack.
+# catalog and outbox are small; each of the two restores writes the tree once more. 1 GiB on top
+# for logs, databases and slack.
 TMP_PARENT=${BENCH_TMPDIR:-/var/tmp}
 [[ -d $TMP_PARENT && -w $TMP_PARENT ]] || die "BENCH_TMPDIR=$TMP_PARENT is not a writable directory"
-NEED=$((TREE_BYTES * 3 * 115 / 200 + TREE_BYTES + 1024 * MIB))
+NEED=$((TREE_BYTES * 3 * 115 / 200 + TREE_BYTES + 2 * TREE_BYTES + 1024 * MIB))
 AVAIL=$(df -PB1 "$TMP_PARENT" | awk 'NR == 2 { print $4 }')
 if ((AVAIL < NEED)); then
-    die "not enough free disk in $TMP_PARENT: $(mb "$AVAIL") MB free, $(mb "$NEED") MB needed for a tree of $(mb "$TREE_BYTES") MB (suppliers ~1.7x, restic up to 1x, 1 GiB slack); set BENCH_TMPDIR or pick a smaller TREE"
+    die "not enough free disk in $TMP_PARENT: $(mb "$AVAIL") MB free, $(mb "$NEED") MB needed for a tree of $(mb "$TREE_BYTES") MB (suppliers ~1.7x, restic up to 1x, two restores 2x, 1 GiB slack); set BENCH_TMPDIR or pick a smaller TREE"
 fi
 log "tree: $(mb "$TREE_BYTES") MB in $TREE_FILES files; disk: $(mb "$AVAIL") MB free, $(mb "$NEED") MB needed"
 
@@ -534,15 +539,144 @@ restic_backup 1
 if ((BD_AVAILABLE)); then bitdust_backup 2; fi
 restic_backup 2
 
-# ------------------------------------------------------------------ RESTORE (issue 9)
-# TODO(issue 9): restore the same tree from the cluster (`bitdust restore ... --to DIR --wait
-# --json`) beside `restic restore latest --target DIR`, both timed with run_timed into
-# $WORK/restore-bitdust and $WORK/restore-restic; verify both byte for byte against $TREE
-# (diff -r, or sha256 of every file); add the bytes the owner fetched from the suppliers per byte
-# restored (target: at most (k + m) / k, ideally 1) and the rows to the table below. Keep it
-# before the owner's VmHWM is read, so the peak RSS covers the restore too.
+# ------------------------------------------------------------------ 4. the restores (issue 9)
 
-# ------------------------------------------------------------------ 4. memory and storage
+# The owner's peak RSS so far (VmHWM only grows): the backups' share of the final figure.
+OWNER_HWM_BACKUP_KB=$(awk '/^VmHWM:/ { print $2 }' "/proc/$OWNER_PID/status" 2>/dev/null || true)
+[[ -n $OWNER_HWM_BACKUP_KB ]] || OWNER_HWM_BACKUP_KB=n/a
+
+# Fairness: restic reads its repository, bitdust the suppliers' store/ directories, both just
+# written and so in the page cache as far as memory allowed. As root (DROP_CACHES=auto, the
+# default) the page cache is dropped before each restore, so both read their data from the disk;
+# otherwise only `sync` runs, and the table says "as left by the backups". Dropping is a
+# machine-wide act (other programs re-read their files), hence DROP_CACHES=0 to skip it.
+DROP_CACHES=${DROP_CACHES:-auto}
+CACHE_NOTE="as left by the backups (sync only; DROP_CACHES=1 as root drops it)"
+can_drop=0
+if [[ $DROP_CACHES != 0 ]] && ((EUID == 0)) && [[ -w /proc/sys/vm/drop_caches ]]; then
+    can_drop=1
+    CACHE_NOTE="dropped before each (sync; echo 3 > /proc/sys/vm/drop_caches)"
+elif [[ $DROP_CACHES == 1 ]]; then
+    die "DROP_CACHES=1 needs root and a writable /proc/sys/vm/drop_caches"
+elif [[ $DROP_CACHES == 0 ]]; then
+    CACHE_NOTE="as left by the backups (sync only, DROP_CACHES=0)"
+fi
+
+# Flushes the previous step's dirty pages (untimed, so one restore's writeback does not slow
+# the next) and drops the page cache when allowed.
+settle() {
+    sync
+    if ((can_drop)); then
+        echo 3 >/proc/sys/vm/drop_caches || warn "could not drop the page cache"
+    fi
+}
+
+# Seconds a `sync` right after a restore takes: bitdust fsyncs every file before renaming it
+# into place (a restored file is complete or absent), restic leaves its writes to the kernel.
+timed_sync() {
+    local t0 t1
+    t0=$(date +%s%N)
+    sync
+    t1=$(date +%s%N)
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'
+}
+
+top_names() { find "$1" -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | LC_ALL=C sort; }
+
+# The directory under a restore target that holds the tree: the target itself (bitdust writes
+# paths relative to the source), TARGET/<tree's absolute path> (restic) or TARGET/<tree's
+# name>; the first whose top-level names are the tree's, else the target.
+restored_root() {
+    local to=$1 cand want
+    want=$(top_names "$TREE")
+    for cand in "$to" "$to/${TREE#/}" "$to/$(basename "$TREE")"; do
+        if [[ -d $cand && $(top_names "$cand") == "$want" ]]; then
+            echo "$cand"
+            return 0
+        fi
+    done
+    echo "$to"
+}
+
+# verify LABEL TARGET: compares the restored tree with $TREE (contents and symlink targets;
+# modes and mtimes are not compared) and prints the number of differences; the list goes to
+# $WORK/verify-LABEL.diff.
+verify() {
+    local label=$1 root rc=0
+    root=$(restored_root "$2")
+    diff -r --no-dereference -q -- "$TREE" "$root" >"$WORK/verify-$label.diff" 2>&1 || rc=$?
+    if ((rc > 1)); then
+        warn "$label: diff had trouble (status $rc); see $WORK/verify-$label.diff"
+    fi
+    wc -l <"$WORK/verify-$label.diff" | tr -d ' '
+}
+
+# `bitdust restore --wait --json` prints one RestoreResult (src/actors/status.rs).
+BDR_KEYS=(outcome files dirs symlinks bytes seconds fetched_bytes extra_fragments skipped_existing error)
+BDR_S=n/a BDR_SYNC_S=n/a BDR_DIFFS=n/a BDR_PER_BYTE=n/a
+BDR=()
+RR_S=n/a RR_SYNC_S=n/a RR_DIFFS=n/a RR_RSS_KB=n/a
+
+BD_RESTORE=0
+if ((BD_AVAILABLE)) && [[ ${BD1[1]:-} == committed ]]; then
+    if "$BIN" restore --help >/dev/null 2>&1; then
+        BD_RESTORE=1
+    else
+        printf 'bitdust restore not available in this build: restoring with restic only\n' >&2
+    fi
+fi
+
+if ((BD_RESTORE)); then
+    mkdir -p "$WORK/restore-bitdust"
+    settle
+    log "bitdust restore --to $WORK/restore-bitdust"
+    rc=0
+    run_timed "bitdust-restore" "$WORK/bitdust-restore.json" "$WORK/bitdust-restore.err" \
+        "$BIN" --home "$OWNER" restore --to "$WORK/restore-bitdust" --wait --json || rc=$?
+    BDR_S=$T_SECS
+    BDR_SYNC_S=$(awk -v a="$T_SECS" -v b="$(timed_sync)" 'BEGIN { printf "%.3f", a + b }')
+    mapfile -t BDR < <(json_fields "$WORK/bitdust-restore.json" "${BDR_KEYS[@]}")
+    if ((rc != 0)) || [[ ${BDR[0]:-} != complete ]]; then
+        warn "bitdust restore did not complete (status $rc, outcome ${BDR[0]:-n/a}: ${BDR[9]:-n/a}); its stderr ends:"
+        tail -n 5 "$WORK/bitdust-restore.err" >&2 || true
+        FAILED=1
+    fi
+    BDR_PER_BYTE=$(awk -v f="${BDR[6]:-n/a}" -v b="${BDR[4]:-n/a}" \
+        'BEGIN { if (f == "n/a" || b == "n/a" || b <= 0) print "n/a"; else printf "%.3f", f / b }')
+    log "bitdust restore: ${BDR_S}s (${BDR_SYNC_S}s with a final sync); $(pairs BDR_KEYS BDR)"
+    log "verifying the bitdust restore against $TREE"
+    BDR_DIFFS=$(verify bitdust "$WORK/restore-bitdust")
+    if ((BDR_DIFFS != 0)); then
+        warn "the bitdust restore differs from $TREE in $BDR_DIFFS places; the first:"
+        head -n 10 "$WORK/verify-bitdust.diff" >&2
+        FAILED=1
+    fi
+fi
+
+if [[ $R1_S != n/a ]]; then
+    mkdir -p "$WORK/restore-restic"
+    settle
+    log "restic restore latest --target $WORK/restore-restic"
+    rc=0
+    run_timed "restic-restore" "$WORK/restic-restore.out" "$WORK/restic-restore.err" \
+        restic restore latest --target "$WORK/restore-restic" || rc=$?
+    if ((rc != 0)); then
+        warn "restic restore failed (status $rc); its stderr ends:"
+        tail -n 5 "$WORK/restic-restore.err" >&2 || true
+        FAILED=1
+    else
+        RR_S=$T_SECS
+        RR_RSS_KB=$T_RSS_KB
+        RR_SYNC_S=$(awk -v a="$T_SECS" -v b="$(timed_sync)" 'BEGIN { printf "%.3f", a + b }')
+        log "restic restore: ${RR_S}s (${RR_SYNC_S}s with a final sync)"
+        log "verifying the restic restore against $TREE"
+        RR_DIFFS=$(verify restic "$WORK/restore-restic")
+        # The reference, not the subject: a difference here is reported, not a failure.
+        ((RR_DIFFS == 0)) || warn "the restic restore differs from $TREE in $RR_DIFFS places (see $WORK/verify-restic.diff with KEEP=1)"
+    fi
+fi
+
+# ------------------------------------------------------------------ 5. memory and storage
 
 OWNER_HWM_KB=$(awk '/^VmHWM:/ { print $2 }' "/proc/$OWNER_PID/status" 2>/dev/null || true)
 [[ -n $OWNER_HWM_KB ]] || {
@@ -562,7 +696,7 @@ OWNER_DB=$(dir_bytes "$OWNER/db")
 kb_to_mb() { awk -v k="$1" 'BEGIN { if (k == "n/a" || k == "") print "n/a"; else printf "%.1f", k * 1024 / 1e6 }'; }
 R_RSS_KB=$(awk -v a="$R1_RSS_KB" -v b="$R2_RSS_KB" 'BEGIN { if (a == "n/a") print b; else if (b == "n/a" || a + 0 >= b + 0) print a; else print b }')
 
-# ------------------------------------------------------------------ 5. the table
+# ------------------------------------------------------------------ 6. the table
 
 if ((BD_AVAILABLE)); then
     BD_STORED=$STORED
@@ -572,12 +706,19 @@ fi
 row() { printf '%-32s %12s %12s %10s  %s\n' "$@"; }
 OWNER_RSS_MB=$(kb_to_mb "$OWNER_HWM_KB")
 FIRST_RATIO=$(ratio "$BD1_S" "$R1_S")
+RESTORE_RATIO=$(ratio "$BDR_S" "$RR_S")
+KM_RATIO=$(awk -v k=$DATA_SHARDS -v m=$PARITY_SHARDS 'BEGIN { printf "%.2f", (k + m) / k }')
+# What fetching exactly k fragments of every block costs per byte of the tree: the suppliers'
+# store / (k + m) * k over the tree (compression below 1, padding above).
+DATA_ONLY=$(awk -v s="$BD_STORED" -v t="$TREE_BYTES" -v k=$DATA_SHARDS -v m=$PARITY_SHARDS \
+    'BEGIN { if (s == "n/a" || t <= 0) print "n/a"; else printf "%.3f", s * k / (k + m) / t }')
 SECOND_RATIO=$(ratio "$BD2_S" "$R2_S")
 
 echo
 echo "bitdust vs restic on $TREE: $(mb "$TREE_BYTES") MB in $TREE_FILES files (MB = 10^6 bytes)"
 echo "  $BITDUST_VERSION, owner + $SUPPLIERS loopback suppliers, $DATA_SHARDS data + $PARITY_SHARDS parity"
 echo "  $RESTIC_VERSION, local repository v$RESTIC_REPO_VERSION; both on $(nproc) cores, same run, page cache $([[ $WARM == 1 ]] && echo warm || echo as found)"
+echo "  restores into empty directories on the same disk; page cache $CACHE_NOTE"
 ((BD_AVAILABLE)) || echo "  bitdust backup not available in this build: its columns are n/a"
 echo
 row "" bitdust restic "bd/restic" target
@@ -586,9 +727,17 @@ row "first backup, MB/s" "$(rate "$TREE_BYTES" "$BD1_S")" "$(rate "$TREE_BYTES" 
 row "second (unchanged), seconds" "$BD2_S" "$R2_S" "$SECOND_RATIO" "<= 1.00 $(verdict "$SECOND_RATIO" 1.0)"
 row "second (unchanged), MB/s" "$(rate "$TREE_BYTES" "$BD2_S")" "$(rate "$TREE_BYTES" "$R2_S")" "" ""
 row "stored, MB" "$(mb "$BD_STORED")" "$(mb "$REPO_BYTES")" "$(ratio "$BD_STORED" "$REPO_BYTES")" \
-    "suppliers' store/ in total (k+m)/k = $(awk -v k=$DATA_SHARDS -v m=$PARITY_SHARDS 'BEGIN { printf "%.2f", (k + m) / k }') vs repository"
-row "peak RSS, MB" "$OWNER_RSS_MB" "$(kb_to_mb "$R_RSS_KB")" "" "owner < 256 $(verdict "$OWNER_RSS_MB" 256)"
-row "restore (issue 9)" "-" "-" "" "not measured yet"
+    "suppliers' store/ in total (k+m)/k = $KM_RATIO vs repository"
+row "restore, seconds" "$BDR_S" "$RR_S" "$RESTORE_RATIO" \
+    "<= 1.00 $(verdict "$RESTORE_RATIO" 1.0), 2x faster (<= 0.50) $(verdict "$RESTORE_RATIO" 0.5)"
+row "restore, MB/s" "$(rate "$TREE_BYTES" "$BDR_S")" "$(rate "$TREE_BYTES" "$RR_S")" "" ""
+row "restore + final sync, seconds" "$BDR_SYNC_S" "$RR_SYNC_S" "$(ratio "$BDR_SYNC_S" "$RR_SYNC_S")" \
+    "bitdust fsyncs each file, restic does not"
+row "restore fetched / restored" "$BDR_PER_BYTE" "-" "" \
+    "<= (k+m)/k = $KM_RATIO $(verdict "$BDR_PER_BYTE" "$KM_RATIO"); k data fragments alone: $DATA_ONLY"
+row "restore differs from tree, paths" "$BDR_DIFFS" "$RR_DIFFS" "" "0 $(verdict "$BDR_DIFFS" 0) (diff -r --no-dereference)"
+row "peak RSS, MB" "$OWNER_RSS_MB" "$(kb_to_mb "$R_RSS_KB")" "" \
+    "owner after backups + restore < 256 $(verdict "$OWNER_RSS_MB" 256) (backups alone: $(kb_to_mb "$OWNER_HWM_BACKUP_KB"))"
 echo
 echo "  per supplier, MB: ${PER_SUPPLIER[*]}; owner's db: $(mb "$OWNER_DB") MB"
 if ((BD_AVAILABLE)); then
@@ -597,8 +746,12 @@ if ((BD_AVAILABLE)); then
 fi
 echo "  restic #1:  $(pairs RESTIC_KEYS R1)"
 echo "  restic #2:  $(pairs RESTIC_KEYS R2)"
+if ((BD_RESTORE)); then
+    echo "  bitdust restore: $(pairs BDR_KEYS BDR)"
+fi
+echo "  restic restore: peak RSS $(kb_to_mb "$RR_RSS_KB") MB"
 echo
 
 if ((FAILED)); then
-    die "a backup failed (see the warnings above; KEEP=1 keeps $WORK for a look)"
+    die "a backup or restore failed, or the restore differs from the tree (see the warnings above; KEEP=1 keeps $WORK for a look)"
 fi
