@@ -35,7 +35,7 @@ type FireHireAddr = Addr<Shell<FireHireDriver>>;
 /// Blocks fetched at once (each holds `k` fragments while it is assembled).
 const WINDOW: usize = 6;
 /// Decoded blocks the writer keeps while they still have uses.
-const CACHE_BLOCKS: usize = 16;
+const CACHE_BLOCKS: usize = 8;
 const RESULTS_KEPT: usize = 16;
 
 /// What to restore.
