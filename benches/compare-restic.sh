@@ -732,7 +732,7 @@ row "restore, seconds" "$BDR_S" "$RR_S" "$RESTORE_RATIO" \
     "<= 1.00 $(verdict "$RESTORE_RATIO" 1.0), 2x faster (<= 0.50) $(verdict "$RESTORE_RATIO" 0.5)"
 row "restore, MB/s" "$(rate "$TREE_BYTES" "$BDR_S")" "$(rate "$TREE_BYTES" "$RR_S")" "" ""
 row "restore + final sync, seconds" "$BDR_SYNC_S" "$RR_SYNC_S" "$(ratio "$BDR_SYNC_S" "$RR_SYNC_S")" \
-    "bitdust fsyncs each file, restic does not"
+    "bitdust syncs before it reports complete, restic does not"
 row "restore fetched / restored" "$BDR_PER_BYTE" "-" "" \
     "<= (k+m)/k = $KM_RATIO $(verdict "$BDR_PER_BYTE" "$KM_RATIO"); k data fragments alone: $DATA_ONLY"
 row "restore differs from tree, paths" "$BDR_DIFFS" "$RR_DIFFS" "" "0 $(verdict "$BDR_DIFFS" 0) (diff -r --no-dereference)"
