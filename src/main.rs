@@ -645,12 +645,7 @@ fn backup(home: &Home, paths: Vec<PathBuf>, wait: bool, json: bool) -> anyhow::R
     let results = follow_backup(home, &runs, total, !json)?;
     let failed = results.iter().filter(|r| r.outcome != "committed").count();
     if json {
-        let doc = if results.len() == 1 {
-            serde_json::to_value(&results[0])?
-        } else {
-            serde_json::json!({ "results": results })
-        };
-        println!("{doc}");
+        print_results_json(&results)?;
     } else {
         for r in &results {
             println!(
@@ -675,6 +670,16 @@ fn backup(home: &Home, paths: Vec<PathBuf>, wait: bool, json: bool) -> anyhow::R
     if failed > 0 {
         bail!("{failed} backup(s) did not commit");
     }
+    Ok(())
+}
+
+/// One result as a JSON object; several as `{"results": [...]}`.
+fn print_results_json<R: serde::Serialize>(results: &[R]) -> anyhow::Result<()> {
+    let doc = match results {
+        [one] => serde_json::to_value(one)?,
+        all => serde_json::json!({ "results": all }),
+    };
+    println!("{doc}");
     Ok(())
 }
 
@@ -866,12 +871,7 @@ fn restore(
     }
     let results = follow_restore(home, &runs, !json)?;
     if json {
-        let doc = if results.len() == 1 {
-            serde_json::to_value(&results[0])?
-        } else {
-            serde_json::json!({ "results": results })
-        };
-        println!("{doc}");
+        print_results_json(&results)?;
     } else {
         for r in &results {
             println!(

@@ -409,90 +409,26 @@ use State::*;
 use To::State as Go;
 
 const LIVE: &[State] = &[AtStartup, Fetching, Finishing];
+const WORKING: &[State] = &[Fetching, Finishing];
 const FETCHED: To<RestoreWorker> = To::Choose(Choice::Fetched);
 
 static ROWS: &[Row<RestoreWorker>] = &[
     row(&[AtStartup], EventKind::Start, FETCHED, &[Action::Note]),
-    row(&[Fetching], EventKind::FragmentOk, FETCHED, &[Action::Note]),
+    // Finishing (every block decoded or given up, the writer finishing the last files) hears the
+    // same news: a block the writer wants again sends it back to Fetching.
+    row(WORKING, EventKind::FragmentOk, FETCHED, &[Action::Note]),
+    row(WORKING, EventKind::FragmentFailed, FETCHED, &[Action::Note]),
+    row(WORKING, EventKind::Decoded, FETCHED, &[Action::Note]),
+    row(WORKING, EventKind::DecodeFailed, FETCHED, &[Action::Note]),
+    row(WORKING, EventKind::Consumed, FETCHED, &[Action::Note]),
+    row(WORKING, EventKind::Want, FETCHED, &[Action::Note]),
+    row(WORKING, EventKind::SupplierDown, To::Stay, &[Action::Note]),
+    row(WORKING, EventKind::SupplierUp, To::Stay, &[Action::Note]),
+    row(WORKING, EventKind::Timeout, To::Stay, &[Action::Report]),
+    // The writer may finish while blocks are still fetched (it fails the files of lost blocks
+    // without waiting for the rest).
     row(
-        &[Fetching],
-        EventKind::FragmentFailed,
-        FETCHED,
-        &[Action::Note],
-    ),
-    row(&[Fetching], EventKind::Decoded, FETCHED, &[Action::Note]),
-    row(
-        &[Fetching],
-        EventKind::DecodeFailed,
-        FETCHED,
-        &[Action::Note],
-    ),
-    row(&[Fetching], EventKind::Consumed, FETCHED, &[Action::Note]),
-    row(&[Fetching], EventKind::Want, FETCHED, &[Action::Note]),
-    row(
-        &[Fetching],
-        EventKind::SupplierDown,
-        To::Stay,
-        &[Action::Note],
-    ),
-    row(
-        &[Fetching],
-        EventKind::SupplierUp,
-        To::Stay,
-        &[Action::Note],
-    ),
-    row(&[Fetching], EventKind::Timeout, To::Stay, &[Action::Report]),
-    // The writer may finish before the last consumed notice is seen (it fails files whose
-    // blocks are lost without waiting).
-    row(
-        &[Fetching],
-        EventKind::WriterDone,
-        Go(Done),
-        &[Action::Note, Action::Finish],
-    ),
-    // Every block decoded or lost: the writer is finishing the last files.
-    row(&[Finishing], EventKind::Consumed, To::Stay, &[Action::Note]),
-    row(&[Finishing], EventKind::Decoded, To::Stay, &[Action::Note]),
-    row(
-        &[Finishing],
-        EventKind::DecodeFailed,
-        FETCHED,
-        &[Action::Note],
-    ),
-    // Replies to asks for a block already given up.
-    row(
-        &[Finishing],
-        EventKind::FragmentOk,
-        FETCHED,
-        &[Action::Note],
-    ),
-    row(
-        &[Finishing],
-        EventKind::FragmentFailed,
-        FETCHED,
-        &[Action::Note],
-    ),
-    row(&[Finishing], EventKind::Want, FETCHED, &[Action::Note]),
-    row(
-        &[Finishing],
-        EventKind::SupplierDown,
-        To::Stay,
-        &[Action::Note],
-    ),
-    row(
-        &[Finishing],
-        EventKind::SupplierUp,
-        To::Stay,
-        &[Action::Note],
-    ),
-    row(
-        &[Finishing],
-        EventKind::Timeout,
-        To::Stay,
-        &[Action::Report],
-    ),
-    row(
-        &[Finishing],
+        WORKING,
         EventKind::WriterDone,
         Go(Done),
         &[Action::Note, Action::Finish],
