@@ -9,8 +9,8 @@ use std::path::Path;
 
 use bitdust::proto::envelope::Body;
 use bitdust::proto::{
-    DeleteFragment, FailReason, FragmentId, ListFragments, RetrieveFragment, ServiceRequest,
-    StoreFragment,
+    AuditChallenge, DeleteFragment, FailReason, FragmentId, ListFragments, RetrieveFragment,
+    ServiceRequest, StoreFragment,
 };
 use common::*;
 
@@ -188,6 +188,37 @@ fn quota_isolation_and_interrupted_writes_through_the_wire() {
     assert!(
         matches!(stored.body, Some(Body::Ack(ref ack)) if ack.size == 600),
         "{stored:?}"
+    );
+    // A storage audit: BLAKE3 keyed with the nonce over the range proves the bytes are held.
+    let nonce = [42u8; 32];
+    let audit = |offset, length| {
+        Body::AuditChallenge(AuditChallenge {
+            id: Some(fragment(1, 0)),
+            nonce: nonce.to_vec(),
+            offset,
+            length,
+        })
+    };
+    let proof = alice.request(100, audit(100, 50));
+    let expected = blake3::keyed_hash(&nonce, &[7u8; 50]);
+    assert!(
+        matches!(&proof.body, Some(Body::AuditProof(p)) if p.proof == expected.as_bytes()),
+        "{proof:?}"
+    );
+    assert_eq!(
+        fail_reason(&alice.request(101, audit(590, 20))),
+        Some(FailReason::Malformed),
+        "a range past the end"
+    );
+    let unknown = Body::AuditChallenge(AuditChallenge {
+        id: Some(fragment(9, 0)),
+        nonce: nonce.to_vec(),
+        offset: 0,
+        length: 1,
+    });
+    assert_eq!(
+        fail_reason(&alice.request(102, unknown)),
+        Some(FailReason::NotFound)
     );
     // Over quota: refused, nothing written.
     assert_eq!(

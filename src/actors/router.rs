@@ -17,7 +17,7 @@ labels! {
     /// The kinds of request a node serves.
     pub enum RequestKind {
         ServiceRequest, ServiceCancel, SupplierCancel, StoreFragment, RetrieveFragment,
-        ListFragments, DeleteFragment,
+        ListFragments, DeleteFragment, AuditChallenge,
     }
 }
 
@@ -31,6 +31,7 @@ pub fn kind_of(body: &Body) -> Option<RequestKind> {
         Body::RetrieveFragment(_) => RequestKind::RetrieveFragment,
         Body::ListFragments(_) => RequestKind::ListFragments,
         Body::DeleteFragment(_) => RequestKind::DeleteFragment,
+        Body::AuditChallenge(_) => RequestKind::AuditChallenge,
         _ => return None,
     })
 }

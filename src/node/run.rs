@@ -790,6 +790,7 @@ async fn start_peers(start: Start<'_>) -> (NetworkAddr, SupplierAddr, CustomerAd
             RequestKind::RetrieveFragment,
             RequestKind::ListFragments,
             RequestKind::DeleteFragment,
+            RequestKind::AuditChallenge,
         ],
         supplier.clone().recipient(),
     );
