@@ -630,17 +630,9 @@ fn backup(home: &Home, paths: Vec<PathBuf>, wait: bool, json: bool) -> anyhow::R
     let request = Request::Backup {
         paths: absolute.iter().map(|p| p.display().to_string()).collect(),
     };
-    let data = call(home, &request)?;
-    let runs: Vec<u64> = serde_json::from_value(data["runs"].clone())
-        .context("the node answered with run numbers this version cannot read")?;
-    if !wait {
-        if json {
-            println!("{}", serde_json::json!({ "runs": runs }));
-        } else {
-            println!("backup queued (run {runs:?}); follow it with `bitdust status`");
-        }
+    let Some(runs) = queue(home, &request, "backup", wait, json)? else {
         return Ok(());
-    }
+    };
     let total: u64 = absolute.iter().map(|p| tree_size(p)).sum();
     let results = follow_backup(home, &runs, total, !json)?;
     let failed = results.iter().filter(|r| r.outcome != "committed").count();
@@ -671,6 +663,29 @@ fn backup(home: &Home, paths: Vec<PathBuf>, wait: bool, json: bool) -> anyhow::R
         bail!("{failed} backup(s) did not commit");
     }
     Ok(())
+}
+
+/// Sends a backup or restore request; answers the run numbers to follow, or, without `--wait`,
+/// says they are queued and answers `None`.
+fn queue(
+    home: &Home,
+    request: &Request,
+    what: &str,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<Option<Vec<u64>>> {
+    let data = call(home, request)?;
+    let runs: Vec<u64> = serde_json::from_value(data["runs"].clone())
+        .context("the node answered with run numbers this version cannot read")?;
+    if wait {
+        return Ok(Some(runs));
+    }
+    if json {
+        println!("{}", serde_json::json!({ "runs": runs }));
+    } else {
+        println!("{what} queued (run {runs:?}); follow it with `bitdust status`");
+    }
+    Ok(None)
 }
 
 /// One result as a JSON object; several as `{"results": [...]}`.
@@ -858,17 +873,9 @@ fn restore(
         path,
         overwrite,
     };
-    let data = call(home, &request)?;
-    let runs: Vec<u64> = serde_json::from_value(data["runs"].clone())
-        .context("the node answered with run numbers this version cannot read")?;
-    if !wait {
-        if json {
-            println!("{}", serde_json::json!({ "runs": runs }));
-        } else {
-            println!("restore queued (run {runs:?}); follow it with `bitdust status`");
-        }
+    let Some(runs) = queue(home, &request, "restore", wait, json)? else {
         return Ok(());
-    }
+    };
     let results = follow_restore(home, &runs, !json)?;
     if json {
         print_results_json(&results)?;

@@ -195,6 +195,36 @@ impl<'a> Demo<'a> {
         })
     }
 
+    /// The owner command's parsed JSON result; without one, why: the command failed (what it
+    /// said, the owner's log) or it printed something else.
+    fn json_result<T>(
+        &self,
+        parsed: Option<T>,
+        finished: &Finished,
+        step: Step,
+        command: String,
+        detail: &str,
+    ) -> Result<T, DemoError> {
+        if let Some(result) = parsed {
+            return Ok(result);
+        }
+        if !finished.success() {
+            return Err(DemoError::Command {
+                step,
+                command,
+                status: finished.describe(),
+                said: said(finished),
+                log: self.tail(0),
+            });
+        }
+        Err(DemoError::Unreadable {
+            step,
+            command,
+            detail: detail.into(),
+            stdout: last_chars(&finished.stdout_text(), 2000),
+        })
+    }
+
     fn tail(&self, node: usize) -> Box<LogTail> {
         let home = &self.homes[node];
         Box::new(LogTail {
@@ -490,23 +520,8 @@ impl<'a> Demo<'a> {
         })?;
         let wall = wall.elapsed().as_secs_f64();
         let result: Option<JobResult> = serde_json::from_slice(&finished.stdout).ok();
-        let Some(result) = result else {
-            if !finished.success() {
-                return Err(DemoError::Command {
-                    step,
-                    command,
-                    status: finished.describe(),
-                    said: said(&finished),
-                    log: self.tail(0),
-                });
-            }
-            return Err(DemoError::Unreadable {
-                step,
-                command,
-                detail: "expected one JSON result".into(),
-                stdout: last_chars(&finished.stdout_text(), 2000),
-            });
-        };
+        let result =
+            self.json_result(result, &finished, step, command, "expected one JSON result")?;
         self.report.backup = Some(BackupReport::new(&result, wall));
         if result.outcome != "committed" || !finished.success() {
             return Err(DemoError::Backup {
@@ -625,23 +640,13 @@ impl<'a> Demo<'a> {
                 said: stderr.lines().next().unwrap_or_default().to_string(),
             });
         }
-        let Some(result) = last_json::<RestoreResult>(&finished.stdout) else {
-            if !finished.success() {
-                return Err(DemoError::Command {
-                    step,
-                    command,
-                    status: finished.describe(),
-                    said: said(&finished),
-                    log: self.tail(0),
-                });
-            }
-            return Err(DemoError::Unreadable {
-                step,
-                command,
-                detail: "expected one JSON object with `outcome`".into(),
-                stdout: last_chars(&finished.stdout_text(), 2000),
-            });
-        };
+        let result = self.json_result(
+            last_json::<RestoreResult>(&finished.stdout),
+            &finished,
+            step,
+            command,
+            "expected one JSON object with `outcome`",
+        )?;
         self.report.restore = Some(RestoreReport::new(&result, wall));
         if result.outcome != "complete" || !finished.success() {
             return Err(DemoError::RestoreIncomplete {
