@@ -8,8 +8,10 @@ pub mod diagram;
 pub mod fire_hire;
 pub mod identity;
 pub mod machine;
+pub mod monitor;
 pub mod network_connector;
 pub mod peer_session;
+pub mod rebuilder;
 pub mod restore_worker;
 pub mod supplier_connector;
 pub mod supplier_service;
@@ -33,6 +35,8 @@ macro_rules! for_each_machine {
         $f::<$crate::fsm::fire_hire::FireHire>($($arg),*);
         $f::<$crate::fsm::backup_job::BackupJob>($($arg),*);
         $f::<$crate::fsm::restore_worker::RestoreWorker>($($arg),*);
+        $f::<$crate::fsm::monitor::Monitor>($($arg),*);
+        $f::<$crate::fsm::rebuilder::Rebuilder>($($arg),*);
     }};
 }
 

@@ -1,0 +1,1112 @@
+//! monitor: watches what the suppliers hold and decides what to do about it — the health matrix,
+//! storage audits, firing, and the rebuilder's work list.
+//!
+//! Every round (`monitor.interval`; a faster round while a position's supplier is unreachable)
+//! it asks each reachable supplier for the list of what it holds and audits a few fragments per
+//! supplier, in turn (a cursor per position walks the blocks, so every fragment is audited over
+//! time). An audit is a challenge only the actual bytes answer (PROTOCOL.md §8.9): a supplier
+//! that deleted, corrupted or kept only hashes of a fragment fails it.
+//!
+//! The matrix holds, per block and position, what is known of the fragment at the supplier the
+//! catalog names for it: present, missing, corrupt or unknown. A position whose supplier was
+//! replaced holds none of its blocks until the rebuilder places them.
+//!
+//! Firing (at the end of a round, one decision at a time): a supplier unreachable for
+//! `monitor.fire_after`, or failing `monitor.fire_after_failed_audits` audits in a row. The
+//! guard, the original's rule made exact: never fire a position while some block it may still
+//! hold a good fragment of has fewer than `k` good fragments reachable elsewhere — firing it
+//! would leave that block unrebuildable. No firing while an earlier one is not yet rebuilt, and
+//! none without a spare friend to hire in its place.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, To, row};
+use crate::crypto::identity::NodeId;
+use crate::{events, labels};
+
+/// A block's id (see `data::BlockId`).
+pub type BlockId = [u8; 32];
+
+/// What is known of one fragment at the supplier the catalog names for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cell {
+    Unknown,
+    Present,
+    Missing,
+    Corrupt,
+}
+
+impl Cell {
+    /// May hold a good fragment (not known to be bad).
+    pub fn maybe_good(self) -> bool {
+        matches!(self, Cell::Unknown | Cell::Present)
+    }
+}
+
+/// One block as the monitor follows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockInfo {
+    pub id: BlockId,
+    /// The supplier that acknowledged each position's fragment (`None`: still in the outbox of
+    /// a backup job, which places it itself).
+    pub holders: Vec<Option<NodeId>>,
+    pub cells: Vec<Cell>,
+    /// The newest snapshot referencing it (the rebuilder takes newer versions first).
+    pub newest: u64,
+    /// A block of the current catalog export (rebuilt before any data).
+    pub catalog: bool,
+}
+
+/// Why a supplier was fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FireReason {
+    /// Unreachable for this long.
+    Unreachable(Duration),
+    /// Failed this many audits in a row.
+    FailedAudits(u32),
+}
+
+impl std::fmt::Display for FireReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FireReason::Unreachable(d) => write!(f, "unreachable for {} s", d.as_secs()),
+            FireReason::FailedAudits(n) => write!(f, "failed {n} storage audits in a row"),
+        }
+    }
+}
+
+/// How an audit ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditResult {
+    /// The proof matched.
+    Passed,
+    /// The supplier answered with a wrong proof (or bytes that fail their hash).
+    Corrupt,
+    /// The supplier says it does not hold the fragment.
+    NotFound,
+    /// No answer (unreachable, timeout): says nothing about the fragment.
+    NoAnswer,
+}
+
+/// One block for the rebuilder: which positions to recreate and where good fragments may be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebuildTask {
+    pub block: BlockId,
+    /// Positions to recreate, each with the supplier to place it on.
+    pub targets: Vec<(u32, NodeId)>,
+    /// Positions holding a fragment that may be good, reachable ones first, with their holder.
+    pub sources: Vec<(u32, NodeId)>,
+    pub catalog: bool,
+}
+
+labels! {
+    pub enum State { AtStartup, Idle, Checking, Closed }
+}
+
+events! {
+    pub enum Event / EventKind {
+        /// The layout, the catalog's blocks and the hired suppliers by position.
+        Start { k: u32, total: u32, blocks: Vec<BlockInfo>, suppliers: Vec<Option<NodeId>> },
+        /// The catalog changed (a backup committed, retention pruned): the blocks to follow now.
+        Blocks(Vec<BlockInfo>),
+        /// The supplier at a position, and whether it is reachable.
+        Position { position: u32, supplier: NodeId, up: bool },
+        /// How many trusted friends could be hired in a fired supplier's place.
+        Spares(usize),
+        /// What the supplier at `position` lists as held at that position (`None`: no answer).
+        Listed { position: u32, supplier: NodeId, held: Option<BTreeSet<BlockId>> },
+        Audited { block: BlockId, position: u32, supplier: NodeId, result: AuditResult },
+        /// The rebuilder placed a fragment.
+        Placed { block: BlockId, position: u32, supplier: NodeId },
+        /// The rebuilder finished its work list (or gave up on what it could not do).
+        RebuildIdle,
+        Timeout(Timer),
+        Shutdown,
+    }
+}
+
+labels! {
+    pub enum Guard {}
+}
+
+labels! {
+    pub enum Action {
+        /// Record what the event says in the matrix and the positions.
+        Note,
+        /// Ask every reachable supplier for its list and send this round's audits (IO).
+        BeginRound,
+        /// Fire at most one supplier (guarded), hand the rebuilder its work, report (IO).
+        Decide,
+        /// Arm the next round: sooner while a supplier is unreachable.
+        Schedule,
+    }
+}
+
+labels! {
+    pub enum Timer { Round, RoundDeadline }
+}
+
+labels! {
+    pub enum Choice { RoundDone }
+}
+
+/// A summary for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub blocks: u64,
+    /// Blocks by their good fragments reachable beyond `k` (negative: below `k`).
+    pub by_redundancy: BTreeMap<i64, u64>,
+    pub cells: BTreeMap<String, u64>,
+    pub rounds: u64,
+    pub audits_passed: u64,
+    pub audits_failed: u64,
+    pub fired: Vec<(u32, String)>,
+    pub rebuild_queued: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    List {
+        position: u32,
+        supplier: NodeId,
+    },
+    Audit {
+        block: BlockId,
+        position: u32,
+        supplier: NodeId,
+    },
+    Fire {
+        position: u32,
+        supplier: NodeId,
+        reason: FireReason,
+    },
+    /// The rebuilder's work, most urgent first (replaces its queue).
+    Rebuild(Vec<RebuildTask>),
+    /// Persist these blocks' cells.
+    SaveCells(Vec<(BlockId, Vec<Cell>)>),
+    Report(Summary),
+}
+
+/// One position's supplier as observed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PositionView {
+    pub supplier: Option<NodeId>,
+    pub up: bool,
+    /// Since when it is unreachable (monotonic).
+    pub down_since: Option<Duration>,
+    pub failed_audits: u32,
+    /// Time observed reachable and observed at all (for the durability estimate).
+    pub up_time: Duration,
+    pub observed: Duration,
+    /// The last block audited here (the next round continues after it).
+    cursor: Option<BlockId>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Monitor {
+    pub k: u32,
+    pub total: u32,
+    pub interval: Duration,
+    /// The round interval while a supplier is unreachable.
+    pub fast_interval: Duration,
+    pub fire_after: Duration,
+    pub fire_after_failed_audits: u32,
+    pub audits_per_round: usize,
+    /// How long a round waits for its answers.
+    pub round_deadline: Duration,
+    pub positions: Vec<PositionView>,
+    pub blocks: BTreeMap<BlockId, BlockInfo>,
+    pub spares: usize,
+    /// A fired position not yet rebuilt: no other firing meanwhile.
+    pub fired: Option<u32>,
+    pub rebuilding: bool,
+    /// Answers the round still waits for.
+    waiting: BTreeSet<(u32, Option<BlockId>)>,
+    /// Cells changed since the last save.
+    dirty: BTreeSet<BlockId>,
+    last_observed: Option<Duration>,
+    pub summary: Summary,
+}
+
+impl Default for Monitor {
+    fn default() -> Self {
+        Monitor::new(
+            Duration::from_secs(600),
+            Duration::from_secs(6 * 3600),
+            3,
+            4,
+        )
+    }
+}
+
+impl Monitor {
+    pub fn new(
+        interval: Duration,
+        fire_after: Duration,
+        fire_after_failed_audits: u32,
+        audits_per_round: usize,
+    ) -> Self {
+        Monitor {
+            k: 0,
+            total: 0,
+            interval,
+            fast_interval: (interval / 10).max(Duration::from_secs(1)),
+            fire_after,
+            fire_after_failed_audits: fire_after_failed_audits.max(1),
+            audits_per_round,
+            round_deadline: Duration::from_secs(60),
+            positions: Vec::new(),
+            blocks: BTreeMap::new(),
+            spares: 0,
+            fired: None,
+            rebuilding: false,
+            waiting: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            last_observed: None,
+            summary: Summary::default(),
+        }
+    }
+
+    fn supplier_at(&self, position: u32) -> Option<NodeId> {
+        self.positions
+            .get(position as usize)
+            .and_then(|p| p.supplier)
+    }
+
+    fn is_up(&self, position: u32) -> bool {
+        self.positions.get(position as usize).is_some_and(|p| p.up)
+    }
+
+    /// The fragment at `position` may be good and its holder is the position's supplier.
+    fn holds(&self, block: &BlockInfo, position: u32) -> bool {
+        let p = position as usize;
+        block.cells.get(p).is_some_and(|c| c.maybe_good())
+            && block.holders.get(p).copied().flatten().is_some()
+            && block.holders[p] == self.supplier_at(position)
+    }
+
+    /// Good fragments of `block` reachable now, leaving out `except`.
+    pub fn available(&self, block: &BlockInfo, except: Option<u32>) -> usize {
+        (0..self.total)
+            .filter(|&p| Some(p) != except && self.is_up(p) && self.holds(block, p))
+            .count()
+    }
+
+    /// Good fragments reachable beyond `k` (negative: the block cannot be read now).
+    pub fn redundancy(&self, block: &BlockInfo) -> i64 {
+        self.available(block, None) as i64 - i64::from(self.k)
+    }
+
+    /// Firing `position` leaves every block it may hold a good fragment of with `k` good
+    /// fragments reachable elsewhere (enough to rebuild it on the replacement).
+    pub fn fire_is_safe(&self, position: u32) -> bool {
+        self.blocks.values().all(|b| {
+            let held_there = b
+                .cells
+                .get(position as usize)
+                .is_some_and(|c| c.maybe_good())
+                && b.holders
+                    .get(position as usize)
+                    .copied()
+                    .flatten()
+                    .is_some();
+            !held_there || self.available(b, Some(position)) >= self.k as usize
+        })
+    }
+
+    /// What the matrix says must be recreated at `position` of `block`, if anything.
+    fn needs(&self, block: &BlockInfo, position: u32) -> bool {
+        let p = position as usize;
+        if self.supplier_at(position).is_none() {
+            return false;
+        }
+        match block.holders.get(p).copied().flatten() {
+            // In a backup job's outbox: the job places it.
+            None => false,
+            Some(holder) => {
+                Some(holder) != self.supplier_at(position)
+                    || matches!(block.cells.get(p), Some(Cell::Missing | Cell::Corrupt))
+            }
+        }
+    }
+
+    /// The rebuilder's work: blocks with a position to recreate on a reachable supplier and at
+    /// least `k` good fragments reachable; the catalog first, then the least redundancy left,
+    /// then the newest versions.
+    pub fn rebuild_work(&self) -> Vec<RebuildTask> {
+        let mut work: Vec<(bool, i64, u64, RebuildTask)> = Vec::new();
+        for block in self.blocks.values() {
+            let targets: Vec<(u32, NodeId)> = (0..self.total)
+                .filter(|&p| self.is_up(p) && self.needs(block, p))
+                .filter_map(|p| self.supplier_at(p).map(|s| (p, s)))
+                .collect();
+            if targets.is_empty() || self.available(block, None) < self.k as usize {
+                continue;
+            }
+            let mut sources: Vec<(u32, NodeId, bool)> = (0..self.total)
+                .filter(|&p| self.holds(block, p) && !targets.iter().any(|(t, _)| *t == p))
+                .filter_map(|p| block.holders[p as usize].map(|h| (p, h, self.is_up(p))))
+                .collect();
+            sources.sort_by_key(|(p, _, up)| (!*up, *p));
+            work.push((
+                !block.catalog,
+                self.redundancy(block),
+                u64::MAX - block.newest,
+                RebuildTask {
+                    block: block.id,
+                    targets,
+                    sources: sources.into_iter().map(|(p, h, _)| (p, h)).collect(),
+                    catalog: block.catalog,
+                },
+            ));
+        }
+        work.sort_by(|a, b| (a.0, a.1, a.2, a.3.block).cmp(&(b.0, b.1, b.2, b.3.block)));
+        work.into_iter().map(|w| w.3).collect()
+    }
+
+    /// The supplier to fire now, if any (one at a time, guarded).
+    pub fn fire_decision(&self, now: Duration) -> Option<(u32, NodeId, FireReason)> {
+        if self.fired.is_some() || self.spares == 0 {
+            return None;
+        }
+        let mut candidates: Vec<(u32, NodeId, FireReason)> = Vec::new();
+        for (p, view) in self.positions.iter().enumerate() {
+            let Some(supplier) = view.supplier else {
+                continue;
+            };
+            if view.failed_audits >= self.fire_after_failed_audits {
+                candidates.push((
+                    p as u32,
+                    supplier,
+                    FireReason::FailedAudits(view.failed_audits),
+                ));
+            } else if let Some(since) = view.down_since {
+                let down = now.saturating_sub(since);
+                if down >= self.fire_after {
+                    candidates.push((p as u32, supplier, FireReason::Unreachable(down)));
+                }
+            }
+        }
+        candidates
+            .into_iter()
+            .find(|(p, _, _)| self.fire_is_safe(*p))
+    }
+
+    fn set_cell(&mut self, block: BlockId, position: u32, cell: Cell) {
+        if let Some(b) = self.blocks.get_mut(&block)
+            && let Some(c) = b.cells.get_mut(position as usize)
+            && *c != cell
+        {
+            *c = cell;
+            self.dirty.insert(block);
+        }
+    }
+
+    /// Adds observed time to every position's availability figures.
+    fn observe_time(&mut self, now: Duration) {
+        if let Some(last) = self.last_observed {
+            let spent = now.saturating_sub(last);
+            for view in &mut self.positions {
+                if view.supplier.is_some() {
+                    view.observed += spent;
+                    if view.up {
+                        view.up_time += spent;
+                    }
+                }
+            }
+        }
+        self.last_observed = Some(now);
+    }
+
+    fn take_blocks(&mut self, blocks: &[BlockInfo]) {
+        let total = self.total as usize;
+        let mut next = BTreeMap::new();
+        for b in blocks {
+            let mut b = b.clone();
+            b.holders.resize(total, None);
+            b.cells.resize(total, Cell::Unknown);
+            next.insert(b.id, b);
+        }
+        self.dirty.retain(|id| next.contains_key(id));
+        self.blocks = next;
+    }
+
+    fn note(&mut self, event: &Event, ctx: &Ctx) {
+        self.observe_time(ctx.now);
+        match event {
+            Event::Start {
+                k,
+                total,
+                blocks,
+                suppliers,
+            } => {
+                self.k = *k;
+                self.total = *total;
+                self.positions = suppliers
+                    .iter()
+                    .map(|s| PositionView {
+                        supplier: *s,
+                        // Not yet heard of: counted unreachable from now (a supplier that
+                        // never comes back is fired after `fire_after` like any other).
+                        up: false,
+                        down_since: s.map(|_| ctx.now),
+                        ..PositionView::default()
+                    })
+                    .collect();
+                self.positions
+                    .resize(*total as usize, PositionView::default());
+                self.take_blocks(blocks);
+            }
+            Event::Blocks(blocks) => self.take_blocks(blocks),
+            Event::Position {
+                position,
+                supplier,
+                up,
+            } => {
+                let Some(view) = self.positions.get_mut(*position as usize) else {
+                    return;
+                };
+                if view.supplier != Some(*supplier) {
+                    // A new supplier: its history starts now.
+                    *view = PositionView {
+                        supplier: Some(*supplier),
+                        ..PositionView::default()
+                    };
+                    view.down_since = Some(ctx.now);
+                }
+                if *up {
+                    view.up = true;
+                    view.down_since = None;
+                } else if view.up || view.down_since.is_none() {
+                    view.up = false;
+                    view.down_since = Some(ctx.now);
+                }
+            }
+            Event::Spares(n) => self.spares = *n,
+            Event::Listed {
+                position,
+                supplier,
+                held,
+            } => {
+                self.waiting.remove(&(*position, None));
+                let Some(held) = held else { return };
+                if self.supplier_at(*position) != Some(*supplier) {
+                    return;
+                }
+                let p = *position as usize;
+                let changes: Vec<(BlockId, Cell)> = self
+                    .blocks
+                    .values()
+                    .filter(|b| b.holders.get(p).copied().flatten() == Some(*supplier))
+                    .filter_map(|b| {
+                        let cell = b.cells[p];
+                        match (held.contains(&b.id), cell) {
+                            (true, Cell::Unknown | Cell::Missing) => Some((b.id, Cell::Present)),
+                            (false, Cell::Unknown | Cell::Present | Cell::Corrupt) => {
+                                Some((b.id, Cell::Missing))
+                            }
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                for (block, cell) in changes {
+                    self.set_cell(block, *position, cell);
+                }
+            }
+            Event::Audited {
+                block,
+                position,
+                supplier,
+                result,
+            } => {
+                self.waiting.remove(&(*position, Some(*block)));
+                if self.supplier_at(*position) != Some(*supplier)
+                    || self
+                        .blocks
+                        .get(block)
+                        .and_then(|b| b.holders.get(*position as usize).copied().flatten())
+                        != Some(*supplier)
+                {
+                    return;
+                }
+                let view = &mut self.positions[*position as usize];
+                match result {
+                    AuditResult::Passed => {
+                        view.failed_audits = 0;
+                        self.summary.audits_passed += 1;
+                        self.set_cell(*block, *position, Cell::Present);
+                    }
+                    AuditResult::Corrupt | AuditResult::NotFound => {
+                        view.failed_audits += 1;
+                        self.summary.audits_failed += 1;
+                        let cell = if *result == AuditResult::Corrupt {
+                            Cell::Corrupt
+                        } else {
+                            Cell::Missing
+                        };
+                        self.set_cell(*block, *position, cell);
+                    }
+                    AuditResult::NoAnswer => {}
+                }
+            }
+            Event::Placed {
+                block,
+                position,
+                supplier,
+            } => {
+                if let Some(b) = self.blocks.get_mut(block)
+                    && let Some(h) = b.holders.get_mut(*position as usize)
+                {
+                    *h = Some(*supplier);
+                }
+                self.set_cell(*block, *position, Cell::Present);
+            }
+            Event::RebuildIdle => self.rebuilding = false,
+            Event::Timeout(Timer::RoundDeadline) => self.waiting.clear(),
+            Event::Timeout(Timer::Round) | Event::Shutdown => {}
+        }
+    }
+
+    fn begin_round(&mut self, ctx: &Ctx, out: &mut Out<Self>) {
+        self.summary.rounds += 1;
+        self.waiting.clear();
+        for position in 0..self.total {
+            let Some(supplier) = self.supplier_at(position) else {
+                continue;
+            };
+            if !self.is_up(position) {
+                continue;
+            }
+            out.push(Output::List { position, supplier });
+            self.waiting.insert((position, None));
+            for block in self.audit_sample(position) {
+                out.push(Output::Audit {
+                    block,
+                    position,
+                    supplier,
+                });
+                self.waiting.insert((position, Some(block)));
+            }
+        }
+        // Nothing to ask (no supplier reachable): the round ends at once.
+        let deadline = if self.waiting.is_empty() {
+            ctx.now
+        } else {
+            ctx.now + self.round_deadline
+        };
+        out.state_timeout(Timer::RoundDeadline, deadline);
+    }
+
+    /// The next blocks to audit at `position`: after the cursor, wrapping, held there.
+    fn audit_sample(&mut self, position: u32) -> Vec<BlockId> {
+        let supplier = self.supplier_at(position);
+        let p = position as usize;
+        let eligible = |b: &BlockInfo| {
+            b.holders.get(p).copied().flatten().is_some()
+                && b.holders[p] == supplier
+                && b.cells[p] != Cell::Missing
+        };
+        let cursor = self.positions[p].cursor;
+        let from = cursor.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let after = self
+            .blocks
+            .range::<BlockId, _>((from, std::ops::Bound::Unbounded));
+        let mut picks: Vec<BlockId> = after
+            .filter(|(_, b)| eligible(b))
+            .map(|(id, _)| *id)
+            .take(self.audits_per_round)
+            .collect();
+        if picks.len() < self.audits_per_round {
+            let more: Vec<BlockId> = self
+                .blocks
+                .values()
+                .filter(|b| eligible(b) && !picks.contains(&b.id))
+                .map(|b| b.id)
+                .take(self.audits_per_round - picks.len())
+                .collect();
+            picks.extend(more);
+        }
+        if let Some(last) = picks.last() {
+            self.positions[p].cursor = Some(*last);
+        }
+        picks
+    }
+
+    fn decide(&mut self, ctx: &Ctx, out: &mut Out<Self>) {
+        // A firing ends once its position is hired again and nothing there waits to be rebuilt.
+        if let Some(p) = self.fired {
+            let hired_again = self.positions[p as usize].up;
+            if hired_again && !self.blocks.values().any(|b| self.needs(b, p)) {
+                self.fired = None;
+            }
+        }
+        if !self.dirty.is_empty() {
+            let cells = std::mem::take(&mut self.dirty)
+                .into_iter()
+                .filter_map(|id| self.blocks.get(&id).map(|b| (id, b.cells.clone())))
+                .collect();
+            out.push(Output::SaveCells(cells));
+        }
+        if let Some((position, supplier, reason)) = self.fire_decision(ctx.now) {
+            self.fired = Some(position);
+            self.summary.fired.push((position, reason.to_string()));
+            // The replacement starts with no history.
+            self.positions[position as usize] = PositionView::default();
+            out.push(Output::Fire {
+                position,
+                supplier,
+                reason,
+            });
+        }
+        let work = self.rebuild_work();
+        self.summary.rebuild_queued = work.len() as u64;
+        if !work.is_empty() {
+            self.rebuilding = true;
+            out.push(Output::Rebuild(work));
+        }
+        self.report(out);
+    }
+
+    fn report(&mut self, out: &mut Out<Self>) {
+        let mut by_redundancy = BTreeMap::new();
+        let mut cells: BTreeMap<String, u64> = BTreeMap::new();
+        for b in self.blocks.values() {
+            *by_redundancy.entry(self.redundancy(b)).or_insert(0) += 1;
+            for c in &b.cells {
+                *cells.entry(format!("{c:?}").to_lowercase()).or_insert(0) += 1;
+            }
+        }
+        self.summary.blocks = self.blocks.len() as u64;
+        self.summary.by_redundancy = by_redundancy;
+        self.summary.cells = cells;
+        out.push(Output::Report(self.summary.clone()));
+    }
+
+    fn schedule(&self, ctx: &Ctx, out: &mut Out<Self>) {
+        // Also while a fired position waits for its replacement.
+        let any_down = self.positions.iter().any(|p| !p.up);
+        let wait = if any_down || self.rebuilding {
+            self.fast_interval
+        } else {
+            self.interval
+        };
+        out.set_timer(Timer::Round, ctx.now + wait);
+    }
+}
+
+use State::*;
+use To::State as Go;
+
+const LIVE: &[State] = &[AtStartup, Idle, Checking];
+const RUNNING: &[State] = &[Idle, Checking];
+const ROUND_DONE: To<Monitor> = To::Choose(Choice::RoundDone);
+
+static ROWS: &[Row<Monitor>] = &[
+    row(
+        &[AtStartup],
+        EventKind::Start,
+        Go(Checking),
+        &[Action::Note, Action::BeginRound],
+    ),
+    row(
+        &[Idle],
+        EventKind::Timeout,
+        Go(Checking),
+        &[Action::Note, Action::BeginRound],
+    ),
+    row(&[Checking], EventKind::Listed, ROUND_DONE, &[Action::Note]),
+    row(&[Checking], EventKind::Audited, ROUND_DONE, &[Action::Note]),
+    row(&[Checking], EventKind::Timeout, ROUND_DONE, &[Action::Note]),
+    row(RUNNING, EventKind::Blocks, To::Stay, &[Action::Note]),
+    row(RUNNING, EventKind::Position, To::Stay, &[Action::Note]),
+    row(RUNNING, EventKind::Spares, To::Stay, &[Action::Note]),
+    row(RUNNING, EventKind::Placed, To::Stay, &[Action::Note]),
+    row(RUNNING, EventKind::RebuildIdle, To::Stay, &[Action::Note]),
+    // Late answers of a round already decided still update the matrix.
+    row(&[Idle], EventKind::Listed, To::Stay, &[Action::Note]),
+    row(&[Idle], EventKind::Audited, To::Stay, &[Action::Note]),
+    row(LIVE, EventKind::Shutdown, Go(Closed), &[]),
+];
+
+static ENTRY: &[super::machine::Entry<Monitor>] = &[super::machine::Entry {
+    state: Idle,
+    actions: &[Action::Decide, Action::Schedule],
+}];
+
+static CHOICES: &[ChoiceRow<Monitor>] = &[ChoiceRow {
+    choice: Choice::RoundDone,
+    targets: &[
+        (Checking, "answers still awaited"),
+        (Idle, "every answer in, or the round's deadline passed"),
+    ],
+}];
+
+impl Machine for Monitor {
+    type State = State;
+    type EventKind = EventKind;
+    type Event = Event;
+    type Guard = Guard;
+    type Action = Action;
+    type Timer = Timer;
+    type Choice = Choice;
+    type Output = Output;
+
+    const NAME: &'static str = "monitor";
+    const ABOUT: &'static str = "Lists and audits what each supplier holds every round (faster while one is unreachable), keeps the health matrix, fires one supplier at a time when it stays unreachable or fails audits (never leaving a block unrebuildable), and hands the rebuilder its work.";
+    const INITIAL: State = AtStartup;
+    const TERMINAL: &'static [State] = &[Closed];
+
+    fn rows() -> &'static [Row<Self>] {
+        ROWS
+    }
+
+    fn entry() -> &'static [super::machine::Entry<Self>] {
+        ENTRY
+    }
+
+    fn choices() -> &'static [ChoiceRow<Self>] {
+        CHOICES
+    }
+
+    fn timer_event(timer: Timer) -> Event {
+        Event::Timeout(timer)
+    }
+
+    fn shutdown_event() -> Event {
+        Event::Shutdown
+    }
+
+    fn guard(&self, guard: Guard, _: &Event, _: &Ctx) -> bool {
+        match guard {}
+    }
+
+    fn choose(&self, _choice: Choice, _: &Ctx) -> State {
+        if self.waiting.is_empty() {
+            Idle
+        } else {
+            Checking
+        }
+    }
+
+    fn apply(&mut self, action: Action, event: &Event, ctx: &Ctx, out: &mut Out<Self>) {
+        match action {
+            Action::Note => self.note(event, ctx),
+            Action::BeginRound => self.begin_round(ctx, out),
+            Action::Decide => self.decide(ctx, out),
+            Action::Schedule => self.schedule(ctx, out),
+        }
+    }
+
+    fn invariant(&self, state: State) -> Result<(), String> {
+        if state == Idle && !self.waiting.is_empty() {
+            return Err("idle while answers are awaited".into());
+        }
+        for b in self.blocks.values() {
+            if b.cells.len() != self.total as usize || b.holders.len() != self.total as usize {
+                return Err("a block's row has the wrong width".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn sample_events() -> Vec<Event> {
+        let a = NodeId::from_signing_key(&[1; 32]);
+        let b = NodeId::from_signing_key(&[2; 32]);
+        let block = BlockInfo {
+            id: [7; 32],
+            holders: vec![Some(a), Some(b)],
+            cells: vec![Cell::Unknown, Cell::Unknown],
+            newest: 1,
+            catalog: false,
+        };
+        vec![
+            Event::Start {
+                k: 1,
+                total: 2,
+                blocks: vec![block.clone()],
+                suppliers: vec![Some(a), Some(b)],
+            },
+            Event::Blocks(vec![block]),
+            Event::Position {
+                position: 0,
+                supplier: a,
+                up: true,
+            },
+            Event::Position {
+                position: 1,
+                supplier: b,
+                up: false,
+            },
+            Event::Spares(1),
+            Event::Listed {
+                position: 0,
+                supplier: a,
+                held: Some([[7; 32]].into_iter().collect()),
+            },
+            Event::Listed {
+                position: 0,
+                supplier: a,
+                held: None,
+            },
+            Event::Audited {
+                block: [7; 32],
+                position: 0,
+                supplier: a,
+                result: AuditResult::Corrupt,
+            },
+            Event::Audited {
+                block: [7; 32],
+                position: 0,
+                supplier: a,
+                result: AuditResult::Passed,
+            },
+            Event::Placed {
+                block: [7; 32],
+                position: 1,
+                supplier: b,
+            },
+            Event::RebuildIdle,
+            Event::Timeout(Timer::Round),
+            Event::Timeout(Timer::RoundDeadline),
+            Event::Shutdown,
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::machine::Instance;
+
+    fn id(n: u8) -> NodeId {
+        NodeId::from_signing_key(&[n; 32])
+    }
+
+    fn at(secs: u64) -> Ctx {
+        Ctx::at(Duration::from_secs(secs))
+    }
+
+    fn block(n: u8, newest: u64, catalog: bool) -> BlockInfo {
+        BlockInfo {
+            id: [n; 32],
+            holders: (1..=6).map(|s| Some(id(s))).collect(),
+            cells: vec![Cell::Present; 6],
+            newest,
+            catalog,
+        }
+    }
+
+    /// 4 + 2, suppliers 1..=6 at positions 0..=5, all reachable, three blocks, fire after 100 s.
+    fn started() -> Instance<Monitor> {
+        let mut m = Instance::new(
+            Monitor::new(Duration::from_secs(10), Duration::from_secs(100), 3, 2),
+            "0",
+        );
+        m.step(
+            &Event::Start {
+                k: 4,
+                total: 6,
+                blocks: vec![block(1, 1, false), block(2, 2, false), block(3, 1, true)],
+                suppliers: (1..=6).map(|s| Some(id(s))).collect(),
+            },
+            &at(0),
+        );
+        for p in 0..6u32 {
+            m.step(&position(p, p as u8 + 1, true), &at(0));
+        }
+        m.step(&Event::Spares(2), &at(0));
+        m
+    }
+
+    fn position(position: u32, supplier: u8, up: bool) -> Event {
+        Event::Position {
+            position,
+            supplier: id(supplier),
+            up,
+        }
+    }
+
+    fn fail_audits(m: &mut Instance<Monitor>, position: u32, times: u32) {
+        for _ in 0..times {
+            m.step(
+                &Event::Audited {
+                    block: [1; 32],
+                    position,
+                    supplier: id(position as u8 + 1),
+                    result: AuditResult::Corrupt,
+                },
+                &at(1),
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreachable_supplier_is_fired_after_fire_after_and_only_then() {
+        let mut m = started();
+        m.step(&position(1, 2, false), &at(10));
+        assert_eq!(m.machine.fire_decision(Duration::from_secs(109)), None);
+        let (p, s, reason) = m
+            .machine
+            .fire_decision(Duration::from_secs(110))
+            .expect("fired");
+        assert_eq!((p, s), (1, id(2)));
+        assert_eq!(reason, FireReason::Unreachable(Duration::from_secs(100)));
+    }
+
+    #[test]
+    fn with_m_unreachable_a_failing_reachable_supplier_is_not_fired() {
+        let mut m = started();
+        m.step(&position(0, 1, false), &at(0));
+        m.step(&position(1, 2, false), &at(0));
+        // Position 2 failed its audits (cells untouched here, so every block counts on it).
+        m.machine.positions[2].failed_audits = 3;
+        // Firing it would leave every block 3 good reachable fragments (k = 4).
+        assert!(!m.machine.fire_is_safe(2));
+        // Before fire_after nobody is fired (position 2's firing is refused by the guard).
+        assert_eq!(m.machine.fire_decision(Duration::from_secs(50)), None);
+        // After it, an unreachable one is (the rest keep k reachable), never position 2.
+        let (p, _, _) = m
+            .machine
+            .fire_decision(Duration::from_secs(200))
+            .expect("fired");
+        assert_eq!(p, 0);
+    }
+
+    #[test]
+    fn with_more_than_m_unreachable_nobody_is_fired() {
+        let mut m = started();
+        for p in 0..3 {
+            m.step(&position(p, p as u8 + 1, false), &at(0));
+        }
+        assert_eq!(m.machine.fire_decision(Duration::from_secs(10_000)), None);
+    }
+
+    #[test]
+    fn one_firing_at_a_time_until_its_position_is_rebuilt() {
+        let mut m = started();
+        m.step(&position(0, 1, false), &at(0));
+        m.step(&position(1, 2, false), &at(0));
+        // The round ends after fire_after: one firing.
+        let s = m
+            .step(&Event::Timeout(Timer::RoundDeadline), &at(150))
+            .expect("stepped");
+        let fires: Vec<_> = s
+            .outputs
+            .iter()
+            .filter(|o| matches!(o, Output::Fire { .. }))
+            .collect();
+        assert_eq!(fires.len(), 1, "{:?}", s.outputs);
+        assert_eq!(m.machine.fired, Some(0));
+        assert_eq!(m.machine.fire_decision(Duration::from_secs(1000)), None);
+        // A replacement is hired: every block is to be rebuilt there, from the 4 reachable.
+        m.step(&position(0, 7, true), &at(151));
+        let work = m.machine.rebuild_work();
+        assert_eq!(work.len(), 3);
+        assert!(work[0].catalog, "the catalog first");
+        assert!(work.iter().all(|t| t.targets == vec![(0, id(7))]));
+        // The 4 reachable holders first; the unreachable one only as a last resort.
+        for t in &work {
+            let positions: Vec<u32> = t.sources.iter().map(|(p, _)| *p).collect();
+            assert_eq!(positions, vec![2, 3, 4, 5, 1]);
+        }
+        for t in &work {
+            m.step(
+                &Event::Placed {
+                    block: t.block,
+                    position: 0,
+                    supplier: id(7),
+                },
+                &at(152),
+            );
+        }
+        assert!(m.machine.rebuild_work().is_empty());
+        // The next round ends the firing; the second unreachable one is fired then.
+        m.step(&Event::Timeout(Timer::Round), &at(160));
+        let s = m
+            .step(&Event::Timeout(Timer::RoundDeadline), &at(161))
+            .expect("stepped");
+        assert!(
+            s.outputs
+                .iter()
+                .any(|o| matches!(o, Output::Fire { position: 1, .. })),
+            "{:?}",
+            s.outputs
+        );
+    }
+
+    #[test]
+    fn audits_and_lists_mark_cells_and_the_rebuild_goes_to_the_same_supplier() {
+        let mut m = started();
+        m.step(
+            &Event::Audited {
+                block: [2; 32],
+                position: 3,
+                supplier: id(4),
+                result: AuditResult::Corrupt,
+            },
+            &at(1),
+        );
+        m.step(
+            &Event::Listed {
+                position: 5,
+                supplier: id(6),
+                held: Some([[1; 32], [2; 32]].into_iter().collect()),
+            },
+            &at(1),
+        );
+        assert_eq!(m.machine.blocks[&[2; 32]].cells[3], Cell::Corrupt);
+        assert_eq!(m.machine.blocks[&[3; 32]].cells[5], Cell::Missing);
+        let work = m.machine.rebuild_work();
+        // Block 3 (catalog) first, then block 2.
+        assert_eq!(work.len(), 2);
+        assert_eq!(work[0].block, [3; 32]);
+        assert_eq!(work[0].targets, vec![(5, id(6))]);
+        assert_eq!(work[1].targets, vec![(3, id(4))]);
+        assert!(!work[1].sources.iter().any(|(p, _)| *p == 3));
+        // A corrupt fragment is not yet a reason to fire; three failures in a row are.
+        assert_eq!(m.machine.fire_decision(Duration::from_secs(2)), None);
+        fail_audits(&mut m, 3, 2);
+        assert_eq!(m.machine.positions[3].failed_audits, 3);
+        let (p, _, reason) = m
+            .machine
+            .fire_decision(Duration::from_secs(2))
+            .expect("fired");
+        assert_eq!((p, reason), (3, FireReason::FailedAudits(3)));
+    }
+
+    #[test]
+    fn audits_walk_every_block_over_rounds() {
+        let mut m = started();
+        // The first round (at start) ends.
+        m.step(&Event::Timeout(Timer::RoundDeadline), &at(1));
+        let mut seen = BTreeSet::new();
+        for round in 0..3 {
+            let s = m
+                .step(&Event::Timeout(Timer::Round), &at(20 + round))
+                .expect("stepped");
+            for o in &s.outputs {
+                if let Output::Audit {
+                    block, position: 0, ..
+                } = o
+                {
+                    seen.insert(*block);
+                }
+            }
+            m.step(&Event::Timeout(Timer::RoundDeadline), &at(21 + round));
+        }
+        assert_eq!(
+            seen.len(),
+            3,
+            "2 audits a round reach all 3 blocks in 2 rounds"
+        );
+    }
+
+    #[test]
+    fn without_spares_nobody_is_fired() {
+        let mut m = started();
+        m.step(&Event::Spares(0), &at(0));
+        m.step(&position(0, 1, false), &at(0));
+        assert_eq!(m.machine.fire_decision(Duration::from_secs(1000)), None);
+    }
+}

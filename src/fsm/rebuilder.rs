@@ -1,0 +1,434 @@
+//! rebuilder: recreates missing or corrupt fragments. The monitor hands it a work list (most
+//! urgent first); for each block it fetches `k` good fragments — reachable holders first, another
+//! one only when one fails — then the driver reconstructs the missing ones (Reed-Solomon, no
+//! decryption: the rebuilder never needs the owner's data key), checks each against the signed
+//! manifest, places them on the position's supplier and records the new holder in the catalog.
+//!
+//! A bounded number of blocks are in flight at once (`monitor.rebuild_parallel`). When the list
+//! is done and anything was placed, the driver stores a fresh catalog and recovery record, so
+//! both name the new holders (a new machine with only the key file finds them).
+//!
+//! Nothing is persisted here: after a restart the monitor finds the same work again from the
+//! catalog and the health matrix.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, row};
+use super::monitor::{BlockId, RebuildTask};
+use crate::crypto::identity::NodeId;
+use crate::{events, labels};
+
+labels! {
+    pub enum State { AtStartup, Idle, Working, Closed }
+}
+
+events! {
+    pub enum Event / EventKind {
+        /// The layout's `k`.
+        Start { k: u32 },
+        /// The monitor's work list, most urgent first (replaces what is queued).
+        Work(Vec<RebuildTask>),
+        /// A source fragment arrived and matches the manifest.
+        FragmentOk { block: BlockId, position: u32 },
+        /// A source fragment could not be had or failed its hash.
+        FragmentFailed { block: BlockId, position: u32 },
+        /// The driver rebuilt the block and tried to place each target: which were stored.
+        Done { block: BlockId, placed: Vec<(u32, NodeId)>, failed: Vec<u32> },
+        Timeout(Timer),
+        Shutdown,
+    }
+}
+
+labels! {
+    pub enum Guard {}
+}
+
+labels! {
+    pub enum Action {
+        /// Update the ledger from the event; start blocks up to the window; ask for fragments;
+        /// rebuild blocks whose `k` fragments are in.
+        Note,
+        /// Report progress for `status`.
+        Report,
+        /// The list is done: refresh the catalog if anything was placed (IO), tell the monitor.
+        Finish,
+    }
+}
+
+labels! {
+    pub enum Timer { Progress }
+}
+
+labels! {
+    pub enum Choice { MoreWork }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub queued: u64,
+    pub in_flight: u64,
+    pub blocks_rebuilt: u64,
+    pub fragments_placed: u64,
+    pub fragments_fetched: u64,
+    pub blocks_failed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Fetch {
+        block: BlockId,
+        position: u32,
+        supplier: NodeId,
+    },
+    /// `sources` are good (fetched, checked): rebuild `targets` and place them.
+    Rebuild {
+        block: BlockId,
+        sources: Vec<u32>,
+        targets: Vec<(u32, NodeId)>,
+    },
+    /// The driver may drop what it fetched for this block.
+    Forget {
+        block: BlockId,
+    },
+    /// A fragment was placed (for the monitor's matrix).
+    Placed {
+        block: BlockId,
+        position: u32,
+        supplier: NodeId,
+    },
+    /// The work list is done; `placed`: fragments were placed since the last finish.
+    Finished {
+        placed: bool,
+    },
+    Progress(Progress),
+}
+
+#[derive(Clone, Debug)]
+struct Job {
+    task: RebuildTask,
+    good: BTreeSet<u32>,
+    asking: BTreeSet<u32>,
+    failed: BTreeSet<u32>,
+    rebuilding: bool,
+}
+
+impl Job {
+    /// The next sources to ask so that `k` good ones can arrive (in the monitor's order:
+    /// reachable holders first).
+    fn next(&self, k: usize) -> Vec<(u32, NodeId)> {
+        let need = k.saturating_sub(self.good.len() + self.asking.len());
+        self.task
+            .sources
+            .iter()
+            .filter(|(p, _)| {
+                !self.good.contains(p) && !self.asking.contains(p) && !self.failed.contains(p)
+            })
+            .take(need)
+            .copied()
+            .collect()
+    }
+
+    fn hopeless(&self, k: usize) -> bool {
+        self.task.sources.len().saturating_sub(self.failed.len()) < k
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Rebuilder {
+    pub k: u32,
+    pub window: usize,
+    queue: VecDeque<RebuildTask>,
+    active: BTreeMap<BlockId, Job>,
+    placed_since_finish: bool,
+    pub progress: Progress,
+}
+
+impl Default for Rebuilder {
+    fn default() -> Self {
+        Rebuilder::new(2)
+    }
+}
+
+impl Rebuilder {
+    pub fn new(window: usize) -> Self {
+        Rebuilder {
+            k: 0,
+            window: window.max(1),
+            queue: VecDeque::new(),
+            active: BTreeMap::new(),
+            placed_since_finish: false,
+            progress: Progress::default(),
+        }
+    }
+
+    pub fn busy(&self) -> bool {
+        !self.queue.is_empty() || !self.active.is_empty()
+    }
+
+    /// Fragments the ledger asks of each block: never more than `k` at once.
+    pub fn asking(&self, block: &BlockId) -> usize {
+        self.active.get(block).map_or(0, |j| j.asking.len())
+    }
+
+    fn advance(&mut self, block: BlockId, out: &mut Out<Self>) {
+        let k = self.k as usize;
+        let Some(job) = self.active.get_mut(&block) else {
+            return;
+        };
+        if job.rebuilding {
+            return;
+        }
+        if job.good.len() >= k {
+            job.rebuilding = true;
+            out.push(Output::Rebuild {
+                block,
+                sources: job.good.iter().copied().collect(),
+                targets: job.task.targets.clone(),
+            });
+            return;
+        }
+        if job.hopeless(k) {
+            self.active.remove(&block);
+            self.progress.blocks_failed += 1;
+            out.push(Output::Forget { block });
+            return;
+        }
+        for (position, supplier) in job.next(k) {
+            job.asking.insert(position);
+            self.progress.fragments_fetched += 1;
+            out.push(Output::Fetch {
+                block,
+                position,
+                supplier,
+            });
+        }
+    }
+
+    fn fill(&mut self, out: &mut Out<Self>) {
+        while self.active.len() < self.window {
+            let Some(task) = self.queue.pop_front() else {
+                break;
+            };
+            let block = task.block;
+            self.active.insert(
+                block,
+                Job {
+                    task,
+                    good: BTreeSet::new(),
+                    asking: BTreeSet::new(),
+                    failed: BTreeSet::new(),
+                    rebuilding: false,
+                },
+            );
+            self.advance(block, out);
+        }
+    }
+
+    fn note(&mut self, event: &Event, out: &mut Out<Self>) {
+        match event {
+            Event::Start { k } => self.k = (*k).max(1),
+            Event::Work(tasks) => {
+                self.queue = tasks
+                    .iter()
+                    .filter(|t| !self.active.contains_key(&t.block))
+                    .cloned()
+                    .collect();
+            }
+            Event::FragmentOk { block, position } => {
+                if let Some(job) = self.active.get_mut(block)
+                    && job.asking.remove(position)
+                {
+                    job.good.insert(*position);
+                }
+                self.advance(*block, out);
+            }
+            Event::FragmentFailed { block, position } => {
+                if let Some(job) = self.active.get_mut(block)
+                    && job.asking.remove(position)
+                {
+                    job.failed.insert(*position);
+                }
+                self.advance(*block, out);
+            }
+            Event::Done {
+                block,
+                placed,
+                failed,
+            } => {
+                if self.active.remove(block).is_some() {
+                    self.progress.blocks_rebuilt += u64::from(failed.is_empty());
+                    self.progress.blocks_failed += u64::from(!failed.is_empty());
+                    for (position, supplier) in placed {
+                        self.progress.fragments_placed += 1;
+                        self.placed_since_finish = true;
+                        out.push(Output::Placed {
+                            block: *block,
+                            position: *position,
+                            supplier: *supplier,
+                        });
+                    }
+                    out.push(Output::Forget { block: *block });
+                }
+            }
+            Event::Timeout(_) | Event::Shutdown => {}
+        }
+        self.fill(out);
+        self.progress.queued = self.queue.len() as u64;
+        self.progress.in_flight = self.active.len() as u64;
+    }
+}
+
+use State::*;
+use To::State as Go;
+
+const LIVE: &[State] = &[AtStartup, Idle, Working];
+const RUNNING: &[State] = &[Idle, Working];
+const MORE: To<Rebuilder> = To::Choose(Choice::MoreWork);
+const NOTE: &[Action] = &[Action::Note, Action::Report];
+
+static ROWS: &[Row<Rebuilder>] = &[
+    row(&[AtStartup], EventKind::Start, Go(Idle), &[Action::Note]),
+    row(RUNNING, EventKind::Work, MORE, NOTE),
+    row(&[Working], EventKind::FragmentOk, MORE, NOTE),
+    row(&[Working], EventKind::FragmentFailed, MORE, NOTE),
+    row(&[Working], EventKind::Done, MORE, NOTE),
+    row(&[Working], EventKind::Timeout, To::Stay, &[Action::Report]),
+    row(LIVE, EventKind::Shutdown, Go(Closed), &[]),
+];
+
+static ENTRY: &[super::machine::Entry<Rebuilder>] = &[super::machine::Entry {
+    state: Idle,
+    actions: &[Action::Finish],
+}];
+
+static TIMERS: &[TimerRow<Rebuilder>] = &[TimerRow {
+    timer: Timer::Progress,
+    period: Duration::from_secs(1),
+    config: None,
+    states: &[Working],
+}];
+
+static CHOICES: &[ChoiceRow<Rebuilder>] = &[ChoiceRow {
+    choice: Choice::MoreWork,
+    targets: &[
+        (Working, "blocks queued or in flight"),
+        (Idle, "the list is done"),
+    ],
+}];
+
+impl Machine for Rebuilder {
+    type State = State;
+    type EventKind = EventKind;
+    type Event = Event;
+    type Guard = Guard;
+    type Action = Action;
+    type Timer = Timer;
+    type Choice = Choice;
+    type Output = Output;
+
+    const NAME: &'static str = "rebuilder";
+    const ABOUT: &'static str = "Recreates missing or corrupt fragments from k good ones (fetched from reachable holders first, another only on failure), a bounded number of blocks at a time, in the monitor's order; refreshes the catalog and recovery record when done.";
+    const INITIAL: State = AtStartup;
+    const TERMINAL: &'static [State] = &[Closed];
+
+    fn rows() -> &'static [Row<Self>] {
+        ROWS
+    }
+
+    fn entry() -> &'static [super::machine::Entry<Self>] {
+        ENTRY
+    }
+
+    fn timers() -> &'static [TimerRow<Self>] {
+        TIMERS
+    }
+
+    fn choices() -> &'static [ChoiceRow<Self>] {
+        CHOICES
+    }
+
+    fn timer_event(timer: Timer) -> Event {
+        Event::Timeout(timer)
+    }
+
+    fn shutdown_event() -> Event {
+        Event::Shutdown
+    }
+
+    fn guard(&self, guard: Guard, _: &Event, _: &Ctx) -> bool {
+        match guard {}
+    }
+
+    fn choose(&self, _choice: Choice, _: &Ctx) -> State {
+        if self.busy() { Working } else { Idle }
+    }
+
+    fn apply(&mut self, action: Action, event: &Event, _ctx: &Ctx, out: &mut Out<Self>) {
+        match action {
+            Action::Note => self.note(event, out),
+            Action::Report => out.push(Output::Progress(self.progress.clone())),
+            Action::Finish => {
+                out.push(Output::Finished {
+                    placed: std::mem::take(&mut self.placed_since_finish),
+                });
+                out.push(Output::Progress(self.progress.clone()));
+            }
+        }
+    }
+
+    fn invariant(&self, _state: State) -> Result<(), String> {
+        if self.active.len() > self.window {
+            return Err(format!(
+                "{} blocks in flight, window {}",
+                self.active.len(),
+                self.window
+            ));
+        }
+        for (block, job) in &self.active {
+            if job.good.len() + job.asking.len() > self.k as usize && !job.rebuilding {
+                return Err(format!("more than k fragments asked for {block:?}"));
+            }
+            if job
+                .task
+                .targets
+                .iter()
+                .any(|(t, _)| job.good.contains(t) || job.asking.contains(t))
+            {
+                return Err("a target position used as a source".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn sample_events() -> Vec<Event> {
+        let a = NodeId::from_signing_key(&[1; 32]);
+        let b = NodeId::from_signing_key(&[2; 32]);
+        let task = RebuildTask {
+            block: [7; 32],
+            targets: vec![(1, b)],
+            sources: vec![(0, a)],
+            catalog: false,
+        };
+        vec![
+            Event::Start { k: 1 },
+            Event::Work(vec![task]),
+            Event::Work(vec![]),
+            Event::FragmentOk {
+                block: [7; 32],
+                position: 0,
+            },
+            Event::FragmentFailed {
+                block: [7; 32],
+                position: 0,
+            },
+            Event::Done {
+                block: [7; 32],
+                placed: vec![(1, b)],
+                failed: vec![],
+            },
+            Event::Timeout(Timer::Progress),
+            Event::Shutdown,
+        ]
+    }
+}
