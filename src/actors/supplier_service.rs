@@ -12,6 +12,8 @@ use super::router::Routed;
 use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{AccountStatus, SupplierStatus};
 use crate::crypto::identity::NodeId;
+/// Kept at this path for callers that found the audit here; the owner's side shares it.
+pub use crate::data::audit::{MAX_AUDIT_RANGE, audit_proof};
 use crate::fsm::supplier_service::{Event, Output, Refusal, SupplierService, decide};
 use crate::net::link::LinkHandle;
 use crate::proto::envelope::Body;
@@ -133,21 +135,6 @@ fn key_of(id: Option<&FragmentId>) -> Option<FragmentKey> {
 }
 
 /// The answer to a fragment id that is missing or whose block is not 32 bytes.
-/// Longest range one audit may cover: an audit costs the supplier a read, never a whole file.
-pub const MAX_AUDIT_RANGE: u64 = 1 << 20;
-
-/// The proof of storage for a range of a stored fragment (PROTOCOL.md §8.9): BLAKE3 keyed with
-/// the challenger's fresh 32-byte nonce over the bytes `offset .. offset + length`. `None` when
-/// the range is empty, longer than [`MAX_AUDIT_RANGE`] or not inside the fragment.
-pub fn audit_proof(nonce: &[u8; 32], stored: &[u8], offset: u64, length: u64) -> Option<[u8; 32]> {
-    if length == 0 || length > MAX_AUDIT_RANGE {
-        return None;
-    }
-    let end = offset.checked_add(length)?;
-    let range = stored.get(usize::try_from(offset).ok()?..usize::try_from(end).ok()?)?;
-    Some(*blake3::keyed_hash(nonce, range).as_bytes())
-}
-
 fn malformed_id() -> Body {
     fail(
         FailReason::Malformed,
@@ -486,47 +473,5 @@ impl Driver for SupplierServiceDriver {
                 })
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_audit_proof_covers_exactly_the_range_and_refuses_bad_ones() {
-        let data: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
-        let nonce = [9u8; 32];
-        let proof = audit_proof(&nonce, &data, 10, 100).expect("in range");
-        assert_eq!(
-            proof,
-            *blake3::keyed_hash(&nonce, &data[10..110]).as_bytes()
-        );
-        assert_ne!(
-            proof,
-            audit_proof(&[8u8; 32], &data, 10, 100).expect("in range")
-        );
-        assert_ne!(
-            proof,
-            audit_proof(&nonce, &data, 11, 100).expect("in range")
-        );
-        assert!(
-            audit_proof(&nonce, &data, 4990, 10).is_some(),
-            "up to the last byte"
-        );
-        assert!(
-            audit_proof(&nonce, &data, 4991, 10).is_none(),
-            "past the end"
-        );
-        assert!(audit_proof(&nonce, &data, 0, 0).is_none(), "empty");
-        assert!(
-            audit_proof(&nonce, &data, u64::MAX, 2).is_none(),
-            "overflow"
-        );
-        let big = vec![0u8; (MAX_AUDIT_RANGE + 1) as usize];
-        assert!(
-            audit_proof(&nonce, &big, 0, MAX_AUDIT_RANGE + 1).is_none(),
-            "too long"
-        );
     }
 }

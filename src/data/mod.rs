@@ -6,6 +6,8 @@
 //! file bytes ─ Chunker ─> chunks ─ ChunkIdKey ─> ChunkId ─ (caller dedups) ─> Packer ─> plain block
 //! plain block ─ encode_block: compress ─ pad ─ seal ─ Reed-Solomon ─> k + m fragments + signed manifest
 //! any k fragments + manifest ─ decode_block ─> plain block ─ PackedBlock::parse ─> (ChunkId, bytes)
+//! any k fragments + manifest ─ rebuild_fragments ─> the lost positions' stored envelopes (no key)
+//! stored envelope ─ audit::make_pairs ─> challenge/answer pairs the owner keeps for audits
 //! ```
 //!
 //! Decisions (they are the storage format; change them only with a new version byte):
@@ -33,12 +35,14 @@
 //!   signed by the owner's Ed25519 key, so a supplier, an audit or a repairer without the owner's
 //!   secrets can check any fragment with the owner's public key alone.
 
+pub mod audit;
 pub mod chunk;
 pub mod compress;
 pub mod erasure;
 pub mod manifest;
 pub mod pack;
 pub mod pad;
+pub mod rebuild;
 pub mod seal;
 pub mod stored;
 
@@ -49,6 +53,7 @@ pub use chunk::{Chunker, ChunkerParams};
 pub use erasure::Layout;
 pub use manifest::BlockManifest;
 pub use pack::{FinishedBlock, PackedBlock, Packer};
+pub use rebuild::rebuild_fragments;
 
 /// Default target size of a plain block before compression (`backup.block_size`).
 pub const DEFAULT_BLOCK_SIZE: usize = 4 * 1024 * 1024;

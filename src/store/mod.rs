@@ -9,6 +9,7 @@ pub mod codec;
 pub mod contracts;
 pub mod faulty;
 pub mod fragments;
+pub mod health;
 pub mod jobs;
 mod mem;
 pub mod peers;

@@ -1,0 +1,213 @@
+//! Storage audits (PROTOCOL.md §8.9): a proof of storage is BLAKE3 keyed with the challenger's
+//! fresh 32-byte nonce over a range of the stored bytes (the stored-fragment envelope, exactly as
+//! the supplier keeps it). The nonce is unknown until the challenge arrives, so a supplier that
+//! kept only hashes, or lost or corrupted the bytes, cannot answer.
+//!
+//! The owner does not keep the data, so at backup time it precomputes challenge/answer pairs
+//! ([`make_pairs`]) from the bytes it is about to place and keeps only the pairs; each later
+//! audit spends one pair (a pair asked twice would let a supplier replay the answer).
+//!
+//! Pure: the randomness comes in from the caller's RNG.
+
+use rand_core::RngCore;
+
+/// Longest range one audit may cover: an audit costs the supplier a read, never a whole file.
+pub const MAX_AUDIT_RANGE: u64 = 1 << 20;
+
+/// The proof of storage for a range of a stored fragment (PROTOCOL.md §8.9): BLAKE3 keyed with
+/// the challenger's fresh 32-byte nonce over the bytes `offset .. offset + length`. `None` when
+/// the range is empty, longer than [`MAX_AUDIT_RANGE`] or not inside the fragment.
+pub fn audit_proof(nonce: &[u8; 32], stored: &[u8], offset: u64, length: u64) -> Option<[u8; 32]> {
+    if length == 0 || length > MAX_AUDIT_RANGE {
+        return None;
+    }
+    let end = offset.checked_add(length)?;
+    let range = stored.get(usize::try_from(offset).ok()?..usize::try_from(end).ok()?)?;
+    Some(*blake3::keyed_hash(nonce, range).as_bytes())
+}
+
+/// One precomputed audit: the challenge to send (nonce, offset, length) and the answer an honest
+/// supplier gives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditPair {
+    pub nonce: [u8; 32],
+    pub offset: u64,
+    pub length: u64,
+    pub proof: [u8; 32],
+}
+
+impl AuditPair {
+    /// Whether `proof` (as received, any length) is the expected answer. Compared in constant
+    /// time (`blake3::Hash`'s equality), so timing says nothing about how close a guess was.
+    pub fn check(&self, proof: &[u8]) -> bool {
+        let Ok(got) = <[u8; 32]>::try_from(proof) else {
+            return false;
+        };
+        blake3::Hash::from_bytes(got) == blake3::Hash::from_bytes(self.proof)
+    }
+}
+
+/// `count` challenges precomputed from the stored bytes (what the owner keeps to check a supplier
+/// later without the data). Each covers `min(len, MAX_AUDIT_RANGE)` bytes at a random offset (the
+/// whole fragment when it fits, so any corrupted byte fails it), with a fresh random nonce.
+/// Empty `stored` gives no pairs (there is nothing to prove).
+pub fn make_pairs(stored: &[u8], count: usize, rng: &mut impl RngCore) -> Vec<AuditPair> {
+    let len = stored.len() as u64;
+    if len == 0 {
+        return Vec::new();
+    }
+    let length = len.min(MAX_AUDIT_RANGE);
+    // Offsets 0 ..= len - length keep the range inside the data.
+    let span = len - length + 1;
+    (0..count)
+        .map(|_| {
+            let mut nonce = [0u8; 32];
+            rng.fill_bytes(&mut nonce);
+            // Multiply-shift maps a u64 onto 0..span without the modulo's bias toward low offsets.
+            let offset = ((u128::from(rng.next_u64()) * u128::from(span)) >> 64) as u64;
+            let proof = audit_proof(&nonce, stored, offset, length)
+                .expect("the range is non-empty, at most MAX_AUDIT_RANGE and inside the data");
+            AuditPair {
+                nonce,
+                offset,
+                length,
+                proof,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::tests::noise;
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    #[test]
+    fn an_audit_proof_covers_exactly_the_range_and_refuses_bad_ones() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+        let nonce = [9u8; 32];
+        let proof = audit_proof(&nonce, &data, 10, 100).expect("in range");
+        assert_eq!(
+            proof,
+            *blake3::keyed_hash(&nonce, &data[10..110]).as_bytes()
+        );
+        assert_ne!(
+            proof,
+            audit_proof(&[8u8; 32], &data, 10, 100).expect("in range")
+        );
+        assert_ne!(
+            proof,
+            audit_proof(&nonce, &data, 11, 100).expect("in range")
+        );
+        assert!(
+            audit_proof(&nonce, &data, 4990, 10).is_some(),
+            "up to the last byte"
+        );
+        assert!(
+            audit_proof(&nonce, &data, 4991, 10).is_none(),
+            "past the end"
+        );
+        assert!(audit_proof(&nonce, &data, 0, 0).is_none(), "empty");
+        assert!(
+            audit_proof(&nonce, &data, u64::MAX, 2).is_none(),
+            "overflow"
+        );
+        let big = vec![0u8; (MAX_AUDIT_RANGE + 1) as usize];
+        assert!(
+            audit_proof(&nonce, &big, 0, MAX_AUDIT_RANGE + 1).is_none(),
+            "too long"
+        );
+    }
+
+    #[test]
+    fn pairs_verify_and_a_flipped_byte_fails_every_pair() {
+        let stored = noise(3, 10_000);
+        let mut rng = StdRng::seed_from_u64(1);
+        let pairs = make_pairs(&stored, 8, &mut rng);
+        assert_eq!(pairs.len(), 8);
+        for p in &pairs {
+            // A small fragment is covered whole.
+            assert_eq!((p.offset, p.length), (0, 10_000));
+            let answer = audit_proof(&p.nonce, &stored, p.offset, p.length).expect("in range");
+            assert_eq!(answer, p.proof);
+            assert!(p.check(&answer));
+            assert!(!p.check(&answer[..31]), "a short proof");
+            assert!(
+                !p.check(&[answer.as_slice(), &[0]].concat()),
+                "a long proof"
+            );
+        }
+        // Fresh nonces: no two pairs share one, so one answer cannot be replayed for another.
+        for (i, a) in pairs.iter().enumerate() {
+            for b in &pairs[i + 1..] {
+                assert_ne!(a.nonce, b.nonce);
+                assert_ne!(a.proof, b.proof);
+            }
+        }
+        for at in [0, 1, 4_321, 9_999] {
+            let mut bad = stored.clone();
+            bad[at] ^= 0x80;
+            for p in &pairs {
+                let answer = audit_proof(&p.nonce, &bad, p.offset, p.length).expect("in range");
+                assert!(!p.check(&answer), "flip at {at} passed");
+            }
+        }
+        // A supplier that kept the fragment's hash (not its bytes) has nothing to answer with.
+        let hash = blake3::hash(&stored);
+        assert!(pairs.iter().all(|p| !p.check(hash.as_bytes())));
+        assert!(make_pairs(&[], 5, &mut rng).is_empty());
+        assert!(make_pairs(&stored, 0, &mut rng).is_empty());
+    }
+
+    #[test]
+    fn a_large_fragment_is_audited_a_mib_at_a_time_at_varied_offsets() {
+        let len = 3 << 20;
+        let stored = noise(4, len);
+        let mut rng = StdRng::seed_from_u64(2);
+        let pairs = make_pairs(&stored, 32, &mut rng);
+        assert!(pairs.iter().all(|p| p.length == MAX_AUDIT_RANGE));
+        assert!(pairs.iter().all(|p| p.offset + p.length <= len as u64
+            && audit_proof(&p.nonce, &stored, p.offset, p.length) == Some(p.proof)));
+        let mut offsets: Vec<u64> = pairs.iter().map(|p| p.offset).collect();
+        offsets.sort_unstable();
+        offsets.dedup();
+        assert!(offsets.len() > 16, "offsets barely vary: {offsets:?}");
+        // Over 32 draws from 0 ..= 2 MiB, both halves of the range are reached.
+        assert!(offsets.first() < Some(&(1 << 20)) && offsets.last() > Some(&(1 << 20)));
+        // A flipped byte fails exactly the pairs whose range covers it.
+        let at = 3 * (1 << 19); // the middle
+        let mut bad = stored.clone();
+        bad[at] ^= 1;
+        for p in &pairs {
+            let covers = (p.offset..p.offset + p.length).contains(&(at as u64));
+            let answer = audit_proof(&p.nonce, &bad, p.offset, p.length).expect("in range");
+            assert_eq!(p.check(&answer), !covers, "pair at {}", p.offset);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn ranges_are_always_inside_the_data(
+            len in prop_oneof![
+                1usize..4096,
+                Just(MAX_AUDIT_RANGE as usize),
+                Just(MAX_AUDIT_RANGE as usize + 1),
+                (MAX_AUDIT_RANGE as usize + 2)..(MAX_AUDIT_RANGE as usize + 5000),
+            ],
+            seed in any::<u64>(),
+        ) {
+            let stored = noise(seed, len);
+            let pairs = make_pairs(&stored, 4, &mut StdRng::seed_from_u64(seed));
+            prop_assert_eq!(pairs.len(), 4);
+            for p in pairs {
+                prop_assert_eq!(p.length, (len as u64).min(MAX_AUDIT_RANGE));
+                prop_assert!(p.offset + p.length <= len as u64);
+                prop_assert_eq!(audit_proof(&p.nonce, &stored, p.offset, p.length), Some(p.proof));
+            }
+        }
+    }
+}
