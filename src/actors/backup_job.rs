@@ -26,6 +26,7 @@ use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
 use super::status::{BackupStatus, JobResult, JobStatus, SkippedFile};
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
+use crate::data::audit::AuditPair;
 use crate::data::{self, BlockId, BlockRandom, ChunkId, Layout};
 use crate::fsm::backup_job::{self as bj, BackupJob, Ledger, Outcome, Progress};
 use crate::pipeline::{
@@ -37,6 +38,7 @@ use crate::store::catalog::{
     self, BlockEntry, CatalogBlock, FileEntry, FragmentPlace, RecoveryRecord, Skipped, Snapshot,
     SnapshotId,
 };
+use crate::store::health;
 use crate::store::jobs::{self, JobRecord};
 use crate::store::{Batch, KvStore, Writer};
 
@@ -247,11 +249,19 @@ impl BackupJobDriver {
         block: [u8; 32],
         position: u32,
         supplier: NodeId,
-        result: Result<(), String>,
+        result: Result<Vec<AuditPair>, String>,
     ) -> bj::Event {
-        if let Err(why) = result {
-            tracing::debug!(position, supplier = %supplier, error = %why, "fragment not placed");
-            return bj::Event::PlaceFailed { block, position };
+        let pairs = match result {
+            Ok(pairs) => pairs,
+            Err(why) => {
+                tracing::debug!(position, supplier = %supplier, error = %why, "fragment not placed");
+                return bj::Event::PlaceFailed { block, position };
+            }
+        };
+        let mut batch = Batch::new();
+        health::put_pairs(&mut batch, &BlockId(block), position, &pairs);
+        if let Err(e) = self.wiring.writer.submit(batch) {
+            tracing::warn!(error = %e, "cannot save a fragment's audit pairs");
         }
         let total = self.layout_total() as usize;
         if let Some(entry) = self.blocks.get_mut(&block)
@@ -388,6 +398,7 @@ impl BackupJobDriver {
             suppliers: self.suppliers.clone(),
             revision: self.snapshot.0,
             now: io.unix_secs(),
+            refresh: false,
         };
         io.spawn_then(
             async move {
@@ -657,13 +668,20 @@ async fn store_fragment(
     id: FragmentId,
     source: FragmentSource,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<Vec<AuditPair>, String> {
     let data = match source {
         FragmentSource::File(path) => tokio::fs::read(&path)
             .await
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
         FragmentSource::Bytes(bytes) => bytes,
     };
+    // The monitor's audit pairs, made while the bytes are in hand (off the event loop).
+    let (data, pairs) = tokio::task::spawn_blocking(move || {
+        let pairs = super::monitor::pairs_for(&data);
+        (data, pairs)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     let hash = blake3::hash(&data);
     let link = match network.send(Query::new(NetQuery::Link(supplier))).await {
         Ok(NetAnswer::Link(Some(link))) => link,
@@ -679,7 +697,7 @@ async fn store_fragment(
         .await
         .map_err(|e| e.to_string())?;
     match reply.body {
-        Some(Body::Ack(ack)) if ack.hash == hash.as_bytes() => Ok(()),
+        Some(Body::Ack(ack)) if ack.hash == hash.as_bytes() => Ok(pairs),
         Some(Body::Ack(_)) => Err("the supplier acknowledged other bytes".into()),
         Some(Body::Fail(f)) => Err(format!("refused ({}): {}", f.reason, f.detail)),
         _ => Err("unexpected reply".into()),
@@ -695,13 +713,61 @@ struct CatalogUpload {
     owner: SigningKey,
     settings: BackupSettings,
     suppliers: BTreeMap<u32, NodeId>,
+    /// The lowest revision the record may carry (it also exceeds every earlier record's).
     revision: u64,
     now: u64,
+    /// Stored by the rebuilder, not a job: a fragment its supplier did not take is left to the
+    /// monitor (recorded at that supplier, cell missing) instead of a job's outbox.
+    refresh: bool,
+}
+
+/// One catalog upload at a time in this process: each takes the next recovery revision.
+static UPLOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const REVISION_META: &str = "recovery-revision";
+
+/// Stores a fresh catalog and recovery record naming the current holders (after a rebuild).
+#[derive(Clone)]
+pub struct CatalogRefresh {
+    pub kv: Arc<dyn KvStore>,
+    pub network: NetworkAddr,
+    pub fire_hire: FireHireAddr,
+    pub keys: Arc<DataKeys>,
+    pub owner: SigningKey,
+    pub settings: BackupSettings,
+}
+
+impl CatalogRefresh {
+    pub async fn run(&self) -> Result<(), String> {
+        let status = self
+            .fire_hire
+            .send(Query::new(FireHireQuery::Status))
+            .await
+            .map_err(|e| e.to_string())?;
+        let suppliers: BTreeMap<u32, NodeId> = status
+            .positions
+            .iter()
+            .filter(|p| p.contract == "Connected")
+            .filter_map(|p| Some((p.position, p.supplier.as_deref()?.parse().ok()?)))
+            .collect();
+        let upload = CatalogUpload {
+            kv: self.kv.clone(),
+            network: self.network.clone(),
+            keys: self.keys.clone(),
+            owner: self.owner.clone(),
+            settings: self.settings.clone(),
+            suppliers,
+            revision: 0,
+            now: crate::unix_now(),
+            refresh: true,
+        };
+        upload.run().await.map(|_| ())
+    }
 }
 
 impl CatalogUpload {
     /// Returns the catalog blocks with fragments left to place (staged in the outbox).
     async fn run(self) -> Result<Vec<BlockEntry>, String> {
+        let _one_at_a_time = UPLOADING.lock().await;
         let k = self.settings.data_shards as usize;
         let layout = self.settings.layout()?;
         let kv = self.kv.clone();
@@ -766,14 +832,25 @@ impl CatalogUpload {
                 };
                 block.fragments.len()
             ];
+            let mut missing = Vec::new();
             for (position, supplier, size, hash, r) in results {
+                let ok = match r {
+                    Ok(pairs) => {
+                        health::put_pairs(&mut entries, &block.id, position as u32, &pairs);
+                        true
+                    }
+                    Err(_) => false,
+                };
+                if !ok && self.refresh {
+                    missing.push(position);
+                }
                 places[position] = FragmentPlace {
-                    supplier: r.is_ok().then_some(supplier),
+                    supplier: (ok || self.refresh).then_some(supplier),
                     size,
                     blake3: hash,
                 };
             }
-            let placed = places.iter().filter(|p| p.supplier.is_some()).count();
+            let placed = places.iter().filter(|p| p.supplier.is_some()).count() - missing.len();
             if placed < k {
                 return Err(format!(
                     "the snapshot is committed here, but its catalog reached only {placed} of the {k} suppliers it needs"
@@ -784,6 +861,19 @@ impl CatalogUpload {
                 signed_manifest: block.signed_manifest.clone(),
                 suppliers: places.iter().map(|p| p.supplier).collect(),
             });
+            if !missing.is_empty() {
+                use crate::store::health::FragmentHealth;
+                let cells: Vec<FragmentHealth> = (0..places.len())
+                    .map(|p| {
+                        if missing.contains(&p) {
+                            FragmentHealth::Missing
+                        } else {
+                            FragmentHealth::Present
+                        }
+                    })
+                    .collect();
+                health::put_health(&mut entries, &block.id, &cells);
+            }
             // What did not reach its supplier waits in the outbox, as data fragments do.
             for (position, fragment) in block.fragments.iter().enumerate() {
                 if places[position].supplier.is_none() {
@@ -825,8 +915,22 @@ impl CatalogUpload {
         })
         .await
         .map_err(|e| e.to_string())?;
+        // Above every earlier record of this node (a refresh comes between two snapshots).
+        let kv = self.kv.clone();
+        let last = tokio::task::spawn_blocking(move || health::meta(&*kv, REVISION_META))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes);
+        let revision = self.revision.max(last + 1);
+        health::put_meta(&mut entries, REVISION_META, &revision.to_le_bytes());
+        health::put_current_catalog(
+            &mut entries,
+            &blocks.iter().map(|b| b.id).collect::<Vec<_>>(),
+        );
         let record = RecoveryRecord {
-            revision: self.revision,
+            revision,
             created_at: self.now,
             data_shards: self.settings.data_shards,
             parity_shards: self.settings.parity_shards,
@@ -868,7 +972,7 @@ impl CatalogUpload {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         tracing::info!(
-            revision = self.revision,
+            revision,
             catalog_bytes = catalog_len,
             recovery_copies = stored,
             "catalog and recovery record stored"

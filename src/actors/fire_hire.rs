@@ -195,6 +195,22 @@ impl Driver for FireHireDriver {
     ) -> Vec<fire_hire::Event> {
         match input {
             FireHireInput::Subscribe(to) => {
+                // Where things stand now, then every change.
+                for (p, slot) in machine.slots.iter().enumerate() {
+                    let Some(hire) = slot else { continue };
+                    let state = self
+                        .registry
+                        .state_of("supplier_connector", &format!("p{p}-{}", hire.instance));
+                    let news = PositionNews {
+                        position: p as u32,
+                        supplier: hire.supplier,
+                        up: state.as_deref() == Some("Connected"),
+                    };
+                    let to = to.clone();
+                    actix::spawn(async move {
+                        let _ = to.send(news).await;
+                    });
+                }
                 self.subscribers.push(to);
                 Vec::new()
             }
@@ -254,6 +270,7 @@ impl Driver for FireHireDriver {
             data_shards: self.settings.data_shards,
             parity_shards: self.settings.parity_shards,
             positions,
+            spares: machine.spares(_io.ctx().now) as u32,
         }
     }
 }

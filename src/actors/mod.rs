@@ -4,8 +4,10 @@
 pub mod backup_job;
 pub mod fire_hire;
 pub mod identity;
+pub mod monitor;
 pub mod network_connector;
 pub mod peer_session;
+pub mod rebuilder;
 pub mod registry;
 pub mod restore_worker;
 pub mod router;

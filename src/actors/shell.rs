@@ -132,6 +132,21 @@ impl<D: Driver> Io<'_, D> {
         );
     }
 
+    /// Like [`Io::spawn_then`], for work whose outcome may not concern the machine.
+    pub fn spawn_then_opt<F, T>(&mut self, work: F, then: T)
+    where
+        F: Future + 'static,
+        T: FnOnce(&mut D, F::Output) -> Option<<D::M as Machine>::Event> + 'static,
+    {
+        self.ctx.spawn(
+            actix::fut::wrap_future::<_, Shell<D>>(work).map(|out, shell, ctx| {
+                if let Some(event) = then(&mut shell.driver, out) {
+                    shell.deliver(event, ctx);
+                }
+            }),
+        );
+    }
+
     /// Runs a background task owned by this actor (it ends when the actor stops).
     pub fn spawn_task<F>(&mut self, task: F) -> SpawnHandle
     where

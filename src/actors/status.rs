@@ -202,6 +202,9 @@ pub struct CustomerStatus {
     pub data_shards: u32,
     pub parity_shards: u32,
     pub positions: Vec<PositionStatus>,
+    /// Trusted friends online that could be hired in a fired supplier's place.
+    #[serde(default)]
+    pub spares: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -169,6 +169,14 @@ impl FireHire {
             .copied()
     }
 
+    /// Candidates that could be hired now (online, not used, not cooling down).
+    pub fn spares(&self, now: Duration) -> usize {
+        self.candidates
+            .iter()
+            .filter(|c| self.eligible(c, now))
+            .count()
+    }
+
     pub fn empty_position(&self) -> Option<u32> {
         self.slots
             .iter()

@@ -239,6 +239,37 @@ impl Default for LogSection {
     }
 }
 
+/// Watching the suppliers: audits, firing, restore drills.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorSection {
+    /// Between two rounds of lists and audits (a tenth of it while a supplier is unreachable).
+    pub interval: Span,
+    /// A supplier unreachable this long is replaced (its fragments rebuilt elsewhere).
+    pub fire_after: Span,
+    /// A supplier failing this many storage audits in a row is replaced.
+    pub fire_after_failed_audits: u32,
+    /// Fragments audited per supplier per round.
+    pub audits_per_round: u32,
+    /// Between two restore drills (a sample of files restored in memory and verified).
+    pub drill_interval: Span,
+    /// Files per drill.
+    pub drill_files: u32,
+}
+
+impl Default for MonitorSection {
+    fn default() -> Self {
+        MonitorSection {
+            interval: Span(Duration::from_secs(600)),
+            fire_after: Span(Duration::from_secs(6 * 3600)),
+            fire_after_failed_audits: 3,
+            audits_per_round: 4,
+            drill_interval: Span(Duration::from_secs(86_400)),
+            drill_files: 8,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -246,6 +277,7 @@ pub struct Config {
     pub network: NetworkSection,
     pub supplier: SupplierSection,
     pub backup: BackupSection,
+    pub monitor: MonitorSection,
     pub peers: Vec<PeerEntry>,
     pub log: LogSection,
 }
@@ -343,6 +375,16 @@ impl Config {
             return Err((
                 "backup.block_size".into(),
                 "must be between 64 KiB and 64 MiB".into(),
+            ));
+        }
+        let mo = &self.monitor;
+        if mo.interval.get().is_zero() {
+            return Err(("monitor.interval".into(), "must be more than 0".into()));
+        }
+        if mo.fire_after_failed_audits == 0 {
+            return Err((
+                "monitor.fire_after_failed_audits".into(),
+                "must be at least 1".into(),
             ));
         }
         if b.keep_versions == 0 {
@@ -601,6 +643,19 @@ keep_versions = {keep}
 # schedule = "6h"
 # exclude = ["*.tmp"]
 
+[monitor]
+# Every interval each supplier lists what it holds and answers storage audits (a tenth of it
+# while a supplier is unreachable).
+interval = "{mon_interval}"
+# A supplier unreachable this long, or failing this many audits in a row, is replaced and its
+# fragments rebuilt on another friend (never when that would leave a block unrebuildable).
+fire_after = "{fire_after}"
+fire_after_failed_audits = {fire_audits}
+audits_per_round = {audits}
+# Restore drills: a sample of files restored in memory and checked byte for byte.
+drill_interval = "{drill_interval}"
+drill_files = {drill_files}
+
 # Friends, one table each (`bitdust peer add CARD` appends here too):
 # [[peers]]
 # card = "bitdust1:..."
@@ -637,6 +692,12 @@ level = "info"
         space = b.space_per_supplier,
         schedule = b.schedule,
         keep = b.keep_versions,
+        mon_interval = d.monitor.interval,
+        fire_after = d.monitor.fire_after,
+        fire_audits = d.monitor.fire_after_failed_audits,
+        audits = d.monitor.audits_per_round,
+        drill_interval = d.monitor.drill_interval,
+        drill_files = d.monitor.drill_files,
     )
 }
 

@@ -25,14 +25,17 @@ use super::home::Home;
 use super::logging;
 use super::restores::Restores;
 use super::signals::{self, Signal, Signals};
+use crate::actors::backup_job::CatalogRefresh;
 use crate::actors::backup_job::{BackupSettings, BackupWiring, JobSpec};
 use crate::actors::fire_hire::{self, CustomerSettings, FireHireDriver, FireHireQuery};
 use crate::actors::identity::{self, IdentityDriver};
+use crate::actors::monitor::{self, MonitorSettings, MonitorStatus, MonitorWiring};
 use crate::actors::network_connector::{
     self, NetAnswer, NetInput, NetQuery, NetworkConnectorDriver, NetworkSettings, NetworkWiring,
     Presence,
 };
 use crate::actors::peer_session::SessionShared;
+use crate::actors::rebuilder::RebuilderWiring;
 use crate::actors::restore_worker::{RestoreSpec, RestoreWiring};
 use crate::actors::router::{RequestKind, Router};
 use crate::actors::status::NodeStatus;
@@ -245,7 +248,51 @@ async fn node_main(
         tracing::error!(error = %e, "cannot read unfinished backups");
         Vec::new()
     });
+    let refresh = CatalogRefresh {
+        kv: store.clone(),
+        network: network_actor.clone(),
+        fire_hire: customer_actor.clone(),
+        keys: data_keys.clone(),
+        owner: keys.signing_key().clone(),
+        settings: wiring.settings.clone(),
+    };
     let backups = Backups::start(wiring, unfinished);
+    let monitor_status = Arc::new(Mutex::new(MonitorStatus::default()));
+    let mo = &config.monitor;
+    let monitor_wiring = MonitorWiring {
+        kv: store.clone(),
+        writer: disk.writer.clone(),
+        network: network_actor.clone(),
+        fire_hire: customer_actor.clone(),
+        registry: registry.clone(),
+        status: monitor_status.clone(),
+        settings: MonitorSettings {
+            interval: mo.interval.get(),
+            fire_after: mo.fire_after.get(),
+            fire_after_failed_audits: mo.fire_after_failed_audits,
+            audits_per_round: mo.audits_per_round as usize,
+            request_timeout: config.network.request_timeout.get(),
+        },
+    };
+    let rebuilder_wiring = RebuilderWiring {
+        kv: store.clone(),
+        writer: disk.writer.clone(),
+        network: network_actor.clone(),
+        owner: keys.signing_key().verifying_key(),
+        request_timeout: config.network.request_timeout.get(),
+        registry: registry.clone(),
+        refresh,
+    };
+    if let Err(e) = monitor::start(
+        monitor_wiring,
+        rebuilder_wiring,
+        u32::from(b.data_shards),
+        u32::from(b.data_shards) + u32::from(b.parity_shards),
+    )
+    .await
+    {
+        tracing::error!(error = %e, "the monitor did not start: suppliers are not audited");
+    }
     let restore_status = Arc::new(Mutex::new(RestoreStatus::default()));
     let restores = Restores::start(RestoreWiring {
         kv: store.clone(),
@@ -273,6 +320,7 @@ async fn node_main(
         backup_status,
         restores: restores.clone(),
         restore_status,
+        monitor_status,
         sources: sources.clone(),
         store: store.clone(),
     });
@@ -367,11 +415,22 @@ struct ControlState {
     backup_status: Arc<Mutex<BackupStatus>>,
     restores: Rc<Restores>,
     restore_status: Arc<Mutex<RestoreStatus>>,
+    monitor_status: Arc<Mutex<MonitorStatus>>,
     sources: Rc<RefCell<BackupSection>>,
     store: Arc<dyn KvStore>,
 }
 
 impl ControlState {
+    /// The monitor's view for `status`: the health matrix summary, per source.
+    fn health_report(&self) -> serde_json::Value {
+        let monitor = self
+            .monitor_status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        serde_json::to_value(&monitor).unwrap_or_default()
+    }
+
     async fn handle(&self, request: Request) -> Response {
         match request {
             Request::Status => {
@@ -413,7 +472,10 @@ impl ControlState {
                         .unwrap_or_default(),
                 };
                 match serde_json::to_value(status) {
-                    Ok(value) => Response::ok(value),
+                    Ok(mut value) => {
+                        value["health"] = self.health_report();
+                        Response::ok(value)
+                    }
                     Err(e) => Response::error(e.to_string()),
                 }
             }

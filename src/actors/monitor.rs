@@ -1,0 +1,640 @@
+//! The monitor's driver: the IO edge of `fsm::monitor`. It loads the catalog's blocks and the
+//! health matrix, hears positions from fire_hire, lists and audits suppliers, persists cells,
+//! fires through fire_hire and hands the rebuilder its work.
+//!
+//! Audits: the owner keeps a few precomputed challenge/response pairs per fragment
+//! (`data::audit`, made when the fragment's bytes were last in hand). A pair is used once. A
+//! fragment with none left is fetched whole and checked against its BLAKE3 in the catalog (the
+//! supplier signed nothing; the owner's record is the reference); if it passes, fresh pairs are
+//! made from those bytes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde::Serialize;
+
+use super::fire_hire::{FireHireDriver, FireHireInput, FireHireQuery, PositionNews};
+use super::network_connector::{NetAnswer, NetQuery, NetworkConnectorDriver};
+use super::rebuilder::{RebuilderDriver, RebuilderInput};
+use super::registry::Registry;
+use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
+use crate::crypto::identity::NodeId;
+use crate::data::BlockId;
+use crate::data::audit::{self, AuditPair};
+use crate::fsm::monitor::{self as mon, AuditResult, BlockInfo, Cell, Monitor, Summary};
+use crate::proto::envelope::Body;
+use crate::proto::{AuditChallenge, FailReason, FragmentId, ListFragments, RetrieveFragment};
+use crate::store::health::{self, FragmentHealth};
+use crate::store::writer::Writer;
+use crate::store::{Batch, KvStore, catalog};
+
+type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
+type FireHireAddr = Addr<Shell<FireHireDriver>>;
+pub type MonitorAddr = Addr<Shell<MonitorDriver>>;
+
+/// Audit pairs made per fragment when its bytes are in hand.
+pub const AUDIT_PAIRS: usize = 8;
+
+#[derive(Clone, Debug)]
+pub struct MonitorSettings {
+    pub interval: Duration,
+    pub fire_after: Duration,
+    pub fire_after_failed_audits: u32,
+    pub audits_per_round: usize,
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct MonitorWiring {
+    pub kv: Arc<dyn KvStore>,
+    pub writer: Writer,
+    pub network: NetworkAddr,
+    pub fire_hire: FireHireAddr,
+    pub registry: Registry,
+    pub status: Arc<Mutex<MonitorStatus>>,
+    pub settings: MonitorSettings,
+}
+
+/// Per source: the worst redundancy over the blocks of its kept versions.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct SourceHealth {
+    pub source: String,
+    pub blocks: u64,
+    /// Good reachable fragments beyond `k` of its worst block (negative: unreadable now).
+    pub worst_redundancy: i64,
+    /// "full", "degraded", "at risk" or "lost".
+    pub health: String,
+}
+
+/// One position as the monitor sees it (for status and the durability estimate).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct PositionHealth {
+    pub position: u32,
+    pub supplier: Option<String>,
+    pub up: bool,
+    pub failed_audits: u32,
+    /// Fraction of the observed time it was reachable.
+    pub availability: f64,
+    pub observed_secs: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MonitorStatus {
+    pub rounds: u64,
+    pub blocks: u64,
+    pub audits_passed: u64,
+    pub audits_failed: u64,
+    /// Cells of the health matrix by kind.
+    pub cells: BTreeMap<String, u64>,
+    /// Blocks by good reachable fragments beyond `k`.
+    pub by_redundancy: BTreeMap<i64, u64>,
+    pub sources: Vec<SourceHealth>,
+    pub positions: Vec<PositionHealth>,
+    /// Firings, oldest first: position and reason.
+    pub fired: Vec<(u32, String)>,
+    pub rebuild: crate::fsm::rebuilder::Progress,
+    pub rebuild_queued: u64,
+    pub k: u32,
+    pub m: u32,
+}
+
+pub enum MonitorInput {
+    Position(PositionNews),
+    /// The rebuilder placed a fragment.
+    Placed {
+        block: [u8; 32],
+        position: u32,
+        supplier: NodeId,
+    },
+    RebuildIdle,
+    /// The rebuilder's figures for status.
+    RebuildProgress(crate::fsm::rebuilder::Progress),
+}
+
+/// What the catalog says now: the blocks to follow and which sources reference which.
+struct Loaded {
+    blocks: Vec<BlockInfo>,
+    by_source: BTreeMap<String, Vec<BlockId>>,
+    /// The newest snapshot id and the current catalog, to notice a change.
+    mark: (u64, Vec<BlockId>),
+}
+
+pub struct MonitorDriver {
+    wiring: MonitorWiring,
+    rebuilder: Option<Addr<Shell<RebuilderDriver>>>,
+    by_source: BTreeMap<String, Vec<BlockId>>,
+    mark: (u64, Vec<BlockId>),
+    reloading: bool,
+}
+
+/// Reads the blocks to follow: every block a committed snapshot references, and the current
+/// catalog's blocks; with their cells, holders, newest version and sources.
+fn load(kv: &dyn KvStore) -> Result<Loaded, String> {
+    let snapshots = catalog::snapshots(kv).map_err(|e| e.to_string())?;
+    let mut newest: HashMap<BlockId, u64> = HashMap::new();
+    let mut by_source: BTreeMap<String, BTreeSet<BlockId>> = BTreeMap::new();
+    let mut chunk_blocks: HashMap<crate::data::ChunkId, BlockId> = HashMap::new();
+    for snapshot in &snapshots {
+        let set = by_source.entry(snapshot.source.clone()).or_default();
+        for file in catalog::files(kv, snapshot.id) {
+            let file = file.map_err(|e| e.to_string())?;
+            for chunk in &file.chunks {
+                let block = match chunk_blocks.get(chunk) {
+                    Some(b) => *b,
+                    None => {
+                        let Some(b) = catalog::chunk_block(kv, chunk).map_err(|e| e.to_string())?
+                        else {
+                            continue;
+                        };
+                        chunk_blocks.insert(*chunk, b);
+                        b
+                    }
+                };
+                let n = newest.entry(block).or_insert(0);
+                *n = (*n).max(snapshot.id.0);
+                set.insert(block);
+            }
+        }
+    }
+    let current = health::current_catalog(kv).map_err(|e| e.to_string())?;
+    let mut blocks = Vec::new();
+    for id in newest.keys().chain(current.iter()) {
+        let Some(entry) = catalog::block(kv, id).map_err(|e| e.to_string())? else {
+            continue;
+        };
+        let cells = health::health(kv, id)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default()
+            .into_iter()
+            .map(cell_of)
+            .collect();
+        blocks.push(BlockInfo {
+            id: id.0,
+            holders: entry.fragments.iter().map(|f| f.supplier).collect(),
+            cells,
+            newest: newest.get(id).copied().unwrap_or(u64::MAX),
+            catalog: current.contains(id),
+        });
+    }
+    let top = snapshots.iter().map(|s| s.id.0).max().unwrap_or(0);
+    Ok(Loaded {
+        blocks,
+        by_source: by_source
+            .into_iter()
+            .map(|(s, b)| (s, b.into_iter().collect()))
+            .collect(),
+        mark: (top, current),
+    })
+}
+
+fn mark(kv: &dyn KvStore) -> Result<(u64, Vec<BlockId>), String> {
+    let top = catalog::snapshots(kv)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|s| s.id.0)
+        .max()
+        .unwrap_or(0);
+    Ok((top, health::current_catalog(kv).map_err(|e| e.to_string())?))
+}
+
+pub fn cell_of(h: FragmentHealth) -> Cell {
+    match h {
+        FragmentHealth::Unknown => Cell::Unknown,
+        FragmentHealth::Present => Cell::Present,
+        FragmentHealth::Missing => Cell::Missing,
+        FragmentHealth::Corrupt => Cell::Corrupt,
+    }
+}
+
+pub fn health_of(c: Cell) -> FragmentHealth {
+    match c {
+        Cell::Unknown => FragmentHealth::Unknown,
+        Cell::Present => FragmentHealth::Present,
+        Cell::Missing => FragmentHealth::Missing,
+        Cell::Corrupt => FragmentHealth::Corrupt,
+    }
+}
+
+async fn link_to(network: &NetworkAddr, supplier: NodeId) -> Option<crate::net::link::LinkHandle> {
+    match network.send(Query::new(NetQuery::Link(supplier))).await {
+        Ok(NetAnswer::Link(Some(link))) => Some(link),
+        _ => None,
+    }
+}
+
+/// Every block the supplier lists at `position` (all pages).
+async fn list_position(
+    network: NetworkAddr,
+    supplier: NodeId,
+    position: u32,
+    timeout: Duration,
+) -> Option<BTreeSet<[u8; 32]>> {
+    let link = link_to(&network, supplier).await?;
+    let mut held = BTreeSet::new();
+    let mut after: Option<FragmentId> = None;
+    loop {
+        let reply = link
+            .request(
+                Body::ListFragments(ListFragments {
+                    after: after.clone(),
+                    limit: 0,
+                }),
+                timeout,
+            )
+            .await
+            .ok()?;
+        let Some(Body::FragmentList(list)) = reply.body else {
+            return None;
+        };
+        for info in &list.fragments {
+            if let Some(id) = &info.id
+                && id.position == position
+                && let Ok(block) = <[u8; 32]>::try_from(id.block.as_slice())
+            {
+                held.insert(block);
+            }
+        }
+        match list.fragments.last().and_then(|f| f.id.clone()) {
+            Some(last) if list.more => after = Some(last),
+            _ => return Some(held),
+        }
+    }
+}
+
+/// One audit of one fragment: a precomputed pair if one is left, else a whole fetch.
+async fn audit_one(
+    wiring: MonitorWiring,
+    block: [u8; 32],
+    position: u32,
+    supplier: NodeId,
+) -> AuditResult {
+    let kv = wiring.kv.clone();
+    let id = BlockId(block);
+    let pairs = tokio::task::spawn_blocking(move || {
+        let pairs = health::pairs(&*kv, &id, position).unwrap_or_default();
+        let expected = catalog::block(&*kv, &id)
+            .ok()
+            .flatten()
+            .and_then(|e| e.fragments.get(position as usize).map(|f| f.blake3));
+        (pairs, expected)
+    })
+    .await;
+    let Ok((mut pairs, expected)) = pairs else {
+        return AuditResult::NoAnswer;
+    };
+    let Some(link) = link_to(&wiring.network, supplier).await else {
+        return AuditResult::NoAnswer;
+    };
+    let timeout = wiring.settings.request_timeout;
+    let fragment = FragmentId {
+        block: block.to_vec(),
+        position,
+    };
+    if let Some(pair) = pairs.pop() {
+        // Used once: the rest are saved before the challenge leaves.
+        let mut batch = Batch::new();
+        health::put_pairs(&mut batch, &id, position, &pairs);
+        if wiring.writer.write(batch).await.is_err() {
+            return AuditResult::NoAnswer;
+        }
+        let request = Body::AuditChallenge(AuditChallenge {
+            id: Some(fragment),
+            nonce: pair.nonce.to_vec(),
+            offset: pair.offset,
+            length: pair.length,
+        });
+        return match link.request(request, timeout).await {
+            Ok(reply) => match reply.body {
+                Some(Body::AuditProof(p)) if pair.check(&p.proof) => AuditResult::Passed,
+                Some(Body::AuditProof(_)) => AuditResult::Corrupt,
+                Some(Body::Fail(f)) => failed_audit(f.reason),
+                _ => AuditResult::NoAnswer,
+            },
+            Err(_) => AuditResult::NoAnswer,
+        };
+    }
+    // No pair left (or never made, e.g. after a recovery): fetch it whole and compare.
+    let Some(expected) = expected else {
+        return AuditResult::NoAnswer;
+    };
+    let request = Body::RetrieveFragment(RetrieveFragment { id: Some(fragment) });
+    match link.request(request, timeout).await.map(|r| r.body) {
+        Ok(Some(Body::FragmentData(d))) if *blake3::hash(&d.data).as_bytes() == expected => {
+            let fresh = pairs_for(&d.data);
+            let mut batch = Batch::new();
+            health::put_pairs(&mut batch, &id, position, &fresh);
+            let _ = wiring.writer.write(batch).await;
+            AuditResult::Passed
+        }
+        Ok(Some(Body::FragmentData(_))) => AuditResult::Corrupt,
+        Ok(Some(Body::Fail(f))) => failed_audit(f.reason),
+        _ => AuditResult::NoAnswer,
+    }
+}
+
+/// What a supplier's refusal of an audit says about the fragment.
+fn failed_audit(reason: i32) -> AuditResult {
+    match FailReason::try_from(reason) {
+        Ok(FailReason::NotFound) => AuditResult::NotFound,
+        // It cannot read the bytes back (its own check failed), or it holds fewer bytes than
+        // the range: either way it cannot produce the fragment.
+        Ok(FailReason::StorageError | FailReason::Malformed) => AuditResult::Corrupt,
+        _ => AuditResult::NoAnswer,
+    }
+}
+
+/// Pairs for a fragment whose bytes are in hand (the backup job and the rebuilder call this).
+pub fn pairs_for(stored: &[u8]) -> Vec<AuditPair> {
+    audit::make_pairs(stored, AUDIT_PAIRS, &mut rand::thread_rng())
+}
+
+impl MonitorDriver {
+    fn publish(&self, summary: &Summary, machine: &Monitor) {
+        let Ok(mut status) = self.wiring.status.lock() else {
+            return;
+        };
+        status.rounds = summary.rounds;
+        status.blocks = summary.blocks;
+        status.audits_passed = summary.audits_passed;
+        status.audits_failed = summary.audits_failed;
+        status.cells = summary.cells.clone();
+        status.by_redundancy = summary.by_redundancy.clone();
+        status.fired = summary.fired.clone();
+        status.rebuild_queued = summary.rebuild_queued;
+        status.k = machine.k;
+        status.m = machine.total.saturating_sub(machine.k);
+        status.positions = machine
+            .positions
+            .iter()
+            .enumerate()
+            .map(|(p, v)| PositionHealth {
+                position: p as u32,
+                supplier: v.supplier.map(|s| s.to_string()),
+                up: v.up,
+                failed_audits: v.failed_audits,
+                availability: if v.observed.is_zero() {
+                    if v.up { 1.0 } else { 0.0 }
+                } else {
+                    v.up_time.as_secs_f64() / v.observed.as_secs_f64()
+                },
+                observed_secs: v.observed.as_secs(),
+            })
+            .collect();
+        let m = i64::from(status.m);
+        status.sources = self
+            .by_source
+            .iter()
+            .map(|(source, blocks)| {
+                let worst = blocks
+                    .iter()
+                    .filter_map(|b| machine.blocks.get(&b.0))
+                    .map(|b| machine.redundancy(b))
+                    .min()
+                    .unwrap_or(m);
+                let health = if worst >= m {
+                    "full"
+                } else if worst > 0 {
+                    "degraded"
+                } else if worst == 0 {
+                    "at risk"
+                } else {
+                    "lost"
+                };
+                SourceHealth {
+                    source: source.clone(),
+                    blocks: blocks.len() as u64,
+                    worst_redundancy: worst,
+                    health: health.into(),
+                }
+            })
+            .collect();
+    }
+
+    /// At the end of a round: reload the blocks if a backup committed or the catalog moved.
+    fn maybe_reload(&mut self, io: &mut Io<'_, Self>) {
+        if self.reloading {
+            return;
+        }
+        self.reloading = true;
+        let kv = self.wiring.kv.clone();
+        let known = self.mark.clone();
+        io.spawn_then_opt(
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    if mark(&*kv).ok().as_ref() == Some(&known) {
+                        return Ok(None);
+                    }
+                    load(&*kv).map(Some)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            },
+            |driver, loaded: Result<Option<Loaded>, String>| {
+                driver.reloading = false;
+                match loaded {
+                    Ok(Some(loaded)) => {
+                        driver.by_source = loaded.by_source;
+                        driver.mark = loaded.mark;
+                        Some(mon::Event::Blocks(loaded.blocks))
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reload the catalog for the monitor");
+                        None
+                    }
+                }
+            },
+        );
+    }
+}
+
+impl Driver for MonitorDriver {
+    type M = Monitor;
+    type Input = MonitorInput;
+    type Query = std::convert::Infallible;
+    type Answer = ();
+
+    fn perform(&mut self, output: mon::Output, machine: &Monitor, io: &mut Io<'_, Self>) {
+        match output {
+            mon::Output::List { position, supplier } => {
+                let network = self.wiring.network.clone();
+                let timeout = self.wiring.settings.request_timeout;
+                io.spawn_then(
+                    list_position(network, supplier, position, timeout),
+                    move |_, held| mon::Event::Listed {
+                        position,
+                        supplier,
+                        held,
+                    },
+                );
+            }
+            mon::Output::Audit {
+                block,
+                position,
+                supplier,
+            } => {
+                let wiring = self.wiring.clone();
+                io.spawn_then(
+                    audit_one(wiring, block, position, supplier),
+                    move |_, result| {
+                        if result != AuditResult::Passed && result != AuditResult::NoAnswer {
+                            tracing::warn!(block = %BlockId(block), position, supplier = %supplier,
+                                result = ?result, "storage audit failed");
+                        }
+                        mon::Event::Audited {
+                            block,
+                            position,
+                            supplier,
+                            result,
+                        }
+                    },
+                );
+            }
+            mon::Output::Fire {
+                position,
+                supplier,
+                reason,
+            } => {
+                tracing::warn!(position, supplier = %supplier, reason = %reason,
+                    "firing the supplier; a replacement is hired for its position");
+                let fire_hire = self.wiring.fire_hire.clone();
+                io.spawn_opt(async move {
+                    let _ = fire_hire
+                        .send(Input(FireHireInput::Fire { position }))
+                        .await;
+                    None
+                });
+            }
+            mon::Output::Rebuild(work) => {
+                if let Some(rebuilder) = &self.rebuilder {
+                    let rebuilder = rebuilder.clone();
+                    io.spawn_opt(async move {
+                        let _ = rebuilder.send(Input(RebuilderInput::Work(work))).await;
+                        None
+                    });
+                }
+            }
+            mon::Output::SaveCells(cells) => {
+                let mut batch = Batch::new();
+                for (block, cells) in &cells {
+                    let row: Vec<FragmentHealth> = cells.iter().copied().map(health_of).collect();
+                    health::put_health(&mut batch, &BlockId(*block), &row);
+                }
+                let writer = self.wiring.writer.clone();
+                io.spawn_opt(async move {
+                    if let Err(e) = writer.write(batch).await {
+                        tracing::warn!(error = %e, "cannot save the health matrix");
+                    }
+                    None
+                });
+            }
+            mon::Output::Report(summary) => {
+                self.publish(&summary, machine);
+                self.maybe_reload(io);
+                // How many friends could replace a fired supplier.
+                let fire_hire = self.wiring.fire_hire.clone();
+                io.spawn_opt(async move {
+                    let status = fire_hire
+                        .send(Query::new(FireHireQuery::Status))
+                        .await
+                        .ok()?;
+                    Some(mon::Event::Spares(status.spares as usize))
+                });
+            }
+        }
+    }
+
+    fn input(
+        &mut self,
+        input: MonitorInput,
+        _machine: &Monitor,
+        _io: &mut Io<'_, Self>,
+    ) -> Vec<mon::Event> {
+        match input {
+            MonitorInput::Position(news) => vec![mon::Event::Position {
+                position: news.position,
+                supplier: news.supplier,
+                up: news.up,
+            }],
+            MonitorInput::Placed {
+                block,
+                position,
+                supplier,
+            } => vec![mon::Event::Placed {
+                block,
+                position,
+                supplier,
+            }],
+            MonitorInput::RebuildIdle => vec![mon::Event::RebuildIdle],
+            MonitorInput::RebuildProgress(progress) => {
+                if let Ok(mut status) = self.wiring.status.lock() {
+                    status.rebuild = progress;
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn query(&mut self, query: Self::Query, _: &Monitor, _: &mut Io<'_, Self>) {
+        match query {}
+    }
+}
+
+impl Handler<PositionNews> for Shell<MonitorDriver> {
+    type Result = ();
+
+    fn handle(&mut self, news: PositionNews, ctx: &mut Context<Self>) {
+        <Self as Handler<Input<MonitorInput>>>::handle(
+            self,
+            Input(MonitorInput::Position(news)),
+            ctx,
+        );
+    }
+}
+
+/// Starts the monitor and its rebuilder; both follow the catalog from now on.
+pub async fn start(
+    wiring: MonitorWiring,
+    rebuilder: super::rebuilder::RebuilderWiring,
+    k: u32,
+    total: u32,
+) -> Result<MonitorAddr, String> {
+    let kv = wiring.kv.clone();
+    let loaded = tokio::task::spawn_blocking(move || load(&*kv))
+        .await
+        .map_err(|e| e.to_string())??;
+    let s = &wiring.settings;
+    let mut machine = Monitor::new(
+        s.interval,
+        s.fire_after,
+        s.fire_after_failed_audits,
+        s.audits_per_round,
+    );
+    machine.round_deadline = (s.request_timeout * 2).max(Duration::from_secs(5));
+    let ctx = actix::Context::<Shell<MonitorDriver>>::new();
+    let addr = ctx.address();
+    let rebuilder_addr = super::rebuilder::start(rebuilder, addr.clone(), k).await;
+    let driver = MonitorDriver {
+        wiring: wiring.clone(),
+        rebuilder: Some(rebuilder_addr),
+        by_source: loaded.by_source,
+        mark: loaded.mark,
+        reloading: false,
+    };
+    ctx.run(Shell::new(machine, "0", driver, wiring.registry.clone()));
+    let _ = addr
+        .send(Deliver(mon::Event::Start {
+            k,
+            total,
+            blocks: loaded.blocks,
+            suppliers: vec![None; total as usize],
+        }))
+        .await;
+    let _ = wiring
+        .fire_hire
+        .send(Input(FireHireInput::Subscribe(addr.clone().recipient())))
+        .await;
+    Ok(addr)
+}

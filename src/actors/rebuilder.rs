@@ -1,0 +1,403 @@
+//! The rebuilder's driver: the IO edge of `fsm::rebuilder`. Fetches source fragments (checked
+//! against the owner-signed manifest), reconstructs the missing ones on a blocking thread
+//! (`data::rebuild_fragments`: Reed-Solomon, each result checked against the manifest), places
+//! each on its position's supplier, records the new holder in the catalog with fresh audit pairs
+//! and a present cell, and tells the monitor. When a work list is done and anything was placed,
+//! a fresh catalog and recovery record are stored, so they name the new holders.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use ed25519_dalek::VerifyingKey;
+
+use super::backup_job::CatalogRefresh;
+use super::monitor::{MonitorDriver, MonitorInput, health_of, pairs_for};
+use super::network_connector::{NetAnswer, NetQuery, NetworkConnectorDriver};
+use super::registry::Registry;
+use super::restore_worker::retrieve;
+use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
+use crate::crypto::identity::NodeId;
+use crate::data::manifest::BlockManifest;
+use crate::data::{self, BlockId};
+use crate::fsm::monitor::{Cell, RebuildTask};
+use crate::fsm::rebuilder::{self as rb, Rebuilder};
+use crate::proto::envelope::Body;
+use crate::proto::{FragmentId, StoreFragment};
+use crate::store::catalog::{self, FragmentPlace};
+use crate::store::health;
+use crate::store::writer::Writer;
+use crate::store::{Batch, KvStore};
+
+type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
+
+/// Blocks rebuilt at once (each holds up to `k + m` fragments in memory).
+pub const REBUILD_WINDOW: usize = 2;
+
+#[derive(Clone)]
+pub struct RebuilderWiring {
+    pub kv: Arc<dyn KvStore>,
+    pub writer: Writer,
+    pub network: NetworkAddr,
+    pub owner: VerifyingKey,
+    pub request_timeout: Duration,
+    pub registry: Registry,
+    pub refresh: CatalogRefresh,
+}
+
+pub enum RebuilderInput {
+    Work(Vec<RebuildTask>),
+}
+
+/// What is known and fetched of a block being rebuilt.
+struct Source {
+    manifest: BlockManifest,
+    signed_manifest: Vec<u8>,
+    fragments: Vec<Option<Vec<u8>>>,
+}
+
+pub struct RebuilderDriver {
+    wiring: RebuilderWiring,
+    monitor: Addr<Shell<MonitorDriver>>,
+    blocks: HashMap<[u8; 32], Source>,
+    refreshing: bool,
+}
+
+impl RebuilderDriver {
+    fn fetch(&mut self, block: [u8; 32], position: u32, supplier: NodeId, io: &mut Io<'_, Self>) {
+        let kv = self.wiring.kv.clone();
+        let owner = self.wiring.owner;
+        let network = self.wiring.network.clone();
+        let timeout = self.wiring.request_timeout;
+        let known = self.blocks.contains_key(&block);
+        let work = async move {
+            // The manifest, once per block: the reference every fragment is checked against.
+            let source = if known {
+                None
+            } else {
+                let entry =
+                    tokio::task::spawn_blocking(move || catalog::block(&*kv, &BlockId(block)))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?
+                        .ok_or("the block is no longer in the catalog")?;
+                let manifest = BlockManifest::verify(&entry.signed_manifest, &owner)
+                    .map_err(|e| e.to_string())?;
+                let total = entry.fragments.len();
+                Some(Source {
+                    manifest,
+                    signed_manifest: entry.signed_manifest,
+                    fragments: vec![None; total],
+                })
+            };
+            let link = match network.send(Query::new(NetQuery::Link(supplier))).await {
+                Ok(NetAnswer::Link(Some(link))) => link,
+                _ => return Err("no session with the supplier".to_string()),
+            };
+            let stored = retrieve(&link, block, position, timeout).await?;
+            Ok::<_, String>((source, stored))
+        };
+        io.spawn_then(work, move |driver, result| {
+            let failed = rb::Event::FragmentFailed { block, position };
+            let (source, stored) = match result {
+                Ok(r) => r,
+                Err(why) => {
+                    tracing::debug!(block = %BlockId(block), position, supplier = %supplier,
+                        error = %why, "source fragment not fetched");
+                    return failed;
+                }
+            };
+            if let Some(source) = source {
+                driver.blocks.entry(block).or_insert(source);
+            }
+            let Some(source) = driver.blocks.get_mut(&block) else {
+                return failed;
+            };
+            let checked = data::stored::unwrap(&stored)
+                .ok()
+                .and_then(|(_, fragment)| {
+                    source
+                        .manifest
+                        .check_fragment(position as usize, fragment)
+                        .ok()
+                        .map(|()| fragment.to_vec())
+                });
+            match checked {
+                Some(fragment) if (position as usize) < source.fragments.len() => {
+                    source.fragments[position as usize] = Some(fragment);
+                    rb::Event::FragmentOk { block, position }
+                }
+                _ => {
+                    tracing::warn!(block = %BlockId(block), position, supplier = %supplier,
+                        "a source fragment does not match the owner's manifest");
+                    failed
+                }
+            }
+        });
+    }
+
+    fn rebuild(
+        &mut self,
+        block: [u8; 32],
+        sources: Vec<u32>,
+        targets: Vec<(u32, NodeId)>,
+        io: &mut Io<'_, Self>,
+    ) {
+        let all_failed = rb::Event::Done {
+            block,
+            placed: Vec::new(),
+            failed: targets.iter().map(|(p, _)| *p).collect(),
+        };
+        let Some(source) = self.blocks.get(&block) else {
+            io.send(all_failed);
+            return;
+        };
+        let manifest = source.manifest.clone();
+        let signed = source.signed_manifest.clone();
+        let fragments: Vec<Option<Vec<u8>>> = source
+            .fragments
+            .iter()
+            .enumerate()
+            .map(|(p, f)| f.clone().filter(|_| sources.contains(&(p as u32))))
+            .collect();
+        let wiring = self.wiring.clone();
+        let work = async move {
+            let positions: Vec<usize> = targets.iter().map(|(p, _)| *p as usize).collect();
+            let rebuilt = tokio::task::spawn_blocking(move || {
+                let refs: Vec<Option<&[u8]>> = fragments.iter().map(|f| f.as_deref()).collect();
+                data::rebuild_fragments(&manifest, &signed, &refs, &positions)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            let mut placed = Vec::new();
+            let mut failed = Vec::new();
+            let mut places = Vec::new();
+            for (position, stored) in rebuilt {
+                let Some((_, supplier)) = targets.iter().find(|(p, _)| *p as usize == position)
+                else {
+                    continue;
+                };
+                match place(&wiring, *supplier, block, position as u32, &stored).await {
+                    Ok(()) => {
+                        places.push((
+                            position,
+                            FragmentPlace {
+                                supplier: Some(*supplier),
+                                size: stored.len() as u64,
+                                blake3: *blake3::hash(&stored).as_bytes(),
+                            },
+                            pairs_for(&stored),
+                        ));
+                        placed.push((position as u32, *supplier));
+                    }
+                    Err(why) => {
+                        tracing::warn!(block = %BlockId(block), position, supplier = %supplier,
+                            error = %why, "rebuilt fragment not placed");
+                        failed.push(position as u32);
+                    }
+                }
+            }
+            record(&wiring, block, places).await?;
+            Ok::<_, String>((placed, failed))
+        };
+        io.spawn_then(work, move |_, result| match result {
+            Ok((placed, failed)) => rb::Event::Done {
+                block,
+                placed,
+                failed,
+            },
+            Err(why) => {
+                tracing::warn!(block = %BlockId(block), error = %why, "block not rebuilt");
+                all_failed
+            }
+        });
+    }
+}
+
+/// Stores one rebuilt fragment on `supplier` and waits for its acknowledgement.
+async fn place(
+    wiring: &RebuilderWiring,
+    supplier: NodeId,
+    block: [u8; 32],
+    position: u32,
+    stored: &[u8],
+) -> Result<(), String> {
+    let hash = blake3::hash(stored);
+    let link = match wiring
+        .network
+        .send(Query::new(NetQuery::Link(supplier)))
+        .await
+    {
+        Ok(NetAnswer::Link(Some(link))) => link,
+        _ => return Err("no session with the supplier".into()),
+    };
+    let request = Body::StoreFragment(StoreFragment {
+        id: Some(FragmentId {
+            block: block.to_vec(),
+            position,
+        }),
+        data: stored.to_vec(),
+        hash: hash.as_bytes().to_vec(),
+    });
+    let reply = link
+        .request(request, wiring.request_timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    match reply.body {
+        Some(Body::Ack(ack)) if ack.hash == hash.as_bytes() => Ok(()),
+        Some(Body::Ack(_)) => Err("the supplier acknowledged other bytes".into()),
+        Some(Body::Fail(f)) => Err(format!("refused ({}): {}", f.reason, f.detail)),
+        _ => Err("unexpected reply".into()),
+    }
+}
+
+/// The new holders in the catalog, their audit pairs and present cells, in one batch.
+async fn record(
+    wiring: &RebuilderWiring,
+    block: [u8; 32],
+    places: Vec<(usize, FragmentPlace, Vec<crate::data::audit::AuditPair>)>,
+) -> Result<(), String> {
+    if places.is_empty() {
+        return Ok(());
+    }
+    let kv = wiring.kv.clone();
+    let batch = tokio::task::spawn_blocking(move || {
+        let id = BlockId(block);
+        let mut entry = catalog::block(&*kv, &id)
+            .map_err(|e| e.to_string())?
+            .ok_or("the block left the catalog while it was rebuilt")?;
+        let total = entry.fragments.len();
+        let mut cells = health::health(&*kv, &id)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        cells.resize(total, health_of(Cell::Unknown));
+        let mut batch = Batch::new();
+        for (position, place, pairs) in places {
+            if position < total {
+                entry.fragments[position] = place;
+                cells[position] = health_of(Cell::Present);
+                health::put_pairs(&mut batch, &id, position as u32, &pairs);
+            }
+        }
+        catalog::put_block(&mut batch, &entry);
+        health::put_health(&mut batch, &id, &cells);
+        Ok::<_, String>(batch)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    wiring
+        .writer
+        .write(batch)
+        .await
+        .map_err(|e| format!("cannot record the rebuilt fragments: {e}"))
+}
+
+impl Driver for RebuilderDriver {
+    type M = Rebuilder;
+    type Input = RebuilderInput;
+    type Query = std::convert::Infallible;
+    type Answer = ();
+
+    fn perform(&mut self, output: rb::Output, _machine: &Rebuilder, io: &mut Io<'_, Self>) {
+        match output {
+            rb::Output::Fetch {
+                block,
+                position,
+                supplier,
+            } => self.fetch(block, position, supplier, io),
+            rb::Output::Rebuild {
+                block,
+                sources,
+                targets,
+            } => self.rebuild(block, sources, targets, io),
+            rb::Output::Forget { block } => {
+                self.blocks.remove(&block);
+            }
+            rb::Output::Placed {
+                block,
+                position,
+                supplier,
+            } => {
+                tracing::info!(block = %BlockId(block), position, supplier = %supplier,
+                    "fragment rebuilt and placed");
+                let monitor = self.monitor.clone();
+                io.spawn_opt(async move {
+                    let _ = monitor
+                        .send(Input(MonitorInput::Placed {
+                            block,
+                            position,
+                            supplier,
+                        }))
+                        .await;
+                    None
+                });
+            }
+            rb::Output::Finished { placed } => {
+                let monitor = self.monitor.clone();
+                let refresh = (placed && !self.refreshing).then(|| self.wiring.refresh.clone());
+                self.refreshing |= refresh.is_some();
+                io.spawn_then_opt(
+                    async move {
+                        if let Some(refresh) = refresh {
+                            match refresh.run().await {
+                                Ok(()) => tracing::info!(
+                                    "catalog and recovery record stored again with the new holders"
+                                ),
+                                Err(e) => tracing::warn!(error = %e,
+                                    "cannot store the catalog after the rebuild; the next one tries again"),
+                            }
+                        }
+                        let _ = monitor.send(Input(MonitorInput::RebuildIdle)).await;
+                    },
+                    |driver, ()| {
+                        driver.refreshing = false;
+                        None
+                    },
+                );
+            }
+            rb::Output::Progress(progress) => {
+                let monitor = self.monitor.clone();
+                io.spawn_opt(async move {
+                    let _ = monitor
+                        .send(Input(MonitorInput::RebuildProgress(progress)))
+                        .await;
+                    None
+                });
+            }
+        }
+    }
+
+    fn input(
+        &mut self,
+        input: RebuilderInput,
+        _machine: &Rebuilder,
+        _io: &mut Io<'_, Self>,
+    ) -> Vec<rb::Event> {
+        match input {
+            RebuilderInput::Work(work) => vec![rb::Event::Work(work)],
+        }
+    }
+
+    fn query(&mut self, query: Self::Query, _: &Rebuilder, _: &mut Io<'_, Self>) {
+        match query {}
+    }
+}
+
+pub async fn start(
+    wiring: RebuilderWiring,
+    monitor: Addr<Shell<MonitorDriver>>,
+    k: u32,
+) -> Addr<Shell<RebuilderDriver>> {
+    let registry = wiring.registry.clone();
+    let driver = RebuilderDriver {
+        wiring,
+        monitor,
+        blocks: HashMap::new(),
+        refreshing: false,
+    };
+    let addr = Shell::new(Rebuilder::new(REBUILD_WINDOW), "0", driver, registry).start();
+    let _ = addr.send(Deliver(rb::Event::Start { k })).await;
+    addr
+}
