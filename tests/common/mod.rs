@@ -15,6 +15,8 @@ use bitdust::net::envelope;
 use bitdust::proto::IdentityExchange;
 use bitdust::proto::envelope::Body;
 
+pub mod tree;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_bitdust");
 
 pub fn bitdust(home: &Path, args: &[&str]) -> Output {

@@ -1,0 +1,213 @@
+//! The monitor and the rebuilder between real nodes on loopback: suppliers lost for good are
+//! replaced and their fragments rebuilt elsewhere; fragments corrupted, deleted or replaced by
+//! their hashes on a supplier's disk are caught by storage audits and rebuilt.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use bitdust::actors::backup_job::RECOVERY_BLOCK;
+use common::tree::*;
+use common::*;
+
+/// Fast rounds and firing for tests (the defaults are 10 min and 6 h).
+fn fast(fire_after: &str, failed_audits: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("BITDUST_MONITOR__INTERVAL", "1s".into()),
+        ("BITDUST_MONITOR__FIRE_AFTER", fire_after.into()),
+        (
+            "BITDUST_MONITOR__FIRE_AFTER_FAILED_AUDITS",
+            failed_audits.into(),
+        ),
+        ("BITDUST_MONITOR__AUDITS_PER_ROUND", "200".into()),
+        ("BITDUST_BACKUP__BLOCK_SIZE", "256KiB".into()),
+    ]
+}
+
+fn start(home: &Path, env: &[(&'static str, String)]) -> Node {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Node::start_with(home, &env)
+}
+
+fn health(home: &Path) -> serde_json::Value {
+    try_status(home).map(|s| s["health"].clone()).unwrap_or_default()
+}
+
+/// Every followed block has all `k + m` good fragments reachable, and nothing is being rebuilt.
+fn fully_redundant(h: &serde_json::Value) -> bool {
+    let m = h["m"].as_u64().unwrap_or(0);
+    let Some(by) = h["by_redundancy"].as_object() else {
+        return false;
+    };
+    h["blocks"].as_u64().unwrap_or(0) > 0
+        && by.keys().all(|k| *k == m.to_string())
+        && h["rebuild"]["in_flight"].as_u64() == Some(0)
+        && h["rebuild_queued"].as_u64() == Some(0)
+}
+
+fn home_of(c: &Cluster, id: &str) -> usize {
+    c.ids.iter().position(|i| i == id).expect("a cluster node")
+}
+
+#[test]
+fn two_suppliers_lost_for_good_are_replaced_and_rebuilt_and_the_restore_survives_two_more() {
+    let c = star(8);
+    let env = fast("3s", "3");
+    let mut nodes: Vec<Option<Node>> = c.homes.iter().map(|h| Some(start(h, &env))).collect();
+    let hired = wait_all_connected(&c.homes[0], 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&c.homes[0], source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&c.homes[0])).then_some(())
+    });
+
+    // Positions 0 and 1 lose their suppliers for good.
+    let lost: Vec<usize> = hired[..2].iter().map(|id| home_of(&c, id)).collect();
+    for &i in &lost {
+        nodes[i].take().expect("running").signal(libc::SIGKILL);
+    }
+    let rebuilt = wait_for("both positions re-hired and rebuilt", 120, || {
+        let h = health(&c.homes[0]);
+        let now = wait_positions(&c.homes[0])?;
+        let replaced = now.len() == 6 && !now.iter().any(|s| hired[..2].contains(s));
+        (replaced && h["fired"].as_array().is_some_and(|f| f.len() >= 2) && fully_redundant(&h))
+            .then_some((h, now))
+    });
+    let (h, now) = rebuilt;
+    let fired = h["fired"].as_array().expect("fired");
+    assert!(
+        fired
+            .iter()
+            .all(|f| f[1].as_str().is_some_and(|r| r.contains("unreachable"))),
+        "{fired:?}"
+    );
+    assert_eq!(now[2..], hired[2..], "the other positions kept their suppliers");
+    // The replacements hold their positions' fragments on disk.
+    for (position, id) in now[..2].iter().enumerate() {
+        let held = held(&c.homes[home_of(&c, id)], &c.ids[0]);
+        let at_position = held
+            .iter()
+            .filter(|(b, p)| *p == position as u32 && *b != hex::encode(RECOVERY_BLOCK))
+            .count();
+        assert!(
+            at_position as u64 >= h["blocks"].as_u64().expect("blocks"),
+            "position {position}: {at_position} fragments on the replacement"
+        );
+    }
+
+    // Two more of the original suppliers go: the 4 left (2 rebuilt) restore everything.
+    for id in &hired[2..4] {
+        nodes[home_of(&c, id)]
+            .take()
+            .expect("running")
+            .signal(libc::SIGKILL);
+    }
+    let out = tempfile::tempdir().expect("tempdir");
+    let to = out.path().join("r");
+    let (ok, r) = restore(&c.homes[0], &["--to", to.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &to);
+}
+
+/// The hired suppliers by position, once all are connected (None until then).
+fn wait_positions(home: &Path) -> Option<Vec<String>> {
+    let p = positions(home)?;
+    let connected: Vec<String> = p
+        .iter()
+        .filter_map(|(s, c)| (c == "Connected").then_some(s.clone()).flatten())
+        .collect();
+    (connected.len() == p.len()).then_some(connected)
+}
+
+/// The fragment file a supplier keeps for `customer`.
+fn fragment_file(supplier: &Path, customer: &str, block: &str, position: u32) -> std::path::PathBuf {
+    supplier
+        .join("store")
+        .join(customer)
+        .join(&block[..2])
+        .join(format!("{block}.{position}"))
+}
+
+#[test]
+fn corrupted_deleted_and_hash_only_fragments_fail_audits_and_are_rebuilt() {
+    let c = star(6);
+    // Never fired here: the fragments are rebuilt on the same suppliers.
+    let env = fast("1h", "1000000");
+    let _nodes: Vec<Node> = c.homes.iter().map(|h| start(h, &env)).collect();
+    let hired = wait_all_connected(&c.homes[0], 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&c.homes[0], source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&c.homes[0])).then_some(())
+    });
+    let owner = &c.ids[0];
+    let recovery = hex::encode(RECOVERY_BLOCK);
+    let data_of = |home: &Path| -> Vec<(String, u32)> {
+        held(home, owner)
+            .into_iter()
+            .filter(|(b, _)| *b != recovery)
+            .collect()
+    };
+
+    // Supplier A: one fragment's bytes rot, another fragment file is deleted.
+    let a = &c.homes[home_of(&c, &hired[0])];
+    let a_frags = data_of(a);
+    assert!(a_frags.len() >= 2, "{a_frags:?}");
+    let mut originals: BTreeMap<std::path::PathBuf, Vec<u8>> = BTreeMap::new();
+    let rotten = fragment_file(a, owner, &a_frags[0].0, a_frags[0].1);
+    let deleted = fragment_file(a, owner, &a_frags[1].0, a_frags[1].1);
+    for f in [&rotten, &deleted] {
+        originals.insert(f.clone(), std::fs::read(f).expect("fragment"));
+    }
+    let mut bytes = originals[&rotten].clone();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&rotten, &bytes).expect("rot");
+    std::fs::remove_file(&deleted).expect("delete");
+
+    // Supplier B keeps only hashes: each file replaced by its BLAKE3, its index made to agree.
+    let b = &c.homes[home_of(&c, &hired[1])];
+    let b_frags = data_of(b);
+    {
+        use bitdust::store::codec::{self, records::FragmentEntry};
+        use bitdust::store::{Cf, KvStore};
+        let store = bitdust::store::RocksStore::open(&b.join("db")).expect("supplier db");
+        for (block, position) in &b_frags {
+            let file = fragment_file(b, owner, block, *position);
+            let real = std::fs::read(&file).expect("fragment");
+            let fake = blake3::hash(&real).as_bytes().to_vec();
+            originals.insert(file.clone(), real);
+            std::fs::write(&file, &fake).expect("write");
+            let mut key = b"f/".to_vec();
+            key.extend_from_slice(&hex::decode(owner).expect("hex"));
+            key.extend_from_slice(&hex::decode(block).expect("hex"));
+            key.extend_from_slice(&position.to_be_bytes());
+            let entry = FragmentEntry {
+                size: fake.len() as u64,
+                blake3: blake3::hash(&fake).as_bytes().to_vec(),
+            };
+            store
+                .put(Cf::SupplierIndex, &key, &codec::encode(&entry))
+                .expect("rewrite the index");
+        }
+    }
+
+    // Every damaged fragment is found by audits and rebuilt, byte-identical, where it was.
+    let h = wait_for("every damaged fragment rebuilt", 120, || {
+        let restored = originals
+            .iter()
+            .all(|(f, bytes)| std::fs::read(f).ok().as_ref() == Some(bytes));
+        let h = health(&c.homes[0]);
+        (restored && fully_redundant(&h)).then_some(h)
+    });
+    let failed = h["audits_failed"].as_u64().expect("audits_failed");
+    assert!(
+        failed >= 2 + b_frags.len() as u64,
+        "{failed} audits failed for {} damaged fragments",
+        2 + b_frags.len()
+    );
+    assert_eq!(h["fired"].as_array().map(Vec::len), Some(0), "{h:#}");
+}
