@@ -20,6 +20,9 @@
 //! - Snapshot ids are never reused: [`allocate_snapshot`] writes the counter before it returns.
 //! - Readers skip an unreadable record with a WARN rather than failing the whole catalog; a
 //!   missing chunk or block then costs a re-upload, never a wrong restore.
+//! - Retention ([`apply_prune`]) removes a snapshot's record before its tree, and the chunk
+//!   entries naming a block before the block: no chunk entry ever names a missing block, and
+//!   what a crash leaves half-removed is found again by [`plan_prune`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
