@@ -3,6 +3,7 @@
 pub mod backups;
 pub mod config;
 pub mod control;
+pub mod durability;
 pub mod health;
 pub mod home;
 pub mod logging;
