@@ -10,7 +10,6 @@ use bitdust::actors::backup_job::RECOVERY_BLOCK;
 use common::tree::*;
 use common::*;
 
-
 #[test]
 fn backup_spreads_fragments_leaks_no_plaintext_and_an_unchanged_tree_uploads_nothing() {
     let c = star(6);

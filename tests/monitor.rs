@@ -31,7 +31,9 @@ fn start(home: &Path, env: &[(&'static str, String)]) -> Node {
 }
 
 fn health(home: &Path) -> serde_json::Value {
-    try_status(home).map(|s| s["health"].clone()).unwrap_or_default()
+    try_status(home)
+        .map(|s| s["health"].clone())
+        .unwrap_or_default()
 }
 
 /// Every followed block has all `k + m` good fragments reachable, and nothing is being rebuilt.
@@ -83,7 +85,11 @@ fn two_suppliers_lost_for_good_are_replaced_and_rebuilt_and_the_restore_survives
             .all(|f| f[1].as_str().is_some_and(|r| r.contains("unreachable"))),
         "{fired:?}"
     );
-    assert_eq!(now[2..], hired[2..], "the other positions kept their suppliers");
+    assert_eq!(
+        now[2..],
+        hired[2..],
+        "the other positions kept their suppliers"
+    );
     // The replacements hold their positions' fragments on disk.
     for (position, id) in now[..2].iter().enumerate() {
         let held = held(&c.homes[home_of(&c, id)], &c.ids[0]);
@@ -122,7 +128,12 @@ fn wait_positions(home: &Path) -> Option<Vec<String>> {
 }
 
 /// The fragment file a supplier keeps for `customer`.
-fn fragment_file(supplier: &Path, customer: &str, block: &str, position: u32) -> std::path::PathBuf {
+fn fragment_file(
+    supplier: &Path,
+    customer: &str,
+    block: &str,
+    position: u32,
+) -> std::path::PathBuf {
     supplier
         .join("store")
         .join(customer)
@@ -135,7 +146,7 @@ fn corrupted_deleted_and_hash_only_fragments_fail_audits_and_are_rebuilt() {
     let c = star(6);
     // Never fired here: the fragments are rebuilt on the same suppliers.
     let env = fast("1h", "1000000");
-    let _nodes: Vec<Node> = c.homes.iter().map(|h| start(h, &env)).collect();
+    let mut nodes: Vec<Node> = c.homes.iter().map(|h| start(h, &env)).collect();
     let hired = wait_all_connected(&c.homes[0], 60);
     let source = tempfile::tempdir().expect("tempdir");
     mixed_tree(source.path());
@@ -168,9 +179,13 @@ fn corrupted_deleted_and_hash_only_fragments_fail_audits_and_are_rebuilt() {
     std::fs::write(&rotten, &bytes).expect("rot");
     std::fs::remove_file(&deleted).expect("delete");
 
-    // Supplier B keeps only hashes: each file replaced by its BLAKE3, its index made to agree.
-    let b = &c.homes[home_of(&c, &hired[1])];
+    // Supplier B keeps only hashes: each file replaced by its BLAKE3, its index made to agree
+    // (stopped meanwhile: its database is its own).
+    let b_index = home_of(&c, &hired[1]);
+    let b = &c.homes[b_index];
     let b_frags = data_of(b);
+    nodes[b_index].signal(libc::SIGTERM);
+    assert!(nodes[b_index].wait_exit().success());
     {
         use bitdust::store::codec::{self, records::FragmentEntry};
         use bitdust::store::{Cf, KvStore};
@@ -194,15 +209,26 @@ fn corrupted_deleted_and_hash_only_fragments_fail_audits_and_are_rebuilt() {
                 .expect("rewrite the index");
         }
     }
+    nodes[b_index] = start(b, &env);
 
     // Every damaged fragment is found by audits and rebuilt, byte-identical, where it was.
-    let h = wait_for("every damaged fragment rebuilt", 120, || {
-        let restored = originals
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let h = loop {
+        let wrong: Vec<_> = originals
             .iter()
-            .all(|(f, bytes)| std::fs::read(f).ok().as_ref() == Some(bytes));
+            .filter(|(f, bytes)| std::fs::read(f).ok().as_ref() != Some(*bytes))
+            .map(|(f, _)| f.display().to_string())
+            .collect();
         let h = health(&c.homes[0]);
-        (restored && fully_redundant(&h)).then_some(h)
-    });
+        if wrong.is_empty() && fully_redundant(&h) {
+            break h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not rebuilt: {wrong:?}\n{h:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     let failed = h["audits_failed"].as_u64().expect("audits_failed");
     assert!(
         failed >= 2 + b_frags.len() as u64,

@@ -62,6 +62,8 @@ pub struct RebuilderDriver {
     monitor: Addr<Shell<MonitorDriver>>,
     blocks: HashMap<[u8; 32], Source>,
     refreshing: bool,
+    /// A fragment moved to another supplier since the last refresh.
+    holders_moved: bool,
 }
 
 impl RebuilderDriver {
@@ -199,15 +201,18 @@ impl RebuilderDriver {
                     }
                 }
             }
-            record(&wiring, block, places).await?;
-            Ok::<_, String>((placed, failed))
+            let moved = record(&wiring, block, places).await?;
+            Ok::<_, String>((placed, failed, moved))
         };
-        io.spawn_then(work, move |_, result| match result {
-            Ok((placed, failed)) => rb::Event::Done {
-                block,
-                placed,
-                failed,
-            },
+        io.spawn_then(work, move |driver, result| match result {
+            Ok((placed, failed, moved)) => {
+                driver.holders_moved |= moved;
+                rb::Event::Done {
+                    block,
+                    placed,
+                    failed,
+                }
+            }
             Err(why) => {
                 tracing::warn!(block = %BlockId(block), error = %why, "block not rebuilt");
                 all_failed
@@ -253,14 +258,15 @@ async fn place(
     }
 }
 
-/// The new holders in the catalog, their audit pairs and present cells, in one batch.
+/// The new holders in the catalog, their audit pairs and present cells, in one batch. Returns
+/// whether a fragment moved to another supplier (then the stored catalog must be refreshed).
 async fn record(
     wiring: &RebuilderWiring,
     block: [u8; 32],
     places: Vec<(usize, FragmentPlace, Vec<crate::data::audit::AuditPair>)>,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     if places.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let kv = wiring.kv.clone();
     let batch = tokio::task::spawn_blocking(move || {
@@ -274,8 +280,10 @@ async fn record(
             .unwrap_or_default();
         cells.resize(total, health_of(Cell::Unknown));
         let mut batch = Batch::new();
+        let mut moved = false;
         for (position, place, pairs) in places {
             if position < total {
+                moved |= entry.fragments[position].supplier != place.supplier;
                 entry.fragments[position] = place;
                 cells[position] = health_of(Cell::Present);
                 health::put_pairs(&mut batch, &id, position as u32, &pairs);
@@ -283,15 +291,16 @@ async fn record(
         }
         catalog::put_block(&mut batch, &entry);
         health::put_health(&mut batch, &id, &cells);
-        Ok::<_, String>(batch)
+        Ok::<_, String>((batch, moved))
     })
     .await
     .map_err(|e| e.to_string())??;
     wiring
         .writer
-        .write(batch)
+        .write(batch.0)
         .await
-        .map_err(|e| format!("cannot record the rebuilt fragments: {e}"))
+        .map_err(|e| format!("cannot record the rebuilt fragments: {e}"))?;
+    Ok(batch.1)
 }
 
 impl Driver for RebuilderDriver {
@@ -336,7 +345,9 @@ impl Driver for RebuilderDriver {
             }
             rb::Output::Finished { placed } => {
                 let monitor = self.monitor.clone();
-                let refresh = (placed && !self.refreshing).then(|| self.wiring.refresh.clone());
+                // Only a fragment that moved to another supplier makes the stored catalog stale.
+                let stale = placed && std::mem::take(&mut self.holders_moved);
+                let refresh = (stale && !self.refreshing).then(|| self.wiring.refresh.clone());
                 self.refreshing |= refresh.is_some();
                 io.spawn_then_opt(
                     async move {
@@ -396,6 +407,7 @@ pub async fn start(
         monitor,
         blocks: HashMap::new(),
         refreshing: false,
+        holders_moved: false,
     };
     let addr = Shell::new(Rebuilder::new(REBUILD_WINDOW), "0", driver, registry).start();
     let _ = addr.send(Deliver(rb::Event::Start { k })).await;
