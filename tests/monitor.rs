@@ -237,3 +237,39 @@ fn corrupted_deleted_and_hash_only_fragments_fail_audits_and_are_rebuilt() {
     );
     assert_eq!(h["fired"].as_array().map(Vec::len), Some(0), "{h:#}");
 }
+
+#[test]
+fn versions_beyond_keep_versions_are_dropped_and_their_fragments_deleted_from_suppliers() {
+    let c = star(6);
+    let mut env = fast("1h", "3");
+    env.push(("BITDUST_BACKUP__KEEP_VERSIONS", "1".into()));
+    let _nodes: Vec<Node> = c.homes.iter().map(|h| start(h, &env)).collect();
+    wait_all_connected(&c.homes[0], 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    let recovery = hex::encode(RECOVERY_BLOCK);
+    let blocks_held = || -> std::collections::BTreeSet<String> {
+        c.homes[1..]
+            .iter()
+            .flat_map(|h| held(h, &c.ids[0]))
+            .map(|(b, _)| b)
+            .filter(|b| *b != recovery)
+            .collect()
+    };
+    std::fs::write(source.path().join("a.bin"), noise(1, 2 << 20)).expect("write");
+    backup(&c.homes[0], source.path());
+    let first = blocks_held();
+    std::fs::write(source.path().join("a.bin"), noise(2, 2 << 20)).expect("write");
+    backup(&c.homes[0], source.path());
+    // Only the second version's blocks (and its catalog) stay on the suppliers.
+    let after = wait_for("the first version's fragments deleted", 60, || {
+        let now = blocks_held();
+        now.is_disjoint(&first).then_some(now)
+    });
+    assert!(!after.is_empty());
+    let list = bitdust(&c.homes[0], &["list", "--json"]);
+    assert!(list.status.success());
+    let text = String::from_utf8_lossy(&list.stdout);
+    let versions: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let count = versions["versions"].as_array().map_or(0, Vec::len);
+    assert_eq!(count, 1, "{text}");
+}

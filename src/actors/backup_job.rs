@@ -65,6 +65,8 @@ pub struct BackupSettings {
     pub request_timeout: Duration,
     /// Where fragments wait for their supplier (`HOME/outbox`).
     pub outbox: PathBuf,
+    /// Versions kept per source (`backup.keep_versions`).
+    pub keep_versions: usize,
 }
 
 impl BackupSettings {
@@ -1210,4 +1212,83 @@ fn staged_blocks(kv: &dyn KvStore, outbox: &Path, total: u32) -> Vec<BlockEntry>
         }
     }
     out
+}
+
+/// Retention, between two jobs (never while one runs: a job dedups against the catalog):
+/// versions beyond `keep_versions` per source go, and the fragments of blocks no kept version
+/// (nor the current catalog) references are deleted from their suppliers, then from the
+/// catalog. A crash between the two finds the same plan again (deleting twice is harmless).
+/// Returns (versions dropped, blocks deleted).
+pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), String> {
+    let kv = wiring.kv.clone();
+    let keep = wiring.settings.keep_versions;
+    let plan = tokio::task::spawn_blocking(move || {
+        let protect: std::collections::BTreeSet<BlockId> = health::current_catalog(&*kv)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .collect();
+        catalog::plan_prune(&*kv, keep, &protect).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    if plan.snapshots.is_empty() && plan.blocks.is_empty() {
+        return Ok((0, 0));
+    }
+    let timeout = wiring.settings.request_timeout;
+    for block in &plan.blocks {
+        let deletes = block
+            .fragments
+            .iter()
+            .enumerate()
+            .filter_map(|(position, place)| {
+                let supplier = place.supplier?;
+                let network = wiring.network.clone();
+                let id = FragmentId {
+                    block: block.id.0.to_vec(),
+                    position: position as u32,
+                };
+                Some(async move {
+                    let link = match network.send(Query::new(NetQuery::Link(supplier))).await {
+                        Ok(NetAnswer::Link(Some(link))) => link,
+                        _ => return Err(supplier),
+                    };
+                    let request =
+                        Body::DeleteFragment(crate::proto::DeleteFragment { id: Some(id) });
+                    match link.request(request, timeout).await.map(|r| r.body) {
+                        Ok(Some(Body::Ack(_) | Body::Fail(_))) => Ok(()),
+                        _ => Err(supplier),
+                    }
+                })
+            });
+        for result in futures::future::join_all(deletes).await {
+            if let Err(supplier) = result {
+                tracing::warn!(block = %block.id, supplier = %supplier,
+                    "an unreferenced fragment could not be deleted (the supplier keeps it)");
+            }
+        }
+    }
+    let kv = wiring.kv.clone();
+    let counts = (plan.snapshots.len(), plan.blocks.len());
+    let ids: Vec<BlockId> = plan.blocks.iter().map(|b| b.id).collect();
+    let cleanup = tokio::task::spawn_blocking(move || {
+        catalog::apply_prune(&*kv, &plan).map_err(|e| e.to_string())?;
+        let mut batch = Batch::new();
+        for id in &ids {
+            health::delete_block(&*kv, &mut batch, id).map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(batch)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    wiring
+        .writer
+        .write(cleanup)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        versions = counts.0,
+        blocks = counts.1,
+        "retention: old versions removed"
+    );
+    Ok(counts)
 }

@@ -194,6 +194,10 @@ impl Backups {
                     {
                         *self.draining.borrow_mut() = Some(running.addr);
                     }
+                    // Between jobs: nothing dedups against the catalog while it is pruned.
+                    if let Err(why) = backup_job::prune(&self.wiring).await {
+                        tracing::warn!(error = %why, "retention did not complete; tried again after the next backup");
+                    }
                 }
                 Err(why) => {
                     tracing::error!(run = job.run, source = %source, error = %why,

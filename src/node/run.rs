@@ -240,6 +240,7 @@ async fn node_main(
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             request_timeout: config.network.request_timeout.get(),
             outbox: home.outbox_dir(),
+            keep_versions: b.keep_versions as usize,
         },
         registry: registry.clone(),
         status: backup_status.clone(),
