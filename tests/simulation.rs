@@ -623,3 +623,296 @@ fn restore_worker_fetches_k_per_block_and_survives_up_to_m_bad_suppliers() {
         }
     }
 }
+
+/// The monitor and the rebuilder against a simulated set of friends, over many seeds: friends go
+/// down and come back, some are lost for good, a fire_hire model hires a spare into a fired
+/// position. Lists, audits, fetches and placements are answered from what each friend really
+/// holds. At every firing decision, every block the fired supplier holds keeps `k` fragments on
+/// reachable hired suppliers (no block drops below `k` because of a firing); once the churn ends,
+/// every block is back at `k + m` fragments on the hired suppliers.
+#[test]
+fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
+    use bitdust::crypto::identity::NodeId;
+    use bitdust::fsm::monitor::{self as mon, AuditResult, BlockInfo, Cell, Monitor};
+    use bitdust::fsm::rebuilder::{self as rb, Rebuilder};
+    use bitdust::fsm::{Ctx, Instance, Machine as _};
+    use rand::{Rng, SeedableRng};
+    use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+    const K: usize = 4;
+    const TOTAL: usize = 6;
+    const FRIENDS: usize = 9;
+    let id = |n: usize| NodeId::from_signing_key(&[n as u8 + 1; 32]);
+    let node_of = |who: NodeId| (0..FRIENDS).find(|n| id(*n) == who).expect("a friend");
+
+    enum To {
+        Monitor(mon::Event),
+        Rebuilder(rb::Event),
+    }
+
+    for seed in seeds(60, 5) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let blocks: Vec<[u8; 32]> = (0..rng.gen_range(1..12u8)).map(|i| [i; 32]).collect();
+        let mut up = [true; FRIENDS];
+        let mut lost = [false; FRIENDS];
+        let mut hired: Vec<Option<usize>> = (0..TOTAL).map(Some).collect();
+        let mut disk: Vec<BTreeSet<([u8; 32], u32)>> = vec![BTreeSet::new(); FRIENDS];
+        for b in &blocks {
+            for p in 0..TOTAL {
+                disk[p].insert((*b, p as u32));
+            }
+        }
+        let mut monitor = Instance::new(
+            Monitor::new(Duration::from_secs(20), Duration::from_secs(60), 3, 3),
+            "sim",
+        );
+        let mut rebuilder = Instance::new(Rebuilder::new(rng.gen_range(1..4)), "sim");
+        let mut queue: VecDeque<To> = VecDeque::new();
+        queue.push_back(To::Rebuilder(rb::Event::Start { k: K as u32 }));
+        queue.push_back(To::Monitor(mon::Event::Start {
+            k: K as u32,
+            total: TOTAL as u32,
+            blocks: blocks
+                .iter()
+                .map(|b| BlockInfo {
+                    id: *b,
+                    holders: (0..TOTAL).map(|p| Some(id(p))).collect(),
+                    cells: vec![Cell::Unknown; TOTAL],
+                    newest: 1,
+                    catalog: b[0] == 0,
+                })
+                .collect(),
+            suppliers: (0..TOTAL).map(|p| Some(id(p))).collect(),
+        }));
+        for p in 0..TOTAL {
+            queue.push_back(To::Monitor(mon::Event::Position {
+                position: p as u32,
+                supplier: id(p),
+                up: true,
+            }));
+        }
+        let mut kills = 0;
+        let mut firings = 0;
+        let churn_until = Duration::from_secs(3000);
+        let end = Duration::from_secs(9000);
+        let mut now = Duration::ZERO;
+        while now < end {
+            now += Duration::from_secs(1);
+            let ctx = Ctx {
+                now,
+                wall: now,
+                random: rng.r#gen(),
+            };
+            // Churn: a friend goes down or comes back; rarely one is lost for good (two at most).
+            if now < churn_until && rng.gen_bool(0.02) {
+                let n = rng.gen_range(0..FRIENDS);
+                if !lost[n] {
+                    if kills < 2 && rng.gen_bool(0.1) {
+                        kills += 1;
+                        lost[n] = true;
+                        up[n] = false;
+                        disk[n].clear();
+                    } else {
+                        up[n] = !up[n];
+                    }
+                    if let Some(p) = hired.iter().position(|h| *h == Some(n)) {
+                        queue.push_back(To::Monitor(mon::Event::Position {
+                            position: p as u32,
+                            supplier: id(n),
+                            up: up[n],
+                        }));
+                    }
+                }
+            }
+            if now == churn_until {
+                for n in 0..FRIENDS {
+                    if !lost[n] && !up[n] {
+                        up[n] = true;
+                        if let Some(p) = hired.iter().position(|h| *h == Some(n)) {
+                            queue.push_back(To::Monitor(mon::Event::Position {
+                                position: p as u32,
+                                supplier: id(n),
+                                up: true,
+                            }));
+                        }
+                    }
+                }
+            }
+            let spares = (0..FRIENDS)
+                .filter(|n| up[*n] && !hired.contains(&Some(*n)))
+                .count();
+            queue.push_back(To::Monitor(mon::Event::Spares(spares)));
+            while let Some(t) = monitor.due_timer(now) {
+                queue.push_back(To::Monitor(Monitor::timer_event(t)));
+            }
+            while let Some(t) = rebuilder.due_timer(now) {
+                queue.push_back(To::Rebuilder(Rebuilder::timer_event(t)));
+            }
+            // Everything queued is answered within this second, in order.
+            let mut budget = 100_000;
+            while let Some(next) = queue.pop_front() {
+                budget -= 1;
+                assert!(budget > 0, "seed {seed}: no quiescence");
+                match next {
+                    To::Monitor(event) => {
+                        let Some(s) = monitor.step(&event, &ctx) else {
+                            continue;
+                        };
+                        monitor
+                            .machine
+                            .invariant(monitor.state())
+                            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                        for o in s.outputs {
+                            match o {
+                                mon::Output::List { position, supplier } => {
+                                    let n = node_of(supplier);
+                                    let held = up[n].then(|| {
+                                        disk[n]
+                                            .iter()
+                                            .filter(|(_, p)| *p == position)
+                                            .map(|(b, _)| *b)
+                                            .collect()
+                                    });
+                                    queue.push_back(To::Monitor(mon::Event::Listed {
+                                        position,
+                                        supplier,
+                                        held,
+                                    }));
+                                }
+                                mon::Output::Audit {
+                                    block,
+                                    position,
+                                    supplier,
+                                } => {
+                                    let n = node_of(supplier);
+                                    let result = if !up[n] {
+                                        AuditResult::NoAnswer
+                                    } else if disk[n].contains(&(block, position)) {
+                                        AuditResult::Passed
+                                    } else {
+                                        AuditResult::NotFound
+                                    };
+                                    queue.push_back(To::Monitor(mon::Event::Audited {
+                                        block,
+                                        position,
+                                        supplier,
+                                        result,
+                                    }));
+                                }
+                                mon::Output::Fire { position, .. } => {
+                                    firings += 1;
+                                    let p = position as usize;
+                                    let fired = hired[p];
+                                    // The invariant: what the fired one holds stays rebuildable.
+                                    for b in &blocks {
+                                        let held_there =
+                                            fired.is_some_and(|n| disk[n].contains(&(*b, position)));
+                                        let reachable = (0..TOTAL)
+                                            .filter(|q| *q != p)
+                                            .filter(|q| {
+                                                hired[*q].is_some_and(|n| {
+                                                    up[n] && disk[n].contains(&(*b, *q as u32))
+                                                })
+                                            })
+                                            .count();
+                                        assert!(
+                                            !held_there || reachable >= K,
+                                            "seed {seed}: firing position {p} leaves block {} with {reachable} reachable fragments",
+                                            b[0]
+                                        );
+                                    }
+                                    // fire_hire: a spare that is up takes the position.
+                                    let spare = (0..FRIENDS)
+                                        .find(|n| up[*n] && !hired.contains(&Some(*n)));
+                                    hired[p] = spare;
+                                    if let Some(n) = spare {
+                                        queue.push_back(To::Monitor(mon::Event::Position {
+                                            position,
+                                            supplier: id(n),
+                                            up: true,
+                                        }));
+                                    }
+                                }
+                                mon::Output::Rebuild(work) => {
+                                    queue.push_back(To::Rebuilder(rb::Event::Work(work)));
+                                }
+                                mon::Output::SaveCells(_) | mon::Output::Report(_) => {}
+                            }
+                        }
+                    }
+                    To::Rebuilder(event) => {
+                        let Some(s) = rebuilder.step(&event, &ctx) else {
+                            continue;
+                        };
+                        rebuilder
+                            .machine
+                            .invariant(rebuilder.state())
+                            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                        for o in s.outputs {
+                            match o {
+                                rb::Output::Fetch {
+                                    block,
+                                    position,
+                                    supplier,
+                                } => {
+                                    let n = node_of(supplier);
+                                    let ok = up[n] && disk[n].contains(&(block, position));
+                                    queue.push_back(To::Rebuilder(if ok {
+                                        rb::Event::FragmentOk { block, position }
+                                    } else {
+                                        rb::Event::FragmentFailed { block, position }
+                                    }));
+                                }
+                                rb::Output::Rebuild { block, targets, .. } => {
+                                    let mut placed = Vec::new();
+                                    let mut failed = Vec::new();
+                                    for (p, s) in targets {
+                                        let n = node_of(s);
+                                        if up[n] {
+                                            disk[n].insert((block, p));
+                                            placed.push((p, s));
+                                        } else {
+                                            failed.push(p);
+                                        }
+                                    }
+                                    queue.push_back(To::Rebuilder(rb::Event::Done {
+                                        block,
+                                        placed,
+                                        failed,
+                                    }));
+                                }
+                                rb::Output::Placed {
+                                    block,
+                                    position,
+                                    supplier,
+                                } => queue.push_back(To::Monitor(mon::Event::Placed {
+                                    block,
+                                    position,
+                                    supplier,
+                                })),
+                                rb::Output::Finished { .. } => {
+                                    queue.push_back(To::Monitor(mon::Event::RebuildIdle))
+                                }
+                                rb::Output::Forget { .. } | rb::Output::Progress(_) => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // After the churn: every position hired and every block whole there.
+        for (p, h) in hired.iter().enumerate() {
+            let n = h.unwrap_or_else(|| panic!("seed {seed}: position {p} empty"));
+            for b in &blocks {
+                assert!(
+                    disk[n].contains(&(*b, p as u32)),
+                    "seed {seed}: block {} missing at position {p} ({kills} lost, {firings} firings)",
+                    b[0]
+                );
+            }
+        }
+        if kills > 0 {
+            assert!(firings >= kills, "seed {seed}: {kills} lost, {firings} fired");
+        }
+    }
+}

@@ -759,7 +759,7 @@ impl CatalogRefresh {
             settings: self.settings.clone(),
             suppliers,
             revision: 0,
-            now: crate::unix_now(),
+            now: super::shell::ctx_now().wall.as_secs(),
             refresh: true,
         };
         upload.run().await.map(|_| ())

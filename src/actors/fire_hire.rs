@@ -204,7 +204,7 @@ impl Driver for FireHireDriver {
                     let news = PositionNews {
                         position: p as u32,
                         supplier: hire.supplier,
-                        up: state.as_deref() == Some("Connected"),
+                        up: state == Some("Connected"),
                     };
                     let to = to.clone();
                     actix::spawn(async move {

@@ -361,7 +361,7 @@ impl Monitor {
                 },
             ));
         }
-        work.sort_by(|a, b| (a.0, a.1, a.2, a.3.block).cmp(&(b.0, b.1, b.2, b.3.block)));
+        work.sort_by_key(|w| (w.0, w.1, w.2, w.3.block));
         work.into_iter().map(|w| w.3).collect()
     }
 
