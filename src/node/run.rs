@@ -275,6 +275,16 @@ async fn node_main(
         restore_status,
         sources: sources.clone(),
         store: store.clone(),
+        drill: crate::actors::drill::DrillWiring {
+            kv: store.clone(),
+            network: network_actor.clone(),
+            keys: data_keys.clone(),
+            owner: keys.signing_key().verifying_key(),
+            settings: crate::actors::drill::DrillSettings {
+                request_timeout: config.network.request_timeout.get(),
+                ..Default::default()
+            },
+        },
     });
     let disk_health = disk.health.clone();
     let handler: control::Handler = Rc::new(move |request| {
@@ -369,6 +379,7 @@ struct ControlState {
     restore_status: Arc<Mutex<RestoreStatus>>,
     sources: Rc<RefCell<BackupSection>>,
     store: Arc<dyn KvStore>,
+    drill: crate::actors::drill::DrillWiring,
 }
 
 impl ControlState {
@@ -546,6 +557,10 @@ impl ControlState {
                     Err(_) => shutting_down(),
                 }
             }
+            Request::Drill => match self.drill.run_now().await {
+                Ok(report) => Response::ok(report.to_json()),
+                Err(e) => Response::error(e.to_string()),
+            },
             Request::PeerPing { node_id } => {
                 let peer = match node_id.parse::<NodeId>() {
                     Ok(peer) => peer,
