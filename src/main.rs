@@ -144,6 +144,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restore a random sample of files in memory now and check them byte for byte (exit status
+    /// 1 when any file failed)
+    Drill {
+        /// Print the report as one JSON document
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the state diagrams generated from the machines' tables
     Diagrams {
         #[arg(long, default_value = "state-diagrams")]
@@ -331,6 +338,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             keep,
             json,
         })?),
+        Command::Drill { json } => drill(&home, json),
         Command::Diagrams { out } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             for (name, contents) in bitdust::fsm::diagram_files() {
@@ -388,6 +396,33 @@ fn call_if_running(home: &Home, request: &Request) -> anyhow::Result<Option<serd
         }
         Err(e) => Err(e),
     }
+}
+
+/// `bitdust drill`: one restore drill through the running node; fails when a file failed.
+fn drill(home: &Home, json: bool) -> anyhow::Result<()> {
+    let data = call(home, &Request::Drill)?;
+    let report: bitdust::actors::drill::DrillReport =
+        serde_json::from_value(data.clone()).context("the node sent an unreadable drill report")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+    } else {
+        println!(
+            "drill of {} (version {}): {} files, {} bytes checked, {} fragments fetched, {:.1} s",
+            report.source,
+            report.snapshot,
+            report.files,
+            report.bytes,
+            report.fragments_fetched,
+            report.seconds
+        );
+        for failure in &report.failures {
+            println!("  FAILED {}: {}", failure.path, failure.reason);
+        }
+    }
+    if !report.passed() {
+        bail!("the drill failed for {} file(s)", report.failures.len());
+    }
+    Ok(())
 }
 
 /// Adds a peer through the running node, or straight into the database when none runs.

@@ -61,6 +61,8 @@ pub enum Request {
     CustomerDrop {
         node_id: String,
     },
+    /// Run one restore drill now; answers its `DrillReport` (with `passed`).
+    Drill,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -324,6 +324,16 @@ async fn node_main(
         monitor_status,
         sources: sources.clone(),
         store: store.clone(),
+        drill: crate::actors::drill::DrillWiring {
+            kv: store.clone(),
+            network: network_actor.clone(),
+            keys: data_keys.clone(),
+            owner: keys.signing_key().verifying_key(),
+            settings: crate::actors::drill::DrillSettings {
+                request_timeout: config.network.request_timeout.get(),
+                ..Default::default()
+            },
+        },
     });
     let disk_health = disk.health.clone();
     let handler: control::Handler = Rc::new(move |request| {
@@ -419,6 +429,7 @@ struct ControlState {
     monitor_status: Arc<Mutex<MonitorStatus>>,
     sources: Rc<RefCell<BackupSection>>,
     store: Arc<dyn KvStore>,
+    drill: crate::actors::drill::DrillWiring,
 }
 
 impl ControlState {
@@ -609,6 +620,10 @@ impl ControlState {
                     Err(_) => shutting_down(),
                 }
             }
+            Request::Drill => match self.drill.run_now().await {
+                Ok(report) => Response::ok(report.to_json()),
+                Err(e) => Response::error(e.to_string()),
+            },
             Request::PeerPing { node_id } => {
                 let peer = match node_id.parse::<NodeId>() {
                     Ok(peer) => peer,
