@@ -480,10 +480,97 @@ fn status(home: &Home, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&data)?);
         return Ok(());
     }
+    let health = data["health"].clone();
     let status: NodeStatus = serde_json::from_value(data)
         .context("the node answered with a status this version cannot read")?;
     print!("{}", render_status(&status));
+    print!("{}", render_health(&health));
     Ok(())
+}
+
+/// The monitor's part of `status`: sources by health, each with its worst redundancy and
+/// durability estimate, audits, the rebuild, firings and the last restore drill.
+fn render_health(h: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let Some(sources) = h["sources"].as_array() else {
+        return out;
+    };
+    let count = |what: &str| {
+        sources
+            .iter()
+            .filter(|s| s["health"].as_str() == Some(what))
+            .count()
+    };
+    let _ = writeln!(
+        out,
+        "
+health: {} sources at full health, {} degraded, {} at risk, {} lost ({} rounds, {} audits passed, {} failed)",
+        count("full"),
+        count("degraded"),
+        count("at risk"),
+        count("lost"),
+        h["rounds"].as_u64().unwrap_or(0),
+        h["audits_passed"].as_u64().unwrap_or(0),
+        h["audits_failed"].as_u64().unwrap_or(0),
+    );
+    if !sources.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<40} {:<9} {:>7} {:>10}  {}",
+            "SOURCE", "HEALTH", "BLOCKS", "REDUNDANCY", "LOSS WITHIN A YEAR"
+        );
+    }
+    for s in sources {
+        let _ = writeln!(
+            out,
+            "{:<40} {:<9} {:>7} {:>+10}  {}",
+            s["source"].as_str().unwrap_or("-"),
+            s["health"].as_str().unwrap_or("-"),
+            s["blocks"].as_u64().unwrap_or(0),
+            s["worst_redundancy"].as_i64().unwrap_or(0),
+            s["loss_within_a_year_text"].as_str().unwrap_or("-"),
+        );
+    }
+    let r = &h["rebuild"];
+    let queued = h["rebuild_queued"].as_u64().unwrap_or(0) + r["in_flight"].as_u64().unwrap_or(0);
+    if queued > 0 || r["fragments_placed"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            out,
+            "rebuild: {} blocks waiting, {} rebuilt, {} fragments placed, {} failed",
+            queued,
+            r["blocks_rebuilt"].as_u64().unwrap_or(0),
+            r["fragments_placed"].as_u64().unwrap_or(0),
+            r["blocks_failed"].as_u64().unwrap_or(0),
+        );
+    }
+    for f in h["fired"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "fired: position {} ({})",
+            f[0].as_u64().unwrap_or(0),
+            f[1].as_str().unwrap_or("-")
+        );
+    }
+    let d = &h["last_drill"];
+    if d.is_object() {
+        let _ = writeln!(
+            out,
+            "last restore drill: {} at {} (unix), {} files, {} verified byte for byte from {}",
+            if d["passed"].as_bool() == Some(true) {
+                "passed"
+            } else {
+                "FAILED"
+            },
+            d["at"].as_u64().unwrap_or(0),
+            d["files"].as_u64().unwrap_or(0),
+            ByteSize(d["bytes"].as_u64().unwrap_or(0)),
+            d["source"].as_str().unwrap_or("-"),
+        );
+    } else {
+        let _ = writeln!(out, "last restore drill: none yet");
+    }
+    out
 }
 
 /// The human form of `status`: one table per concern.

@@ -7,7 +7,7 @@
 //! thread, independent of the event loop and of the disk, exits with status 2 naming what did
 //! not finish); a second signal exits at once with status 1.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,7 +35,9 @@ use crate::actors::network_connector::{
     Presence,
 };
 use crate::actors::peer_session::SessionShared;
+use crate::actors::drill::DrillReport;
 use crate::actors::rebuilder::RebuilderWiring;
+use super::durability;
 use crate::actors::restore_worker::{RestoreSpec, RestoreWiring};
 use crate::actors::router::{RequestKind, Router};
 use crate::actors::status::NodeStatus;
@@ -331,10 +333,17 @@ async fn node_main(
             owner: keys.signing_key().verifying_key(),
             settings: crate::actors::drill::DrillSettings {
                 request_timeout: config.network.request_timeout.get(),
+                files: config.monitor.drill_files as usize,
                 ..Default::default()
             },
         },
+        last_drill: Rc::new(RefCell::new(load_last_drill(store.as_ref()))),
+        drill_running: Rc::new(Cell::new(false)),
+        // Firing waits `fire_after`; the rebuild itself is assumed to take at most an hour.
+        repair_window: config.monitor.fire_after.get() + Duration::from_secs(3600),
     });
+    let drill_state = control_state.clone();
+    let drill_interval = config.monitor.drill_interval.get();
     let disk_health = disk.health.clone();
     let handler: control::Handler = Rc::new(move |request| {
         let state = control_state.clone();
@@ -362,6 +371,9 @@ async fn node_main(
 
     // Scheduled backups: checked every 5 s against each source's last snapshot (a read per source).
     let mut schedule = tokio::time::interval(Duration::from_secs(5));
+    // Restore drills: checked every minute.
+    let mut drills = tokio::time::interval(Duration::from_secs(60));
+    drills.tick().await;
     let stop_signal = loop {
         tokio::select! {
             signal = signals.next() => match signal {
@@ -380,6 +392,16 @@ async fn node_main(
                 None => break "signal thread gone",
             },
             _ = schedule.tick() => backups.schedule_due(&sources.borrow()),
+            _ = drills.tick() => {
+                if drill_state.drill_due(drill_interval, crate::unix_now()) {
+                    let state = drill_state.clone();
+                    actix::spawn(async move {
+                        if let Err(e) = state.run_drill().await {
+                            tracing::warn!(error = %e, "restore drill could not run");
+                        }
+                    });
+                }
+            }
         }
     };
     tracing::info!(signal = stop_signal, "shutting down");
@@ -430,17 +452,96 @@ struct ControlState {
     sources: Rc<RefCell<BackupSection>>,
     store: Arc<dyn KvStore>,
     drill: crate::actors::drill::DrillWiring,
+    /// The latest restore drill (also kept in the database, so it outlives a restart).
+    last_drill: Rc<RefCell<Option<DrillReport>>>,
+    drill_running: Rc<Cell<bool>>,
+    /// How long a lost fragment stays lost before it is rebuilt (for the durability estimate).
+    repair_window: Duration,
 }
 
+/// The last drill's report, as saved (none, or unreadable: none).
+fn load_last_drill(kv: &dyn KvStore) -> Option<DrillReport> {
+    let bytes = crate::store::health::meta(kv, LAST_DRILL).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+const LAST_DRILL: &str = "last-drill";
+
 impl ControlState {
-    /// The monitor's view for `status`: the health matrix summary, per source.
+    /// The monitor's view for `status`: the health matrix summary, per source, with each
+    /// source's durability estimate and the last restore drill.
     fn health_report(&self) -> serde_json::Value {
         let monitor = self
             .monitor_status
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default();
-        serde_json::to_value(&monitor).unwrap_or_default()
+        let positions: Vec<durability::Observed> = monitor
+            .positions
+            .iter()
+            .map(|p| durability::Observed {
+                availability: p.availability,
+                observed: Duration::from_secs(p.observed_secs),
+            })
+            .collect();
+        let mut value = serde_json::to_value(&monitor).unwrap_or_default();
+        if let Some(sources) = value["sources"].as_array_mut() {
+            for (source, health) in sources.iter_mut().zip(&monitor.sources) {
+                let p = durability::loss_probability(
+                    monitor.k as usize,
+                    monitor.m as usize,
+                    &positions,
+                    self.repair_window,
+                    Duration::from_secs(365 * 86_400),
+                    health.blocks,
+                );
+                source["loss_within_a_year"] = json!(p);
+                source["loss_within_a_year_text"] = json!(durability::describe(p));
+            }
+        }
+        value["last_drill"] = self
+            .last_drill
+            .borrow()
+            .as_ref()
+            .map_or(serde_json::Value::Null, DrillReport::to_json);
+        value
+    }
+
+    /// One restore drill now (none while another runs); its report is kept and saved.
+    async fn run_drill(&self) -> Result<DrillReport, String> {
+        if self.drill_running.replace(true) {
+            return Err("a restore drill is already running".into());
+        }
+        let result = self.drill.run_now().await.map_err(|e| e.to_string());
+        self.drill_running.set(false);
+        let report = result?;
+        if report.passed() {
+            tracing::info!(source = %report.source, files = report.files, bytes = report.bytes,
+                "restore drill passed");
+        } else {
+            tracing::warn!(source = %report.source, failures = report.failures.len(),
+                "restore drill FAILED: files could not be restored byte for byte");
+        }
+        *self.last_drill.borrow_mut() = Some(report.clone());
+        if let Ok(bytes) = serde_json::to_vec(&report) {
+            let mut batch = crate::store::Batch::new();
+            crate::store::health::put_meta(&mut batch, LAST_DRILL, &bytes);
+            let kv = self.store.clone();
+            // Off the event loop: the disk may be slow.
+            tokio::task::spawn_blocking(move || kv.write(batch));
+        }
+        Ok(report)
+    }
+
+    /// A drill is due: none yet and a version exists, or the last is `interval` old.
+    fn drill_due(&self, interval: Duration, now_unix: u64) -> bool {
+        if self.drill_running.get() {
+            return false;
+        }
+        match self.last_drill.borrow().as_ref() {
+            Some(last) => now_unix.saturating_sub(last.at) >= interval.as_secs(),
+            None => catalog::snapshots(self.store.as_ref()).is_ok_and(|s| !s.is_empty()),
+        }
     }
 
     async fn handle(&self, request: Request) -> Response {
@@ -620,9 +721,9 @@ impl ControlState {
                     Err(_) => shutting_down(),
                 }
             }
-            Request::Drill => match self.drill.run_now().await {
+            Request::Drill => match self.run_drill().await {
                 Ok(report) => Response::ok(report.to_json()),
-                Err(e) => Response::error(e.to_string()),
+                Err(e) => Response::error(e),
             },
             Request::PeerPing { node_id } => {
                 let peer = match node_id.parse::<NodeId>() {
