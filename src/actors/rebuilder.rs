@@ -64,6 +64,8 @@ pub struct RebuilderDriver {
     refreshing: bool,
     /// A fragment moved to another supplier since the last refresh.
     holders_moved: bool,
+    bytes_fetched: u64,
+    bytes_placed: u64,
 }
 
 impl RebuilderDriver {
@@ -110,6 +112,7 @@ impl RebuilderDriver {
                     return failed;
                 }
             };
+            driver.bytes_fetched += stored.len() as u64;
             if let Some(source) = source {
                 driver.blocks.entry(block).or_insert(source);
             }
@@ -201,12 +204,14 @@ impl RebuilderDriver {
                     }
                 }
             }
+            let bytes: u64 = places.iter().map(|(_, p, _)| p.size).sum();
             let moved = record(&wiring, block, places).await?;
-            Ok::<_, String>((placed, failed, moved))
+            Ok::<_, String>((placed, failed, moved, bytes))
         };
         io.spawn_then(work, move |driver, result| match result {
-            Ok((placed, failed, moved)) => {
+            Ok((placed, failed, moved, bytes)) => {
                 driver.holders_moved |= moved;
+                driver.bytes_placed += bytes;
                 rb::Event::Done {
                     block,
                     placed,
@@ -368,7 +373,9 @@ impl Driver for RebuilderDriver {
                     },
                 );
             }
-            rb::Output::Progress(progress) => {
+            rb::Output::Progress(mut progress) => {
+                progress.bytes_fetched = self.bytes_fetched;
+                progress.bytes_placed = self.bytes_placed;
                 let monitor = self.monitor.clone();
                 io.spawn_opt(async move {
                     let _ = monitor
@@ -408,6 +415,8 @@ pub async fn start(
         blocks: HashMap::new(),
         refreshing: false,
         holders_moved: false,
+        bytes_fetched: 0,
+        bytes_placed: 0,
     };
     let addr = Shell::new(Rebuilder::new(REBUILD_WINDOW), "0", driver, registry).start();
     let _ = addr.send(Deliver(rb::Event::Start { k })).await;

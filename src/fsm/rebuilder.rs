@@ -72,6 +72,9 @@ pub struct Progress {
     pub fragments_placed: u64,
     pub fragments_fetched: u64,
     pub blocks_failed: u64,
+    /// Bytes fetched and placed (counted by the driver, which sees them).
+    pub bytes_fetched: u64,
+    pub bytes_placed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
