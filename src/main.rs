@@ -517,8 +517,8 @@ health: {} sources at full health, {} degraded, {} at risk, {} lost ({} rounds, 
     if !sources.is_empty() {
         let _ = writeln!(
             out,
-            "{:<40} {:<9} {:>7} {:>10}  {}",
-            "SOURCE", "HEALTH", "BLOCKS", "REDUNDANCY", "LOSS WITHIN A YEAR"
+            "{:<40} {:<9} {:>7} {:>10}  LOSS WITHIN A YEAR",
+            "SOURCE", "HEALTH", "BLOCKS", "REDUNDANCY"
         );
     }
     for s in sources {

@@ -637,7 +637,7 @@ fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
     use bitdust::fsm::rebuilder::{self as rb, Rebuilder};
     use bitdust::fsm::{Ctx, Instance, Machine as _};
     use rand::{Rng, SeedableRng};
-    use std::collections::{BTreeMap, BTreeSet, VecDeque};
+    use std::collections::{BTreeSet, VecDeque};
 
     const K: usize = 4;
     const TOTAL: usize = 6;
@@ -658,8 +658,8 @@ fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
         let mut hired: Vec<Option<usize>> = (0..TOTAL).map(Some).collect();
         let mut disk: Vec<BTreeSet<([u8; 32], u32)>> = vec![BTreeSet::new(); FRIENDS];
         for b in &blocks {
-            for p in 0..TOTAL {
-                disk[p].insert((*b, p as u32));
+            for (p, held) in disk.iter_mut().enumerate().take(TOTAL) {
+                held.insert((*b, p as u32));
             }
         }
         let mut monitor = Instance::new(
@@ -805,8 +805,8 @@ fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
                                     let fired = hired[p];
                                     // The invariant: what the fired one holds stays rebuildable.
                                     for b in &blocks {
-                                        let held_there =
-                                            fired.is_some_and(|n| disk[n].contains(&(*b, position)));
+                                        let held_there = fired
+                                            .is_some_and(|n| disk[n].contains(&(*b, position)));
                                         let reachable = (0..TOTAL)
                                             .filter(|q| *q != p)
                                             .filter(|q| {
@@ -822,8 +822,8 @@ fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
                                         );
                                     }
                                     // fire_hire: a spare that is up takes the position.
-                                    let spare = (0..FRIENDS)
-                                        .find(|n| up[*n] && !hired.contains(&Some(*n)));
+                                    let spare =
+                                        (0..FRIENDS).find(|n| up[*n] && !hired.contains(&Some(*n)));
                                     hired[p] = spare;
                                     if let Some(n) = spare {
                                         queue.push_back(To::Monitor(mon::Event::Position {
@@ -912,7 +912,10 @@ fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
             }
         }
         if kills > 0 {
-            assert!(firings >= kills, "seed {seed}: {kills} lost, {firings} fired");
+            assert!(
+                firings >= kills,
+                "seed {seed}: {kills} lost, {firings} fired"
+            );
         }
     }
 }

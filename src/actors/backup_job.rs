@@ -725,7 +725,8 @@ struct CatalogUpload {
 
 /// One catalog upload at a time in this process: each takes the next recovery revision.
 static UPLOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-const REVISION_META: &str = "recovery-revision";
+/// Where the latest recovery record revision is kept (health meta).
+pub const REVISION_META: &str = "recovery-revision";
 
 /// Stores a fresh catalog and recovery record naming the current holders (after a rebuild).
 #[derive(Clone)]

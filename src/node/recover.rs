@@ -184,6 +184,14 @@ pub async fn run_pending(
     }
     kv.write(contracts::save_batch(slots))
         .context("saving the suppliers' positions")?;
+    // The next record this node stores must be newer than the one it recovered from.
+    let mut batch = crate::store::Batch::new();
+    crate::store::health::put_meta(
+        &mut batch,
+        crate::actors::backup_job::REVISION_META,
+        &record.revision.to_le_bytes(),
+    );
+    kv.write(batch).context("saving the recovery revision")?;
     kv.flush().context("flushing the recovered catalog")?;
     std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
     tracing::info!(

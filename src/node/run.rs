@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use super::backups::{self, Backups};
 use super::config::{AcceptPolicy, BackupSection, Config, LogFormat};
 use super::control::{self, Request, Response};
+use super::durability;
 use super::health::{self, DiskHealth};
 use super::home::Home;
 use super::logging;
@@ -27,6 +28,7 @@ use super::restores::Restores;
 use super::signals::{self, Signal, Signals};
 use crate::actors::backup_job::CatalogRefresh;
 use crate::actors::backup_job::{BackupSettings, BackupWiring, JobSpec};
+use crate::actors::drill::DrillReport;
 use crate::actors::fire_hire::{self, CustomerSettings, FireHireDriver, FireHireQuery};
 use crate::actors::identity::{self, IdentityDriver};
 use crate::actors::monitor::{self, MonitorSettings, MonitorStatus, MonitorWiring};
@@ -35,9 +37,7 @@ use crate::actors::network_connector::{
     Presence,
 };
 use crate::actors::peer_session::SessionShared;
-use crate::actors::drill::DrillReport;
 use crate::actors::rebuilder::RebuilderWiring;
-use super::durability;
 use crate::actors::restore_worker::{RestoreSpec, RestoreWiring};
 use crate::actors::router::{RequestKind, Router};
 use crate::actors::status::NodeStatus;
