@@ -266,6 +266,13 @@ fn versions_beyond_keep_versions_are_dropped_and_their_fragments_deleted_from_su
         now.is_disjoint(&first).then_some(now)
     });
     assert!(!after.is_empty());
+    // The monitor follows the kept version only: the deleted blocks are not missing fragments.
+    let h = wait_for("full redundancy after retention", 60, || {
+        let h = health(&c.homes[0]);
+        (fully_redundant(&h) && h["rounds"].as_u64() > Some(3)).then_some(h)
+    });
+    assert_eq!(h["rebuild"]["blocks_failed"], 0, "{h:#}");
+    assert_eq!(h["sources"][0]["health"], "full", "{h:#}");
     let list = bitdust(&c.homes[0], &["list", "--json"]);
     assert!(list.status.success());
     let text = String::from_utf8_lossy(&list.stdout);

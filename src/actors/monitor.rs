@@ -117,15 +117,15 @@ pub enum MonitorInput {
 struct Loaded {
     blocks: Vec<BlockInfo>,
     by_source: BTreeMap<String, Vec<BlockId>>,
-    /// The newest snapshot id and the current catalog, to notice a change.
-    mark: (u64, Vec<BlockId>),
+    /// What says the followed blocks changed: see [`mark`].
+    mark: Mark,
 }
 
 pub struct MonitorDriver {
     wiring: MonitorWiring,
     rebuilder: Option<Addr<Shell<RebuilderDriver>>>,
     by_source: BTreeMap<String, Vec<BlockId>>,
-    mark: (u64, Vec<BlockId>),
+    mark: Mark,
     reloading: bool,
 }
 
@@ -178,7 +178,10 @@ fn load(kv: &dyn KvStore) -> Result<Loaded, String> {
             catalog: current.contains(id),
         });
     }
-    let top = snapshots.iter().map(|s| s.id.0).max().unwrap_or(0);
+    let top = (
+        snapshots.iter().map(|s| s.id.0).max().unwrap_or(0),
+        snapshots.len(),
+    );
     Ok(Loaded {
         blocks,
         by_source: by_source
@@ -189,13 +192,16 @@ fn load(kv: &dyn KvStore) -> Result<Loaded, String> {
     })
 }
 
-fn mark(kv: &dyn KvStore) -> Result<(u64, Vec<BlockId>), String> {
-    let top = catalog::snapshots(kv)
-        .map_err(|e| e.to_string())?
-        .iter()
-        .map(|s| s.id.0)
-        .max()
-        .unwrap_or(0);
+/// The newest snapshot, how many there are (retention drops some) and the current catalog: when
+/// any changes, the blocks to follow changed.
+type Mark = ((u64, usize), Vec<BlockId>);
+
+fn mark(kv: &dyn KvStore) -> Result<Mark, String> {
+    let snapshots = catalog::snapshots(kv).map_err(|e| e.to_string())?;
+    let top = (
+        snapshots.iter().map(|s| s.id.0).max().unwrap_or(0),
+        snapshots.len(),
+    );
     Ok((top, health::current_catalog(kv).map_err(|e| e.to_string())?))
 }
 
