@@ -48,12 +48,21 @@ fn fully_redundant(h: &serde_json::Value) -> bool {
         && h["rebuild_queued"].as_u64() == Some(0)
 }
 
+/// One cluster at a time: four clusters of 7 to 9 nodes at once on 2 cores make every
+/// deadline a coin toss.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn home_of(c: &Cluster, id: &str) -> usize {
     c.ids.iter().position(|i| i == id).expect("a cluster node")
 }
 
 #[test]
 fn two_suppliers_lost_for_good_are_replaced_and_rebuilt_and_the_restore_survives_two_more() {
+    let _serial = one_at_a_time();
     let c = star(8);
     let env = fast("3s", "3");
     let mut nodes: Vec<Option<Node>> = c.homes.iter().map(|h| Some(start(h, &env))).collect();
@@ -143,6 +152,7 @@ fn fragment_file(
 
 #[test]
 fn corrupted_deleted_and_hash_only_fragments_fail_audits_and_are_rebuilt() {
+    let _serial = one_at_a_time();
     let c = star(6);
     // Never fired here: the fragments are rebuilt on the same suppliers.
     let env = fast("1h", "1000000");
@@ -240,6 +250,7 @@ fn corrupted_deleted_and_hash_only_fragments_fail_audits_and_are_rebuilt() {
 
 #[test]
 fn versions_beyond_keep_versions_are_dropped_and_their_fragments_deleted_from_suppliers() {
+    let _serial = one_at_a_time();
     let c = star(6);
     let mut env = fast("1h", "3");
     env.push(("BITDUST_BACKUP__KEEP_VERSIONS", "1".into()));
@@ -279,4 +290,84 @@ fn versions_beyond_keep_versions_are_dropped_and_their_fragments_deleted_from_su
     let versions: serde_json::Value = serde_json::from_str(&text).expect("json");
     let count = versions["versions"].as_array().map_or(0, Vec::len);
     assert_eq!(count, 1, "{text}");
+}
+
+#[test]
+fn with_m_suppliers_unreachable_a_supplier_failing_an_audit_is_not_fired() {
+    let _serial = one_at_a_time();
+    let c = star(8);
+    // Unreachable suppliers are never fired here; a failed audit is enough to fire.
+    // One audit per supplier per round, and one failure is enough to fire.
+    let mut env = fast("1h", "1");
+    env.retain(|(k, _)| *k != "BITDUST_MONITOR__AUDITS_PER_ROUND");
+    env.push(("BITDUST_MONITOR__AUDITS_PER_ROUND", "1".into()));
+    // A frozen supplier is noticed in seconds, not the default minute.
+    env.push(("BITDUST_NETWORK__REQUEST_TIMEOUT", "3s".into()));
+    env.push(("BITDUST_NETWORK__KEEPALIVE", "1s".into()));
+    env.push(("BITDUST_NETWORK__DEAD_AFTER", "3s".into()));
+    let mut nodes: Vec<Option<Node>> = c.homes.iter().map(|h| Some(start(h, &env))).collect();
+    let hired = wait_all_connected(&c.homes[0], 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&c.homes[0], source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&c.homes[0])).then_some(())
+    });
+    let owner = &c.ids[0];
+    // The suppliers at positions 0 and 1 (m = 2) freeze, and the owner notices.
+    let stopped: Vec<usize> = hired[..2].iter().map(|id| home_of(&c, id)).collect();
+    for &i in &stopped {
+        nodes[i].as_ref().expect("running").signal(libc::SIGSTOP);
+    }
+    wait_for("positions 0 and 1 unreachable", 60, || {
+        let h = health(&c.homes[0]);
+        (h["positions"][0]["up"] == false && h["positions"][1]["up"] == false).then_some(())
+    });
+    // Then one fragment rots at position 2: its audit fails (one failure fires here), but the
+    // supplier still holds the other blocks' good fragments, and without it those blocks have 3
+    // good reachable fragments (k = 4): it is not fired.
+    let liar = &c.homes[home_of(&c, &hired[2])];
+    let (block, position) = held(liar, owner)
+        .into_iter()
+        .find(|(b, _)| *b != hex::encode(RECOVERY_BLOCK))
+        .expect("a fragment at position 2");
+    let file = fragment_file(liar, owner, &block, position);
+    let mut bytes = std::fs::read(&file).expect("fragment");
+    bytes[0] ^= 0xff;
+    std::fs::write(&file, &bytes).expect("rot");
+    // The rotten fragment's audit fails (the audits walk every block in turn); at the end of
+    // that round position 2 qualifies for firing, and the guard refuses.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let h = loop {
+        let h = health(&c.homes[0]);
+        if h["audits_failed"].as_u64() >= Some(1) && h["rounds"].as_u64() > Some(0) {
+            break h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed audit at position 2: {h:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let rounds = h["rounds"].as_u64().unwrap_or(0);
+    wait_for("two more rounds", 60, || {
+        (health(&c.homes[0])["rounds"].as_u64() > Some(rounds + 2)).then_some(())
+    });
+    let h2 = health(&c.homes[0]);
+    assert_eq!(
+        h2["fired"].as_array().map(Vec::len),
+        Some(0),
+        "{h:#}\n{h2:#}"
+    );
+    assert_eq!(
+        positions(&c.homes[0]).expect("status")[2].0.as_deref(),
+        Some(hired[2].as_str())
+    );
+    // The two come back: the rotten fragment is rebuilt and every block is whole again.
+    for &i in &stopped {
+        nodes[i].as_ref().expect("running").signal(libc::SIGCONT);
+    }
+    wait_for("full redundancy once the two are back", 120, || {
+        fully_redundant(&health(&c.homes[0])).then_some(())
+    });
 }

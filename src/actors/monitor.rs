@@ -618,7 +618,8 @@ pub async fn start(
         s.fire_after_failed_audits,
         s.audits_per_round,
     );
-    machine.round_deadline = (s.request_timeout * 2).max(Duration::from_secs(5));
+    // Every request of a round ends by its own timeout; a frozen supplier holds a round no longer.
+    machine.round_deadline = s.request_timeout + Duration::from_secs(5);
     let ctx = actix::Context::<Shell<MonitorDriver>>::new();
     let addr = ctx.address();
     let rebuilder_addr = super::rebuilder::start(rebuilder, addr.clone(), k).await;
