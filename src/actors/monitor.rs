@@ -36,6 +36,11 @@ pub type MonitorAddr = Addr<Shell<MonitorDriver>>;
 
 /// Audit pairs made per fragment when its bytes are in hand.
 pub const AUDIT_PAIRS: usize = 8;
+/// Bytes each pair covers: 64 KiB at a random offset. Whole-fragment ranges would hash every
+/// stored byte eight times during a backup; an honest supplier's own store checks the whole
+/// fragment's hash on every read anyway (a bit flip anywhere fails the audit), and a supplier
+/// keeping a fraction `x` of the bytes passes eight audits with a probability of about `x^8`.
+pub const AUDIT_RANGE: u64 = 64 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct MonitorSettings {
@@ -353,7 +358,7 @@ fn failed_audit(reason: i32) -> AuditResult {
 
 /// Pairs for a fragment whose bytes are in hand (the backup job and the rebuilder call this).
 pub fn pairs_for(stored: &[u8]) -> Vec<AuditPair> {
-    audit::make_pairs(stored, AUDIT_PAIRS, &mut rand::thread_rng())
+    audit::make_pairs_within(stored, AUDIT_PAIRS, AUDIT_RANGE, &mut rand::thread_rng())
 }
 
 impl MonitorDriver {

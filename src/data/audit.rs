@@ -52,11 +52,23 @@ impl AuditPair {
 /// whole fragment when it fits, so any corrupted byte fails it), with a fresh random nonce.
 /// Empty `stored` gives no pairs (there is nothing to prove).
 pub fn make_pairs(stored: &[u8], count: usize, rng: &mut impl RngCore) -> Vec<AuditPair> {
+    make_pairs_within(stored, count, MAX_AUDIT_RANGE, rng)
+}
+
+/// Like [`make_pairs`], each range at most `range` bytes (clamped to 1 ..= `MAX_AUDIT_RANGE`):
+/// shorter ranges cost less to precompute and to answer; a supplier keeping a fraction `x` of
+/// the bytes still passes one audit with a probability of about `x` only.
+pub fn make_pairs_within(
+    stored: &[u8],
+    count: usize,
+    range: u64,
+    rng: &mut impl RngCore,
+) -> Vec<AuditPair> {
     let len = stored.len() as u64;
     if len == 0 {
         return Vec::new();
     }
-    let length = len.min(MAX_AUDIT_RANGE);
+    let length = len.min(range.clamp(1, MAX_AUDIT_RANGE));
     // Offsets 0 ..= len - length keep the range inside the data.
     let span = len - length + 1;
     (0..count)
@@ -84,6 +96,25 @@ mod tests {
     use proptest::prelude::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    #[test]
+    fn pairs_within_a_range_stay_that_short_and_verify() {
+        let data = noise(5, 300_000);
+        let mut rng = StdRng::seed_from_u64(3);
+        let pairs = make_pairs_within(&data, 16, 65_536, &mut rng);
+        assert_eq!(pairs.len(), 16);
+        let offsets: std::collections::BTreeSet<u64> = pairs.iter().map(|p| p.offset).collect();
+        assert!(offsets.len() > 8, "offsets vary: {offsets:?}");
+        for p in &pairs {
+            assert_eq!(p.length, 65_536);
+            assert!(p.offset + p.length <= data.len() as u64);
+            let proof = audit_proof(&p.nonce, &data, p.offset, p.length).expect("in range");
+            assert!(p.check(&proof));
+        }
+        // A range of 0 is taken as 1 byte; a short fragment is covered whole.
+        assert_eq!(make_pairs_within(&data, 1, 0, &mut rng)[0].length, 1);
+        assert_eq!(make_pairs_within(&data[..100], 1, 65_536, &mut rng)[0].length, 100);
+    }
 
     #[test]
     fn an_audit_proof_covers_exactly_the_range_and_refuses_bad_ones() {
