@@ -546,5 +546,50 @@ mod tests {
         let text = r.render();
         assert!(text.contains("OK, the restore matched"), "{text}");
         assert!(text.contains("75 B (75%) not stored again"), "{text}");
+        assert!(!text.contains("rebuild "), "no rebuild, no line: {text}");
+    }
+
+    #[test]
+    fn the_rebuild_says_how_long_what_it_moved_and_who_was_fired_for_what() {
+        let mut rebuild = RebuildReport {
+            seconds: 11.14,
+            fired: vec![FiringReport {
+                position: 0,
+                reason: "unreachable for 5 s".into(),
+                was: Some("friend5".into()),
+                now: Some("friend2".into()),
+            }],
+            blocks_rebuilt: 9,
+            fragments_placed: 9,
+            fragments_fetched: 36,
+            ..RebuildReport::default()
+        };
+        rebuild.set_bytes(4096, 1024);
+        assert_eq!(rebuild.fetched_per_placed, Some(4.0));
+        let r = Report {
+            rebuild: Some(rebuild),
+            drill: Some(DrillView {
+                passed: true,
+                files: 8,
+                ..DrillView::default()
+            }),
+            ..Report::default()
+        };
+        let text = r.render();
+        assert!(
+            text.contains("full redundancy again 11.1 s after the stop: 1 fired, 9 blocks rebuilt, 9 fragments placed"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "fetched 4.0 KiB (36 fragments), placed 1.0 KiB (4.00 fetched per byte placed)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("fired position 0 (friend5): unreachable for 5 s; now held by friend2"),
+            "{text}"
+        );
+        assert!(text.contains("drill      passed: 8 files"), "{text}");
     }
 }
