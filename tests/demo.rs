@@ -1,6 +1,7 @@
-//! `bitdust demo` as a newcomer runs it (issue 9 §5), on a small tree: its report, its exit
-//! status, and that it leaves no node running and no directory behind on any way out — success,
-//! failure, Ctrl-C, or being killed.
+//! `bitdust demo` as a newcomer runs it (issues 9 §5 and 10 §7), on a small tree: its report
+//! (two suppliers stopped for good, fired, replaced by the spares and their fragments rebuilt,
+//! then a byte-identical restore without them), its exit status, and that it leaves no node
+//! running and no directory behind on any way out — success, failure, Ctrl-C, or being killed.
 
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::os::unix::fs::{PermissionsExt as _, symlink};
@@ -175,7 +176,7 @@ fn assert_no_process_under(dir: &Path, secs: u64) {
 }
 
 #[test]
-fn the_demo_backs_up_a_small_tree_loses_two_suppliers_and_reports() {
+fn the_demo_backs_up_loses_two_suppliers_for_good_rebuilds_on_the_spares_and_restores() {
     let data = tempfile::tempdir().expect("tempdir");
     let bytes = small_tree(data.path());
     let mut run = DemoRun::start(&["--data", data.path().to_str().expect("utf-8"), "--json"]);
@@ -199,36 +200,100 @@ fn the_demo_backs_up_a_small_tree_loses_two_suppliers_and_reports() {
     assert_eq!(report["network"]["data_shards"], 4, "{context}");
     assert_eq!(report["network"]["parity_shards"], 2, "{context}");
 
-    // Seven friends: six hold one position each, with fragments; one is spare; two stopped.
+    // Eight friends: six hold one position each, with fragments; two are spares; two stopped.
     let suppliers = report["suppliers"].as_array().expect("suppliers");
-    assert_eq!(suppliers.len(), 7, "{context}");
+    assert_eq!(suppliers.len(), 8, "{context}");
     let mut positions: Vec<u64> = suppliers
         .iter()
         .filter_map(|s| s["position"].as_u64())
         .collect();
     positions.sort_unstable();
     assert_eq!(positions, [0, 1, 2, 3, 4, 5], "{context}");
+    let name = |s: &serde_json::Value| s["name"].as_str().expect("name").to_string();
+    let mut stopped = Vec::new();
+    let mut took = Vec::new();
     for s in suppliers {
+        // A data block's fragment, the catalog's, and the recovery record: on every friend
+        // that held a position at the backup, and on each spare once the rebuild put them there.
         let fragments = s["fragments"].as_u64().expect("count");
-        if s["position"].is_null() {
-            assert_eq!(fragments, 0, "the spare holds nothing\n{context}");
-        } else {
-            // A data block's fragment, the catalog's, and the recovery record.
-            assert!(fragments >= 3, "{s}\n{context}");
+        assert!(fragments >= 3, "{s}\n{context}");
+        if s["stopped"] == true {
+            let position = s["position"]
+                .as_u64()
+                .expect("a stopped supplier held a position");
+            stopped.push((position, name(s)));
+        }
+        match (s["position"].as_u64(), s["took_position"].as_u64()) {
+            (None, Some(position)) => took.push((position, name(s))),
+            (Some(_), None) => {}
+            other => {
+                panic!("{other:?}: each spare took a position, no supplier took another\n{context}")
+            }
         }
     }
-    let mut stopped: Vec<u64> = suppliers
-        .iter()
-        .filter(|s| s["stopped"] == true)
-        .map(|s| {
-            s["position"]
-                .as_u64()
-                .expect("a stopped supplier held a position")
-        })
-        .collect();
-    stopped.sort_unstable();
-    // The suppliers of two data positions: the restore has to decode from parity.
-    assert_eq!(stopped, [0, 1], "{context}");
+    stopped.sort();
+    took.sort();
+    // The suppliers of two data positions: the restore has to decode from parity or from the
+    // rebuilt fragments.
+    assert_eq!(
+        stopped.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [0, 1],
+        "{context}"
+    );
+    assert_eq!(
+        took.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [0, 1],
+        "the spares took the stopped suppliers' positions\n{context}"
+    );
+
+    // The rebuild: both fired for being unreachable, replaced by the spares, every block whole.
+    let rebuild = &report["rebuild"];
+    let seconds = rebuild["seconds"].as_f64().expect("rebuild seconds");
+    // None is fired before monitor.fire_after (5 s in the demo).
+    assert!(seconds >= 5.0, "{seconds}\n{context}");
+    let fired = rebuild["fired"].as_array().expect("fired");
+    assert_eq!(fired.len(), 2, "{context}");
+    for f in fired {
+        let position = f["position"].as_u64().expect("position");
+        let was = stopped
+            .iter()
+            .find(|s| s.0 == position)
+            .map(|s| s.1.as_str());
+        let now = took.iter().find(|s| s.0 == position).map(|s| s.1.as_str());
+        assert_eq!(f["was"].as_str(), was, "{f}\n{context}");
+        assert_eq!(f["now"].as_str(), now, "{f}\n{context}");
+        assert!(
+            f["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("unreachable")),
+            "{f}\n{context}"
+        );
+    }
+    let placed = rebuild["fragments_placed"]
+        .as_u64()
+        .expect("fragments placed");
+    assert!(placed >= 2, "a fragment per position at least\n{context}");
+    let bytes_placed = rebuild["bytes_placed"].as_u64().expect("bytes placed");
+    let bytes_fetched = rebuild["bytes_fetched"].as_u64().expect("bytes fetched");
+    assert!(bytes_placed > 0, "{context}");
+    // Each rebuilt fragment is decoded from k = 4 fetched ones (fewer only when two positions
+    // of a block are rebuilt together).
+    assert!(bytes_fetched >= 2 * bytes_placed, "{context}");
+    // At the end every position is held, connected, by a friend that still runs.
+    let held = report["positions"].as_array().expect("positions");
+    assert_eq!(held.len(), 6, "{context}");
+    for p in held {
+        assert_eq!(p["contract"], "Connected", "{p}\n{context}");
+        let id = p["supplier"].as_str().expect("a supplier");
+        assert!(
+            !suppliers
+                .iter()
+                .any(|s| s["node_id"] == id && s["stopped"] == true),
+            "{p}\n{context}"
+        );
+    }
+    assert_eq!(report["drill"]["passed"], true, "{context}");
+    assert!(report["drill"]["files"].as_u64() > Some(0), "{context}");
     assert!(
         report["machines"]
             .as_array()
@@ -266,7 +331,11 @@ fn with_keep_the_homes_stay_with_their_logs_and_every_node_is_stopped() {
     );
     assert!(stdout.contains("backup     committed"), "{stdout}");
     assert!(stdout.contains("fragments  held for the owner"), "{stdout}");
-    for home in ["owner", "friend1", "friend7"] {
+    assert!(
+        stdout.contains("rebuild    full redundancy again"),
+        "{stdout}"
+    );
+    for home in ["owner", "friend1", "friend8"] {
         let log = std::fs::read_to_string(dir.join(home).join("node.log")).expect("node.log");
         assert!(log.contains("\"node running\""), "{home}: {log}");
     }
@@ -316,7 +385,7 @@ fn ctrl_c_stops_the_nodes_and_removes_the_homes() {
     small_tree(data.path());
     let mut run = DemoRun::start(&["--data", data.path().to_str().expect("utf-8"), "--json"]);
     let dir = run.dir();
-    run.wait_line("[4/8]");
+    run.wait_line("[4/10]");
     assert!(
         !processes_under(&dir).is_empty(),
         "the nodes run before the signal"
@@ -342,7 +411,7 @@ fn a_killed_demo_takes_its_nodes_with_it() {
     let mut run = DemoRun::start(&["--data", data.path().to_str().expect("utf-8")]);
     let dir = run.dir();
     let cleanup = scopeguard(&dir);
-    run.wait_line("[4/8]");
+    run.wait_line("[4/10]");
     assert!(!processes_under(&dir).is_empty());
     run.signal(libc::SIGKILL);
     let _ = run.finish();

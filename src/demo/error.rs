@@ -21,6 +21,8 @@ pub enum Step {
     Hire,
     Backup,
     Stop,
+    Rebuild,
+    Drill,
     Restore,
     Verify,
 }
@@ -35,6 +37,8 @@ impl Step {
             Step::Hire => "hire",
             Step::Backup => "backup",
             Step::Stop => "stop",
+            Step::Rebuild => "rebuild",
+            Step::Drill => "drill",
             Step::Restore => "restore",
             Step::Verify => "verify",
         }
@@ -172,8 +176,38 @@ pub enum DemoError {
         limit: Duration,
         log: Box<LogTail>,
     },
+    #[error(
+        "backup: the owner's monitor does not see every block at full redundancy {} s after the backup committed: {redundancy}{log}",
+        limit.as_secs()
+    )]
+    NotFollowed {
+        redundancy: String,
+        limit: Duration,
+        log: Box<LogTail>,
+    },
     #[error("stop: the owner's status names no supplier at position {position}")]
     NoSupplier { position: u32 },
+    #[error(
+        "rebuild: the owner has not replaced the stopped suppliers and rebuilt their fragments within {} s: {fired} of {want} fired; {redundancy}{positions}{log}",
+        limit.as_secs()
+    )]
+    Rebuild {
+        limit: Duration,
+        fired: usize,
+        want: usize,
+        /// Blocks by good fragments beyond `k`, and what the rebuilder still has to do.
+        redundancy: String,
+        positions: String,
+        log: Box<LogTail>,
+    },
+    #[error(
+        "drill: the owner's restore drill failed for {}{log}",
+        failed_list(failed)
+    )]
+    Drill {
+        failed: Vec<FailedFile>,
+        log: Box<LogTail>,
+    },
     #[error(
         "restore: this bitdust has no `restore` command yet, so the demo cannot restore (it said: {said})"
     )]
@@ -224,8 +258,12 @@ impl DemoError {
             DemoError::NotADirectory { .. } | DemoError::DataHoldsWork { .. } => Step::Data,
             DemoError::NodeSilent { .. } => Step::Start,
             DemoError::Hire { .. } => Step::Hire,
-            DemoError::Backup { .. } | DemoError::Drain { .. } => Step::Backup,
+            DemoError::Backup { .. } | DemoError::Drain { .. } | DemoError::NotFollowed { .. } => {
+                Step::Backup
+            }
             DemoError::NoSupplier { .. } => Step::Stop,
+            DemoError::Rebuild { .. } => Step::Rebuild,
+            DemoError::Drill { .. } => Step::Drill,
             DemoError::RestoreUnavailable { .. } | DemoError::RestoreIncomplete { .. } => {
                 Step::Restore
             }

@@ -1,9 +1,14 @@
-//! `bitdust demo`: the newcomer's first command (issue 9 §5). With no setup it runs a small
-//! network on loopback — an owner and seven friends, homes under one temporary directory, free
-//! ports — by running this same binary as a user would (`init`, `peer add`, `run`, `backup`,
-//! `restore`, `status --json`), backs up a directory (a generated sample by default), stops two
-//! of the owner's suppliers, restores into a temporary directory, checks every byte, mode, mtime
-//! and symlink itself, and prints a short report. It succeeds only when the restore matched.
+//! `bitdust demo`: the newcomer's first command (issues 9 §5 and 10 §7). With no setup it runs a
+//! small network on loopback — an owner and eight friends, homes under one temporary directory,
+//! free ports — by running this same binary as a user would (`init`, `peer add`, `run`, `backup`,
+//! `drill`, `restore`, `status --json`). The owner hires `k + m` = 6 friends; two are spares.
+//!
+//! Steps: back up a directory (a generated sample by default); stop two of the owner's suppliers
+//! **for good** (they stay stopped to the end); watch the owner's monitor fire them after
+//! `monitor.fire_after` (5 s here) and hire the spares in their positions, and its rebuilder put
+//! every block back at `k + m` good fragments; run the owner's restore drill; restore into a
+//! temporary directory with the two original suppliers still gone, check every byte, mode, mtime
+//! and symlink itself, and print a short report. It succeeds only when the restore matched.
 //!
 //! Progress goes to stderr; the report to stdout (one JSON object with `--json`), also when a
 //! step fails, so a script sees how far it got. Every node is stopped on every way out
@@ -30,11 +35,17 @@ pub use error::{DemoError, FailedFile, LogTail, Step};
 use procs::{Bitdust, Finished, NodeProc, Nodes, WaitError, WorkDir};
 pub use report::Report;
 use report::{
-    BackupReport, DataReport, NetworkReport, RestoreReport, SupplierReport, VerifyReport,
+    BackupReport, DataReport, DrillView, FiringReport, NetworkReport, RebuildReport, RestoreReport,
+    SupplierReport, VerifyReport,
 };
 
-/// The owner's friends; the owner hires `k + m` = 6 of them (the defaults), one is spare.
-pub const FRIENDS: usize = 7;
+/// The owner's friends; the owner hires `k + m` = 6 of them (the defaults), two are spares: one
+/// for each supplier the demo stops for good.
+pub const FRIENDS: usize = 8;
+/// The owner's monitor, in its config.toml: a round every second, and a supplier unreachable
+/// this long is fired and replaced (the defaults, 10 min and 6 h, suit real use, not a demo).
+const MONITOR_INTERVAL: &str = "1s";
+const FIRE_AFTER: &str = "5s";
 
 /// How long the nodes may take to answer `status` after starting.
 const START_LIMIT: Duration = Duration::from_secs(30);
@@ -42,6 +53,11 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 const HIRE_LIMIT: Duration = Duration::from_secs(120);
 /// How long placing the last fragments may take after the backup committed.
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
+/// How long the owner may take, from the stop, to fire both suppliers, hire the spares and
+/// rebuild every block (fire_after, then a hire and a rebuild of the demo's data).
+const REBUILD_LIMIT: Duration = Duration::from_secs(120);
+/// The owner's restore drill (a sample of at most 64 MiB, in memory).
+const DRILL_LIMIT: Duration = Duration::from_secs(300);
 /// A one-shot command (`init`, `peer add`, `status`).
 const SHORT_LIMIT: Duration = Duration::from_secs(30);
 /// The backup and the restore: generous, `--data` may be large.
@@ -101,6 +117,8 @@ struct Demo<'a> {
     /// Each supplier's position when the backup ended (before any was stopped).
     positions: BTreeMap<String, u32>,
     stopped: Vec<usize>,
+    /// When both stopped suppliers had exited.
+    stopped_at: Option<Instant>,
     /// When the nodes were started (the hire time counts from there).
     started: Option<Instant>,
     report: Report,
@@ -123,6 +141,7 @@ impl<'a> Demo<'a> {
             source: tree::Tree::default(),
             positions: BTreeMap::new(),
             stopped: Vec::new(),
+            stopped_at: None,
             started: None,
             report: Report::default(),
         }
@@ -147,6 +166,8 @@ impl<'a> Demo<'a> {
         self.hire()?;
         self.backup()?;
         self.stop()?;
+        self.rebuild()?;
+        self.drill()?;
         self.restore()?;
         self.verify()
     }
@@ -236,6 +257,11 @@ impl<'a> Demo<'a> {
 
     /// The owner's status, or None while it does not answer.
     fn owner_status(&self) -> Option<NodeStatus> {
+        self.owner_view().map(|(status, _)| status)
+    }
+
+    /// The owner's status and its monitor's view, or None while it does not answer.
+    fn owner_view(&self) -> Option<(NodeStatus, Health)> {
         let finished = self
             .bin
             .run(
@@ -248,7 +274,10 @@ impl<'a> Demo<'a> {
         if !finished.success() {
             return None;
         }
-        serde_json::from_slice(&finished.stdout).ok()
+        let mut value: serde_json::Value = serde_json::from_slice(&finished.stdout).ok()?;
+        // A node without a monitor has no `health`: read as nothing followed yet.
+        let health = serde_json::from_value(value["health"].take()).unwrap_or_default();
+        Some((serde_json::from_value(value).ok()?, health))
     }
 
     /// An error when node `i` has exited.
@@ -364,6 +393,10 @@ impl<'a> Demo<'a> {
             &format!("\"{space_mib} MiB\""),
         )
         .map_err(io_at(step, format!("editing {}", config.display())))?;
+        for (key, value) in [("interval", MONITOR_INTERVAL), ("fire_after", FIRE_AFTER)] {
+            set_config_line(&config, key, &format!("\"{value}\""))
+                .map_err(io_at(step, format!("editing {}", config.display())))?;
+        }
         let card = |i: usize| -> Result<String, DemoError> {
             Ok(self.cli(step, i, &[OsStr::new("id")])?.stdout_text())
         };
@@ -383,8 +416,11 @@ impl<'a> Demo<'a> {
             self.cli(step, 0, &os(&add(&friend_card, &self.names[i])))?;
         }
         self.say(format_args!(
-            "      done in {:.1} s; the owner asks {space_mib} MiB of each supplier, each friend offers {friend_donates}",
+            "      done in {:.1} s; the owner asks {space_mib} MiB of each supplier, each friend offers {friend_donates};",
             started.elapsed().as_secs_f64()
+        ));
+        self.say(format_args!(
+            "      its monitor checks every {MONITOR_INTERVAL} and fires a supplier unreachable {FIRE_AFTER} ([monitor] in its config.toml)"
         ));
         Ok(())
     }
@@ -546,7 +582,7 @@ impl<'a> Demo<'a> {
             self.check_alive(step, 0)?;
             let running = self.owner_status().map(|s| s.backup.running);
             match running {
-                Some(None) => return Ok(()),
+                Some(None) => break,
                 Some(Some(job)) if Instant::now() >= deadline => {
                     return Err(DemoError::Drain {
                         queued: job.queued_fragments,
@@ -556,6 +592,32 @@ impl<'a> Demo<'a> {
                 }
                 _ => std::thread::sleep(Duration::from_millis(200)),
             }
+        }
+        // The monitor follows the new blocks from its next round: wait until it sees each at
+        // full redundancy, so the rebuild's figures start from a known state.
+        loop {
+            self.check_alive(step, 0)?;
+            if let Some((_, h)) = self.owner_view()
+                && h.fully_redundant()
+            {
+                self.say(format_args!(
+                    "      the owner's monitor sees {} blocks, each with all {} fragments on its suppliers",
+                    h.blocks,
+                    h.k + h.m
+                ));
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(DemoError::NotFollowed {
+                    redundancy: self
+                        .owner_view()
+                        .map(|(_, h)| h.describe())
+                        .unwrap_or_default(),
+                    limit: DRAIN_LIMIT,
+                    log: self.tail(0),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -605,6 +667,171 @@ impl<'a> Demo<'a> {
             }
             self.stopped.push(i);
         }
+        self.stopped_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The name of the friend with node id `id` (its short id if none).
+    fn name_of(&self, id: &str) -> String {
+        self.ids
+            .iter()
+            .position(|i| i == id)
+            .map_or_else(|| id.chars().take(8).collect(), |i| self.names[i].clone())
+    }
+
+    /// Waits until the owner has fired both stopped suppliers, hired friends that still run in
+    /// their positions, and rebuilt every block to `k + m` good fragments; says what happens.
+    fn rebuild(&mut self) -> Result<(), DemoError> {
+        let step = Step::Rebuild;
+        let stopped_at = self.stopped_at.unwrap_or_else(Instant::now);
+        let gone: Vec<String> = self.stopped.iter().map(|&i| self.ids[i].clone()).collect();
+        let before: BTreeMap<u32, String> = self
+            .positions
+            .iter()
+            .map(|(id, p)| (*p, id.clone()))
+            .collect();
+        self.say(format_args!(
+            "{} the owner's monitor fires a supplier unreachable {FIRE_AFTER}, hires a spare friend in its position, and its rebuilder puts the lost fragments there",
+            step.counter()
+        ));
+        // The rebuilder's counters run from the node's start: count from here.
+        let base = self
+            .owner_view()
+            .map(|(_, h)| h.rebuild)
+            .unwrap_or_default();
+        let deadline = stopped_at + REBUILD_LIMIT;
+        let (mut fired_shown, mut placed_shown) = (0, (0, 0));
+        let mut holders_shown: BTreeMap<u32, Option<String>> = BTreeMap::new();
+        loop {
+            self.check_alive(step, 0)?;
+            let view = self.owner_view();
+            let t = stopped_at.elapsed().as_secs_f64();
+            if let Some((status, h)) = &view {
+                for (position, reason) in h.fired.iter().skip(fired_shown) {
+                    let was = before.get(position).map(|id| self.name_of(id));
+                    self.say(format_args!(
+                        "      {t:>5.1} s  fired {} at position {position}: {reason}",
+                        was.as_deref().unwrap_or("its supplier")
+                    ));
+                }
+                fired_shown = fired_shown.max(h.fired.len());
+                for p in &status.customer.positions {
+                    let holder = p.supplier.clone().filter(|_| p.contract == "Connected");
+                    let changed = holders_shown.get(&p.position) != Some(&holder);
+                    let hired_anew = holder
+                        .as_ref()
+                        .is_some_and(|s| before.get(&p.position) != Some(s));
+                    if changed
+                        && hired_anew
+                        && let Some(s) = &holder
+                    {
+                        self.say(format_args!(
+                            "      {t:>5.1} s  {} took position {} (connected)",
+                            self.name_of(s),
+                            p.position
+                        ));
+                    }
+                    holders_shown.insert(p.position, holder);
+                }
+                let r = h.rebuild.since(&base);
+                let waiting = h.rebuild.in_flight + h.rebuild_queued;
+                let news = (r.fragments_placed, waiting);
+                if news != placed_shown && news != (0, 0) {
+                    placed_shown = news;
+                    self.say(format_args!(
+                        "      {t:>5.1} s  {} fragments rebuilt and placed, {} blocks done, {} waiting",
+                        r.fragments_placed,
+                        r.blocks_rebuilt,
+                        waiting
+                    ));
+                }
+                if h.fired.len() >= gone.len() && replaced(status, &gone) && h.fully_redundant() {
+                    let seconds = stopped_at.elapsed().as_secs_f64();
+                    let now: BTreeMap<u32, String> = status
+                        .customer
+                        .positions
+                        .iter()
+                        .filter_map(|p| Some((p.position, p.supplier.clone()?)))
+                        .collect();
+                    let mut report = RebuildReport {
+                        seconds,
+                        fired: h
+                            .fired
+                            .iter()
+                            .map(|(position, reason)| FiringReport {
+                                position: *position,
+                                reason: reason.clone(),
+                                was: before.get(position).map(|id| self.name_of(id)),
+                                now: now.get(position).map(|id| self.name_of(id)),
+                            })
+                            .collect(),
+                        blocks: h.blocks,
+                        blocks_rebuilt: r.blocks_rebuilt,
+                        fragments_placed: r.fragments_placed,
+                        fragments_fetched: r.fragments_fetched,
+                        ..RebuildReport::default()
+                    };
+                    report.set_bytes(r.bytes_fetched, r.bytes_placed);
+                    self.say(format_args!(
+                        "      full redundancy again {seconds:.1} s after the stop: all {} blocks have {} fragments; fetched {}, placed {}",
+                        h.blocks,
+                        h.k + h.m,
+                        report::size(r.bytes_fetched),
+                        report::size(r.bytes_placed)
+                    ));
+                    self.report.rebuild = Some(report);
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                let (positions, h) = view
+                    .map(|(s, h)| (positions_text(&s), h))
+                    .unwrap_or_default();
+                return Err(DemoError::Rebuild {
+                    limit: REBUILD_LIMIT,
+                    fired: h.fired.len(),
+                    want: gone.len(),
+                    redundancy: h.describe(),
+                    positions,
+                    log: self.tail(0),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The owner's own check: `bitdust drill` restores a sample of files in memory and compares
+    /// them with the catalog.
+    fn drill(&mut self) -> Result<(), DemoError> {
+        let step = Step::Drill;
+        let args = [OsStr::new("drill"), OsStr::new("--json")];
+        let command = Bitdust::shown(self.owner(), &args);
+        self.say(format_args!(
+            "{} {command}: the owner restores a sample of files in memory and checks them",
+            step.counter()
+        ));
+        let finished = self.cli_any(step, 0, &args, DRILL_LIMIT, |_| {})?;
+        let parsed = serde_json::from_slice::<DrillView>(&finished.stdout).ok();
+        let drill = self.json_result(
+            parsed,
+            &finished,
+            step,
+            command,
+            "expected one JSON drill report",
+        )?;
+        self.report.drill = Some(drill.clone());
+        if !drill.passed || !finished.success() {
+            return Err(DemoError::Drill {
+                failed: drill.failures,
+                log: self.tail(0),
+            });
+        }
+        self.say(format_args!(
+            "      passed: {} files, {} checked in {:.1} s",
+            drill.files,
+            report::size(drill.bytes),
+            drill.seconds
+        ));
         Ok(())
     }
 
@@ -720,6 +947,12 @@ impl<'a> Demo<'a> {
                         fragments,
                         fragment_bytes: bytes,
                         stopped: self.stopped.contains(&i),
+                        took_position: self.report.rebuild.as_ref().and_then(|r| {
+                            r.fired
+                                .iter()
+                                .find(|f| f.now.as_deref() == Some(self.names[i].as_str()))
+                                .map(|f| f.position)
+                        }),
                     }
                 })
                 .collect();
@@ -760,6 +993,92 @@ fn last_json<T: serde::de::DeserializeOwned>(stdout: &[u8]) -> Option<T> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
         .find(is_object)
         .and_then(|v| serde_json::from_value(v).ok())
+}
+
+/// The parts of `status --json`'s `health` (the owner's monitor) the demo reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct Health {
+    blocks: u64,
+    /// Blocks by good reachable fragments beyond `k`.
+    by_redundancy: BTreeMap<i64, u64>,
+    /// Firings, oldest first: position and reason.
+    fired: Vec<(u32, String)>,
+    rebuild: Rebuilding,
+    rebuild_queued: u64,
+    k: u32,
+    m: u32,
+}
+
+/// The rebuilder's counters (since the node started).
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(default)]
+struct Rebuilding {
+    in_flight: u64,
+    blocks_rebuilt: u64,
+    fragments_placed: u64,
+    fragments_fetched: u64,
+    bytes_fetched: u64,
+    bytes_placed: u64,
+}
+
+impl Rebuilding {
+    /// The counts since `base` (the counters only grow).
+    fn since(&self, base: &Rebuilding) -> Rebuilding {
+        Rebuilding {
+            in_flight: self.in_flight,
+            blocks_rebuilt: self.blocks_rebuilt.saturating_sub(base.blocks_rebuilt),
+            fragments_placed: self.fragments_placed.saturating_sub(base.fragments_placed),
+            fragments_fetched: self
+                .fragments_fetched
+                .saturating_sub(base.fragments_fetched),
+            bytes_fetched: self.bytes_fetched.saturating_sub(base.bytes_fetched),
+            bytes_placed: self.bytes_placed.saturating_sub(base.bytes_placed),
+        }
+    }
+}
+
+impl Health {
+    /// Every followed block has all `k + m` good fragments, and nothing is left to rebuild.
+    fn fully_redundant(&self) -> bool {
+        self.blocks > 0
+            && self.m > 0
+            && self.by_redundancy.keys().all(|r| *r == i64::from(self.m))
+            && self.rebuild.in_flight + self.rebuild_queued == 0
+    }
+
+    /// "blocks by good fragments beyond k: 2: 5, 0: 3; 1 rebuilding, 2 queued".
+    fn describe(&self) -> String {
+        let by: Vec<String> = self
+            .by_redundancy
+            .iter()
+            .rev()
+            .map(|(r, n)| format!("{r}: {n}"))
+            .collect();
+        format!(
+            "{} blocks by good fragments beyond k: {}; {} rebuilding, {} queued",
+            self.blocks,
+            if by.is_empty() {
+                "none seen".to_string()
+            } else {
+                by.join(", ")
+            },
+            self.rebuild.in_flight,
+            self.rebuild_queued
+        )
+    }
+}
+
+/// Every position is Connected to a distinct supplier, none of them in `gone`.
+fn replaced(status: &NodeStatus, gone: &[String]) -> bool {
+    let (want, ready) = hired(status);
+    want > 0
+        && ready == want
+        && status
+            .customer
+            .positions
+            .iter()
+            .all(|p| p.supplier.as_ref().is_some_and(|s| !gone.contains(s)))
 }
 
 /// (positions wanted, positions held by distinct suppliers, confirmed and Connected).
@@ -907,6 +1226,66 @@ mod tests {
     }
 
     #[test]
+    fn the_monitors_view_is_read_from_status_and_full_only_when_nothing_is_left_to_do() {
+        let json = r#"{"rounds": 9, "blocks": 2, "by_redundancy": {"2": 1, "1": 1},
+            "fired": [[0, "unreachable for 5 s"]], "k": 4, "m": 2, "rebuild_queued": 1,
+            "rebuild": {"queued": 1, "in_flight": 0, "blocks_rebuilt": 3, "fragments_placed": 3,
+                "fragments_fetched": 12, "blocks_failed": 0, "bytes_fetched": 400, "bytes_placed": 100},
+            "sources": [], "last_drill": null}"#;
+        let mut h: Health = serde_json::from_str(json).expect("health");
+        assert_eq!(h.by_redundancy, BTreeMap::from([(1, 1), (2, 1)]));
+        assert_eq!(h.fired, vec![(0, "unreachable for 5 s".to_string())]);
+        assert!(!h.fully_redundant(), "a block is one fragment short");
+        h.by_redundancy = BTreeMap::from([(2, 2)]);
+        assert!(!h.fully_redundant(), "a block is still queued");
+        h.rebuild_queued = 0;
+        assert!(h.fully_redundant());
+        h.rebuild.in_flight = 1;
+        assert!(!h.fully_redundant(), "a block is being rebuilt");
+        assert!(
+            !Health::default().fully_redundant(),
+            "no block followed yet"
+        );
+        assert!(
+            h.describe().contains("2: 2; 1 rebuilding, 0 queued"),
+            "{}",
+            h.describe()
+        );
+
+        let base = Rebuilding {
+            fragments_placed: 1,
+            bytes_fetched: 100,
+            ..Rebuilding::default()
+        };
+        let r = h.rebuild.since(&base);
+        assert_eq!(
+            (r.fragments_placed, r.blocks_rebuilt, r.bytes_fetched),
+            (2, 3, 300)
+        );
+    }
+
+    #[test]
+    fn replaced_wants_every_position_connected_and_none_held_by_a_stopped_supplier() {
+        let p = |position, supplier: &str| PositionStatus {
+            position,
+            supplier: Some(supplier.into()),
+            confirmed: true,
+            contract: "Connected".into(),
+        };
+        let mut status = NodeStatus::default();
+        status.customer.data_shards = 1;
+        status.customer.parity_shards = 1;
+        status.customer.positions = vec![p(0, "gone"), p(1, "b")];
+        let gone = ["gone".to_string()];
+        assert!(!replaced(&status, &gone));
+        status.customer.positions[0].supplier = Some("spare".into());
+        status.customer.positions[0].contract = "Requesting".into();
+        assert!(!replaced(&status, &gone), "not connected yet");
+        status.customer.positions[0].contract = "Connected".into();
+        assert!(replaced(&status, &gone));
+    }
+
+    #[test]
     fn a_config_line_is_replaced_or_its_absence_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("config.toml");
@@ -950,7 +1329,25 @@ mod tests {
             text.contains("owner's log (/h/node.log) ends:\n    ERROR boom"),
             "{text}"
         );
-        assert_eq!(Step::Hire.counter(), "[4/8]");
+        assert_eq!(Step::Hire.counter(), "[4/10]");
+        assert_eq!(Step::Verify.counter(), "[10/10]");
+        let e = DemoError::Rebuild {
+            limit: REBUILD_LIMIT,
+            fired: 1,
+            want: 2,
+            redundancy: Health::default().describe(),
+            positions: String::new(),
+            log: Box::new(LogTail {
+                node: "owner".into(),
+                path: "/h/node.log".into(),
+                lines: vec!["WARN no friend to hire".into()],
+            }),
+        };
+        assert_eq!(e.step(), Step::Rebuild);
+        let text = e.to_string();
+        assert!(text.starts_with("rebuild: "), "{text}");
+        assert!(text.contains("1 of 2 fired"), "{text}");
+        assert!(text.contains("ends:\n    WARN no friend to hire"), "{text}");
         assert_eq!(last_chars("abcdef", 3), "…def");
         assert_eq!(last_chars("abc", 3), "abc");
     }

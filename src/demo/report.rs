@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::tree::{Comparison, Difference};
 use super::{FailedFile, RestoreResult, Step};
@@ -29,6 +29,10 @@ pub struct Report {
     /// Every friend: the position it held for the owner when the backup ended, and the
     /// fragment files it holds for the owner.
     pub suppliers: Vec<SupplierReport>,
+    /// Two suppliers stopped for good: their firing, replacement and the rebuild.
+    pub rebuild: Option<RebuildReport>,
+    /// The owner's own restore drill after the rebuild.
+    pub drill: Option<DrillView>,
     pub restore: Option<RestoreReport>,
     pub verify: Option<VerifyReport>,
     /// The owner's state machines at the end.
@@ -98,8 +102,61 @@ pub struct SupplierReport {
     /// Fragment files under its `store/<owner>/` (the recovery record included).
     pub fragments: u64,
     pub fragment_bytes: u64,
-    /// Stopped before the restore.
+    /// Stopped for good after the backup.
     pub stopped: bool,
+    /// The position this spare took over in the rebuild.
+    pub took_position: Option<u32>,
+}
+
+/// A supplier fired by the owner's monitor.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FiringReport {
+    pub position: u32,
+    /// The monitor's reason, as it logged it.
+    pub reason: String,
+    /// The friends that held the position before and after (names).
+    pub was: Option<String>,
+    pub now: Option<String>,
+}
+
+/// From the two suppliers' stop to every block back at `k + m` good fragments.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RebuildReport {
+    /// Seconds from the stop to full redundancy (fired, re-hired and rebuilt).
+    pub seconds: f64,
+    /// When each position was fired, seconds after the stop.
+    pub fired: Vec<FiringReport>,
+    /// Blocks the monitor follows (the catalog and the recovery record included).
+    pub blocks: u64,
+    pub blocks_rebuilt: u64,
+    pub fragments_placed: u64,
+    pub fragments_fetched: u64,
+    pub bytes_fetched: u64,
+    pub bytes_placed: u64,
+    /// Bytes fetched per byte placed (ideal: `k` fetched per block for its rebuilt fragments).
+    pub fetched_per_placed: Option<f64>,
+}
+
+impl RebuildReport {
+    pub fn set_bytes(&mut self, fetched: u64, placed: u64) {
+        self.bytes_fetched = fetched;
+        self.bytes_placed = placed;
+        self.fetched_per_placed = per(fetched as f64, placed as f64);
+    }
+}
+
+/// What `bitdust drill --json` answered.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DrillView {
+    pub passed: bool,
+    pub source: String,
+    pub snapshot: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub fragments_fetched: u64,
+    pub failures: Vec<FailedFile>,
+    pub seconds: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -282,15 +339,61 @@ impl Report {
             for s in &self.suppliers {
                 let _ = writeln!(
                     out,
-                    "  {:<8} {}  {:<11} {:>5} fragments {:>10}{}",
+                    "  {:<8} {}  {:<11} {:>5} fragments {:>10}{}{}",
                     s.name,
                     short(&s.node_id),
                     s.position
                         .map_or("(spare)".to_string(), |p| format!("position {p}")),
                     s.fragments,
                     size(s.fragment_bytes),
-                    if s.stopped { "  stopped" } else { "" }
+                    if s.stopped { "  stopped for good" } else { "" },
+                    s.took_position.map_or(String::new(), |p| format!(
+                        "  took position {p} in the rebuild"
+                    ))
                 );
+            }
+        }
+        if let Some(r) = &self.rebuild {
+            let _ = writeln!(
+                out,
+                "rebuild    full redundancy again {:.1} s after the stop: {} fired, {} blocks rebuilt, {} fragments placed",
+                r.seconds,
+                r.fired.len(),
+                r.blocks_rebuilt,
+                r.fragments_placed
+            );
+            let _ = writeln!(
+                out,
+                "           fetched {} ({} fragments), placed {} ({} fetched per byte placed)",
+                size(r.bytes_fetched),
+                r.fragments_fetched,
+                size(r.bytes_placed),
+                r.fetched_per_placed
+                    .map_or("-".into(), |f| format!("{f:.2}"))
+            );
+            for f in &r.fired {
+                let _ = writeln!(
+                    out,
+                    "  fired position {} ({}): {}; now held by {}",
+                    f.position,
+                    f.was.as_deref().unwrap_or("-"),
+                    f.reason,
+                    f.now.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        if let Some(d) = &self.drill {
+            let _ = writeln!(
+                out,
+                "drill      {}: {} files, {} restored in memory and checked by the owner in {:.1} s ({} fragments fetched)",
+                if d.passed { "passed" } else { "FAILED" },
+                d.files,
+                size(d.bytes),
+                d.seconds,
+                d.fragments_fetched
+            );
+            for f in d.failures.iter().take(LISTED) {
+                let _ = writeln!(out, "  drill failed: {} ({})", f.path, f.reason);
             }
         }
         if let Some(r) = &self.restore {
@@ -443,5 +546,50 @@ mod tests {
         let text = r.render();
         assert!(text.contains("OK, the restore matched"), "{text}");
         assert!(text.contains("75 B (75%) not stored again"), "{text}");
+        assert!(!text.contains("rebuild "), "no rebuild, no line: {text}");
+    }
+
+    #[test]
+    fn the_rebuild_says_how_long_what_it_moved_and_who_was_fired_for_what() {
+        let mut rebuild = RebuildReport {
+            seconds: 11.14,
+            fired: vec![FiringReport {
+                position: 0,
+                reason: "unreachable for 5 s".into(),
+                was: Some("friend5".into()),
+                now: Some("friend2".into()),
+            }],
+            blocks_rebuilt: 9,
+            fragments_placed: 9,
+            fragments_fetched: 36,
+            ..RebuildReport::default()
+        };
+        rebuild.set_bytes(4096, 1024);
+        assert_eq!(rebuild.fetched_per_placed, Some(4.0));
+        let r = Report {
+            rebuild: Some(rebuild),
+            drill: Some(DrillView {
+                passed: true,
+                files: 8,
+                ..DrillView::default()
+            }),
+            ..Report::default()
+        };
+        let text = r.render();
+        assert!(
+            text.contains("full redundancy again 11.1 s after the stop: 1 fired, 9 blocks rebuilt, 9 fragments placed"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "fetched 4.0 KiB (36 fragments), placed 1.0 KiB (4.00 fetched per byte placed)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("fired position 0 (friend5): unreachable for 5 s; now held by friend2"),
+            "{text}"
+        );
+        assert!(text.contains("drill      passed: 8 files"), "{text}");
     }
 }
