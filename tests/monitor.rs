@@ -305,7 +305,7 @@ fn with_m_suppliers_unreachable_a_supplier_failing_an_audit_is_not_fired() {
     env.push(("BITDUST_NETWORK__REQUEST_TIMEOUT", "3s".into()));
     env.push(("BITDUST_NETWORK__KEEPALIVE", "1s".into()));
     env.push(("BITDUST_NETWORK__DEAD_AFTER", "3s".into()));
-    let mut nodes: Vec<Option<Node>> = c.homes.iter().map(|h| Some(start(h, &env))).collect();
+    let nodes: Vec<Option<Node>> = c.homes.iter().map(|h| Some(start(h, &env))).collect();
     let hired = wait_all_connected(&c.homes[0], 60);
     let source = tempfile::tempdir().expect("tempdir");
     mixed_tree(source.path());

@@ -113,7 +113,10 @@ mod tests {
         }
         // A range of 0 is taken as 1 byte; a short fragment is covered whole.
         assert_eq!(make_pairs_within(&data, 1, 0, &mut rng)[0].length, 1);
-        assert_eq!(make_pairs_within(&data[..100], 1, 65_536, &mut rng)[0].length, 100);
+        assert_eq!(
+            make_pairs_within(&data[..100], 1, 65_536, &mut rng)[0].length,
+            100
+        );
     }
 
     #[test]
