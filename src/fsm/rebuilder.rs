@@ -435,3 +435,127 @@ impl Machine for Rebuilder {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::machine::Instance;
+
+    fn id(n: u8) -> NodeId {
+        NodeId::from_signing_key(&[n; 32])
+    }
+
+    fn task(n: u8, sources: &[u32]) -> RebuildTask {
+        RebuildTask {
+            block: [n; 32],
+            targets: vec![(0, id(9))],
+            sources: sources.iter().map(|p| (*p, id(*p as u8 + 1))).collect(),
+            catalog: false,
+        }
+    }
+
+    fn fetches(outputs: &[Output]) -> Vec<([u8; 32], u32)> {
+        outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Fetch {
+                    block, position, ..
+                } => Some((*block, *position)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn started(window: usize) -> Instance<Rebuilder> {
+        let mut m = Instance::new(Rebuilder::new(window), "0");
+        m.step(&Event::Start { k: 4 }, &Ctx::at(Duration::ZERO));
+        m
+    }
+
+    #[test]
+    fn asks_k_sources_in_order_then_another_only_for_a_failure() {
+        let mut m = started(1);
+        let c = Ctx::at(Duration::ZERO);
+        let s = m
+            .step(
+                &Event::Work(vec![task(1, &[1, 2, 3, 4, 5]), task(2, &[1, 2, 3, 4])]),
+                &c,
+            )
+            .expect("work");
+        // Window 1: only the first block, its first k sources.
+        assert_eq!(
+            fetches(&s.outputs),
+            vec![([1; 32], 1), ([1; 32], 2), ([1; 32], 3), ([1; 32], 4)]
+        );
+        let s = m
+            .step(
+                &Event::FragmentFailed {
+                    block: [1; 32],
+                    position: 2,
+                },
+                &c,
+            )
+            .expect("failed");
+        assert_eq!(fetches(&s.outputs), vec![([1; 32], 5)]);
+        for p in [1, 3, 4] {
+            m.step(
+                &Event::FragmentOk {
+                    block: [1; 32],
+                    position: p,
+                },
+                &c,
+            );
+        }
+        let s = m
+            .step(
+                &Event::FragmentOk {
+                    block: [1; 32],
+                    position: 5,
+                },
+                &c,
+            )
+            .expect("ok");
+        assert!(s.outputs.iter().any(|o| matches!(
+            o,
+            Output::Rebuild { block, sources, .. } if *block == [1; 32] && *sources == vec![1, 3, 4, 5]
+        )));
+        // Done: placed, forgotten, and the next block starts.
+        let s = m
+            .step(
+                &Event::Done {
+                    block: [1; 32],
+                    placed: vec![(0, id(9))],
+                    failed: vec![],
+                },
+                &c,
+            )
+            .expect("done");
+        assert!(s.outputs.contains(&Output::Placed {
+            block: [1; 32],
+            position: 0,
+            supplier: id(9)
+        }));
+        assert_eq!(fetches(&s.outputs).len(), 4);
+        assert_eq!(m.machine.progress.fragments_placed, 1);
+    }
+
+    #[test]
+    fn a_block_without_k_good_sources_is_given_up_and_the_list_finishes() {
+        let mut m = started(2);
+        let c = Ctx::at(Duration::ZERO);
+        m.step(&Event::Work(vec![task(1, &[1, 2, 3, 4])]), &c);
+        let s = m
+            .step(
+                &Event::FragmentFailed {
+                    block: [1; 32],
+                    position: 3,
+                },
+                &c,
+            )
+            .expect("failed");
+        assert!(s.outputs.contains(&Output::Forget { block: [1; 32] }));
+        assert!(s.outputs.contains(&Output::Finished { placed: false }));
+        assert_eq!(m.state(), State::Idle);
+        assert_eq!(m.machine.progress.blocks_failed, 1);
+    }
+}
