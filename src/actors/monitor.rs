@@ -35,11 +35,11 @@ type FireHireAddr = Addr<Shell<FireHireDriver>>;
 pub type MonitorAddr = Addr<Shell<MonitorDriver>>;
 
 /// Audit pairs made per fragment when its bytes are in hand.
-pub const AUDIT_PAIRS: usize = 8;
+pub const AUDIT_PAIRS: usize = 24;
 /// Bytes each pair covers: 64 KiB at a random offset. Whole-fragment ranges would hash every
 /// stored byte eight times during a backup; an honest supplier's own store checks the whole
 /// fragment's hash on every read anyway (a bit flip anywhere fails the audit), and a supplier
-/// keeping a fraction `x` of the bytes passes eight audits with a probability of about `x^8`.
+/// keeping a fraction `x` of the bytes passes `n` audits with a probability of about `x^n`.
 pub const AUDIT_RANGE: u64 = 64 * 1024;
 
 #[derive(Clone, Debug)]

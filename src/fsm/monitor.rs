@@ -201,6 +201,8 @@ pub struct PositionView {
     pub observed: Duration,
     /// The last block audited here (the next round continues after it).
     cursor: Option<BlockId>,
+    /// Rounds since this supplier last listed what it holds (`None`: never since it came up).
+    since_listed: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -213,6 +215,9 @@ pub struct Monitor {
     pub fire_after: Duration,
     pub fire_after_failed_audits: u32,
     pub audits_per_round: usize,
+    /// A supplier lists what it holds every this many rounds (and when it comes up): a list
+    /// costs ~80 bytes per fragment, audits far less.
+    pub list_every: u64,
     /// How long a round waits for its answers.
     pub round_deadline: Duration,
     pub positions: Vec<PositionView>,
@@ -255,6 +260,7 @@ impl Monitor {
             fire_after,
             fire_after_failed_audits: fire_after_failed_audits.max(1),
             audits_per_round,
+            list_every: 6,
             round_deadline: Duration::from_secs(60),
             positions: Vec::new(),
             blocks: BTreeMap::new(),
@@ -476,6 +482,10 @@ impl Monitor {
                     view.down_since = Some(ctx.now);
                 }
                 if *up {
+                    if !view.up {
+                        // Back (or new): what it holds is asked at the next round.
+                        view.since_listed = None;
+                    }
                     view.up = true;
                     view.down_since = None;
                 } else if view.up || view.down_since.is_none() {
@@ -578,8 +588,17 @@ impl Monitor {
             if !self.is_up(position) {
                 continue;
             }
-            out.push(Output::List { position, supplier });
-            self.waiting.insert((position, None));
+            let view = &mut self.positions[position as usize];
+            let due = view.since_listed.is_none_or(|n| n + 1 >= self.list_every);
+            view.since_listed = Some(if due {
+                0
+            } else {
+                view.since_listed.map_or(0, |n| n + 1)
+            });
+            if due {
+                out.push(Output::List { position, supplier });
+                self.waiting.insert((position, None));
+            }
             for block in self.audit_sample(position) {
                 out.push(Output::Audit {
                     block,
@@ -1100,6 +1119,35 @@ mod tests {
             3,
             "2 audits a round reach all 3 blocks in 2 rounds"
         );
+    }
+
+    #[test]
+    fn a_supplier_lists_every_sixth_round_and_when_it_comes_back() {
+        let lists = |s: &crate::fsm::Stepped<Monitor>| {
+            s.outputs
+                .iter()
+                .filter(|o| matches!(o, Output::List { position: 0, .. }))
+                .count()
+        };
+        let mut m = started();
+        m.step(&Event::Timeout(Timer::RoundDeadline), &at(1));
+        let mut listed = 0;
+        for round in 0..11 {
+            let s = m
+                .step(&Event::Timeout(Timer::Round), &at(10 + 2 * round))
+                .expect("round");
+            listed += lists(&s);
+            m.step(&Event::Timeout(Timer::RoundDeadline), &at(11 + 2 * round));
+        }
+        // Up after the start round: listed at the first round, then six rounds later only.
+        assert_eq!(listed, 2);
+        // Down and back: listed at the next round.
+        m.step(&position(0, 1, false), &at(40));
+        m.step(&position(0, 1, true), &at(41));
+        let s = m
+            .step(&Event::Timeout(Timer::Round), &at(50))
+            .expect("round");
+        assert_eq!(lists(&s), 1);
     }
 
     #[test]

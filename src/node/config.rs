@@ -263,7 +263,7 @@ impl Default for MonitorSection {
             interval: Span(Duration::from_secs(600)),
             fire_after: Span(Duration::from_secs(6 * 3600)),
             fire_after_failed_audits: 3,
-            audits_per_round: 4,
+            audits_per_round: 2,
             drill_interval: Span(Duration::from_secs(86_400)),
             drill_files: 8,
         }
