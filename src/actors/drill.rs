@@ -55,7 +55,7 @@ impl Default for DrillSettings {
     fn default() -> Self {
         DrillSettings {
             files: 8,
-            max_bytes: 64 * 1024 * 1024,
+            max_bytes: 16 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
         }
     }
