@@ -20,7 +20,7 @@ use ed25519_dalek::SigningKey;
 use tokio::sync::oneshot;
 
 use super::fire_hire::{FireHireDriver, FireHireInput, FireHireQuery, PositionNews};
-use super::network_connector::{NetAnswer, NetQuery, NetworkConnectorDriver};
+use super::network_connector::{NetworkConnectorDriver, link_to};
 use super::registry::Registry;
 use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
 use super::status::{BackupStatus, JobResult, JobStatus, SkippedFile};
@@ -657,14 +657,14 @@ impl Handler<PositionNews> for Shell<BackupJobDriver> {
 }
 
 /// Where a fragment's bytes come from.
-enum FragmentSource {
+pub(crate) enum FragmentSource {
     File(PathBuf),
     Bytes(Vec<u8>),
 }
 
 /// Sends one stored fragment to `supplier` and waits for its acknowledgement (the supplier
 /// checks the BLAKE3 before it answers).
-async fn store_fragment(
+pub(crate) async fn store_fragment(
     network: NetworkAddr,
     supplier: NodeId,
     id: FragmentId,
@@ -685,9 +685,8 @@ async fn store_fragment(
     .await
     .map_err(|e| e.to_string())?;
     let hash = blake3::hash(&data);
-    let link = match network.send(Query::new(NetQuery::Link(supplier))).await {
-        Ok(NetAnswer::Link(Some(link))) => link,
-        _ => return Err("no session with the supplier".into()),
+    let Some(link) = link_to(&network, supplier).await else {
+        return Err("no session with the supplier".into());
     };
     let request = Body::StoreFragment(StoreFragment {
         id: Some(id),
@@ -1249,9 +1248,8 @@ pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), String> {
                     position: position as u32,
                 };
                 Some(async move {
-                    let link = match network.send(Query::new(NetQuery::Link(supplier))).await {
-                        Ok(NetAnswer::Link(Some(link))) => link,
-                        _ => return Err(supplier),
+                    let Some(link) = link_to(&network, supplier).await else {
+                        return Err(supplier);
                     };
                     let request =
                         Body::DeleteFragment(crate::proto::DeleteFragment { id: Some(id) });

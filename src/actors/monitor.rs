@@ -16,7 +16,7 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use super::fire_hire::{FireHireDriver, FireHireInput, FireHireQuery, PositionNews};
-use super::network_connector::{NetAnswer, NetQuery, NetworkConnectorDriver};
+use super::network_connector::{NetworkConnectorDriver, link_to};
 use super::rebuilder::{RebuilderDriver, RebuilderInput};
 use super::registry::Registry;
 use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
@@ -225,13 +225,6 @@ pub fn health_of(c: Cell) -> FragmentHealth {
         Cell::Present => FragmentHealth::Present,
         Cell::Missing => FragmentHealth::Missing,
         Cell::Corrupt => FragmentHealth::Corrupt,
-    }
-}
-
-async fn link_to(network: &NetworkAddr, supplier: NodeId) -> Option<crate::net::link::LinkHandle> {
-    match network.send(Query::new(NetQuery::Link(supplier))).await {
-        Ok(NetAnswer::Link(Some(link))) => Some(link),
-        _ => None,
     }
 }
 

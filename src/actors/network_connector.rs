@@ -768,3 +768,17 @@ impl Driver for NetworkConnectorDriver {
         }
     }
 }
+
+/// The session with `peer`, if there is one now (`None` too when the network actor is gone).
+pub async fn link_to(
+    network: &Addr<Shell<NetworkConnectorDriver>>,
+    peer: NodeId,
+) -> Option<crate::net::link::LinkHandle> {
+    match network
+        .send(super::shell::Query::new(NetQuery::Link(peer)))
+        .await
+    {
+        Ok(NetAnswer::Link(link)) => link,
+        _ => None,
+    }
+}

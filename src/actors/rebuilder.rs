@@ -12,19 +12,18 @@ use std::time::Duration;
 use actix::prelude::*;
 use ed25519_dalek::VerifyingKey;
 
-use super::backup_job::CatalogRefresh;
-use super::monitor::{MonitorDriver, MonitorInput, health_of, pairs_for};
-use super::network_connector::{NetAnswer, NetQuery, NetworkConnectorDriver};
+use super::backup_job::{CatalogRefresh, FragmentSource, store_fragment};
+use super::monitor::{MonitorDriver, MonitorInput, health_of};
+use super::network_connector::{NetworkConnectorDriver, link_to};
 use super::registry::Registry;
 use super::restore_worker::retrieve;
-use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
+use super::shell::{Deliver, Driver, Input, Io, Shell};
 use crate::crypto::identity::NodeId;
 use crate::data::manifest::BlockManifest;
 use crate::data::{self, BlockId};
 use crate::fsm::monitor::{Cell, RebuildTask};
 use crate::fsm::rebuilder::{self as rb, Rebuilder};
-use crate::proto::envelope::Body;
-use crate::proto::{FragmentId, StoreFragment};
+use crate::proto::FragmentId;
 use crate::store::catalog::{self, FragmentPlace};
 use crate::store::health;
 use crate::store::writer::Writer;
@@ -95,9 +94,8 @@ impl RebuilderDriver {
                     fragments: vec![None; total],
                 })
             };
-            let link = match network.send(Query::new(NetQuery::Link(supplier))).await {
-                Ok(NetAnswer::Link(Some(link))) => link,
-                _ => return Err("no session with the supplier".to_string()),
+            let Some(link) = link_to(&network, supplier).await else {
+                return Err("no session with the supplier".to_string());
             };
             let stored = retrieve(&link, block, position, timeout).await?;
             Ok::<_, String>((source, stored))
@@ -184,17 +182,26 @@ impl RebuilderDriver {
                 else {
                     continue;
                 };
-                match place(&wiring, *supplier, block, position as u32, &stored).await {
-                    Ok(()) => {
-                        places.push((
-                            position,
-                            FragmentPlace {
-                                supplier: Some(*supplier),
-                                size: stored.len() as u64,
-                                blake3: *blake3::hash(&stored).as_bytes(),
-                            },
-                            pairs_for(&stored),
-                        ));
+                let place = FragmentPlace {
+                    supplier: Some(*supplier),
+                    size: stored.len() as u64,
+                    blake3: *blake3::hash(&stored).as_bytes(),
+                };
+                let id = FragmentId {
+                    block: block.to_vec(),
+                    position: position as u32,
+                };
+                let sent = store_fragment(
+                    wiring.network.clone(),
+                    *supplier,
+                    id,
+                    FragmentSource::Bytes(stored),
+                    wiring.request_timeout,
+                )
+                .await;
+                match sent {
+                    Ok(pairs) => {
+                        places.push((position, place, pairs));
                         placed.push((position as u32, *supplier));
                     }
                     Err(why) => {
@@ -223,43 +230,6 @@ impl RebuilderDriver {
                 all_failed
             }
         });
-    }
-}
-
-/// Stores one rebuilt fragment on `supplier` and waits for its acknowledgement.
-async fn place(
-    wiring: &RebuilderWiring,
-    supplier: NodeId,
-    block: [u8; 32],
-    position: u32,
-    stored: &[u8],
-) -> Result<(), String> {
-    let hash = blake3::hash(stored);
-    let link = match wiring
-        .network
-        .send(Query::new(NetQuery::Link(supplier)))
-        .await
-    {
-        Ok(NetAnswer::Link(Some(link))) => link,
-        _ => return Err("no session with the supplier".into()),
-    };
-    let request = Body::StoreFragment(StoreFragment {
-        id: Some(FragmentId {
-            block: block.to_vec(),
-            position,
-        }),
-        data: stored.to_vec(),
-        hash: hash.as_bytes().to_vec(),
-    });
-    let reply = link
-        .request(request, wiring.request_timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    match reply.body {
-        Some(Body::Ack(ack)) if ack.hash == hash.as_bytes() => Ok(()),
-        Some(Body::Ack(_)) => Err("the supplier acknowledged other bytes".into()),
-        Some(Body::Fail(f)) => Err(format!("refused ({}): {}", f.reason, f.detail)),
-        _ => Err("unexpected reply".into()),
     }
 }
 

@@ -14,7 +14,7 @@ use ed25519_dalek::VerifyingKey;
 use tokio::sync::{mpsc, oneshot};
 
 use super::fire_hire::{FireHireDriver, FireHireQuery};
-use super::network_connector::{NetAnswer, NetQuery, NetworkConnectorDriver};
+use super::network_connector::{NetworkConnectorDriver, link_to};
 use super::registry::Registry;
 use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
 use super::status::{RestoreJobStatus, RestoreResult, RestoreStatus, SkippedFile};
@@ -132,9 +132,8 @@ impl RestoreWorkerDriver {
         let timeout = self.wiring.request_timeout;
         let fetched = self.fetched.clone();
         let ask = async move {
-            let link = match network.send(Query::new(NetQuery::Link(supplier))).await {
-                Ok(NetAnswer::Link(Some(link))) => link,
-                _ => return Err("no session with the supplier".to_string()),
+            let Some(link) = link_to(&network, supplier).await else {
+                return Err("no session with the supplier".to_string());
             };
             let data = retrieve(&link, block, position, timeout).await?;
             fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
