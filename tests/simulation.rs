@@ -625,7 +625,7 @@ fn restore_worker_fetches_k_per_block_and_survives_up_to_m_bad_suppliers() {
 }
 
 /// The monitor and the rebuilder against a simulated set of friends, over many seeds: friends go
-/// down and come back, some are lost for good, a fire_hire model hires a spare into a fired
+/// down and come back, one may be lost for good, a fire_hire model hires a spare into a fired
 /// position. Lists, audits, fetches and placements are answered from what each friend really
 /// holds. At every firing decision, every block the fired supplier holds keeps `k` fragments on
 /// reachable hired suppliers (no block drops below `k` because of a firing); once the churn ends,
@@ -650,7 +650,9 @@ fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
         Rebuilder(rb::Event),
     }
 
-    for seed in seeds(60, 5) {
+    // Besides the usual seeds, two that once found a replacement lost before its rebuild
+    // blocking every later firing.
+    for seed in seeds(60, 5).into_iter().chain([259_098_228, 386_569_428]) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let blocks: Vec<[u8; 32]> = (0..rng.gen_range(1..12u8)).map(|i| [i; 32]).collect();
         let mut up = [true; FRIENDS];
@@ -703,11 +705,15 @@ fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
                 wall: now,
                 random: rng.r#gen(),
             };
-            // Churn: a friend goes down or comes back; rarely one is lost for good (two at most).
+            // Churn: a friend goes down or comes back; rarely one is lost for good (one at most:
+            // with a firing in progress — the fired one's fragments are gone until rebuilt —
+            // that is `m` = 2 losses at once; a second loss for good then could take a block
+            // below `k` whatever the monitor decides, and the liveness check below would fail for
+            // reasons no firing caused).
             if now < churn_until && rng.gen_bool(0.02) {
                 let n = rng.gen_range(0..FRIENDS);
                 if !lost[n] {
-                    if kills < 2 && rng.gen_bool(0.1) {
+                    if kills < 1 && rng.gen_bool(0.1) {
                         kills += 1;
                         lost[n] = true;
                         up[n] = false;

@@ -15,8 +15,9 @@
 //! `monitor.fire_after`, or failing `monitor.fire_after_failed_audits` audits in a row. The
 //! guard, the original's rule made exact: never fire a position while some block it may still
 //! hold a good fragment of has fewer than `k` good fragments reachable elsewhere — firing it
-//! would leave that block unrebuildable. No firing while an earlier one is not yet rebuilt, and
-//! none without a spare friend to hire in its place.
+//! would leave that block unrebuildable. No firing while an earlier one is not yet rebuilt
+//! (except of that position's replacement, should it fail in turn), and none without a spare
+//! friend to hire in its place.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -373,7 +374,7 @@ impl Monitor {
 
     /// The supplier to fire now, if any (one at a time, guarded).
     pub fn fire_decision(&self, now: Duration) -> Option<(u32, NodeId, FireReason)> {
-        if self.fired.is_some() || self.spares == 0 {
+        if self.spares == 0 {
             return None;
         }
         let mut candidates: Vec<(u32, NodeId, FireReason)> = Vec::new();
@@ -381,6 +382,11 @@ impl Monitor {
             let Some(supplier) = view.supplier else {
                 continue;
             };
+            // While a firing is not yet rebuilt, only that position's replacement may be fired
+            // (it failed in turn): another position waits.
+            if self.fired.is_some_and(|f| f != p as u32) {
+                continue;
+            }
             if view.failed_audits >= self.fire_after_failed_audits {
                 candidates.push((
                     p as u32,
@@ -1148,6 +1154,22 @@ mod tests {
             .step(&Event::Timeout(Timer::Round), &at(50))
             .expect("round");
         assert_eq!(lists(&s), 1);
+    }
+
+    #[test]
+    fn a_replacement_lost_before_its_rebuild_is_fired_in_turn() {
+        let mut m = started();
+        m.step(&position(0, 1, false), &at(0));
+        m.step(&Event::Timeout(Timer::RoundDeadline), &at(150));
+        assert_eq!(m.machine.fired, Some(0));
+        // The replacement never comes up; another position goes down too.
+        m.step(&position(0, 7, false), &at(151));
+        m.step(&position(1, 2, false), &at(151));
+        let (p, s, _) = m
+            .machine
+            .fire_decision(Duration::from_secs(400))
+            .expect("the failed replacement is fired");
+        assert_eq!((p, s), (0, id(7)));
     }
 
     #[test]
