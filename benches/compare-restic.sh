@@ -47,6 +47,8 @@ die() {
     exit 1
 }
 have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 trap 'printf "compare-restic: failed at line %s: %s\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
@@ -113,19 +115,6 @@ ratio() {
 # "ok" when VALUE <= LIMIT, "MISSED" otherwise, "n/a" when unknown.
 verdict() {
     awk -v v="$1" -v l="$2" 'BEGIN { if (v == "n/a" || v == "") print "n/a"; else if (v + 0 <= l + 0) print "ok"; else print "MISSED" }'
-}
-
-# True while PID runs (an exited child stays a zombie, and kill -0 succeeds, until waited for).
-alive() {
-    local state
-    state=$(awk '/^State:/ { print $2 }' "/proc/$1/status" 2>/dev/null || true)
-    [[ -n $state && $state != Z ]]
-}
-
-bd() {
-    local home=$1
-    shift
-    "$BIN" --home "$home" "$@"
 }
 
 # "key=value key=value ..." from two arrays named KEYS and VALUES; "(failed)" when VALUES is empty.
@@ -303,18 +292,6 @@ sys.exit(rc if rc >= 0 else 128 - rc)' "$rss_file" "${bounded[@]}" >"$out" 2>"$e
         exit 130
     fi
     return "$rc"
-}
-
-# Apparent bytes under DIR (0 when it does not exist).
-dir_bytes() {
-    if [[ -d $1 ]]; then du -sb -- "$1" | awk '{ print $1 }'; else echo 0; fi
-}
-
-# Sets KEY = VALUE in a config.toml written by `bitdust init` (each key used here appears once).
-set_key() {
-    local file=$1 key=$2 value=$3
-    sed -i -E "s|^${key} = .*|${key} = ${value}|" "$file"
-    grep -qxF "${key} = ${value}" "$file" || die "could not set ${key} in ${file}"
 }
 
 # ------------------------------------------------------------------ 0. the tree and the disk

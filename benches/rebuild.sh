@@ -58,17 +58,12 @@ die() {
     exit 1
 }
 have() { command -v "$1" >/dev/null 2>&1; }
+# shellcheck source=benches/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 trap 'printf "rebuild: failed at line %s: %s\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 # ------------------------------------------------------------------ cleanup (always runs)
-
-# True while PID runs (an exited child stays a zombie, and kill -0 succeeds, until waited for).
-alive() {
-    local state
-    state=$(awk '/^State:/ { print $2 }' "/proc/$1/status" 2>/dev/null || true)
-    [[ -n $state && $state != Z ]]
-}
 
 # stop_node I [signalled]: SIGTERM to the node started as NODE_PIDS[I] (unless already sent: a
 # second signal makes a node exit without its clean stop), SIGKILL past STOP_TIMEOUT; reaped.
@@ -129,12 +124,6 @@ now() { date +%s.%N; }
 # B - A in seconds with one decimal (A, B from `now`).
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "") print "n/a"; else printf "%.1f", b - a }'; }
 
-bd() {
-    local home=$1
-    shift
-    "$BIN" --home "$home" "$@"
-}
-
 # The owner's status as JSON into FILE (false when the node does not answer).
 owner_status() { bd "$OWNER" status --json >"$1" 2>/dev/null; }
 
@@ -157,18 +146,6 @@ for off in range(12000):
         break
 print(" ".join(map(str, found)))
 EOF
-}
-
-# Apparent bytes under DIR (0 when it does not exist).
-dir_bytes() {
-    if [[ -d $1 ]]; then du -sb -- "$1" | awk '{ print $1 }'; else echo 0; fi
-}
-
-# Sets KEY = VALUE in a config.toml written by `bitdust init` (each key used here appears once).
-set_key() {
-    local file=$1 key=$2 value=$3
-    sed -i -E "s|^${key} = .*|${key} = ${value}|" "$file"
-    grep -qxF "${key} = ${value}" "$file" || die "could not set ${key} in ${file}"
 }
 
 # probe MODE ARGS...: reads the owner's status JSON (files named in ARGS) and prints what MODE

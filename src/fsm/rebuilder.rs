@@ -169,11 +169,6 @@ impl Rebuilder {
         !self.queue.is_empty() || !self.active.is_empty()
     }
 
-    /// Fragments the ledger asks of each block: never more than `k` at once.
-    pub fn asking(&self, block: &BlockId) -> usize {
-        self.active.get(block).map_or(0, |j| j.asking.len())
-    }
-
     fn advance(&mut self, block: BlockId, out: &mut Out<Self>) {
         let k = self.k as usize;
         let Some(job) = self.active.get_mut(&block) else {
