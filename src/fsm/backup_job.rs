@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, row};
+use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, Violation, row};
 use crate::{events, labels};
 
 /// A block's id (random, chosen by the pipeline; see `data::BlockId`).
@@ -366,7 +366,7 @@ impl Ledger {
     }
 
     /// Every fragment of every block is accounted for exactly once: placed, sent or queued.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Violation> {
         for (block, placed) in &self.placed {
             for position in 0..self.positions() {
                 let sent = self
@@ -381,21 +381,19 @@ impl Ledger {
                 if count != 1 {
                     return Err(format!(
                         "fragment {position} of a block is accounted for {count} times"
-                    ));
+                    )
+                    .into());
                 }
             }
         }
         for (position, sending) in &self.sending {
             if sending.len() > self.window {
-                return Err(format!(
-                    "{} fragments out to position {position}",
-                    sending.len()
-                ));
+                return Err(
+                    format!("{} fragments out to position {position}", sending.len()).into(),
+                );
             }
             if !sending.is_empty() && !self.up.contains(position) {
-                return Err(format!(
-                    "fragments out to position {position}, which is down"
-                ));
+                return Err(format!("fragments out to position {position}, which is down").into());
             }
         }
         Ok(())
@@ -716,7 +714,7 @@ impl Machine for BackupJob {
         }
     }
 
-    fn invariant(&self, state: State) -> Result<(), String> {
+    fn invariant(&self, state: State) -> Result<(), Violation> {
         self.ledger.check()?;
         if state == Committed && !self.ledger.every_block_has_k() {
             return Err("committed before every block had k fragments placed".into());

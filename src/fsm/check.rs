@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::machine::{
-    Ctx, Instance, Kinded, Label, Machine, To, row_targets, targets_of, timers_in,
+    Ctx, Instance, Kinded, Label, Machine, To, Violation, row_targets, targets_of, timers_in,
 };
 
 /// Problems with a machine's table; empty when it is sound.
@@ -128,7 +128,7 @@ pub fn table_problems<M: Machine>() -> Vec<String> {
 /// never left, that a choice picked one of its declared targets, that exactly the periodic timers
 /// the current state declares are armed, and that the machine's invariant holds. Returns the
 /// instance, or the first violation.
-pub fn drive<M: Machine>(machine: M, events: &[M::Event]) -> Result<Instance<M>, String> {
+pub fn drive<M: Machine>(machine: M, events: &[M::Event]) -> Result<Instance<M>, Violation> {
     let mut instance = Instance::new(machine, "check");
     let mut now = Duration::ZERO;
     instance.start(now);

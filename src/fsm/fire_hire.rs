@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, To, row};
+use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, To, Violation, row};
 use super::supplier_connector::{self as sc, Report};
 use crate::crypto::identity::NodeId;
 use crate::{events, labels};
@@ -476,19 +476,19 @@ impl Machine for FireHire {
         }
     }
 
-    fn invariant(&self, _state: State) -> Result<(), String> {
+    fn invariant(&self, _state: State) -> Result<(), Violation> {
         if !self.positions_are_distinct() {
             return Err("a supplier holds two positions".into());
         }
         let unconfirmed = self.slots.iter().flatten().filter(|h| !h.confirmed).count();
         if unconfirmed > 1 {
-            return Err(format!("{unconfirmed} hires in flight"));
+            return Err(format!("{unconfirmed} hires in flight").into());
         }
         for (instance, (_, supplier)) in &self.leaving {
             if self.slots.iter().flatten().any(|h| h.instance == *instance) {
-                return Err(format!(
-                    "connector {instance} ({supplier}) both holds and leaves"
-                ));
+                return Err(
+                    format!("connector {instance} ({supplier}) both holds and leaves").into(),
+                );
             }
         }
         Ok(())

@@ -234,6 +234,24 @@ impl<M: Machine> Out<M> {
     }
 }
 
+/// A broken invariant: what a machine's (or one of its ledgers') self-check found wrong, said in
+/// words for the test or simulation that reports it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Violation(pub String);
+
+impl From<String> for Violation {
+    fn from(what: String) -> Self {
+        Violation(what)
+    }
+}
+
+impl From<&str> for Violation {
+    fn from(what: &str) -> Self {
+        Violation(what.to_owned())
+    }
+}
+
 /// A state machine: its table is static data, its fields (`self`) are the extended state that
 /// guards read and `apply` updates.
 pub trait Machine: Sized + Send + 'static {
@@ -289,7 +307,7 @@ pub trait Machine: Sized + Send + 'static {
     }
     /// What must hold of the machine's data in `state` after every step (checked by the
     /// property tests and the simulation).
-    fn invariant(&self, _state: Self::State) -> Result<(), String> {
+    fn invariant(&self, _state: Self::State) -> Result<(), Violation> {
         Ok(())
     }
 

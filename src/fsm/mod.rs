@@ -85,7 +85,8 @@ mod tests {
             .run(&strategy, |picks| {
                 let all = M::sample_events();
                 let events: Vec<M::Event> = picks.iter().map(|&i| all[i].clone()).collect();
-                let instance = check::drive(M::default(), &events).map_err(TestCaseError::fail)?;
+                let instance = check::drive(M::default(), &events)
+                    .map_err(|v| TestCaseError::fail(v.to_string()))?;
                 // Shutdown always ends the machine, whatever came before.
                 let mut instance = instance;
                 instance.step(

@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, To, row};
+use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, To, Violation, row};
 use crate::crypto::identity::NodeId;
 use crate::{events, labels};
 
@@ -823,7 +823,7 @@ impl Machine for Monitor {
         }
     }
 
-    fn invariant(&self, state: State) -> Result<(), String> {
+    fn invariant(&self, state: State) -> Result<(), Violation> {
         if state == Idle && !self.waiting.is_empty() {
             return Err("idle while answers are awaited".into());
         }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, row};
+use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, Violation, row};
 use crate::crypto::identity::NodeId;
 use crate::{events, labels};
 
@@ -529,18 +529,18 @@ impl Machine for NetworkConnector {
         }
     }
 
-    fn invariant(&self, state: State) -> Result<(), String> {
+    fn invariant(&self, state: State) -> Result<(), Violation> {
         for (peer, slot) in &self.peers {
             if slot.up != self.sessions.is_active(peer) {
-                return Err(format!("{peer}: up is {} but active is not", slot.up));
+                return Err(format!("{peer}: up is {} but active is not", slot.up).into());
             }
             if slot.up && slot.dialing {
-                return Err(format!("{peer}: up and dialing"));
+                return Err(format!("{peer}: up and dialing").into());
             }
         }
         for (peer, session) in &self.sessions.active {
             if self.sessions.sessions.get(session).map(|s| s.peer) != Some(*peer) {
-                return Err(format!("{peer}: active session {session} is not its own"));
+                return Err(format!("{peer}: active session {session} is not its own").into());
             }
         }
         if state == Online && self.connected() == 0 {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::machine::{Ctx, Entry, Machine, NoChoice, Out, Row, TimerRow, To, row};
+use super::machine::{Ctx, Entry, Machine, NoChoice, Out, Row, TimerRow, To, Violation, row};
 use crate::crypto::identity::NodeId;
 use crate::{events, labels};
 
@@ -290,7 +290,7 @@ impl Machine for PeerSession {
         }
     }
 
-    fn invariant(&self, state: State) -> Result<(), String> {
+    fn invariant(&self, state: State) -> Result<(), Violation> {
         if state == Established && self.peer.is_none() {
             return Err("established without a peer".into());
         }

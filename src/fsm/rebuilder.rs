@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, row};
+use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, Violation, row};
 use super::monitor::{BlockId, RebuildTask};
 use crate::crypto::identity::NodeId;
 use crate::{events, labels};
@@ -375,17 +375,18 @@ impl Machine for Rebuilder {
         }
     }
 
-    fn invariant(&self, _state: State) -> Result<(), String> {
+    fn invariant(&self, _state: State) -> Result<(), Violation> {
         if self.active.len() > self.window {
             return Err(format!(
                 "{} blocks in flight, window {}",
                 self.active.len(),
                 self.window
-            ));
+            )
+            .into());
         }
         for (block, job) in &self.active {
             if job.good.len() + job.asking.len() > self.k as usize && !job.rebuilding {
-                return Err(format!("more than k fragments asked for {block:?}"));
+                return Err(format!("more than k fragments asked for {block:?}").into());
             }
             if job
                 .task

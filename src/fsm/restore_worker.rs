@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, row};
+use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, Violation, row};
 use crate::{events, labels};
 
 /// A block's id (see `data::BlockId`).
@@ -358,14 +358,15 @@ impl Fetches {
     }
 
     /// No block asks for more fragments than it needs: at most `k` good-or-asked at once.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Violation> {
         for fetch in self.active.values() {
             if fetch.good.len() + fetch.asking.len() > fetch.k as usize {
                 return Err(format!(
                     "{} fragments good or asked for a block that needs {}",
                     fetch.good.len() + fetch.asking.len(),
                     fetch.k
-                ));
+                )
+                .into());
             }
         }
         if self.in_flight() > self.window + self.wanted.len() {
@@ -373,7 +374,8 @@ impl Fetches {
                 "{} blocks in flight, window {}",
                 self.in_flight(),
                 self.window
-            ));
+            )
+            .into());
         }
         Ok(())
     }
@@ -593,7 +595,7 @@ impl Machine for RestoreWorker {
         }
     }
 
-    fn invariant(&self, _state: State) -> Result<(), String> {
+    fn invariant(&self, _state: State) -> Result<(), Violation> {
         self.fetches.check()
     }
 

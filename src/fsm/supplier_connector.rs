@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use super::machine::{Ctx, Machine, NoChoice, Out, Row, TimerRow, To, row};
+use super::machine::{Ctx, Machine, NoChoice, Out, Row, TimerRow, To, Violation, row};
 use crate::{events, labels};
 
 labels! {
@@ -403,12 +403,9 @@ impl Machine for SupplierConnector {
         }
     }
 
-    fn invariant(&self, _state: State) -> Result<(), String> {
+    fn invariant(&self, _state: State) -> Result<(), Violation> {
         if self.attempts > self.max_attempts {
-            return Err(format!(
-                "{} attempts of {}",
-                self.attempts, self.max_attempts
-            ));
+            return Err(format!("{} attempts of {}", self.attempts, self.max_attempts).into());
         }
         Ok(())
     }
