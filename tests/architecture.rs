@@ -1,7 +1,8 @@
 //! The architecture invariants (ARCHITECTURE.md), checked on the source:
 //! - `src/fsm` and `src/data` do no IO: no async runtime, actors, database, sockets, files,
 //!   threads, clock or RNG (time and randomness reach machines through `Ctx`);
-//! - each layer imports only the layers below it.
+//! - each layer imports only the layers below it;
+//! - the binary (`main.rs` and `src/cli`) uses only `node`, the status types and `demo`.
 
 use std::path::{Path, PathBuf};
 
@@ -174,4 +175,89 @@ fn drivers_read_no_clock() {
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// What the binary (`main.rs`, `src/cli/`) may name of the library: `bitdust::NAME` paths.
+const BINARY_MAY_USE: &[&str] = &["node", "demo", "actors::status"];
+
+/// The library paths a source text of the binary names: `bitdust::x::y` (two segments, so that
+/// `actors::status` can be told from the rest of `actors`), and `bitdust::{x, y}` groups.
+fn library_paths(text: &str) -> Vec<String> {
+    let segment = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut paths = Vec::new();
+    for (i, _) in text.match_indices("bitdust::") {
+        let rest = &text[i + "bitdust::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let inner = group.split('}').next().unwrap_or("");
+            paths.extend(inner.split(',').map(|item| item.trim().replace(' ', "")));
+            continue;
+        }
+        let first = segment(rest);
+        let after = &rest[first.len()..];
+        match after.strip_prefix("::").map(segment) {
+            Some(second) if !second.is_empty() => paths.push(format!("{first}::{second}")),
+            _ => paths.push(first),
+        }
+    }
+    paths
+}
+
+#[test]
+fn the_binary_uses_only_node_the_status_types_and_demo() {
+    let mut files = vec![src().join("main.rs")];
+    rust_files(&src().join("cli"), &mut files);
+    assert!(files.len() > 5, "the CLI's verbs were not found: {files:?}");
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("readable source");
+        for path in library_paths(&text) {
+            checked += 1;
+            let allowed = BINARY_MAY_USE
+                .iter()
+                .any(|a| path == *a || path.starts_with(&format!("{a}::")));
+            if !allowed {
+                problems.push(format!("{} uses bitdust::{path}", file.display()));
+            }
+        }
+        // The binary has no `crate::` of the library; its own modules are `cli::…`.
+        for name in crate_imports(&text) {
+            if name != "cli" {
+                problems.push(format!("{} names crate::{name}", file.display()));
+            }
+        }
+    }
+    assert!(
+        checked > 20,
+        "the scan found too few library paths to mean anything"
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn the_binary_scanner_tells_status_types_from_the_rest_of_actors() {
+    let paths = library_paths(
+        "use bitdust::actors::status::NodeStatus;\nuse bitdust::actors::drill;\nbitdust::demo::run(x);\nuse bitdust::{node, store};",
+    );
+    assert_eq!(
+        paths,
+        [
+            "actors::status",
+            "actors::drill",
+            "demo::run",
+            "node",
+            "store"
+        ]
+    );
+    let allowed = |p: &str| {
+        BINARY_MAY_USE
+            .iter()
+            .any(|a| p == *a || p.starts_with(&format!("{a}::")))
+    };
+    assert!(allowed("actors::status") && allowed("node::client") && allowed("demo::run"));
+    assert!(!allowed("actors::drill") && !allowed("store") && !allowed("fsm::diagram_files"));
 }

@@ -154,7 +154,7 @@ fn a_backup_killed_midway_resumes_and_uploads_each_block_under_one_id() {
     let result = wait_for("the resumed backup finished", 120, || {
         node_status(&c.homes[0])?.backup.finished.first().cloned()
     });
-    assert_eq!(result.outcome, "committed", "{result:?}");
+    assert_eq!(result.outcome.as_str(), "committed", "{result:?}");
     assert_eq!(result.files, 16);
     assert!(result.catalog_stored);
 
@@ -222,7 +222,7 @@ fn with_suppliers_away_the_job_waits_then_commits_and_sends_the_rest_when_they_r
     let result = wait_for("the backup committed", 60, || {
         node_status(&c.homes[0])?.backup.finished.first().cloned()
     });
-    assert_eq!(result.outcome, "committed", "{result:?}");
+    assert_eq!(result.outcome.as_str(), "committed", "{result:?}");
     // Committed; the sixth fragments wait (a returning supplier may still be reconnecting).
     let job = wait_for("redundancy 1 while one supplier is away", 30, || {
         let job = node_status(&c.homes[0])?.backup.running?;
@@ -264,7 +264,7 @@ fn a_configured_source_is_backed_up_on_schedule_with_its_excludes() {
     let result = wait_for("the scheduled backup", 90, || {
         node_status(&c.homes[0])?.backup.finished.first().cloned()
     });
-    assert_eq!(result.outcome, "committed", "{result:?}");
+    assert_eq!(result.outcome.as_str(), "committed", "{result:?}");
     assert_eq!(result.files, 1, "the *.tmp file is excluded: {result:?}");
     assert_eq!(result.source, source.path().display().to_string());
     // Not again within the hour.

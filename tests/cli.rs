@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use bitdust::actors::status::NodeStatus;
 use common::*;
 
 #[test]
@@ -35,15 +36,15 @@ fn init_run_status_reload_and_graceful_stop() {
         );
     }
 
-    let status = status_json(&home);
-    assert_eq!(status["node_id"], node_id.as_str());
-    assert_eq!(status["name"], "alice");
-    let machines = status["machines"].as_array().expect("machines");
+    let shown = status(&home);
+    assert_eq!(shown.node_id, node_id);
+    assert_eq!(shown.name.as_deref(), Some("alice"));
     assert!(
-        machines
+        shown
+            .machines
             .iter()
-            .any(|m| m["actor"] == "identity" && m["state"] == "Ready"),
-        "{status:#}"
+            .any(|m| m.actor == "identity" && m.state == "Ready"),
+        "{shown:#?}"
     );
     let human = bitdust(&home, &["status"]);
     assert!(String::from_utf8_lossy(&human.stdout).contains("identity"));
@@ -53,7 +54,7 @@ fn init_run_status_reload_and_graceful_stop() {
     assert!(!second.status.success());
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("already running"), "{err}");
-    assert_eq!(status_json(&home)["node_id"], node_id.as_str());
+    assert_eq!(status(&home).node_id, node_id);
 
     // SIGHUP with new contacts: the identity is re-signed with the next revision.
     let config_path = home.join("config.toml");
@@ -66,9 +67,12 @@ fn init_run_status_reload_and_graceful_stop() {
     node.wait_log("re-signed", |v| {
         transition(v, "identity", "Resigning", "Ready")
     });
-    let id = id_json(&home);
-    assert_eq!(id["revision"], 2);
-    assert_eq!(id["contacts"][0], "tcp://192.0.2.1:7771");
+    let id = id_card(&home);
+    assert_eq!(id.revision, 2);
+    assert_eq!(
+        id.contacts.first().map(String::as_str),
+        Some("tcp://192.0.2.1:7771")
+    );
 
     // SIGHUP with a broken file: logged with the key, the running config stays.
     std::fs::write(
@@ -87,7 +91,7 @@ fn init_run_status_reload_and_graceful_stop() {
         error.contains("network.keepalive") && error.contains("config.toml"),
         "{error}"
     );
-    assert_eq!(status_json(&home)["revision"], 2);
+    assert_eq!(status(&home).revision, Some(2));
 
     // SIGTERM: machines close, exit status 0, the control socket is gone.
     node.signal(libc::SIGTERM);
@@ -349,7 +353,7 @@ fn sighup_sent_at_spawn_reloads_and_the_node_keeps_running() {
     unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
     wait_line(&logs, "reload", |v| v["message"] == "config reloaded");
     // Still running and answering.
-    assert_eq!(status_json(&home)["name"], "early-hup");
+    assert_eq!(status(&home).name.as_deref(), Some("early-hup"));
     // SAFETY: as above.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(wait_child(&mut child).success());
@@ -382,7 +386,7 @@ fn a_silent_control_client_is_disconnected_and_status_still_answers() {
         .set_read_timeout(Some(Duration::from_secs(15)))
         .expect("timeout");
     // While it sits there saying nothing, others are served.
-    assert_eq!(status_json(&home)["name"], "silent");
+    assert_eq!(status(&home).name.as_deref(), Some("silent"));
     let mut reply = String::new();
     // The node gives up on it: a short error line, then end of stream (not our read timeout).
     silent
@@ -426,8 +430,7 @@ fn a_thousand_silent_control_clients_do_not_lock_out_status() {
     }
     // All thousand are still connected on our side and no read deadline has passed: status
     // gets through because the node drops the clients silent longest.
-    let status = status_json(&home);
-    assert_eq!(status["name"], "crowd");
+    assert_eq!(status(&home).name.as_deref(), Some("crowd"));
     // The first client is one of those dropped: end of stream, not a reply.
     {
         use std::io::Read as _;
@@ -488,7 +491,8 @@ fn running_out_of_descriptors_logs_one_warning_and_status_recovers() {
     // The node ran out and kept failing accepts (every 100 ms) until deadlines freed
     // descriptors; status gets through once they do.
     let status = wait_for("status", 30, || try_status(&home));
-    assert_eq!(status["name"], "starved");
+    let status: NodeStatus = serde_json::from_value(status).expect("status reads as NodeStatus");
+    assert_eq!(status.name.as_deref(), Some("starved"));
     drop(silent);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -352,8 +352,9 @@ fn with_keep_the_homes_stay_with_their_logs_and_every_node_is_stopped() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(list["versions"].as_array().map(Vec::len), Some(1), "{list}");
+    let list: bitdust::node::control::Versions =
+        serde_json::from_slice(&out.stdout).expect("list --json reads as Versions");
+    assert_eq!(list.versions.len(), 1, "{list:?}");
     drop(cleanup);
 }
 

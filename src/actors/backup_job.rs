@@ -23,7 +23,7 @@ use super::fire_hire::{FireHireDriver, FireHireInput, FireHireQuery, PositionNew
 use super::network_connector::{NetworkConnectorDriver, link_to};
 use super::registry::Registry;
 use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
-use super::status::{BackupStatus, JobResult, JobStatus, SkippedFile};
+use super::status::{BackupOutcome, BackupStatus, JobResult, JobStatus, SkippedFile};
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
 use crate::data::audit::AuditPair;
@@ -465,10 +465,10 @@ impl BackupJobDriver {
             p.cancel();
         }
         let (name, error) = match &outcome {
-            Outcome::Committed => ("committed", None),
-            Outcome::Aborted => ("aborted", None),
-            Outcome::Failed(why) => ("failed", Some(why.clone())),
-            Outcome::Interrupted => ("interrupted", None),
+            Outcome::Committed => (BackupOutcome::Committed, None),
+            Outcome::Aborted => (BackupOutcome::Aborted, None),
+            Outcome::Failed(why) => (BackupOutcome::Failed, Some(why.clone())),
+            Outcome::Interrupted => (BackupOutcome::Interrupted, None),
         };
         match outcome {
             Outcome::Committed | Outcome::Interrupted => self.flush_dirty(io),
@@ -498,7 +498,7 @@ impl BackupJobDriver {
 
     /// The job's result for `status` and `backup --wait` (once: a committed job that drains its
     /// outboxes afterwards has reported already).
-    fn publish_result(&mut self, name: &str, error: Option<String>, seconds: f64) {
+    fn publish_result(&mut self, name: BackupOutcome, error: Option<String>, seconds: f64) {
         if self.result_published {
             return;
         }
@@ -508,7 +508,7 @@ impl BackupJobDriver {
             run: self.run,
             snapshot: self.snapshot.0,
             source: self.spec.source.clone(),
-            outcome: name.to_string(),
+            outcome: name,
             error,
             files: t.files,
             dirs: t.dirs,
@@ -529,7 +529,7 @@ impl BackupJobDriver {
             catalog_stored: self.catalog_stored,
         };
         tracing::info!(run = self.run, snapshot = self.snapshot.0, source = %self.spec.source,
-            outcome = name, files = t.files, bytes = t.bytes, new_bytes = t.new_bytes,
+            outcome = name.as_str(), files = t.files, bytes = t.bytes, new_bytes = t.new_bytes,
             skipped = self.skipped.len(), "backup finished");
         if let Ok(mut s) = self.wiring.status.lock() {
             s.finished.push(result);
@@ -577,7 +577,7 @@ impl Driver for BackupJobDriver {
                 );
                 self.progress = machine.ledger.clone().progress();
                 self.publish(elapsed);
-                self.publish_result("committed", None, elapsed);
+                self.publish_result(BackupOutcome::Committed, None, elapsed);
             }
             bj::Output::Finished(outcome) => self.finish(outcome, elapsed, io),
         }

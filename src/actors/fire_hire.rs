@@ -12,7 +12,7 @@ use super::network_connector::{NetworkConnectorDriver, Presence};
 use super::registry::Registry;
 use super::router::Routed;
 use super::shell::{Deliver, Driver, Io, Shell};
-use super::status::{CustomerStatus, PositionStatus};
+use super::status::{Contract, CustomerStatus, PositionStatus};
 use super::supplier_connector::SupplierConnectorDriver;
 use crate::crypto::identity::NodeId;
 use crate::fsm::fire_hire::{self, FireHire};
@@ -262,7 +262,7 @@ impl Driver for FireHireDriver {
                     position: p as u32,
                     supplier: slot.map(|h| h.supplier.to_string()),
                     confirmed: slot.is_some_and(|h| h.confirmed),
-                    contract: state.unwrap_or("NoService").to_string(),
+                    contract: Contract::of_state(state),
                 }
             })
             .collect();

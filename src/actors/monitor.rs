@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use serde::Serialize;
 
 use super::fire_hire::{FireHireDriver, FireHireInput, FireHireQuery, PositionNews};
 use super::network_connector::{NetworkConnectorDriver, link_to};
@@ -62,48 +61,7 @@ pub struct MonitorWiring {
     pub settings: MonitorSettings,
 }
 
-/// Per source: the worst redundancy over the blocks of its kept versions.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct SourceHealth {
-    pub source: String,
-    pub blocks: u64,
-    /// Good reachable fragments beyond `k` of its worst block (negative: unreadable now).
-    pub worst_redundancy: i64,
-    /// "full", "degraded", "at risk" or "lost".
-    pub health: String,
-}
-
-/// One position as the monitor sees it (for status and the durability estimate).
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct PositionHealth {
-    pub position: u32,
-    pub supplier: Option<String>,
-    pub up: bool,
-    pub failed_audits: u32,
-    /// Fraction of the observed time it was reachable.
-    pub availability: f64,
-    pub observed_secs: u64,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct MonitorStatus {
-    pub rounds: u64,
-    pub blocks: u64,
-    pub audits_passed: u64,
-    pub audits_failed: u64,
-    /// Cells of the health matrix by kind.
-    pub cells: BTreeMap<String, u64>,
-    /// Blocks by good reachable fragments beyond `k`.
-    pub by_redundancy: BTreeMap<i64, u64>,
-    pub sources: Vec<SourceHealth>,
-    pub positions: Vec<PositionHealth>,
-    /// Firings, oldest first: position and reason.
-    pub fired: Vec<(u32, String)>,
-    pub rebuild: crate::fsm::rebuilder::Progress,
-    pub rebuild_queued: u64,
-    pub k: u32,
-    pub m: u32,
-}
+pub use super::status::{MonitorStatus, PositionHealth, SourceHealth};
 
 pub enum MonitorInput {
     Position(PositionNews),
@@ -411,6 +369,7 @@ impl MonitorDriver {
                     blocks: blocks.len() as u64,
                     worst_redundancy: worst,
                     health: health.into(),
+                    ..Default::default()
                 }
             })
             .collect();

@@ -17,7 +17,7 @@ use super::fire_hire::{FireHireDriver, FireHireQuery};
 use super::network_connector::{NetworkConnectorDriver, link_to};
 use super::registry::Registry;
 use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
-use super::status::{RestoreJobStatus, RestoreResult, RestoreStatus, SkippedFile};
+use super::status::{RestoreJobStatus, RestoreOutcome, RestoreResult, RestoreStatus, SkippedFile};
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
 use crate::data::{self, BlockId, BlockManifest};
@@ -251,11 +251,11 @@ impl RestoreWorkerDriver {
         self.handoff.cancelled.store(true, Ordering::Relaxed);
         self.handoff.arrived.notify_all();
         let (name, error) = match &outcome {
-            Outcome::Complete => ("complete", None),
-            Outcome::Partial => ("partial", None),
-            Outcome::Aborted => ("aborted", None),
-            Outcome::Failed(why) => ("failed", Some(why.clone())),
-            Outcome::Interrupted => ("interrupted", None),
+            Outcome::Complete => (RestoreOutcome::Complete, None),
+            Outcome::Partial => (RestoreOutcome::Partial, None),
+            Outcome::Aborted => (RestoreOutcome::Aborted, None),
+            Outcome::Failed(why) => (RestoreOutcome::Failed, Some(why.clone())),
+            Outcome::Interrupted => (RestoreOutcome::Interrupted, None),
         };
         let report = self.report.take().unwrap_or_default();
         let result = RestoreResult {
@@ -263,7 +263,7 @@ impl RestoreWorkerDriver {
             snapshot: self.spec.snapshot.0,
             source: self.spec.source.clone(),
             to: self.spec.to.display().to_string(),
-            outcome: name.to_string(),
+            outcome: name,
             error,
             files: report.files,
             dirs: report.dirs,
@@ -290,7 +290,7 @@ impl RestoreWorkerDriver {
         tracing::info!(
             run = self.run,
             snapshot = self.spec.snapshot.0,
-            outcome = name,
+            outcome = name.as_str(),
             files = result.files,
             bytes = result.bytes,
             failed = result.failed.len(),

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::actors::status::{JobResult, NodeStatus};
+use crate::actors::status::{Contract, JobResult, MonitorStatus, NodeStatus, RestoreOutcome};
+use crate::node::client::Client;
+use crate::node::home::Home;
 use error::io_at;
 pub use error::{DemoError, FailedFile, LogTail, Step};
 use procs::{Bitdust, Finished, NodeProc, Nodes, WaitError, WorkDir};
@@ -262,22 +264,10 @@ impl<'a> Demo<'a> {
 
     /// The owner's status and its monitor's view, or None while it does not answer.
     fn owner_view(&self) -> Option<(NodeStatus, Health)> {
-        let finished = self
-            .bin
-            .run(
-                self.owner(),
-                &[OsStr::new("status"), OsStr::new("--json")],
-                SHORT_LIMIT,
-                |_| {},
-            )
-            .ok()?;
-        if !finished.success() {
-            return None;
-        }
-        let mut value: serde_json::Value = serde_json::from_slice(&finished.stdout).ok()?;
+        let status = Client::connect(&Home::new(self.owner())).status().ok()?;
         // A node without a monitor has no `health`: read as nothing followed yet.
-        let health = serde_json::from_value(value["health"].take()).unwrap_or_default();
-        Some((serde_json::from_value(value).ok()?, health))
+        let health = status.health.as_ref().map(Health::of).unwrap_or_default();
+        Some((status, health))
     }
 
     /// An error when node `i` has exited.
@@ -559,9 +549,9 @@ impl<'a> Demo<'a> {
         let result =
             self.json_result(result, &finished, step, command, "expected one JSON result")?;
         self.report.backup = Some(BackupReport::new(&result, wall));
-        if result.outcome != "committed" || !finished.success() {
+        if !result.outcome.committed() || !finished.success() {
             return Err(DemoError::Backup {
-                outcome: result.outcome,
+                outcome: result.outcome.to_string(),
                 error: result.error,
                 log: self.tail(0),
             });
@@ -716,7 +706,10 @@ impl<'a> Demo<'a> {
                 }
                 fired_shown = fired_shown.max(h.fired.len());
                 for p in &status.customer.positions {
-                    let holder = p.supplier.clone().filter(|_| p.contract == "Connected");
+                    let holder = p
+                        .supplier
+                        .clone()
+                        .filter(|_| p.contract == Contract::Connected);
                     let changed = holders_shown.get(&p.position) != Some(&holder);
                     let hired_anew = holder
                         .as_ref()
@@ -875,9 +868,9 @@ impl<'a> Demo<'a> {
             "expected one JSON object with `outcome`",
         )?;
         self.report.restore = Some(RestoreReport::new(&result, wall));
-        if result.outcome != "complete" || !finished.success() {
+        if !result.outcome.complete() || !finished.success() {
             return Err(DemoError::RestoreIncomplete {
-                outcome: result.outcome,
+                outcome: result.outcome.to_string(),
                 status: finished.describe(),
                 failed: result.failed,
                 log: self.tail(0),
@@ -971,7 +964,7 @@ impl<'a> Demo<'a> {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct RestoreResult {
-    pub outcome: String,
+    pub outcome: RestoreOutcome,
     pub files: u64,
     pub bytes: u64,
     pub failed: Vec<FailedFile>,
@@ -995,9 +988,8 @@ fn last_json<T: serde::de::DeserializeOwned>(stdout: &[u8]) -> Option<T> {
         .and_then(|v| serde_json::from_value(v).ok())
 }
 
-/// The parts of `status --json`'s `health` (the owner's monitor) the demo reads.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
+/// The parts of `status`'s `health` (the owner's monitor) the demo reads.
+#[derive(Clone, Debug, Default)]
 struct Health {
     blocks: u64,
     /// Blocks by good reachable fragments beyond `k`.
@@ -1011,8 +1003,7 @@ struct Health {
 }
 
 /// The rebuilder's counters (since the node started).
-#[derive(Clone, Copy, Debug, Default, Deserialize)]
-#[serde(default)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Rebuilding {
     in_flight: u64,
     blocks_rebuilt: u64,
@@ -1039,6 +1030,26 @@ impl Rebuilding {
 }
 
 impl Health {
+    fn of(h: &MonitorStatus) -> Health {
+        let r = &h.rebuild;
+        Health {
+            blocks: h.blocks,
+            by_redundancy: h.by_redundancy.clone(),
+            fired: h.fired.clone(),
+            rebuild: Rebuilding {
+                in_flight: r.in_flight,
+                blocks_rebuilt: r.blocks_rebuilt,
+                fragments_placed: r.fragments_placed,
+                fragments_fetched: r.fragments_fetched,
+                bytes_fetched: r.bytes_fetched,
+                bytes_placed: r.bytes_placed,
+            },
+            rebuild_queued: h.rebuild_queued,
+            k: h.k,
+            m: h.m,
+        }
+    }
+
     /// Every followed block has all `k + m` good fragments, and nothing is left to rebuild.
     fn fully_redundant(&self) -> bool {
         self.blocks > 0
@@ -1089,7 +1100,7 @@ fn hired(status: &NodeStatus) -> (usize, usize) {
     let ready = c
         .positions
         .iter()
-        .filter(|p| p.confirmed && p.contract == "Connected")
+        .filter(|p| p.confirmed && p.contract == Contract::Connected)
         .filter_map(|p| p.supplier.as_ref())
         .filter(|s| seen.insert(s.as_str()))
         .count();
@@ -1183,7 +1194,7 @@ fn bytes_under(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::status::PositionStatus;
+    use crate::actors::status::{Contract, PositionStatus};
 
     #[test]
     fn the_restore_result_is_read_from_one_object_or_the_last_json_line() {
@@ -1192,35 +1203,35 @@ mod tests {
   "failed": [{"path": "a/b", "reason": "block 1f: 3 of 4 fragments"}], "extra": true
 }"#;
         let r: RestoreResult = last_json(pretty).expect("pretty");
-        assert_eq!(r.outcome, "partial");
+        assert_eq!(r.outcome, RestoreOutcome::Partial);
         assert_eq!(r.failed[0].path, "a/b");
         assert_eq!(r.fetched_bytes, 12);
         let lines = b"restoring...\n{\"progress\": 1}\n{\"outcome\":\"complete\",\"files\":1}\n";
         let r: RestoreResult = last_json(lines).expect("lines");
-        assert_eq!((r.outcome.as_str(), r.files), ("complete", 1));
+        assert_eq!((r.outcome, r.files), (RestoreOutcome::Complete, 1));
         assert!(last_json::<RestoreResult>(b"no json here").is_none());
     }
 
     #[test]
     fn hired_counts_distinct_connected_confirmed_positions() {
-        let p = |position, supplier: &str, confirmed, contract: &str| PositionStatus {
+        let p = |position, supplier: &str, confirmed, contract: Contract| PositionStatus {
             position,
             supplier: Some(supplier.into()),
             confirmed,
-            contract: contract.into(),
+            contract,
         };
         let mut status = NodeStatus::default();
         status.customer.data_shards = 2;
         status.customer.parity_shards = 2;
         status.customer.positions = vec![
-            p(0, "a", true, "Connected"),
-            p(1, "b", false, "Connected"),
-            p(2, "c", true, "Requesting"),
-            p(3, "a", true, "Connected"),
+            p(0, "a", true, Contract::Connected),
+            p(1, "b", false, Contract::Connected),
+            p(2, "c", true, Contract::Requesting),
+            p(3, "a", true, Contract::Connected),
         ];
         assert_eq!(hired(&status), (4, 1));
         status.customer.positions[1].confirmed = true;
-        status.customer.positions[2].contract = "Connected".into();
+        status.customer.positions[2].contract = Contract::Connected;
         status.customer.positions[3].supplier = Some("d".into());
         assert_eq!(hired(&status), (4, 4));
     }
@@ -1232,7 +1243,8 @@ mod tests {
             "rebuild": {"queued": 1, "in_flight": 0, "blocks_rebuilt": 3, "fragments_placed": 3,
                 "fragments_fetched": 12, "blocks_failed": 0, "bytes_fetched": 400, "bytes_placed": 100},
             "sources": [], "last_drill": null}"#;
-        let mut h: Health = serde_json::from_str(json).expect("health");
+        let monitor: MonitorStatus = serde_json::from_str(json).expect("health");
+        let mut h = Health::of(&monitor);
         assert_eq!(h.by_redundancy, BTreeMap::from([(1, 1), (2, 1)]));
         assert_eq!(h.fired, vec![(0, "unreachable for 5 s".to_string())]);
         assert!(!h.fully_redundant(), "a block is one fragment short");
@@ -1270,7 +1282,7 @@ mod tests {
             position,
             supplier: Some(supplier.into()),
             confirmed: true,
-            contract: "Connected".into(),
+            contract: Contract::Connected,
         };
         let mut status = NodeStatus::default();
         status.customer.data_shards = 1;
@@ -1279,9 +1291,9 @@ mod tests {
         let gone = ["gone".to_string()];
         assert!(!replaced(&status, &gone));
         status.customer.positions[0].supplier = Some("spare".into());
-        status.customer.positions[0].contract = "Requesting".into();
+        status.customer.positions[0].contract = Contract::Requesting;
         assert!(!replaced(&status, &gone), "not connected yet");
-        status.customer.positions[0].contract = "Connected".into();
+        status.customer.positions[0].contract = Contract::Connected;
         assert!(replaced(&status, &gone));
     }
 

@@ -81,7 +81,7 @@ pub struct BackupReport {
 impl BackupReport {
     pub fn new(r: &JobResult, wall: f64) -> BackupReport {
         BackupReport {
-            outcome: r.outcome.clone(),
+            outcome: r.outcome.to_string(),
             snapshot: r.snapshot,
             files: r.files,
             bytes: r.bytes,
@@ -176,7 +176,7 @@ pub struct RestoreReport {
 impl RestoreReport {
     pub fn new(r: &RestoreResult, wall: f64) -> RestoreReport {
         RestoreReport {
-            outcome: r.outcome.clone(),
+            outcome: r.outcome.to_string(),
             files: r.files,
             bytes: r.bytes,
             seconds: r.seconds,
@@ -287,6 +287,20 @@ impl Report {
             }
         }
         let _ = writeln!(out);
+        self.data_lines(&mut out);
+        self.backup_lines(&mut out);
+        self.suppliers_lines(&mut out);
+        self.rebuild_lines(&mut out);
+        self.drill_lines(&mut out);
+        self.restore_lines(&mut out);
+        self.verify_lines(&mut out);
+        self.machines_lines(&mut out);
+        self.positions_lines(&mut out);
+        self.kept_lines(&mut out);
+        out
+    }
+
+    fn data_lines(&self, out: &mut String) {
         if let Some(d) = &self.data {
             let _ = writeln!(
                 out,
@@ -313,6 +327,9 @@ impl Report {
                 n.hire_seconds
             );
         }
+    }
+
+    fn backup_lines(&self, out: &mut String) {
         if let Some(b) = &self.backup {
             let deduplicated = b.bytes.saturating_sub(b.new_bytes);
             let _ = writeln!(
@@ -334,6 +351,9 @@ impl Report {
                 b.new_blocks
             );
         }
+    }
+
+    fn suppliers_lines(&self, out: &mut String) {
         if !self.suppliers.is_empty() {
             let _ = writeln!(out, "fragments  held for the owner by each friend:");
             for s in &self.suppliers {
@@ -353,6 +373,9 @@ impl Report {
                 );
             }
         }
+    }
+
+    fn rebuild_lines(&self, out: &mut String) {
         if let Some(r) = &self.rebuild {
             let _ = writeln!(
                 out,
@@ -382,6 +405,9 @@ impl Report {
                 );
             }
         }
+    }
+
+    fn drill_lines(&self, out: &mut String) {
         if let Some(d) = &self.drill {
             let _ = writeln!(
                 out,
@@ -396,6 +422,9 @@ impl Report {
                 let _ = writeln!(out, "  drill failed: {} ({})", f.path, f.reason);
             }
         }
+    }
+
+    fn restore_lines(&self, out: &mut String) {
         if let Some(r) = &self.restore {
             let _ = writeln!(
                 out,
@@ -412,6 +441,9 @@ impl Report {
                 let _ = writeln!(out, "  not restored: {} ({})", f.path, f.reason);
             }
         }
+    }
+
+    fn verify_lines(&self, out: &mut String) {
         if let Some(v) = &self.verify {
             let _ = writeln!(
                 out,
@@ -435,6 +467,9 @@ impl Report {
                 );
             }
         }
+    }
+
+    fn machines_lines(&self, out: &mut String) {
         if !self.machines.is_empty() {
             let _ = writeln!(out, "machines   the owner's, by state:");
             let mut by_actor: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
@@ -459,6 +494,9 @@ impl Report {
                 let _ = writeln!(out, "  {actor:<20} {}", states.join(", "));
             }
         }
+    }
+
+    fn positions_lines(&self, out: &mut String) {
         if !self.positions.is_empty() {
             let held: Vec<String> = self
                 .positions
@@ -475,6 +513,9 @@ impl Report {
                 .collect();
             let _ = writeln!(out, "positions  now: {}", held.join("; "));
         }
+    }
+
+    fn kept_lines(&self, out: &mut String) {
         if self.kept {
             let dir = &self.dir;
             let _ = writeln!(
@@ -487,7 +528,6 @@ impl Report {
                 "           e.g. `bitdust --home {dir}/owner list`; remove it with `rm -rf {dir}`"
             );
         }
-        out
     }
 }
 

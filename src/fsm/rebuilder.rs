@@ -64,7 +64,7 @@ labels! {
     pub enum Choice { MoreWork }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub queued: u64,
     pub in_flight: u64,

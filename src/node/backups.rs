@@ -206,7 +206,7 @@ impl Backups {
                         s.finished.push(JobResult {
                             run: job.run,
                             source,
-                            outcome: "failed".into(),
+                            outcome: crate::actors::status::BackupOutcome::Failed,
                             error: Some(why),
                             ..JobResult::default()
                         });

@@ -65,6 +65,77 @@ pub enum Request {
     Drill,
 }
 
+/// The run numbers a backup or restore request was given (`status` reports each by its run).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Runs {
+    pub runs: Vec<u64>,
+}
+
+/// A peer added (`new`: it was not in the peer book before).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerAdded {
+    pub node_id: String,
+    pub new: bool,
+}
+
+/// The node a request was about (peer removed, customer dropped).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Done {
+    pub node_id: String,
+}
+
+/// A peer's round trip.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Pong {
+    pub node_id: String,
+    pub rtt_ms: f64,
+}
+
+/// The catalog's versions (`bitdust list --json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Versions {
+    pub versions: Vec<Version>,
+}
+
+/// One backed-up version of a source.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Version {
+    pub snapshot: u64,
+    pub source: String,
+    pub started_at: u64,
+    pub finished_at: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub new_bytes: u64,
+    pub new_blocks: u64,
+    /// Files not backed up.
+    pub skipped: usize,
+}
+
+impl Versions {
+    pub fn of(snapshots: &[crate::store::catalog::Snapshot]) -> Versions {
+        let versions = snapshots
+            .iter()
+            .map(|s| Version {
+                snapshot: s.id.0,
+                source: s.source.clone(),
+                started_at: s.started_at,
+                finished_at: s.finished_at,
+                files: s.files,
+                dirs: s.dirs,
+                symlinks: s.symlinks,
+                bytes: s.bytes,
+                new_bytes: s.new_bytes,
+                new_blocks: s.new_blocks,
+                skipped: s.skipped.len(),
+            })
+            .collect();
+        Versions { versions }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Response {
     pub ok: bool,
@@ -88,6 +159,15 @@ impl Response {
             ok: false,
             data: None,
             error: Some(message.into()),
+        }
+    }
+
+    /// A handler's answer: its data as JSON, or its error's message.
+    pub fn of<T: Serialize, E: std::fmt::Display>(answer: Result<T, E>) -> Self {
+        match answer.map(|data| serde_json::to_value(data)) {
+            Ok(Ok(data)) => Response::ok(data),
+            Ok(Err(e)) => Response::error(e.to_string()),
+            Err(e) => Response::error(e.to_string()),
         }
     }
 }

@@ -10,9 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde_json::json;
-
 use super::units::ByteSize;
+use crate::actors::status::DiskStatus;
 use crate::store::{SpaceState, WriteStats, free_space};
 
 /// Free space not yet sampled.
@@ -186,21 +185,21 @@ impl DiskHealth {
     }
 
     /// The `disk` object of `status --json`.
-    pub fn report(&self) -> serde_json::Value {
+    pub fn report(&self) -> DiskStatus {
         let s = self.writes.snapshot();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        json!({
-            "state": self.state().name(),
-            "line": self.line(),
-            "free_bytes": self.free(),
-            "current_write_ms": s.current.map(ms),
-            "last_write_ms": ms(s.last),
-            "slowest_write_ms": ms(s.slowest),
-            "writes": s.done,
-            "failed_writes": s.failed,
-            "queued_writes": s.queued,
-            "database_resumes": self.space.as_ref().map(|s| s.resumes()),
-        })
+        DiskStatus {
+            state: self.state().name().to_string(),
+            line: self.line(),
+            free_bytes: self.free(),
+            current_write_ms: s.current.map(ms),
+            last_write_ms: ms(s.last),
+            slowest_write_ms: ms(s.slowest),
+            writes: s.done,
+            failed_writes: s.failed,
+            queued_writes: s.queued,
+            database_resumes: self.space.as_ref().map(|s| s.resumes()),
+        }
     }
 
     /// The space a supplier may grant in total right now: `donated`, capped by what the disk
@@ -322,7 +321,7 @@ mod tests {
         let line = health.line();
         assert!(began.elapsed() < Duration::from_secs(1));
         assert!(line.starts_with("disk stalled for "), "{line}");
-        assert_eq!(health.report()["state"], "stalled");
+        assert_eq!(health.report().state, "stalled");
         assert!(!health.can_write());
 
         // The disk thaws into a full one: the hung write fails with "no space".
@@ -342,16 +341,13 @@ mod tests {
         store.set_fault(Some(Fault::Io));
         rt.block_on(writer.write(batch())).expect_err("eio");
         // Still full: an IO error does not prove space came back.
-        assert_eq!(health.report()["state"], "full");
+        assert_eq!(health.report().state, "full");
 
         store.set_fault(None);
         rt.block_on(writer.write(batch())).expect("recovered");
         assert_eq!(health.state(), DiskState::Ok);
         let report = health.report();
-        assert!(
-            report["slowest_write_ms"].as_f64().expect("ms") >= 100.0,
-            "{report}"
-        );
+        assert!(report.slowest_write_ms >= 100.0, "{report:?}");
         drop(writer);
         thread.join();
     }

@@ -88,7 +88,7 @@ impl Restores {
                             snapshot,
                             source,
                             to,
-                            outcome: "failed".into(),
+                            outcome: crate::actors::status::RestoreOutcome::Failed,
                             error: Some(why),
                             ..RestoreResult::default()
                         });

@@ -6,6 +6,23 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// Why a size or duration in the config (or on the command line) is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error("`{0}` is not a size (examples: 4096, 512 MiB, 8GiB)")]
+    NotASize(String),
+    #[error("unknown size unit `{unit}` in `{text}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")]
+    SizeUnit { unit: String, text: String },
+    #[error("`{0}` is not a duration (examples: 250ms, 30s, 5m, 2h, 14d)")]
+    NotADuration(String),
+    #[error("`{0}` needs a unit (ms, s, m, h, d)")]
+    NoDurationUnit(String),
+    #[error("unknown duration unit `{unit}` in `{text}` (use ms, s, m, h, d)")]
+    DurationUnit { unit: String, text: String },
+    #[error("`{0}` is out of range")]
+    OutOfRange(String),
+}
+
 /// A size in bytes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default)]
 pub struct ByteSize(pub u64);
@@ -15,7 +32,7 @@ pub const MIB: u64 = 1024 * KIB;
 pub const GIB: u64 = 1024 * MIB;
 
 impl ByteSize {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, UnitError> {
         let t = text.trim();
         let split = t
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -23,7 +40,7 @@ impl ByteSize {
         let (number, unit) = t.split_at(split);
         let number: f64 = number
             .parse()
-            .map_err(|_| format!("`{text}` is not a size (examples: 4096, 512 MiB, 8GiB)"))?;
+            .map_err(|_| UnitError::NotASize(text.into()))?;
         let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1000,
@@ -35,14 +52,15 @@ impl ByteSize {
             "t" | "tb" => 1000 * 1000 * 1000 * 1000,
             "tib" => 1024 * GIB,
             other => {
-                return Err(format!(
-                    "unknown size unit `{other}` in `{text}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-                ));
+                return Err(UnitError::SizeUnit {
+                    unit: other.into(),
+                    text: text.into(),
+                });
             }
         };
         let bytes = number * multiplier as f64;
         if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-            return Err(format!("`{text}` is out of range"));
+            return Err(UnitError::OutOfRange(text.into()));
         }
         Ok(ByteSize(bytes.round() as u64))
     }
@@ -97,29 +115,30 @@ impl<'de> Deserialize<'de> for ByteSize {
 pub struct Span(pub Duration);
 
 impl Span {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, UnitError> {
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (number, unit) = t.split_at(split);
-        let n: u64 = number.parse().map_err(|_| {
-            format!("`{text}` is not a duration (examples: 250ms, 30s, 5m, 2h, 14d)")
-        })?;
+        let n: u64 = number
+            .parse()
+            .map_err(|_| UnitError::NotADuration(text.into()))?;
         let ms: u64 = match unit.trim() {
             "ms" => 1,
             "s" => 1000,
             "m" | "min" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
-            "" => return Err(format!("`{text}` needs a unit (ms, s, m, h, d)")),
+            "" => return Err(UnitError::NoDurationUnit(text.into())),
             other => {
-                return Err(format!(
-                    "unknown duration unit `{other}` in `{text}` (use ms, s, m, h, d)"
-                ));
+                return Err(UnitError::DurationUnit {
+                    unit: other.into(),
+                    text: text.into(),
+                });
             }
         };
         let total = n
             .checked_mul(ms)
-            .ok_or_else(|| format!("`{text}` is out of range"))?;
+            .ok_or_else(|| UnitError::OutOfRange(text.into()))?;
         Ok(Span(Duration::from_millis(total)))
     }
 

@@ -9,9 +9,14 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use bitdust::actors::status::{NodeStatus, PeerStatus};
 use bitdust::crypto::identity::Identity;
 use bitdust::crypto::keys::NodeKeys;
 use bitdust::net::envelope;
+use bitdust::node::client::Client;
+use bitdust::node::control::Pong;
+use bitdust::node::home::Home;
+use bitdust::node::offline::IdCard;
 use bitdust::proto::IdentityExchange;
 use bitdust::proto::envelope::Body;
 
@@ -201,9 +206,21 @@ pub fn status_json(home: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("status prints JSON")
 }
 
-/// The node's status, typed.
-pub fn node_status(home: &Path) -> Option<bitdust::actors::status::NodeStatus> {
-    serde_json::from_value(try_status(home)?).ok()
+/// The node's status through `bitdust status --json`, typed (panics when the CLI fails): what
+/// the CLI prints reads back into the node's own types.
+pub fn status(home: &Path) -> NodeStatus {
+    serde_json::from_value(status_json(home)).expect("status --json reads as NodeStatus")
+}
+
+/// The node's status through the control socket's typed client, or None while it does not
+/// answer.
+pub fn node_status(home: &Path) -> Option<NodeStatus> {
+    Client::connect(&Home::new(home)).status().ok()
+}
+
+/// `bitdust id --json`, typed.
+pub fn id_card(home: &Path) -> IdCard {
+    serde_json::from_value(id_json(home)).expect("id --json reads as IdCard")
 }
 
 pub fn id_json(home: &Path) -> serde_json::Value {
@@ -257,6 +274,21 @@ pub fn closed_count(status: &serde_json::Value, reason: &str) -> u64 {
     status["network"]["counters"][reason].as_u64().unwrap_or(0)
 }
 
+/// The entry for `peer` in a typed status.
+pub fn peer_of(status: &NodeStatus, peer: &str) -> Option<PeerStatus> {
+    status
+        .network
+        .peers
+        .iter()
+        .find(|p| p.node_id == peer)
+        .cloned()
+}
+
+/// The counter for `reason` in a typed status (0 when never counted).
+pub fn counter(status: &NodeStatus, reason: &str) -> u64 {
+    status.network.counters.get(reason).copied().unwrap_or(0)
+}
+
 pub fn card(home: &Path) -> String {
     let out = bitdust(home, &["id"]);
     assert!(out.status.success());
@@ -273,8 +305,9 @@ pub fn add_peer(home: &Path, peer_card: &str) {
 }
 
 pub fn listen_addr(home: &Path) -> String {
-    id_json(home)["contacts"][0]
-        .as_str()
+    id_card(home)
+        .contacts
+        .first()
         .expect("contact")
         .trim_start_matches("tcp://")
         .to_string()
@@ -283,8 +316,8 @@ pub fn listen_addr(home: &Path) -> String {
 /// Waits until `home`'s session with `peer` is in `state`.
 pub fn wait_session(home: &Path, peer: &str, state: &str) {
     wait_for(&format!("{peer} {state}"), 30, || {
-        let status = try_status(home)?;
-        (peer_status(&status, peer)?["session"] == state).then_some(())
+        let status = node_status(home)?;
+        (peer_of(&status, peer)?.session == state).then_some(())
     });
 }
 
@@ -295,8 +328,8 @@ pub fn ping(home: &Path, peer: &str) -> f64 {
         "ping failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    v["rtt_ms"].as_f64().expect("rtt")
+    let pong: Pong = serde_json::from_slice(&out.stdout).expect("ping --json reads as Pong");
+    pong.rtt_ms
 }
 
 pub struct Cluster {
@@ -339,7 +372,7 @@ pub fn positions(home: &Path) -> Option<Vec<(Option<String>, String)>> {
             .customer
             .positions
             .into_iter()
-            .map(|p| (p.supplier, p.contract))
+            .map(|p| (p.supplier, p.contract.to_string()))
             .collect(),
     )
 }
