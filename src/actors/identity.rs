@@ -14,9 +14,12 @@ use crate::fsm::identity::{Event, IdentityMachine, Output};
 
 /// Where the signed identity document lives (the node's home directory).
 pub trait IdentityFile: Send + Sync + 'static {
-    fn load(&self, keys: &NodeKeys) -> Result<Identity, String>;
-    fn save(&self, identity: &Identity) -> Result<(), String>;
+    fn load(&self, keys: &NodeKeys) -> Result<Identity, IdentityFileError>;
+    fn save(&self, identity: &Identity) -> Result<(), IdentityFileError>;
 }
+
+/// Why the identity document could not be read or written (the home's own error).
+pub type IdentityFileError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct IdentityDriver {
     home: Arc<dyn IdentityFile>,
@@ -75,7 +78,7 @@ impl Driver for IdentityDriver {
                 let keys = self.keys.clone();
                 io.spawn_blocking(move || match home.load(&keys) {
                     Ok(identity) => Event::Loaded(identity),
-                    Err(e) => Event::LoadFailed(e),
+                    Err(e) => Event::LoadFailed(e.to_string()),
                 });
             }
             Output::Resign(wanted) => {
@@ -93,7 +96,7 @@ impl Driver for IdentityDriver {
                     };
                     match home.save(&next) {
                         Ok(()) => Event::Saved(next),
-                        Err(e) => Event::SaveFailed(e),
+                        Err(e) => Event::SaveFailed(e.to_string()),
                     }
                 });
             }

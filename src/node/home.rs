@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::config::{CONFIG_FILE, default_file};
 use super::units::ByteSize;
+use crate::actors::identity::IdentityFileError;
 use crate::crypto::derive::MasterSecret;
 use crate::crypto::identity::{Identity, IdentityError};
 use crate::crypto::keys::NodeKeys;
@@ -317,12 +318,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HomeErro
 }
 
 impl crate::actors::identity::IdentityFile for Home {
-    fn load(&self, keys: &NodeKeys) -> Result<Identity, String> {
-        self.load_identity(keys).map_err(|e| e.to_string())
+    fn load(&self, keys: &NodeKeys) -> Result<Identity, IdentityFileError> {
+        Ok(self.load_identity(keys)?)
     }
 
-    fn save(&self, identity: &Identity) -> Result<(), String> {
-        self.save_identity(identity).map_err(|e| e.to_string())
+    fn save(&self, identity: &Identity) -> Result<(), IdentityFileError> {
+        Ok(self.save_identity(identity)?)
     }
 }
 
