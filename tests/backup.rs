@@ -404,6 +404,85 @@ fn a_supplier_serving_forged_bytes_is_caught_and_another_fragment_used() {
     );
 }
 
+#[test]
+fn a_supplier_back_during_a_restore_is_asked_again() {
+    let c = star(6);
+    // Small blocks (one 60 KiB file each), a short request timeout, and a peer counted
+    // reachable long after it stops answering: a frozen supplier costs each block a timeout.
+    let owner_env = [
+        ("BITDUST_BACKUP__BLOCK_SIZE", "64KiB"),
+        ("BITDUST_NETWORK__REQUEST_TIMEOUT", "2s"),
+        ("BITDUST_NETWORK__DEAD_AFTER", "10m"),
+    ];
+    let mut nodes: Vec<Node> = c
+        .homes
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            if i == 0 {
+                Node::start_with(h, &owner_env)
+            } else {
+                Node::start(h)
+            }
+        })
+        .collect();
+    let hired = wait_all_connected(&c.homes[0], 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    for i in 0..80u64 {
+        std::fs::write(
+            source.path().join(format!("f{i:02}")),
+            noise(3000 + i, 60 * 1024),
+        )
+        .expect("write");
+    }
+    backup(&c.homes[0], source.path());
+    let home_of = |id: &String| c.ids.iter().position(|x| x == id).expect("a friend");
+    // Position 0's supplier (a data position, asked first) stops; position 1's freezes, so
+    // the restore is slow enough to see position 0 come back.
+    let (away, frozen) = (home_of(&hired[0]), home_of(&hired[1]));
+    nodes[away].signal(libc::SIGTERM);
+    assert!(nodes[away].wait_exit().success());
+    wait_for("position 0 down", 30, || {
+        let p = positions(&c.homes[0])?;
+        (p[0].1 != "Connected").then_some(())
+    });
+    nodes[frozen].signal(libc::SIGSTOP);
+    let owner = c.homes[0].clone();
+    let to = tempfile::tempdir().expect("tempdir");
+    let target = to.path().join("r");
+    let restoring = {
+        let target = target.clone();
+        std::thread::spawn(move || restore(&owner, &["--to", target.to_str().expect("utf-8")]))
+    };
+    let blocks = wait_for("the restore under way", 60, || {
+        let job = node_status(&c.homes[0])?.restore.running?;
+        (job.blocks_decoded > 0).then_some(job.blocks)
+    });
+    nodes[away] = Node::start(&c.homes[away]);
+    wait_for("position 0 back", 60, || {
+        let p = positions(&c.homes[0])?;
+        (p[0].1 == "Connected").then_some(())
+    });
+    let job = node_status(&c.homes[0])
+        .and_then(|s| s.restore.running)
+        .expect("the restore still runs once the supplier is back (else it shows nothing)");
+    assert!(job.blocks_decoded < blocks, "{job:?}");
+    let (ok, r) = restoring.join().expect("restore thread");
+    nodes[frozen].signal(libc::SIGCONT);
+    assert!(ok, "{r:#}");
+    assert_eq!(r["outcome"], "complete", "{r:#}");
+    assert_same_tree(source.path(), &target);
+    // Every block asked a parity fragment for position 1 (frozen); while position 0 was away it
+    // took a second one. Blocks fetched after its return asked position 0 again: fewer than two
+    // extra fragments each. (Never told it is back, the restore keeps taking two.)
+    let extra = r["extra_fragments"].as_u64().expect("count");
+    assert!(extra >= blocks, "{extra} extra for {blocks} blocks: {r:#}");
+    assert!(
+        extra < 2 * blocks,
+        "position 0 was not asked again: {extra} extra for {blocks} blocks: {r:#}"
+    );
+}
+
 // ------------------------------------------------------------------ recovery
 
 /// The binary with `$BITDUST_PASSPHRASE` set (stdin not a terminal: it never prompts).

@@ -633,6 +633,7 @@ fn restore_worker_fetches_k_per_block_and_survives_up_to_m_bad_suppliers() {
 #[test]
 fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
     use bitdust::crypto::identity::NodeId;
+    use bitdust::data::Layout;
     use bitdust::fsm::monitor::{self as mon, AuditResult, BlockInfo, Cell, Monitor};
     use bitdust::fsm::rebuilder::{self as rb, Rebuilder};
     use bitdust::fsm::{Ctx, Instance, Machine as _};
@@ -671,13 +672,14 @@ fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
         let mut rebuilder = Instance::new(Rebuilder::new(rng.gen_range(1..4)), "sim");
         let mut queue: VecDeque<To> = VecDeque::new();
         queue.push_back(To::Rebuilder(rb::Event::Start { k: K as u32 }));
+        let layout = Layout::new(K as u8, (TOTAL - K) as u8).expect("valid");
         queue.push_back(To::Monitor(mon::Event::Start {
-            k: K as u32,
-            total: TOTAL as u32,
+            layout,
             blocks: blocks
                 .iter()
                 .map(|b| BlockInfo {
                     id: *b,
+                    layout,
                     holders: (0..TOTAL).map(|p| Some(id(p))).collect(),
                     cells: vec![Cell::Unknown; TOTAL],
                     newest: 1,

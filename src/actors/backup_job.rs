@@ -19,10 +19,10 @@ use actix::prelude::*;
 use ed25519_dalek::SigningKey;
 use tokio::sync::oneshot;
 
-use super::fire_hire::{FireHireDriver, FireHireInput, FireHireQuery, PositionNews};
+use super::fire_hire::{FireHireDriver, FireHireInput, PositionNews};
 use super::network_connector::{NetworkConnectorDriver, link_to};
 use super::registry::Registry;
-use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
+use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{BackupOutcome, BackupStatus, JobResult, JobStatus, SkippedFile};
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
@@ -117,12 +117,11 @@ pub enum BackupInput {
 }
 
 /// The catalog as the pipeline reads it: the previous snapshot's entries, and whether a chunk
-/// is stored (its block has `k` fragments placed, or waits staged in the outbox).
+/// is stored (its block has its own `k` fragments placed, or waits staged in the outbox).
 struct CatalogLookup {
     kv: Arc<dyn KvStore>,
     previous: Option<SnapshotId>,
     outbox: PathBuf,
-    data_shards: usize,
     blocks: Mutex<HashMap<[u8; 32], bool>>,
 }
 
@@ -143,7 +142,7 @@ impl Lookup for CatalogLookup {
         }
         let known = match catalog::block(&*self.kv, &block) {
             Ok(Some(entry)) => {
-                entry.placed() >= self.data_shards
+                entry.layout().is_ok_and(|l| entry.placed() >= l.k())
                     || staged_path(&self.outbox, &block, 0)
                         .parent()
                         .is_some_and(Path::exists)
@@ -740,17 +739,11 @@ pub struct CatalogRefresh {
 
 impl CatalogRefresh {
     pub async fn run(&self) -> Result<(), String> {
-        let status = self
-            .fire_hire
-            .send(Query::new(FireHireQuery::Status))
+        let positions = super::fire_hire::positions(&self.fire_hire)
             .await
-            .map_err(|e| e.to_string())?;
-        let suppliers: BTreeMap<u32, NodeId> = status
-            .positions
-            .iter()
-            .filter(|p| p.contract == "Connected")
-            .filter_map(|p| Some((p.position, p.supplier.as_deref()?.parse().ok()?)))
-            .collect();
+            .ok_or("fire_hire is gone (the node stops)")?;
+        let suppliers: BTreeMap<u32, NodeId> =
+            positions.up().map(|p| (p.position, p.supplier)).collect();
         let upload = CatalogUpload {
             kv: self.kv.clone(),
             network: self.network.clone(),
@@ -1012,7 +1005,6 @@ pub async fn start(
     let outbox = settings.outbox.clone();
     let source = spec.source.clone();
     let root = spec.root.clone();
-    let data_shards = settings.data_shards;
     let total = settings.data_shards + settings.parity_shards;
     // Catalog reads and the outbox scan: off the event loop.
     let prepared = tokio::task::spawn_blocking(move || {
@@ -1045,7 +1037,6 @@ pub async fn start(
         kv: wiring.kv.clone(),
         previous,
         outbox: settings.outbox.clone(),
-        data_shards: data_shards as usize,
         blocks: Mutex::new(HashMap::new()),
     });
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(64);
@@ -1070,26 +1061,17 @@ pub async fn start(
 
     let ctx: Context<Shell<BackupJobDriver>> = Context::new();
     let addr = ctx.address();
-    // Hear of positions first, then ask where they stand, so no change falls between.
-    let _ = wiring
-        .fire_hire
-        .send(Input(FireHireInput::Subscribe(addr.clone().recipient())))
-        .await;
-    let customer = wiring
-        .fire_hire
-        .send(Query::new(FireHireQuery::Status))
+    // Where the positions stand now; from `Start` on, every change (and where they stand at
+    // subscribing) arrives in order through the subscription below.
+    let positions = super::fire_hire::positions(&wiring.fire_hire)
         .await
         .unwrap_or_default();
-    let mut suppliers = BTreeMap::new();
-    let mut up = Vec::new();
-    for p in &customer.positions {
-        if let Some(supplier) = p.supplier.as_deref().and_then(|s| s.parse::<NodeId>().ok()) {
-            suppliers.insert(p.position, supplier);
-            if p.confirmed && p.contract == "Connected" {
-                up.push(p.position);
-            }
-        }
-    }
+    let suppliers: BTreeMap<u32, NodeId> = positions
+        .held
+        .iter()
+        .map(|p| (p.position, p.supplier))
+        .collect();
+    let up: Vec<u32> = positions.up().map(|p| p.position).collect();
     let (done_tx, done_rx) = oneshot::channel();
     let mut blocks = HashMap::new();
     let mut resumed_events = Vec::new();
@@ -1144,27 +1126,12 @@ pub async fn start(
         wiring.registry.clone(),
     ));
     let _ = addr.send(Deliver(bj::Event::Start { up })).await;
-    // News that reached the job before `Start` was not heard by its machine: ask once more now
-    // that it listens (a position already up is noted again, which changes nothing).
-    let again = wiring
+    // Listening only now that the machine started: the snapshot the subscription begins with
+    // brings it up to date with what changed since the query above.
+    let _ = wiring
         .fire_hire
-        .send(Query::new(FireHireQuery::Status))
-        .await
-        .unwrap_or_default();
-    for p in again
-        .positions
-        .iter()
-        .filter(|p| p.confirmed && p.contract == "Connected")
-    {
-        if let Some(supplier) = p.supplier.as_deref().and_then(|s| s.parse::<NodeId>().ok()) {
-            let news = PositionNews {
-                position: p.position,
-                supplier,
-                up: true,
-            };
-            let _ = addr.send(news).await;
-        }
-    }
+        .send(Input(FireHireInput::Subscribe(addr.clone().recipient())))
+        .await;
     for event in resumed_events {
         let _ = addr.send(Deliver(event)).await;
     }

@@ -2,20 +2,26 @@
 //! family through the writer) and one supplier_connector actor per hire. Which supplier to hire
 //! and which connector holds a position are the machine's decisions; this driver starts
 //! connectors, passes news to them and saves positions.
+//!
+//! Subscribers hear the machine's position changes ([`PositionNews`]) in the order it made
+//! them: each has one bounded channel drained by one forwarding task, which starts with where
+//! every position stands at the moment of subscribing. [`FireHireQuery::Positions`] is the same
+//! snapshot as a typed answer, for who needs it before it can listen.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use actix::prelude::*;
+use tokio::sync::mpsc;
 
 use super::network_connector::{NetworkConnectorDriver, Presence};
 use super::registry::Registry;
 use super::router::Routed;
-use super::shell::{Deliver, Driver, Io, Shell};
+use super::shell::{Deliver, Driver, Io, Query, Shell};
 use super::status::{Contract, CustomerStatus, PositionStatus};
 use super::supplier_connector::SupplierConnectorDriver;
 use crate::crypto::identity::NodeId;
-use crate::fsm::fire_hire::{self, FireHire};
+use crate::fsm::fire_hire::{self, FireHire, Position};
 use crate::fsm::supplier_connector::{self as sc, Report, SupplierConnector};
 use crate::proto::Ack;
 use crate::proto::envelope::Body;
@@ -37,8 +43,8 @@ pub fn load_contracts(kv: &dyn KvStore) -> Vec<(u32, NodeId)> {
     })
 }
 
-/// A position's supplier came up (its contract is confirmed and its session open) or went down.
-/// Sent to every subscriber (the backup job) as connectors report.
+/// A position's supplier came up (its contract is confirmed and its connector connected) or
+/// went down: fire_hire's [`Position`] output, as a message to its subscribers.
 #[derive(Message, Clone, Copy, Debug, PartialEq, Eq)]
 #[rtype(result = "()")]
 pub struct PositionNews {
@@ -47,17 +53,74 @@ pub struct PositionNews {
     pub up: bool,
 }
 
+impl From<Position> for PositionNews {
+    fn from(p: Position) -> Self {
+        PositionNews {
+            position: p.position,
+            supplier: p.supplier,
+            up: p.up,
+        }
+    }
+}
+
+/// News a subscriber may fall behind by before it is dropped (a live actor drains its channel
+/// within moments; positions change a few times a minute at most).
+const NEWS_QUEUE: usize = 1024;
+
 pub enum FireHireInput {
     /// A connector's news.
     Report { instance: u64, report: Report },
-    /// Hear of positions going up and down from now on.
+    /// Hear where every held position stands now, then every change, in order.
     Subscribe(Recipient<PositionNews>),
     /// Replace the supplier at a position (monitor or operator).
     Fire { position: u32 },
 }
 
 pub enum FireHireQuery {
+    /// Everything, for `status`.
     Status,
+    /// The held positions and the spares, now.
+    Positions,
+}
+
+/// Where the positions stand at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Positions {
+    /// Every held position with its supplier and whether it is up.
+    pub held: Vec<PositionNews>,
+    /// Friends that could be hired now in a fired supplier's place.
+    pub spares: usize,
+}
+
+impl Positions {
+    /// The positions whose suppliers are up.
+    pub fn up(&self) -> impl Iterator<Item = &PositionNews> {
+        self.held.iter().filter(|p| p.up)
+    }
+
+    /// The positions (of `total`) whose suppliers are not up, held or not.
+    pub fn down(&self, total: u32) -> Vec<u32> {
+        (0..total)
+            .filter(|p| !self.up().any(|u| u.position == *p))
+            .collect()
+    }
+}
+
+pub enum FireHireAnswer {
+    Status(CustomerStatus),
+    Positions(Positions),
+}
+
+/// Asks fire_hire where the positions stand; `None` when it is gone (the node stops).
+pub async fn positions(fire_hire: &Addr<Shell<FireHireDriver>>) -> Option<Positions> {
+    match fire_hire
+        .send(Query::new(FireHireQuery::Positions))
+        .await
+        .ok()?
+    {
+        FireHireAnswer::Positions(p) => Some(p),
+        FireHireAnswer::Status(_) => None,
+    }
 }
 
 type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
@@ -70,7 +133,8 @@ pub struct FireHireDriver {
     registry: Registry,
     /// Running connectors by instance id (a position may have a leaving one and its successor).
     connectors: BTreeMap<u64, Addr<Shell<SupplierConnectorDriver>>>,
-    subscribers: Vec<Recipient<PositionNews>>,
+    /// One ordered channel per subscriber, each drained by its own forwarding task.
+    subscribers: Vec<mpsc::Sender<PositionNews>>,
 }
 
 impl FireHireDriver {
@@ -88,6 +152,40 @@ impl FireHireDriver {
             connectors: BTreeMap::new(),
             subscribers: Vec::new(),
         }
+    }
+
+    /// Passes `news` to every subscriber, in order; one whose actor is gone, or that fell
+    /// [`NEWS_QUEUE`] changes behind, hears no more.
+    fn publish(&mut self, news: PositionNews) {
+        self.subscribers.retain(|to| match to.try_send(news) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::error!(
+                    queued = NEWS_QUEUE,
+                    "a subscriber fell behind on position news; it hears no more"
+                );
+                false
+            }
+        });
+    }
+
+    /// A new subscriber: where every held position stands now, then (through `publish`) every
+    /// change, all through one channel and one forwarding task, so in the machine's order.
+    fn subscribe(&mut self, to: Recipient<PositionNews>, machine: &FireHire) {
+        let (tx, mut rx) = mpsc::channel::<PositionNews>(NEWS_QUEUE);
+        for position in machine.positions() {
+            // A fresh channel with room for more than every position.
+            let _ = tx.try_send(position.into());
+        }
+        actix::spawn(async move {
+            while let Some(news) = rx.recv().await {
+                if to.send(news).await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.subscribers.push(tx);
     }
 
     fn tell(&self, instance: u64, event: sc::Event) {
@@ -127,7 +225,7 @@ impl Driver for FireHireDriver {
     type M = FireHire;
     type Input = FireHireInput;
     type Query = FireHireQuery;
-    type Answer = CustomerStatus;
+    type Answer = FireHireAnswer;
 
     fn perform(&mut self, output: fire_hire::Output, _machine: &FireHire, io: &mut Io<'_, Self>) {
         match output {
@@ -175,6 +273,7 @@ impl Driver for FireHireDriver {
                 }));
                 super::persist(&self.writer, batch, "cannot save supplier positions");
             }
+            fire_hire::Output::Position(position) => self.publish(position.into()),
             fire_hire::Output::StopConnectors => {
                 // The node stops: every connector closes too, keeping its contract.
                 for addr in self.connectors.values() {
@@ -195,47 +294,12 @@ impl Driver for FireHireDriver {
     ) -> Vec<fire_hire::Event> {
         match input {
             FireHireInput::Subscribe(to) => {
-                // Where things stand now, then every change.
-                for (p, slot) in machine.slots.iter().enumerate() {
-                    let Some(hire) = slot else { continue };
-                    let state = self
-                        .registry
-                        .state_of("supplier_connector", &format!("p{p}-{}", hire.instance));
-                    let news = PositionNews {
-                        position: p as u32,
-                        supplier: hire.supplier,
-                        up: state == Some("Connected"),
-                    };
-                    let to = to.clone();
-                    actix::spawn(async move {
-                        let _ = to.send(news).await;
-                    });
-                }
-                self.subscribers.push(to);
+                self.subscribe(to, machine);
                 Vec::new()
             }
             FireHireInput::Report { instance, report } => {
                 if report == Report::Closed {
                     self.connectors.remove(&instance);
-                }
-                // Only the connector holding a position speaks for it (not one leaving).
-                let holder = machine.slots.iter().enumerate().find_map(|(p, slot)| {
-                    slot.filter(|h| h.instance == instance)
-                        .map(|h| (p as u32, h.supplier))
-                });
-                if let Some((position, supplier)) = holder {
-                    self.subscribers.retain(|s| s.connected());
-                    let news = PositionNews {
-                        position,
-                        supplier,
-                        up: report == Report::Connected,
-                    };
-                    for to in &self.subscribers {
-                        let to = to.clone();
-                        actix::spawn(async move {
-                            let _ = to.send(news).await;
-                        });
-                    }
                 }
                 vec![fire_hire::Event::Report { instance, report }]
             }
@@ -245,10 +309,18 @@ impl Driver for FireHireDriver {
 
     fn query(
         &mut self,
-        FireHireQuery::Status: FireHireQuery,
+        query: FireHireQuery,
         machine: &FireHire,
-        _io: &mut Io<'_, Self>,
-    ) -> CustomerStatus {
+        io: &mut Io<'_, Self>,
+    ) -> FireHireAnswer {
+        let spares = machine.spares(io.ctx().now);
+        if let FireHireQuery::Positions = query {
+            return FireHireAnswer::Positions(Positions {
+                held: machine.positions().into_iter().map(Into::into).collect(),
+                spares,
+            });
+        }
+        // The connectors' states are shown as they are, never used to decide.
         let positions = machine
             .slots
             .iter()
@@ -266,12 +338,12 @@ impl Driver for FireHireDriver {
                 }
             })
             .collect();
-        CustomerStatus {
+        FireHireAnswer::Status(CustomerStatus {
             data_shards: self.settings.data_shards,
             parity_shards: self.settings.parity_shards,
             positions,
-            spares: machine.spares(_io.ctx().now) as u32,
-        }
+            spares: spares as u32,
+        })
     }
 }
 

@@ -14,20 +14,20 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::fire_hire::{FireHireDriver, FireHireInput, FireHireQuery, PositionNews};
+use super::fire_hire::{FireHireDriver, FireHireInput, PositionNews};
 use super::network_connector::{NetworkConnectorDriver, link_to};
 use super::rebuilder::{RebuilderDriver, RebuilderInput};
 use super::registry::Registry;
-use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
+use super::shell::{Deliver, Driver, Input, Io, Shell};
 use crate::crypto::identity::NodeId;
-use crate::data::BlockId;
 use crate::data::audit::{self, AuditPair};
+use crate::data::{BlockId, Layout};
 use crate::fsm::monitor::{self as mon, AuditResult, BlockInfo, Cell, Monitor, Summary};
 use crate::proto::envelope::Body;
 use crate::proto::{AuditChallenge, FailReason, FragmentId, ListFragments, RetrieveFragment};
-use crate::store::health::{self, FragmentHealth};
+use crate::store::health::{self, FragmentHealth, HealthError};
 use crate::store::writer::Writer;
-use crate::store::{Batch, KvStore, catalog};
+use crate::store::{Batch, KvStore, StoreError, catalog};
 
 type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
 type FireHireAddr = Addr<Shell<FireHireDriver>>;
@@ -76,6 +76,19 @@ pub enum MonitorInput {
     RebuildProgress(crate::fsm::rebuilder::Progress),
 }
 
+/// Why the monitor could not read what it follows.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("cannot read the catalog: {0}")]
+    Catalog(#[from] StoreError),
+    #[error("cannot read the health matrix: {0}")]
+    Health(#[from] HealthError),
+    #[error("the catalog reader stopped: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the node's layout: {0}")]
+    Layout(#[from] crate::data::DataError),
+}
+
 /// What the catalog says now: the blocks to follow and which sources reference which.
 struct Loaded {
     blocks: Vec<BlockInfo>,
@@ -94,21 +107,20 @@ pub struct MonitorDriver {
 
 /// Reads the blocks to follow: every block a committed snapshot references, and the current
 /// catalog's blocks; with their cells, holders, newest version and sources.
-fn load(kv: &dyn KvStore) -> Result<Loaded, String> {
-    let snapshots = catalog::snapshots(kv).map_err(|e| e.to_string())?;
+fn load(kv: &dyn KvStore) -> Result<Loaded, MonitorError> {
+    let snapshots = catalog::snapshots(kv)?;
     let mut newest: HashMap<BlockId, u64> = HashMap::new();
     let mut by_source: BTreeMap<String, BTreeSet<BlockId>> = BTreeMap::new();
     let mut chunk_blocks: HashMap<crate::data::ChunkId, BlockId> = HashMap::new();
     for snapshot in &snapshots {
         let set = by_source.entry(snapshot.source.clone()).or_default();
         for file in catalog::files(kv, snapshot.id) {
-            let file = file.map_err(|e| e.to_string())?;
+            let file = file?;
             for chunk in &file.chunks {
                 let block = match chunk_blocks.get(chunk) {
                     Some(b) => *b,
                     None => {
-                        let Some(b) = catalog::chunk_block(kv, chunk).map_err(|e| e.to_string())?
-                        else {
+                        let Some(b) = catalog::chunk_block(kv, chunk)? else {
                             continue;
                         };
                         chunk_blocks.insert(*chunk, b);
@@ -121,20 +133,27 @@ fn load(kv: &dyn KvStore) -> Result<Loaded, String> {
             }
         }
     }
-    let current = health::current_catalog(kv).map_err(|e| e.to_string())?;
+    let current = health::current_catalog(kv)?;
     let mut blocks = Vec::new();
     for id in newest.keys().chain(current.iter()) {
-        let Some(entry) = catalog::block(kv, id).map_err(|e| e.to_string())? else {
+        let Some(entry) = catalog::block(kv, id)? else {
             continue;
         };
-        let cells = health::health(kv, id)
-            .map_err(|e| e.to_string())?
+        let cells = health::health(kv, id)?
             .unwrap_or_default()
             .into_iter()
             .map(cell_of)
             .collect();
+        let layout = match entry.layout() {
+            Ok(layout) => layout,
+            Err(e) => {
+                tracing::error!(block = %id, error = %e, "a block's record has no valid layout; not followed");
+                continue;
+            }
+        };
         blocks.push(BlockInfo {
             id: id.0,
+            layout,
             holders: entry.fragments.iter().map(|f| f.supplier).collect(),
             cells,
             newest: newest.get(id).copied().unwrap_or(u64::MAX),
@@ -159,13 +178,13 @@ fn load(kv: &dyn KvStore) -> Result<Loaded, String> {
 /// any changes, the blocks to follow changed.
 type Mark = ((u64, usize), Vec<BlockId>);
 
-fn mark(kv: &dyn KvStore) -> Result<Mark, String> {
-    let snapshots = catalog::snapshots(kv).map_err(|e| e.to_string())?;
+fn mark(kv: &dyn KvStore) -> Result<Mark, MonitorError> {
+    let snapshots = catalog::snapshots(kv)?;
     let top = (
         snapshots.iter().map(|s| s.id.0).max().unwrap_or(0),
         snapshots.len(),
     );
-    Ok((top, health::current_catalog(kv).map_err(|e| e.to_string())?))
+    Ok((top, health::current_catalog(kv)?))
 }
 
 pub fn cell_of(h: FragmentHealth) -> Cell {
@@ -325,8 +344,8 @@ impl MonitorDriver {
         status.by_redundancy = summary.by_redundancy.clone();
         status.fired = summary.fired.clone();
         status.rebuild_queued = summary.rebuild_queued;
-        status.k = machine.k;
-        status.m = machine.total.saturating_sub(machine.k);
+        status.k = machine.layout.k() as u32;
+        status.m = machine.layout.m() as u32;
         status.positions = machine
             .positions
             .iter()
@@ -391,10 +410,9 @@ impl MonitorDriver {
                     }
                     load(&*kv).map(Some)
                 })
-                .await
-                .map_err(|e| e.to_string())?
+                .await?
             },
-            |driver, loaded: Result<Option<Loaded>, String>| {
+            |driver, loaded: Result<Option<Loaded>, MonitorError>| {
                 driver.reloading = false;
                 match loaded {
                     Ok(Some(loaded)) => {
@@ -499,11 +517,8 @@ impl Driver for MonitorDriver {
                 // How many friends could replace a fired supplier.
                 let fire_hire = self.wiring.fire_hire.clone();
                 io.spawn_opt(async move {
-                    let status = fire_hire
-                        .send(Query::new(FireHireQuery::Status))
-                        .await
-                        .ok()?;
-                    Some(mon::Event::Spares(status.spares as usize))
+                    let positions = super::fire_hire::positions(&fire_hire).await?;
+                    Some(mon::Event::Spares(positions.spares))
                 });
             }
         }
@@ -561,13 +576,10 @@ impl Handler<PositionNews> for Shell<MonitorDriver> {
 pub async fn start(
     wiring: MonitorWiring,
     rebuilder: super::rebuilder::RebuilderWiring,
-    k: u32,
-    total: u32,
-) -> Result<MonitorAddr, String> {
+    layout: Layout,
+) -> Result<MonitorAddr, MonitorError> {
     let kv = wiring.kv.clone();
-    let loaded = tokio::task::spawn_blocking(move || load(&*kv))
-        .await
-        .map_err(|e| e.to_string())??;
+    let loaded = tokio::task::spawn_blocking(move || load(&*kv)).await??;
     let s = &wiring.settings;
     let mut machine = Monitor::new(
         s.interval,
@@ -579,7 +591,7 @@ pub async fn start(
     machine.round_deadline = s.request_timeout + Duration::from_secs(5);
     let ctx = actix::Context::<Shell<MonitorDriver>>::new();
     let addr = ctx.address();
-    let rebuilder_addr = super::rebuilder::start(rebuilder, addr.clone(), k).await;
+    let rebuilder_addr = super::rebuilder::start(rebuilder, addr.clone(), layout.k() as u32).await;
     let driver = MonitorDriver {
         wiring: wiring.clone(),
         rebuilder: Some(rebuilder_addr),
@@ -590,10 +602,9 @@ pub async fn start(
     ctx.run(Shell::new(machine, "0", driver, wiring.registry.clone()));
     let _ = addr
         .send(Deliver(mon::Event::Start {
-            k,
-            total,
+            layout,
             blocks: loaded.blocks,
-            suppliers: vec![None; total as usize],
+            suppliers: vec![None; layout.total()],
         }))
         .await;
     let _ = wiring

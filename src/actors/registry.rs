@@ -1,6 +1,8 @@
 //! Which machines are alive and in which state, for `bitdust status`. Shells write it on every
-//! transition; the control socket reads it. Observation only: an actor reads another's entry only to show it (the state of its sessions or
-//! connectors in its status section), never to decide anything.
+//! transition; the control socket reads it. Observation only: an actor reads another's entry
+//! only to show it (the state of its sessions or connectors in its status section), never to
+//! decide anything. What an actor needs to know of another comes as typed news or a typed
+//! `Query` (a position's supplier up or down: fire_hire's `PositionNews` and `Positions`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -43,6 +45,7 @@ impl Registry {
             .collect()
     }
 
+    /// The state `actor`'s instance `id` is in, to show in a status section (never to decide).
     pub fn state_of(&self, actor: &str, id: &str) -> Option<&'static str> {
         self.lock()
             .iter()

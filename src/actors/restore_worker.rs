@@ -13,10 +13,10 @@ use actix::prelude::*;
 use ed25519_dalek::VerifyingKey;
 use tokio::sync::{mpsc, oneshot};
 
-use super::fire_hire::{FireHireDriver, FireHireQuery};
+use super::fire_hire::{FireHireDriver, FireHireInput, PositionNews};
 use super::network_connector::{NetworkConnectorDriver, link_to};
 use super::registry::Registry;
-use super::shell::{Deliver, Driver, Input, Io, Query, Shell};
+use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{RestoreJobStatus, RestoreOutcome, RestoreResult, RestoreStatus, SkippedFile};
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
@@ -86,6 +86,8 @@ pub enum RestoreInput {
     Consumed([u8; 32]),
     Want([u8; 32]),
     WriterDone(Result<RestoreReport, String>),
+    /// From fire_hire: a position's supplier came up or went down.
+    Position(PositionNews),
 }
 
 /// One block's manifest and who holds each position.
@@ -253,7 +255,6 @@ impl RestoreWorkerDriver {
         let (name, error) = match &outcome {
             Outcome::Complete => (RestoreOutcome::Complete, None),
             Outcome::Partial => (RestoreOutcome::Partial, None),
-            Outcome::Aborted => (RestoreOutcome::Aborted, None),
             Outcome::Failed(why) => (RestoreOutcome::Failed, Some(why.clone())),
             Outcome::Interrupted => (RestoreOutcome::Interrupted, None),
         };
@@ -359,6 +360,8 @@ impl Driver for RestoreWorkerDriver {
                 vec![rw::Event::WriterDone { failed }]
             }
             RestoreInput::WriterDone(Err(e)) => vec![rw::Event::Fatal(e)],
+            RestoreInput::Position(news) if news.up => vec![rw::Event::SupplierUp(news.position)],
+            RestoreInput::Position(news) => vec![rw::Event::SupplierDown(news.position)],
         }
     }
 
@@ -474,17 +477,13 @@ pub async fn start(
     .await
     .map_err(|e| e.to_string())??;
     let (plan, sources, layout) = prepared;
-    let customer = wiring
-        .fire_hire
-        .send(Query::new(FireHireQuery::Status))
+    // Positions whose suppliers are not up now are asked last; the subscription below says
+    // when they come back (or others go), in order.
+    let positions = layout.iter().map(|(_, _, total)| *total).max().unwrap_or(0);
+    let down = super::fire_hire::positions(&wiring.fire_hire)
         .await
-        .unwrap_or_default();
-    let down: Vec<u32> = customer
-        .positions
-        .iter()
-        .filter(|p| p.contract != "Connected")
-        .map(|p| p.position)
-        .collect();
+        .unwrap_or_default()
+        .down(positions);
 
     let handoff = Arc::new(Handoff::default());
     let counters = Arc::new(RestoreCounters::default());
@@ -521,6 +520,10 @@ pub async fn start(
             down,
         }))
         .await;
+    let _ = wiring
+        .fire_hire
+        .send(Input(FireHireInput::Subscribe(addr.clone().recipient())))
+        .await;
     let forward = addr.clone();
     actix::spawn(async move {
         while let Some(news) = news_rx.recv().await {
@@ -534,4 +537,16 @@ pub async fn start(
         .spawn(move || run_writer(plan, target, handoff, counters, news_tx))
         .map_err(|e| format!("cannot start the restore writer: {e}"))?;
     Ok((addr, done_rx))
+}
+
+impl Handler<PositionNews> for Shell<RestoreWorkerDriver> {
+    type Result = ();
+
+    fn handle(&mut self, news: PositionNews, ctx: &mut Context<Self>) {
+        <Self as Handler<Input<RestoreInput>>>::handle(
+            self,
+            Input(RestoreInput::Position(news)),
+            ctx,
+        );
+    }
 }

@@ -59,6 +59,19 @@ pub use rebuild::rebuild_fragments;
 pub const DEFAULT_BLOCK_SIZE: usize = 4 * 1024 * 1024;
 /// Largest plain block any code path accepts; bounds allocations driven by recorded lengths.
 pub const MAX_BLOCK_SIZE: usize = 64 * 1024 * 1024;
+/// The target block sizes (`backup.block_size`) the packer takes. Config validation checks
+/// the same bounds ([`check_block_size`]), so a valid config never fails at its first backup.
+/// The upper one leaves room for a block's last chunk to go past the target.
+pub const MIN_TARGET_BLOCK_SIZE: usize = 1024;
+pub const MAX_TARGET_BLOCK_SIZE: usize = MAX_BLOCK_SIZE / 2;
+
+/// `size` as a target block size, if the packer takes it.
+pub fn check_block_size(size: u64) -> Result<usize, DataError> {
+    usize::try_from(size)
+        .ok()
+        .filter(|s| (MIN_TARGET_BLOCK_SIZE..=MAX_TARGET_BLOCK_SIZE).contains(s))
+        .ok_or(DataError::BlockSize { size })
+}
 /// zstd level used by default: level 3 is zstd's own default (see benches/pipeline.rs).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
@@ -68,6 +81,12 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 pub enum DataError {
     #[error("invalid parameters: {0}")]
     Params(&'static str),
+    #[error(
+        "a block size of {size} bytes is outside what the packer takes ({min} bytes to {max} MiB)",
+        min = MIN_TARGET_BLOCK_SIZE,
+        max = MAX_TARGET_BLOCK_SIZE >> 20
+    )]
+    BlockSize { size: u64 },
     #[error("sealed block was made with another key")]
     WrongKey,
     #[error("sealed block belongs to block {found}, not to {expected}")]

@@ -32,9 +32,7 @@ pub struct Packer {
 
 impl Packer {
     pub fn new(block_size: usize) -> Result<Self, DataError> {
-        if !(1024..=MAX_BLOCK_SIZE / 2).contains(&block_size) {
-            return Err(DataError::Params("block_size outside 1 KiB..=32 MiB"));
-        }
+        let block_size = super::check_block_size(block_size as u64)?;
         Ok(Packer {
             block_size,
             body: Vec::new(),
@@ -238,5 +236,7 @@ mod tests {
             assert!(PackedBlock::parse(&bad).is_err(), "flip at {at}");
         }
         assert!(Packer::new(10).is_err());
+        assert!(Packer::new(super::super::MAX_TARGET_BLOCK_SIZE + 1).is_err());
+        assert!(Packer::new(super::super::MAX_TARGET_BLOCK_SIZE).is_ok());
     }
 }

@@ -7,6 +7,11 @@
 //! position, which were dismissed and are still cancelling (not hireable until they close: the
 //! cancel and a new request could reach the supplier in either order), and which reports are
 //! stale (from an instance that no longer holds its position).
+//!
+//! From its connectors' reports it knows which positions' suppliers are up (their contract
+//! confirmed and their connector connected) and says so: every change is an
+//! [`Output::Position`], and [`FireHire::positions`] is the same knowledge at one instant (the
+//! snapshot a subscriber starts from). Nobody needs to read a connector's state to know it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -45,7 +50,7 @@ labels! {
 labels! {
     pub enum Action {
         /// Record what the event says (candidates, hires, refusals, firings); pass presence and
-        /// dismissals on to the connectors concerned.
+        /// dismissals on to the connectors concerned; say which positions came up or went down.
         Note,
         /// Start the connectors of the contracts loaded at start (IO).
         Resume,
@@ -77,6 +82,16 @@ pub struct Hire {
     pub confirmed: bool,
     /// The connector instance that holds the contract.
     pub instance: u64,
+    /// Its connector reported `Connected` and nothing since: the supplier serves us now.
+    pub up: bool,
+}
+
+/// A position's supplier and whether it serves us now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub position: u32,
+    pub supplier: NodeId,
+    pub up: bool,
 }
 
 /// What fire_hire's driver must do.
@@ -98,6 +113,8 @@ pub enum Output {
     },
     /// Persist these positions: (supplier, confirmed) by position.
     Save(Vec<Option<(NodeId, bool)>>),
+    /// A position's supplier came up or went down (for the subscribers, in order).
+    Position(Position),
     StopConnectors,
 }
 
@@ -169,6 +186,38 @@ impl FireHire {
             .copied()
     }
 
+    /// Every held position and whether its supplier is up now, by position.
+    pub fn positions(&self) -> Vec<Position> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(p, h)| {
+                h.map(|h| Position {
+                    position: p as u32,
+                    supplier: h.supplier,
+                    up: h.up,
+                })
+            })
+            .collect()
+    }
+
+    /// Marks `position`'s supplier up or down; says so if that changed.
+    fn set_up(&mut self, position: u32, up: bool, out: &mut Out<Self>) {
+        if let Some(hire) = self
+            .slots
+            .get_mut(position as usize)
+            .and_then(Option::as_mut)
+            && hire.up != up
+        {
+            hire.up = up;
+            out.push(Output::Position(Position {
+                position,
+                supplier: hire.supplier,
+                up,
+            }));
+        }
+    }
+
     /// Candidates that could be hired now (online, not used, not cooling down).
     pub fn spares(&self, now: Duration) -> usize {
         self.candidates
@@ -223,6 +272,7 @@ impl FireHire {
             supplier,
             confirmed,
             instance,
+            up: false,
         });
         Output::StartConnector {
             instance,
@@ -235,6 +285,7 @@ impl FireHire {
 
     /// Frees `position` and lets its connector go.
     fn dismiss(&mut self, position: u32, now: Duration, out: &mut Out<Self>) {
+        self.set_up(position, false, out);
         let Some(hire) = self.slots.get_mut(position as usize).and_then(Option::take) else {
             return;
         };
@@ -262,6 +313,7 @@ impl FireHire {
                             supplier: *supplier,
                             confirmed: true,
                             instance: 0,
+                            up: false,
                         });
                     }
                 }
@@ -289,9 +341,10 @@ impl FireHire {
                             hire.confirmed = true;
                             self.cooldown.remove(&hire.supplier);
                         }
+                        self.set_up(position, true, out);
                     }
                     Report::Refused(_) | Report::Closed => self.dismiss(position, ctx.now, out),
-                    Report::Disconnected => {}
+                    Report::Disconnected => self.set_up(position, false, out),
                 },
                 // A dismissed connector finished cancelling: its supplier may be hired again.
                 None if *report == Report::Closed => {
@@ -479,6 +532,9 @@ impl Machine for FireHire {
     fn invariant(&self, _state: State) -> Result<(), Violation> {
         if !self.positions_are_distinct() {
             return Err("a supplier holds two positions".into());
+        }
+        if self.slots.iter().flatten().any(|h| h.up && !h.confirmed) {
+            return Err("a supplier up without a confirmed contract".into());
         }
         let unconfirmed = self.slots.iter().flatten().filter(|h| !h.confirmed).count();
         if unconfirmed > 1 {
@@ -699,6 +755,70 @@ mod tests {
         assert_eq!(s.to, Hiring);
         assert_eq!(dismissed(&s), vec![fired]);
         assert_eq!(m.machine.pending(), Some((1, id(3))));
+    }
+
+    fn news(s: &Stepped<FireHire>) -> Vec<(u32, bool)> {
+        s.outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Position(p) => Some((p.position, p.up)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_position_is_up_from_its_holders_reports_and_says_so_once_per_change() {
+        let mut m = started(2, &[1, 2, 3]);
+        let i0 = holder(&m, 0);
+        let s = report(&mut m, i0, Report::Connected, &at(1));
+        assert_eq!(news(&s), vec![(0, true)]);
+        assert_eq!(
+            m.machine.positions(),
+            vec![
+                Position {
+                    position: 0,
+                    supplier: m.machine.slots[0].expect("held").supplier,
+                    up: true
+                },
+                Position {
+                    position: 1,
+                    supplier: m.machine.slots[1].expect("held").supplier,
+                    up: false
+                }
+            ]
+        );
+        // Connected again (a reconnect re-confirms): no change, no news.
+        let s = report(&mut m, i0, Report::Connected, &at(2));
+        assert!(news(&s).is_empty());
+        let s = report(&mut m, i0, Report::Disconnected, &at(3));
+        assert_eq!(news(&s), vec![(0, false)]);
+        let s = report(&mut m, i0, Report::Disconnected, &at(4));
+        assert!(news(&s).is_empty());
+        let s = report(&mut m, i0, Report::Connected, &at(5));
+        assert_eq!(news(&s), vec![(0, true)]);
+        // Fired while up: down at once, before its connector even finished cancelling.
+        let s = m.step(&Event::Fire { position: 0 }, &at(6)).expect("fire");
+        assert_eq!(news(&s), vec![(0, false)]);
+        // The dismissed connector's late news speaks for nobody.
+        let s = report(&mut m, i0, Report::Connected, &at(7));
+        assert!(news(&s).is_empty());
+        assert!(m.machine.positions().iter().all(|p| !p.up));
+    }
+
+    #[test]
+    fn a_refusal_from_an_up_supplier_takes_its_position_down() {
+        let mut m = started(1, &[1, 2]);
+        let i0 = holder(&m, 0);
+        report(&mut m, i0, Report::Connected, &at(1));
+        let s = report(&mut m, i0, Report::Refused(sc::RefuseReason::Left), &at(2));
+        assert_eq!(news(&s), vec![(0, false)]);
+        // Its successor is up only once it reports so.
+        let successor = holder(&m, 0);
+        assert_ne!(successor, i0);
+        assert!(!m.machine.positions()[0].up);
+        let s = report(&mut m, successor, Report::Connected, &at(3));
+        assert_eq!(news(&s), vec![(0, true)]);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, To, Violation, row};
 use crate::crypto::identity::NodeId;
+use crate::data::Layout;
 use crate::{events, labels};
 
 /// A block's id (see `data::BlockId`).
@@ -49,6 +50,9 @@ impl Cell {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockInfo {
     pub id: BlockId,
+    /// The block's own layout, as it was made: its `k` is what reading and rebuilding it needs,
+    /// whatever the node's layout for new snapshots is now.
+    pub layout: Layout,
     /// The supplier that acknowledged each position's fragment (`None`: still in the outbox of
     /// a backup job, which places it itself).
     pub holders: Vec<Option<NodeId>>,
@@ -94,6 +98,8 @@ pub enum AuditResult {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RebuildTask {
     pub block: BlockId,
+    /// The block's own layout (its `k` fragments rebuild it).
+    pub layout: Layout,
     /// Positions to recreate, each with the supplier to place it on.
     pub targets: Vec<(u32, NodeId)>,
     /// Positions holding a fragment that may be good, reachable ones first, with their holder.
@@ -107,8 +113,9 @@ labels! {
 
 events! {
     pub enum Event / EventKind {
-        /// The layout, the catalog's blocks and the hired suppliers by position.
-        Start { k: u32, total: u32, blocks: Vec<BlockInfo>, suppliers: Vec<Option<NodeId>> },
+        /// The node's layout (its `k + m` positions), the catalog's blocks and the hired
+        /// suppliers by position.
+        Start { layout: Layout, blocks: Vec<BlockInfo>, suppliers: Vec<Option<NodeId>> },
         /// The catalog changed (a backup committed, retention pruned): the blocks to follow now.
         Blocks(Vec<BlockInfo>),
         /// The supplier at a position, and whether it is reachable.
@@ -208,7 +215,10 @@ pub struct PositionView {
 
 #[derive(Clone, Debug)]
 pub struct Monitor {
-    pub k: u32,
+    /// The layout new snapshots are made with: how many positions there are. Each block is
+    /// judged by its own ([`BlockInfo::layout`]).
+    pub layout: Layout,
+    /// Positions followed (`layout.total()`; none before `Start`).
     pub total: u32,
     pub interval: Duration,
     /// The round interval while a supplier is unreachable.
@@ -254,7 +264,7 @@ impl Monitor {
         audits_per_round: usize,
     ) -> Self {
         Monitor {
-            k: 0,
+            layout: Layout::default(),
             total: 0,
             interval,
             fast_interval: (interval / 10).max(Duration::from_secs(1)),
@@ -300,13 +310,13 @@ impl Monitor {
             .count()
     }
 
-    /// Good fragments reachable beyond `k` (negative: the block cannot be read now).
+    /// Good fragments reachable beyond the block's `k` (negative: it cannot be read now).
     pub fn redundancy(&self, block: &BlockInfo) -> i64 {
-        self.available(block, None) as i64 - i64::from(self.k)
+        self.available(block, None) as i64 - block.layout.k() as i64
     }
 
-    /// Firing `position` leaves every block it may hold a good fragment of with `k` good
-    /// fragments reachable elsewhere (enough to rebuild it on the replacement).
+    /// Firing `position` leaves every block it may hold a good fragment of with its own `k`
+    /// good fragments reachable elsewhere (enough to rebuild it on the replacement).
     pub fn fire_is_safe(&self, position: u32) -> bool {
         self.blocks.values().all(|b| {
             let held_there = b
@@ -318,7 +328,7 @@ impl Monitor {
                     .copied()
                     .flatten()
                     .is_some();
-            !held_there || self.available(b, Some(position)) >= self.k as usize
+            !held_there || self.available(b, Some(position)) >= b.layout.k()
         })
     }
 
@@ -348,7 +358,7 @@ impl Monitor {
                 .filter(|&p| self.is_up(p) && self.needs(block, p))
                 .filter_map(|p| self.supplier_at(p).map(|s| (p, s)))
                 .collect();
-            if targets.is_empty() || self.available(block, None) < self.k as usize {
+            if targets.is_empty() || self.available(block, None) < block.layout.k() {
                 continue;
             }
             let mut sources: Vec<(u32, NodeId, bool)> = (0..self.total)
@@ -362,6 +372,7 @@ impl Monitor {
                 u64::MAX - block.newest,
                 RebuildTask {
                     block: block.id,
+                    layout: block.layout,
                     targets,
                     sources: sources.into_iter().map(|(p, h, _)| (p, h)).collect(),
                     catalog: block.catalog,
@@ -448,13 +459,12 @@ impl Monitor {
         self.observe_time(ctx.now);
         match event {
             Event::Start {
-                k,
-                total,
+                layout,
                 blocks,
                 suppliers,
             } => {
-                self.k = *k;
-                self.total = *total;
+                self.layout = *layout;
+                self.total = layout.total() as u32;
                 self.positions = suppliers
                     .iter()
                     .map(|s| PositionView {
@@ -467,7 +477,7 @@ impl Monitor {
                     })
                     .collect();
                 self.positions
-                    .resize(*total as usize, PositionView::default());
+                    .resize(layout.total(), PositionView::default());
                 self.take_blocks(blocks);
             }
             Event::Blocks(blocks) => self.take_blocks(blocks),
@@ -840,6 +850,7 @@ impl Machine for Monitor {
         let b = NodeId::from_signing_key(&[2; 32]);
         let block = BlockInfo {
             id: [7; 32],
+            layout: Layout::new(1, 1).expect("valid"),
             holders: vec![Some(a), Some(b)],
             cells: vec![Cell::Unknown, Cell::Unknown],
             newest: 1,
@@ -847,8 +858,7 @@ impl Machine for Monitor {
         };
         vec![
             Event::Start {
-                k: 1,
-                total: 2,
+                layout: Layout::new(1, 1).expect("valid"),
                 blocks: vec![block.clone()],
                 suppliers: vec![Some(a), Some(b)],
             },
@@ -915,6 +925,7 @@ mod tests {
     fn block(n: u8, newest: u64, catalog: bool) -> BlockInfo {
         BlockInfo {
             id: [n; 32],
+            layout: Layout::default(),
             holders: (1..=6).map(|s| Some(id(s))).collect(),
             cells: vec![Cell::Present; 6],
             newest,
@@ -930,8 +941,7 @@ mod tests {
         );
         m.step(
             &Event::Start {
-                k: 4,
-                total: 6,
+                layout: Layout::default(),
                 blocks: vec![block(1, 1, false), block(2, 2, false), block(3, 1, true)],
                 suppliers: (1..=6).map(|s| Some(id(s))).collect(),
             },
@@ -1178,5 +1188,55 @@ mod tests {
         m.step(&Event::Spares(0), &at(0));
         m.step(&position(0, 1, false), &at(0));
         assert_eq!(m.machine.fire_decision(Duration::from_secs(1000)), None);
+    }
+
+    #[test]
+    fn each_block_is_guarded_by_its_own_k_after_the_layout_changed() {
+        // Blocks made with 4 + 2; the node was then set to 3 + 3 (same six positions).
+        let mut m = Instance::new(
+            Monitor::new(Duration::from_secs(10), Duration::from_secs(100), 3, 2),
+            "0",
+        );
+        let old = block(1, 1, false);
+        let new = BlockInfo {
+            layout: Layout::new(3, 3).expect("valid"),
+            ..block(2, 2, false)
+        };
+        m.step(
+            &Event::Start {
+                layout: Layout::new(3, 3).expect("valid"),
+                blocks: vec![old.clone()],
+                suppliers: (1..=6).map(|s| Some(id(s))).collect(),
+            },
+            &at(0),
+        );
+        for p in 0..6u32 {
+            m.step(&position(p, p as u8 + 1, true), &at(0));
+        }
+        m.step(&Event::Spares(2), &at(0));
+        // Two positions unreachable: the old block has 4 good fragments reachable, its own k.
+        m.step(&position(0, 1, false), &at(0));
+        m.step(&position(1, 2, false), &at(0));
+        m.machine.positions[2].failed_audits = 3;
+        // Firing position 2 would leave it 3: enough for the node's k = 3, not for the block's 4.
+        assert!(!m.machine.fire_is_safe(2));
+        assert_eq!(m.machine.redundancy(&old), 0);
+        assert_eq!(m.machine.fire_decision(Duration::from_secs(50)), None);
+        // A block made with 3 + 3 needs only 3: with it alone, position 2 may go.
+        m.step(&Event::Blocks(vec![new.clone()]), &at(1));
+        assert!(m.machine.fire_is_safe(2));
+        assert_eq!(m.machine.redundancy(&new), 1);
+        // Both followed: the old block's k still decides.
+        m.step(&Event::Blocks(vec![old, new]), &at(2));
+        assert!(!m.machine.fire_is_safe(2));
+    }
+
+    #[test]
+    fn rebuild_work_carries_the_blocks_own_layout() {
+        let mut m = started();
+        m.step(&position(0, 7, true), &at(1));
+        let work = m.machine.rebuild_work();
+        assert!(!work.is_empty());
+        assert!(work.iter().all(|t| t.layout == Layout::default()));
     }
 }

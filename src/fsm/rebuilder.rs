@@ -170,10 +170,11 @@ impl Rebuilder {
     }
 
     fn advance(&mut self, block: BlockId, out: &mut Out<Self>) {
-        let k = self.k as usize;
         let Some(job) = self.active.get_mut(&block) else {
             return;
         };
+        // The block's own k: it may have been made with another layout than today's.
+        let k = job.task.layout.k();
         if job.rebuilding {
             return;
         }
@@ -385,7 +386,7 @@ impl Machine for Rebuilder {
             .into());
         }
         for (block, job) in &self.active {
-            if job.good.len() + job.asking.len() > self.k as usize && !job.rebuilding {
+            if job.good.len() + job.asking.len() > job.task.layout.k() && !job.rebuilding {
                 return Err(format!("more than k fragments asked for {block:?}").into());
             }
             if job
@@ -405,6 +406,7 @@ impl Machine for Rebuilder {
         let b = NodeId::from_signing_key(&[2; 32]);
         let task = RebuildTask {
             block: [7; 32],
+            layout: crate::data::Layout::new(1, 1).expect("valid"),
             targets: vec![(1, b)],
             sources: vec![(0, a)],
             catalog: false,
@@ -444,6 +446,7 @@ mod tests {
     fn task(n: u8, sources: &[u32]) -> RebuildTask {
         RebuildTask {
             block: [n; 32],
+            layout: crate::data::Layout::default(),
             targets: vec![(0, id(9))],
             sources: sources.iter().map(|p| (*p, id(*p as u8 + 1))).collect(),
             catalog: false,

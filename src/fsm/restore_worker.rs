@@ -47,7 +47,6 @@ events! {
         SupplierUp(u32),
         /// The writer or the target failed as a whole (disk full, cannot create the target).
         Fatal(String),
-        Abort,
         Timeout(Timer),
         Shutdown,
     }
@@ -85,7 +84,6 @@ pub enum Outcome {
     Complete,
     /// Some files could not be restored (named by the writer); the rest are.
     Partial,
-    Aborted,
     Failed(String),
     /// The node stopped; the restore can be run again and skips what is complete.
     Interrupted,
@@ -443,12 +441,6 @@ static ROWS: &[Row<RestoreWorker>] = &[
     ),
     row(
         LIVE,
-        EventKind::Abort,
-        Go(Aborted),
-        &[Action::Cancel, Action::Finish],
-    ),
-    row(
-        LIVE,
         EventKind::Shutdown,
         Go(Aborted),
         &[Action::Cancel, Action::Finish],
@@ -586,8 +578,8 @@ impl Machine for RestoreWorker {
                     Event::WriterDone { failed: 0 } => Outcome::Complete,
                     Event::WriterDone { .. } => Outcome::Partial,
                     Event::Fatal(why) => Outcome::Failed(why.clone()),
-                    Event::Shutdown => Outcome::Interrupted,
-                    _ => Outcome::Aborted,
+                    // The node stops (`Shutdown`, the only other way out).
+                    _ => Outcome::Interrupted,
                 };
                 out.push(Output::Progress(self.fetches.progress.clone()));
                 out.push(Output::Finished(outcome));
@@ -637,7 +629,6 @@ impl Machine for RestoreWorker {
             Event::SupplierDown(3),
             Event::SupplierUp(3),
             Event::Fatal("disk".into()),
-            Event::Abort,
             Event::Timeout(Timer::Progress),
             Event::Shutdown,
         ]

@@ -198,6 +198,14 @@ pub struct BackupSection {
     pub sources: Vec<SourceEntry>,
 }
 
+impl BackupSection {
+    /// The layout new snapshots are made with (validated: `k` and `m` at least 1, at most 64
+    /// in all). Blocks already stored keep the layout they were made with.
+    pub fn layout(&self) -> Result<crate::data::Layout, crate::data::DataError> {
+        crate::data::Layout::new(self.data_shards, self.parity_shards)
+    }
+}
+
 impl Default for BackupSection {
     fn default() -> Self {
         BackupSection {
@@ -371,12 +379,10 @@ impl Config {
                 "data_shards + parity_shards must be at most 64".into(),
             ));
         }
-        if !(64 * 1024..=64 * MIB).contains(&b.block_size.0) {
-            return Err((
-                "backup.block_size".into(),
-                "must be between 64 KiB and 64 MiB".into(),
-            ));
-        }
+        // The packer's own limits: a block size it would refuse fails here, not at the first
+        // backup.
+        crate::data::check_block_size(b.block_size.0)
+            .map_err(|e| ("backup.block_size".to_string(), e.to_string()))?;
         let mo = &self.monitor;
         if mo.interval.get().is_zero() {
             return Err(("monitor.interval".into(), "must be more than 0".into()));
@@ -628,9 +634,11 @@ grace_period = "{grace}"
 
 [backup]
 # Reed-Solomon layout: any data_shards of data_shards + parity_shards fragments restore a
-# block; each fragment goes to a different friend. (restart)
+# block; each fragment goes to a different friend. (restart) A change applies to new
+# snapshots only: stored blocks keep the layout they were made with.
 data_shards = {k}
 parity_shards = {m}
+# Target block size before erasure coding: 1 KiB to 32 MiB. New snapshots only.
 block_size = "{block}"
 # Space to ask of each supplier. (restart)
 space_per_supplier = "{space}"
@@ -749,6 +757,21 @@ mod tests {
             key_of("[backup]\nblock_size = \"huge\"\n"),
             "backup.block_size"
         );
+        // Sizes the packer cannot take are refused here, with its limits named.
+        for size in ["64MiB", "33MiB", "512"] {
+            let text = format!("[backup]\nblock_size = \"{size}\"\n");
+            let e = parse(&text).expect_err(&text);
+            assert_eq!(e.key(), Some("backup.block_size"), "{size}");
+            assert!(
+                e.to_string().contains("outside what the packer takes"),
+                "{size}: {e}"
+            );
+        }
+        for size in ["32MiB", "64KiB", "1KiB"] {
+            let text = format!("[backup]\nblock_size = \"{size}\"\n");
+            let config = parse(&text).expect(&text);
+            assert!(crate::data::Packer::new(config.backup.block_size.0 as usize).is_ok());
+        }
         assert_eq!(
             key_of("[network]\nkeepalive = \"30\"\n"),
             "network.keepalive"

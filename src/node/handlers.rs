@@ -14,7 +14,7 @@ use super::durability;
 use super::wiring::Actors;
 use crate::actors::Query;
 use crate::actors::backup_job::JobSpec;
-use crate::actors::fire_hire::FireHireQuery;
+use crate::actors::fire_hire::{FireHireAnswer, FireHireQuery};
 use crate::actors::network_connector::{NetAnswer, NetQuery, PeerBookError};
 use crate::actors::restore_worker::RestoreSpec;
 use crate::actors::status::{DrillStatus, MonitorStatus, NodeStatus};
@@ -124,11 +124,10 @@ impl Control {
             Ok(NetAnswer::Status(status)) => status,
             _ => Default::default(),
         };
-        let customer = a
-            .customer
-            .send(Query::new(FireHireQuery::Status))
-            .await
-            .unwrap_or_default();
+        let customer = match a.customer.send(Query::new(FireHireQuery::Status)).await {
+            Ok(FireHireAnswer::Status(status)) => status,
+            _ => Default::default(),
+        };
         let supplier = match a.supplier.send(Query::new(SupplierQuery::Status)).await {
             Ok(SupplierAnswer::Status(status)) => status,
             _ => Default::default(),

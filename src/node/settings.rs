@@ -28,11 +28,6 @@ pub fn request_timeout(config: &Config) -> Duration {
     config.network.request_timeout.get()
 }
 
-/// Data fragments per block (`k`).
-pub fn data_shards(config: &Config) -> u32 {
-    u32::from(config.backup.data_shards)
-}
-
 /// Positions to hire: `k + m`.
 pub fn positions(config: &Config) -> u32 {
     u32::from(config.backup.data_shards) + u32::from(config.backup.parity_shards)

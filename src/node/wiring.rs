@@ -153,8 +153,11 @@ pub async fn start(base: Base, config: &Config) -> Actors {
         registry: registry.clone(),
         refresh,
     };
-    let (k, total) = (settings::data_shards(config), settings::positions(config));
-    if let Err(e) = monitor::start(monitor_wiring, rebuilder_wiring, k, total).await {
+    let monitor_started = match config.backup.layout() {
+        Ok(layout) => monitor::start(monitor_wiring, rebuilder_wiring, layout).await,
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = monitor_started {
         tracing::error!(error = %e, "the monitor did not start: suppliers are not audited");
     }
     let restore_status = Arc::new(Mutex::new(RestoreStatus::default()));

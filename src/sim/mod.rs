@@ -432,26 +432,8 @@ impl Sim {
         } else {
             fire_hire::Event::CandidateDown(id)
         };
+        // The backup hears of positions from fire_hire's `Position` outputs, as in the node.
         self.fire_hire(at, event);
-        // The backup hears of the positions this supplier holds.
-        for position in self.positions_of(at, peer) {
-            let event = if up {
-                bj::Event::SupplierUp(position)
-            } else {
-                bj::Event::SupplierDown(position)
-            };
-            self.backup(at, event);
-        }
-    }
-
-    /// The positions `supplier` holds, confirmed, on `customer`.
-    fn positions_of(&self, customer: usize, supplier: usize) -> Vec<u32> {
-        self.slots(customer)
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| **s == Some((supplier, true)))
-            .map(|(p, _)| p as u32)
-            .collect()
     }
 
     // ---- backup_job ----
@@ -467,11 +449,19 @@ impl Sim {
             format!("n{customer}b"),
         );
         run.start(self.now);
+        // Where the positions stand (fire_hire's snapshot); changes follow as its outputs.
         let up = self.nodes[customer]
-            .sees_up
-            .iter()
-            .flat_map(|&supplier| self.positions_of(customer, supplier))
-            .collect();
+            .hire
+            .as_ref()
+            .map(|h| {
+                h.machine
+                    .positions()
+                    .into_iter()
+                    .filter(|p| p.up)
+                    .map(|p| p.position)
+                    .collect()
+            })
+            .unwrap_or_default();
         self.nodes[customer].backup = Some(BackupRun {
             run,
             left: blocks,
@@ -643,6 +633,14 @@ impl Sim {
                         })
                         .collect();
                     self.nodes[node].saved = saved;
+                }
+                fire_hire::Output::Position(p) => {
+                    let event = if p.up {
+                        bj::Event::SupplierUp(p.position)
+                    } else {
+                        bj::Event::SupplierDown(p.position)
+                    };
+                    self.backup(node, event);
                 }
                 fire_hire::Output::StopConnectors => {
                     let instances: Vec<u64> = self.nodes[node].connectors.keys().copied().collect();

@@ -93,6 +93,20 @@ pub struct BlockEntry {
 }
 
 impl BlockEntry {
+    /// The layout the block was made with: reading or rebuilding it needs its `k`, whatever
+    /// the node's layout for new snapshots is now.
+    pub fn layout(&self) -> Result<crate::data::Layout, crate::data::DataError> {
+        let (Ok(k), Ok(m)) = (
+            u8::try_from(self.data_shards),
+            u8::try_from(self.parity_shards),
+        ) else {
+            return Err(crate::data::DataError::Params(
+                "a block's layout over 255 fragments",
+            ));
+        };
+        crate::data::Layout::new(k, m)
+    }
+
     pub fn placed(&self) -> usize {
         self.fragments
             .iter()
