@@ -624,6 +624,154 @@ fn restore_worker_fetches_k_per_block_and_survives_up_to_m_bad_suppliers() {
     }
 }
 
+/// The restore_worker machine (its fetch plan) against suppliers of which up to `m` are slow: they
+/// answer, but only after a minute. On a virtual clock with the machine's one-second progress
+/// tick, every slow request is hedged by one more position after the latency bound, so every
+/// block decodes from the fast suppliers within a few bounds of its first request, long before any
+/// slow answer, and the restore asks at most `k` plus one hedge per slow request for each block.
+/// Over many seeds.
+#[test]
+fn restore_worker_hedges_slow_suppliers_instead_of_waiting_for_them() {
+    use bitdust::fsm::Machine as _;
+    use bitdust::fsm::restore_worker::{Event, Outcome, Output, RestoreWorker, Timer};
+    use bitdust::fsm::{Ctx, Instance};
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    use std::cmp::Reverse;
+    use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+    const SLOW: Duration = Duration::from_secs(60);
+    const BOUND: Duration = Duration::from_secs(5);
+    const TICK: Duration = Duration::from_secs(1);
+    const FAST: Duration = Duration::from_millis(1500);
+    for seed in seeds(200, 10) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let count = rng.gen_range(1..12u8);
+        let blocks: Vec<[u8; 32]> = (0..count).map(|i| [i; 32]).collect();
+        let n_slow = rng.gen_range(0..=2usize);
+        let mut positions: Vec<u32> = (0..6).collect();
+        positions.shuffle(&mut rng);
+        let slow: BTreeSet<u32> = positions[..n_slow].iter().copied().collect();
+        let mut job = Instance::new(
+            RestoreWorker::with_window(rng.gen_range(1..5)).hedging_after(BOUND),
+            "sim",
+        );
+        // (delivery time in ms, sequence) -> event.
+        let mut queue: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+        let mut events: BTreeMap<u64, Event> = BTreeMap::new();
+        let mut seq = 0u64;
+        let mut asked: BTreeMap<[u8; 32], BTreeSet<u32>> = BTreeMap::new();
+        let mut first_ask: BTreeMap<[u8; 32], u64> = BTreeMap::new();
+        let mut decoded: Vec<[u8; 32]> = Vec::new();
+        let mut outcome = None;
+        let mut now_ms = 0u64;
+        let mut next_tick = TICK.as_millis() as u64;
+        let mut consumed = 0usize;
+        let mut push = |queue: &mut BinaryHeap<Reverse<(u64, u64)>>,
+                        events: &mut BTreeMap<u64, Event>,
+                        at: u64,
+                        event: Event| {
+            seq += 1;
+            queue.push(Reverse((at, seq)));
+            events.insert(seq, event);
+        };
+        let mut pending = vec![Event::Start {
+            blocks: blocks.iter().map(|b| (*b, 4, 6)).collect(),
+            down: vec![],
+        }];
+        let mut finished_at = None;
+        let mut steps = 0;
+        while outcome.is_none() {
+            steps += 1;
+            assert!(steps < 200_000, "seed {seed}: no progress");
+            for event in std::mem::take(&mut pending) {
+                let ctx = Ctx::at(Duration::from_millis(now_ms));
+                let Some(stepped) = job.step(&event, &ctx) else {
+                    continue;
+                };
+                job.machine
+                    .invariant(job.state())
+                    .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                for output in stepped.outputs {
+                    match output {
+                        Output::Fetch { block, position } => {
+                            assert!(
+                                asked.entry(block).or_default().insert(position),
+                                "seed {seed}: position {position} asked twice"
+                            );
+                            first_ask.entry(block).or_insert(now_ms);
+                            let delay = if slow.contains(&position) {
+                                SLOW.as_millis() as u64
+                            } else {
+                                rng.gen_range(10..FAST.as_millis() as u64)
+                            };
+                            let ok = Event::FragmentOk { block, position };
+                            push(&mut queue, &mut events, now_ms + delay, ok);
+                        }
+                        Output::Decode { block } => {
+                            // Two hedges in a row at most (a hedge may land on the other slow
+                            // one), each within the bound plus a tick, then a fast answer.
+                            let waited = now_ms - first_ask.get(&block).copied().unwrap_or(now_ms);
+                            assert!(
+                                Duration::from_millis(waited) < 2 * (BOUND + TICK) + FAST,
+                                "seed {seed}: block {} waited {waited} ms with {n_slow} slow",
+                                block[0]
+                            );
+                            decoded.push(block);
+                            pending.push(Event::Decoded { block });
+                        }
+                        Output::GiveUp { block } => panic!("seed {seed}: gave up {block:?}"),
+                        Output::Finished(o) => outcome = Some(o),
+                        _ => {}
+                    }
+                }
+            }
+            if outcome.is_some() {
+                break;
+            }
+            // The writer takes decoded blocks in order.
+            while consumed < blocks.len() && decoded.contains(&blocks[consumed]) {
+                pending.push(Event::Consumed {
+                    block: blocks[consumed],
+                });
+                consumed += 1;
+            }
+            if consumed == blocks.len() && finished_at.is_none() {
+                finished_at = Some(now_ms);
+                pending.push(Event::WriterDone { failed: 0 });
+            }
+            if !pending.is_empty() {
+                continue;
+            }
+            // The next reply, or the progress tick if it comes first.
+            let next_reply = queue.peek().map(|Reverse((at, _))| *at);
+            if next_reply.is_none_or(|at| at >= next_tick) {
+                now_ms = next_tick;
+                next_tick += TICK.as_millis() as u64;
+                pending.push(Event::Timeout(Timer::Progress));
+            } else if let Some(Reverse((at, id))) = queue.pop() {
+                now_ms = at;
+                if let Some(event) = events.remove(&id) {
+                    pending.push(event);
+                }
+            }
+        }
+        assert_eq!(outcome, Some(Outcome::Complete), "seed {seed}");
+        assert!(
+            finished_at.is_some(),
+            "seed {seed}: the writer never finished"
+        );
+        for (block, positions) in &asked {
+            assert!(
+                positions.len() <= 4 + n_slow,
+                "seed {seed}: {} positions asked for block {} with {n_slow} slow",
+                positions.len(),
+                block[0]
+            );
+        }
+    }
+}
+
 /// The monitor and the rebuilder against a simulated set of friends, over many seeds: friends go
 /// down and come back, one may be lost for good, a fire_hire model hires a spare into a fired
 /// position. Lists, audits, fetches and placements are answered from what each friend really

@@ -20,20 +20,20 @@ use ed25519_dalek::SigningKey;
 use tokio::sync::oneshot;
 
 use super::fire_hire::{FireHireDriver, FireHireInput, PositionNews};
-use super::network_connector::{NetworkConnectorDriver, link_to};
+use super::fragments::{FragmentError, Fragments, NetworkFragments};
+use super::network_connector::NetworkConnectorDriver;
 use super::registry::Registry;
 use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{BackupOutcome, BackupStatus, JobResult, JobStatus, SkippedFile};
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
-use crate::data::audit::AuditPair;
+use crate::data::audit::{self, AuditPair};
 use crate::data::{self, BlockId, BlockRandom, ChunkId, Layout};
 use crate::fsm::backup_job::{self as bj, BackupJob, Ledger, Outcome, Progress};
 use crate::pipeline::{
     Lookup, Pipeline, PipelineEvent, PipelineKeys, PipelineSettings, Totals, staged_path,
 };
-use crate::proto::envelope::Body;
-use crate::proto::{FragmentId, StoreFragment};
+use crate::proto::FragmentId;
 use crate::store::catalog::{
     self, BlockEntry, CatalogBlock, FileEntry, FragmentPlace, RecoveryRecord, Skipped, Snapshot,
     SnapshotId,
@@ -250,7 +250,7 @@ impl BackupJobDriver {
         block: [u8; 32],
         position: u32,
         supplier: NodeId,
-        result: Result<Vec<AuditPair>, String>,
+        result: Result<Vec<AuditPair>, PlaceError>,
     ) -> bj::Event {
         let pairs = match result {
             Ok(pairs) => pairs,
@@ -259,10 +259,13 @@ impl BackupJobDriver {
                 return bj::Event::PlaceFailed { block, position };
             }
         };
-        let mut batch = Batch::new();
-        health::put_pairs(&mut batch, &BlockId(block), position, &pairs);
-        if let Err(e) = self.wiring.writer.submit(batch) {
-            tracing::warn!(error = %e, "cannot save a fragment's audit pairs");
+        // A staged fragment's pairs were recorded with its block (the encoder made them).
+        if !pairs.is_empty() {
+            let mut batch = Batch::new();
+            health::put_pairs(&mut batch, &BlockId(block), position, &pairs);
+            if let Err(e) = self.wiring.writer.submit(batch) {
+                tracing::warn!(error = %e, "cannot save a fragment's audit pairs");
+            }
         }
         let total = self.layout_total() as usize;
         if let Some(entry) = self.blocks.get_mut(&block)
@@ -310,6 +313,10 @@ impl BackupJobDriver {
                 catalog::put_block(&mut batch, &staged.entry);
                 for (chunk, _) in &staged.chunks {
                     catalog::put_chunk(&mut batch, chunk, &staged.entry.id);
+                }
+                // The encoder's audit pairs, recorded with the block (kept if it is resumed).
+                for (position, pairs) in staged.pairs.iter().enumerate() {
+                    health::put_pairs(&mut batch, &staged.entry.id, position as u32, pairs);
                 }
                 let block = staged.entry.id.0;
                 let bytes = staged.entry.plain_len;
@@ -661,47 +668,51 @@ pub(crate) enum FragmentSource {
     Bytes(Vec<u8>),
 }
 
-/// Sends one stored fragment to `supplier` and waits for its acknowledgement (the supplier
-/// checks the BLAKE3 before it answers).
+/// Why a fragment was not placed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PlaceError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the audit pairs' worker failed: {0}")]
+    Worker(String),
+    #[error(transparent)]
+    Supplier(#[from] FragmentError),
+}
+
+/// Sends one stored fragment to `supplier` through the fragment client and waits for its
+/// acknowledgement (the supplier checks the BLAKE3 before it answers). Returns the audit pairs
+/// of bytes given in hand (`Bytes`: the catalog and recovery record, rebuilt fragments); a staged
+/// file's pairs were made by the encoder and recorded with its block, so none are made here.
 pub(crate) async fn store_fragment(
     network: NetworkAddr,
     supplier: NodeId,
     id: FragmentId,
     source: FragmentSource,
     timeout: Duration,
-) -> Result<Vec<AuditPair>, String> {
-    let data = match source {
-        FragmentSource::File(path) => tokio::fs::read(&path)
-            .await
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
-        FragmentSource::Bytes(bytes) => bytes,
-    };
-    // The monitor's audit pairs, made while the bytes are in hand (off the event loop).
-    let (data, pairs) = tokio::task::spawn_blocking(move || {
-        let pairs = super::monitor::pairs_for(&data);
-        (data, pairs)
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    let hash = blake3::hash(&data);
-    let Some(link) = link_to(&network, supplier).await else {
-        return Err("no session with the supplier".into());
-    };
-    let request = Body::StoreFragment(StoreFragment {
-        id: Some(id),
-        data,
-        hash: hash.as_bytes().to_vec(),
-    });
-    let reply = link
-        .request(request, timeout)
+) -> Result<Vec<AuditPair>, PlaceError> {
+    let (data, pairs) = match source {
+        FragmentSource::File(path) => match tokio::fs::read(&path).await {
+            Ok(data) => (data, Vec::new()),
+            Err(source) => return Err(PlaceError::Read { path, source }),
+        },
+        // The monitor's audit pairs, made while the bytes are in hand (off the event loop).
+        FragmentSource::Bytes(data) => tokio::task::spawn_blocking(move || {
+            let pairs = audit::pairs_for(&data, &mut rand::thread_rng());
+            (data, pairs)
+        })
         .await
-        .map_err(|e| e.to_string())?;
-    match reply.body {
-        Some(Body::Ack(ack)) if ack.hash == hash.as_bytes() => Ok(pairs),
-        Some(Body::Ack(_)) => Err("the supplier acknowledged other bytes".into()),
-        Some(Body::Fail(f)) => Err(format!("refused ({}): {}", f.reason, f.detail)),
-        _ => Err("unexpected reply".into()),
-    }
+        .map_err(|e| PlaceError::Worker(e.to_string()))?,
+    };
+    let Ok(block) = <[u8; 32]>::try_from(id.block.as_slice()) else {
+        return Err(FragmentError::Malformed("a block id that is not 32 bytes").into());
+    };
+    NetworkFragments::network(network, timeout)
+        .store(supplier, block, id.position, data)
+        .await?;
+    Ok(pairs)
 }
 
 /// The end of a job: the catalog, sealed and erasure-coded like data, and the recovery record
@@ -1201,7 +1212,7 @@ pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), String> {
     if plan.snapshots.is_empty() && plan.blocks.is_empty() {
         return Ok((0, 0));
     }
-    let timeout = wiring.settings.request_timeout;
+    let client = NetworkFragments::network(wiring.network.clone(), wiring.settings.request_timeout);
     for block in &plan.blocks {
         let deletes = block
             .fragments
@@ -1209,20 +1220,15 @@ pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), String> {
             .enumerate()
             .filter_map(|(position, place)| {
                 let supplier = place.supplier?;
-                let network = wiring.network.clone();
-                let id = FragmentId {
-                    block: block.id.0.to_vec(),
-                    position: position as u32,
-                };
+                let client = client.clone();
                 Some(async move {
-                    let Some(link) = link_to(&network, supplier).await else {
-                        return Err(supplier);
-                    };
-                    let request =
-                        Body::DeleteFragment(crate::proto::DeleteFragment { id: Some(id) });
-                    match link.request(request, timeout).await.map(|r| r.body) {
-                        Ok(Some(Body::Ack(_) | Body::Fail(_))) => Ok(()),
-                        _ => Err(supplier),
+                    // A refusal (not found, or any other) is an answer: the supplier was asked.
+                    match client.delete(supplier, block.id.0, position as u32).await {
+                        Ok(()) => Ok(()),
+                        Err(e) if !e.no_answer() && !matches!(e, FragmentError::Malformed(_)) => {
+                            Ok(())
+                        }
+                        Err(_) => Err(supplier),
                     }
                 })
             });

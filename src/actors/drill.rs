@@ -14,31 +14,38 @@
 //! - **Failures are per file and say why** (which chunk, which block, which positions failed and
 //!   how); a drill never panics on what the catalog or a supplier gives it. Only "there is nothing
 //!   to drill" and an unreadable catalog are errors of the drill itself.
-//! - Fragments are asked for as a restore does: the `k` data positions first, another position
-//!   for each one that fails (unreachable, refused, not matching the manifest).
+//! - Fragments are asked for as a restore does, by the one fetch plan (`fsm::fetch`): the `k`
+//!   data positions first, another position for each one that fails (unreachable, refused, not
+//!   matching the manifest), through the one fragment client (`actors::fragments`).
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
 use ed25519_dalek::VerifyingKey;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::network_connector::{NetAnswer, NetQuery, NetworkConnectorDriver};
-use super::shell::{Query, Shell};
+use super::fragments::{FragmentError, Fragments, NetworkFragments};
+use super::network_connector::NetworkConnectorDriver;
+use super::shell::Shell;
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
-use crate::data::{self, BlockId, BlockManifest, ChunkId, PackedBlock};
+use crate::data::{self, BlockId, BlockManifest, ChunkId, DataError, PackedBlock};
+use crate::fsm::fetch::Plan as FetchPlan;
 use crate::store::catalog::{self, FileKind, SnapshotId};
 use crate::store::{KvStore, StoreError};
 
 pub type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
+
+/// How often a drill looks for requests past the hedge bound.
+const HEDGE_TICK: Duration = Duration::from_secs(1);
 
 /// How much one drill checks.
 #[derive(Clone, Copy, Debug)]
@@ -111,44 +118,60 @@ pub enum DrillError {
     Worker(String),
 }
 
-/// Where fragments come from: the network in a node, a map in unit tests.
-pub trait FragmentSource {
-    /// The stored bytes (envelope with its manifest) of `block`'s fragment at `position`, as
-    /// `supplier` serves them.
-    fn fetch(
-        &self,
-        supplier: NodeId,
+/// Why a sampled chunk (and so its file) did not check out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DrillProblem {
+    #[error("not in the chunk index")]
+    NotIndexed,
+    #[error("block {} is not in the block index", short(.0))]
+    BlockNotIndexed(BlockId),
+    #[error("block {}: the catalog's placements do not match its manifest's layout", short(.0))]
+    Placements(BlockId),
+    #[error("block {}: manifest: {}", short(.0), .1)]
+    Manifest(BlockId, Arc<DataError>),
+    #[error("block {} was not planned", short(.0))]
+    Unplanned(BlockId),
+    #[error("block {} lost", short(.0))]
+    Lost(BlockId),
+    #[error("block {}: {have} of the {k} fragments needed ({})", short(.block), joined(.problems))]
+    TooFew {
         block: BlockId,
-        position: u32,
-    ) -> impl Future<Output = Result<Vec<u8>, String>>;
+        have: usize,
+        k: usize,
+        problems: Vec<(usize, FragmentProblem)>,
+    },
+    #[error("block {} did not decode: {}", short(.0), .1)]
+    Undecodable(BlockId, Arc<DataError>),
+    #[error("block {} is malformed: {}", short(.0), .1)]
+    Unparsable(BlockId, Arc<DataError>),
+    #[error("block {} is malformed", short(.0))]
+    Malformed(BlockId),
+    #[error("decoding stopped: {0}")]
+    Stopped(String),
+    #[error("block {} does not hold the chunk", short(.0))]
+    NotInBlock(BlockId),
+    #[error("block {}: the chunk's bytes do not match its id", short(.0))]
+    Mismatch(BlockId),
 }
 
-/// The node's suppliers, through the network actor's sessions.
-pub struct NetworkSource {
-    pub network: NetworkAddr,
-    pub timeout: Duration,
+/// Why one fragment did not count towards its block's `k`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FragmentProblem {
+    #[error("not placed")]
+    NotPlaced,
+    #[error(transparent)]
+    Fetch(#[from] FragmentError),
+    /// It arrived and is not the fragment the manifest names.
+    #[error(transparent)]
+    Check(Arc<DataError>),
 }
 
-impl FragmentSource for NetworkSource {
-    async fn fetch(
-        &self,
-        supplier: NodeId,
-        block: BlockId,
-        position: u32,
-    ) -> Result<Vec<u8>, String> {
-        let link = match self
-            .network
-            .send(Query::new(NetQuery::Link(supplier)))
-            .await
-        {
-            Ok(NetAnswer::Link(Some(link))) => link,
-            Ok(_) => return Err(format!("no session with supplier {supplier}")),
-            Err(_) => return Err("the network actor is gone".into()),
-        };
-        super::restore_worker::retrieve(&link, block.0, position, self.timeout)
-            .await
-            .map_err(|why| format!("supplier {supplier}: {why}"))
-    }
+fn joined(problems: &[(usize, FragmentProblem)]) -> String {
+    problems
+        .iter()
+        .map(|(position, why)| format!("position {position}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What a node needs to run a drill when asked (the control socket, the schedule).
@@ -188,15 +211,12 @@ pub async fn run(
     settings: DrillSettings,
     seed: u64,
 ) -> Result<DrillReport, DrillError> {
-    let source = NetworkSource {
-        network,
-        timeout: settings.request_timeout,
-    };
+    let source = NetworkFragments::network(network, settings.request_timeout);
     run_with(kv, &source, keys, owner, settings, seed).await
 }
 
-/// [`run`] with any fragment source.
-pub async fn run_with<S: FragmentSource>(
+/// [`run`] with any fragment client.
+pub async fn run_with<S: Fragments>(
     kv: Arc<dyn KvStore>,
     source: &S,
     keys: Arc<DataKeys>,
@@ -217,6 +237,7 @@ pub async fn run_with<S: FragmentSource>(
         decoded: HashMap::new(),
         uses: plan.uses,
         fetched: 0,
+        hedge_after: super::restore_worker::hedge_bound(settings.request_timeout),
     };
     let mut report = DrillReport {
         at: started.wall.as_secs(),
@@ -234,7 +255,7 @@ pub async fn run_with<S: FragmentSource>(
         if let Some(reason) = failure {
             report.failures.push(DrillFailure {
                 path: String::from_utf8_lossy(&file.path).into_owned(),
-                reason,
+                reason: reason.to_string(),
             });
         }
     }
@@ -260,7 +281,7 @@ struct Sampled {
     path: Vec<u8>,
     size: u64,
     /// Its chunks, each with its index in the file and its block (or why the catalog has none).
-    chunks: Vec<(usize, ChunkId, Result<BlockId, String>)>,
+    chunks: Vec<(usize, ChunkId, Result<BlockId, DrillProblem>)>,
     /// Every chunk is checked (so is the length), not a window of a file past the budget.
     whole: bool,
 }
@@ -275,7 +296,7 @@ struct Plan {
     source: String,
     snapshot: SnapshotId,
     files: Vec<Sampled>,
-    blocks: HashMap<BlockId, Result<BlockSource, String>>,
+    blocks: HashMap<BlockId, Result<BlockSource, DrillProblem>>,
     /// Chunks of the sample per block: a decoded block is dropped after its last use.
     uses: HashMap<BlockId, u64>,
 }
@@ -360,7 +381,7 @@ fn plan(
             let block = match catalog::chunk_block(kv, &id)? {
                 Some(block) => block,
                 None => {
-                    chunks.push((index, id, Err("not in the chunk index".to_string())));
+                    chunks.push((index, id, Err(DrillProblem::NotIndexed)));
                     continue;
                 }
             };
@@ -391,23 +412,17 @@ fn block_source(
     kv: &dyn KvStore,
     owner: &VerifyingKey,
     block: &BlockId,
-) -> Result<Result<BlockSource, String>, StoreError> {
+) -> Result<Result<BlockSource, DrillProblem>, StoreError> {
     let Some(entry) = catalog::block(kv, block)? else {
-        return Ok(Err(format!(
-            "block {} is not in the block index",
-            short(block)
-        )));
+        return Ok(Err(DrillProblem::BlockNotIndexed(*block)));
     };
     Ok(match BlockManifest::verify(&entry.signed_manifest, owner) {
         Ok(manifest) if manifest.layout().total() == entry.fragments.len() => Ok(BlockSource {
             manifest,
             holders: entry.fragments.iter().map(|f| f.supplier).collect(),
         }),
-        Ok(_) => Err(format!(
-            "block {}: the catalog's placements do not match its manifest's layout",
-            short(block)
-        )),
-        Err(e) => Err(format!("block {}: manifest: {e}", short(block))),
+        Ok(_) => Err(DrillProblem::Placements(*block)),
+        Err(e) => Err(DrillProblem::Manifest(*block, Arc::new(e))),
     })
 }
 
@@ -421,16 +436,45 @@ struct Decoded {
 struct Drill<'a, S> {
     source: &'a S,
     keys: Arc<DataKeys>,
-    blocks: HashMap<BlockId, Result<BlockSource, String>>,
+    blocks: HashMap<BlockId, Result<BlockSource, DrillProblem>>,
     /// Decoded blocks still needed, and blocks that could not be had (with why).
-    decoded: HashMap<BlockId, Result<Decoded, String>>,
+    decoded: HashMap<BlockId, Result<Decoded, DrillProblem>>,
     uses: HashMap<BlockId, u64>,
     fetched: u64,
+    /// A fragment request outstanding this long is hedged by one more position.
+    hedge_after: Duration,
 }
 
-impl<S: FragmentSource> Drill<'_, S> {
+/// Why a sampled file failed.
+#[derive(Debug)]
+enum FileProblem {
+    Chunk {
+        index: usize,
+        total: usize,
+        why: DrillProblem,
+    },
+    Length {
+        restored: u64,
+        recorded: u64,
+    },
+}
+
+impl std::fmt::Display for FileProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileProblem::Chunk { index, total, why } => {
+                write!(f, "chunk {index} of {total}: {why}")
+            }
+            FileProblem::Length { restored, recorded } => {
+                write!(f, "restored {restored} bytes, the catalog says {recorded}")
+            }
+        }
+    }
+}
+
+impl<S: Fragments> Drill<'_, S> {
     /// Checks one file: (bytes found identical, why it failed).
-    async fn check(&mut self, file: &Sampled) -> (u64, Option<String>) {
+    async fn check(&mut self, file: &Sampled) -> (u64, Option<FileProblem>) {
         let mut good = 0u64;
         let mut failure = None;
         let total = file.chunks.len();
@@ -443,21 +487,31 @@ impl<S: FragmentSource> Drill<'_, S> {
                     continue;
                 }
                 Err(why) => {
-                    failure.get_or_insert_with(|| format!("chunk {index} of {total}: {why}"));
+                    failure.get_or_insert_with(|| FileProblem::Chunk {
+                        index: *index,
+                        total,
+                        why: why.clone(),
+                    });
                     continue;
                 }
             };
             match self.chunk(block, id).await {
                 Ok(len) => good += len,
-                Err(why) => failure = Some(format!("chunk {index} of {total}: {why}")),
+                Err(why) => {
+                    failure = Some(FileProblem::Chunk {
+                        index: *index,
+                        total,
+                        why,
+                    })
+                }
             }
             self.used(&block);
         }
         if failure.is_none() && file.whole && good != file.size {
-            failure = Some(format!(
-                "restored {good} bytes, the catalog says {}",
-                file.size
-            ));
+            failure = Some(FileProblem::Length {
+                restored: good,
+                recorded: file.size,
+            });
         }
         (good, failure)
     }
@@ -476,7 +530,7 @@ impl<S: FragmentSource> Drill<'_, S> {
     }
 
     /// Checks one chunk; its length when its bytes hash to its id.
-    async fn chunk(&mut self, block: BlockId, id: &ChunkId) -> Result<u64, String> {
+    async fn chunk(&mut self, block: BlockId, id: &ChunkId) -> Result<u64, DrillProblem> {
         if !self.decoded.contains_key(&block) {
             let decoded = self.decode(block).await;
             self.decoded.insert(block, decoded);
@@ -484,84 +538,107 @@ impl<S: FragmentSource> Drill<'_, S> {
         let decoded = match self.decoded.get(&block) {
             Some(Ok(decoded)) => decoded,
             Some(Err(why)) => return Err(why.clone()),
-            None => return Err(format!("block {} lost", short(&block))),
+            None => return Err(DrillProblem::Lost(block)),
         };
         let (start, end) = *decoded
             .index
             .get(id)
-            .ok_or_else(|| format!("block {} does not hold the chunk", short(&block)))?;
+            .ok_or(DrillProblem::NotInBlock(block))?;
         let bytes = decoded
             .plain
             .get(start..end)
-            .ok_or_else(|| format!("block {} is malformed", short(&block)))?;
+            .ok_or(DrillProblem::Malformed(block))?;
         if ChunkId::of(&self.keys.chunk_id, bytes) != *id {
-            return Err(format!(
-                "block {}: the chunk's bytes do not match its id",
-                short(&block)
-            ));
+            return Err(DrillProblem::Mismatch(block));
         }
         Ok(bytes.len() as u64)
     }
 
-    /// Fetches `k` good fragments of `block` (data positions first, the next position for each
-    /// one that fails), decodes it off the event loop and indexes its chunks.
-    async fn decode(&mut self, block: BlockId) -> Result<Decoded, String> {
+    /// Fetches `k` good fragments of `block` by the fetch plan's rule (`fsm::fetch`: data
+    /// positions first, the next position as soon as one fails, a hedge beside a slow one),
+    /// decodes it off the event loop and indexes its chunks.
+    async fn decode(&mut self, block: BlockId) -> Result<Decoded, DrillProblem> {
         let source = match self.blocks.get(&block) {
             Some(Ok(source)) => source,
             Some(Err(why)) => return Err(why.clone()),
-            None => return Err(format!("block {} was not planned", short(&block))),
+            None => return Err(DrillProblem::Unplanned(block)),
         };
         let layout = source.manifest.layout();
         let (k, total) = (layout.k(), layout.total());
         let mut fragments: Vec<Option<Vec<u8>>> = vec![None; total];
-        let mut problems: Vec<String> = Vec::new();
-        let mut next = 0usize;
-        loop {
-            let have = fragments.iter().flatten().count();
-            if have >= k || next >= total {
+        let mut problems: Vec<(usize, FragmentProblem)> = Vec::new();
+        // A drill knows nothing of who is up; a request slower than the bound is hedged (the
+        // plan decides; the shell's clock stamps the asks).
+        let mut plan = FetchPlan::layout(k as u32, total as u32);
+        let nobody_down = BTreeSet::new();
+        let fetcher = self.source;
+        let ask = |position: u32| async move {
+            let result = match source.holders.get(position as usize).copied().flatten() {
+                Some(supplier) => fetcher
+                    .retrieve(supplier, block.0, position)
+                    .await
+                    .map_err(FragmentProblem::from),
+                None => Err(FragmentProblem::NotPlaced),
+            };
+            (position, result)
+        };
+        let mut asking: FuturesUnordered<_> = plan
+            .next(&nobody_down, super::shell::ctx_now().now)
+            .into_iter()
+            .map(ask)
+            .collect();
+        while !plan.complete() && !plan.hopeless() {
+            let answer = tokio::select! {
+                answer = asking.next() => answer,
+                () = tokio::time::sleep(HEDGE_TICK) => {
+                    let now = super::shell::ctx_now().now;
+                    asking.extend(plan.hedge(&nobody_down, now, self.hedge_after).into_iter().map(ask));
+                    continue;
+                }
+            };
+            let Some((position, result)) = answer else {
                 break;
-            }
-            let batch: Vec<usize> = (next..total.min(next + (k - have))).collect();
-            next += batch.len();
-            let fetcher = self.source;
-            let asks = batch.iter().map(|&position| async move {
-                let result = match source.holders.get(position).copied().flatten() {
-                    Some(supplier) => fetcher.fetch(supplier, block, position as u32).await,
-                    None => Err("not placed".to_string()),
-                };
-                (position, result)
+            };
+            let checked = result.and_then(|stored| {
+                self.fetched += 1;
+                let (_, fragment) = data::stored::unwrap(&stored)
+                    .map_err(|e| FragmentProblem::Check(Arc::new(e)))?;
+                source
+                    .manifest
+                    .check_fragment(position as usize, fragment)
+                    .map_err(|e| FragmentProblem::Check(Arc::new(e)))?;
+                Ok(fragment.to_vec())
             });
-            for (position, result) in futures::future::join_all(asks).await {
-                let stored = match result {
-                    Ok(stored) => {
-                        self.fetched += 1;
-                        stored
+            match checked {
+                Ok(fragment) => {
+                    if plan.ok(position)
+                        && let Some(slot) = fragments.get_mut(position as usize)
+                    {
+                        *slot = Some(fragment);
                     }
-                    Err(why) => {
-                        problems.push(format!("position {position}: {why}"));
-                        continue;
-                    }
-                };
-                let fragment = match data::stored::unwrap(&stored) {
-                    Ok((_, fragment)) => fragment,
-                    Err(e) => {
-                        problems.push(format!("position {position}: {e}"));
-                        continue;
-                    }
-                };
-                match source.manifest.check_fragment(position, fragment) {
-                    Ok(()) => fragments[position] = Some(fragment.to_vec()),
-                    Err(e) => problems.push(format!("position {position}: {e}")),
+                }
+                Err(why) => {
+                    plan.failed(position);
+                    problems.push((position as usize, why));
                 }
             }
+            let now = super::shell::ctx_now().now;
+            asking.extend(plan.next(&nobody_down, now).into_iter().map(ask));
+            asking.extend(
+                plan.hedge(&nobody_down, now, self.hedge_after)
+                    .into_iter()
+                    .map(ask),
+            );
         }
-        let have = fragments.iter().flatten().count();
-        if have < k {
-            return Err(format!(
-                "block {}: {have} of the {k} fragments needed ({})",
-                short(&block),
-                problems.join("; ")
-            ));
+        // Requests still out (hedged pairs) are dropped with `asking`.
+        drop(asking);
+        if !plan.complete() {
+            return Err(DrillProblem::TooFew {
+                block,
+                have: plan.good_count(),
+                k,
+                problems,
+            });
         }
         if !problems.is_empty() {
             tracing::info!(block = %short(&block), problems = problems.len(),
@@ -569,14 +646,14 @@ impl<S: FragmentSource> Drill<'_, S> {
         }
         let manifest = source.manifest.clone();
         let keys = self.keys.clone();
-        let decoded = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let refs: Vec<Option<&[u8]>> = fragments.iter().map(|f| f.as_deref()).collect();
             let plain = data::decode_block(&refs, &manifest, &keys.block)
-                .map_err(|e| format!("did not decode: {e}"))?
+                .map_err(|e| DrillProblem::Undecodable(block, Arc::new(e)))?
                 .plain;
             let index = {
-                let parsed =
-                    PackedBlock::parse(&plain).map_err(|e| format!("is malformed: {e}"))?;
+                let parsed = PackedBlock::parse(&plain)
+                    .map_err(|e| DrillProblem::Unparsable(block, Arc::new(e)))?;
                 let base = plain.as_ptr() as usize;
                 parsed
                     .chunks()
@@ -587,21 +664,19 @@ impl<S: FragmentSource> Drill<'_, S> {
                     })
                     .collect()
             };
-            Ok::<_, String>(Decoded { plain, index })
+            Ok(Decoded { plain, index })
         })
         .await
-        .map_err(|e| format!("decoding stopped: {e}"))?;
-        decoded.map_err(|why| format!("block {} {why}", short(&block)))
+        .map_err(|e| DrillProblem::Stopped(e.to_string()))?
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
     use ed25519_dalek::SigningKey;
 
     use super::*;
+    use crate::actors::fragments::MemFragments;
     use crate::crypto::derive::MasterSecret;
     use crate::data::{BlockRandom, Layout, Packer};
     use crate::store::MemStore;
@@ -610,38 +685,11 @@ mod tests {
 
     const CHUNK: usize = 1500;
 
-    /// Suppliers in a map; positions listed in `refused` answer an error, in `garbage` serve
-    /// bytes that do not match the manifest.
-    struct MapSource {
-        stored: HashMap<(BlockId, u32), Vec<u8>>,
-        refused: HashSet<u32>,
-        garbage: HashSet<u32>,
-    }
-
-    impl FragmentSource for MapSource {
-        async fn fetch(&self, _: NodeId, block: BlockId, position: u32) -> Result<Vec<u8>, String> {
-            if self.refused.contains(&position) {
-                return Err("refused (NOT_FOUND)".into());
-            }
-            let mut stored = self
-                .stored
-                .get(&(block, position))
-                .cloned()
-                .ok_or("refused (NOT_FOUND)")?;
-            if self.garbage.contains(&position)
-                && let Some(last) = stored.last_mut()
-            {
-                *last ^= 0x55;
-            }
-            Ok(stored)
-        }
-    }
-
     struct Fixture {
         kv: Arc<dyn KvStore>,
         keys: Arc<DataKeys>,
         owner: SigningKey,
-        source: MapSource,
+        source: MemFragments,
     }
 
     fn bytes(seed: u8, len: usize) -> Vec<u8> {
@@ -694,8 +742,9 @@ mod tests {
             )
             .expect("encode");
             for (position, fragment) in encoded.fragments.iter().enumerate() {
+                let supplier = suppliers[position].expect("placed");
                 stored.insert(
-                    (encoded.id, position as u32),
+                    (supplier, encoded.id.0, position as u32),
                     data::stored::wrap(&encoded.signed_manifest, fragment),
                 );
             }
@@ -765,10 +814,9 @@ mod tests {
             kv,
             keys,
             owner,
-            source: MapSource {
-                stored,
-                refused: HashSet::new(),
-                garbage: HashSet::new(),
+            source: MemFragments {
+                held: std::sync::Mutex::new(stored),
+                ..MemFragments::default()
             },
         }
     }
@@ -805,7 +853,7 @@ mod tests {
     async fn m_bad_positions_are_replaced_by_parity() {
         let mut f = fixture(false);
         f.source.garbage.insert(0);
-        f.source.refused.insert(1);
+        f.source.failing.insert(1, FragmentError::NotFound);
         let r = drill(&f, DrillSettings::default()).await.expect("drill");
         assert!(r.passed(), "{r:?}");
         // Per block: 0, 2, 3 came back (0 bad), 1 refused; then 4 and 5.
@@ -816,7 +864,7 @@ mod tests {
     async fn more_than_m_bad_positions_fail_every_file_with_the_reason() {
         let mut f = fixture(false);
         f.source.garbage.insert(0);
-        f.source.refused.insert(1);
+        f.source.failing.insert(1, FragmentError::NotFound);
         f.source.garbage.insert(5);
         let r = drill(&f, DrillSettings::default()).await.expect("drill");
         assert!(!r.passed());

@@ -4,6 +4,7 @@
 pub mod backup_job;
 pub mod drill;
 pub mod fire_hire;
+pub mod fragments;
 pub mod identity;
 pub mod monitor;
 pub mod network_connector;

@@ -15,16 +15,16 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::fire_hire::{FireHireDriver, FireHireInput, PositionNews};
-use super::network_connector::{NetworkConnectorDriver, link_to};
+use super::fragments::{FragmentError, Fragments, NetworkFragments};
+use super::network_connector::NetworkConnectorDriver;
 use super::rebuilder::{RebuilderDriver, RebuilderInput};
 use super::registry::Registry;
 use super::shell::{Deliver, Driver, Input, Io, Shell};
 use crate::crypto::identity::NodeId;
-use crate::data::audit::{self, AuditPair};
+use crate::data::audit;
 use crate::data::{BlockId, Layout};
 use crate::fsm::monitor::{self as mon, AuditResult, BlockInfo, Cell, Monitor, Summary};
-use crate::proto::envelope::Body;
-use crate::proto::{AuditChallenge, FailReason, FragmentId, ListFragments, RetrieveFragment};
+use crate::proto::FailReason;
 use crate::store::health::{self, FragmentHealth, HealthError};
 use crate::store::writer::Writer;
 use crate::store::{Batch, KvStore, StoreError, catalog};
@@ -32,14 +32,6 @@ use crate::store::{Batch, KvStore, StoreError, catalog};
 type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
 type FireHireAddr = Addr<Shell<FireHireDriver>>;
 pub type MonitorAddr = Addr<Shell<MonitorDriver>>;
-
-/// Audit pairs made per fragment when its bytes are in hand.
-pub const AUDIT_PAIRS: usize = 24;
-/// Bytes each pair covers: 64 KiB at a random offset. Whole-fragment ranges would hash every
-/// stored byte eight times during a backup; an honest supplier's own store checks the whole
-/// fragment's hash on every read anyway (a bit flip anywhere fails the audit), and a supplier
-/// keeping a fraction `x` of the bytes passes `n` audits with a probability of about `x^n`.
-pub const AUDIT_RANGE: u64 = 64 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct MonitorSettings {
@@ -205,43 +197,24 @@ pub fn health_of(c: Cell) -> FragmentHealth {
     }
 }
 
-/// Every block the supplier lists at `position` (all pages).
+/// Every block the supplier lists at `position` (all pages, through the fragment client).
 async fn list_position(
     network: NetworkAddr,
     supplier: NodeId,
     position: u32,
     timeout: Duration,
 ) -> Option<BTreeSet<[u8; 32]>> {
-    let link = link_to(&network, supplier).await?;
-    let mut held = BTreeSet::new();
-    let mut after: Option<FragmentId> = None;
-    loop {
-        let reply = link
-            .request(
-                Body::ListFragments(ListFragments {
-                    after: after.clone(),
-                    limit: 0,
-                }),
-                timeout,
-            )
-            .await
-            .ok()?;
-        let Some(Body::FragmentList(list)) = reply.body else {
-            return None;
-        };
-        for info in &list.fragments {
-            if let Some(id) = &info.id
-                && id.position == position
-                && let Ok(block) = <[u8; 32]>::try_from(id.block.as_slice())
-            {
-                held.insert(block);
-            }
-        }
-        match list.fragments.last().and_then(|f| f.id.clone()) {
-            Some(last) if list.more => after = Some(last),
-            _ => return Some(held),
-        }
-    }
+    let listed = NetworkFragments::network(network, timeout)
+        .list(supplier)
+        .await
+        .ok()?;
+    Some(
+        listed
+            .into_iter()
+            .filter(|l| l.position == position)
+            .map(|l| l.block)
+            .collect(),
+    )
 }
 
 /// One audit of one fragment: a precomputed pair if one is left, else a whole fetch.
@@ -265,14 +238,7 @@ async fn audit_one(
     let Ok((mut pairs, expected)) = pairs else {
         return AuditResult::NoAnswer;
     };
-    let Some(link) = link_to(&wiring.network, supplier).await else {
-        return AuditResult::NoAnswer;
-    };
-    let timeout = wiring.settings.request_timeout;
-    let fragment = FragmentId {
-        block: block.to_vec(),
-        position,
-    };
+    let client = NetworkFragments::network(wiring.network.clone(), wiring.settings.request_timeout);
     if let Some(pair) = pairs.pop() {
         // Used once: the rest are saved before the challenge leaves.
         let mut batch = Batch::new();
@@ -280,55 +246,47 @@ async fn audit_one(
         if wiring.writer.write(batch).await.is_err() {
             return AuditResult::NoAnswer;
         }
-        let request = Body::AuditChallenge(AuditChallenge {
-            id: Some(fragment),
-            nonce: pair.nonce.to_vec(),
-            offset: pair.offset,
-            length: pair.length,
-        });
-        return match link.request(request, timeout).await {
-            Ok(reply) => match reply.body {
-                Some(Body::AuditProof(p)) if pair.check(&p.proof) => AuditResult::Passed,
-                Some(Body::AuditProof(_)) => AuditResult::Corrupt,
-                Some(Body::Fail(f)) => failed_audit(f.reason),
-                _ => AuditResult::NoAnswer,
-            },
-            Err(_) => AuditResult::NoAnswer,
+        return match client.audit(supplier, block, position, &pair).await {
+            Ok(proof) if pair.check(&proof) => AuditResult::Passed,
+            Ok(_) => AuditResult::Corrupt,
+            Err(FragmentError::Unreachable) => {
+                // Nothing left the node: the pair is still unseen and goes back.
+                pairs.push(pair);
+                let mut batch = Batch::new();
+                health::put_pairs(&mut batch, &id, position, &pairs);
+                let _ = wiring.writer.write(batch).await;
+                AuditResult::NoAnswer
+            }
+            Err(e) => failed_audit(&e),
         };
     }
     // No pair left (or never made, e.g. after a recovery): fetch it whole and compare.
     let Some(expected) = expected else {
         return AuditResult::NoAnswer;
     };
-    let request = Body::RetrieveFragment(RetrieveFragment { id: Some(fragment) });
-    match link.request(request, timeout).await.map(|r| r.body) {
-        Ok(Some(Body::FragmentData(d))) if *blake3::hash(&d.data).as_bytes() == expected => {
-            let fresh = pairs_for(&d.data);
+    match client.retrieve(supplier, block, position).await {
+        Ok(data) if *blake3::hash(&data).as_bytes() == expected => {
+            let fresh = audit::pairs_for(&data, &mut rand::thread_rng());
             let mut batch = Batch::new();
             health::put_pairs(&mut batch, &id, position, &fresh);
             let _ = wiring.writer.write(batch).await;
             AuditResult::Passed
         }
-        Ok(Some(Body::FragmentData(_))) => AuditResult::Corrupt,
-        Ok(Some(Body::Fail(f))) => failed_audit(f.reason),
-        _ => AuditResult::NoAnswer,
+        Ok(_) => AuditResult::Corrupt,
+        Err(e) => failed_audit(&e),
     }
 }
 
-/// What a supplier's refusal of an audit says about the fragment.
-fn failed_audit(reason: i32) -> AuditResult {
-    match FailReason::try_from(reason) {
-        Ok(FailReason::NotFound) => AuditResult::NotFound,
+/// What a failed audit request says about the fragment: a refusal may say something; no answer
+/// (or a reply of the wrong kind) says nothing.
+fn failed_audit(error: &FragmentError) -> AuditResult {
+    match error.refusal() {
+        Some(FailReason::NotFound) => AuditResult::NotFound,
         // It cannot read the bytes back (its own check failed), or it holds fewer bytes than
         // the range: either way it cannot produce the fragment.
-        Ok(FailReason::StorageError | FailReason::Malformed) => AuditResult::Corrupt,
+        Some(FailReason::StorageError | FailReason::Malformed) => AuditResult::Corrupt,
         _ => AuditResult::NoAnswer,
     }
-}
-
-/// Pairs for a fragment whose bytes are in hand (the backup job and the rebuilder call this).
-pub fn pairs_for(stored: &[u8]) -> Vec<AuditPair> {
-    audit::make_pairs_within(stored, AUDIT_PAIRS, AUDIT_RANGE, &mut rand::thread_rng())
 }
 
 impl MonitorDriver {

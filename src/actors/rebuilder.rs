@@ -13,21 +13,21 @@ use actix::prelude::*;
 use ed25519_dalek::VerifyingKey;
 
 use super::backup_job::{CatalogRefresh, FragmentSource, store_fragment};
+use super::fragments::{FragmentError, Fragments, NetworkFragments};
 use super::monitor::{MonitorDriver, MonitorInput, health_of};
-use super::network_connector::{NetworkConnectorDriver, link_to};
+use super::network_connector::NetworkConnectorDriver;
 use super::registry::Registry;
-use super::restore_worker::retrieve;
 use super::shell::{Deliver, Driver, Input, Io, Shell};
 use crate::crypto::identity::NodeId;
 use crate::data::manifest::BlockManifest;
-use crate::data::{self, BlockId};
+use crate::data::{self, BlockId, DataError};
 use crate::fsm::monitor::{Cell, RebuildTask};
 use crate::fsm::rebuilder::{self as rb, Rebuilder};
 use crate::proto::FragmentId;
 use crate::store::catalog::{self, FragmentPlace};
 use crate::store::health;
-use crate::store::writer::Writer;
-use crate::store::{Batch, KvStore};
+use crate::store::writer::{Writer, WriterError};
+use crate::store::{Batch, KvStore, StoreError};
 
 type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
 
@@ -43,6 +43,29 @@ pub struct RebuilderWiring {
     pub request_timeout: Duration,
     pub registry: Registry,
     pub refresh: CatalogRefresh,
+}
+
+/// Why a source was not fetched or a block not rebuilt.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("cannot read the catalog: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot read the block's health: {0}")]
+    Health(#[from] health::HealthError),
+    #[error("the block is no longer in the catalog")]
+    Gone,
+    #[error("the block left the catalog while it was rebuilt")]
+    LeftCatalog,
+    #[error("the block's manifest: {0}")]
+    Manifest(DataError),
+    #[error(transparent)]
+    Fetch(#[from] FragmentError),
+    #[error("cannot rebuild: {0}")]
+    Rebuild(DataError),
+    #[error("a worker thread failed: {0}")]
+    Worker(#[from] tokio::task::JoinError),
+    #[error("cannot record the rebuilt fragments: {0}")]
+    Record(#[from] WriterError),
 }
 
 pub enum RebuilderInput {
@@ -71,8 +94,8 @@ impl RebuilderDriver {
     fn fetch(&mut self, block: [u8; 32], position: u32, supplier: NodeId, io: &mut Io<'_, Self>) {
         let kv = self.wiring.kv.clone();
         let owner = self.wiring.owner;
-        let network = self.wiring.network.clone();
-        let timeout = self.wiring.request_timeout;
+        let client =
+            NetworkFragments::network(self.wiring.network.clone(), self.wiring.request_timeout);
         let known = self.blocks.contains_key(&block);
         let work = async move {
             // The manifest, once per block: the reference every fragment is checked against.
@@ -81,12 +104,10 @@ impl RebuilderDriver {
             } else {
                 let entry =
                     tokio::task::spawn_blocking(move || catalog::block(&*kv, &BlockId(block)))
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?
-                        .ok_or("the block is no longer in the catalog")?;
+                        .await??
+                        .ok_or(RebuildError::Gone)?;
                 let manifest = BlockManifest::verify(&entry.signed_manifest, &owner)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(RebuildError::Manifest)?;
                 let total = entry.fragments.len();
                 Some(Source {
                     manifest,
@@ -94,11 +115,8 @@ impl RebuilderDriver {
                     fragments: vec![None; total],
                 })
             };
-            let Some(link) = link_to(&network, supplier).await else {
-                return Err("no session with the supplier".to_string());
-            };
-            let stored = retrieve(&link, block, position, timeout).await?;
-            Ok::<_, String>((source, stored))
+            let stored = client.retrieve(supplier, block, position).await?;
+            Ok::<_, RebuildError>((source, stored))
         };
         io.spawn_then(work, move |driver, result| {
             let failed = rb::Event::FragmentFailed { block, position };
@@ -171,9 +189,8 @@ impl RebuilderDriver {
                 let refs: Vec<Option<&[u8]>> = fragments.iter().map(|f| f.as_deref()).collect();
                 data::rebuild_fragments(&manifest, &signed, &refs, &positions)
             })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .await?
+            .map_err(RebuildError::Rebuild)?;
             let mut placed = Vec::new();
             let mut failed = Vec::new();
             let mut places = Vec::new();
@@ -213,7 +230,7 @@ impl RebuilderDriver {
             }
             let bytes: u64 = places.iter().map(|(_, p, _)| p.size).sum();
             let moved = record(&wiring, block, places).await?;
-            Ok::<_, String>((placed, failed, moved, bytes))
+            Ok::<_, RebuildError>((placed, failed, moved, bytes))
         };
         io.spawn_then(work, move |driver, result| match result {
             Ok((placed, failed, moved, bytes)) => {
@@ -239,20 +256,16 @@ async fn record(
     wiring: &RebuilderWiring,
     block: [u8; 32],
     places: Vec<(usize, FragmentPlace, Vec<crate::data::audit::AuditPair>)>,
-) -> Result<bool, String> {
+) -> Result<bool, RebuildError> {
     if places.is_empty() {
         return Ok(false);
     }
     let kv = wiring.kv.clone();
     let batch = tokio::task::spawn_blocking(move || {
         let id = BlockId(block);
-        let mut entry = catalog::block(&*kv, &id)
-            .map_err(|e| e.to_string())?
-            .ok_or("the block left the catalog while it was rebuilt")?;
+        let mut entry = catalog::block(&*kv, &id)?.ok_or(RebuildError::LeftCatalog)?;
         let total = entry.fragments.len();
-        let mut cells = health::health(&*kv, &id)
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default();
+        let mut cells = health::health(&*kv, &id)?.unwrap_or_default();
         cells.resize(total, health_of(Cell::Unknown));
         let mut batch = Batch::new();
         let mut moved = false;
@@ -266,15 +279,10 @@ async fn record(
         }
         catalog::put_block(&mut batch, &entry);
         health::put_health(&mut batch, &id, &cells);
-        Ok::<_, String>((batch, moved))
+        Ok::<_, RebuildError>((batch, moved))
     })
-    .await
-    .map_err(|e| e.to_string())??;
-    wiring
-        .writer
-        .write(batch.0)
-        .await
-        .map_err(|e| format!("cannot record the rebuilt fragments: {e}"))?;
+    .await??;
+    wiring.writer.write(batch.0).await?;
     Ok(batch.1)
 }
 
@@ -379,6 +387,8 @@ pub async fn start(
     k: u32,
 ) -> Addr<Shell<RebuilderDriver>> {
     let registry = wiring.registry.clone();
+    let mut machine = Rebuilder::new(REBUILD_WINDOW);
+    machine.hedge_after = super::restore_worker::hedge_bound(wiring.request_timeout);
     let driver = RebuilderDriver {
         wiring,
         monitor,
@@ -388,7 +398,7 @@ pub async fn start(
         bytes_fetched: 0,
         bytes_placed: 0,
     };
-    let addr = Shell::new(Rebuilder::new(REBUILD_WINDOW), "0", driver, registry).start();
+    let addr = Shell::new(machine, "0", driver, registry).start();
     let _ = addr.send(Deliver(rb::Event::Start { k })).await;
     addr
 }

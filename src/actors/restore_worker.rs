@@ -14,7 +14,8 @@ use ed25519_dalek::VerifyingKey;
 use tokio::sync::{mpsc, oneshot};
 
 use super::fire_hire::{FireHireDriver, FireHireInput, PositionNews};
-use super::network_connector::{NetworkConnectorDriver, link_to};
+use super::fragments::{FragmentError, Fragments, NetworkFragments};
+use super::network_connector::NetworkConnectorDriver;
 use super::registry::Registry;
 use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{RestoreJobStatus, RestoreOutcome, RestoreResult, RestoreStatus, SkippedFile};
@@ -22,10 +23,7 @@ use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
 use crate::data::{self, BlockId, BlockManifest};
 use crate::fsm::restore_worker::{self as rw, Outcome, Progress, RestoreWorker};
-use crate::net::link::LinkHandle;
 use crate::pipeline::restore::{self, RestoreCounters, RestorePlan, RestoreReport, RestoreTarget};
-use crate::proto::envelope::Body;
-use crate::proto::{FragmentId, RetrieveFragment};
 use crate::store::KvStore;
 use crate::store::catalog::{self, SnapshotId};
 
@@ -37,6 +35,12 @@ const WINDOW: usize = 6;
 /// Decoded blocks the writer keeps while they still have uses.
 const CACHE_BLOCKS: usize = 8;
 const RESULTS_KEPT: usize = 16;
+
+/// A fragment request outstanding this long is hedged by the machine (one more position beside
+/// it): a quarter of the request timeout, at least a second.
+pub fn hedge_bound(request_timeout: Duration) -> Duration {
+    (request_timeout / 4).max(Duration::from_secs(1))
+}
 
 /// What to restore.
 #[derive(Clone, Debug)]
@@ -130,14 +134,11 @@ impl RestoreWorkerDriver {
             io.send(failed);
             return;
         };
-        let network = self.wiring.network.clone();
-        let timeout = self.wiring.request_timeout;
+        let client =
+            NetworkFragments::network(self.wiring.network.clone(), self.wiring.request_timeout);
         let fetched = self.fetched.clone();
         let ask = async move {
-            let Some(link) = link_to(&network, supplier).await else {
-                return Err("no session with the supplier".to_string());
-            };
-            let data = retrieve(&link, block, position, timeout).await?;
+            let data = client.retrieve(supplier, block, position).await?;
             fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
             Ok(data)
         };
@@ -152,7 +153,7 @@ impl RestoreWorkerDriver {
         block: [u8; 32],
         position: u32,
         supplier: NodeId,
-        result: Result<Vec<u8>, String>,
+        result: Result<Vec<u8>, FragmentError>,
     ) -> rw::Event {
         let failed = |corrupt| rw::Event::FragmentFailed {
             block,
@@ -370,30 +371,6 @@ impl Driver for RestoreWorkerDriver {
     }
 }
 
-/// Asks `link`'s peer for one stored fragment (the envelope with its manifest).
-pub async fn retrieve(
-    link: &LinkHandle,
-    block: [u8; 32],
-    position: u32,
-    timeout: Duration,
-) -> Result<Vec<u8>, String> {
-    let request = Body::RetrieveFragment(RetrieveFragment {
-        id: Some(FragmentId {
-            block: block.to_vec(),
-            position,
-        }),
-    });
-    let reply = link
-        .request(request, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    match reply.body {
-        Some(Body::FragmentData(d)) => Ok(d.data),
-        Some(Body::Fail(f)) => Err(format!("refused ({}): {}", f.reason, f.detail)),
-        _ => Err("unexpected reply".into()),
-    }
-}
-
 /// Runs the writer: takes blocks from the handoff as files need them.
 fn run_writer(
     plan: RestorePlan,
@@ -508,7 +485,7 @@ pub async fn start(
     tracing::info!(run, snapshot = spec.snapshot.0, source = %spec.source,
         to = %spec.to.display(), blocks = layout.len(), files = plan.files.len(), "restore started");
     let addr = Shell::new(
-        RestoreWorker::with_window(WINDOW),
+        RestoreWorker::with_window(WINDOW).hedging_after(hedge_bound(wiring.request_timeout)),
         run.to_string(),
         driver,
         wiring.registry.clone(),

@@ -11,6 +11,21 @@
 
 use rand_core::RngCore;
 
+/// Audit pairs made per fragment when its bytes are in hand.
+pub const AUDIT_PAIRS: usize = 24;
+/// Bytes each pair covers: 64 KiB at a random offset. Whole-fragment ranges would hash every
+/// stored byte eight times during a backup; an honest supplier's own store checks the whole
+/// fragment's hash on every read anyway (a bit flip anywhere fails the audit), and a supplier
+/// keeping a fraction `x` of the bytes passes `n` audits with a probability of about `x^n`.
+pub const AUDIT_RANGE: u64 = 64 * 1024;
+
+/// The owner's pairs for one stored fragment: [`AUDIT_PAIRS`] of [`AUDIT_RANGE`] bytes each.
+/// Made where the bytes already are (the encoder that stages them, the rebuilder that rebuilt
+/// them, an audit that fetched them whole), never by reading a fragment back.
+pub fn pairs_for(stored: &[u8], rng: &mut impl RngCore) -> Vec<AuditPair> {
+    make_pairs_within(stored, AUDIT_PAIRS, AUDIT_RANGE, rng)
+}
+
 /// Longest range one audit may cover: an audit costs the supplier a read, never a whole file.
 pub const MAX_AUDIT_RANGE: u64 = 1 << 20;
 

@@ -5,6 +5,7 @@
 pub mod backup_job;
 pub mod check;
 pub mod diagram;
+pub mod fetch;
 pub mod fire_hire;
 pub mod identity;
 pub mod machine;

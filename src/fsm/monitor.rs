@@ -104,6 +104,8 @@ pub struct RebuildTask {
     pub targets: Vec<(u32, NodeId)>,
     /// Positions holding a fragment that may be good, reachable ones first, with their holder.
     pub sources: Vec<(u32, NodeId)>,
+    /// The sources whose supplier is known down (asked only when nothing else is left).
+    pub down: Vec<u32>,
     pub catalog: bool,
 }
 
@@ -374,6 +376,7 @@ impl Monitor {
                     block: block.id,
                     layout: block.layout,
                     targets,
+                    down: sources.iter().filter(|s| !s.2).map(|s| s.0).collect(),
                     sources: sources.into_iter().map(|(p, h, _)| (p, h)).collect(),
                     catalog: block.catalog,
                 },

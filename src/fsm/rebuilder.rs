@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
+use super::fetch::Plan;
 use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, Violation, row};
 use super::monitor::{BlockId, RebuildTask};
 use crate::crypto::identity::NodeId;
@@ -49,6 +50,8 @@ labels! {
         /// Update the ledger from the event; start blocks up to the window; ask for fragments;
         /// rebuild blocks whose `k` fragments are in.
         Note,
+        /// Ask one more source beside each request outstanding past `hedge_after`.
+        Hedge,
         /// Report progress for `status`.
         Report,
         /// The list is done: refresh the catalog if anything was placed (IO), tell the monitor.
@@ -110,30 +113,42 @@ pub enum Output {
 #[derive(Clone, Debug)]
 struct Job {
     task: RebuildTask,
-    good: BTreeSet<u32>,
-    asking: BTreeSet<u32>,
-    failed: BTreeSet<u32>,
+    plan: Plan,
     rebuilding: bool,
 }
 
 impl Job {
-    /// The next sources to ask so that `k` good ones can arrive (in the monitor's order:
-    /// reachable holders first).
-    fn next(&self, k: usize) -> Vec<(u32, NodeId)> {
-        let need = k.saturating_sub(self.good.len() + self.asking.len());
+    /// The block's own k: it may have been made with another layout than today's.
+    fn new(task: RebuildTask) -> Job {
+        let plan = Plan::new(task.layout.k() as u32, task.sources.iter().map(|(p, _)| *p));
+        Job {
+            task,
+            plan,
+            rebuilding: false,
+        }
+    }
+
+    fn down(&self) -> BTreeSet<u32> {
+        self.task.down.iter().copied().collect()
+    }
+
+    fn supplier(&self, position: u32) -> Option<NodeId> {
         self.task
             .sources
             .iter()
-            .filter(|(p, _)| {
-                !self.good.contains(p) && !self.asking.contains(p) && !self.failed.contains(p)
-            })
-            .take(need)
-            .copied()
-            .collect()
+            .find(|(p, _)| *p == position)
+            .map(|(_, s)| *s)
     }
 
-    fn hopeless(&self, k: usize) -> bool {
-        self.task.sources.len().saturating_sub(self.failed.len()) < k
+    /// The sources to ask now (the plan's rule: reachable holders first, lowest position first),
+    /// with their holders.
+    fn next(&mut self, now: Duration) -> Vec<(u32, NodeId)> {
+        let down = self.down();
+        let picks = self.plan.next(&down, now);
+        picks
+            .into_iter()
+            .filter_map(|p| self.supplier(p).map(|s| (p, s)))
+            .collect()
     }
 }
 
@@ -141,6 +156,8 @@ impl Job {
 pub struct Rebuilder {
     pub k: u32,
     pub window: usize,
+    /// A source request outstanding this long is hedged by one more source.
+    pub hedge_after: Duration,
     queue: VecDeque<RebuildTask>,
     active: BTreeMap<BlockId, Job>,
     placed_since_finish: bool,
@@ -158,6 +175,7 @@ impl Rebuilder {
         Rebuilder {
             k: 0,
             window: window.max(1),
+            hedge_after: super::restore_worker::HEDGE_AFTER,
             queue: VecDeque::new(),
             active: BTreeMap::new(),
             placed_since_finish: false,
@@ -169,32 +187,34 @@ impl Rebuilder {
         !self.queue.is_empty() || !self.active.is_empty()
     }
 
-    fn advance(&mut self, block: BlockId, out: &mut Out<Self>) {
+    fn advance(&mut self, block: BlockId, now: Duration, out: &mut Out<Self>) {
         let Some(job) = self.active.get_mut(&block) else {
             return;
         };
-        // The block's own k: it may have been made with another layout than today's.
-        let k = job.task.layout.k();
         if job.rebuilding {
             return;
         }
-        if job.good.len() >= k {
+        if job.plan.complete() {
             job.rebuilding = true;
             out.push(Output::Rebuild {
                 block,
-                sources: job.good.iter().copied().collect(),
+                sources: job.plan.good().collect(),
                 targets: job.task.targets.clone(),
             });
             return;
         }
-        if job.hopeless(k) {
+        if job.plan.hopeless() {
             self.active.remove(&block);
             self.progress.blocks_failed += 1;
             out.push(Output::Forget { block });
             return;
         }
-        for (position, supplier) in job.next(k) {
-            job.asking.insert(position);
+        let asks = job.next(now);
+        self.ask(block, asks, out);
+    }
+
+    fn ask(&mut self, block: BlockId, asks: Vec<(u32, NodeId)>, out: &mut Out<Self>) {
+        for (position, supplier) in asks {
             self.progress.fragments_fetched += 1;
             out.push(Output::Fetch {
                 block,
@@ -204,27 +224,38 @@ impl Rebuilder {
         }
     }
 
-    fn fill(&mut self, out: &mut Out<Self>) {
+    /// Source requests outstanding past `hedge_after`: one more source beside each.
+    fn hedge(&mut self, now: Duration, out: &mut Out<Self>) {
+        let blocks: Vec<BlockId> = self.active.keys().copied().collect();
+        for block in blocks {
+            let Some(job) = self.active.get_mut(&block) else {
+                continue;
+            };
+            if job.rebuilding {
+                continue;
+            }
+            let down = job.down();
+            let picks = job.plan.hedge(&down, now, self.hedge_after);
+            let asks: Vec<(u32, NodeId)> = picks
+                .into_iter()
+                .filter_map(|p| job.supplier(p).map(|s| (p, s)))
+                .collect();
+            self.ask(block, asks, out);
+        }
+    }
+
+    fn fill(&mut self, now: Duration, out: &mut Out<Self>) {
         while self.active.len() < self.window {
             let Some(task) = self.queue.pop_front() else {
                 break;
             };
             let block = task.block;
-            self.active.insert(
-                block,
-                Job {
-                    task,
-                    good: BTreeSet::new(),
-                    asking: BTreeSet::new(),
-                    failed: BTreeSet::new(),
-                    rebuilding: false,
-                },
-            );
-            self.advance(block, out);
+            self.active.insert(block, Job::new(task));
+            self.advance(block, now, out);
         }
     }
 
-    fn note(&mut self, event: &Event, out: &mut Out<Self>) {
+    fn note(&mut self, event: &Event, now: Duration, out: &mut Out<Self>) {
         match event {
             Event::Start { k } => self.k = (*k).max(1),
             Event::Work(tasks) => {
@@ -235,20 +266,16 @@ impl Rebuilder {
                     .collect();
             }
             Event::FragmentOk { block, position } => {
-                if let Some(job) = self.active.get_mut(block)
-                    && job.asking.remove(position)
-                {
-                    job.good.insert(*position);
+                if let Some(job) = self.active.get_mut(block) {
+                    job.plan.ok(*position);
                 }
-                self.advance(*block, out);
+                self.advance(*block, now, out);
             }
             Event::FragmentFailed { block, position } => {
-                if let Some(job) = self.active.get_mut(block)
-                    && job.asking.remove(position)
-                {
-                    job.failed.insert(*position);
+                if let Some(job) = self.active.get_mut(block) {
+                    job.plan.failed(*position);
                 }
-                self.advance(*block, out);
+                self.advance(*block, now, out);
             }
             Event::Done {
                 block,
@@ -272,7 +299,7 @@ impl Rebuilder {
             }
             Event::Timeout(_) | Event::Shutdown => {}
         }
-        self.fill(out);
+        self.fill(now, out);
         self.progress.queued = self.queue.len() as u64;
         self.progress.in_flight = self.active.len() as u64;
     }
@@ -292,7 +319,12 @@ static ROWS: &[Row<Rebuilder>] = &[
     row(&[Working], EventKind::FragmentOk, MORE, NOTE),
     row(&[Working], EventKind::FragmentFailed, MORE, NOTE),
     row(&[Working], EventKind::Done, MORE, NOTE),
-    row(&[Working], EventKind::Timeout, To::Stay, &[Action::Report]),
+    row(
+        &[Working],
+        EventKind::Timeout,
+        To::Stay,
+        &[Action::Hedge, Action::Report],
+    ),
     row(LIVE, EventKind::Shutdown, Go(Closed), &[]),
 ];
 
@@ -363,9 +395,10 @@ impl Machine for Rebuilder {
         if self.busy() { Working } else { Idle }
     }
 
-    fn apply(&mut self, action: Action, event: &Event, _ctx: &Ctx, out: &mut Out<Self>) {
+    fn apply(&mut self, action: Action, event: &Event, ctx: &Ctx, out: &mut Out<Self>) {
         match action {
-            Action::Note => self.note(event, out),
+            Action::Note => self.note(event, ctx.now, out),
+            Action::Hedge => self.hedge(ctx.now, out),
             Action::Report => out.push(Output::Progress(self.progress.clone())),
             Action::Finish => {
                 out.push(Output::Finished {
@@ -386,14 +419,16 @@ impl Machine for Rebuilder {
             .into());
         }
         for (block, job) in &self.active {
-            if job.good.len() + job.asking.len() > job.task.layout.k() && !job.rebuilding {
-                return Err(format!("more than k fragments asked for {block:?}").into());
+            if !job.rebuilding {
+                job.plan
+                    .check()
+                    .map_err(|e| Violation::from(format!("block {block:?}: {e}")))?;
             }
             if job
                 .task
                 .targets
                 .iter()
-                .any(|(t, _)| job.good.contains(t) || job.asking.contains(t))
+                .any(|(t, _)| job.plan.good().any(|g| g == *t) || job.plan.is_asking(*t))
             {
                 return Err("a target position used as a source".into());
             }
@@ -409,6 +444,7 @@ impl Machine for Rebuilder {
             layout: crate::data::Layout::new(1, 1).expect("valid"),
             targets: vec![(1, b)],
             sources: vec![(0, a)],
+            down: vec![],
             catalog: false,
         };
         vec![
@@ -449,6 +485,7 @@ mod tests {
             layout: crate::data::Layout::default(),
             targets: vec![(0, id(9))],
             sources: sources.iter().map(|p| (*p, id(*p as u8 + 1))).collect(),
+            down: vec![],
             catalog: false,
         }
     }

@@ -5,7 +5,9 @@
 //! asks for `k` fragments — data positions first, since a block whose data fragments all arrive
 //! is decoded without Reed-Solomon arithmetic — and asks another position (parity) only for a
 //! fragment that fails: unreachable, timed out, or not matching its hash in the owner-signed
-//! manifest. The original fetched all `k + m` fragments of every block; we fetch `k`.
+//! manifest. The original fetched all `k + m` fragments of every block; we fetch `k`. A request
+//! outstanding past `hedge_after` is hedged by one more position on the progress tick. The rule
+//! is `fsm::fetch::Plan`'s, one per block.
 //!
 //! The driver runs the file writer on a thread of its own; it hands blocks to it as they are
 //! decoded, says when the writer consumed one (which frees a place in the window) or wants one
@@ -14,8 +16,13 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
+use super::fetch::Plan;
 use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, Violation, row};
 use crate::{events, labels};
+
+/// A fragment request outstanding this long is hedged (the driver sets a bound from its request
+/// timeout).
+pub const HEDGE_AFTER: Duration = Duration::from_secs(10);
 
 /// A block's id (see `data::BlockId`).
 pub type BlockId = [u8; 32];
@@ -60,6 +67,9 @@ labels! {
     pub enum Action {
         /// Update the fetch ledger from the event; ask for fragments, decode, give up blocks.
         Note,
+        /// Ask one more position beside each fragment request outstanding past the latency
+        /// bound (`hedge_after`) instead of waiting for its whole request timeout.
+        Hedge,
         /// Report the figures for `status`.
         Report,
         /// Stop fetching and writing (IO).
@@ -122,46 +132,6 @@ pub struct Progress {
     pub corrupt: BTreeMap<u32, u64>,
 }
 
-/// One block being fetched.
-#[derive(Debug, Clone)]
-struct Fetch {
-    k: u32,
-    total: u32,
-    good: BTreeSet<u32>,
-    asking: BTreeSet<u32>,
-    /// Positions that failed for this block.
-    failed: BTreeSet<u32>,
-}
-
-impl Fetch {
-    /// The next positions to ask so that `k` good ones can arrive: data positions first, then
-    /// parity; never one that failed, never one whose supplier is down (unless nothing else is
-    /// left: a down supplier may be back).
-    fn next(&self, down: &BTreeSet<u32>) -> Vec<u32> {
-        let need = (self.k as usize).saturating_sub(self.good.len() + self.asking.len());
-        let fresh = |p: &u32| {
-            !self.good.contains(p) && !self.asking.contains(p) && !self.failed.contains(p)
-        };
-        let mut picks: Vec<u32> = (0..self.total)
-            .filter(|p| fresh(p) && !down.contains(p))
-            .take(need)
-            .collect();
-        if picks.len() < need {
-            let extra: Vec<u32> = (0..self.total)
-                .filter(|p| fresh(p) && down.contains(p))
-                .take(need - picks.len())
-                .collect();
-            picks.extend(extra);
-        }
-        picks
-    }
-
-    /// Even if every position not yet failed answered well, fewer than `k` would be good.
-    fn hopeless(&self) -> bool {
-        (self.total as usize).saturating_sub(self.failed.len()) < self.k as usize
-    }
-}
-
 /// Which blocks are being fetched, which wait, which are done.
 #[derive(Debug, Clone, Default)]
 pub struct Fetches {
@@ -169,7 +139,7 @@ pub struct Fetches {
     pub window: usize,
     queue: VecDeque<(BlockId, u32, u32)>,
     layouts: BTreeMap<BlockId, (u32, u32)>,
-    active: BTreeMap<BlockId, Fetch>,
+    active: BTreeMap<BlockId, Plan>,
     /// Decoding or decoded, not yet consumed.
     held: BTreeSet<BlockId>,
     done: BTreeSet<BlockId>,
@@ -178,6 +148,8 @@ pub struct Fetches {
     /// for them, and the window may be full of blocks it needs later).
     wanted: BTreeSet<BlockId>,
     down: BTreeSet<u32>,
+    /// A fragment request outstanding this long is hedged: one more position is asked beside it.
+    pub hedge_after: Duration,
     pub progress: Progress,
 }
 
@@ -185,6 +157,7 @@ impl Fetches {
     pub fn new(window: usize) -> Self {
         Fetches {
             window: window.max(1),
+            hedge_after: HEDGE_AFTER,
             ..Fetches::default()
         }
     }
@@ -208,7 +181,7 @@ impl Fetches {
     }
 
     /// Starts blocks while the window allows; returns the fragments to ask for.
-    pub fn fill(&mut self) -> Vec<(BlockId, u32)> {
+    pub fn fill(&mut self, now: Duration) -> Vec<(BlockId, u32)> {
         let mut asks = Vec::new();
         while self.in_flight() < self.window {
             let Some((block, k, total)) = self.queue.pop_front() else {
@@ -217,44 +190,54 @@ impl Fetches {
             if self.active.contains_key(&block) || self.held.contains(&block) {
                 continue;
             }
-            let fetch = Fetch {
-                k,
-                total,
-                good: BTreeSet::new(),
-                asking: BTreeSet::new(),
-                failed: BTreeSet::new(),
-            };
-            self.active.insert(block, fetch);
-            asks.extend(self.ask(block));
+            self.active.insert(block, Plan::layout(k, total));
+            asks.extend(self.ask(block, now));
         }
         asks
     }
 
-    fn ask(&mut self, block: BlockId) -> Vec<(BlockId, u32)> {
-        let Some(fetch) = self.active.get_mut(&block) else {
+    fn ask(&mut self, block: BlockId, now: Duration) -> Vec<(BlockId, u32)> {
+        let Some(plan) = self.active.get_mut(&block) else {
             return Vec::new();
         };
-        let picks = fetch.next(&self.down);
+        let picks = plan.next(&self.down, now);
+        self.asked(block, picks)
+    }
+
+    fn asked(&mut self, block: BlockId, picks: Vec<u32>) -> Vec<(BlockId, u32)> {
+        let k = self.layouts.get(&block).map_or(0, |(k, _)| *k);
         for p in &picks {
-            fetch.asking.insert(*p);
             self.progress.fragments_asked += 1;
-            if *p >= fetch.k {
+            if *p >= k {
                 self.progress.extra_fragments += 1;
             }
         }
         picks.into_iter().map(|p| (block, p)).collect()
     }
 
+    /// Requests outstanding past `hedge_after` at `now`: one more position beside each.
+    pub fn hedge(&mut self, now: Duration) -> Vec<(BlockId, u32)> {
+        let mut asks = Vec::new();
+        let blocks: Vec<BlockId> = self.active.keys().copied().collect();
+        for block in blocks {
+            let Some(plan) = self.active.get_mut(&block) else {
+                continue;
+            };
+            let picks = plan.hedge(&self.down, now, self.hedge_after);
+            asks.extend(self.asked(block, picks));
+        }
+        asks
+    }
+
     /// A good fragment: returns whether the block now has `k` (decode it).
     pub fn fragment_ok(&mut self, block: BlockId, position: u32) -> bool {
-        let Some(fetch) = self.active.get_mut(&block) else {
+        let Some(plan) = self.active.get_mut(&block) else {
             return false;
         };
-        if !fetch.asking.remove(&position) {
+        if !plan.ok(position) {
             return false;
         }
-        fetch.good.insert(position);
-        if fetch.good.len() >= fetch.k as usize {
+        if plan.complete() {
             self.active.remove(&block);
             self.held.insert(block);
             return true;
@@ -269,24 +252,24 @@ impl Fetches {
         block: BlockId,
         position: u32,
         corrupt: bool,
+        now: Duration,
     ) -> (Vec<(BlockId, u32)>, bool) {
-        let Some(fetch) = self.active.get_mut(&block) else {
+        let Some(plan) = self.active.get_mut(&block) else {
             return (Vec::new(), false);
         };
-        if !fetch.asking.remove(&position) {
+        if !plan.failed(position) {
             return (Vec::new(), false);
         }
-        fetch.failed.insert(position);
         if corrupt {
             *self.progress.corrupt.entry(position).or_default() += 1;
         }
-        if self.active.get(&block).is_some_and(Fetch::hopeless) {
+        if self.active.get(&block).is_some_and(Plan::hopeless) {
             self.active.remove(&block);
             self.lost.insert(block);
             self.progress.lost += 1;
             return (Vec::new(), true);
         }
-        let asks = self.ask(block);
+        let asks = self.ask(block, now);
         (asks, false)
     }
 
@@ -312,7 +295,7 @@ impl Fetches {
 
     /// The writer needs a block now (evicted from its cache, or not started yet): fetched at
     /// once. Returns the fragments to ask for.
-    pub fn want(&mut self, block: BlockId) -> Vec<(BlockId, u32)> {
+    pub fn want(&mut self, block: BlockId, now: Duration) -> Vec<(BlockId, u32)> {
         if self.active.contains_key(&block)
             || self.held.contains(&block)
             || self.lost.contains(&block)
@@ -325,17 +308,8 @@ impl Fetches {
         self.done.remove(&block);
         self.queue.retain(|(b, _, _)| *b != block);
         self.wanted.insert(block);
-        self.active.insert(
-            block,
-            Fetch {
-                k,
-                total,
-                good: BTreeSet::new(),
-                asking: BTreeSet::new(),
-                failed: BTreeSet::new(),
-            },
-        );
-        self.ask(block)
+        self.active.insert(block, Plan::layout(k, total));
+        self.ask(block, now)
     }
 
     /// Whether the block is part of this restore (the catalog had its record).
@@ -355,17 +329,11 @@ impl Fetches {
         self.down.remove(&position);
     }
 
-    /// No block asks for more fragments than it needs: at most `k` good-or-asked at once.
+    /// No block asks for more fragments than it needs: at most `k` good-or-asked at once, plus
+    /// one per hedged (slow) request.
     pub fn check(&self) -> Result<(), Violation> {
-        for fetch in self.active.values() {
-            if fetch.good.len() + fetch.asking.len() > fetch.k as usize {
-                return Err(format!(
-                    "{} fragments good or asked for a block that needs {}",
-                    fetch.good.len() + fetch.asking.len(),
-                    fetch.k
-                )
-                .into());
-            }
+        for plan in self.active.values() {
+            plan.check().map_err(|e| Violation::from(e.to_string()))?;
         }
         if self.in_flight() > self.window + self.wanted.len() {
             return Err(format!(
@@ -403,6 +371,12 @@ impl RestoreWorker {
             ..RestoreWorker::default()
         }
     }
+
+    /// Hedges a fragment request outstanding `bound` (see [`Fetches::hedge`]).
+    pub fn hedging_after(mut self, bound: Duration) -> Self {
+        self.fetches.hedge_after = bound;
+        self
+    }
 }
 
 use State::*;
@@ -424,7 +398,12 @@ static ROWS: &[Row<RestoreWorker>] = &[
     row(WORKING, EventKind::Want, FETCHED, &[Action::Note]),
     row(WORKING, EventKind::SupplierDown, To::Stay, &[Action::Note]),
     row(WORKING, EventKind::SupplierUp, To::Stay, &[Action::Note]),
-    row(WORKING, EventKind::Timeout, To::Stay, &[Action::Report]),
+    row(
+        WORKING,
+        EventKind::Timeout,
+        To::Stay,
+        &[Action::Hedge, Action::Report],
+    ),
     // The writer may finish while blocks are still fetched (it fails the files of lost blocks
     // without waiting for the rest).
     row(
@@ -521,13 +500,13 @@ impl Machine for RestoreWorker {
         }
     }
 
-    fn apply(&mut self, action: Action, event: &Event, _: &Ctx, out: &mut Out<Self>) {
+    fn apply(&mut self, action: Action, event: &Event, ctx: &Ctx, out: &mut Out<Self>) {
         let f = &mut self.fetches;
         match action {
             Action::Note => match event {
                 Event::Start { blocks, down } => {
                     f.start(blocks.clone(), down.clone());
-                    let asks = f.fill();
+                    let asks = f.fill(ctx.now);
                     Self::fetch(out, asks);
                 }
                 Event::FragmentOk { block, position } if f.fragment_ok(*block, *position) => {
@@ -538,11 +517,11 @@ impl Machine for RestoreWorker {
                     position,
                     corrupt,
                 } => {
-                    let (asks, lost) = f.fragment_failed(*block, *position, *corrupt);
+                    let (asks, lost) = f.fragment_failed(*block, *position, *corrupt, ctx.now);
                     Self::fetch(out, asks);
                     if lost {
                         out.push(Output::GiveUp { block: *block });
-                        let asks = f.fill();
+                        let asks = f.fill(ctx.now);
                         Self::fetch(out, asks);
                     }
                 }
@@ -550,19 +529,19 @@ impl Machine for RestoreWorker {
                 Event::DecodeFailed { block } => {
                     f.decode_failed(*block);
                     out.push(Output::GiveUp { block: *block });
-                    let asks = f.fill();
+                    let asks = f.fill(ctx.now);
                     Self::fetch(out, asks);
                 }
                 Event::Consumed { block } => {
                     f.consumed(*block);
-                    let asks = f.fill();
+                    let asks = f.fill(ctx.now);
                     Self::fetch(out, asks);
                 }
                 Event::Want { block } => {
                     if f.is_lost(block) || !f.knows(block) {
                         out.push(Output::GiveUp { block: *block });
                     } else {
-                        let asks = f.want(*block);
+                        let asks = f.want(*block, ctx.now);
                         Self::fetch(out, asks);
                     }
                 }
@@ -571,6 +550,10 @@ impl Machine for RestoreWorker {
                 Event::WriterDone { failed } => self.writer_failed = Some(*failed),
                 _ => {}
             },
+            Action::Hedge => {
+                let asks = f.hedge(ctx.now);
+                Self::fetch(out, asks);
+            }
             Action::Report => out.push(Output::Progress(self.fetches.progress.clone())),
             Action::Cancel => out.push(Output::Cancel),
             Action::Finish => {

@@ -7,8 +7,8 @@
 //! then work as on the old machine. Until that succeeds the marker stays, and the next start
 //! tries again.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -16,11 +16,12 @@ use tokio::net::TcpStream;
 
 use super::home::Home;
 use crate::actors::backup_job::{RECOVERY_BLOCK, RECOVERY_POSITION};
-use crate::actors::restore_worker::retrieve;
+use crate::actors::fragments::{Client, Fragments, Links};
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::{Identity, NodeId};
 use crate::crypto::keys::NodeKeys;
 use crate::data::{self, BlockManifest};
+use crate::fsm::fetch::Plan;
 use crate::net::link::{self, LinkHandle, LinkTasks, NewestKey, TrustPolicy};
 use crate::store::catalog::{self, RecoveryRecord};
 use crate::store::contracts::{self, Contract};
@@ -28,23 +29,27 @@ use crate::store::{KvStore, peers};
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Open sessions to the peers recovery talks to.
-struct Links<'a> {
+/// Sessions to the peers recovery talks to, dialed here (no network actor runs yet): the
+/// fragment client's links during recovery.
+struct Dialer<'a> {
     keys: &'a NodeKeys,
     mine: &'a Identity,
     max_message: usize,
-    open: HashMap<NodeId, (LinkHandle, LinkTasks)>,
+    /// Peers recovery may dial: the friend, then the suppliers the record names.
+    known: Mutex<HashMap<NodeId, Identity>>,
+    open: Mutex<HashMap<NodeId, (LinkHandle, LinkTasks)>>,
 }
 
-impl Links<'_> {
-    /// A session with `peer`, dialing its contact addresses in turn.
-    async fn get(&mut self, peer: &Identity) -> anyhow::Result<LinkHandle> {
-        let id = peer.node_id();
-        if let Some((handle, _)) = self.open.get(&id)
-            && !handle.is_closed()
-        {
-            return Ok(handle.clone());
+impl Dialer<'_> {
+    fn know(&self, identity: Identity) {
+        if let Ok(mut known) = self.known.lock() {
+            known.insert(identity.node_id(), identity);
         }
+    }
+
+    /// A session with `peer`, dialing its contact addresses in turn.
+    async fn dial(&self, peer: &Identity) -> anyhow::Result<LinkHandle> {
+        let id = peer.node_id();
         let mut trusted = HashMap::new();
         trusted.insert(id, NewestKey::of(peer));
         let policy = TrustPolicy {
@@ -82,7 +87,9 @@ impl Links<'_> {
                     let (reader, writer) = session.split();
                     let sink: link::LinkSink = Arc::new(|_| {});
                     let (handle, tasks) = link::start(reader, writer, identity, 16, sink);
-                    self.open.insert(id, (handle.clone(), tasks));
+                    if let Ok(mut open) = self.open.lock() {
+                        open.insert(id, (handle.clone(), tasks));
+                    }
                     return Ok(handle);
                 }
                 Err(e) => last = anyhow!("no session with {id} at {addr}: {e:?}"),
@@ -90,17 +97,28 @@ impl Links<'_> {
         }
         Err(last)
     }
+}
 
-    async fn fetch(
-        &mut self,
-        peer: &Identity,
-        block: [u8; 32],
-        position: u32,
-    ) -> anyhow::Result<Vec<u8>> {
-        let link = self.get(peer).await?;
-        retrieve(&link, block, position, TIMEOUT)
-            .await
-            .map_err(|e| anyhow!("{}: {e}", peer.node_id()))
+impl Links for Dialer<'_> {
+    async fn link(&self, supplier: NodeId) -> Option<LinkHandle> {
+        let open = self
+            .open
+            .lock()
+            .ok()
+            .and_then(|open| open.get(&supplier).map(|(handle, _)| handle.clone()));
+        if let Some(handle) = open
+            && !handle.is_closed()
+        {
+            return Some(handle);
+        }
+        let peer = self.known.lock().ok()?.get(&supplier).cloned()?;
+        match self.dial(&peer).await {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::warn!(peer = %supplier, error = %e, "recovery: no session");
+                None
+            }
+        }
     }
 }
 
@@ -129,15 +147,21 @@ pub async fn run_pending(
         .cloned()
         .ok_or_else(|| anyhow!("the friend {friend_id} is not in the peer book"))?;
     tracing::info!(friend = %friend_id, "recovering: asking the friend for the recovery record");
-    let mut links = Links {
-        keys,
-        mine,
-        max_message,
-        open: HashMap::new(),
-    };
-    let sealed = links
-        .fetch(&friend, RECOVERY_BLOCK, RECOVERY_POSITION)
+    let client = Client::new(
+        Dialer {
+            keys,
+            mine,
+            max_message,
+            known: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
+        },
+        TIMEOUT,
+    );
+    client.links().know(friend.clone());
+    let sealed = client
+        .retrieve(friend_id, RECOVERY_BLOCK, RECOVERY_POSITION)
         .await
+        .map_err(|e| anyhow!("{friend_id}: {e}"))
         .context("fetching the recovery record")?;
     let owner = keys.signing_key().verifying_key();
     let record = catalog::open_recovery(&sealed, &data_keys.recovery, &owner)
@@ -170,7 +194,10 @@ pub async fn run_pending(
         }
     }
 
-    let export = fetch_catalog(&record, &identities, &mut links, data_keys, &owner).await?;
+    for identity in identities.values() {
+        client.links().know(identity.clone());
+    }
+    let export = fetch_catalog(&record, &client, data_keys, &owner).await?;
     let entries = catalog::import(kv.as_ref(), &export).context("importing the catalog")?;
     let total = record.data_shards + record.parity_shards;
     let mut slots: Vec<Option<Contract>> = vec![None; total as usize];
@@ -202,11 +229,11 @@ pub async fn run_pending(
     Ok(true)
 }
 
-/// The catalog export: each of its blocks from any `k` good fragments.
+/// The catalog export: each of its blocks from any `k` good fragments, asked one at a time in
+/// the fetch plan's order (data positions first, another position for each one that fails).
 async fn fetch_catalog(
     record: &RecoveryRecord,
-    identities: &HashMap<NodeId, Identity>,
-    links: &mut Links<'_>,
+    client: &impl Fragments,
     data_keys: &DataKeys,
     owner: &ed25519_dalek::VerifyingKey,
 ) -> anyhow::Result<Vec<u8>> {
@@ -216,27 +243,53 @@ async fn fetch_catalog(
             .context("a catalog block's manifest")?;
         let k = manifest.layout().k();
         let mut fragments: Vec<Option<Vec<u8>>> = vec![None; block.suppliers.len()];
-        let mut good = 0;
-        for (position, holder) in block.suppliers.iter().enumerate() {
-            if good == k {
+        let holders: HashMap<u32, NodeId> = block
+            .suppliers
+            .iter()
+            .enumerate()
+            .filter_map(|(p, h)| h.map(|h| (p as u32, h)))
+            .collect();
+        // No clock and nothing known down before any session: the plan only orders and counts.
+        let mut plan = Plan::new(k as u32, holders.keys().copied());
+        let nobody_down = BTreeSet::new();
+        loop {
+            let batch = plan.next(&nobody_down, Duration::ZERO);
+            if batch.is_empty() {
                 break;
             }
-            let Some(identity) = holder.and_then(|h| identities.get(&h)) else {
-                continue;
-            };
-            match links.fetch(identity, block.id.0, position as u32).await {
-                Ok(stored) => match data::stored::unwrap(&stored) {
-                    Ok((_, fragment)) if manifest.check_fragment(position, fragment).is_ok() => {
-                        fragments[position] = Some(fragment.to_vec());
-                        good += 1;
+            for position in batch {
+                let Some(holder) = holders.get(&position).copied() else {
+                    plan.failed(position);
+                    continue;
+                };
+                let slot = position as usize;
+                match client.retrieve(holder, block.id.0, position).await {
+                    Ok(stored) => match data::stored::unwrap(&stored) {
+                        Ok((_, fragment)) if manifest.check_fragment(slot, fragment).is_ok() => {
+                            if let Some(f) = fragments.get_mut(slot) {
+                                *f = Some(fragment.to_vec());
+                                plan.ok(position);
+                            } else {
+                                plan.failed(position);
+                            }
+                        }
+                        _ => {
+                            plan.failed(position);
+                            tracing::warn!(
+                                position,
+                                "a catalog fragment does not match its manifest"
+                            )
+                        }
+                    },
+                    Err(e) => {
+                        plan.failed(position);
+                        tracing::warn!(position, supplier = %holder, error = %e,
+                            "a catalog fragment could not be fetched")
                     }
-                    _ => tracing::warn!(position, "a catalog fragment does not match its manifest"),
-                },
-                Err(e) => {
-                    tracing::warn!(position, error = %e, "a catalog fragment could not be fetched")
                 }
             }
         }
+        let good = plan.good_count();
         if good < k {
             bail!("only {good} of the {k} fragments needed for a catalog block could be fetched");
         }

@@ -13,7 +13,7 @@ use rand::RngCore;
 use super::{
     Counters, PipelineError, PipelineEvent, PipelineKeys, Shared, StagedBlock, staged_path,
 };
-use crate::data::{BlockId, BlockRandom, ChunkId, Layout, encode_block, stored};
+use crate::data::{BlockId, BlockRandom, ChunkId, Layout, audit, encode_block, stored};
 use crate::store::catalog::{BlockEntry, FileEntry, FragmentPlace, Skipped};
 
 /// A finished plain block for an encoder; the result goes to the emitter through `done`.
@@ -99,6 +99,7 @@ impl Encoder {
         // one fsync round trip after another. fdatasync suffices for a new file's bytes (its
         // length is flushed with them); the names are made durable by the directory syncs below.
         let mut fragments = Vec::with_capacity(encoded.fragments.len());
+        let mut pairs = Vec::with_capacity(encoded.fragments.len());
         let mut files = Vec::with_capacity(encoded.fragments.len());
         for (position, fragment) in encoded.fragments.iter().enumerate() {
             let path = staged_path(&self.outbox, &encoded.id, position as u32);
@@ -114,6 +115,8 @@ impl Encoder {
                 size: bytes.len() as u64,
                 blake3: *blake3::hash(&bytes).as_bytes(),
             });
+            // The monitor's audit pairs, while the bytes are in hand (not read back later).
+            pairs.push(audit::pairs_for(&bytes, &mut rand::thread_rng()));
             files.push((file, path));
         }
         for (file, path) in files {
@@ -134,6 +137,7 @@ impl Encoder {
                 fragments,
             },
             chunks,
+            pairs,
         })
     }
 }

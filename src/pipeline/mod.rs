@@ -39,6 +39,7 @@ use ed25519_dalek::SigningKey;
 use tokio_util::sync::CancellationToken;
 
 use crate::crypto::derive::DataKeys;
+use crate::data::audit::AuditPair;
 use crate::data::{BlockId, ChunkId, DataError, Layout};
 use crate::store::catalog::{BlockEntry, FileEntry, Skipped};
 
@@ -85,6 +86,8 @@ pub struct StagedBlock {
     pub entry: BlockEntry,
     /// The chunks in the block, in order, with their lengths (for the chunk index).
     pub chunks: Vec<(ChunkId, u32)>,
+    /// Each position's audit pairs, made from the staged bytes while the encoder had them.
+    pub pairs: Vec<Vec<AuditPair>>,
 }
 
 #[derive(Debug)]
