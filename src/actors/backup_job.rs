@@ -813,36 +813,15 @@ pub async fn start(
     now_unix: u64,
 ) -> Result<(Addr<Shell<BackupJobDriver>>, oneshot::Receiver<()>), BackupError> {
     let settings = wiring.settings.clone();
-    let kv = wiring.kv.clone();
-    let outbox = settings.outbox.clone();
-    let source = spec.source.clone();
-    let root = spec.root.clone();
     let data_shards = settings.data_shards;
+    let (kv, outbox) = (wiring.kv.clone(), settings.outbox.clone());
+    let (source, root) = (spec.source.clone(), spec.root.clone());
     let total = settings.data_shards + settings.parity_shards;
     // Catalog reads and the outbox scan: off the event loop.
-    let prepared = tokio::task::spawn_blocking(move || {
-        let record = match resume {
-            Some(record) => record,
-            None => {
-                let snapshot = catalog::allocate_snapshot(&*kv)?;
-                let record = JobRecord {
-                    snapshot,
-                    source: source.clone(),
-                    root: root.as_os_str().as_encoded_bytes().to_vec(),
-                    started_at: now_unix,
-                };
-                let mut batch = Batch::new();
-                jobs::put_job(&mut batch, &record);
-                kv.write(batch)?;
-                record
-            }
-        };
-        let previous = catalog::latest(&*kv, &source)?.map(|s| s.id);
-        let resumed = staged_blocks(&*kv, &outbox, total);
-        Ok::<_, BackupError>((record, previous, resumed))
+    let (record, previous, resumed) = tokio::task::spawn_blocking(move || {
+        prepare(&*kv, &outbox, total, &source, &root, resume, now_unix)
     })
     .await??;
-    let (record, previous, resumed) = prepared;
     let lookup = Arc::new(CatalogLookup {
         kv: wiring.kv.clone(),
         previous,
@@ -895,18 +874,7 @@ pub async fn start(
     let mut blocks = HashMap::new();
     let mut resumed_events = Vec::new();
     for entry in resumed {
-        let placed: Vec<u32> = entry
-            .fragments
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.supplier.is_some())
-            .map(|(p, _)| p as u32)
-            .collect();
-        resumed_events.push(bj::Event::BlockReady {
-            block: entry.id.0,
-            bytes: entry.plain_len,
-            placed,
-        });
+        resumed_events.push(resumed_block(&entry));
         blocks.insert(entry.id.0, entry);
     }
     let mut machine = BackupJob {
@@ -985,6 +953,50 @@ pub async fn start(
         }
     });
     Ok((addr, done_rx))
+}
+
+/// The job's record (a new one, or the one to resume), the source's previous snapshot and the
+/// blocks waiting in the outbox. Blocking.
+fn prepare(
+    kv: &dyn KvStore,
+    outbox: &Path,
+    total: u32,
+    source: &str,
+    root: &Path,
+    resume: Option<JobRecord>,
+    now_unix: u64,
+) -> Result<(JobRecord, Option<SnapshotId>, Vec<BlockEntry>), BackupError> {
+    let record = match resume {
+        Some(record) => record,
+        None => {
+            let record = JobRecord {
+                snapshot: catalog::allocate_snapshot(kv)?,
+                source: source.to_string(),
+                root: root.as_os_str().as_encoded_bytes().to_vec(),
+                started_at: now_unix,
+            };
+            let mut batch = Batch::new();
+            jobs::put_job(&mut batch, &record);
+            kv.write(batch)?;
+            record
+        }
+    };
+    let previous = catalog::latest(kv, source)?.map(|s| s.id);
+    Ok((record, previous, staged_blocks(kv, outbox, total)))
+}
+
+/// A block staged by an earlier run, announced with the positions already acknowledged.
+fn resumed_block(entry: &BlockEntry) -> bj::Event {
+    let placed = (0u32..)
+        .zip(&entry.fragments)
+        .filter(|(_, f)| f.supplier.is_some())
+        .map(|(p, _)| p)
+        .collect();
+    bj::Event::BlockReady {
+        block: entry.id.0,
+        bytes: entry.plain_len,
+        placed,
+    }
 }
 
 /// Blocks waiting in the outbox with their records; a staged directory without a record (the
