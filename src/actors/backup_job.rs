@@ -1,8 +1,10 @@
 //! The backup_job actor's IO: one per backup of one source. It runs the data pipeline
 //! (`crate::pipeline`, on threads of its own), records what the pipeline produced in the catalog
 //! (through the writer), sends staged fragments to the suppliers fire_hire holds per position,
-//! and at the end stores the catalog and the recovery record on the suppliers. What to send
-//! where, what waits in an outbox and when to commit are the machine's decisions.
+//! and at the end stores the catalog and the recovery record on the suppliers
+//! (`catalog_upload`). What to send where, what waits in an outbox, when a block is complete,
+//! when to commit and how the catalog is stored are the machine's decisions; the driver only
+//! does the IO its outputs name and reports how it went.
 //!
 //! Crash safety: a staged block's record (block index + chunk index) is written before any of
 //! its fragments is sent; the staged files stay until every position acknowledged and that is
@@ -19,6 +21,7 @@ use actix::prelude::*;
 use ed25519_dalek::SigningKey;
 use tokio::sync::oneshot;
 
+use super::catalog_upload::{CodedCatalog, RecordSend, UPLOADING, Upload, code_catalog};
 use super::fire_hire::{FireHireDriver, FireHireInput, PositionNews};
 use super::fragments::{FragmentError, Fragments, NetworkFragments};
 use super::network_connector::NetworkConnectorDriver;
@@ -28,27 +31,25 @@ use super::status::{BackupOutcome, BackupStatus, JobResult, JobStatus, SkippedFi
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
 use crate::data::audit::{self, AuditPair};
-use crate::data::{self, BlockId, BlockRandom, ChunkId, Layout};
-use crate::fsm::backup_job::{self as bj, BackupJob, Ledger, Outcome, Progress};
+use crate::data::{BlockId, ChunkId, DataError, Layout};
+use crate::fsm::backup_job::{self as bj, BackupJob, Ledger, Outcome, Placement, Progress};
 use crate::pipeline::{
-    Lookup, Pipeline, PipelineEvent, PipelineKeys, PipelineSettings, Totals, staged_path,
+    Lookup, Pipeline, PipelineError, PipelineEvent, PipelineKeys, PipelineSettings, Totals,
+    staged_path,
 };
 use crate::proto::FragmentId;
 use crate::store::catalog::{
-    self, BlockEntry, CatalogBlock, FileEntry, FragmentPlace, RecoveryRecord, Skipped, Snapshot,
-    SnapshotId,
+    self, BlockEntry, CatalogError, FileEntry, Skipped, Snapshot, SnapshotId,
 };
-use crate::store::health;
+use crate::store::health::{self, HealthError};
 use crate::store::jobs::{self, JobRecord};
-use crate::store::{Batch, KvStore, Writer};
+use crate::store::{Batch, KvStore, StoreError, Writer, WriterError};
+
+pub use super::catalog_upload::{CatalogRefresh, RECOVERY_BLOCK, RECOVERY_POSITION, UploadError};
 
 type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
 type FireHireAddr = Addr<Shell<FireHireDriver>>;
 
-/// The fragment id the recovery record is stored under on every supplier (documented in
-/// PROTOCOL.md): a fixed block id no random block id will meet, at the last position.
-pub const RECOVERY_BLOCK: [u8; 32] = *b"bitdust recovery record, v1\0\0\0\0\0";
-pub const RECOVERY_POSITION: u32 = u32::MAX;
 /// File entries written per catalog batch.
 const FILES_PER_BATCH: usize = 512;
 /// Results kept for `status`.
@@ -70,11 +71,32 @@ pub struct BackupSettings {
 }
 
 impl BackupSettings {
-    pub fn layout(&self) -> Result<Layout, String> {
-        let k = u8::try_from(self.data_shards).map_err(|_| "too many data shards")?;
-        let m = u8::try_from(self.parity_shards).map_err(|_| "too many parity shards")?;
-        Layout::new(k, m).map_err(|e| e.to_string())
+    pub fn layout(&self) -> Result<Layout, DataError> {
+        let k = u8::try_from(self.data_shards)
+            .map_err(|_| DataError::Params("too many data shards"))?;
+        let m = u8::try_from(self.parity_shards)
+            .map_err(|_| DataError::Params("too many parity shards"))?;
+        Layout::new(k, m)
     }
+}
+
+/// Why a job could not start, or retention could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("cannot read or write the catalog: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Health(#[from] HealthError),
+    #[error("cannot start the pipeline: {0}")]
+    Pipeline(#[from] PipelineError),
+    #[error("invalid layout: {0}")]
+    Layout(#[from] DataError),
+    #[error("cannot write the catalog: {0}")]
+    Write(#[from] WriterError),
+    #[error("a worker thread failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
 }
 
 /// What to back up.
@@ -109,11 +131,8 @@ pub enum BackupInput {
     Recorded {
         block: [u8; 32],
         bytes: u64,
-        result: Result<(), String>,
+        result: Result<(), WriterError>,
     },
-    /// A catalog block some supplier was away for: its missing fragments are staged in the
-    /// outbox and go out like data fragments when their suppliers return.
-    CatalogPartial(BlockEntry),
 }
 
 /// The catalog as the pipeline reads it: the previous snapshot's entries, and whether a chunk
@@ -180,10 +199,12 @@ pub struct BackupJobDriver {
     result_published: bool,
     /// Monotonic time of the job's first step (for its duration and rate).
     began: Option<Duration>,
-    /// Block records queued and not yet durable.
-    recording: usize,
-    /// The pipeline finished while records were still being written: `InputDone` waits.
-    input_done_waiting: bool,
+    /// The catalog, coded, while the job commits.
+    coded: Option<CodedCatalog>,
+    /// Audit pairs of the catalog fragments suppliers took (saved with the catalog's entries).
+    catalog_pairs: Vec<(BlockId, u32, Vec<AuditPair>)>,
+    /// This job's turn to upload a catalog, from coding it until its entries are saved.
+    upload_turn: Option<tokio::sync::MutexGuard<'static, ()>>,
 }
 
 impl BackupJobDriver {
@@ -217,10 +238,6 @@ impl BackupJobDriver {
         if !batch.is_empty() {
             self.write(batch, io);
         }
-    }
-
-    fn layout_total(&self) -> u32 {
-        self.wiring.settings.data_shards + self.wiring.settings.parity_shards
     }
 
     fn place(&mut self, block: [u8; 32], position: u32, io: &mut Io<'_, Self>) {
@@ -267,20 +284,17 @@ impl BackupJobDriver {
                 tracing::warn!(error = %e, "cannot save a fragment's audit pairs");
             }
         }
-        let total = self.layout_total() as usize;
         if let Some(entry) = self.blocks.get_mut(&block)
             && let Some(place) = entry.fragments.get_mut(position as usize)
         {
             place.supplier = Some(supplier);
             self.dirty.push(block);
-            if entry.placed() == total {
-                self.complete(block);
-            }
         }
         bj::Event::Placed { block, position }
     }
 
-    /// Every position acknowledged: the record is written, then the staged files go.
+    /// Every position acknowledged (the machine says so): the record is written, then the
+    /// staged files go.
     fn complete(&mut self, block: [u8; 32]) {
         let Some(entry) = self.blocks.remove(&block) else {
             return;
@@ -321,13 +335,12 @@ impl BackupJobDriver {
                 let block = staged.entry.id.0;
                 let bytes = staged.entry.plain_len;
                 self.blocks.insert(block, staged.entry);
-                self.recording += 1;
                 let submitted = self.wiring.writer.submit(batch);
                 let me = io.address();
                 io.spawn_task(async move {
                     let result = match submitted {
-                        Ok(pending) => pending.await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
+                        Ok(pending) => pending.await,
+                        Err(e) => Err(e),
                     };
                     let _ = me
                         .send(Input(BackupInput::Recorded {
@@ -337,7 +350,7 @@ impl BackupJobDriver {
                         }))
                         .await;
                 });
-                Vec::new()
+                vec![bj::Event::BlockStaged { block }]
             }
             PipelineEvent::File(entry) => {
                 catalog::put_file(&mut self.files, self.snapshot, &entry);
@@ -356,12 +369,7 @@ impl BackupJobDriver {
             PipelineEvent::Done(totals) => {
                 self.totals = totals;
                 self.flush_files(io);
-                if self.recording == 0 {
-                    vec![bj::Event::InputDone]
-                } else {
-                    self.input_done_waiting = true;
-                    Vec::new()
-                }
+                vec![bj::Event::InputDone]
             }
             PipelineEvent::Failed(e) => vec![bj::Event::Fatal(e.to_string())],
         }
@@ -385,8 +393,9 @@ impl BackupJobDriver {
         }
     }
 
-    /// Commits the snapshot locally, then stores the catalog and the recovery record.
-    fn save_catalog(&mut self, io: &mut Io<'_, Self>) {
+    /// Commits the snapshot locally, then (with this process's upload turn) exports, seals and
+    /// codes the catalog.
+    fn export_catalog(&mut self, io: &mut Io<'_, Self>) {
         self.flush_files(io);
         let mut batch = Batch::new();
         for entry in self.blocks.values() {
@@ -396,36 +405,140 @@ impl BackupJobDriver {
         catalog::commit_snapshot(&mut batch, &self.snapshot_record(io.unix_secs()));
         jobs::delete_job(&mut batch, self.snapshot);
         let committed = self.wiring.writer.submit(batch);
-        let me = io.address();
-        let upload = CatalogUpload {
-            kv: self.wiring.kv.clone(),
-            network: self.wiring.network.clone(),
-            keys: self.wiring.keys.clone(),
-            owner: self.wiring.owner.clone(),
-            settings: self.wiring.settings.clone(),
-            suppliers: self.suppliers.clone(),
-            revision: self.snapshot.0,
-            now: io.unix_secs(),
-            refresh: false,
-        };
+        let (kv, keys, owner, settings) = (
+            self.wiring.kv.clone(),
+            self.wiring.keys.clone(),
+            self.wiring.owner.clone(),
+            self.wiring.settings.clone(),
+        );
+        let suppliers: Vec<NodeId> = self.suppliers.values().copied().collect();
         io.spawn_then(
             async move {
-                committed
-                    .map_err(|e| format!("cannot commit the snapshot: {e}"))?
-                    .await
-                    .map_err(|e| format!("cannot commit the snapshot: {e}"))?;
-                let partial = upload.run().await?;
-                for entry in partial {
-                    let _ = me.send(Input(BackupInput::CatalogPartial(entry))).await;
-                }
-                Ok(())
+                committed?.await?;
+                let turn = UPLOADING.lock().await;
+                // Off the event loop: the catalog can be megabytes.
+                let coded = tokio::task::spawn_blocking(move || {
+                    code_catalog(&*kv, &keys, &owner, &settings, &suppliers)
+                })
+                .await??;
+                Ok::<_, UploadError>((turn, coded))
             },
             |driver, result| match result {
+                Ok((turn, coded)) => {
+                    driver.upload_turn = Some(turn);
+                    let event = bj::Event::CatalogEncoded {
+                        blocks: coded.ids(),
+                        last_revision: coded.last_revision,
+                    };
+                    driver.coded = Some(coded);
+                    event
+                }
+                Err(why) => bj::Event::Fatal(format!("cannot commit the snapshot: {why}")),
+            },
+        );
+    }
+
+    /// Sends one catalog fragment to its position's supplier.
+    fn place_catalog(&mut self, block: [u8; 32], position: u32, io: &mut Io<'_, Self>) {
+        let supplier = self.suppliers.get(&position).copied();
+        let bytes = self
+            .coded
+            .as_ref()
+            .and_then(|c| c.fragment(block, position));
+        let (Some(supplier), Some(bytes)) = (supplier, bytes) else {
+            io.send(bj::Event::CatalogStored {
+                block,
+                position,
+                stored: false,
+            });
+            return;
+        };
+        let id = FragmentId {
+            block: block.to_vec(),
+            position,
+        };
+        let send = store_fragment(
+            self.wiring.network.clone(),
+            supplier,
+            id,
+            FragmentSource::Bytes(bytes),
+            self.wiring.settings.request_timeout,
+        );
+        io.spawn_then(send, move |driver, result| {
+            let stored = result.is_ok();
+            if let Ok(pairs) = result {
+                driver.catalog_pairs.push((BlockId(block), position, pairs));
+            }
+            bj::Event::CatalogStored {
+                block,
+                position,
+                stored,
+            }
+        });
+    }
+
+    fn upload<'a>(&'a self, revision: u64, placements: &'a [Placement]) -> Option<Upload<'a>> {
+        Some(Upload {
+            coded: self.coded.as_ref()?,
+            settings: &self.wiring.settings,
+            suppliers: &self.suppliers,
+            revision,
+            placements,
+        })
+    }
+
+    /// Stages the catalog fragments that missed, then sends the recovery record to `to`.
+    fn send_record(
+        &mut self,
+        revision: u64,
+        placements: &[Placement],
+        to: &[u32],
+        io: &mut Io<'_, Self>,
+    ) {
+        let Some(upload) = self.upload(revision, placements) else {
+            return;
+        };
+        let w = &self.wiring;
+        let send = RecordSend::new(
+            &upload,
+            w.network.clone(),
+            &w.keys,
+            &w.owner,
+            io.unix_secs(),
+            to,
+        );
+        io.spawn_then(send.run(), |_, result| match result {
+            Ok(copies) => bj::Event::RecordSent { copies },
+            Err(why) => bj::Event::Fatal(why.to_string()),
+        });
+    }
+
+    /// Saves the catalog blocks' entries, the revision and the current catalog; the blocks
+    /// with fragments in the outbox become the job's to place.
+    fn save_catalog(&mut self, revision: u64, placements: &[Placement], io: &mut Io<'_, Self>) {
+        let Some(upload) = self.upload(revision, placements) else {
+            return;
+        };
+        let (batch, partial) = upload.entries(&self.catalog_pairs);
+        let catalog_len = upload.coded.len;
+        for entry in partial {
+            self.blocks.insert(entry.id.0, entry);
+        }
+        let written = self.wiring.writer.submit(batch);
+        io.spawn_then(
+            async move { written?.await },
+            move |driver, result| match result {
                 Ok(()) => {
+                    driver.upload_turn = None;
                     driver.catalog_stored = true;
+                    tracing::info!(
+                        revision,
+                        catalog_bytes = catalog_len,
+                        "catalog and recovery record stored"
+                    );
                     bj::Event::CatalogSaved
                 }
-                Err(why) => bj::Event::Fatal(why),
+                Err(e) => bj::Event::Fatal(format!("cannot write the catalog: {e}")),
             },
         );
     }
@@ -470,15 +583,15 @@ impl BackupJobDriver {
         if let Some(p) = self.pipeline.take() {
             p.cancel();
         }
+        self.upload_turn = None;
         let (name, error) = match &outcome {
             Outcome::Committed => (BackupOutcome::Committed, None),
-            Outcome::Aborted => (BackupOutcome::Aborted, None),
             Outcome::Failed(why) => (BackupOutcome::Failed, Some(why.clone())),
             Outcome::Interrupted => (BackupOutcome::Interrupted, None),
         };
         match outcome {
             Outcome::Committed | Outcome::Interrupted => self.flush_dirty(io),
-            Outcome::Aborted | Outcome::Failed(_) => {
+            Outcome::Failed(_) => {
                 // The snapshot is abandoned; staged blocks stay in the outbox (their chunks are
                 // indexed) and the next job places them.
                 self.flush_dirty(io);
@@ -554,7 +667,7 @@ impl Driver for BackupJobDriver {
     type Query = std::convert::Infallible;
     type Answer = ();
 
-    fn perform(&mut self, output: bj::Output, machine: &BackupJob, io: &mut Io<'_, Self>) {
+    fn perform(&mut self, output: bj::Output, _: &BackupJob, io: &mut Io<'_, Self>) {
         let began = *self.began.get_or_insert(io.ctx().now);
         let elapsed = io.ctx().now.saturating_sub(began).as_secs_f64();
         match output {
@@ -564,7 +677,18 @@ impl Driver for BackupJobDriver {
                 }
             }
             bj::Output::Place { block, position } => self.place(block, position, io),
-            bj::Output::SaveCatalog => self.save_catalog(io),
+            bj::Output::BlockComplete { block } => self.complete(block),
+            bj::Output::ExportCatalog => self.export_catalog(io),
+            bj::Output::PlaceCatalog { block, position } => self.place_catalog(block, position, io),
+            bj::Output::SendRecord {
+                revision,
+                placements,
+                to,
+            } => self.send_record(revision, &placements, &to, io),
+            bj::Output::SaveCatalog {
+                revision,
+                placements,
+            } => self.save_catalog(revision, &placements, io),
             bj::Output::Cancel => {
                 if let Some(p) = self.pipeline.take() {
                     p.cancel();
@@ -575,13 +699,13 @@ impl Driver for BackupJobDriver {
                 self.flush_dirty(io);
                 self.publish(elapsed);
             }
-            bj::Output::Committed => {
+            bj::Output::Committed(progress) => {
+                self.progress = progress;
                 tracing::info!(
                     run = self.run,
                     queued = self.progress.queued,
                     "snapshot committed; fragments wait for suppliers that are away"
                 );
-                self.progress = machine.ledger.clone().progress();
                 self.publish(elapsed);
                 self.publish_result(BackupOutcome::Committed, None, elapsed);
             }
@@ -597,43 +721,18 @@ impl Driver for BackupJobDriver {
     ) -> Vec<bj::Event> {
         match input {
             BackupInput::Pipeline(event) => self.on_pipeline(event, io),
-            BackupInput::CatalogPartial(entry) => {
-                let block = entry.id.0;
-                let bytes = entry.plain_len;
-                let placed = entry
-                    .fragments
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, f)| f.supplier.is_some())
-                    .map(|(p, _)| p as u32)
-                    .collect();
-                self.blocks.insert(block, entry);
-                vec![bj::Event::BlockReady {
-                    block,
-                    bytes,
-                    placed,
-                }]
-            }
             BackupInput::Recorded {
                 block,
                 bytes,
                 result,
-            } => {
-                self.recording = self.recording.saturating_sub(1);
-                let mut events = match result {
-                    Ok(()) => vec![bj::Event::BlockReady {
-                        block,
-                        bytes,
-                        placed: vec![],
-                    }],
-                    Err(e) => vec![bj::Event::Fatal(format!("cannot write the catalog: {e}"))],
-                };
-                if self.input_done_waiting && self.recording == 0 {
-                    self.input_done_waiting = false;
-                    events.push(bj::Event::InputDone);
-                }
-                events
-            }
+            } => match result {
+                Ok(()) => vec![bj::Event::BlockReady {
+                    block,
+                    bytes,
+                    placed: vec![],
+                }],
+                Err(e) => vec![bj::Event::Fatal(format!("cannot write the catalog: {e}"))],
+            },
             BackupInput::Position(news) => {
                 if news.up {
                     self.suppliers.insert(news.position, news.supplier);
@@ -715,294 +814,6 @@ pub(crate) async fn store_fragment(
     Ok(pairs)
 }
 
-/// The end of a job: the catalog, sealed and erasure-coded like data, and the recovery record
-/// that says where it is, stored whole on every supplier.
-struct CatalogUpload {
-    kv: Arc<dyn KvStore>,
-    network: NetworkAddr,
-    keys: Arc<DataKeys>,
-    owner: SigningKey,
-    settings: BackupSettings,
-    suppliers: BTreeMap<u32, NodeId>,
-    /// The lowest revision the record may carry (it also exceeds every earlier record's).
-    revision: u64,
-    now: u64,
-    /// Stored by the rebuilder, not a job: a fragment its supplier did not take is left to the
-    /// monitor (recorded at that supplier, cell missing) instead of a job's outbox.
-    refresh: bool,
-}
-
-/// One catalog upload at a time in this process: each takes the next recovery revision.
-static UPLOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-/// Where the latest recovery record revision is kept (health meta).
-pub const REVISION_META: &str = "recovery-revision";
-
-/// Stores a fresh catalog and recovery record naming the current holders (after a rebuild).
-#[derive(Clone)]
-pub struct CatalogRefresh {
-    pub kv: Arc<dyn KvStore>,
-    pub network: NetworkAddr,
-    pub fire_hire: FireHireAddr,
-    pub keys: Arc<DataKeys>,
-    pub owner: SigningKey,
-    pub settings: BackupSettings,
-}
-
-impl CatalogRefresh {
-    pub async fn run(&self) -> Result<(), String> {
-        let positions = super::fire_hire::positions(&self.fire_hire)
-            .await
-            .ok_or("fire_hire is gone (the node stops)")?;
-        let suppliers: BTreeMap<u32, NodeId> =
-            positions.up().map(|p| (p.position, p.supplier)).collect();
-        let upload = CatalogUpload {
-            kv: self.kv.clone(),
-            network: self.network.clone(),
-            keys: self.keys.clone(),
-            owner: self.owner.clone(),
-            settings: self.settings.clone(),
-            suppliers,
-            revision: 0,
-            now: super::shell::ctx_now().wall.as_secs(),
-            refresh: true,
-        };
-        upload.run().await.map(|_| ())
-    }
-}
-
-impl CatalogUpload {
-    /// Returns the catalog blocks with fragments left to place (staged in the outbox).
-    async fn run(self) -> Result<Vec<BlockEntry>, String> {
-        let _one_at_a_time = UPLOADING.lock().await;
-        let k = self.settings.data_shards as usize;
-        let layout = self.settings.layout()?;
-        let kv = self.kv.clone();
-        let keys = self.keys.clone();
-        let owner = self.owner.clone();
-        let block_size = self.settings.block_size;
-        let level = self.settings.zstd_level;
-        // Export and seal off the event loop: the catalog can be megabytes.
-        let (catalog_len, encoded) = tokio::task::spawn_blocking(move || {
-            let exported = catalog::export(&*kv).map_err(|e| e.to_string())?;
-            let mut encoded = Vec::new();
-            for piece in exported.chunks(block_size.max(1)) {
-                let random = BlockRandom {
-                    id: BlockId(rand::random()),
-                    nonce: rand::random(),
-                };
-                encoded.push(
-                    data::encode_block(piece, &keys.catalog, &owner, layout, level, random)
-                        .map_err(|e| e.to_string())?,
-                );
-            }
-            Ok::<_, String>((exported.len() as u64, encoded))
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        let mut blocks = Vec::new();
-        let mut entries = Batch::new();
-        let mut partial = Vec::new();
-        for block in encoded {
-            let mut sends = Vec::new();
-            for (position, fragment) in block.fragments.iter().enumerate() {
-                let Some(supplier) = self.suppliers.get(&(position as u32)).copied() else {
-                    continue;
-                };
-                let stored = data::stored::wrap(&block.signed_manifest, fragment);
-                let id = FragmentId {
-                    block: block.id.0.to_vec(),
-                    position: position as u32,
-                };
-                let network = self.network.clone();
-                let timeout = self.settings.request_timeout;
-                sends.push(async move {
-                    let size = stored.len() as u64;
-                    let hash = *blake3::hash(&stored).as_bytes();
-                    let r = store_fragment(
-                        network,
-                        supplier,
-                        id,
-                        FragmentSource::Bytes(stored),
-                        timeout,
-                    )
-                    .await;
-                    (position, supplier, size, hash, r)
-                });
-            }
-            let results = futures::future::join_all(sends).await;
-            let mut places = vec![
-                FragmentPlace {
-                    supplier: None,
-                    size: 0,
-                    blake3: [0; 32],
-                };
-                block.fragments.len()
-            ];
-            let mut missing = Vec::new();
-            for (position, supplier, size, hash, r) in results {
-                let ok = match r {
-                    Ok(pairs) => {
-                        health::put_pairs(&mut entries, &block.id, position as u32, &pairs);
-                        true
-                    }
-                    Err(_) => false,
-                };
-                if !ok && self.refresh {
-                    missing.push(position);
-                }
-                places[position] = FragmentPlace {
-                    supplier: (ok || self.refresh).then_some(supplier),
-                    size,
-                    blake3: hash,
-                };
-            }
-            let placed = places.iter().filter(|p| p.supplier.is_some()).count() - missing.len();
-            if placed < k {
-                return Err(format!(
-                    "the snapshot is committed here, but its catalog reached only {placed} of the {k} suppliers it needs"
-                ));
-            }
-            blocks.push(CatalogBlock {
-                id: block.id,
-                signed_manifest: block.signed_manifest.clone(),
-                suppliers: places.iter().map(|p| p.supplier).collect(),
-            });
-            if !missing.is_empty() {
-                use crate::store::health::FragmentHealth;
-                let cells: Vec<FragmentHealth> = (0..places.len())
-                    .map(|p| {
-                        if missing.contains(&p) {
-                            FragmentHealth::Missing
-                        } else {
-                            FragmentHealth::Present
-                        }
-                    })
-                    .collect();
-                health::put_health(&mut entries, &block.id, &cells);
-            }
-            // What did not reach its supplier waits in the outbox, as data fragments do.
-            for (position, fragment) in block.fragments.iter().enumerate() {
-                if places[position].supplier.is_none() {
-                    let stored = data::stored::wrap(&block.signed_manifest, fragment);
-                    places[position].size = stored.len() as u64;
-                    places[position].blake3 = *blake3::hash(&stored).as_bytes();
-                    let path = staged_path(&self.settings.outbox, &block.id, position as u32);
-                    stage(&path, &stored)
-                        .await
-                        .map_err(|e| format!("cannot stage a catalog fragment: {e}"))?;
-                }
-            }
-            let entry = BlockEntry {
-                id: block.id,
-                signed_manifest: block.signed_manifest,
-                data_shards: self.settings.data_shards,
-                parity_shards: self.settings.parity_shards,
-                plain_len: block.plain_len as u64,
-                fragments: places,
-            };
-            catalog::put_block(&mut entries, &entry);
-            if entry.placed() < entry.fragments.len() {
-                partial.push(entry);
-            }
-        }
-        // The suppliers' identities from the peer book: a new machine reaches them with these.
-        let kv = self.kv.clone();
-        let wanted: Vec<NodeId> = self.suppliers.values().copied().collect();
-        let identities = tokio::task::spawn_blocking(move || {
-            crate::store::peers::load(&*kv)
-                .map(|peers| {
-                    peers
-                        .into_iter()
-                        .filter(|(identity, _)| wanted.contains(&identity.node_id()))
-                        .map(|(identity, _)| identity.to_bytes())
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        // Above every earlier record of this node (a refresh comes between two snapshots).
-        let kv = self.kv.clone();
-        let last = tokio::task::spawn_blocking(move || health::meta(&*kv, REVISION_META))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(0, u64::from_le_bytes);
-        let revision = self.revision.max(last + 1);
-        health::put_meta(&mut entries, REVISION_META, &revision.to_le_bytes());
-        health::put_current_catalog(
-            &mut entries,
-            &blocks.iter().map(|b| b.id).collect::<Vec<_>>(),
-        );
-        let record = RecoveryRecord {
-            revision,
-            created_at: self.now,
-            data_shards: self.settings.data_shards,
-            parity_shards: self.settings.parity_shards,
-            suppliers: self.suppliers.iter().map(|(p, s)| (*p, *s)).collect(),
-            catalog: blocks,
-            catalog_len,
-            identities,
-        };
-        let sealed =
-            catalog::seal_recovery(&record, &self.keys.recovery, &self.owner, rand::random());
-        let mut sends = Vec::new();
-        for supplier in self.suppliers.values().copied() {
-            let id = FragmentId {
-                block: RECOVERY_BLOCK.to_vec(),
-                position: RECOVERY_POSITION,
-            };
-            sends.push(store_fragment(
-                self.network.clone(),
-                supplier,
-                id,
-                FragmentSource::Bytes(sealed.clone()),
-                self.settings.request_timeout,
-            ));
-        }
-        let stored = futures::future::join_all(sends)
-            .await
-            .into_iter()
-            .filter(Result::is_ok)
-            .count();
-        if stored == 0 {
-            return Err(
-                "the snapshot is committed here, but no supplier took the recovery record".into(),
-            );
-        }
-        // The catalog's own blocks, for the monitor (not part of the exported catalog itself).
-        let kv = self.kv.clone();
-        tokio::task::spawn_blocking(move || kv.write(entries))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        tracing::info!(
-            revision,
-            catalog_bytes = catalog_len,
-            recovery_copies = stored,
-            "catalog and recovery record stored"
-        );
-        Ok(partial)
-    }
-}
-
-/// Writes one staged fragment durably (file and directory synced).
-async fn stage(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let (path, bytes) = (path.to_path_buf(), bytes.to_vec());
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write as _;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let mut file = std::fs::File::create(&path)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::File::open(dir)?.sync_all()
-    })
-    .await
-    .map_err(std::io::Error::other)?
-}
-
 /// Starts one job; `done` resolves when it finished (however it ended).
 pub async fn start(
     wiring: BackupWiring,
@@ -1010,40 +821,16 @@ pub async fn start(
     spec: JobSpec,
     resume: Option<JobRecord>,
     now_unix: u64,
-) -> Result<(Addr<Shell<BackupJobDriver>>, oneshot::Receiver<()>), String> {
+) -> Result<(Addr<Shell<BackupJobDriver>>, oneshot::Receiver<()>), BackupError> {
     let settings = wiring.settings.clone();
-    let kv = wiring.kv.clone();
-    let outbox = settings.outbox.clone();
-    let source = spec.source.clone();
-    let root = spec.root.clone();
+    let (kv, outbox) = (wiring.kv.clone(), settings.outbox.clone());
+    let (source, root) = (spec.source.clone(), spec.root.clone());
     let total = settings.data_shards + settings.parity_shards;
     // Catalog reads and the outbox scan: off the event loop.
-    let prepared = tokio::task::spawn_blocking(move || {
-        let record = match resume {
-            Some(record) => record,
-            None => {
-                let snapshot = catalog::allocate_snapshot(&*kv).map_err(|e| e.to_string())?;
-                let record = JobRecord {
-                    snapshot,
-                    source: source.clone(),
-                    root: root.as_os_str().as_encoded_bytes().to_vec(),
-                    started_at: now_unix,
-                };
-                let mut batch = Batch::new();
-                jobs::put_job(&mut batch, &record);
-                kv.write(batch).map_err(|e| e.to_string())?;
-                record
-            }
-        };
-        let previous = catalog::latest(&*kv, &source)
-            .map_err(|e| e.to_string())?
-            .map(|s| s.id);
-        let resumed = staged_blocks(&*kv, &outbox, total);
-        Ok::<_, String>((record, previous, resumed))
+    let (record, previous, resumed) = tokio::task::spawn_blocking(move || {
+        prepare(&*kv, &outbox, total, &source, &root, resume, now_unix)
     })
-    .await
-    .map_err(|e| e.to_string())??;
-    let (record, previous, resumed) = prepared;
+    .await??;
     let lookup = Arc::new(CatalogLookup {
         kv: wiring.kv.clone(),
         previous,
@@ -1067,8 +854,7 @@ pub async fn start(
         },
         lookup,
         events_tx,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
 
     let ctx: Context<Shell<BackupJobDriver>> = Context::new();
     let addr = ctx.address();
@@ -1087,22 +873,12 @@ pub async fn start(
     let mut blocks = HashMap::new();
     let mut resumed_events = Vec::new();
     for entry in resumed {
-        let placed: Vec<u32> = entry
-            .fragments
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| f.supplier.is_some())
-            .map(|(p, _)| p as u32)
-            .collect();
-        resumed_events.push(bj::Event::BlockReady {
-            block: entry.id.0,
-            bytes: entry.plain_len,
-            placed,
-        });
+        resumed_events.push(resumed_block(&entry));
         blocks.insert(entry.id.0, entry);
     }
     let mut machine = BackupJob {
         ledger: Ledger::new(settings.data_shards, settings.parity_shards),
+        revision_floor: record.snapshot.0,
         ..BackupJob::default()
     };
     machine.ledger.max_unplaced = machine.ledger.max_unplaced.max(resumed_events.len() + 2);
@@ -1123,9 +899,10 @@ pub async fn start(
         progress: Progress::default(),
         catalog_stored: false,
         done: Some(done_tx),
-        recording: 0,
-        input_done_waiting: false,
         began: None,
+        coded: None,
+        catalog_pairs: Vec::new(),
+        upload_turn: None,
         result_published: false,
     };
     tracing::info!(run, snapshot = record.snapshot.0, source = %driver.spec.source,
@@ -1160,6 +937,50 @@ pub async fn start(
         }
     });
     Ok((addr, done_rx))
+}
+
+/// The job's record (a new one, or the one to resume), the source's previous snapshot and the
+/// blocks waiting in the outbox. Blocking.
+fn prepare(
+    kv: &dyn KvStore,
+    outbox: &Path,
+    total: u32,
+    source: &str,
+    root: &Path,
+    resume: Option<JobRecord>,
+    now_unix: u64,
+) -> Result<(JobRecord, Option<SnapshotId>, Vec<BlockEntry>), BackupError> {
+    let record = match resume {
+        Some(record) => record,
+        None => {
+            let record = JobRecord {
+                snapshot: catalog::allocate_snapshot(kv)?,
+                source: source.to_string(),
+                root: root.as_os_str().as_encoded_bytes().to_vec(),
+                started_at: now_unix,
+            };
+            let mut batch = Batch::new();
+            jobs::put_job(&mut batch, &record);
+            kv.write(batch)?;
+            record
+        }
+    };
+    let previous = catalog::latest(kv, source)?.map(|s| s.id);
+    Ok((record, previous, staged_blocks(kv, outbox, total)))
+}
+
+/// A block staged by an earlier run, announced with the positions already acknowledged.
+fn resumed_block(entry: &BlockEntry) -> bj::Event {
+    let placed = (0u32..)
+        .zip(&entry.fragments)
+        .filter(|(_, f)| f.supplier.is_some())
+        .map(|(p, _)| p)
+        .collect();
+    bj::Event::BlockReady {
+        block: entry.id.0,
+        bytes: entry.plain_len,
+        placed,
+    }
 }
 
 /// Blocks waiting in the outbox with their records; a staged directory without a record (the
@@ -1197,18 +1018,15 @@ fn staged_blocks(kv: &dyn KvStore, outbox: &Path, total: u32) -> Vec<BlockEntry>
 /// (nor the current catalog) references are deleted from their suppliers, then from the
 /// catalog. A crash between the two finds the same plan again (deleting twice is harmless).
 /// Returns (versions dropped, blocks deleted).
-pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), String> {
+pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), BackupError> {
     let kv = wiring.kv.clone();
     let keep = wiring.settings.keep_versions;
     let plan = tokio::task::spawn_blocking(move || {
-        let protect: std::collections::BTreeSet<BlockId> = health::current_catalog(&*kv)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .collect();
-        catalog::plan_prune(&*kv, keep, &protect).map_err(|e| e.to_string())
+        let protect: std::collections::BTreeSet<BlockId> =
+            health::current_catalog(&*kv)?.into_iter().collect();
+        Ok::<_, BackupError>(catalog::plan_prune(&*kv, keep, &protect)?)
     })
-    .await
-    .map_err(|e| e.to_string())??;
+    .await??;
     if plan.snapshots.is_empty() && plan.blocks.is_empty() {
         return Ok((0, 0));
     }
@@ -1243,20 +1061,15 @@ pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), String> {
     let counts = (plan.snapshots.len(), plan.blocks.len());
     let ids: Vec<BlockId> = plan.blocks.iter().map(|b| b.id).collect();
     let cleanup = tokio::task::spawn_blocking(move || {
-        catalog::apply_prune(&*kv, &plan).map_err(|e| e.to_string())?;
+        catalog::apply_prune(&*kv, &plan)?;
         let mut batch = Batch::new();
         for id in &ids {
-            health::delete_block(&*kv, &mut batch, id).map_err(|e| e.to_string())?;
+            health::delete_block(&*kv, &mut batch, id)?;
         }
-        Ok::<_, String>(batch)
+        Ok::<_, BackupError>(batch)
     })
-    .await
-    .map_err(|e| e.to_string())??;
-    wiring
-        .writer
-        .write(cleanup)
-        .await
-        .map_err(|e| e.to_string())?;
+    .await??;
+    wiring.writer.write(cleanup).await?;
     tracing::info!(
         versions = counts.0,
         blocks = counts.1,

@@ -2,6 +2,7 @@
 //! outputs to a `Driver` that does the IO. Actix knowledge stays in this module.
 
 pub mod backup_job;
+pub mod catalog_upload;
 pub mod drill;
 pub mod fire_hire;
 pub mod fragments;

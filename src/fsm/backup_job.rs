@@ -1,19 +1,31 @@
 //! backup_job: one backup of one source, from the first block the pipeline produces to the
 //! committed catalog. The table is the job's lifecycle; which fragment goes where, what waits in
-//! an outbox while its supplier is away, and when the pipeline may produce the next block are
-//! decided by the pure [`Ledger`] beside it.
+//! an outbox while its supplier is away, when a block is complete and when the pipeline may
+//! produce the next block are decided by the pure [`Ledger`] beside it; how the catalog is stored
+//! by the pure [`CatalogCommit`].
 //!
 //! Flow: the driver runs the data pipeline (`src/data`) on a worker pool and asks it for one
-//! block per `Produce`; each block's `k + m` fragments are staged on disk by the driver, and the
-//! machine says where each goes (`Place`) or keeps it in the position's outbox while that
-//! supplier is down. The job commits (`SaveCatalog`) once the input is done and every block has
-//! at least `k` fragments placed, the rest placed or waiting in an outbox (reduced redundancy,
-//! shown in status); with fewer than `k` suppliers up it waits instead of failing.
+//! block per `Produce`; each block's `k + m` fragments are staged on disk and its record written
+//! (`BlockStaged`, then `BlockReady` once the record is durable), and the machine says where each
+//! fragment goes (`Place`) or keeps it in the position's outbox while that supplier is down. A
+//! block every position acknowledged is `BlockComplete`. The job commits once the input is done,
+//! every block record is durable and every block has at least `k` fragments placed, the rest
+//! placed or waiting in an outbox (reduced redundancy, shown in status); with fewer than `k`
+//! suppliers up it waits instead of failing.
+//!
+//! Committing: the snapshot is committed locally and the catalog exported, sealed and coded
+//! (`ExportCatalog`); each catalog fragment goes once to its supplier (`PlaceCatalog`); with every
+//! catalog block on at least `k` suppliers (a guard) the recovery record goes to every supplier
+//! (`SendRecord`), and once one took it the catalog's entries are saved (`SaveCatalog`). The
+//! catalog fragments that missed their supplier join the ledger and drain like data fragments.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, Violation, row};
+pub use super::catalog_commit::{CatalogCommit, Misses, Placement};
+use super::machine::{
+    ChoiceRow, Ctx, Kinded, Label, Machine, Out, Row, TimerRow, To, Violation, row,
+};
 use crate::{events, labels};
 
 /// A block's id (random, chosen by the pipeline; see `data::BlockId`).
@@ -21,8 +33,8 @@ pub type BlockId = [u8; 32];
 
 labels! {
     pub enum State {
-        AtStartup, Running, WaitingForSuppliers, Paused, Committing, Draining, Committed, Aborted,
-        Failed,
+        AtStartup, Running, WaitingForSuppliers, Committing, UploadingCatalog, StoringRecord,
+        Draining, Committed, Interrupted, Failed,
     }
 }
 
@@ -30,7 +42,9 @@ events! {
     pub enum Event / EventKind {
         /// Begin, with the positions whose suppliers are up now.
         Start { up: Vec<u32> },
-        /// The pipeline produced a block; its fragments are staged. `placed`: positions already
+        /// The pipeline staged a block's fragments; its record is being written.
+        BlockStaged { block: BlockId },
+        /// A block's record is durable: its fragments may leave. `placed`: positions already
         /// acknowledged (a block resumed after a restart).
         BlockReady { block: BlockId, bytes: u64, placed: Vec<u32> },
         /// The pipeline has no more blocks.
@@ -41,22 +55,28 @@ events! {
         PlaceFailed { block: BlockId, position: u32 },
         SupplierUp(u32),
         SupplierDown(u32),
-        /// The catalog and the recovery record are stored.
+        /// The snapshot is committed locally; the catalog is sealed and coded into `blocks`.
+        /// `last_revision`: the highest recovery record revision this node stored before.
+        CatalogEncoded { blocks: Vec<BlockId>, last_revision: u64 },
+        /// A supplier's answer to one catalog fragment.
+        CatalogStored { block: BlockId, position: u32, stored: bool },
+        /// The recovery record went to the suppliers; `copies` took it.
+        RecordSent { copies: usize },
+        /// The catalog's entries are durable.
         CatalogSaved,
         /// Something the job cannot go on without (the pipeline or the disk) failed.
         Fatal(String),
-        Pause,
-        Continue,
-        Abort,
         Timeout(Timer),
         Shutdown,
     }
 }
 
 labels! {
-    /// `HasK`: a block announced with at least `k` positions already placed (the catalog's own
-    /// blocks, which join while committing).
-    pub enum Guard { HasK }
+    /// `CanReachK`: at least `k` suppliers are up to take the catalog. `CatalogPending`: answers
+    /// for catalog fragments are still out after this one. `CatalogHasK`: with this answer, every
+    /// catalog block has at least `k` fragments stored. `RecordKept`: a supplier took the
+    /// recovery record.
+    pub enum Guard { CanReachK, CatalogPending, CatalogHasK, RecordKept }
 }
 
 labels! {
@@ -65,7 +85,13 @@ labels! {
         Note,
         /// Ask the pipeline for blocks while the bounds allow.
         Produce,
-        /// Store the catalog and the recovery record (IO).
+        /// Commit the snapshot locally, then export, seal and code the catalog (IO).
+        ExportCatalog,
+        /// Send each catalog fragment to its position's supplier, if it is up.
+        PlaceCatalog,
+        /// Stage the catalog fragments that missed, send the recovery record to every supplier.
+        SendRecord,
+        /// Save the catalog's entries and the record's revision.
         SaveCatalog,
         /// Stop the pipeline and drop what is staged (IO).
         Cancel,
@@ -91,7 +117,6 @@ labels! {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Committed,
-    Aborted,
     Failed(String),
     /// The node stopped; the job resumes from what was persisted.
     Interrupted,
@@ -107,10 +132,35 @@ pub enum Output {
         block: BlockId,
         position: u32,
     },
-    SaveCatalog,
+    /// Every position of `block` acknowledged: record it, then remove its staged files.
+    BlockComplete {
+        block: BlockId,
+    },
+    /// Commit the snapshot locally, then export, seal and code the catalog; answer
+    /// `CatalogEncoded`.
+    ExportCatalog,
+    /// Send catalog fragment `position` of `block` to that position's supplier; answer
+    /// `CatalogStored`.
+    PlaceCatalog {
+        block: BlockId,
+        position: u32,
+    },
+    /// Stage each placement's `staged` fragments, then send the recovery record (revision
+    /// `revision`, naming the holders) to the suppliers at `to`; answer `RecordSent`.
+    SendRecord {
+        revision: u64,
+        placements: Vec<Placement>,
+        to: Vec<u32>,
+    },
+    /// Save the catalog blocks' entries, the revision and the current catalog; answer
+    /// `CatalogSaved`.
+    SaveCatalog {
+        revision: u64,
+        placements: Vec<Placement>,
+    },
     /// The snapshot is committed; fragments still wait in outboxes (`Finished` follows once they
     /// are placed, or when the job is stopped and leaves them to the next job).
-    Committed,
+    Committed(Progress),
     Cancel,
     /// Progress for `status` (on the periodic timer and on each change of state).
     Progress(Progress),
@@ -155,6 +205,10 @@ pub struct Ledger {
     held: BTreeSet<u32>,
     /// Blocks the pipeline was asked for and has not delivered.
     producing: usize,
+    /// Blocks staged whose record is not durable yet: the job commits only once it is.
+    recording: BTreeSet<BlockId>,
+    /// Blocks every position acknowledged since the machine last asked ([`Ledger::take_complete`]).
+    complete: Vec<BlockId>,
     pub input_done: bool,
     pub progress: Progress,
 }
@@ -173,6 +227,8 @@ impl Ledger {
             sending: BTreeMap::new(),
             held: BTreeSet::new(),
             producing: 0,
+            recording: BTreeSet::new(),
+            complete: Vec::new(),
             input_done: false,
             progress: Progress::default(),
         }
@@ -184,6 +240,11 @@ impl Ledger {
 
     pub fn suppliers_up(&self) -> usize {
         self.up.len()
+    }
+
+    /// The positions whose suppliers are up.
+    pub fn up(&self) -> &BTreeSet<u32> {
+        &self.up
     }
 
     /// Blocks not yet placed in full (sent or queued fragments remain).
@@ -198,7 +259,7 @@ impl Ledger {
     pub fn may_produce(&self) -> bool {
         !self.input_done
             && self.up.len() >= self.data_shards as usize
-            && self.unplaced() + self.producing < self.max_unplaced
+            && self.unplaced() + self.producing + self.recording.len() < self.max_unplaced
             && self.outbox.values().all(|q| q.len() < self.outbox_limit)
     }
 
@@ -215,10 +276,12 @@ impl Ledger {
             .all(|p| p.len() >= self.data_shards as usize)
     }
 
-    /// Every block has at least `k` fragments placed, and no fragment is out for an answer.
+    /// Every block's record is durable, every block has at least `k` fragments placed, and no
+    /// fragment is out for an answer.
     pub fn safe_to_commit(&self) -> bool {
         self.input_done
             && self.producing == 0
+            && self.recording.is_empty()
             && self.sending.values().all(BTreeSet::is_empty)
             && self
                 .placed
@@ -242,6 +305,13 @@ impl Ledger {
         }
     }
 
+    /// The pipeline delivered a block; its record is being written.
+    pub fn block_staged(&mut self, block: BlockId) {
+        if !self.placed.contains_key(&block) && self.recording.insert(block) {
+            self.producing = self.producing.saturating_sub(1);
+        }
+    }
+
     /// A new block: every fragment goes to its position's outbox, then out as windows allow.
     pub fn block_ready(
         &mut self,
@@ -249,8 +319,8 @@ impl Ledger {
         bytes: u64,
         already: &[u32],
     ) -> Vec<(BlockId, u32)> {
-        // A resumed block was not asked for.
-        if already.is_empty() {
+        // A staged block was counted off when it was staged; a resumed one was not asked for.
+        if !self.recording.remove(&block) && already.is_empty() {
             self.producing = self.producing.saturating_sub(1);
         }
         // A block announced twice (a driver retrying) is placed once.
@@ -266,6 +336,7 @@ impl Ledger {
         self.progress.bytes += bytes;
         if placed.len() == self.positions() as usize {
             self.progress.complete += 1;
+            self.complete.push(block);
             return Vec::new();
         }
         let mut sends = Vec::new();
@@ -289,6 +360,7 @@ impl Ledger {
             if p.len() == self.positions() as usize {
                 self.progress.complete += 1;
                 self.placed.remove(&block);
+                self.complete.push(block);
             }
         }
         let mut sends = Vec::new();
@@ -343,6 +415,16 @@ impl Ledger {
         }
     }
 
+    /// The blocks that became complete since the last call.
+    pub fn take_complete(&mut self) -> Vec<BlockId> {
+        std::mem::take(&mut self.complete)
+    }
+
+    /// Whether `block` waits for its record.
+    pub fn recording(&self, block: &BlockId) -> bool {
+        self.recording.contains(block)
+    }
+
     pub fn asked_to_produce(&mut self) {
         self.producing += 1;
     }
@@ -367,6 +449,13 @@ impl Ledger {
 
     /// Every fragment of every block is accounted for exactly once: placed, sent or queued.
     pub fn check(&self) -> Result<(), Violation> {
+        if let Some(block) = self.recording.iter().find(|b| self.placed.contains_key(*b)) {
+            return Err(format!(
+                "block {:02x?} is placed before its record is durable",
+                &block[..4]
+            )
+            .into());
+        }
         for (block, placed) in &self.placed {
             for position in 0..self.positions() {
                 let sent = self
@@ -406,6 +495,10 @@ pub struct BackupJob {
     pub progress_every: Duration,
     /// How long a position whose placement failed is held back.
     pub retry_after: Duration,
+    /// The lowest revision the job's recovery record may carry (its snapshot id).
+    pub revision_floor: u64,
+    /// The catalog upload, from the moment the catalog is coded.
+    pub catalog: Option<CatalogCommit>,
     /// The catalog was saved: however the job ends now, the snapshot is committed.
     pub committed: bool,
 }
@@ -416,6 +509,8 @@ impl Default for BackupJob {
             ledger: Ledger::new(4, 2),
             progress_every: Duration::from_secs(1),
             retry_after: Duration::from_secs(2),
+            revision_floor: 0,
+            catalog: None,
             committed: false,
         }
     }
@@ -434,19 +529,129 @@ impl BackupJob {
             out.push(Output::Place { block, position });
         }
     }
+
+    /// What the ledger says about the event (and which fragments go out now).
+    fn note(&mut self, event: &Event, ctx: &Ctx, out: &mut Out<Self>) -> Vec<(BlockId, u32)> {
+        match event {
+            Event::Start { up } => {
+                let mut sends = Vec::new();
+                for position in up {
+                    sends.extend(self.ledger.supplier_up(*position));
+                }
+                sends
+            }
+            Event::BlockStaged { block } => {
+                self.ledger.block_staged(*block);
+                Vec::new()
+            }
+            Event::BlockReady {
+                block,
+                bytes,
+                placed,
+            } => self.ledger.block_ready(*block, *bytes, placed),
+            Event::InputDone => {
+                self.ledger.input_done();
+                Vec::new()
+            }
+            Event::Placed { block, position } => self.ledger.placed(*block, *position),
+            Event::PlaceFailed { block, position } => {
+                if self.ledger.place_failed(*block, *position) {
+                    out.set_timer(Timer::Retry, ctx.now + self.retry_after);
+                }
+                Vec::new()
+            }
+            Event::Timeout(Timer::Retry) => self.ledger.release(),
+            Event::SupplierUp(position) => self.ledger.supplier_up(*position),
+            Event::SupplierDown(position) => {
+                self.ledger.supplier_down(*position);
+                Vec::new()
+            }
+            Event::CatalogStored {
+                block,
+                position,
+                stored,
+            } => {
+                if let Some(catalog) = &mut self.catalog {
+                    catalog.answered(*block, *position, *stored);
+                }
+                Vec::new()
+            }
+            // The catalog's entries are durable: its fragments that missed their supplier join
+            // the ledger (staged, recorded) and go out like data fragments.
+            Event::CatalogSaved => {
+                self.committed = true;
+                let mut sends = Vec::new();
+                let placements = self
+                    .catalog
+                    .as_ref()
+                    .map(CatalogCommit::placements)
+                    .unwrap_or_default();
+                for p in placements.into_iter().filter(|p| !p.staged.is_empty()) {
+                    sends.extend(self.ledger.block_ready(p.block, 0, &p.holders));
+                }
+                sends
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The catalog upload as it would be after `event` (guards judge an event before it is
+    /// applied).
+    fn catalog_after(&self, event: &Event) -> Option<CatalogCommit> {
+        let catalog = self.catalog.as_ref()?;
+        Some(match event {
+            Event::CatalogStored {
+                block,
+                position,
+                stored,
+            } => catalog.with(*block, *position, *stored),
+            _ => catalog.clone(),
+        })
+    }
+
+    /// Why a job that ends in `Failed` failed.
+    fn failure(&self, event: &Event) -> String {
+        let k = self.ledger.data_shards;
+        let below_k = |placed: usize| {
+            format!(
+                "the snapshot is committed here, but its catalog reached only {placed} of the {k} suppliers it needs"
+            )
+        };
+        match event {
+            Event::Fatal(why) => why.clone(),
+            Event::CatalogEncoded { .. } => below_k(self.ledger.suppliers_up()),
+            Event::CatalogStored { .. } => {
+                below_k(self.catalog.as_ref().map_or(0, CatalogCommit::least_stored))
+            }
+            Event::RecordSent { .. } => {
+                "the snapshot is committed here, but no supplier took the recovery record".into()
+            }
+            other => format!("stopped by {:?}", other.kind()),
+        }
+    }
 }
 
 use State::*;
 use To::State as Go;
 
 const WORKING: &[State] = &[Running, WaitingForSuppliers];
-const LIVE: &[State] = &[AtStartup, Running, WaitingForSuppliers, Paused, Committing];
+/// The snapshot is being committed: data fragments keep going out meanwhile.
+const COMMITTING: &[State] = &[Committing, UploadingCatalog, StoringRecord];
+const LIVE: &[State] = &[
+    AtStartup,
+    Running,
+    WaitingForSuppliers,
+    Committing,
+    UploadingCatalog,
+    StoringRecord,
+];
 const PLACING: To<BackupJob> = To::Choose(Choice::Placing);
 const DRAINED: To<BackupJob> = To::Choose(Choice::Drained);
 const NOTE: &[Action] = &[Action::Note, Action::Produce];
 
 static ROWS: &[Row<BackupJob>] = &[
     row(&[AtStartup], EventKind::Start, PLACING, NOTE),
+    row(WORKING, EventKind::BlockStaged, PLACING, NOTE),
     row(WORKING, EventKind::BlockReady, PLACING, NOTE),
     row(WORKING, EventKind::InputDone, PLACING, NOTE),
     row(WORKING, EventKind::Placed, PLACING, NOTE),
@@ -459,25 +664,64 @@ static ROWS: &[Row<BackupJob>] = &[
         PLACING,
         &[Action::Note, Action::Produce, Action::Report],
     ),
-    // While paused the ledger still hears of acks and presence; nothing new is produced.
-    row(&[Paused], EventKind::BlockReady, To::Stay, &[Action::Note]),
-    row(&[Paused], EventKind::InputDone, To::Stay, &[Action::Note]),
-    row(&[Paused], EventKind::Placed, To::Stay, &[Action::Note]),
-    row(&[Paused], EventKind::PlaceFailed, To::Stay, &[Action::Note]),
-    row(&[Paused], EventKind::SupplierUp, To::Stay, &[Action::Note]),
-    row(&[Paused], EventKind::Timeout, To::Stay, &[Action::Note]),
+    // Committing: the snapshot is committed locally and the catalog coded; each catalog
+    // fragment goes once to its supplier, and the upload counts only with k of every block.
     row(
-        &[Paused],
-        EventKind::SupplierDown,
+        &[Committing],
+        EventKind::CatalogEncoded,
+        Go(UploadingCatalog),
+        &[Action::PlaceCatalog],
+    )
+    .when(Guard::CanReachK),
+    row(&[Committing], EventKind::CatalogEncoded, Go(Failed), &[]),
+    row(
+        &[UploadingCatalog],
+        EventKind::CatalogStored,
+        To::Stay,
+        &[Action::Note],
+    )
+    .when(Guard::CatalogPending),
+    row(
+        &[UploadingCatalog],
+        EventKind::CatalogStored,
+        Go(StoringRecord),
+        &[Action::Note],
+    )
+    .when(Guard::CatalogHasK),
+    row(
+        &[UploadingCatalog],
+        EventKind::CatalogStored,
+        Go(Failed),
+        &[Action::Note],
+    ),
+    row(
+        &[StoringRecord],
+        EventKind::RecordSent,
+        To::Stay,
+        &[Action::SaveCatalog],
+    )
+    .when(Guard::RecordKept),
+    row(&[StoringRecord], EventKind::RecordSent, Go(Failed), &[]),
+    row(
+        &[StoringRecord],
+        EventKind::CatalogSaved,
+        DRAINED,
+        &[Action::Note],
+    ),
+    // Data fragments still out while the snapshot commits.
+    row(COMMITTING, EventKind::Placed, To::Stay, &[Action::Note]),
+    row(
+        COMMITTING,
+        EventKind::PlaceFailed,
         To::Stay,
         &[Action::Note],
     ),
-    row(WORKING, EventKind::Pause, Go(Paused), &[]),
-    row(&[Paused], EventKind::Continue, PLACING, NOTE),
+    row(COMMITTING, EventKind::Timeout, To::Stay, &[Action::Note]),
+    row(COMMITTING, EventKind::SupplierUp, To::Stay, &[Action::Note]),
     row(
-        &[Committing],
-        EventKind::CatalogSaved,
-        DRAINED,
+        COMMITTING,
+        EventKind::SupplierDown,
+        To::Stay,
         &[Action::Note],
     ),
     // Committed, with fragments still waiting for suppliers that are away: sent as they return.
@@ -503,45 +747,25 @@ static ROWS: &[Row<BackupJob>] = &[
     ),
     // Stopped while draining: the snapshot stands; what waits is placed by the next job.
     row(&[Draining], EventKind::Shutdown, Go(Committed), &[]),
-    row(&[Draining], EventKind::Abort, Go(Committed), &[]),
     row(&[Draining], EventKind::Fatal, Go(Committed), &[]),
-    // The catalog's own blocks join the ledger here when a supplier was away for them.
-    row(
-        &[Committing],
-        EventKind::BlockReady,
-        To::Stay,
-        &[Action::Note],
-    )
-    .when(Guard::HasK),
-    row(&[Committing], EventKind::Placed, To::Stay, &[Action::Note]),
-    row(
-        &[Committing],
-        EventKind::PlaceFailed,
-        To::Stay,
-        &[Action::Note],
-    ),
-    row(&[Committing], EventKind::Timeout, To::Stay, &[Action::Note]),
-    row(
-        &[Committing],
-        EventKind::SupplierUp,
-        To::Stay,
-        &[Action::Note],
-    ),
-    row(
-        &[Committing],
-        EventKind::SupplierDown,
-        To::Stay,
-        &[Action::Note],
-    ),
-    row(LIVE, EventKind::Abort, Go(Aborted), &[Action::Cancel]),
     row(LIVE, EventKind::Fatal, Go(Failed), &[Action::Cancel]),
-    row(LIVE, EventKind::Shutdown, Go(Aborted), &[Action::Cancel]),
+    // A node stop: the job resumes from its job record at the next start.
+    row(
+        LIVE,
+        EventKind::Shutdown,
+        Go(Interrupted),
+        &[Action::Cancel],
+    ),
 ];
 
 static ENTRY: &[super::machine::Entry<BackupJob>] = &[
     super::machine::Entry {
         state: Committing,
-        actions: &[Action::SaveCatalog],
+        actions: &[Action::ExportCatalog],
+    },
+    super::machine::Entry {
+        state: StoringRecord,
+        actions: &[Action::SendRecord],
     },
     super::machine::Entry {
         state: Draining,
@@ -552,7 +776,7 @@ static ENTRY: &[super::machine::Entry<BackupJob>] = &[
         actions: &[Action::Finish],
     },
     super::machine::Entry {
-        state: Aborted,
+        state: Interrupted,
         actions: &[Action::Finish],
     },
     super::machine::Entry {
@@ -565,7 +789,10 @@ static CHOICES: &[ChoiceRow<BackupJob>] = &[
     ChoiceRow {
         choice: Choice::Placing,
         targets: &[
-            (Committing, "input done, every block has k fragments placed"),
+            (
+                Committing,
+                "input done, every record durable, every block has k fragments placed",
+            ),
             (WaitingForSuppliers, "fewer than k suppliers up"),
             (Running, "otherwise"),
         ],
@@ -597,9 +824,9 @@ impl Machine for BackupJob {
     type Output = Output;
 
     const NAME: &'static str = "backup_job";
-    const ABOUT: &'static str = "One backup of one source: asks the pipeline for blocks within bounds, places each fragment on its position's supplier or keeps it in that position's outbox while the supplier is away, waits while fewer than k suppliers are up, and commits the catalog once every block has k fragments placed.";
+    const ABOUT: &'static str = "One backup of one source: asks the pipeline for blocks within bounds, places each fragment on its position's supplier or keeps it in that position's outbox while the supplier is away, waits while fewer than k suppliers are up, and commits once every block has k fragments placed: the catalog goes once to every supplier that is up, counts only with k fragments of every catalog block stored, and the recovery record must reach at least one supplier.";
     const INITIAL: State = AtStartup;
-    const TERMINAL: &'static [State] = &[Committed, Aborted, Failed];
+    const TERMINAL: &'static [State] = &[Committed, Interrupted, Failed];
 
     fn rows() -> &'static [Row<Self>] {
         ROWS
@@ -631,8 +858,19 @@ impl Machine for BackupJob {
 
     fn guard(&self, guard: Guard, event: &Event, _: &Ctx) -> bool {
         match (guard, event) {
-            (Guard::HasK, Event::BlockReady { placed, .. }) => {
-                placed.len() >= self.ledger.data_shards as usize
+            (Guard::CanReachK, Event::CatalogEncoded { .. }) => CatalogCommit::can_reach_k(
+                self.ledger.data_shards,
+                self.ledger.data_shards + self.ledger.parity_shards,
+                self.ledger.up(),
+            ),
+            (Guard::CatalogPending, Event::CatalogStored { .. }) => {
+                self.catalog_after(event).is_some_and(|c| c.pending() > 0)
+            }
+            (Guard::CatalogHasK, Event::CatalogStored { .. }) => {
+                self.catalog_after(event).is_some_and(|c| c.has_k())
+            }
+            (Guard::RecordKept, Event::RecordSent { copies }) => {
+                CatalogCommit::record_kept(*copies)
             }
             _ => false,
         }
@@ -658,55 +896,58 @@ impl Machine for BackupJob {
     fn apply(&mut self, action: Action, event: &Event, ctx: &Ctx, out: &mut Out<Self>) {
         match action {
             Action::Note => {
-                let sends = match event {
-                    Event::Start { up } => {
-                        let mut sends = Vec::new();
-                        for position in up {
-                            sends.extend(self.ledger.supplier_up(*position));
-                        }
-                        sends
-                    }
-                    Event::BlockReady {
-                        block,
-                        bytes,
-                        placed,
-                    } => self.ledger.block_ready(*block, *bytes, placed),
-                    Event::InputDone => {
-                        self.ledger.input_done();
-                        Vec::new()
-                    }
-                    Event::Placed { block, position } => self.ledger.placed(*block, *position),
-                    Event::PlaceFailed { block, position } => {
-                        if self.ledger.place_failed(*block, *position) {
-                            out.set_timer(Timer::Retry, ctx.now + self.retry_after);
-                        }
-                        Vec::new()
-                    }
-                    Event::Timeout(Timer::Retry) => self.ledger.release(),
-                    Event::SupplierUp(position) => self.ledger.supplier_up(*position),
-                    Event::SupplierDown(position) => {
-                        self.ledger.supplier_down(*position);
-                        Vec::new()
-                    }
-                    Event::CatalogSaved => {
-                        self.committed = true;
-                        Vec::new()
-                    }
-                    _ => Vec::new(),
-                };
+                let sends = self.note(event, ctx, out);
                 Self::place(out, sends);
+                for block in self.ledger.take_complete() {
+                    out.push(Output::BlockComplete { block });
+                }
             }
             Action::Produce => self.produce(out),
-            Action::SaveCatalog => out.push(Output::SaveCatalog),
+            Action::ExportCatalog => out.push(Output::ExportCatalog),
+            Action::PlaceCatalog => {
+                if let Event::CatalogEncoded {
+                    blocks,
+                    last_revision,
+                } = event
+                {
+                    let mut catalog = CatalogCommit::new(
+                        self.ledger.data_shards,
+                        self.ledger.parity_shards,
+                        Misses::Stage,
+                        self.revision_floor,
+                    );
+                    let sends = catalog.encoded(blocks, *last_revision, self.ledger.up());
+                    self.catalog = Some(catalog);
+                    for (block, position) in sends {
+                        out.push(Output::PlaceCatalog { block, position });
+                    }
+                }
+            }
+            Action::SendRecord => {
+                if let Some(catalog) = &self.catalog {
+                    out.push(Output::SendRecord {
+                        revision: catalog.revision(),
+                        placements: catalog.placements(),
+                        to: self.ledger.up().iter().copied().collect(),
+                    });
+                }
+            }
+            Action::SaveCatalog => {
+                if let Some(catalog) = &self.catalog {
+                    out.push(Output::SaveCatalog {
+                        revision: catalog.revision(),
+                        placements: catalog.placements(),
+                    });
+                }
+            }
             Action::Report => out.push(Output::Progress(self.ledger.progress())),
             Action::Cancel => out.push(Output::Cancel),
-            Action::Commit => out.push(Output::Committed),
+            Action::Commit => out.push(Output::Committed(self.ledger.progress())),
             Action::Finish => {
                 let outcome = match event {
                     _ if self.committed => Outcome::Committed,
-                    Event::Fatal(why) => Outcome::Failed(why.clone()),
                     Event::Shutdown => Outcome::Interrupted,
-                    _ => Outcome::Aborted,
+                    _ => Outcome::Failed(self.failure(event)),
                 };
                 out.push(Output::Progress(self.ledger.progress()));
                 out.push(Output::Finished(outcome));
@@ -719,16 +960,26 @@ impl Machine for BackupJob {
         if state == Committed && !self.ledger.every_block_has_k() {
             return Err("committed before every block had k fragments placed".into());
         }
+        if matches!(state, UploadingCatalog | StoringRecord) && self.catalog.is_none() {
+            return Err("uploading a catalog that was never coded".into());
+        }
+        if state == StoringRecord && !self.catalog.as_ref().is_some_and(CatalogCommit::has_k) {
+            return Err("storing the record before every catalog block had k fragments".into());
+        }
+        if self.committed && !matches!(state, StoringRecord | Draining | Committed) {
+            return Err(format!("the catalog was saved in {}", state.name()).into());
+        }
         Ok(())
     }
 
     fn sample_events() -> Vec<Event> {
-        let (a, b) = ([1; 32], [2; 32]);
-        vec![
+        let (a, b, c) = ([1; 32], [2; 32], [3; 32]);
+        let mut events = vec![
             Event::Start {
                 up: vec![0, 1, 2, 3, 4, 5],
             },
             Event::Start { up: vec![0, 1] },
+            Event::BlockStaged { block: a },
             Event::BlockReady {
                 block: a,
                 bytes: 100,
@@ -758,15 +1009,26 @@ impl Machine for BackupJob {
             },
             Event::SupplierUp(4),
             Event::SupplierDown(3),
+            Event::CatalogEncoded {
+                blocks: vec![c],
+                last_revision: 7,
+            },
+            Event::RecordSent { copies: 0 },
+            Event::RecordSent { copies: 3 },
             Event::CatalogSaved,
             Event::Fatal("disk".into()),
-            Event::Pause,
-            Event::Continue,
-            Event::Abort,
             Event::Timeout(Timer::Progress),
             Event::Timeout(Timer::Retry),
             Event::Shutdown,
-        ]
+        ];
+        for position in 0..6 {
+            events.push(Event::CatalogStored {
+                block: c,
+                position,
+                stored: position != 1,
+            });
+        }
+        events
     }
 }
 
@@ -862,6 +1124,67 @@ mod tests {
         assert!(produces(&s) > 0);
     }
 
+    /// Steps through the commit of a job whose one `block` reached positions 0..5 (5 is away):
+    /// returns the job in `Draining`.
+    fn commit_with_catalog(
+        job: &mut Instance<BackupJob>,
+        catalog: BlockId,
+        stored: &[u32],
+    ) -> Stepped<BackupJob> {
+        let s = job
+            .step(
+                &Event::CatalogEncoded {
+                    blocks: vec![catalog],
+                    last_revision: 41,
+                },
+                &C,
+            )
+            .expect("encoded");
+        assert_eq!(s.to, UploadingCatalog);
+        let asked: Vec<u32> = s
+            .outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::PlaceCatalog { block, position } if *block == catalog => Some(*position),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(asked, vec![0, 1, 2, 3, 4], "once to every supplier up");
+        let mut last = None;
+        for position in 0..5 {
+            last = job.step(
+                &Event::CatalogStored {
+                    block: catalog,
+                    position,
+                    stored: stored.contains(&position),
+                },
+                &C,
+            );
+        }
+        last.expect("answered")
+    }
+
+    fn ready_to_commit() -> (Instance<BackupJob>, BlockId) {
+        let (mut job, _) = started(vec![0, 1, 2, 3, 4]);
+        job.machine.revision_floor = 9;
+        let block = [9; 32];
+        job.step(&Event::BlockStaged { block }, &C);
+        job.step(
+            &Event::BlockReady {
+                block,
+                bytes: 10,
+                placed: vec![],
+            },
+            &C,
+        );
+        job.step(&Event::InputDone, &C);
+        for position in 0..5 {
+            job.step(&Event::Placed { block, position }, &C);
+        }
+        assert_eq!(job.state(), Committing);
+        (job, block)
+    }
+
     #[test]
     fn commits_once_every_block_has_k_placed_and_nothing_is_out() {
         let (mut job, _) = started(vec![0, 1, 2, 3, 4]);
@@ -889,21 +1212,155 @@ mod tests {
             .step(&Event::Placed { block, position: 4 }, &C)
             .expect("placed");
         assert_eq!(s.to, Committing);
-        assert!(s.outputs.contains(&Output::SaveCatalog));
+        assert!(s.outputs.contains(&Output::ExportCatalog));
+        let s = commit_with_catalog(&mut job, [5; 32], &[0, 1, 2, 3, 4]);
+        assert_eq!(s.to, StoringRecord);
+        let s = job
+            .step(&Event::RecordSent { copies: 5 }, &C)
+            .expect("sent");
+        assert!(matches!(s.outputs[..], [Output::SaveCatalog { .. }]));
         let s = job.step(&Event::CatalogSaved, &C).expect("saved");
         assert_eq!(s.to, Draining, "position 5's fragment still waits");
-        assert!(s.outputs.contains(&Output::Committed));
+        assert!(
+            s.outputs
+                .iter()
+                .any(|o| matches!(o, Output::Committed(p) if p.queued == 2)),
+            "committed with two fragments waiting"
+        );
         let s = job.step(&Event::SupplierUp(5), &C).expect("up");
         assert_eq!(
             places(&s),
-            vec![(block, 5)],
-            "sent once its supplier is back"
+            vec![(block, 5), ([5; 32], 5)],
+            "the data and the catalog fragment are sent once their supplier is back"
         );
         let s = job
             .step(&Event::Placed { block, position: 5 }, &C)
             .expect("placed");
+        assert_eq!(s.to, Draining);
+        assert!(s.outputs.contains(&Output::BlockComplete { block }));
+        let s = job
+            .step(
+                &Event::Placed {
+                    block: [5; 32],
+                    position: 5,
+                },
+                &C,
+            )
+            .expect("placed");
         assert_eq!(s.to, Committed);
         assert!(s.outputs.contains(&Output::Finished(Outcome::Committed)));
+    }
+
+    #[test]
+    fn the_record_names_the_holders_takes_the_next_revision_and_goes_to_every_supplier_up() {
+        let (mut job, _) = ready_to_commit();
+        let catalog = [5; 32];
+        let s = commit_with_catalog(&mut job, catalog, &[0, 1, 2, 4]);
+        assert_eq!(s.to, StoringRecord, "4 of 4 needed");
+        let expected = vec![Placement {
+            block: catalog,
+            holders: vec![0, 1, 2, 4],
+            staged: vec![3, 5],
+            missing: vec![],
+        }];
+        assert_eq!(
+            s.outputs,
+            vec![Output::SendRecord {
+                revision: 42,
+                placements: expected.clone(),
+                to: vec![0, 1, 2, 3, 4],
+            }]
+        );
+        let s = job
+            .step(&Event::RecordSent { copies: 1 }, &C)
+            .expect("sent");
+        assert_eq!(
+            s.outputs,
+            vec![Output::SaveCatalog {
+                revision: 42,
+                placements: expected,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_catalog_below_k_or_a_record_no_supplier_took_fails_the_job() {
+        let (mut job, _) = ready_to_commit();
+        let s = commit_with_catalog(&mut job, [5; 32], &[0, 1, 2]);
+        assert_eq!(s.to, Failed, "3 of the 4 needed");
+        assert!(s.outputs.contains(&Output::Finished(Outcome::Failed(
+            "the snapshot is committed here, but its catalog reached only 3 of the 4 suppliers it needs".into()
+        ))));
+
+        let (mut job, _) = ready_to_commit();
+        job.step(&Event::SupplierDown(0), &C);
+        job.step(&Event::SupplierDown(1), &C);
+        let s = job
+            .step(
+                &Event::CatalogEncoded {
+                    blocks: vec![[5; 32]],
+                    last_revision: 0,
+                },
+                &C,
+            )
+            .expect("encoded");
+        assert_eq!(
+            s.to, Failed,
+            "only 3 suppliers up: no catalog fragment asked"
+        );
+        assert!(
+            !s.outputs
+                .iter()
+                .any(|o| matches!(o, Output::PlaceCatalog { .. }))
+        );
+
+        let (mut job, _) = ready_to_commit();
+        commit_with_catalog(&mut job, [5; 32], &[0, 1, 2, 3, 4]);
+        let s = job
+            .step(&Event::RecordSent { copies: 0 }, &C)
+            .expect("sent");
+        assert_eq!(s.to, Failed);
+        assert!(s.outputs.contains(&Output::Finished(Outcome::Failed(
+            "the snapshot is committed here, but no supplier took the recovery record".into()
+        ))));
+    }
+
+    #[test]
+    fn the_job_commits_only_once_every_block_record_is_durable() {
+        let (mut job, _) = started(vec![0, 1, 2, 3, 4, 5]);
+        let (a, b) = ([1; 32], [2; 32]);
+        job.step(&Event::BlockStaged { block: a }, &C);
+        job.step(
+            &Event::BlockReady {
+                block: a,
+                bytes: 10,
+                placed: vec![],
+            },
+            &C,
+        );
+        job.step(&Event::BlockStaged { block: b }, &C);
+        job.step(&Event::InputDone, &C);
+        for position in 0..6 {
+            let s = job
+                .step(&Event::Placed { block: a, position }, &C)
+                .expect("placed");
+            assert_ne!(s.to, Committing, "block b's record is not durable yet");
+        }
+        let s = job
+            .step(
+                &Event::BlockReady {
+                    block: b,
+                    bytes: 10,
+                    placed: vec![],
+                },
+                &C,
+            )
+            .expect("recorded");
+        assert_eq!(places(&s).len(), 6, "b's fragments leave once recorded");
+        for position in 0..6 {
+            job.step(&Event::Placed { block: b, position }, &C);
+        }
+        assert_eq!(job.state(), Committing);
     }
 
     #[test]
@@ -970,6 +1427,8 @@ mod tests {
         for position in 0..5 {
             job.step(&Event::Placed { block, position }, &C);
         }
+        commit_with_catalog(&mut job, [5; 32], &[0, 1, 2, 3, 4]);
+        job.step(&Event::RecordSent { copies: 5 }, &C);
         let s = job.step(&Event::CatalogSaved, &C).expect("saved");
         assert_eq!(s.to, Draining);
         let s = job.step(&Event::Shutdown, &C).expect("stop");
@@ -978,14 +1437,14 @@ mod tests {
     }
 
     #[test]
-    fn shutdown_interrupts_and_abort_cancels() {
+    fn a_node_stop_interrupts_the_job() {
         let (mut job, _) = started((0..6).collect());
         let s = job.step(&Event::Shutdown, &C).expect("stop");
-        assert_eq!(s.to, Aborted);
-        assert!(s.outputs.contains(&Output::Finished(Outcome::Interrupted)));
-        let (mut job, _) = started((0..6).collect());
-        let s = job.step(&Event::Abort, &C).expect("abort");
+        assert_eq!(s.to, Interrupted);
         assert!(s.outputs.contains(&Output::Cancel));
-        assert!(s.outputs.contains(&Output::Finished(Outcome::Aborted)));
+        assert!(s.outputs.contains(&Output::Finished(Outcome::Interrupted)));
+        let (mut job, _) = ready_to_commit();
+        let s = job.step(&Event::Shutdown, &C).expect("stop");
+        assert_eq!(s.to, Interrupted, "stopped before the catalog was saved");
     }
 }

@@ -3,11 +3,13 @@
 //! actions into outputs with data; `actors` runs them, and so does the simulation (`sim`).
 
 pub mod backup_job;
+pub mod catalog_commit;
 pub mod check;
 pub mod diagram;
 pub mod fetch;
 pub mod fire_hire;
 pub mod identity;
+pub mod jobs;
 pub mod machine;
 pub mod monitor;
 pub mod network_connector;
@@ -38,6 +40,7 @@ macro_rules! for_each_machine {
         $f::<$crate::fsm::restore_worker::RestoreWorker>($($arg),*);
         $f::<$crate::fsm::monitor::Monitor>($($arg),*);
         $f::<$crate::fsm::rebuilder::Rebuilder>($($arg),*);
+        $f::<$crate::fsm::jobs::JobQueue>($($arg),*);
     }};
 }
 

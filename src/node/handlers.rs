@@ -36,7 +36,7 @@ pub enum Refused {
     NothingToBackUp,
     /// The backup or restore queue refused (its own message).
     #[error("{0}")]
-    Queue(String),
+    Queue(super::jobs::Refused),
     #[error("cannot read the catalog: {0}")]
     Catalog(#[from] StoreError),
     #[error("{0}")]

@@ -9,6 +9,7 @@ pub mod durability;
 pub mod handlers;
 pub mod health;
 pub mod home;
+pub mod jobs;
 pub mod logging;
 pub mod offline;
 pub mod recover;

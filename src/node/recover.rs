@@ -213,11 +213,7 @@ pub async fn run_pending(
         .context("saving the suppliers' positions")?;
     // The next record this node stores must be newer than the one it recovered from.
     let mut batch = crate::store::Batch::new();
-    crate::store::health::put_meta(
-        &mut batch,
-        crate::actors::backup_job::REVISION_META,
-        &record.revision.to_le_bytes(),
-    );
+    crate::store::health::put_recovery_revision(&mut batch, record.revision);
     kv.write(batch).context("saving the recovery revision")?;
     kv.flush().context("flushing the recovered catalog")?;
     std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;

@@ -1,111 +1,87 @@
-//! Restores asked for through the control socket run one at a time, in order.
+//! Restores asked for through the control socket run one at a time, in order: the restore side
+//! of the `fsm::jobs` runner (no dedupe: every request is its own run; nothing between two).
 
-use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::rc::Rc;
 
 use actix::prelude::*;
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
+use super::jobs::{JobKind, Refused, Runner};
 use crate::actors::Shell;
 use crate::actors::restore_worker::{self, RestoreSpec, RestoreWiring, RestoreWorkerDriver};
 use crate::actors::status::RestoreResult;
+use crate::fsm::jobs::JobQueue;
 
 const MAX_QUEUED: usize = 16;
 
-pub struct Restores {
+pub struct RestoreKind {
     wiring: RestoreWiring,
-    queue: RefCell<VecDeque<(u64, RestoreSpec)>>,
-    wake: Notify,
-    next_run: Cell<u64>,
-    current: RefCell<Option<Addr<Shell<RestoreWorkerDriver>>>>,
-    stopping: Cell<bool>,
+}
+
+impl JobKind for RestoreKind {
+    type Spec = RestoreSpec;
+    type Handle = Addr<Shell<RestoreWorkerDriver>>;
+    type Error = String;
+    const WHAT: &'static str = "restores";
+
+    fn key(spec: &RestoreSpec) -> String {
+        format!("{}#{}", spec.source, spec.snapshot.0)
+    }
+
+    async fn start(
+        &self,
+        run: u64,
+        spec: RestoreSpec,
+    ) -> Result<(Self::Handle, oneshot::Receiver<()>), String> {
+        restore_worker::start(self.wiring.clone(), run, spec).await
+    }
+
+    fn start_failed(&self, run: u64, spec: RestoreSpec, error: String) {
+        tracing::error!(run, error = %error, "cannot start a restore");
+        if let Ok(mut s) = self.wiring.status.lock() {
+            s.finished.push(RestoreResult {
+                run,
+                snapshot: spec.snapshot.0,
+                source: spec.source,
+                to: spec.to.display().to_string(),
+                outcome: crate::actors::status::RestoreOutcome::Failed,
+                error: Some(error),
+                ..RestoreResult::default()
+            });
+        }
+    }
+
+    fn alive(_: &Self::Handle) -> bool {
+        // A finished restore leaves nothing running.
+        false
+    }
+
+    async fn stop(handle: Self::Handle) {
+        let _ = handle.send(crate::actors::Shutdown).await;
+    }
+
+    async fn between(&self) {}
+
+    fn publish_queue(&self, _: Vec<String>) {}
+}
+
+pub struct Restores {
+    runner: Rc<Runner<RestoreKind>>,
 }
 
 impl Restores {
     pub fn start(wiring: RestoreWiring) -> Rc<Restores> {
-        let restores = Rc::new(Restores {
-            wiring,
-            queue: RefCell::new(VecDeque::new()),
-            wake: Notify::new(),
-            next_run: Cell::new(1),
-            current: RefCell::new(None),
-            stopping: Cell::new(false),
-        });
-        let runner = restores.clone();
-        actix::spawn(async move { runner.run().await });
-        restores
+        let runner = Runner::start(RestoreKind { wiring }, JobQueue::new(MAX_QUEUED, false));
+        Rc::new(Restores { runner })
     }
 
     /// Queues the restores; returns their run numbers.
-    pub fn request(&self, specs: Vec<RestoreSpec>) -> Result<Vec<u64>, String> {
-        if self.stopping.get() {
-            return Err("the node is shutting down".into());
-        }
-        if self.queue.borrow().len() + specs.len() > MAX_QUEUED {
-            return Err(format!("{MAX_QUEUED} restores are already waiting"));
-        }
-        let mut runs = Vec::new();
-        for spec in specs {
-            let run = self.next_run.get();
-            self.next_run.set(run + 1);
-            self.queue.borrow_mut().push_back((run, spec));
-            runs.push(run);
-        }
-        self.wake.notify_one();
-        Ok(runs)
-    }
-
-    async fn run(self: Rc<Self>) {
-        loop {
-            let next = self.queue.borrow_mut().pop_front();
-            let Some((run, spec)) = next else {
-                if self.stopping.get() {
-                    return;
-                }
-                self.wake.notified().await;
-                continue;
-            };
-            if self.stopping.get() {
-                return;
-            }
-            let (source, snapshot, to) = (
-                spec.source.clone(),
-                spec.snapshot.0,
-                spec.to.display().to_string(),
-            );
-            match restore_worker::start(self.wiring.clone(), run, spec).await {
-                Ok((addr, done)) => {
-                    *self.current.borrow_mut() = Some(addr);
-                    let _ = done.await;
-                    *self.current.borrow_mut() = None;
-                }
-                Err(why) => {
-                    tracing::error!(run, error = %why, "cannot start a restore");
-                    if let Ok(mut s) = self.wiring.status.lock() {
-                        s.finished.push(RestoreResult {
-                            run,
-                            snapshot,
-                            source,
-                            to,
-                            outcome: crate::actors::status::RestoreOutcome::Failed,
-                            error: Some(why),
-                            ..RestoreResult::default()
-                        });
-                    }
-                }
-            }
-        }
+    pub fn request(&self, specs: Vec<RestoreSpec>) -> Result<Vec<u64>, Refused> {
+        self.runner.request(specs)
     }
 
     /// Stops taking restores and interrupts the running one.
     pub async fn shutdown(&self) {
-        self.stopping.set(true);
-        self.queue.borrow_mut().clear();
-        self.wake.notify_one();
-        let current = self.current.borrow().clone();
-        if let Some(addr) = current {
-            let _ = addr.send(crate::actors::Shutdown).await;
-        }
+        self.runner.shutdown().await;
     }
 }

@@ -127,6 +127,7 @@ pub async fn start(base: Base, config: &Config) -> Actors {
     });
     let refresh = CatalogRefresh {
         kv: store.clone(),
+        writer: disk.writer.clone(),
         network: peers.network.clone(),
         fire_hire: peers.customer.clone(),
         keys: data_keys.clone(),

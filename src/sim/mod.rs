@@ -122,7 +122,8 @@ enum Msg {
         block: BlockId,
         position: u32,
     },
-    CatalogSaved,
+    /// One of the backup job's own events (the catalog upload's steps).
+    Backup(bj::Event),
 }
 
 /// A simulated session: the node index of the other end (known from the TCP connection in the
@@ -538,11 +539,37 @@ impl Sim {
                         None => self.backup(node, bj::Event::SupplierDown(position)),
                     }
                 }
-                bj::Output::SaveCatalog => {
-                    self.local(node, Duration::from_millis(50), Msg::CatalogSaved)
-                }
+                // The catalog upload: the sim models data placement; the catalog's own
+                // fragments and the record reach every supplier the job sees up.
+                bj::Output::ExportCatalog => self.local(
+                    node,
+                    Duration::from_millis(20),
+                    Msg::Backup(bj::Event::CatalogEncoded {
+                        blocks: vec![[0xca; 32]],
+                        last_revision: 0,
+                    }),
+                ),
+                bj::Output::PlaceCatalog { block, position } => self.local(
+                    node,
+                    Duration::from_millis(10),
+                    Msg::Backup(bj::Event::CatalogStored {
+                        block,
+                        position,
+                        stored: true,
+                    }),
+                ),
+                bj::Output::SendRecord { to, .. } => self.local(
+                    node,
+                    Duration::from_millis(10),
+                    Msg::Backup(bj::Event::RecordSent { copies: to.len() }),
+                ),
+                bj::Output::SaveCatalog { .. } => self.local(
+                    node,
+                    Duration::from_millis(20),
+                    Msg::Backup(bj::Event::CatalogSaved),
+                ),
                 // The snapshot stands; the job drains its outboxes before `Finished`.
-                bj::Output::Committed => {}
+                bj::Output::Committed(_) | bj::Output::BlockComplete { .. } => {}
                 bj::Output::Finished(outcome) => {
                     if let Some(b) = self.nodes[node].backup.as_mut() {
                         b.outcome = Some(outcome);
@@ -703,7 +730,7 @@ impl Sim {
                 | Msg::BlockReady { .. }
                 | Msg::InputDone
                 | Msg::StoreTimeout { .. }
-                | Msg::CatalogSaved
+                | Msg::Backup(_)
         );
         if self.cut.contains(&pair(from, to))
             || (lossy && self.rng.gen_bool(self.cfg.loss.clamp(0.0, 1.0)))
@@ -822,7 +849,7 @@ impl Sim {
                 },
             ),
             Msg::InputDone => self.backup(to, bj::Event::InputDone),
-            Msg::CatalogSaved => self.backup(to, bj::Event::CatalogSaved),
+            Msg::Backup(event) => self.backup(to, event),
         }
     }
 

@@ -24,11 +24,11 @@
 //!   entries naming a block before the block: no chunk entry ever names a missing block, and
 //!   what a crash leaves half-removed is found again by [`plan_prune`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use super::codec::{self, Key, KeyReader, KvPages, Pages, records};
-use super::{Batch, Cf, KeyValue, KvStore, StoreError, jobs};
+use super::{Batch, Cf, KeyValue, KvStore, StoreError, jobs, retention};
 use crate::crypto::derive::BlockKey;
 use crate::crypto::identity::NodeId;
 use crate::data::{BlockId, ChunkId};
@@ -1084,55 +1084,35 @@ pub fn plan_prune(
     keep_versions: usize,
     protect: &BTreeSet<BlockId>,
 ) -> Result<Prune, CatalogError> {
-    let keep = keep_versions.max(1);
-    // Committed snapshots per source, in id order (the scan's order: ids are big-endian).
-    let mut by_source: BTreeMap<String, Vec<SnapshotId>> = BTreeMap::new();
-    let mut recorded = BTreeSet::new();
-    let mut unjudged = Vec::new();
+    // Committed snapshots in id order (the scan's order: ids are big-endian).
+    let mut snapshots = Vec::new();
     for page in kv.pages(CF, TAG_SNAPSHOT, PAGE) {
         for (k, v) in page? {
             let Some(id) = snapshot_key_id(&k) else {
                 warn_skipped("snapshot", &CatalogError::Key);
                 continue;
             };
-            recorded.insert(id);
             match parse_snapshot(&k, &v) {
-                Ok(s) => by_source.entry(s.source).or_default().push(id),
+                Ok(s) => snapshots.push((id, Some(s.source))),
                 Err(e) => {
                     warn_skipped("snapshot", &e);
-                    unjudged.push(id);
+                    snapshots.push((id, None));
                 }
             }
         }
     }
     let running: BTreeSet<SnapshotId> = jobs::jobs(kv)?.into_iter().map(|j| j.snapshot).collect();
-    let mut dropped = Vec::new();
-    // Grouped by source, oldest first: what `referenced_blocks` walks fastest.
-    let mut kept = Vec::new();
-    for ids in by_source.values() {
-        let cut = ids.len().saturating_sub(keep);
-        dropped.extend_from_slice(&ids[..cut]);
-        kept.extend_from_slice(&ids[cut..]);
-    }
-    kept.extend(unjudged);
-    kept.extend(running.iter().copied());
-    for id in tree_ids(kv)? {
-        if !recorded.contains(&id) && !running.contains(&id) {
-            dropped.push(id);
-        }
-    }
-    dropped.sort_unstable();
-    dropped.dedup();
-    let referenced = referenced_blocks(kv, &kept)?;
+    let versions = retention::versions(&snapshots, &tree_ids(kv)?, &running, keep_versions);
+    let referenced = referenced_blocks(kv, &versions.kept)?;
     let mut blocks_out = Vec::new();
     for entry in blocks(kv) {
         let entry = entry?;
-        if !referenced.contains(&entry.id) && !protect.contains(&entry.id) {
+        if retention::block_goes(&entry.id, &referenced, protect) {
             blocks_out.push(entry);
         }
     }
     Ok(Prune {
-        snapshots: dropped,
+        snapshots: versions.dropped,
         blocks: blocks_out,
     })
 }

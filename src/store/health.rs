@@ -8,6 +8,7 @@
 //! | `p<block id 32><position u32 BE>` | `records::AuditPairsRecord`: that position's unspent audit pairs |
 //! | `c` | `records::CurrentCatalogRecord`: the blocks of the current catalog export |
 //! | `m<name bytes>` | the caller's bytes as given (per-supplier statistics, the last restore drill) |
+//! | `mrecovery-revision.v2` | `records::RecoveryRevisionRecord`: the latest recovery record's revision |
 //!
 //! Each kind has its own first byte, so no key of one kind is a key (or a prefix) of another;
 //! a block's pairs share the prefix `p<block>`, so [`delete_block`] finds them all with one scan.
@@ -261,6 +262,28 @@ pub fn meta(kv: &dyn KvStore, name: &str) -> Result<Option<Vec<u8>>, HealthError
     Ok(kv.get(CF, &meta_key(name))?)
 }
 
+/// Where the latest recovery record revision is kept (a `RecoveryRevisionRecord`).
+const REVISION: &str = "recovery-revision.v2";
+/// Where releases before the typed record kept it (8 bytes, little-endian); read, never written.
+const REVISION_LEGACY: &str = "recovery-revision";
+
+/// Records the revision of the latest recovery record this node stored (or recovered from).
+pub fn put_recovery_revision(batch: &mut Batch, revision: u64) {
+    let record = records::RecoveryRevisionRecord { revision };
+    batch.put(CF, meta_key(REVISION), codec::encode(&record));
+}
+
+/// The revision of the latest recovery record this node stored; 0 before the first.
+pub fn recovery_revision(kv: &dyn KvStore) -> Result<u64, HealthError> {
+    if let Some(v) = kv.get(CF, &meta_key(REVISION))? {
+        let record: records::RecoveryRevisionRecord = codec::decode(&v)?;
+        return Ok(record.revision);
+    }
+    Ok(meta(kv, REVISION_LEGACY)?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map_or(0, u64::from_le_bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +294,21 @@ mod tests {
         let mut b = [0xa5; 32];
         b[..4].copy_from_slice(&n.to_be_bytes());
         BlockId(b)
+    }
+
+    #[test]
+    fn the_recovery_revision_is_a_typed_record_and_an_old_one_is_still_read() {
+        let kv = MemStore::new();
+        assert_eq!(recovery_revision(&kv).expect("read"), 0);
+        write(&kv, |b| put_meta(b, REVISION_LEGACY, &7u64.to_le_bytes()));
+        assert_eq!(recovery_revision(&kv).expect("read"), 7);
+        write(&kv, |b| put_recovery_revision(b, 8));
+        assert_eq!(recovery_revision(&kv).expect("read"), 8);
+        write(&kv, |b| put_meta(b, REVISION, b"\xff\xff"));
+        assert!(
+            recovery_revision(&kv).is_err(),
+            "bytes that are not a record"
+        );
     }
 
     fn pair(n: u8) -> AuditPair {

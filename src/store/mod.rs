@@ -13,6 +13,7 @@ pub mod health;
 pub mod jobs;
 mod mem;
 pub mod peers;
+pub mod retention;
 mod rocks;
 pub mod writer;
 
