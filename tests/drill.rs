@@ -218,7 +218,7 @@ fn a_drill_passes_uses_parity_for_m_bad_positions_and_names_the_files_past_m() {
         assert!(
             r.contains("3 of the 4 fragments needed")
                 && r.contains("position 0: fragment 0 does not match its hash")
-                && r.contains("position 2: supplier"),
+                && r.contains("position 2: refused (STORAGE_ERROR)"),
             "{failure:?}"
         );
     }

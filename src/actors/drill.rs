@@ -635,7 +635,9 @@ impl<S: Fragments> Drill<'_, S> {
         if !plan.complete() {
             return Err(DrillProblem::TooFew {
                 block,
-                have: plan.good_count(),
+                // What the positions not failed could give at best (the plan stops asking once
+                // that is below k, so fewer may have arrived).
+                have: plan.possible(),
                 k,
                 problems,
             });

@@ -167,7 +167,12 @@ impl Plan {
 
     /// Fewer than `k` positions can still succeed, even if every one not failed answered well.
     pub fn hopeless(&self) -> bool {
-        self.candidates.len().saturating_sub(self.failed.len()) < self.k
+        self.possible() < self.k
+    }
+
+    /// How many good fragments the positions not failed could give at best.
+    pub fn possible(&self) -> usize {
+        self.candidates.len().saturating_sub(self.failed.len())
     }
 
     /// The good positions, lowest first.
