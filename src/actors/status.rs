@@ -426,11 +426,3 @@ impl Contract {
             .map_or(Contract::NoService, |s| Contract::from(*s))
     }
 }
-
-/// Lets the drivers that still compare the contract by name (`== "Connected"`) compile until
-/// they stop deciding from status (issue 17); remove it with the last such comparison.
-impl PartialEq<&str> for Contract {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
