@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use bitdust::fsm::fire_hire;
 use bitdust::fsm::supplier_connector as sc;
-use bitdust::sim::{Sim, SimConfig};
+use bitdust::sim::{Checked, Sim, SimConfig};
 
 const GIB: u64 = 1 << 30;
 const MIN: Duration = Duration::from_secs(60);
 
-fn invariant(sim: &Sim) -> Result<(), String> {
+fn invariant(sim: &Sim) -> Checked {
     sim.check_positions()?;
     sim.check_sessions()
 }
@@ -365,7 +365,7 @@ fn a_hand_made_violation_is_caught() {
     assert!(invariant(&sim).is_ok());
     sim.lose_connector(0, 3);
     let e = invariant(&sim).expect_err("a lost connector must be reported");
-    assert!(e.contains("is gone"), "{e}");
+    assert!(e.0.contains("is gone"), "{e}");
 }
 
 /// A backup job on the production machine: under loss and delay, with a supplier partitioned

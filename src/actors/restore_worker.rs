@@ -21,10 +21,12 @@ use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{RestoreJobStatus, RestoreOutcome, RestoreResult, RestoreStatus, SkippedFile};
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
-use crate::data::{self, BlockId, BlockManifest};
+use crate::data::{self, BlockId, BlockManifest, DataError};
 use crate::fsm::restore_worker::{self as rw, Outcome, Progress, RestoreWorker};
-use crate::pipeline::restore::{self, RestoreCounters, RestorePlan, RestoreReport, RestoreTarget};
-use crate::store::KvStore;
+use crate::pipeline::restore::{
+    self, BlockError, RestoreCounters, RestoreError, RestorePlan, RestoreReport, RestoreTarget,
+};
+use crate::store::{KvStore, StoreError};
 use crate::store::catalog::{self, SnapshotId};
 
 type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
@@ -66,7 +68,7 @@ pub struct RestoreWiring {
 }
 
 /// A decoded block, or why it cannot be had.
-type BlockResult = Result<Arc<Vec<u8>>, String>;
+type BlockResult = Result<Arc<Vec<u8>>, BlockError>;
 
 /// Between the actor and the writer thread: decoded blocks waiting to be taken.
 #[derive(Default)]
@@ -89,7 +91,7 @@ pub enum RestoreInput {
     /// From the writer thread.
     Consumed([u8; 32]),
     Want([u8; 32]),
-    WriterDone(Result<RestoreReport, String>),
+    WriterDone(Result<RestoreReport, RestoreError>),
     /// From fire_hire: a position's supplier came up or went down.
     Position(PositionNews),
 }
@@ -212,7 +214,7 @@ impl RestoreWorkerDriver {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "a block did not decode from fragments matching its manifest");
-                    handoff.put(block, Err(format!("block did not decode: {e}")));
+                    handoff.put(block, Err(BlockError::Undecodable(e.to_string())));
                     rw::Event::DecodeFailed { block }
                 }
             }
@@ -326,10 +328,7 @@ impl Driver for RestoreWorkerDriver {
             rw::Output::Fetch { block, position } => self.fetch(block, position, io),
             rw::Output::Decode { block } => self.decode(block, io),
             rw::Output::GiveUp { block } => {
-                self.handoff.put(
-                    block,
-                    Err("fewer than k suppliers could give a good fragment".into()),
-                );
+                self.handoff.put(block, Err(BlockError::TooFewFragments));
             }
             rw::Output::Progress(progress) => {
                 self.progress = progress;
@@ -360,7 +359,7 @@ impl Driver for RestoreWorkerDriver {
                 self.report = Some(report);
                 vec![rw::Event::WriterDone { failed }]
             }
-            RestoreInput::WriterDone(Err(e)) => vec![rw::Event::Fatal(e)],
+            RestoreInput::WriterDone(Err(e)) => vec![rw::Event::Fatal(e.to_string())],
             RestoreInput::Position(news) if news.up => vec![rw::Event::SupplierUp(news.position)],
             RestoreInput::Position(news) => vec![rw::Event::SupplierDown(news.position)],
         }
@@ -379,10 +378,10 @@ fn run_writer(
     counters: Arc<RestoreCounters>,
     news: mpsc::UnboundedSender<RestoreInput>,
 ) {
-    let mut get_block = |id: BlockId| -> Result<Arc<Vec<u8>>, String> {
+    let mut get_block = |id: BlockId| -> BlockResult {
         let mut asked = false;
         let Ok(mut ready) = handoff.ready.lock() else {
-            return Err("restore stopped".into());
+            return Err(BlockError::Stopped);
         };
         loop {
             if let Some(value) = ready.remove(&id.0) {
@@ -390,7 +389,7 @@ fn run_writer(
                 return value;
             }
             if handoff.cancelled.load(Ordering::Relaxed) {
-                return Err("restore stopped".into());
+                return Err(BlockError::Stopped);
             }
             if !asked {
                 let _ = news.send(RestoreInput::Want(id.0));
@@ -401,13 +400,31 @@ fn run_writer(
                 .wait_timeout(ready, Duration::from_millis(500))
             {
                 Ok((guard, _)) => guard,
-                Err(_) => return Err("restore stopped".into()),
+                Err(_) => return Err(BlockError::Stopped),
             };
         }
     };
-    let result = restore::restore_files(&plan, &target, &mut get_block, CACHE_BLOCKS, &counters)
-        .map_err(|e| e.to_string());
+    let result = restore::restore_files(&plan, &target, &mut get_block, CACHE_BLOCKS, &counters);
     let _ = news.send(RestoreInput::WriterDone(result));
+}
+
+/// Why a restore could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreStartError {
+    #[error(transparent)]
+    Plan(#[from] RestoreError),
+    #[error("reading the catalog: {0}")]
+    Catalog(#[from] StoreError),
+    #[error("block {block}: {source}")]
+    Manifest {
+        block: BlockId,
+        #[source]
+        source: DataError,
+    },
+    #[error("the restore's preparation did not finish: {0}")]
+    Preparation(#[from] tokio::task::JoinError),
+    #[error("cannot start the restore writer: {0}")]
+    Writer(#[source] std::io::Error),
 }
 
 /// Starts one restore; `done` resolves when it finished.
@@ -415,7 +432,7 @@ pub async fn start(
     wiring: RestoreWiring,
     run: u64,
     spec: RestoreSpec,
-) -> Result<(Addr<Shell<RestoreWorkerDriver>>, oneshot::Receiver<()>), String> {
+) -> Result<(Addr<Shell<RestoreWorkerDriver>>, oneshot::Receiver<()>), RestoreStartError> {
     let kv = wiring.kv.clone();
     let owner = wiring.owner;
     let snapshot = spec.snapshot;
@@ -428,16 +445,16 @@ pub async fn start(
     // The plan and every block's manifest: read and verified off the event loop. A restore run
     // again after an interruption leaves out the blocks of files already complete.
     let prepared = tokio::task::spawn_blocking(move || {
-        let mut plan = restore::plan(&*kv, snapshot, sub.as_deref()).map_err(|e| e.to_string())?;
+        let mut plan = restore::plan(&*kv, snapshot, sub.as_deref())?;
         plan.skip_complete(&resume_target);
         let mut sources = HashMap::new();
         let mut layout = Vec::new();
         for id in &plan.blocks {
-            let Some(entry) = catalog::block(&*kv, id).map_err(|e| e.to_string())? else {
+            let Some(entry) = catalog::block(&*kv, id)? else {
                 continue;
             };
             let manifest = BlockManifest::verify(&entry.signed_manifest, &owner)
-                .map_err(|e| format!("block {id}: {e}"))?;
+                .map_err(|source| RestoreStartError::Manifest { block: *id, source })?;
             let total = entry.fragments.len();
             layout.push((id.0, entry.data_shards, total as u32));
             sources.insert(
@@ -449,10 +466,9 @@ pub async fn start(
                 },
             );
         }
-        Ok::<_, String>((plan, sources, layout))
+        Ok::<_, RestoreStartError>((plan, sources, layout))
     })
-    .await
-    .map_err(|e| e.to_string())??;
+    .await??;
     let (plan, sources, layout) = prepared;
     // Positions whose suppliers are not up now are asked last; the subscription below says
     // when they come back (or others go), in order.
@@ -512,7 +528,7 @@ pub async fn start(
     std::thread::Builder::new()
         .name("restore-writer".into())
         .spawn(move || run_writer(plan, target, handoff, counters, news_tx))
-        .map_err(|e| format!("cannot start the restore writer: {e}"))?;
+        .map_err(RestoreStartError::Writer)?;
     Ok((addr, done_rx))
 }
 

@@ -70,7 +70,18 @@ pub enum SupplierQuery {
 pub enum SupplierAnswer {
     Status(SupplierStatus),
     /// Resolves once the customer's account is cancelled (and the customer told).
-    Dropping(oneshot::Receiver<Result<(), String>>),
+    Dropping(oneshot::Receiver<Result<(), DropError>>),
+}
+
+/// Why a customer could not be dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum DropError {
+    #[error("storage is not available")]
+    NoStorage,
+    #[error(transparent)]
+    Store(#[from] FragmentError),
+    #[error("the drop did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Requests from peers reach the supplier through the network's router.
@@ -429,15 +440,15 @@ impl Driver for SupplierServiceDriver {
             SupplierQuery::Drop { customer, link } => {
                 let (reply, answer) = oneshot::channel();
                 let Some(store) = self.store.clone() else {
-                    let _ = reply.send(Err("storage is not available".into()));
+                    let _ = reply.send(Err(DropError::NoStorage));
                     return SupplierAnswer::Dropping(answer);
                 };
                 let now = io.unix_secs();
                 io.spawn_task(async move {
-                    let cancelled = tokio::task::spawn_blocking(move || store.cancel(&customer, now))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let cancelled = match tokio::task::spawn_blocking(move || store.cancel(&customer, now)).await {
+                        Ok(result) => result.map_err(DropError::from),
+                        Err(e) => Err(DropError::from(e)),
+                    };
                     if cancelled.is_ok() {
                         tracing::info!(customer = %customer, "customer dropped; data kept for the grace period");
                         if let Some(link) = link {

@@ -51,9 +51,9 @@ pub enum Refused {
     Save(#[from] WriterError),
     #[error(transparent)]
     PeerBook(#[from] PeerBookError),
-    /// The supplier could not drop the customer (its own message).
-    #[error("{0}")]
-    Drop(String),
+    /// The supplier could not drop the customer.
+    #[error(transparent)]
+    Drop(#[from] crate::actors::supplier_service::DropError),
     #[error(transparent)]
     Drill(#[from] DrillRunError),
     #[error("no session with {0}")]

@@ -21,7 +21,7 @@ pub struct RestoreKind {
 impl JobKind for RestoreKind {
     type Spec = RestoreSpec;
     type Handle = Addr<Shell<RestoreWorkerDriver>>;
-    type Error = String;
+    type Error = restore_worker::RestoreStartError;
     const WHAT: &'static str = "restores";
 
     fn key(spec: &RestoreSpec) -> String {
@@ -32,11 +32,11 @@ impl JobKind for RestoreKind {
         &self,
         run: u64,
         spec: RestoreSpec,
-    ) -> Result<(Self::Handle, oneshot::Receiver<()>), String> {
+    ) -> Result<(Self::Handle, oneshot::Receiver<()>), Self::Error> {
         restore_worker::start(self.wiring.clone(), run, spec).await
     }
 
-    fn start_failed(&self, run: u64, spec: RestoreSpec, error: String) {
+    fn start_failed(&self, run: u64, spec: RestoreSpec, error: Self::Error) {
         tracing::error!(run, error = %error, "cannot start a restore");
         if let Ok(mut s) = self.wiring.status.lock() {
             s.finished.push(RestoreResult {
@@ -45,7 +45,7 @@ impl JobKind for RestoreKind {
                 source: spec.source,
                 to: spec.to.display().to_string(),
                 outcome: crate::actors::status::RestoreOutcome::Failed,
-                error: Some(error),
+                error: Some(error.to_string()),
                 ..RestoreResult::default()
             });
         }

@@ -182,6 +182,37 @@ pub enum RestoreError {
     Target(#[source] std::io::Error),
 }
 
+/// Why a block could not be had for a restore.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    /// The restore was cancelled, or the side that fetches blocks went away.
+    #[error("the restore stopped")]
+    Stopped,
+    /// Fewer than the block's `k` positions could give a fragment matching its manifest.
+    #[error("fewer than k suppliers could give a good fragment")]
+    TooFewFragments,
+    /// Fragments that match the manifest did not decode to the block.
+    #[error("the block did not decode: {0}")]
+    Undecodable(String),
+    /// The decoded bytes are not a packed block.
+    #[error("the block is malformed: {0}")]
+    Malformed(String),
+    /// The block does not hold a chunk the catalog places in it.
+    #[error("the block does not hold a chunk it should")]
+    MissingChunk,
+}
+
+/// A block a file needs could not be had: which, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("block {block} unavailable: {why}")]
+pub struct Unavailable {
+    pub block: BlockId,
+    pub why: BlockError,
+}
+
+/// Gives a block's plain bytes to the restore, fetching and decoding it as needed.
+pub type GetBlock<'a> = dyn FnMut(BlockId) -> Result<Arc<Vec<u8>>, BlockError> + 'a;
+
 fn lossy(path: &[u8]) -> String {
     String::from_utf8_lossy(path).into_owned()
 }
@@ -297,9 +328,9 @@ struct BlockCache<'a> {
     blocks: HashMap<BlockId, Cached>,
     remaining: HashMap<BlockId, u64>,
     /// Blocks the caller could not deliver, and why: not asked for again.
-    unavailable: HashMap<BlockId, String>,
+    unavailable: HashMap<BlockId, BlockError>,
     tick: u64,
-    get_block: &'a mut dyn FnMut(BlockId) -> Result<Arc<Vec<u8>>, String>,
+    get_block: &'a mut GetBlock<'a>,
     counters: &'a RestoreCounters,
 }
 
@@ -327,18 +358,20 @@ impl BlockCache<'_> {
     }
 
     /// The bytes of `chunk` from `block`, fetching the block if it is not cached.
-    fn chunk(&mut self, block: BlockId, chunk: &ChunkId) -> Result<&[u8], String> {
+    fn chunk(&mut self, block: BlockId, chunk: &ChunkId) -> Result<&[u8], Unavailable> {
         self.tick += 1;
         if !self.blocks.contains_key(&block) {
-            if let Some(reason) = self.unavailable.get(&block) {
-                return Err(reason.clone());
+            if let Some(why) = self.unavailable.get(&block) {
+                return Err(Unavailable {
+                    block,
+                    why: why.clone(),
+                });
             }
             let plain = match (self.get_block)(block) {
                 Ok(p) => p,
-                Err(reason) => {
-                    let reason = format!("block {block} unavailable: {reason}");
-                    self.unavailable.insert(block, reason.clone());
-                    return Err(reason);
+                Err(why) => {
+                    self.unavailable.insert(block, why.clone());
+                    return Err(Unavailable { block, why });
                 }
             };
             let index = match PackedBlock::parse(&plain) {
@@ -354,9 +387,9 @@ impl BlockCache<'_> {
                         .collect()
                 }
                 Err(e) => {
-                    let reason = format!("block {block} is malformed: {e}");
-                    self.unavailable.insert(block, reason.clone());
-                    return Err(reason);
+                    let why = BlockError::Malformed(e.to_string());
+                    self.unavailable.insert(block, why.clone());
+                    return Err(Unavailable { block, why });
                 }
             };
             while self.blocks.len() >= self.capacity.max(1) {
@@ -380,15 +413,13 @@ impl BlockCache<'_> {
             );
         }
         let tick = self.tick;
-        let cached = self
-            .blocks
-            .get_mut(&block)
-            .ok_or_else(|| format!("block {block} lost from the cache"))?;
+        let missing = || Unavailable {
+            block,
+            why: BlockError::MissingChunk,
+        };
+        let cached = self.blocks.get_mut(&block).ok_or_else(missing)?;
         cached.last_used = tick;
-        let (start, end) = *cached
-            .index
-            .get(chunk)
-            .ok_or_else(|| format!("block {block} does not hold a chunk it should"))?;
+        let (start, end) = *cached.index.get(chunk).ok_or_else(missing)?;
         Ok(&cached.plain[start..end])
     }
 }
@@ -793,7 +824,7 @@ fn write_chunks(
                     out.write_all(bytes)
                         .map_err(|e| EntryError::io("writing", e))
                 }
-                Err(reason) => Err(EntryError::Entry(reason)),
+                Err(unavailable) => Err(EntryError::Entry(unavailable.to_string())),
             };
         }
         cache.used(&block);
@@ -848,7 +879,7 @@ fn dir_metadata(path: &Path, entry: &FileEntry, follow: bool) -> Result<(), Entr
 pub fn restore_files(
     plan: &RestorePlan,
     target: &RestoreTarget,
-    get_block: &mut dyn FnMut(BlockId) -> Result<Arc<Vec<u8>>, String>,
+    get_block: &mut GetBlock<'_>,
     cache_blocks: usize,
     counters: &RestoreCounters,
 ) -> Result<RestoreReport, RestoreError> {
@@ -866,7 +897,7 @@ pub fn restore_files(
 fn restore_batched(
     plan: &RestorePlan,
     target: &RestoreTarget,
-    get_block: &mut dyn FnMut(BlockId) -> Result<Arc<Vec<u8>>, String>,
+    get_block: &mut GetBlock<'_>,
     cache_blocks: usize,
     counters: &RestoreCounters,
     (batch_files, batch_bytes): (usize, u64),
@@ -1109,12 +1140,12 @@ mod tests {
             }
         }
 
-        fn get(&mut self, id: BlockId) -> Result<Arc<Vec<u8>>, String> {
+        fn get(&mut self, id: BlockId) -> Result<Arc<Vec<u8>>, BlockError> {
             self.calls.push(id);
             let held = self.given.iter().filter(|w| w.strong_count() > 0).count();
             self.max_held = self.max_held.max(held);
             if self.refuse.contains(&id) {
-                return Err("no supplier answered".into());
+                return Err(BlockError::TooFewFragments);
             }
             let entry = &self.backed.blocks[&id];
             let public = keys().owner.verifying_key();
@@ -1463,7 +1494,7 @@ mod tests {
         kv
     }
 
-    fn no_blocks(id: BlockId) -> Result<Arc<Vec<u8>>, String> {
+    fn no_blocks(id: BlockId) -> Result<Arc<Vec<u8>>, BlockError> {
         panic!("no block should be asked for ({id})")
     }
 

@@ -214,11 +214,19 @@ fn pair(a: usize, b: usize) -> (usize, usize) {
     (a.min(b), a.max(b))
 }
 
+/// A broken invariant the simulation found, in words: seed, time, node, machine and rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Broken(pub String);
+
+/// What an invariant check returns.
+pub type Checked = Result<(), Broken>;
+
 /// Checks a machine's own invariant in its current state.
-fn check<M: Machine>(what: &str, run: &Instance<M>) -> Result<(), String> {
+fn check<M: Machine>(what: &str, run: &Instance<M>) -> Checked {
     run.machine
         .invariant(run.state())
-        .map_err(|e| format!("{what} ({} in {}): {e}", M::NAME, run.state().name()))
+        .map_err(|e| Broken(format!("{what} ({} in {}): {e}", M::NAME, run.state().name())))
 }
 
 impl Sim {
@@ -1008,8 +1016,8 @@ impl Sim {
     pub fn run_until(
         &mut self,
         until: Duration,
-        invariant: &dyn Fn(&Sim) -> Result<(), String>,
-    ) -> Result<(), String> {
+        invariant: &dyn Fn(&Sim) -> Checked,
+    ) -> Checked {
         loop {
             let next_msg = self.queue.peek().map(|Reverse((at, _))| *at);
             let next_timer = self.next_timer();
@@ -1039,14 +1047,14 @@ impl Sim {
             }
             self.check_machines()
                 .and_then(|()| invariant(self))
-                .map_err(|e| format!("seed {}: at {:?}: {e}", self.cfg.seed, self.now))?;
+                .map_err(|e| Broken(format!("seed {}: at {:?}: {e}", self.cfg.seed, self.now)))?;
         }
         self.now = self.now.max(until);
         Ok(())
     }
 
     /// Every machine's own invariant (`Machine::invariant`).
-    pub fn check_machines(&self) -> Result<(), String> {
+    pub fn check_machines(&self) -> Checked {
         for (i, node) in self.nodes.iter().enumerate() {
             let at = format!("node {i}");
             if let Some(run) = &node.net {
@@ -1131,7 +1139,7 @@ impl Sim {
 
     /// Every friend a node's network counts as up has one established session, named as active,
     /// and the node's presence view says the same.
-    pub fn check_sessions(&self) -> Result<(), String> {
+    pub fn check_sessions(&self) -> Checked {
         for (i, node) in self.nodes.iter().enumerate() {
             let Some(net) = &node.net else { continue };
             for (peer, sid) in &net.machine.sessions.active {
@@ -1139,9 +1147,9 @@ impl Sim {
                     self.nodes[s.peer].id == *peer && s.run.state() == ps::State::Established
                 });
                 if !ok {
-                    return Err(format!(
+                    return Err(Broken(format!(
                         "node {i}: active session {sid} with {peer} is not established"
-                    ));
+                    )));
                 }
             }
             let up: BTreeSet<usize> = net
@@ -1152,7 +1160,7 @@ impl Sim {
                 .filter_map(|(id, _)| self.index_of(*id))
                 .collect();
             if up != node.sees_up {
-                return Err(format!("node {i}: presence and sessions disagree"));
+                return Err(Broken(format!("node {i}: presence and sessions disagree")));
             }
         }
         Ok(())
@@ -1160,7 +1168,7 @@ impl Sim {
 
     /// Once the network is quiet, both ends of every pair use the same connection: node a's
     /// active session with b is connected to b's active session with a.
-    pub fn check_sessions_agree(&self) -> Result<(), String> {
+    pub fn check_sessions_agree(&self) -> Checked {
         for (a, node) in self.nodes.iter().enumerate() {
             let Some(net) = &node.net else { continue };
             for (peer, sid) in &net.machine.sessions.active {
@@ -1176,9 +1184,9 @@ impl Sim {
                 };
                 let mine = node.sessions.get(sid).and_then(|s| s.remote);
                 if mine != Some(*theirs) {
-                    return Err(format!(
+                    return Err(Broken(format!(
                         "nodes {a} and {b} use different connections: {sid}->{mine:?} vs {theirs}"
-                    ));
+                    )));
                 }
             }
         }
@@ -1186,7 +1194,7 @@ impl Sim {
     }
 
     /// Every live connector either holds the position its slot names or is leaving it.
-    pub fn check_positions(&self) -> Result<(), String> {
+    pub fn check_positions(&self) -> Checked {
         for (i, node) in self.nodes.iter().enumerate() {
             let Some(run) = &node.hire else { continue };
             let machine = &run.machine;
@@ -1196,15 +1204,15 @@ impl Sim {
                         h.instance == *instance && h.supplier == self.nodes[c.supplier].id
                     });
                 if !holds && !machine.leaving.contains_key(instance) {
-                    return Err(format!(
+                    return Err(Broken(format!(
                         "node {i}: connector {instance} ({:?}) neither holds nor leaves",
                         c.run.state()
-                    ));
+                    )));
                 }
             }
             for hire in machine.slots.iter().flatten() {
                 if !node.connectors.contains_key(&hire.instance) {
-                    return Err(format!("node {i}: connector {} is gone", hire.instance));
+                    return Err(Broken(format!("node {i}: connector {} is gone", hire.instance)));
                 }
             }
         }
