@@ -819,7 +819,7 @@ fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
         );
         let mut rebuilder = Instance::new(Rebuilder::new(rng.gen_range(1..4)), "sim");
         let mut queue: VecDeque<To> = VecDeque::new();
-        queue.push_back(To::Rebuilder(rb::Event::Start { k: K as u32 }));
+        queue.push_back(To::Rebuilder(rb::Event::Start));
         let layout = Layout::new(K as u8, (TOTAL - K) as u8).expect("valid");
         queue.push_back(To::Monitor(mon::Event::Start {
             layout,

@@ -18,17 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use ed25519_dalek::SigningKey;
 use tokio::sync::oneshot;
 
 use super::catalog_upload::{CodedCatalog, RecordSend, UPLOADING, Upload, code_catalog};
-use super::fire_hire::{FireHireDriver, FireHireInput, PositionNews};
+use super::fire_hire::{FireHireInput, PositionNews};
 use super::fragments::{FragmentError, Fragments, NetworkFragments};
 use super::network_connector::NetworkConnectorDriver;
-use super::registry::Registry;
+use super::services::Services;
 use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{BackupOutcome, BackupStatus, JobResult, JobStatus, SkippedFile};
-use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
 use crate::data::audit::{self, AuditPair};
 use crate::data::{BlockId, ChunkId, DataError, Layout};
@@ -43,12 +41,11 @@ use crate::store::catalog::{
 };
 use crate::store::health::{self, HealthError};
 use crate::store::jobs::{self, JobRecord};
-use crate::store::{Batch, KvStore, StoreError, Writer, WriterError};
+use crate::store::{Batch, KvStore, StoreError, WriterError};
 
 pub use super::catalog_upload::{CatalogRefresh, RECOVERY_BLOCK, RECOVERY_POSITION, UploadError};
 
 type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
-type FireHireAddr = Addr<Shell<FireHireDriver>>;
 
 /// File entries written per catalog batch.
 const FILES_PER_BATCH: usize = 512;
@@ -110,14 +107,8 @@ pub struct JobSpec {
 /// The node's pieces every job uses.
 #[derive(Clone)]
 pub struct BackupWiring {
-    pub kv: Arc<dyn KvStore>,
-    pub writer: Writer,
-    pub network: NetworkAddr,
-    pub fire_hire: FireHireAddr,
-    pub keys: Arc<DataKeys>,
-    pub owner: SigningKey,
+    pub services: Services,
     pub settings: BackupSettings,
-    pub registry: Registry,
     pub status: Arc<Mutex<BackupStatus>>,
 }
 
@@ -211,7 +202,7 @@ impl BackupJobDriver {
     /// Queues `batch` on the writer; a failure stops the job (a catalog with holes is worse
     /// than no snapshot).
     fn write(&self, batch: Batch, io: &mut Io<'_, Self>) {
-        match self.wiring.writer.submit(batch) {
+        match self.wiring.services.writer.submit(batch) {
             Ok(pending) => io.spawn_opt(async move {
                 let e = pending.await.err()?;
                 Some(bj::Event::Fatal(format!("cannot write the catalog: {e}")))
@@ -247,7 +238,7 @@ impl BackupJobDriver {
         };
         let path = staged_path(&self.wiring.settings.outbox, &BlockId(block), position);
         let send = store_fragment(
-            self.wiring.network.clone(),
+            self.wiring.services.network.clone(),
             supplier,
             FragmentId {
                 block: block.to_vec(),
@@ -280,7 +271,7 @@ impl BackupJobDriver {
         if !pairs.is_empty() {
             let mut batch = Batch::new();
             health::put_pairs(&mut batch, &BlockId(block), position, &pairs);
-            if let Err(e) = self.wiring.writer.submit(batch) {
+            if let Err(e) = self.wiring.services.writer.submit(batch) {
                 tracing::warn!(error = %e, "cannot save a fragment's audit pairs");
             }
         }
@@ -305,7 +296,7 @@ impl BackupJobDriver {
         let dir = staged_path(&self.wiring.settings.outbox, &BlockId(block), 0)
             .parent()
             .map(Path::to_path_buf);
-        match self.wiring.writer.submit(batch) {
+        match self.wiring.services.writer.submit(batch) {
             Ok(pending) => {
                 actix::spawn(async move {
                     if pending.await.is_ok()
@@ -335,7 +326,7 @@ impl BackupJobDriver {
                 let block = staged.entry.id.0;
                 let bytes = staged.entry.plain_len;
                 self.blocks.insert(block, staged.entry);
-                let submitted = self.wiring.writer.submit(batch);
+                let submitted = self.wiring.services.writer.submit(batch);
                 let me = io.address();
                 io.spawn_task(async move {
                     let result = match submitted {
@@ -404,11 +395,11 @@ impl BackupJobDriver {
         self.dirty.clear();
         catalog::commit_snapshot(&mut batch, &self.snapshot_record(io.unix_secs()));
         jobs::delete_job(&mut batch, self.snapshot);
-        let committed = self.wiring.writer.submit(batch);
+        let committed = self.wiring.services.writer.submit(batch);
         let (kv, keys, owner, settings) = (
-            self.wiring.kv.clone(),
-            self.wiring.keys.clone(),
-            self.wiring.owner.clone(),
+            self.wiring.services.kv.clone(),
+            self.wiring.services.keys.clone(),
+            self.wiring.services.signer.clone(),
             self.wiring.settings.clone(),
         );
         let suppliers: Vec<NodeId> = self.suppliers.values().copied().collect();
@@ -458,7 +449,7 @@ impl BackupJobDriver {
             position,
         };
         let send = store_fragment(
-            self.wiring.network.clone(),
+            self.wiring.services.network.clone(),
             supplier,
             id,
             FragmentSource::Bytes(bytes),
@@ -501,9 +492,9 @@ impl BackupJobDriver {
         let w = &self.wiring;
         let send = RecordSend::new(
             &upload,
-            w.network.clone(),
-            &w.keys,
-            &w.owner,
+            w.services.network.clone(),
+            &w.services.keys,
+            &w.services.signer,
             io.unix_secs(),
             to,
         );
@@ -524,7 +515,7 @@ impl BackupJobDriver {
         for entry in partial {
             self.blocks.insert(entry.id.0, entry);
         }
-        let written = self.wiring.writer.submit(batch);
+        let written = self.wiring.services.writer.submit(batch);
         io.spawn_then(
             async move { written?.await },
             move |driver, result| match result {
@@ -547,6 +538,7 @@ impl BackupJobDriver {
         // The shell records the new state before it performs the step's outputs.
         let machine_state = self
             .wiring
+            .services
             .registry
             .state_of(
                 <BackupJob as crate::fsm::Machine>::NAME,
@@ -597,8 +589,12 @@ impl BackupJobDriver {
                 self.flush_dirty(io);
                 let mut batch = Batch::new();
                 jobs::delete_job(&mut batch, self.snapshot);
-                super::persist(&self.wiring.writer, batch, "cannot remove a finished job");
-                let kv = self.wiring.kv.clone();
+                super::persist(
+                    &self.wiring.services.writer,
+                    batch,
+                    "cannot remove a finished job",
+                );
+                let kv = self.wiring.services.kv.clone();
                 let snapshot = self.snapshot;
                 tokio::task::spawn_blocking(move || {
                     if let Err(e) = catalog::drop_files(&*kv, snapshot) {
@@ -823,7 +819,7 @@ pub async fn start(
     now_unix: u64,
 ) -> Result<(Addr<Shell<BackupJobDriver>>, oneshot::Receiver<()>), BackupError> {
     let settings = wiring.settings.clone();
-    let (kv, outbox) = (wiring.kv.clone(), settings.outbox.clone());
+    let (kv, outbox) = (wiring.services.kv.clone(), settings.outbox.clone());
     let (source, root) = (spec.source.clone(), spec.root.clone());
     let total = settings.data_shards + settings.parity_shards;
     // Catalog reads and the outbox scan: off the event loop.
@@ -832,7 +828,7 @@ pub async fn start(
     })
     .await??;
     let lookup = Arc::new(CatalogLookup {
-        kv: wiring.kv.clone(),
+        kv: wiring.services.kv.clone(),
         previous,
         outbox: settings.outbox.clone(),
         blocks: Mutex::new(HashMap::new()),
@@ -849,8 +845,8 @@ pub async fn start(
             outbox: settings.outbox.clone(),
         },
         PipelineKeys {
-            data: wiring.keys.clone(),
-            owner: wiring.owner.clone(),
+            data: wiring.services.keys.clone(),
+            owner: wiring.services.signer.clone(),
         },
         lookup,
         events_tx,
@@ -860,7 +856,7 @@ pub async fn start(
     let addr = ctx.address();
     // Where the positions stand now; from `Start` on, every change (and where they stand at
     // subscribing) arrives in order through the subscription below.
-    let positions = super::fire_hire::positions(&wiring.fire_hire)
+    let positions = super::fire_hire::positions(&wiring.services.fire_hire)
         .await
         .unwrap_or_default();
     let suppliers: BTreeMap<u32, NodeId> = positions
@@ -911,12 +907,13 @@ pub async fn start(
         machine,
         run.to_string(),
         driver,
-        wiring.registry.clone(),
+        wiring.services.registry.clone(),
     ));
     let _ = addr.send(Deliver(bj::Event::Start { up })).await;
     // Listening only now that the machine started: the snapshot the subscription begins with
     // brings it up to date with what changed since the query above.
     let _ = wiring
+        .services
         .fire_hire
         .send(Input(FireHireInput::Subscribe(addr.clone().recipient())))
         .await;
@@ -1019,7 +1016,7 @@ fn staged_blocks(kv: &dyn KvStore, outbox: &Path, total: u32) -> Vec<BlockEntry>
 /// catalog. A crash between the two finds the same plan again (deleting twice is harmless).
 /// Returns (versions dropped, blocks deleted).
 pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), BackupError> {
-    let kv = wiring.kv.clone();
+    let kv = wiring.services.kv.clone();
     let keep = wiring.settings.keep_versions;
     let plan = tokio::task::spawn_blocking(move || {
         let protect: std::collections::BTreeSet<BlockId> =
@@ -1030,7 +1027,10 @@ pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), BackupError>
     if plan.snapshots.is_empty() && plan.blocks.is_empty() {
         return Ok((0, 0));
     }
-    let client = NetworkFragments::network(wiring.network.clone(), wiring.settings.request_timeout);
+    let client = NetworkFragments::network(
+        wiring.services.network.clone(),
+        wiring.settings.request_timeout,
+    );
     for block in &plan.blocks {
         let deletes = block
             .fragments
@@ -1057,7 +1057,7 @@ pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), BackupError>
             }
         }
     }
-    let kv = wiring.kv.clone();
+    let kv = wiring.services.kv.clone();
     let counts = (plan.snapshots.len(), plan.blocks.len());
     let ids: Vec<BlockId> = plan.blocks.iter().map(|b| b.id).collect();
     let cleanup = tokio::task::spawn_blocking(move || {
@@ -1069,7 +1069,7 @@ pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), BackupError>
         Ok::<_, BackupError>(batch)
     })
     .await??;
-    wiring.writer.write(cleanup).await?;
+    wiring.services.writer.write(cleanup).await?;
     tracing::info!(
         versions = counts.0,
         blocks = counts.1,

@@ -11,14 +11,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
 
 use actix::prelude::*;
 use ed25519_dalek::SigningKey;
 
 use super::backup_job::{BackupSettings, FragmentSource, store_fragment};
-use super::fire_hire::FireHireDriver;
 use super::network_connector::NetworkConnectorDriver;
+use super::services::Services;
 use super::shell::Shell;
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
@@ -29,7 +28,7 @@ use crate::pipeline::staged_path;
 use crate::proto::FragmentId;
 use crate::store::catalog::{self, BlockEntry, CatalogBlock, FragmentPlace, RecoveryRecord};
 use crate::store::health::{self, FragmentHealth, HealthError};
-use crate::store::{Batch, KvStore, StoreError, Writer, WriterError};
+use crate::store::{Batch, KvStore, StoreError, WriterError};
 
 /// The fragment id the recovery record is stored under on every supplier (documented in
 /// PROTOCOL.md): a fixed block id no random block id will meet, at the last position.
@@ -337,27 +336,23 @@ impl RecordSend {
 /// Stores a fresh catalog and recovery record naming the current holders (after a rebuild).
 #[derive(Clone)]
 pub struct CatalogRefresh {
-    pub kv: Arc<dyn KvStore>,
-    pub writer: Writer,
-    pub network: Addr<Shell<NetworkConnectorDriver>>,
-    pub fire_hire: Addr<Shell<FireHireDriver>>,
-    pub keys: Arc<DataKeys>,
-    pub owner: SigningKey,
+    pub services: Services,
     pub settings: BackupSettings,
 }
 
 impl CatalogRefresh {
-    pub async fn run(&self) -> Result<(), UploadError> {
-        let positions = super::fire_hire::positions(&self.fire_hire)
+    /// Stores the catalog and the recovery record again; `now_unix` dates the record.
+    pub async fn run(&self, now_unix: u64) -> Result<(), UploadError> {
+        let positions = super::fire_hire::positions(&self.services.fire_hire)
             .await
             .ok_or(UploadError::FireHireGone)?;
         let suppliers: BTreeMap<u32, NodeId> =
             positions.up().map(|p| (p.position, p.supplier)).collect();
         let _turn = UPLOADING.lock().await;
         let (kv, keys, owner, settings) = (
-            self.kv.clone(),
-            self.keys.clone(),
-            self.owner.clone(),
+            self.services.kv.clone(),
+            self.services.keys.clone(),
+            self.services.signer.clone(),
             self.settings.clone(),
         );
         let wanted: Vec<NodeId> = suppliers.values().copied().collect();
@@ -372,7 +367,7 @@ impl CatalogRefresh {
         let answers = futures::future::join_all(sends.into_iter().map(|(block, position)| {
             let supplier = suppliers.get(&position).copied();
             let bytes = coded.fragment(block, position);
-            let network = self.network.clone();
+            let network = self.services.network.clone();
             let timeout = self.settings.request_timeout;
             async move {
                 let result = match (supplier, bytes) {
@@ -413,13 +408,12 @@ impl CatalogRefresh {
             placements: &placements,
         };
         let to: Vec<u32> = up.iter().copied().collect();
-        let now = super::shell::ctx_now().wall.as_secs();
         let send = RecordSend::new(
             &upload,
-            self.network.clone(),
-            &self.keys,
-            &self.owner,
-            now,
+            self.services.network.clone(),
+            &self.services.keys,
+            &self.services.signer,
+            now_unix,
             &to,
         );
         let copies = send.run().await?;
@@ -427,7 +421,7 @@ impl CatalogRefresh {
             return Err(UploadError::NoRecordCopy);
         }
         let (batch, _staged_for_a_job) = upload.entries(&pairs);
-        self.writer.write(batch).await?;
+        self.services.writer.write(batch).await?;
         tracing::info!(
             revision = upload.revision,
             catalog_bytes = coded.len,

@@ -34,7 +34,8 @@ use serde::{Deserialize, Serialize};
 
 use super::fragments::{FragmentError, Fragments, NetworkFragments};
 use super::network_connector::NetworkConnectorDriver;
-use super::shell::Shell;
+use super::services::Services;
+use super::shell::{Clock, Shell};
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
 use crate::data::{self, BlockId, BlockManifest, ChunkId, DataError, PackedBlock};
@@ -177,23 +178,20 @@ fn joined(problems: &[(usize, FragmentProblem)]) -> String {
 /// What a node needs to run a drill when asked (the control socket, the schedule).
 #[derive(Clone)]
 pub struct DrillWiring {
-    pub kv: Arc<dyn KvStore>,
-    pub network: NetworkAddr,
-    pub keys: Arc<DataKeys>,
-    pub owner: VerifyingKey,
+    pub services: Services,
     pub settings: DrillSettings,
 }
 
 impl DrillWiring {
-    /// One drill now, with a fresh random sample (the seed from the shell's context).
-    pub async fn run_now(&self) -> Result<DrillReport, DrillError> {
+    /// One drill now, with a fresh random sample (the seed from `clock`'s context).
+    pub async fn run_now(&self, clock: Clock) -> Result<DrillReport, DrillError> {
         run(
-            self.kv.clone(),
-            self.network.clone(),
-            self.keys.clone(),
-            self.owner,
+            self.services.kv.clone(),
+            self.services.network.clone(),
+            self.services.keys.clone(),
+            self.services.owner(),
             self.settings,
-            super::shell::ctx_now().random,
+            clock,
         )
         .await
     }
@@ -202,30 +200,31 @@ impl DrillWiring {
 /// Restores a random sample of regular files of a random source's latest snapshot in memory and
 /// checks each byte for byte against the catalog: every chunk's keyed id (`ChunkId::of` with the
 /// owner's chunk-id key) must match, and a whole file's length must equal its entry. Nothing is
-/// written to disk. `seed` makes the sample (not the network) reproducible.
+/// written to disk. The sample's seed is `clock`'s random number at the start.
 pub async fn run(
     kv: Arc<dyn KvStore>,
     network: NetworkAddr,
     keys: Arc<DataKeys>,
     owner: VerifyingKey,
     settings: DrillSettings,
-    seed: u64,
+    clock: Clock,
 ) -> Result<DrillReport, DrillError> {
     let source = NetworkFragments::network(network, settings.request_timeout);
-    run_with(kv, &source, keys, owner, settings, seed).await
+    run_with(kv, &source, keys, owner, settings, clock).await
 }
 
-/// [`run`] with any fragment client.
+/// [`run`] with any fragment client. `clock`'s random number at the start seeds the sample (a
+/// fixed one makes the sample, not the network, reproducible).
 pub async fn run_with<S: Fragments>(
     kv: Arc<dyn KvStore>,
     source: &S,
     keys: Arc<DataKeys>,
     owner: VerifyingKey,
     settings: DrillSettings,
-    seed: u64,
+    clock: Clock,
 ) -> Result<DrillReport, DrillError> {
-    // The shell's clock: actors read no clock of their own.
-    let started = super::shell::ctx_now();
+    let started = clock();
+    let seed = started.random;
     // The catalog is RocksDB: read it off the event loop.
     let plan = tokio::task::spawn_blocking(move || plan(&*kv, &owner, settings, seed))
         .await
@@ -238,6 +237,7 @@ pub async fn run_with<S: Fragments>(
         uses: plan.uses,
         fetched: 0,
         hedge_after: super::restore_worker::hedge_bound(settings.request_timeout),
+        clock,
     };
     let mut report = DrillReport {
         at: started.wall.as_secs(),
@@ -260,10 +260,7 @@ pub async fn run_with<S: Fragments>(
         }
     }
     report.fragments_fetched = drill.fetched;
-    report.seconds = super::shell::ctx_now()
-        .now
-        .saturating_sub(started.now)
-        .as_secs_f64();
+    report.seconds = clock().now.saturating_sub(started.now).as_secs_f64();
     tracing::info!(
         source = %report.source,
         snapshot = report.snapshot,
@@ -443,6 +440,8 @@ struct Drill<'a, S> {
     fetched: u64,
     /// A fragment request outstanding this long is hedged by one more position.
     hedge_after: Duration,
+    /// Stamps the asks and hedges (the node's clock, or a test's).
+    clock: Clock,
 }
 
 /// Why a sampled file failed.
@@ -583,7 +582,7 @@ impl<S: Fragments> Drill<'_, S> {
             (position, result)
         };
         let mut asking: FuturesUnordered<_> = plan
-            .next(&nobody_down, super::shell::ctx_now().now)
+            .next(&nobody_down, (self.clock)().now)
             .into_iter()
             .map(ask)
             .collect();
@@ -591,7 +590,7 @@ impl<S: Fragments> Drill<'_, S> {
             let answer = tokio::select! {
                 answer = asking.next() => answer,
                 () = tokio::time::sleep(HEDGE_TICK) => {
-                    let now = super::shell::ctx_now().now;
+                    let now = (self.clock)().now;
                     asking.extend(plan.hedge(&nobody_down, now, self.hedge_after).into_iter().map(ask));
                     continue;
                 }
@@ -622,7 +621,7 @@ impl<S: Fragments> Drill<'_, S> {
                     problems.push((position as usize, why));
                 }
             }
-            let now = super::shell::ctx_now().now;
+            let now = (self.clock)().now;
             asking.extend(plan.next(&nobody_down, now).into_iter().map(ask));
             asking.extend(
                 plan.hedge(&nobody_down, now, self.hedge_after)
@@ -830,9 +829,17 @@ mod tests {
             f.keys.clone(),
             f.owner.verifying_key(),
             settings,
-            7,
+            seven,
         )
         .await
+    }
+
+    /// The real clock with a fixed random number: the same sample every run.
+    fn seven() -> crate::fsm::machine::Ctx {
+        crate::fsm::machine::Ctx {
+            random: 7,
+            ..crate::actors::shell::ctx_now()
+        }
     }
 
     #[tokio::test]

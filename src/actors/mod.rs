@@ -14,6 +14,7 @@ pub mod rebuilder;
 pub mod registry;
 pub mod restore_worker;
 pub mod router;
+pub mod services;
 pub mod shell;
 pub mod status;
 pub mod supplier_connector;

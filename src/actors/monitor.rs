@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::fire_hire::{FireHireDriver, FireHireInput, PositionNews};
+use super::fire_hire::{FireHireInput, PositionNews};
 use super::fragments::{FragmentError, Fragments, NetworkFragments};
 use super::network_connector::NetworkConnectorDriver;
 use super::rebuilder::{RebuilderDriver, RebuilderInput};
-use super::registry::Registry;
+use super::services::Services;
 use super::shell::{Deliver, Driver, Input, Io, Shell};
 use crate::crypto::identity::NodeId;
 use crate::data::audit;
@@ -26,11 +26,9 @@ use crate::data::{BlockId, Layout};
 use crate::fsm::monitor::{self as mon, AuditResult, BlockInfo, Cell, Monitor, Summary};
 use crate::proto::FailReason;
 use crate::store::health::{self, FragmentHealth, HealthError};
-use crate::store::writer::Writer;
 use crate::store::{Batch, KvStore, StoreError, catalog};
 
 type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
-type FireHireAddr = Addr<Shell<FireHireDriver>>;
 pub type MonitorAddr = Addr<Shell<MonitorDriver>>;
 
 #[derive(Clone, Debug)]
@@ -44,11 +42,7 @@ pub struct MonitorSettings {
 
 #[derive(Clone)]
 pub struct MonitorWiring {
-    pub kv: Arc<dyn KvStore>,
-    pub writer: Writer,
-    pub network: NetworkAddr,
-    pub fire_hire: FireHireAddr,
-    pub registry: Registry,
+    pub services: Services,
     pub status: Arc<Mutex<MonitorStatus>>,
     pub settings: MonitorSettings,
 }
@@ -224,7 +218,7 @@ async fn audit_one(
     position: u32,
     supplier: NodeId,
 ) -> AuditResult {
-    let kv = wiring.kv.clone();
+    let kv = wiring.services.kv.clone();
     let id = BlockId(block);
     let pairs = tokio::task::spawn_blocking(move || {
         let pairs = health::pairs(&*kv, &id, position).unwrap_or_default();
@@ -238,12 +232,15 @@ async fn audit_one(
     let Ok((mut pairs, expected)) = pairs else {
         return AuditResult::NoAnswer;
     };
-    let client = NetworkFragments::network(wiring.network.clone(), wiring.settings.request_timeout);
+    let client = NetworkFragments::network(
+        wiring.services.network.clone(),
+        wiring.settings.request_timeout,
+    );
     if let Some(pair) = pairs.pop() {
         // Used once: the rest are saved before the challenge leaves.
         let mut batch = Batch::new();
         health::put_pairs(&mut batch, &id, position, &pairs);
-        if wiring.writer.write(batch).await.is_err() {
+        if wiring.services.writer.write(batch).await.is_err() {
             return AuditResult::NoAnswer;
         }
         return match client.audit(supplier, block, position, &pair).await {
@@ -254,7 +251,7 @@ async fn audit_one(
                 pairs.push(pair);
                 let mut batch = Batch::new();
                 health::put_pairs(&mut batch, &id, position, &pairs);
-                let _ = wiring.writer.write(batch).await;
+                let _ = wiring.services.writer.write(batch).await;
                 AuditResult::NoAnswer
             }
             Err(e) => failed_audit(&e),
@@ -269,7 +266,7 @@ async fn audit_one(
             let fresh = audit::pairs_for(&data, &mut rand::thread_rng());
             let mut batch = Batch::new();
             health::put_pairs(&mut batch, &id, position, &fresh);
-            let _ = wiring.writer.write(batch).await;
+            let _ = wiring.services.writer.write(batch).await;
             AuditResult::Passed
         }
         Ok(_) => AuditResult::Corrupt,
@@ -358,7 +355,7 @@ impl MonitorDriver {
             return;
         }
         self.reloading = true;
-        let kv = self.wiring.kv.clone();
+        let kv = self.wiring.services.kv.clone();
         let known = self.mark.clone();
         io.spawn_then_opt(
             async move {
@@ -398,7 +395,7 @@ impl Driver for MonitorDriver {
     fn perform(&mut self, output: mon::Output, machine: &Monitor, io: &mut Io<'_, Self>) {
         match output {
             mon::Output::List { position, supplier } => {
-                let network = self.wiring.network.clone();
+                let network = self.wiring.services.network.clone();
                 let timeout = self.wiring.settings.request_timeout;
                 io.spawn_then(
                     list_position(network, supplier, position, timeout),
@@ -438,7 +435,7 @@ impl Driver for MonitorDriver {
             } => {
                 tracing::warn!(position, supplier = %supplier, reason = %reason,
                     "firing the supplier; a replacement is hired for its position");
-                let fire_hire = self.wiring.fire_hire.clone();
+                let fire_hire = self.wiring.services.fire_hire.clone();
                 io.spawn_opt(async move {
                     let _ = fire_hire
                         .send(Input(FireHireInput::Fire { position }))
@@ -461,7 +458,7 @@ impl Driver for MonitorDriver {
                     let row: Vec<FragmentHealth> = cells.iter().copied().map(health_of).collect();
                     health::put_health(&mut batch, &BlockId(*block), &row);
                 }
-                let writer = self.wiring.writer.clone();
+                let writer = self.wiring.services.writer.clone();
                 io.spawn_opt(async move {
                     if let Err(e) = writer.write(batch).await {
                         tracing::warn!(error = %e, "cannot save the health matrix");
@@ -473,7 +470,7 @@ impl Driver for MonitorDriver {
                 self.publish(&summary, machine);
                 self.maybe_reload(io);
                 // How many friends could replace a fired supplier.
-                let fire_hire = self.wiring.fire_hire.clone();
+                let fire_hire = self.wiring.services.fire_hire.clone();
                 io.spawn_opt(async move {
                     let positions = super::fire_hire::positions(&fire_hire).await?;
                     Some(mon::Event::Spares(positions.spares))
@@ -536,7 +533,7 @@ pub async fn start(
     rebuilder: super::rebuilder::RebuilderWiring,
     layout: Layout,
 ) -> Result<MonitorAddr, MonitorError> {
-    let kv = wiring.kv.clone();
+    let kv = wiring.services.kv.clone();
     let loaded = tokio::task::spawn_blocking(move || load(&*kv)).await??;
     let s = &wiring.settings;
     let mut machine = Monitor::new(
@@ -549,7 +546,7 @@ pub async fn start(
     machine.round_deadline = s.request_timeout + Duration::from_secs(5);
     let ctx = actix::Context::<Shell<MonitorDriver>>::new();
     let addr = ctx.address();
-    let rebuilder_addr = super::rebuilder::start(rebuilder, addr.clone(), layout.k() as u32).await;
+    let rebuilder_addr = super::rebuilder::start(rebuilder, addr.clone()).await;
     let driver = MonitorDriver {
         wiring: wiring.clone(),
         rebuilder: Some(rebuilder_addr),
@@ -557,7 +554,12 @@ pub async fn start(
         mark: loaded.mark,
         reloading: false,
     };
-    ctx.run(Shell::new(machine, "0", driver, wiring.registry.clone()));
+    ctx.run(Shell::new(
+        machine,
+        "0",
+        driver,
+        wiring.services.registry.clone(),
+    ));
     let _ = addr
         .send(Deliver(mon::Event::Start {
             layout,
@@ -566,6 +568,7 @@ pub async fn start(
         }))
         .await;
     let _ = wiring
+        .services
         .fire_hire
         .send(Input(FireHireInput::Subscribe(addr.clone().recipient())))
         .await;

@@ -6,17 +6,14 @@
 //! a fresh catalog and recovery record are stored, so they name the new holders.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use ed25519_dalek::VerifyingKey;
 
 use super::backup_job::{CatalogRefresh, FragmentSource, store_fragment};
 use super::fragments::{FragmentError, Fragments, NetworkFragments};
 use super::monitor::{MonitorDriver, MonitorInput, health_of};
-use super::network_connector::NetworkConnectorDriver;
-use super::registry::Registry;
+use super::services::Services;
 use super::shell::{Deliver, Driver, Input, Io, Shell};
 use crate::crypto::identity::NodeId;
 use crate::data::manifest::BlockManifest;
@@ -26,22 +23,16 @@ use crate::fsm::rebuilder::{self as rb, Rebuilder};
 use crate::proto::FragmentId;
 use crate::store::catalog::{self, FragmentPlace};
 use crate::store::health;
-use crate::store::writer::{Writer, WriterError};
-use crate::store::{Batch, KvStore, StoreError};
-
-type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
+use crate::store::writer::WriterError;
+use crate::store::{Batch, StoreError};
 
 /// Blocks rebuilt at once (each holds up to `k + m` fragments in memory).
 pub const REBUILD_WINDOW: usize = 2;
 
 #[derive(Clone)]
 pub struct RebuilderWiring {
-    pub kv: Arc<dyn KvStore>,
-    pub writer: Writer,
-    pub network: NetworkAddr,
-    pub owner: VerifyingKey,
+    pub services: Services,
     pub request_timeout: Duration,
-    pub registry: Registry,
     pub refresh: CatalogRefresh,
 }
 
@@ -92,10 +83,12 @@ pub struct RebuilderDriver {
 
 impl RebuilderDriver {
     fn fetch(&mut self, block: [u8; 32], position: u32, supplier: NodeId, io: &mut Io<'_, Self>) {
-        let kv = self.wiring.kv.clone();
-        let owner = self.wiring.owner;
-        let client =
-            NetworkFragments::network(self.wiring.network.clone(), self.wiring.request_timeout);
+        let kv = self.wiring.services.kv.clone();
+        let owner = self.wiring.services.owner();
+        let client = NetworkFragments::network(
+            self.wiring.services.network.clone(),
+            self.wiring.request_timeout,
+        );
         let known = self.blocks.contains_key(&block);
         let work = async move {
             // The manifest, once per block: the reference every fragment is checked against.
@@ -209,7 +202,7 @@ impl RebuilderDriver {
                     position: position as u32,
                 };
                 let sent = store_fragment(
-                    wiring.network.clone(),
+                    wiring.services.network.clone(),
                     *supplier,
                     id,
                     FragmentSource::Bytes(stored),
@@ -260,7 +253,7 @@ async fn record(
     if places.is_empty() {
         return Ok(false);
     }
-    let kv = wiring.kv.clone();
+    let kv = wiring.services.kv.clone();
     let batch = tokio::task::spawn_blocking(move || {
         let id = BlockId(block);
         let mut entry = catalog::block(&*kv, &id)?.ok_or(RebuildError::LeftCatalog)?;
@@ -282,7 +275,7 @@ async fn record(
         Ok::<_, RebuildError>((batch, moved))
     })
     .await??;
-    wiring.writer.write(batch.0).await?;
+    wiring.services.writer.write(batch.0).await?;
     Ok(batch.1)
 }
 
@@ -332,10 +325,11 @@ impl Driver for RebuilderDriver {
                 let stale = placed && std::mem::take(&mut self.holders_moved);
                 let refresh = (stale && !self.refreshing).then(|| self.wiring.refresh.clone());
                 self.refreshing |= refresh.is_some();
+                let now_unix = io.ctx().wall.as_secs();
                 io.spawn_then_opt(
                     async move {
                         if let Some(refresh) = refresh {
-                            match refresh.run().await {
+                            match refresh.run(now_unix).await {
                                 Ok(()) => tracing::info!(
                                     "catalog and recovery record stored again with the new holders"
                                 ),
@@ -384,9 +378,8 @@ impl Driver for RebuilderDriver {
 pub async fn start(
     wiring: RebuilderWiring,
     monitor: Addr<Shell<MonitorDriver>>,
-    k: u32,
 ) -> Addr<Shell<RebuilderDriver>> {
-    let registry = wiring.registry.clone();
+    let registry = wiring.services.registry.clone();
     let mut machine = Rebuilder::new(REBUILD_WINDOW);
     machine.hedge_after = super::restore_worker::hedge_bound(wiring.request_timeout);
     let driver = RebuilderDriver {
@@ -399,6 +392,6 @@ pub async fn start(
         bytes_placed: 0,
     };
     let addr = Shell::new(machine, "0", driver, registry).start();
-    let _ = addr.send(Deliver(rb::Event::Start { k })).await;
+    let _ = addr.send(Deliver(rb::Event::Start)).await;
     addr
 }

@@ -10,27 +10,21 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use ed25519_dalek::VerifyingKey;
 use tokio::sync::{mpsc, oneshot};
 
-use super::fire_hire::{FireHireDriver, FireHireInput, PositionNews};
+use super::fire_hire::{FireHireInput, PositionNews};
 use super::fragments::{FragmentError, Fragments, NetworkFragments};
-use super::network_connector::NetworkConnectorDriver;
-use super::registry::Registry;
+use super::services::Services;
 use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{RestoreJobStatus, RestoreOutcome, RestoreResult, RestoreStatus, SkippedFile};
-use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
 use crate::data::{self, BlockId, BlockManifest, DataError};
 use crate::fsm::restore_worker::{self as rw, Outcome, Progress, RestoreWorker};
 use crate::pipeline::restore::{
     self, BlockError, RestoreCounters, RestoreError, RestorePlan, RestoreReport, RestoreTarget,
 };
-use crate::store::{KvStore, StoreError};
+use crate::store::StoreError;
 use crate::store::catalog::{self, SnapshotId};
-
-type NetworkAddr = Addr<Shell<NetworkConnectorDriver>>;
-type FireHireAddr = Addr<Shell<FireHireDriver>>;
 
 /// Blocks fetched at once (each holds `k` fragments while it is assembled).
 const WINDOW: usize = 6;
@@ -57,13 +51,8 @@ pub struct RestoreSpec {
 /// The node's pieces every restore uses.
 #[derive(Clone)]
 pub struct RestoreWiring {
-    pub kv: Arc<dyn KvStore>,
-    pub network: NetworkAddr,
-    pub fire_hire: FireHireAddr,
-    pub keys: Arc<DataKeys>,
-    pub owner: VerifyingKey,
+    pub services: Services,
     pub request_timeout: Duration,
-    pub registry: Registry,
     pub status: Arc<Mutex<RestoreStatus>>,
 }
 
@@ -136,8 +125,10 @@ impl RestoreWorkerDriver {
             io.send(failed);
             return;
         };
-        let client =
-            NetworkFragments::network(self.wiring.network.clone(), self.wiring.request_timeout);
+        let client = NetworkFragments::network(
+            self.wiring.services.network.clone(),
+            self.wiring.request_timeout,
+        );
         let fetched = self.fetched.clone();
         let ask = async move {
             let data = client.retrieve(supplier, block, position).await?;
@@ -203,7 +194,7 @@ impl RestoreWorkerDriver {
         // The fragments leave the driver: a block is decoded once, then only the writer has it.
         let fragments = std::mem::replace(&mut source.fragments, vec![None; source.holders.len()]);
         let manifest = source.manifest.clone();
-        let keys = self.wiring.keys.clone();
+        let keys = self.wiring.services.keys.clone();
         let handoff = self.handoff.clone();
         io.spawn_blocking(move || {
             let refs: Vec<Option<&[u8]>> = fragments.iter().map(|f| f.as_deref()).collect();
@@ -225,6 +216,7 @@ impl RestoreWorkerDriver {
         let p = self.counters.snapshot();
         let state = self
             .wiring
+            .services
             .registry
             .state_of(
                 <RestoreWorker as crate::fsm::Machine>::NAME,
@@ -433,8 +425,8 @@ pub async fn start(
     run: u64,
     spec: RestoreSpec,
 ) -> Result<(Addr<Shell<RestoreWorkerDriver>>, oneshot::Receiver<()>), RestoreStartError> {
-    let kv = wiring.kv.clone();
-    let owner = wiring.owner;
+    let kv = wiring.services.kv.clone();
+    let owner = wiring.services.owner();
     let snapshot = spec.snapshot;
     let sub = spec.sub_path.clone();
     let target = RestoreTarget {
@@ -473,7 +465,7 @@ pub async fn start(
     // Positions whose suppliers are not up now are asked last; the subscription below says
     // when they come back (or others go), in order.
     let positions = layout.iter().map(|(_, _, total)| *total).max().unwrap_or(0);
-    let down = super::fire_hire::positions(&wiring.fire_hire)
+    let down = super::fire_hire::positions(&wiring.services.fire_hire)
         .await
         .unwrap_or_default()
         .down(positions);
@@ -504,7 +496,7 @@ pub async fn start(
         RestoreWorker::with_window(WINDOW).hedging_after(hedge_bound(wiring.request_timeout)),
         run.to_string(),
         driver,
-        wiring.registry.clone(),
+        wiring.services.registry.clone(),
     )
     .start();
     let _ = addr
@@ -514,6 +506,7 @@ pub async fn start(
         }))
         .await;
     let _ = wiring
+        .services
         .fire_hire
         .send(Input(FireHireInput::Subscribe(addr.clone().recipient())))
         .await;

@@ -19,6 +19,11 @@ fn origin() -> Instant {
     *ORIGIN.get_or_init(Instant::now)
 }
 
+/// Where code outside a machine's step gets the time: [`ctx_now`] in the node, a fake in tests.
+/// Drivers take their time from [`Io::ctx`] or from a `Clock` they were given, never a clock of
+/// their own (the layering test checks).
+pub type Clock = fn() -> Ctx;
+
 /// The context of a step taken now: monotonic and wall-clock time, and a fresh random number.
 pub fn ctx_now() -> Ctx {
     Ctx {

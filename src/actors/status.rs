@@ -328,7 +328,6 @@ macro_rules! named {
 #[serde(rename_all = "lowercase")]
 pub enum BackupOutcome {
     Committed,
-    Aborted,
     #[default]
     Failed,
     /// The node stopped; the job resumes at the next start.
@@ -337,7 +336,6 @@ pub enum BackupOutcome {
 
 named!(BackupOutcome {
     Committed => "committed",
-    Aborted => "aborted",
     Failed => "failed",
     Interrupted => "interrupted",
 });
@@ -358,7 +356,6 @@ pub enum RestoreOutcome {
     Partial,
     #[default]
     Failed,
-    Aborted,
     /// The node stopped; running the restore again skips what is complete.
     Interrupted,
 }
@@ -367,7 +364,6 @@ named!(RestoreOutcome {
     Complete => "complete",
     Partial => "partial",
     Failed => "failed",
-    Aborted => "aborted",
     Interrupted => "interrupted",
 });
 

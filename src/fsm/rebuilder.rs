@@ -27,7 +27,7 @@ labels! {
 events! {
     pub enum Event / EventKind {
         /// The layout's `k`.
-        Start { k: u32 },
+        Start,
         /// The monitor's work list, most urgent first (replaces what is queued).
         Work(Vec<RebuildTask>),
         /// A source fragment arrived and matches the manifest.
@@ -154,7 +154,6 @@ impl Job {
 
 #[derive(Clone, Debug)]
 pub struct Rebuilder {
-    pub k: u32,
     pub window: usize,
     /// A source request outstanding this long is hedged by one more source.
     pub hedge_after: Duration,
@@ -173,7 +172,6 @@ impl Default for Rebuilder {
 impl Rebuilder {
     pub fn new(window: usize) -> Self {
         Rebuilder {
-            k: 0,
             window: window.max(1),
             hedge_after: super::restore_worker::HEDGE_AFTER,
             queue: VecDeque::new(),
@@ -257,7 +255,7 @@ impl Rebuilder {
 
     fn note(&mut self, event: &Event, now: Duration, out: &mut Out<Self>) {
         match event {
-            Event::Start { k } => self.k = (*k).max(1),
+            Event::Start => {}
             Event::Work(tasks) => {
                 self.queue = tasks
                     .iter()
@@ -448,7 +446,7 @@ impl Machine for Rebuilder {
             catalog: false,
         };
         vec![
-            Event::Start { k: 1 },
+            Event::Start,
             Event::Work(vec![task]),
             Event::Work(vec![]),
             Event::FragmentOk {
@@ -504,7 +502,7 @@ mod tests {
 
     fn started(window: usize) -> Instance<Rebuilder> {
         let mut m = Instance::new(Rebuilder::new(window), "0");
-        m.step(&Event::Start { k: 4 }, &Ctx::at(Duration::ZERO));
+        m.step(&Event::Start, &Ctx::at(Duration::ZERO));
         m
     }
 

@@ -134,7 +134,7 @@ impl Backups {
     /// Queues every configured source whose schedule is due (its last snapshot older than its
     /// interval, or none yet). The catalog is read on a worker thread, not on the node's loop.
     pub fn schedule_due(&self, section: &BackupSection) {
-        let kv = self.runner.kind().wiring.kv.clone();
+        let kv = self.runner.kind().wiring.services.kv.clone();
         let sources: Vec<(JobSpec, std::time::Duration)> = section
             .sources
             .iter()

@@ -48,7 +48,7 @@ impl Drills {
         if self.running.replace(true) {
             return Err(DrillRunError::Busy);
         }
-        let result = self.wiring.run_now().await;
+        let result = self.wiring.run_now(crate::actors::shell::ctx_now).await;
         self.running.set(false);
         let report = result?;
         if report.passed() {

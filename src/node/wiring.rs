@@ -26,6 +26,7 @@ use crate::actors::network_connector::{
 use crate::actors::rebuilder::RebuilderWiring;
 use crate::actors::restore_worker::RestoreWiring;
 use crate::actors::router::{RequestKind, Router};
+use crate::actors::services::Services;
 use crate::actors::status::{BackupStatus, RestoreStatus};
 use crate::actors::supplier_service::{self, SupplierServiceDriver};
 use crate::actors::{Input, Registry, Shell, Shutdown};
@@ -109,49 +110,42 @@ pub async fn start(base: Base, config: &Config) -> Actors {
         peers.network.clone(),
     );
 
-    let backup_status = Arc::new(Mutex::new(BackupStatus::default()));
-    let wiring = BackupWiring {
+    let services = Services {
         kv: store.clone(),
         writer: disk.writer.clone(),
         network: peers.network.clone(),
         fire_hire: peers.customer.clone(),
-        keys: data_keys.clone(),
-        owner: keys.signing_key().clone(),
-        settings: settings::backup(config, &home),
+        keys: data_keys,
+        signer: keys.signing_key().clone(),
         registry: registry.clone(),
-        status: backup_status.clone(),
     };
+    let backup_status = Arc::new(Mutex::new(BackupStatus::default()));
+    let settings = settings::backup(config, &home);
     let unfinished = jobs::jobs(store.as_ref()).unwrap_or_else(|e| {
         tracing::error!(error = %e, "cannot read unfinished backups");
         Vec::new()
     });
     let refresh = CatalogRefresh {
-        kv: store.clone(),
-        writer: disk.writer.clone(),
-        network: peers.network.clone(),
-        fire_hire: peers.customer.clone(),
-        keys: data_keys.clone(),
-        owner: keys.signing_key().clone(),
-        settings: wiring.settings.clone(),
+        services: services.clone(),
+        settings: settings.clone(),
     };
-    let backups = Backups::start(wiring, unfinished);
+    let backups = Backups::start(
+        BackupWiring {
+            services: services.clone(),
+            settings,
+            status: backup_status.clone(),
+        },
+        unfinished,
+    );
     let monitor_status = Arc::new(Mutex::new(MonitorStatus::default()));
     let monitor_wiring = MonitorWiring {
-        kv: store.clone(),
-        writer: disk.writer.clone(),
-        network: peers.network.clone(),
-        fire_hire: peers.customer.clone(),
-        registry: registry.clone(),
+        services: services.clone(),
         status: monitor_status.clone(),
         settings: settings::monitor(config),
     };
     let rebuilder_wiring = RebuilderWiring {
-        kv: store.clone(),
-        writer: disk.writer.clone(),
-        network: peers.network.clone(),
-        owner: keys.signing_key().verifying_key(),
+        services: services.clone(),
         request_timeout: settings::request_timeout(config),
-        registry: registry.clone(),
         refresh,
     };
     let monitor_started = match config.backup.layout() {
@@ -163,20 +157,12 @@ pub async fn start(base: Base, config: &Config) -> Actors {
     }
     let restore_status = Arc::new(Mutex::new(RestoreStatus::default()));
     let restores = Restores::start(RestoreWiring {
-        kv: store.clone(),
-        network: peers.network.clone(),
-        fire_hire: peers.customer.clone(),
-        keys: data_keys.clone(),
-        owner: keys.signing_key().verifying_key(),
+        services: services.clone(),
         request_timeout: settings::request_timeout(config),
-        registry: registry.clone(),
         status: restore_status.clone(),
     });
     let drill = DrillWiring {
-        kv: store.clone(),
-        network: peers.network.clone(),
-        keys: data_keys.clone(),
-        owner: keys.signing_key().verifying_key(),
+        services,
         settings: settings::drill(config),
     };
     Actors {

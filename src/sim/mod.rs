@@ -224,9 +224,13 @@ pub type Checked = Result<(), Broken>;
 
 /// Checks a machine's own invariant in its current state.
 fn check<M: Machine>(what: &str, run: &Instance<M>) -> Checked {
-    run.machine
-        .invariant(run.state())
-        .map_err(|e| Broken(format!("{what} ({} in {}): {e}", M::NAME, run.state().name())))
+    run.machine.invariant(run.state()).map_err(|e| {
+        Broken(format!(
+            "{what} ({} in {}): {e}",
+            M::NAME,
+            run.state().name()
+        ))
+    })
 }
 
 impl Sim {
@@ -1013,11 +1017,7 @@ impl Sim {
 
     /// Runs until `until` (virtual time), checking every machine's own invariant and
     /// `invariant` after every step.
-    pub fn run_until(
-        &mut self,
-        until: Duration,
-        invariant: &dyn Fn(&Sim) -> Checked,
-    ) -> Checked {
+    pub fn run_until(&mut self, until: Duration, invariant: &dyn Fn(&Sim) -> Checked) -> Checked {
         loop {
             let next_msg = self.queue.peek().map(|Reverse((at, _))| *at);
             let next_timer = self.next_timer();
@@ -1212,7 +1212,10 @@ impl Sim {
             }
             for hire in machine.slots.iter().flatten() {
                 if !node.connectors.contains_key(&hire.instance) {
-                    return Err(Broken(format!("node {i}: connector {} is gone", hire.instance)));
+                    return Err(Broken(format!(
+                        "node {i}: connector {} is gone",
+                        hire.instance
+                    )));
                 }
             }
         }
