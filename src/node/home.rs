@@ -43,6 +43,12 @@ pub enum HomeError {
     BadFile { path: PathBuf, message: String },
     #[error("{path}: {cause}")]
     Identity { path: PathBuf, cause: IdentityError },
+    #[error(
+        "{0} is missing and backups are sealed with it: restore the file from a copy, or make \
+         the home again with `bitdust recover` and your recovery key file (a new key would \
+         orphan every backup)"
+    )]
+    MasterKeyMissing(PathBuf),
     #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
     InsecureKey { path: PathBuf, mode: u32 },
 }
@@ -111,7 +117,7 @@ impl Home {
                 return Err(HomeError::AlreadyInitialised(self.root.clone(), what));
             }
         }
-        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        self.make_private_root()?;
         let keys_dir = self.path("keys");
         fs::create_dir_all(&keys_dir).map_err(io_err(&keys_dir))?;
         fs::set_permissions(&keys_dir, fs::Permissions::from_mode(0o700))
@@ -160,6 +166,7 @@ impl Home {
                 return Err(HomeError::AlreadyInitialised(self.root.clone(), what));
             }
         }
+        self.make_private_root()?;
         let keys_dir = self.path("keys");
         fs::create_dir_all(&keys_dir).map_err(io_err(&keys_dir))?;
         fs::set_permissions(&keys_dir, fs::Permissions::from_mode(0o700))
@@ -181,6 +188,29 @@ impl Home {
         write_atomic(&self.config_file(), text.as_bytes(), 0o600)
     }
 
+    /// Creates the home directory (and its parents) if needed and makes it 0700: the catalog in
+    /// `db/` names every backed-up path, and `store/` and `outbox/` hold fragments; other local
+    /// users get none of it.
+    fn make_private_root(&self) -> Result<(), HomeError> {
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&self.root))
+    }
+
+    /// At start: a home that other users can enter (made by an older version, or chmodded) is
+    /// made private again, with a warning. A home we do not own is left alone.
+    pub fn keep_private(&self) -> Result<(), HomeError> {
+        let meta = fs::metadata(&self.root).map_err(io_err(&self.root))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            fs::set_permissions(&self.root, fs::Permissions::from_mode(mode & 0o700))
+                .map_err(io_err(&self.root))?;
+            tracing::warn!(home = %self.root.display(), was = format!("{mode:o}"),
+                "the home was readable by other users; it is now 0700");
+        }
+        Ok(())
+    }
+
     /// Reads both secret keys, refusing files other users could read.
     pub fn load_keys(&self) -> Result<NodeKeys, HomeError> {
         let signing = read_secret(&self.path(SIGNING_KEY_FILE))?;
@@ -191,12 +221,16 @@ impl Home {
         })
     }
 
-    /// The owner's master secret. A home made before backups existed gets one now (nothing was
-    /// encrypted with an earlier one, so nothing is lost); a damaged file is an error, never
-    /// silently replaced (that would orphan every backup).
-    pub fn load_master(&self) -> Result<MasterSecret, HomeError> {
+    /// The owner's master secret. A home made before backups existed gets one now, but only
+    /// when the catalog is empty (`has_backups` false): nothing was encrypted with an earlier
+    /// one. A missing file beside a catalog, or a damaged file, is an error, never silently
+    /// replaced (that would orphan every backup).
+    pub fn load_master(&self, has_backups: bool) -> Result<MasterSecret, HomeError> {
         let path = self.path(MASTER_KEY_FILE);
         if !path.exists() {
+            if has_backups {
+                return Err(HomeError::MasterKeyMissing(path));
+            }
             write_secret(&path, &rand::random::<[u8; 32]>())?;
             tracing::info!(path = %path.display(), "created the backup master key");
         }
@@ -294,23 +328,34 @@ fn read_secret(path: &Path) -> Result<Vec<u8>, HomeError> {
 }
 
 /// Writes a file so that a crash leaves either the old or the new content: temp file, fsync,
-/// rename, fsync of the directory.
+/// rename, fsync of the directory. The temp file has a random name and is created exclusively
+/// (`O_EXCL`: a symlink or file planted at that name makes the write fail, never followed), with
+/// exactly `mode`, whatever the umask.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HomeError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+    let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+            .open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(cause) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(HomeError::Io { path: tmp, cause });
     }
-    fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Err(cause) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(HomeError::Io {
+            path: path.to_path_buf(),
+            cause,
+        });
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))?;
@@ -361,6 +406,64 @@ mod tests {
             home.load_keys(),
             Err(HomeError::InsecureKey { .. })
         ));
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+    }
+
+    /// The catalog names every backed-up path: other local users must not read the home.
+    #[test]
+    fn the_home_is_private_and_made_private_again_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path().join("n1"));
+        home.init("a", "127.0.0.1:1".parse().expect("addr"), ByteSize(1), 0)
+            .expect("init");
+        assert_eq!(mode(home.root()), 0o700);
+        fs::set_permissions(home.root(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        home.keep_private().expect("keep private");
+        assert_eq!(mode(home.root()), 0o700);
+    }
+
+    /// A file planted where a fixed temp name used to be is neither followed nor reused.
+    #[test]
+    fn an_atomic_write_follows_no_planted_link_and_sets_its_mode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"untouched").expect("victim");
+        std::os::unix::fs::symlink(&victim, dir.path().join(".secret.tmp")).expect("symlink");
+        let target = dir.path().join("secret");
+        write_atomic(&target, b"new", 0o600).expect("write");
+        assert_eq!(fs::read(&victim).expect("victim"), b"untouched");
+        assert_eq!(fs::read(&target).expect("target"), b"new");
+        assert_eq!(mode(&target), 0o600);
+        // No temp file is left behind.
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .filter(|e| e.file_name() != ".secret.tmp")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A missing master key beside a catalog is an error, not a new key that opens nothing.
+    #[test]
+    fn a_missing_master_key_is_only_made_for_a_home_without_backups() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        home.init("a", "127.0.0.1:1".parse().expect("addr"), ByteSize(1), 0)
+            .expect("init");
+        let path = home.path(MASTER_KEY_FILE);
+        fs::remove_file(&path).expect("remove");
+        assert!(matches!(
+            home.load_master(true),
+            Err(HomeError::MasterKeyMissing(_))
+        ));
+        assert!(!path.exists(), "no key may be made when backups exist");
+        home.load_master(false)
+            .expect("a home without backups gets one");
+        assert_eq!(mode(&path), 0o600);
     }
 
     #[test]

@@ -138,7 +138,8 @@ pub fn export_secrets(home: &Home, out: &Path) -> Result<RecoverySecrets, Offlin
     }
     let keys = home.load_keys()?;
     let identity = home.load_identity(&keys)?;
-    let master = home.load_master()?;
+    // Never a new master key here: the file would not open the backups made with the lost one.
+    let master = home.load_master(true)?;
     Ok(RecoverySecrets::new(keys, master, identity)?)
 }
 

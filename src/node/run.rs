@@ -47,6 +47,7 @@ pub fn run(home: Home, log_format: Option<LogFormat>) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let _lock = home.lock()?;
+    home.keep_private()?;
     let keys = Arc::new(home.load_keys()?);
     let identity = home.load_identity(&keys)?;
     let rocks = Arc::new(
@@ -135,7 +136,11 @@ async fn node_main(
     mut signals: Signals,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let data_keys: Arc<DataKeys> = Arc::new(home.load_master()?.data_keys());
+    // A missing master key beside a catalog stops the node: a new one would orphan every block.
+    let has_backups = crate::store::catalog::blocks(store.as_ref())
+        .next()
+        .is_some();
+    let data_keys: Arc<DataKeys> = Arc::new(home.load_master(has_backups)?.data_keys());
     let node_id = identity.node_id();
 
     // A home made by `bitdust recover`: fetch the catalog before anything is hired.
