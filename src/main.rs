@@ -62,6 +62,9 @@ enum Command {
         /// File to write (mode 0600); an existing file is never overwritten
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Write the file without a passphrase: whoever reads it can read every backup
+        #[arg(long)]
+        no_passphrase: bool,
     },
     /// Become a lost node again on a new machine, from its key file and one friend's card
     Recover(cli::keys::RecoverArgs),
@@ -165,7 +168,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => cli::status::run(&home, json),
         Command::Backup(args) => cli::backup::run(&home, args),
         Command::List { json } => cli::list::run(&home, json),
-        Command::ExportKey { out } => cli::keys::export(&home, &out),
+        Command::ExportKey { out, no_passphrase } => cli::keys::export(&home, &out, no_passphrase),
         Command::Recover(args) => cli::keys::recover(&home, args),
         Command::Restore(args) => cli::restore::run(&home, args),
         Command::Peer { command } => cli::peer::run(&home, command),

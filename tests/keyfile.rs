@@ -54,11 +54,12 @@ fn setup(passphrase: Option<&str>) -> Setup {
     let bob_id = init(&bob, "bob");
     let bob_card = card(&bob);
     let key = dir.path().join("alice.key");
-    let out = bitdust_pass(
-        &alice,
-        &["export-key", "--out", key.to_str().expect("utf-8")],
-        passphrase,
-    );
+    let key_arg = key.to_str().expect("utf-8");
+    let args: &[&str] = match passphrase {
+        Some(_) => &["export-key", "--out", key_arg],
+        None => &["export-key", "--out", key_arg, "--no-passphrase"],
+    };
+    let out = bitdust_pass(&alice, args, passphrase);
     assert!(out.status.success(), "export-key: {}", stderr(&out));
     assert_eq!(stdout(&out), alice_id);
     Setup {
@@ -138,10 +139,34 @@ fn unprotected_export_warns_and_recovers_without_a_passphrase() {
     let alice = dir.path().join("alice");
     init(&alice, "alice");
     let key = dir.path().join("alice.key");
-    // Unset, and no terminal: no passphrase, loudly.
+    // Unset, and no terminal: refused, nothing written, unless asked for in so many words.
     let out = bitdust_pass(
         &alice,
         &["export-key", "--out", key.to_str().expect("utf-8")],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--no-passphrase"), "{}", stderr(&out));
+    assert!(!key.exists(), "nothing may be written without a passphrase");
+    // Too short a passphrase: refused, nothing written.
+    let out = bitdust_pass(
+        &alice,
+        &["export-key", "--out", key.to_str().expect("utf-8")],
+        Some("short"),
+    );
+    assert!(stderr(&out).contains("too short"), "{}", stderr(&out));
+    assert!(
+        !key.exists(),
+        "nothing may be written under a short passphrase"
+    );
+    let out = bitdust_pass(
+        &alice,
+        &[
+            "export-key",
+            "--out",
+            key.to_str().expect("utf-8"),
+            "--no-passphrase",
+        ],
         None,
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -166,9 +191,9 @@ fn unprotected_export_warns_and_recovers_without_a_passphrase() {
 
 #[test]
 fn wrong_or_missing_passphrase_creates_nothing() {
-    let s = setup(Some("right"));
+    let s = setup(Some("the right passphrase"));
     let new = s.dir.path().join("new");
-    let out = recover(&s, &new, &s.key, Some("wrong"));
+    let out = recover(&s, &new, &s.key, Some("the wrong passphrase"));
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("wrong passphrase"), "{err}");
@@ -187,7 +212,7 @@ fn wrong_or_missing_passphrase_creates_nothing() {
 
 #[test]
 fn damaged_key_files_are_refused_clearly() {
-    let s = setup(Some("pw"));
+    let s = setup(Some("a long passphrase"));
     let text = fs::read_to_string(&s.key).expect("key");
     let new = s.dir.path().join("new");
 
@@ -211,7 +236,7 @@ fn damaged_key_files_are_refused_clearly() {
     ] {
         let bad = s.dir.path().join(format!("{what}.key"));
         fs::write(&bad, bytes).expect("write");
-        let out = recover(&s, &new, &bad, Some("pw"));
+        let out = recover(&s, &new, &bad, Some("a long passphrase"));
         assert!(!out.status.success(), "{what}");
         let err = stderr(&out);
         assert!(err.contains("damaged"), "{what}: {err}");
@@ -221,7 +246,7 @@ fn damaged_key_files_are_refused_clearly() {
 
     let other = s.dir.path().join("notes.txt");
     fs::write(&other, "shopping list\n").expect("write");
-    let out = recover(&s, &new, &other, Some("pw"));
+    let out = recover(&s, &new, &other, Some("a long passphrase"));
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("not a bitdust recovery key file"),
@@ -233,14 +258,14 @@ fn damaged_key_files_are_refused_clearly() {
 
 #[test]
 fn recover_refuses_an_initialised_home() {
-    let s = setup(Some("pw"));
+    let s = setup(Some("a long passphrase"));
     let carol = s.dir.path().join("carol");
     let carol_id = init(&carol, "carol");
     let before: Vec<Vec<u8>> = KEY_FILES
         .iter()
         .map(|r| fs::read(carol.join(r)).expect("key"))
         .collect();
-    let out = recover(&s, &carol, &s.key, Some("pw"));
+    let out = recover(&s, &carol, &s.key, Some("a long passphrase"));
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("already a bitdust home"),
@@ -258,13 +283,13 @@ fn recover_refuses_an_initialised_home() {
 
 #[test]
 fn export_refuses_to_overwrite() {
-    let s = setup(Some("pw"));
+    let s = setup(Some("a long passphrase"));
     let existing = s.dir.path().join("precious.txt");
     fs::write(&existing, "keep me").expect("write");
     let out = bitdust_pass(
         &s.alice,
         &["export-key", "--out", existing.to_str().expect("utf-8")],
-        Some("pw"),
+        Some("a long passphrase"),
     );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
@@ -274,7 +299,7 @@ fn export_refuses_to_overwrite() {
     let out = bitdust_pass(
         &s.alice,
         &["export-key", "--out", s.key.to_str().expect("utf-8")],
-        Some("pw"),
+        Some("a long passphrase"),
     );
     assert!(!out.status.success());
     assert_eq!(fs::read(&s.key).expect("key"), before);

@@ -57,7 +57,7 @@ pub fn run(home: &Home, args: Args) -> anyhow::Result<()> {
 fn print(r: &JobResult) {
     println!(
         "{}: {} (snapshot {}): {} files, {} read, {} new in {} blocks, {:.1} s",
-        r.source,
+        super::shown(&r.source),
         r.outcome,
         r.snapshot,
         r.files,
@@ -67,10 +67,14 @@ fn print(r: &JobResult) {
         r.seconds
     );
     if let Some(e) = &r.error {
-        println!("  error: {e}");
+        println!("  error: {}", super::shown(e));
     }
     for s in &r.skipped {
-        println!("  not backed up: {} ({})", s.path, s.reason);
+        println!(
+            "  not backed up: {} ({})",
+            super::shown(&s.path),
+            super::shown(&s.reason)
+        );
     }
 }
 

@@ -15,7 +15,7 @@ pub fn run(home: &Home, json: bool) -> anyhow::Result<()> {
     } else {
         println!(
             "drill of {} (version {}): {} files, {} bytes checked, {} fragments fetched, {:.1} s",
-            report.source,
+            super::shown(&report.source),
             report.snapshot,
             report.files,
             report.bytes,
@@ -23,7 +23,11 @@ pub fn run(home: &Home, json: bool) -> anyhow::Result<()> {
             report.seconds
         );
         for failure in &report.failures {
-            println!("  FAILED {}: {}", failure.path, failure.reason);
+            println!(
+                "  FAILED {}: {}",
+                super::shown(&failure.path),
+                super::shown(&failure.reason)
+            );
         }
     }
     if !report.passed() {

@@ -28,12 +28,15 @@ pub struct RecoverArgs {
     donate: String,
 }
 
-/// The passphrase in the environment: `Some(None)` when set but empty (deliberately none),
-/// `None` when unset.
-fn passphrase_from_env() -> anyhow::Result<Option<Option<String>>> {
+/// The shortest passphrase `export-key` accepts, in characters: the file may be copied to
+/// places an attacker reaches, and then only the passphrase (with Argon2id's cost) guards it.
+const MIN_PASSPHRASE_CHARS: usize = 12;
+
+/// The passphrase in the environment: `None` when unset or empty.
+fn passphrase_from_env() -> anyhow::Result<Option<String>> {
     match std::env::var(PASSPHRASE_ENV) {
-        Ok(p) if p.is_empty() => Ok(Some(None)),
-        Ok(p) => Ok(Some(Some(p))),
+        Ok(p) if p.is_empty() => Ok(None),
+        Ok(p) => Ok(Some(p)),
         Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(_)) => bail!("${PASSPHRASE_ENV} is not valid UTF-8"),
     }
@@ -44,33 +47,50 @@ fn stdin_is_terminal() -> bool {
     std::io::stdin().is_terminal()
 }
 
-/// A new passphrase: from the environment, else asked twice on a terminal (empty: none).
-fn new_passphrase() -> anyhow::Result<Option<String>> {
-    Ok(match passphrase_from_env()? {
-        Some(p) => p,
-        None if stdin_is_terminal() => {
-            let first =
-                rpassword::prompt_password("Passphrase to protect the key file (empty for none): ")
-                    .context("reading the passphrase")?;
+/// A new passphrase: from the environment, else asked twice on a terminal. None only when asked
+/// for by `--no-passphrase`: a missing one is an error, never a file in the clear by accident.
+fn new_passphrase(none_wanted: bool) -> anyhow::Result<Option<String>> {
+    let unprotected = "refusing to write the key file without a passphrase: set \
+         $BITDUST_PASSPHRASE, run on a terminal, or pass --no-passphrase to write it in the clear";
+    let passphrase = match (passphrase_from_env()?, none_wanted) {
+        (Some(_), true) => bail!("--no-passphrase, but ${PASSPHRASE_ENV} is set: which one?"),
+        (None, true) => return Ok(None),
+        (Some(p), false) => p,
+        (None, false) if stdin_is_terminal() => {
+            let first = rpassword::prompt_password("Passphrase to protect the key file: ")
+                .context("reading the passphrase")?;
             if first.is_empty() {
-                None
-            } else {
-                let again = rpassword::prompt_password("The same passphrase again: ")
-                    .context("reading the passphrase")?;
-                if again != first {
-                    bail!("the two passphrases differ; nothing written");
-                }
-                Some(first)
+                bail!("{unprotected}");
             }
+            check_strength(&first)?;
+            let again = rpassword::prompt_password("The same passphrase again: ")
+                .context("reading the passphrase")?;
+            if again != first {
+                bail!("the two passphrases differ; nothing written");
+            }
+            first
         }
-        None => None,
-    })
+        (None, false) => bail!("{unprotected}"),
+    };
+    check_strength(&passphrase)?;
+    Ok(Some(passphrase))
+}
+
+fn check_strength(passphrase: &str) -> anyhow::Result<()> {
+    let chars = passphrase.chars().count();
+    if chars < MIN_PASSPHRASE_CHARS {
+        bail!(
+            "the passphrase is too short ({chars} characters; at least {MIN_PASSPHRASE_CHARS}): \
+             a few words are easier to remember and harder to guess; nothing written"
+        );
+    }
+    Ok(())
 }
 
 /// `bitdust export-key`: seals the home's keys, master secret and identity into `out`.
-pub fn export(home: &Home, out: &Path) -> anyhow::Result<()> {
+pub fn export(home: &Home, out: &Path, no_passphrase: bool) -> anyhow::Result<()> {
     let secrets = offline::export_secrets(home, out)?;
-    let passphrase = new_passphrase()?;
+    let passphrase = new_passphrase(no_passphrase)?;
     offline::write_key_file(&secrets, passphrase.as_deref(), out)?;
     let node_id = secrets.identity().node_id();
     println!("{node_id}");
@@ -78,7 +98,7 @@ pub fn export(home: &Home, out: &Path) -> anyhow::Result<()> {
         eprintln!(
             "bitdust: WARNING: {} is NOT protected by a passphrase.\n\
              bitdust: WARNING: whoever reads it can read every backup of this node and act as it.\n\
-             bitdust: WARNING: keep it offline, or export again with ${PASSPHRASE_ENV} set or on a terminal.",
+             bitdust: WARNING: keep it offline, or export again without --no-passphrase.",
             out.display()
         );
     } else {
@@ -94,7 +114,7 @@ pub fn export(home: &Home, out: &Path) -> anyhow::Result<()> {
 /// Opens a key file with the passphrase from the environment, else asks on a terminal when the
 /// file needs one.
 fn open_key_file(bytes: &[u8]) -> anyhow::Result<RecoverySecrets> {
-    let from_env = passphrase_from_env()?.flatten();
+    let from_env = passphrase_from_env()?;
     match offline::open_key_file(bytes, from_env.as_deref()) {
         Err(KeyFileError::PassphraseNeeded) if from_env.is_none() && stdin_is_terminal() => {
             let p = rpassword::prompt_password("Passphrase of the key file: ")

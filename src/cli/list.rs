@@ -29,7 +29,7 @@ pub fn run(home: &Home, json: bool) -> anyhow::Result<()> {
         let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(v.finished_at);
         println!(
             "{:<40} {:>8}  {:<20} {:>8} {:>10} {:>10}",
-            v.source,
+            super::shown(&v.source),
             v.snapshot,
             humantime::format_rfc3339_seconds(when).to_string(),
             v.files,

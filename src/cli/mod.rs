@@ -11,6 +11,8 @@ pub mod peer;
 pub mod restore;
 pub mod status;
 
+use std::borrow::Cow;
+
 use bitdust::actors::status::NodeStatus;
 use bitdust::node::client::{Client, ClientError};
 use bitdust::node::home::Home;
@@ -94,5 +96,54 @@ pub fn follow<R>(
             draw(bar, &status);
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// Whether `c` must not reach a terminal as it is: control characters (C0, DEL, C1) move the
+/// cursor, retitle the window or clear the screen; bidirectional overrides reorder what is shown.
+fn unsafe_on_terminal(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` as it may be printed: every character [`unsafe_on_terminal`] escaped (`\u{1b}`), so a
+/// file name from the catalog or a message from a peer shows as text, never as a command.
+pub fn shown(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(unsafe_on_terminal) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_on_terminal(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A rendered block of lines: each line [`shown`], the line breaks kept.
+pub fn shown_lines(block: &str) -> String {
+    block
+        .split_inclusive('\n')
+        .map(|line| match line.strip_suffix('\n') {
+            Some(text) => format!("{}\n", shown(text)),
+            None => shown(line).into_owned(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_reaches_the_terminal_cannot_command_it() {
+        assert!(matches!(shown("plain/path é.txt"), Cow::Borrowed(_)));
+        assert_eq!(shown("a\x1b]0;owned\x07b"), "a\\u{1b}]0;owned\\u{7}b");
+        assert_eq!(shown("two\nlines\r"), "two\\u{a}lines\\u{d}");
+        assert_eq!(shown("\u{9b}2J"), "\\u{9b}2J");
+        assert_eq!(shown("abc\u{202e}txt.exe"), "abc\\u{202e}txt.exe");
+        assert_eq!(shown_lines("ok\nbad\x1b[2J\n"), "ok\nbad\\u{1b}[2J\n");
     }
 }

@@ -84,9 +84,9 @@ pub fn run(home: &Home, args: Args) -> anyhow::Result<()> {
 fn print(r: &RestoreResult) {
     println!(
         "{} (version {}) -> {}: {}: {} files, {} dirs, {} symlinks, {} in {:.1} s ({} fetched){}",
-        r.source,
+        super::shown(&r.source),
         r.snapshot,
-        r.to,
+        super::shown(&r.to),
         r.outcome,
         r.files,
         r.dirs,
@@ -101,10 +101,14 @@ fn print(r: &RestoreResult) {
         }
     );
     if let Some(e) = &r.error {
-        println!("  error: {e}");
+        println!("  error: {}", super::shown(e));
     }
     for f in &r.failed {
-        println!("  not restored: {} ({})", f.path, f.reason);
+        println!(
+            "  not restored: {} ({})",
+            super::shown(&f.path),
+            super::shown(&f.reason)
+        );
     }
 }
 

@@ -17,9 +17,9 @@ pub fn run(home: &Home, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let status = client.status()?;
-    print!("{}", render_status(&status));
+    print!("{}", super::shown_lines(&render_status(&status)));
     if let Some(health) = &status.health {
-        print!("{}", render_health(health));
+        print!("{}", super::shown_lines(&render_health(health)));
     }
     Ok(())
 }

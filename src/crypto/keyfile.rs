@@ -44,7 +44,7 @@ const END: &str = "-----END BITDUST RECOVERY KEY-----";
 const LINE: usize = 64;
 /// Upper bounds on stored Argon2 parameters: a hostile or corrupt file must not make `open` take
 /// all the memory or hours of CPU. Far above anything we write.
-const MAX_M_KIB: u32 = 4 * 1024 * 1024;
+const MAX_M_KIB: u32 = 1024 * 1024;
 const MAX_T: u32 = 64;
 const MAX_P: u32 = 64;
 
