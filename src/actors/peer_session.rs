@@ -23,7 +23,7 @@ use crate::proto::{FailReason, Ping};
 
 /// What every session of this node shares. Holds the Noise secret: never `Debug`.
 pub struct SessionShared {
-    pub noise_secret: [u8; 32],
+    pub noise_secret: zeroize::Zeroizing<[u8; 32]>,
     pub identity: watch::Receiver<Option<Identity>>,
     pub policy: watch::Receiver<TrustPolicy>,
     pub connect_timeout: Duration,

@@ -89,6 +89,7 @@ fn check_strength(passphrase: &str) -> anyhow::Result<()> {
 
 /// `bitdust export-key`: seals the home's keys, master secret and identity into `out`.
 pub fn export(home: &Home, out: &Path, no_passphrase: bool) -> anyhow::Result<()> {
+    bitdust::node::control::disable_core_dumps().context("turning core dumps off")?;
     let secrets = offline::export_secrets(home, out)?;
     let passphrase = new_passphrase(no_passphrase)?;
     offline::write_key_file(&secrets, passphrase.as_deref(), out)?;
@@ -132,6 +133,7 @@ fn open_key_file(bytes: &[u8]) -> anyhow::Result<RecoverySecrets> {
 /// peer book; the node fetches its recovery record from that friend at start. Nothing is
 /// created until the key file has opened.
 pub fn recover(home: &Home, args: RecoverArgs) -> anyhow::Result<()> {
+    bitdust::node::control::disable_core_dumps().context("turning core dumps off")?;
     let donated = ByteSize::parse(&args.donate).map_err(|e| anyhow::anyhow!("--donate: {e}"))?;
     let friend = Friend::from_card(&args.peer).context("--peer: invalid card")?;
     offline::check_new_home(home)?;

@@ -38,6 +38,19 @@ impl MasterSecret {
     }
 }
 
+/// Key material is wiped when it goes (not left in freed memory, swap or a core dump).
+macro_rules! wiped_on_drop {
+    ($($key:ty),*) => {$(
+        impl Drop for $key {
+            fn drop(&mut self) {
+                zeroize::Zeroize::zeroize(&mut self.0);
+            }
+        }
+    )*};
+}
+
+wiped_on_drop!(MasterSecret, ChunkIdKey, BlockKey);
+
 impl std::fmt::Debug for MasterSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MasterSecret(..)")

@@ -154,10 +154,11 @@ pub fn seal_with(
     passphrase: Option<&str>,
     kdf: KdfParams,
 ) -> Result<Vec<u8>, KeyFileError> {
-    let mut payload = Vec::with_capacity(SECRETS_LEN + MAX_IDENTITY_BYTES);
-    payload.extend_from_slice(&secrets.keys.signing_secret_bytes());
-    payload.extend_from_slice(&secrets.keys.noise_secret_bytes());
-    payload.extend_from_slice(&secrets.master.to_bytes());
+    // The plaintext of every secret: wiped when this function returns.
+    let mut payload = zeroize::Zeroizing::new(Vec::with_capacity(SECRETS_LEN + MAX_IDENTITY_BYTES));
+    payload.extend_from_slice(&zeroize::Zeroizing::new(secrets.keys.signing_secret_bytes())[..]);
+    payload.extend_from_slice(&zeroize::Zeroizing::new(secrets.keys.noise_secret_bytes())[..]);
+    payload.extend_from_slice(&zeroize::Zeroizing::new(secrets.master.to_bytes())[..]);
     payload.extend_from_slice(&secrets.identity.to_bytes());
     let binary = seal_payload(&payload, passphrase, kdf)?;
     Ok(armour(&binary, secrets, passphrase.is_some()))
@@ -220,11 +221,11 @@ fn stretch(
     kdf: KdfParams,
 ) -> Result<XChaCha20Poly1305, KeyFileError> {
     let params = Params::new(kdf.m_kib, kdf.t, kdf.p, Some(32)).map_err(KeyFileError::Kdf)?;
-    let mut key = [0u8; 32];
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-        .hash_password_into(passphrase.as_bytes(), salt, &mut key)
+        .hash_password_into(passphrase.as_bytes(), salt, &mut key[..])
         .map_err(KeyFileError::Kdf)?;
-    Ok(XChaCha20Poly1305::new(&key.into()))
+    Ok(XChaCha20Poly1305::new(&(*key).into()))
 }
 
 /// A note for the human who finds the file, then the binary in base64 between BEGIN/END lines.
@@ -257,7 +258,7 @@ fn armour(binary: &[u8], secrets: &RecoverySecrets, protected: bool) -> Vec<u8> 
 /// only for a protected one and ignored otherwise.
 pub fn open(bytes: &[u8], passphrase: Option<&str>) -> Result<RecoverySecrets, KeyFileError> {
     let binary = unarmour(bytes)?;
-    let plain = parse(&binary, passphrase)?;
+    let plain = zeroize::Zeroizing::new(parse(&binary, passphrase)?);
     decode_secrets(&plain)
 }
 

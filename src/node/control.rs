@@ -409,6 +409,20 @@ pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
     Ok((old as u64, limit.rlim_cur as u64))
 }
 
+/// No core dumps from this process: one would hold the keys in the clear (the master secret,
+/// the Noise and signing keys) wherever the system writes them.
+pub fn disable_core_dumps() -> std::io::Result<()> {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit only reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sends one request to the node running on `path` (CLI side).
 pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
     let work = async {
@@ -444,6 +458,15 @@ pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn core_dumps_are_turned_off() {
+        disable_core_dumps().expect("setrlimit");
+        // SAFETY: getrlimit writes only the struct we own.
+        let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut limit) }, 0);
+        assert_eq!((limit.rlim_cur, limit.rlim_max), (0, 0));
+    }
 
     #[test]
     fn accept_failures_warn_once_a_minute_with_a_count() {

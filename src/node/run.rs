@@ -47,6 +47,9 @@ pub fn run(home: Home, log_format: Option<LogFormat>) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let _lock = home.lock()?;
+    if let Err(e) = control::disable_core_dumps() {
+        tracing::warn!(error = %e, "cannot turn core dumps off; a crash may write keys to disk");
+    }
     home.keep_private()?;
     let keys = Arc::new(home.load_keys()?);
     let identity = home.load_identity(&keys)?;

@@ -127,7 +127,7 @@ pub fn session(
 ) -> SessionShared {
     let n = &config.network;
     SessionShared {
-        noise_secret: keys.noise_secret_bytes(),
+        noise_secret: zeroize::Zeroizing::new(keys.noise_secret_bytes()),
         identity,
         policy,
         connect_timeout: n.connect_timeout.get(),
