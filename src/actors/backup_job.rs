@@ -490,14 +490,7 @@ impl BackupJobDriver {
             return;
         };
         let w = &self.wiring;
-        let send = RecordSend::new(
-            &upload,
-            w.services.network.clone(),
-            &w.services.keys,
-            &w.services.signer,
-            io.unix_secs(),
-            to,
-        );
+        let send = RecordSend::new(&upload, &w.services, io.unix_secs(), to);
         io.spawn_then(send.run(), |_, result| match result {
             Ok(copies) => bj::Event::RecordSent { copies },
             Err(why) => bj::Event::Fatal(why.to_string()),

@@ -9,23 +9,27 @@
 //! refresh must not interleave between the two. The job takes the turn when it starts coding and
 //! gives it back once its entries are saved (or it ends); the refresh holds it for its whole run.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 
-use super::backup_job::{BackupSettings, FragmentSource, store_fragment};
+use super::backup_job::{BackupSettings, FragmentSource, PlaceError, store_fragment};
+use super::fragments::{Fragments, NetworkFragments};
 use super::network_connector::NetworkConnectorDriver;
 use super::services::Services;
 use super::shell::Shell;
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
 use crate::data::audit::AuditPair;
-use crate::data::{self, BlockId, BlockRandom, DataError};
-use crate::fsm::catalog_commit::{CatalogCommit, Misses, Placement};
+use crate::data::{self, BlockId, BlockManifest, BlockRandom, DataError};
+use crate::fsm::catalog_commit::{CatalogCommit, Misses, Placement, raise_revision};
+use crate::fsm::fetch::Plan;
 use crate::pipeline::staged_path;
-use crate::proto::FragmentId;
+use crate::proto::{FailReason, FragmentId};
 use crate::store::catalog::{self, BlockEntry, CatalogBlock, FragmentPlace, RecoveryRecord};
 use crate::store::health::{self, FragmentHealth, HealthError};
 use crate::store::{Batch, KvStore, StoreError, WriterError};
@@ -55,6 +59,11 @@ pub enum UploadError {
     BelowK { placed: usize, k: u32 },
     #[error("the snapshot is committed here, but no supplier took the recovery record")]
     NoRecordCopy,
+    #[error(
+        "suppliers hold a newer recovery record than this node's{}; back up again to store one above it",
+        match .adopted { Some(r) => format!(" (revision {r}, adopted: its versions are listed now)"), None => String::new() }
+    )]
+    Behind { adopted: Option<u64> },
     #[error("cannot write the catalog: {0}")]
     Write(#[from] WriterError),
     #[error("fire_hire is gone (the node stops)")]
@@ -276,17 +285,12 @@ pub(crate) struct RecordSend {
     pub staged: Vec<(std::path::PathBuf, Vec<u8>)>,
     pub sealed: Vec<u8>,
     pub to: Vec<NodeId>,
+    pub adopt: Adopt,
 }
 
 impl RecordSend {
-    pub fn new(
-        upload: &Upload<'_>,
-        network: Addr<Shell<NetworkConnectorDriver>>,
-        keys: &DataKeys,
-        owner: &SigningKey,
-        now: u64,
-        to: &[u32],
-    ) -> RecordSend {
+    pub fn new(upload: &Upload<'_>, services: &Services, now: u64, to: &[u32]) -> RecordSend {
+        let (keys, owner) = (&services.keys, &services.signer);
         let mut staged = Vec::new();
         for (block, placement) in upload.coded.blocks.iter().zip(upload.placements) {
             for &position in &placement.staged {
@@ -297,7 +301,7 @@ impl RecordSend {
             }
         }
         RecordSend {
-            network,
+            network: services.network.clone(),
             timeout: upload.settings.request_timeout,
             staged,
             sealed: upload.record(keys, owner, now),
@@ -305,6 +309,11 @@ impl RecordSend {
                 .iter()
                 .filter_map(|p| upload.suppliers.get(p).copied())
                 .collect(),
+            adopt: Adopt {
+                kv: services.kv.clone(),
+                keys: keys.clone(),
+                owner: services.owner(),
+            },
         }
     }
 
@@ -325,11 +334,32 @@ impl RecordSend {
                 self.timeout,
             )
         });
-        Ok(futures::future::join_all(sends)
-            .await
-            .into_iter()
-            .filter(Result::is_ok)
-            .count())
+        let answers = futures::future::join_all(sends).await;
+        let copies = answers.iter().filter(|a| a.is_ok()).count();
+        // Suppliers that refused it as older than theirs: this node is behind. It adopts the
+        // newer record and does not save its own (lower) revision: the upload counts as failed.
+        let ahead: Vec<NodeId> = self
+            .to
+            .iter()
+            .zip(&answers)
+            .filter(|(_, a)| {
+                matches!(a, Err(PlaceError::Supplier(e))
+                    if e.refusal() == Some(FailReason::StaleRevision))
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        if ahead.is_empty() {
+            return Ok(copies);
+        }
+        let client = NetworkFragments::network(self.network.clone(), self.timeout);
+        let adopted = match adopt_newer(&client, &ahead, &self.adopt).await {
+            Ok(adopted) => adopted,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot adopt the suppliers' newer recovery record");
+                None
+            }
+        };
+        Err(UploadError::Behind { adopted })
     }
 }
 
@@ -408,14 +438,7 @@ impl CatalogRefresh {
             placements: &placements,
         };
         let to: Vec<u32> = up.iter().copied().collect();
-        let send = RecordSend::new(
-            &upload,
-            self.services.network.clone(),
-            &self.services.keys,
-            &self.services.signer,
-            now_unix,
-            &to,
-        );
+        let send = RecordSend::new(&upload, &self.services, now_unix, &to);
         let copies = send.run().await?;
         if !CatalogCommit::record_kept(copies) {
             return Err(UploadError::NoRecordCopy);
@@ -430,4 +453,166 @@ impl CatalogRefresh {
         );
         Ok(())
     }
+}
+
+/// What the owner needs to adopt a newer recovery record it finds on its suppliers.
+#[derive(Clone)]
+pub(crate) struct Adopt {
+    pub kv: Arc<dyn KvStore>,
+    pub keys: Arc<DataKeys>,
+    pub owner: VerifyingKey,
+}
+
+/// Why a newer recovery record could not be adopted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("cannot read or write the local catalog: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot read the recovery revision: {0}")]
+    Health(#[from] HealthError),
+    #[error("cannot open the newer record's catalog: {0}")]
+    Catalog(#[from] catalog::CatalogError),
+    #[error("cannot fetch the newer record's catalog: {0}")]
+    Fetch(#[from] FetchCatalogError),
+    #[error("a worker thread failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Why a catalog could not be fetched from the suppliers a recovery record names.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchCatalogError {
+    #[error("a catalog block's manifest does not verify: {0}")]
+    Manifest(DataError),
+    #[error("only {good} of the {k} fragments needed for a catalog block could be fetched")]
+    TooFew { good: usize, k: usize },
+    #[error("cannot decode a catalog block: {0}")]
+    Decode(DataError),
+}
+
+/// The catalog export a recovery record points at: each of its blocks from any `k` good
+/// fragments, asked one at a time in the fetch plan's order (data positions first, another
+/// position for each one that fails), each checked against the owner-signed manifest.
+pub(crate) async fn fetch_catalog(
+    record: &RecoveryRecord,
+    client: &impl Fragments,
+    data_keys: &DataKeys,
+    owner: &VerifyingKey,
+) -> Result<Vec<u8>, FetchCatalogError> {
+    let mut export = Vec::with_capacity(usize::try_from(record.catalog_len).unwrap_or(0));
+    for block in &record.catalog {
+        let manifest = BlockManifest::verify(&block.signed_manifest, owner)
+            .map_err(FetchCatalogError::Manifest)?;
+        let k = manifest.layout().k();
+        let mut fragments: Vec<Option<Vec<u8>>> = vec![None; block.suppliers.len()];
+        let holders: HashMap<u32, NodeId> = block
+            .suppliers
+            .iter()
+            .enumerate()
+            .filter_map(|(p, h)| h.map(|h| (p as u32, h)))
+            .collect();
+        // No clock and nothing known down: the plan only orders and counts.
+        let mut plan = Plan::new(k as u32, holders.keys().copied());
+        let nobody_down = BTreeSet::new();
+        loop {
+            let batch = plan.next(&nobody_down, Duration::ZERO);
+            if batch.is_empty() {
+                break;
+            }
+            for position in batch {
+                let Some(holder) = holders.get(&position).copied() else {
+                    plan.failed(position);
+                    continue;
+                };
+                let slot = position as usize;
+                match client.retrieve(holder, block.id.0, position).await {
+                    Ok(stored) => match data::stored::unwrap(&stored) {
+                        Ok((_, fragment)) if manifest.check_fragment(slot, fragment).is_ok() => {
+                            if let Some(f) = fragments.get_mut(slot) {
+                                *f = Some(fragment.to_vec());
+                                plan.ok(position);
+                            } else {
+                                plan.failed(position);
+                            }
+                        }
+                        _ => {
+                            plan.failed(position);
+                            tracing::warn!(
+                                position,
+                                "a catalog fragment does not match its manifest"
+                            )
+                        }
+                    },
+                    Err(e) => {
+                        plan.failed(position);
+                        tracing::warn!(position, supplier = %holder, error = %e,
+                            "a catalog fragment could not be fetched")
+                    }
+                }
+            }
+        }
+        let good = plan.good_count();
+        if good < k {
+            return Err(FetchCatalogError::TooFew { good, k });
+        }
+        let refs: Vec<Option<&[u8]>> = fragments.iter().map(|f| f.as_deref()).collect();
+        let decoded = data::decode_block(&refs, &manifest, &data_keys.catalog)
+            .map_err(FetchCatalogError::Decode)?;
+        export.extend_from_slice(&decoded.plain);
+    }
+    export.truncate(usize::try_from(record.catalog_len).unwrap_or(usize::MAX));
+    Ok(export)
+}
+
+/// Suppliers refused this node's recovery record as older than one they hold (`STALE_REVISION`):
+/// another machine with this identity (or a run before a recovery that missed it) stored a newer
+/// one. Takes the newest of theirs that opens, imports its catalog (an import only adds) and
+/// raises this node's revision to it, so that the next upload is above it and names both.
+/// `Some(revision)` when adopted.
+pub(crate) async fn adopt_newer(
+    client: &impl Fragments,
+    from: &[NodeId],
+    adopt: &Adopt,
+) -> Result<Option<u64>, AdoptError> {
+    let mut newest: Option<RecoveryRecord> = None;
+    for supplier in from {
+        let Ok(sealed) = client
+            .retrieve(*supplier, RECOVERY_BLOCK, RECOVERY_POSITION)
+            .await
+        else {
+            continue;
+        };
+        match catalog::open_recovery(&sealed, &adopt.keys.recovery, &adopt.owner) {
+            Ok(record) if newest.as_ref().is_none_or(|n| record.revision > n.revision) => {
+                newest = Some(record)
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(supplier = %supplier, error = %e,
+                "a supplier's newer recovery record does not open"),
+        }
+    }
+    let Some(record) = newest else {
+        return Ok(None);
+    };
+    let kv = adopt.kv.clone();
+    let stored = tokio::task::spawn_blocking(move || health::recovery_revision(&*kv)).await??;
+    let Some(revision) = raise_revision(stored, record.revision) else {
+        return Ok(None);
+    };
+    let export = fetch_catalog(&record, client, &adopt.keys, &adopt.owner).await?;
+    let kv = adopt.kv.clone();
+    let entries = tokio::task::spawn_blocking(move || -> Result<u64, AdoptError> {
+        let entries = catalog::import(&*kv, &export)?;
+        let mut batch = Batch::new();
+        health::put_recovery_revision(&mut batch, revision);
+        kv.write(batch)?;
+        Ok(entries)
+    })
+    .await??;
+    tracing::warn!(
+        revision,
+        created_at = record.created_at,
+        entries,
+        "adopted a newer recovery record found on the suppliers; its versions are listed now"
+    );
+    Ok(Some(revision))
 }

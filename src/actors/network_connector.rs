@@ -161,6 +161,8 @@ struct SessionEntry {
     dialed: Option<NodeId>,
     link: Option<LinkHandle>,
     remote: Option<SocketAddr>,
+    /// The Noise static key the peer proved in this session's handshake.
+    noise_key: Option<[u8; 32]>,
 }
 
 pub struct NetworkSettings {
@@ -289,7 +291,31 @@ impl NetworkConnectorDriver {
         );
         self.learn(identity.clone(), None);
         self.publish_policy();
+        self.close_retired(identity);
         true
+    }
+
+    /// Closes the sessions with `identity`'s node that were authenticated with a Noise key its
+    /// new revision retired (PROTOCOL.md §5): "only the newest revision logs in" holds for live
+    /// sessions too, not only for the next handshake. The peer redials with its current key.
+    fn close_retired(&mut self, identity: &Identity) {
+        let peer = identity.node_id();
+        let mut closed = 0u64;
+        for entry in self.sessions.values() {
+            if entry.peer == Some(peer)
+                && entry.noise_key.is_some_and(|k| k != *identity.noise_key())
+            {
+                Self::shut_session(entry);
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            tracing::info!(peer = %peer, sessions = closed, revision = identity.revision(),
+                "closed sessions on a Noise key the peer's new identity retired");
+            for _ in 0..closed {
+                self.count("RetiredKeySession");
+            }
+        }
     }
 
     /// Adds or updates a book entry; a newer revision of a known peer replaces the old one.
@@ -382,6 +408,7 @@ impl NetworkConnectorDriver {
                 dialed,
                 link: None,
                 remote: None,
+                noise_key: None,
             },
         );
     }
@@ -626,6 +653,7 @@ impl Driver for NetworkConnectorDriver {
                     entry.peer = Some(peer);
                     entry.link = Some(link);
                     entry.remote = remote;
+                    entry.noise_key = Some(*identity.noise_key());
                 }
                 // A newer revision learned in the handshake is kept, and saved.
                 self.adopt_newer(&identity, io.unix_secs());
@@ -689,10 +717,13 @@ impl Driver for NetworkConnectorDriver {
                 link,
                 permit,
             } => {
-                let trusted = self.book.contains_key(&peer);
+                let known = self.book.get(&peer);
+                let trusted = known.is_some();
+                let signing_key = known.map(|e| *e.identity.signing_key());
                 self.wiring.router.route(Routed {
                     from: peer,
                     trusted,
+                    signing_key,
                     envelope,
                     link,
                     permit,

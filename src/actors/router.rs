@@ -43,6 +43,9 @@ pub struct Routed {
     pub from: NodeId,
     /// The peer is a friend (not only let in by the open policy).
     pub trusted: bool,
+    /// The peer's Ed25519 signing key when the node knows its identity (a friend): what a
+    /// supplier checks the customer's recovery record against.
+    pub signing_key: Option<[u8; 32]>,
     pub envelope: Box<Envelope>,
     pub link: LinkHandle,
     /// The link's in-flight slot, given back once the reply is sent.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use super::catalog_upload::{RECOVERY_BLOCK, RECOVERY_POSITION};
 use super::registry::Registry;
 use super::router::Routed;
 use super::shell::{Deliver, Driver, Input, Io, Shell};
@@ -22,6 +23,7 @@ use crate::proto::{
     FragmentList, ServiceAccept, ServiceRefuse,
 };
 use crate::store::KvStore;
+use crate::store::catalog;
 use crate::store::fragments::{AccountState, FragmentError, FragmentKey, FragmentStore};
 
 /// Why a supplier whose disk is full, failing or stalled takes no new contract or fragment.
@@ -131,6 +133,7 @@ fn fail_reason(e: &FragmentError) -> FailReason {
         FragmentError::OverQuota { .. } => FailReason::OverQuota,
         FragmentError::NotFound => FailReason::NotFound,
         FragmentError::HashMismatch => FailReason::HashMismatch,
+        FragmentError::StaleRevision { .. } => FailReason::StaleRevision,
         FragmentError::Corrupt | FragmentError::Io { .. } | FragmentError::Db(_) => {
             FailReason::StorageError
         }
@@ -162,14 +165,37 @@ fn wire_id(key: &FragmentKey) -> FragmentId {
 
 /// Answers one request. Runs on a blocking thread: it touches the disk.
 /// `now`: wall-clock Unix seconds of the request (a cancel starts the grace period then).
+/// The customer's recovery record, for the supplier (PROTOCOL.md 8.5): its revision from the
+/// clear header, checked against the customer's signature when its signing key is known (a
+/// friend; a stranger under the open policy can only ever write its own record).
+fn record_revision(data: &[u8], signing_key: Option<&[u8; 32]>) -> Result<u64, &'static str> {
+    let Some(key) = signing_key else {
+        return catalog::record_header(data)
+            .map(|h| h.revision)
+            .map_err(|_| "not a recovery record");
+    };
+    let owner = ed25519_dalek::VerifyingKey::from_bytes(key)
+        .map_err(|_| "the customer's signing key is not usable")?;
+    catalog::verify_recovery(data, &owner)
+        .map(|(header, _)| header.revision)
+        .map_err(|_| "not a recovery record signed by this customer")
+}
+
+/// Who asks and what the node knows of them.
+struct Customer {
+    id: NodeId,
+    trusted: bool,
+    signing_key: Option<[u8; 32]>,
+}
+
 fn answer(
     store: &FragmentStore,
     settings: &SupplierSettings,
-    customer: NodeId,
-    trusted: bool,
+    who: &Customer,
     body: Body,
     now: u64,
 ) -> Body {
+    let (customer, trusted) = (who.id, who.trusted);
     let result: Result<Body, FragmentError> = (|| match body {
         Body::ServiceRequest(req) => {
             let refuse = |reason: FailReason, detail: &str| {
@@ -179,6 +205,13 @@ fn answer(
                     detail: detail.into(),
                 }))
             };
+            // A customer this supplier dropped stays dropped until its data is purged.
+            if store.dropped(&customer)? {
+                return refuse(
+                    FailReason::NotTrusted,
+                    "this supplier dropped this customer; hire elsewhere",
+                );
+            }
             if !settings.disk.can_write() {
                 return refuse(FailReason::NoSpace, DISK_REFUSES);
             }
@@ -220,7 +253,22 @@ fn answer(
                 .as_slice()
                 .try_into()
                 .map_err(|_| FragmentError::HashMismatch)?;
-            let info = store.put(&customer, key, &req.data, &expected)?;
+            let info = if key.block == RECOVERY_BLOCK && key.position == RECOVERY_POSITION {
+                // The contract first (the order of checks), then the record itself.
+                if !store
+                    .account(&customer)?
+                    .is_some_and(|a| a.state == AccountState::Active)
+                {
+                    return Err(FragmentError::NoService);
+                }
+                let revision = match record_revision(&req.data, who.signing_key.as_ref()) {
+                    Ok(revision) => revision,
+                    Err(why) => return Ok(fail(FailReason::Malformed, why)),
+                };
+                store.put_record(&customer, key, &req.data, &expected, revision)?
+            } else {
+                store.put(&customer, key, &req.data, &expected)?
+            };
             Ok(Body::Ack(Ack {
                 size: info.size,
                 hash: info.hash.to_vec(),
@@ -261,6 +309,18 @@ fn answer(
                     "the audit nonce is not 32 bytes",
                 ));
             };
+            // Order of checks (PROTOCOL.md 8): the id, the nonce, the contract, the fragment,
+            // the range. An audit needs a live contract: a customer that never hired, left or
+            // was dropped is told NO_SERVICE, never NOT_FOUND (which would read as lost data).
+            if !store
+                .account(&customer)?
+                .is_some_and(|a| a.state == AccountState::Active)
+            {
+                return Ok(fail(
+                    FailReason::NoService,
+                    "no contract with this customer",
+                ));
+            }
             let data = store.get(&customer, key)?;
             match audit_proof(&nonce, &data, req.offset, req.length) {
                 Some(proof) => Ok(Body::AuditProof(AuditProof {
@@ -393,6 +453,7 @@ impl Driver for SupplierServiceDriver {
                 let Routed {
                     from: customer,
                     trusted,
+                    signing_key,
                     envelope,
                     link,
                     permit,
@@ -407,8 +468,13 @@ impl Driver for SupplierServiceDriver {
                 io.spawn_task(async move {
                     // Taken now, in arrival order (tokio's mutex is fair), held until replied.
                     let _turn = turn.lock().await;
+                    let who = Customer {
+                        id: customer,
+                        trusted,
+                        signing_key,
+                    };
                     let reply = tokio::task::spawn_blocking(move || {
-                        answer(&store, &settings, customer, trusted, body, now)
+                        answer(&store, &settings, &who, body, now)
                     })
                     .await
                     .unwrap_or_else(|e| fail(FailReason::StorageError, e.to_string()));
@@ -445,7 +511,7 @@ impl Driver for SupplierServiceDriver {
                 };
                 let now = io.unix_secs();
                 io.spawn_task(async move {
-                    let cancelled = match tokio::task::spawn_blocking(move || store.cancel(&customer, now)).await {
+                    let cancelled = match tokio::task::spawn_blocking(move || store.drop_customer(&customer, now)).await {
                         Ok(result) => result.map_err(DropError::from),
                         Err(e) => Err(DropError::from(e)),
                     };

@@ -143,6 +143,25 @@ pub fn recover(home: &Home, args: RecoverArgs) -> anyhow::Result<()> {
     offline::recover(home, &secrets, &friend, args.listen, donated)?;
     let identity = secrets.identity();
     println!("{}", identity.node_id());
+    // Which version the first run will recover (the newest any reachable peer holds); the run
+    // searches again, so a friend offline now is no failure.
+    match bitdust::node::recover::preview(home) {
+        Ok(newest) => {
+            let when =
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(newest.record.created_at);
+            eprintln!(
+                "bitdust: the newest catalog found is revision {} of {} (UTC), from {}; {} peers asked, {} records found.",
+                newest.record.revision,
+                humantime::format_rfc3339_seconds(when),
+                newest.from,
+                newest.asked,
+                newest.found
+            );
+        }
+        Err(e) => eprintln!(
+            "bitdust: no recovery record could be fetched yet ({e:#}); the first run tries again."
+        ),
+    }
     eprintln!(
         "bitdust: recovered node `{}` ({}) in {}.\n\
          bitdust: start the node with `bitdust run --home {}`; it fetches your catalog from `{}` ({}),\n\

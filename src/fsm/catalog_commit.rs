@@ -12,6 +12,8 @@
 //! - The recovery record takes the next revision: above every earlier record of this node and
 //!   at least the job's floor ([`CatalogCommit::revision`]); it must reach at least one supplier
 //!   ([`CatalogCommit::record_kept`]).
+//! - The node's own revision never goes down ([`raise_revision`]): a record it recovers from or
+//!   learns of later only ever raises it, so its next upload is above every record it has seen.
 
 use std::collections::BTreeSet;
 
@@ -196,9 +198,31 @@ impl CatalogCommit {
     }
 }
 
+/// The never-downward rule for the revision the node keeps as its own: `Some(seen)` when a
+/// record seen (recovered from, or held by a supplier) is above the `stored` one, else `None`
+/// (nothing to write: the node never lowers it).
+pub fn raise_revision(stored: u64, seen: u64) -> Option<u64> {
+    (seen > stored).then_some(seen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nodes_own_revision_only_goes_up() {
+        assert_eq!(raise_revision(5, 9), Some(9));
+        assert_eq!(
+            raise_revision(9, 5),
+            None,
+            "an older record never lowers it"
+        );
+        assert_eq!(raise_revision(9, 9), None);
+        // And an upload after raising is above what was seen.
+        let mut c = CatalogCommit::new(2, 1, Misses::Stage, 0);
+        c.encoded(&[[1; 32]], raise_revision(5, 9).unwrap_or(5), &up(&[0, 1]));
+        assert_eq!(c.revision(), 10);
+    }
 
     fn up(positions: &[u32]) -> BTreeSet<u32> {
         positions.iter().copied().collect()

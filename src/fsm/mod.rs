@@ -15,6 +15,7 @@ pub mod monitor;
 pub mod network_connector;
 pub mod peer_session;
 pub mod rebuilder;
+pub mod recovery;
 pub mod restore_worker;
 pub mod supplier_connector;
 pub mod supplier_service;

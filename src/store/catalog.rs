@@ -771,21 +771,48 @@ fn raises_counter(kv: &dyn KvStore, imported: &[u8]) -> Result<bool, StoreError>
 // ---- The recovery record: a small signed, encrypted record stored whole on every supplier, so
 // that the key file plus any one supplier leads to the catalog and from it to everything.
 //
-// Format v1:
-//   magic "BDRR" | version u8 = 1 | key check value (8) | nonce (24)      = the header
+// Format v2 (written since issue 18; v1 is still read):
+//   magic "BDRR" | version u8 = 2 | revision u64 BE | created_at u64 BE
+//   | key check value (8) | nonce (24)                                    = the header (53 bytes)
 //   ciphertext of a `records::RecoveryRecordBody` | Poly1305 tag (16)
 //   Ed25519 signature (64) by the owner over RECOVERY_DOMAIN followed by every byte before it
+// Format v1 had no revision or date in the header (magic | 1 | key check | nonce, 37 bytes).
 // Encrypt-then-sign: a supplier (who has the owner's public key but not the recovery key) can
-// check a record comes from the owner before agreeing to keep it, without reading it. The header
-// is the associated data, so its version and nonce cannot be swapped either.
+// check a record comes from the owner, and read its revision, before agreeing to keep it,
+// without reading it: so it can refuse a lower revision than it holds. The header is the
+// associated data, so its version, revision, date and nonce cannot be swapped either; the body
+// repeats the revision and date, and a v2 body that disagrees with its header is refused.
 
 const RECOVERY_MAGIC: &[u8; 4] = b"BDRR";
-const RECOVERY_VERSION: u8 = 1;
-const RECOVERY_HEADER: usize = RECOVERY_MAGIC.len() + 1 + 8 + 24;
+const RECOVERY_VERSION: u8 = 2;
+const RECOVERY_V1: u8 = 1;
+const RECOVERY_HEADER_V1: usize = RECOVERY_MAGIC.len() + 1 + 8 + 24;
+const RECOVERY_HEADER: usize = RECOVERY_MAGIC.len() + 1 + 8 + 8 + 8 + 24;
 const RECOVERY_TAG: usize = 16;
 const RECOVERY_SIGNATURE: usize = 64;
 /// Keeps a recovery record's signature from being valid as any other signed object of the owner.
+/// (The format version is inside the signed bytes, so one domain serves both versions.)
 const RECOVERY_DOMAIN: &[u8] = b"bitdust recovery record v1\0";
+
+/// What anyone holding the owner's public key can read of a recovery record: its signed, clear
+/// header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub version: u8,
+    /// The record's revision; 0 for a v1 record (its revision is inside the ciphertext only),
+    /// so any v2 record counts as newer than a v1 one.
+    pub revision: u64,
+    /// Seconds since the Unix epoch; 0 for a v1 record.
+    pub created_at: u64,
+}
+
+fn header_len(version: u8) -> usize {
+    if version == RECOVERY_V1 {
+        RECOVERY_HEADER_V1
+    } else {
+        RECOVERY_HEADER
+    }
+}
 
 /// One block of the sealed catalog export, and who holds each of its fragments.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -900,23 +927,34 @@ pub fn seal_recovery(
     owner: &SigningKey,
     nonce: [u8; 24],
 ) -> Vec<u8> {
-    seal_recovery_bytes(&codec::encode(&recovery_body(record)), key, owner, nonce)
+    let header = RecordHeader {
+        version: RECOVERY_VERSION,
+        revision: record.revision,
+        created_at: record.created_at,
+    };
+    let body = codec::encode(&recovery_body(record));
+    seal_recovery_bytes(&body, &header, key, owner, nonce)
 }
 
 fn seal_recovery_bytes(
     body: &[u8],
+    header: &RecordHeader,
     key: &BlockKey,
     owner: &SigningKey,
     nonce: [u8; 24],
 ) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(RECOVERY_HEADER + body.len() + RECOVERY_TAG + RECOVERY_SIGNATURE);
+    let header_len = header_len(header.version);
+    let mut out = Vec::with_capacity(header_len + body.len() + RECOVERY_TAG + RECOVERY_SIGNATURE);
     out.extend_from_slice(RECOVERY_MAGIC);
-    out.push(RECOVERY_VERSION);
+    out.push(header.version);
+    if header.version != RECOVERY_V1 {
+        out.extend_from_slice(&header.revision.to_be_bytes());
+        out.extend_from_slice(&header.created_at.to_be_bytes());
+    }
     out.extend_from_slice(&key.check_value());
     out.extend_from_slice(&nonce);
     out.extend_from_slice(body);
-    let (header, plain) = out.split_at_mut(RECOVERY_HEADER);
+    let (header, plain) = out.split_at_mut(header_len);
     // Encryption fails only past the cipher's 256 GiB limit; a recovery record is kilobytes.
     let tag = key
         .cipher()
@@ -928,12 +966,51 @@ fn seal_recovery_bytes(
     out
 }
 
+/// The clear header of a recovery record, unchecked: what a supplier reads when it does not know
+/// the customer's signing key (the record is then only ever the customer's own business).
+pub fn record_header(bytes: &[u8]) -> Result<RecordHeader, CatalogError> {
+    if bytes.len() < RECOVERY_MAGIC.len() + 1 || &bytes[..RECOVERY_MAGIC.len()] != RECOVERY_MAGIC {
+        return Err(CatalogError::RecoveryMagic);
+    }
+    let version = bytes[RECOVERY_MAGIC.len()];
+    if version != RECOVERY_VERSION && version != RECOVERY_V1 {
+        return Err(CatalogError::RecoveryVersion(version));
+    }
+    if bytes.len() < header_len(version) + RECOVERY_TAG + RECOVERY_SIGNATURE {
+        return Err(CatalogError::RecoveryTruncated);
+    }
+    Ok(parse_header(version, bytes))
+}
+
+/// The header fields of a record whose version and length were checked.
+fn parse_header(version: u8, bytes: &[u8]) -> RecordHeader {
+    if version == RECOVERY_V1 {
+        return RecordHeader {
+            version,
+            revision: 0,
+            created_at: 0,
+        };
+    }
+    let be = |at: usize| {
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_be_bytes(n)
+    };
+    let at = RECOVERY_MAGIC.len() + 1;
+    RecordHeader {
+        version,
+        revision: be(at),
+        created_at: be(at + 8),
+    }
+}
+
 /// Checks that `bytes` is a recovery record signed by `owner`, without decrypting it: what a
-/// supplier checks before keeping one. Returns the signed part (header and ciphertext).
+/// supplier checks before keeping one. Returns the clear header (revision and date) and the
+/// signed part (header and ciphertext).
 pub fn verify_recovery<'a>(
     bytes: &'a [u8],
     owner: &VerifyingKey,
-) -> Result<&'a [u8], CatalogError> {
+) -> Result<(RecordHeader, &'a [u8]), CatalogError> {
     if bytes.len() < RECOVERY_MAGIC.len() + 1 {
         return Err(if RECOVERY_MAGIC.starts_with(bytes) {
             CatalogError::RecoveryTruncated
@@ -945,10 +1022,10 @@ pub fn verify_recovery<'a>(
         return Err(CatalogError::RecoveryMagic);
     }
     let version = bytes[RECOVERY_MAGIC.len()];
-    if version != RECOVERY_VERSION {
+    if version != RECOVERY_VERSION && version != RECOVERY_V1 {
         return Err(CatalogError::RecoveryVersion(version));
     }
-    if bytes.len() < RECOVERY_HEADER + RECOVERY_TAG + RECOVERY_SIGNATURE {
+    if bytes.len() < header_len(version) + RECOVERY_TAG + RECOVERY_SIGNATURE {
         return Err(CatalogError::RecoveryTruncated);
     }
     let (signed, signature) = bytes.split_at(bytes.len() - RECOVERY_SIGNATURE);
@@ -957,23 +1034,25 @@ pub fn verify_recovery<'a>(
     owner
         .verify_strict(&[RECOVERY_DOMAIN, signed].concat(), &signature)
         .map_err(|_| CatalogError::RecoverySignature)?;
-    Ok(signed)
+    Ok((parse_header(version, signed), signed))
 }
 
 /// Checks the owner's signature, then decrypts and parses a recovery record. Each way it can be
 /// wrong has its own error: truncated, another format version, not the owner's signature, sealed
-/// under another key, corrupted ciphertext, malformed content.
+/// under another key, corrupted ciphertext, malformed content (a v2 body whose revision or date
+/// differs from its clear header included).
 pub fn open_recovery(
     bytes: &[u8],
     key: &BlockKey,
     owner: &VerifyingKey,
 ) -> Result<RecoveryRecord, CatalogError> {
-    let signed = verify_recovery(bytes, owner)?;
-    let (header, sealed) = signed.split_at(RECOVERY_HEADER);
-    if header[RECOVERY_MAGIC.len() + 1..RECOVERY_MAGIC.len() + 9] != key.check_value() {
+    let (clear, signed) = verify_recovery(bytes, owner)?;
+    let (header, sealed) = signed.split_at(header_len(clear.version));
+    let check_at = header.len() - 24 - 8;
+    if header[check_at..check_at + 8] != key.check_value() {
         return Err(CatalogError::RecoveryWrongKey);
     }
-    let nonce = &header[RECOVERY_HEADER - 24..];
+    let nonce = &header[header.len() - 24..];
     let (ciphertext, tag) = sealed.split_at(sealed.len() - RECOVERY_TAG);
     let mut plain = ciphertext.to_vec();
     key.cipher()
@@ -986,7 +1065,15 @@ pub fn open_recovery(
         .map_err(|_| CatalogError::RecoveryCorrupt)?;
     let body: records::RecoveryRecordBody = codec::decode(&plain)
         .map_err(|_| CatalogError::RecoveryMalformed("the record does not decode"))?;
-    recovery_from_body(body)
+    let record = recovery_from_body(body)?;
+    if clear.version != RECOVERY_V1
+        && (record.revision != clear.revision || record.created_at != clear.created_at)
+    {
+        return Err(CatalogError::RecoveryMalformed(
+            "the revision or date differs from the signed header",
+        ));
+    }
+    Ok(record)
 }
 
 // ---- Retention: which versions and blocks `backup.keep_versions` lets go, and removing them from
@@ -1895,8 +1982,8 @@ mod tests {
             ));
         }
         let mut bad = sealed.clone();
-        bad[RECOVERY_MAGIC.len()] = 2;
-        assert!(matches!(open(&bad), Err(CatalogError::RecoveryVersion(2))));
+        bad[RECOVERY_MAGIC.len()] = 3;
+        assert!(matches!(open(&bad), Err(CatalogError::RecoveryVersion(3))));
         let mut bad = sealed.clone();
         bad[0] = b'X';
         assert!(matches!(open(&bad), Err(CatalogError::RecoveryMagic)));
@@ -1915,7 +2002,7 @@ mod tests {
             &owner1,
             [9; 24],
         );
-        bad[RECOVERY_MAGIC.len() + 1..RECOVERY_MAGIC.len() + 9].copy_from_slice(&key.check_value());
+        bad[RECOVERY_HEADER - 32..RECOVERY_HEADER - 24].copy_from_slice(&key.check_value());
         assert!(matches!(
             open(&resign(&bad, &owner1)),
             Err(CatalogError::RecoveryCorrupt)
@@ -1923,16 +2010,124 @@ mod tests {
         // Authentic but malformed content: a node id of 15 bytes, a body that is not a record.
         let mut body = recovery_body(&recovery_record());
         body.suppliers[0].node.pop();
-        let bad = seal_recovery_bytes(&codec::encode(&body), &key, &owner1, [1; 24]);
+        let header = RecordHeader {
+            version: RECOVERY_VERSION,
+            revision: 7,
+            created_at: 1_764_000_000,
+        };
+        let bad = seal_recovery_bytes(&codec::encode(&body), &header, &key, &owner1, [1; 24]);
         assert!(matches!(
             open(&bad),
             Err(CatalogError::RecoveryMalformed(_))
         ));
-        let bad = seal_recovery_bytes(b"\x02garbage", &key, &owner1, [1; 24]);
+        let bad = seal_recovery_bytes(b"\x02garbage", &header, &key, &owner1, [1; 24]);
         assert!(matches!(
             open(&bad),
             Err(CatalogError::RecoveryMalformed(_))
         ));
+    }
+
+    #[test]
+    fn a_supplier_reads_the_revision_and_date_in_the_clear_but_cannot_change_them() {
+        let key = BlockKey::from_bytes([5; 32]);
+        let owner1 = owner(1);
+        let public = owner1.verifying_key();
+        let sealed = seal_recovery(&recovery_record(), &key, &owner1, [9; 24]);
+        let (header, _) = verify_recovery(&sealed, &public).expect("the owner's");
+        assert_eq!(
+            header,
+            RecordHeader {
+                version: 2,
+                revision: 7,
+                created_at: 1_764_000_000
+            }
+        );
+        // Raising the revision breaks the signature; only the owner could re-sign it...
+        let mut raised = sealed.clone();
+        raised[5 + 7] = 8;
+        assert!(matches!(
+            verify_recovery(&raised, &public),
+            Err(CatalogError::RecoverySignature)
+        ));
+        // ...and a re-signed header that disagrees with the sealed body is refused at open
+        // (the header is the AEAD's associated data, so the body does not even decrypt).
+        assert!(open_recovery(&resign(&raised, &owner1), &key, &public).is_err());
+        // A header that claims what the body does not (signed and sealed so by the owner).
+        let lying = RecordHeader {
+            version: 2,
+            revision: 9,
+            created_at: 1_764_000_000,
+        };
+        let body = codec::encode(&recovery_body(&recovery_record()));
+        let bad = seal_recovery_bytes(&body, &lying, &key, &owner1, [1; 24]);
+        assert_eq!(
+            verify_recovery(&bad, &public).expect("signed").0.revision,
+            9
+        );
+        assert!(matches!(
+            open_recovery(&bad, &key, &public),
+            Err(CatalogError::RecoveryMalformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_v1_record_still_opens_and_counts_as_revision_0_to_a_supplier() {
+        let key = BlockKey::from_bytes([5; 32]);
+        let owner1 = owner(1);
+        let public = owner1.verifying_key();
+        let v1 = RecordHeader {
+            version: 1,
+            revision: 0,
+            created_at: 0,
+        };
+        let body = codec::encode(&recovery_body(&recovery_record()));
+        let sealed = seal_recovery_bytes(&body, &v1, &key, &owner1, [9; 24]);
+        assert_eq!(sealed.len(), RECOVERY_HEADER_V1 + body.len() + 16 + 64);
+        assert_eq!(verify_recovery(&sealed, &public).expect("signed").0, v1);
+        assert_eq!(
+            open_recovery(&sealed, &key, &public).expect("opens"),
+            recovery_record()
+        );
+    }
+
+    /// PROTOCOL.md's vector (`recovery_record` in test-vectors.json): the same inputs seal to
+    /// the same bytes, and its clear header says what the vector says.
+    #[test]
+    fn the_recovery_record_test_vector_holds() {
+        let vectors: serde_json::Value =
+            serde_json::from_str(include_str!("../../proto/test-vectors.json")).expect("json");
+        let v = &vectors["recovery_record"];
+        let key = BlockKey::from_bytes([5; 32]);
+        let owner1 = owner(1);
+        let record = RecoveryRecord {
+            revision: 42,
+            created_at: 1_765_000_000,
+            data_shards: 2,
+            parity_shards: 1,
+            suppliers: vec![(0, node(1)), (1, node(2)), (2, node(3))],
+            catalog: vec![],
+            catalog_len: 0,
+            identities: vec![],
+        };
+        let sealed = seal_recovery(&record, &key, &owner1, [9; 24]);
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        assert_eq!(
+            v["sealed"].as_str(),
+            Some(hex(&sealed).as_str()),
+            "sealed {}",
+            hex(&sealed)
+        );
+        assert_eq!(
+            v["header"].as_str(),
+            Some(hex(&sealed[..RECOVERY_HEADER]).as_str())
+        );
+        assert_eq!(v["revision"].as_u64(), Some(42));
+        assert_eq!(
+            v["owner_public"].as_str(),
+            Some(hex(owner1.verifying_key().as_bytes()).as_str())
+        );
+        let (header, _) = verify_recovery(&sealed, &owner1.verifying_key()).expect("signed");
+        assert_eq!(header.revision, 42);
     }
 }
 

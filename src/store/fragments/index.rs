@@ -73,6 +73,20 @@ impl FragmentStore {
     }
 }
 
+/// `r/<customer 16>`: the highest recovery-record revision the customer stored (u64 BE).
+pub(super) const REVISION: &[u8] = b"r/";
+
+/// `d/<customer 16>`: this supplier dropped the customer (u64 BE: when); gone with its data.
+pub(super) const DROPPED: &[u8] = b"d/";
+
+pub(super) fn dropped_key(customer: &NodeId) -> Vec<u8> {
+    Key::new(DROPPED).node(customer).into_vec()
+}
+
+pub(super) fn revision_key(customer: &NodeId) -> Vec<u8> {
+    Key::new(REVISION).node(customer).into_vec()
+}
+
 pub(super) fn account_key(customer: &NodeId) -> Vec<u8> {
     Key::new(ACCOUNT).node(customer).into_vec()
 }

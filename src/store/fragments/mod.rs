@@ -10,6 +10,8 @@
 //! | `a/<customer 16>` | `Account`: quota, used, cancelled since |
 //! | `f/<customer 16><block 32><position u32 BE>` | `FragmentEntry`: size, blake3 |
 //! | `p/<customer 16><block 32><position u32 BE>` | `ReplaceIntent`: a replace in flight |
+//! | `r/<customer 16>` | u64 BE: the highest recovery-record revision the customer stored here |
+//! | `d/<customer 16>` | u64 BE: when this supplier dropped the customer (refuses it until purged) |
 //!
 //! A fragment exists once its index entry does. `put` writes a temp file, fsyncs it, renames
 //! it into place, fsyncs the directory, and only then commits one batch (entry + `used`); the
@@ -21,6 +23,8 @@
 
 mod index;
 mod layout;
+#[cfg(test)]
+mod record_tests;
 mod recover;
 #[cfg(test)]
 mod tests;
@@ -101,6 +105,9 @@ pub enum FragmentError {
     NotFound,
     #[error("fragment data does not match the expected hash")]
     HashMismatch,
+    /// A recovery record older than one this customer already stored here.
+    #[error("recovery record revision {offered} is older than revision {held} held here")]
+    StaleRevision { held: u64, offered: u64 },
     #[error("stored fragment or index record is corrupt")]
     Corrupt,
     #[error("{context}: {source}")]
@@ -122,6 +129,7 @@ impl FragmentError {
             FragmentError::OverQuota { .. } => "over_quota",
             FragmentError::NotFound => "not_found",
             FragmentError::HashMismatch => "hash_mismatch",
+            FragmentError::StaleRevision { .. } => "stale_revision",
             FragmentError::Corrupt => "corrupt",
             FragmentError::Io { .. } => "io",
             FragmentError::Db(_) => "db",
@@ -320,9 +328,61 @@ impl FragmentStore {
         data: &[u8],
         expected: &[u8; 32],
     ) -> Result<FragmentInfo, FragmentError> {
+        self.put_inner(customer, key, data, expected, None)
+    }
+
+    /// Stores the customer's recovery record (signed by it, checked by the caller) at `key`,
+    /// as `put` does, unless this customer already stored a higher `revision` here
+    /// (`StaleRevision`). The highest revision seen is kept with the entry, in the same batch,
+    /// and outlives a delete of the record: a supplier never goes back to an older one.
+    pub fn put_record(
+        &self,
+        customer: &NodeId,
+        key: FragmentKey,
+        data: &[u8],
+        expected: &[u8; 32],
+        revision: u64,
+    ) -> Result<FragmentInfo, FragmentError> {
+        self.put_inner(customer, key, data, expected, Some(revision))
+    }
+
+    /// The highest recovery-record revision `customer` stored here (0: none).
+    pub fn record_revision(&self, customer: &NodeId) -> Result<u64, FragmentError> {
+        Ok(match self.kv.get(CF, &index::revision_key(customer))? {
+            None => 0,
+            Some(v) => {
+                let bytes: [u8; 8] = v
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| FragmentError::Corrupt)?;
+                u64::from_be_bytes(bytes)
+            }
+        })
+    }
+
+    /// `StaleRevision` if `offered` is below what `customer` stored before.
+    fn admit_record(&self, customer: &NodeId, offered: u64) -> Result<(), FragmentError> {
+        let held = self.record_revision(customer)?;
+        if offered < held {
+            return Err(FragmentError::StaleRevision { held, offered });
+        }
+        Ok(())
+    }
+
+    fn put_inner(
+        &self,
+        customer: &NodeId,
+        key: FragmentKey,
+        data: &[u8],
+        expected: &[u8; 32],
+        record: Option<u64>,
+    ) -> Result<FragmentInfo, FragmentError> {
         let size = data.len() as u64;
         // Refuse early, before spending IO; checked again under the lock before committing.
         self.admit(customer, &key, size)?;
+        if let Some(revision) = record {
+            self.admit_record(customer, revision)?;
+        }
         let hash: [u8; 32] = *blake3::hash(data).as_bytes();
         if &hash != expected {
             return Err(FragmentError::HashMismatch);
@@ -330,7 +390,7 @@ impl FragmentStore {
         let dir = self.ensure_block_dir(customer, &key.block)?;
         // The expensive part (write + fsync) runs outside the lock.
         let tmp = self.write_temp(&dir, &key, data)?;
-        let result = self.commit(customer, key, size, hash, &dir, &tmp);
+        let result = self.commit(customer, key, (size, hash), record, &dir, &tmp);
         if result.is_err() {
             remove_if_exists(&tmp);
         }
@@ -444,6 +504,35 @@ impl FragmentStore {
         Ok(())
     }
 
+    /// This supplier stops serving `customer`: cancelled as if it had left (its data kept for the
+    /// grace period), and marked dropped, so that a new service request from it is refused until
+    /// its data is purged ([`FragmentStore::dropped`]): a drop sticks.
+    pub fn drop_customer(&self, customer: &NodeId, now_unix: u64) -> Result<(), FragmentError> {
+        let _w = self.exclusive();
+        let mut account = self
+            .load_account(customer)?
+            .ok_or(FragmentError::NoService)?;
+        let mut batch = Batch::new();
+        if account.state == AccountState::Active {
+            account.state = AccountState::Cancelled {
+                since_unix: now_unix,
+            };
+            batch.put(CF, account_key(customer), encode_account(&account));
+        }
+        batch.put(
+            CF,
+            index::dropped_key(customer),
+            now_unix.to_be_bytes().to_vec(),
+        );
+        self.kv.write(batch)?;
+        Ok(())
+    }
+
+    /// Whether this supplier dropped `customer` and has not purged its data yet.
+    pub fn dropped(&self, customer: &NodeId) -> Result<bool, FragmentError> {
+        Ok(self.kv.get(CF, &index::dropped_key(customer))?.is_some())
+    }
+
     /// Removes all data and the account of customers cancelled at least `grace` ago; returns them.
     pub fn purge_expired(
         &self,
@@ -512,17 +601,21 @@ impl FragmentStore {
     }
 
     /// Under the lock: re-admit, rename into place, fsync the directory, one index batch.
+    /// `record`: the revision of a recovery record, re-checked and kept in the same batch.
     fn commit(
         &self,
         customer: &NodeId,
         key: FragmentKey,
-        size: u64,
-        hash: [u8; 32],
+        (size, hash): (u64, [u8; 32]),
+        record: Option<u64>,
         dir: &Path,
         tmp: &Path,
     ) -> Result<FragmentInfo, FragmentError> {
         let _w = self.exclusive();
         let (mut account, old) = self.admit(customer, &key, size)?;
+        if let Some(revision) = record {
+            self.admit_record(customer, revision)?;
+        }
         let entry_key = index_key(FRAGMENT, customer, &key);
         let pending_key = index_key(PENDING, customer, &key);
         if old.is_some() {
@@ -549,6 +642,13 @@ impl FragmentStore {
                 .put(CF, account_key(customer), encode_account(&account));
             if old.is_some() {
                 batch.delete(CF, pending_key.clone());
+            }
+            if let Some(revision) = record {
+                batch.put(
+                    CF,
+                    index::revision_key(customer),
+                    revision.to_be_bytes().to_vec(),
+                );
             }
             self.kv.write(batch).map_err(FragmentError::from)
         });
@@ -643,6 +743,7 @@ impl FragmentStore {
         }
         let mut batch = Batch::new();
         batch.delete(CF, account_key(customer));
+        batch.delete(CF, index::dropped_key(customer));
         for (k, _) in self
             .kv
             .scan(CF, &index_prefix(PENDING, customer), None, PAGE)?
