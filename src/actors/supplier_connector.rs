@@ -30,6 +30,7 @@ fn fail_code(code: i32) -> FailCode {
         Ok(FailReason::NotTrusted) => FailCode::NotTrusted,
         Ok(FailReason::NoSpace) => FailCode::NoSpace,
         Ok(FailReason::OverQuota) => FailCode::OverQuota,
+        Ok(FailReason::NoService) => FailCode::NoService,
         Ok(FailReason::StorageError | FailReason::ShuttingDown | FailReason::Timeout) => {
             FailCode::NotReady
         }

@@ -3,10 +3,12 @@
 //! cancel it when fired. Adapted from the original's NO_SERVICE/REQUEST/CONNECTED/DISCONNECTED/
 //! REFUSE/CLOSED machine; its QUEUE? state (event subscriptions) has no counterpart here.
 //!
-//! How a supplier's answer is read is decided here too ([`FailCode::ends_contract`]): only a
-//! refusal that says "not trusted" or "no space" ends a contract; a passing failure (its store
-//! still opening, no session at this instant) is retried after `retry_soon`, not after a whole
-//! request timeout.
+//! How a supplier's answer is read is decided here too ([`FailCode::ends_contract`]): a refusal
+//! that says "not trusted", "no space" or "no service" (a friend that stores nothing) ends a
+//! contract, and fire_hire backs off from that friend; a passing failure (its store still
+//! opening, no session at this instant) is retried after `retry_soon`, doubling with each
+//! failure in a row up to the request timeout ([`SupplierConnector::soon_delay`]), so no answer
+//! makes the customer ask every 2 s forever.
 
 use std::time::Duration;
 
@@ -20,7 +22,7 @@ labels! {
 labels! {
     /// What a supplier's refusal or failure says, mirrored one to one from the wire's reasons by
     /// the driver (`Unavailable`: the request could not be sent or its session closed).
-    pub enum FailCode { NotTrusted, NoSpace, OverQuota, NotReady, Unavailable, Other }
+    pub enum FailCode { NotTrusted, NoSpace, OverQuota, NoService, NotReady, Unavailable, Other }
 }
 
 impl FailCode {
@@ -29,7 +31,7 @@ impl FailCode {
     pub fn ends_contract(self) -> bool {
         matches!(
             self,
-            FailCode::NotTrusted | FailCode::NoSpace | FailCode::OverQuota
+            FailCode::NotTrusted | FailCode::NoSpace | FailCode::OverQuota | FailCode::NoService
         )
     }
 }
@@ -95,7 +97,7 @@ labels! {
 
 labels! {
     /// Why a contract ended from the supplier's side, or never started.
-    pub enum RefuseReason { NotTrusted, NoSpace, Unreachable, Left }
+    pub enum RefuseReason { NotTrusted, NoSpace, NoService, Unreachable, Left }
 }
 
 /// News for fire_hire.
@@ -125,6 +127,8 @@ pub struct SupplierConnector {
     pub attempts: u32,
     pub accepted_before: bool,
     pub peer_up: bool,
+    /// Passing failures in a row since the last answer that was not one (backoff).
+    pub soon_failures: u32,
 }
 
 impl SupplierConnector {
@@ -147,7 +151,19 @@ impl Default for SupplierConnector {
             attempts: 0,
             accepted_before: false,
             peer_up: true,
+            soon_failures: 0,
         }
+    }
+}
+
+impl SupplierConnector {
+    /// How long to wait before asking again after the `soon_failures`-th passing failure in a
+    /// row: `retry_soon`, doubled each time, never more than the request timeout.
+    pub fn soon_delay(&self) -> Duration {
+        let doubled = self
+            .retry_soon
+            .saturating_mul(1u32 << self.soon_failures.min(16));
+        doubled.min(self.request_timeout.max(self.retry_soon))
     }
 }
 
@@ -155,6 +171,7 @@ fn refuse_reason(event: &Event) -> RefuseReason {
     match event {
         Event::Refused(FailCode::NotTrusted) => RefuseReason::NotTrusted,
         Event::Refused(FailCode::NoSpace | FailCode::OverQuota) => RefuseReason::NoSpace,
+        Event::Refused(FailCode::NoService) => RefuseReason::NoService,
         Event::SupplierCancelled => RefuseReason::Left,
         _ => RefuseReason::Unreachable,
     }
@@ -384,10 +401,14 @@ impl Machine for SupplierConnector {
                 out.cancel_timer(Timer::Soon);
                 out.push(Output::SendRequest);
             }
-            Action::RetrySoon => out.state_timeout(Timer::Soon, ctx.now + self.retry_soon),
+            Action::RetrySoon => {
+                out.state_timeout(Timer::Soon, ctx.now + self.soon_delay());
+                self.soon_failures = self.soon_failures.saturating_add(1);
+            }
             Action::Resend => out.push(Output::SendRequest),
             Action::ReportConnected => {
                 self.attempts = 0;
+                self.soon_failures = 0;
                 self.accepted_before = true;
                 out.push(Output::Report(Report::Connected));
             }
@@ -416,6 +437,7 @@ impl Machine for SupplierConnector {
             Event::Accepted,
             Event::Refused(FailCode::NoSpace),
             Event::Refused(FailCode::NotReady),
+            Event::Refused(FailCode::NoService),
             Event::Timeout(Timer::Request),
             Event::Timeout(Timer::Retry),
             Event::Timeout(Timer::Cancel),
@@ -503,6 +525,7 @@ mod tests {
             (NotTrusted, true),
             (NoSpace, true),
             (OverQuota, true),
+            (NoService, true),
             (NotReady, false),
             (Unavailable, false),
             (Other, false),
@@ -513,6 +536,63 @@ mod tests {
             let expected = if ends { Refused } else { Requesting };
             assert_eq!(s.to, expected, "{code:?}");
         }
+    }
+
+    /// G1: a friend that stores nothing answers NO_SERVICE. That ends the request (fire_hire
+    /// then backs off from it) instead of asking again every 2 s.
+    #[test]
+    fn a_friend_that_serves_nothing_is_refused_not_asked_again() {
+        let mut c = Instance::new(SupplierConnector::default(), "0");
+        c.step(&Event::Connect, &C);
+        let s = c
+            .step(&Event::Refused(FailCode::NoService), &at(1))
+            .expect("handled");
+        assert_eq!(s.to, Refused);
+        assert_eq!(
+            s.outputs,
+            vec![Output::Report(Report::Refused(RefuseReason::NoService))]
+        );
+        assert_eq!(
+            c.timers().deadlines().count(),
+            0,
+            "nothing scheduled to ask again"
+        );
+    }
+
+    /// Passing failures in a row are retried after 2, 4, 8, 16 s..., capped at the request
+    /// timeout; an acceptance resets the backoff.
+    #[test]
+    fn passing_failures_back_off_exponentially_up_to_the_request_timeout() {
+        // The one-shot retry deadline (the request timer is periodic, not a one-shot).
+        fn soon(c: &Instance<SupplierConnector>) -> Duration {
+            c.timers()
+                .deadlines()
+                .find(|(t, _)| *t == Timer::Soon)
+                .map(|(_, at)| at)
+                .expect("a retry is scheduled")
+        }
+        let mut c = Instance::new(SupplierConnector::default(), "0");
+        c.step(&Event::Connect, &C);
+        let mut now = 0;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            c.step(&Event::Refused(FailCode::NotReady), &at(now));
+            let due = soon(&c);
+            waits.push((due - Duration::from_secs(now)).as_secs());
+            now = due.as_secs();
+            c.step(&Event::RetryDue, &at(now));
+        }
+        assert_eq!(waits, vec![2, 4, 8, 16, 30, 30]);
+        c.step(&Event::Accepted, &at(now));
+        c.step(&Event::PeerDown, &at(now));
+        c.step(&Event::PeerUp, &at(now));
+        c.step(&Event::Refused(FailCode::Other), &at(now));
+        let due = soon(&c);
+        assert_eq!(
+            due - Duration::from_secs(now),
+            Duration::from_secs(2),
+            "reset"
+        );
     }
 
     #[test]
