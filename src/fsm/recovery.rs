@@ -45,7 +45,7 @@ impl<P: Ord + Copy> Search<P> {
     }
 
     /// The peers to ask now (each is handed out once, ever).
-    pub fn next(&mut self) -> Vec<P> {
+    pub fn to_ask(&mut self) -> Vec<P> {
         let fresh: Vec<P> = self.candidates.difference(&self.asked).copied().collect();
         self.asked.extend(fresh.iter().copied());
         fresh
@@ -123,7 +123,7 @@ mod tests {
         while !s.stable() {
             rounds += 1;
             assert!(rounds < 100, "the search does not end");
-            for peer in s.next() {
+            for peer in s.to_ask() {
                 order.push(peer);
                 match records.get(&peer) {
                     Some((revision, named)) => {
@@ -169,8 +169,8 @@ mod tests {
     #[test]
     fn nothing_valid_is_no_best_and_a_lower_answer_never_replaces_a_higher_one() {
         let mut s = Search::new([1u8, 2]);
-        assert_eq!(s.next(), vec![1, 2]);
-        assert!(s.next().is_empty(), "asked once");
+        assert_eq!(s.to_ask(), vec![1, 2]);
+        assert!(s.to_ask().is_empty(), "asked once");
         assert!(!s.answered(1, Answer::Nothing));
         assert_eq!(s.best(), None);
         assert!(s.behind().is_empty(), "nothing to hand out");
@@ -181,6 +181,6 @@ mod tests {
         assert!(s.stable());
         s.named([3]);
         assert!(!s.stable(), "a newly named peer is asked");
-        assert_eq!(s.next(), vec![3]);
+        assert_eq!(s.to_ask(), vec![3]);
     }
 }

@@ -159,7 +159,7 @@ pub async fn search_newest(
     let mut search = Search::new(start);
     let mut newest: Option<(RecoveryRecord, Vec<u8>)> = None;
     while !search.stable() {
-        for peer in search.next() {
+        for peer in search.to_ask() {
             let answer = match client
                 .retrieve(peer, RECOVERY_BLOCK, RECOVERY_POSITION)
                 .await
