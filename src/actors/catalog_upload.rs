@@ -616,3 +616,117 @@ pub(crate) async fn adopt_newer(
     );
     Ok(Some(revision))
 }
+
+#[cfg(test)]
+mod adopt_tests {
+    use super::*;
+    use crate::actors::fragments::MemFragments;
+    use crate::crypto::derive::MasterSecret;
+    use crate::data::erasure::Layout;
+    use crate::store::{Cf, MemStore};
+
+    fn node(n: u8) -> NodeId {
+        NodeId::from_signing_key(&[n; 32])
+    }
+
+    /// A newer machine's catalog (one entry besides the counter), coded 2 + 1 onto suppliers
+    /// 1..=3 of `suppliers`, and its record at `revision` on every one of them.
+    async fn newer_machine(
+        suppliers: &MemFragments,
+        keys: &DataKeys,
+        owner: &SigningKey,
+        revision: u64,
+    ) {
+        let other = MemStore::new();
+        other
+            .put(Cf::Catalog, b"zz-a-version-made-elsewhere", b"v")
+            .expect("put");
+        let export = catalog::export(&other).expect("export");
+        let random = BlockRandom {
+            id: BlockId([7; 32]),
+            nonce: [8; 24],
+        };
+        let layout = Layout::new(2, 1).expect("layout");
+        let block = data::encode_block(&export, &keys.catalog, owner, layout, 1, random)
+            .expect("encode");
+        for (p, f) in block.fragments.iter().enumerate() {
+            let stored = data::stored::wrap(&block.signed_manifest, f);
+            suppliers
+                .store(node(p as u8 + 1), block.id.0, p as u32, stored)
+                .await
+                .expect("store");
+        }
+        let record = RecoveryRecord {
+            revision,
+            created_at: 1_765_000_000,
+            data_shards: 2,
+            parity_shards: 1,
+            suppliers: (0..3u8).map(|p| (u32::from(p), node(p + 1))).collect(),
+            catalog: vec![CatalogBlock {
+                id: block.id,
+                signed_manifest: block.signed_manifest.clone(),
+                suppliers: (0..3u8).map(|p| Some(node(p + 1))).collect(),
+            }],
+            catalog_len: export.len() as u64,
+            identities: vec![],
+        };
+        let sealed = catalog::seal_recovery(&record, &keys.recovery, owner, [3; 24]);
+        for p in 0..3u8 {
+            suppliers
+                .store(node(p + 1), RECOVERY_BLOCK, RECOVERY_POSITION, sealed.clone())
+                .await
+                .expect("store");
+        }
+    }
+
+    fn revision_of(kv: &dyn KvStore) -> u64 {
+        health::recovery_revision(kv).expect("read")
+    }
+
+    #[tokio::test]
+    async fn a_newer_record_on_the_suppliers_is_adopted_and_an_older_one_never_lowers() {
+        let owner = SigningKey::from_bytes(&[4; 32]);
+        let keys = Arc::new(MasterSecret::from_bytes([5; 32]).data_keys());
+        let suppliers = MemFragments::default();
+        newer_machine(&suppliers, &keys, &owner, 7).await;
+
+        // This node stored revision 3: the suppliers' 7 is adopted, its catalog imported.
+        let kv: Arc<dyn KvStore> = Arc::new(MemStore::new());
+        let mut batch = Batch::new();
+        health::put_recovery_revision(&mut batch, 3);
+        kv.write(batch).expect("write");
+        let adopt = Adopt {
+            kv: kv.clone(),
+            keys: keys.clone(),
+            owner: owner.verifying_key(),
+        };
+        let adopted = adopt_newer(&suppliers, &[node(1)], &adopt).await;
+        assert_eq!(adopted.expect("adopted"), Some(7));
+        assert_eq!(revision_of(kv.as_ref()), 7);
+        assert!(
+            kv.get(Cf::Catalog, b"zz-a-version-made-elsewhere")
+                .expect("get")
+                .is_some(),
+            "the newer record's catalog is imported"
+        );
+
+        // A node already above the suppliers' record adopts nothing and keeps its revision.
+        let ahead: Arc<dyn KvStore> = Arc::new(MemStore::new());
+        let mut batch = Batch::new();
+        health::put_recovery_revision(&mut batch, 9);
+        ahead.write(batch).expect("write");
+        let adopt = Adopt {
+            kv: ahead.clone(),
+            ..adopt
+        };
+        let adopted = adopt_newer(&suppliers, &[node(1), node(2)], &adopt).await;
+        assert_eq!(adopted.expect("nothing to adopt"), None);
+        assert_eq!(revision_of(ahead.as_ref()), 9, "never lowered");
+        assert!(
+            ahead
+                .get(Cf::Catalog, b"zz-a-version-made-elsewhere")
+                .expect("get")
+                .is_none()
+        );
+    }
+}
