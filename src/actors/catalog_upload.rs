@@ -647,8 +647,8 @@ mod adopt_tests {
             nonce: [8; 24],
         };
         let layout = Layout::new(2, 1).expect("layout");
-        let block = data::encode_block(&export, &keys.catalog, owner, layout, 1, random)
-            .expect("encode");
+        let block =
+            data::encode_block(&export, &keys.catalog, owner, layout, 1, random).expect("encode");
         for (p, f) in block.fragments.iter().enumerate() {
             let stored = data::stored::wrap(&block.signed_manifest, f);
             suppliers
@@ -673,7 +673,12 @@ mod adopt_tests {
         let sealed = catalog::seal_recovery(&record, &keys.recovery, owner, [3; 24]);
         for p in 0..3u8 {
             suppliers
-                .store(node(p + 1), RECOVERY_BLOCK, RECOVERY_POSITION, sealed.clone())
+                .store(
+                    node(p + 1),
+                    RECOVERY_BLOCK,
+                    RECOVERY_POSITION,
+                    sealed.clone(),
+                )
                 .await
                 .expect("store");
         }

@@ -158,8 +158,10 @@ pub fn recover(home: &Home, args: RecoverArgs) -> anyhow::Result<()> {
                 newest.found
             );
         }
+        // The error may carry a peer's words (a refusal's detail): escaped for the terminal.
         Err(e) => eprintln!(
-            "bitdust: no recovery record could be fetched yet ({e:#}); the first run tries again."
+            "bitdust: no recovery record could be fetched yet ({}); the first run tries again.",
+            super::shown(&format!("{e:#}"))
         ),
     }
     eprintln!(
