@@ -236,7 +236,8 @@ pub fn preview(home: &Home) -> anyhow::Result<Newest> {
     let _lock = home.lock()?;
     let keys = home.load_keys()?;
     let mine = home.load_identity(&keys)?;
-    let data_keys = home.load_master()?.data_keys();
+    // A recovered home holds the master secret from the key file: never make a new one.
+    let data_keys = home.load_master(true)?.data_keys();
     let config = super::config::Config::load(home.root())?;
     let max_message = super::settings::max_message(&config);
     let book = {
