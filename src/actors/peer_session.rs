@@ -130,6 +130,184 @@ impl PeerSessionDriver {
     }
 }
 
+impl PeerSessionDriver {
+    /// Dials the target's contact addresses, the first that answers wins.
+    fn open_tcp(&mut self, io: &mut Io<'_, Self>) {
+        let contacts = self
+            .target
+            .as_ref()
+            .map(|t| t.contacts.clone())
+            .unwrap_or_default();
+        let timeout = self.shared.connect_timeout;
+        io.spawn_then(
+            connect_any(contacts, timeout),
+            |driver, stream| match stream {
+                Some(stream) => {
+                    driver.remote = stream.peer_addr().ok();
+                    driver.stream = Some(stream);
+                    Event::TcpConnected
+                }
+                None => Event::ConnectFailed,
+            },
+        );
+    }
+
+    /// The Noise handshake and the identity exchange on the connected stream.
+    fn run_handshake(&mut self, machine: &PeerSession, io: &mut Io<'_, Self>) {
+        let (Some(stream), Some(mine)) =
+            (self.stream.take(), self.shared.identity.borrow().clone())
+        else {
+            io.send(Event::HandshakeFailed(CloseReason::IoError));
+            return;
+        };
+        self.sent_revision = mine.revision();
+        let shared = self.shared.clone();
+        let expected = self.target.as_ref().map(|t| t.peer);
+        let outbound = self.target.is_some();
+        let policy = shared.policy.borrow().clone();
+        // The machine's deadline (shorter for inbound: the pre-auth deadline), so the
+        // net layer's own deadline comes first and can tell the peer TIMEOUT.
+        let deadline = machine.handshake_timeout;
+        let work = async move {
+            link::establish(
+                stream,
+                outbound,
+                &shared.noise_secret,
+                &mine,
+                expected,
+                &policy,
+                deadline,
+                shared.max_message,
+            )
+            .await
+        };
+        io.spawn_then(work, |driver, result| match result {
+            Ok((session, identity)) => {
+                let peer = identity.node_id();
+                driver.authenticated = Some((session, identity));
+                Event::Authenticated(peer)
+            }
+            Err(reason) => Event::HandshakeFailed(session_reason(reason)),
+        });
+    }
+
+    /// Where the link's events go: pongs and the close to this actor, identity news and
+    /// requests to the network actor.
+    fn link_sink(&self, peer: NodeId, io: &mut Io<'_, Self>) -> link::LinkSink {
+        let me = io.address();
+        let network = self.network.clone();
+        let shared = self.shared.clone();
+        // Best-effort notices go with try_send: a flooding peer fills a mailbox and the
+        // rest is dropped and counted. Requests and the close wait for room (the link
+        // bounds requests in flight, and there is one close).
+        let dropped = move || {
+            shared.dropped_notices.fetch_add(1, Ordering::Relaxed);
+        };
+        // Requests keep their order on the way to the network actor: one task forwards
+        // them, waiting for room in its mailbox. The link holds at most MAX_IN_FLIGHT
+        // requests unanswered, so this queue never fills.
+        let (requests, mut queue) = mpsc::channel::<NetInput>(2 * link::MAX_IN_FLIGHT);
+        let forward_to = network.clone();
+        io.spawn_task(async move {
+            while let Some(input) = queue.recv().await {
+                if forward_to.send(Input(input)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // The sink runs on the link's reader task, off this actor's event loop.
+        Arc::new(move |event| match event {
+            LinkEvent::Pong => {
+                if me.try_send(Deliver(Event::Pong)).is_err() {
+                    dropped();
+                }
+            }
+            LinkEvent::Closed(reason) => {
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let reason = session_reason(reason);
+                    let _ = me.send(Deliver(Event::LinkFailed(reason))).await;
+                });
+            }
+            LinkEvent::Identity(identity) => {
+                if network
+                    .try_send(Input(NetInput::PeerIdentity(identity)))
+                    .is_err()
+                {
+                    dropped();
+                }
+            }
+            LinkEvent::ForgedIdentity => {
+                if network
+                    .try_send(Input(NetInput::ForgedIdentity(peer)))
+                    .is_err()
+                {
+                    dropped();
+                }
+            }
+            LinkEvent::Request(envelope, link, permit) => {
+                let request = NetInput::Request {
+                    peer,
+                    envelope,
+                    link,
+                    permit,
+                };
+                if requests.try_send(request).is_err() {
+                    dropped();
+                }
+            }
+        })
+    }
+
+    /// Starts the link's reader and writer and tells the network actor the session is up.
+    fn start_link(&mut self, io: &mut Io<'_, Self>) {
+        let Some((session, identity)) = self.authenticated.take() else {
+            io.send(Event::LinkFailed(CloseReason::IoError));
+            return;
+        };
+        let (reader, writer) = session.split_with(TcpStream::into_split);
+        let sink = self.link_sink(identity.node_id(), io);
+        let (handle, tasks) =
+            link::start(reader, writer, identity.clone(), self.shared.queue, sink);
+        self.report(NetInput::SessionUp {
+            session: self.id,
+            identity: Box::new(identity),
+            outbound: self.target.is_some(),
+            link: handle.clone(),
+            remote: self.remote,
+            sent_revision: self.sent_revision,
+        });
+        self.link = Some((handle, tasks));
+    }
+
+    /// Logs the close, says goodbye if we end it, and tells the network actor.
+    fn closed(&mut self, reason: CloseReason, peer: Option<NodeId>) {
+        let shown = peer.or(self.target.as_ref().map(|t| t.peer));
+        let peer_text = shown.map(|p| p.to_string()).unwrap_or_default();
+        let remote = self.remote.map(|r| r.to_string()).unwrap_or_default();
+        if is_routine(reason) {
+            tracing::info!(session = self.id, peer = %peer_text, remote = %remote, reason = reason.name(), "session closed");
+        } else {
+            tracing::warn!(session = self.id, peer = %peer_text, remote = %remote, reason = reason.name(), "session closed");
+        }
+        // A session we end ourselves says so before the close; other ends are the
+        // peer's doing or a broken transport.
+        if let Some((_, tasks)) = self.link.take()
+            && reason == CloseReason::Shutdown
+        {
+            tasks.farewell(FailReason::ShuttingDown, "this node is closing the session");
+        }
+        self.stream = None;
+        self.authenticated = None;
+        self.report(NetInput::SessionDown {
+            session: self.id,
+            peer,
+            dialed: self.target.as_ref().map(|t| t.peer),
+            reason,
+        });
+    }
+}
+
 impl Driver for PeerSessionDriver {
     type M = PeerSession;
     type Input = std::convert::Infallible;
@@ -146,144 +324,9 @@ impl Driver for PeerSessionDriver {
 
     fn perform(&mut self, output: Output, machine: &PeerSession, io: &mut Io<'_, Self>) {
         match output {
-            Output::OpenTcp => {
-                let contacts = self
-                    .target
-                    .as_ref()
-                    .map(|t| t.contacts.clone())
-                    .unwrap_or_default();
-                let timeout = self.shared.connect_timeout;
-                io.spawn_then(
-                    connect_any(contacts, timeout),
-                    |driver, stream| match stream {
-                        Some(stream) => {
-                            driver.remote = stream.peer_addr().ok();
-                            driver.stream = Some(stream);
-                            Event::TcpConnected
-                        }
-                        None => Event::ConnectFailed,
-                    },
-                );
-            }
-            Output::RunHandshake => {
-                let (Some(stream), Some(mine)) =
-                    (self.stream.take(), self.shared.identity.borrow().clone())
-                else {
-                    io.send(Event::HandshakeFailed(CloseReason::IoError));
-                    return;
-                };
-                self.sent_revision = mine.revision();
-                let shared = self.shared.clone();
-                let expected = self.target.as_ref().map(|t| t.peer);
-                let outbound = self.target.is_some();
-                let policy = shared.policy.borrow().clone();
-                // The machine's deadline (shorter for inbound: the pre-auth deadline), so the
-                // net layer's own deadline comes first and can tell the peer TIMEOUT.
-                let deadline = machine.handshake_timeout;
-                let work = async move {
-                    link::establish(
-                        stream,
-                        outbound,
-                        &shared.noise_secret,
-                        &mine,
-                        expected,
-                        &policy,
-                        deadline,
-                        shared.max_message,
-                    )
-                    .await
-                };
-                io.spawn_then(work, |driver, result| match result {
-                    Ok((session, identity)) => {
-                        let peer = identity.node_id();
-                        driver.authenticated = Some((session, identity));
-                        Event::Authenticated(peer)
-                    }
-                    Err(reason) => Event::HandshakeFailed(session_reason(reason)),
-                });
-            }
-            Output::StartLink { .. } => {
-                let Some((session, identity)) = self.authenticated.take() else {
-                    io.send(Event::LinkFailed(CloseReason::IoError));
-                    return;
-                };
-                let (reader, writer) = session.split_with(TcpStream::into_split);
-                let me = io.address();
-                let network = self.network.clone();
-                let peer = identity.node_id();
-                let shared = self.shared.clone();
-                // Best-effort notices go with try_send: a flooding peer fills a mailbox and the
-                // rest is dropped and counted. Requests and the close wait for room (the link
-                // bounds requests in flight, and there is one close).
-                let dropped = move || {
-                    shared.dropped_notices.fetch_add(1, Ordering::Relaxed);
-                };
-                // Requests keep their order on the way to the network actor: one task forwards
-                // them, waiting for room in its mailbox. The link holds at most MAX_IN_FLIGHT
-                // requests unanswered, so this queue never fills.
-                let (requests, mut queue) = mpsc::channel::<NetInput>(2 * link::MAX_IN_FLIGHT);
-                let forward_to = network.clone();
-                io.spawn_task(async move {
-                    while let Some(input) = queue.recv().await {
-                        if forward_to.send(Input(input)).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                // The sink runs on the link's reader task, off this actor's event loop.
-                let sink: link::LinkSink = Arc::new(move |event| match event {
-                    LinkEvent::Pong => {
-                        if me.try_send(Deliver(Event::Pong)).is_err() {
-                            dropped();
-                        }
-                    }
-                    LinkEvent::Closed(reason) => {
-                        let me = me.clone();
-                        tokio::spawn(async move {
-                            let reason = session_reason(reason);
-                            let _ = me.send(Deliver(Event::LinkFailed(reason))).await;
-                        });
-                    }
-                    LinkEvent::Identity(identity) => {
-                        if network
-                            .try_send(Input(NetInput::PeerIdentity(identity)))
-                            .is_err()
-                        {
-                            dropped();
-                        }
-                    }
-                    LinkEvent::ForgedIdentity => {
-                        if network
-                            .try_send(Input(NetInput::ForgedIdentity(peer)))
-                            .is_err()
-                        {
-                            dropped();
-                        }
-                    }
-                    LinkEvent::Request(envelope, link, permit) => {
-                        let request = NetInput::Request {
-                            peer,
-                            envelope,
-                            link,
-                            permit,
-                        };
-                        if requests.try_send(request).is_err() {
-                            dropped();
-                        }
-                    }
-                });
-                let (handle, tasks) =
-                    link::start(reader, writer, identity.clone(), self.shared.queue, sink);
-                self.report(NetInput::SessionUp {
-                    session: self.id,
-                    identity: Box::new(identity),
-                    outbound: self.target.is_some(),
-                    link: handle.clone(),
-                    remote: self.remote,
-                    sent_revision: self.sent_revision,
-                });
-                self.link = Some((handle, tasks));
-            }
+            Output::OpenTcp => self.open_tcp(io),
+            Output::RunHandshake => self.run_handshake(machine, io),
+            Output::StartLink { .. } => self.start_link(io),
             Output::SendPing => {
                 if let Some((link, _)) = &self.link {
                     // A full queue is a ping not sent; the pong deadline decides.
@@ -292,31 +335,7 @@ impl Driver for PeerSessionDriver {
                     }));
                 }
             }
-            Output::Closed { reason, peer } => {
-                let shown = peer.or(self.target.as_ref().map(|t| t.peer));
-                let peer_text = shown.map(|p| p.to_string()).unwrap_or_default();
-                let remote = self.remote.map(|r| r.to_string()).unwrap_or_default();
-                if is_routine(reason) {
-                    tracing::info!(session = self.id, peer = %peer_text, remote = %remote, reason = reason.name(), "session closed");
-                } else {
-                    tracing::warn!(session = self.id, peer = %peer_text, remote = %remote, reason = reason.name(), "session closed");
-                }
-                // A session we end ourselves says so before the close; other ends are the
-                // peer's doing or a broken transport.
-                if let Some((_, tasks)) = self.link.take()
-                    && reason == CloseReason::Shutdown
-                {
-                    tasks.farewell(FailReason::ShuttingDown, "this node is closing the session");
-                }
-                self.stream = None;
-                self.authenticated = None;
-                self.report(NetInput::SessionDown {
-                    session: self.id,
-                    peer,
-                    dialed: self.target.as_ref().map(|t| t.peer),
-                    reason,
-                });
-            }
+            Output::Closed { reason, peer } => self.closed(reason, peer),
         }
     }
 }
