@@ -16,11 +16,10 @@ pub const LEN_PREFIX: usize = 4;
 /// Largest Noise message (handshake or transport), per the Noise spec.
 pub const NOISE_MAX_MSG: usize = 65_535;
 
-/// Hard maximum frame body length. Each frame carries exactly one Noise
-/// message (at most [`NOISE_MAX_MSG`] bytes); the small headroom is slack for
-/// the codec only — the Noise layer still rejects bodies above
-/// [`NOISE_MAX_MSG`].
-pub const MAX_FRAME: usize = NOISE_MAX_MSG + 64;
+/// Hard maximum frame body length: each frame carries exactly one Noise
+/// message, at most [`NOISE_MAX_MSG`] bytes. A longer declared length closes
+/// the connection as soon as the length is read (PROTOCOL.md §2).
+pub const MAX_FRAME: usize = NOISE_MAX_MSG;
 
 /// Decoder/encoder for the wire framing. Decodes into `BytesMut` frame bodies
 /// (zero-copy slices of the read buffer).
@@ -196,6 +195,20 @@ mod tests {
             Err(NetError::FrameTooLarge { .. })
         ));
         assert!(buf.is_empty());
+    }
+
+    /// Protocol review G5: 65536..=65599 used to be waited for (the codec had 64 bytes of
+    /// slack); the first length above the Noise maximum is refused on the prefix alone.
+    #[test]
+    fn the_first_length_above_the_noise_maximum_is_refused_on_its_prefix() {
+        let mut codec = FrameCodec::new();
+        let mut src = BytesMut::from(&((NOISE_MAX_MSG + 1) as u32).to_be_bytes()[..]);
+        match codec.decode(&mut src) {
+            Err(NetError::FrameTooLarge { len, max }) => {
+                assert_eq!((len, max), (65_536, 65_535));
+            }
+            other => panic!("a 65536-byte frame must close at once, got {other:?}"),
+        }
     }
 
     #[test]

@@ -23,6 +23,12 @@ use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, Pong};
 /// Binds the protocol into the Noise handshake: a peer of another protocol fails the handshake.
 pub const PROLOGUE: &[u8] = b"bitdust.v1";
 
+/// The largest message either side accepts before the peer's identity is checked: enough for
+/// an envelope carrying a signed identity (its body and signature are capped at 4096 bytes),
+/// far below the limit after authentication, so a stranger cannot make the node buffer more
+/// than one frame (security review M1). PROTOCOL.md §11.
+pub const PREAUTH_MAX_MESSAGE: usize = 8 * 1024;
+
 /// Why the net layer refused or ended a session. The session actor maps it onto its own
 /// close reasons; `name` is a stable counter/log key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,7 +180,8 @@ where
             NetError::FrameTooLarge { .. } => LinkClose::FrameTooLarge,
             _ => LinkClose::BadHandshake,
         })?;
-        session.set_max_message(max_message);
+        // Until the peer has shown a valid identity it may send no more than an identity.
+        session.set_max_message(PREAUTH_MAX_MESSAGE.min(max_message));
         let hello = envelope::encode(&envelope::envelope(
             1,
             0,
@@ -215,6 +222,7 @@ where
                 return Err(reason);
             }
         };
+        session.set_max_message(max_message);
         if !outbound {
             session.send(&hello).await.map_err(|e| close_reason(&e))?;
         }
@@ -504,8 +512,8 @@ use crate::unix_now;
 /// Starts the reader and writer of an established session. Pings are answered here, replies
 /// matched to their requests; everything else goes to `sink`, which also hears of the end.
 pub fn start<R, W>(
-    mut reader: NoiseReader<R>,
-    mut writer: NoiseWriter<W>,
+    reader: NoiseReader<R>,
+    writer: NoiseWriter<W>,
     peer: Identity,
     queue: usize,
     sink: LinkSink,
@@ -514,9 +522,9 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(queue.max(1));
-    let (control_tx, mut control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
-    let (last_tx, mut last_rx) = mpsc::channel::<LastWords>(1);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(queue.max(1));
+    let (control_tx, control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
+    let (last_tx, last_rx) = mpsc::channel::<LastWords>(1);
     let stats = Arc::new(LinkStats::default());
     stats.last_seen.store(unix_now(), Ordering::Relaxed);
     let handle = LinkHandle {
@@ -526,132 +534,23 @@ where
         next_id: Arc::new(AtomicU64::new(2)),
         stats: stats.clone(),
     };
-
-    let writer_sink = sink.clone();
-    let writer_stats = stats.clone();
-    let writer_task = tokio::spawn(async move {
-        loop {
-            // Closing words first, then control replies (pongs), then the request queue.
-            let bytes = tokio::select! {
-                biased;
-                Some((bytes, written)) = last_rx.recv() => {
-                    let _ = writer.send(&bytes).await;
-                    if let Some(written) = written {
-                        let _ = written.send(());
-                    }
-                    break;
-                }
-                Some(bytes) = control_rx.recv() => bytes,
-                next = rx.recv() => match next {
-                    Some(bytes) => bytes,
-                    None => break,
-                },
-            };
-            if let Err(e) = writer.send(&bytes).await {
-                writer_sink(LinkEvent::Closed(close_reason(&e)));
-                return;
-            }
-            writer_stats
-                .bytes_out
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            writer_stats.messages_out.fetch_add(1, Ordering::Relaxed);
-        }
-        let _ = writer.shutdown().await;
-    });
-
-    let link = handle.clone();
-    let peer_id = peer.node_id();
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    let reader_last_words = last_tx.clone();
-    let reader_task = tokio::spawn(async move {
-        let reason = loop {
-            let bytes = match reader.recv().await {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) => break LinkClose::PeerClosed,
-                Err(e) => break close_reason(&e),
-            };
-            stats
-                .bytes_in
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            stats.messages_in.fetch_add(1, Ordering::Relaxed);
-            stats.last_seen.store(unix_now(), Ordering::Relaxed);
-            let envelope = match envelope::decode(&bytes) {
-                Ok(e) => e,
-                Err(EnvelopeError::MissingBody) => {
-                    // A message type this node does not know (a newer minor addition, see
-                    // PROTOCOL.md "Versioning"): a request is answered, the session stays.
-                    let request = raw_request_id(&bytes);
-                    if request != 0 && raw_reply_to(&bytes) == 0 {
-                        let fail = fail_bytes(
-                            link.next_id(),
-                            request,
-                            FailReason::NoService,
-                            "no such request on this node",
-                        );
-                        if control_tx.try_send(fail).is_err() {
-                            stats.control_dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    let reason = envelope_reason(&e);
-                    if let Some((fail, detail)) = fail_for(reason) {
-                        let words =
-                            fail_bytes(link.next_id(), raw_request_id(&bytes), fail, detail);
-                        let (written, out) = oneshot::channel();
-                        if reader_last_words.try_send((words, Some(written))).is_ok() {
-                            let _ = tokio::time::timeout(FAREWELL_TIME, out).await;
-                        }
-                    }
-                    break reason;
-                }
-            };
-            if envelope.reply_to != 0 {
-                if let Some(waiter) = lock(&link.pending).remove(&envelope.reply_to) {
-                    let _ = waiter.send(envelope);
-                } else if let Some(Body::Pong(_)) = envelope.body {
-                    sink(LinkEvent::Pong);
-                }
-                continue;
-            }
-            match envelope.body {
-                Some(Body::Ping(ping)) => {
-                    // Pongs skip the request queue; if even their own queue is full (the peer
-                    // pings faster than it reads), the drop is counted, not silent.
-                    let pong = envelope::envelope(
-                        link.next_id(),
-                        envelope.request_id,
-                        Body::Pong(Pong { nonce: ping.nonce }),
-                    );
-                    if control_tx.try_send(envelope::encode(&pong)).is_err() {
-                        stats.control_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Some(Body::Identity(IdentityExchange {
-                    identity: Some(signed),
-                })) => match Identity::verify(signed) {
-                    Ok(identity) if identity.node_id() == peer_id => {
-                        sink(LinkEvent::Identity(Box::new(identity)))
-                    }
-                    _ => sink(LinkEvent::ForgedIdentity),
-                },
-                Some(Body::Pong(_)) => sink(LinkEvent::Pong),
-                // A Fail answering nothing says why the peer is about to close (e.g.
-                // SHUTTING_DOWN); the close itself follows. Never answered: no Fail loops.
-                Some(Body::Fail(_)) => {}
-                _ => {
-                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                        break LinkClose::IoError;
-                    };
-                    sink(LinkEvent::Request(Box::new(envelope), link.clone(), permit))
-                }
-            }
-        };
-        // Wake every waiting requester: their link is gone.
-        lock(&link.pending).clear();
-        sink(LinkEvent::Closed(reason));
-    });
+    let queues = WriterQueues {
+        last_words: last_rx,
+        control: control_rx,
+        requests: rx,
+    };
+    let writer_task = tokio::spawn(run_writer(writer, queues, stats, sink.clone()));
+    let reader_task = tokio::spawn(run_reader(
+        reader,
+        ReaderSide {
+            link: handle.clone(),
+            peer: peer.node_id(),
+            control: control_tx,
+            last_words: last_tx.clone(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            sink,
+        },
+    ));
     let pending = handle.pending.clone();
     let next_id = handle.next_id.clone();
     (
@@ -664,6 +563,181 @@ where
             next_id,
         },
     )
+}
+
+/// What the writer takes its messages from, in this order of precedence.
+struct WriterQueues {
+    /// Closing words: written, then the link closes.
+    last_words: mpsc::Receiver<LastWords>,
+    /// Control replies (pongs), ahead of the request queue.
+    control: mpsc::Receiver<Vec<u8>>,
+    /// Requests, replies and one-way messages of the node.
+    requests: mpsc::Receiver<Vec<u8>>,
+}
+
+/// The writer task: closing words first, then control replies, then the request queue.
+async fn run_writer<W>(
+    mut writer: NoiseWriter<W>,
+    mut queues: WriterQueues,
+    stats: Arc<LinkStats>,
+    sink: LinkSink,
+) where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    loop {
+        let bytes = tokio::select! {
+            biased;
+            Some((bytes, written)) = queues.last_words.recv() => {
+                let _ = writer.send(&bytes).await;
+                if let Some(written) = written {
+                    let _ = written.send(());
+                }
+                break;
+            }
+            Some(bytes) = queues.control.recv() => bytes,
+            next = queues.requests.recv() => match next {
+                Some(bytes) => bytes,
+                None => break,
+            },
+        };
+        if let Err(e) = writer.send(&bytes).await {
+            sink(LinkEvent::Closed(close_reason(&e)));
+            return;
+        }
+        stats
+            .bytes_out
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        stats.messages_out.fetch_add(1, Ordering::Relaxed);
+    }
+    let _ = writer.shutdown().await;
+}
+
+/// What the reader task holds besides its half of the session.
+struct ReaderSide {
+    link: LinkHandle,
+    peer: NodeId,
+    control: mpsc::Sender<Vec<u8>>,
+    last_words: mpsc::Sender<LastWords>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    sink: LinkSink,
+}
+
+impl ReaderSide {
+    /// Queues a control reply (a pong, a `Fail` for an unknown request); if even its own queue
+    /// is full (the peer sends faster than it reads), the drop is counted, not silent.
+    fn control_reply(&self, bytes: Vec<u8>) {
+        if self.control.try_send(bytes).is_err() {
+            self.link
+                .stats
+                .control_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A message that did not decode: a request of a type this node does not know is answered
+    /// and the link stays (`None`); anything else is told why and ends the link.
+    async fn undecodable(&self, bytes: &[u8], e: &EnvelopeError) -> Option<LinkClose> {
+        if *e == EnvelopeError::MissingBody {
+            // A message type this node does not know (a newer minor addition, see
+            // PROTOCOL.md "Versioning"): a request is answered, the session stays.
+            let request = raw_request_id(bytes);
+            if request != 0 && raw_reply_to(bytes) == 0 {
+                self.control_reply(fail_bytes(
+                    self.link.next_id(),
+                    request,
+                    FailReason::NoService,
+                    "no such request on this node",
+                ));
+            }
+            return None;
+        }
+        let reason = envelope_reason(e);
+        if let Some((fail, detail)) = fail_for(reason) {
+            let words = fail_bytes(self.link.next_id(), raw_request_id(bytes), fail, detail);
+            let (written, out) = oneshot::channel();
+            if self.last_words.try_send((words, Some(written))).is_ok() {
+                let _ = tokio::time::timeout(FAREWELL_TIME, out).await;
+            }
+        }
+        Some(reason)
+    }
+
+    /// Handles one decoded message; `Some` ends the link.
+    async fn dispatch(&self, envelope: Envelope) -> Option<LinkClose> {
+        if envelope.reply_to != 0 {
+            if let Some(waiter) = lock(&self.link.pending).remove(&envelope.reply_to) {
+                let _ = waiter.send(envelope);
+            } else if let Some(Body::Pong(_)) = envelope.body {
+                (self.sink)(LinkEvent::Pong);
+            }
+            return None;
+        }
+        match envelope.body {
+            Some(Body::Ping(ping)) => {
+                // Pongs skip the request queue.
+                let pong = envelope::envelope(
+                    self.link.next_id(),
+                    envelope.request_id,
+                    Body::Pong(Pong { nonce: ping.nonce }),
+                );
+                self.control_reply(envelope::encode(&pong));
+            }
+            Some(Body::Identity(IdentityExchange {
+                identity: Some(signed),
+            })) => match Identity::verify(signed) {
+                Ok(identity) if identity.node_id() == self.peer => {
+                    (self.sink)(LinkEvent::Identity(Box::new(identity)))
+                }
+                _ => (self.sink)(LinkEvent::ForgedIdentity),
+            },
+            Some(Body::Pong(_)) => (self.sink)(LinkEvent::Pong),
+            // A Fail answering nothing says why the peer is about to close (e.g.
+            // SHUTTING_DOWN); the close itself follows. Never answered: no Fail loops.
+            Some(Body::Fail(_)) => {}
+            _ => {
+                let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                    return Some(LinkClose::IoError);
+                };
+                (self.sink)(LinkEvent::Request(
+                    Box::new(envelope),
+                    self.link.clone(),
+                    permit,
+                ))
+            }
+        }
+        None
+    }
+}
+
+/// The reader task: reads until the link ends, then fails every waiting request and tells the
+/// sink why it ended.
+async fn run_reader<R>(mut reader: NoiseReader<R>, side: ReaderSide)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let stats = side.link.stats.clone();
+    let reason = loop {
+        let bytes = match reader.recv().await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => break LinkClose::PeerClosed,
+            Err(e) => break close_reason(&e),
+        };
+        stats
+            .bytes_in
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        stats.messages_in.fetch_add(1, Ordering::Relaxed);
+        stats.last_seen.store(unix_now(), Ordering::Relaxed);
+        let ended = match envelope::decode(&bytes) {
+            Ok(envelope) => side.dispatch(envelope).await,
+            Err(e) => side.undecodable(&bytes, &e).await,
+        };
+        if let Some(reason) = ended {
+            break reason;
+        }
+    };
+    // Wake every waiting requester: their link is gone.
+    lock(&side.link.pending).clear();
+    (side.sink)(LinkEvent::Closed(reason));
 }
 
 fn raw_reply_to(bytes: &[u8]) -> u64 {
@@ -1081,6 +1155,38 @@ mod tests {
             responder.await.expect("joined"),
             Some(LinkClose::HandshakeTimeout)
         );
+    }
+
+    /// Security review M1: before the identity is checked, a message above
+    /// `PREAUTH_MAX_MESSAGE` ends the handshake on its first chunk, whatever the limit after
+    /// authentication; the rest is never read (it used to be buffered up to `max_message`).
+    #[tokio::test]
+    async fn a_large_message_before_the_identity_closes_on_its_first_chunk() {
+        let (ka, _) = node("a");
+        let (kb, b) = node("b");
+        let (na, nb) = (ka.noise_secret_bytes(), kb.noise_secret_bytes());
+        let (io_a, io_b) = tokio::io::duplex(1 << 20);
+        let responder = tokio::spawn(async move {
+            let open = TrustPolicy {
+                trusted: HashMap::new(),
+                open: true,
+            };
+            establish(io_b, false, &nb, &b, None, &open, T, 32 << 20)
+                .await
+                .err()
+        });
+        let mut raw = handshake_initiator(io_a, &na, PROLOGUE, T)
+            .await
+            .expect("noise");
+        // Five chunks of a 300 KiB message: the node stops reading after the first.
+        let sent = raw.send(&vec![0x42; 300 * 1024]).await;
+        assert_eq!(
+            responder.await.expect("joined"),
+            Some(LinkClose::MessageTooLarge)
+        );
+        drop(sent);
+        // Nothing was said: a stranger that floods is not owed a reason.
+        assert!(matches!(raw.recv().await, Ok(None) | Err(_)));
     }
 
     /// Fault 1 of issue 11: after a friend re-signs with a new Noise key, whoever holds the
