@@ -174,8 +174,10 @@ fn quota_isolation_and_interrupted_writes_through_the_wire() {
         fail_reason(&alice.request(3, Body::ServiceRequest(huge))),
         Some(FailReason::NoSpace)
     );
+    // Each fragment is charged max(size, 4 KiB) + 512: room for two small ones, not for a
+    // small one and one of 6000 bytes.
     let ask = ServiceRequest {
-        space: 1000,
+        space: 10_000,
         position: 0,
         data_shards: 4,
         parity_shards: 2,
@@ -222,7 +224,7 @@ fn quota_isolation_and_interrupted_writes_through_the_wire() {
     );
     // Over quota: refused, nothing written.
     assert_eq!(
-        fail_reason(&store(&mut alice, 6, fragment(2, 0), &[8u8; 600])),
+        fail_reason(&store(&mut alice, 6, fragment(2, 0), &[8u8; 6000])),
         Some(FailReason::OverQuota)
     );
     // A hash that does not match the data is refused.
@@ -275,14 +277,14 @@ fn quota_isolation_and_interrupted_writes_through_the_wire() {
     );
     let status = node_status(&home).expect("status");
     let used: Vec<u64> = status.supplier.customers.iter().map(|c| c.used).collect();
-    assert!(used.contains(&600), "{status:#?}");
+    assert!(used.contains(&(4096 + 512)), "{status:#?}");
 
     // SIGHUP with less donated space: applies at once, a larger request is refused.
-    set_donated(&home, "1500");
+    set_donated(&home, "12000");
     node.signal(libc::SIGHUP);
     node.wait_log("reloaded", |v| v["message"] == "config reloaded");
     let more = ServiceRequest {
-        space: 2000,
+        space: 16000,
         position: 0,
         data_shards: 4,
         parity_shards: 2,

@@ -132,13 +132,29 @@ fn fail_reason(e: &FragmentError) -> FailReason {
     match e {
         FragmentError::NoService => FailReason::NoService,
         FragmentError::NoSpace { .. } => FailReason::NoSpace,
-        FragmentError::OverQuota { .. } => FailReason::OverQuota,
+        FragmentError::OverQuota { .. } | FragmentError::TooManyFragments { .. } => {
+            FailReason::OverQuota
+        }
+        FragmentError::Empty => FailReason::Malformed,
         FragmentError::NotFound => FailReason::NotFound,
         FragmentError::HashMismatch => FailReason::HashMismatch,
         FragmentError::StaleRevision { .. } => FailReason::StaleRevision,
         FragmentError::Corrupt | FragmentError::Io { .. } | FragmentError::Db(_) => {
             FailReason::StorageError
         }
+    }
+}
+
+/// What a customer is told of a failed request: the error's own words where they are about
+/// the request (quota, space, hash), a fixed sentence where they are about this node's disk.
+/// An IO error's context names files under the supplier's home (its user name, its layout),
+/// which are nobody else's business (security review L4); the log keeps them.
+fn fail_detail(e: &FragmentError) -> String {
+    match e {
+        FragmentError::Io { .. } => "the supplier's storage failed to read or write".into(),
+        FragmentError::Db(_) => "the supplier's index failed".into(),
+        FragmentError::Corrupt => "the stored fragment is damaged".into(),
+        other => other.to_string(),
     }
 }
 
@@ -254,6 +270,10 @@ fn service_request(
         }
         Err(Refusal::NotTrusted) => refuse(FailReason::NotTrusted, "not a friend of this node"),
         Err(Refusal::NoSpace) => refuse(FailReason::NoSpace, "not enough donated space left"),
+        Err(Refusal::TooSmall) => refuse(
+            FailReason::Malformed,
+            "a contract smaller than one fragment's minimum charge is not granted",
+        ),
     }
 }
 
@@ -383,7 +403,7 @@ fn answer(
         ) {
             tracing::error!(customer = %customer, error = %e, "storage request failed");
         }
-        fail(fail_reason(&e), e.to_string())
+        fail(fail_reason(&e), fail_detail(&e))
     })
 }
 
@@ -502,7 +522,12 @@ impl Driver for SupplierServiceDriver {
                         answer(&store, &settings, &who, body, now)
                     })
                     .await
-                    .unwrap_or_else(|e| fail(FailReason::StorageError, e.to_string()));
+                    .unwrap_or_else(|_| {
+                        fail(
+                            FailReason::StorageError,
+                            "the request failed on the supplier",
+                        )
+                    });
                     let _ = link.reply(id, reply).await;
                     drop(permit);
                 });
@@ -575,5 +600,34 @@ impl Driver for SupplierServiceDriver {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::supplier_service::MIN_CONTRACT;
+    use crate::store::fragments::charge;
+
+    /// The machine's smallest contract is one fragment's minimum charge in the store (the two
+    /// layers cannot see each other's constants).
+    #[test]
+    fn the_smallest_contract_holds_one_fragment() {
+        assert_eq!(MIN_CONTRACT, charge(1));
+    }
+
+    /// Security review L4: a customer is not told where this node keeps its files.
+    #[test]
+    fn a_storage_failure_names_no_local_path() {
+        let e = FragmentError::Io {
+            context: "writing /home/alice/.bitdust/store/ab/cd.0".into(),
+            source: std::io::Error::other("disk on fire"),
+        };
+        assert!(e.to_string().contains("/home/alice"), "the log keeps it");
+        let Body::Fail(said) = fail(fail_reason(&e), fail_detail(&e)) else {
+            panic!("a Fail");
+        };
+        assert_eq!(said.reason, FailReason::StorageError as i32);
+        assert!(!said.detail.contains('/'), "{}", said.detail);
     }
 }

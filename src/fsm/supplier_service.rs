@@ -44,8 +44,13 @@ labels! {
 
 labels! {
     /// Why a service request is refused.
-    pub enum Refusal { NotTrusted, NoSpace }
+    pub enum Refusal { NotTrusted, NoSpace, TooSmall }
 }
+
+/// The smallest contract granted: one fragment's minimum charge (`store::fragments::charge`
+/// of a 1-byte fragment, 4 KiB + 512). A contract for 0 bytes (or for less than any fragment
+/// costs) holds nothing, and would only make the customer an account (security review H5).
+pub const MIN_CONTRACT: u64 = 4096 + 512;
 
 /// What the supplier driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +91,9 @@ pub fn decide(
 ) -> Result<u64, Refusal> {
     if !trusted && !open {
         return Err(Refusal::NotTrusted);
+    }
+    if requested < MIN_CONTRACT {
+        return Err(Refusal::TooSmall);
     }
     if others.saturating_add(requested) > capacity {
         return Err(Refusal::NoSpace);
@@ -202,11 +210,36 @@ mod tests {
 
     #[test]
     fn decisions() {
-        assert_eq!(decide(false, false, 10, 0, 100), Err(Refusal::NotTrusted));
-        assert_eq!(decide(false, true, 10, 0, 100), Ok(10));
-        assert_eq!(decide(true, false, 60, 50, 100), Err(Refusal::NoSpace));
+        const K: u64 = MIN_CONTRACT;
+        assert_eq!(
+            decide(false, false, K, 0, 100 * K),
+            Err(Refusal::NotTrusted)
+        );
+        assert_eq!(decide(false, true, K, 0, 100 * K), Ok(K));
+        assert_eq!(
+            decide(true, false, 60 * K, 50 * K, 100 * K),
+            Err(Refusal::NoSpace)
+        );
         // Exactly full is allowed; one byte more is not.
-        assert_eq!(decide(true, false, 50, 50, 100), Ok(50));
-        assert_eq!(decide(true, false, 51, 50, 100), Err(Refusal::NoSpace));
+        assert_eq!(decide(true, false, 50 * K, 50 * K, 100 * K), Ok(50 * K));
+        assert_eq!(
+            decide(true, false, 50 * K + 1, 50 * K, 100 * K),
+            Err(Refusal::NoSpace)
+        );
+    }
+
+    /// Security review H5: a zero-space contract (or one that cannot hold a single fragment)
+    /// is refused; it used to be granted.
+    #[test]
+    fn a_contract_for_nothing_is_refused() {
+        assert_eq!(decide(true, true, 0, 0, 1 << 30), Err(Refusal::TooSmall));
+        assert_eq!(
+            decide(true, true, MIN_CONTRACT - 1, 0, 1 << 30),
+            Err(Refusal::TooSmall)
+        );
+        assert_eq!(
+            decide(true, true, MIN_CONTRACT, 0, 1 << 30),
+            Ok(MIN_CONTRACT)
+        );
     }
 }

@@ -895,6 +895,10 @@ impl Sim {
                 instance,
                 code: FailCode::NotTrusted,
             },
+            Err(Refusal::TooSmall) => Msg::Refuse {
+                instance,
+                code: FailCode::Other,
+            },
         }
     }
 

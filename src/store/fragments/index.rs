@@ -117,6 +117,7 @@ pub(super) fn encode_account(a: &CustomerAccount) -> Vec<u8> {
     codec::encode(&records::Account {
         quota: a.quota,
         used: a.used,
+        fragments: a.fragments,
         cancelled_since: match a.state {
             AccountState::Active => None,
             AccountState::Cancelled { since_unix } => Some(since_unix),
@@ -130,6 +131,7 @@ pub(super) fn decode_account(customer: NodeId, v: &[u8]) -> Result<CustomerAccou
         customer,
         quota: r.quota,
         used: r.used,
+        fragments: r.fragments,
         state: match r.cancelled_since {
             None => AccountState::Active,
             Some(since_unix) => AccountState::Cancelled { since_unix },

@@ -50,6 +50,47 @@ const PAGE: usize = 1000;
 /// The most fragments one `list` call returns, whatever `limit` asks for.
 pub const MAX_LIST: usize = 10_000;
 
+/// The least a fragment is charged against its customer's quota, however small: a file takes
+/// at least a block of disk and an inode (security review H5).
+pub const MIN_CHARGE: u64 = 4096;
+/// What every fragment costs beyond its bytes: its index entry in the database, the directory
+/// entry, and the synced write that made them.
+pub const ENTRY_OVERHEAD: u64 = 512;
+/// The most fragments one customer may hold, whatever its quota: bounds the index, the
+/// directories and the time `open` spends checking them. A 4 + 2 layout of 4 MiB blocks puts
+/// 1 MiB fragments on a supplier, so this is 1 TiB of ordinary backups.
+pub const MAX_FRAGMENTS: u64 = 1 << 20;
+
+/// What a fragment of `size` bytes is charged against its customer's quota:
+/// `max(size, MIN_CHARGE) + ENTRY_OVERHEAD`. PROTOCOL.md §8.6.
+pub fn charge(size: u64) -> u64 {
+    Limits::DEFAULT.charge(size)
+}
+
+/// The store's per-fragment rules: what a fragment is charged and how many one customer may
+/// hold. Production uses [`Limits::DEFAULT`]; tests of the quota's arithmetic may count
+/// payload bytes only, and tests of the cap use a small one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub min_charge: u64,
+    pub entry_overhead: u64,
+    pub max_fragments: u64,
+}
+
+impl Limits {
+    pub const DEFAULT: Limits = Limits {
+        min_charge: MIN_CHARGE,
+        entry_overhead: ENTRY_OVERHEAD,
+        max_fragments: MAX_FRAGMENTS,
+    };
+
+    /// What a fragment of `size` bytes is charged.
+    pub fn charge(&self, size: u64) -> u64 {
+        size.max(self.min_charge)
+            .saturating_add(self.entry_overhead)
+    }
+}
+
 /// One fragment of one block: which block, and which erasure-coded position.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FragmentKey {
@@ -89,7 +130,10 @@ pub enum AccountState {
 pub struct CustomerAccount {
     pub customer: NodeId,
     pub quota: u64,
+    /// Bytes charged for the fragments held (see [`charge`]), not their payload.
     pub used: u64,
+    /// Fragments held.
+    pub fragments: u64,
     pub state: AccountState,
 }
 
@@ -101,6 +145,10 @@ pub enum FragmentError {
     NoSpace { requested: u64, available: u64 },
     #[error("over quota: {needed} bytes needed, {available} available")]
     OverQuota { needed: u64, available: u64 },
+    #[error("an empty fragment is not stored")]
+    Empty,
+    #[error("too many fragments: this customer may hold at most {max}")]
+    TooManyFragments { max: u64 },
     #[error("fragment not found")]
     NotFound,
     #[error("fragment data does not match the expected hash")]
@@ -127,6 +175,8 @@ impl FragmentError {
             FragmentError::NoService => "no_service",
             FragmentError::NoSpace { .. } => "no_space",
             FragmentError::OverQuota { .. } => "over_quota",
+            FragmentError::Empty => "empty",
+            FragmentError::TooManyFragments { .. } => "too_many_fragments",
             FragmentError::NotFound => "not_found",
             FragmentError::HashMismatch => "hash_mismatch",
             FragmentError::StaleRevision { .. } => "stale_revision",
@@ -206,6 +256,8 @@ pub struct FragmentStore {
     lock: RwLock<()>,
     recovered: RecoveryReport,
     fs: Arc<dyn FileSystem>,
+    /// What a fragment is charged, how many a customer may hold.
+    limits: Limits,
 }
 
 impl FragmentStore {
@@ -213,7 +265,16 @@ impl FragmentStore {
     /// with no index entry (killed after rename, before the index update and the ack) is deleted;
     /// an index entry whose file is missing or has the wrong size is dropped and `used` corrected.
     pub fn open(root: PathBuf, kv: Arc<dyn KvStore>) -> Result<Self, FragmentError> {
-        Self::open_with(root, kv, Arc::new(RealFs))
+        Self::open_with(root, kv, Arc::new(RealFs), Limits::DEFAULT)
+    }
+
+    /// `open` with other per-fragment rules (tests).
+    pub fn open_with_limits(
+        root: PathBuf,
+        kv: Arc<dyn KvStore>,
+        limits: Limits,
+    ) -> Result<Self, FragmentError> {
+        Self::open_with(root, kv, Arc::new(RealFs), limits)
     }
 
     /// `open`, with the write path's file operations done by `fs`.
@@ -221,6 +282,7 @@ impl FragmentStore {
         root: PathBuf,
         kv: Arc<dyn KvStore>,
         fs: Arc<dyn FileSystem>,
+        limits: Limits,
     ) -> Result<Self, FragmentError> {
         DirBuilder::new()
             .recursive(true)
@@ -233,6 +295,7 @@ impl FragmentStore {
             lock: RwLock::new(()),
             recovered: RecoveryReport::default(),
             fs,
+            limits,
         };
         let report = store.recover()?;
         if report != RecoveryReport::default() {
@@ -247,6 +310,11 @@ impl FragmentStore {
         }
         store.recovered = report;
         Ok(store)
+    }
+
+    /// What a fragment of `size` bytes is charged here.
+    pub fn charge(&self, size: u64) -> u64 {
+        self.limits.charge(size)
     }
 
     pub fn root(&self) -> &Path {
@@ -294,6 +362,7 @@ impl FragmentStore {
                 customer,
                 quota,
                 used: 0,
+                fragments: 0,
                 state: AccountState::Active,
             },
         };
@@ -316,8 +385,9 @@ impl FragmentStore {
         Ok(out)
     }
 
-    /// Stores a fragment: checks the account is active (NoService) and the quota (OverQuota,
-    /// counting a replaced fragment's old size as freed), checks blake3(data) == expected
+    /// Stores a fragment: refuses an empty one (Empty), checks the account is active
+    /// (NoService), the quota (OverQuota: the fragment is charged [`charge`]`(size)`, a replaced
+    /// fragment's old charge counts as freed) and the count (TooManyFragments), checks blake3(data) == expected
     /// (HashMismatch), writes a temp file in the same directory, fsyncs, renames, fsyncs the
     /// directory, then ONE batch updates the fragment's index entry and the account's `used`.
     /// On any error the temp file is removed and the index is unchanged.
@@ -378,6 +448,10 @@ impl FragmentStore {
         record: Option<u64>,
     ) -> Result<FragmentInfo, FragmentError> {
         let size = data.len() as u64;
+        if size == 0 {
+            // It would cost an inode, a directory entry and a synced index entry for nothing.
+            return Err(FragmentError::Empty);
+        }
         // Refuse early, before spending IO; checked again under the lock before committing.
         self.admit(customer, &key, size)?;
         if let Some(revision) = record {
@@ -473,7 +547,8 @@ impl FragmentStore {
         let mut batch = Batch::new();
         batch.delete(CF, index_key(FRAGMENT, customer, &key));
         if let Some(mut account) = self.load_account(customer)? {
-            account.used = account.used.saturating_sub(entry.size);
+            account.used = account.used.saturating_sub(self.charge(entry.size));
+            account.fragments = account.fragments.saturating_sub(1);
             batch.put(CF, account_key(customer), encode_account(&account));
         }
         self.kv.write(batch)?;
@@ -557,8 +632,8 @@ impl FragmentStore {
 
     // ---- put internals ----
 
-    /// NoService / OverQuota for storing `size` bytes at `key`; the account and the entry being
-    /// replaced, if any.
+    /// NoService / OverQuota / TooManyFragments for storing `size` bytes at `key`; the account
+    /// and the entry being replaced, if any.
     fn admit(
         &self,
         customer: &NodeId,
@@ -570,13 +645,19 @@ impl FragmentStore {
             _ => return Err(FragmentError::NoService),
         };
         let old = self.load_entry(customer, key)?;
+        if old.is_none() && account.fragments >= self.limits.max_fragments {
+            return Err(FragmentError::TooManyFragments {
+                max: self.limits.max_fragments,
+            });
+        }
         let base = account
             .used
-            .saturating_sub(old.map(|e| e.size).unwrap_or(0));
-        match base.checked_add(size) {
+            .saturating_sub(old.map(|e| self.charge(e.size)).unwrap_or(0));
+        let needed = self.charge(size);
+        match base.checked_add(needed) {
             Some(total) if total <= account.quota => Ok((account, old)),
             _ => Err(FragmentError::OverQuota {
-                needed: size,
+                needed,
                 available: account.quota.saturating_sub(base),
             }),
         }
@@ -634,8 +715,11 @@ impl FragmentStore {
         let committed = self.sync_dir(dir).and_then(|()| {
             account.used = account
                 .used
-                .saturating_sub(old.map(|e| e.size).unwrap_or(0))
-                .saturating_add(size);
+                .saturating_sub(old.map(|e| self.charge(e.size)).unwrap_or(0))
+                .saturating_add(self.charge(size));
+            if old.is_none() {
+                account.fragments = account.fragments.saturating_add(1);
+            }
             let mut batch = Batch::new();
             batch
                 .put(CF, entry_key.clone(), encode_entry(size, &hash))
@@ -675,7 +759,8 @@ impl FragmentStore {
                 .delete(CF, index_key(FRAGMENT, customer, key))
                 .delete(CF, index_key(PENDING, customer, key));
             if let Ok(Some(mut account)) = self.load_account(customer) {
-                account.used = account.used.saturating_sub(old.size);
+                account.used = account.used.saturating_sub(self.charge(old.size));
+                account.fragments = account.fragments.saturating_sub(1);
                 batch.put(CF, account_key(customer), encode_account(&account));
             }
             if let Err(e) = self.kv.write(batch) {
@@ -716,8 +801,9 @@ impl FragmentStore {
             let mut files = Vec::with_capacity(page.len());
             for (k, v) in page {
                 if let Ok(entry) = decode_entry(&v) {
-                    account.used = account.used.saturating_sub(entry.size);
+                    account.used = account.used.saturating_sub(self.charge(entry.size));
                 }
+                account.fragments = account.fragments.saturating_sub(1);
                 if let Some((_, key)) = parse_index_key(FRAGMENT, &k) {
                     files.push(self.fragment_path(customer, &key));
                 }

@@ -124,18 +124,22 @@ impl FragmentStore {
     }
 
     /// Drops entries that are unreadable, belong to no account, or whose file is missing or
-    /// has the wrong size; then sets every account's `used` to the sum of its entries.
+    /// has the wrong size; then sets every account's `used` to the sum of its entries' charges
+    /// and its `fragments` to their count (a store written before fragments were charged their
+    /// overhead is brought up to date here).
     fn check_entries(&self, report: &mut RecoveryReport) -> Result<(), FragmentError> {
         struct Current {
             customer: NodeId,
             account: Option<CustomerAccount>,
             sum: u64,
+            count: u64,
         }
         let finish = |cur: Current, batch: &mut Batch, report: &mut RecoveryReport| {
             if let Some(mut account) = cur.account
-                && account.used != cur.sum
+                && (account.used != cur.sum || account.fragments != cur.count)
             {
                 account.used = cur.sum;
+                account.fragments = cur.count;
                 batch.put(CF, account_key(&cur.customer), encode_account(&account));
                 report.accounts_corrected += 1;
             }
@@ -160,6 +164,7 @@ impl FragmentStore {
                         customer,
                         account: self.load_account_lenient(&customer)?,
                         sum: 0,
+                        count: 0,
                     });
                 }
                 let cur = current.as_mut().expect("set above");
@@ -168,7 +173,8 @@ impl FragmentStore {
                     && match decode_entry(&v) {
                         Ok(entry) => match fs::metadata(&path) {
                             Ok(m) if m.is_file() && m.len() == entry.size => {
-                                cur.sum = cur.sum.saturating_add(entry.size);
+                                cur.sum = cur.sum.saturating_add(self.charge(entry.size));
+                                cur.count += 1;
                                 true
                             }
                             Ok(_) => false,
@@ -203,13 +209,14 @@ impl FragmentStore {
         // Accounts with no entries at all hold nothing.
         let mut zero = Vec::new();
         self.for_each_account(|a| {
-            if a.used != 0 && !seen.contains(&a.customer) {
+            if (a.used != 0 || a.fragments != 0) && !seen.contains(&a.customer) {
                 zero.push(a);
             }
             Ok(())
         })?;
         for mut a in zero {
             a.used = 0;
+            a.fragments = 0;
             self.kv
                 .put(CF, &account_key(&a.customer), &encode_account(&a))?;
             report.accounts_corrected += 1;

@@ -147,26 +147,47 @@ fn h(data: &[u8]) -> [u8; 32] {
     *blake3::hash(data).as_bytes()
 }
 
+/// Payload bytes only: the tests of the quota's arithmetic and of the write path count in
+/// bytes; the production charge and the cap have tests of their own (and the model test).
+const BYTES: Limits = Limits {
+    min_charge: 0,
+    entry_overhead: 0,
+    max_fragments: MAX_FRAGMENTS,
+};
+
 struct Fixture {
     dir: tempfile::TempDir,
     kv: Arc<dyn KvStore>,
     fs: Arc<TestFs>,
     store: FragmentStore,
+    limits: Limits,
 }
 
 impl Fixture {
     fn mem() -> Self {
+        Self::with(BYTES)
+    }
+
+    fn with(limits: Limits) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let kv: Arc<dyn KvStore> = Arc::new(MemStore::new());
         let fs = Arc::new(TestFs::default());
-        let store = FragmentStore::open_with(dir.path().join("store"), kv.clone(), fs.clone())
-            .expect("open");
-        Fixture { dir, kv, fs, store }
+        let store =
+            FragmentStore::open_with(dir.path().join("store"), kv.clone(), fs.clone(), limits)
+                .expect("open");
+        Fixture {
+            dir,
+            kv,
+            fs,
+            store,
+            limits,
+        }
     }
 
     fn reopen(&mut self) {
-        self.store = FragmentStore::open_with(self.root(), self.kv.clone(), self.fs.clone())
-            .expect("reopen");
+        self.store =
+            FragmentStore::open_with(self.root(), self.kv.clone(), self.fs.clone(), self.limits)
+                .expect("reopen");
     }
 
     fn root(&self) -> PathBuf {
@@ -210,7 +231,7 @@ impl Fixture {
 
 fn roundtrip(store: &FragmentStore) {
     let a = node(1);
-    grant(store, a, 1000, 10_000).expect("grant");
+    grant(store, a, 1 << 20, 1 << 30).expect("grant");
     let k1 = fkey(0xab, 0);
     let k2 = fkey(0xab, 1);
     let info = store.put(&a, k1, b"hello", &h(b"hello")).expect("put");
@@ -231,11 +252,17 @@ fn roundtrip(store: &FragmentStore) {
         list.iter().map(|i| (i.key, i.size)).collect::<Vec<_>>(),
         vec![(k1, 5), (k2, 6)]
     );
-    assert_eq!(store.account(&a).expect("account").expect("some").used, 11);
+    assert_eq!(
+        store.account(&a).expect("account").expect("some").used,
+        store.charge(5) + store.charge(6)
+    );
     assert_eq!(store.delete(&a, k1).expect("delete"), 5);
     assert!(matches!(store.get(&a, k1), Err(FragmentError::NotFound)));
     assert!(matches!(store.delete(&a, k1), Err(FragmentError::NotFound)));
-    assert_eq!(store.account(&a).expect("account").expect("some").used, 6);
+    assert_eq!(
+        store.account(&a).expect("account").expect("some").used,
+        store.charge(6)
+    );
     assert!(
         !store
             .root()
@@ -279,7 +306,7 @@ fn roundtrip_rocks_and_reopen() {
             .expect("account")
             .expect("some")
             .used,
-        6
+        charge(6)
     );
 }
 
@@ -685,7 +712,7 @@ fn recorded() -> (tempfile::TempDir, Log, FragmentStore) {
         log: log.clone(),
         fail: Mutex::new(None),
     });
-    let store = FragmentStore::open_with(dir.path().join("store"), kv, fs).expect("open");
+    let store = FragmentStore::open_with(dir.path().join("store"), kv, fs, BYTES).expect("open");
     (dir, log, store)
 }
 
@@ -848,6 +875,8 @@ fn reasons_are_stable() {
             needed: 1,
             available: 0,
         },
+        FragmentError::Empty,
+        FragmentError::TooManyFragments { max: 1 },
         FragmentError::NotFound,
         FragmentError::HashMismatch,
         FragmentError::Corrupt,
@@ -866,6 +895,8 @@ fn reasons_are_stable() {
             "no_service",
             "no_space",
             "over_quota",
+            "empty",
+            "too_many_fragments",
             "not_found",
             "hash_mismatch",
             "corrupt",
@@ -881,6 +912,7 @@ fn encodings_roundtrip() {
         customer: node(3),
         quota: u64::MAX,
         used: 12345,
+        fragments: 6,
         state: AccountState::Cancelled { since_unix: 77 },
     };
     assert_eq!(
@@ -924,6 +956,104 @@ fn corrupt_index_records_are_errors() {
     ));
 }
 
+/// Security review H5: a fragment is charged its real cost, so tiny fragments fill a quota
+/// like 4 KiB ones do (they used to cost their payload only: a 1-byte fragment cost 1 byte).
+#[test]
+fn a_fragment_is_charged_at_least_its_minimum_and_its_index_entry() {
+    let f = Fixture::with(Limits::DEFAULT);
+    let a = node(1);
+    assert_eq!(charge(1), MIN_CHARGE + ENTRY_OVERHEAD);
+    assert_eq!(charge(1 << 20), (1 << 20) + ENTRY_OVERHEAD);
+    // Room for two minimum charges and a bit: the third 1-byte fragment does not fit.
+    grant(&f.store, a, 2 * charge(1) + 100, 1 << 30).expect("grant");
+    f.put(&a, fkey(1, 0), b"x").expect("first");
+    f.put(&a, fkey(2, 0), b"y").expect("second");
+    assert!(matches!(
+        f.put(&a, fkey(3, 0), b"z"),
+        Err(FragmentError::OverQuota { needed, .. }) if needed == charge(1)
+    ));
+    assert_eq!(f.used(&a), 2 * charge(1));
+    f.store.delete(&a, fkey(1, 0)).expect("delete");
+    assert_eq!(f.used(&a), charge(1));
+}
+
+/// Security review H5, done-when "20,000 empty fragments are refused": each is refused before
+/// any file or index entry exists, so the supplier's disk and database stay as they were.
+#[test]
+fn twenty_thousand_empty_fragments_are_refused_and_nothing_is_written() {
+    let f = Fixture::with(Limits::DEFAULT);
+    let a = node(1);
+    grant(&f.store, a, 1 << 40, 1 << 41).expect("grant");
+    let index_before = f.kv.scan(CF, b"", None, 10).expect("scan");
+    for i in 0..20_000u32 {
+        let mut block = [0u8; 32];
+        block[..4].copy_from_slice(&i.to_be_bytes());
+        let key = FragmentKey { block, position: 0 };
+        assert!(
+            matches!(f.put(&a, key, b""), Err(FragmentError::Empty)),
+            "empty fragment {i} was not refused"
+        );
+    }
+    assert!(f.files().is_empty(), "{:?}", &f.files()[..3]);
+    assert_eq!(f.kv.scan(CF, b"", None, 10).expect("scan"), index_before);
+    let account = f.store.account(&a).expect("account").expect("exists");
+    assert_eq!((account.used, account.fragments), (0, 0));
+}
+
+/// Security review H5: a customer may hold at most `max_fragments`, whatever its quota; a
+/// replace does not count as a new one, and a delete makes room.
+#[test]
+fn fragments_per_customer_are_capped() {
+    let f = Fixture::with(Limits {
+        max_fragments: 3,
+        ..Limits::DEFAULT
+    });
+    let (a, b) = (node(1), node(2));
+    grant(&f.store, a, 1 << 30, 1 << 32).expect("grant a");
+    grant(&f.store, b, 1 << 30, 1 << 32).expect("grant b");
+    for i in 0..3 {
+        f.put(&a, fkey(i, 0), b"data").expect("under the cap");
+    }
+    assert!(matches!(
+        f.put(&a, fkey(9, 0), b"data"),
+        Err(FragmentError::TooManyFragments { max: 3 })
+    ));
+    f.put(&a, fkey(0, 0), b"new data")
+        .expect("a replace is not a new fragment");
+    f.put(&b, fkey(9, 0), b"data")
+        .expect("another customer has its own count");
+    f.store.delete(&a, fkey(1, 0)).expect("delete");
+    f.put(&a, fkey(9, 0), b"data").expect("room again");
+    assert_eq!(
+        f.store
+            .account(&a)
+            .expect("account")
+            .expect("exists")
+            .fragments,
+        3
+    );
+}
+
+/// A store written before fragments were charged their overhead (or with a wrong count) is
+/// brought up to date when it is opened.
+#[test]
+fn open_recomputes_charges_and_counts() {
+    let mut f = Fixture::with(Limits::DEFAULT);
+    let a = node(1);
+    grant(&f.store, a, 1 << 30, 1 << 32).expect("grant");
+    f.put(&a, fkey(1, 0), b"abc").expect("put");
+    f.put(&a, fkey(2, 0), &[7; 5000]).expect("put");
+    let mut old = f.store.account(&a).expect("account").expect("exists");
+    old.used = 5003;
+    old.fragments = 0;
+    f.kv.put(CF, &account_key(&a), &encode_account(&old))
+        .expect("write the old record");
+    f.reopen();
+    let now = f.store.account(&a).expect("account").expect("exists");
+    assert_eq!((now.used, now.fragments), (charge(3) + charge(5000), 2));
+    assert_eq!(f.store.recovery_report().accounts_corrected, 1);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -935,10 +1065,14 @@ proptest! {
         let _ = parse_account(&v, &v);
     }
 
+    /// The store against a map, with a small charge rule (at least 8 bytes, 2 of overhead) and
+    /// a cap of 4 fragments per customer, so both bind within a few steps.
     #[test]
     fn matches_a_simple_model(ops in proptest::collection::vec(
         (0u8..4, 0u8..2, 0u8..3, 0u32..2, 0usize..40), 1..40)) {
-        let mut f = Fixture::mem();
+        const LIMITS: Limits = Limits { min_charge: 8, entry_overhead: 2, max_fragments: 4 };
+        let charge = |len: u64| LIMITS.charge(len);
+        let mut f = Fixture::with(LIMITS);
         let customers = [node(1), node(2)];
         const QUOTA: u64 = 100;
         for c in customers {
@@ -952,16 +1086,24 @@ proptest! {
             match op {
                 0 | 1 => {
                     let data = vec![step as u8; len];
-                    let old = model.get(&(ci, k)).map_or(0, |d| d.len() as u64);
-                    let used: u64 = model.iter().filter(|((x, _), _)| *x == ci).map(|(_, d)| d.len() as u64).sum();
-                    let fits = used - old + len as u64 <= QUOTA;
+                    let old = model.get(&(ci, k)).map_or(0, |d| charge(d.len() as u64));
+                    let mine = model.iter().filter(|((x, _), _)| *x == ci);
+                    let used: u64 = mine.clone().map(|(_, d)| charge(d.len() as u64)).sum();
+                    let counted = model.contains_key(&(ci, k)) || mine.count() < 4;
+                    let fits = used - old + charge(len as u64) <= QUOTA;
                     match f.put(&c, k, &data) {
                         Ok(info) => {
-                            prop_assert!(fits);
+                            prop_assert!(len > 0 && fits && counted);
                             prop_assert_eq!(info.size, len as u64);
                             model.insert((ci, k), data);
                         }
-                        Err(FragmentError::OverQuota { .. }) => prop_assert!(!fits),
+                        Err(FragmentError::Empty) => prop_assert_eq!(len, 0),
+                        Err(FragmentError::TooManyFragments { .. }) => {
+                            prop_assert!(len > 0 && !counted)
+                        }
+                        Err(FragmentError::OverQuota { .. }) => {
+                            prop_assert!(len > 0 && counted && !fits)
+                        }
                         Err(e) => panic!("put: {e:?}"),
                     }
                 }
@@ -987,7 +1129,9 @@ proptest! {
                     if !more { break; }
                 }
                 prop_assert_eq!(&got, &want);
-                prop_assert_eq!(f.used(c), want.iter().map(|i| i.size).sum::<u64>());
+                prop_assert_eq!(f.used(c), want.iter().map(|i| charge(i.size)).sum::<u64>());
+                let count = f.store.account(c).expect("account").expect("exists").fragments;
+                prop_assert_eq!(count, want.len() as u64);
             }
             if let Some(d) = model.get(&(ci, k)) {
                 prop_assert_eq!(&f.store.get(&c, k).expect("get"), d);
