@@ -397,14 +397,24 @@ impl Driver for MonitorDriver {
             mon::Output::List { position, supplier } => {
                 let network = self.wiring.services.network.clone();
                 let timeout = self.wiring.settings.request_timeout;
-                io.spawn_then(
-                    list_position(network, supplier, position, timeout),
-                    move |_, held| mon::Event::Listed {
-                        position,
-                        supplier,
-                        held,
-                    },
-                );
+                // The round's deadline ends the listing too: a supplier that answers pages
+                // forever is given up on with the round, not followed into the next one
+                // (security review M3; pages must also advance and are capped, `fragments.rs`).
+                let deadline = machine.round_deadline;
+                let listing = async move {
+                    tokio::time::timeout(
+                        deadline,
+                        list_position(network, supplier, position, timeout),
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                };
+                io.spawn_then(listing, move |_, held| mon::Event::Listed {
+                    position,
+                    supplier,
+                    held,
+                });
             }
             mon::Output::Audit {
                 block,

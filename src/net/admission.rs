@@ -97,7 +97,8 @@ impl Admission {
         if self.pending.contains_key(&session) {
             return Ok(());
         }
-        if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.limits.per_address {
+        let source = source_bucket(ip);
+        if self.per_ip.get(&source).copied().unwrap_or(0) >= self.limits.per_address {
             return Err(Refused::PerAddress);
         }
         let room = if self.is_friend_host(&ip) {
@@ -110,8 +111,8 @@ impl Admission {
         if self.pending.len() >= room {
             return Err(Refused::Full);
         }
-        self.pending.insert(session, ip);
-        *self.per_ip.entry(ip).or_default() += 1;
+        self.pending.insert(session, source);
+        *self.per_ip.entry(source).or_default() += 1;
         Ok(())
     }
 
@@ -143,6 +144,20 @@ impl Admission {
     /// Connections handshaking now.
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+}
+
+/// What the per-address limit counts: an IPv4 address, or an IPv6 address's /64 (one host
+/// usually holds a whole /64, so counting /128s would give it 2^64 times the limit; security
+/// review L3). `ip` is canonical (IPv4-mapped addresses are IPv4).
+fn source_bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(std::net::Ipv6Addr::from(octets))
+        }
     }
 }
 
@@ -185,6 +200,26 @@ mod tests {
         assert_eq!(a.admit(5, ip("10.0.0.1")), Ok(()));
         assert_eq!(a.admit(6, ip("10.0.0.1")), Err(Refused::PerAddress));
         assert_eq!(a.pending(), 4);
+    }
+
+    /// Security review L3: addresses of one IPv6 /64 share the per-address limit (it was per
+    /// /128); another /64 has its own.
+    #[test]
+    fn one_ipv6_64_counts_as_one_address() {
+        let mut a = Admission::new(limits());
+        for id in 0..3 {
+            assert_eq!(
+                a.admit(id, ip(&format!("2001:db8:0:1::{}", id + 1))),
+                Ok(())
+            );
+        }
+        assert_eq!(
+            a.admit(3, ip("2001:db8:0:1:ffff:ffff:ffff:ffff")),
+            Err(Refused::PerAddress)
+        );
+        assert_eq!(a.admit(4, ip("2001:db8:0:2::1")), Ok(()));
+        a.release(0);
+        assert_eq!(a.admit(5, ip("2001:db8:0:1::99")), Ok(()));
     }
 
     #[test]
