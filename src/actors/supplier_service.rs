@@ -512,7 +512,16 @@ impl Driver for SupplierServiceDriver {
                 let turn = self.turns.entry(customer).or_default().clone();
                 io.spawn_task(async move {
                     // Taken now, in arrival order (tokio's mutex is fair), held until replied.
-                    let _turn = turn.lock().await;
+                    // A request whose link is gone while it waits is dropped with its body: a
+                    // customer that reconnects does not leave its old requests queued
+                    // (security review M2).
+                    let _turn = tokio::select! {
+                        turn = turn.lock() => turn,
+                        () = link.closed() => return,
+                    };
+                    if link.is_closed() {
+                        return;
+                    }
                     let who = Customer {
                         id: customer,
                         trusted,

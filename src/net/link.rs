@@ -439,6 +439,12 @@ impl LinkHandle {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
+
+    /// Resolves once the link is gone (its writer has ended): work queued for a request that
+    /// came on it can be dropped.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
 }
 
 /// A message to write before the link closes, and who to tell once it is out.
