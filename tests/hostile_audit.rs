@@ -1,0 +1,191 @@
+//! Storage audits against a hostile supplier (`common::hostile`): an owner whose suppliers are
+//! all in-process test peers, one of which keeps only ids, refuses challenges or omits from its
+//! lists.
+
+mod common;
+
+use std::path::Path;
+
+use bitdust::proto::FailReason;
+use bitdust::proto::envelope::Body;
+use common::hostile::{Action, Hostile};
+use common::tree::*;
+use common::*;
+
+/// Fast rounds for tests (the defaults are 10 min and 6 h).
+fn fast(failed_audits: u32) -> Vec<(&'static str, String)> {
+    vec![
+        ("BITDUST_MONITOR__INTERVAL", "1s".into()),
+        ("BITDUST_MONITOR__FIRE_AFTER", "1h".into()),
+        (
+            "BITDUST_MONITOR__FIRE_AFTER_FAILED_AUDITS",
+            failed_audits.to_string(),
+        ),
+        ("BITDUST_MONITOR__AUDITS_PER_ROUND", "4".into()),
+        ("BITDUST_NETWORK__REQUEST_TIMEOUT", "3s".into()),
+        ("BITDUST_BACKUP__BLOCK_SIZE", "256KiB".into()),
+    ]
+}
+
+fn start(home: &Path, env: &[(&'static str, String)]) -> Node {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Node::start_with(home, &env)
+}
+
+fn health(home: &Path) -> serde_json::Value {
+    try_status(home)
+        .map(|s| s["health"].clone())
+        .unwrap_or_default()
+}
+
+fn fully_redundant(h: &serde_json::Value) -> bool {
+    let m = h["m"].as_u64().unwrap_or(0);
+    let Some(by) = h["by_redundancy"].as_object() else {
+        return false;
+    };
+    h["blocks"].as_u64().unwrap_or(0) > 0
+        && by.keys().all(|k| *k == m.to_string())
+        && h["rebuild"]["in_flight"].as_u64() == Some(0)
+        && h["rebuild_queued"].as_u64() == Some(0)
+}
+
+/// An owner and `n` hostile peers (honest for now) it trusts; the owner running.
+struct World {
+    _dir: tempfile::TempDir,
+    home: std::path::PathBuf,
+    owner: String,
+    peers: Vec<Hostile>,
+    node: Node,
+}
+
+fn world(n: usize, env: &[(&'static str, String)]) -> World {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("owner");
+    let owner = init(&home, "owner");
+    let peers: Vec<Hostile> = (0..n)
+        .map(|i| Hostile::start(&format!("hostile{i}")))
+        .collect();
+    for p in &peers {
+        add_peer(&home, &p.card());
+    }
+    let node = start(&home, env);
+    World {
+        _dir: dir,
+        home,
+        owner,
+        peers,
+        node,
+    }
+}
+
+impl World {
+    fn peer(&self, id: &str) -> &Hostile {
+        self.peers
+            .iter()
+            .find(|p| p.node_id() == id)
+            .expect("a hostile peer")
+    }
+}
+
+#[test]
+fn hostile_peers_are_hired_hold_the_backup_pass_audits_and_restore_it() {
+    let w = world(7, &fast(3));
+    let hired = wait_all_connected(&w.home, 60);
+    assert_eq!(hired.len(), 6);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        let h = health(&w.home);
+        (fully_redundant(&h) && h["audits_passed"].as_u64() > Some(6)).then_some(())
+    });
+    for id in &hired {
+        let p = w.peer(id);
+        assert!(p.received("store") > 0, "{:?}", p.counters());
+        assert!(!p.held(&w.owner).is_empty());
+    }
+    let h = health(&w.home);
+    assert_eq!(h["audits_failed"].as_u64(), Some(0), "{h:#}");
+    let out = tempfile::tempdir().expect("tempdir");
+    let to = out.path().join("r");
+    let (ok, r) = restore(&w.home, &["--to", to.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &to);
+    drop(w.node);
+}
+
+/// The issue's done-when: a supplier that keeps only ids and refuses every challenge is fired
+/// and its position rebuilt on a spare within `fire_after_failed_audits` rounds; the source's
+/// health shows the loss meanwhile.
+#[test]
+fn a_supplier_keeping_only_ids_and_refusing_challenges_is_fired_within_the_bound() {
+    const FIRE_AFTER_FAILED_AUDITS: u64 = 3;
+    let mut w = world(7, &fast(FIRE_AFTER_FAILED_AUDITS as u32));
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&w.home)).then_some(())
+    });
+
+    // The supplier at position 1 keeps only its list: challenges and fetches are refused.
+    let bad = hired[1].clone();
+    let lazy = w.peer(&bad);
+    lazy.keep_only_ids();
+    lazy.behave(|r| match r.body {
+        Body::AuditChallenge(_) | Body::RetrieveFragment(_) => {
+            Action::Refuse(FailReason::NoService)
+        }
+        _ => Action::Honest,
+    });
+    let rounds_then = health(&w.home)["rounds"].as_u64().expect("rounds");
+
+    // Meanwhile the source shows the loss: not "full" while the position is not rebuilt.
+    let shown = wait_for("the source's health shows the loss", 60, || {
+        let status = try_status(&w.home)?;
+        let source = status["health"]["sources"].as_array()?.first()?.clone();
+        (source["health"] != "full").then_some(source)
+    });
+    assert_ne!(shown["health"], "full", "{shown:#}");
+
+    // Fired, and its position rebuilt on the spare.
+    let fired_at = wait_for("the lazy supplier fired", 120, || {
+        let h = health(&w.home);
+        let fired = h["fired"].as_array()?;
+        fired
+            .iter()
+            .any(|f| f[0] == 1)
+            .then(|| h["rounds"].as_u64())
+            .flatten()
+    });
+    assert!(
+        fired_at - rounds_then <= FIRE_AFTER_FAILED_AUDITS + 1,
+        "fired {} rounds after it stopped proving (bound: {FIRE_AFTER_FAILED_AUDITS} rounds, \
+         plus the round under way)",
+        fired_at - rounds_then
+    );
+    let spare = w
+        .peers
+        .iter()
+        .find(|p| !hired.contains(&p.node_id()))
+        .expect("a spare")
+        .node_id();
+    wait_for("position 1 rebuilt on the spare", 120, || {
+        let now = positions(&w.home)?;
+        let h = health(&w.home);
+        (now[1].0.as_deref() == Some(spare.as_str()) && fully_redundant(&h)).then_some(())
+    });
+    let blocks = health(&w.home)["blocks"].as_u64().expect("blocks");
+    let on_spare = w
+        .peer(&spare)
+        .held(&w.owner)
+        .iter()
+        .filter(|(_, p, len)| *p == 1 && *len > 0)
+        .count() as u64;
+    assert!(
+        on_spare >= blocks.saturating_sub(1),
+        "{on_spare} of {blocks}"
+    );
+    let _ = w.node.logs_so_far();
+}
