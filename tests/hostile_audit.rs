@@ -189,3 +189,75 @@ fn a_supplier_keeping_only_ids_and_refusing_challenges_is_fired_within_the_bound
     );
     let _ = w.node.logs_so_far();
 }
+
+/// An owner whose supplier at position 0 answers every fetch `delay` late; backed up, ready to
+/// restore. Returns the world, the source tree and the slow supplier's id.
+/// `extra` bytes of incompressible data join the usual tree (more blocks than the restore's
+/// window of 6).
+fn with_a_slow_supplier(
+    delay: std::time::Duration,
+    extra: usize,
+) -> (World, tempfile::TempDir, String) {
+    // The default request timeout (60 s), so the static hedge bound is 15 s.
+    let mut env = fast(3);
+    env.retain(|(k, _)| *k != "BITDUST_NETWORK__REQUEST_TIMEOUT");
+    let w = world(7, &env);
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    std::fs::write(source.path().join("extra.bin"), noise(7, extra)).expect("write");
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&w.home)).then_some(())
+    });
+    let slow = hired[0].clone();
+    w.peer(&slow).behave(move |r| match r.body {
+        Body::RetrieveFragment(_) => Action::Delay(delay),
+        _ => Action::Honest,
+    });
+    (w, source, slow)
+}
+
+/// M7: a supplier that answers correctly but slowly is hedged on the others' observed latency,
+/// asked last once seen to be slow, and named in the restore's result (and so in `status`).
+#[test]
+fn a_slow_supplier_is_hedged_and_named_in_the_restore_result() {
+    let (w, source, slow) = with_a_slow_supplier(std::time::Duration::from_secs(3), 4 << 20);
+    let out = tempfile::tempdir().expect("tempdir");
+    let to = out.path().join("r");
+    let (ok, r) = restore(&w.home, &["--to", to.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &to);
+    let named: Vec<&str> = r["slow_suppliers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(named, vec![slow.as_str()], "{r:#}");
+    let finished = status_json(&w.home)["restore"]["finished"].clone();
+    assert!(
+        finished.to_string().contains(&slow),
+        "status names the slow supplier: {finished:#}"
+    );
+}
+
+/// Benchmark (not a test: run with `--ignored --nocapture`): restore time with one supplier
+/// answering every fetch 10 s late. Prints the figures.
+#[test]
+#[ignore]
+fn bench_restore_with_one_supplier_at_10_s_per_request() {
+    let (w, _source, _slow) = with_a_slow_supplier(std::time::Duration::from_secs(10), 12 << 20);
+    let blocks = health(&w.home)["blocks"].as_u64().unwrap_or(0);
+    let out = tempfile::tempdir().expect("tempdir");
+    let to = out.path().join("r");
+    let began = std::time::Instant::now();
+    let (ok, r) = restore(&w.home, &["--to", to.to_str().expect("utf-8")]);
+    let took = began.elapsed();
+    println!(
+        "restore with one supplier at 10 s per request: ok={ok} blocks={blocks} \
+         wall={:.1}s reported={}s extra_fragments={} slow_suppliers={}",
+        took.as_secs_f64(),
+        r["seconds"],
+        r["extra_fragments"],
+        r["slow_suppliers"]
+    );
+}

@@ -3,7 +3,7 @@
 //! blocks off the event loop and hands them to the file writer (`pipeline::restore`), which runs
 //! on a thread of its own and says when it consumed a block or needs one again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -138,6 +138,19 @@ impl RestoreWorkerDriver {
         io.spawn_then(ask, move |driver, result| {
             driver.received(block, position, supplier, result)
         });
+    }
+
+    /// The suppliers at the positions the restore found slow (each block names its holders).
+    fn slow_suppliers(&self) -> Vec<String> {
+        let mut slow: BTreeSet<NodeId> = BTreeSet::new();
+        for source in self.blocks.values() {
+            for p in &self.progress.slow {
+                if let Some(Some(s)) = source.holders.get(*p as usize) {
+                    slow.insert(*s);
+                }
+            }
+        }
+        slow.iter().map(|s| s.to_string()).collect()
     }
 
     /// A fragment's bytes: checked against the owner's manifest before they count.
@@ -282,6 +295,7 @@ impl RestoreWorkerDriver {
                 .iter()
                 .map(|(supplier, n)| (supplier.to_string(), *n))
                 .collect(),
+            slow_suppliers: self.slow_suppliers(),
         };
         tracing::info!(
             run = self.run,
