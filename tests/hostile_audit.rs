@@ -261,3 +261,42 @@ fn bench_restore_with_one_supplier_at_10_s_per_request() {
         r["slow_suppliers"]
     );
 }
+
+/// A restore that falls back to parity because a supplier refused its fetches tells the
+/// monitor which supplier failed (counted like failed audits), though that supplier passes
+/// every challenge.
+#[test]
+fn a_restore_falling_back_to_parity_tells_the_monitor_who_failed() {
+    let w = world(7, &fast(1000));
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&w.home)).then_some(())
+    });
+    assert_eq!(health(&w.home)["audits_failed"].as_u64(), Some(0));
+    w.peer(&hired[0]).behave(|r| match r.body {
+        Body::RetrieveFragment(_) => Action::Refuse(FailReason::NoService),
+        _ => Action::Honest,
+    });
+    let out = tempfile::tempdir().expect("tempdir");
+    let to = out.path().join("r");
+    let (ok, r) = restore(&w.home, &["--to", to.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &to);
+    let h = wait_for("the monitor counts the refused fetches", 30, || {
+        let h = health(&w.home);
+        (h["audits_failed"].as_u64() > Some(0)).then_some(h)
+    });
+    let at_0 = h["positions"]
+        .as_array()
+        .and_then(|p| p.first())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        at_0["failed_audits"].as_u64() > Some(0)
+            || !h["fired"].as_array().is_none_or(Vec::is_empty),
+        "{h:#}"
+    );
+}

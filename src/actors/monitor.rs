@@ -58,6 +58,14 @@ pub enum MonitorInput {
         supplier: NodeId,
     },
     RebuildIdle,
+    /// A restore (or drill) could not have a fragment from its supplier: counted like an audit
+    /// of it (the restore fell back to parity because of that supplier).
+    Fetched {
+        block: [u8; 32],
+        position: u32,
+        supplier: NodeId,
+        result: AuditResult,
+    },
     /// The rebuilder's figures for status.
     RebuildProgress(crate::fsm::rebuilder::Progress),
 }
@@ -519,6 +527,21 @@ impl Driver for MonitorDriver {
                 supplier,
             }],
             MonitorInput::RebuildIdle => vec![mon::Event::RebuildIdle],
+            MonitorInput::Fetched {
+                block,
+                position,
+                supplier,
+                result,
+            } => {
+                tracing::warn!(block = %BlockId(block), position, supplier = %supplier,
+                    result = ?result, "a restore could not have a fragment from its supplier");
+                vec![mon::Event::Audited {
+                    block,
+                    position,
+                    supplier,
+                    result,
+                }]
+            }
             MonitorInput::RebuildProgress(progress) => {
                 if let Ok(mut status) = self.wiring.status.lock() {
                     status.rebuild = progress;
