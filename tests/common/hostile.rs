@@ -113,12 +113,14 @@ pub enum Action {
 }
 
 type Hook = dyn Fn(&Request) -> Action + Send + Sync;
+/// One customer's fragments: (block, position) → stored bytes.
+type Held = BTreeMap<(Vec<u8>, u32), Vec<u8>>;
 
 /// What every connection shares: the behaviour, the held fragments, the counters.
 struct Shared {
     hook: RwLock<Arc<Hook>>,
     /// Per customer: (block, position) → stored bytes.
-    held: Mutex<BTreeMap<String, BTreeMap<(Vec<u8>, u32), Vec<u8>>>>,
+    held: Mutex<BTreeMap<String, Held>>,
     counters: Mutex<BTreeMap<&'static str, u64>>,
     streams: Mutex<Vec<TcpStream>>,
     stop: AtomicBool,
