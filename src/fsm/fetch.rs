@@ -305,9 +305,11 @@ impl Latency {
             (Some(own), Some(median)) => Some(own.min(median)),
             (own, median) => own.or(median),
         };
+        // Never sooner than a third of the static bound either: suppliers whose answers vary
+        // (a busy disk, a slow link) are not hedged for an ordinary slow answer.
+        let floor = LATENCY_FLOOR.max(cap / 3);
         match typical {
-            Some(x) => Duration::from_secs_f64(x * LATENCY_FACTOR)
-                .clamp(LATENCY_FLOOR, cap.max(LATENCY_FLOOR)),
+            Some(x) => Duration::from_secs_f64(x * LATENCY_FACTOR).clamp(floor, cap.max(floor)),
             None => cap,
         }
     }
@@ -341,25 +343,25 @@ mod tests {
             l.observe(p, Duration::from_millis(20));
             l.observe(p, Duration::from_millis(40));
         }
-        // 4 x ~26 ms is under the floor.
-        assert_eq!(l.bound(1, cap), LATENCY_FLOOR);
+        // 4 x ~26 ms is under the floor (a third of the caller's bound).
+        assert_eq!(l.bound(1, cap), cap / 3);
         // Not observed yet: the others' median.
-        assert_eq!(l.bound(5, cap), LATENCY_FLOOR);
+        assert_eq!(l.bound(5, cap), cap / 3);
         l.observe(5, Duration::from_secs(10));
         l.observe(5, Duration::from_secs(10));
         assert_eq!(
             l.bound(5, cap),
-            LATENCY_FLOOR,
+            cap / 3,
             "a slow supplier is hedged on the others' figure, not its own"
         );
         assert_eq!(l.slow(), [5].into_iter().collect());
         // A request at a fast position outstanding past its bound is hedged then, not at 15 s.
         let mut plan = Plan::layout(4, 6);
         plan.next(&BTreeSet::new(), T0);
-        let hedges = plan.hedge_by(&BTreeSet::new(), Duration::from_secs(1), |p| {
+        let hedges = plan.hedge_by(&BTreeSet::new(), Duration::from_secs(5), |p| {
             l.bound(p, cap)
         });
-        assert_eq!(hedges, vec![4, 5], "all four asked are past 500 ms at 1 s");
+        assert_eq!(hedges, vec![4, 5], "all four asked are past 5 s at 5 s");
     }
 
     fn none() -> BTreeSet<u32> {

@@ -697,11 +697,12 @@ mod tests {
                 assert!(!f.fragment_ok(block, p, ms(20)));
             }
         }
-        // At 1 s position 0 is far past 4 x 20 ms (the floor, 500 ms): hedged by position 4.
-        let hedges = f.hedge(ms(1000));
+        // Not at 4 s (the floor: a third of the static bound), at 5 s: hedged by position 4.
+        assert!(f.hedge(ms(4000)).is_empty());
+        let hedges = f.hedge(ms(5000));
         assert_eq!(hedges, vec![(a, 4), (b, 4)]);
-        assert!(f.fragment_ok(a, 4, ms(1020)));
-        assert!(f.fragment_ok(b, 4, ms(1020)));
+        assert!(f.fragment_ok(a, 4, ms(5020)));
+        assert!(f.fragment_ok(b, 4, ms(5020)));
         // Position 0's answers come at 10 s: too late to count, but observed.
         assert!(!f.fragment_ok(a, 0, ms(10_000)));
         assert!(!f.fragment_ok(b, 0, ms(10_000)));
