@@ -333,7 +333,10 @@ fn with_m_suppliers_unreachable_a_supplier_failing_an_audit_is_not_fired() {
         .expect("a fragment at position 2");
     let file = fragment_file(liar, owner, &block, position);
     let mut bytes = std::fs::read(&file).expect("fragment");
-    bytes[0] ^= 0xff;
+    // In the middle: every audit range of this fragment covers it (an audit reads only its
+    // range, L7; a byte near the start is inside only the ranges that start there).
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
     std::fs::write(&file, &bytes).expect("rot");
     // The rotten fragment's audit fails (the audits walk every block in turn); at the end of
     // that round position 2 qualifies for firing, and the guard refuses.

@@ -255,7 +255,8 @@ impl Upload<'_> {
                         if placement.missing.contains(&p) {
                             FragmentHealth::Missing
                         } else {
-                            FragmentHealth::Present
+                            // Acknowledged, not yet proven: only an audit marks it present.
+                            FragmentHealth::Unknown
                         }
                     })
                     .collect();

@@ -58,6 +58,14 @@ pub enum MonitorInput {
         supplier: NodeId,
     },
     RebuildIdle,
+    /// A restore (or drill) could not have a fragment from its supplier: counted like an audit
+    /// of it (the restore fell back to parity because of that supplier).
+    Fetched {
+        block: [u8; 32],
+        position: u32,
+        supplier: NodeId,
+        result: AuditResult,
+    },
     /// The rebuilder's figures for status.
     RebuildProgress(crate::fsm::rebuilder::Progress),
 }
@@ -211,9 +219,23 @@ async fn list_position(
     )
 }
 
-/// One audit of one fragment: a precomputed pair if one is left, else a whole fetch.
+/// One audit of one fragment: a precomputed pair if one is left, else a whole fetch. Anything
+/// but a valid proof from a reachable supplier is asked once more before it counts (H1).
 async fn audit_one(
     wiring: MonitorWiring,
+    block: [u8; 32],
+    position: u32,
+    supplier: NodeId,
+) -> AuditResult {
+    let first = audit_attempt(&wiring, block, position, supplier).await;
+    if first != AuditResult::Refused {
+        return first;
+    }
+    audit_attempt(&wiring, block, position, supplier).await
+}
+
+async fn audit_attempt(
+    wiring: &MonitorWiring,
     block: [u8; 32],
     position: u32,
     supplier: NodeId,
@@ -243,19 +265,19 @@ async fn audit_one(
         if wiring.services.writer.write(batch).await.is_err() {
             return AuditResult::NoAnswer;
         }
-        return match client.audit(supplier, block, position, &pair).await {
+        let result = match client.audit(supplier, block, position, &pair).await {
             Ok(proof) if pair.check(&proof) => AuditResult::Passed,
             Ok(_) => AuditResult::Corrupt,
-            Err(FragmentError::Unreachable) => {
-                // Nothing left the node: the pair is still unseen and goes back.
-                pairs.push(pair);
-                let mut batch = Batch::new();
-                health::put_pairs(&mut batch, &id, position, &pairs);
-                let _ = wiring.services.writer.write(batch).await;
-                AuditResult::NoAnswer
-            }
             Err(e) => failed_audit(&e),
         };
+        if matches!(result, AuditResult::NoAnswer | AuditResult::Busy) {
+            // No proof was given for it: the pair goes back (a retry or a later round uses it).
+            pairs.push(pair);
+            let mut batch = Batch::new();
+            health::put_pairs(&mut batch, &id, position, &pairs);
+            let _ = wiring.services.writer.write(batch).await;
+        }
+        return result;
     }
     // No pair left (or never made, e.g. after a recovery): fetch it whole and compare.
     let Some(expected) = expected else {
@@ -274,15 +296,19 @@ async fn audit_one(
     }
 }
 
-/// What a failed audit request says about the fragment: a refusal may say something; no answer
-/// (or a reply of the wrong kind) says nothing.
-fn failed_audit(error: &FragmentError) -> AuditResult {
+/// What a failed audit request says (H1): without a session, nothing; "try later", passing
+/// trouble (M6); NOT_FOUND, missing; bytes it cannot read back or a range it does not have,
+/// corrupt; any other answer from a reachable supplier — a refusal, no reply in time, a reply
+/// of the wrong kind — a refusal to prove it holds the bytes.
+pub fn failed_audit(error: &FragmentError) -> AuditResult {
+    if *error == FragmentError::Unreachable {
+        return AuditResult::NoAnswer;
+    }
     match error.refusal() {
         Some(FailReason::NotFound) => AuditResult::NotFound,
-        // It cannot read the bytes back (its own check failed), or it holds fewer bytes than
-        // the range: either way it cannot produce the fragment.
         Some(FailReason::StorageError | FailReason::Malformed) => AuditResult::Corrupt,
-        _ => AuditResult::NoAnswer,
+        Some(FailReason::TryLater) => AuditResult::Busy,
+        _ => AuditResult::Refused,
     }
 }
 
@@ -511,6 +537,21 @@ impl Driver for MonitorDriver {
                 supplier,
             }],
             MonitorInput::RebuildIdle => vec![mon::Event::RebuildIdle],
+            MonitorInput::Fetched {
+                block,
+                position,
+                supplier,
+                result,
+            } => {
+                tracing::warn!(block = %BlockId(block), position, supplier = %supplier,
+                    result = ?result, "a restore could not have a fragment from its supplier");
+                vec![mon::Event::Audited {
+                    block,
+                    position,
+                    supplier,
+                    result,
+                }]
+            }
             MonitorInput::RebuildProgress(progress) => {
                 if let Ok(mut status) = self.wiring.status.lock() {
                     status.rebuild = progress;
@@ -552,8 +593,9 @@ pub async fn start(
         s.fire_after_failed_audits,
         s.audits_per_round,
     );
-    // Every request of a round ends by its own timeout; a frozen supplier holds a round no longer.
-    machine.round_deadline = s.request_timeout + Duration::from_secs(5);
+    // Every request of a round ends by its own timeout, and an audit asks at most twice: a frozen
+    // supplier holds a round no longer.
+    machine.round_deadline = 2 * s.request_timeout + Duration::from_secs(5);
     let ctx = actix::Context::<Shell<MonitorDriver>>::new();
     let addr = ctx.address();
     let rebuilder_addr = super::rebuilder::start(rebuilder, addr.clone()).await;

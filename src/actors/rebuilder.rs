@@ -266,7 +266,8 @@ async fn record(
             if position < total {
                 moved |= entry.fragments[position].supplier != place.supplier;
                 entry.fragments[position] = place;
-                cells[position] = health_of(Cell::Present);
+                // Placed and acknowledged, not yet proven: only an audit marks it present.
+                cells[position] = health_of(Cell::Unknown);
                 health::put_pairs(&mut batch, &id, position as u32, &pairs);
             }
         }

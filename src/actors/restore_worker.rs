@@ -3,7 +3,7 @@
 //! blocks off the event loop and hands them to the file writer (`pipeline::restore`), which runs
 //! on a thread of its own and says when it consumed a block or needs one again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -19,6 +19,7 @@ use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{RestoreJobStatus, RestoreOutcome, RestoreResult, RestoreStatus, SkippedFile};
 use crate::crypto::identity::NodeId;
 use crate::data::{self, BlockId, BlockManifest, DataError};
+use crate::fsm::monitor::AuditResult;
 use crate::fsm::restore_worker::{self as rw, Outcome, Progress, RestoreWorker};
 use crate::pipeline::restore::{
     self, BlockError, RestoreCounters, RestoreError, RestorePlan, RestoreReport, RestoreTarget,
@@ -54,6 +55,9 @@ pub struct RestoreWiring {
     pub services: Services,
     pub request_timeout: Duration,
     pub status: Arc<Mutex<RestoreStatus>>,
+    /// Told which supplier failed a fetch (the monitor counts it like an audit); `None` when
+    /// the monitor did not start.
+    pub monitor: Option<actix::Recipient<Input<super::monitor::MonitorInput>>>,
 }
 
 /// A decoded block, or why it cannot be had.
@@ -140,6 +144,35 @@ impl RestoreWorkerDriver {
         });
     }
 
+    /// A fetch that failed at its supplier (not for want of a session): the monitor hears it as
+    /// a typed message, like an audit's result.
+    fn tell_monitor(&self, block: [u8; 32], position: u32, supplier: NodeId, result: AuditResult) {
+        if result == AuditResult::NoAnswer {
+            return;
+        }
+        if let Some(monitor) = &self.wiring.monitor {
+            let _ = monitor.try_send(Input(super::monitor::MonitorInput::Fetched {
+                block,
+                position,
+                supplier,
+                result,
+            }));
+        }
+    }
+
+    /// The suppliers at the positions the restore found slow (each block names its holders).
+    fn slow_suppliers(&self) -> Vec<String> {
+        let mut slow: BTreeSet<NodeId> = BTreeSet::new();
+        for source in self.blocks.values() {
+            for p in &self.progress.slow {
+                if let Some(Some(s)) = source.holders.get(*p as usize) {
+                    slow.insert(*s);
+                }
+            }
+        }
+        slow.iter().map(|s| s.to_string()).collect()
+    }
+
     /// A fragment's bytes: checked against the owner's manifest before they count.
     fn received(
         &mut self,
@@ -157,6 +190,12 @@ impl RestoreWorkerDriver {
             Ok(stored) => stored,
             Err(why) => {
                 tracing::debug!(position, supplier = %supplier, error = %why, "fragment not fetched");
+                self.tell_monitor(
+                    block,
+                    position,
+                    supplier,
+                    super::monitor::failed_audit(&why),
+                );
                 return failed(false);
             }
         };
@@ -168,6 +207,7 @@ impl RestoreWorkerDriver {
             Err(_) => {
                 tracing::warn!(position, supplier = %supplier, "a supplier sent a malformed fragment");
                 *self.corrupt_by.entry(supplier).or_default() += 1;
+                self.tell_monitor(block, position, supplier, AuditResult::Corrupt);
                 return failed(true);
             }
         };
@@ -179,6 +219,7 @@ impl RestoreWorkerDriver {
             tracing::warn!(position, supplier = %supplier,
                 "a supplier sent a fragment that does not match the owner's manifest");
             *self.corrupt_by.entry(supplier).or_default() += 1;
+            self.tell_monitor(block, position, supplier, AuditResult::Corrupt);
             return failed(true);
         }
         if let Some(slot) = source.fragments.get_mut(position as usize) {
@@ -282,6 +323,7 @@ impl RestoreWorkerDriver {
                 .iter()
                 .map(|(supplier, n)| (supplier.to_string(), *n))
                 .collect(),
+            slow_suppliers: self.slow_suppliers(),
         };
         tracing::info!(
             run = self.run,

@@ -89,6 +89,9 @@ pub struct RestoreResult {
     pub extra_fragments: u64,
     /// Suppliers that sent fragments not matching the owner's manifest, with a count.
     pub corrupt_fragments: Vec<(String, u64)>,
+    /// Suppliers that answered much slower than the others (asked last, hedged early).
+    #[serde(default)]
+    pub slow_suppliers: Vec<String>,
 }
 
 /// Backups: the job running now and the latest results (newest last).

@@ -31,9 +31,12 @@ fn fail_code(code: i32) -> FailCode {
         Ok(FailReason::NoSpace) => FailCode::NoSpace,
         Ok(FailReason::OverQuota) => FailCode::OverQuota,
         Ok(FailReason::NoService) => FailCode::NoService,
-        Ok(FailReason::StorageError | FailReason::ShuttingDown | FailReason::Timeout) => {
-            FailCode::NotReady
-        }
+        Ok(
+            FailReason::StorageError
+            | FailReason::TryLater
+            | FailReason::ShuttingDown
+            | FailReason::Timeout,
+        ) => FailCode::NotReady,
         _ => FailCode::Other,
     }
 }

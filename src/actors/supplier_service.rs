@@ -14,7 +14,7 @@ use super::shell::{Deliver, Driver, Input, Io, Shell};
 use super::status::{AccountStatus, SupplierStatus};
 use crate::crypto::identity::NodeId;
 /// Kept at this path for callers that found the audit here; the owner's side shares it.
-pub use crate::data::audit::{MAX_AUDIT_RANGE, audit_proof};
+pub use crate::data::audit::{MAX_AUDIT_RANGE, audit_proof, range_proof};
 use crate::fsm::supplier_service::{Event, Output, Refusal, SupplierService, decide};
 use crate::net::link::LinkHandle;
 use crate::proto::envelope::Body;
@@ -139,9 +139,10 @@ fn fail_reason(e: &FragmentError) -> FailReason {
         FragmentError::NotFound => FailReason::NotFound,
         FragmentError::HashMismatch => FailReason::HashMismatch,
         FragmentError::StaleRevision { .. } => FailReason::StaleRevision,
-        FragmentError::Corrupt | FragmentError::Io { .. } | FragmentError::Db(_) => {
-            FailReason::StorageError
-        }
+        // It read the bytes back and they are not what it stored: the fragment is bad.
+        FragmentError::Corrupt => FailReason::StorageError,
+        // The disk or the database failed this time: passing trouble, ask again later (M6).
+        FragmentError::Io { .. } | FragmentError::Db(_) => FailReason::TryLater,
     }
 }
 
@@ -366,11 +367,11 @@ fn answer(
                     "no contract with this customer",
                 ));
             }
-            let data = store.get(&customer, key)?;
-            match audit_proof(&nonce, &data, req.offset, req.length) {
-                Some(proof) => Ok(Body::AuditProof(AuditProof {
+            // Only the range is read (L7): an audit costs a read of at most 1 MiB.
+            match store.read_range(&customer, key, req.offset, req.length)? {
+                Some(range) => Ok(Body::AuditProof(AuditProof {
                     id: req.id,
-                    proof: proof.to_vec(),
+                    proof: range_proof(&nonce, &range).to_vec(),
                 })),
                 None => Ok(fail(
                     FailReason::Malformed,
@@ -491,8 +492,8 @@ impl Driver for SupplierServiceDriver {
         match input {
             SupplierInput::Request(call) => {
                 let Some(store) = self.store.clone() else {
-                    // Not open yet: a passing failure the customer retries within seconds.
-                    call.fail(FailReason::StorageError, "storage is not ready yet");
+                    // Not open yet: a passing failure the customer retries later (M6).
+                    call.fail(FailReason::TryLater, "storage is not ready yet");
                     return vec![];
                 };
                 let Routed {
@@ -533,7 +534,7 @@ impl Driver for SupplierServiceDriver {
                     .await
                     .unwrap_or_else(|_| {
                         fail(
-                            FailReason::StorageError,
+                            FailReason::TryLater,
                             "the request failed on the supplier",
                         )
                     });
@@ -636,7 +637,114 @@ mod tests {
         let Body::Fail(said) = fail(fail_reason(&e), fail_detail(&e)) else {
             panic!("a Fail");
         };
-        assert_eq!(said.reason, FailReason::StorageError as i32);
+        assert_eq!(said.reason, FailReason::TryLater as i32);
         assert!(!said.detail.contains('/'), "{}", said.detail);
+    }
+
+    use crate::proto::AuditChallenge;
+    use crate::store::MemStore;
+
+    struct Roomy;
+
+    impl DiskGate for Roomy {
+        fn can_write(&self) -> bool {
+            true
+        }
+        fn grantable(&self, donated: u64, _held: u64) -> u64 {
+            donated
+        }
+    }
+
+    fn supplier() -> (tempfile::TempDir, FragmentStore, SupplierSettings) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kv: Arc<dyn KvStore> = Arc::new(MemStore::new());
+        let store = FragmentStore::open(dir.path().join("store"), kv).expect("open");
+        let settings = SupplierSettings {
+            root: dir.path().join("store"),
+            donated: 1 << 30,
+            disk: Arc::new(Roomy),
+            open: false,
+            grace: Duration::from_secs(60),
+        };
+        (dir, store, settings)
+    }
+
+    /// L7: an audit reads only its range: bytes outside it are never read (a change there does
+    /// not touch the proof; reading the whole fragment checked its hash and refused).
+    #[test]
+    fn an_audit_reads_only_its_range() {
+        let (_dir, store, settings) = supplier();
+        let customer = NodeId::from_signing_key(&[9; 32]);
+        let who = Customer {
+            id: customer,
+            trusted: true,
+            signing_key: None,
+        };
+        let ask = |body| answer(&store, &settings, &who, body, 0);
+        let granted = ask(Body::ServiceRequest(crate::proto::ServiceRequest {
+            space: 1 << 24,
+            position: 0,
+            data_shards: 4,
+            parity_shards: 2,
+        }));
+        assert!(matches!(granted, Body::ServiceAccept(_)), "{granted:?}");
+        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+        let id = FragmentId {
+            block: vec![7; 32],
+            position: 0,
+        };
+        let stored = ask(Body::StoreFragment(crate::proto::StoreFragment {
+            id: Some(id.clone()),
+            data: data.clone(),
+            hash: blake3::hash(&data).as_bytes().to_vec(),
+        }));
+        assert!(matches!(stored, Body::Ack(_)), "{stored:?}");
+        // A byte far outside the audited range changes on disk.
+        let path = settings
+            .root
+            .join(customer.to_string())
+            .join("07")
+            .join(format!("{}.0", "07".repeat(32)));
+        let mut on_disk = std::fs::read(&path).expect("read");
+        on_disk[3 << 19] ^= 1;
+        std::fs::write(&path, &on_disk).expect("write");
+        let nonce = [5u8; 32];
+        let proof = ask(Body::AuditChallenge(AuditChallenge {
+            id: Some(id.clone()),
+            nonce: nonce.to_vec(),
+            offset: 4096,
+            length: 65536,
+        }));
+        let expected = audit_proof(&nonce, &data, 4096, 65536).expect("in range");
+        assert!(
+            matches!(&proof, Body::AuditProof(p) if p.proof == expected),
+            "{proof:?}"
+        );
+        // A range past the end is malformed, as before.
+        let outside = ask(Body::AuditChallenge(AuditChallenge {
+            id: Some(id),
+            nonce: nonce.to_vec(),
+            offset: (3 << 20) - 10,
+            length: 11,
+        }));
+        assert!(
+            matches!(&outside, Body::Fail(f) if f.reason == FailReason::Malformed as i32),
+            "{outside:?}"
+        );
+    }
+
+    /// M6: a passing disk or database failure is "try later"; bytes that do not match what was
+    /// stored are a storage error.
+    #[test]
+    fn passing_storage_trouble_is_try_later() {
+        let io = FragmentError::Io {
+            context: "reading".into(),
+            source: std::io::Error::other("EIO"),
+        };
+        assert_eq!(fail_reason(&io), FailReason::TryLater);
+        assert_eq!(
+            fail_reason(&FragmentError::Corrupt),
+            FailReason::StorageError
+        );
     }
 }

@@ -14,8 +14,8 @@ use rand_core::RngCore;
 /// Audit pairs made per fragment when its bytes are in hand.
 pub const AUDIT_PAIRS: usize = 24;
 /// Bytes each pair covers: 64 KiB at a random offset. Whole-fragment ranges would hash every
-/// stored byte eight times during a backup; an honest supplier's own store checks the whole
-/// fragment's hash on every read anyway (a bit flip anywhere fails the audit), and a supplier
+/// stored byte eight times during a backup; the supplier reads only the range (a bit flip
+/// elsewhere is caught by a later audit's range, a whole fetch, or any read), and a supplier
 /// keeping a fraction `x` of the bytes passes `n` audits with a probability of about `x^n`.
 pub const AUDIT_RANGE: u64 = 64 * 1024;
 
@@ -38,7 +38,13 @@ pub fn audit_proof(nonce: &[u8; 32], stored: &[u8], offset: u64, length: u64) ->
     }
     let end = offset.checked_add(length)?;
     let range = stored.get(usize::try_from(offset).ok()?..usize::try_from(end).ok()?)?;
-    Some(*blake3::keyed_hash(nonce, range).as_bytes())
+    Some(range_proof(nonce, range))
+}
+
+/// The proof over a range's bytes already cut out of the fragment (a supplier reads only the
+/// range from its file): BLAKE3 keyed with the nonce.
+pub fn range_proof(nonce: &[u8; 32], range: &[u8]) -> [u8; 32] {
+    *blake3::keyed_hash(nonce, range).as_bytes()
 }
 
 /// One precomputed audit: the challenge to send (nonce, offset, length) and the answer an honest

@@ -141,16 +141,36 @@ impl Plan {
 
     /// Requests asked at or before `now - bound` and not yet declared slow.
     pub fn overdue(&self, now: Duration, bound: Duration) -> Vec<u32> {
+        self.overdue_by(now, |_| bound)
+    }
+
+    /// Requests outstanding at least their own position's bound and not yet declared slow.
+    pub fn overdue_by(&self, now: Duration, bound: impl Fn(u32) -> Duration) -> Vec<u32> {
         self.asking
             .iter()
-            .filter(|(p, at)| !self.slow.contains(p) && now.saturating_sub(**at) >= bound)
+            .filter(|(p, at)| !self.slow.contains(p) && now.saturating_sub(**at) >= bound(**p))
             .map(|(p, _)| *p)
             .collect()
     }
 
+    /// When the request at `position` was asked (the caller's clock), if it is being asked.
+    pub fn asked_at(&self, position: u32) -> Option<Duration> {
+        self.asking.get(&position).copied()
+    }
+
     /// Declares every overdue request slow and returns the hedges to ask (stamped `now`).
     pub fn hedge(&mut self, down: &BTreeSet<u32>, now: Duration, bound: Duration) -> Vec<u32> {
-        let overdue = self.overdue(now, bound);
+        self.hedge_by(down, now, |_| bound)
+    }
+
+    /// [`Plan::hedge`] with a bound per position (see [`Latency::bound`]).
+    pub fn hedge_by(
+        &mut self,
+        down: &BTreeSet<u32>,
+        now: Duration,
+        bound: impl Fn(u32) -> Duration,
+    ) -> Vec<u32> {
+        let overdue = self.overdue_by(now, bound);
         if overdue.is_empty() || self.complete() {
             return Vec::new();
         }
@@ -214,11 +234,135 @@ impl Plan {
     }
 }
 
+/// Observed answer times per position (its supplier), for hedging and ranking (M7).
+///
+/// - A request is hedged after a few times its supplier's usual latency
+///   ([`LATENCY_FACTOR`] × the EWMA), never sooner than [`LATENCY_FLOOR`] and never later than
+///   the caller's static bound; a supplier not yet observed gets the same multiple of the median
+///   of those that are.
+/// - A position whose EWMA is over [`LATENCY_FACTOR`] times the median of all observed ones
+///   (and over the floor) is *slow*: asked only when nothing else is left, like a known-down one.
+///
+/// Pure: the caller measures (ask time from the plan, answer time from its clock).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Latency {
+    /// Per position: EWMA in seconds and the samples seen.
+    seen: BTreeMap<u32, (f64, u32)>,
+}
+
+/// How many times its usual latency a request may take before it is hedged.
+pub const LATENCY_FACTOR: f64 = 4.0;
+/// No hedge sooner than this (loopback answers in microseconds; a busy disk takes more).
+pub const LATENCY_FLOOR: Duration = Duration::from_millis(500);
+/// Weight of the newest sample in the EWMA.
+const EWMA_WEIGHT: f64 = 0.3;
+/// Samples before a position's own figure is trusted.
+const MIN_SAMPLES: u32 = 2;
+
+impl Latency {
+    /// One answer (or failure) at `position`, `took` after it was asked.
+    pub fn observe(&mut self, position: u32, took: Duration) {
+        let x = took.as_secs_f64();
+        let entry = self.seen.entry(position).or_insert((x, 0));
+        if entry.1 > 0 {
+            entry.0 = EWMA_WEIGHT * x + (1.0 - EWMA_WEIGHT) * entry.0;
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+
+    /// The position's EWMA, once it has enough samples.
+    pub fn typical(&self, position: u32) -> Option<Duration> {
+        self.seen
+            .get(&position)
+            .filter(|(_, n)| *n >= MIN_SAMPLES)
+            .map(|(x, _)| Duration::from_secs_f64(*x))
+    }
+
+    /// The median of the trusted EWMAs.
+    fn median(&self) -> Option<f64> {
+        let mut xs: Vec<f64> = self
+            .seen
+            .values()
+            .filter(|(_, n)| *n >= MIN_SAMPLES)
+            .map(|(x, _)| *x)
+            .collect();
+        if xs.is_empty() {
+            return None;
+        }
+        xs.sort_by(f64::total_cmp);
+        Some(xs[xs.len() / 2])
+    }
+
+    /// How long a request to `position` may be outstanding before a hedge: `cap` (the caller's
+    /// static bound) until something was observed.
+    ///
+    /// The figure is the lesser of the position's own EWMA and the median of all: a supplier
+    /// that is usually slow must not earn itself a longer wait (its slow answers would otherwise
+    /// raise its own bound until nothing is hedged).
+    pub fn bound(&self, position: u32, cap: Duration) -> Duration {
+        let own = self.typical(position).map(|d| d.as_secs_f64());
+        let typical = match (own, self.median()) {
+            (Some(own), Some(median)) => Some(own.min(median)),
+            (own, median) => own.or(median),
+        };
+        // Never sooner than a third of the static bound either: suppliers whose answers vary
+        // (a busy disk, a slow link) are not hedged for an ordinary slow answer.
+        let floor = LATENCY_FLOOR.max(cap / 3);
+        match typical {
+            Some(x) => Duration::from_secs_f64(x * LATENCY_FACTOR).clamp(floor, cap.max(floor)),
+            None => cap,
+        }
+    }
+
+    /// Positions much slower than the others (asked last).
+    pub fn slow(&self) -> BTreeSet<u32> {
+        let Some(median) = self.median() else {
+            return BTreeSet::new();
+        };
+        let limit = (median * LATENCY_FACTOR).max(LATENCY_FLOOR.as_secs_f64());
+        self.seen
+            .iter()
+            .filter(|(_, (x, n))| *n >= MIN_SAMPLES && *x > limit)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const T0: Duration = Duration::ZERO;
+
+    #[test]
+    fn latency_bounds_follow_each_supplier_and_slow_ones_are_named() {
+        let mut l = Latency::default();
+        let cap = Duration::from_secs(15);
+        assert_eq!(l.bound(0, cap), cap, "nothing observed: the caller's bound");
+        for p in 0..5 {
+            l.observe(p, Duration::from_millis(20));
+            l.observe(p, Duration::from_millis(40));
+        }
+        // 4 x ~26 ms is under the floor (a third of the caller's bound).
+        assert_eq!(l.bound(1, cap), cap / 3);
+        // Not observed yet: the others' median.
+        assert_eq!(l.bound(5, cap), cap / 3);
+        l.observe(5, Duration::from_secs(10));
+        l.observe(5, Duration::from_secs(10));
+        assert_eq!(
+            l.bound(5, cap),
+            cap / 3,
+            "a slow supplier is hedged on the others' figure, not its own"
+        );
+        assert_eq!(l.slow(), [5].into_iter().collect());
+        // A request at a fast position outstanding past its bound is hedged then, not at 15 s.
+        let mut plan = Plan::layout(4, 6);
+        plan.next(&BTreeSet::new(), T0);
+        let hedges = plan.hedge_by(&BTreeSet::new(), Duration::from_secs(5), |p| {
+            l.bound(p, cap)
+        });
+        assert_eq!(hedges, vec![4, 5], "all four asked are past 5 s at 5 s");
+    }
 
     fn none() -> BTreeSet<u32> {
         BTreeSet::new()

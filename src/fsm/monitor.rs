@@ -11,8 +11,19 @@
 //! catalog names for it: present, missing, corrupt or unknown. A position whose supplier was
 //! replaced holds none of its blocks until the rebuilder places them.
 //!
+//! Only a valid proof (or a whole fetch that matches the catalog's hash) marks a fragment
+//! present; a list says what a supplier *claims*. From a reachable supplier, any answer but a
+//! valid proof (a refusal, a timeout, a reply of the wrong kind: [`AuditResult::Refused`], after
+//! the driver's one retry) is a failed audit, and so is a fragment left out of a list, or rebuilt
+//! on the same supplier a second time. "Try later" ([`AuditResult::Busy`]: a store still
+//! opening after a restart, a passing IO error) counts only once it has lasted
+//! [`Monitor::busy_grace`]. Failures are counted over a window of the position's last
+//! [`Monitor::window`] outcomes; a position failing at least half of them is *suspect*: none of
+//! its fragments counts as good (the sources' health shows the loss at once).
+//!
 //! Firing (at the end of a round, one decision at a time): a supplier unreachable for
-//! `monitor.fire_after`, or failing `monitor.fire_after_failed_audits` audits in a row. The
+//! `monitor.fire_after`, or failing at least `monitor.fire_after_failed_audits` audits of its
+//! window and at least half of them (so a few passes cannot hide many failures). The
 //! guard, the original's rule made exact: never fire a position while some block it may still
 //! hold a good fragment of has fewer than `k` good fragments reachable elsewhere — firing it
 //! would leave that block unrebuildable. No firing while an earlier one is not yet rebuilt
@@ -68,7 +79,7 @@ pub struct BlockInfo {
 pub enum FireReason {
     /// Unreachable for this long.
     Unreachable(Duration),
-    /// Failed this many audits in a row.
+    /// Failed this many audits of its window (at least half of them).
     FailedAudits(u32),
 }
 
@@ -76,7 +87,7 @@ impl std::fmt::Display for FireReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FireReason::Unreachable(d) => write!(f, "unreachable for {} s", d.as_secs()),
-            FireReason::FailedAudits(n) => write!(f, "failed {n} storage audits in a row"),
+            FireReason::FailedAudits(n) => write!(f, "failed {n} of its recent storage audits"),
         }
     }
 }
@@ -90,8 +101,25 @@ pub enum AuditResult {
     Corrupt,
     /// The supplier says it does not hold the fragment.
     NotFound,
-    /// No answer (unreachable, timeout): says nothing about the fragment.
+    /// A reachable supplier answered anything but a proof (a refusal other than NOT_FOUND,
+    /// no reply in time, a reply of the wrong kind), twice: it did not show it holds the bytes.
+    Refused,
+    /// The supplier said "try later" (TRY_LATER: its store is not open yet, a passing IO error):
+    /// not counted until it has lasted [`Monitor::busy_grace`].
+    Busy,
+    /// No session with the supplier (unreachable): says nothing about the fragment; being
+    /// unreachable has its own rule (`fire_after`).
     NoAnswer,
+}
+
+impl AuditResult {
+    /// A failed audit (counted toward firing).
+    pub fn failed(self) -> bool {
+        matches!(
+            self,
+            AuditResult::Corrupt | AuditResult::NotFound | AuditResult::Refused
+        )
+    }
 }
 
 /// One block for the rebuilder: which positions to recreate and where good fragments may be.
@@ -205,7 +233,14 @@ pub struct PositionView {
     pub up: bool,
     /// Since when it is unreachable (monotonic).
     pub down_since: Option<Duration>,
+    /// Failed audits among the last [`Monitor::window`] outcomes.
     pub failed_audits: u32,
+    /// The last outcomes, oldest first (true: failed), at most [`Monitor::window`].
+    outcomes: std::collections::VecDeque<bool>,
+    /// Since when it answers "try later" (reset by any other answer).
+    busy_since: Option<Duration>,
+    /// Blocks rebuilt on this supplier at this position: a second rebuild of one is a failure.
+    rebuilt: BTreeSet<BlockId>,
     /// Time observed reachable and observed at all (for the durability estimate).
     pub up_time: Duration,
     pub observed: Duration,
@@ -233,6 +268,9 @@ pub struct Monitor {
     pub list_every: u64,
     /// How long a round waits for its answers.
     pub round_deadline: Duration,
+    /// How long "try later" answers may go on before they count as failed audits (6 rounds of
+    /// `interval`: an hour at the defaults, well past a slow store's opening after a restart).
+    pub busy_grace: Duration,
     pub positions: Vec<PositionView>,
     pub blocks: BTreeMap<BlockId, BlockInfo>,
     pub spares: usize,
@@ -241,6 +279,9 @@ pub struct Monitor {
     pub rebuilding: bool,
     /// Answers the round still waits for.
     waiting: BTreeSet<(u32, Option<BlockId>)>,
+    /// The round in which each followed block was first seen: a list asked for before a block
+    /// was committed cannot be blamed for leaving it out.
+    seen_in_round: BTreeMap<BlockId, u64>,
     /// Cells changed since the last save.
     dirty: BTreeSet<BlockId>,
     last_observed: Option<Duration>,
@@ -275,12 +316,14 @@ impl Monitor {
             audits_per_round,
             list_every: 6,
             round_deadline: Duration::from_secs(60),
+            busy_grace: interval * 6,
             positions: Vec::new(),
             blocks: BTreeMap::new(),
             spares: 0,
             fired: None,
             rebuilding: false,
             waiting: BTreeSet::new(),
+            seen_in_round: BTreeMap::new(),
             dirty: BTreeSet::new(),
             last_observed: None,
             summary: Summary::default(),
@@ -297,10 +340,43 @@ impl Monitor {
         self.positions.get(position as usize).is_some_and(|p| p.up)
     }
 
-    /// The fragment at `position` may be good and its holder is the position's supplier.
+    /// Outcomes a position's failure rate is judged over: four times
+    /// `fire_after_failed_audits`.
+    pub fn window(&self) -> usize {
+        4 * self.fire_after_failed_audits as usize
+    }
+
+    /// Failing at least half of its recent audits: none of its fragments counts as good.
+    pub fn suspect(&self, position: u32) -> bool {
+        self.positions.get(position as usize).is_some_and(|v| {
+            v.failed_audits > 0 && 2 * v.failed_audits as usize >= v.outcomes.len()
+        })
+    }
+
+    /// Records one audit outcome at `position` (failed or passed) in its window.
+    fn record(&mut self, position: u32, failed: bool) {
+        let window = self.window();
+        let Some(view) = self.positions.get_mut(position as usize) else {
+            return;
+        };
+        view.outcomes.push_back(failed);
+        while view.outcomes.len() > window {
+            view.outcomes.pop_front();
+        }
+        view.failed_audits = view.outcomes.iter().filter(|f| **f).count() as u32;
+        if failed {
+            self.summary.audits_failed += 1;
+        } else {
+            self.summary.audits_passed += 1;
+        }
+    }
+
+    /// The fragment at `position` may be good, its holder is the position's supplier, and that
+    /// supplier is not failing its audits.
     fn holds(&self, block: &BlockInfo, position: u32) -> bool {
         let p = position as usize;
-        block.cells.get(p).is_some_and(|c| c.maybe_good())
+        !self.suspect(position)
+            && block.cells.get(p).is_some_and(|c| c.maybe_good())
             && block.holders.get(p).copied().flatten().is_some()
             && block.holders[p] == self.supplier_at(position)
     }
@@ -401,7 +477,7 @@ impl Monitor {
             if self.fired.is_some_and(|f| f != p as u32) {
                 continue;
             }
-            if view.failed_audits >= self.fire_after_failed_audits {
+            if view.failed_audits >= self.fire_after_failed_audits && self.suspect(p as u32) {
                 candidates.push((
                     p as u32,
                     supplier,
@@ -447,6 +523,12 @@ impl Monitor {
 
     fn take_blocks(&mut self, blocks: &[BlockInfo]) {
         let total = self.total as usize;
+        let round = self.summary.rounds;
+        let ids: BTreeSet<BlockId> = blocks.iter().map(|b| b.id).collect();
+        self.seen_in_round.retain(|id, _| ids.contains(id));
+        for b in blocks {
+            self.seen_in_round.entry(b.id).or_insert(round);
+        }
         let mut next = BTreeMap::new();
         for b in blocks {
             let mut b = b.clone();
@@ -523,25 +605,7 @@ impl Monitor {
                 if self.supplier_at(*position) != Some(*supplier) {
                     return;
                 }
-                let p = *position as usize;
-                let changes: Vec<(BlockId, Cell)> = self
-                    .blocks
-                    .values()
-                    .filter(|b| b.holders.get(p).copied().flatten() == Some(*supplier))
-                    .filter_map(|b| {
-                        let cell = b.cells[p];
-                        match (held.contains(&b.id), cell) {
-                            (true, Cell::Unknown | Cell::Missing) => Some((b.id, Cell::Present)),
-                            (false, Cell::Unknown | Cell::Present | Cell::Corrupt) => {
-                                Some((b.id, Cell::Missing))
-                            }
-                            _ => None,
-                        }
-                    })
-                    .collect();
-                for (block, cell) in changes {
-                    self.set_cell(block, *position, cell);
-                }
+                self.listed(*position, *supplier, held);
             }
             Event::Audited {
                 block,
@@ -559,42 +623,99 @@ impl Monitor {
                 {
                     return;
                 }
-                let view = &mut self.positions[*position as usize];
-                match result {
-                    AuditResult::Passed => {
-                        view.failed_audits = 0;
-                        self.summary.audits_passed += 1;
-                        self.set_cell(*block, *position, Cell::Present);
-                    }
-                    AuditResult::Corrupt | AuditResult::NotFound => {
-                        view.failed_audits += 1;
-                        self.summary.audits_failed += 1;
-                        let cell = if *result == AuditResult::Corrupt {
-                            Cell::Corrupt
-                        } else {
-                            Cell::Missing
-                        };
-                        self.set_cell(*block, *position, cell);
-                    }
-                    AuditResult::NoAnswer => {}
-                }
+                self.audited(*block, *position, *result, ctx.now);
             }
             Event::Placed {
                 block,
                 position,
                 supplier,
-            } => {
-                if let Some(b) = self.blocks.get_mut(block)
-                    && let Some(h) = b.holders.get_mut(*position as usize)
-                {
-                    *h = Some(*supplier);
-                }
-                self.set_cell(*block, *position, Cell::Present);
-            }
+            } => self.placed(*block, *position, *supplier),
             Event::RebuildIdle => self.rebuilding = false,
             Event::Timeout(Timer::RoundDeadline) => self.waiting.clear(),
             Event::Timeout(Timer::Round) | Event::Shutdown => {}
         }
+    }
+
+    /// What a supplier lists is a claim: a listed fragment known missing may be there again
+    /// (unknown until audited), never "present". A fragment it leaves out is missing, and —
+    /// unless the block was committed after the list was asked for — a failed audit (M4).
+    fn listed(&mut self, position: u32, supplier: NodeId, held: &BTreeSet<BlockId>) {
+        let p = position as usize;
+        let round = self.summary.rounds;
+        let changes: Vec<(BlockId, Cell, bool)> = self
+            .blocks
+            .values()
+            .filter(|b| b.holders.get(p).copied().flatten() == Some(supplier))
+            .filter_map(|b| {
+                let before_list = self.seen_in_round.get(&b.id).is_some_and(|r| *r < round);
+                match (held.contains(&b.id), b.cells[p]) {
+                    (true, Cell::Missing) => Some((b.id, Cell::Unknown, false)),
+                    (false, Cell::Unknown | Cell::Present) => {
+                        Some((b.id, Cell::Missing, before_list))
+                    }
+                    (false, Cell::Corrupt) => Some((b.id, Cell::Missing, false)),
+                    _ => None,
+                }
+            })
+            .collect();
+        for (block, cell, omitted) in changes {
+            self.set_cell(block, position, cell);
+            if omitted {
+                self.record(position, true);
+            }
+        }
+    }
+
+    /// One audit's outcome: only a pass marks the fragment present; a failure marks it bad and
+    /// counts; "try later" counts only once it has lasted `busy_grace`.
+    fn audited(&mut self, block: BlockId, position: u32, result: AuditResult, now: Duration) {
+        let Some(view) = self.positions.get_mut(position as usize) else {
+            return;
+        };
+        let result = match result {
+            AuditResult::Busy => {
+                let since = *view.busy_since.get_or_insert(now);
+                if now.saturating_sub(since) < self.busy_grace {
+                    return;
+                }
+                AuditResult::Refused
+            }
+            AuditResult::NoAnswer => return,
+            other => {
+                view.busy_since = None;
+                other
+            }
+        };
+        let cell = match result {
+            AuditResult::Passed => Cell::Present,
+            AuditResult::Corrupt => Cell::Corrupt,
+            _ => Cell::Missing,
+        };
+        self.record(position, result.failed());
+        self.set_cell(block, position, cell);
+    }
+
+    /// The rebuilder placed a fragment: it holds what the rebuilder verified, as far as the
+    /// supplier's acknowledgement goes (unknown until audited). A second rebuild of the same
+    /// fragment on the same supplier is a failed audit: it lost it again.
+    fn placed(&mut self, block: BlockId, position: u32, supplier: NodeId) {
+        let p = position as usize;
+        let mut again = false;
+        if let Some(b) = self.blocks.get_mut(&block)
+            && let Some(h) = b.holders.get_mut(p)
+        {
+            if *h == Some(supplier)
+                && let Some(view) = self.positions.get_mut(p)
+                && view.supplier == Some(supplier)
+            {
+                again = !view.rebuilt.insert(block);
+            }
+            *h = Some(supplier);
+        }
+        if again {
+            self.record(position, true);
+        }
+        self.set_cell(block, position, Cell::Unknown);
     }
 
     fn begin_round(&mut self, ctx: &Ctx, out: &mut Out<Self>) {
@@ -997,11 +1118,15 @@ mod tests {
         let mut m = started();
         m.step(&position(0, 1, false), &at(0));
         m.step(&position(1, 2, false), &at(0));
-        // Position 2 failed its audits (cells untouched here, so every block counts on it).
-        m.machine.positions[2].failed_audits = 3;
+        // Position 2 failed a few of its audits, not half (cells untouched here, so every block
+        // counts on it).
+        for i in 0..12 {
+            m.machine.record(2, i < 3);
+        }
+        assert!(!m.machine.suspect(2));
         // Firing it would leave every block 3 good reachable fragments (k = 4).
         assert!(!m.machine.fire_is_safe(2));
-        // Before fire_after nobody is fired (position 2's firing is refused by the guard).
+        // Before fire_after nobody is fired.
         assert_eq!(m.machine.fire_decision(Duration::from_secs(50)), None);
         // After it, an unreachable one is (the rest keep k reachable), never position 2.
         let (p, _, _) = m
@@ -1009,6 +1134,15 @@ mod tests {
             .fire_decision(Duration::from_secs(200))
             .expect("fired");
         assert_eq!(p, 0);
+        // Once position 2 fails half its audits, its fragments no longer count: firing position
+        // 0 would leave 3 trusted fragments of k = 4, and position 2 is guarded as before.
+        for _ in 0..9 {
+            m.machine.record(2, true);
+        }
+        assert!(m.machine.suspect(2));
+        assert!(!m.machine.fire_is_safe(2));
+        assert!(!m.machine.fire_is_safe(0));
+        assert_eq!(m.machine.fire_decision(Duration::from_secs(200)), None);
     }
 
     #[test]
@@ -1220,7 +1354,9 @@ mod tests {
         // Two positions unreachable: the old block has 4 good fragments reachable, its own k.
         m.step(&position(0, 1, false), &at(0));
         m.step(&position(1, 2, false), &at(0));
-        m.machine.positions[2].failed_audits = 3;
+        for i in 0..12 {
+            m.machine.record(2, i < 3);
+        }
         // Firing position 2 would leave it 3: enough for the node's k = 3, not for the block's 4.
         assert!(!m.machine.fire_is_safe(2));
         assert_eq!(m.machine.redundancy(&old), 0);
@@ -1232,6 +1368,206 @@ mod tests {
         // Both followed: the old block's k still decides.
         m.step(&Event::Blocks(vec![old, new]), &at(2));
         assert!(!m.machine.fire_is_safe(2));
+    }
+
+    fn audited(m: &mut Instance<Monitor>, block: u8, position: u32, result: AuditResult, t: u64) {
+        m.step(
+            &Event::Audited {
+                block: [block; 32],
+                position,
+                supplier: id(position as u8 + 1),
+                result,
+            },
+            &at(t),
+        );
+    }
+
+    /// Ends the round under way (begins one first when idle); the decision's outputs.
+    fn round_end(m: &mut Instance<Monitor>, t: u64) -> Vec<Output> {
+        if m.state() == Idle {
+            m.step(&Event::Timeout(Timer::Round), &at(t));
+        }
+        m.step(&Event::Timeout(Timer::RoundDeadline), &at(t))
+            .map(|s| s.outputs)
+            .unwrap_or_default()
+    }
+
+    fn fired(outputs: &[Output]) -> Option<u32> {
+        outputs.iter().find_map(|o| match o {
+            Output::Fire { position, .. } => Some(*position),
+            _ => None,
+        })
+    }
+
+    /// H1: a supplier that answers challenges with anything but a proof fails them; its
+    /// fragments stop counting at the first failure (the source shows the loss), and it is fired
+    /// after `fire_after_failed_audits` of them.
+    #[test]
+    fn refused_challenges_are_failed_audits_and_the_loss_shows_at_once() {
+        let mut m = started();
+        let b = m.machine.blocks[&[1; 32]].clone();
+        assert_eq!(m.machine.redundancy(&b), 2);
+        audited(&mut m, 1, 2, AuditResult::Refused, 1);
+        assert_eq!(m.machine.positions[2].failed_audits, 1);
+        // Every block (not only the one audited) loses position 2's fragment.
+        for b in m.machine.blocks.values() {
+            assert_eq!(m.machine.redundancy(b), 1, "{:?}", b.id);
+        }
+        assert_eq!(fired(&round_end(&mut m, 2)), None);
+        audited(&mut m, 2, 2, AuditResult::Refused, 3);
+        audited(&mut m, 3, 2, AuditResult::Refused, 3);
+        assert_eq!(fired(&round_end(&mut m, 4)), Some(2));
+        assert_eq!(
+            m.machine.summary.fired,
+            vec![(2, "failed 3 of its recent storage audits".to_string())]
+        );
+    }
+
+    /// H1: a list is a claim. A listed fragment never becomes present; only a proof does.
+    #[test]
+    fn a_list_never_marks_a_fragment_present() {
+        let mut m = started();
+        m.machine.blocks.get_mut(&[1; 32]).expect("block").cells[4] = Cell::Missing;
+        m.machine.blocks.get_mut(&[2; 32]).expect("block").cells[4] = Cell::Unknown;
+        m.step(
+            &Event::Listed {
+                position: 4,
+                supplier: id(5),
+                held: Some([[1; 32], [2; 32], [3; 32]].into_iter().collect()),
+            },
+            &at(1),
+        );
+        assert_eq!(m.machine.blocks[&[1; 32]].cells[4], Cell::Unknown);
+        assert_eq!(m.machine.blocks[&[2; 32]].cells[4], Cell::Unknown);
+        audited(&mut m, 2, 4, AuditResult::Passed, 2);
+        assert_eq!(m.machine.blocks[&[2; 32]].cells[4], Cell::Present);
+    }
+
+    /// Firing is on a rate over a window: passes in between do not reset the count (they did:
+    /// "in a row").
+    #[test]
+    fn a_few_passes_do_not_hide_many_failures() {
+        let mut m = started();
+        for (t, result) in [
+            AuditResult::Corrupt,
+            AuditResult::Passed,
+            AuditResult::NotFound,
+            AuditResult::Corrupt,
+            AuditResult::Passed,
+            AuditResult::Refused,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            audited(&mut m, 1 + (t % 3) as u8, 0, result, t as u64);
+        }
+        assert_eq!(m.machine.positions[0].failed_audits, 4);
+        assert_eq!(fired(&round_end(&mut m, 10)), Some(0));
+    }
+
+    /// But a supplier that mostly passes is not fired for a few failures.
+    #[test]
+    fn a_supplier_passing_most_audits_is_not_fired() {
+        let mut m = started();
+        for t in 0..12u64 {
+            let result = if t % 3 == 0 {
+                AuditResult::Corrupt
+            } else {
+                AuditResult::Passed
+            };
+            audited(&mut m, 1 + (t % 3) as u8, 0, result, t);
+        }
+        assert_eq!(m.machine.positions[0].failed_audits, 4);
+        assert!(!m.machine.suspect(0));
+        assert_eq!(fired(&round_end(&mut m, 20)), None);
+    }
+
+    /// M6: "try later" is not a failure until it has lasted `busy_grace`; then it is.
+    #[test]
+    fn try_later_counts_only_once_it_persists() {
+        let mut m = started();
+        assert_eq!(m.machine.busy_grace, Duration::from_secs(60));
+        for t in [1, 20, 40, 60] {
+            audited(&mut m, 1, 3, AuditResult::Busy, t);
+        }
+        assert_eq!(m.machine.positions[3].failed_audits, 0);
+        assert_eq!(m.machine.blocks[&[1; 32]].cells[3], Cell::Present);
+        // Any other answer ends the episode: it starts again from the next "try later".
+        audited(&mut m, 2, 3, AuditResult::Passed, 65);
+        audited(&mut m, 1, 3, AuditResult::Busy, 70);
+        audited(&mut m, 1, 3, AuditResult::Busy, 129);
+        assert_eq!(m.machine.positions[3].failed_audits, 0);
+        audited(&mut m, 1, 3, AuditResult::Busy, 130);
+        assert_eq!(m.machine.positions[3].failed_audits, 1);
+        assert_eq!(m.machine.blocks[&[1; 32]].cells[3], Cell::Missing);
+    }
+
+    /// M4: a supplier that leaves fragments out of its list fails an audit for each, and a
+    /// fragment rebuilt on it a second time is one more: dropping 2/3 of its data gets it fired,
+    /// not rebuilt every round forever.
+    #[test]
+    fn list_omissions_and_repeated_rebuilds_count_toward_firing() {
+        let mut m = started();
+        let keeps: BTreeSet<BlockId> = [[1; 32]].into_iter().collect();
+        let list = |m: &mut Instance<Monitor>, t| {
+            m.step(
+                &Event::Listed {
+                    position: 2,
+                    supplier: id(3),
+                    held: Some(keeps.clone()),
+                },
+                &at(t),
+            )
+        };
+        list(&mut m, 1);
+        assert_eq!(m.machine.positions[2].failed_audits, 2);
+        audited(&mut m, 1, 2, AuditResult::Passed, 1);
+        assert_eq!(fired(&round_end(&mut m, 2)), None);
+        // The rebuilder puts both back on it (a first rebuild: no failure).
+        for b in [2u8, 3] {
+            m.step(
+                &Event::Placed {
+                    block: [b; 32],
+                    position: 2,
+                    supplier: id(3),
+                },
+                &at(3),
+            );
+        }
+        assert_eq!(m.machine.positions[2].failed_audits, 2);
+        // It drops them again: omitted (2 more), and rebuilt again (a second rebuild each).
+        m.step(&Event::Timeout(Timer::Round), &at(10));
+        list(&mut m, 11);
+        assert_eq!(m.machine.positions[2].failed_audits, 4);
+        m.step(
+            &Event::Placed {
+                block: [2; 32],
+                position: 2,
+                supplier: id(3),
+            },
+            &at(11),
+        );
+        assert_eq!(m.machine.positions[2].failed_audits, 5);
+        assert_eq!(fired(&round_end(&mut m, 12)), Some(2));
+    }
+
+    /// A block committed after the list was asked for is not held against the supplier.
+    #[test]
+    fn a_block_newer_than_the_list_is_not_an_omission() {
+        let mut m = started();
+        let mut blocks: Vec<BlockInfo> = m.machine.blocks.values().cloned().collect();
+        blocks.push(block(4, 3, false));
+        m.step(&Event::Blocks(blocks), &at(1));
+        m.step(
+            &Event::Listed {
+                position: 2,
+                supplier: id(3),
+                held: Some([[1; 32], [2; 32], [3; 32]].into_iter().collect()),
+            },
+            &at(1),
+        );
+        assert_eq!(m.machine.positions[2].failed_audits, 0);
+        assert_eq!(m.machine.blocks[&[4; 32]].cells[2], Cell::Missing);
     }
 
     #[test]

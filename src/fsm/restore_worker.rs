@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use super::fetch::Plan;
+use super::fetch::{Latency, Plan};
 use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, TimerRow, To, Violation, row};
 use crate::{events, labels};
 
@@ -130,6 +130,8 @@ pub struct Progress {
     pub extra_fragments: u64,
     /// Fragments that arrived and failed their hash, per position.
     pub corrupt: BTreeMap<u32, u64>,
+    /// Positions whose supplier answers much slower than the others (asked last).
+    pub slow: BTreeSet<u32>,
 }
 
 /// Which blocks are being fetched, which wait, which are done.
@@ -148,8 +150,14 @@ pub struct Fetches {
     /// for them, and the window may be full of blocks it needs later).
     wanted: BTreeSet<BlockId>,
     down: BTreeSet<u32>,
-    /// A fragment request outstanding this long is hedged: one more position is asked beside it.
+    /// The most a fragment request may be outstanding before one more position is asked beside
+    /// it; sooner for a supplier that usually answers faster (see [`Latency::bound`]).
     pub hedge_after: Duration,
+    /// Observed answer times per position.
+    pub latency: Latency,
+    /// When each outstanding request was asked (also after its block completed: a hedged
+    /// request's late answer still says how slow its supplier is).
+    asked_at: BTreeMap<(BlockId, u32), Duration>,
     pub progress: Progress,
 }
 
@@ -200,13 +208,24 @@ impl Fetches {
         let Some(plan) = self.active.get_mut(&block) else {
             return Vec::new();
         };
-        let picks = plan.next(&self.down, now);
-        self.asked(block, picks)
+        // Known-down and known-slow suppliers are asked only when nothing else is left.
+        let avoid: BTreeSet<u32> = self.down.union(&self.progress.slow).copied().collect();
+        let picks = plan.next(&avoid, now);
+        self.asked(block, picks, now)
     }
 
-    fn asked(&mut self, block: BlockId, picks: Vec<u32>) -> Vec<(BlockId, u32)> {
+    /// An answer (good or not) from `position` for `block`: its latency is observed.
+    fn observe(&mut self, block: BlockId, position: u32, now: Duration) {
+        if let Some(at) = self.asked_at.remove(&(block, position)) {
+            self.latency.observe(position, now.saturating_sub(at));
+            self.progress.slow = self.latency.slow();
+        }
+    }
+
+    fn asked(&mut self, block: BlockId, picks: Vec<u32>, now: Duration) -> Vec<(BlockId, u32)> {
         let k = self.layouts.get(&block).map_or(0, |(k, _)| *k);
         for p in &picks {
+            self.asked_at.insert((block, *p), now);
             self.progress.fragments_asked += 1;
             if *p >= k {
                 self.progress.extra_fragments += 1;
@@ -223,14 +242,26 @@ impl Fetches {
             let Some(plan) = self.active.get_mut(&block) else {
                 continue;
             };
-            let picks = plan.hedge(&self.down, now, self.hedge_after);
-            asks.extend(self.asked(block, picks));
+            let avoid: BTreeSet<u32> = self.down.union(&self.progress.slow).copied().collect();
+            let (latency, cap) = (&self.latency, self.hedge_after);
+            let overdue = plan.overdue_by(now, |p| latency.bound(p, cap));
+            let picks = plan.hedge_by(&avoid, now, |p| latency.bound(p, cap));
+            // A request past its bound took at least this long: observed now (its answer may
+            // come after the block, or the whole restore, is done).
+            for p in overdue {
+                if let Some(at) = self.asked_at.get(&(block, p)) {
+                    self.latency.observe(p, now.saturating_sub(*at));
+                }
+            }
+            self.progress.slow = self.latency.slow();
+            asks.extend(self.asked(block, picks, now));
         }
         asks
     }
 
     /// A good fragment: returns whether the block now has `k` (decode it).
-    pub fn fragment_ok(&mut self, block: BlockId, position: u32) -> bool {
+    pub fn fragment_ok(&mut self, block: BlockId, position: u32, now: Duration) -> bool {
+        self.observe(block, position, now);
         let Some(plan) = self.active.get_mut(&block) else {
             return false;
         };
@@ -254,6 +285,7 @@ impl Fetches {
         corrupt: bool,
         now: Duration,
     ) -> (Vec<(BlockId, u32)>, bool) {
+        self.observe(block, position, now);
         let Some(plan) = self.active.get_mut(&block) else {
             return (Vec::new(), false);
         };
@@ -509,7 +541,9 @@ impl Machine for RestoreWorker {
                     let asks = f.fill(ctx.now);
                     Self::fetch(out, asks);
                 }
-                Event::FragmentOk { block, position } if f.fragment_ok(*block, *position) => {
+                Event::FragmentOk { block, position }
+                    if f.fragment_ok(*block, *position, ctx.now) =>
+                {
                     out.push(Output::Decode { block: *block });
                 }
                 Event::FragmentFailed {
@@ -644,6 +678,43 @@ mod tests {
         let blocks = blocks.iter().map(|b| (*b, 4, 6)).collect();
         let s = job.step(&Event::Start { blocks, down }, &C).expect("start");
         (job, s)
+    }
+
+    /// M7: a supplier answering at 10 s while the others answer in 20 ms is hedged after a few
+    /// times the others' latency (not the static bound, 15 s here), and once observed slow it is
+    /// asked last.
+    #[test]
+    fn a_slow_supplier_is_hedged_on_observed_latency_and_then_asked_last() {
+        let ms = Duration::from_millis;
+        let (a, b, c) = ([1; 32], [2; 32], [3; 32]);
+        let mut f = Fetches::new(2);
+        f.hedge_after = Duration::from_secs(15);
+        f.start(vec![(a, 4, 6), (b, 4, 6), (c, 4, 6)], vec![]);
+        let asks = f.fill(Duration::ZERO);
+        assert_eq!(asks.len(), 8);
+        for block in [a, b] {
+            for p in 1..4 {
+                assert!(!f.fragment_ok(block, p, ms(20)));
+            }
+        }
+        // Not at 4 s (the floor: a third of the static bound), at 5 s: hedged by position 4.
+        assert!(f.hedge(ms(4000)).is_empty());
+        let hedges = f.hedge(ms(5000));
+        assert_eq!(hedges, vec![(a, 4), (b, 4)]);
+        assert!(f.fragment_ok(a, 4, ms(5020)));
+        assert!(f.fragment_ok(b, 4, ms(5020)));
+        // Position 0's answers come at 10 s: too late to count, but observed.
+        assert!(!f.fragment_ok(a, 0, ms(10_000)));
+        assert!(!f.fragment_ok(b, 0, ms(10_000)));
+        assert_eq!(f.progress.slow, [0].into_iter().collect());
+        for block in [a, b] {
+            f.decoded(block);
+            f.consumed(block);
+        }
+        // The next block asks the four fast positions; the slow one only if one fails.
+        let asks: Vec<u32> = f.fill(ms(10_001)).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(asks, vec![1, 2, 3, 4]);
+        let _ = c;
     }
 
     #[test]

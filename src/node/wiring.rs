@@ -152,14 +152,19 @@ pub async fn start(base: Base, config: &Config) -> Actors {
         Ok(layout) => monitor::start(monitor_wiring, rebuilder_wiring, layout).await,
         Err(e) => Err(e.into()),
     };
-    if let Err(e) = monitor_started {
-        tracing::error!(error = %e, "the monitor did not start: suppliers are not audited");
-    }
+    let monitor_inbox = match monitor_started {
+        Ok(addr) => Some(addr.recipient()),
+        Err(e) => {
+            tracing::error!(error = %e, "the monitor did not start: suppliers are not audited");
+            None
+        }
+    };
     let restore_status = Arc::new(Mutex::new(RestoreStatus::default()));
     let restores = Restores::start(RestoreWiring {
         services: services.clone(),
         request_timeout: settings::request_timeout(config),
         status: restore_status.clone(),
+        monitor: monitor_inbox,
     });
     let drill = DrillWiring {
         services,

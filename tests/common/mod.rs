@@ -20,6 +20,7 @@ use bitdust::node::offline::IdCard;
 use bitdust::proto::IdentityExchange;
 use bitdust::proto::envelope::Body;
 
+pub mod hostile;
 pub mod tree;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_bitdust");

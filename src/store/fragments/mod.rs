@@ -508,6 +508,54 @@ impl FragmentStore {
         Ok(data)
     }
 
+    /// The bytes `offset .. offset + length` of a stored fragment, read alone (an audit's range,
+    /// PROTOCOL.md §8.9: at most `MAX_AUDIT_RANGE`, never the whole fragment). `Ok(None)` when the
+    /// range is empty, too long or not inside the fragment. The fragment's whole hash is not
+    /// checked here (that needs every byte); the audit's proof covers the range's bytes.
+    pub fn read_range(
+        &self,
+        customer: &NodeId,
+        key: FragmentKey,
+        offset: u64,
+        length: u64,
+    ) -> Result<Option<Vec<u8>>, FragmentError> {
+        use std::io::{Seek, SeekFrom};
+        let path = self.fragment_path(customer, &key);
+        let (entry, mut file) = {
+            let _r = self.shared();
+            let entry = self
+                .load_entry(customer, &key)?
+                .ok_or(FragmentError::NotFound)?;
+            match File::open(&path) {
+                Ok(f) => (entry, f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tracing::warn!(customer = %customer, fragment = %key, "fragment file missing");
+                    return Err(FragmentError::Corrupt);
+                }
+                Err(e) => return Err(io_err(format!("opening {}", path.display()))(e)),
+            }
+        };
+        let inside = offset
+            .checked_add(length)
+            .is_some_and(|end| end <= entry.size);
+        if length == 0 || length > crate::data::audit::MAX_AUDIT_RANGE || !inside {
+            return Ok(None);
+        }
+        let len = file
+            .metadata()
+            .map_err(io_err(format!("reading {}", path.display())))?
+            .len();
+        if len != entry.size {
+            tracing::warn!(customer = %customer, fragment = %key, "fragment file has the wrong size");
+            return Err(FragmentError::Corrupt);
+        }
+        let mut data = vec![0u8; length as usize];
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut data))
+            .map_err(io_err(format!("reading {}", path.display())))?;
+        Ok(Some(data))
+    }
+
     /// Up to `limit` (at most `MAX_LIST`) fragments of this customer after `after` (exclusive),
     /// in key order, and whether more remain. From the index only.
     pub fn list(

@@ -1,0 +1,302 @@
+//! Storage audits against a hostile supplier (`common::hostile`): an owner whose suppliers are
+//! all in-process test peers, one of which keeps only ids, refuses challenges or omits from its
+//! lists.
+
+mod common;
+
+use std::path::Path;
+
+use bitdust::proto::FailReason;
+use bitdust::proto::envelope::Body;
+use common::hostile::{Action, Hostile};
+use common::tree::*;
+use common::*;
+
+/// Fast rounds for tests (the defaults are 10 min and 6 h).
+fn fast(failed_audits: u32) -> Vec<(&'static str, String)> {
+    vec![
+        ("BITDUST_MONITOR__INTERVAL", "1s".into()),
+        ("BITDUST_MONITOR__FIRE_AFTER", "1h".into()),
+        (
+            "BITDUST_MONITOR__FIRE_AFTER_FAILED_AUDITS",
+            failed_audits.to_string(),
+        ),
+        ("BITDUST_MONITOR__AUDITS_PER_ROUND", "4".into()),
+        ("BITDUST_NETWORK__REQUEST_TIMEOUT", "3s".into()),
+        ("BITDUST_BACKUP__BLOCK_SIZE", "256KiB".into()),
+    ]
+}
+
+fn start(home: &Path, env: &[(&'static str, String)]) -> Node {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Node::start_with(home, &env)
+}
+
+fn health(home: &Path) -> serde_json::Value {
+    try_status(home)
+        .map(|s| s["health"].clone())
+        .unwrap_or_default()
+}
+
+fn fully_redundant(h: &serde_json::Value) -> bool {
+    let m = h["m"].as_u64().unwrap_or(0);
+    let Some(by) = h["by_redundancy"].as_object() else {
+        return false;
+    };
+    h["blocks"].as_u64().unwrap_or(0) > 0
+        && by.keys().all(|k| *k == m.to_string())
+        && h["rebuild"]["in_flight"].as_u64() == Some(0)
+        && h["rebuild_queued"].as_u64() == Some(0)
+}
+
+/// An owner and `n` hostile peers (honest for now) it trusts; the owner running.
+struct World {
+    _dir: tempfile::TempDir,
+    home: std::path::PathBuf,
+    owner: String,
+    peers: Vec<Hostile>,
+    node: Node,
+}
+
+fn world(n: usize, env: &[(&'static str, String)]) -> World {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("owner");
+    let owner = init(&home, "owner");
+    let peers: Vec<Hostile> = (0..n)
+        .map(|i| Hostile::start(&format!("hostile{i}")))
+        .collect();
+    for p in &peers {
+        add_peer(&home, &p.card());
+    }
+    let node = start(&home, env);
+    World {
+        _dir: dir,
+        home,
+        owner,
+        peers,
+        node,
+    }
+}
+
+impl World {
+    fn peer(&self, id: &str) -> &Hostile {
+        self.peers
+            .iter()
+            .find(|p| p.node_id() == id)
+            .expect("a hostile peer")
+    }
+}
+
+#[test]
+fn hostile_peers_are_hired_hold_the_backup_pass_audits_and_restore_it() {
+    let w = world(7, &fast(3));
+    let hired = wait_all_connected(&w.home, 60);
+    assert_eq!(hired.len(), 6);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        let h = health(&w.home);
+        (fully_redundant(&h) && h["audits_passed"].as_u64() > Some(6)).then_some(())
+    });
+    for id in &hired {
+        let p = w.peer(id);
+        assert!(p.received("store") > 0, "{:?}", p.counters());
+        assert!(!p.held(&w.owner).is_empty());
+    }
+    let h = health(&w.home);
+    assert_eq!(h["audits_failed"].as_u64(), Some(0), "{h:#}");
+    let out = tempfile::tempdir().expect("tempdir");
+    let to = out.path().join("r");
+    let (ok, r) = restore(&w.home, &["--to", to.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &to);
+    drop(w.node);
+}
+
+/// The issue's done-when: a supplier that keeps only ids and refuses every challenge is fired
+/// and its position rebuilt on a spare within `fire_after_failed_audits` rounds; the source's
+/// health shows the loss meanwhile.
+#[test]
+fn a_supplier_keeping_only_ids_and_refusing_challenges_is_fired_within_the_bound() {
+    const FIRE_AFTER_FAILED_AUDITS: u64 = 3;
+    let mut w = world(7, &fast(FIRE_AFTER_FAILED_AUDITS as u32));
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&w.home)).then_some(())
+    });
+
+    // The supplier at position 1 keeps only its list: challenges and fetches are refused.
+    let bad = hired[1].clone();
+    let lazy = w.peer(&bad);
+    lazy.keep_only_ids();
+    lazy.behave(|r| match r.body {
+        Body::AuditChallenge(_) | Body::RetrieveFragment(_) => {
+            Action::Refuse(FailReason::NoService)
+        }
+        _ => Action::Honest,
+    });
+    let rounds_then = health(&w.home)["rounds"].as_u64().expect("rounds");
+
+    // Meanwhile the source shows the loss: not "full" while the position is not rebuilt.
+    let shown = wait_for("the source's health shows the loss", 60, || {
+        let status = try_status(&w.home)?;
+        let source = status["health"]["sources"].as_array()?.first()?.clone();
+        (source["health"] != "full").then_some(source)
+    });
+    assert_ne!(shown["health"], "full", "{shown:#}");
+
+    // Fired, and its position rebuilt on the spare.
+    let fired_at = wait_for("the lazy supplier fired", 120, || {
+        let h = health(&w.home);
+        let fired = h["fired"].as_array()?;
+        fired
+            .iter()
+            .any(|f| f[0] == 1)
+            .then(|| h["rounds"].as_u64())
+            .flatten()
+    });
+    assert!(
+        fired_at - rounds_then <= FIRE_AFTER_FAILED_AUDITS + 1,
+        "fired {} rounds after it stopped proving (bound: {FIRE_AFTER_FAILED_AUDITS} rounds, \
+         plus the round under way)",
+        fired_at - rounds_then
+    );
+    let spare = w
+        .peers
+        .iter()
+        .find(|p| !hired.contains(&p.node_id()))
+        .expect("a spare")
+        .node_id();
+    wait_for("position 1 rebuilt on the spare", 120, || {
+        let now = positions(&w.home)?;
+        let h = health(&w.home);
+        (now[1].0.as_deref() == Some(spare.as_str()) && fully_redundant(&h)).then_some(())
+    });
+    let blocks = health(&w.home)["blocks"].as_u64().expect("blocks");
+    let on_spare = w
+        .peer(&spare)
+        .held(&w.owner)
+        .iter()
+        .filter(|(_, p, len)| *p == 1 && *len > 0)
+        .count() as u64;
+    assert!(
+        on_spare >= blocks.saturating_sub(1),
+        "{on_spare} of {blocks}"
+    );
+    let _ = w.node.logs_so_far();
+}
+
+/// An owner whose supplier at position 0 answers every fetch `delay` late; backed up, ready to
+/// restore. Returns the world, the source tree and the slow supplier's id.
+/// `extra` bytes of incompressible data join the usual tree (more blocks than the restore's
+/// window of 6).
+fn with_a_slow_supplier(
+    delay: std::time::Duration,
+    extra: usize,
+) -> (World, tempfile::TempDir, String) {
+    // The default request timeout (60 s), so the static hedge bound is 15 s.
+    let mut env = fast(3);
+    env.retain(|(k, _)| *k != "BITDUST_NETWORK__REQUEST_TIMEOUT");
+    let w = world(7, &env);
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    std::fs::write(source.path().join("extra.bin"), noise(7, extra)).expect("write");
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&w.home)).then_some(())
+    });
+    let slow = hired[0].clone();
+    w.peer(&slow).behave(move |r| match r.body {
+        Body::RetrieveFragment(_) => Action::Delay(delay),
+        _ => Action::Honest,
+    });
+    (w, source, slow)
+}
+
+/// M7: a supplier that answers correctly but slowly is hedged on the others' observed latency,
+/// asked last once seen to be slow, and named in the restore's result (and so in `status`).
+#[test]
+fn a_slow_supplier_is_hedged_and_named_in_the_restore_result() {
+    let (w, source, slow) = with_a_slow_supplier(std::time::Duration::from_secs(3), 4 << 20);
+    let out = tempfile::tempdir().expect("tempdir");
+    let to = out.path().join("r");
+    let (ok, r) = restore(&w.home, &["--to", to.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &to);
+    let named: Vec<&str> = r["slow_suppliers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(named, vec![slow.as_str()], "{r:#}");
+    let finished = status_json(&w.home)["restore"]["finished"].clone();
+    assert!(
+        finished.to_string().contains(&slow),
+        "status names the slow supplier: {finished:#}"
+    );
+}
+
+/// Benchmark (not a test: run with `--ignored --nocapture`): restore time with one supplier
+/// answering every fetch 10 s late. Prints the figures.
+#[test]
+#[ignore]
+fn bench_restore_with_one_supplier_at_10_s_per_request() {
+    let (w, _source, _slow) = with_a_slow_supplier(std::time::Duration::from_secs(10), 12 << 20);
+    let blocks = health(&w.home)["blocks"].as_u64().unwrap_or(0);
+    let out = tempfile::tempdir().expect("tempdir");
+    let to = out.path().join("r");
+    let began = std::time::Instant::now();
+    let (ok, r) = restore(&w.home, &["--to", to.to_str().expect("utf-8")]);
+    let took = began.elapsed();
+    println!(
+        "restore with one supplier at 10 s per request: ok={ok} blocks={blocks} \
+         wall={:.1}s reported={}s extra_fragments={} slow_suppliers={}",
+        took.as_secs_f64(),
+        r["seconds"],
+        r["extra_fragments"],
+        r["slow_suppliers"]
+    );
+}
+
+/// A restore that falls back to parity because a supplier refused its fetches tells the
+/// monitor which supplier failed (counted like failed audits), though that supplier passes
+/// every challenge.
+#[test]
+fn a_restore_falling_back_to_parity_tells_the_monitor_who_failed() {
+    let w = world(7, &fast(1000));
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&w.home)).then_some(())
+    });
+    assert_eq!(health(&w.home)["audits_failed"].as_u64(), Some(0));
+    w.peer(&hired[0]).behave(|r| match r.body {
+        Body::RetrieveFragment(_) => Action::Refuse(FailReason::NoService),
+        _ => Action::Honest,
+    });
+    let out = tempfile::tempdir().expect("tempdir");
+    let to = out.path().join("r");
+    let (ok, r) = restore(&w.home, &["--to", to.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &to);
+    let h = wait_for("the monitor counts the refused fetches", 30, || {
+        let h = health(&w.home);
+        (h["audits_failed"].as_u64() > Some(0)).then_some(h)
+    });
+    let at_0 = h["positions"]
+        .as_array()
+        .and_then(|p| p.first())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        at_0["failed_audits"].as_u64() > Some(0)
+            || !h["fired"].as_array().is_none_or(Vec::is_empty),
+        "{h:#}"
+    );
+}
