@@ -533,10 +533,7 @@ impl Driver for SupplierServiceDriver {
                     })
                     .await
                     .unwrap_or_else(|_| {
-                        fail(
-                            FailReason::TryLater,
-                            "the request failed on the supplier",
-                        )
+                        fail(FailReason::TryLater, "the request failed on the supplier")
                     });
                     let _ = link.reply(id, reply).await;
                     drop(permit);
