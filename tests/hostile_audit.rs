@@ -240,6 +240,77 @@ fn a_slow_supplier_is_hedged_and_named_in_the_restore_result() {
     );
 }
 
+/// A supplier away when a restore starts and back while it runs is asked again: the restore
+/// machine hears it is up, and a data position that is up is asked before a parity one. Every
+/// supplier answers fetches a second late (none slower than the others, so none is set aside
+/// as slow), which makes the restore slow enough to see position 0 return.
+#[test]
+fn a_supplier_back_during_a_restore_is_asked_again() {
+    let mut env = fast(3);
+    env.retain(|(k, _)| {
+        !matches!(
+            *k,
+            "BITDUST_BACKUP__BLOCK_SIZE" | "BITDUST_NETWORK__REQUEST_TIMEOUT"
+        )
+    });
+    env.extend([
+        // One 60 KiB file per block: many blocks, each a second's wait.
+        ("BITDUST_BACKUP__BLOCK_SIZE", "64KiB".to_string()),
+        // Hedged after 2 s: the second every answer takes is no reason to ask another position.
+        ("BITDUST_NETWORK__REQUEST_TIMEOUT", "8s".to_string()),
+        // A returning supplier is redialed within two seconds.
+        ("BITDUST_NETWORK__RECONNECT_MAX", "2s".to_string()),
+    ]);
+    let w = world(6, &env);
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    for i in 0..60u64 {
+        std::fs::write(
+            source.path().join(format!("f{i:02}")),
+            noise(3000 + i, 60 * 1024),
+        )
+        .expect("write");
+    }
+    backup(&w.home, source.path());
+    for p in &w.peers {
+        p.behave(|r| match r.body {
+            Body::RetrieveFragment(_) => Action::Delay(std::time::Duration::from_secs(1)),
+            _ => Action::Honest,
+        });
+    }
+    let away = w.peer(&hired[0]);
+    away.go_away();
+    wait_for("position 0 down", 30, || {
+        let p = positions(&w.home)?;
+        (p[0].1 != "Connected").then_some(())
+    });
+    let out = tempfile::tempdir().expect("tempdir");
+    let target = out.path().join("r");
+    let restoring = {
+        let (home, target) = (w.home.clone(), target.clone());
+        std::thread::spawn(move || restore(&home, &["--to", target.to_str().expect("utf-8")]))
+    };
+    let blocks = wait_for("the restore under way", 60, || {
+        let job = node_status(&w.home)?.restore.running?;
+        (job.blocks_decoded > 0 && job.blocks_decoded < job.blocks).then_some(job.blocks)
+    });
+    // Six blocks a second: position 0 is redialed long before the sixty are done.
+    away.come_back();
+    let (ok, r) = restoring.join().expect("restore thread");
+    assert!(ok, "{r:#}");
+    assert_eq!(r["outcome"], "complete", "{r:#}");
+    assert_same_tree(source.path(), &target);
+    // Only the restore fetches (no drill; no rebuild, nothing is missing). Never told that
+    // position 0 is back, it would fetch positions 1 to 5 to the end: never position 0 again,
+    // and a parity fragment for every block.
+    assert!(
+        away.received("retrieve") > 0,
+        "position 0 was not asked again after it came back: {r:#}"
+    );
+    let extra = r["extra_fragments"].as_u64().expect("a count");
+    assert!(extra < blocks, "{extra} extra for {blocks} blocks: {r:#}");
+}
+
 /// Benchmark (not a test: run with `--ignored --nocapture`): restore time with one supplier
 /// answering every fetch 10 s late. Prints the figures.
 #[test]

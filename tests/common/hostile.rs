@@ -124,6 +124,8 @@ struct Shared {
     counters: Mutex<BTreeMap<&'static str, u64>>,
     streams: Mutex<Vec<TcpStream>>,
     stop: AtomicBool,
+    /// Away: every new connection is closed at once (the node's dials fail).
+    away: AtomicBool,
 }
 
 /// A hostile supplier listening on loopback; stops when dropped.
@@ -170,6 +172,7 @@ impl Hostile {
             counters: Mutex::new(BTreeMap::new()),
             streams: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            away: AtomicBool::new(false),
         });
         let mut secret = [0u8; 32];
         secret.copy_from_slice(noise_secret.as_slice());
@@ -180,6 +183,10 @@ impl Hostile {
                     break;
                 }
                 let Ok(stream) = stream else { continue };
+                if accept_shared.away.load(Ordering::SeqCst) {
+                    let _ = stream.shutdown(Shutdown::Both);
+                    continue;
+                }
                 if let Ok(clone) = stream.try_clone() {
                     lock(&accept_shared.streams).push(clone);
                 }
@@ -273,6 +280,20 @@ impl Hostile {
         for s in lock(&self.shared.streams).drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
+    }
+}
+
+impl Hostile {
+    /// Goes away: closes every connection and refuses new ones until [`Hostile::come_back`]
+    /// (to the node, a supplier whose host is down).
+    pub fn go_away(&self) {
+        self.shared.away.store(true, Ordering::SeqCst);
+        self.disconnect();
+    }
+
+    /// Accepts connections again (what it holds is kept).
+    pub fn come_back(&self) {
+        self.shared.away.store(false, Ordering::SeqCst);
     }
 }
 
