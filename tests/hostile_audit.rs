@@ -6,8 +6,8 @@ mod common;
 
 use std::path::Path;
 
-use bitdust::proto::FailReason;
 use bitdust::proto::envelope::Body;
+use bitdust::proto::{FailReason, FragmentId, FragmentInfo, FragmentList};
 use common::hostile::{Action, Hostile};
 use common::tree::*;
 use common::*;
@@ -190,6 +190,73 @@ fn a_supplier_keeping_only_ids_and_refusing_challenges_is_fired_within_the_bound
     let _ = w.node.logs_so_far();
 }
 
+/// A page of made-up fragment ids just after `after` (block ids counting up), saying more.
+fn made_up_page(after: Option<&FragmentId>) -> Body {
+    let from = after.map_or(0, |a| {
+        let mut n = [0u8; 8];
+        n.copy_from_slice(a.block.get(..8).unwrap_or(&[0; 8]));
+        u64::from_be_bytes(n)
+    });
+    let fragments = (1..=1000u64)
+        .map(|i| {
+            let mut block = vec![0u8; 32];
+            block[..8].copy_from_slice(&(from + i).to_be_bytes());
+            FragmentInfo {
+                id: Some(FragmentId { block, position: 0 }),
+                size: 4096,
+                hash: vec![0; 32],
+            }
+        })
+        .collect();
+    Body::FragmentList(FragmentList {
+        fragments,
+        more: true,
+    })
+}
+
+/// M3: a supplier that answers list pages forever (each advancing, always "more") is followed
+/// no further than what the owner placed there, every round: the owner's memory does not grow
+/// with the lie, and nothing else about that supplier changes (its audits still pass).
+#[test]
+fn a_supplier_listing_pages_forever_is_followed_only_as_far_as_was_placed() {
+    let w = world(6, &fast(1000));
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&w.home)).then_some(())
+    });
+    let liar = w.peer(&hired[0]);
+    liar.behave(|r| match &r.body {
+        Body::ListFragments(l) => Action::Reply(made_up_page(l.after.as_ref())),
+        _ => Action::Honest,
+    });
+    let rounds = |h: &serde_json::Value| h["rounds"].as_u64().unwrap_or(0);
+    let (r0, l0) = (rounds(&health(&w.home)), liar.received("list"));
+    // A supplier is listed every sixth round.
+    let h = wait_for("thirteen more rounds", 90, || {
+        let h = health(&w.home);
+        (rounds(&h) >= r0 + 13).then_some(h)
+    });
+    let (r1, l1) = (rounds(&h), liar.received("list"));
+    // The owner holds a few blocks: its bound is under two pages of 1000, so each round
+    // follows at most two (the round's deadline alone would allow thousands).
+    let blocks = h["blocks"].as_u64().unwrap_or(0);
+    assert!(blocks > 0 && 2 * blocks + 1000 < 2000, "{blocks} blocks");
+    assert!(
+        l1 - l0 <= 2 * (r1 - r0 + 1),
+        "{} pages followed in {} rounds",
+        l1 - l0,
+        r1 - r0
+    );
+    assert!(l1 > l0, "the liar was listed");
+    assert!(
+        fully_redundant(&h),
+        "the liar's lists cost nothing else: {h:#}"
+    );
+}
+
 /// An owner whose supplier at position 0 answers every fetch `delay` late; backed up, ready to
 /// restore. Returns the world, the source tree and the slow supplier's id.
 /// `extra` bytes of incompressible data join the usual tree (more blocks than the restore's
@@ -309,6 +376,73 @@ fn a_supplier_back_during_a_restore_is_asked_again() {
     );
     let extra = r["extra_fragments"].as_u64().expect("a count");
     assert!(extra < blocks, "{extra} extra for {blocks} blocks: {r:#}");
+}
+
+/// Item 1: a restore drill that falls back to parity tells the monitor who failed, like a
+/// restore.
+#[test]
+fn a_drill_falling_back_to_parity_tells_the_monitor_who_failed() {
+    let w = world(6, &fast(1000));
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&w.home)).then_some(())
+    });
+    assert_eq!(health(&w.home)["audits_failed"].as_u64(), Some(0));
+    w.peer(&hired[0]).behave(|r| match r.body {
+        Body::RetrieveFragment(_) => Action::Refuse(FailReason::NotFound),
+        _ => Action::Honest,
+    });
+    let out = bitdust(&w.home, &["drill", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("drill JSON");
+    assert_eq!(report["passed"], true, "{report:#}");
+    let h = wait_for("the monitor counts the drill's failed fetches", 30, || {
+        let h = health(&w.home);
+        (h["positions"][0]["failed_audits"].as_u64() > Some(0)).then_some(h)
+    });
+    let others: u64 = (1..6)
+        .filter_map(|p| h["positions"][p]["failed_audits"].as_u64())
+        .sum();
+    assert_eq!(others, 0, "{h:#}");
+}
+
+/// Item 4: a supplier that answers every audit challenge two seconds late (honestly) is named
+/// slow in `status`, with its latency; it is not failed for it.
+#[test]
+fn a_supplier_always_slow_to_answer_shows_in_status() {
+    let w = world(6, &fast(3));
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&w.home, source.path());
+    w.peer(&hired[0]).behave(|r| match r.body {
+        Body::AuditChallenge(_) => Action::Delay(std::time::Duration::from_secs(2)),
+        _ => Action::Honest,
+    });
+    let h = wait_for("position 0 named slow", 90, || {
+        let h = health(&w.home);
+        (h["positions"][0]["slow"] == true).then_some(h)
+    });
+    let at_0 = &h["positions"][0];
+    assert!(at_0["latency_ms"].as_u64() >= Some(1500), "{h:#}");
+    assert_eq!(at_0["failed_audits"].as_u64(), Some(0), "{h:#}");
+    let others_slow: Vec<_> = (1..6)
+        .filter(|p| h["positions"][*p]["slow"] == true)
+        .collect();
+    assert!(others_slow.is_empty(), "{h:#}");
+    let text = bitdust(&w.home, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("slow: position 0 ({})", hired[0])),
+        "{text}"
+    );
 }
 
 /// Benchmark (not a test: run with `--ignored --nocapture`): restore time with one supplier

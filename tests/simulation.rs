@@ -920,8 +920,18 @@ fn monitor_and_rebuilder_keep_k_at_every_firing_and_restore_full_redundancy() {
                             .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
                         for o in s.outputs {
                             match o {
-                                mon::Output::List { position, supplier } => {
+                                mon::Output::List {
+                                    position,
+                                    supplier,
+                                    at_most,
+                                } => {
                                     let n = node_of(supplier);
+                                    // An honest supplier's list is never refused as too long.
+                                    assert!(
+                                        disk[n].len() <= at_most,
+                                        "seed {seed}: {} held, lists bounded at {at_most}",
+                                        disk[n].len()
+                                    );
                                     let held = up[n].then(|| {
                                         disk[n]
                                             .iter()

@@ -33,13 +33,15 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::fragments::{FragmentError, Fragments, NetworkFragments};
+use super::monitor::MonitorInput;
 use super::network_connector::NetworkConnectorDriver;
 use super::services::Services;
-use super::shell::{Clock, Shell};
+use super::shell::{Clock, Input, Shell};
 use crate::crypto::derive::DataKeys;
 use crate::crypto::identity::NodeId;
 use crate::data::{self, BlockId, BlockManifest, ChunkId, DataError, PackedBlock};
 use crate::fsm::fetch::Plan as FetchPlan;
+use crate::fsm::monitor::AuditResult;
 use crate::store::catalog::{self, FileKind, SnapshotId};
 use crate::store::{KvStore, StoreError};
 
@@ -92,6 +94,19 @@ pub struct DrillReport {
     pub fragments_fetched: u64,
     pub failures: Vec<DrillFailure>,
     pub seconds: f64,
+    /// Fragments a supplier failed to give (refused, not found, corrupt), for the monitor: it
+    /// counts them like audits (the drill fell back to parity because of that supplier).
+    #[serde(skip)]
+    pub supplier_failures: Vec<SupplierFailure>,
+}
+
+/// A fragment its supplier did not give back whole (an unreachable supplier is not one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupplierFailure {
+    pub block: [u8; 32],
+    pub position: u32,
+    pub supplier: NodeId,
+    pub result: AuditResult,
 }
 
 impl DrillReport {
@@ -167,6 +182,20 @@ pub enum FragmentProblem {
     Check(Arc<DataError>),
 }
 
+impl FragmentProblem {
+    /// How the monitor counts it against the supplier; `None` when it is not the supplier's
+    /// doing (not placed, unreachable).
+    fn audit_result(&self) -> Option<AuditResult> {
+        match self {
+            FragmentProblem::NotPlaced => None,
+            FragmentProblem::Fetch(e) => {
+                Some(super::monitor::failed_audit(e)).filter(|r| *r != AuditResult::NoAnswer)
+            }
+            FragmentProblem::Check(_) => Some(AuditResult::Corrupt),
+        }
+    }
+}
+
 fn joined(problems: &[(usize, FragmentProblem)]) -> String {
     problems
         .iter()
@@ -180,12 +209,14 @@ fn joined(problems: &[(usize, FragmentProblem)]) -> String {
 pub struct DrillWiring {
     pub services: Services,
     pub settings: DrillSettings,
+    /// Told which supplier failed a fetch; `None` when the monitor did not start.
+    pub monitor: Option<actix::Recipient<Input<MonitorInput>>>,
 }
 
 impl DrillWiring {
     /// One drill now, with a fresh random sample (the seed from `clock`'s context).
     pub async fn run_now(&self, clock: Clock) -> Result<DrillReport, DrillError> {
-        run(
+        let report = run(
             self.services.kv.clone(),
             self.services.network.clone(),
             self.services.keys.clone(),
@@ -193,7 +224,18 @@ impl DrillWiring {
             self.settings,
             clock,
         )
-        .await
+        .await?;
+        if let Some(monitor) = &self.monitor {
+            for f in &report.supplier_failures {
+                let _ = monitor.try_send(Input(MonitorInput::Fetched {
+                    block: f.block,
+                    position: f.position,
+                    supplier: f.supplier,
+                    result: f.result,
+                }));
+            }
+        }
+        Ok(report)
     }
 }
 
@@ -236,6 +278,7 @@ pub async fn run_with<S: Fragments>(
         decoded: HashMap::new(),
         uses: plan.uses,
         fetched: 0,
+        supplier_failures: Vec::new(),
         hedge_after: super::restore_worker::hedge_bound(settings.request_timeout),
         clock,
     };
@@ -248,6 +291,7 @@ pub async fn run_with<S: Fragments>(
         fragments_fetched: 0,
         failures: Vec::new(),
         seconds: 0.0,
+        supplier_failures: Vec::new(),
     };
     for file in &plan.files {
         let (bytes, failure) = drill.check(file).await;
@@ -260,6 +304,7 @@ pub async fn run_with<S: Fragments>(
         }
     }
     report.fragments_fetched = drill.fetched;
+    report.supplier_failures = drill.supplier_failures;
     report.seconds = clock().now.saturating_sub(started.now).as_secs_f64();
     tracing::info!(
         source = %report.source,
@@ -438,6 +483,7 @@ struct Drill<'a, S> {
     decoded: HashMap<BlockId, Result<Decoded, DrillProblem>>,
     uses: HashMap<BlockId, u64>,
     fetched: u64,
+    supplier_failures: Vec<SupplierFailure>,
     /// A fragment request outstanding this long is hedged by one more position.
     hedge_after: Duration,
     /// Stamps the asks and hedges (the node's clock, or a test's).
@@ -618,6 +664,15 @@ impl<S: Fragments> Drill<'_, S> {
                 }
                 Err(why) => {
                     plan.failed(position);
+                    let supplier = source.holders.get(position as usize).copied().flatten();
+                    if let (Some(supplier), Some(result)) = (supplier, why.audit_result()) {
+                        self.supplier_failures.push(SupplierFailure {
+                            block: block.0,
+                            position,
+                            supplier,
+                            result,
+                        });
+                    }
                     problems.push((position as usize, why));
                 }
             }
@@ -867,6 +922,16 @@ mod tests {
         assert!(r.passed(), "{r:?}");
         // Per block: 0, 2, 3 came back (0 bad), 1 refused; then 4 and 5.
         assert_eq!(r.fragments_fetched, 2 * 5, "{r:?}");
+        // The monitor hears of both, in each of the two blocks, against their suppliers.
+        let mut told: Vec<(u32, AuditResult)> = r
+            .supplier_failures
+            .iter()
+            .map(|f| (f.position, f.result))
+            .collect();
+        told.sort_by_key(|(p, _)| *p);
+        let (corrupt, absent) = ((0, AuditResult::Corrupt), (1, AuditResult::NotFound));
+        assert_eq!(told, vec![corrupt, corrupt, absent, absent], "{r:?}");
+        assert!(r.to_json().get("supplier_failures").is_none());
     }
 
     #[tokio::test]

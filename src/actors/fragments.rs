@@ -10,8 +10,9 @@
 //! client reports what the supplier said.
 //!
 //! Invariants:
-//! - A list follows pages only while each page advances past the previous one, and at most
-//!   [`MAX_LIST_PAGES`] pages: a supplier cannot keep the owner listing forever.
+//! - A list follows pages only while each page advances past the previous one, at most
+//!   [`MAX_LIST_PAGES`] pages and at most the caller's count of fragments: a supplier cannot
+//!   keep the owner listing forever, nor fill its memory.
 //! - A store is acknowledged only with the BLAKE3 of the bytes sent (the supplier checks it
 //!   before it answers).
 //! - Retries (none by default) repeat only what failed to get an answer (unreachable, timed out,
@@ -121,8 +122,13 @@ pub trait Fragments {
         position: u32,
     ) -> impl Future<Output = Result<Vec<u8>, FragmentError>>;
 
-    /// Every fragment `supplier` holds for this owner.
-    fn list(&self, supplier: NodeId) -> impl Future<Output = Result<Vec<Listed>, FragmentError>>;
+    /// Every fragment `supplier` holds for this owner; `Malformed` past `at_most` fragments
+    /// (the caller's bound from what it placed there: a hostile list costs no more memory).
+    fn list(
+        &self,
+        supplier: NodeId,
+        at_most: usize,
+    ) -> impl Future<Output = Result<Vec<Listed>, FragmentError>>;
 
     /// The supplier's proof for one precomputed challenge (the caller checks it).
     fn audit(
@@ -290,7 +296,7 @@ impl<L: Links> Fragments for Client<L> {
         }
     }
 
-    async fn list(&self, supplier: NodeId) -> Result<Vec<Listed>, FragmentError> {
+    async fn list(&self, supplier: NodeId, at_most: usize) -> Result<Vec<Listed>, FragmentError> {
         let mut held = BTreeSet::new();
         let mut after: Option<FragmentId> = None;
         for _ in 0..MAX_LIST_PAGES {
@@ -310,6 +316,11 @@ impl<L: Links> Fragments for Client<L> {
                         position: id.position,
                     });
                 }
+            }
+            if held.len() > at_most {
+                return Err(FragmentError::Malformed(
+                    "a list longer than what was placed there",
+                ));
             }
             let last = list.fragments.last().and_then(|f| f.id.clone());
             match last {
@@ -427,7 +438,7 @@ impl Fragments for MemFragments {
         Ok(stored)
     }
 
-    async fn list(&self, supplier: NodeId) -> Result<Vec<Listed>, FragmentError> {
+    async fn list(&self, supplier: NodeId, at_most: usize) -> Result<Vec<Listed>, FragmentError> {
         let mut listed: Vec<Listed> = self
             .held()?
             .keys()
@@ -437,6 +448,11 @@ impl Fragments for MemFragments {
                 position: *position,
             })
             .collect();
+        if listed.len() > at_most {
+            return Err(FragmentError::Malformed(
+                "a list longer than what was placed there",
+            ));
+        }
         listed.sort();
         Ok(listed)
     }
@@ -495,8 +511,12 @@ mod tests {
             double.retrieve(b, [1; 32], 0).await,
             Err(FragmentError::NotFound)
         );
-        let listed = double.list(a).await.expect("list");
+        let listed = double.list(a, 2).await.expect("list");
         assert_eq!(listed.len(), 2);
+        assert!(matches!(
+            double.list(a, 1).await,
+            Err(FragmentError::Malformed(_))
+        ));
         assert_eq!(listed[1].position, 3);
         let pair = crate::data::audit::make_pairs(&bytes, 1, &mut rand::thread_rng())
             .pop()

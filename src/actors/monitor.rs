@@ -204,10 +204,11 @@ async fn list_position(
     network: NetworkAddr,
     supplier: NodeId,
     position: u32,
+    at_most: usize,
     timeout: Duration,
 ) -> Option<BTreeSet<[u8; 32]>> {
     let listed = NetworkFragments::network(network, timeout)
-        .list(supplier)
+        .list(supplier, at_most)
         .await
         .ok()?;
     Some(
@@ -327,6 +328,7 @@ impl MonitorDriver {
         status.rebuild_queued = summary.rebuild_queued;
         status.k = machine.layout.k() as u32;
         status.m = machine.layout.m() as u32;
+        let slow = machine.latency.slow();
         status.positions = machine
             .positions
             .iter()
@@ -342,6 +344,11 @@ impl MonitorDriver {
                     v.up_time.as_secs_f64() / v.observed.as_secs_f64()
                 },
                 observed_secs: v.observed.as_secs(),
+                latency_ms: machine
+                    .latency
+                    .typical(p as u32)
+                    .map(|d| d.as_millis() as u64),
+                slow: slow.contains(&(p as u32)),
             })
             .collect();
         let m = i64::from(status.m);
@@ -420,7 +427,11 @@ impl Driver for MonitorDriver {
 
     fn perform(&mut self, output: mon::Output, machine: &Monitor, io: &mut Io<'_, Self>) {
         match output {
-            mon::Output::List { position, supplier } => {
+            mon::Output::List {
+                position,
+                supplier,
+                at_most,
+            } => {
                 let network = self.wiring.services.network.clone();
                 let timeout = self.wiring.settings.request_timeout;
                 // The round's deadline ends the listing too: a supplier that answers pages
@@ -430,7 +441,7 @@ impl Driver for MonitorDriver {
                 let listing = async move {
                     tokio::time::timeout(
                         deadline,
-                        list_position(network, supplier, position, timeout),
+                        list_position(network, supplier, position, at_most, timeout),
                     )
                     .await
                     .ok()
@@ -544,7 +555,7 @@ impl Driver for MonitorDriver {
                 result,
             } => {
                 tracing::warn!(block = %BlockId(block), position, supplier = %supplier,
-                    result = ?result, "a restore could not have a fragment from its supplier");
+                    result = ?result, "a restore or drill could not have a fragment from its supplier");
                 vec![mon::Event::Audited {
                     block,
                     position,

@@ -283,6 +283,12 @@ pub struct PositionHealth {
     /// Fraction of the observed time it was reachable.
     pub availability: f64,
     pub observed_secs: u64,
+    /// Its usual time to answer an audit challenge (an average weighted to the latest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// Much slower than the other positions' suppliers (restores ask it last).
+    #[serde(default)]
+    pub slow: bool,
 }
 
 /// The monitor's figures (`status`'s `health`).

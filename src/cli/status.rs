@@ -261,6 +261,15 @@ health: {} sources at full health, {} degraded, {} at risk, {} lost ({} rounds, 
     for (position, reason) in &h.fired {
         let _ = writeln!(out, "fired: position {position} ({reason})");
     }
+    for p in h.positions.iter().filter(|p| p.slow) {
+        let _ = writeln!(
+            out,
+            "slow: position {} ({}) answers audits in {} ms, much slower than the others",
+            p.position,
+            text(p.supplier.as_deref()),
+            p.latency_ms.unwrap_or(0),
+        );
+    }
     match &h.last_drill {
         Some(d) => {
             let _ = writeln!(

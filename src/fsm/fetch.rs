@@ -270,6 +270,11 @@ impl Latency {
         entry.1 = entry.1.saturating_add(1);
     }
 
+    /// Forgets what was seen at `position` (another supplier holds it now).
+    pub fn forget(&mut self, position: u32) {
+        self.seen.remove(&position);
+    }
+
     /// The position's EWMA, once it has enough samples.
     pub fn typical(&self, position: u32) -> Option<Duration> {
         self.seen

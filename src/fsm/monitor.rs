@@ -33,10 +33,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use super::fetch::Latency;
 use super::machine::{ChoiceRow, Ctx, Machine, Out, Row, To, Violation, row};
 use crate::crypto::identity::NodeId;
 use crate::data::Layout;
 use crate::{events, labels};
+
+/// Fragments beyond one per block (twice) a supplier's list may hold: one list page.
+pub const LIST_SLACK: usize = 1000;
 
 /// A block's id (see `data::BlockId`).
 pub type BlockId = [u8; 32];
@@ -205,9 +209,11 @@ pub struct Summary {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
+    /// List what `supplier` holds; more than `at_most` fragments is a malformed list.
     List {
         position: u32,
         supplier: NodeId,
+        at_most: usize,
     },
     Audit {
         block: BlockId,
@@ -278,7 +284,11 @@ pub struct Monitor {
     pub fired: Option<u32>,
     pub rebuilding: bool,
     /// Answers the round still waits for.
-    waiting: BTreeSet<(u32, Option<BlockId>)>,
+    /// Lists and audits asked this round and not answered, with when they were asked.
+    waiting: BTreeMap<(u32, Option<BlockId>), Duration>,
+    /// How fast each position's supplier answers its audits (for status: restores set aside
+    /// a slow supplier on their own figures; the monitor says which one is always slow).
+    pub latency: Latency,
     /// The round in which each followed block was first seen: a list asked for before a block
     /// was committed cannot be blamed for leaving it out.
     seen_in_round: BTreeMap<BlockId, u64>,
@@ -322,7 +332,8 @@ impl Monitor {
             spares: 0,
             fired: None,
             rebuilding: false,
-            waiting: BTreeSet::new(),
+            waiting: BTreeMap::new(),
+            latency: Latency::default(),
             seen_in_round: BTreeMap::new(),
             dirty: BTreeSet::new(),
             last_observed: None,
@@ -576,6 +587,7 @@ impl Monitor {
                 };
                 if view.supplier != Some(*supplier) {
                     // A new supplier: its history starts now.
+                    self.latency.forget(*position);
                     *view = PositionView {
                         supplier: Some(*supplier),
                         ..PositionView::default()
@@ -613,7 +625,7 @@ impl Monitor {
                 supplier,
                 result,
             } => {
-                self.waiting.remove(&(*position, Some(*block)));
+                let asked = self.waiting.remove(&(*position, Some(*block)));
                 if self.supplier_at(*position) != Some(*supplier)
                     || self
                         .blocks
@@ -622,6 +634,12 @@ impl Monitor {
                         != Some(*supplier)
                 {
                     return;
+                }
+                // An audit this round asked, answered (a restore's report was not timed here).
+                if let Some(at) = asked
+                    && *result != AuditResult::NoAnswer
+                {
+                    self.latency.observe(*position, ctx.now.saturating_sub(at));
                 }
                 self.audited(*block, *position, *result, ctx.now);
             }
@@ -736,8 +754,12 @@ impl Monitor {
                 view.since_listed.map_or(0, |n| n + 1)
             });
             if due {
-                out.push(Output::List { position, supplier });
-                self.waiting.insert((position, None));
+                out.push(Output::List {
+                    position,
+                    supplier,
+                    at_most: self.list_bound(),
+                });
+                self.waiting.insert((position, None), ctx.now);
             }
             for block in self.audit_sample(position) {
                 out.push(Output::Audit {
@@ -745,7 +767,7 @@ impl Monitor {
                     position,
                     supplier,
                 });
-                self.waiting.insert((position, Some(block)));
+                self.waiting.insert((position, Some(block)), ctx.now);
             }
         }
         // Nothing to ask (no supplier reachable): the round ends at once.
@@ -755,6 +777,14 @@ impl Monitor {
             ctx.now + self.round_deadline
         };
         out.state_timeout(Timer::RoundDeadline, deadline);
+    }
+
+    /// The most fragments an honest supplier can list for this owner: one per block at its
+    /// position, as many again left at a position it held before (deleted in the background),
+    /// and a page for what the monitor has not heard of yet. A longer list is not followed (a
+    /// hostile supplier cannot fill the owner's memory with made-up ids: security review M3).
+    fn list_bound(&self) -> usize {
+        2 * self.blocks.len() + LIST_SLACK
     }
 
     /// The next blocks to audit at `position`: after the cursor, wrapping, held there.
@@ -1152,6 +1182,63 @@ mod tests {
             m.step(&position(p, p as u8 + 1, false), &at(0));
         }
         assert_eq!(m.machine.fire_decision(Duration::from_secs(10_000)), None);
+    }
+
+    /// Answers every audit of a round, position 2 after `slow_ms`, the others after 20 ms.
+    fn answer_round(m: &mut Instance<Monitor>, start_secs: u64, slow_ms: u64) {
+        let start = Duration::from_secs(start_secs);
+        let s = m
+            .step(&Event::Timeout(Timer::Round), &Ctx::at(start))
+            .expect("a round");
+        for o in s.outputs {
+            if let Output::Audit {
+                block,
+                position,
+                supplier,
+            } = o
+            {
+                let took = if position == 2 { slow_ms } else { 20 };
+                m.step(
+                    &Event::Audited {
+                        block,
+                        position,
+                        supplier,
+                        result: AuditResult::Passed,
+                    },
+                    &Ctx::at(start + Duration::from_millis(took)),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_supplier_always_slow_to_answer_audits_is_named_and_a_new_one_starts_afresh() {
+        let mut m = started();
+        for round in 0..3 {
+            answer_round(&mut m, 10 + 10 * round, 4_000);
+        }
+        let latency = &m.machine.latency;
+        assert_eq!(latency.slow(), BTreeSet::from([2]));
+        assert_eq!(latency.typical(0), Some(Duration::from_millis(20)));
+        assert!(latency.typical(2) > Some(Duration::from_secs(3)));
+        // A restore's report of a fetch (not an audit this round asked) is not timed.
+        m.step(
+            &Event::Audited {
+                block: [1; 32],
+                position: 0,
+                supplier: id(1),
+                result: AuditResult::Refused,
+            },
+            &at(500),
+        );
+        assert_eq!(
+            m.machine.latency.typical(0),
+            Some(Duration::from_millis(20))
+        );
+        // Another supplier at position 2: its figures start afresh.
+        m.step(&position(2, 9, true), &at(501));
+        assert!(m.machine.latency.slow().is_empty());
+        assert_eq!(m.machine.latency.typical(2), None);
     }
 
     #[test]

@@ -164,11 +164,12 @@ pub async fn start(base: Base, config: &Config) -> Actors {
         services: services.clone(),
         request_timeout: settings::request_timeout(config),
         status: restore_status.clone(),
-        monitor: monitor_inbox,
+        monitor: monitor_inbox.clone(),
     });
     let drill = DrillWiring {
         services,
         settings: settings::drill(config),
+        monitor: monitor_inbox,
     };
     Actors {
         identity: identity_actor,
