@@ -51,6 +51,9 @@ struct Client {
     stream: TcpStream,
     transport: snow::TransportState,
     next_id: u64,
+    /// Bytes written and read on the TCP stream since the handshake (frames, Noise included).
+    sent: usize,
+    received: usize,
 }
 
 impl Client {
@@ -75,6 +78,8 @@ impl Client {
             stream,
             transport: hs.into_transport_mode().expect("transport"),
             next_id: 2,
+            sent: 0,
+            received: 0,
         };
         let hello = envelope::envelope(
             1,
@@ -112,6 +117,7 @@ impl Client {
             wire.extend_from_slice(&cipher[..n]);
         }
         self.stream.write_all(&wire).expect("write");
+        self.sent += wire.len();
     }
 
     fn recv(&mut self) -> Vec<u8> {
@@ -119,6 +125,7 @@ impl Client {
         let mut plain = vec![0u8; 65535];
         loop {
             let frame = read_frame(&mut self.stream);
+            self.received += 4 + frame.len();
             let n = self
                 .transport
                 .read_message(&frame, &mut plain)
@@ -283,5 +290,77 @@ fn main() {
     println!(
         "store throughput (best of {runs}): {:.1} MB/s of 4 MiB fragments",
         (fragments * FRAGMENT) as f64 / best / 1e6
+    );
+    audit_costs(&mut client);
+}
+
+/// What one storage audit costs on the wire (both directions, frames and Noise included) for a
+/// fragment of the mean size a 1 GiB backup stores at the defaults (4 MiB blocks, 4 + 2: ~0.9
+/// MB), by kind, and what that makes a day at the defaults once a fragment's precomputed pairs
+/// are used up: before, one whole fetch per 25 audits (24 pairs made from it); now, slices.
+fn audit_costs(client: &mut Client) {
+    const MEAN_FRAGMENT: usize = 900_000;
+    // At the defaults: 2 audits per supplier a round, 6 suppliers, a round every 10 minutes.
+    const AUDITS_A_DAY: f64 = 2.0 * 6.0 * 144.0;
+    // What a 1 GiB backup stores on the suppliers (benches/README.md: 1632.5 MB).
+    const STORED: f64 = 1632.5e6;
+    let data: Vec<u8> = (0..MEAN_FRAGMENT).map(|i| (i % 251) as u8).collect();
+    let id = FragmentId {
+        block: blake3::hash(b"audit cost").as_bytes().to_vec(),
+        position: 0,
+    };
+    let stored = client.request(Body::StoreFragment(StoreFragment {
+        id: Some(id.clone()),
+        data: data.clone(),
+        hash: blake3::hash(&data).as_bytes().to_vec(),
+    }));
+    assert!(matches!(stored.body, Some(Body::Ack(_))), "{stored:?}");
+    let mut cost = |client: &mut Client, body: Body| {
+        let before = client.sent + client.received;
+        let reply = client.request(body);
+        assert!(!matches!(reply.body, Some(Body::Fail(_))), "{reply:?}");
+        client.sent + client.received - before
+    };
+    let pair = cost(
+        client,
+        Body::AuditChallenge(bitdust::proto::AuditChallenge {
+            id: Some(id.clone()),
+            nonce: vec![7; 32],
+            offset: 4096,
+            length: 65536,
+        }),
+    );
+    let slice = cost(
+        client,
+        Body::SliceChallenge(bitdust::proto::SliceChallenge {
+            id: Some(id.clone()),
+            offset: 450 * 1024,
+            length: bitdust::data::audit::SLICE_LEN,
+        }),
+    );
+    let whole = cost(
+        client,
+        Body::RetrieveFragment(bitdust::proto::RetrieveFragment { id: Some(id) }),
+    );
+    println!(
+        "audit on the wire, {MEAN_FRAGMENT}-byte fragment: pair {pair} B, slice {slice} B, whole fetch {whole} B"
+    );
+    let pairs = bitdust::data::audit::AUDIT_PAIRS as f64;
+    let day = |bytes_per_audit: f64| AUDITS_A_DAY * bytes_per_audit;
+    let before = day((pairs * pair as f64 + whole as f64) / (pairs + 1.0));
+    let now = day(slice as f64);
+    let while_pairs = day(pair as f64);
+    println!(
+        "audits a day at the defaults, 1 GiB backed up ({:.0} MB stored, {AUDITS_A_DAY} audits): \
+         with pairs {:.2} MB = {:.3} %; once they are used up, before (+1 whole fetch / {} audits) \
+         {:.1} MB = {:.2} %, now (slices) {:.2} MB = {:.3} %",
+        STORED / 1e6,
+        while_pairs / 1e6,
+        100.0 * while_pairs / STORED,
+        pairs + 1.0,
+        before / 1e6,
+        100.0 * before / STORED,
+        now / 1e6,
+        100.0 * now / STORED,
     );
 }

@@ -448,15 +448,15 @@ read -r PER_ROUND PER_ROUND_RAW PER_DAY KEEPALIVE_DAY < <(awk -v r="$A_ROUNDS" -
         day = per * 86400 / iv
         printf "%.0f %.0f %.0f %.0f\n", per, b / r, day, n * s / w * 86400 }')
 # Each fragment's audits use precomputed challenge/response pairs, AUDIT_PAIRS of them
-# (src/actors/monitor.rs), made when its bytes were in hand; with none left the next audit fetches
+# (src/data/audit.rs), made when its bytes were in hand; with none left the next audit fetches
 # the fragment whole (and makes new pairs). The window sees whole fetches only once some fragment
 # has had AUDIT_PAIRS audits: with fewer audits so far than AUDIT_PAIRS x fragments it holds
 # (almost surely) none, and the steady state is computed below by adding one whole fragment per
 # AUDIT_PAIRS + 1 audits.
-AUDIT_PAIRS=$(sed -n 's/^pub const AUDIT_PAIRS: usize = \([0-9]*\);.*/\1/p' "$ROOT/src/actors/monitor.rs" 2>/dev/null || true)
+AUDIT_PAIRS=$(sed -n 's/^pub const AUDIT_PAIRS: usize = \([0-9]*\);.*/\1/p' "$ROOT/src/data/audit.rs" 2>/dev/null || true)
 [[ -n $AUDIT_PAIRS ]] || {
     AUDIT_PAIRS=8
-    warn "AUDIT_PAIRS not found in src/actors/monitor.rs: assuming $AUDIT_PAIRS"
+    warn "AUDIT_PAIRS not found in src/data/audit.rs: assuming $AUDIT_PAIRS"
 }
 log "idle: $A_ROUNDS rounds, $A_BYTES bytes with the suppliers ($A_SPARE with the spare), $A_AUDITS audits"
 

@@ -378,6 +378,43 @@ fn a_supplier_back_during_a_restore_is_asked_again() {
     assert!(extra < blocks, "{extra} extra for {blocks} blocks: {r:#}");
 }
 
+/// Once a fragment's precomputed pairs are used up, its audits are Bao slices checked against
+/// its BLAKE3 alone (a KiB and its hashes, no whole fetch); a supplier that kept only the ids
+/// fails them.
+#[test]
+fn once_the_pairs_are_used_up_audits_are_slices_only_a_holder_passes() {
+    let w = world(7, &fast(3));
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    // One small file: few blocks, so their pairs are soon used up at four audits a round.
+    std::fs::write(source.path().join("one"), noise(11, 100_000)).expect("write");
+    backup(&w.home, source.path());
+    wait_for("slice audits at every position", 180, || {
+        hired
+            .iter()
+            .all(|id| w.peer(id).received("slice") > 0)
+            .then_some(())
+    });
+    let h = health(&w.home);
+    assert_eq!(h["audits_failed"].as_u64(), Some(0), "{h:#}");
+    for id in &hired {
+        assert_eq!(
+            w.peer(id).received("retrieve"),
+            0,
+            "no whole fetch from {id}"
+        );
+    }
+    let liar = w.peer(&hired[0]);
+    liar.keep_only_ids();
+    let slices = liar.received("slice");
+    let h = wait_for("position 0's supplier fails its slices", 60, || {
+        let h = health(&w.home);
+        let failed = h["positions"][0]["failed_audits"].as_u64() > Some(0);
+        (failed || !h["fired"].as_array().is_none_or(Vec::is_empty)).then_some(h)
+    });
+    assert!(liar.received("slice") > slices, "{h:#}");
+}
+
 /// Item 1: a restore drill that falls back to parity tells the monitor who failed, like a
 /// restore.
 #[test]

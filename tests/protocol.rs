@@ -632,6 +632,30 @@ fn compute_vectors() -> serde_json::Value {
                 },
             ],
         },
+        "slice": slice_vector(),
+    })
+}
+
+/// §8.10: the Bao slice of pattern(5000) for offset 2048, length 1024 (the Bao crate's
+/// outboard encoding, as a second implementation of the node's `data::audit::slice_of`).
+fn slice_vector() -> serde_json::Value {
+    let fragment = pattern(5000);
+    let (offset, length) = (2048u64, 1024u64);
+    let (outboard, hash) = bao::encode::outboard(&fragment);
+    let mut extractor = bao::encode::SliceExtractor::new_outboard(
+        std::io::Cursor::new(&fragment),
+        std::io::Cursor::new(&outboard),
+        offset,
+        length,
+    );
+    let mut slice = Vec::new();
+    std::io::Read::read_to_end(&mut extractor, &mut slice).expect("slice");
+    serde_json::json!({
+        "about": "fragment = pattern(5000); SliceChallenge{offset 2048, length 1024}",
+        "fragment_blake3": hash.to_hex().to_string(),
+        "offset": offset,
+        "length": length,
+        "slice": hex::encode(&slice),
     })
 }
 
@@ -687,6 +711,23 @@ fn the_test_vectors_hold() {
         hex::encode(&sealed[..53]),
         r["header"].as_str().expect("header")
     );
+
+    // The node's slices (§8.10) are the same bytes, and check against the fragment's BLAKE3.
+    let v = &stored["slice"];
+    let fragment = pattern(5000);
+    let slice = hex::decode(v["slice"].as_str().expect("slice")).expect("hex");
+    let (offset, length) = (2048, 1024);
+    assert_eq!(
+        bitdust::data::audit::slice_of(&fragment, offset, length),
+        Some(slice.clone())
+    );
+    assert!(bitdust::data::audit::slice_checks(
+        &slice,
+        blake3::hash(&fragment).as_bytes(),
+        5000,
+        offset,
+        length
+    ));
 
     // The node's implementation of identities agrees.
     let v = &stored["identity"];

@@ -33,7 +33,7 @@ use crate::net::link::{LinkHandle, RequestError};
 use crate::proto::envelope::Body;
 use crate::proto::{
     AuditChallenge, DeleteFragment, FailReason, FragmentId, ListFragments, RetrieveFragment,
-    StoreFragment,
+    SliceChallenge, StoreFragment,
 };
 
 /// Pages of a supplier's list followed at most (1000 fragments a page by default on the
@@ -137,6 +137,17 @@ pub trait Fragments {
         block: [u8; 32],
         position: u32,
         pair: &AuditPair,
+    ) -> impl Future<Output = Result<Vec<u8>, FragmentError>>;
+
+    /// The supplier's Bao slice of the fragment's bytes `offset .. offset + length` (the
+    /// caller checks it against the fragment's BLAKE3).
+    fn slice(
+        &self,
+        supplier: NodeId,
+        block: [u8; 32],
+        position: u32,
+        offset: u64,
+        length: u64,
     ) -> impl Future<Output = Result<Vec<u8>, FragmentError>>;
 
     /// Asks `supplier` to delete the fragment.
@@ -357,6 +368,25 @@ impl<L: Links> Fragments for Client<L> {
         }
     }
 
+    async fn slice(
+        &self,
+        supplier: NodeId,
+        block: [u8; 32],
+        position: u32,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, FragmentError> {
+        let request = Body::SliceChallenge(SliceChallenge {
+            id: id(block, position),
+            offset,
+            length,
+        });
+        match self.ask(supplier, request).await? {
+            Body::FragmentSlice(s) => Ok(s.slice),
+            _ => Err(FragmentError::Malformed("not a fragment slice")),
+        }
+    }
+
     async fn delete(
         &self,
         supplier: NodeId,
@@ -471,6 +501,21 @@ impl Fragments for MemFragments {
                 reason: FailReason::Malformed as i32,
                 detail: "range outside the fragment".into(),
             })
+    }
+
+    async fn slice(
+        &self,
+        supplier: NodeId,
+        block: [u8; 32],
+        position: u32,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, FragmentError> {
+        let stored = self.retrieve(supplier, block, position).await?;
+        crate::data::audit::slice_of(&stored, offset, length).ok_or(FragmentError::Refused {
+            reason: FailReason::Malformed as i32,
+            detail: "slice outside the fragment".into(),
+        })
     }
 
     async fn delete(

@@ -245,10 +245,11 @@ async fn audit_attempt(
     let id = BlockId(block);
     let pairs = tokio::task::spawn_blocking(move || {
         let pairs = health::pairs(&*kv, &id, position).unwrap_or_default();
-        let expected = catalog::block(&*kv, &id)
-            .ok()
-            .flatten()
-            .and_then(|e| e.fragments.get(position as usize).map(|f| f.blake3));
+        let expected = catalog::block(&*kv, &id).ok().flatten().and_then(|e| {
+            e.fragments
+                .get(position as usize)
+                .map(|f| (f.blake3, f.size))
+        });
         (pairs, expected)
     })
     .await;
@@ -280,10 +281,24 @@ async fn audit_attempt(
         }
         return result;
     }
-    // No pair left (or never made, e.g. after a recovery): fetch it whole and compare.
-    let Some(expected) = expected else {
+    // No pair left (or never made, e.g. after a recovery): a slice at a random offset, checked
+    // against the fragment's BLAKE3 alone (about 1.7 KiB, where a whole fetch moves the
+    // fragment). A supplier that does not serve slices is fetched from whole.
+    let Some((expected, size)) = expected else {
         return AuditResult::NoAnswer;
     };
+    let offset = audit::slice_offset(size, &mut rand::thread_rng());
+    match client
+        .slice(supplier, block, position, offset, audit::SLICE_LEN)
+        .await
+    {
+        Ok(slice) if audit::slice_checks(&slice, &expected, size, offset, audit::SLICE_LEN) => {
+            return AuditResult::Passed;
+        }
+        Ok(_) => return AuditResult::Corrupt,
+        Err(e) if !slices_unsupported(&e) => return failed_audit(&e),
+        Err(_) => {}
+    }
     match client.retrieve(supplier, block, position).await {
         Ok(data) if *blake3::hash(&data).as_bytes() == expected => {
             let fresh = audit::pairs_for(&data, &mut rand::thread_rng());
@@ -295,6 +310,16 @@ async fn audit_attempt(
         Ok(_) => AuditResult::Corrupt,
         Err(e) => failed_audit(&e),
     }
+}
+
+/// A supplier that answers a slice challenge as a request it does not know (a node from
+/// before slices says NO_SERVICE to an unknown request, PROTOCOL.md §7), or says the range is
+/// not in the fragment: audited by a whole fetch instead, which settles it.
+fn slices_unsupported(error: &FragmentError) -> bool {
+    matches!(
+        error.refusal(),
+        Some(FailReason::NoService | FailReason::Unexpected | FailReason::Malformed)
+    )
 }
 
 /// What a failed audit request says (H1): without a session, nothing; "try later", passing

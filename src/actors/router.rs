@@ -17,7 +17,7 @@ labels! {
     /// The kinds of request a node serves.
     pub enum RequestKind {
         ServiceRequest, ServiceCancel, SupplierCancel, StoreFragment, RetrieveFragment,
-        ListFragments, DeleteFragment, AuditChallenge,
+        ListFragments, DeleteFragment, AuditChallenge, SliceChallenge,
     }
 }
 
@@ -32,6 +32,7 @@ pub fn kind_of(body: &Body) -> Option<RequestKind> {
         Body::ListFragments(_) => RequestKind::ListFragments,
         Body::DeleteFragment(_) => RequestKind::DeleteFragment,
         Body::AuditChallenge(_) => RequestKind::AuditChallenge,
+        Body::SliceChallenge(_) => RequestKind::SliceChallenge,
         _ => return None,
     })
 }

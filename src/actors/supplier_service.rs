@@ -20,7 +20,7 @@ use crate::net::link::LinkHandle;
 use crate::proto::envelope::Body;
 use crate::proto::{
     Ack, AuditProof, Fail, FailReason, FragmentData, FragmentId, FragmentInfo as WireInfo,
-    FragmentList, ServiceAccept, ServiceRefuse,
+    FragmentList, FragmentSlice, ServiceAccept, ServiceRefuse,
 };
 use crate::store::KvStore;
 use crate::store::catalog;
@@ -379,6 +379,28 @@ fn answer(
                 )),
             }
         }
+        Body::SliceChallenge(req) => {
+            let Some(key) = key_of(req.id.as_ref()) else {
+                return Ok(malformed_id());
+            };
+            // Order of checks as for an audit: the id, the contract, the fragment, the range.
+            if !has_contract(store, &customer)? {
+                return Ok(fail(
+                    FailReason::NoService,
+                    "no contract with this customer",
+                ));
+            }
+            // The whole fragment is read and hashed (its tree is not kept): at most one
+            // fragment, like a retrieve, for a reply of a few KiB.
+            let stored = store.get(&customer, key)?;
+            match crate::data::audit::slice_of(&stored, req.offset, req.length) {
+                Some(slice) => Ok(Body::FragmentSlice(FragmentSlice { id: req.id, slice })),
+                None => Ok(fail(
+                    FailReason::Malformed,
+                    "the slice is empty, too long or outside the fragment",
+                )),
+            }
+        }
         Body::DeleteFragment(req) => {
             let Some(key) = key_of(req.id.as_ref()) else {
                 return Ok(malformed_id());
@@ -664,6 +686,78 @@ mod tests {
             grace: Duration::from_secs(60),
         };
         (dir, store, settings)
+    }
+
+    /// A slice challenge: NO_SERVICE without a contract, NOT_FOUND for a fragment not held,
+    /// MALFORMED past the end or over 64 KiB; else a slice that checks against the BLAKE3.
+    #[test]
+    fn a_slice_challenge_is_answered_with_a_slice_that_checks() {
+        use crate::data::audit::{SLICE_LEN, slice_checks};
+        let (_dir, store, settings) = supplier();
+        let who = Customer {
+            id: NodeId::from_signing_key(&[9; 32]),
+            trusted: true,
+            signing_key: None,
+        };
+        let ask = |body| answer(&store, &settings, &who, body, 0);
+        let reason = |b: &Body| match b {
+            Body::Fail(f) => Some(f.reason),
+            _ => None,
+        };
+        let id = FragmentId {
+            block: vec![7; 32],
+            position: 0,
+        };
+        let slice = |offset: u64, length: u64| {
+            ask(Body::SliceChallenge(crate::proto::SliceChallenge {
+                id: Some(id.clone()),
+                offset,
+                length,
+            }))
+        };
+        assert_eq!(
+            reason(&slice(0, SLICE_LEN)),
+            Some(FailReason::NoService as i32)
+        );
+        let granted = ask(Body::ServiceRequest(crate::proto::ServiceRequest {
+            space: 1 << 24,
+            position: 0,
+            data_shards: 4,
+            parity_shards: 2,
+        }));
+        assert!(matches!(granted, Body::ServiceAccept(_)), "{granted:?}");
+        assert_eq!(
+            reason(&slice(0, SLICE_LEN)),
+            Some(FailReason::NotFound as i32)
+        );
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let stored = ask(Body::StoreFragment(crate::proto::StoreFragment {
+            id: Some(id.clone()),
+            data: data.clone(),
+            hash: blake3::hash(&data).as_bytes().to_vec(),
+        }));
+        assert!(matches!(stored, Body::Ack(_)), "{stored:?}");
+        let hash = *blake3::hash(&data).as_bytes();
+        match slice(150 * 1024, SLICE_LEN) {
+            Body::FragmentSlice(s) => {
+                assert!(slice_checks(
+                    &s.slice,
+                    &hash,
+                    300_000,
+                    150 * 1024,
+                    SLICE_LEN
+                ));
+                assert!(s.slice.len() < 2048, "{}", s.slice.len());
+            }
+            other => panic!("{other:?}"),
+        }
+        for (offset, length) in [(300_000, 1), (0, 0), (0, (64 << 10) + 1)] {
+            assert_eq!(
+                reason(&slice(offset, length)),
+                Some(FailReason::Malformed as i32),
+                "{offset} {length}"
+            );
+        }
     }
 
     /// L7: an audit reads only its range: bytes outside it are never read (a change there does

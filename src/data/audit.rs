@@ -7,6 +7,10 @@
 //! ([`make_pairs`]) from the bytes it is about to place and keeps only the pairs; each later
 //! audit spends one pair (a pair asked twice would let a supplier replay the answer).
 //!
+//! Once a fragment's pairs are used up, a **slice audit** (§8.10) needs nothing precomputed: the
+//! supplier sends a Bao slice of a random chunk, which verifies against the fragment's BLAKE3
+//! the catalog already holds ([`slice_of`], [`slice_checks`]).
+//!
 //! Pure: the randomness comes in from the caller's RNG.
 
 use rand_core::RngCore;
@@ -45,6 +49,55 @@ pub fn audit_proof(nonce: &[u8; 32], stored: &[u8], offset: u64, length: u64) ->
 /// range from its file): BLAKE3 keyed with the nonce.
 pub fn range_proof(nonce: &[u8; 32], range: &[u8]) -> [u8; 32] {
     *blake3::keyed_hash(nonce, range).as_bytes()
+}
+
+/// Bytes a slice audit asks for: one BLAKE3 chunk. A supplier keeping a fraction `x` of the
+/// bytes answers `n` slice audits at random offsets with a probability of about `x^n`, as with
+/// the pairs; a slice costs about 1.7 KiB on the wire for a 1 MiB fragment.
+pub const SLICE_LEN: u64 = 1024;
+
+/// Longest slice a supplier serves.
+pub const MAX_SLICE_LEN: u64 = 64 * 1024;
+
+/// A random chunk-aligned offset inside a fragment of `size` bytes (0 for an empty one).
+pub fn slice_offset(size: u64, rng: &mut impl RngCore) -> u64 {
+    let chunks = size.div_ceil(SLICE_LEN).max(1);
+    (rng.next_u64() % chunks) * SLICE_LEN
+}
+
+/// The supplier's answer to a slice audit (PROTOCOL.md §8.10): the Bao slice of `stored` for
+/// `offset .. offset + length` — the length, the parent hashes down to the range and its chunks.
+/// `None` when `length` is 0 or over [`MAX_SLICE_LEN`], or `offset` is not inside `stored`.
+/// Hashes the whole fragment (its tree is not kept).
+pub fn slice_of(stored: &[u8], offset: u64, length: u64) -> Option<Vec<u8>> {
+    if length == 0 || length > MAX_SLICE_LEN || offset >= stored.len() as u64 {
+        return None;
+    }
+    let (outboard, _) = bao::encode::outboard(stored);
+    let mut extractor = bao::encode::SliceExtractor::new_outboard(
+        std::io::Cursor::new(stored),
+        std::io::Cursor::new(&outboard),
+        offset,
+        length,
+    );
+    let mut slice = Vec::new();
+    std::io::Read::read_to_end(&mut extractor, &mut slice).ok()?;
+    Some(slice)
+}
+
+/// Whether `slice` proves the bytes `offset .. offset + length` of a fragment of `size` bytes
+/// whose BLAKE3 is `hash`: every chunk and parent hash verified up to the root, and as many
+/// bytes as the range holds inside the fragment.
+pub fn slice_checks(slice: &[u8], hash: &[u8; 32], size: u64, offset: u64, length: u64) -> bool {
+    let expected = size.saturating_sub(offset).min(length);
+    // The slice opens with the fragment's length (verified with the root): the catalog's size.
+    if expected == 0 || slice.get(..8) != Some(&size.to_le_bytes()[..]) {
+        return false;
+    }
+    let hash = bao::Hash::from(*hash);
+    let mut decoder = bao::decode::SliceDecoder::new(slice, &hash, offset, length);
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut decoder, &mut bytes).is_ok() && bytes.len() as u64 == expected
 }
 
 /// One precomputed audit: the challenge to send (nonce, offset, length) and the answer an honest
@@ -117,6 +170,56 @@ mod tests {
     use proptest::prelude::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    #[test]
+    fn a_slice_proves_its_range_against_the_hash_alone() {
+        let stored: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 1000) as u8).collect();
+        let hash = *blake3::hash(&stored).as_bytes();
+        let size = stored.len() as u64;
+        for offset in [0, 1024, 150_000, size - 1] {
+            let slice = slice_of(&stored, offset, SLICE_LEN).expect("a slice");
+            assert!(
+                slice_checks(&slice, &hash, size, offset, SLICE_LEN),
+                "{offset}"
+            );
+            // About a chunk or two plus the parent hashes, never the fragment.
+            assert!(slice.len() < 4 * 1024 + 8 + 64 * 20, "{}", slice.len());
+            // It does not prove another range, another fragment or another size.
+            assert!(!slice_checks(
+                &slice,
+                &hash,
+                size,
+                (offset + 8192) % size,
+                SLICE_LEN
+            ));
+            assert!(!slice_checks(&slice, &[9; 32], size, offset, SLICE_LEN));
+            assert!(!slice_checks(&slice, &hash, size + 4096, offset, SLICE_LEN));
+            // A flipped byte anywhere in it (data or hashes) fails.
+            for at in [0, 8, slice.len() / 2, slice.len() - 1] {
+                let mut bad = slice.clone();
+                bad[at] ^= 1;
+                assert!(!slice_checks(&bad, &hash, size, offset, SLICE_LEN), "{at}");
+            }
+            // A truncated slice fails.
+            assert!(!slice_checks(
+                &slice[..slice.len() - 1],
+                &hash,
+                size,
+                offset,
+                SLICE_LEN
+            ));
+        }
+        // A supplier that kept all but one byte fails the slice that covers it.
+        let mut damaged = stored.clone();
+        damaged[150_500] ^= 0x40;
+        let slice = slice_of(&damaged, 150_000, SLICE_LEN).expect("a slice");
+        assert!(!slice_checks(&slice, &hash, size, 150_000, SLICE_LEN));
+        // Ranges a supplier refuses.
+        assert_eq!(slice_of(&stored, size, 1), None);
+        assert_eq!(slice_of(&stored, 0, 0), None);
+        assert_eq!(slice_of(&stored, 0, MAX_SLICE_LEN + 1), None);
+        assert!(slice_of(&stored, 0, MAX_SLICE_LEN).is_some());
+    }
 
     #[test]
     fn pairs_within_a_range_stay_that_short_and_verify() {

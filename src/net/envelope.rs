@@ -75,6 +75,8 @@ pub fn body_name(body: &Body) -> &'static str {
         Body::DeleteFragment(_) => "delete_fragment",
         Body::AuditChallenge(_) => "audit_challenge",
         Body::AuditProof(_) => "audit_proof",
+        Body::SliceChallenge(_) => "slice_challenge",
+        Body::FragmentSlice(_) => "fragment_slice",
         Body::Ack(_) => "ack",
         Body::Fail(_) => "fail",
     }

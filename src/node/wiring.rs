@@ -278,6 +278,7 @@ async fn start_peers(start: Start<'_>) -> Peers {
             RequestKind::ListFragments,
             RequestKind::DeleteFragment,
             RequestKind::AuditChallenge,
+            RequestKind::SliceChallenge,
         ],
         supplier.clone().recipient(),
     );

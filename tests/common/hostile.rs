@@ -40,7 +40,8 @@ use prost::Message as _;
 use bitdust::proto::envelope::Body;
 use bitdust::proto::{
     Ack, AuditProof, Envelope, Fail, FailReason, FragmentData, FragmentId, FragmentInfo,
-    FragmentList, IdentityBody, IdentityExchange, Pong, ServiceAccept, SignedIdentity,
+    FragmentList, FragmentSlice, IdentityBody, IdentityExchange, Pong, ServiceAccept,
+    SignedIdentity,
 };
 
 // ---------------------------------------------------------------- from PROTOCOL.md
@@ -57,6 +58,7 @@ const FLAG_FINAL: u8 = 1;
 const MAX_MESSAGE: usize = 32 << 20;
 const LIST_PAGE: usize = 1000;
 const MAX_AUDIT_RANGE: u64 = 1 << 20;
+const MAX_SLICE: u64 = 64 * 1024;
 
 type Handshake = HandshakeState<X25519, ChaCha20Poly1305, Blake2s>;
 type Cipher = CipherState<ChaCha20Poly1305>;
@@ -320,6 +322,7 @@ fn kind(body: &Body) -> &'static str {
         Body::ListFragments(_) => "list",
         Body::DeleteFragment(_) => "delete",
         Body::AuditChallenge(_) => "audit",
+        Body::SliceChallenge(_) => "slice",
         _ => "other",
     }
 }
@@ -330,6 +333,7 @@ fn fragment_of(body: &Body) -> Option<(Vec<u8>, u32)> {
         Body::RetrieveFragment(r) => r.id.as_ref(),
         Body::DeleteFragment(r) => r.id.as_ref(),
         Body::AuditChallenge(r) => r.id.as_ref(),
+        Body::SliceChallenge(r) => r.id.as_ref(),
         _ => None,
     }?;
     Some((id.block.clone(), id.position))
@@ -657,6 +661,34 @@ fn honest(shared: &Shared, request: &Request, discard: bool) -> Body {
                 }),
                 None => fail(FailReason::Malformed, "range"),
             }
+        }
+        Body::SliceChallenge(r) => {
+            let Some(k) = key(&r.id) else {
+                return fail(FailReason::Malformed, "id");
+            };
+            let Some(data) = mine.get(&k) else {
+                return fail(FailReason::NotFound, "not held");
+            };
+            // A discarded fragment: the slice of nothing (wrong); past the end: refused.
+            if r.length == 0
+                || r.length > MAX_SLICE
+                || (r.offset >= data.len() as u64 && !data.is_empty())
+            {
+                return fail(FailReason::Malformed, "range");
+            }
+            let (outboard, _) = bao::encode::outboard(data);
+            let mut extractor = bao::encode::SliceExtractor::new_outboard(
+                std::io::Cursor::new(data),
+                std::io::Cursor::new(&outboard),
+                r.offset,
+                r.length,
+            );
+            let mut slice = Vec::new();
+            let _ = extractor.read_to_end(&mut slice);
+            Body::FragmentSlice(FragmentSlice {
+                id: r.id.clone(),
+                slice,
+            })
         }
         _ => fail(
             FailReason::NoService,
