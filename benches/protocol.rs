@@ -315,7 +315,7 @@ fn audit_costs(client: &mut Client) {
         hash: blake3::hash(&data).as_bytes().to_vec(),
     }));
     assert!(matches!(stored.body, Some(Body::Ack(_))), "{stored:?}");
-    let mut cost = |client: &mut Client, body: Body| {
+    let cost = |client: &mut Client, body: Body| {
         let before = client.sent + client.received;
         let reply = client.request(body);
         assert!(!matches!(reply.body, Some(Body::Fail(_))), "{reply:?}");

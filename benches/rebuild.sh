@@ -36,6 +36,9 @@ HIRE_TIMEOUT=${HIRE_TIMEOUT:-120}
 BACKUP_TIMEOUT=${BACKUP_TIMEOUT:-3600}
 REBUILD_TIMEOUT=${REBUILD_TIMEOUT:-3600}
 AUDIT_WINDOW=${AUDIT_WINDOW:-60}
+# One audit's bytes on the wire, both ways, for a ~0.9 MB fragment (`cargo bench --bench protocol`).
+SLICE_WIRE=${SLICE_WIRE:-1813}
+PAIR_WIRE=${PAIR_WIRE:-205}
 AUDIT_INTERVAL=${AUDIT_INTERVAL:-2s}
 MONITOR_INTERVAL=${MONITOR_INTERVAL:-10s}
 FIRE_AFTER=${FIRE_AFTER:-10s}
@@ -448,11 +451,11 @@ read -r PER_ROUND PER_ROUND_RAW PER_DAY KEEPALIVE_DAY < <(awk -v r="$A_ROUNDS" -
         day = per * 86400 / iv
         printf "%.0f %.0f %.0f %.0f\n", per, b / r, day, n * s / w * 86400 }')
 # Each fragment's audits use precomputed challenge/response pairs, AUDIT_PAIRS of them
-# (src/data/audit.rs), made when its bytes were in hand; with none left the next audit fetches
-# the fragment whole (and makes new pairs). The window sees whole fetches only once some fragment
-# has had AUDIT_PAIRS audits: with fewer audits so far than AUDIT_PAIRS x fragments it holds
-# (almost surely) none, and the steady state is computed below by adding one whole fragment per
-# AUDIT_PAIRS + 1 audits.
+# (src/data/audit.rs), made when its bytes were in hand; with none left the next audits are slices
+# (PROTOCOL.md 8.10: a KiB and its hashes). The window sees slices only once some fragment has had
+# AUDIT_PAIRS audits: with fewer audits so far than AUDIT_PAIRS x fragments it holds (almost
+# surely) none, and the steady state is computed below by replacing each pair audit's wire cost
+# with a slice's (both measured by `cargo bench --bench protocol`: SLICE_WIRE, PAIR_WIRE).
 AUDIT_PAIRS=$(sed -n 's/^pub const AUDIT_PAIRS: usize = \([0-9]*\);.*/\1/p' "$ROOT/src/data/audit.rs" 2>/dev/null || true)
 [[ -n $AUDIT_PAIRS ]] || {
     AUDIT_PAIRS=8
@@ -538,16 +541,15 @@ FRAGMENTS=$((BLOCKS * POSITIONS))
 FRAGMENT_BYTES=$(div "$D_BYTES_PLACED" "$D_PLACED" "%.0f")
 [[ $FRAGMENT_BYTES != n/a ]] || FRAGMENT_BYTES=$(div "$STORED" "$FRAGMENTS" "%.0f")
 AUDITS_PER_ROUND=$(div "$A_AUDITS" "$A_ROUNDS" "%.1f")
-# Steady state: one whole fragment fetched per AUDIT_PAIRS + 1 audits, on top of the window's
-# lists and challenges. The monitor's cursor walks each position's blocks in turn, so no fragment
+# Steady state: every audit a slice instead of a pair, on top of the window's lists. The monitor's cursor walks each position's blocks in turn, so no fragment
 # has had more than ceil(audits so far / fragments) audits: while that is at most AUDIT_PAIRS, the
 # window held challenges only. Otherwise (a small SIZE: fragments run out of pairs in step, and a
 # window may or may not hold their whole fetches) the steady state is not computed.
 MAX_PER_FRAGMENT=$(((A_TOTAL + FRAGMENTS - 1) / FRAGMENTS))
 if ((MAX_PER_FRAGMENT <= AUDIT_PAIRS)); then
     WHOLE_NOTE="none in the window (at most $MAX_PER_FRAGMENT audits of any fragment so far, $AUDIT_PAIRS pairs each)"
-    STEADY_DAY=$(awk -v d="$PER_DAY" -v a="$AUDITS_PER_ROUND" -v r="$ROUNDS_PER_DAY" -v f="$FRAGMENT_BYTES" \
-        -v p="$AUDIT_PAIRS" 'BEGIN { printf "%.0f", d + a * r * f / (p + 1) }')
+    STEADY_DAY=$(awk -v d="$PER_DAY" -v a="$AUDITS_PER_ROUND" -v r="$ROUNDS_PER_DAY" \
+        -v sw="$SLICE_WIRE" -v pw="$PAIR_WIRE" 'BEGIN { printf "%.0f", d + a * r * (sw - pw) }')
 else
     WHOLE_NOTE="unknown: up to $MAX_PER_FRAGMENT audits of a fragment before the window end (> $AUDIT_PAIRS pairs); use a larger SIZE"
     STEADY_DAY=n/a
@@ -583,9 +585,9 @@ row "bytes a round, measured" "$PER_ROUND ($PER_ROUND_RAW with keep-alives; the 
 row "a day at the default interval, as measured" "$(mb "$PER_DAY") MB ($ROUNDS_PER_DAY rounds) = $(percent "$PER_DAY" "$STORED") of the $(mb "$STORED") MB stored"
 row "whole-fragment audits (pairs used up)" "$WHOLE_NOTE"
 if [[ $STEADY_DAY == n/a ]]; then
-    row "steady state, a day (+1 fragment / $((AUDIT_PAIRS + 1)) audits)" "n/a (see the line above)"
+    row "steady state, a day (slices, pairs used up)" "n/a (see the line above)"
 else
-    row "steady state, a day (+1 fragment / $((AUDIT_PAIRS + 1)) audits)" "$(mb "$STEADY_DAY") MB = $(percent "$STEADY_DAY" "$STORED") of the data stored (mean fragment $(mb "$FRAGMENT_BYTES") MB; from ~$PAIRS_LAST_DAYS days on at the defaults)"
+    row "steady state, a day (slices, pairs used up)" "$(mb "$STEADY_DAY") MB = $(percent "$STEADY_DAY" "$STORED") of the data stored (mean fragment $(mb "$FRAGMENT_BYTES") MB; from ~$PAIRS_LAST_DAYS days on at the defaults)"
 fi
 DRILL_FETCHED=n/a
 [[ $DRILL_FRAGMENTS == n/a ]] || DRILL_FETCHED=$(awk -v n="$DRILL_FRAGMENTS" -v f="$FRAGMENT_BYTES" 'BEGIN { printf "%.0f", n * f }')

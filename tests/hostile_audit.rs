@@ -119,6 +119,36 @@ fn hostile_peers_are_hired_hold_the_backup_pass_audits_and_restore_it() {
 /// health shows the loss meanwhile.
 #[test]
 fn a_supplier_keeping_only_ids_and_refusing_challenges_is_fired_within_the_bound() {
+    // The supplier at position 1 keeps only its list: challenges and fetches are refused.
+    fired_within_the_bound_and_rebuilt(|lazy| {
+        lazy.keep_only_ids();
+        lazy.behave(|r| match r.body {
+            Body::AuditChallenge(_) | Body::SliceChallenge(_) | Body::RetrieveFragment(_) => {
+                Action::Refuse(FailReason::NoService)
+            }
+            _ => Action::Honest,
+        });
+    });
+}
+
+/// A supplier that answers pings and lists but never a challenge (each times out, asked twice)
+/// is fired like one that refuses.
+#[test]
+fn a_supplier_ignoring_challenges_is_fired_within_the_bound() {
+    fired_within_the_bound_and_rebuilt(|lazy| {
+        lazy.behave(|r| match r.body {
+            Body::AuditChallenge(_) | Body::SliceChallenge(_) | Body::RetrieveFragment(_) => {
+                Action::Ignore
+            }
+            _ => Action::Honest,
+        });
+    });
+}
+
+/// The supplier at position 1 turns lazy (`lie`) after a backup: the source shows the loss at
+/// once, the supplier is fired within `fire_after_failed_audits` rounds and its position is
+/// rebuilt on the spare.
+fn fired_within_the_bound_and_rebuilt(lie: impl FnOnce(&Hostile)) {
     const FIRE_AFTER_FAILED_AUDITS: u64 = 3;
     let mut w = world(7, &fast(FIRE_AFTER_FAILED_AUDITS as u32));
     let hired = wait_all_connected(&w.home, 60);
@@ -129,16 +159,7 @@ fn a_supplier_keeping_only_ids_and_refusing_challenges_is_fired_within_the_bound
         fully_redundant(&health(&w.home)).then_some(())
     });
 
-    // The supplier at position 1 keeps only its list: challenges and fetches are refused.
-    let bad = hired[1].clone();
-    let lazy = w.peer(&bad);
-    lazy.keep_only_ids();
-    lazy.behave(|r| match r.body {
-        Body::AuditChallenge(_) | Body::RetrieveFragment(_) => {
-            Action::Refuse(FailReason::NoService)
-        }
-        _ => Action::Honest,
-    });
+    lie(w.peer(&hired[1]));
     let rounds_then = health(&w.home)["rounds"].as_u64().expect("rounds");
 
     // Meanwhile the source shows the loss: not "full" while the position is not rebuilt.
