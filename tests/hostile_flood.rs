@@ -173,3 +173,160 @@ fn twenty_thousand_empty_fragments_are_refused() {
     let files = std::fs::read_dir(&customer_dir).map_or(0, |d| d.count());
     assert_eq!(files, 0, "files under {}", customer_dir.display());
 }
+
+const MIB: u64 = 1 << 20;
+/// The budget of the node under attack, and its largest message (the budget is twice it).
+const BUDGET: u64 = 16 * MIB;
+const FRAGMENT: usize = 4 << 20;
+
+fn fragment_id(i: u32) -> FragmentId {
+    let mut block = vec![0u8; 32];
+    block[..4].copy_from_slice(&i.to_be_bytes());
+    FragmentId { block, position: 0 }
+}
+
+fn request(id: u64, body: Body) -> Vec<u8> {
+    envelope::encode(&envelope::envelope(id, 0, body))
+}
+
+/// The replies to `n` requests, skipping pings and pushes.
+fn replies(client: &mut RawClient, n: usize) -> Vec<bitdust::proto::Envelope> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let bytes = client.recv_message().expect("a reply");
+        let env = envelope::decode(&bytes).expect("an envelope");
+        if env.reply_to != 0 {
+            got.push(env);
+        }
+    }
+    got
+}
+
+fn budget_held(home: &std::path::Path, peer: &str) -> Option<u64> {
+    peer_status(&try_status(home)?, peer)?
+        .get("budget_held")?
+        .as_u64()
+}
+
+/// Security review M2, "memory one friend can pin on a supplier": a friend with a contract
+/// stores one 4 MiB fragment, then asks for it 32 times and reads nothing, so the replies
+/// pile up on the supplier; then it sends 12 stores of 4 MiB as fast as TCP lets it, while
+/// reading nothing back. With a 16 MiB budget per peer the node's peak RSS grows by less than
+/// the budget plus 40 MiB; the replies that did not fit are TRY_LATER, every store is
+/// acknowledged (the reader waited, nothing was refused), and `status` never shows the friend
+/// holding more than its budget. Measured: the peak grows by 24-31 MiB, one fragment is sent
+/// and 31 are TRY_LATER. The old node queued every reply (32 × 4 MiB: its peak RSS grew by
+/// 135-143 MiB) and read up to 32 requests of any size per link.
+#[test]
+fn a_friend_cannot_pin_more_than_its_byte_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("a");
+    init(&home, "a");
+    let (keys, me) = stranger();
+    add_peer(&home, &me.card());
+    let node = Node::start_with(
+        &home,
+        &[
+            ("BITDUST_NETWORK__PEER_BUDGET", "16 MiB"),
+            ("BITDUST_NETWORK__MAX_MESSAGE", "8 MiB"),
+        ],
+    );
+    wait_for("node up", 20, || try_status(&home));
+    let peer = me.node_id().to_string();
+    let mut client = RawClient::login(&listen_addr(&home), &keys, &me);
+    let ask = ServiceRequest {
+        space: 1 << 30,
+        position: 0,
+        data_shards: 4,
+        parity_shards: 2,
+    };
+    assert!(matches!(
+        client.request(2, Body::ServiceRequest(ask)).body,
+        Some(Body::ServiceAccept(_))
+    ));
+    let data: Vec<u8> = (0..FRAGMENT).map(|i| (i % 251) as u8).collect();
+    let store = |i: u32| {
+        Body::StoreFragment(StoreFragment {
+            id: Some(fragment_id(i)),
+            data: data.clone(),
+            hash: blake3::hash(&data).as_bytes().to_vec(),
+        })
+    };
+    assert!(client.send_message(&request(3, store(0))));
+    let stored = replies(&mut client, 1);
+    assert!(matches!(stored[0].body, Some(Body::Ack(_))), "{stored:?}");
+
+    let pid = node.pid();
+    reset_peak_rss(pid);
+    let before = proc_bytes(pid, "VmHWM");
+    for id in 100..132u64 {
+        let retrieve = Body::RetrieveFragment(bitdust::proto::RetrieveFragment {
+            id: Some(fragment_id(0)),
+        });
+        assert!(client.send_message(&request(id, retrieve)));
+    }
+    // Every retrieve is handled (answered or refused) while the friend reads nothing: what it
+    // holds stops changing.
+    let mut last = (0, 0);
+    wait_for("the retrieves handled", 20, || {
+        let held = budget_held(&home, &peer)?;
+        assert!(held <= BUDGET, "the friend holds {held} bytes");
+        last = if held == last.0 {
+            (held, last.1 + 1)
+        } else {
+            (held, 0)
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        (held >= FRAGMENT as u64 && last.1 >= 5).then_some(())
+    });
+    let grew = proc_bytes(pid, "VmHWM").saturating_sub(before);
+    let answers = replies(&mut client, 32);
+    let sent = answers
+        .iter()
+        .filter(|e| matches!(e.body, Some(Body::FragmentData(_))))
+        .count();
+    let later = answers
+        .iter()
+        .filter(|e| fail_reason(e) == Some(FailReason::TryLater))
+        .count();
+    assert_eq!(sent + later, 32, "{answers:?}");
+    assert!(
+        (1..16).contains(&sent),
+        "{sent} fragments sent, {later} TRY_LATER"
+    );
+    assert!(
+        grew < BUDGET + 40 * MIB,
+        "the node's peak RSS grew by {} MiB for one friend",
+        grew / MIB
+    );
+
+    // Stores as fast as TCP lets the friend send them, no reply read until all are sent.
+    let mut most = 0;
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            for i in 1..=12u32 {
+                assert!(client.send_message(&request(200 + u64::from(i), store(i))));
+            }
+        });
+        while !sender.is_finished() {
+            most = most.max(budget_held(&home, &peer).unwrap_or(0));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    });
+    assert!(most <= BUDGET, "the friend held {most} bytes");
+    let acks = replies(&mut client, 12);
+    assert!(
+        acks.iter().all(|e| matches!(e.body, Some(Body::Ack(_)))),
+        "{acks:?}"
+    );
+    let grew = proc_bytes(pid, "VmHWM").saturating_sub(before);
+    assert!(
+        grew < BUDGET + 40 * MIB,
+        "the node's peak RSS grew by {} MiB for one friend",
+        grew / MIB
+    );
+    eprintln!(
+        "peak RSS growth {} MiB; {sent} fragments sent, {later} TRY_LATER; stores held at most {most} bytes",
+        grew / MIB
+    );
+}

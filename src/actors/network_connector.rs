@@ -495,6 +495,7 @@ impl NetworkConnectorDriver {
                     messages_in: traffic.messages_in,
                     messages_out: traffic.messages_out,
                     control_dropped: traffic.control_dropped,
+                    budget_held: self.shared.budgets.held(id) as u64,
                 }
             })
             .collect();

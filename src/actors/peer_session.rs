@@ -30,6 +30,8 @@ pub struct SessionShared {
     pub handshake_timeout: Duration,
     pub max_message: usize,
     pub queue: usize,
+    /// What each peer may make this node hold, across its sessions (security review M2).
+    pub budgets: crate::net::budget::Budgets,
     /// Best-effort notices (pongs, identity pushes) dropped because a mailbox was full: a peer
     /// flooding them cannot grow the node's memory.
     pub dropped_notices: AtomicU64,
@@ -267,8 +269,15 @@ impl PeerSessionDriver {
         };
         let (reader, writer) = session.split_with(TcpStream::into_split);
         let sink = self.link_sink(identity.node_id(), io);
-        let (handle, tasks) =
-            link::start(reader, writer, identity.clone(), self.shared.queue, sink);
+        let budget = self.shared.budgets.for_peer(identity.node_id());
+        let (handle, tasks) = link::start(
+            reader,
+            writer,
+            identity.clone(),
+            self.shared.queue,
+            budget,
+            sink,
+        );
         self.report(NetInput::SessionUp {
             session: self.id,
             identity: Box::new(identity),

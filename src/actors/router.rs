@@ -49,7 +49,8 @@ pub struct Routed {
     pub signing_key: Option<[u8; 32]>,
     pub envelope: Box<Envelope>,
     pub link: LinkHandle,
-    /// The link's in-flight slot, given back once the reply is sent.
+    /// The link's in-flight slot and the request's bytes on the peer's budget, given back once
+    /// the reply is queued (or carried by the reply, see `LinkHandle::reply_within`).
     pub permit: InFlight,
 }
 

@@ -200,6 +200,10 @@ pub struct PeerStatus {
     /// Pongs and other control messages dropped because the link's queue was full.
     #[serde(default)]
     pub control_dropped: u64,
+    /// Bytes the peer holds on this node now: its requests not yet handled and the replies
+    /// queued for it, at most `network.peer_budget`.
+    #[serde(default)]
+    pub budget_held: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -557,8 +557,9 @@ impl Driver for SupplierServiceDriver {
                     .unwrap_or_else(|_| {
                         fail(FailReason::TryLater, "the request failed on the supplier")
                     });
-                    let _ = link.reply(id, reply).await;
-                    drop(permit);
+                    // A reply that does not fit in the customer's byte budget (it has too
+                    // much queued already, say fragments it does not read) is TRY_LATER.
+                    let _ = link.reply_within(id, reply, permit).await;
                 });
                 vec![]
             }

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::NetError;
+use super::budget::{Held, PeerBudget};
 use super::envelope::{self, EnvelopeError};
 use super::noise::{
     NoiseReader, NoiseSession, NoiseWriter, handshake_initiator, handshake_responder,
@@ -360,13 +361,22 @@ pub enum RequestError {
     Timeout(Duration),
 }
 
+/// What went out in answer to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replied {
+    /// The reply itself.
+    Sent,
+    /// `TRY_LATER`: the reply did not fit in the peer's byte budget (security review M2).
+    TryLater,
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Envelope>>>>;
 
 /// A cheap, cloneable way to talk to one peer over its established link.
 #[derive(Clone)]
 pub struct LinkHandle {
     peer: NodeId,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Outgoing>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
     pub stats: Arc<LinkStats>,
@@ -403,7 +413,7 @@ impl LinkHandle {
         // The timeout covers waiting for queue space as well as for the reply.
         let exchange = async {
             self.tx
-                .send(bytes)
+                .send((bytes, None))
                 .await
                 .map_err(|_| RequestError::Closed)?;
             rx.await.map_err(|_| RequestError::Closed)
@@ -418,13 +428,16 @@ impl LinkHandle {
     /// Sends a one-way message, waiting for queue space.
     pub async fn send(&self, body: Body) -> Result<(), RequestError> {
         let bytes = envelope::encode(&envelope::envelope(self.next_id(), 0, body));
-        self.tx.send(bytes).await.map_err(|_| RequestError::Closed)
+        self.tx
+            .send((bytes, None))
+            .await
+            .map_err(|_| RequestError::Closed)
     }
 
     /// Sends a one-way message if the queue has room now.
     pub fn try_send(&self, body: Body) -> Result<(), RequestError> {
         let bytes = envelope::encode(&envelope::envelope(self.next_id(), 0, body));
-        self.tx.try_send(bytes).map_err(|e| match e {
+        self.tx.try_send((bytes, None)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => RequestError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => RequestError::Closed,
         })
@@ -433,7 +446,39 @@ impl LinkHandle {
     /// Answers request `to`.
     pub async fn reply(&self, to: u64, body: Body) -> Result<(), RequestError> {
         let bytes = envelope::encode(&envelope::envelope(self.next_id(), to, body));
-        self.tx.send(bytes).await.map_err(|_| RequestError::Closed)
+        self.tx
+            .send((bytes, None))
+            .await
+            .map_err(|_| RequestError::Closed)
+    }
+
+    /// Answers request `to` and gives its slot back. The request's charge on the peer's budget
+    /// becomes the reply's until the writer has written it. A reply larger than its request
+    /// takes the difference only if it fits now, leaving room to read a message. It never
+    /// waits: the bytes it would wait for may be held by requests queued behind this one. A
+    /// reply that does not fit is dropped and `TRY_LATER` said in its place.
+    pub async fn reply_within(
+        &self,
+        to: u64,
+        body: Body,
+        in_flight: InFlight,
+    ) -> Result<Replied, RequestError> {
+        let InFlight { slot, mut charge } = in_flight;
+        let id = self.next_id();
+        let mut bytes = envelope::encode(&envelope::envelope(id, to, body));
+        let fits = charge.resize_for_reply(bytes.len()).is_ok();
+        if !fits {
+            bytes = fail_bytes(id, to, FailReason::TryLater, OVER_BUDGET);
+            charge.shrink_to(bytes.len());
+        }
+        let sent = self.tx.send((bytes, Some(charge))).await;
+        drop(slot);
+        sent.map_err(|_| RequestError::Closed)?;
+        Ok(if fits {
+            Replied::Sent
+        } else {
+            Replied::TryLater
+        })
     }
 
     pub fn is_closed(&self) -> bool {
@@ -446,6 +491,12 @@ impl LinkHandle {
         self.tx.closed().await
     }
 }
+
+/// What a peer hears instead of a reply that does not fit in its budget.
+const OVER_BUDGET: &str = "this node holds too much for you now; ask again later";
+
+/// A message to write, with its charge on the peer's budget when it is a reply to the peer.
+type Outgoing = (Vec<u8>, Option<Held>);
 
 /// A message to write before the link closes, and who to tell once it is out.
 type LastWords = (Vec<u8>, Option<oneshot::Sender<()>>);
@@ -510,8 +561,21 @@ pub type LinkSink = Arc<dyn Fn(LinkEvent) + Send + Sync>;
 /// pushes back on the peer. Bounds the memory one peer can make this node hold.
 pub const MAX_IN_FLIGHT: usize = 32;
 
-/// A slot of a link's in-flight requests, given back when dropped.
-pub type InFlight = tokio::sync::OwnedSemaphorePermit;
+/// A request being handled: a slot of its link's in-flight requests and the bytes of its body
+/// on the peer's budget, both given back when dropped (or passed on to the reply by
+/// [`LinkHandle::reply_within`]).
+#[derive(Debug)]
+pub struct InFlight {
+    slot: tokio::sync::OwnedSemaphorePermit,
+    charge: Held,
+}
+
+impl InFlight {
+    /// Bytes this request holds on its peer's budget.
+    pub fn bytes(&self) -> usize {
+        self.charge.bytes()
+    }
+}
 
 use crate::unix_now;
 
@@ -522,13 +586,14 @@ pub fn start<R, W>(
     writer: NoiseWriter<W>,
     peer: Identity,
     queue: usize,
+    budget: Arc<PeerBudget>,
     sink: LinkSink,
 ) -> (LinkHandle, LinkTasks)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(queue.max(1));
+    let (tx, rx) = mpsc::channel::<Outgoing>(queue.max(1));
     let (control_tx, control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
     let (last_tx, last_rx) = mpsc::channel::<LastWords>(1);
     let stats = Arc::new(LinkStats::default());
@@ -554,6 +619,7 @@ where
             control: control_tx,
             last_words: last_tx.clone(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            budget,
             sink,
         },
     ));
@@ -578,7 +644,7 @@ struct WriterQueues {
     /// Control replies (pongs), ahead of the request queue.
     control: mpsc::Receiver<Vec<u8>>,
     /// Requests, replies and one-way messages of the node.
-    requests: mpsc::Receiver<Vec<u8>>,
+    requests: mpsc::Receiver<Outgoing>,
 }
 
 /// The writer task: closing words first, then control replies, then the request queue.
@@ -600,12 +666,14 @@ async fn run_writer<W>(
                 }
                 break;
             }
-            Some(bytes) = queues.control.recv() => bytes,
+            Some(bytes) = queues.control.recv() => (bytes, None),
             next = queues.requests.recv() => match next {
-                Some(bytes) => bytes,
+                Some(outgoing) => outgoing,
                 None => break,
             },
         };
+        // A reply's charge goes back once it is written.
+        let (bytes, _charge) = bytes;
         if let Err(e) = writer.send(&bytes).await {
             sink(LinkEvent::Closed(close_reason(&e)));
             return;
@@ -625,6 +693,8 @@ struct ReaderSide {
     control: mpsc::Sender<Vec<u8>>,
     last_words: mpsc::Sender<LastWords>,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// The peer's byte budget, shared with its other links.
+    budget: Arc<PeerBudget>,
     sink: LinkSink,
 }
 
@@ -668,8 +738,9 @@ impl ReaderSide {
         Some(reason)
     }
 
-    /// Handles one decoded message; `Some` ends the link.
-    async fn dispatch(&self, envelope: Envelope) -> Option<LinkClose> {
+    /// Handles one decoded message, which holds `charge` on the peer's budget (kept only by a
+    /// request); `Some` ends the link.
+    async fn dispatch(&self, envelope: Envelope, charge: Held) -> Option<LinkClose> {
         if envelope.reply_to != 0 {
             if let Some(waiter) = lock(&self.link.pending).remove(&envelope.reply_to) {
                 let _ = waiter.send(envelope);
@@ -701,13 +772,13 @@ impl ReaderSide {
             // SHUTTING_DOWN); the close itself follows. Never answered: no Fail loops.
             Some(Body::Fail(_)) => {}
             _ => {
-                let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                let Ok(slot) = self.in_flight.clone().acquire_owned().await else {
                     return Some(LinkClose::IoError);
                 };
                 (self.sink)(LinkEvent::Request(
                     Box::new(envelope),
                     self.link.clone(),
-                    permit,
+                    InFlight { slot, charge },
                 ))
             }
         }
@@ -722,9 +793,21 @@ where
     R: AsyncRead + Unpin + Send + 'static,
 {
     let stats = side.link.stats.clone();
+    // A long message is read only once the peer's budget has room for the longest one; a
+    // short one (a chunk, already in hand) waits for room before the next is read. Either way
+    // the reader stops while the peer holds its whole budget, and TCP holds the peer back.
+    let longest = reader.max_message();
     let reason = loop {
-        let bytes = match reader.recv().await {
-            Ok(Some(bytes)) => bytes,
+        let budget = &side.budget;
+        let (bytes, charge) = match reader.recv_gated(|| budget.acquire(longest)).await {
+            Ok(Some((bytes, Some(mut reserved)))) => {
+                reserved.shrink_to(bytes.len());
+                (bytes, reserved)
+            }
+            Ok(Some((bytes, None))) => {
+                let charge = budget.acquire(bytes.len()).await;
+                (bytes, charge)
+            }
             Ok(None) => break LinkClose::PeerClosed,
             Err(e) => break close_reason(&e),
         };
@@ -734,7 +817,11 @@ where
         stats.messages_in.fetch_add(1, Ordering::Relaxed);
         stats.last_seen.store(unix_now(), Ordering::Relaxed);
         let ended = match envelope::decode(&bytes) {
-            Ok(envelope) => side.dispatch(envelope).await,
+            Ok(envelope) => {
+                // The envelope has its own copy of the body: the charge covers one of them.
+                drop(bytes);
+                side.dispatch(envelope, charge).await
+            }
             Err(e) => side.undecodable(&bytes, &e).await,
         };
         if let Some(reason) = ended {
@@ -801,7 +888,8 @@ mod tests {
                 let _ = tx.send(e);
             });
             let (r, w) = session.split();
-            let (handle, tasks) = start(r, w, peer, queue, sink);
+            let (handle, tasks) =
+                start(r, w, peer, queue, PeerBudget::new(64 << 20, 1 << 20), sink);
             (handle, tasks, rx)
         };
         (side(sa, seen_b, queue), side(sb, seen_a, queue))
@@ -940,6 +1028,20 @@ mod tests {
         LinkTasks,
         std_mpsc::Receiver<LinkEvent>,
     ) {
+        raw_and_link_within(queue, pipe, PeerBudget::new(64 << 20, 1 << 20)).await
+    }
+
+    /// [`raw_and_link`] with the peer's byte budget given (its largest message is 1 MiB).
+    async fn raw_and_link_within(
+        queue: usize,
+        pipe: usize,
+        budget: Arc<PeerBudget>,
+    ) -> (
+        NoiseSession<tokio::io::DuplexStream>,
+        LinkHandle,
+        LinkTasks,
+        std_mpsc::Receiver<LinkEvent>,
+    ) {
         let (ka, a) = node("a");
         let (kb, b) = node("b");
         let (io_a, io_b) = tokio::io::duplex(pipe);
@@ -955,8 +1057,94 @@ mod tests {
             let _ = tx.send(e);
         });
         let (r, w) = sb.split();
-        let (handle, tasks) = start(r, w, seen_a, queue, sink);
+        let (handle, tasks) = start(r, w, seen_a, queue, budget, sink);
         (sa, handle, tasks, rx)
+    }
+
+    fn store_request(id: u64) -> Vec<u8> {
+        envelope::encode(&envelope::envelope(id, 0, big_fragment()))
+    }
+
+    /// Security review M2: a long message is read only while the peer's budget has room for
+    /// the longest one (1 MiB here), and what a request holds comes back when it is done.
+    #[tokio::test]
+    async fn the_reader_waits_while_the_peer_holds_its_budget() {
+        let budget = PeerBudget::new((1 << 20) + 150_000, 1 << 20);
+        let (mut a, _b, _tb, eb) = raw_and_link_within(8, 4 << 20, budget.clone()).await;
+        for id in 10..14 {
+            a.send(&store_request(id)).await.expect("send");
+        }
+        let held = collect_events(&eb, 4).await;
+        assert_eq!(
+            held.len(),
+            2,
+            "two of 100 kB fit beside a 1 MiB reservation"
+        );
+        let charged: usize = held
+            .iter()
+            .map(|e| match e {
+                LinkEvent::Request(_, _, in_flight) => in_flight.bytes(),
+                other => panic!("expected a request, got {other:?}"),
+            })
+            .sum();
+        assert_eq!(budget.held(), charged);
+        assert!((200_000..210_000).contains(&charged), "{charged}");
+        drop(held);
+        let rest = collect_events(&eb, 2).await;
+        assert_eq!(rest.len(), 2, "read once the first two were done");
+    }
+
+    /// A reply that does not fit beside what the peer holds (and the room kept for reading) is
+    /// TRY_LATER; one that fits is held on the budget until it is written.
+    #[tokio::test]
+    async fn a_reply_that_does_not_fit_is_try_later() {
+        // Room for one reply of 900 kB beside the 1 MiB kept for reading, not for two.
+        let budget = PeerBudget::new((2 << 20) + 100_000, 1 << 20);
+        // A pipe the first reply does not fit in, so it is still queued when the second comes.
+        let (mut a, _b, _tb, eb) = raw_and_link_within(8, 64 * 1024, budget.clone()).await;
+        let ask = |id| {
+            envelope::encode(&envelope::envelope(
+                id,
+                0,
+                Body::ListFragments(crate::proto::ListFragments {
+                    after: None,
+                    limit: 0,
+                }),
+            ))
+        };
+        a.send(&ask(20)).await.expect("send");
+        a.send(&ask(21)).await.expect("send");
+        let mut asked = collect_events(&eb, 2).await.into_iter();
+        let (Some(LinkEvent::Request(_, link, first)), Some(LinkEvent::Request(_, _, second))) =
+            (asked.next(), asked.next())
+        else {
+            panic!("two requests");
+        };
+        let reply = |n: usize| {
+            Body::FragmentData(crate::proto::FragmentData {
+                id: None,
+                data: vec![1; n],
+            })
+        };
+        assert_eq!(
+            link.reply_within(20, reply(900_000), first).await,
+            Ok(Replied::Sent)
+        );
+        assert_eq!(
+            link.reply_within(21, reply(900_000), second).await,
+            Ok(Replied::TryLater)
+        );
+        let first = envelope::decode(&a.recv().await.expect("recv").expect("msg")).expect("env");
+        assert!(matches!(first.body, Some(Body::FragmentData(_))));
+        let second = a.recv().await.expect("recv").expect("msg");
+        assert_eq!(fail_of(&second), (21, FailReason::TryLater));
+        for _ in 0..100 {
+            if budget.held() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(budget.held(), 0, "written replies give their bytes back");
     }
 
     fn fail_of(bytes: &[u8]) -> (u64, FailReason) {

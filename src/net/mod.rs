@@ -7,6 +7,7 @@
 //!   read and write halves can be driven from separate tasks.
 //! * [`link`]: the identity exchange after the handshake, then request/reply over a session.
 //! * [`admission`]: limits on inbound connections that have not authenticated yet.
+//! * [`budget`]: the bytes one authenticated peer can make the node hold, across its links.
 //!
 //! The handshake only proves that the peer holds the private half of
 //! [`noise::NoiseSession::remote_static`]; the caller must check that key
@@ -15,6 +16,7 @@
 //! Nothing in this module logs key material or payload bytes.
 
 pub mod admission;
+pub mod budget;
 pub mod envelope;
 pub mod frame;
 pub mod link;

@@ -315,14 +315,37 @@ async fn recv_from<S>(stream: &mut S, opener: &mut Opener) -> Result<Option<Vec<
 where
     S: Stream<Item = Result<BytesMut, NetError>> + Unpin,
 {
+    let got = recv_gated_from(stream, opener, || std::future::ready(())).await?;
+    Ok(got.map(|(msg, _)| msg))
+}
+
+/// [`recv_from`] that awaits `on_long` when a message turns out to span chunks, after its first
+/// chunk and before the rest is read.
+async fn recv_gated_from<S, T, F, Fut>(
+    stream: &mut S,
+    opener: &mut Opener,
+    on_long: F,
+) -> Result<Option<(Vec<u8>, Option<T>)>, NetError>
+where
+    S: Stream<Item = Result<BytesMut, NetError>> + Unpin,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
     if opener.closed {
         return Err(NetError::Closed);
     }
+    let mut on_long = Some(on_long);
+    let mut gated = None;
     let err = loop {
         match stream.next().await {
             Some(Ok(frame)) => match opener.open(&frame) {
-                Ok(Some(msg)) => return Ok(Some(msg)),
-                Ok(None) => continue,
+                Ok(Some(msg)) => return Ok(Some((msg, gated))),
+                Ok(None) => {
+                    if let Some(gate) = on_long.take() {
+                        gated = Some(gate().await);
+                    }
+                    continue;
+                }
                 Err(e) => break e,
             },
             Some(Err(e)) => break e,
@@ -550,9 +573,30 @@ impl<R: AsyncRead + Unpin + Send> NoiseReader<R> {
         recv_from(&mut self.framed, &mut self.opener).await
     }
 
+    /// Like [`recv`](Self::recv), but once a message turns out to be longer than one chunk
+    /// (its first chunk is open, the rest not read yet) awaits `on_long` and returns what it
+    /// gave beside the message: the caller can wait there for room (a byte budget) before the
+    /// rest of a long message is read. Not cancel-safe while `on_long` runs: a message resumed
+    /// after a cancel is read without the gate.
+    pub async fn recv_gated<T, F, Fut>(
+        &mut self,
+        on_long: F,
+    ) -> Result<Option<(Vec<u8>, Option<T>)>, NetError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        recv_gated_from(&mut self.framed, &mut self.opener, on_long).await
+    }
+
     /// Sets the largest logical message accepted (default [`MAX_MESSAGE`]).
     pub fn set_max_message(&mut self, max: usize) {
         self.opener.max_message = max;
+    }
+
+    /// The largest logical message accepted.
+    pub fn max_message(&self) -> usize {
+        self.opener.max_message
     }
 
     /// The peer's X25519 static public key.

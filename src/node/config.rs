@@ -106,6 +106,10 @@ pub struct NetworkSection {
     pub outbound_queue: usize,
     /// Largest protocol message accepted from a peer.
     pub max_message: ByteSize,
+    /// Bytes one peer can make this node hold, all its sessions together: its requests read
+    /// and not yet handled, and the replies queued for it. Past it the node reads no more from
+    /// that peer until some are done (security review M2).
+    pub peer_budget: ByteSize,
     /// Inbound connections allowed to be handshaking at once, all sources together.
     pub max_pending: usize,
     /// Inbound connections allowed to be handshaking at once from one source IP.
@@ -141,6 +145,7 @@ impl Default for NetworkSection {
             reconnect_max: Span(Duration::from_secs(300)),
             outbound_queue: 64,
             max_message: ByteSize(32 * MIB),
+            peer_budget: ByteSize(64 * MIB),
             max_pending: 64,
             max_pending_per_address: 8,
             friend_reserve: 16,
@@ -468,6 +473,8 @@ impl Config {
                 "must hold one fragment (block_size / data_shards) plus 64 KiB".into(),
             ));
         }
+        crate::net::budget::Budget::check(n.peer_budget.0 as usize, n.max_message.0 as usize)
+            .map_err(|e| ("network.peer_budget".to_string(), e.to_string()))?;
         for (i, p) in self.peers.iter().enumerate() {
             Identity::from_card(&p.card)
                 .map_err(|e| (format!("peers[{i}].card"), e.to_string()))?;
@@ -616,6 +623,10 @@ reconnect_max = "{rmax}"
 outbound_queue = {queue}
 # Largest message accepted from a peer.
 max_message = "{max_message}"
+# Bytes one peer may make this node hold (its requests not yet handled, replies not yet
+# written), all its sessions together; past it the node stops reading from that peer until
+# some are done. At least twice max_message.
+peer_budget = "{peer_budget}"
 # Inbound connections handshaking at once: in total, from one IP address, and how many of
 # the total are kept for friends' hosts (their contact IPs and IPs they connected from).
 max_pending = {max_pending}
@@ -689,6 +700,7 @@ level = "info"
         rmax = n.reconnect_max,
         queue = n.outbound_queue,
         max_message = n.max_message,
+        peer_budget = n.peer_budget,
         max_pending = n.max_pending,
         per_address = n.max_pending_per_address,
         friend_reserve = n.friend_reserve,
@@ -842,6 +854,14 @@ mod tests {
             "node.control_clients"
         );
         assert_eq!(key_of("[node]\ndisk_stall = \"0s\"\n"), "node.disk_stall");
+        // A peer's budget holds two of the largest messages (security review M2).
+        assert_eq!(
+            key_of("[network]\npeer_budget = \"63 MiB\"\n"),
+            "network.peer_budget"
+        );
+        let c =
+            parse("[network]\nmax_message = \"8 MiB\"\npeer_budget = \"16 MiB\"\n").expect("valid");
+        assert_eq!(c.network.peer_budget, ByteSize(16 * MIB));
         let c = parse("[node]\nkeep_free = \"1 MiB\"\n").expect("valid");
         assert_eq!(c.node.keep_free, ByteSize(MIB));
     }

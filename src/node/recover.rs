@@ -26,6 +26,7 @@ use crate::crypto::identity::{Identity, NodeId};
 use crate::crypto::keys::NodeKeys;
 use crate::fsm::catalog_commit::raise_revision;
 use crate::fsm::recovery::{Answer, Search};
+use crate::net::budget::PeerBudget;
 use crate::net::link::{self, LinkHandle, LinkTasks, NewestKey, TrustPolicy};
 use crate::store::catalog::{self, RecoveryRecord};
 use crate::store::contracts::{self, Contract};
@@ -90,7 +91,10 @@ impl Dialer<'_> {
                 Ok((session, identity)) => {
                     let (reader, writer) = session.split();
                     let sink: link::LinkSink = Arc::new(|_| {});
-                    let (handle, tasks) = link::start(reader, writer, identity, 16, sink);
+                    // Only replies come back here: a budget of two messages never holds them up.
+                    let budget =
+                        PeerBudget::new(self.max_message.saturating_mul(2), self.max_message);
+                    let (handle, tasks) = link::start(reader, writer, identity, 16, budget, sink);
                     if let Ok(mut open) = self.open.lock() {
                         open.insert(id, (handle.clone(), tasks));
                     }

@@ -134,6 +134,10 @@ pub fn session(
         handshake_timeout: n.handshake_timeout.get(),
         max_message: n.max_message.0 as usize,
         queue: n.outbound_queue,
+        budgets: crate::net::budget::Budgets::new(
+            n.peer_budget.0 as usize,
+            n.max_message.0 as usize,
+        ),
         dropped_notices: Default::default(),
     }
 }

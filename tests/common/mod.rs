@@ -487,6 +487,45 @@ impl RawClient {
         write_frame(&mut self.stream, &buf[..n]);
     }
 
+    /// Sends `payload` in as many chunks as it needs; false once the node has closed.
+    pub fn send_message(&mut self, payload: &[u8]) -> bool {
+        const CHUNK: usize = 65_518;
+        let mut buf = vec![0u8; 65_535];
+        let mut pieces = payload.chunks(CHUNK).peekable();
+        if pieces.peek().is_none() {
+            self.send(payload);
+            return true;
+        }
+        while let Some(piece) = pieces.next() {
+            let mut plain = vec![u8::from(pieces.peek().is_none())];
+            plain.extend_from_slice(piece);
+            let n = self
+                .transport
+                .write_message(&plain, &mut buf)
+                .expect("encrypt");
+            let frame = [&(n as u32).to_be_bytes()[..], &buf[..n]].concat();
+            if self.stream.write_all(&frame).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Receives one whole message, however many chunks it spans.
+    pub fn recv_message(&mut self) -> Option<Vec<u8>> {
+        let mut msg = Vec::new();
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            let frame = read_frame(&mut self.stream)?;
+            let n = self.transport.read_message(&frame, &mut buf).ok()?;
+            let (&flag, data) = buf[..n].split_first()?;
+            msg.extend_from_slice(data);
+            if flag == 1 {
+                return Some(msg);
+            }
+        }
+    }
+
     pub fn recv(&mut self) -> Option<Vec<u8>> {
         let frame = read_frame(&mut self.stream)?;
         let mut buf = vec![0u8; frame.len()];
@@ -558,4 +597,20 @@ impl Node {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// A field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`).
+pub fn proc_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Starts measuring the peak RSS of `pid` anew (`VmHWM` is reset to the present RSS).
+pub fn reset_peak_rss(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset VmHWM");
 }
