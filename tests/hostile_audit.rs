@@ -150,14 +150,7 @@ fn a_supplier_ignoring_challenges_is_fired_within_the_bound() {
 /// rebuilt on the spare.
 fn fired_within_the_bound_and_rebuilt(lie: impl FnOnce(&Hostile)) {
     const FIRE_AFTER_FAILED_AUDITS: u64 = 3;
-    let mut w = world(7, &fast(FIRE_AFTER_FAILED_AUDITS as u32));
-    let hired = wait_all_connected(&w.home, 60);
-    let source = tempfile::tempdir().expect("tempdir");
-    mixed_tree(source.path());
-    backup(&w.home, source.path());
-    wait_for("full redundancy after the backup", 60, || {
-        fully_redundant(&health(&w.home)).then_some(())
-    });
+    let (mut w, hired, _source) = backed_up(7, &fast(FIRE_AFTER_FAILED_AUDITS as u32));
 
     lie(w.peer(&hired[1]));
     let rounds_then = health(&w.home)["rounds"].as_u64().expect("rounds");
@@ -240,14 +233,7 @@ fn made_up_page(after: Option<&FragmentId>) -> Body {
 /// with the lie, and nothing else about that supplier changes (its audits still pass).
 #[test]
 fn a_supplier_listing_pages_forever_is_followed_only_as_far_as_was_placed() {
-    let w = world(6, &fast(1000));
-    let hired = wait_all_connected(&w.home, 60);
-    let source = tempfile::tempdir().expect("tempdir");
-    mixed_tree(source.path());
-    backup(&w.home, source.path());
-    wait_for("full redundancy after the backup", 60, || {
-        fully_redundant(&health(&w.home)).then_some(())
-    });
+    let (w, hired, _source) = backed_up(6, &fast(1000));
     let liar = w.peer(&hired[0]);
     liar.behave(|r| match &r.body {
         Body::ListFragments(l) => Action::Reply(made_up_page(l.after.as_ref())),
@@ -326,6 +312,20 @@ fn a_slow_supplier_is_hedged_and_named_in_the_restore_result() {
         finished.to_string().contains(&slow),
         "status names the slow supplier: {finished:#}"
     );
+}
+
+/// An owner and `n` hostile peers, `mixed_tree` backed up and at full redundancy; the hired
+/// suppliers by position and the source.
+fn backed_up(n: usize, env: &[(&'static str, String)]) -> (World, Vec<String>, tempfile::TempDir) {
+    let w = world(n, env);
+    let hired = wait_all_connected(&w.home, 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    mixed_tree(source.path());
+    backup(&w.home, source.path());
+    wait_for("full redundancy after the backup", 60, || {
+        fully_redundant(&health(&w.home)).then_some(())
+    });
+    (w, hired, source)
 }
 
 /// A supplier away when a restore starts and back while it runs is asked again: the restore
@@ -440,14 +440,7 @@ fn once_the_pairs_are_used_up_audits_are_slices_only_a_holder_passes() {
 /// restore.
 #[test]
 fn a_drill_falling_back_to_parity_tells_the_monitor_who_failed() {
-    let w = world(6, &fast(1000));
-    let hired = wait_all_connected(&w.home, 60);
-    let source = tempfile::tempdir().expect("tempdir");
-    mixed_tree(source.path());
-    backup(&w.home, source.path());
-    wait_for("full redundancy after the backup", 60, || {
-        fully_redundant(&health(&w.home)).then_some(())
-    });
+    let (w, hired, _source) = backed_up(6, &fast(1000));
     assert_eq!(health(&w.home)["audits_failed"].as_u64(), Some(0));
     w.peer(&hired[0]).behave(|r| match r.body {
         Body::RetrieveFragment(_) => Action::Refuse(FailReason::NotFound),
@@ -530,14 +523,7 @@ fn bench_restore_with_one_supplier_at_10_s_per_request() {
 /// every challenge.
 #[test]
 fn a_restore_falling_back_to_parity_tells_the_monitor_who_failed() {
-    let w = world(7, &fast(1000));
-    let hired = wait_all_connected(&w.home, 60);
-    let source = tempfile::tempdir().expect("tempdir");
-    mixed_tree(source.path());
-    backup(&w.home, source.path());
-    wait_for("full redundancy after the backup", 60, || {
-        fully_redundant(&health(&w.home)).then_some(())
-    });
+    let (w, hired, source) = backed_up(7, &fast(1000));
     assert_eq!(health(&w.home)["audits_failed"].as_u64(), Some(0));
     w.peer(&hired[0]).behave(|r| match r.body {
         Body::RetrieveFragment(_) => Action::Refuse(FailReason::NoService),
