@@ -172,6 +172,23 @@ mod tests {
     use rand::rngs::StdRng;
 
     #[test]
+    fn slice_offsets_are_chunk_aligned_inside_the_fragment_and_cover_it() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let size = 10 * SLICE_LEN + 300;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..2000 {
+            let offset = slice_offset(size, &mut rng);
+            assert_eq!(offset % SLICE_LEN, 0, "{offset}");
+            assert!(offset < size, "{offset}");
+            seen.insert(offset);
+        }
+        // Every chunk is audited in turn, the short last one too.
+        assert_eq!(seen.len(), 11, "{seen:?}");
+        assert_eq!(slice_offset(1, &mut rng), 0);
+        assert_eq!(slice_offset(0, &mut rng), 0);
+    }
+
+    #[test]
     fn a_slice_proves_its_range_against_the_hash_alone() {
         let stored: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 1000) as u8).collect();
         let hash = *blake3::hash(&stored).as_bytes();
