@@ -188,9 +188,7 @@ impl FragmentProblem {
     fn audit_result(&self) -> Option<AuditResult> {
         match self {
             FragmentProblem::NotPlaced => None,
-            FragmentProblem::Fetch(e) => {
-                Some(super::monitor::failed_audit(e)).filter(|r| *r != AuditResult::NoAnswer)
-            }
+            FragmentProblem::Fetch(e) => super::monitor::fetch_failure(e),
             FragmentProblem::Check(_) => Some(AuditResult::Corrupt),
         }
     }
@@ -225,15 +223,9 @@ impl DrillWiring {
             clock,
         )
         .await?;
-        if let Some(monitor) = &self.monitor {
-            for f in &report.supplier_failures {
-                let _ = monitor.try_send(Input(MonitorInput::Fetched {
-                    block: f.block,
-                    position: f.position,
-                    supplier: f.supplier,
-                    result: f.result,
-                }));
-            }
+        for f in &report.supplier_failures {
+            let monitor = self.monitor.as_ref();
+            super::monitor::tell_fetch_failure(monitor, f.block, f.position, f.supplier, f.result);
         }
         Ok(report)
     }

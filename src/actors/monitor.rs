@@ -322,6 +322,31 @@ fn slices_unsupported(error: &FragmentError) -> bool {
     )
 }
 
+/// How a restore or drill counts a fetch that failed against its supplier: as an audit of it,
+/// except without a session (`None`: not the supplier's doing).
+pub fn fetch_failure(error: &FragmentError) -> Option<AuditResult> {
+    Some(failed_audit(error)).filter(|r| *r != AuditResult::NoAnswer)
+}
+
+/// Tells the monitor, when it runs, that `supplier` did not give a fragment a restore or drill
+/// asked for (`result` from [`fetch_failure`], or `Corrupt`).
+pub fn tell_fetch_failure(
+    monitor: Option<&Recipient<Input<MonitorInput>>>,
+    block: [u8; 32],
+    position: u32,
+    supplier: NodeId,
+    result: AuditResult,
+) {
+    if let Some(monitor) = monitor {
+        let _ = monitor.try_send(Input(MonitorInput::Fetched {
+            block,
+            position,
+            supplier,
+            result,
+        }));
+    }
+}
+
 /// What a failed audit request says (H1): without a session, nothing; "try later", passing
 /// trouble (M6); NOT_FOUND, missing; bytes it cannot read back or a range it does not have,
 /// corrupt; any other answer from a reachable supplier — a refusal, no reply in time, a reply

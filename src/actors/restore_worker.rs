@@ -147,17 +147,8 @@ impl RestoreWorkerDriver {
     /// A fetch that failed at its supplier (not for want of a session): the monitor hears it as
     /// a typed message, like an audit's result.
     fn tell_monitor(&self, block: [u8; 32], position: u32, supplier: NodeId, result: AuditResult) {
-        if result == AuditResult::NoAnswer {
-            return;
-        }
-        if let Some(monitor) = &self.wiring.monitor {
-            let _ = monitor.try_send(Input(super::monitor::MonitorInput::Fetched {
-                block,
-                position,
-                supplier,
-                result,
-            }));
-        }
+        let monitor = self.wiring.monitor.as_ref();
+        super::monitor::tell_fetch_failure(monitor, block, position, supplier, result);
     }
 
     /// The suppliers at the positions the restore found slow (each block names its holders).
@@ -190,12 +181,9 @@ impl RestoreWorkerDriver {
             Ok(stored) => stored,
             Err(why) => {
                 tracing::debug!(position, supplier = %supplier, error = %why, "fragment not fetched");
-                self.tell_monitor(
-                    block,
-                    position,
-                    supplier,
-                    super::monitor::failed_audit(&why),
-                );
+                if let Some(result) = super::monitor::fetch_failure(&why) {
+                    self.tell_monitor(block, position, supplier, result);
+                }
                 return failed(false);
             }
         };
