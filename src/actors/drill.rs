@@ -829,6 +829,7 @@ mod tests {
             size: (chunks.len() * CHUNK) as u64,
             chunks: chunks.iter().map(|&c| ids[c]).collect(),
             target: Vec::new(),
+            ..FileEntry::default()
         };
         for entry in [
             file("", FileKind::Dir, &[]),

@@ -62,6 +62,9 @@ pub fn run(home: Home, log_format: Option<LogFormat>) -> anyhow::Result<()> {
         )
         .with_context(|| format!("opening {}", home.db_dir().display()))?,
     );
+    // An older catalog is upgraded in place; a newer one stops the start before anything is
+    // written with a format this code does not fully know.
+    crate::store::catalog::upgrade(rocks.as_ref()).context("opening the catalog")?;
     let space = rocks.space();
     // Weak: the sampler must not keep the database open past its close at the end of `run`.
     let resumable = Arc::downgrade(&rocks);

@@ -949,6 +949,9 @@ fn restore_batched(
                 FileKind::Dir => r.dir(entry, &parts),
                 FileKind::Symlink => r.symlink(entry, &parts),
                 FileKind::File => r.file(entry, &parts, &mut cache, &plan.chunk_blocks),
+                FileKind::Fifo | FileKind::CharDevice | FileKind::BlockDevice => Err(
+                    EntryError::Entry(format!("a {} is not restored yet", entry.kind.name())),
+                ),
             },
         };
         let consumed = std::mem::take(&mut r.consumed);
@@ -970,6 +973,7 @@ fn restore_batched(
                         dirs_done.push(entry);
                     }
                     FileKind::Symlink => r.report.symlinks += 1,
+                    FileKind::Fifo | FileKind::CharDevice | FileKind::BlockDevice => {}
                 }
                 r.report.bytes += n;
                 RestoreCounters::add(&r.counters.bytes_written, n);
@@ -1473,6 +1477,7 @@ mod tests {
             size: 0,
             chunks: Vec::new(),
             target: Vec::new(),
+            ..FileEntry::default()
         }
     }
 

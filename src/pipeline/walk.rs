@@ -322,6 +322,7 @@ impl Sink {
         self.send(Item::Skipped(Skipped {
             path: path.to_vec(),
             reason,
+            by_design: false,
         }))
     }
 
@@ -358,6 +359,7 @@ impl Sink {
         let changed = changed.then(|| Skipped {
             path: e.path.clone(),
             reason: "changed while being read".into(),
+            by_design: false,
         });
         if dep.is_some_and(|d| d >= self.next_seq) {
             self.held.push(Item::File(e));
@@ -436,7 +438,6 @@ fn entry(rel: &[u8], kind: FileKind, meta: &Metadata) -> FileEntry {
         } else {
             0
         },
-        chunks: Vec::new(),
-        target: Vec::new(),
+        ..FileEntry::default()
     }
 }

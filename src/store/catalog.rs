@@ -39,15 +39,45 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SnapshotId(pub u64);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum FileKind {
+    #[default]
     File,
     Dir,
     Symlink,
+    Fifo,
+    CharDevice,
+    BlockDevice,
+}
+
+impl FileKind {
+    /// What a person calls it, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            FileKind::File => "file",
+            FileKind::Dir => "directory",
+            FileKind::Symlink => "symlink",
+            FileKind::Fifo => "FIFO",
+            FileKind::CharDevice => "character device",
+            FileKind::BlockDevice => "block device",
+        }
+    }
+}
+
+/// Who owned an entry on the backed-up host: the numbers always, the names where that host had
+/// them (a restore as root prefers the name when the target host knows it, as tar does).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    /// Empty: the host had no user for `uid`.
+    pub user: Vec<u8>,
+    /// Empty: the host had no group for `gid`.
+    pub group: Vec<u8>,
 }
 
 /// One entry of a snapshot's tree.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileEntry {
     /// Relative to the source's root, `/`-separated, no leading `/`, never `.` or `..`
     /// components; the root itself is the empty path. Raw bytes: Unix names need not be UTF-8.
@@ -65,6 +95,27 @@ pub struct FileEntry {
     pub chunks: Vec<ChunkId>,
     /// A symlink's target, as stored in the link.
     pub target: Vec<u8>,
+    /// `None` in entries recorded before catalog format 2: ownership was not recorded then.
+    pub owner: Option<Owner>,
+    /// `st_dev` and `st_nlink`: a file with `links > 1` is the same file as every other entry of
+    /// the snapshot with its `(dev, inode)` (a hard link), restored as a link.
+    pub dev: u64,
+    pub links: u64,
+    /// A character or block device's `st_rdev`.
+    pub rdev: u64,
+    /// Extended attributes, name (with its namespace) → value, in name order. POSIX ACLs are the
+    /// `system.posix_acl_access` and `system.posix_acl_default` attributes.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A sparse file's holes, `(offset, length)`, in offset order. `chunks` still cover the whole
+    /// content (a hole reads as zeros); a restore leaves these ranges unwritten.
+    pub holes: Vec<(u64, u64)>,
+}
+
+impl FileEntry {
+    /// The hard-link identity: `Some` for a regular file with more than one name.
+    pub fn link_identity(&self) -> Option<(u64, u64)> {
+        (self.kind == FileKind::File && self.links > 1).then_some((self.dev, self.inode))
+    }
 }
 
 /// Where one fragment of a block went.
@@ -116,10 +167,12 @@ impl BlockEntry {
 }
 
 /// A file the job could not back up, and why (named in the job's result).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Skipped {
     pub path: Vec<u8>,
     pub reason: String,
+    /// Not backed up by design (a socket): listed, but not an error of the backup.
+    pub by_design: bool,
 }
 
 /// One committed version of one source.
@@ -150,6 +203,10 @@ const TAG_CHUNK: &[u8] = b"c";
 const TAG_BLOCK: &[u8] = b"b";
 const TAG_SNAPSHOT: &[u8] = b"s";
 const COUNTER_KEY: &[u8] = b"n";
+const FORMAT_KEY: &[u8] = b"v";
+/// The catalog format this code writes. 1 (no `v` record): before issue 19. 2: ownership, hard
+/// links, extended attributes, FIFOs and devices, holes; socket skips marked by design.
+pub const FORMAT: u32 = 2;
 /// Entries read per scan: a file record is ~100 bytes plus 32 per chunk, so a page stays small.
 const PAGE: usize = 512;
 /// Bytes of a chunk id inside a file record's concatenated chunk list.
@@ -170,6 +227,10 @@ pub enum CatalogError {
     FileKind(i32),
     #[error("a catalog record has an invalid `{0}`")]
     Invalid(&'static str),
+    #[error(
+        "the catalog is in format {0}, newer than this bitdust reads ({FORMAT}): upgrade bitdust"
+    )]
+    NewerFormat(u32),
     #[error("not a catalog export (bad magic)")]
     ExportMagic,
     #[error("catalog export format version {0} is not supported")]
@@ -208,6 +269,9 @@ fn kind_to_record(kind: FileKind) -> records::FileKind {
         FileKind::File => records::FileKind::File,
         FileKind::Dir => records::FileKind::Dir,
         FileKind::Symlink => records::FileKind::Symlink,
+        FileKind::Fifo => records::FileKind::Fifo,
+        FileKind::CharDevice => records::FileKind::CharDevice,
+        FileKind::BlockDevice => records::FileKind::BlockDevice,
     }
 }
 
@@ -216,6 +280,9 @@ fn kind_from_record(kind: i32) -> Result<FileKind, CatalogError> {
         Ok(records::FileKind::File) => Ok(FileKind::File),
         Ok(records::FileKind::Dir) => Ok(FileKind::Dir),
         Ok(records::FileKind::Symlink) => Ok(FileKind::Symlink),
+        Ok(records::FileKind::Fifo) => Ok(FileKind::Fifo),
+        Ok(records::FileKind::CharDevice) => Ok(FileKind::CharDevice),
+        Ok(records::FileKind::BlockDevice) => Ok(FileKind::BlockDevice),
         Ok(records::FileKind::Unspecified) | Err(_) => Err(CatalogError::FileKind(kind)),
     }
 }
@@ -245,6 +312,28 @@ fn encode_file(entry: &FileEntry) -> Vec<u8> {
         size: entry.size,
         chunks,
         target: entry.target.clone(),
+        owner: entry.owner.as_ref().map(|o| records::Owner {
+            uid: o.uid,
+            gid: o.gid,
+            user: o.user.clone(),
+            group: o.group.clone(),
+        }),
+        dev: entry.dev,
+        links: entry.links,
+        rdev: entry.rdev,
+        xattrs: entry
+            .xattrs
+            .iter()
+            .map(|(name, value)| records::Xattr {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        holes: entry
+            .holes
+            .iter()
+            .flat_map(|&(at, len)| [at, len])
+            .collect(),
     })
 }
 
@@ -263,6 +352,9 @@ fn decode_file(path: &[u8], value: &[u8]) -> Result<FileEntry, CatalogError> {
             ChunkId(id)
         })
         .collect();
+    if !r.holes.len().is_multiple_of(2) {
+        return Err(CatalogError::Invalid("holes"));
+    }
     Ok(FileEntry {
         path: path.to_vec(),
         kind: kind_from_record(r.kind)?,
@@ -273,6 +365,17 @@ fn decode_file(path: &[u8], value: &[u8]) -> Result<FileEntry, CatalogError> {
         size: r.size,
         chunks,
         target: r.target,
+        owner: r.owner.map(|o| Owner {
+            uid: o.uid,
+            gid: o.gid,
+            user: o.user,
+            group: o.group,
+        }),
+        dev: r.dev,
+        links: r.links,
+        rdev: r.rdev,
+        xattrs: r.xattrs.into_iter().map(|x| (x.name, x.value)).collect(),
+        holes: r.holes.chunks_exact(2).map(|p| (p[0], p[1])).collect(),
     })
 }
 
@@ -359,6 +462,7 @@ fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
             .map(|k| records::SkippedRecord {
                 path: k.path.clone(),
                 reason: k.reason.clone(),
+                by_design: k.by_design,
             })
             .collect(),
     })
@@ -387,6 +491,7 @@ fn parse_snapshot(k: &[u8], v: &[u8]) -> Result<Snapshot, CatalogError> {
             .map(|k| Skipped {
                 path: k.path,
                 reason: k.reason,
+                by_design: k.by_design,
             })
             .collect(),
     })
@@ -625,6 +730,39 @@ pub fn drop_files(kv: &dyn KvStore, snapshot: SnapshotId) -> Result<(), StoreErr
     Ok(())
 }
 
+// ---- The catalog's format, and its upgrade in place.
+
+/// The format of the catalog in `kv` (1 when it has no format record).
+pub fn format(kv: &dyn KvStore) -> Result<u32, CatalogError> {
+    match kv.get(CF, FORMAT_KEY)? {
+        None => Ok(1),
+        Some(v) => Ok(codec::decode::<records::CatalogFormat>(&v)?.version),
+    }
+}
+
+/// Brings the catalog in `kv` to [`FORMAT`], in place; returns the format it found. Format 1
+/// records read as format 2 records whose ownership is unknown (`owner: None`) and that hold no
+/// attributes, links or holes, which is what they recorded, so the upgrade writes the format
+/// record only. A catalog of a newer format is refused, untouched: this code would drop what it
+/// does not know on the next snapshot's export.
+pub fn upgrade(kv: &dyn KvStore) -> Result<u32, CatalogError> {
+    let found = format(kv)?;
+    if found > FORMAT {
+        return Err(CatalogError::NewerFormat(found));
+    }
+    if found < FORMAT {
+        let mut batch = Batch::new();
+        batch.put(
+            CF,
+            FORMAT_KEY,
+            codec::encode(&records::CatalogFormat { version: FORMAT }),
+        );
+        kv.write(batch)?;
+        tracing::info!(from = found, to = FORMAT, "catalog format upgraded");
+    }
+    Ok(found)
+}
+
 // ---- Export and import: the whole catalog as one byte string (what is sealed and placed on the
 // suppliers after each snapshot, and what a recovering node imports).
 //
@@ -733,6 +871,12 @@ fn parse_export(bytes: &[u8]) -> Result<Vec<Entry<'_>>, CatalogError> {
 /// higher ids, its counter stays. Returns the number of entries written.
 pub fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
     let entries = parse_export(bytes)?;
+    if let Some((_, v)) = entries.iter().find(|(k, _)| *k == FORMAT_KEY) {
+        let version = codec::decode::<records::CatalogFormat>(v)?.version;
+        if version > FORMAT {
+            return Err(CatalogError::NewerFormat(version));
+        }
+    }
     let mut written = 0u64;
     let mut batch = Batch::new();
     let mut batch_bytes = 0;
@@ -751,6 +895,7 @@ pub fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
     if !batch.is_empty() {
         kv.write(batch)?;
     }
+    upgrade(kv)?;
     Ok(written)
 }
 
@@ -1289,6 +1434,7 @@ mod tests {
             size: u64::from(n_chunks) * 1_000_000 + 7,
             chunks: (0..n_chunks).map(chunk).collect(),
             target: Vec::new(),
+            ..FileEntry::default()
         }
     }
 
@@ -1304,6 +1450,7 @@ mod tests {
                 size: 0,
                 chunks: Vec::new(),
                 target: Vec::new(),
+                ..FileEntry::default()
             },
             regular("a/big.bin", 5),
             regular("a/empty", 0),
@@ -1317,6 +1464,7 @@ mod tests {
                 size: 0,
                 chunks: Vec::new(),
                 target: b"../elsewhere".to_vec(),
+                ..FileEntry::default()
             },
         ]
     }
@@ -1354,6 +1502,7 @@ mod tests {
             skipped: vec![Skipped {
                 path: b"a/locked".to_vec(),
                 reason: "permission denied".into(),
+                ..Skipped::default()
             }],
         }
     }
@@ -2176,6 +2325,7 @@ mod prune_tests {
             size: chunks.len() as u64,
             chunks: chunks.iter().map(|&c| chunk(c)).collect(),
             target: Vec::new(),
+            ..FileEntry::default()
         }
     }
 
