@@ -314,10 +314,7 @@ fn excluded_paths_and_special_files_are_left_out() {
     ] {
         write(&root, p, p.as_bytes());
     }
-    let fifo = std::ffi::CString::new(root.join("pipe").into_os_string().into_encoded_bytes())
-        .expect("no NUL");
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0, "mkfifo");
+    let _socket = std::os::unix::net::UnixListener::bind(root.join("sock")).expect("socket");
     let mut s = settings(&root, &outbox);
     s.excludes = vec!["*.tmp".into(), "cache/**".into()];
     let (events, totals) = run(s, MemLookup::default());
@@ -338,11 +335,183 @@ fn excluded_paths_and_special_files_are_left_out() {
             "keep.txt"
         ]
     );
+    let skips: Vec<(String, bool)> = events
+        .iter()
+        .filter_map(|e| match e {
+            PipelineEvent::Skipped(s) => {
+                Some((String::from_utf8_lossy(&s.path).into_owned(), s.by_design))
+            }
+            _ => None,
+        })
+        .collect();
     assert_eq!(
-        skipped(&events),
-        [("pipe".to_string(), "not backed up: a FIFO".to_string())]
+        skips,
+        [("sock".to_string(), true)],
+        "a socket is skipped by design"
     );
     assert_eq!(totals.files, 2);
+}
+
+/// A `system.posix_acl_access` value: user::rwx, user:1234:r--, group::r-x, mask::r-x,
+/// other::r-- (version 2, then tag u16, perm u16, id u32 per entry, little-endian).
+pub(super) fn acl_bytes() -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, 7u16, u32::MAX),
+        (0x02, 4, 1234),
+        (0x04, 5, u32::MAX),
+        (0x10, 5, u32::MAX),
+        (0x20, 4, u32::MAX),
+    ] {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn the_walk_records_owners_links_attributes_special_files_holes_and_deep_paths() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (root, outbox) = (dir.path().join("src"), dir.path().join("outbox"));
+    write(&root, "owned", b"owned by 1234:5678");
+    std::os::unix::fs::chown(root.join("owned"), Some(1234), Some(5678)).expect("chown (root)");
+    write(&root, "links/a", b"one file, three names");
+    std::fs::hard_link(root.join("links/a"), root.join("links/b")).expect("link");
+    std::fs::hard_link(root.join("links/a"), root.join("links/c")).expect("link");
+    write(&root, "attrs", b"with attributes");
+    rustix::fs::setxattr(
+        root.join("attrs"),
+        "user.comment",
+        b"hello",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .expect("user xattr (tmpfs or ext4 with user_xattr)");
+    rustix::fs::setxattr(
+        root.join("attrs"),
+        "system.posix_acl_access",
+        &acl_bytes(),
+        rustix::fs::XattrFlags::empty(),
+    )
+    .expect("ACL");
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        root.join("fifo"),
+        rustix::fs::Mode::from_raw_mode(0o640),
+    )
+    .expect("mkfifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        root.join("null"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        rustix::fs::makedev(1, 3),
+    )
+    .expect("mknod (root)");
+    // A 64 MiB file holding 1 MiB in its middle.
+    let sparse = std::fs::File::create(root.join("sparse")).expect("create");
+    sparse.set_len(64 << 20).expect("set_len");
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &random_bytes(7, MIB), 32 << 20)
+        .expect("write");
+    drop(sparse);
+    // A path over 4096 bytes: 20 directories of 250-byte names.
+    let mut deep = String::new();
+    for i in 0..20 {
+        deep.push_str(&format!("{}{i:02}/", "d".repeat(248)));
+    }
+    let mut fd = rustix::fs::open(
+        &root,
+        rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("root");
+    for part in deep.trim_end_matches('/').split('/') {
+        rustix::fs::mkdirat(&fd, part, rustix::fs::Mode::from_raw_mode(0o755)).expect("mkdirat");
+        fd = rustix::fs::openat(
+            &fd,
+            part,
+            rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .expect("openat");
+    }
+    let leaf = rustix::fs::openat(
+        &fd,
+        "leaf",
+        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CREATE,
+        rustix::fs::Mode::from_raw_mode(0o644),
+    )
+    .expect("leaf");
+    rustix::io::write(&leaf, b"deep").expect("write");
+    let deep_leaf = format!("{deep}leaf");
+    assert!(deep_leaf.len() > 4096);
+
+    let (events, _) = run(settings(&root, &outbox), MemLookup::default());
+    assert!(skipped(&events).is_empty(), "{:?}", skipped(&events));
+    let all = files(&events);
+    let get = |p: &str| {
+        all.get(p.as_bytes())
+            .unwrap_or_else(|| panic!("{p} backed up"))
+    };
+
+    let owner = get("owned").owner.clone().expect("owner recorded");
+    assert_eq!((owner.uid, owner.gid), (1234, 5678));
+    assert_eq!(
+        get("").owner.as_ref().map(|o| o.user.clone()),
+        Some(b"root".to_vec())
+    );
+
+    let names = ["links/a", "links/b", "links/c"].map(get);
+    assert!(
+        names
+            .iter()
+            .all(|e| e.links == 3 && e.link_identity() == names[0].link_identity())
+    );
+    assert!(
+        names
+            .iter()
+            .all(|e| e.chunks == names[0].chunks && e.size == 21)
+    );
+    assert_eq!(get("owned").link_identity(), None);
+
+    let attrs = &get("attrs").xattrs;
+    assert!(
+        attrs.contains(&(b"user.comment".to_vec(), b"hello".to_vec())),
+        "{attrs:?}"
+    );
+    assert!(
+        attrs.iter().any(|(n, _)| n == b"system.posix_acl_access"),
+        "the ACL is recorded: {attrs:?}"
+    );
+
+    assert_eq!(get("fifo").kind, FileKind::Fifo);
+    assert_eq!(get("fifo").mode, 0o640);
+    let null = get("null");
+    assert_eq!(null.kind, FileKind::CharDevice);
+    assert_eq!(
+        null.rdev,
+        std::fs::symlink_metadata(root.join("null"))
+            .expect("stat")
+            .rdev()
+    );
+
+    let sparse = get("sparse");
+    assert_eq!(sparse.size, 64 << 20);
+    let held: u64 = sparse.holes.iter().map(|(_, len)| len).sum();
+    assert!(
+        held >= 62 << 20,
+        "holes cover the 63 MiB of zeros: {:?}",
+        sparse.holes
+    );
+    assert!(
+        sparse
+            .holes
+            .iter()
+            .all(|&(at, len)| at + len <= 32 << 20 || at >= 33 << 20)
+    );
+
+    assert_eq!(get(&deep_leaf).size, 4);
 }
 
 #[test]

@@ -4,21 +4,26 @@
 //! blocks to the encoders, one credit each.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::fs::{Metadata, OpenOptions};
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
 use std::io::{ErrorKind, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, SeekFrom};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::encode::{Item, Job};
 use super::{Counters, HOLD_MAX, Lookup, PipelineError, PipelineKeys, PipelineSettings, Shared};
 use crate::data::{ChunkId, Chunker, ChunkerParams, FinishedBlock, Packer};
-use crate::store::catalog::{FileEntry, FileKind, Skipped};
+use crate::store::catalog::{FileEntry, FileKind, Owner, Skipped};
+
+mod names;
+use names::Names;
 
 /// Bytes per read: big enough for few syscalls, small against a block.
 const READ_SIZE: usize = 1 << 20;
@@ -67,6 +72,10 @@ pub(super) struct Walker {
     /// The read buffer, allocated once: zeroing 1 MiB per file would cost more than reading a
     /// small file.
     buf: Vec<u8>,
+    /// User and group names by number, looked up once each.
+    names: Names,
+    /// Hard-linked files read in this run, by `(dev, inode)`: their other names reuse them.
+    links: HashMap<(u64, u64), Linked>,
     sink: Sink,
 }
 
@@ -101,6 +110,8 @@ impl Walker {
             excludes: prepared.excludes,
             chunker: prepared.chunker,
             buf: vec![0; READ_SIZE],
+            names: Names::default(),
+            links: HashMap::new(),
             sink: Sink {
                 keys,
                 lookup,
@@ -125,50 +136,82 @@ impl Walker {
     }
 
     fn walk(&mut self) -> Step {
-        let meta = std::fs::symlink_metadata(&self.root).map_err(|source| {
+        let root_fd = open_root(&self.root).map_err(Halt::Fatal)?;
+        let root_stat = rustix::fs::fstat(&root_fd).map_err(|e| {
             Halt::Fatal(PipelineError::Root {
                 path: self.root.clone(),
-                source,
+                source: e.into(),
             })
         })?;
-        if !meta.is_dir() {
-            return Err(Halt::Fatal(PipelineError::RootNotDir(self.root.clone())));
-        }
-        // Depth-first with an explicit stack: no recursion limit on deep trees. Each entry is
-        // (absolute path, relative path).
-        let mut stack = vec![(self.root.clone(), Vec::new(), meta)];
-        while let Some((abs, rel, meta)) = stack.pop() {
+        // Depth-first with an explicit stack: no recursion limit on deep trees. Every directory
+        // is opened relative to its parent's descriptor, so a path of any length works (none is
+        // ever handed to the kernel whole) and no symlink is followed on the way. A pending
+        // directory holds its parent's descriptor, so at most one per level is open.
+        let mut stack = vec![Pending {
+            parent: None,
+            name: CString::default(),
+            rel: Vec::new(),
+            stat: Meta::of(&root_stat),
+        }];
+        let mut root_fd = Some(root_fd);
+        while let Some(dir) = stack.pop() {
             self.sink.check_halt()?;
             Counters::add(&self.sink.shared.counters.dirs, 1);
-            self.sink
-                .send(Item::File(entry(&rel, FileKind::Dir, &meta)))?;
-            let mut names: Vec<Vec<u8>> = Vec::new();
-            match std::fs::read_dir(&abs) {
-                Ok(dir) => {
-                    for child in dir {
+            let opened = match &dir.parent {
+                None => root_fd.take().ok_or(rustix::io::Errno::BADF),
+                Some(parent) => rustix::fs::openat(
+                    parent.as_fd(),
+                    dir.name.as_c_str(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ),
+            };
+            let mut e = self.entry(&dir.rel, FileKind::Dir, &dir.stat);
+            let fd = match opened {
+                Ok(fd) => {
+                    e.xattrs = self.xattrs(&dir.rel, Attrs::Fd(fd.as_fd()))?;
+                    self.sink.send(Item::File(e))?;
+                    Arc::new(fd)
+                }
+                Err(err) => {
+                    self.sink.send(Item::File(e))?;
+                    self.sink
+                        .skipped(&dir.rel, format!("cannot list directory: {err}"))?;
+                    continue;
+                }
+            };
+            let mut names: Vec<CString> = Vec::new();
+            match rustix::fs::Dir::read_from(fd.as_fd()) {
+                Ok(listing) => {
+                    for child in listing {
                         match child {
-                            Ok(child) => names.push(child.file_name().as_bytes().to_vec()),
-                            Err(e) => {
+                            Ok(child) => {
+                                let name = child.file_name();
+                                if name != c"." && name != c".." {
+                                    names.push(name.to_owned());
+                                }
+                            }
+                            Err(err) => {
                                 self.sink
-                                    .skipped(&rel, format!("cannot list directory: {e}"))?;
+                                    .skipped(&dir.rel, format!("cannot list directory: {err}"))?;
                                 break;
                             }
                         }
                     }
                 }
-                Err(e) => {
+                Err(err) => {
                     self.sink
-                        .skipped(&rel, format!("cannot list directory: {e}"))?;
+                        .skipped(&dir.rel, format!("cannot list directory: {err}"))?;
                 }
             }
             // Name order makes runs reproducible; reversed so the stack pops them in order.
             names.sort_unstable();
             let mut subdirs = Vec::new();
             for name in names {
-                let child_rel = if rel.is_empty() {
-                    name.clone()
+                let child_rel = if dir.rel.is_empty() {
+                    name.as_bytes().to_vec()
                 } else {
-                    [&rel[..], b"/", &name[..]].concat()
+                    [&dir.rel[..], b"/", name.as_bytes()].concat()
                 };
                 if self
                     .excludes
@@ -176,45 +219,58 @@ impl Walker {
                 {
                     continue;
                 }
-                let child_abs = abs.join(OsStr::from_bytes(&name));
-                let meta = match std::fs::symlink_metadata(&child_abs) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        self.sink.skipped(&child_rel, format!("cannot stat: {e}"))?;
+                let stat = match rustix::fs::statat(
+                    fd.as_fd(),
+                    name.as_c_str(),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                ) {
+                    Ok(st) => Meta::of(&st),
+                    Err(err) => {
+                        self.sink
+                            .skipped(&child_rel, format!("cannot stat: {err}"))?;
                         continue;
                     }
                 };
-                let kind = meta.file_type();
-                if kind.is_dir() {
-                    subdirs.push((child_abs, child_rel, meta));
-                } else if kind.is_file() {
-                    self.file(&child_abs, child_rel, &meta)?;
-                } else if kind.is_symlink() {
-                    match std::fs::read_link(&child_abs) {
-                        Ok(target) => {
-                            let mut e = entry(&child_rel, FileKind::Symlink, &meta);
-                            e.target = target.as_os_str().as_bytes().to_vec();
-                            Counters::add(&self.sink.shared.counters.symlinks, 1);
-                            self.sink.send(Item::File(e))?;
+                match stat.kind {
+                    FileType::Directory => subdirs.push(Pending {
+                        parent: Some(fd.clone()),
+                        name,
+                        rel: child_rel,
+                        stat,
+                    }),
+                    FileType::RegularFile => self.file(fd.as_fd(), &name, child_rel, &stat)?,
+                    FileType::Symlink => {
+                        match rustix::fs::readlinkat(fd.as_fd(), name.as_c_str(), Vec::new()) {
+                            Ok(target) => {
+                                let mut e = self.entry(&child_rel, FileKind::Symlink, &stat);
+                                e.target = target.into_bytes();
+                                e.xattrs = self.xattrs(&child_rel, Attrs::At(fd.as_fd(), &name))?;
+                                Counters::add(&self.sink.shared.counters.symlinks, 1);
+                                self.sink.send(Item::File(e))?;
+                            }
+                            Err(err) => self
+                                .sink
+                                .skipped(&child_rel, format!("cannot read link: {err}"))?,
                         }
-                        Err(e) => self
-                            .sink
-                            .skipped(&child_rel, format!("cannot read link: {e}"))?,
                     }
-                } else {
-                    let what = if kind.is_fifo() {
-                        "a FIFO"
-                    } else if kind.is_socket() {
-                        "a socket"
-                    } else if kind.is_block_device() {
-                        "a block device"
-                    } else if kind.is_char_device() {
-                        "a character device"
-                    } else {
-                        "of an unknown kind"
-                    };
-                    self.sink
-                        .skipped(&child_rel, format!("not backed up: {what}"))?;
+                    FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice => {
+                        let kind = match stat.kind {
+                            FileType::Fifo => FileKind::Fifo,
+                            FileType::CharacterDevice => FileKind::CharDevice,
+                            _ => FileKind::BlockDevice,
+                        };
+                        let mut e = self.entry(&child_rel, kind, &stat);
+                        e.xattrs = self.xattrs(&child_rel, Attrs::At(fd.as_fd(), &name))?;
+                        self.sink.send(Item::File(e))?;
+                    }
+                    FileType::Socket => self.sink.send(Item::Skipped(Skipped {
+                        path: child_rel,
+                        reason: "a socket: no backup tool restores one".into(),
+                        by_design: true,
+                    }))?,
+                    FileType::Unknown => self
+                        .sink
+                        .skipped(&child_rel, "not backed up: of an unknown kind".into())?,
                 }
             }
             stack.extend(subdirs.into_iter().rev());
@@ -223,31 +279,51 @@ impl Walker {
     }
 
     /// A regular file: unchanged → its previous chunks; else read, chunk and pack.
-    fn file(&mut self, abs: &Path, rel: Vec<u8>, lstat: &Metadata) -> Step {
+    fn file(&mut self, dir: BorrowedFd<'_>, name: &CStr, rel: Vec<u8>, lstat: &Meta) -> Step {
         if let Some(prev) = self.sink.lookup.previous(&rel)
             && prev.kind == FileKind::File
-            && prev.size == lstat.size()
-            && prev.mtime_ns == mtime_ns(lstat)
-            && prev.ctime_ns == ctime_ns(lstat)
-            && prev.inode == lstat.ino()
+            && prev.size == lstat.size
+            && prev.mtime_ns == lstat.mtime_ns
+            && prev.ctime_ns == lstat.ctime_ns
+            && prev.inode == lstat.ino
+            // An entry from before catalog format 2 did not record attributes or holes: read
+            // the file again once, so the new version has them.
+            && prev.owner.is_some()
             && prev.chunks.iter().all(|c| self.sink.lookup.chunk_known(c))
         {
-            let mut e = entry(&rel, FileKind::File, lstat);
+            // The status-change time covers owner, mode, links and attributes: all unchanged.
+            let mut e = self.entry(&rel, FileKind::File, lstat);
             e.chunks = prev.chunks;
+            e.xattrs = prev.xattrs;
+            e.holes = prev.holes;
             return self.sink.file_done(e, None, false);
+        }
+        // A second name of a file read earlier in this run (a hard link): the same chunks.
+        let identity = (lstat.links > 1).then_some((lstat.dev, lstat.ino));
+        if let Some(id) = identity
+            && let Some(first) = self.links.get(&id)
+            && first.entry.size == lstat.size
+            && first.entry.mtime_ns == lstat.mtime_ns
+        {
+            let mut e = first.entry.clone();
+            e.path = rel;
+            let dep = first.dep;
+            return self.sink.file_done(e, dep, false);
         }
         // O_NOFOLLOW: the entry may have become a symlink since the stat; O_NONBLOCK: or a FIFO,
         // whose open would block forever.
-        let opened = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(abs);
+        let opened = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        );
         let mut file = match opened {
-            Ok(f) => f,
+            Ok(fd) => File::from(fd),
             Err(e) => return self.sink.skipped(&rel, format!("cannot open: {e}")),
         };
-        let before = match file.metadata() {
-            Ok(m) if m.is_file() => m,
+        let before = match rustix::fs::fstat(&file) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => Meta::of(&st),
             Ok(_) => {
                 return self
                     .sink
@@ -255,12 +331,16 @@ impl Walker {
             }
             Err(e) => return self.sink.skipped(&rel, format!("cannot stat: {e}")),
         };
-        let mut e = entry(&rel, FileKind::File, &before);
+        let mut e = self.entry(&rel, FileKind::File, &before);
+        e.xattrs = self.xattrs(&rel, Attrs::Fd(file.as_fd()))?;
+        if before.allocated < before.size {
+            e.holes = holes(file.as_fd(), before.size);
+        }
         let mut dep = None;
         let mut read = 0u64;
         // Read no more than the size at open: a file appended to faster than we read (a busy
         // log) would otherwise keep the walk on it forever. Growth shows in the second stat.
-        let limit = before.size();
+        let limit = before.size;
         while read < limit {
             self.sink.check_halt()?;
             let want = self
@@ -290,19 +370,244 @@ impl Walker {
         while let Some(chunk) = self.chunker.next_chunk() {
             self.sink.chunk(chunk, &mut e.chunks, &mut dep)?;
         }
-        let changed = match file.metadata() {
+        let changed = match rustix::fs::fstat(&file) {
             Ok(after) => {
-                after.size() != before.size()
-                    || mtime_ns(&after) != mtime_ns(&before)
-                    || read != before.size()
+                let after = Meta::of(&after);
+                after.size != before.size
+                    || after.mtime_ns != before.mtime_ns
+                    || read != before.size
             }
             Err(_) => true,
         };
         // The entry describes what was read; its times are those from before the read, so a
         // file that changed differs from its entry next time and is read again.
         e.size = read;
+        if let Some(id) = identity
+            && !changed
+        {
+            self.links.insert(
+                id,
+                Linked {
+                    entry: e.clone(),
+                    dep,
+                },
+            );
+        }
         self.sink.file_done(e, dep, changed)
     }
+
+    /// The entry of `rel` from its stat, with its owner's names.
+    fn entry(&mut self, rel: &[u8], kind: FileKind, meta: &Meta) -> FileEntry {
+        FileEntry {
+            path: rel.to_vec(),
+            kind,
+            mode: meta.mode & 0o7777,
+            mtime_ns: meta.mtime_ns,
+            ctime_ns: meta.ctime_ns,
+            inode: meta.ino,
+            size: if kind == FileKind::File { meta.size } else { 0 },
+            owner: Some(Owner {
+                uid: meta.uid,
+                gid: meta.gid,
+                user: self.names.user(meta.uid),
+                group: self.names.group(meta.gid),
+            }),
+            dev: meta.dev,
+            links: meta.links,
+            rdev: if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) {
+                meta.rdev
+            } else {
+                0
+            },
+            ..FileEntry::default()
+        }
+    }
+
+    /// Every extended attribute this process can read. Attributes that cannot be read are
+    /// named in the job's result (the entry is still backed up, without them).
+    fn xattrs(&mut self, rel: &[u8], at: Attrs<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Halt> {
+        match read_xattrs(at) {
+            Ok(list) => Ok(list),
+            Err(e) => {
+                self.sink
+                    .skipped(rel, format!("cannot read extended attributes: {e}"))?;
+                Ok(Vec::new())
+            }
+        }
+    }
+}
+
+/// A directory waiting on the walk's stack.
+struct Pending {
+    /// `None` for the root (opened before the walk).
+    parent: Option<Arc<OwnedFd>>,
+    name: CString,
+    rel: Vec<u8>,
+    stat: Meta,
+}
+
+/// The first name of a hard-linked file read in this run.
+struct Linked {
+    entry: FileEntry,
+    dep: Option<u64>,
+}
+
+/// What the walker keeps of a stat, in fixed widths.
+struct Meta {
+    kind: FileType,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    dev: u64,
+    ino: u64,
+    links: u64,
+    rdev: u64,
+    size: u64,
+    /// Bytes allocated on disk (`st_blocks * 512`): below `size` for a sparse file.
+    allocated: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl Meta {
+    // The stat fields' widths differ between architectures.
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    fn of(st: &rustix::fs::Stat) -> Meta {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Meta {
+            kind: FileType::from_raw_mode(st.st_mode as _),
+            mode: st.st_mode as u32,
+            uid: st.st_uid as u32,
+            gid: st.st_gid as u32,
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            links: st.st_nlink as u64,
+            rdev: st.st_rdev as u64,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            allocated: u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512),
+            mtime_ns: ns(st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ctime_ns: ns(st.st_ctime as i64, st.st_ctime_nsec as i64),
+        }
+    }
+}
+
+/// Opens the source root as a directory, never through a symlink.
+fn open_root(root: &Path) -> Result<OwnedFd, PipelineError> {
+    match rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => Ok(fd),
+        Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+            Err(PipelineError::RootNotDir(root.to_path_buf()))
+        }
+        Err(e) => Err(PipelineError::Root {
+            path: root.to_path_buf(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// Where to read an entry's attributes: its open descriptor, or its name in a directory (a
+/// symlink, FIFO or device, which are not opened).
+enum Attrs<'a> {
+    Fd(BorrowedFd<'a>),
+    At(BorrowedFd<'a>, &'a CStr),
+}
+
+/// Bytes a first attribute list or value read tries (most fit; a bigger one is sized first).
+const XATTR_GUESS: usize = 1024;
+
+/// Every readable extended attribute, in name order. A file system without attributes gives
+/// none.
+fn read_xattrs(at: Attrs<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, rustix::io::Errno> {
+    // Symlinks and special files are reached by their name under the directory's descriptor
+    // in /proc, which needs no path longer than a few bytes whatever the entry's depth.
+    let proc_path = match at {
+        Attrs::Fd(_) => None,
+        Attrs::At(dir, name) => {
+            let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+            p.extend_from_slice(name.to_bytes());
+            Some(CString::new(p).map_err(|_| rustix::io::Errno::INVAL)?)
+        }
+    };
+    let list = |buf: &mut [u8]| match (&at, &proc_path) {
+        (Attrs::Fd(fd), _) => rustix::fs::flistxattr(fd, buf),
+        (_, Some(p)) => rustix::fs::llistxattr(p.as_c_str(), buf),
+        _ => Err(rustix::io::Errno::INVAL),
+    };
+    let get = |name: &CStr, buf: &mut [u8]| match (&at, &proc_path) {
+        (Attrs::Fd(fd), _) => rustix::fs::fgetxattr(fd, name, buf),
+        (_, Some(p)) => rustix::fs::lgetxattr(p.as_c_str(), name, buf),
+        _ => Err(rustix::io::Errno::INVAL),
+    };
+    let names = match sized_read(list) {
+        Ok(names) => names,
+        Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let c_name = CString::new(name).map_err(|_| rustix::io::Errno::INVAL)?;
+        match sized_read(|buf| get(c_name.as_c_str(), buf)) {
+            Ok(value) => out.push((name.to_vec(), value)),
+            // Removed between the list and the read.
+            Err(rustix::io::Errno::NODATA) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Reads a list or value whose size is unknown: a guess first, then the size the kernel says.
+fn sized_read(
+    mut read: impl FnMut(&mut [u8]) -> Result<usize, rustix::io::Errno>,
+) -> Result<Vec<u8>, rustix::io::Errno> {
+    let mut buf = vec![0u8; XATTR_GUESS];
+    loop {
+        match read(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => {
+                let need = read(&mut [])?;
+                // It may grow again between the two calls: loop.
+                buf = vec![0u8; need.max(buf.len() * 2)];
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A sparse file's holes, `(offset, length)`, from `SEEK_HOLE`/`SEEK_DATA`. A file system that
+/// does not report holes (or a file that changes while asked) gives what it gives: the content
+/// is read whole anyway, holes only save space at restore.
+fn holes(fd: BorrowedFd<'_>, size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        let Ok(hole) = rustix::fs::seek(fd, SeekFrom::Hole(at)) else {
+            break;
+        };
+        if hole >= size {
+            break;
+        }
+        let data = match rustix::fs::seek(fd, SeekFrom::Data(hole)) {
+            Ok(d) => d.min(size),
+            // ENXIO: no data after `hole`, the rest of the file is a hole.
+            Err(_) => size,
+        };
+        if data > hole {
+            out.push((hole, data - hole));
+        }
+        at = data;
+    }
+    // Reading starts from the beginning again.
+    let _ = rustix::fs::seek(fd, SeekFrom::Start(0));
+    out
 }
 
 impl Sink {
@@ -410,34 +715,5 @@ impl Sink {
             self.send(item)?;
         }
         self.send(Item::Done)
-    }
-}
-
-fn mtime_ns(m: &Metadata) -> i64 {
-    m.mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(m.mtime_nsec())
-}
-
-fn ctime_ns(m: &Metadata) -> i64 {
-    m.ctime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(m.ctime_nsec())
-}
-
-fn entry(rel: &[u8], kind: FileKind, meta: &Metadata) -> FileEntry {
-    FileEntry {
-        path: rel.to_vec(),
-        kind,
-        mode: meta.mode() & 0o7777,
-        mtime_ns: mtime_ns(meta),
-        ctime_ns: ctime_ns(meta),
-        inode: meta.ino(),
-        size: if kind == FileKind::File {
-            meta.size()
-        } else {
-            0
-        },
-        ..FileEntry::default()
     }
 }
