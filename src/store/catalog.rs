@@ -868,7 +868,9 @@ fn parse_export(bytes: &[u8]) -> Result<Vec<Entry<'_>>, CatalogError> {
 /// Writes every entry of an export into `Cf::Catalog`, after checking the whole export: a
 /// corrupt, truncated or unknown-version export is refused with nothing written. Entries go in
 /// bounded batches. The snapshot counter is never lowered: if this store already handed out
-/// higher ids, its counter stays. Returns the number of entries written.
+/// higher ids, its counter stays. An export of a newer catalog format is refused; an older one
+/// is imported as it is and upgraded by [`upgrade`] when the node opens it. Returns the number
+/// of entries written.
 pub fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
     let entries = parse_export(bytes)?;
     if let Some((_, v)) = entries.iter().find(|(k, _)| *k == FORMAT_KEY) {
@@ -895,7 +897,6 @@ pub fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
     if !batch.is_empty() {
         kv.write(batch)?;
     }
-    upgrade(kv)?;
     Ok(written)
 }
 
@@ -1512,6 +1513,92 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_catalog_format_is_refused_untouched_and_an_older_one_upgraded() {
+        let kv = MemStore::new();
+        assert_eq!(format(&kv).expect("format"), 1);
+        assert_eq!(
+            upgrade(&kv).expect("upgrade"),
+            1,
+            "reports the format it found"
+        );
+        assert_eq!(format(&kv).expect("format"), FORMAT);
+        let newer = codec::encode(&records::CatalogFormat {
+            version: FORMAT + 1,
+        });
+        let mut batch = Batch::new();
+        batch.put(CF, FORMAT_KEY, newer.clone());
+        kv.write(batch).expect("write");
+        assert!(matches!(upgrade(&kv), Err(CatalogError::NewerFormat(v)) if v == FORMAT + 1));
+        assert_eq!(
+            kv.get(CF, FORMAT_KEY).expect("get"),
+            Some(newer),
+            "left as it was"
+        );
+        // An export of that catalog is refused by an import, with nothing written.
+        let export = export(&kv).expect("export");
+        let fresh = MemStore::new();
+        assert!(matches!(
+            import(&fresh, &export),
+            Err(CatalogError::NewerFormat(_))
+        ));
+        assert!(
+            fresh
+                .pages(CF, b"", 10)
+                .next()
+                .transpose()
+                .expect("scan")
+                .is_none_or(|p| p.is_empty())
+        );
+    }
+
+    /// Every field of format 2 survives the record encoding, and a record without the new
+    /// fields (format 1) reads with no owner.
+    #[test]
+    fn a_format_2_entry_round_trips_and_a_format_1_record_has_no_owner() {
+        let entry = FileEntry {
+            path: b"dir/f".to_vec(),
+            kind: FileKind::CharDevice,
+            mode: 0o4755,
+            owner: Some(Owner {
+                uid: 1234,
+                gid: 5678,
+                user: b"alice".to_vec(),
+                group: Vec::new(),
+            }),
+            dev: 7,
+            links: 3,
+            rdev: 0x0103,
+            xattrs: vec![(b"user.a".to_vec(), b"1".to_vec())],
+            holes: vec![(4096, 8192), (1 << 20, 4096)],
+            ..FileEntry::default()
+        };
+        assert_eq!(
+            decode_file(b"dir/f", &encode_file(&entry)).expect("decodes"),
+            entry
+        );
+        let old = codec::encode(&records::FileRecord {
+            kind: records::FileKind::File as i32,
+            mode: 0o644,
+            size: 3,
+            ..Default::default()
+        });
+        let read = decode_file(b"f", &old).expect("decodes");
+        assert_eq!(
+            (read.owner, read.links, read.kind),
+            (None, 0, FileKind::File)
+        );
+        let odd = codec::encode(&records::FileRecord {
+            kind: records::FileKind::File as i32,
+            holes: vec![1, 2, 3],
+            ..Default::default()
+        });
+        assert!(matches!(
+            decode_file(b"f", &odd),
+            Err(CatalogError::Invalid("holes"))
+        ));
+    }
+
+    #[test]
     fn file_entries_round_trip_per_snapshot() {
         let kv = MemStore::new();
         let mut b = Batch::new();
@@ -1574,7 +1661,7 @@ mod tests {
             ));
         }
         record.chunks.clear();
-        for kind in [0, 4, -1] {
+        for kind in [0, 7, -1] {
             record.kind = kind;
             assert!(matches!(
                 decode_file(b"f", &codec::encode(&record)),
