@@ -148,6 +148,10 @@ fn main() -> ExitCode {
     }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<cli::Incomplete>() => {
+            eprintln!("bitdust: {e:#}");
+            ExitCode::from(cli::Incomplete::EXIT_CODE)
+        }
         Err(e) => {
             eprintln!("bitdust: {e:#}");
             ExitCode::FAILURE

@@ -632,6 +632,7 @@ impl BackupJobDriver {
                 .map(|s| SkippedFile {
                     path: String::from_utf8_lossy(&s.path).into_owned(),
                     reason: s.reason.clone(),
+                    by_design: s.by_design,
                 })
                 .collect(),
             catalog_stored: self.catalog_stored,

@@ -301,6 +301,7 @@ impl RestoreWorkerDriver {
                 .map(|(path, reason)| SkippedFile {
                     path: String::from_utf8_lossy(path).into_owned(),
                     reason: reason.clone(),
+                    ..SkippedFile::default()
                 })
                 .collect(),
             seconds: elapsed,

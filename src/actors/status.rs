@@ -154,6 +154,9 @@ pub struct JobResult {
 pub struct SkippedFile {
     pub path: String,
     pub reason: String,
+    /// Left out by design (a socket, which no tool restores): listed, not an error.
+    #[serde(default)]
+    pub by_design: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -1,5 +1,7 @@
 //! `bitdust backup`: asks the node to back up, then (with `--wait`) follows the job until it
-//! ended. Exit status 0 only when every asked-for backup committed.
+//! ended. Exit status 0 when every asked-for backup committed whole, 3 when each committed but
+//! something could not be read (named; a socket, left out by design, does not count), 1 when one
+//! did not commit.
 
 use std::path::{Path, PathBuf};
 
@@ -51,6 +53,20 @@ pub fn run(home: &Home, args: Args) -> anyhow::Result<()> {
     if failed > 0 {
         bail!("{failed} backup(s) did not commit");
     }
+    let unread: usize = results
+        .iter()
+        .map(|r| r.skipped.iter().filter(|s| !s.by_design).count())
+        .sum();
+    if unread > 0 {
+        return Err(super::Incomplete(format!(
+            "committed, but {unread} entr{} could not be read and {} not in the backup \
+             (listed {})",
+            if unread == 1 { "y" } else { "ies" },
+            if unread == 1 { "is" } else { "are" },
+            if json { "in the JSON" } else { "above" },
+        ))
+        .into());
+    }
     Ok(())
 }
 
@@ -71,7 +87,12 @@ fn print(r: &JobResult) {
     }
     for s in &r.skipped {
         println!(
-            "  not backed up: {} ({})",
+            "  {}: {} ({})",
+            if s.by_design {
+                "left out"
+            } else {
+                "not backed up"
+            },
             super::shown(&s.path),
             super::shown(&s.reason)
         );

@@ -35,6 +35,17 @@ pub fn if_running<T>(
 }
 
 /// One result as a JSON object; several as `{"results": [...]}`.
+/// A job that ran to its end but left something out: what could not be read at backup, or
+/// written at restore. `main` exits with [`Incomplete::EXIT_CODE`] (3, as restic does for a
+/// backup that could not read every file) and prints the summary on stderr.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Incomplete(pub String);
+
+impl Incomplete {
+    pub const EXIT_CODE: u8 = 3;
+}
+
 pub fn print_results_json<R: serde::Serialize>(results: &[R]) -> anyhow::Result<()> {
     let doc = match results {
         [one] => serde_json::to_value(one)?,

@@ -1,10 +1,11 @@
 //! `bitdust restore`: asks the node to restore, then (with `--wait`) follows it. Exit status 0
-//! only when every file was restored.
+//! when every entry was restored, 3 when the restore ran to its end but some entries could not
+//! be restored (named), 1 when it failed or was interrupted.
 
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use bitdust::actors::status::RestoreResult;
+use bitdust::actors::status::{RestoreOutcome, RestoreResult};
 use bitdust::node::client::{Client, RestoreRequest};
 use bitdust::node::home::Home;
 use bitdust::node::units::ByteSize;
@@ -74,9 +75,21 @@ pub fn run(home: &Home, args: Args) -> anyhow::Result<()> {
             print(r);
         }
     }
-    let incomplete = results.iter().filter(|r| !r.outcome.complete()).count();
-    if incomplete > 0 {
-        bail!("{incomplete} restore(s) did not complete");
+    let stopped = results
+        .iter()
+        .filter(|r| !r.outcome.complete() && r.outcome != RestoreOutcome::Partial)
+        .count();
+    if stopped > 0 {
+        bail!("{stopped} restore(s) did not run to their end");
+    }
+    let failed: usize = results.iter().map(|r| r.failed.len()).sum();
+    if failed > 0 {
+        return Err(super::Incomplete(format!(
+            "restored, but {failed} entr{} could not be restored (listed {})",
+            if failed == 1 { "y" } else { "ies" },
+            if args.json { "in the JSON" } else { "above" },
+        ))
+        .into());
     }
     Ok(())
 }
