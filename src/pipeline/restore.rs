@@ -41,11 +41,11 @@ use crate::store::{KvStore, StoreError};
 /// Prefix of a file's temporary name while it is written.
 pub const TEMP_PREFIX: &str = ".bitdust-restore-";
 
-/// What to restore: the entries in path order (parents before children) and the blocks they
+/// What to restore: the entries in walk order (parents before children) and the blocks they
 /// need.
 #[derive(Clone, Debug)]
 pub struct RestorePlan {
-    /// Directories, files and symlinks in path order, parents before children.
+    /// Every entry in the order the backup walked them (parents before children).
     pub files: Vec<FileEntry>,
     /// Every block needed, in order of first need.
     pub blocks: Vec<BlockId>,
@@ -237,6 +237,52 @@ fn components(path: &[u8]) -> Option<Vec<&[u8]>> {
         .then_some(parts)
 }
 
+/// The walker's order (see `pipeline::walk`): at the first component where two paths differ,
+/// an entry that ends there and is not a directory comes before a subtree; then by name. A
+/// directory comes before everything under it.
+fn walk_order(a: &FileEntry, b: &FileEntry) -> std::cmp::Ordering {
+    fn key(e: &FileEntry) -> impl Iterator<Item = (bool, &[u8])> {
+        let last = e.path.split(|c| *c == b'/').count();
+        e.path
+            .split(|c| *c == b'/')
+            .enumerate()
+            .filter(|_| !e.path.is_empty())
+            .map(move |(i, part)| (i + 1 < last || e.kind == FileKind::Dir, part))
+    }
+    key(a).cmp(key(b))
+}
+
+#[cfg(test)]
+mod walk_order_tests {
+    use super::*;
+
+    #[test]
+    fn entries_sort_as_the_walker_visits_them() {
+        let entry = |path: &str, kind| FileEntry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            ..FileEntry::default()
+        };
+        let mut files = vec![
+            entry("a/b/x", FileKind::File),
+            entry("a/c", FileKind::File),
+            entry("a/b", FileKind::Dir),
+            entry("a/a", FileKind::Symlink),
+            entry("a", FileKind::Dir),
+            entry("", FileKind::Dir),
+            entry("a/b-", FileKind::File),
+            entry("z", FileKind::File),
+        ];
+        files.sort_by(walk_order);
+        let order: Vec<&str> = files
+            .iter()
+            .map(|f| std::str::from_utf8(&f.path).expect("utf-8"))
+            .collect();
+        // Path byte order would be "", a, a/a, a/b, a/b-, a/b/x, a/c, z.
+        assert_eq!(order, ["", "z", "a", "a/a", "a/b-", "a/c", "a/b", "a/b/x"]);
+    }
+}
+
 /// Reads the snapshot's tree (or the part at `sub_path`, with its ancestors' directories) and
 /// finds the block of every chunk.
 pub fn plan(
@@ -272,9 +318,11 @@ pub fn plan(
     if !found {
         return Err(RestoreError::NotFound(lossy(sub.unwrap_or_default())));
     }
-    // The catalog yields paths in byte order, where a parent always precedes its children; sort
-    // anyway so the plan does not depend on the store's order.
-    files.sort_by(|a, b| a.path.cmp(&b.path));
+    // In the order the backup walked them, which is the order their chunks were packed in: a
+    // directory, its other entries by name, then its subdirectories by name, depth first. Path
+    // byte order would restore `a/b/...` between `a/a` and `a/c`, going back to blocks the cache
+    // may have let go. A parent still precedes its children.
+    files.sort_by(|a, b| walk_order(a, b));
 
     let mut blocks = Vec::new();
     let mut uses: HashMap<BlockId, u64> = HashMap::new();
@@ -1329,9 +1377,9 @@ mod tests {
                 "a",
                 "a/b",
                 "a/b/also-empty",
+                "a/b/small-dup.txt",
                 "a/b/c",
-                "a/b/c/copy-of-big.bin",
-                "a/b/small-dup.txt"
+                "a/b/c/copy-of-big.bin"
             ]
         );
         let target = b.target("dir", false);
