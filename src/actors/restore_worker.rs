@@ -459,10 +459,7 @@ pub async fn start(
     let owner = wiring.services.owner();
     let snapshot = spec.snapshot;
     let sub = spec.sub_path.clone();
-    let target = RestoreTarget {
-        root: spec.to.clone(),
-        overwrite: spec.overwrite,
-    };
+    let target = RestoreTarget::new(spec.to.clone(), spec.overwrite);
     let resume_target = target.clone();
     // The plan and every block's manifest: read and verified off the event loop. A restore run
     // again after an interruption leaves out the blocks of files already complete.
