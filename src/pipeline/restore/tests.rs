@@ -10,6 +10,7 @@ use std::sync::{Arc, Weak};
 use super::*;
 use crate::data::{BlockManifest, decode_block, stored};
 use crate::pipeline::staged_path;
+use crate::pipeline::tests::random_bytes;
 use crate::pipeline::tests::{MemLookup, blocks, files, keys, mixed_tree, run, settings, write};
 use crate::store::catalog::{BlockEntry, put_block, put_chunk, put_file};
 use crate::store::{Batch, MemStore};
@@ -834,4 +835,489 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
         std::fs::read_link(target.root.join("a")).expect("link"),
         outside
     );
+}
+
+const MIB: u64 = 1 << 20;
+
+/// An entry as a format-2 walker records it: the backed-up entry (chunks, mode, mtime) with
+/// owner, link identity, device number, extended attributes and holes from `lstat` and friends.
+/// (Test-only: the walker that fills these is being changed in parallel.)
+fn described(src: &Path, base: FileEntry) -> FileEntry {
+    let path = src.join(os(&base.path));
+    let meta = std::fs::symlink_metadata(&path).expect("lstat");
+    let name = |id: u32| {
+        if id == 0 {
+            b"root".to_vec()
+        } else {
+            Vec::new()
+        }
+    };
+    let kind = match meta.mode() & libc::S_IFMT {
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFCHR => FileKind::CharDevice,
+        libc::S_IFBLK => FileKind::BlockDevice,
+        _ => base.kind,
+    };
+    FileEntry {
+        kind,
+        mode: meta.mode() & 0o7777,
+        mtime_ns: mtime_ns(&meta),
+        inode: meta.ino(),
+        owner: Some(catalog::Owner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            user: name(meta.uid()),
+            group: name(meta.gid()),
+        }),
+        dev: meta.dev(),
+        links: meta.nlink(),
+        rdev: meta.rdev(),
+        xattrs: xattrs_of(&path),
+        holes: if kind == FileKind::File {
+            holes_of(&path, meta.len())
+        } else {
+            Vec::new()
+        },
+        ..base
+    }
+}
+
+fn xattrs_of(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(path, &mut names[..]).expect("listxattr");
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> = names[..n]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|name| {
+            let mut value = vec![0u8; 4096];
+            let len = rustix::fs::lgetxattr(path, name, &mut value[..]).expect("getxattr");
+            (name.to_vec(), value[..len].to_vec())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `(offset, len)` of every hole, by SEEK_DATA/SEEK_HOLE.
+fn holes_of(path: &Path, size: u64) -> Vec<(u64, u64)> {
+    use rustix::fs::{SeekFrom, seek};
+    let f = File::open(path).expect("open");
+    let mut holes = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let data = match seek(&f, SeekFrom::Data(at)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(e) => panic!("SEEK_DATA: {e}"),
+        };
+        if data > at {
+            holes.push((at, data - at));
+        }
+        if data >= size {
+            break;
+        }
+        at = seek(&f, SeekFrom::Hole(data)).expect("SEEK_HOLE");
+    }
+    holes
+}
+
+/// A POSIX ACL as `system.posix_acl_access` holds it: owner rw, user 1234 rw, group r, mask
+/// rw, other r.
+fn acl_bytes() -> Vec<u8> {
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, 6u16, u32::MAX),
+        (0x02, 6, 1234),
+        (0x04, 4, u32::MAX),
+        (0x10, 6, u32::MAX),
+        (0x20, 4, u32::MAX),
+    ] {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).expect("chown");
+}
+
+/// Every kind the writer restores, with owners (uid/gid 1234:5678, which this host has no name
+/// for), modes 0000 and 4755, three names of one file, a 64 MiB sparse file, a user xattr and an
+/// ACL, a FIFO and a character device. Regular files, directories and links go through the
+/// backup pipeline; the rest is described from the source tree (the walker skips them today).
+fn every_kind(src: &Path) {
+    write(src, "dir/owned", b"owned by 1234:5678");
+    chmod(&src.join("dir"), 0o750);
+    write(src, "zero", b"mode 0000");
+    write(src, "suid", b"#!/bin/sh\necho setuid\n");
+    write(src, "named", b"recorded as root by name");
+    write(src, "links/one", b"one file, three names");
+    std::fs::hard_link(src.join("links/one"), src.join("links/two")).expect("link");
+    std::fs::hard_link(src.join("links/one"), src.join("three")).expect("link");
+    write(src, "acl", b"with an ACL and a user xattr");
+    let f = File::options()
+        .write(true)
+        .create_new(true)
+        .open(src.join("sparse"))
+        .expect("create");
+    // 64 MiB holding 2 MiB: one at the start, one in the middle, a trailing hole.
+    f.write_all_at(&random_bytes(9, MIB as usize), 0)
+        .expect("write");
+    f.write_all_at(&random_bytes(10, MIB as usize), 32 * MIB)
+        .expect("write");
+    f.set_len(64 * MIB).expect("set_len");
+    drop(f);
+    std::os::unix::fs::symlink("dir/owned", src.join("link")).expect("symlink");
+    let acl = src.join("acl");
+    rustix::fs::setxattr(
+        &acl,
+        "user.bitdust",
+        b"a value",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .expect("user xattr");
+    rustix::fs::setxattr(
+        &acl,
+        "system.posix_acl_access",
+        &acl_bytes(),
+        rustix::fs::XattrFlags::empty(),
+    )
+    .expect("ACL");
+    rustix::fs::setxattr(
+        src.join("dir"),
+        "user.dir",
+        b"on a directory",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .expect("dir xattr");
+    for p in ["dir/owned", "dir", "suid", "link"] {
+        chown(&src.join(p), 1234, 5678);
+    }
+    chmod(&src.join("zero"), 0o000);
+    chmod(&src.join("suid"), 0o4755);
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        src.join("fifo"),
+        rustix::fs::Mode::from_raw_mode(0o640),
+    )
+    .expect("mkfifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        src.join("null"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        rustix::fs::makedev(1, 3),
+    )
+    .expect("mknod c 1 3");
+    chown(&src.join("null"), 1234, 5678);
+    let mut n = 0;
+    for rel in [
+        "dir/owned",
+        "zero",
+        "suid",
+        "named",
+        "links/one",
+        "acl",
+        "sparse",
+        "link",
+        "fifo",
+        "null",
+        "links",
+        "dir",
+    ] {
+        n += 1;
+        let t = T0 + n * 1_000_000_007;
+        let times = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: t / 1_000_000_000,
+                tv_nsec: t % 1_000_000_000,
+            },
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            src.join(rel),
+            &times,
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .expect("utimensat");
+    }
+}
+
+/// The long path's components: 20 × 250 bytes, over PATH_MAX (4096).
+fn long_parts() -> Vec<Vec<u8>> {
+    (0..20u8).map(|i| vec![b'a' + i; 250]).collect()
+}
+
+/// Backs up [`every_kind`] and rewrites the catalog's entries as format 2 records them, plus a
+/// FIFO, a device, an entry recorded under the name `root` with other numbers, and a file at a
+/// path over 4096 bytes.
+fn backed_every_kind() -> Backed {
+    let b = backed_with(every_kind);
+    let mut entries: Vec<FileEntry> = catalog::files(&b.kv, SNAP)
+        .map(|e| e.expect("entry"))
+        .map(|e| described(&b.src, e))
+        .collect();
+    for p in ["fifo", "null"] {
+        entries.push(described(
+            &b.src,
+            FileEntry {
+                path: p.as_bytes().to_vec(),
+                ..FileEntry::default()
+            },
+        ));
+    }
+    for e in &mut entries {
+        if e.path == b"named" {
+            // Another host's numbers for root: the name wins.
+            e.owner = Some(catalog::Owner {
+                uid: 4321,
+                gid: 4321,
+                user: b"root".to_vec(),
+                group: b"root".to_vec(),
+            });
+        }
+    }
+    let owned = entries
+        .iter()
+        .find(|e| e.path == b"dir/owned")
+        .expect("dir/owned")
+        .clone();
+    entries.push(FileEntry {
+        path: long_parts().join(&b'/'),
+        ..owned
+    });
+    let mut batch = Batch::new();
+    for e in &entries {
+        put_file(&mut batch, SNAP, e);
+    }
+    b.kv.write(batch).expect("write");
+    b
+}
+
+/// What one restored entry is, attribute by attribute.
+#[derive(Debug, PartialEq, Eq)]
+struct Attributes {
+    file_type: u32,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    rdev: u64,
+    size: u64,
+    nlink: u64,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+fn attributes(path: &Path) -> Attributes {
+    let meta = std::fs::symlink_metadata(path).expect("lstat");
+    Attributes {
+        file_type: meta.mode() & libc::S_IFMT,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime: mtime_ns(&meta),
+        rdev: meta.rdev(),
+        size: meta.len(),
+        // A directory's count follows its subdirectories (the long path's is extra here).
+        nlink: if meta.is_dir() { 0 } else { meta.nlink() },
+        xattrs: xattrs_of(path),
+    }
+}
+
+/// Reads the file at the long path through a chain of directory descriptors.
+fn read_long(root: &Path) -> Vec<u8> {
+    let parts = long_parts();
+    let mut dir = rustix::fs::open(
+        root,
+        rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open root");
+    let (last, parents) = parts.split_last().expect("parts");
+    for p in parents {
+        dir = open_dir(dir.as_fd(), p).expect("a component of the long path");
+    }
+    let fd = rustix::fs::openat(
+        &dir,
+        last.as_slice(),
+        rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open the long path's file");
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut File::from(fd), &mut out).expect("read");
+    out
+}
+
+#[test]
+fn every_kind_is_restored_as_root_attribute_by_attribute() {
+    let b = backed_every_kind();
+    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let target = RestoreTarget {
+        privileges: Privileges {
+            root: true,
+            ..Privileges::detect()
+        },
+        ..b.target("out", false)
+    };
+    let (report, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
+    assert_eq!(report.failed, vec![]);
+    assert_eq!(report.not_restored, vec![], "root restores everything here");
+    assert_eq!(report.hardlinks, 2, "two later names linked");
+    assert_eq!(report.specials, 2, "the FIFO and the device");
+    let src = tree_paths(&b.src);
+    assert_eq!(src, tree_paths(&target.root));
+    for rel in &src {
+        let (a, r) = (b.src.join(rel), target.root.join(rel));
+        let (want, got) = (attributes(&a), attributes(&r));
+        if rel == "named" {
+            // Recorded as root (by name) with numbers this host does not use for root.
+            assert_eq!((got.uid, got.gid), (0, 0), "{rel}: the name wins");
+        }
+        assert_eq!(want, got, "{rel}");
+        if want.file_type == libc::S_IFREG {
+            assert!(std::fs::read(&a).expect("read") == std::fs::read(&r).expect("read"));
+        }
+    }
+    let got = attributes(&target.root.join("dir/owned"));
+    assert_eq!((got.uid, got.gid), (1234, 5678));
+    assert_eq!(attributes(&target.root.join("suid")).mode, 0o4755);
+    let ino = |p: &str| {
+        std::fs::symlink_metadata(target.root.join(p))
+            .expect("lstat")
+            .ino()
+    };
+    assert_eq!(ino("links/one"), ino("links/two"));
+    assert_eq!(ino("links/one"), ino("three"));
+    let sparse = std::fs::metadata(target.root.join("sparse")).expect("stat");
+    assert_eq!(sparse.len(), 64 * MIB);
+    assert!(
+        sparse.blocks() * 512 <= 3 * MIB,
+        "{} bytes allocated for 2 MiB of data",
+        sparse.blocks() * 512
+    );
+    assert_eq!(
+        read_long(&target.root),
+        b"owned by 1234:5678",
+        "a path over PATH_MAX"
+    );
+}
+
+/// Relative paths of everything under `root`, sorted, walked by lstat (FIFOs and devices are
+/// listed, never opened).
+fn tree_paths(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, rel: &str, out: &mut Vec<String>) {
+        let path = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        };
+        out.push(rel.to_string());
+        if std::fs::symlink_metadata(&path).expect("lstat").is_dir() {
+            for e in std::fs::read_dir(&path).expect("readdir") {
+                let name = e.expect("entry").file_name().into_string().expect("utf-8");
+                if name.len() == 250 {
+                    continue; // the long path: checked by descriptors
+                }
+                let child = if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
+                walk(root, &child, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, "", &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn as_an_ordinary_user_owners_are_not_applied_setuid_is_dropped_and_devices_are_said_once() {
+    let b = backed_every_kind();
+    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let me = Privileges::detect();
+    let target = RestoreTarget {
+        privileges: Privileges { root: false, ..me },
+        ..b.target("out", false)
+    };
+    let (report, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
+    assert_eq!(report.failed, vec![]);
+    let lost: Vec<(Unrestorable, u64)> = report
+        .not_restored
+        .iter()
+        .map(|n| (n.what, n.count))
+        .collect();
+    // Owned by 1234:5678 or recorded as 4321 (named root): dir, dir/owned, suid, link, null's
+    // owner is never reached (not made), named, the long path.
+    assert_eq!(
+        lost,
+        [
+            (Unrestorable::Ownership, 6),
+            (Unrestorable::SetIdBits, 1),
+            (Unrestorable::CharDevices, 1),
+        ],
+        "{:?}",
+        report.not_restored
+    );
+    assert!(report.not_restored.iter().all(|n| !n.why.is_empty()));
+    assert_eq!(report.specials, 1, "the FIFO only");
+    assert!(!target.root.join("null").exists(), "no device made");
+    for rel in ["dir", "dir/owned", "suid", "link", "named"] {
+        let got = attributes(&target.root.join(rel));
+        assert_eq!((got.uid, got.gid), (me.uid, me.gid), "{rel}");
+    }
+    assert_eq!(attributes(&target.root.join("suid")).mode, 0o755);
+    assert_eq!(
+        attributes(&target.root.join("fifo")).file_type,
+        libc::S_IFIFO
+    );
+    assert_eq!(attributes(&target.root.join("dir")).mode, 0o750);
+}
+
+#[test]
+fn overwrite_rewrites_a_tampered_file_with_the_same_size_and_mtime() {
+    let b = backed();
+    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let target = b.target("out", false);
+    let (first, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
+    assert_eq!(first.failed, vec![]);
+    // Tampering that keeps size and mtime (`touch -r`).
+    let small = target.root.join("small.txt");
+    let mtime = mtime_ns(&std::fs::symlink_metadata(&small).expect("stat"));
+    std::fs::write(&small, b"HELLO, BACKUP").expect("tamper");
+    chmod(&small, 0o640);
+    set_mtime(&small, mtime);
+    // A resumed run (no overwrite) trusts size and mtime: kept, and not even planned.
+    let mut pruned = plan.clone();
+    assert_eq!(pruned.skip_complete(&target), 10);
+    let (again, _) = restore(&pruned, &target, &mut Blocks::new(&b), 64);
+    assert_eq!((again.files, again.skipped_existing), (0, 11));
+    assert_eq!(std::fs::read(&small).expect("read"), b"HELLO, BACKUP");
+    // With overwrite nothing is trusted: every file rewritten, the content is the backup's.
+    let target = b.target("out", true);
+    let mut pruned = plan.clone();
+    assert_eq!(
+        pruned.skip_complete(&target),
+        0,
+        "nothing skipped with overwrite"
+    );
+    assert_eq!(pruned.blocks, plan.blocks);
+    let (repair, _) = restore(&pruned, &target, &mut Blocks::new(&b), 64);
+    assert_eq!(repair.failed, vec![]);
+    assert_eq!(
+        (repair.files, repair.skipped_existing),
+        (10, 1),
+        "the link kept"
+    );
+    assert_eq!(std::fs::read(&small).expect("read"), b"hello, backup");
+    assert_same_tree(&b.src, &target.root);
 }
