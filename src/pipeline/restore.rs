@@ -5,23 +5,42 @@
 //! [`plan`] reads a snapshot's tree from the catalog and lists the blocks it needs, in order of
 //! first need; [`restore_files`] walks the plan and writes every entry.
 //!
-//! Invariants (issue 9 §2; the catalog's paths are untrusted, it could be tampered):
-//! - **Never outside the target.** A path with an empty, `.` or `..` component, a leading `/` or
-//!   a NUL is refused (named in the report). Every parent of an entry is checked with
-//!   `symlink_metadata` to be a real directory, so no symlink — one on disk before, or one this
-//!   run restored — ever redirects a write; files are created with `O_EXCL | O_NOFOLLOW` and
-//!   renamed into place (a rename replaces a final symlink, never follows it).
-//! - **Never destroys silently.** Without `overwrite`, an existing different file or symlink is a
-//!   failure named in the report; with it, it is replaced by temp + rename.
+//! Invariants (issues 9 §2 and 19; the catalog is untrusted, it could be tampered, and the
+//! target may be changed by others while the restore runs):
+//! - **Never outside the target, even under a race (H4).** A path with an empty, `.` or `..`
+//!   component, a leading `/` or a NUL is refused (named in the report). The root is opened
+//!   once; every directory below is opened `O_DIRECTORY | O_NOFOLLOW` relative to its parent's
+//!   held descriptor ([`dirs::DirStack`], only the current path held), and every create, link,
+//!   rename and metadata call is relative to a held descriptor and names one component. A
+//!   symlink — on disk before, restored by this run, or swapped in for a directory mid-run —
+//!   never redirects anything: a directory already opened stays the one written into. Files are
+//!   created `O_EXCL | O_NOFOLLOW` and renamed into place (a rename replaces a final symlink,
+//!   never follows it). Paths longer than `PATH_MAX` work.
+//! - **Never destroys silently.** Without `overwrite`, an existing different entry is a failure
+//!   named in the report; with it, it is replaced by temp + rename. A directory is never
+//!   replaced.
 //! - **Complete or absent.** A file is written under a temporary name in its directory, given its
-//!   mode and mtime, made durable (one `syncfs` per batch of files rather than an fsync per file),
-//!   then renamed: a file under its real name is complete, even after a power loss. So a resumed
-//!   run skips a file whose size and mtime already match, and replaces stale temporary files.
+//!   owner, mode, attributes and mtime, made durable (one `syncfs` per batch of files rather than
+//!   an fsync per file), then renamed relative to the descriptor of the directory it was written
+//!   in: a file under its real name is complete, even after a power loss. So a resumed run
+//!   without `overwrite` skips a file whose size and mtime already match, and replaces stale
+//!   temporary files; with `overwrite` every file is rewritten (M5: size and mtime prove
+//!   nothing about content). Symlinks, FIFOs and device nodes also go through a temporary name.
+//! - **Setuid only with its owner (H3).** As root ([`Privileges`]), an entry gets its recorded
+//!   owner (the name where this host knows it, else the number) before its mode; setuid/setgid
+//!   bits are dropped from anything not restored with its owner (not root, no owner recorded,
+//!   chown refused). Directories are made 0700 and get owner, mode, attributes and mtime at the
+//!   end, deepest first (L2). Order per entry: owner, mode, xattrs (ACLs after the mode), mtime.
+//! - **Hard links stay links.** The first name of a `(dev, inode)` in plan order is written;
+//!   later names are linked to it after the last flush, or written as files if it failed.
+//! - **Sparse stays sparse.** Recorded holes are not written (when the bytes there are zeros).
 //! - **Failures are local.** A block that cannot be had, a bad path or an entry that cannot be
 //!   written fails that entry only; only target-level failures (the root, a full disk) stop the
-//!   run.
-//! - **Bounded memory.** Decoded blocks stay in a cache while they still have uses, at most
-//!   `cache_blocks` of them.
+//!   run. What is lost for a reason not the entry's (ownership or devices as non-root, an xattr
+//!   namespace refused) is counted per kind in [`RestoreReport::not_restored`], said once.
+//! - **Bounded memory and descriptors.** Decoded blocks stay in a cache while they still have
+//!   uses, at most `cache_blocks` of them. Descriptors: the current path's directories, plus one
+//!   per directory holding a staged file (a batch flushes early past 1024 of them).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -1026,9 +1045,7 @@ impl<'a> Restorer<'a> {
                 }
                 Err(e) => {
                     let _ = unlinkat(staged.dir.as_fd(), staged.temp.as_slice(), AtFlags::empty());
-                    if let Some(id) = staged.identity {
-                        self.failed_leaders.insert(id);
-                    }
+                    self.leader_failed(staged.identity, &staged.entry);
                     self.report
                         .failed
                         .push((staged.entry, format!("renaming into place: {e}")));
@@ -1038,6 +1055,16 @@ impl<'a> Restorer<'a> {
         self.pending_bytes = 0;
         self.pending_dirs = 0;
         Ok(())
+    }
+
+    /// An entry failed: if it is the first name of a hard-linked file, its later names are
+    /// written as files instead (a later name failing changes nothing for the others).
+    fn leader_failed(&mut self, identity: Option<(u64, u64)>, path: &[u8]) {
+        if let Some(id) = identity
+            && self.leaders.get(&id).is_some_and(|l| l.path == path)
+        {
+            self.failed_leaders.insert(id);
+        }
     }
 
     /// Removes the staged files of a run that stops on a target-level failure.
@@ -1082,9 +1109,7 @@ impl<'a> Restorer<'a> {
             Ok(Done::Deferred) => return Ok(()),
             Ok(Done::NotMade) => {}
             Err(EntryError::Entry(reason)) => {
-                if let Some(id) = entry.link_identity() {
-                    self.failed_leaders.insert(id);
-                }
+                self.leader_failed(entry.link_identity(), &entry.path);
                 self.report.failed.push((entry.path.clone(), reason));
             }
             Err(EntryError::Target(e)) => {

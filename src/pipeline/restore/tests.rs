@@ -1321,3 +1321,34 @@ fn overwrite_rewrites_a_tampered_file_with_the_same_size_and_mtime() {
     assert_eq!(std::fs::read(&small).expect("read"), b"hello, backup");
     assert_same_tree(&b.src, &target.root);
 }
+
+#[test]
+fn when_the_first_name_of_a_hard_link_fails_the_next_is_written_and_linked_to() {
+    let b = backed_with(|src| {
+        write(src, "links/one", b"one file, three names");
+        std::fs::hard_link(src.join("links/one"), src.join("links/two")).expect("link");
+        std::fs::hard_link(src.join("links/one"), src.join("three")).expect("link");
+    });
+    let entries: Vec<FileEntry> = catalog::files(&b.kv, SNAP)
+        .map(|e| described(&b.src, e.expect("entry")))
+        .collect();
+    let mut batch = Batch::new();
+    for e in &entries {
+        put_file(&mut batch, SNAP, e);
+    }
+    b.kv.write(batch).expect("write");
+    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let target = b.target("out", false);
+    // A directory where the first name goes: that name fails.
+    std::fs::create_dir_all(target.root.join("links/one")).expect("mkdir");
+    let (report, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
+    assert_eq!(failed_paths(&report), ["links/one"]);
+    assert_eq!((report.files, report.hardlinks), (1, 1));
+    let two = std::fs::symlink_metadata(target.root.join("links/two")).expect("two");
+    let three = std::fs::symlink_metadata(target.root.join("three")).expect("three");
+    assert_eq!((two.ino(), two.nlink()), (three.ino(), 2));
+    assert_eq!(
+        std::fs::read(target.root.join("three")).expect("read"),
+        b"one file, three names"
+    );
+}
