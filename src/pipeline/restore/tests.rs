@@ -1352,3 +1352,40 @@ fn when_the_first_name_of_a_hard_link_fails_the_next_is_written_and_linked_to() 
         b"one file, three names"
     );
 }
+
+/// Writer speed on many small files (run by hand: `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn measure_writer_on_small_files() {
+    let b = backed_with(|src| {
+        for d in 0..40 {
+            for f in 0..100 {
+                let bytes = random_bytes(d * 1000 + f, 1000 + (f as usize % 7) * 500);
+                write(src, &format!("d{d:02}/sub/f{f:03}"), &bytes);
+            }
+        }
+    });
+    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let mut decoded: HashMap<BlockId, Arc<Vec<u8>>> = HashMap::new();
+    let mut blocks = Blocks::new(&b);
+    for id in &plan.blocks {
+        decoded.insert(*id, blocks.get(*id).expect("block"));
+    }
+    let mut times = Vec::new();
+    for run in 0..5 {
+        let target = b.target(&format!("m{run}"), false);
+        let start = std::time::Instant::now();
+        let report = restore_files(
+            &plan,
+            &target,
+            &mut |id| Ok(decoded[&id].clone()),
+            64,
+            &RestoreCounters::default(),
+        )
+        .expect("restore");
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(report.files, 4000);
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).expect("number"));
+    println!("MEASURE 4000 files in 80 dirs: restore_files ms {times:?}");
+}
