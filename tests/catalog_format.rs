@@ -61,10 +61,7 @@ fn a_format_1_catalog_is_upgraded_in_place_and_restores() {
 
     let plan = restore::plan(&kv, SnapshotId(1), None).expect("plan");
     let dir = tempfile::tempdir().expect("tempdir");
-    let target = RestoreTarget {
-        root: dir.path().join("out"),
-        overwrite: false,
-    };
+    let target = RestoreTarget::new(dir.path().join("out"), false);
     let mut get_block = |id: bitdust::data::BlockId| {
         std::fs::read(fixture().join("blocks").join(hex::encode(id.0)))
             .map(Arc::new)

@@ -313,6 +313,13 @@ impl RestoreWorkerDriver {
                 .map(|(supplier, n)| (supplier.to_string(), *n))
                 .collect(),
             slow_suppliers: self.slow_suppliers(),
+            hardlinks: report.hardlinks,
+            specials: report.specials,
+            not_restored: report
+                .not_restored
+                .iter()
+                .map(|n| format!("{} of {} entries: {}", n.what, n.count, n.why))
+                .collect(),
         };
         tracing::info!(
             run = self.run,
@@ -460,10 +467,7 @@ pub async fn start(
     let owner = wiring.services.owner();
     let snapshot = spec.snapshot;
     let sub = spec.sub_path.clone();
-    let target = RestoreTarget {
-        root: spec.to.clone(),
-        overwrite: spec.overwrite,
-    };
+    let target = RestoreTarget::new(spec.to.clone(), spec.overwrite);
     let resume_target = target.clone();
     // The plan and every block's manifest: read and verified off the event loop. A restore run
     // again after an interruption leaves out the blocks of files already complete.

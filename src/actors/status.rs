@@ -92,6 +92,17 @@ pub struct RestoreResult {
     /// Suppliers that answered much slower than the others (asked last, hedged early).
     #[serde(default)]
     pub slow_suppliers: Vec<String>,
+    /// Later names of hard-linked files, restored as links.
+    #[serde(default)]
+    pub hardlinks: u64,
+    /// FIFOs and device nodes made.
+    #[serde(default)]
+    pub specials: u64,
+    /// What was left out for a reason that is not the entry's (not root, a file system that
+    /// refuses an attribute namespace), one line per kind, e.g. "ownership of 6 entries: not
+    /// running as root". The entries themselves are restored, so this leaves the exit status.
+    #[serde(default)]
+    pub not_restored: Vec<String>,
 }
 
 /// Backups: the job running now and the latest results (newest last).

@@ -96,7 +96,7 @@ pub fn run(home: &Home, args: Args) -> anyhow::Result<()> {
 
 fn print(r: &RestoreResult) {
     println!(
-        "{} (version {}) -> {}: {}: {} files, {} dirs, {} symlinks, {} in {:.1} s ({} fetched){}",
+        "{} (version {}) -> {}: {}: {} files, {} dirs, {} symlinks{}{}, {} in {:.1} s ({} fetched){}",
         super::shown(&r.source),
         r.snapshot,
         super::shown(&r.to),
@@ -104,6 +104,16 @@ fn print(r: &RestoreResult) {
         r.files,
         r.dirs,
         r.symlinks,
+        if r.hardlinks > 0 {
+            format!(", {} hard links", r.hardlinks)
+        } else {
+            String::new()
+        },
+        if r.specials > 0 {
+            format!(", {} FIFOs and devices", r.specials)
+        } else {
+            String::new()
+        },
         ByteSize(r.bytes),
         r.seconds,
         ByteSize(r.fetched_bytes),
@@ -115,6 +125,9 @@ fn print(r: &RestoreResult) {
     );
     if let Some(e) = &r.error {
         println!("  error: {}", super::shown(e));
+    }
+    for line in &r.not_restored {
+        eprintln!("bitdust: note: not restored: {}", super::shown(line));
     }
     for f in &r.failed {
         println!(
