@@ -414,7 +414,7 @@ mod walk_order_tests {
             kind,
             ..FileEntry::default()
         };
-        let mut files = vec![
+        let mut files = [
             entry("a/b/x", FileKind::File),
             entry("a/c", FileKind::File),
             entry("a/b", FileKind::Dir),
@@ -473,7 +473,7 @@ pub fn plan(
     // directory, its other entries by name, then its subdirectories by name, depth first. Path
     // byte order would restore `a/b/...` between `a/a` and `a/c`, going back to blocks the cache
     // may have let go. A parent still precedes its children.
-    files.sort_by(|a, b| walk_order(a, b));
+    files.sort_by(walk_order);
 
     let mut blocks = Vec::new();
     let mut uses: HashMap<BlockId, u64> = HashMap::new();
@@ -789,11 +789,7 @@ impl<'a> Restorer<'a> {
             {
                 return Ok(Done::Existing);
             }
-            if !self.overwrite {
-                return Err(EntryError::Entry(
-                    "exists and differs (not overwritten)".into(),
-                ));
-            }
+            may_replace(&st, self.overwrite)?;
         }
         let temp = temp_name(&name);
         let make = || symlinkat(entry.target.as_slice(), dir.as_fd(), temp.as_slice());
@@ -835,16 +831,7 @@ impl<'a> Restorer<'a> {
             if file_type(&st) == file_type_wanted && (!device || st.st_rdev == entry.rdev) {
                 return Ok(Done::Existing);
             }
-            if !self.overwrite {
-                return Err(EntryError::Entry(
-                    "exists and differs (not overwritten)".into(),
-                ));
-            }
-            if file_type(&st) == FileType::Directory {
-                return Err(EntryError::Entry(
-                    "a directory is in the way (not replaced)".into(),
-                ));
-            }
+            may_replace(&st, self.overwrite)?;
         }
         let temp = temp_name(&name);
         let rdev = if device { entry.rdev } else { 0 };
@@ -910,19 +897,10 @@ impl<'a> Restorer<'a> {
         if let Some(st) = lstat_at(dir.as_fd(), &name)? {
             // With `overwrite` a file is rewritten even when size and mtime match (M5): they
             // prove nothing about the content.
-            if !self.overwrite {
-                if is_complete(&st, entry) {
-                    return Ok(Done::Existing);
-                }
-                return Err(EntryError::Entry(
-                    "exists and differs (not overwritten)".into(),
-                ));
+            if !self.overwrite && is_complete(&st, entry) {
+                return Ok(Done::Existing);
             }
-            if file_type(&st) == FileType::Directory {
-                return Err(EntryError::Entry(
-                    "a directory is in the way (not replaced)".into(),
-                ));
-            }
+            may_replace(&st, self.overwrite)?;
         }
         let temp = temp_name(&name);
         // O_EXCL: never opens what is there (a symlink included); O_NOFOLLOW for good measure.
@@ -1022,19 +1000,10 @@ impl<'a> Restorer<'a> {
             if (st.st_dev, st.st_ino) == (leader_st.st_dev, leader_st.st_ino) {
                 return Ok(Some(Done::Existing));
             }
-            if !self.overwrite {
-                if is_complete(st, entry) {
-                    return Ok(Some(Done::Existing));
-                }
-                return Err(EntryError::Entry(
-                    "exists and differs (not overwritten)".into(),
-                ));
+            if !self.overwrite && is_complete(st, entry) {
+                return Ok(Some(Done::Existing));
             }
-            if file_type(st) == FileType::Directory {
-                return Err(EntryError::Entry(
-                    "a directory is in the way (not replaced)".into(),
-                ));
-            }
+            may_replace(st, self.overwrite)?;
         }
         let link_to = |to: &[u8]| {
             linkat(
@@ -1295,6 +1264,22 @@ fn open_root(root: &Path) -> Result<OwnedFd, RestoreError> {
             source: e.into(),
         }),
     }
+}
+
+/// Whether an existing entry that is not the catalog's may be replaced: only with `overwrite`,
+/// and never a directory (it may hold anything).
+fn may_replace(st: &rustix::fs::Stat, overwrite: bool) -> Result<(), EntryError> {
+    if !overwrite {
+        return Err(EntryError::Entry(
+            "exists and differs (not overwritten)".into(),
+        ));
+    }
+    if file_type(st) == FileType::Directory {
+        return Err(EntryError::Entry(
+            "a directory is in the way (not replaced)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Restores every entry of the plan under `target.root`. `get_block` returns a block's PLAIN

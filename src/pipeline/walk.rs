@@ -20,7 +20,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use super::encode::{Item, Job};
 use super::{Counters, HOLD_MAX, Lookup, PipelineError, PipelineKeys, PipelineSettings, Shared};
 use crate::data::{ChunkId, Chunker, ChunkerParams, FinishedBlock, Packer};
-use crate::store::catalog::{FileEntry, FileKind, Owner, Skipped};
+use crate::store::catalog::{FileEntry, FileKind, Owner, Skipped, Xattrs};
 
 mod names;
 use names::Names;
@@ -425,7 +425,7 @@ impl Walker {
 
     /// Every extended attribute this process can read. Attributes that cannot be read are
     /// named in the job's result (the entry is still backed up, without them).
-    fn xattrs(&mut self, rel: &[u8], at: Attrs<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Halt> {
+    fn xattrs(&mut self, rel: &[u8], at: Attrs<'_>) -> Result<Xattrs, Halt> {
         match read_xattrs(at) {
             Ok(list) => Ok(list),
             Err(e) => {
@@ -521,7 +521,7 @@ const XATTR_GUESS: usize = 1024;
 
 /// Every readable extended attribute, in name order. A file system without attributes gives
 /// none.
-fn read_xattrs(at: Attrs<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, rustix::io::Errno> {
+fn read_xattrs(at: Attrs<'_>) -> Result<Xattrs, rustix::io::Errno> {
     // Symlinks and special files are reached by their name under the directory's descriptor
     // in /proc, which needs no path longer than a few bytes whatever the entry's depth.
     let proc_path = match at {

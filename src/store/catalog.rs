@@ -64,6 +64,9 @@ impl FileKind {
     }
 }
 
+/// Extended attributes: name (with its namespace) → value, in name order.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Who owned an entry on the backed-up host: the numbers always, the names where that host had
 /// them (a restore as root prefers the name when the target host knows it, as tar does).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -105,7 +108,7 @@ pub struct FileEntry {
     pub rdev: u64,
     /// Extended attributes, name (with its namespace) → value, in name order. POSIX ACLs are the
     /// `system.posix_acl_access` and `system.posix_acl_default` attributes.
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub xattrs: Xattrs,
     /// A sparse file's holes, `(offset, length)`, in offset order. `chunks` still cover the whole
     /// content (a hole reads as zeros); a restore leaves these ranges unwritten.
     pub holes: Vec<(u64, u64)>,
