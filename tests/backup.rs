@@ -535,3 +535,68 @@ fn a_restore_killed_midway_completes_when_run_again_and_writes_nothing_outside_i
         .collect();
     assert_eq!(entries, vec![std::ffi::OsString::from("to")]);
 }
+
+/// The exit status scripts rely on: a socket is left out by design (status 0); a file that
+/// changes while it is read is named and the backup, committed all the same, exits 3 with a
+/// one-line summary on stderr.
+#[test]
+fn a_backup_that_could_not_read_everything_exits_3_and_a_socket_leaves_the_status_alone() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let c = star(6);
+    let _nodes: Vec<Node> = c.homes.iter().map(|h| Node::start(h)).collect();
+    wait_all_connected(&c.homes[0], 60);
+    let source = tempfile::tempdir().expect("tempdir");
+    std::fs::write(source.path().join("kept"), b"kept").expect("write");
+    let _socket =
+        std::os::unix::net::UnixListener::bind(source.path().join("sock")).expect("socket");
+
+    let first = backup(&c.homes[0], source.path());
+    assert_eq!(first["outcome"], "committed", "{first:#}");
+    let skipped = first["skipped"].as_array().expect("list");
+    assert_eq!(skipped.len(), 1, "{first:#}");
+    assert_eq!(skipped[0]["path"], "sock");
+    assert_eq!(skipped[0]["by_design"], true);
+
+    // A file appended to while the backup reads it (a busy log).
+    let growing = source.path().join("growing");
+    let mut log = std::fs::File::create(&growing).expect("create");
+    log.write_all(&noise(7, 32 << 20)).expect("write");
+    let stop = Arc::new(AtomicBool::new(false));
+    let appender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = log.write_all(&[b'x'; 4096]);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        })
+    };
+    let out = bitdust(
+        &c.homes[0],
+        &[
+            "backup",
+            source.path().to_str().expect("utf-8"),
+            "--wait",
+            "--json",
+        ],
+    );
+    stop.store(true, Ordering::Relaxed);
+    appender.join().expect("appender");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("could not be read"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    let second: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON result");
+    assert_eq!(second["outcome"], "committed", "{second:#}");
+    let named: Vec<(&str, bool)> = second["skipped"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|s| (s["path"].as_str().unwrap_or(""), s["by_design"] == true))
+        .collect();
+    assert!(named.contains(&("growing", false)), "{second:#}");
+    assert!(named.contains(&("sock", true)), "{second:#}");
+}
