@@ -531,6 +531,79 @@ struct BlockCache<'a> {
     tick: u64,
     get_block: &'a mut GetBlock<'a>,
     counters: &'a RestoreCounters,
+    /// Blocks evicted while they still had uses, kept on disk so they are never fetched twice.
+    spill: Spill,
+}
+
+/// Decoded blocks the cache let go while they still had uses, in an unnamed file (`O_TMPFILE`)
+/// in the target's file system: read back instead of fetched again. Created at the first
+/// eviction; where it cannot be made or written (no `O_TMPFILE`, a full disk), evicted blocks are
+/// fetched again as before.
+struct Spill {
+    root: Arc<OwnedFd>,
+    file: Option<File>,
+    /// Set once making or writing the file failed: not tried again.
+    broken: bool,
+    end: u64,
+    /// Block → (offset, length) in `file`.
+    index: HashMap<BlockId, (u64, usize)>,
+}
+
+impl Spill {
+    fn new(root: Arc<OwnedFd>) -> Self {
+        Spill {
+            root,
+            file: None,
+            broken: false,
+            end: 0,
+            index: HashMap::new(),
+        }
+    }
+
+    fn put(&mut self, block: BlockId, plain: &[u8]) {
+        if self.broken || self.index.contains_key(&block) {
+            return;
+        }
+        if self.file.is_none() {
+            match openat(
+                self.root.as_fd(),
+                ".",
+                OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(fd) => self.file = Some(File::from(fd)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no spill file: evicted blocks are fetched again");
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+        let Some(file) = &self.file else { return };
+        match file.write_all_at(plain, self.end) {
+            Ok(()) => {
+                self.index.insert(block, (self.end, plain.len()));
+                self.end += plain.len() as u64;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the spill file cannot grow: blocks fetched again");
+                self.broken = true;
+            }
+        }
+    }
+
+    /// A spilled block's bytes, if it was spilled and reads back whole.
+    fn get(&self, block: &BlockId) -> Option<Arc<Vec<u8>>> {
+        let (at, len) = *self.index.get(block)?;
+        let file = self.file.as_ref()?;
+        let mut plain = vec![0; len];
+        file.read_exact_at(&mut plain, at).ok()?;
+        Some(Arc::new(plain))
+    }
+
+    fn forget(&mut self, block: &BlockId) {
+        self.index.remove(block);
+    }
 }
 
 impl BlockCache<'_> {
@@ -541,6 +614,7 @@ impl BlockCache<'_> {
             if *n == 0 {
                 self.remaining.remove(block);
                 self.blocks.remove(block);
+                self.spill.forget(block);
                 RestoreCounters::add(&self.counters.blocks_used, 1);
             }
         }
@@ -566,7 +640,8 @@ impl BlockCache<'_> {
                     why: why.clone(),
                 });
             }
-            let plain = match (self.get_block)(block) {
+            let spilled = self.spill.get(&block);
+            let plain = match spilled.map_or_else(|| (self.get_block)(block), Ok) {
                 Ok(p) => p,
                 Err(why) => {
                     self.unavailable.insert(block, why.clone());
@@ -600,7 +675,11 @@ impl BlockCache<'_> {
                 else {
                     break;
                 };
-                self.blocks.remove(&oldest);
+                if let Some(evicted) = self.blocks.remove(&oldest)
+                    && self.remaining.get(&oldest).is_some_and(|n| *n > 0)
+                {
+                    self.spill.put(oldest, &evicted.plain);
+                }
             }
             self.blocks.insert(
                 block,
@@ -1324,6 +1403,7 @@ fn restore_batched(
         tick: 0,
         get_block,
         counters,
+        spill: Spill::new(root.clone()),
     };
     let mut r = Restorer {
         overwrite: target.overwrite,
