@@ -474,6 +474,13 @@ fn the_walk_records_owners_links_attributes_special_files_holes_and_deep_paths()
             .all(|e| e.chunks == names[0].chunks && e.size == 21)
     );
     assert_eq!(get("owned").link_identity(), None);
+    // The device is half the identity: the same inode number on another file system is another
+    // file.
+    let on_disk = std::fs::symlink_metadata(root.join("links/a")).expect("stat");
+    assert_eq!(
+        names[0].link_identity(),
+        Some((on_disk.dev(), on_disk.ino()))
+    );
 
     let attrs = &get("attrs").xattrs;
     assert!(
