@@ -25,6 +25,7 @@
 //!   caller to clean. Dropping the [`Pipeline`] cancels it.
 
 mod encode;
+mod owners;
 pub mod restore;
 mod walk;
 

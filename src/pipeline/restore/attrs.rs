@@ -22,6 +22,7 @@ use rustix::fs::{
 use rustix::io::Errno;
 
 use super::{EntryError, NotRestored, Privileges, Unrestorable, XattrNamespace};
+use crate::pipeline::owners;
 use crate::store::catalog::{FileEntry, Owner};
 
 /// The bits a file keeps only when restored with its owner.
@@ -70,8 +71,8 @@ impl Attrs {
     /// The ids to give `owner` here: the recorded user and group names where this host knows
     /// them (as tar does), else the recorded numbers.
     fn ids(&mut self, owner: &Owner) -> (Uid, Gid) {
-        let uid = named(&mut self.users, &owner.user, lookup_user).unwrap_or(owner.uid);
-        let gid = named(&mut self.groups, &owner.group, lookup_group).unwrap_or(owner.gid);
+        let uid = named(&mut self.users, &owner.user, owners::user_id).unwrap_or(owner.uid);
+        let gid = named(&mut self.groups, &owner.group, owners::group_id).unwrap_or(owner.gid);
         (Uid::from_raw(uid), Gid::from_raw(gid))
     }
 
@@ -217,58 +218,4 @@ fn named(
     *cache
         .entry(name.to_vec())
         .or_insert_with(|| CString::new(name).ok().as_ref().and_then(lookup))
-}
-
-/// Calls a `get*nam_r` until its buffer is large enough (up to 1 MiB).
-fn with_buffer(mut call: impl FnMut(&mut [u8]) -> (libc::c_int, bool)) -> bool {
-    let mut buf = vec![0u8; 1024];
-    loop {
-        let (rc, found) = call(&mut buf);
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        return rc == 0 && found;
-    }
-}
-
-fn lookup_user(name: &CString) -> Option<u32> {
-    // SAFETY: `passwd` is plain data; all-zero is a valid value to be filled in.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let found = with_buffer(|buf| {
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: a NUL-terminated name, a struct and a buffer that outlive the call, and the
-        // buffer's true length; `result` is set to `&pwd` or null.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        (rc, !result.is_null())
-    });
-    found.then_some(pwd.pw_uid)
-}
-
-fn lookup_group(name: &CString) -> Option<u32> {
-    // SAFETY: `group` is plain data; all-zero is a valid value to be filled in.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let found = with_buffer(|buf| {
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: as in `lookup_user`.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                name.as_ptr(),
-                &mut grp,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        (rc, !result.is_null())
-    });
-    found.then_some(grp.gr_gid)
 }
