@@ -72,6 +72,16 @@ pub struct PipelineKeys {
     pub owner: SigningKey,
 }
 
+/// An entry named through its held directory's descriptor in `/proc` (`/proc/self/fd/N/name`):
+/// how a path-only call (the `l*xattr` ones) reaches a symlink or a special file without a path
+/// that could be swapped on the way, and a few bytes long whatever the entry's depth.
+pub(crate) fn proc_path(dir: std::os::fd::BorrowedFd<'_>, name: &[u8]) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    path.extend_from_slice(name);
+    path
+}
+
 /// What the pipeline asks of the catalog.
 pub trait Lookup: Send + Sync + 'static {
     /// This path's entry in the source's previous committed snapshot, if any.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{ErrorKind, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -527,8 +527,7 @@ fn read_xattrs(at: Attrs<'_>) -> Result<Xattrs, rustix::io::Errno> {
     let proc_path = match at {
         Attrs::Fd(_) => None,
         Attrs::At(dir, name) => {
-            let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
-            p.extend_from_slice(name.to_bytes());
+            let p = super::proc_path(dir, name.to_bytes());
             Some(CString::new(p).map_err(|_| rustix::io::Errno::INVAL)?)
         }
     };

@@ -145,8 +145,7 @@ impl Attrs {
         });
         if !entry.xattrs.is_empty() {
             // No fd-based call sets a link's attributes: name it through the held directory.
-            let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
-            path.extend_from_slice(name);
+            let path = crate::pipeline::proc_path(dir, name);
             for (key, value) in &entry.xattrs {
                 let set = lsetxattr(path.as_slice(), key.as_slice(), value, XattrFlags::empty());
                 self.xattr(key, set);
