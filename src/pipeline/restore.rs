@@ -39,8 +39,14 @@
 //!   run. What is lost for a reason not the entry's (ownership or devices as non-root, an xattr
 //!   namespace refused) is counted per kind in [`RestoreReport::not_restored`], said once.
 //! - **Bounded memory and descriptors.** Decoded blocks stay in a cache while they still have
-//!   uses, at most `cache_blocks` of them. Descriptors: the current path's directories, plus one
-//!   per directory holding a staged file (a batch flushes early past 1024 of them).
+//!   uses, at most `cache_blocks` of them; the files queued for the writer threads keep at most
+//!   `FLIGHT_BLOCKS` more alive ([`write`]). Descriptors: the current path's directories, plus
+//!   one per directory holding a staged file, in at most three batches (one filling, one
+//!   waiting, one flushing; a batch closes early past 512 directories).
+//! - **Threads.** The walking thread makes directories, links and nodes in plan order and takes
+//!   every file's bytes from the cache; writer threads write the files, a directory's files per
+//!   job; a flusher thread makes each batch durable and renames it into place while the next is
+//!   written ([`write`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -49,6 +55,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
 
 use rustix::fs::{
     AtFlags, FileType, Mode, OFlags, Stat, fchmod, linkat, mkdirat, mknodat, openat, readlinkat,
@@ -62,9 +69,15 @@ use crate::store::{KvStore, StoreError};
 
 mod attrs;
 mod dirs;
+mod write;
 
 use attrs::Attrs;
 use dirs::{DirStack, file_type, lstat_at, open_dir, remove_stale};
+use write::{
+    FLIGHT_BLOCKS, FileJob, Finished, Flushed, GROUP_BYTES, GROUP_FILES, QUEUE_PER_WRITER,
+    QUEUED_MAX_BLOCKS, Staged, WriteJob, Written, flush_batch, flusher, remove_staged,
+    write_staged, writer, writer_threads,
+};
 
 /// Prefix of a file's temporary name while it is written.
 pub const TEMP_PREFIX: &str = ".bitdust-restore-";
@@ -114,6 +127,9 @@ impl RestorePlan {
         };
         // Held directories as in the writer: one open per directory, not a path walk per file.
         let mut dirs = DirStack::new(Arc::new(root));
+        // The last parent found missing: its other files are not looked for (a restore into a
+        // new directory would otherwise try to open a parent once per file).
+        let mut missing: Option<Vec<u8>> = None;
         for entry in self.files.iter().filter(|f| f.kind == FileKind::File) {
             if self.complete.contains(&entry.path) {
                 continue;
@@ -122,9 +138,24 @@ impl RestorePlan {
                 continue;
             };
             let (parent, name) = split(&parts);
-            let complete = dirs.at(&parent, false).is_ok_and(|dir| {
-                matches!(lstat_at(dir.as_fd(), &name), Ok(Some(st)) if is_complete(&st, entry))
-            });
+            let parent_path = entry
+                .path
+                .len()
+                .checked_sub(name.len() + 1)
+                .map_or(&b""[..], |end| &entry.path[..end]);
+            if missing.as_deref() == Some(parent_path) {
+                continue;
+            }
+            let complete = match dirs.at(&parent, false) {
+                Ok(dir) => matches!(
+                    lstat_at(dir.as_fd(), &name),
+                    Ok(Some(st)) if is_complete(&st, entry)
+                ),
+                Err(_) => {
+                    missing = Some(parent_path.to_vec());
+                    false
+                }
+            };
             if !complete {
                 continue;
             }
@@ -475,23 +506,34 @@ pub fn plan(
     // may have let go. A parent still precedes its children.
     files.sort_by(walk_order);
 
+    // The chunk index read in key order, a run at a time, not one lookup per chunk.
+    let mut wanted: Vec<ChunkId> = files
+        .iter()
+        .filter(|f| f.kind == FileKind::File)
+        .flat_map(|f| f.chunks.iter().copied())
+        .collect();
+    wanted.sort_unstable_by_key(|c| c.0);
+    wanted.dedup();
+    let found = catalog::chunk_blocks_sorted(kv, &wanted)?;
+    let mut chunk_blocks: HashMap<ChunkId, BlockId> = HashMap::with_capacity(wanted.len());
+    for (chunk, block) in wanted.into_iter().zip(found) {
+        let Some(block) = block else {
+            let path = files
+                .iter()
+                .find(|f| f.kind == FileKind::File && f.chunks.contains(&chunk))
+                .map(|f| lossy(&f.path))
+                .unwrap_or_default();
+            return Err(RestoreError::UnknownChunk { path });
+        };
+        chunk_blocks.insert(chunk, block);
+    }
     let mut blocks = Vec::new();
     let mut uses: HashMap<BlockId, u64> = HashMap::new();
-    let mut chunk_blocks: HashMap<ChunkId, BlockId> = HashMap::new();
     let mut known_blocks: HashSet<BlockId> = HashSet::new();
     for entry in files.iter().filter(|f| f.kind == FileKind::File) {
         for chunk in &entry.chunks {
-            let block = match chunk_blocks.get(chunk) {
-                Some(b) => *b,
-                None => {
-                    let b = catalog::chunk_block(kv, chunk)?.ok_or_else(|| {
-                        RestoreError::UnknownChunk {
-                            path: lossy(&entry.path),
-                        }
-                    })?;
-                    chunk_blocks.insert(*chunk, b);
-                    b
-                }
+            let Some(block) = chunk_blocks.get(chunk).copied() else {
+                continue;
             };
             if known_blocks.insert(block) {
                 if catalog::block(kv, &block)?.is_none() {
@@ -607,6 +649,11 @@ impl Spill {
 }
 
 impl BlockCache<'_> {
+    /// Whether `block` is decoded in memory (taking a chunk of it will not wait).
+    fn holds(&self, block: &BlockId) -> bool {
+        self.blocks.contains_key(block)
+    }
+
     /// One use of `block` is done (or given up): at the last one the block leaves the cache.
     fn used(&mut self, block: &BlockId) {
         if let Some(n) = self.remaining.get_mut(block) {
@@ -631,7 +678,7 @@ impl BlockCache<'_> {
     }
 
     /// The bytes of `chunk` from `block`, fetching the block if it is not cached.
-    fn chunk(&mut self, block: BlockId, chunk: &ChunkId) -> Result<&[u8], Unavailable> {
+    fn chunk(&mut self, block: BlockId, chunk: &ChunkId) -> Result<Piece, Unavailable> {
         self.tick += 1;
         if !self.blocks.contains_key(&block) {
             if let Some(why) = self.unavailable.get(&block) {
@@ -698,7 +745,24 @@ impl BlockCache<'_> {
         let cached = self.blocks.get_mut(&block).ok_or_else(missing)?;
         cached.last_used = tick;
         let (start, end) = *cached.index.get(chunk).ok_or_else(missing)?;
-        Ok(&cached.plain[start..end])
+        Ok(Piece {
+            block: cached.plain.clone(),
+            start,
+            end,
+        })
+    }
+}
+
+/// A chunk's bytes inside its decoded block (which the piece keeps alive until written).
+struct Piece {
+    block: Arc<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        &self.block[self.start..self.end]
     }
 }
 
@@ -710,6 +774,8 @@ enum Done {
     Existing,
     /// A later name of a hard-linked file: linked to the first after the last flush.
     Deferred,
+    /// A file handed to a writer thread: its outcome comes through [`Restorer::collect`].
+    Queued,
     /// Not made for a reason that is not the entry's (a device as non-root): counted in
     /// `not_restored`, not a failure.
     NotMade,
@@ -732,6 +798,16 @@ impl EntryError {
 
     fn errno(what: &str, e: Errno) -> EntryError {
         EntryError::io(what, e.into())
+    }
+}
+
+/// A target-level failure met while handling one entry (found collecting the writers' files).
+impl From<RestoreError> for EntryError {
+    fn from(e: RestoreError) -> Self {
+        match e {
+            RestoreError::Target(e) => EntryError::Target(e),
+            other => EntryError::Target(std::io::Error::other(other.to_string())),
+        }
     }
 }
 
@@ -810,7 +886,7 @@ struct Restorer<'a> {
     attrs: Attrs,
     report: RestoreReport,
     counters: &'a RestoreCounters,
-    /// Whether the current file's chunk uses were counted (by `write_chunks`).
+    /// Whether the current file's chunk uses were counted (by `gather_chunks`).
     consumed: bool,
     /// The plan's files found complete before the run (their uses are not counted).
     complete: &'a HashSet<Vec<u8>>,
@@ -823,6 +899,25 @@ struct Restorer<'a> {
     /// Hard links: the first name of each `(dev, inode)`, and those whose file failed.
     leaders: HashMap<(u64, u64), &'a FileEntry>,
     failed_leaders: HashSet<(u64, u64)>,
+    /// Directories whose owner, mode, attributes and mtime are set at the end, deepest first
+    /// (writing into a directory changes its mtime, and a read-only mode would stop the writes).
+    dirs_done: Vec<&'a FileEntry>,
+    /// To each writer thread (none once they are told to stop), and back.
+    writers: Vec<SyncSender<WriteJob<'a>>>,
+    done: Receiver<Finished<'a>>,
+    /// Jobs sent and not back.
+    in_flight: usize,
+    /// The job being filled (files of one directory), and the directory and writer thread of
+    /// the last job sent.
+    group: Option<WriteJob<'a>>,
+    last_sent: Option<(Arc<OwnedFd>, usize)>,
+    /// To the flusher thread (`None`: flushed here), and back; batches sent and not back.
+    flusher: Option<SyncSender<Vec<Staged>>>,
+    flushed_rx: Receiver<Flushed>,
+    flushing: usize,
+    /// The blocks kept alive by the files in flight, with how many files each.
+    flight_blocks: HashMap<BlockId, usize>,
+    flight_limit: usize,
 }
 
 impl<'a> Restorer<'a> {
@@ -835,15 +930,17 @@ impl<'a> Restorer<'a> {
         }
         let (parent_parts, name) = split(parts);
         let parent = self.dirs.at(&parent_parts, true)?;
-        let fd = match mkdirat(parent.as_fd(), name.as_slice(), Mode::from_raw_mode(0o700)) {
+        let (fd, fresh) = match mkdirat(parent.as_fd(), name.as_slice(), Mode::from_raw_mode(0o700))
+        {
             // Private until its recorded mode is set at the end (L2).
-            Ok(()) => {
-                open_dir(parent.as_fd(), &name).map_err(|e| EntryError::errno("opening", e))?
-            }
+            Ok(()) => (
+                open_dir(parent.as_fd(), &name).map_err(|e| EntryError::errno("opening", e))?,
+                true,
+            ),
             Err(Errno::EXIST) => match open_dir(parent.as_fd(), &name) {
                 Ok(fd) => {
                     writable(fd.as_fd())?;
-                    fd
+                    (fd, false)
                 }
                 Err(Errno::LOOP | Errno::NOTDIR) => {
                     return Err(EntryError::Entry(
@@ -854,7 +951,7 @@ impl<'a> Restorer<'a> {
             },
             Err(e) => return Err(EntryError::errno("creating", e)),
         };
-        self.dirs.push(&name, Arc::new(fd));
+        self.dirs.push(&name, Arc::new(fd), fresh);
         Ok(Done::Written(0))
     }
 
@@ -964,16 +1061,21 @@ impl<'a> Restorer<'a> {
         placed.map(|()| Done::Written(0))
     }
 
+    /// Hands the file to a writer thread with its bytes ([`Done::Queued`]); its outcome comes
+    /// back through [`Restorer::collect`].
     fn file(
         &mut self,
-        entry: &FileEntry,
+        entry: &'a FileEntry,
         parts: &[&[u8]],
         cache: &mut BlockCache<'_>,
         chunk_blocks: &HashMap<ChunkId, BlockId>,
     ) -> Result<Done, EntryError> {
         let (parent_parts, name) = split(parts);
         let dir = self.dirs.at(&parent_parts, true)?;
-        if let Some(st) = lstat_at(dir.as_fd(), &name)? {
+        // A directory this run made holds only what the run put there: nothing by this name.
+        if !self.dirs.top_is_fresh()
+            && let Some(st) = lstat_at(dir.as_fd(), &name)?
+        {
             // With `overwrite` a file is rewritten even when size and mtime match (M5): they
             // prove nothing about the content.
             if !self.overwrite && is_complete(&st, entry) {
@@ -981,75 +1083,182 @@ impl<'a> Restorer<'a> {
             }
             may_replace(&st, self.overwrite)?;
         }
-        let temp = temp_name(&name);
-        // O_EXCL: never opens what is there (a symlink included); O_NOFOLLOW for good measure.
-        let create = || {
-            openat(
-                dir.as_fd(),
-                temp.as_slice(),
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )
-        };
-        let out = match create() {
-            Ok(f) => f,
-            // A killed run's leftover (checked only then: one syscall less per file).
-            Err(Errno::EXIST) => {
-                remove_stale(dir.as_fd(), &temp)?;
-                create().map_err(|e| EntryError::errno("creating the temporary file", e))?
-            }
-            Err(e) => return Err(EntryError::errno("creating the temporary file", e)),
-        };
-        let out = File::from(out);
         if self.complete.contains(&entry.path) {
             cache.reclaim(entry, chunk_blocks);
         }
         self.consumed = true;
-        let written = write_chunks(&out, entry, cache, chunk_blocks)
-            .and_then(|n| {
-                if n == entry.size {
-                    Ok(n)
-                } else {
-                    Err(EntryError::Entry(format!(
-                        "assembled {n} bytes, the catalog says {}",
-                        entry.size
-                    )))
+        let temp = temp_name(&name);
+        let mut blocks: Vec<BlockId> = Vec::new();
+        for chunk in &entry.chunks {
+            if let Some(block) = chunk_blocks.get(chunk)
+                && !blocks.contains(block)
+            {
+                blocks.push(*block);
+                if blocks.len() > QUEUED_MAX_BLOCKS {
+                    break;
                 }
-            })
-            .and_then(|n| {
-                if !entry.holes.is_empty() {
-                    // A trailing hole was never written: the size makes it.
-                    out.set_len(entry.size)
-                        .map_err(|e| EntryError::io("setting the size", e))?;
-                }
-                self.attrs.on_fd(out.as_fd(), entry).map(|()| n)
-            });
-        drop(out);
-        match written {
-            Ok(n) => {
-                if self
-                    .pending
-                    .last()
-                    .is_none_or(|last| !Arc::ptr_eq(&last.dir, &dir))
-                {
-                    self.pending_dirs += 1;
-                }
-                self.pending.push(Staged {
+            }
+        }
+        let large = blocks.len() > QUEUED_MAX_BLOCKS || self.writers.is_empty();
+        if large || blocks.iter().any(|b| !cache.holds(b)) {
+            // The writers get what is gathered before this thread writes or waits for a block.
+            self.send_group()?;
+        }
+        let source = ChunkSource {
+            chunks: entry.chunks.iter(),
+            cache,
+            chunk_blocks,
+        };
+        if large {
+            // A large file: written here, a chunk at a time, staged as soon as it is done.
+            let result = write_staged(&dir, &temp, entry, source, &mut self.attrs);
+            self.finished(Finished {
+                files: vec![Written {
+                    entry,
                     dir,
                     temp,
                     name,
-                    entry: entry.path.clone(),
-                    identity: entry.link_identity(),
-                    bytes: n,
-                });
-                self.pending_bytes += n;
-                Ok(Done::Staged(n))
-            }
-            Err(e) => {
-                let _ = unlinkat(dir.as_fd(), temp.as_slice(), AtFlags::empty());
-                Err(e)
+                    result,
+                }],
+                blocks: Vec::new(),
+            })?;
+            return Ok(Done::Queued);
+        }
+        let pieces = source.collect::<Result<Vec<_>, _>>()?;
+        let bytes: u64 = pieces.iter().map(|p| (p.end - p.start) as u64).sum();
+        if self.group.as_ref().is_some_and(|g| {
+            !Arc::ptr_eq(&g.dir, &dir)
+                || g.files.len() >= GROUP_FILES
+                || g.bytes + bytes > GROUP_BYTES
+        }) {
+            self.send_group()?;
+        }
+        let group = self.group.get_or_insert_with(|| WriteJob {
+            dir,
+            files: Vec::new(),
+            blocks: Vec::new(),
+            bytes: 0,
+        });
+        for block in blocks {
+            if !group.blocks.contains(&block) {
+                group.blocks.push(block);
             }
         }
+        group.bytes += bytes;
+        group.files.push(FileJob {
+            entry,
+            temp,
+            name,
+            pieces,
+        });
+        Ok(Done::Queued)
+    }
+
+    /// Sends the job being filled to a writer thread: the one that had the last job when it is
+    /// the same directory (two threads in one directory contend for its lock), else the next.
+    fn send_group(&mut self) -> Result<(), RestoreError> {
+        let Some(group) = self.group.take() else {
+            return Ok(());
+        };
+        // Not more blocks kept alive by the queues than allowed: wait for the writers first.
+        while self.in_flight > 0
+            && self.flight_blocks.len() + group.blocks.len() > self.flight_limit
+        {
+            self.collect_one()?;
+        }
+        for block in &group.blocks {
+            *self.flight_blocks.entry(*block).or_default() += 1;
+        }
+        let writer = match &self.last_sent {
+            Some((dir, writer)) if Arc::ptr_eq(dir, &group.dir) => *writer,
+            Some((_, writer)) => (writer + 1) % self.writers.len().max(1),
+            None => 0,
+        };
+        self.last_sent = Some((group.dir.clone(), writer));
+        let sent = self.writers.get(writer).map(|w| w.send(group));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(RestoreError::Target(std::io::Error::other(
+                "the restore's writer threads stopped",
+            )));
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Takes the writer threads' finished files: staged for the next flush, or failed. With
+    /// `wait`, until none is in flight.
+    fn collect(&mut self, wait: bool) -> Result<(), RestoreError> {
+        while self.in_flight > 0 {
+            if wait {
+                self.collect_one()?;
+            } else {
+                match self.done.try_recv() {
+                    Ok(finished) => {
+                        self.in_flight -= 1;
+                        self.finished(finished)?;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for one job in flight.
+    fn collect_one(&mut self) -> Result<(), RestoreError> {
+        let finished = self.done.recv().map_err(|_| {
+            RestoreError::Target(std::io::Error::other(
+                "the restore's writer threads stopped",
+            ))
+        })?;
+        self.in_flight -= 1;
+        self.finished(finished)
+    }
+
+    /// Files written (staged for the next flush) or failed.
+    fn finished(&mut self, finished: Finished<'a>) -> Result<(), RestoreError> {
+        for block in &finished.blocks {
+            if let Some(n) = self.flight_blocks.get_mut(block) {
+                *n -= 1;
+                if *n == 0 {
+                    self.flight_blocks.remove(block);
+                }
+            }
+        }
+        for written in finished.files {
+            let outcome = match written.result {
+                Ok(n) => {
+                    if self
+                        .pending
+                        .last()
+                        .is_none_or(|last| !Arc::ptr_eq(&last.dir, &written.dir))
+                    {
+                        self.pending_dirs += 1;
+                    }
+                    self.pending.push(Staged {
+                        dir: written.dir,
+                        temp: written.temp,
+                        name: written.name,
+                        entry: written.entry.path.clone(),
+                        identity: written.entry.link_identity(),
+                        bytes: n,
+                    });
+                    self.pending_bytes += n;
+                    Ok(Done::Staged(n))
+                }
+                Err(e) => Err(e),
+            };
+            self.outcome(written.entry, outcome)?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is gathered, waits for the files in flight, then hands the batch to the
+    /// flusher (with `wait`, until every batch is flushed).
+    fn settle(&mut self, wait: bool) -> Result<(), RestoreError> {
+        self.send_group()?;
+        self.collect(true)?;
+        self.flush(wait)
     }
 
     /// A later name of a hard-linked file, after the last flush: a link to the first name
@@ -1117,40 +1326,66 @@ impl<'a> Restorer<'a> {
         }
     }
 
-    /// Makes the staged files durable with one `syncfs`, then renames each into place: a file
-    /// under its real name is always complete on disk, even after a power loss, at one flush per
-    /// batch instead of one fsync per file (which cost ~0.5 ms a file, most of a restore of many
-    /// small files). `Err` only when the flush itself fails.
-    fn flush(&mut self) -> Result<(), std::io::Error> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        rustix::fs::syncfs(self.dirs.root().as_fd())?;
-        for staged in std::mem::take(&mut self.pending) {
-            // Relative to the directory the file was written in, whatever happened to its path
-            // since.
-            match renameat(
-                staged.dir.as_fd(),
-                staged.temp.as_slice(),
-                staged.dir.as_fd(),
-                staged.name.as_slice(),
-            ) {
-                Ok(()) => {
-                    self.report.files += 1;
-                    self.report.bytes += staged.bytes;
+    /// Hands the batch of staged files to the flusher thread, and takes the outcome of the
+    /// batches it finished (with `wait`, of all of them).
+    fn flush(&mut self, wait: bool) -> Result<(), RestoreError> {
+        if !self.pending.is_empty() {
+            let batch = std::mem::take(&mut self.pending);
+            self.pending_bytes = 0;
+            self.pending_dirs = 0;
+            match &self.flusher {
+                Some(flusher) => {
+                    if let Err(unsent) = flusher.send(batch) {
+                        self.pending = unsent.0;
+                        self.abandon();
+                        return Err(RestoreError::Target(std::io::Error::other(
+                            "the restore's flusher thread stopped",
+                        )));
+                    }
+                    self.flushing += 1;
                 }
-                Err(e) => {
-                    let _ = unlinkat(staged.dir.as_fd(), staged.temp.as_slice(), AtFlags::empty());
-                    self.leader_failed(staged.identity, &staged.entry);
-                    self.report
-                        .failed
-                        .push((staged.entry, format!("renaming into place: {e}")));
+                None => {
+                    let flushed = flush_batch(self.dirs.root(), batch);
+                    self.flushed(flushed)?;
                 }
             }
         }
-        self.pending_bytes = 0;
-        self.pending_dirs = 0;
+        while self.flushing > 0 {
+            let next = if wait {
+                self.flushed_rx.recv().ok()
+            } else {
+                self.flushed_rx.try_recv().ok()
+            };
+            let Some(flushed) = next else {
+                if wait {
+                    self.abandon();
+                    return Err(RestoreError::Target(std::io::Error::other(
+                        "the restore's flusher thread stopped",
+                    )));
+                }
+                break;
+            };
+            self.flushing -= 1;
+            self.flushed(flushed)?;
+        }
         Ok(())
+    }
+
+    /// Counts a flushed batch into the report; a failed flush stops the run.
+    fn flushed(&mut self, flushed: Flushed) -> Result<(), RestoreError> {
+        self.report.files += flushed.files;
+        self.report.bytes += flushed.bytes;
+        for lost in flushed.failed {
+            self.leader_failed(lost.identity, &lost.path);
+            self.report.failed.push((lost.path, lost.why));
+        }
+        match flushed.error {
+            Some(e) => {
+                self.abandon();
+                Err(RestoreError::Target(e))
+            }
+            None => Ok(()),
+        }
     }
 
     /// An entry failed: if it is the first name of a hard-linked file, its later names are
@@ -1165,9 +1400,7 @@ impl<'a> Restorer<'a> {
 
     /// Removes the staged files of a run that stops on a target-level failure.
     fn abandon(&mut self) {
-        for staged in std::mem::take(&mut self.pending) {
-            let _ = unlinkat(staged.dir.as_fd(), staged.temp.as_slice(), AtFlags::empty());
-        }
+        remove_staged(std::mem::take(&mut self.pending));
     }
 
     /// Counts an entry's outcome into the report (and its failure, or stops the run).
@@ -1175,7 +1408,6 @@ impl<'a> Restorer<'a> {
         &mut self,
         entry: &'a FileEntry,
         outcome: Result<Done, EntryError>,
-        dirs_done: &mut Vec<&'a FileEntry>,
     ) -> Result<(), RestoreError> {
         match outcome {
             Ok(Done::Written(n)) => {
@@ -1190,7 +1422,7 @@ impl<'a> Restorer<'a> {
                     FileKind::File => self.report.files += 1,
                     FileKind::Dir => {
                         self.report.dirs += 1;
-                        dirs_done.push(entry);
+                        self.dirs_done.push(entry);
                     }
                     FileKind::Symlink => self.report.symlinks += 1,
                     FileKind::Fifo | FileKind::CharDevice | FileKind::BlockDevice => {
@@ -1202,7 +1434,7 @@ impl<'a> Restorer<'a> {
             }
             Ok(Done::Staged(n)) => RestoreCounters::add(&self.counters.bytes_written, n),
             Ok(Done::Existing) => self.report.skipped_existing += 1,
-            Ok(Done::Deferred) => return Ok(()),
+            Ok(Done::Deferred | Done::Queued) => return Ok(()),
             Ok(Done::NotMade) => {}
             Err(EntryError::Entry(reason)) => {
                 self.leader_failed(entry.link_identity(), &entry.path);
@@ -1225,90 +1457,45 @@ fn rename_in(dir: &OwnedFd, temp: &[u8], name: &[u8]) -> Result<(), EntryError> 
         .map_err(|e| EntryError::errno("renaming into place", e))
 }
 
-/// A file written and closed under its temporary name, waiting for the batch's flush.
-struct Staged {
-    /// The directory it was written in, held until the rename.
-    dir: Arc<OwnedFd>,
-    temp: Vec<u8>,
-    name: Vec<u8>,
-    entry: Vec<u8>,
-    /// Its hard-link identity, if it is the first name of several.
-    identity: Option<(u64, u64)>,
-    bytes: u64,
-}
-
 /// A batch of staged files is flushed at this many files or bytes, whichever comes first: large
 /// enough that flushes are rare, small enough that little is rewritten after a crash.
 const BATCH_FILES: usize = 16_384;
 const BATCH_BYTES: u64 = 256 << 20;
 /// ... or when its files hold this many directories open (each staged file keeps its
 /// directory's descriptor until its rename).
-const BATCH_DIRS: usize = 1_024;
+const BATCH_DIRS: usize = 512;
 
-/// Writes the file's chunks at their offsets; every chunk's use is counted done, written or
-/// not. Bytes inside a recorded hole are skipped when they are zeros (as they should be), so a
-/// sparse file stays sparse; bytes that are not zeros are written anyway.
-fn write_chunks(
-    out: &File,
-    entry: &FileEntry,
-    cache: &mut BlockCache<'_>,
-    chunk_blocks: &HashMap<ChunkId, BlockId>,
-) -> Result<u64, EntryError> {
-    let mut written = 0u64;
-    let mut next_hole = 0;
-    let mut result = Ok(());
-    for chunk in &entry.chunks {
-        let Some(block) = chunk_blocks.get(chunk).copied() else {
-            result = Err(EntryError::Entry("a chunk is not in the plan".into()));
-            break;
-        };
-        if result.is_ok() {
-            result = match cache.chunk(block, chunk) {
-                Ok(bytes) => {
-                    let at = written;
-                    written += bytes.len() as u64;
-                    write_at_around_holes(out, bytes, at, &entry.holes, &mut next_hole)
-                        .map_err(|e| EntryError::io("writing", e))
-                }
-                Err(unavailable) => Err(EntryError::Entry(unavailable.to_string())),
-            };
-        }
-        cache.used(&block);
-    }
-    result.map(|()| written)
+/// A file's chunks in order, taken from the cache one at a time. Every chunk's use is counted
+/// done, had or not: as it is taken, and the rest when the source is dropped (a file that
+/// failed midway).
+struct ChunkSource<'s, 'c> {
+    chunks: std::slice::Iter<'s, ChunkId>,
+    cache: &'s mut BlockCache<'c>,
+    chunk_blocks: &'s HashMap<ChunkId, BlockId>,
 }
 
-/// Writes `bytes` at `offset`, leaving out the parts inside `holes` (in offset order; `next`
-/// is the first that may still matter) that are all zeros.
-fn write_at_around_holes(
-    out: &File,
-    bytes: &[u8],
-    offset: u64,
-    holes: &[(u64, u64)],
-    next: &mut usize,
-) -> std::io::Result<()> {
-    let end = offset + bytes.len() as u64;
-    let mut pos = offset;
-    while pos < end {
-        while holes
-            .get(*next)
-            .is_some_and(|(at, len)| at.saturating_add(*len) <= pos)
-        {
-            *next += 1;
-        }
-        let (hole_at, hole_len) = holes.get(*next).copied().unwrap_or((u64::MAX, 0));
-        let (stop, in_hole) = if hole_at > pos {
-            (hole_at.min(end), false)
-        } else {
-            (hole_at.saturating_add(hole_len).min(end), true)
+impl Iterator for ChunkSource<'_, '_> {
+    type Item = Result<Piece, EntryError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let chunk = self.chunks.next()?;
+        let Some(block) = self.chunk_blocks.get(chunk).copied() else {
+            return Some(Err(EntryError::Entry("a chunk is not in the plan".into())));
         };
-        let part = &bytes[(pos - offset) as usize..(stop - offset) as usize];
-        if !in_hole || part.iter().any(|b| *b != 0) {
-            out.write_all_at(part, pos)?;
-        }
-        pos = stop;
+        let piece = self.cache.chunk(block, chunk);
+        self.cache.used(&block);
+        Some(piece.map_err(|unavailable| EntryError::Entry(unavailable.to_string())))
     }
-    Ok(())
+}
+
+impl Drop for ChunkSource<'_, '_> {
+    fn drop(&mut self) {
+        for chunk in self.chunks.by_ref() {
+            if let Some(block) = self.chunk_blocks.get(chunk) {
+                self.cache.used(block);
+            }
+        }
+    }
 }
 
 /// Lets the owner write into a directory a previous run left read-only (its mode is set again
@@ -1405,23 +1592,102 @@ fn restore_batched(
         counters,
         spill: Spill::new(root.clone()),
     };
-    let mut r = Restorer {
-        overwrite: target.overwrite,
-        dirs: DirStack::new(root.clone()),
-        attrs: Attrs::new(target.privileges),
-        report: RestoreReport::default(),
-        counters,
-        consumed: false,
-        complete: &plan.complete,
-        pending: Vec::new(),
-        pending_bytes: 0,
-        pending_dirs: 0,
-        leaders: HashMap::new(),
-        failed_leaders: HashSet::new(),
-    };
-    // Directories whose owner, mode, attributes and mtime are set at the end, deepest first
-    // (writing into a directory changes its mtime, and a read-only mode would stop the writes).
-    let mut dirs_done: Vec<&FileEntry> = Vec::new();
+    let threads = writer_threads();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let mut senders = Vec::new();
+        let mut writers = Vec::new();
+        for _ in 0..threads {
+            let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(QUEUE_PER_WRITER);
+            let done = done_tx.clone();
+            let attrs = Attrs::new(target.privileges);
+            writers.push(
+                std::thread::Builder::new()
+                    .name("restore-write".into())
+                    .spawn_scoped(scope, move || writer(jobs_rx, done, attrs)),
+            );
+            senders.push(jobs_tx);
+        }
+        drop(done_tx);
+        // One batch flushing, one waiting: each holds the descriptors of its directories.
+        let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel(1);
+        let (flushed_tx, flushed_rx) = std::sync::mpsc::channel();
+        let flusher_root = root.clone();
+        let flusher_thread = std::thread::Builder::new()
+            .name("restore-flush".into())
+            .spawn_scoped(scope, move || flusher(flusher_root, flush_rx, flushed_tx));
+        let mut r = Restorer {
+            overwrite: target.overwrite,
+            dirs: DirStack::new(root.clone()),
+            attrs: Attrs::new(target.privileges),
+            report: RestoreReport::default(),
+            counters,
+            consumed: false,
+            complete: &plan.complete,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            pending_dirs: 0,
+            leaders: HashMap::new(),
+            failed_leaders: HashSet::new(),
+            dirs_done: Vec::new(),
+            writers: senders,
+            done: done_rx,
+            in_flight: 0,
+            group: None,
+            last_sent: None,
+            flusher: None,
+            flushed_rx,
+            flushing: 0,
+            flight_blocks: HashMap::new(),
+            flight_limit: FLIGHT_BLOCKS,
+        };
+        match flusher_thread {
+            Ok(_) => r.flusher = Some(flush_tx),
+            // Flushed in line.
+            Err(e) => tracing::debug!(error = %e, "no flusher thread: batches flushed in line"),
+        }
+        let ran = if writers.iter().any(|w| w.is_err()) {
+            Err(RestoreError::Target(std::io::Error::other(
+                "cannot start the restore's writer threads",
+            )))
+        } else {
+            walk_plan(&mut r, plan, &root, &mut cache, (batch_files, batch_bytes))
+        };
+        // Stop the writers; after a failure, remove what they staged since.
+        r.writers.clear();
+        r.group = None;
+        // The flusher removes what it is still given after a failure; it stops with its channel.
+        r.flusher = None;
+        for writer in writers.into_iter().flatten() {
+            match writer.join() {
+                Ok(attrs) => r.attrs.absorb(attrs),
+                Err(_) => {
+                    return Err(RestoreError::Target(std::io::Error::other(
+                        "a restore writer thread panicked",
+                    )));
+                }
+            }
+        }
+        for late in r.done.try_iter().flat_map(|f| f.files) {
+            if late.result.is_ok() {
+                let _ = unlinkat(late.dir.as_fd(), late.temp.as_slice(), AtFlags::empty());
+            }
+        }
+        ran?;
+        r.report.not_restored = r.attrs.not_restored();
+        Ok(r.report)
+    })
+}
+
+/// Restores every entry of the plan in order, flushing in batches, then the hard links, then
+/// the directories' metadata.
+fn walk_plan<'a>(
+    r: &mut Restorer<'a>,
+    plan: &'a RestorePlan,
+    root: &Arc<OwnedFd>,
+    cache: &mut BlockCache<'_>,
+    (batch_files, batch_bytes): (usize, u64),
+) -> Result<(), RestoreError> {
     // Later names of hard-linked files, linked after the last flush.
     let mut followers: Vec<&FileEntry> = Vec::new();
     for entry in &plan.files {
@@ -1446,7 +1712,7 @@ fn restore_batched(
                             r.leaders.insert(id, entry);
                             r.failed_leaders.remove(&id);
                         }
-                        r.file(entry, &parts, &mut cache, &plan.chunk_blocks)
+                        r.file(entry, &parts, cache, &plan.chunk_blocks)
                     }
                 },
                 FileKind::Fifo | FileKind::CharDevice | FileKind::BlockDevice => {
@@ -1464,21 +1730,16 @@ fn restore_batched(
                 }
             }
         }
-        r.outcome(entry, outcome, &mut dirs_done)?;
+        r.outcome(entry, outcome)?;
+        r.collect(false)?;
         if r.pending.len() >= batch_files
             || r.pending_bytes >= batch_bytes
             || r.pending_dirs >= BATCH_DIRS
         {
-            r.flush().map_err(|e| {
-                r.abandon();
-                RestoreError::Target(e)
-            })?;
+            r.settle(false)?;
         }
     }
-    r.flush().map_err(|e| {
-        r.abandon();
-        RestoreError::Target(e)
-    })?;
+    r.settle(true)?;
     // Hard links, now that every first name is in place; a name whose first failed is written
     // as a file (its chunks are in the plan; their blocks are asked for again).
     let mut leader_dirs = DirStack::new(root.clone());
@@ -1498,7 +1759,7 @@ fn restore_batched(
                     if !plan.complete.contains(&entry.path) {
                         cache.reclaim(entry, &plan.chunk_blocks);
                     }
-                    let written = r.file(entry, &parts, &mut cache, &plan.chunk_blocks);
+                    let written = r.file(entry, &parts, cache, &plan.chunk_blocks);
                     r.consumed = false;
                     written
                 }
@@ -1506,14 +1767,11 @@ fn restore_batched(
             },
             Err(e) => Err(e),
         };
-        r.outcome(entry, outcome, &mut dirs_done)?;
+        r.outcome(entry, outcome)?;
     }
-    r.flush().map_err(|e| {
-        r.abandon();
-        RestoreError::Target(e)
-    })?;
+    r.settle(true)?;
     drop(leader_dirs);
-    for entry in dirs_done.iter().rev() {
+    for entry in std::mem::take(&mut r.dirs_done).iter().rev() {
         let done = components(&entry.path)
             .ok_or_else(|| EntryError::Entry("unsafe path".into()))
             .and_then(|parts| r.dirs.at(&parts, false))
@@ -1524,8 +1782,7 @@ fn restore_batched(
             Err(EntryError::Entry(reason)) => r.report.failed.push((entry.path.clone(), reason)),
         }
     }
-    r.report.not_restored = r.attrs.not_restored();
-    Ok(r.report)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -57,6 +57,13 @@ impl Attrs {
         slot.0 += 1;
     }
 
+    /// Adds what another thread's `Attrs` could not restore.
+    pub(super) fn absorb(&mut self, other: Attrs) {
+        for (what, (count, why)) in other.lost {
+            self.lost.entry(what).or_insert((0, why)).0 += count;
+        }
+    }
+
     pub(super) fn not_restored(&self) -> Vec<NotRestored> {
         self.lost
             .iter()

@@ -53,8 +53,15 @@ pub(super) fn remove_stale(dir: BorrowedFd<'_>, temp: &[u8]) -> Result<(), Entry
 /// The open directories along the current path, below the target's root.
 pub(super) struct DirStack {
     root: Arc<OwnedFd>,
-    /// Component name and descriptor, from the root's child down.
-    held: Vec<(Vec<u8>, Arc<OwnedFd>)>,
+    /// From the root's child down.
+    held: Vec<Held>,
+}
+
+struct Held {
+    name: Vec<u8>,
+    fd: Arc<OwnedFd>,
+    /// Made by this run (private, 0700): nothing is in it that the run did not put there.
+    fresh: bool,
 }
 
 impl DirStack {
@@ -79,24 +86,29 @@ impl DirStack {
             .held
             .iter()
             .zip(parts)
-            .take_while(|((held, _), part)| held.as_slice() == **part)
+            .take_while(|(held, part)| held.name.as_slice() == **part)
             .count();
         self.held.truncate(common);
         for (i, part) in parts.iter().enumerate().skip(common) {
             let parent = self.top();
+            let mut fresh = false;
             let opened = match open_dir(parent.as_fd(), part) {
                 Err(Errno::NOENT) if create => {
                     // mkdirat never follows a symlink at its last component: one that appeared
                     // makes it fail with EEXIST, and the open below refuses it.
                     match mkdirat(parent.as_fd(), *part, Mode::from_raw_mode(0o700)) {
-                        Ok(()) | Err(Errno::EXIST) => open_dir(parent.as_fd(), part),
+                        Ok(()) => {
+                            fresh = true;
+                            open_dir(parent.as_fd(), part)
+                        }
+                        Err(Errno::EXIST) => open_dir(parent.as_fd(), part),
                         Err(e) => Err(e),
                     }
                 }
                 other => other,
             };
             match opened {
-                Ok(fd) => self.held.push((part.to_vec(), Arc::new(fd))),
+                Ok(fd) => self.push(part, Arc::new(fd), fresh),
                 Err(Errno::LOOP | Errno::NOTDIR) => {
                     return Err(EntryError::Entry(format!(
                         "parent {:?} is not a directory (a symlink or a file)",
@@ -114,14 +126,25 @@ impl DirStack {
         Ok(self.top())
     }
 
-    /// A directory just made or opened in the directory [`DirStack::at`] returned last.
-    pub(super) fn push(&mut self, name: &[u8], fd: Arc<OwnedFd>) {
-        self.held.push((name.to_vec(), fd));
+    /// A directory just made (`fresh`) or opened in the directory [`DirStack::at`] returned
+    /// last.
+    pub(super) fn push(&mut self, name: &[u8], fd: Arc<OwnedFd>, fresh: bool) {
+        self.held.push(Held {
+            name: name.to_vec(),
+            fd,
+            fresh,
+        });
+    }
+
+    /// Whether the directory [`DirStack::at`] returned last was made by this run: a name in
+    /// it needs no check for what is already there.
+    pub(super) fn top_is_fresh(&self) -> bool {
+        self.held.last().is_some_and(|h| h.fresh)
     }
 
     fn top(&self) -> Arc<OwnedFd> {
         self.held
             .last()
-            .map_or_else(|| self.root.clone(), |(_, fd)| fd.clone())
+            .map_or_else(|| self.root.clone(), |h| h.fd.clone())
     }
 }

@@ -724,9 +724,10 @@ fn a_one_block_cache_still_restores_everything() {
         (2, 100_000),
     )
     .expect("target usable");
-    // At most a full batch and the file being written wait under temporary names.
+    // At most a full batch and the files with the writer threads wait under temporary names.
+    let in_flight = (writer_threads() * (QUEUE_PER_WRITER + 1) + 1) * GROUP_FILES;
     assert!(
-        (1..=3).contains(&most_staged),
+        (1..=2 + in_flight).contains(&most_staged),
         "{most_staged} staged at once"
     );
     let progress = counters.snapshot();
@@ -736,7 +737,12 @@ fn a_one_block_cache_still_restores_everything() {
         blocks.calls, plan.blocks,
         "each block asked for once: evicted blocks with uses left are read back from the spill"
     );
-    assert!(blocks.max_held <= 1, "the cache held {}", blocks.max_held);
+    // The cache's one, and what the files queued for the writers keep alive.
+    assert!(
+        blocks.max_held <= 1 + FLIGHT_BLOCKS,
+        "{} blocks held",
+        blocks.max_held
+    );
     assert_eq!(progress.blocks_used, plan.blocks.len() as u64);
     assert_same_tree(&b.src, &target.root);
 }
@@ -798,9 +804,9 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
         &plan,
         &target,
         &mut |id| {
-            // a/2's block: `a/` was made and a/1 written (and renamed: batches of one).
+            // a/2's block: `a/` was made and is held (a/1, empty, is with a writer thread).
             if !swapped {
-                assert!(target.root.join("a/1").is_file(), "a/1 written first");
+                assert!(target.root.join("a").is_dir(), "a/ made first");
                 std::fs::rename(target.root.join("a"), &moved).expect("move a");
                 std::os::unix::fs::symlink(&outside, target.root.join("a")).expect("symlink");
                 swapped = true;
