@@ -1287,6 +1287,126 @@ fn as_an_ordinary_user_owners_are_not_applied_setuid_is_dropped_and_devices_are_
     assert_eq!(attributes(&target.root.join("dir")).mode, 0o750);
 }
 
+/// Runs `f` on a thread of its own whose credentials are the unprivileged `nobody` (65534):
+/// raw `setgroups`/`setresgid`/`setresuid` change the calling thread only (glibc's wrappers
+/// would change every thread of the test process). Threads it starts inherit them.
+fn as_nobody<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    const NOBODY: libc::c_long = 65534;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: plain syscalls on this thread's credentials, no memory passed but a
+                // null list of zero groups.
+                unsafe {
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+                        0
+                    );
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
+                        0
+                    );
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
+                        0
+                    );
+                }
+                f()
+            })
+            .join()
+            .expect("the nobody thread")
+    })
+}
+
+#[test]
+fn a_real_ordinary_user_gets_everything_but_owners_setuid_and_devices() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to become an ordinary user");
+        return;
+    }
+    let b = backed_every_kind();
+    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    // The blocks, decoded as root (the fragments are root's); the restore runs as nobody.
+    let mut blocks = Blocks::new(&b);
+    let decoded: HashMap<BlockId, Arc<Vec<u8>>> = plan
+        .blocks
+        .iter()
+        .map(|id| (*id, blocks.get(*id).expect("block")))
+        .collect();
+    // A target nobody may write: its own directory under a path it may cross.
+    let home = b.dir.path().join("home");
+    std::fs::create_dir(&home).expect("mkdir");
+    rustix::fs::chown(
+        &home,
+        Some(rustix::fs::Uid::from_raw(65534)),
+        Some(rustix::fs::Gid::from_raw(65534)),
+    )
+    .expect("chown");
+    chmod(b.dir.path(), 0o755);
+    let root = home.join("out");
+    let (report, privileges) = as_nobody(|| {
+        let target = RestoreTarget::new(root.clone(), false);
+        let mut get = |id: BlockId| decoded.get(&id).cloned().ok_or(BlockError::TooFewFragments);
+        let counters = RestoreCounters::default();
+        let report = restore_files(&plan, &target, &mut get, 64, &counters).expect("target usable");
+        (report, target.privileges)
+    });
+    assert!(!privileges.root, "{privileges:?}");
+    assert_eq!((privileges.uid, privileges.gid), (65534, 65534));
+    assert_eq!(report.failed, vec![]);
+    let lost: Vec<(Unrestorable, u64)> = report
+        .not_restored
+        .iter()
+        .map(|n| (n.what, n.count))
+        .collect();
+    // Every entry made that was not nobody's (root's too) is said; the device is not made. The
+    // ACL and the user attribute are the owner's to set: nothing else is lost.
+    // (A hard link's later names share the first's inode: linked, not given an owner.)
+    let mut inodes = std::collections::HashSet::new();
+    let not_nobodys = plan
+        .files
+        .iter()
+        .filter(|e| !matches!(e.kind, FileKind::CharDevice | FileKind::BlockDevice))
+        .filter(|e| e.link_identity().is_none_or(|id| inodes.insert(id)))
+        .filter(|e| {
+            e.owner
+                .as_ref()
+                .is_some_and(|o| (o.uid, o.gid) != (65534, 65534))
+        })
+        .count() as u64;
+    assert!(not_nobodys > 6, "root's entries and the 6 others");
+    assert_eq!(
+        lost,
+        [
+            (Unrestorable::Ownership, not_nobodys),
+            (Unrestorable::SetIdBits, 1),
+            (Unrestorable::CharDevices, 1),
+        ],
+        "{:?}",
+        report.not_restored
+    );
+    assert!(!root.join("null").exists(), "no device made");
+    for rel in ["dir", "dir/owned", "suid", "acl", "fifo"] {
+        let got = attributes(&root.join(rel));
+        assert_eq!((got.uid, got.gid), (65534, 65534), "{rel}");
+    }
+    assert_eq!(attributes(&root.join("suid")).mode, 0o755, "setuid dropped");
+    assert_eq!(
+        attributes(&root.join("acl")).xattrs,
+        attributes(&b.src.join("acl")).xattrs,
+        "the ACL and the user attribute"
+    );
+    assert_eq!(
+        std::fs::read(root.join("acl")).expect("read"),
+        std::fs::read(b.src.join("acl")).expect("read")
+    );
+    assert_eq!(
+        read_long(&root),
+        b"owned by 1234:5678",
+        "a path over PATH_MAX"
+    );
+}
+
 #[test]
 fn overwrite_rewrites_a_tampered_file_with_the_same_size_and_mtime() {
     let b = backed();
