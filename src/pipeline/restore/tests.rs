@@ -724,12 +724,10 @@ fn a_one_block_cache_still_restores_everything() {
         (2, 100_000),
     )
     .expect("target usable");
-    // At most a full batch and the files with the writer threads wait under temporary names.
+    // At most a full batch and the files with the writer threads wait under temporary names
+    // (how many are seen at a block request depends on the threads' timing: no lower bound).
     let in_flight = (writer_threads() * (QUEUE_PER_WRITER + 1) + 1) * GROUP_FILES;
-    assert!(
-        (1..=2 + in_flight).contains(&most_staged),
-        "{most_staged} staged at once"
-    );
+    assert!(most_staged <= 2 + in_flight, "{most_staged} staged at once");
     let progress = counters.snapshot();
     assert_eq!(report.failed, vec![]);
     assert_eq!((report.files, report.bytes), (10, plan.bytes()));
