@@ -1242,6 +1242,15 @@ fn tree_paths(root: &Path) -> Vec<String> {
     out
 }
 
+/// What the report says was not restored: kind and count.
+fn lost_kinds(report: &RestoreReport) -> Vec<(Unrestorable, u64)> {
+    report
+        .not_restored
+        .iter()
+        .map(|n| (n.what, n.count))
+        .collect()
+}
+
 #[test]
 fn as_an_ordinary_user_owners_are_not_applied_setuid_is_dropped_and_devices_are_said_once() {
     let b = backed_every_kind();
@@ -1253,11 +1262,7 @@ fn as_an_ordinary_user_owners_are_not_applied_setuid_is_dropped_and_devices_are_
     };
     let (report, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
     assert_eq!(report.failed, vec![]);
-    let lost: Vec<(Unrestorable, u64)> = report
-        .not_restored
-        .iter()
-        .map(|n| (n.what, n.count))
-        .collect();
+    let lost = lost_kinds(&report);
     // Owned by 1234:5678 or recorded as 4321 (named root): dir, dir/owned, suid, link, null's
     // owner is never reached (not made), named, the long path.
     assert_eq!(
@@ -1352,11 +1357,7 @@ fn a_real_ordinary_user_gets_everything_but_owners_setuid_and_devices() {
     assert!(!privileges.root, "{privileges:?}");
     assert_eq!((privileges.uid, privileges.gid), (65534, 65534));
     assert_eq!(report.failed, vec![]);
-    let lost: Vec<(Unrestorable, u64)> = report
-        .not_restored
-        .iter()
-        .map(|n| (n.what, n.count))
-        .collect();
+    let lost = lost_kinds(&report);
     // Every entry made that was not nobody's (root's too) is said; the device is not made. The
     // ACL and the user attribute are the owner's to set: nothing else is lost.
     // (A hard link's later names share the first's inode: linked, not given an owner.)
