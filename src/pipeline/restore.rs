@@ -774,7 +774,8 @@ enum Done {
     Existing,
     /// A later name of a hard-linked file: linked to the first after the last flush.
     Deferred,
-    /// A file handed to a writer thread: its outcome comes through [`Restorer::collect`].
+    /// A file given to a writer thread, or written in line and already counted: its outcome is
+    /// counted by [`Restorer::finished`], not by the caller.
     Queued,
     /// Not made for a reason that is not the entry's (a device as non-root): counted in
     /// `not_restored`, not a failure.
@@ -886,7 +887,7 @@ struct Restorer<'a> {
     attrs: Attrs,
     report: RestoreReport,
     counters: &'a RestoreCounters,
-    /// Whether the current file's chunk uses were counted (by `gather_chunks`).
+    /// Whether the current file's chunk uses were counted (by its `ChunkSource`).
     consumed: bool,
     /// The plan's files found complete before the run (their uses are not counted).
     complete: &'a HashSet<Vec<u8>>,
@@ -917,7 +918,6 @@ struct Restorer<'a> {
     flushing: usize,
     /// The blocks kept alive by the files in flight, with how many files each.
     flight_blocks: HashMap<BlockId, usize>,
-    flight_limit: usize,
 }
 
 impl<'a> Restorer<'a> {
@@ -1161,9 +1161,7 @@ impl<'a> Restorer<'a> {
             return Ok(());
         };
         // Not more blocks kept alive by the queues than allowed: wait for the writers first.
-        while self.in_flight > 0
-            && self.flight_blocks.len() + group.blocks.len() > self.flight_limit
-        {
+        while self.in_flight > 0 && self.flight_blocks.len() + group.blocks.len() > FLIGHT_BLOCKS {
             self.collect_one()?;
         }
         for block in &group.blocks {
@@ -1551,8 +1549,8 @@ fn may_replace(st: &rustix::fs::Stat, overwrite: bool) -> Result<(), EntryError>
 /// Restores every entry of the plan under `target.root`. `get_block` returns a block's PLAIN
 /// bytes (decoded by the caller) or an error; it is called in plan order as files need blocks
 /// (the caller prefetches ahead in `plan.blocks` order). Decoded blocks stay in a cache while
-/// they still have uses, at most `cache_blocks` (an evicted block is asked for again if needed
-/// later). A block that cannot be had fails only the files that need it (named in `failed`, with
+/// they still have uses, at most `cache_blocks` (an evicted block still needed waits in a spill
+/// file, or is asked for again where there is none). A block that cannot be had fails only the files that need it (named in `failed`, with
 /// the reason); everything else is restored. Never returns early on one bad entry: `Err` only
 /// for target-level failures (the root cannot be made, the disk is full or read-only).
 pub fn restore_files(
@@ -1639,7 +1637,6 @@ fn restore_batched(
             flushed_rx,
             flushing: 0,
             flight_blocks: HashMap::new(),
-            flight_limit: FLIGHT_BLOCKS,
         };
         match flusher_thread {
             Ok(_) => r.flusher = Some(flush_tx),

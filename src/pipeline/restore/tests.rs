@@ -32,6 +32,17 @@ impl Backed {
     fn target(&self, name: &str, overwrite: bool) -> RestoreTarget {
         RestoreTarget::new(self.dir.path().join(name), overwrite)
     }
+
+    /// A target restored with root's privileges (owners and devices).
+    fn root_target(&self, name: &str) -> RestoreTarget {
+        RestoreTarget {
+            privileges: Privileges {
+                root: true,
+                ..Privileges::detect()
+            },
+            ..self.target(name, false)
+        }
+    }
 }
 
 fn set_mtime(path: &Path, ns: i64) {
@@ -1161,13 +1172,7 @@ fn read_long(root: &Path) -> Vec<u8> {
 fn every_kind_is_restored_as_root_attribute_by_attribute() {
     let b = backed_every_kind();
     let plan = plan(&b.kv, SNAP, None).expect("plan");
-    let target = RestoreTarget {
-        privileges: Privileges {
-            root: true,
-            ..Privileges::detect()
-        },
-        ..b.target("out", false)
-    };
+    let target = b.root_target("out");
     let (report, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
     assert_eq!(report.failed, vec![]);
     assert_eq!(report.not_restored, vec![], "root restores everything here");
@@ -1552,13 +1557,7 @@ fn every_kind_end_to_end(src: &Path) {
 fn every_kind_backed_up_by_the_walker_comes_back_attribute_by_attribute() {
     let b = backed_with(every_kind_end_to_end);
     let plan = plan(&b.kv, SNAP, None).expect("plan");
-    let target = RestoreTarget {
-        privileges: Privileges {
-            root: true,
-            ..Privileges::detect()
-        },
-        ..b.target("out", false)
-    };
+    let target = b.root_target("out");
     let (report, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
     assert_eq!(report.failed, vec![]);
     assert_eq!(report.not_restored, vec![]);
