@@ -8,6 +8,8 @@
 //! * [`link`]: the identity exchange after the handshake, then request/reply over a session.
 //! * [`admission`]: limits on inbound connections that have not authenticated yet.
 //! * [`budget`]: the bytes one authenticated peer can make the node hold, across its links.
+//! * [`bandwidth`]: upload and download limits (token buckets, schedules); [`paced`] applies
+//!   them to a session's reads and writes.
 //!
 //! The handshake only proves that the peer holds the private half of
 //! [`noise::NoiseSession::remote_static`]; the caller must check that key
@@ -16,11 +18,13 @@
 //! Nothing in this module logs key material or payload bytes.
 
 pub mod admission;
+pub mod bandwidth;
 pub mod budget;
 pub mod envelope;
 pub mod frame;
 pub mod link;
 pub mod noise;
+pub mod paced;
 
 /// Errors of the transport layer. Each variant has a short, stable
 /// [`NetError::reason`] usable as a metrics/counter key.

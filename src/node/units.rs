@@ -19,6 +19,12 @@ pub enum UnitError {
     NoDurationUnit(String),
     #[error("unknown duration unit `{unit}` in `{text}` (use ms, s, m, h, d)")]
     DurationUnit { unit: String, text: String },
+    #[error("`{0}` is not a rate (examples: 0, 2 MiB/s, 20 Mbit/s, 500 KB/s)")]
+    NotARate(String),
+    #[error(
+        "unknown rate unit `{unit}` in `{text}` (use B/s, KiB/s, MiB/s, GiB/s, KB/s, MB/s, GB/s, kbit/s, Mbit/s, Gbit/s)"
+    )]
+    RateUnit { unit: String, text: String },
     #[error("`{0}` is out of range")]
     OutOfRange(String),
 }
@@ -166,6 +172,95 @@ impl<'de> Deserialize<'de> for Span {
     }
 }
 
+/// A transfer rate in bytes per second; 0 means unlimited.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Default)]
+pub struct Rate(pub u64);
+
+impl Rate {
+    pub const UNLIMITED: Rate = Rate(0);
+
+    /// `"2 MiB/s"`, `"20 Mbit/s"`, `"500 KB/s"`, `"0"`; a bare number is bytes per second.
+    pub fn parse(text: &str) -> Result<Self, UnitError> {
+        let t = text.trim();
+        let lower = t.to_ascii_lowercase();
+        if lower == "0" || lower == "unlimited" {
+            return Ok(Rate::UNLIMITED);
+        }
+        // `Mbps` and friends are bits, as on an ISP's bill.
+        let lower = match lower.strip_suffix("bps") {
+            Some(prefix) => format!("{prefix}bit/s"),
+            None => lower,
+        };
+        let per_second = lower.strip_suffix("/s").unwrap_or(&lower);
+        let split = per_second
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(per_second.len());
+        let (number, unit) = per_second.split_at(split);
+        let number: f64 = number
+            .parse()
+            .map_err(|_| UnitError::NotARate(text.into()))?;
+        let multiplier: f64 = match unit.trim() {
+            "" | "b" => 1.0,
+            "kib" => KIB as f64,
+            "mib" => MIB as f64,
+            "gib" => GIB as f64,
+            "k" | "kb" => 1e3,
+            "m" | "mb" => 1e6,
+            "g" | "gb" => 1e9,
+            "bit" => 1.0 / 8.0,
+            "kbit" => 1e3 / 8.0,
+            "mbit" => 1e6 / 8.0,
+            "gbit" => 1e9 / 8.0,
+            other => {
+                return Err(UnitError::RateUnit {
+                    unit: other.into(),
+                    text: text.into(),
+                });
+            }
+        };
+        let bytes = number * multiplier;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(UnitError::OutOfRange(text.into()));
+        }
+        // A non-zero rate that rounds to nothing would read as unlimited.
+        Ok(Rate((bytes.round() as u64).max(u64::from(bytes > 0.0))))
+    }
+
+    pub fn is_unlimited(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_unlimited() {
+            return f.write_str("0");
+        }
+        write!(f, "{}/s", ByteSize(self.0))
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Rate(n)),
+            Raw::Text(t) => Rate::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +278,30 @@ mod tests {
             ByteSize::parse(&ByteSize(123_456_789).to_string()).map(|b| b.0 / MIB),
             Ok(117)
         );
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(Rate::parse("0"), Ok(Rate::UNLIMITED));
+        assert_eq!(Rate::parse("2 MiB/s"), Ok(Rate(2 * MIB)));
+        assert_eq!(Rate::parse("20 Mbit/s"), Ok(Rate(2_500_000)));
+        assert_eq!(Rate::parse("20Mbps"), Ok(Rate(2_500_000)));
+        assert_eq!(Rate::parse("500 KB/s"), Ok(Rate(500_000)));
+        assert_eq!(Rate::parse("1.5 KiB/s"), Ok(Rate(1536)));
+        assert_eq!(Rate::parse("4096"), Ok(Rate(4096)));
+        assert_eq!(
+            Rate::parse("0.1 bit/s"),
+            Ok(Rate(1)),
+            "a tiny rate is not unlimited"
+        );
+        assert!(matches!(Rate::parse("fast"), Err(UnitError::NotARate(_))));
+        assert!(matches!(
+            Rate::parse("3 furlongs/s"),
+            Err(UnitError::RateUnit { .. })
+        ));
+        assert_eq!(Rate(2 * MIB).to_string(), "2 MiB/s");
+        assert_eq!(Rate::parse(&Rate(2 * MIB).to_string()), Ok(Rate(2 * MIB)));
+        assert_eq!(Rate::UNLIMITED.to_string(), "0");
     }
 
     #[test]
