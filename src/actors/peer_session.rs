@@ -18,8 +18,8 @@ use crate::fsm::Label;
 use crate::fsm::peer_session::{CloseReason, Event, Output, PeerSession};
 use crate::net::link::{self, LinkClose, LinkEvent, LinkHandle, LinkTasks, TrustPolicy};
 use crate::net::noise::NoiseSession;
-use crate::proto::envelope::Body;
-use crate::proto::{FailReason, Ping};
+use crate::net::paced::{self, ControlWrites, PacedRead, PacedWrite, Pacing};
+use crate::proto::FailReason;
 
 /// What every session of this node shares. Holds the Noise secret: never `Debug`.
 pub struct SessionShared {
@@ -35,6 +35,8 @@ pub struct SessionShared {
     /// Best-effort notices (pongs, identity pushes) dropped because a mailbox was full: a peer
     /// flooding them cannot grow the node's memory.
     pub dropped_notices: AtomicU64,
+    /// The bandwidth limits every session's reads and writes are charged to.
+    pub shaper: Arc<crate::net::bandwidth::Shaper>,
 }
 
 /// A peer to dial: its id and contact addresses (`tcp://HOST:PORT`).
@@ -267,7 +269,25 @@ impl PeerSessionDriver {
             io.send(Event::LinkFailed(CloseReason::IoError));
             return;
         };
-        let (reader, writer) = session.split_with(TcpStream::into_split);
+        let pacing = Pacing {
+            shaper: self.shared.shaper.clone(),
+            peer: identity.node_id(),
+            lan: self.remote.is_some_and(|r| paced::is_lan(r.ip())),
+        };
+        let control = ControlWrites::default();
+        let me = io.address();
+        let heard: paced::Heard = Arc::new(move || {
+            // Best effort: a full mailbox has other news of the peer in it.
+            let _ = me.try_send(Deliver(Event::Heard));
+        });
+        let writes = control.clone();
+        let (reader, writer) = session.split_with(move |stream: TcpStream| {
+            let (r, w) = stream.into_split();
+            (
+                PacedRead::new(r, pacing.clone(), Some(heard)),
+                PacedWrite::new(w, pacing, writes),
+            )
+        });
         let sink = self.link_sink(identity.node_id(), io);
         let budget = self.shared.budgets.for_peer(identity.node_id());
         let (handle, tasks) = link::start(
@@ -277,6 +297,7 @@ impl PeerSessionDriver {
             self.shared.queue,
             budget,
             sink,
+            control,
         );
         self.report(NetInput::SessionUp {
             session: self.id,
@@ -338,10 +359,9 @@ impl Driver for PeerSessionDriver {
             Output::StartLink { .. } => self.start_link(io),
             Output::SendPing => {
                 if let Some((link, _)) = &self.link {
-                    // A full queue is a ping not sent; the pong deadline decides.
-                    let _ = link.try_send(Body::Ping(Ping {
-                        nonce: rand::random(),
-                    }));
+                    // Ahead of queued messages; a full control queue is a ping not sent, and
+                    // the pong deadline decides.
+                    let _ = link.ping(rand::random());
                 }
             }
             Output::Closed { reason, peer } => self.closed(reason, peer),

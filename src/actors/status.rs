@@ -39,6 +39,36 @@ pub struct NodeStatus {
     /// and the last restore drill (filled by the node).
     #[serde(default)]
     pub health: Option<MonitorStatus>,
+    /// The bandwidth limits in force and the rates of the last second (filled by the node).
+    #[serde(default)]
+    pub bandwidth: Option<BandwidthStatus>,
+}
+
+/// Bytes per second; a limit of 0 is none.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct BandwidthStatus {
+    pub upload_limit: u64,
+    pub download_limit: u64,
+    pub per_peer_upload_limit: u64,
+    pub per_peer_download_limit: u64,
+    pub lan_unlimited: bool,
+    /// Measured over the last second, all peers, limited or not.
+    pub upload_rate: u64,
+    pub download_rate: u64,
+}
+
+impl From<crate::net::bandwidth::Snapshot> for BandwidthStatus {
+    fn from(s: crate::net::bandwidth::Snapshot) -> Self {
+        BandwidthStatus {
+            upload_limit: s.in_force.upload,
+            download_limit: s.in_force.download,
+            per_peer_upload_limit: s.in_force.per_peer_upload,
+            per_peer_download_limit: s.in_force.per_peer_download,
+            lan_unlimited: s.lan_unlimited,
+            upload_rate: s.upload_now,
+            download_rate: s.download_now,
+        }
+    }
 }
 
 /// Restores: the one running now and the latest results (newest last).

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use bitdust::actors::status::{MonitorStatus, NodeStatus};
+use bitdust::actors::status::{BandwidthStatus, MonitorStatus, NodeStatus};
 use bitdust::node::client::Client;
 use bitdust::node::control::Request;
 use bitdust::node::home::Home;
@@ -47,6 +47,9 @@ pub fn render_status(status: &NodeStatus) -> String {
     if let Some(disk) = &status.disk {
         let _ = writeln!(out, "disk      {}", disk.line);
     }
+    if let Some(bandwidth) = &status.bandwidth {
+        let _ = writeln!(out, "bandwidth {}", bandwidth_line(bandwidth));
+    }
     machines(&mut out, status);
     peers(&mut out, status);
     suppliers(&mut out, status);
@@ -59,6 +62,35 @@ pub fn render_status(status: &NodeStatus) -> String {
         let _ = writeln!(out, "\ncounters: {}", parts.join(" "));
     }
     out
+}
+
+/// "up 1.2 MiB/s of 2 MiB/s (1 MiB/s per peer), down 40 KiB/s, unlimited; LAN unlimited".
+pub fn bandwidth_line(b: &BandwidthStatus) -> String {
+    let direction = |name: &str, now: u64, total: u64, per_peer: u64| {
+        let limit = match (total, per_peer) {
+            (0, 0) => ", unlimited".to_string(),
+            (0, p) => format!(" ({}/s per peer)", size(p)),
+            (t, 0) => format!(" of {}/s", size(t)),
+            (t, p) => format!(" of {}/s ({}/s per peer)", size(t), size(p)),
+        };
+        format!("{name} {}/s{limit}", size(now))
+    };
+    let mut line = format!(
+        "{}, {}",
+        direction("up", b.upload_rate, b.upload_limit, b.per_peer_upload_limit),
+        direction(
+            "down",
+            b.download_rate,
+            b.download_limit,
+            b.per_peer_download_limit
+        )
+    );
+    let limited =
+        b.upload_limit + b.download_limit + b.per_peer_upload_limit + b.per_peer_download_limit > 0;
+    if limited && b.lan_unlimited {
+        line.push_str("; LAN unlimited");
+    }
+    line
 }
 
 fn machines(out: &mut String, status: &NodeStatus) {

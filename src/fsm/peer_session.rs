@@ -26,6 +26,9 @@ events! {
         /// A deadline passed: connecting, handshaking, or waiting for a pong.
         Timeout(Timer),
         Pong,
+        /// Bytes of a message arrived from the peer (at most once a second): it is alive, even
+        /// when its pong waits behind a long message on a slow, bandwidth-limited link.
+        Heard,
         LinkFailed(CloseReason),
         /// Another session with the same peer won the tie-break.
         Superseded,
@@ -47,7 +50,7 @@ labels! {
         StartLink,
         /// Send a ping (IO) and expect its pong within `dead_after`.
         SendPing,
-        /// A pong arrived: the peer is alive.
+        /// A pong (or bytes) arrived: the peer is alive.
         ClearPing,
         /// Record why the session ended and tell the connector (IO).
         ReportClosed,
@@ -162,6 +165,12 @@ static ROWS: &[Row<PeerSession>] = &[
     row(
         &[Established],
         EventKind::Pong,
+        To::Stay,
+        &[Action::ClearPing],
+    ),
+    row(
+        &[Established],
+        EventKind::Heard,
         To::Stay,
         &[Action::ClearPing],
     ),
@@ -310,6 +319,7 @@ impl Machine for PeerSession {
             Event::Timeout(Timer::Handshake),
             Event::Timeout(Timer::PongDue),
             Event::Pong,
+            Event::Heard,
             Event::LinkFailed(CloseReason::DecryptFailed),
             Event::Superseded,
             Event::Shutdown,
@@ -383,6 +393,26 @@ mod tests {
             s.step(&Event::Pong, &at(t + 1));
         }
         assert_eq!(s.state(), Established);
+    }
+
+    /// A peer whose pong is stuck behind a long message on a slow link, but whose bytes keep
+    /// arriving, stays; one that sends nothing is dropped when the pong is overdue.
+    #[test]
+    fn bytes_arriving_count_as_a_pong() {
+        let mut s = established();
+        s.step(&Event::Keepalive, &at(30));
+        s.step(&Event::Heard, &at(45));
+        assert!(!s.machine.awaiting_pong);
+        assert_eq!(
+            s.timers().deadlines().count(),
+            0,
+            "the pong deadline is gone"
+        );
+        s.step(&Event::Keepalive, &at(60));
+        let st = s
+            .step(&PeerSession::timer_event(Timer::PongDue), &at(80))
+            .expect("a silent peer's deadline fires");
+        assert_eq!(st.to, Closed);
     }
 
     #[test]

@@ -17,9 +17,10 @@ use super::envelope::{self, EnvelopeError};
 use super::noise::{
     NoiseReader, NoiseSession, NoiseWriter, handshake_initiator, handshake_responder,
 };
+use super::paced::ControlWrites;
 use crate::crypto::identity::{Identity, NodeId};
 use crate::proto::envelope::Body;
-use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, Pong};
+use crate::proto::{Envelope, Fail, FailReason, IdentityExchange, Ping, Pong};
 
 /// Binds the protocol into the Noise handshake: a peer of another protocol fails the handshake.
 pub const PROLOGUE: &[u8] = b"bitdust.v1";
@@ -376,7 +377,13 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Envelope>>>>;
 #[derive(Clone)]
 pub struct LinkHandle {
     peer: NodeId,
+    /// Bulk: fragments, lists, one-way messages (kept in order).
     tx: mpsc::Sender<Outgoing>,
+    /// Requests and replies of at most [`SMALL_MESSAGE`] bytes (audits, acknowledgements),
+    /// written ahead of bulk so a link busy with fragments still answers them.
+    small: mpsc::Sender<Outgoing>,
+    /// Pings and pongs, ahead of everything else.
+    control: mpsc::Sender<Vec<u8>>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
     pub stats: Arc<LinkStats>,
@@ -404,32 +411,67 @@ impl LinkHandle {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Sends a request and waits for the envelope that replies to it.
+    /// The queue a request or reply of `len` bytes waits in.
+    fn lane(&self, len: usize) -> &mpsc::Sender<Outgoing> {
+        if len <= SMALL_MESSAGE {
+            &self.small
+        } else {
+            &self.tx
+        }
+    }
+
+    /// Sends a request and waits for the envelope that replies to it: `timeout` counts from
+    /// when the request is written. The wait to be written (behind other messages on a link
+    /// under a bandwidth limit) is bounded by [`WRITE_WAIT_FACTOR`] times `timeout`, and ends
+    /// at once if the link closes (the session closes a link whose peer falls silent).
     pub async fn request(&self, body: Body, timeout: Duration) -> Result<Envelope, RequestError> {
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         let bytes = envelope::encode(&envelope::envelope(id, 0, body));
-        // The timeout covers waiting for queue space as well as for the reply.
-        let exchange = async {
-            self.tx
-                .send((bytes, None))
+        let (written, out) = oneshot::channel();
+        let outgoing = Outgoing {
+            bytes,
+            charge: None,
+            written: Some(written),
+        };
+        let lane = self.lane(outgoing.bytes.len());
+        let queued = async {
+            lane.send(outgoing)
                 .await
                 .map_err(|_| RequestError::Closed)?;
-            rx.await.map_err(|_| RequestError::Closed)
+            out.await.map_err(|_| RequestError::Closed)
         };
-        let result = tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or(Err(RequestError::Timeout(timeout)));
+        let result = match tokio::time::timeout(timeout * WRITE_WAIT_FACTOR, queued).await {
+            Err(_) => Err(RequestError::Timeout(timeout * WRITE_WAIT_FACTOR)),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => match tokio::time::timeout(timeout, rx).await {
+                Err(_) => Err(RequestError::Timeout(timeout)),
+                Ok(reply) => reply.map_err(|_| RequestError::Closed),
+            },
+        };
         lock(&self.pending).remove(&id);
         result
+    }
+
+    /// Sends a ping ahead of every queued message, if the control queue has room.
+    pub fn ping(&self, nonce: u64) -> Result<(), RequestError> {
+        let bytes = envelope::encode(&envelope::envelope(
+            self.next_id(),
+            0,
+            Body::Ping(Ping { nonce }),
+        ));
+        self.control.try_send(bytes).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => RequestError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => RequestError::Closed,
+        })
     }
 
     /// Sends a one-way message, waiting for queue space.
     pub async fn send(&self, body: Body) -> Result<(), RequestError> {
         let bytes = envelope::encode(&envelope::envelope(self.next_id(), 0, body));
         self.tx
-            .send((bytes, None))
+            .send(Outgoing::plain(bytes))
             .await
             .map_err(|_| RequestError::Closed)
     }
@@ -437,17 +479,19 @@ impl LinkHandle {
     /// Sends a one-way message if the queue has room now.
     pub fn try_send(&self, body: Body) -> Result<(), RequestError> {
         let bytes = envelope::encode(&envelope::envelope(self.next_id(), 0, body));
-        self.tx.try_send((bytes, None)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RequestError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => RequestError::Closed,
-        })
+        self.tx
+            .try_send(Outgoing::plain(bytes))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => RequestError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => RequestError::Closed,
+            })
     }
 
     /// Answers request `to`.
     pub async fn reply(&self, to: u64, body: Body) -> Result<(), RequestError> {
         let bytes = envelope::encode(&envelope::envelope(self.next_id(), to, body));
-        self.tx
-            .send((bytes, None))
+        self.lane(bytes.len())
+            .send(Outgoing::plain(bytes))
             .await
             .map_err(|_| RequestError::Closed)
     }
@@ -471,7 +515,11 @@ impl LinkHandle {
             bytes = fail_bytes(id, to, FailReason::TryLater, OVER_BUDGET);
             charge.shrink_to(bytes.len());
         }
-        let sent = self.tx.send((bytes, Some(charge))).await;
+        let outgoing = Outgoing {
+            charge: Some(charge),
+            ..Outgoing::plain(bytes)
+        };
+        let sent = self.lane(outgoing.bytes.len()).send(outgoing).await;
         drop(slot);
         sent.map_err(|_| RequestError::Closed)?;
         Ok(if fits {
@@ -495,8 +543,31 @@ impl LinkHandle {
 /// What a peer hears instead of a reply that does not fit in its budget.
 const OVER_BUDGET: &str = "this node holds too much for you now; ask again later";
 
-/// A message to write, with its charge on the peer's budget when it is a reply to the peer.
-type Outgoing = (Vec<u8>, Option<Held>);
+/// A message to write.
+struct Outgoing {
+    bytes: Vec<u8>,
+    /// Its charge on the peer's budget when it is a reply to the peer.
+    charge: Option<Held>,
+    /// Told once it is written (a request's timeout starts then).
+    written: Option<oneshot::Sender<()>>,
+}
+
+impl Outgoing {
+    fn plain(bytes: Vec<u8>) -> Self {
+        Outgoing {
+            bytes,
+            charge: None,
+            written: None,
+        }
+    }
+}
+
+/// Requests and replies up to this size go ahead of bulk messages (fragments, lists).
+pub const SMALL_MESSAGE: usize = 8 * 1024;
+
+/// How many request timeouts a request may wait to be written, behind other messages on a
+/// slow (bandwidth-limited) link, before it fails.
+pub const WRITE_WAIT_FACTOR: u32 = 10;
 
 /// A message to write before the link closes, and who to tell once it is out.
 type LastWords = (Vec<u8>, Option<oneshot::Sender<()>>);
@@ -588,12 +659,14 @@ pub fn start<R, W>(
     queue: usize,
     budget: Arc<PeerBudget>,
     sink: LinkSink,
+    control_writes: ControlWrites,
 ) -> (LinkHandle, LinkTasks)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::channel::<Outgoing>(queue.max(1));
+    let (small_tx, small_rx) = mpsc::channel::<Outgoing>(queue.max(1));
     let (control_tx, control_rx) = mpsc::channel::<Vec<u8>>(CONTROL_QUEUE);
     let (last_tx, last_rx) = mpsc::channel::<LastWords>(1);
     let stats = Arc::new(LinkStats::default());
@@ -601,6 +674,8 @@ where
     let handle = LinkHandle {
         peer: peer.node_id(),
         tx,
+        small: small_tx,
+        control: control_tx.clone(),
         pending: Arc::default(),
         next_id: Arc::new(AtomicU64::new(2)),
         stats: stats.clone(),
@@ -608,9 +683,16 @@ where
     let queues = WriterQueues {
         last_words: last_rx,
         control: control_rx,
+        small: small_rx,
         requests: rx,
     };
-    let writer_task = tokio::spawn(run_writer(writer, queues, stats, sink.clone()));
+    let writer_task = tokio::spawn(run_writer(
+        writer,
+        queues,
+        stats,
+        sink.clone(),
+        control_writes,
+    ));
     let reader_task = tokio::spawn(run_reader(
         reader,
         ReaderSide {
@@ -641,23 +723,27 @@ where
 struct WriterQueues {
     /// Closing words: written, then the link closes.
     last_words: mpsc::Receiver<LastWords>,
-    /// Control replies (pongs), ahead of the request queue.
+    /// Pings and pongs (and `Fail`s for unknown requests), ahead of the request queues.
     control: mpsc::Receiver<Vec<u8>>,
-    /// Requests, replies and one-way messages of the node.
+    /// Small requests and replies, ahead of bulk.
+    small: mpsc::Receiver<Outgoing>,
+    /// Bulk requests, replies and one-way messages of the node.
     requests: mpsc::Receiver<Outgoing>,
 }
 
-/// The writer task: closing words first, then control replies, then the request queue.
+/// The writer task: closing words first, then control messages, then small messages, then
+/// bulk. Control messages are written without waiting out a bandwidth debt.
 async fn run_writer<W>(
     mut writer: NoiseWriter<W>,
     mut queues: WriterQueues,
     stats: Arc<LinkStats>,
     sink: LinkSink,
+    control_writes: ControlWrites,
 ) where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     loop {
-        let bytes = tokio::select! {
+        let (outgoing, control) = tokio::select! {
             biased;
             Some((bytes, written)) = queues.last_words.recv() => {
                 let _ = writer.send(&bytes).await;
@@ -666,17 +752,28 @@ async fn run_writer<W>(
                 }
                 break;
             }
-            Some(bytes) = queues.control.recv() => (bytes, None),
+            Some(bytes) = queues.control.recv() => (Outgoing::plain(bytes), true),
+            Some(outgoing) = queues.small.recv() => (outgoing, false),
             next = queues.requests.recv() => match next {
-                Some(outgoing) => outgoing,
+                Some(outgoing) => (outgoing, false),
                 None => break,
             },
         };
         // A reply's charge goes back once it is written.
-        let (bytes, _charge) = bytes;
-        if let Err(e) = writer.send(&bytes).await {
+        let Outgoing {
+            bytes,
+            charge: _charge,
+            written,
+        } = outgoing;
+        control_writes.set(control);
+        let sent = writer.send(&bytes).await;
+        control_writes.set(false);
+        if let Err(e) = sent {
             sink(LinkEvent::Closed(close_reason(&e)));
             return;
+        }
+        if let Some(written) = written {
+            let _ = written.send(());
         }
         stats
             .bytes_out
@@ -843,7 +940,7 @@ mod tests {
     use super::*;
     use crate::crypto::keys::NodeKeys;
     use crate::net::noise::handshake_initiator;
-    use crate::proto::{Ack, Ping};
+    use crate::proto::Ack;
     use std::sync::mpsc as std_mpsc;
 
     fn node(name: &str) -> (NodeKeys, Identity) {
@@ -888,8 +985,15 @@ mod tests {
                 let _ = tx.send(e);
             });
             let (r, w) = session.split();
-            let (handle, tasks) =
-                start(r, w, peer, queue, PeerBudget::new(64 << 20, 1 << 20), sink);
+            let (handle, tasks) = start(
+                r,
+                w,
+                peer,
+                queue,
+                PeerBudget::new(64 << 20, 1 << 20),
+                sink,
+                ControlWrites::default(),
+            );
             (handle, tasks, rx)
         };
         (side(sa, seen_b, queue), side(sb, seen_a, queue))
@@ -1057,7 +1161,7 @@ mod tests {
             let _ = tx.send(e);
         });
         let (r, w) = sb.split();
-        let (handle, tasks) = start(r, w, seen_a, queue, budget, sink);
+        let (handle, tasks) = start(r, w, seen_a, queue, budget, sink, ControlWrites::default());
         (sa, handle, tasks, rx)
     }
 
@@ -1134,10 +1238,16 @@ mod tests {
             link.reply_within(21, reply(900_000), second).await,
             Ok(Replied::TryLater)
         );
-        let first = envelope::decode(&a.recv().await.expect("recv").expect("msg")).expect("env");
+        // The small TRY_LATER may overtake the long reply (it has the small lane).
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(a.recv().await.expect("recv").expect("msg"));
+        }
+        got.sort_by_key(|bytes| bytes.len());
+        assert_eq!(fail_of(&got[0]), (21, FailReason::TryLater));
+        let first = envelope::decode(&got[1]).expect("env");
+        assert_eq!(first.reply_to, 20);
         assert!(matches!(first.body, Some(Body::FragmentData(_))));
-        let second = a.recv().await.expect("recv").expect("msg");
-        assert_eq!(fail_of(&second), (21, FailReason::TryLater));
         for _ in 0..100 {
             if budget.held() == 0 {
                 break;
@@ -1179,6 +1289,49 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(refused, Some(RequestError::QueueFull));
+    }
+
+    /// On a link busy with bulk (the peer reads slowly): a ping goes next, then a small
+    /// request, then the rest of the bulk; the request's timeout starts once it is written.
+    #[tokio::test]
+    async fn pings_and_small_requests_overtake_bulk_and_timeouts_start_when_written() {
+        let (mut a, b, _tb, _eb) = raw_and_link(8, 64 * 1024).await;
+        for _ in 0..4 {
+            b.try_send(big_fragment()).expect("queued");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b.ping(7).expect("ping queued");
+        let asking = b.clone();
+        let request = tokio::spawn(async move {
+            let list = Body::ListFragments(crate::proto::ListFragments {
+                after: None,
+                limit: 0,
+            });
+            asking.request(list, Duration::from_millis(300)).await
+        });
+        // Longer than the request's timeout, but it has not been written yet.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!request.is_finished(), "timed out before it was written");
+        let mut order = Vec::new();
+        let mut request_id = 0;
+        for _ in 0..6 {
+            let bytes = a.recv().await.expect("recv").expect("msg");
+            let env = envelope::decode(&bytes).expect("env");
+            order.push(match env.body {
+                Some(Body::StoreFragment(_)) => "bulk",
+                Some(Body::Ping(_)) => "ping",
+                Some(Body::ListFragments(_)) => {
+                    request_id = env.request_id;
+                    "small"
+                }
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        assert_eq!(order, ["bulk", "ping", "small", "bulk", "bulk", "bulk"]);
+        let reply = envelope::envelope(900, request_id, Body::Ack(Ack::default()));
+        a.send(&envelope::encode(&reply)).await.expect("reply");
+        let answered = request.await.expect("task").expect("answered in time");
+        assert_eq!(answered.reply_to, request_id);
     }
 
     #[tokio::test]

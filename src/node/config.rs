@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::units::{ByteSize, GIB, MIB, Span};
+use super::units::{ByteSize, GIB, MIB, Rate, Span};
 use crate::crypto::identity::{Identity, validate_contact, validate_name};
+use crate::net::bandwidth::{Limits, MINUTES_PER_DAY, Rates, Window};
 
 pub const CONFIG_FILE: &str = "config.toml";
 /// Environment variables `BITDUST_<SECTION>__<KEY>` override the file.
@@ -283,11 +284,134 @@ impl Default for MonitorSection {
     }
 }
 
+/// Bandwidth limits for a home uplink (issue 22). All of it applies live on SIGHUP, without
+/// dropping a session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BandwidthSection {
+    /// All peers together, each direction (`0`: unlimited).
+    pub upload: Rate,
+    pub download: Rate,
+    /// Each peer on its own, within the totals.
+    pub per_peer_upload: Rate,
+    pub per_peer_download: Rate,
+    /// Peers on this host or the same private network are not limited.
+    pub lan_unlimited: bool,
+    /// Times of the week with other totals; the first entry that covers a moment wins.
+    pub schedule: Vec<ScheduleEntry>,
+}
+
+impl Default for BandwidthSection {
+    fn default() -> Self {
+        BandwidthSection {
+            upload: Rate::UNLIMITED,
+            download: Rate::UNLIMITED,
+            per_peer_upload: Rate::UNLIMITED,
+            per_peer_download: Rate::UNLIMITED,
+            lan_unlimited: true,
+            schedule: Vec::new(),
+        }
+    }
+}
+
+/// One `[[bandwidth.schedule]]` entry: on `days` (default every day), local time `from` until
+/// `to` ("HH:MM"; `to` before `from` runs past midnight), these totals replace the usual ones.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleEntry {
+    #[serde(default)]
+    pub days: Vec<String>,
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub upload: Option<Rate>,
+    #[serde(default)]
+    pub download: Option<Rate>,
+}
+
+impl BandwidthSection {
+    /// The limits this section describes, or the key at fault and why.
+    pub fn limits(&self) -> Result<Limits, (String, String)> {
+        let mut schedule = Vec::with_capacity(self.schedule.len());
+        for (i, entry) in self.schedule.iter().enumerate() {
+            let key = |field: &str| format!("bandwidth.schedule[{i}].{field}");
+            let days = days_mask(&entry.days).map_err(|why| (key("days"), why))?;
+            let from = clock_minute(&entry.from, false).map_err(|why| (key("from"), why))?;
+            let to = clock_minute(&entry.to, true).map_err(|why| (key("to"), why))?;
+            if entry.upload.is_none() && entry.download.is_none() {
+                return Err((
+                    key("upload"),
+                    "an entry needs upload, download or both".into(),
+                ));
+            }
+            schedule.push(Window {
+                days,
+                from,
+                to: to % MINUTES_PER_DAY,
+                upload: entry.upload.map(|r| r.0),
+                download: entry.download.map(|r| r.0),
+            });
+        }
+        Ok(Limits {
+            usual: Rates {
+                upload: self.upload.0,
+                download: self.download.0,
+                per_peer_upload: self.per_peer_upload.0,
+                per_peer_download: self.per_peer_download.0,
+            },
+            lan_unlimited: self.lan_unlimited,
+            schedule,
+        })
+    }
+}
+
+const DAY_NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// Days as a bit set (bit 0 Monday): names, `weekdays`, `weekend`, or none for every day.
+fn days_mask(days: &[String]) -> Result<u8, String> {
+    if days.is_empty() {
+        return Ok(0x7f);
+    }
+    let mut mask = 0u8;
+    for day in days {
+        let lower = day.trim().to_ascii_lowercase();
+        mask |= match lower.as_str() {
+            "weekdays" => 0b001_1111,
+            "weekend" | "weekends" => 0b110_0000,
+            "all" | "daily" | "every day" => 0x7f,
+            name => {
+                let short = name.get(..3).unwrap_or(name);
+                let Some(i) = DAY_NAMES.iter().position(|d| *d == short) else {
+                    return Err(format!(
+                        "`{day}` is not a day (use mon … sun, weekdays, weekend)"
+                    ));
+                };
+                1 << i
+            }
+        };
+    }
+    Ok(mask)
+}
+
+/// "HH:MM" as minutes of the day; "24:00" only as an end.
+fn clock_minute(text: &str, end: bool) -> Result<u16, String> {
+    let bad = || format!("`{text}` is not a time of day (HH:MM, 24-hour)");
+    let (h, m) = text.trim().split_once(':').ok_or_else(bad)?;
+    let h: u16 = h.parse().map_err(|_| bad())?;
+    let m: u16 = m.parse().map_err(|_| bad())?;
+    let minute = h * 60 + m;
+    if m >= 60 || minute > MINUTES_PER_DAY || (minute == MINUTES_PER_DAY && !end) {
+        return Err(bad());
+    }
+    Ok(minute)
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub node: NodeSection,
     pub network: NetworkSection,
+    pub bandwidth: BandwidthSection,
     pub supplier: SupplierSection,
     pub backup: BackupSection,
     pub monitor: MonitorSection,
@@ -481,6 +605,7 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ("log.level".to_string(), e.to_string()))?;
+        self.bandwidth.limits()?;
         Ok(())
     }
 
@@ -498,7 +623,7 @@ impl Config {
     }
 
     /// Keys whose change a SIGHUP cannot apply: they need a restart. Applied live: node.contacts,
-    /// node.shutdown_timeout, node.keep_free, [supplier], [[peers]] (added ones).
+    /// node.shutdown_timeout, node.keep_free, [bandwidth], [supplier], [[peers]] (added ones).
     pub fn restart_needed(&self, newer: &Config) -> Vec<&'static str> {
         let mut keys = Vec::new();
         if self.node.listen != newer.node.listen {
@@ -635,6 +760,25 @@ friend_reserve = {friend_reserve}
 # Time an inbound connection has to authenticate; slower ones are closed.
 preauth_timeout = "{preauth}"
 
+# Bandwidth limits; every key applies live on SIGHUP. Rates: "2 MiB/s", "20 Mbit/s",
+# "500 KB/s"; 0 = unlimited. Set the upload to 70-80 % of your uplink so calls and video
+# keep working while a backup runs.
+[bandwidth]
+upload = "0"
+download = "0"
+# Each friend on its own, within the totals.
+per_peer_upload = "0"
+per_peer_download = "0"
+# Friends on this host or your home network are not limited.
+lan_unlimited = true
+# Other totals at times of the week (local time; the first entry that matches wins):
+# [[bandwidth.schedule]]
+# days = ["weekdays"]      # mon … sun, weekdays, weekend; empty or absent: every day
+# from = "18:00"
+# to = "23:00"             # before `from`: runs past midnight
+# upload = "1 MiB/s"
+# download = "4 MiB/s"
+
 [supplier]
 # Disk space offered to friends in total.
 donated = "{donated}"
@@ -752,6 +896,50 @@ mod tests {
         expected.node.listen = listen;
         expected.supplier.donated = ByteSize(3 * GIB);
         assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn bandwidth_section_parses_and_names_bad_keys() {
+        let config = parse(
+            "[bandwidth]\nupload = \"20 Mbit/s\"\nper_peer_download = \"1 MiB/s\"\nlan_unlimited = false\n\
+             [[bandwidth.schedule]]\ndays = [\"weekdays\", \"Saturday\"]\nfrom = \"22:00\"\nto = \"06:30\"\nupload = 0\n\
+             [[bandwidth.schedule]]\nfrom = \"09:00\"\nto = \"24:00\"\ndownload = \"4 MiB/s\"\n",
+        )
+        .expect("valid");
+        let limits = config.bandwidth.limits().expect("limits");
+        assert_eq!(limits.usual.upload, 2_500_000);
+        assert_eq!(limits.usual.per_peer_download, MIB);
+        assert!(!limits.lan_unlimited);
+        assert_eq!(limits.schedule[0].days, 0b011_1111);
+        assert_eq!(
+            (limits.schedule[0].from, limits.schedule[0].to),
+            (1320, 390)
+        );
+        assert_eq!(limits.schedule[0].upload, Some(0));
+        assert_eq!(limits.schedule[1].days, 0x7f, "no days: every day");
+        assert_eq!(limits.schedule[1].to, 0, "24:00 is the end of the day");
+        assert_eq!(limits.schedule[1].upload, None);
+
+        let entry = "[[bandwidth.schedule]]\nfrom = \"18:00\"\nto = \"23:00\"\n";
+        assert_eq!(
+            key_of("[bandwidth]\nupload = \"fast\"\n"),
+            "bandwidth.upload"
+        );
+        assert_eq!(
+            key_of(&format!(
+                "{entry}upload = \"1 MiB/s\"\ndays = [\"someday\"]\n"
+            )),
+            "bandwidth.schedule[0].days"
+        );
+        assert_eq!(
+            key_of("[[bandwidth.schedule]]\nfrom = \"25:00\"\nto = \"23:00\"\nupload = 1\n"),
+            "bandwidth.schedule[0].from"
+        );
+        assert_eq!(
+            key_of(entry),
+            "bandwidth.schedule[0].upload",
+            "no rate at all"
+        );
     }
 
     #[test]

@@ -156,6 +156,7 @@ impl Control {
                 .map(|s| s.clone())
                 .unwrap_or_default(),
             health: Some(self.health()),
+            bandwidth: Some(a.shaper.snapshot().into()),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The node: config, home directory, logging, control socket, signals, and the wiring of actors.
 
 pub mod backups;
+pub mod bandwidth;
 pub mod client;
 pub mod config;
 pub mod control;

@@ -94,7 +94,15 @@ impl Dialer<'_> {
                     // Only replies come back here: a budget of two messages never holds them up.
                     let budget =
                         PeerBudget::new(self.max_message.saturating_mul(2), self.max_message);
-                    let (handle, tasks) = link::start(reader, writer, identity, 16, budget, sink);
+                    let (handle, tasks) = link::start(
+                        reader,
+                        writer,
+                        identity,
+                        16,
+                        budget,
+                        sink,
+                        crate::net::paced::ControlWrites::default(),
+                    );
                     if let Ok(mut open) = self.open.lock() {
                         open.insert(id, (handle.clone(), tasks));
                     }

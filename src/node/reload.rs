@@ -42,6 +42,9 @@ pub fn reload(home: &Home, config: &mut Config, actors: &Actors) {
             add_peer(actors, identity, peer.name.clone());
         }
     }
+    if newer.bandwidth != config.bandwidth {
+        super::bandwidth::reload(&actors.shaper, &newer);
+    }
     if newer.supplier != config.supplier {
         let open = settings::open(&newer);
         let reconfigure = settings::supplier_reconfigure(&newer);

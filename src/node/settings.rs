@@ -124,6 +124,7 @@ pub fn session(
     keys: &NodeKeys,
     identity: watch::Receiver<Option<Identity>>,
     policy: watch::Receiver<TrustPolicy>,
+    shaper: Arc<crate::net::bandwidth::Shaper>,
 ) -> SessionShared {
     let n = &config.network;
     SessionShared {
@@ -139,6 +140,7 @@ pub fn session(
             n.max_message.0 as usize,
         ),
         dropped_notices: Default::default(),
+        shaper,
     }
 }
 

@@ -233,10 +233,24 @@ impl Rate {
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Exact, so that a rate written back to a config file reads the same.
+        let b = self.0;
+        for (unit, size) in [
+            ("GiB", GIB),
+            ("MiB", MIB),
+            ("KiB", KIB),
+            ("GB", 1_000_000_000),
+            ("MB", 1_000_000),
+            ("KB", 1_000),
+        ] {
+            if b >= size && b.is_multiple_of(size) {
+                return write!(f, "{} {unit}/s", b / size);
+            }
+        }
         if self.is_unlimited() {
             return f.write_str("0");
         }
-        write!(f, "{}/s", ByteSize(self.0))
+        write!(f, "{b} B/s")
     }
 }
 
@@ -302,6 +316,9 @@ mod tests {
         assert_eq!(Rate(2 * MIB).to_string(), "2 MiB/s");
         assert_eq!(Rate::parse(&Rate(2 * MIB).to_string()), Ok(Rate(2 * MIB)));
         assert_eq!(Rate::UNLIMITED.to_string(), "0");
+        for rate in [Rate(2_500_000), Rate(1536), Rate(123_457), Rate(3 * GIB)] {
+            assert_eq!(Rate::parse(&rate.to_string()), Ok(rate), "{rate}");
+        }
     }
 
     #[test]

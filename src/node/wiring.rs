@@ -75,6 +75,8 @@ pub struct Actors {
     pub disk: Disk,
     pub store: Arc<dyn KvStore>,
     pub registry: Registry,
+    /// The bandwidth limits every session is under (reloaded on SIGHUP).
+    pub shaper: Arc<crate::net::bandwidth::Shaper>,
 }
 
 /// Starts every actor, in order: identity, the peer-facing actors, backups, the monitor and
@@ -92,6 +94,8 @@ pub async fn start(base: Base, config: &Config) -> Actors {
     let (published_tx, published) = watch::channel(Some(identity.clone()));
     let identity_driver = IdentityDriver::new(Arc::new(home.clone()), keys.clone(), published_tx);
     let identity_actor = identity::start(identity_driver, config.contacts(), &registry).await;
+    let shaper = super::bandwidth::shaper(config);
+    super::bandwidth::tick_every_second(shaper.clone());
     let peers = start_peers(Start {
         home: &home,
         config,
@@ -102,6 +106,7 @@ pub async fn start(base: Base, config: &Config) -> Actors {
         writer: disk.writer.clone(),
         disk: disk.health.clone(),
         registry: &registry,
+        shaper: shaper.clone(),
     })
     .await;
     propagate_identity(
@@ -186,6 +191,7 @@ pub async fn start(base: Base, config: &Config) -> Actors {
         disk,
         store,
         registry,
+        shaper,
     }
 }
 
@@ -247,6 +253,7 @@ struct Start<'a> {
     writer: Writer,
     disk: Arc<DiskHealth>,
     registry: &'a Registry,
+    shaper: Arc<crate::net::bandwidth::Shaper>,
 }
 
 struct Peers {
@@ -332,6 +339,7 @@ async fn start_network(start: &Start<'_>, wiring: NetworkWiring) -> NetworkAddr 
         keys,
         start.identity.clone(),
         policy_rx,
+        start.shaper.clone(),
     ));
     let driver = NetworkConnectorDriver::new(
         settings::network(config),
