@@ -28,6 +28,7 @@ fn push(identity: &Identity, id: u64) -> Vec<u8> {
         0,
         Body::Identity(IdentityExchange {
             identity: Some(identity.signed().clone()),
+            ..Default::default()
         }),
     ))
 }

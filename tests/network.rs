@@ -168,6 +168,7 @@ fn bad_input_closes_only_that_connection() {
         0,
         Body::Identity(IdentityExchange {
             identity: Some(me.signed().clone()),
+            ..Default::default()
         }),
     );
     future.version = 99;
@@ -247,6 +248,7 @@ fn stale_and_forged_identity_pushes_are_ignored() {
             0,
             Body::Identity(IdentityExchange {
                 identity: Some(identity.signed().clone()),
+                ..Default::default()
             }),
         ))
     };
@@ -331,6 +333,7 @@ fn a_retired_noise_key_cannot_log_in() {
         0,
         Body::Identity(IdentityExchange {
             identity: Some(newer.signed().clone()),
+            ..Default::default()
         }),
     )));
     wait_for("revision 2 adopted", 20, || {

@@ -448,6 +448,7 @@ impl NetworkConnectorDriver {
     fn push_identity(link: LinkHandle, identity: &Identity) {
         let body = Body::Identity(IdentityExchange {
             identity: Some(identity.signed().clone()),
+            features: crate::net::link::FEATURES,
         });
         actix::spawn(async move {
             let _ = link.send(body).await;

@@ -189,6 +189,7 @@ where
             0,
             Body::Identity(IdentityExchange {
                 identity: Some(mine.signed().clone()),
+                features: FEATURES,
             }),
         ));
         // Our next request id: 1 went with our identity if we sent it.
@@ -215,7 +216,10 @@ where
                 .ok_or(LinkClose::PeerClosed)?,
         };
         let identity = match check_identity(&bytes, &session.remote_static(), expected, policy) {
-            Ok(identity) => identity,
+            Ok((identity, features)) => {
+                session.set_peer_reads_alone(features & FEATURE_READS_ALONE != 0);
+                identity
+            }
             Err(reason) => {
                 if let Some((fail, detail)) = fail_for(reason) {
                     let reply_to = raw_request_id(&bytes);
@@ -242,10 +246,11 @@ fn check_identity(
     remote_static: &[u8; 32],
     expected: Option<NodeId>,
     policy: &TrustPolicy,
-) -> Result<Identity, LinkClose> {
+) -> Result<(Identity, u32), LinkClose> {
     let theirs = envelope::decode(bytes).map_err(|e| envelope_reason(&e))?;
     let Some(Body::Identity(IdentityExchange {
         identity: Some(signed),
+        features,
     })) = theirs.body
     else {
         return Err(LinkClose::UnexpectedMessage);
@@ -258,7 +263,7 @@ fn check_identity(
         return Err(LinkClose::WrongPeer);
     }
     policy.admit(&identity)?;
-    Ok(identity)
+    Ok((identity, features))
 }
 
 /// What a peer is told before a close for `reason`; `None` where nothing is said (the
@@ -560,7 +565,35 @@ impl Outgoing {
             written: None,
         }
     }
+
+    /// Counts it and tells whoever waits; a reply's charge goes back as it drops.
+    fn written(self, stats: &LinkStats) {
+        let Outgoing {
+            bytes,
+            charge,
+            written,
+        } = self;
+        drop(charge);
+        if let Some(written) = written {
+            let _ = written.send(());
+        }
+        stats
+            .bytes_out
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        stats.messages_out.fetch_add(1, Ordering::Relaxed);
+    }
 }
+
+impl AsRef<[u8]> for Outgoing {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// `IdentityExchange.features` bit: this node reads chunks of flag 0x02 (`FLAG_ALONE`).
+pub const FEATURE_READS_ALONE: u32 = 1;
+/// What this node says it reads, in its identity exchange.
+pub const FEATURES: u32 = FEATURE_READS_ALONE;
 
 /// Requests and replies up to this size go ahead of bulk messages (fragments, lists).
 pub const SMALL_MESSAGE: usize = 8 * 1024;
@@ -759,26 +792,36 @@ async fn run_writer<W>(
                 None => break,
             },
         };
-        // A reply's charge goes back once it is written.
-        let Outgoing {
-            bytes,
-            charge: _charge,
-            written,
-        } = outgoing;
         control_writes.set(control);
-        let sent = writer.send(&bytes).await;
+        // Pings, pongs and small messages that come while a long message is written slip in
+        // between its chunks (if the peer reads that).
+        let sent = writer
+            .send_between(&outgoing.bytes, || {
+                let mut next = queues
+                    .control
+                    .try_recv()
+                    .ok()
+                    .map(Outgoing::plain)
+                    .or_else(|| queues.small.try_recv().ok())?;
+                // Its request's timeout starts now, not when the long message ends.
+                if let Some(written) = next.written.take() {
+                    let _ = written.send(());
+                }
+                Some(next)
+            })
+            .await;
         control_writes.set(false);
-        if let Err(e) = sent {
-            sink(LinkEvent::Closed(close_reason(&e)));
-            return;
+        match sent {
+            Ok(slipped) => {
+                for done in std::iter::once(outgoing).chain(slipped) {
+                    done.written(&stats);
+                }
+            }
+            Err(e) => {
+                sink(LinkEvent::Closed(close_reason(&e)));
+                return;
+            }
         }
-        if let Some(written) = written {
-            let _ = written.send(());
-        }
-        stats
-            .bytes_out
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        stats.messages_out.fetch_add(1, Ordering::Relaxed);
     }
     let _ = writer.shutdown().await;
 }
@@ -858,6 +901,7 @@ impl ReaderSide {
             }
             Some(Body::Identity(IdentityExchange {
                 identity: Some(signed),
+                ..
             })) => match Identity::verify(signed) {
                 Ok(identity) if identity.node_id() == self.peer => {
                     (self.sink)(LinkEvent::Identity(Box::new(identity)))
@@ -997,6 +1041,104 @@ mod tests {
             (handle, tasks, rx)
         };
         (side(sa, seen_b, queue), side(sb, seen_a, queue))
+    }
+
+    /// Side a's uploads are limited to 256 KiB/s and it sends 1 MiB messages (4 s each): a
+    /// ping either way still has its answer within a second, slipped between chunks.
+    #[tokio::test]
+    async fn a_saturated_limited_link_still_answers_pings_within_a_second() {
+        use crate::net::bandwidth::{Limits, LocalTime, Rates, Shaper};
+        use crate::net::paced::{PacedRead, PacedWrite, Pacing};
+        let (ka, a) = node("a");
+        let (kb, b) = node("b");
+        let (io_a, io_b) = tokio::io::duplex(1 << 20);
+        let (pa, pb) = (trusting(&b), trusting(&a));
+        let (na, nb) = (ka.noise_secret_bytes(), kb.noise_secret_bytes());
+        let (sa, sb) = tokio::join!(
+            establish(io_a, true, &na, &a, Some(b.node_id()), &pa, T, 2 << 20),
+            establish(io_b, false, &nb, &b, None, &pb, T, 2 << 20),
+        );
+        let ((sa, seen_b), (sb, seen_a)) = (sa.expect("a side"), sb.expect("b side"));
+        let shaper = Arc::new(Shaper::new(
+            Limits {
+                usual: Rates {
+                    upload: 256 * 1024,
+                    ..Rates::default()
+                },
+                ..Limits::default()
+            },
+            std::time::Instant::now(),
+            LocalTime {
+                weekday: 0,
+                minute: 0,
+            },
+        ));
+        let pacing = Pacing {
+            shaper,
+            peer: seen_b.node_id(),
+            lan: false,
+        };
+        let control = ControlWrites::default();
+        let writes = control.clone();
+        let (ra, wa) = sa.split_with(move |io| {
+            let (r, w) = tokio::io::split(io);
+            (
+                PacedRead::new(r, pacing.clone(), None),
+                PacedWrite::new(w, pacing, writes),
+            )
+        });
+        let sink = |tx: std_mpsc::Sender<LinkEvent>| -> LinkSink {
+            Arc::new(move |e| {
+                let _ = tx.send(e);
+            })
+        };
+        let (tx_a, _ea) = std_mpsc::channel();
+        let (a_link, _ta) = start(
+            ra,
+            wa,
+            seen_b,
+            8,
+            PeerBudget::new(64 << 20, 2 << 20),
+            sink(tx_a),
+            control,
+        );
+        let (rb, wb) = sb.split();
+        let (tx_b, _eb) = std_mpsc::channel();
+        let (b_link, _tb) = start(
+            rb,
+            wb,
+            seen_a,
+            8,
+            PeerBudget::new(64 << 20, 2 << 20),
+            sink(tx_b),
+            ControlWrites::default(),
+        );
+        for _ in 0..3 {
+            a_link
+                .send(Body::StoreFragment(crate::proto::StoreFragment {
+                    id: None,
+                    data: vec![7; 1 << 20],
+                    hash: vec![],
+                }))
+                .await
+                .expect("queued");
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        for (who, link) in [("b pings a", &b_link), ("a pings b", &a_link)] {
+            for nonce in 0..3 {
+                let asked = std::time::Instant::now();
+                let pong = link
+                    .request(Body::Ping(Ping { nonce }), T)
+                    .await
+                    .expect("pong");
+                assert!(matches!(pong.body, Some(Body::Pong(_))));
+                let rtt = asked.elapsed();
+                assert!(rtt < Duration::from_secs(1), "{who}: {rtt:?}");
+            }
+        }
+        // The long messages (12 s of them) were still going out: the pings did not wait.
+        let written = a_link.stats.messages_out.load(Ordering::Relaxed);
+        assert!(written < 3 + 6, "all written already: {written}");
     }
 
     #[tokio::test]
@@ -1463,6 +1605,7 @@ mod tests {
             0,
             Body::Identity(IdentityExchange {
                 identity: Some(a.signed().clone()),
+                ..Default::default()
             }),
         );
         raw.send(&envelope::encode(&hello)).await.expect("send");

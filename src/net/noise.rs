@@ -7,7 +7,8 @@
 //! After the handshake a logical message (0..=[`MAX_MESSAGE`] bytes by
 //! default) is sent as one or more transport chunks. Each chunk's plaintext is
 //! a 1-byte flag ([`FLAG_MORE`] = more chunks follow, [`FLAG_FINAL`] = last
-//! chunk of the message) followed by up to [`MAX_CHUNK`] bytes of message
+//! chunk of the message, [`FLAG_ALONE`] = a whole message, possibly between
+//! the chunks of another) followed by up to [`MAX_CHUNK`] bytes of message
 //! data; non-final chunks are never empty. Nonces are implicit: each direction
 //! counts its transport messages from 0 (the stream is ordered and reliable),
 //! which lets the read and write halves run independently on a shared
@@ -47,10 +48,15 @@ pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 pub const FLAG_MORE: u8 = 0;
 /// Chunk flag: last chunk of this message.
 pub const FLAG_FINAL: u8 = 1;
+/// Chunk flag: a whole message in one chunk, possibly between the chunks of another (sent
+/// only to a peer whose identity exchange said it reads them, see PROTOCOL.md §4): pings and
+/// small requests do not wait for a long message on a slow link.
+pub const FLAG_ALONE: u8 = 2;
 
-/// Encrypted bytes buffered before the writer pushes them to the socket
-/// (one flush per message in any case).
-const WRITE_BOUNDARY: usize = 256 * 1024;
+/// Encrypted bytes buffered before the writer pushes them to the socket (one flush per
+/// message in any case). One frame: a chunk slipped between two chunks of a long message
+/// waits behind at most one frame, also on a slow, bandwidth-limited link.
+const WRITE_BOUNDARY: usize = NOISE_MAX_MSG + frame::LEN_PREFIX;
 /// Read buffer capacity after the handshake.
 const READ_CAPACITY: usize = 64 * 1024;
 /// Read buffer capacity during the handshake (messages are < 100 bytes).
@@ -168,6 +174,7 @@ where
             remote_static,
             handshake_hash,
         },
+        peer_reads_alone: false,
     })
 }
 
@@ -178,7 +185,7 @@ where
 /// One chunk of a logical message, as fed to the sealing encoder.
 struct Chunk<'a> {
     data: &'a [u8],
-    last: bool,
+    flag: u8,
 }
 
 /// Encrypts chunks straight into the frame write buffer.
@@ -205,8 +212,7 @@ impl<'a> Encoder<Chunk<'a>> for Sealer {
     fn encode(&mut self, chunk: Chunk<'a>, dst: &mut BytesMut) -> Result<(), NetError> {
         debug_assert!(chunk.data.len() <= MAX_CHUNK);
         self.plain.clear();
-        self.plain
-            .push(if chunk.last { FLAG_FINAL } else { FLAG_MORE });
+        self.plain.push(chunk.flag);
         self.plain.extend_from_slice(chunk.data);
         let ct_len = self.plain.len() + TAG_LEN;
 
@@ -283,6 +289,16 @@ impl Opener {
         let last = match flag {
             FLAG_FINAL => true,
             FLAG_MORE if !data.is_empty() => false,
+            // A message of its own; one in progress goes on after it.
+            FLAG_ALONE => {
+                if data.len() > self.max_message {
+                    return Err(NetError::MessageTooLarge {
+                        len: data.len(),
+                        max: self.max_message,
+                    });
+                }
+                return Ok(Some(data.to_vec()));
+            }
             _ => return Err(NetError::BadChunk),
         };
         let len = self.msg.len() + data.len();
@@ -377,6 +393,24 @@ async fn send_to<S>(sink: &mut S, state: &mut SendState, msg: &[u8]) -> Result<(
 where
     S: for<'a> Sink<Chunk<'a>, Error = NetError> + Unpin,
 {
+    send_between(sink, state, msg, || None::<Vec<u8>>).await?;
+    Ok(())
+}
+
+/// [`send_to`] that asks `between` after each chunk but the last for whole messages of at
+/// most [`MAX_CHUNK`] bytes to slip in as [`FLAG_ALONE`] chunks; returns them, sent.
+async fn send_between<S, T, F>(
+    sink: &mut S,
+    state: &mut SendState,
+    msg: &[u8],
+    mut between: F,
+) -> Result<Vec<T>, NetError>
+where
+    S: for<'a> Sink<Chunk<'a>, Error = NetError> + Unpin,
+    T: AsRef<[u8]>,
+    F: FnMut() -> Option<T>,
+{
+    let mut slipped = Vec::new();
     if state.closed {
         return Err(NetError::Closed);
     }
@@ -393,18 +427,34 @@ where
     loop {
         let (data, tail) = rest.split_at(rest.len().min(MAX_CHUNK));
         let last = tail.is_empty();
-        sink.feed(Chunk { data, last }).await?;
+        let flag = if last { FLAG_FINAL } else { FLAG_MORE };
+        sink.feed(Chunk { data, flag }).await?;
         if last {
             break;
         }
         rest = tail;
+        while let Some(whole) = between() {
+            let data = whole.as_ref();
+            if data.len() > MAX_CHUNK.min(state.max_message) {
+                return Err(NetError::MessageTooLarge {
+                    len: data.len(),
+                    max: MAX_CHUNK,
+                });
+            }
+            sink.feed(Chunk {
+                data,
+                flag: FLAG_ALONE,
+            })
+            .await?;
+            slipped.push(whole);
+        }
     }
     state.closed = false;
     if let Err(e) = sink.flush().await {
         state.closed = true;
         return Err(e);
     }
-    Ok(())
+    Ok(slipped)
 }
 
 /// Framing codec of an unsplit session: frames in, sealed chunks out.
@@ -450,6 +500,7 @@ pub struct NoiseSession<IO> {
     opener: Opener,
     send_state: SendState,
     keys: SessionKeys,
+    peer_reads_alone: bool,
 }
 
 impl<IO> fmt::Debug for NoiseSession<IO> {
@@ -479,6 +530,11 @@ where
 
     /// Sets the largest logical message accepted by `send` and `recv`
     /// (default [`MAX_MESSAGE`]).
+    /// The peer said (in its identity exchange) that it reads [`FLAG_ALONE`] chunks.
+    pub fn set_peer_reads_alone(&mut self, reads: bool) {
+        self.peer_reads_alone = reads;
+    }
+
     pub fn set_max_message(&mut self, max: usize) {
         self.send_state.max_message = max;
         self.opener.max_message = max;
@@ -543,6 +599,7 @@ where
                 framed: writer,
                 state: self.send_state,
                 keys: self.keys,
+                peer_reads_alone: self.peer_reads_alone,
             },
         )
     }
@@ -615,6 +672,8 @@ pub struct NoiseWriter<W> {
     framed: FramedWrite<W, Sealer>,
     state: SendState,
     keys: SessionKeys,
+    /// The peer said it reads [`FLAG_ALONE`] chunks.
+    peer_reads_alone: bool,
 }
 
 impl<W> fmt::Debug for NoiseWriter<W> {
@@ -631,6 +690,21 @@ impl<W: AsyncWrite + Unpin + Send> NoiseWriter<W> {
     /// [`NetError::Closed`].
     pub async fn send(&mut self, msg: &[u8]) -> Result<(), NetError> {
         send_to(&mut self.framed, &mut self.state, msg).await
+    }
+
+    /// [`send`](Self::send) that, if the peer reads [`FLAG_ALONE`] chunks, slips in the
+    /// messages `between` gives (each at most [`MAX_CHUNK`] bytes) between the chunks of a
+    /// long `msg`; returns those it sent. `between` is not called for a peer that does not.
+    pub async fn send_between<T, F>(&mut self, msg: &[u8], between: F) -> Result<Vec<T>, NetError>
+    where
+        T: AsRef<[u8]>,
+        F: FnMut() -> Option<T>,
+    {
+        if !self.peer_reads_alone {
+            send_to(&mut self.framed, &mut self.state, msg).await?;
+            return Ok(Vec::new());
+        }
+        send_between(&mut self.framed, &mut self.state, msg, between).await
     }
 
     /// Flushes and shuts down the write direction (the peer's reader then
@@ -909,6 +983,74 @@ mod tests {
         assert!(br.recv().await.unwrap().is_none());
         let mut aw = sender.await.unwrap();
         assert!(matches!(aw.send(b"x").await, Err(NetError::Closed)));
+    }
+
+    /// Whole messages slipped between the chunks of a long one arrive whole, before it, and
+    /// the long one arrives intact after them; a peer that did not ask for them gets none.
+    #[tokio::test]
+    async fn messages_slip_between_the_chunks_of_a_long_one() {
+        let Pair { mut a, b, .. } = pair().await;
+        a.set_peer_reads_alone(true);
+        let (_ar, mut aw) = a.split();
+        let (mut br, _bw) = b.split();
+        let long = pattern(5 * MAX_CHUNK + 7, 3);
+        let mut small = vec![b"ping".to_vec(), b"audit".to_vec(), Vec::new()].into_iter();
+        let slipped = aw.send_between(&long, || small.next()).await.expect("sent");
+        // All three went after the first chunk.
+        assert_eq!(slipped.len(), 3);
+        assert_eq!(br.recv().await.unwrap().unwrap(), b"ping");
+        assert_eq!(br.recv().await.unwrap().unwrap(), b"audit");
+        assert_eq!(br.recv().await.unwrap().unwrap(), b"");
+        assert!(
+            br.recv().await.unwrap().unwrap() == long,
+            "long message intact"
+        );
+        // A message too long for one chunk cannot slip in.
+        let mut too_long = Some(vec![0u8; MAX_CHUNK + 1]);
+        assert!(matches!(
+            aw.send_between(&long, || too_long.take()).await,
+            Err(NetError::MessageTooLarge { .. })
+        ));
+
+        let Pair { a, b, .. } = pair().await;
+        let (_ar, mut aw) = a.split();
+        let (mut br, _bw) = b.split();
+        let mut asked = false;
+        let slipped = aw
+            .send_between(&long, || {
+                asked = true;
+                Some(b"x".to_vec())
+            })
+            .await
+            .expect("sent");
+        assert!(
+            !asked && slipped.is_empty(),
+            "not offered to a peer that did not ask"
+        );
+        assert!(br.recv().await.unwrap().unwrap() == long);
+    }
+
+    /// A slipped message is held to the receiver's maximum (the small one before the peer's
+    /// identity is checked), like any other.
+    #[tokio::test]
+    async fn a_slipped_message_obeys_the_maximum() {
+        let Pair { mut a, mut b, .. } = pair().await;
+        b.set_max_message(8);
+        for (len, fits) in [(8, true), (9, false)] {
+            let data = vec![1u8; len];
+            a.framed
+                .send(Chunk {
+                    data: &data,
+                    flag: FLAG_ALONE,
+                })
+                .await
+                .expect("sent");
+            match b.recv().await {
+                Ok(Some(got)) => assert!(fits && got == data),
+                Err(NetError::MessageTooLarge { len: 9, max: 8 }) => assert!(!fits),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

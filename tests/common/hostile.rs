@@ -471,6 +471,7 @@ fn serve(
     let hello = recv_envelope(&mut stream, &mut recv)?;
     let Some(Body::Identity(IdentityExchange {
         identity: Some(theirs),
+        ..
     })) = hello.body
     else {
         return Err(End::Protocol("identity first"));
@@ -491,6 +492,7 @@ fn serve(
         0,
         Body::Identity(IdentityExchange {
             identity: Some(identity.clone()),
+            ..Default::default()
         }),
     )?;
     loop {
