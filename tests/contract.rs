@@ -250,6 +250,7 @@ fn a_session_on_a_noise_key_a_newer_revision_retired_is_closed() {
         0,
         Body::Identity(bitdust::proto::IdentityExchange {
             identity: Some(newer.signed().clone()),
+            ..Default::default()
         }),
     )));
     assert!(

@@ -296,15 +296,19 @@ fn a_client_written_from_the_spec_talks_to_a_node() {
         0,
         Body::Identity(IdentityExchange {
             identity: Some(mine.clone()),
+            features: 0,
         }),
     );
     let hello = client.recv_envelope().expect("the node's identity");
     let Some(Body::Identity(IdentityExchange {
         identity: Some(theirs),
+        features,
     })) = hello.body
     else {
         panic!("identity first, got {hello:?}");
     };
+    // It reads flag 0x02 chunks (§4); this client said it does not, so it gets none.
+    assert_eq!(features & 1, 1, "features {features}");
     let theirs = verify_identity(&theirs);
     assert_eq!(theirs.noise_key, client.remote_static.to_vec());
     assert_eq!(theirs.signing_key, node_body.signing_key);
@@ -563,6 +567,7 @@ fn compute_vectors() -> serde_json::Value {
         0,
         Body::Identity(IdentityExchange {
             identity: Some(signed.clone()),
+            features: 0,
         }),
     );
     let data = pattern(70_000);

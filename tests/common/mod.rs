@@ -553,6 +553,7 @@ pub fn identity_envelope(identity: &Identity) -> Vec<u8> {
         0,
         Body::Identity(IdentityExchange {
             identity: Some(identity.signed().clone()),
+            ..Default::default()
         }),
     ))
 }
