@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use bitdust::actors::status::JobResult;
+use bitdust::actors::status::{JobResult, JobStatus, NodeStatus};
 use bitdust::node::client::Client;
 use bitdust::node::home::Home;
 use bitdust::node::units::ByteSize;
@@ -115,8 +115,17 @@ fn follow(client: &Client, runs: &[u64], total: u64, show: bool) -> anyhow::Resu
                 return;
             };
             bar.set_position(job.bytes.min(total));
+            // Under an upload limit the files are read long before their fragments are sent:
+            // the ETA is what is left to upload at the limit, not the reading rate's.
+            let eta = upload_eta(job, total, status).map_or(String::new(), |secs| {
+                bar.set_style(limited_style());
+                format!(
+                    "ETA {} at the upload limit; ",
+                    humantime::format_duration(std::time::Duration::from_secs(secs))
+                )
+            });
             bar.set_message(format!(
-                "{} {} files, {} new, {}/{} blocks placed{}",
+                "{eta}{} {} files, {} new, {}/{} blocks placed{}",
                 job.state,
                 job.files,
                 ByteSize(job.new_bytes),
@@ -130,6 +139,43 @@ fn follow(client: &Client, runs: &[u64], total: u64, show: bool) -> anyhow::Resu
             ));
         },
     )
+}
+
+fn limited_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {wide_msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+}
+
+/// Seconds left at the upload limit in force (`None` without one): the new bytes not yet placed
+/// and those of the files not read yet (as new as the ones read so far), times the erasure
+/// code's expansion, over the limit (the total, or the per-peer one times the suppliers).
+pub fn upload_eta(job: &JobStatus, total: u64, status: &NodeStatus) -> Option<u64> {
+    let bandwidth = status.bandwidth.as_ref()?;
+    let (k, m) = (
+        u64::from(status.customer.data_shards.max(1)),
+        u64::from(status.customer.parity_shards),
+    );
+    let per_peer_total = bandwidth.per_peer_upload_limit.saturating_mul(k + m);
+    let limit = match (bandwidth.upload_limit, per_peer_total) {
+        (0, 0) => return None,
+        (0, p) => p,
+        (t, 0) => t,
+        (t, p) => t.min(p),
+    };
+    let unplaced = if job.blocks == 0 {
+        job.new_bytes
+    } else {
+        let left = job.blocks - job.blocks_complete.min(job.blocks);
+        (u128::from(job.new_bytes) * u128::from(left) / u128::from(job.blocks)) as u64
+    };
+    let unread = total.saturating_sub(job.bytes);
+    let new_share = if job.bytes == 0 {
+        1.0
+    } else {
+        (job.new_bytes as f64 / job.bytes as f64).min(1.0)
+    };
+    let to_send = (unplaced as f64 + unread as f64 * new_share) * (k + m) as f64 / k as f64;
+    Some((to_send / limit as f64).ceil() as u64)
 }
 
 /// Bytes of regular files under `root` (symlinks not followed): the progress bar's total.
@@ -149,4 +195,54 @@ fn tree_size(root: &Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitdust::actors::status::BandwidthStatus;
+
+    const MIB: u64 = 1 << 20;
+
+    fn status(upload: u64, per_peer: u64) -> NodeStatus {
+        let mut status = NodeStatus::default();
+        status.customer.data_shards = 4;
+        status.customer.parity_shards = 2;
+        status.bandwidth = Some(BandwidthStatus {
+            upload_limit: upload,
+            per_peer_upload_limit: per_peer,
+            ..BandwidthStatus::default()
+        });
+        status
+    }
+
+    #[test]
+    fn the_eta_is_what_is_left_to_upload_at_the_limit() {
+        // 24 MiB read, all new, a quarter of its blocks placed; 8 MiB not read yet.
+        let job = JobStatus {
+            bytes: 24 * MIB,
+            new_bytes: 24 * MIB,
+            blocks: 4,
+            blocks_complete: 1,
+            ..JobStatus::default()
+        };
+        // (18 + 8) MiB × 6/4 at 2 MiB/s.
+        assert_eq!(upload_eta(&job, 32 * MIB, &status(2 * MIB, 0)), Some(20));
+        // Per peer 256 KiB/s × 6 suppliers = 1.5 MiB/s.
+        assert_eq!(upload_eta(&job, 32 * MIB, &status(0, MIB / 4)), Some(26));
+        assert_eq!(
+            upload_eta(&job, 32 * MIB, &status(2 * MIB, MIB / 4)),
+            Some(26)
+        );
+        assert_eq!(upload_eta(&job, 32 * MIB, &status(0, 0)), None, "no limit");
+        // An unchanged tree sends nothing.
+        let unchanged = JobStatus {
+            bytes: 24 * MIB,
+            ..JobStatus::default()
+        };
+        assert_eq!(
+            upload_eta(&unchanged, 32 * MIB, &status(2 * MIB, 0)),
+            Some(0)
+        );
+    }
 }

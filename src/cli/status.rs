@@ -320,3 +320,32 @@ health: {} sources at full health, {} degraded, {} at risk, {} lost ({} rounds, 
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bandwidth_line_says_rates_limits_and_the_lan_exemption() {
+        let mut b = BandwidthStatus {
+            upload_rate: 3 << 19,
+            upload_limit: 2 << 20,
+            per_peer_download_limit: 1 << 20,
+            lan_unlimited: true,
+            ..BandwidthStatus::default()
+        };
+        assert_eq!(
+            bandwidth_line(&b),
+            "up 1536 KiB/s of 2 MiB/s, down 0 B/s (1 MiB/s per peer); LAN unlimited"
+        );
+        b = BandwidthStatus {
+            download_rate: 2048,
+            lan_unlimited: true,
+            ..BandwidthStatus::default()
+        };
+        assert_eq!(
+            bandwidth_line(&b),
+            "up 0 B/s, unlimited, down 2 KiB/s, unlimited"
+        );
+    }
+}
