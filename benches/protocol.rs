@@ -86,6 +86,7 @@ impl Client {
             0,
             Body::Identity(IdentityExchange {
                 identity: Some(me.signed().clone()),
+                ..Default::default()
             }),
         );
         client.send(&envelope::encode(&hello));
