@@ -1003,26 +1003,35 @@ mod tests {
 
     const T: Duration = Duration::from_secs(5);
 
-    async fn pair(
-        queue: usize,
-    ) -> (
-        (LinkHandle, LinkTasks, std_mpsc::Receiver<LinkEvent>),
-        (LinkHandle, LinkTasks, std_mpsc::Receiver<LinkEvent>),
-    ) {
+    type Established = (NoiseSession<tokio::io::DuplexStream>, Identity);
+
+    /// Two nodes a and b that trust each other, after the handshake and identity exchange
+    /// over a 1 MiB pipe: a's session and the identity it saw, then b's.
+    async fn established(max_message: usize) -> (Established, Established) {
         let (ka, a) = node("a");
         let (kb, b) = node("b");
         let (io_a, io_b) = tokio::io::duplex(1 << 20);
         let (pa, pb) = (trusting(&b), trusting(&a));
         let (na, nb) = (ka.noise_secret_bytes(), kb.noise_secret_bytes());
         let (sa, sb) = tokio::join!(
-            establish(io_a, true, &na, &a, Some(b.node_id()), &pa, T, 1 << 20),
-            establish(io_b, false, &nb, &b, None, &pb, T, 1 << 20),
+            establish(io_a, true, &na, &a, Some(b.node_id()), &pa, T, max_message),
+            establish(io_b, false, &nb, &b, None, &pb, T, max_message),
         );
         let ((sa, seen_b), (sb, seen_a)) = (sa.expect("a side"), sb.expect("b side"));
         assert_eq!(
             (seen_b.node_id(), seen_a.node_id()),
             (b.node_id(), a.node_id())
         );
+        ((sa, seen_b), (sb, seen_a))
+    }
+
+    async fn pair(
+        queue: usize,
+    ) -> (
+        (LinkHandle, LinkTasks, std_mpsc::Receiver<LinkEvent>),
+        (LinkHandle, LinkTasks, std_mpsc::Receiver<LinkEvent>),
+    ) {
+        let ((sa, seen_b), (sb, seen_a)) = established(1 << 20).await;
         let side = |session: NoiseSession<tokio::io::DuplexStream>, peer: Identity, queue| {
             let (tx, rx) = std_mpsc::channel();
             let sink: LinkSink = Arc::new(move |e| {
@@ -1049,16 +1058,7 @@ mod tests {
     async fn a_saturated_limited_link_still_answers_pings_within_a_second() {
         use crate::net::bandwidth::{Limits, LocalTime, Rates, Shaper};
         use crate::net::paced::{PacedRead, PacedWrite, Pacing};
-        let (ka, a) = node("a");
-        let (kb, b) = node("b");
-        let (io_a, io_b) = tokio::io::duplex(1 << 20);
-        let (pa, pb) = (trusting(&b), trusting(&a));
-        let (na, nb) = (ka.noise_secret_bytes(), kb.noise_secret_bytes());
-        let (sa, sb) = tokio::join!(
-            establish(io_a, true, &na, &a, Some(b.node_id()), &pa, T, 2 << 20),
-            establish(io_b, false, &nb, &b, None, &pb, T, 2 << 20),
-        );
-        let ((sa, seen_b), (sb, seen_a)) = (sa.expect("a side"), sb.expect("b side"));
+        let ((sa, seen_b), (sb, seen_a)) = established(2 << 20).await;
         let shaper = Arc::new(Shaper::new(
             Limits {
                 usual: Rates {

@@ -103,16 +103,25 @@ impl Serialize for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
-        }
+        number_or_text(d, ByteSize, ByteSize::parse)
+    }
+}
+
+/// A config value written as a bare number or as text with a unit.
+fn number_or_text<'de, D: Deserializer<'de>, T>(
+    d: D,
+    number: fn(u64) -> T,
+    text: fn(&str) -> Result<T, UnitError>,
+) -> Result<T, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(number(n)),
+        Raw::Text(t) => text(&t).map_err(serde::de::Error::custom),
     }
 }
 
@@ -262,16 +271,7 @@ impl Serialize for Rate {
 
 impl<'de> Deserialize<'de> for Rate {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Rate(n)),
-            Raw::Text(t) => Rate::parse(&t).map_err(serde::de::Error::custom),
-        }
+        number_or_text(d, Rate, Rate::parse)
     }
 }
 
