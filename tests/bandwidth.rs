@@ -17,6 +17,11 @@ const KIB: u64 = 1024;
 /// Sets `[bandwidth] upload` in the node's config file, and turns the LAN exemption off (the
 /// test's peers are all on loopback).
 fn set_upload(home: &Path, upload: &str) {
+    set_bandwidth(home, "upload", upload);
+}
+
+/// Sets one rate of `[bandwidth]` (`upload`, `download`, ...), the LAN exemption off.
+fn set_bandwidth(home: &Path, key: &str, rate: &str) {
     let path = home.join("config.toml");
     let text = std::fs::read_to_string(&path).expect("config");
     let mut section = String::new();
@@ -26,7 +31,9 @@ fn set_upload(home: &Path, upload: &str) {
             section = line.trim().to_string();
         }
         let line = match (section.as_str(), line) {
-            ("[bandwidth]", l) if l.starts_with("upload = ") => format!("upload = \"{upload}\""),
+            ("[bandwidth]", l) if l.starts_with(&format!("{key} = ")) => {
+                format!("{key} = \"{rate}\"")
+            }
             ("[bandwidth]", l) if l.starts_with("lan_unlimited = ") => {
                 "lan_unlimited = false".to_string()
             }
@@ -35,7 +42,7 @@ fn set_upload(home: &Path, upload: &str) {
         out.push_str(&line);
         out.push('\n');
     }
-    assert!(out.contains(&format!("upload = \"{upload}\"")), "{out}");
+    assert!(out.contains(&format!("{key} = \"{rate}\"")), "{out}");
     std::fs::write(&path, out).expect("write config");
 }
 
@@ -173,5 +180,56 @@ fn an_upload_limit_paces_a_backup_keeps_pings_fast_and_follows_sighup() {
     let status = node_status(owner).expect("status");
     assert_eq!(counter(&status, "PeerSilent"), 0, "{:?}", status.network);
     assert_eq!(status.bandwidth.expect("bandwidth").upload_limit, 0);
+    drop(nodes);
+}
+
+/// A restore under `download = "1 MiB/s"` takes the time its fetched bytes imply at that rate,
+/// and comes out whole; meanwhile the suppliers' pongs wait behind fragments in flight, and no
+/// session is closed for silence (pings go at least twice per pong deadline, bytes arriving
+/// count as a pong).
+#[test]
+fn a_download_limit_paces_a_restore_and_no_peer_is_taken_for_dead() {
+    let c = star(6);
+    let owner = &c.homes[0];
+    let nodes: Vec<Node> = c.homes.iter().map(|h| Node::start(h)).collect();
+    wait_all_connected(owner, 60);
+    let source = source_of(7, 3, 4 * MIB as usize);
+    common::tree::backup(owner, source.path());
+    set_bandwidth(owner, "download", "1 MiB/s");
+    nodes[0].signal(libc::SIGHUP);
+    wait_for("the download limit in force", 20, || {
+        let limit = node_status(owner)?.bandwidth?.download_limit;
+        (limit == MIB).then_some(())
+    });
+    let out = tempfile::tempdir().expect("tempdir");
+    let target = out.path().join("restored");
+    let started = Instant::now();
+    let (ok, result) = common::tree::restore(owner, &["--to", target.to_str().expect("utf-8")]);
+    let took = started.elapsed().as_secs_f64();
+    assert!(ok, "{result:#}");
+    assert_eq!(result["outcome"], "complete", "{result:#}");
+    common::tree::assert_same_tree(source.path(), &target);
+    let fetched = result["fetched_bytes"].as_u64().expect("fetched_bytes") as f64;
+    let implied = (fetched - 512.0 * KIB as f64) / MIB as f64;
+    eprintln!(
+        "limited restore: {fetched} bytes fetched in {took:.1} s ({:.2} MiB/s, limit 1 MiB/s, implied {implied:.1} s)",
+        fetched / took / MIB as f64
+    );
+    assert!(took >= implied, "{took:.1} s: faster than the limit");
+    assert!(
+        took <= 1.5 * implied + 5.0,
+        "{took:.1} s: far slower than the limit"
+    );
+    let status = node_status(owner).expect("status");
+    assert_eq!(counter(&status, "PeerSilent"), 0, "{:?}", status.network);
+    for home in &c.homes[1..] {
+        let status = node_status(home).expect("status");
+        assert_eq!(
+            counter(&status, "PeerSilent"),
+            0,
+            "a supplier: {:?}",
+            status.network
+        );
+    }
     drop(nodes);
 }

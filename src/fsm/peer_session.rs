@@ -104,7 +104,7 @@ impl Default for PeerSession {
         PeerSession {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
-            keepalive: Duration::from_secs(30),
+            keepalive: Duration::from_secs(10),
             dead_after: Duration::from_secs(20),
             awaiting_pong: false,
             peer: None,
@@ -209,7 +209,7 @@ static TIMERS: &[TimerRow<PeerSession>] = &[
     },
     TimerRow {
         timer: Timer::Keepalive,
-        period: Duration::from_secs(30),
+        period: Duration::from_secs(10),
         config: Some("network.keepalive"),
         states: &[Established],
     },
@@ -257,7 +257,10 @@ impl Machine for PeerSession {
         match timer {
             Timer::Connect => self.connect_timeout,
             Timer::Handshake => self.handshake_timeout,
-            Timer::Keepalive => self.keepalive,
+            // At most half the pong deadline: the peer hears from us (our pings slip ahead of
+            // our data) within its own deadline, even while our pongs wait behind data in
+            // flight on a slow, download-limited link.
+            Timer::Keepalive => self.keepalive.min(self.dead_after / 2),
             Timer::PongDue => self.dead_after,
         }
     }
@@ -393,6 +396,16 @@ mod tests {
             s.step(&Event::Pong, &at(t + 1));
         }
         assert_eq!(s.state(), Established);
+    }
+
+    #[test]
+    fn pings_go_at_least_twice_per_pong_deadline() {
+        let mut s = PeerSession::default();
+        assert_eq!(s.timer_period(Timer::Keepalive), Duration::from_secs(10));
+        s.keepalive = Duration::from_secs(60);
+        assert_eq!(s.timer_period(Timer::Keepalive), s.dead_after / 2);
+        s.keepalive = Duration::from_secs(3);
+        assert_eq!(s.timer_period(Timer::Keepalive), Duration::from_secs(3));
     }
 
     /// A peer whose pong is stuck behind a long message on a slow link, but whose bytes keep

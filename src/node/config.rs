@@ -139,7 +139,7 @@ impl Default for NetworkSection {
         NetworkSection {
             connect_timeout: Span(Duration::from_secs(10)),
             handshake_timeout: Span(Duration::from_secs(10)),
-            keepalive: Span(Duration::from_secs(30)),
+            keepalive: Span(Duration::from_secs(10)),
             dead_after: Span(Duration::from_secs(20)),
             request_timeout: Span(Duration::from_secs(60)),
             reconnect_min: Span(Duration::from_secs(1)),
@@ -736,7 +736,7 @@ control_clients = {control_clients}
 [network]
 connect_timeout = "{connect}"
 handshake_timeout = "{handshake}"
-# Interval at which a session pings its peer.
+# Interval at which a session pings its peer (at most half of dead_after).
 keepalive = "{keepalive}"
 # A ping unanswered this long marks the peer unreachable (its session closes).
 dead_after = "{dead_after}"
