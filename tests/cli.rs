@@ -77,7 +77,7 @@ fn init_run_status_reload_and_graceful_stop() {
     // SIGHUP with a broken file: logged with the key, the running config stays.
     std::fs::write(
         &config_path,
-        changed.replace("keepalive = \"30s\"", "keepalive = \"often\""),
+        changed.replace("keepalive = \"10s\"", "keepalive = \"often\""),
     )
     .expect("write config");
     node.signal(libc::SIGHUP);

@@ -87,16 +87,15 @@ impl TokenBucket {
         }
         self.refill(now);
         self.tokens -= bytes as f64;
-        self.ready_at(now)
+        self.ready_at()
     }
 
-    /// When the debt is paid (`None`: not in debt).
-    pub fn ready_at(&self, now: Instant) -> Option<Instant> {
+    /// When the debt is paid (`None`: not in debt), reckoned from the last charge.
+    pub fn ready_at(&self) -> Option<Instant> {
         if self.rate == 0 || self.tokens >= 0.0 {
             return None;
         }
-        let last = self.last.max(now);
-        Some(last + Duration::from_secs_f64(-self.tokens / self.rate as f64))
+        Some(self.last + Duration::from_secs_f64(-self.tokens / self.rate as f64))
     }
 
     /// A new rate from `now` on. Debt is kept (it is paid at the new rate); a bucket that was
@@ -116,8 +115,10 @@ impl TokenBucket {
         self.tokens = self.tokens.min(self.burst);
     }
 
+    /// Unused for a while and out of debt (a debt is paid by time alone).
     fn idle(&self, now: Instant) -> bool {
-        self.tokens >= 0.0 && now.saturating_duration_since(self.last) >= PEER_IDLE
+        now.saturating_duration_since(self.last) >= PEER_IDLE
+            && self.ready_at().is_none_or(|due| due <= now)
     }
 }
 
@@ -246,6 +247,8 @@ pub struct Shaper {
     lan_unlimited: AtomicBool,
     /// Bytes moved in each direction since start, limited or not.
     bytes: [AtomicU64; 2],
+    /// Bumped when the rates in force change: a wait reckoned before is looked at again.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Shaper {
@@ -275,6 +278,7 @@ impl Shaper {
             limited: [AtomicBool::new(false), AtomicBool::new(false)],
             lan_unlimited: AtomicBool::new(limits.lan_unlimited),
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+            generation: AtomicU64::new(0),
         };
         shaper.publish(&in_force, limits.lan_unlimited);
         shaper
@@ -308,6 +312,11 @@ impl Shaper {
     pub fn paces(&self, dir: Direction, lan: bool) -> bool {
         self.limited[dir.index()].load(Ordering::Relaxed)
             && !(lan && self.lan_unlimited.load(Ordering::Relaxed))
+    }
+
+    /// Changes whenever the rates in force or the LAN exemption change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Counts bytes that moved, paced or not.
@@ -369,6 +378,10 @@ impl Shaper {
 
     fn apply(&self, state: &mut State, now: Instant, local: LocalTime) {
         let rates = state.limits.rates_at(local);
+        let lan_unlimited = state.limits.lan_unlimited;
+        if rates != state.in_force || lan_unlimited != self.lan_unlimited.load(Ordering::Relaxed) {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
         if rates != state.in_force {
             tracing::info!(
                 upload = rates.upload,
@@ -573,8 +586,10 @@ mod tests {
         let secs = due.duration_since(t0).as_secs_f64();
         assert!((secs - (512.0 + 16.0) / 64.0).abs() < 0.01, "{secs}");
         assert_eq!(shaper.snapshot().in_force.upload, 64 * KIB);
-        // Back to unlimited: no wait at all.
+        let generation = shaper.generation();
+        // Back to unlimited: no wait at all, and waits reckoned before are looked at again.
         shaper.set_limits(Limits::default(), t0, monday_noon());
+        assert_ne!(shaper.generation(), generation);
         assert_eq!(shaper.charge(Direction::Upload, &peer, t0, 1 << 30), None);
         assert!(!shaper.paces(Direction::Upload, false));
     }
@@ -709,8 +724,15 @@ mod tests {
             monday_noon(),
         );
         shaper.charge(Direction::Upload, &NodeId::from_bytes([1; 16]), t0, 1);
+        // This one leaves in debt: 4 MiB at 1 MiB/s, paid about four seconds later.
+        shaper.charge(
+            Direction::Upload,
+            &NodeId::from_bytes([2; 16]),
+            t0,
+            4 * MIB as usize,
+        );
         shaper.tick(at(t0, 1000), monday_noon());
-        assert_eq!(shaper.lock().peers.len(), 1);
+        assert_eq!(shaper.lock().peers.len(), 2);
         shaper.tick(t0 + PEER_IDLE + Duration::from_secs(1), monday_noon());
         assert_eq!(shaper.lock().peers.len(), 0);
     }

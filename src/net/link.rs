@@ -566,6 +566,12 @@ impl Outgoing {
         }
     }
 
+    /// A request whose asker gave up (it timed out waiting to be written): not worth the
+    /// bandwidth any more.
+    fn abandoned(&self) -> bool {
+        self.written.as_ref().is_some_and(|w| w.is_closed())
+    }
+
     /// Counts it and tells whoever waits; a reply's charge goes back as it drops.
     fn written(self, stats: &LinkStats) {
         let Outgoing {
@@ -792,17 +798,25 @@ async fn run_writer<W>(
                 None => break,
             },
         };
+        if outgoing.abandoned() {
+            continue;
+        }
         control_writes.set(control);
         // Pings, pongs and small messages that come while a long message is written slip in
         // between its chunks (if the peer reads that).
         let sent = writer
             .send_between(&outgoing.bytes, || {
-                let mut next = queues
-                    .control
-                    .try_recv()
-                    .ok()
-                    .map(Outgoing::plain)
-                    .or_else(|| queues.small.try_recv().ok())?;
+                let mut next = loop {
+                    let next = queues
+                        .control
+                        .try_recv()
+                        .ok()
+                        .map(Outgoing::plain)
+                        .or_else(|| queues.small.try_recv().ok())?;
+                    if !next.abandoned() {
+                        break next;
+                    }
+                };
                 // Its request's timeout starts now, not when the long message ends.
                 if let Some(written) = next.written.take() {
                     let _ = written.send(());
@@ -938,19 +952,39 @@ where
     // short one (a chunk, already in hand) waits for room before the next is read. Either way
     // the reader stops while the peer holds its whole budget, and TCP holds the peer back.
     let longest = reader.max_message();
+    // The reservation of a long message that a slipped (flag 0x02) message interrupted: kept
+    // until the long one is complete, so its partial bytes stay counted.
+    let mut long_reserved: Option<Held> = None;
     let reason = loop {
         let budget = &side.budget;
-        let (bytes, charge) = match reader.recv_gated(|| budget.acquire(longest)).await {
-            Ok(Some((bytes, Some(mut reserved)))) => {
-                reserved.shrink_to(bytes.len());
-                (bytes, reserved)
+        let holding = long_reserved.is_some();
+        let gate = || async move {
+            if holding {
+                None
+            } else {
+                Some(budget.acquire(longest).await)
             }
-            Ok(Some((bytes, None))) => {
-                let charge = budget.acquire(bytes.len()).await;
-                (bytes, charge)
-            }
+        };
+        let (bytes, gated) = match reader.recv_gated(gate).await {
+            Ok(Some((bytes, gated))) => (bytes, gated.flatten()),
             Ok(None) => break LinkClose::PeerClosed,
             Err(e) => break close_reason(&e),
+        };
+        let charge = if reader.in_message() {
+            // A message slipped into a long one: the long one keeps its reservation, this one
+            // is charged on its own.
+            if let Some(reserved) = gated {
+                long_reserved = Some(reserved);
+            }
+            budget.acquire(bytes.len()).await
+        } else {
+            match gated.or_else(|| long_reserved.take()) {
+                Some(mut reserved) => {
+                    reserved.shrink_to(bytes.len());
+                    reserved
+                }
+                None => budget.acquire(bytes.len()).await,
+            }
         };
         stats
             .bytes_in
@@ -1474,6 +1508,38 @@ mod tests {
         a.send(&envelope::encode(&reply)).await.expect("reply");
         let answered = request.await.expect("task").expect("answered in time");
         assert_eq!(answered.reply_to, request_id);
+    }
+
+    /// A request that timed out waiting behind bulk is not sent once the link moves again.
+    #[tokio::test]
+    async fn a_request_given_up_before_it_is_written_is_not_sent() {
+        let (mut a, b, _tb, _eb) = raw_and_link(8, 64 * 1024).await;
+        for _ in 0..2 {
+            b.try_send(big_fragment()).expect("queued");
+        }
+        // The writer is stuck in the first fragment (the pipe is full) before the request.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let list = Body::ListFragments(crate::proto::ListFragments {
+            after: None,
+            limit: 0,
+        });
+        // Ten times this timeout to be written, then it gives up.
+        let gave_up = b.request(list, Duration::from_millis(20)).await;
+        assert!(
+            matches!(gave_up, Err(RequestError::Timeout(_))),
+            "{gave_up:?}"
+        );
+        b.try_send(Body::Ping(Ping { nonce: 5 })).expect("queued");
+        let mut seen = Vec::new();
+        loop {
+            let bytes = a.recv().await.expect("recv").expect("msg");
+            match envelope::decode(&bytes).expect("env").body {
+                Some(Body::Ping(_)) => break,
+                Some(Body::StoreFragment(_)) => seen.push("bulk"),
+                other => panic!("sent after it was given up: {other:?}"),
+            }
+        }
+        assert_eq!(seen, ["bulk", "bulk"]);
     }
 
     #[tokio::test]

@@ -651,6 +651,12 @@ impl<R: AsyncRead + Unpin + Send> NoiseReader<R> {
         self.opener.max_message = max;
     }
 
+    /// Whether a long message is partly read: the message just returned was a
+    /// [`FLAG_ALONE`] one that came between its chunks.
+    pub fn in_message(&self) -> bool {
+        self.opener.in_message
+    }
+
     /// The largest logical message accepted.
     pub fn max_message(&self) -> usize {
         self.opener.max_message

@@ -50,31 +50,62 @@ pub type Heard = Arc<dyn Fn() + Send + Sync>;
 
 const HEARD_EVERY: Duration = Duration::from_secs(1);
 
+/// A half sleeping off a debt looks again this often: limits raised or removed by a reload
+/// apply within this time, not when a debt reckoned at the old rate is paid.
+const RECHECK: Duration = Duration::from_millis(250);
+
+/// A control write skips the wait only while the debt is due within this: a peer flooding
+/// pings cannot push the node's traffic past its limit (the pongs then wait like the rest).
+const CONTROL_SLACK: Duration = Duration::from_secs(1);
+
 /// The wait for a debt, shared by both halves' logic.
+#[derive(Default)]
 struct Debt {
+    /// When the debt of the last charge is paid.
+    due: Option<Instant>,
+    /// The shaper's limits generation it was reckoned under.
+    generation: u64,
     wait: Option<Pin<Box<Sleep>>>,
 }
 
 impl Debt {
-    fn poll_paid(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if let Some(wait) = &mut self.wait {
+    fn poll_paid(&mut self, cx: &mut Context<'_>, shaper: &Shaper) -> Poll<()> {
+        loop {
+            let Some(due) = self.due else {
+                self.wait = None;
+                return Poll::Ready(());
+            };
+            let now = Instant::now();
+            if now >= due || shaper.generation() != self.generation {
+                // Paid, or the limits changed: the next charge says what is owed now.
+                self.due = None;
+                continue;
+            }
+            let until = tokio::time::Instant::from_std(due.min(now + RECHECK));
+            let wait = self
+                .wait
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            wait.as_mut().reset(until);
             ready!(wait.as_mut().poll(cx));
-            self.wait = None;
         }
-        Poll::Ready(())
+    }
+
+    fn clear(&mut self) {
+        self.due = None;
+        self.wait = None;
+    }
+
+    fn due_within(&self, slack: Duration) -> bool {
+        self.due.is_none_or(|due| due <= Instant::now() + slack)
     }
 
     fn charge(&mut self, pacing: &Pacing, dir: Direction, bytes: usize) {
-        if let Some(due) = pacing
+        self.generation = pacing.shaper.generation();
+        let due = pacing
             .shaper
-            .charge(dir, &pacing.peer, Instant::now(), bytes)
-        {
-            let due = tokio::time::Instant::from_std(due);
-            match &mut self.wait {
-                Some(wait) => wait.as_mut().reset(due),
-                None => self.wait = Some(Box::pin(tokio::time::sleep_until(due))),
-            }
-        }
+            .charge(dir, &pacing.peer, Instant::now(), bytes);
+        // A control write's debt adds to one still being slept off.
+        self.due = due.max(self.due);
     }
 }
 
@@ -92,7 +123,7 @@ impl<R> PacedRead<R> {
         PacedRead {
             inner,
             pacing,
-            debt: Debt { wait: None },
+            debt: Debt::default(),
             heard,
             last_heard: None,
         }
@@ -128,13 +159,13 @@ impl<R: AsyncRead + Unpin> AsyncRead for PacedRead<R> {
             .shaper
             .paces(Direction::Download, this.pacing.lan)
         {
-            this.debt.wait = None;
+            this.debt.clear();
             let before = buf.filled().len();
             ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
             this.arrived(buf.filled().len() - before);
             return Poll::Ready(Ok(()));
         }
-        ready!(this.debt.poll_paid(cx));
+        ready!(this.debt.poll_paid(cx, &this.pacing.shaper));
         let room = buf.remaining().min(QUANTUM);
         let n = {
             let mut small = ReadBuf::new(buf.initialize_unfilled_to(room));
@@ -161,7 +192,7 @@ impl<W> PacedWrite<W> {
         PacedWrite {
             inner,
             pacing,
-            debt: Debt { wait: None },
+            debt: Debt::default(),
             control,
         }
     }
@@ -176,9 +207,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for PacedWrite<W> {
         let this = self.get_mut();
         let paced = this.pacing.shaper.paces(Direction::Upload, this.pacing.lan);
         if !paced {
-            this.debt.wait = None;
-        } else if !this.control.on() {
-            ready!(this.debt.poll_paid(cx));
+            this.debt.clear();
+        } else if !(this.control.on() && this.debt.due_within(CONTROL_SLACK)) {
+            ready!(this.debt.poll_paid(cx, &this.pacing.shaper));
         }
         let len = if paced {
             buf.len().min(QUANTUM)
@@ -207,7 +238,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for PacedWrite<W> {
                 .map_or(&[][..], |b| &**b);
             return Pin::new(this).poll_write(cx, first);
         }
-        this.debt.wait = None;
+        this.debt.clear();
         let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
         this.pacing.shaper.count(Direction::Upload, n);
         Poll::Ready(Ok(n))
@@ -372,6 +403,63 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    /// A flood of control writes cannot run up a debt: past a second of it they wait too.
+    #[tokio::test]
+    async fn control_writes_wait_once_the_debt_is_long() {
+        let up = shaper(Rates {
+            upload: QUANTUM as u64 / 2,
+            ..Rates::default()
+        });
+        let (a, _b) = tokio::io::duplex(4 * MIB as usize);
+        let control = ControlWrites::default();
+        let mut writer = PacedWrite::new(a, pacing(&up), control.clone());
+        // The burst (one quantum), then a quantum of debt at half a quantum a second: two
+        // seconds.
+        writer.write_all(&vec![0u8; 2 * QUANTUM]).await.unwrap();
+        let start = Instant::now();
+        control.set(true);
+        writer.write_all(b"pong").await.unwrap();
+        assert!(
+            start.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    /// A half sleeping off a debt reckoned at a crawl goes on soon after the limit is lifted.
+    #[tokio::test]
+    async fn lifting_a_limit_wakes_a_sleeping_writer() {
+        let limits = |upload| Limits {
+            usual: Rates {
+                upload,
+                ..Rates::default()
+            },
+            ..Limits::default()
+        };
+        let monday = LocalTime {
+            weekday: 0,
+            minute: 0,
+        };
+        let up = Arc::new(Shaper::new(limits(1024), Instant::now(), monday));
+        let (a, _b) = tokio::io::duplex(4 * MIB as usize);
+        let mut writer = PacedWrite::new(a, pacing(&up), ControlWrites::default());
+        // The burst, then a quantum of debt at 1 KiB/s: sixteen seconds.
+        writer.write_all(&vec![0u8; 2 * QUANTUM]).await.unwrap();
+        let lift = up.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            lift.set_limits(limits(0), Instant::now(), monday);
+        });
+        let start = Instant::now();
+        writer.write_all(b"more").await.unwrap();
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(150),
+            "did not wait at all: {took:?}"
+        );
+        assert!(took < Duration::from_secs(2), "still sleeping: {took:?}");
     }
 
     #[tokio::test]

@@ -399,8 +399,11 @@ fn clock_minute(text: &str, end: bool) -> Result<u16, String> {
     let (h, m) = text.trim().split_once(':').ok_or_else(bad)?;
     let h: u16 = h.parse().map_err(|_| bad())?;
     let m: u16 = m.parse().map_err(|_| bad())?;
+    if h > 24 || m >= 60 {
+        return Err(bad());
+    }
     let minute = h * 60 + m;
-    if m >= 60 || minute > MINUTES_PER_DAY || (minute == MINUTES_PER_DAY && !end) {
+    if minute > MINUTES_PER_DAY || (minute == MINUTES_PER_DAY && !end) {
         return Err(bad());
     }
     Ok(minute)
@@ -934,6 +937,11 @@ mod tests {
         assert_eq!(
             key_of("[[bandwidth.schedule]]\nfrom = \"25:00\"\nto = \"23:00\"\nupload = 1\n"),
             "bandwidth.schedule[0].from"
+        );
+        assert_eq!(
+            key_of("[[bandwidth.schedule]]\nfrom = \"1093:00\"\nto = \"23:00\"\nupload = 1\n"),
+            "bandwidth.schedule[0].from",
+            "no overflow"
         );
         assert_eq!(
             key_of(entry),

@@ -25,6 +25,8 @@ pub enum UnitError {
         "unknown rate unit `{unit}` in `{text}` (use B/s, KiB/s, MiB/s, GiB/s, KB/s, MB/s, GB/s, kbit/s, Mbit/s, Gbit/s)"
     )]
     RateUnit { unit: String, text: String },
+    #[error("`{0}` is ambiguous: write Mbit/s (megabits) or MB/s (megabytes)")]
+    AmbiguousRate(String),
     #[error("`{0}` is out of range")]
     OutOfRange(String),
 }
@@ -195,6 +197,12 @@ impl Rate {
         if lower == "0" || lower == "unlimited" {
             return Ok(Rate::UNLIMITED);
         }
+        // "Mb/s" means megabits to an ISP and megabytes to many people: said in full instead.
+        let written_unit = t.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.');
+        let written_unit = written_unit.trim().trim_end_matches("/s");
+        if ["kb", "Kb", "mb", "Mb", "gb", "Gb"].contains(&written_unit) {
+            return Err(UnitError::AmbiguousRate(text.into()));
+        }
         // `Mbps` and friends are bits, as on an ISP's bill.
         let lower = match lower.strip_suffix("bps") {
             Some(prefix) => format!("{prefix}bit/s"),
@@ -309,6 +317,14 @@ mod tests {
             "a tiny rate is not unlimited"
         );
         assert!(matches!(Rate::parse("fast"), Err(UnitError::NotARate(_))));
+        for ambiguous in ["20 Mb/s", "20mb/s", "100 kb/s", "1 Gb/s"] {
+            assert!(
+                matches!(Rate::parse(ambiguous), Err(UnitError::AmbiguousRate(_))),
+                "{ambiguous}"
+            );
+        }
+        assert_eq!(Rate::parse("2 MB/s"), Ok(Rate(2_000_000)));
+        assert_eq!(Rate::parse("8 kB/s"), Ok(Rate(8_000)));
         assert!(matches!(
             Rate::parse("3 furlongs/s"),
             Err(UnitError::RateUnit { .. })
