@@ -1341,6 +1341,79 @@ mod tests {
         (sa, handle, tasks, rx)
     }
 
+    /// A request slipped (flag 0x02) between the chunks of a long message is charged on its
+    /// own: the long message keeps the room it reserved, so its partial bytes stay counted.
+    #[tokio::test]
+    async fn a_slipped_request_leaves_the_long_message_its_reservation() {
+        let (ka, a) = node("a");
+        let (kb, b) = node("b");
+        let (io_a, io_b) = tokio::io::duplex(4 << 20);
+        let (pa, pb) = (trusting(&b), trusting(&a));
+        let (na, nb) = (ka.noise_secret_bytes(), kb.noise_secret_bytes());
+        let (sa, sb) = tokio::join!(
+            establish(io_a, true, &na, &a, None, &pa, T, 1 << 20),
+            establish(io_b, false, &nb, &b, None, &pb, T, 1 << 20),
+        );
+        let ((mut sa, _), (sb, seen_a)) = (sa.expect("a side"), sb.expect("b side"));
+        let budget = PeerBudget::new(4 << 20, 1 << 20);
+        // What the peer held at the moment each request was handed over, on the reader task.
+        let held_then = Arc::new(Mutex::new(Vec::new()));
+        let (record, watched) = (held_then.clone(), budget.clone());
+        let sink: LinkSink = Arc::new(move |e| {
+            if let LinkEvent::Request(env, _, in_flight) = e {
+                let mut seen = record.lock().expect("lock");
+                seen.push((env.request_id, watched.held(), in_flight.bytes()));
+            }
+        });
+        let (r, w) = sb.split();
+        let (_link, _tasks) = start(
+            r,
+            w,
+            seen_a,
+            8,
+            budget.clone(),
+            sink,
+            ControlWrites::default(),
+        );
+        sa.set_peer_reads_alone(true);
+        let (_ar, mut aw) = sa.split();
+        let mut small = Some(envelope::encode(&envelope::envelope(
+            7,
+            0,
+            Body::ListFragments(crate::proto::ListFragments {
+                after: None,
+                limit: 0,
+            }),
+        )));
+        let long = envelope::encode(&envelope::envelope(
+            8,
+            0,
+            Body::StoreFragment(crate::proto::StoreFragment {
+                id: None,
+                data: vec![3; 500_000],
+                hash: vec![],
+            }),
+        ));
+        aw.send_between(&long, || small.take()).await.expect("sent");
+        for _ in 0..100 {
+            if held_then.lock().expect("lock").len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = held_then.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let (id, held, own) = seen[0];
+        assert_eq!(id, 7, "the slipped request comes first");
+        assert!(own < 100, "charged its own size: {own}");
+        assert!(
+            held >= (1 << 20) + own,
+            "the long message's room went: {held}"
+        );
+        let (id, _, own) = seen[1];
+        assert_eq!((id, own), (8, long.len()));
+    }
+
     fn store_request(id: u64) -> Vec<u8> {
         envelope::encode(&envelope::envelope(id, 0, big_fragment()))
     }
