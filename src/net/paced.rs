@@ -376,18 +376,31 @@ mod tests {
         assert_eq!(heard.load(Ordering::Relaxed), 1, "once a second at most");
     }
 
+    /// A writer limited to `rate` that has spent its burst (one quantum at these rates) and
+    /// owes one quantum more; its control flag; the other end of its pipe.
+    async fn in_debt(
+        rate: u64,
+    ) -> (
+        PacedWrite<tokio::io::DuplexStream>,
+        ControlWrites,
+        tokio::io::DuplexStream,
+    ) {
+        let up = shaper(Rates {
+            upload: rate,
+            ..Rates::default()
+        });
+        let (a, b) = tokio::io::duplex(4 * MIB as usize);
+        let control = ControlWrites::default();
+        let mut writer = PacedWrite::new(a, pacing(&up), control.clone());
+        writer.write_all(&vec![0u8; 2 * QUANTUM]).await.unwrap();
+        (writer, control, b)
+    }
+
     /// A control write does not wait for the bulk debt before it; the next bulk write pays.
     #[tokio::test]
     async fn control_writes_skip_the_wait() {
-        let up = shaper(Rates {
-            upload: QUANTUM as u64,
-            ..Rates::default()
-        });
-        let (a, mut b) = tokio::io::duplex(4 * MIB as usize);
-        let control = ControlWrites::default();
-        let mut writer = PacedWrite::new(a, pacing(&up), control.clone());
-        // The burst (one quantum at this rate), then a quantum of debt: a second.
-        writer.write_all(&vec![0u8; 2 * QUANTUM]).await.unwrap();
+        // A quantum of debt at a quantum a second: a second.
+        let (mut writer, control, mut b) = in_debt(QUANTUM as u64).await;
         let start = Instant::now();
         control.set(true);
         writer.write_all(b"pong").await.unwrap();
@@ -408,16 +421,8 @@ mod tests {
     /// A flood of control writes cannot run up a debt: past a second of it they wait too.
     #[tokio::test]
     async fn control_writes_wait_once_the_debt_is_long() {
-        let up = shaper(Rates {
-            upload: QUANTUM as u64 / 2,
-            ..Rates::default()
-        });
-        let (a, _b) = tokio::io::duplex(4 * MIB as usize);
-        let control = ControlWrites::default();
-        let mut writer = PacedWrite::new(a, pacing(&up), control.clone());
-        // The burst (one quantum), then a quantum of debt at half a quantum a second: two
-        // seconds.
-        writer.write_all(&vec![0u8; 2 * QUANTUM]).await.unwrap();
+        // A quantum of debt at half a quantum a second: two seconds.
+        let (mut writer, control, _b) = in_debt(QUANTUM as u64 / 2).await;
         let start = Instant::now();
         control.set(true);
         writer.write_all(b"pong").await.unwrap();
