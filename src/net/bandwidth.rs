@@ -475,7 +475,11 @@ mod tests {
             let mut now = t0;
             let mut sent = 0u64;
             let end = at(t0, 10_000);
+            let mut steps = 0;
             while now < end {
+                // A bucket that never says "wait" fails here, not by hanging the suite.
+                steps += 1;
+                assert!(steps < 100_000, "rate {rate}: time does not advance");
                 sent += QUANTUM as u64;
                 if let Some(t) = b.charge(now, QUANTUM) {
                     now = t;
@@ -508,7 +512,10 @@ mod tests {
             let mut sent = [0u64; 2];
             let mut last = 1;
             let end = at(t0, 10_000);
+            let mut steps = 0;
             loop {
+                steps += 1;
+                assert!(steps < 100_000, "time does not advance");
                 // The peer whose wait ends first goes next; on a tie, the one that went
                 // less recently (both are ready: they take turns).
                 let i = match next[0].cmp(&next[1]) {
