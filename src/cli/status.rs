@@ -85,8 +85,14 @@ pub fn bandwidth_line(b: &BandwidthStatus) -> String {
             b.per_peer_download_limit
         )
     );
-    let limited =
-        b.upload_limit + b.download_limit + b.per_peer_upload_limit + b.per_peer_download_limit > 0;
+    let limited = [
+        b.upload_limit,
+        b.download_limit,
+        b.per_peer_upload_limit,
+        b.per_peer_download_limit,
+    ]
+    .iter()
+    .any(|&limit| limit > 0);
     if limited && b.lan_unlimited {
         line.push_str("; LAN unlimited");
     }

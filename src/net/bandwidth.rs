@@ -378,11 +378,15 @@ impl Shaper {
 
     fn apply(&self, state: &mut State, now: Instant, local: LocalTime) {
         let rates = state.limits.rates_at(local);
-        let lan_unlimited = state.limits.lan_unlimited;
-        if rates != state.in_force || lan_unlimited != self.lan_unlimited.load(Ordering::Relaxed) {
-            self.generation.fetch_add(1, Ordering::Relaxed);
+        let rates_changed = rates != state.in_force;
+        if !rates_changed
+            && state.limits.lan_unlimited == self.lan_unlimited.load(Ordering::Relaxed)
+        {
+            // The usual tick: nothing in force changed.
+            return;
         }
-        if rates != state.in_force {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        if rates_changed {
             tracing::info!(
                 upload = rates.upload,
                 download = rates.download,

@@ -466,10 +466,7 @@ impl LinkHandle {
             0,
             Body::Ping(Ping { nonce }),
         ));
-        self.control.try_send(bytes).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RequestError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => RequestError::Closed,
-        })
+        self.control.try_send(bytes).map_err(queue_error)
     }
 
     /// Sends a one-way message, waiting for queue space.
@@ -486,10 +483,7 @@ impl LinkHandle {
         let bytes = envelope::encode(&envelope::envelope(self.next_id(), 0, body));
         self.tx
             .try_send(Outgoing::plain(bytes))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => RequestError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => RequestError::Closed,
-            })
+            .map_err(queue_error)
     }
 
     /// Answers request `to`.
@@ -542,6 +536,14 @@ impl LinkHandle {
     /// came on it can be dropped.
     pub async fn closed(&self) {
         self.tx.closed().await
+    }
+}
+
+/// Why a message could not be queued without waiting.
+fn queue_error<T>(e: mpsc::error::TrySendError<T>) -> RequestError {
+    match e {
+        mpsc::error::TrySendError::Full(_) => RequestError::QueueFull,
+        mpsc::error::TrySendError::Closed(_) => RequestError::Closed,
     }
 }
 

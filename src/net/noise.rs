@@ -287,28 +287,24 @@ impl Opener {
 
         let (&flag, data) = self.plain[..n].split_first().ok_or(NetError::BadChunk)?;
         let last = match flag {
-            FLAG_FINAL => true,
+            FLAG_FINAL | FLAG_ALONE => true,
             FLAG_MORE if !data.is_empty() => false,
-            // A message of its own; one in progress goes on after it.
-            FLAG_ALONE => {
-                if data.len() > self.max_message {
-                    return Err(NetError::MessageTooLarge {
-                        len: data.len(),
-                        max: self.max_message,
-                    });
-                }
-                return Ok(Some(data.to_vec()));
-            }
             _ => return Err(NetError::BadChunk),
         };
-        let len = self.msg.len() + data.len();
+        // A flag 0x02 chunk is a message of its own; one in progress goes on after it.
+        let alone = flag == FLAG_ALONE;
+        let len = if alone {
+            data.len()
+        } else {
+            self.msg.len() + data.len()
+        };
         if len > self.max_message {
             return Err(NetError::MessageTooLarge {
                 len,
                 max: self.max_message,
             });
         }
-        if last && !self.in_message {
+        if alone || (last && !self.in_message) {
             return Ok(Some(data.to_vec()));
         }
         if !self.in_message {
@@ -435,10 +431,11 @@ where
         rest = tail;
         while let Some(whole) = between() {
             let data = whole.as_ref();
-            if data.len() > MAX_CHUNK.min(state.max_message) {
+            let max = MAX_CHUNK.min(state.max_message);
+            if data.len() > max {
                 return Err(NetError::MessageTooLarge {
                     len: data.len(),
-                    max: MAX_CHUNK,
+                    max,
                 });
             }
             sink.feed(Chunk {
