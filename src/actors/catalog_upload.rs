@@ -30,7 +30,10 @@ use crate::fsm::catalog_commit::{CatalogCommit, Misses, Placement, raise_revisio
 use crate::fsm::fetch::Plan;
 use crate::pipeline::staged_path;
 use crate::proto::{FailReason, FragmentId};
-use crate::store::catalog::{self, BlockEntry, CatalogBlock, FragmentPlace, RecoveryRecord};
+use crate::store::catalog::segments::{self, Segment};
+use crate::store::catalog::{
+    self, BlockEntry, CatalogBlock, FragmentPlace, RecoveryRecord, SnapshotId,
+};
 use crate::store::health::{self, FragmentHealth, HealthError};
 use crate::store::{Batch, KvStore, StoreError, WriterError};
 
@@ -83,8 +86,13 @@ pub(crate) struct CodedBlock {
 
 /// The catalog sealed and coded, with what the recovery record needs besides.
 pub(crate) struct CodedCatalog {
+    /// The blocks made by this upload: new tree segments', then the head's.
     pub blocks: Vec<CodedBlock>,
-    /// Length of the catalog export.
+    /// Blocks of tree segments stored before and kept, named again by the record (first).
+    pub kept: Vec<CatalogBlock>,
+    /// Every tree segment of this catalog, in order, for the next upload to build on.
+    pub segments: Vec<Segment>,
+    /// Length of the stored catalog (every segment's bytes).
     pub len: u64,
     /// The highest revision this node stored before.
     pub last_revision: u64,
@@ -106,21 +114,28 @@ impl CodedCatalog {
             .get(position as usize)
             .cloned()
     }
+
+    /// Every block of the catalog in the order its bytes go: kept, then new.
+    pub fn all_ids(&self) -> Vec<BlockId> {
+        self.kept
+            .iter()
+            .map(|b| b.id)
+            .chain(self.blocks.iter().map(|b| b.id))
+            .collect()
+    }
 }
 
-/// Exports, seals and codes the catalog, and reads the last revision and the suppliers'
-/// identities (blocking: run it on a worker thread).
-pub(crate) fn code_catalog(
-    kv: &dyn KvStore,
+/// Seals and codes `bytes` into catalog blocks of at most the block size; returns their ids.
+fn code_pieces(
+    bytes: &[u8],
     keys: &DataKeys,
     owner: &SigningKey,
     settings: &BackupSettings,
-    suppliers: &[NodeId],
-) -> Result<CodedCatalog, UploadError> {
+    out: &mut Vec<CodedBlock>,
+) -> Result<Vec<BlockId>, UploadError> {
     let layout = settings.layout()?;
-    let exported = catalog::export(kv)?;
-    let mut blocks = Vec::new();
-    for piece in exported.chunks(settings.block_size.max(1)) {
+    let mut ids = Vec::new();
+    for piece in bytes.chunks(settings.block_size.max(1)) {
         let random = BlockRandom {
             id: BlockId(rand::random()),
             nonce: rand::random(),
@@ -138,7 +153,8 @@ pub(crate) fn code_catalog(
             .iter()
             .map(|f| data::stored::wrap(&block.signed_manifest, f))
             .collect();
-        blocks.push(CodedBlock {
+        ids.push(block.id);
+        out.push(CodedBlock {
             id: block.id,
             hashes: stored.iter().map(|s| *blake3::hash(s).as_bytes()).collect(),
             signed_manifest: block.signed_manifest,
@@ -146,6 +162,77 @@ pub(crate) fn code_catalog(
             stored,
         });
     }
+    Ok(ids)
+}
+
+/// A stored segment's blocks as the record names them, from the block index (`None` if one is
+/// no longer known: the segment is made again).
+fn kept_blocks(kv: &dyn KvStore, segment: &Segment) -> Result<Option<Vec<CatalogBlock>>, StoreError> {
+    let mut blocks = Vec::with_capacity(segment.blocks.len());
+    for id in &segment.blocks {
+        let Some(entry) = catalog::block(kv, id)? else {
+            return Ok(None);
+        };
+        blocks.push(CatalogBlock {
+            id: entry.id,
+            signed_manifest: entry.signed_manifest,
+            suppliers: entry.fragments.iter().map(|f| f.supplier).collect(),
+        });
+    }
+    Ok(Some(blocks))
+}
+
+/// Exports, seals and codes what changed of the catalog (new snapshots' tree segments, and the
+/// head), names the tree segments kept from before, and reads the last revision and the
+/// suppliers' identities (blocking: run it on a worker thread).
+pub(crate) fn code_catalog(
+    kv: &dyn KvStore,
+    keys: &DataKeys,
+    owner: &SigningKey,
+    settings: &BackupSettings,
+    suppliers: &[NodeId],
+) -> Result<CodedCatalog, UploadError> {
+    // A bookkeeping record that cannot be read costs whole trees once, nothing else.
+    let stored = health::catalog_segments(kv).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the stored catalog's segments; storing every tree whole");
+        Vec::new()
+    });
+    let mut known: HashMap<SnapshotId, Vec<CatalogBlock>> = HashMap::new();
+    for segment in &stored {
+        if let Some(blocks) = kept_blocks(kv, segment)? {
+            known.insert(segment.snapshot, blocks);
+        }
+    }
+    let committed: Vec<(SnapshotId, String)> = catalog::snapshots(kv)?
+        .into_iter()
+        .map(|s| (s.id, s.source))
+        .collect();
+    let plan = segments::plan(&stored, &committed, |s| known.contains_key(&s.snapshot));
+    let mut kept = Vec::new();
+    let mut all = Vec::new();
+    let mut len = 0;
+    for segment in plan.keep {
+        kept.extend(known.remove(&segment.snapshot).unwrap_or_default());
+        len += segment.len;
+        all.push(segment);
+    }
+    let mut blocks = Vec::new();
+    for new in plan.new {
+        let bytes = segments::export_tree(kv, new.snapshot, new.base)?;
+        let ids = code_pieces(&bytes, keys, owner, settings, &mut blocks)?;
+        len += bytes.len() as u64;
+        all.push(Segment {
+            snapshot: new.snapshot,
+            base: new.base,
+            source: new.source,
+            depth: new.depth,
+            blocks: ids,
+            len: bytes.len() as u64,
+        });
+    }
+    let head = segments::export_head(kv)?;
+    code_pieces(&head, keys, owner, settings, &mut blocks)?;
+    len += head.len() as u64;
     // A peer book that cannot be read leaves the record without identities (as before).
     let identities = crate::store::peers::load(kv)
         .map(|peers| {
@@ -158,7 +245,9 @@ pub(crate) fn code_catalog(
         .unwrap_or_default();
     Ok(CodedCatalog {
         blocks,
-        len: exported.len() as u64,
+        kept,
+        segments: all,
+        len,
         last_revision: health::recovery_revision(kv)?,
         identities,
     })
@@ -201,7 +290,7 @@ impl Upload<'_> {
 
     /// The sealed recovery record naming the holders, and the staged fragments to write first.
     fn record(&self, keys: &DataKeys, owner: &SigningKey, now: u64) -> Vec<u8> {
-        let catalog = self
+        let made = self
             .coded
             .blocks
             .iter()
@@ -212,8 +301,8 @@ impl Upload<'_> {
                 suppliers: (0..block.stored.len() as u32)
                     .map(|p| self.holder(placement, p))
                     .collect(),
-            })
-            .collect();
+            });
+        let catalog = self.coded.kept.iter().cloned().chain(made).collect();
         let record = RecoveryRecord {
             revision: self.revision,
             created_at: now,
@@ -270,10 +359,7 @@ impl Upload<'_> {
             health::put_pairs(&mut batch, block, *position, pairs);
         }
         health::put_recovery_revision(&mut batch, self.revision);
-        health::put_current_catalog(
-            &mut batch,
-            &self.coded.blocks.iter().map(|b| b.id).collect::<Vec<_>>(),
-        );
+        health::put_current_catalog(&mut batch, &self.coded.all_ids(), &self.coded.segments);
         (batch, partial)
     }
 }

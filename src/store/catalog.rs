@@ -35,6 +35,8 @@ use crate::data::{BlockId, ChunkId};
 use chacha20poly1305::{AeadInPlace, Tag, XNonce};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
+pub mod segments;
+
 /// A snapshot's number: allocated in increasing order, never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SnapshotId(pub u64);
@@ -917,13 +919,30 @@ fn parse_export(bytes: &[u8]) -> Result<Vec<Entry<'_>>, CatalogError> {
 /// is imported as it is and upgraded by [`upgrade`] when the node opens it. Returns the number
 /// of entries written.
 pub fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
+    if bytes.len() > EXPORT_MAGIC.len()
+        && bytes.starts_with(EXPORT_MAGIC)
+        && bytes[EXPORT_MAGIC.len()] == segments::SEGMENT_VERSION
+    {
+        return segments::import(kv, bytes);
+    }
     let entries = parse_export(bytes)?;
+    check_format(&entries)?;
+    Ok(write_entries(kv, entries)?)
+}
+
+/// Refuses entries of a newer catalog format than this code reads.
+fn check_format(entries: &[Entry<'_>]) -> Result<(), CatalogError> {
     if let Some((_, v)) = entries.iter().find(|(k, _)| *k == FORMAT_KEY) {
         let version = codec::decode::<records::CatalogFormat>(v)?.version;
         if version > FORMAT {
             return Err(CatalogError::NewerFormat(version));
         }
     }
+    Ok(())
+}
+
+/// Writes imported entries in bounded batches; the snapshot counter only ever goes up.
+fn write_entries(kv: &dyn KvStore, entries: Vec<Entry<'_>>) -> Result<u64, StoreError> {
     let mut written = 0u64;
     let mut batch = Batch::new();
     let mut batch_bytes = 0;

@@ -19,6 +19,8 @@
 
 use super::codec::{self, Key, KeyReader, KvPages, records};
 use super::{Batch, Cf, KvStore, StoreError};
+use super::catalog::SnapshotId;
+use super::catalog::segments::Segment;
 use crate::data::BlockId;
 use crate::data::audit::{AuditPair, MAX_AUDIT_RANGE};
 
@@ -227,12 +229,62 @@ pub fn pairs(
         .collect()
 }
 
-/// Records the blocks of the catalog export the latest recovery record points at.
-pub fn put_current_catalog(batch: &mut Batch, blocks: &[BlockId]) {
+/// Records the blocks of the catalog export the latest recovery record points at, and the tree
+/// segments among them.
+pub fn put_current_catalog(batch: &mut Batch, blocks: &[BlockId], segments: &[Segment]) {
+    let ids = |blocks: &[BlockId]| blocks.iter().map(|b| b.0.to_vec()).collect();
     let record = records::CurrentCatalogRecord {
-        blocks: blocks.iter().map(|b| b.0.to_vec()).collect(),
+        blocks: ids(blocks),
+        segments: segments
+            .iter()
+            .map(|s| records::CatalogSegmentRecord {
+                snapshot: s.snapshot.0,
+                base: s.base.map_or(0, |b| b.0),
+                source: s.source.clone(),
+                depth: s.depth,
+                blocks: ids(&s.blocks),
+                len: s.len,
+            })
+            .collect(),
     };
     batch.put(CF, KEY_CATALOG, codec::encode(&record));
+}
+
+fn block_ids(blocks: Vec<Vec<u8>>) -> Result<Vec<BlockId>, HealthError> {
+    blocks
+        .into_iter()
+        .map(|b| {
+            b.try_into()
+                .map(BlockId)
+                .map_err(|_| HealthError::Invalid("blocks"))
+        })
+        .collect()
+}
+
+/// The tree segments of the current catalog, in upload order (empty before the first, and for
+/// a catalog stored before segments).
+pub fn catalog_segments(kv: &dyn KvStore) -> Result<Vec<Segment>, HealthError> {
+    let Some(v) = kv.get(CF, KEY_CATALOG)? else {
+        return Ok(Vec::new());
+    };
+    let record: records::CurrentCatalogRecord = codec::decode(&v)?;
+    record
+        .segments
+        .into_iter()
+        .map(|s| {
+            if s.snapshot == 0 {
+                return Err(HealthError::Invalid("segments"));
+            }
+            Ok(Segment {
+                snapshot: SnapshotId(s.snapshot),
+                base: (s.base != 0).then_some(SnapshotId(s.base)),
+                source: s.source,
+                depth: s.depth,
+                blocks: block_ids(s.blocks)?,
+                len: s.len,
+            })
+        })
+        .collect()
 }
 
 /// The blocks of the current catalog export, in export order (empty before the first one).
@@ -241,15 +293,7 @@ pub fn current_catalog(kv: &dyn KvStore) -> Result<Vec<BlockId>, HealthError> {
         return Ok(Vec::new());
     };
     let record: records::CurrentCatalogRecord = codec::decode(&v)?;
-    record
-        .blocks
-        .into_iter()
-        .map(|b| {
-            b.try_into()
-                .map(BlockId)
-                .map_err(|_| HealthError::Invalid("blocks"))
-        })
-        .collect()
+    block_ids(record.blocks)
 }
 
 /// Stores a small opaque record by name (replacing it).
@@ -329,6 +373,24 @@ mod tests {
     #[test]
     fn every_kind_round_trips_without_touching_the_others() {
         let kv = MemStore::new();
+        let segments = [
+            Segment {
+                snapshot: SnapshotId(4),
+                base: None,
+                source: "docs".into(),
+                depth: 0,
+                blocks: vec![id(9)],
+                len: 700,
+            },
+            Segment {
+                snapshot: SnapshotId(6),
+                base: Some(SnapshotId(4)),
+                source: "docs".into(),
+                depth: 1,
+                blocks: vec![id(8)],
+                len: 70,
+            },
+        ];
         assert_eq!(health(&kv, &id(1)).expect("read"), None);
         assert!(pairs(&kv, &id(1), 0).expect("read").is_empty());
         assert!(current_catalog(&kv).expect("read").is_empty());
@@ -339,7 +401,7 @@ mod tests {
             put_health(b, &id(1), &cells);
             put_pairs(b, &id(1), 0, &[pair(1), pair(2)]);
             put_pairs(b, &id(1), 5, &[pair(3)]);
-            put_current_catalog(b, &[id(9), id(8)]);
+            put_current_catalog(b, &[id(9), id(8)], &segments);
             put_meta(b, "drill", b"last drill");
             put_meta(b, "", b"empty name");
         });
@@ -349,6 +411,7 @@ mod tests {
         assert_eq!(pairs(&kv, &id(1), 5).expect("read"), vec![pair(3)]);
         assert!(pairs(&kv, &id(1), 1).expect("read").is_empty());
         assert_eq!(current_catalog(&kv).expect("read"), vec![id(9), id(8)]);
+        assert_eq!(catalog_segments(&kv).expect("read"), segments);
         assert_eq!(
             meta(&kv, "drill").expect("read"),
             Some(b"last drill".to_vec())
@@ -377,7 +440,7 @@ mod tests {
                     put_pairs(b, &block, position, &[pair(position as u8)]);
                 }
             }
-            put_current_catalog(b, &[id(1)]);
+            put_current_catalog(b, &[id(1)], &[]);
             put_meta(b, "supplier", b"stats");
         });
         let mut b = Batch::new();
@@ -478,6 +541,7 @@ mod tests {
         assert_eq!(pairs(&kv, &id(2), 0).expect("valid").len(), 1);
         let short = codec::encode(&records::CurrentCatalogRecord {
             blocks: vec![vec![1; 32], vec![2; 5]],
+            ..Default::default()
         });
         kv.put(CF, KEY_CATALOG, &short).expect("put");
         assert!(matches!(

@@ -1,0 +1,860 @@
+//! The catalog as the suppliers hold it: **segments**, so that what a snapshot uploads grows
+//! with what changed, not with the tree.
+//!
+//! A stored catalog (what the recovery record's blocks hold, concatenated) is a sequence of
+//! segments, each framed and checksummed on its own:
+//! ```text
+//! magic "BDCATLG\0" | version 2 | kind u8 | body length u64 BE | body | BLAKE3 of all before (32)
+//! ```
+//! - kind 1, a **tree**: one snapshot's file tree, whole or as the changes from an earlier
+//!   snapshot's tree (its *base*, which comes earlier in the same catalog):
+//!   `snapshot u64 | base u64 (0: whole) | n u32 | n block ids (32 each) | ops`, where an op is
+//!   `b'+' | path | file record | refs u32 | refs × u32` (the entry, and for each of its chunks
+//!   the index of its block in the table, `u32::MAX` if unknown) or `b'-' | path`; paths and
+//!   records are `u32 BE length | bytes`, and ops are in strictly increasing path order.
+//!   The chunk index is not stored: an import rebuilds it from the refs.
+//! - kind 0, the **head**: every catalog entry but trees and the chunk index (snapshot records,
+//!   the block index, the counter, the format), as `u32 length | key | u32 length | value` pairs.
+//!
+//! A snapshot's tree segment is made once, when it is first uploaded, and is kept on the
+//! suppliers while that snapshot, or one whose segment is built on it, is kept. So a backup
+//! uploads the new snapshot's changes and the head (a few hundred bytes per block), and an
+//! unchanged snapshot costs nothing the next time. A chain is at most [`MAX_DEPTH`] segments
+//! long: the next one is whole, and the old chain is freed once nothing kept stands on it.
+//! Import applies trees first (in order), then the head, then drops the trees of snapshots the
+//! head does not list (bases kept only for their changes). A version-1 export (one whole
+//! catalog, before segments) is still imported.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::{
+    CF, CHUNK_ID_LEN, CatalogError, EXPORT_MAGIC, PAGE, SnapshotId, TAG_CHUNK, TAG_FILE,
+    TAG_SNAPSHOT, Batch, KvPages, KvStore, StoreError, chunk_block, codec, put_chunk, records,
+    snapshot_prefix, take_field,
+};
+use crate::data::{BlockId, ChunkId};
+
+pub(super) const SEGMENT_VERSION: u8 = 2;
+const KIND_HEAD: u8 = 0;
+const KIND_TREE: u8 = 1;
+const SEGMENT_HEADER: usize = EXPORT_MAGIC.len() + 1 + 1 + 8;
+const SEGMENT_SUM: usize = 32;
+const OP_PUT: u8 = b'+';
+const OP_DELETE: u8 = b'-';
+/// A chunk whose block the index did not know when the segment was made.
+const UNKNOWN_BLOCK: u32 = u32::MAX;
+/// The longest chain of segments before a whole tree is stored again: bounds what a recovery
+/// replays and what old segments the suppliers keep.
+pub const MAX_DEPTH: u32 = 16;
+/// The head's entries, by tag, in key order: everything but trees (`t`) and chunks (`c`).
+const HEAD_TAGS: [&[u8]; 4] = [b"b", b"n", b"s", b"v"];
+/// Entries per import batch, and a byte bound, so a large catalog is never one huge write.
+const BATCH_ENTRIES: usize = 1024;
+const BATCH_BYTES: usize = 4 << 20;
+
+/// One snapshot's tree segment as uploaded: where it is and what it stands on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub snapshot: SnapshotId,
+    /// The snapshot whose tree this one's changes apply to (`None`: the whole tree).
+    pub base: Option<SnapshotId>,
+    pub source: String,
+    /// Segments between this one and a whole tree (0 for a whole one).
+    pub depth: u32,
+    /// The catalog blocks holding its bytes, in order.
+    pub blocks: Vec<BlockId>,
+    /// Length of its bytes.
+    pub len: u64,
+}
+
+/// A tree segment to make in this upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewSegment {
+    pub snapshot: SnapshotId,
+    pub base: Option<SnapshotId>,
+    pub source: String,
+    pub depth: u32,
+}
+
+/// What an upload keeps of the segments already stored, and which it makes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SegmentPlan {
+    /// Stored segments still needed, in their order (a base before what stands on it).
+    pub keep: Vec<Segment>,
+    /// Segments to make, in snapshot order (after every kept one).
+    pub new: Vec<NewSegment>,
+}
+
+/// Which segments an upload keeps and makes. `stored`: the segments of the last upload, in
+/// order; `committed`: every committed snapshot with its source; `intact`: whether a stored
+/// segment's blocks are all still known (one that is not is made again, with everything that
+/// stands on it). Each committed snapshot without a segment gets one built on the newest
+/// segment of its source below it, unless that chain is [`MAX_DEPTH`] long; a stored segment
+/// is kept while its snapshot is committed or a kept segment stands on it.
+pub fn plan(
+    stored: &[Segment],
+    committed: &[(SnapshotId, String)],
+    intact: impl Fn(&Segment) -> bool,
+) -> SegmentPlan {
+    // Usable: intact, and standing on a usable segment stored before it.
+    let mut usable: BTreeMap<SnapshotId, &Segment> = BTreeMap::new();
+    let mut order = Vec::new();
+    for segment in stored {
+        let base_ok = segment.base.is_none_or(|b| usable.contains_key(&b));
+        if base_ok && intact(segment) && !usable.contains_key(&segment.snapshot) {
+            usable.insert(segment.snapshot, segment);
+            order.push(segment.snapshot);
+        }
+    }
+    // (snapshot, source, depth) of every segment a new one may stand on.
+    let mut bases: Vec<(SnapshotId, &str, u32)> = usable
+        .values()
+        .map(|s| (s.snapshot, s.source.as_str(), s.depth))
+        .collect();
+    let mut new = Vec::new();
+    let mut sorted: Vec<&(SnapshotId, String)> = committed.iter().collect();
+    sorted.sort();
+    for (snapshot, source) in sorted {
+        if usable.contains_key(snapshot) {
+            continue;
+        }
+        let base = bases
+            .iter()
+            .filter(|(id, s, _)| id < snapshot && *s == source.as_str())
+            .max_by_key(|(id, _, _)| *id)
+            .filter(|(_, _, depth)| depth + 1 < MAX_DEPTH);
+        let (base, depth) = match base {
+            Some((id, _, depth)) => (Some(*id), depth + 1),
+            None => (None, 0),
+        };
+        new.push(NewSegment {
+            snapshot: *snapshot,
+            base,
+            source: source.clone(),
+            depth,
+        });
+        bases.push((*snapshot, source.as_str(), depth));
+    }
+    // Needed: committed snapshots' segments and, transitively, what they stand on.
+    let base_of: HashMap<SnapshotId, Option<SnapshotId>> = usable
+        .values()
+        .map(|s| (s.snapshot, s.base))
+        .chain(new.iter().map(|n| (n.snapshot, n.base)))
+        .collect();
+    let mut needed = BTreeSet::new();
+    for (snapshot, _) in committed {
+        let mut at = Some(*snapshot);
+        while let Some(id) = at {
+            if !needed.insert(id) {
+                break;
+            }
+            at = base_of.get(&id).copied().flatten();
+        }
+    }
+    SegmentPlan {
+        keep: order
+            .into_iter()
+            .filter(|id| needed.contains(id))
+            .filter_map(|id| usable.get(&id).map(|s| (*s).clone()))
+            .collect(),
+        new,
+    }
+}
+
+fn field(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), StoreError> {
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| StoreError::Db("a catalog entry is over 4 GiB".into()))?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SEGMENT_HEADER + body.len() + SEGMENT_SUM);
+    out.extend_from_slice(EXPORT_MAGIC);
+    out.push(SEGMENT_VERSION);
+    out.push(kind);
+    out.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    out.extend_from_slice(body);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// The head segment: every entry but trees and the chunk index, read a page at a time.
+pub fn export_head(kv: &dyn KvStore) -> Result<Vec<u8>, StoreError> {
+    let mut body = Vec::new();
+    for tag in HEAD_TAGS {
+        for page in kv.pages(CF, tag, PAGE) {
+            for (k, v) in page? {
+                field(&mut body, &k)?;
+                field(&mut body, &v)?;
+            }
+        }
+    }
+    Ok(frame(KIND_HEAD, &body))
+}
+
+/// A snapshot's tree entries as (path, record), a page at a time.
+struct TreeEntries<'a> {
+    pages: codec::Pages<'a, dyn KvStore + 'a>,
+    rows: std::vec::IntoIter<crate::store::KeyValue>,
+}
+
+impl<'a> TreeEntries<'a> {
+    fn new(kv: &'a dyn KvStore, snapshot: SnapshotId) -> Self {
+        TreeEntries {
+            pages: kv.pages(CF, &snapshot_prefix(snapshot), PAGE),
+            rows: Vec::new().into_iter(),
+        }
+    }
+}
+
+impl Iterator for TreeEntries<'_> {
+    type Item = Result<(Vec<u8>, Vec<u8>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((mut k, v)) = self.rows.next() {
+                k.drain(..TAG_FILE.len() + 8);
+                return Some(Ok((k, v)));
+            }
+            match self.pages.next()? {
+                Ok(page) => self.rows = page.into_iter(),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// The chunk ids of a file record (none if it does not decode: it is stored as it is).
+fn record_chunks(value: &[u8]) -> Vec<ChunkId> {
+    let Ok(r) = codec::decode::<records::FileRecord>(value) else {
+        return Vec::new();
+    };
+    if !r.chunks.len().is_multiple_of(CHUNK_ID_LEN) {
+        return Vec::new();
+    }
+    r.chunks
+        .chunks_exact(CHUNK_ID_LEN)
+        .filter_map(|c| c.try_into().ok().map(ChunkId))
+        .collect()
+}
+
+/// The tree segment of `snapshot`: its whole tree, or (with `base`) the entries that differ from
+/// `base`'s and the paths `base` has that it does not. Both trees are read in path order a page
+/// at a time; memory holds the segment and its block table.
+pub fn export_tree(
+    kv: &dyn KvStore,
+    snapshot: SnapshotId,
+    base: Option<SnapshotId>,
+) -> Result<Vec<u8>, StoreError> {
+    let mut table: Vec<BlockId> = Vec::new();
+    let mut index: HashMap<BlockId, u32> = HashMap::new();
+    let mut ops = Vec::new();
+    let mut put = |ops: &mut Vec<u8>, path: &[u8], value: &[u8]| -> Result<(), StoreError> {
+        ops.push(OP_PUT);
+        field(ops, path)?;
+        field(ops, value)?;
+        let chunks = record_chunks(value);
+        ops.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
+        for chunk in chunks {
+            let at = match chunk_block(kv, &chunk)? {
+                Some(block) => *index.entry(block).or_insert_with(|| {
+                    table.push(block);
+                    (table.len() - 1) as u32
+                }),
+                None => UNKNOWN_BLOCK,
+            };
+            ops.extend_from_slice(&at.to_be_bytes());
+        }
+        Ok(())
+    };
+    type Entries<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + 'a>;
+    let mut mine = TreeEntries::new(kv, snapshot).peekable();
+    let theirs: Entries<'_> = match base {
+        Some(base) => Box::new(TreeEntries::new(kv, base)),
+        None => Box::new(std::iter::empty()),
+    };
+    let mut theirs = theirs.peekable();
+    loop {
+        if let Some(Err(_)) = mine.peek()
+            && let Some(Err(e)) = mine.next()
+        {
+            return Err(e);
+        }
+        if let Some(Err(_)) = theirs.peek()
+            && let Some(Err(e)) = theirs.next()
+        {
+            return Err(e);
+        }
+        let order = match (mine.peek(), theirs.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(Ok((a, _))), Some(Ok((b, _)))) => a.cmp(b),
+            // Errors were taken above.
+            (Some(Err(_)), _) | (_, Some(Err(_))) => break,
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                if let Some(Ok((path, value))) = mine.next() {
+                    put(&mut ops, &path, &value)?;
+                }
+            }
+            std::cmp::Ordering::Greater => {
+                if let Some(Ok((path, _))) = theirs.next() {
+                    ops.push(OP_DELETE);
+                    field(&mut ops, &path)?;
+                }
+            }
+            std::cmp::Ordering::Equal => {
+                if let (Some(Ok((path, value))), Some(Ok((_, old)))) = (mine.next(), theirs.next())
+                    && value != old
+                {
+                    put(&mut ops, &path, &value)?;
+                }
+            }
+        }
+    }
+    let mut body = Vec::with_capacity(8 + 8 + 4 + 32 * table.len() + ops.len());
+    body.extend_from_slice(&snapshot.0.to_be_bytes());
+    body.extend_from_slice(&base.map_or(0, |b| b.0).to_be_bytes());
+    body.extend_from_slice(&(table.len() as u32).to_be_bytes());
+    for block in &table {
+        body.extend_from_slice(&block.0);
+    }
+    body.extend_from_slice(&ops);
+    Ok(frame(KIND_TREE, &body))
+}
+
+/// One op of a tree segment, borrowed from the segment.
+#[derive(Debug)]
+enum Op<'a> {
+    Put {
+        path: &'a [u8],
+        value: &'a [u8],
+        refs: &'a [u8],
+    },
+    Delete {
+        path: &'a [u8],
+    },
+}
+
+impl<'a> Op<'a> {
+    fn path(&self) -> &'a [u8] {
+        match self {
+            Op::Put { path, .. } | Op::Delete { path } => path,
+        }
+    }
+}
+
+/// A tree segment, checked and borrowed.
+#[derive(Debug)]
+struct Tree<'a> {
+    snapshot: SnapshotId,
+    base: Option<SnapshotId>,
+    table: Vec<BlockId>,
+    ops: Vec<Op<'a>>,
+}
+
+/// A checked stored catalog: its trees in order and its heads' entries.
+#[derive(Debug, Default)]
+struct Parsed<'a> {
+    trees: Vec<Tree<'a>>,
+    head: Vec<(&'a [u8], &'a [u8])>,
+}
+
+fn u32_at(rest: &mut &[u8], what: &'static str) -> Result<u32, CatalogError> {
+    let (n, tail) = rest
+        .split_first_chunk::<4>()
+        .ok_or(CatalogError::ExportFraming(what))?;
+    *rest = tail;
+    Ok(u32::from_be_bytes(*n))
+}
+
+fn u64_at(rest: &mut &[u8], what: &'static str) -> Result<u64, CatalogError> {
+    let (n, tail) = rest
+        .split_first_chunk::<8>()
+        .ok_or(CatalogError::ExportFraming(what))?;
+    *rest = tail;
+    Ok(u64::from_be_bytes(*n))
+}
+
+fn parse_tree(mut body: &[u8]) -> Result<Tree<'_>, CatalogError> {
+    let snapshot = u64_at(&mut body, "a tree segment's snapshot")?;
+    let base = u64_at(&mut body, "a tree segment's base")?;
+    if snapshot == 0 || base >= snapshot {
+        return Err(CatalogError::ExportFraming(
+            "a tree segment's snapshot or base",
+        ));
+    }
+    let n = u32_at(&mut body, "a tree segment's block table")? as usize;
+    if body.len() / 32 < n {
+        return Err(CatalogError::ExportFraming("a block table runs past the end"));
+    }
+    let (ids, mut rest) = body.split_at(n * 32);
+    let table: Vec<BlockId> = ids
+        .chunks_exact(32)
+        .filter_map(|c| c.try_into().ok().map(BlockId))
+        .collect();
+    let mut ops: Vec<Op<'_>> = Vec::new();
+    while let Some((&tag, tail)) = rest.split_first() {
+        rest = tail;
+        let path = take_field(&mut rest)?;
+        let op = match tag {
+            OP_PUT => {
+                let value = take_field(&mut rest)?;
+                let count = u32_at(&mut rest, "a put's refs")? as usize;
+                if rest.len() / 4 < count {
+                    return Err(CatalogError::ExportFraming("a put's refs run past the end"));
+                }
+                let (refs, tail) = rest.split_at(count * 4);
+                rest = tail;
+                if refs
+                    .chunks_exact(4)
+                    .map(|r| u32::from_be_bytes([r[0], r[1], r[2], r[3]]))
+                    .any(|r| r != UNKNOWN_BLOCK && r as usize >= table.len())
+                {
+                    return Err(CatalogError::ExportFraming("a ref outside the block table"));
+                }
+                Op::Put { path, value, refs }
+            }
+            OP_DELETE => Op::Delete { path },
+            _ => return Err(CatalogError::ExportFraming("an unknown tree op")),
+        };
+        if ops.last().is_some_and(|last| last.path() >= path) {
+            return Err(CatalogError::ExportFraming("tree ops out of path order"));
+        }
+        ops.push(op);
+    }
+    Ok(Tree {
+        snapshot: SnapshotId(snapshot),
+        base: (base != 0).then_some(SnapshotId(base)),
+        table,
+        ops,
+    })
+}
+
+fn parse_head(mut body: &[u8]) -> Result<Vec<(&[u8], &[u8])>, CatalogError> {
+    let mut entries = Vec::new();
+    while !body.is_empty() {
+        let k = take_field(&mut body)?;
+        let v = take_field(&mut body)?;
+        if k.is_empty() || k.starts_with(TAG_FILE) || k.starts_with(TAG_CHUNK) {
+            return Err(CatalogError::ExportFraming("a head entry that is not a head's"));
+        }
+        entries.push((k, v));
+    }
+    Ok(entries)
+}
+
+/// Checks every segment of a stored catalog (framing, checksums, each base before what stands
+/// on it) and returns them, borrowed.
+fn parse(mut bytes: &[u8]) -> Result<Parsed<'_>, CatalogError> {
+    let mut parsed = Parsed::default();
+    let mut seen = BTreeSet::new();
+    while !bytes.is_empty() {
+        if bytes.len() < SEGMENT_HEADER + SEGMENT_SUM {
+            return Err(CatalogError::ExportTruncated);
+        }
+        if &bytes[..EXPORT_MAGIC.len()] != EXPORT_MAGIC {
+            return Err(CatalogError::ExportMagic);
+        }
+        let version = bytes[EXPORT_MAGIC.len()];
+        if version != SEGMENT_VERSION {
+            return Err(CatalogError::ExportVersion(version));
+        }
+        let kind = bytes[EXPORT_MAGIC.len() + 1];
+        let mut len = &bytes[EXPORT_MAGIC.len() + 2..SEGMENT_HEADER];
+        let body_len = usize::try_from(u64_at(&mut len, "a segment's length")?)
+            .map_err(|_| CatalogError::ExportTruncated)?;
+        let end = SEGMENT_HEADER
+            .checked_add(body_len)
+            .and_then(|n| n.checked_add(SEGMENT_SUM))
+            .filter(|&end| end <= bytes.len())
+            .ok_or(CatalogError::ExportTruncated)?;
+        let (segment, rest) = bytes.split_at(end);
+        let (covered, sum) = segment.split_at(end - SEGMENT_SUM);
+        if blake3::hash(covered).as_bytes() != sum {
+            return Err(CatalogError::ExportChecksum);
+        }
+        let body = &covered[SEGMENT_HEADER..];
+        match kind {
+            KIND_HEAD => parsed.head.extend(parse_head(body)?),
+            KIND_TREE => {
+                let tree = parse_tree(body)?;
+                if tree.base.is_some_and(|b| !seen.contains(&b)) {
+                    return Err(CatalogError::ExportFraming(
+                        "a tree segment before its base",
+                    ));
+                }
+                seen.insert(tree.snapshot);
+                parsed.trees.push(tree);
+            }
+            _ => return Err(CatalogError::ExportFraming("an unknown segment kind")),
+        }
+        bytes = rest;
+    }
+    Ok(parsed)
+}
+
+/// Writes puts in bounded batches.
+struct Writes<'a> {
+    kv: &'a dyn KvStore,
+    batch: Batch,
+    bytes: usize,
+    written: u64,
+}
+
+impl<'a> Writes<'a> {
+    fn new(kv: &'a dyn KvStore) -> Self {
+        Writes {
+            kv,
+            batch: Batch::new(),
+            bytes: 0,
+            written: 0,
+        }
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: &[u8]) -> Result<(), StoreError> {
+        self.bytes += key.len() + value.len();
+        self.batch.put(CF, key, value);
+        self.written += 1;
+        self.maybe_flush()
+    }
+
+    fn chunks(&mut self, tree: &Tree<'_>, value: &[u8], refs: &[u8]) -> Result<(), StoreError> {
+        for (chunk, at) in record_chunks(value).iter().zip(refs.chunks_exact(4)) {
+            let at = u32::from_be_bytes([at[0], at[1], at[2], at[3]]);
+            if let Some(block) = tree.table.get(at as usize) {
+                put_chunk(&mut self.batch, chunk, block);
+                self.bytes += 70;
+            }
+        }
+        self.maybe_flush()
+    }
+
+    fn maybe_flush(&mut self) -> Result<(), StoreError> {
+        if self.batch.ops().len() >= BATCH_ENTRIES || self.bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        self.bytes = 0;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.kv.write(std::mem::take(&mut self.batch))
+    }
+}
+
+fn file_key(snapshot: SnapshotId, path: &[u8]) -> Vec<u8> {
+    let mut key = snapshot_prefix(snapshot);
+    key.extend_from_slice(path);
+    key
+}
+
+/// Writes one tree: its base's entries merged with its ops, and the chunk entries its puts name.
+fn apply_tree(writes: &mut Writes<'_>, tree: &Tree<'_>) -> Result<(), StoreError> {
+    let mut ops = tree.ops.iter().peekable();
+    let apply = |writes: &mut Writes<'_>, op: &Op<'_>| -> Result<(), StoreError> {
+        if let Op::Put { path, value, refs } = op {
+            writes.put(file_key(tree.snapshot, path), value)?;
+            writes.chunks(tree, value, refs)?;
+        }
+        Ok(())
+    };
+    if let Some(base) = tree.base {
+        for entry in TreeEntries::new(writes.kv, base) {
+            let (path, value) = entry?;
+            while let Some(op) = ops.next_if(|op| op.path() < path.as_slice()) {
+                apply(writes, op)?;
+            }
+            match ops.next_if(|op| op.path() == path.as_slice()) {
+                Some(op) => apply(writes, op)?,
+                None => writes.put(file_key(tree.snapshot, &path), &value)?,
+            }
+        }
+    }
+    for op in ops {
+        apply(writes, op)?;
+    }
+    writes.flush()
+}
+
+/// Imports a stored catalog made of segments into `Cf::Catalog` (see the module doc); the
+/// whole is checked before anything is written. Returns the number of entries written.
+pub(super) fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
+    let parsed = parse(bytes)?;
+    super::check_format(&parsed.head)?;
+    let mut writes = Writes::new(kv);
+    for tree in &parsed.trees {
+        apply_tree(&mut writes, tree)?;
+    }
+    let mut written = writes.written;
+    written += super::write_entries(kv, parsed.head)?;
+    // A base kept only for its changes: its snapshot is gone, so is its tree.
+    for tree in &parsed.trees {
+        let record = crate::store::codec::Key::new(TAG_SNAPSHOT).u64(tree.snapshot.0);
+        if kv.get(CF, record.as_bytes())?.is_none() {
+            super::drop_files(kv, tree.snapshot)?;
+        }
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{
+        BlockEntry, FileEntry, FileKind, FragmentPlace, Snapshot, commit_snapshot, files,
+        put_block, put_file,
+    };
+    use super::*;
+    use crate::crypto::identity::NodeId;
+    use crate::store::MemStore;
+
+    fn chunk(n: u32) -> ChunkId {
+        let mut id = [0x5c; 32];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        ChunkId(id)
+    }
+
+    fn block(n: u32) -> BlockId {
+        let mut id = [0xb7; 32];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        BlockId(id)
+    }
+
+    fn file(path: &str, chunks: &[u32], mtime: i64) -> FileEntry {
+        FileEntry {
+            path: path.as_bytes().to_vec(),
+            kind: FileKind::File,
+            mode: 0o640,
+            mtime_ns: mtime,
+            size: chunks.len() as u64 * 1000,
+            chunks: chunks.iter().copied().map(chunk).collect(),
+            ..FileEntry::default()
+        }
+    }
+
+    fn snapshot(id: u64, source: &str) -> Snapshot {
+        Snapshot {
+            id: SnapshotId(id),
+            source: source.into(),
+            root: b"/src".to_vec(),
+            started_at: 10 + id,
+            finished_at: 20 + id,
+            files: 3,
+            dirs: 1,
+            symlinks: 0,
+            bytes: 3000,
+            new_bytes: 1000,
+            new_blocks: 1,
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Snapshot 1: 300 files, chunk i in block i / 100. Snapshot 2 changes file 7, removes
+    /// file 8, adds "f/new" (a new chunk in a new block). Both committed unless told.
+    fn two_versions(commit_first: bool) -> MemStore {
+        let kv = MemStore::new();
+        let mut b = Batch::new();
+        for i in 0..300u32 {
+            put_file(&mut b, SnapshotId(1), &file(&format!("f/{i:03}"), &[i], 1));
+            put_chunk(&mut b, &chunk(i), &block(i / 100));
+            if i != 8 {
+                let changed = if i == 7 { file("f/007", &[7, 1000], 2) } else { file(&format!("f/{i:03}"), &[i], 1) };
+                put_file(&mut b, SnapshotId(2), &changed);
+            }
+        }
+        put_file(&mut b, SnapshotId(2), &file("f/new", &[1001], 3));
+        for c in [1000, 1001] {
+            put_chunk(&mut b, &chunk(c), &block(9));
+        }
+        for n in [0, 1, 2, 9] {
+            put_block(
+                &mut b,
+                &BlockEntry {
+                    id: block(n),
+                    signed_manifest: vec![n as u8; 40],
+                    data_shards: 2,
+                    parity_shards: 1,
+                    plain_len: 100,
+                    fragments: (0..3u8)
+                        .map(|i| FragmentPlace {
+                            supplier: Some(NodeId::from_bytes([i + 1; 16])),
+                            size: 60,
+                            blake3: [i; 32],
+                        })
+                        .collect(),
+                },
+            );
+        }
+        if commit_first {
+            commit_snapshot(&mut b, &snapshot(1, "docs"));
+        }
+        commit_snapshot(&mut b, &snapshot(2, "docs"));
+        kv.write(b).expect("write");
+        kv
+    }
+
+    fn tree(kv: &dyn KvStore, id: u64) -> Vec<FileEntry> {
+        files(kv, SnapshotId(id)).collect::<Result<_, _>>().expect("tree")
+    }
+
+    fn all(kv: &dyn KvStore, prefix: &[u8]) -> Vec<crate::store::KeyValue> {
+        kv.scan(CF, prefix, None, usize::MAX).expect("scan")
+    }
+
+    fn stored_catalog(kv: &dyn KvStore) -> (Vec<u8>, usize, usize) {
+        let whole = export_tree(kv, SnapshotId(1), None).expect("tree 1");
+        let diff = export_tree(kv, SnapshotId(2), Some(SnapshotId(1))).expect("tree 2");
+        let head = export_head(kv).expect("head");
+        let (w, d) = (whole.len(), diff.len());
+        ([whole, diff, head].concat(), w, d)
+    }
+
+    #[test]
+    fn segments_import_to_the_same_trees_chunk_index_and_head() {
+        let src = two_versions(true);
+        let (bytes, whole, diff) = stored_catalog(&src);
+        // The changes are three entries of 300: a small fraction of the whole tree.
+        assert!(diff * 20 < whole, "diff {diff} bytes, whole {whole}");
+        let dst = MemStore::new();
+        import(&dst, &bytes).expect("import");
+        assert_eq!(tree(&dst, 1), tree(&src, 1));
+        assert_eq!(tree(&dst, 2), tree(&src, 2));
+        for prefix in [b"c", b"b", b"s", b"n"] {
+            assert_eq!(all(&dst, prefix), all(&src, prefix), "{}", prefix[0] as char);
+        }
+        // Through the public entry point too, which tells segments from a version-1 export.
+        let again = MemStore::new();
+        super::super::import(&again, &bytes).expect("import");
+        assert_eq!(all(&again, b""), all(&dst, b""));
+    }
+
+    #[test]
+    fn a_base_kept_only_for_its_changes_is_dropped_after_import() {
+        let src = two_versions(false);
+        let (bytes, _, _) = stored_catalog(&src);
+        let dst = MemStore::new();
+        import(&dst, &bytes).expect("import");
+        assert!(tree(&dst, 1).is_empty(), "the uncommitted base's tree is dropped");
+        assert_eq!(tree(&dst, 2), tree(&src, 2));
+        // Chunks named only by the dropped base still resolve (retention decides about them).
+        assert_eq!(chunk_block(&dst, &chunk(8)).expect("read"), Some(block(0)));
+    }
+
+    #[test]
+    fn a_corrupt_truncated_or_misordered_catalog_is_refused_with_nothing_written() {
+        let src = two_versions(true);
+        let (bytes, whole, _) = stored_catalog(&src);
+        let refused = |bytes: &[u8], what: &str| {
+            let dst = MemStore::new();
+            assert!(import(&dst, bytes).is_err(), "{what}: accepted");
+            assert!(all(&dst, b"").is_empty(), "{what}: wrote entries");
+        };
+        let mut flipped = bytes.clone();
+        flipped[whole + 40] ^= 1;
+        refused(&flipped, "a flipped byte");
+        refused(&bytes[..bytes.len() - 1], "truncated");
+        refused(&bytes[whole..], "a diff without its base");
+        let mut bad_version = bytes.clone();
+        bad_version[EXPORT_MAGIC.len()] = 9;
+        refused(&bad_version, "an unknown version");
+        let mut bad_kind = frame(7, b"");
+        bad_kind.extend_from_slice(&bytes);
+        refused(&bad_kind, "an unknown kind");
+        // A ref past the block table, and ops out of order, even with a valid checksum.
+        let mut body = Vec::new();
+        body.extend_from_slice(&1u64.to_be_bytes());
+        body.extend_from_slice(&0u64.to_be_bytes());
+        body.extend_from_slice(&0u32.to_be_bytes());
+        let op = |body: &mut Vec<u8>, path: &[u8], refs: &[u32]| {
+            body.push(OP_PUT);
+            field(body, path).expect("field");
+            field(body, &codec::encode(&records::FileRecord::default())).expect("field");
+            body.extend_from_slice(&(refs.len() as u32).to_be_bytes());
+            for r in refs {
+                body.extend_from_slice(&r.to_be_bytes());
+            }
+        };
+        let mut past = body.clone();
+        op(&mut past, b"a", &[0]);
+        refused(&frame(KIND_TREE, &past), "a ref past the table");
+        let mut unordered = body.clone();
+        op(&mut unordered, b"b", &[]);
+        op(&mut unordered, b"a", &[]);
+        refused(&frame(KIND_TREE, &unordered), "ops out of order");
+        let mut fine = body;
+        op(&mut fine, b"a", &[UNKNOWN_BLOCK]);
+        import(&MemStore::new(), &frame(KIND_TREE, &fine)).expect("an unknown block is allowed");
+    }
+
+    fn stored(snapshot: u64, base: Option<u64>, depth: u32) -> Segment {
+        Segment {
+            snapshot: SnapshotId(snapshot),
+            base: base.map(SnapshotId),
+            source: "docs".into(),
+            depth,
+            blocks: vec![block(snapshot as u32)],
+            len: 100,
+        }
+    }
+
+    fn committed(ids: &[u64]) -> Vec<(SnapshotId, String)> {
+        ids.iter().map(|&i| (SnapshotId(i), "docs".to_string())).collect()
+    }
+
+    fn new(snapshot: u64, base: Option<u64>, depth: u32, source: &str) -> NewSegment {
+        NewSegment {
+            snapshot: SnapshotId(snapshot),
+            base: base.map(SnapshotId),
+            source: source.into(),
+            depth,
+        }
+    }
+
+    #[test]
+    fn plan_makes_whole_trees_first_then_changes_on_the_newest_of_the_source() {
+        let first = plan(&[], &committed(&[1, 2]), |_| true);
+        assert!(first.keep.is_empty());
+        assert_eq!(first.new, [new(1, None, 0, "docs"), new(2, Some(1), 1, "docs")]);
+        // Another source does not stand on this one's segments.
+        let mut both = committed(&[3]);
+        both.push((SnapshotId(4), "photos".into()));
+        let next = plan(&[stored(1, None, 0), stored(2, Some(1), 1)], &both, |_| true);
+        assert_eq!(next.new, [new(3, Some(2), 2, "docs"), new(4, None, 0, "photos")]);
+        // 1 and 2 are not committed any more, but 3 stands on 2, which stands on 1.
+        assert_eq!(next.keep, [stored(1, None, 0), stored(2, Some(1), 1)]);
+    }
+
+    #[test]
+    fn plan_bounds_chains_and_frees_what_nothing_kept_stands_on() {
+        let chain: Vec<Segment> = (1..=MAX_DEPTH as u64)
+            .map(|i| stored(i, (i > 1).then(|| i - 1), i as u32 - 1))
+            .collect();
+        let top = MAX_DEPTH as u64;
+        let next = plan(&chain, &committed(&[top, top + 1]), |_| true);
+        assert_eq!(next.new, [new(top + 1, None, 0, "docs")], "a chain at the bound restarts whole");
+        assert_eq!(next.keep, chain, "the top of the old chain is still committed");
+        let after = plan(&[chain.clone(), vec![stored(top + 1, None, 0)]].concat(), &committed(&[top + 1]), |_| true);
+        assert!(after.new.is_empty());
+        assert_eq!(after.keep, [stored(top + 1, None, 0)], "the old chain is freed");
+    }
+
+    #[test]
+    fn plan_makes_a_segment_again_when_its_blocks_are_lost_and_so_what_stands_on_it() {
+        let segs = [stored(1, None, 0), stored(2, Some(1), 1), stored(3, None, 0)];
+        let next = plan(&segs, &committed(&[2, 3]), |s| s.snapshot != SnapshotId(1));
+        assert_eq!(next.keep, [stored(3, None, 0)]);
+        assert_eq!(next.new, [new(2, None, 0, "docs")]);
+        // A stored segment whose snapshot is neither committed nor stood on is dropped.
+        let next = plan(&segs, &committed(&[3]), |_| true);
+        assert_eq!(next.keep, [stored(3, None, 0)]);
+        assert!(next.new.is_empty());
+    }
+}
