@@ -469,7 +469,7 @@ bitdust_backup() {
     mapfile -t fields < <(json_fields "$WORK/bitdust-$n.json" "${BD_KEYS[@]}")
     printf -v "BD${n}_S" '%s' "$T_SECS"
     # shellcheck disable=SC2034 # read through pairs' nameref
-    if ((n == 1)); then BD1=("${fields[@]}"); else BD2=("${fields[@]}"); fi
+    if ((n == 1)); then BD1=("${fields[@]}"); elif ((n == 2)); then BD2=("${fields[@]}"); else BD3=("${fields[@]}"); fi
     log "bitdust #$n: ${T_SECS}s; $(pairs BD_KEYS fields)"
 }
 
@@ -496,7 +496,7 @@ restic_backup() {
     printf -v "R${n}_S" '%s' "$T_SECS"
     printf -v "R${n}_RSS_KB" '%s' "$T_RSS_KB"
     # shellcheck disable=SC2034 # read through pairs' nameref
-    if ((n == 1)); then R1=("${fields[@]}"); else R2=("${fields[@]}"); fi
+    if ((n == 1)); then R1=("${fields[@]}"); elif ((n == 2)); then R2=("${fields[@]}"); else R3=("${fields[@]}"); fi
     log "restic #$n: ${T_SECS}s; $(pairs RESTIC_KEYS fields)"
 }
 
@@ -515,6 +515,31 @@ if ((BD_AVAILABLE)); then bitdust_backup 1; fi
 restic_backup 1
 if ((BD_AVAILABLE)); then bitdust_backup 2; fi
 restic_backup 2
+
+# CHANGE_PERCENT=N (issue 20): then append 64 bytes to N % of the files (small-files.py --touch,
+# the same files for the same seed: this changes TREE) and back up a third time; what the
+# suppliers' store/ and the repository grew by, over the bytes of the changed files.
+CHANGE_PERCENT=${CHANGE_PERCENT:-0}
+BD3_S=n/a R3_S=n/a BD3=() R3=() CHANGED_FILES=n/a CHANGED_BYTES=n/a BD_ADDED=n/a R_ADDED=n/a
+suppliers_bytes() {
+    local i total=0
+    for ((i = 1; i <= SUPPLIERS; i++)); do total=$((total + $(dir_bytes "${HOMES[$i]}/store"))); done
+    echo "$total"
+}
+if ((CHANGE_PERCENT > 0)); then
+    sync
+    before_bd=$(suppliers_bytes)
+    before_r=$(dir_bytes "$RESTIC_REPOSITORY")
+    read -r CHANGED_FILES CHANGED_BYTES < <(python3 "$ROOT/benches/small-files.py" --touch "$TREE" "$CHANGE_PERCENT")
+    log "changed $CHANGED_FILES files ($(mb "$CHANGED_BYTES") MB) of $TREE"
+    if ((BD_AVAILABLE)); then
+        bitdust_backup 3
+        sync
+        BD_ADDED=$(($(suppliers_bytes) - before_bd))
+    fi
+    restic_backup 3
+    R_ADDED=$(($(dir_bytes "$RESTIC_REPOSITORY") - before_r))
+fi
 
 # ------------------------------------------------------------------ 4. the restores (issue 9)
 
@@ -703,6 +728,12 @@ row "first backup, seconds" "$BD1_S" "$R1_S" "$FIRST_RATIO" "<= 1.00 $(verdict "
 row "first backup, MB/s" "$(rate "$TREE_BYTES" "$BD1_S")" "$(rate "$TREE_BYTES" "$R1_S")" "" ""
 row "second (unchanged), seconds" "$BD2_S" "$R2_S" "$SECOND_RATIO" "<= 1.00 $(verdict "$SECOND_RATIO" 1.0)"
 row "second (unchanged), MB/s" "$(rate "$TREE_BYTES" "$BD2_S")" "$(rate "$TREE_BYTES" "$R2_S")" "" ""
+if ((CHANGE_PERCENT > 0)); then
+    row "re-backup, $CHANGE_PERCENT % changed, s" "$BD3_S" "$R3_S" "$(ratio "$BD3_S" "$R3_S")" \
+        "$CHANGED_FILES files of $(mb "$CHANGED_BYTES") MB changed"
+    row "re-backup added, MB" "$(mb "$BD_ADDED")" "$(mb "$R_ADDED")" "$(ratio "$BD_ADDED" "$CHANGED_BYTES")" \
+        "suppliers' store/ growth over the changed files' bytes (target <= 2 x compressed + constant)"
+fi
 row "stored, MB" "$(mb "$BD_STORED")" "$(mb "$REPO_BYTES")" "$(ratio "$BD_STORED" "$REPO_BYTES")" \
     "suppliers' store/ in total (k+m)/k = $KM_RATIO vs repository"
 row "restore, seconds" "$BDR_S" "$RR_S" "$RESTORE_RATIO" \
@@ -720,9 +751,11 @@ echo "  per supplier, MB: ${PER_SUPPLIER[*]}; owner's db: $(mb "$OWNER_DB") MB"
 if ((BD_AVAILABLE)); then
     echo "  bitdust #1: $(pairs BD_KEYS BD1)"
     echo "  bitdust #2: $(pairs BD_KEYS BD2)"
+    if ((CHANGE_PERCENT > 0)); then echo "  bitdust #3: $(pairs BD_KEYS BD3)"; fi
 fi
 echo "  restic #1:  $(pairs RESTIC_KEYS R1)"
 echo "  restic #2:  $(pairs RESTIC_KEYS R2)"
+if ((CHANGE_PERCENT > 0)); then echo "  restic #3:  $(pairs RESTIC_KEYS R3)"; fi
 if ((BD_RESTORE)); then
     echo "  bitdust restore: $(pairs BDR_KEYS BDR)"
 fi

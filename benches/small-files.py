@@ -6,7 +6,7 @@ two runs (and bitdust and restic in one run) see the same tree.
     python3 benches/small-files.py DIR [N]      (N defaults to 200000)
     python3 benches/small-files.py --touch DIR PERCENT
         appends 64 bytes to PERCENT % of the files (the same ones for the same seed): the
-        "re-backup after changing 1 %" step.
+        "re-backup after changing 1 %" step. Prints how many files and their bytes after.
 """
 import os
 import random
@@ -38,10 +38,12 @@ def touch(root, percent):
     )
     rng = random.Random(SEED + 1)
     chosen = rng.sample(files, max(1, len(files) * percent // 100))
+    total = 0
     for p in chosen:
         with open(p, "ab") as f:
             f.write(rng.randbytes(64))
-    print(len(chosen))
+        total += os.path.getsize(p)
+    print(len(chosen), total)
 
 
 def main():

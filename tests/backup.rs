@@ -42,8 +42,8 @@ fn backup_spreads_fragments_leaks_no_plaintext_and_an_unchanged_tree_uploads_not
     let after_first = placement(&c);
     assert_eq!(
         after_first.len() as u64,
-        new_blocks + 1,
-        "data blocks plus one catalog block"
+        new_blocks + 2,
+        "data blocks plus the catalog: the snapshot's tree segment and the head"
     );
     assert_spread(&after_first);
     // The recovery record is on every supplier.
@@ -83,8 +83,13 @@ fn backup_spreads_fragments_leaks_no_plaintext_and_an_unchanged_tree_uploads_not
         .keys()
         .filter(|b| !after_first.contains_key(*b))
         .collect();
-    // (Retention may already have deleted the first catalog, which nothing references now.)
-    assert_eq!(uploaded.len(), 1, "only the new catalog was uploaded");
+    // (Retention may already have deleted the first head, which nothing references now.) The
+    // first tree segment is kept; the second snapshot's is its (no) changes.
+    assert_eq!(
+        uploaded.len(),
+        2,
+        "only the new tree segment and the new head were uploaded"
+    );
 
     let out = bitdust(&c.homes[0], &["list", "--json"]);
     assert!(out.status.success());

@@ -139,4 +139,22 @@ fn a_recovery_through_a_friend_with_an_old_record_ends_with_the_newest_version()
     let (ok, r) = restore(&new_home, &["--to", to.to_str().expect("utf-8")]);
     assert!(ok, "{r:#}");
     assert_same_tree(source.path(), &to);
+
+    // The recovered node builds on the catalog's stored tree segments: its next backup uploads
+    // the new version's changes and the head, not every tree again.
+    std::fs::write(source.path().join("docs/new-in-v3.txt"), b"third version").expect("write");
+    let third = backup(&new_home, source.path());
+    assert_eq!(third["outcome"], "committed", "{third:#}");
+    let stored = owner.wait_log("the third catalog stored", |v| {
+        v["message"] == "catalog and recovery record stored"
+    });
+    let (total, uploaded) = (
+        stored["catalog_bytes"].as_u64().expect("bytes"),
+        stored["catalog_uploaded_bytes"].as_u64().expect("bytes"),
+    );
+    assert!(uploaded < total, "the stored segments were kept: {stored}");
+    let to = fresh.path().join("restored-3");
+    let (ok, r) = restore(&new_home, &["--to", to.to_str().expect("utf-8")]);
+    assert!(ok, "{r:#}");
+    assert_same_tree(source.path(), &to);
 }

@@ -504,7 +504,7 @@ impl BackupJobDriver {
             return;
         };
         let (batch, partial) = upload.entries(&self.catalog_pairs);
-        let catalog_len = upload.coded.len;
+        let (catalog_len, uploaded) = (upload.coded.len, upload.coded.new_len);
         for entry in partial {
             self.blocks.insert(entry.id.0, entry);
         }
@@ -518,6 +518,7 @@ impl BackupJobDriver {
                     tracing::info!(
                         revision,
                         catalog_bytes = catalog_len,
+                        catalog_uploaded_bytes = uploaded,
                         "catalog and recovery record stored"
                     );
                     bj::Event::CatalogSaved

@@ -94,6 +94,8 @@ pub(crate) struct CodedCatalog {
     pub segments: Vec<Segment>,
     /// Length of the stored catalog (every segment's bytes).
     pub len: u64,
+    /// Of which this upload made (new tree segments and the head).
+    pub new_len: u64,
     /// The highest revision this node stored before.
     pub last_revision: u64,
     /// The suppliers' signed identities, for a new machine to reach them.
@@ -216,6 +218,7 @@ pub(crate) fn code_catalog(
         len += segment.len;
         all.push(segment);
     }
+    let kept_len = len;
     let mut blocks = Vec::new();
     for new in plan.new {
         let bytes = segments::export_tree(kv, new.snapshot, new.base)?;
@@ -248,6 +251,7 @@ pub(crate) fn code_catalog(
         kept,
         segments: all,
         len,
+        new_len: len - kept_len,
         last_revision: health::recovery_revision(kv)?,
         identities,
     })
@@ -584,8 +588,9 @@ pub(crate) async fn fetch_catalog(
     client: &impl Fragments,
     data_keys: &DataKeys,
     owner: &VerifyingKey,
-) -> Result<Vec<u8>, FetchCatalogError> {
+) -> Result<FetchedCatalog, FetchCatalogError> {
     let mut export = Vec::with_capacity(usize::try_from(record.catalog_len).unwrap_or(0));
+    let mut blocks = Vec::with_capacity(record.catalog.len());
     for block in &record.catalog {
         let manifest = BlockManifest::verify(&block.signed_manifest, owner)
             .map_err(FetchCatalogError::Manifest)?;
@@ -645,9 +650,34 @@ pub(crate) async fn fetch_catalog(
         let decoded = data::decode_block(&refs, &manifest, &data_keys.catalog)
             .map_err(FetchCatalogError::Decode)?;
         export.extend_from_slice(&decoded.plain);
+        blocks.push((block.id, decoded.plain.len() as u64));
     }
     export.truncate(usize::try_from(record.catalog_len).unwrap_or(usize::MAX));
-    Ok(export)
+    Ok(FetchedCatalog {
+        bytes: export,
+        blocks,
+    })
+}
+
+/// A stored catalog fetched whole, and its blocks with their plain lengths, in order.
+pub(crate) struct FetchedCatalog {
+    pub bytes: Vec<u8>,
+    pub blocks: Vec<(BlockId, u64)>,
+}
+
+impl FetchedCatalog {
+    /// Imports it, and makes its blocks the current catalog, with its tree segments: so that
+    /// retention keeps the blocks the suppliers' record names, and the next upload builds on
+    /// them. Returns the entries written.
+    pub fn import(&self, kv: &dyn KvStore) -> Result<u64, catalog::CatalogError> {
+        let (entries, trees) = catalog::import_stored(kv, &self.bytes)?;
+        let segments = segments::recovered(kv, &trees, &self.blocks)?;
+        let ids: Vec<BlockId> = self.blocks.iter().map(|(id, _)| *id).collect();
+        let mut batch = Batch::new();
+        health::put_current_catalog(&mut batch, &ids, &segments);
+        kv.write(batch)?;
+        Ok(entries)
+    }
 }
 
 /// Suppliers refused this node's recovery record as older than one they hold (`STALE_REVISION`):
@@ -685,10 +715,10 @@ pub(crate) async fn adopt_newer(
     let Some(revision) = raise_revision(stored, record.revision) else {
         return Ok(None);
     };
-    let export = fetch_catalog(&record, client, &adopt.keys, &adopt.owner).await?;
+    let fetched = fetch_catalog(&record, client, &adopt.keys, &adopt.owner).await?;
     let kv = adopt.kv.clone();
     let entries = tokio::task::spawn_blocking(move || -> Result<u64, AdoptError> {
-        let entries = catalog::import(&*kv, &export)?;
+        let entries = fetched.import(&*kv)?;
         let mut batch = Batch::new();
         health::put_recovery_revision(&mut batch, revision);
         kv.write(batch)?;

@@ -348,10 +348,12 @@ pub async fn run_pending(
         }
     }
 
-    let export = fetch_catalog(record, &client, data_keys, &owner)
+    let fetched = fetch_catalog(record, &client, data_keys, &owner)
         .await
         .context("fetching the catalog")?;
-    let entries = catalog::import(kv.as_ref(), &export).context("importing the catalog")?;
+    let entries = fetched
+        .import(kv.as_ref())
+        .context("importing the catalog")?;
     let total = record.data_shards + record.parity_shards;
     let mut slots: Vec<Option<Contract>> = vec![None; total as usize];
     for (position, supplier) in &record.suppliers {

@@ -919,6 +919,14 @@ fn parse_export(bytes: &[u8]) -> Result<Vec<Entry<'_>>, CatalogError> {
 /// is imported as it is and upgraded by [`upgrade`] when the node opens it. Returns the number
 /// of entries written.
 pub fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
+    import_stored(kv, bytes).map(|(written, _)| written)
+}
+
+/// [`import`], also saying which tree segments it applied (none for a version-1 export).
+pub fn import_stored(
+    kv: &dyn KvStore,
+    bytes: &[u8],
+) -> Result<(u64, Vec<segments::ImportedTree>), CatalogError> {
     if bytes.len() > EXPORT_MAGIC.len()
         && bytes.starts_with(EXPORT_MAGIC)
         && bytes[EXPORT_MAGIC.len()] == segments::SEGMENT_VERSION
@@ -927,7 +935,7 @@ pub fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
     }
     let entries = parse_export(bytes)?;
     check_format(&entries)?;
-    Ok(write_entries(kv, entries)?)
+    Ok((write_entries(kv, entries)?, Vec::new()))
 }
 
 /// Refuses entries of a newer catalog format than this code reads.

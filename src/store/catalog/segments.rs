@@ -356,6 +356,8 @@ struct Tree<'a> {
     base: Option<SnapshotId>,
     table: Vec<BlockId>,
     ops: Vec<Op<'a>>,
+    /// Where the segment's bytes are in the stored catalog.
+    at: std::ops::Range<u64>,
 }
 
 /// A checked stored catalog: its trees in order and its heads' entries.
@@ -433,6 +435,7 @@ fn parse_tree(mut body: &[u8]) -> Result<Tree<'_>, CatalogError> {
         base: (base != 0).then_some(SnapshotId(base)),
         table,
         ops,
+        at: 0..0,
     })
 }
 
@@ -454,6 +457,7 @@ fn parse_head(mut body: &[u8]) -> Result<Vec<(&[u8], &[u8])>, CatalogError> {
 fn parse(mut bytes: &[u8]) -> Result<Parsed<'_>, CatalogError> {
     let mut parsed = Parsed::default();
     let mut seen = BTreeSet::new();
+    let mut offset = 0u64;
     while !bytes.is_empty() {
         if bytes.len() < SEGMENT_HEADER + SEGMENT_SUM {
             return Err(CatalogError::ExportTruncated);
@@ -483,7 +487,8 @@ fn parse(mut bytes: &[u8]) -> Result<Parsed<'_>, CatalogError> {
         match kind {
             KIND_HEAD => parsed.head.extend(parse_head(body)?),
             KIND_TREE => {
-                let tree = parse_tree(body)?;
+                let mut tree = parse_tree(body)?;
+                tree.at = offset..offset + end as u64;
                 if tree.base.is_some_and(|b| !seen.contains(&b)) {
                     return Err(CatalogError::ExportFraming(
                         "a tree segment before its base",
@@ -494,6 +499,7 @@ fn parse(mut bytes: &[u8]) -> Result<Parsed<'_>, CatalogError> {
             }
             _ => return Err(CatalogError::ExportFraming("an unknown segment kind")),
         }
+        offset += end as u64;
         bytes = rest;
     }
     Ok(parsed)
@@ -585,9 +591,86 @@ fn apply_tree(writes: &mut Writes<'_>, tree: &Tree<'_>) -> Result<(), StoreError
     writes.flush()
 }
 
+/// A tree segment an import applied, and where its bytes were in the stored catalog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportedTree {
+    pub snapshot: SnapshotId,
+    pub base: Option<SnapshotId>,
+    pub at: std::ops::Range<u64>,
+}
+
+/// The segments of a catalog recovered (or adopted) from a record, for the next upload to build
+/// on and retention to keep: each imported tree with the record's blocks that hold exactly its
+/// bytes (`blocks`: each block's id and plain length, in the record's order). A tree whose
+/// bytes do not fall on block boundaries is left out (the next upload makes it again).
+pub fn recovered(
+    kv: &dyn KvStore,
+    trees: &[ImportedTree],
+    blocks: &[(BlockId, u64)],
+) -> Result<Vec<Segment>, StoreError> {
+    let mut starts = BTreeMap::new();
+    let mut at = 0u64;
+    for (i, (_, len)) in blocks.iter().enumerate() {
+        starts.insert(at, i);
+        at += len;
+    }
+    let sources: HashMap<SnapshotId, String> = super::snapshots(kv)?
+        .into_iter()
+        .map(|s| (s.id, s.source))
+        .collect();
+    // A base kept only for what stands on it has the source of what stands on it.
+    let mut source_of = sources.clone();
+    for tree in trees.iter().rev() {
+        if let (Some(base), Some(source)) = (tree.base, source_of.get(&tree.snapshot).cloned()) {
+            source_of.entry(base).or_insert(source);
+        }
+    }
+    let mut depth: HashMap<SnapshotId, u32> = HashMap::new();
+    let mut out = Vec::new();
+    for tree in trees {
+        let (Some(&first), Some(source)) = (starts.get(&tree.at.start), source_of.get(&tree.snapshot))
+        else {
+            continue;
+        };
+        let mut ids = Vec::new();
+        let mut end = tree.at.start;
+        for (id, len) in &blocks[first..] {
+            if end >= tree.at.end {
+                break;
+            }
+            ids.push(*id);
+            end += len;
+        }
+        let d = match tree.base {
+            None => 0,
+            Some(base) => match depth.get(&base) {
+                Some(d) => d + 1,
+                None => continue,
+            },
+        };
+        if end != tree.at.end {
+            continue;
+        }
+        depth.insert(tree.snapshot, d);
+        out.push(Segment {
+            snapshot: tree.snapshot,
+            base: tree.base,
+            source: source.clone(),
+            depth: d,
+            blocks: ids,
+            len: tree.at.end - tree.at.start,
+        });
+    }
+    Ok(out)
+}
+
 /// Imports a stored catalog made of segments into `Cf::Catalog` (see the module doc); the
-/// whole is checked before anything is written. Returns the number of entries written.
-pub(super) fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError> {
+/// whole is checked before anything is written. Returns the number of entries written and the
+/// trees applied.
+pub(super) fn import(
+    kv: &dyn KvStore,
+    bytes: &[u8],
+) -> Result<(u64, Vec<ImportedTree>), CatalogError> {
     let parsed = parse(bytes)?;
     super::check_format(&parsed.head)?;
     let mut writes = Writes::new(kv);
@@ -596,14 +679,28 @@ pub(super) fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<u64, CatalogError
     }
     let mut written = writes.written;
     written += super::write_entries(kv, parsed.head)?;
-    // A base kept only for its changes: its snapshot is gone, so is its tree.
+    // A base kept only for its changes: its snapshot is gone, so is its tree (never the tree of
+    // a job running here under that id, nor a committed one: `drop_files` keeps those).
+    let running: BTreeSet<SnapshotId> = super::jobs::jobs(kv)?
+        .into_iter()
+        .map(|j| j.snapshot)
+        .collect();
     for tree in &parsed.trees {
         let record = crate::store::codec::Key::new(TAG_SNAPSHOT).u64(tree.snapshot.0);
-        if kv.get(CF, record.as_bytes())?.is_none() {
+        if kv.get(CF, record.as_bytes())?.is_none() && !running.contains(&tree.snapshot) {
             super::drop_files(kv, tree.snapshot)?;
         }
     }
-    Ok(written)
+    let trees = parsed
+        .trees
+        .iter()
+        .map(|t| ImportedTree {
+            snapshot: t.snapshot,
+            base: t.base,
+            at: t.at.clone(),
+        })
+        .collect();
+    Ok((written, trees))
 }
 
 #[cfg(test)]
@@ -734,6 +831,41 @@ mod tests {
         let again = MemStore::new();
         super::super::import(&again, &bytes).expect("import");
         assert_eq!(all(&again, b""), all(&dst, b""));
+    }
+
+    #[test]
+    fn a_recovered_catalog_gives_back_its_segments_on_their_blocks() {
+        let src = two_versions(false);
+        let (bytes, whole, diff) = stored_catalog(&src);
+        let dst = MemStore::new();
+        let (_, trees) = import(&dst, &bytes).expect("import");
+        let head = (bytes.len() - whole - diff) as u64;
+        let (whole, diff) = (whole as u64, diff as u64);
+        // The whole tree on two blocks, the changes on one, the head on one.
+        let blocks = [(block(1), whole / 2), (block(2), whole - whole / 2), (block(3), diff), (block(4), head)];
+        let got = recovered(&dst, &trees, &blocks).expect("segments");
+        let want = [
+            Segment {
+                snapshot: SnapshotId(1),
+                base: None,
+                source: "docs".into(),
+                depth: 0,
+                blocks: vec![block(1), block(2)],
+                len: whole,
+            },
+            Segment {
+                snapshot: SnapshotId(2),
+                base: Some(SnapshotId(1)),
+                source: "docs".into(),
+                depth: 1,
+                blocks: vec![block(3)],
+                len: diff,
+            },
+        ];
+        assert_eq!(got, want, "the base's source is that of what stands on it");
+        // Bytes off the block boundaries: that tree (and what stands on it) is made again.
+        let shifted = [(block(1), whole + 1), (block(3), diff - 1), (block(4), head)];
+        assert!(recovered(&dst, &trees, &shifted).expect("segments").is_empty());
     }
 
     #[test]
