@@ -167,9 +167,89 @@ fn code_pieces(
     Ok(ids)
 }
 
+/// Codes a segment into catalog blocks as it is written: memory holds at most one block's plain
+/// bytes besides the coded blocks.
+struct Pieces<'a> {
+    keys: &'a DataKeys,
+    owner: &'a SigningKey,
+    settings: &'a BackupSettings,
+    plain: Vec<u8>,
+    out: &'a mut Vec<CodedBlock>,
+    ids: Vec<BlockId>,
+    /// Why coding failed (the writer's caller sees an IO error).
+    failed: Option<UploadError>,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(
+        keys: &'a DataKeys,
+        owner: &'a SigningKey,
+        settings: &'a BackupSettings,
+        out: &'a mut Vec<CodedBlock>,
+    ) -> Self {
+        Pieces {
+            keys,
+            owner,
+            settings,
+            plain: Vec::new(),
+            out,
+            ids: Vec::new(),
+            failed: None,
+        }
+    }
+
+    fn code(&mut self) -> Result<(), UploadError> {
+        if !self.plain.is_empty() {
+            let ids = code_pieces(&self.plain, self.keys, self.owner, self.settings, self.out)?;
+            self.ids.extend(ids);
+            self.plain.clear();
+        }
+        Ok(())
+    }
+
+    /// Codes what is left; the blocks made, in order.
+    fn finish(mut self) -> Result<Vec<BlockId>, UploadError> {
+        self.code()?;
+        Ok(self.ids)
+    }
+
+    /// The error of a write through these pieces: coding's own, else the store's.
+    fn error(&mut self, e: StoreError) -> UploadError {
+        self.failed.take().unwrap_or(UploadError::Store(e))
+    }
+}
+
+impl std::io::Write for Pieces<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let size = self.settings.block_size.max(1);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let room = size - self.plain.len().min(size);
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            self.plain.extend_from_slice(now);
+            rest = later;
+            if self.plain.len() >= size
+                && let Err(e) = self.code()
+            {
+                let message = e.to_string();
+                self.failed = Some(e);
+                return Err(std::io::Error::other(message));
+            }
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A stored segment's blocks as the record names them, from the block index (`None` if one is
 /// no longer known: the segment is made again).
-fn kept_blocks(kv: &dyn KvStore, segment: &Segment) -> Result<Option<Vec<CatalogBlock>>, StoreError> {
+fn kept_blocks(
+    kv: &dyn KvStore,
+    segment: &Segment,
+) -> Result<Option<Vec<CatalogBlock>>, StoreError> {
     let mut blocks = Vec::with_capacity(segment.blocks.len());
     for id in &segment.blocks {
         let Some(entry) = catalog::block(kv, id)? else {
@@ -221,21 +301,23 @@ pub(crate) fn code_catalog(
     let kept_len = len;
     let mut blocks = Vec::new();
     for new in plan.new {
-        let bytes = segments::export_tree(kv, new.snapshot, new.base)?;
-        let ids = code_pieces(&bytes, keys, owner, settings, &mut blocks)?;
-        len += bytes.len() as u64;
+        let mut pieces = Pieces::new(keys, owner, settings, &mut blocks);
+        let written = segments::write_tree(kv, new.snapshot, new.base, &mut pieces)
+            .map_err(|e| pieces.error(e))?;
+        let ids = pieces.finish()?;
+        len += written;
         all.push(Segment {
             snapshot: new.snapshot,
             base: new.base,
             source: new.source,
             depth: new.depth,
             blocks: ids,
-            len: bytes.len() as u64,
+            len: written,
         });
     }
-    let head = segments::export_head(kv)?;
-    code_pieces(&head, keys, owner, settings, &mut blocks)?;
-    len += head.len() as u64;
+    let mut pieces = Pieces::new(keys, owner, settings, &mut blocks);
+    len += segments::write_head(kv, &mut pieces).map_err(|e| pieces.error(e))?;
+    pieces.finish()?;
     // A peer book that cannot be read leaves the record without identities (as before).
     let identities = crate::store::peers::load(kv)
         .map(|peers| {
@@ -850,5 +932,172 @@ mod adopt_tests {
                 .expect("get")
                 .is_none()
         );
+    }
+}
+
+#[cfg(test)]
+mod code_tests {
+    use super::*;
+    use crate::crypto::derive::MasterSecret;
+    use crate::data::ChunkId;
+    use crate::store::MemStore;
+    use crate::store::catalog::{FileEntry, FileKind, Snapshot};
+
+    fn settings() -> BackupSettings {
+        BackupSettings {
+            data_shards: 2,
+            parity_shards: 1,
+            // Small blocks, so a tree segment is coded as it is written, over several.
+            block_size: 64 * 1024,
+            zstd_level: 1,
+            workers: 1,
+            request_timeout: Duration::from_secs(1),
+            outbox: std::path::PathBuf::from("/nonexistent"),
+            keep_versions: 7,
+        }
+    }
+
+    fn version(kv: &MemStore, id: u64, changed: &str) {
+        let mut b = Batch::new();
+        for i in 0..3000u32 {
+            let path = format!("dir/file-{i:05}");
+            let mut chunk = [0x11; 32];
+            chunk[..4].copy_from_slice(&i.to_be_bytes());
+            if path == changed {
+                chunk[31] = id as u8;
+            }
+            catalog::put_chunk(&mut b, &ChunkId(chunk), &BlockId([(i % 7) as u8; 32]));
+            let entry = FileEntry {
+                path: path.into_bytes(),
+                kind: FileKind::File,
+                mode: 0o600,
+                mtime_ns: i64::from(i) * 1_000_003,
+                size: 4096,
+                chunks: vec![ChunkId(chunk)],
+                ..FileEntry::default()
+            };
+            catalog::put_file(&mut b, SnapshotId(id), &entry);
+        }
+        catalog::commit_snapshot(
+            &mut b,
+            &Snapshot {
+                id: SnapshotId(id),
+                source: "docs".into(),
+                root: b"/d".to_vec(),
+                started_at: id,
+                finished_at: id,
+                files: 3000,
+                dirs: 0,
+                symlinks: 0,
+                bytes: 0,
+                new_bytes: 0,
+                new_blocks: 0,
+                skipped: Vec::new(),
+            },
+        );
+        kv.write(b).expect("write");
+    }
+
+    fn plain(block: &CodedBlock, keys: &DataKeys, owner: &SigningKey) -> Vec<u8> {
+        let manifest = BlockManifest::verify(&block.signed_manifest, &owner.verifying_key())
+            .expect("manifest");
+        let fragments: Vec<Option<&[u8]>> = block
+            .stored
+            .iter()
+            .map(|s| Some(data::stored::unwrap(s).expect("stored").1))
+            .collect();
+        data::decode_block(&fragments, &manifest, &keys.catalog)
+            .expect("decode")
+            .plain
+    }
+
+    /// What the upload's `entries` would save: the blocks' records and the segments.
+    fn save(kv: &MemStore, coded: &CodedCatalog) {
+        let mut b = Batch::new();
+        for block in &coded.blocks {
+            catalog::put_block(
+                &mut b,
+                &BlockEntry {
+                    id: block.id,
+                    signed_manifest: block.signed_manifest.clone(),
+                    data_shards: 2,
+                    parity_shards: 1,
+                    plain_len: block.plain_len,
+                    fragments: block
+                        .hashes
+                        .iter()
+                        .map(|h| FragmentPlace {
+                            supplier: None,
+                            size: 1,
+                            blake3: *h,
+                        })
+                        .collect(),
+                },
+            );
+        }
+        health::put_current_catalog(&mut b, &coded.all_ids(), &coded.segments);
+        kv.write(b).expect("write");
+    }
+
+    #[test]
+    fn an_upload_codes_new_trees_and_the_head_and_names_the_kept_segments_again() {
+        let owner = SigningKey::from_bytes(&[4; 32]);
+        let keys = MasterSecret::from_bytes([5; 32]).data_keys();
+        let kv = MemStore::new();
+        version(&kv, 1, "");
+        let first = code_catalog(&kv, &keys, &owner, &settings(), &[]).expect("code");
+        assert!(first.kept.is_empty());
+        assert_eq!(first.segments.len(), 1);
+        assert!(
+            first.segments[0].blocks.len() >= 2,
+            "the whole tree spans blocks"
+        );
+        assert_eq!(first.new_len, first.len);
+        let mut plains: HashMap<BlockId, Vec<u8>> = first
+            .blocks
+            .iter()
+            .map(|b| (b.id, plain(b, &keys, &owner)))
+            .collect();
+        save(&kv, &first);
+
+        version(&kv, 2, "dir/file-01234");
+        let second = code_catalog(&kv, &keys, &owner, &settings(), &[]).expect("code");
+        let kept: Vec<BlockId> = second.kept.iter().map(|b| b.id).collect();
+        assert_eq!(
+            kept, first.segments[0].blocks,
+            "the first tree is named, not coded"
+        );
+        assert_eq!(second.segments.len(), 2);
+        assert_eq!(second.segments[1].base, Some(SnapshotId(1)));
+        assert!(
+            second.new_len * 10 < second.len,
+            "a one-file change uploads little: {} of {}",
+            second.new_len,
+            second.len
+        );
+        plains.extend(
+            second
+                .blocks
+                .iter()
+                .map(|b| (b.id, plain(b, &keys, &owner))),
+        );
+        // The record's blocks in its order, concatenated, are the catalog.
+        let stored: Vec<u8> = second
+            .all_ids()
+            .iter()
+            .flat_map(|id| plains[id].clone())
+            .collect();
+        assert_eq!(stored.len() as u64, second.len);
+        let recovered = MemStore::new();
+        catalog::import(&recovered, &stored).expect("import");
+        for id in [1, 2] {
+            let trees = [&kv, &recovered].map(|kv| {
+                catalog::files(kv, SnapshotId(id))
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("files")
+            });
+            assert_eq!(trees[0], trees[1], "snapshot {id}");
+            assert_eq!(trees[0].len(), 3000);
+        }
     }
 }

@@ -25,6 +25,7 @@ use crate::data::audit;
 use crate::data::{BlockId, Layout};
 use crate::fsm::monitor::{self as mon, AuditResult, BlockInfo, Cell, Monitor, Summary};
 use crate::proto::FailReason;
+use crate::store::catalog::segments::{self, Change};
 use crate::store::health::{self, FragmentHealth, HealthError};
 use crate::store::{Batch, KvStore, StoreError, catalog};
 
@@ -99,33 +100,55 @@ pub struct MonitorDriver {
     reloading: bool,
 }
 
+/// Chunks looked up in the dedup index at a time while loading (sorted, so neighbouring ones
+/// share a read): bounds the load's memory whatever the tree's size.
+const LOOKUP_BATCH: usize = 16 * 1024;
+
+/// The blocks of `chunks` (sorted and deduplicated here, then cleared), each recorded as
+/// referenced by `snapshot` unless a newer snapshot already was.
+fn resolve(
+    kv: &dyn KvStore,
+    chunks: &mut Vec<crate::data::ChunkId>,
+    snapshot: u64,
+    newest: &mut HashMap<BlockId, u64>,
+    set: &mut BTreeSet<BlockId>,
+) -> Result<(), StoreError> {
+    chunks.sort_unstable();
+    chunks.dedup();
+    for block in catalog::chunk_blocks_sorted(kv, chunks)?
+        .into_iter()
+        .flatten()
+    {
+        newest.entry(block).or_insert(snapshot);
+        set.insert(block);
+    }
+    chunks.clear();
+    Ok(())
+}
+
 /// Reads the blocks to follow: every block a committed snapshot references, and the current
-/// catalog's blocks; with their cells, holders, newest version and sources.
+/// catalog's blocks; with their cells, holders, newest version and sources. Snapshots are read
+/// newest first, each as its changes from the next newer one of its source (whose blocks are
+/// known already, with a newer version), so memory holds one batch of chunks and the blocks,
+/// and only changed entries are looked up.
 fn load(kv: &dyn KvStore) -> Result<Loaded, MonitorError> {
     let snapshots = catalog::snapshots(kv)?;
     let mut newest: HashMap<BlockId, u64> = HashMap::new();
     let mut by_source: BTreeMap<String, BTreeSet<BlockId>> = BTreeMap::new();
-    let mut chunk_blocks: HashMap<crate::data::ChunkId, BlockId> = HashMap::new();
-    for snapshot in &snapshots {
+    let mut newer: HashMap<&str, catalog::SnapshotId> = HashMap::new();
+    let mut pending = Vec::with_capacity(LOOKUP_BATCH);
+    for snapshot in snapshots.iter().rev() {
         let set = by_source.entry(snapshot.source.clone()).or_default();
-        for file in catalog::files(kv, snapshot.id) {
-            let file = file?;
-            for chunk in &file.chunks {
-                let block = match chunk_blocks.get(chunk) {
-                    Some(b) => *b,
-                    None => {
-                        let Some(b) = catalog::chunk_block(kv, chunk)? else {
-                            continue;
-                        };
-                        chunk_blocks.insert(*chunk, b);
-                        b
-                    }
-                };
-                let n = newest.entry(block).or_insert(0);
-                *n = (*n).max(snapshot.id.0);
-                set.insert(block);
+        let base = newer.insert(&snapshot.source, snapshot.id);
+        for change in segments::changes(kv, snapshot.id, base) {
+            if let Change::Put { value, .. } = change? {
+                pending.extend(segments::record_chunks(&value));
+                if pending.len() >= LOOKUP_BATCH {
+                    resolve(kv, &mut pending, snapshot.id.0, &mut newest, set)?;
+                }
             }
         }
+        resolve(kv, &mut pending, snapshot.id.0, &mut newest, set)?;
     }
     let current = health::current_catalog(kv)?;
     let mut blocks = Vec::new();
@@ -166,6 +189,11 @@ fn load(kv: &dyn KvStore) -> Result<Loaded, MonitorError> {
             .collect(),
         mark: (top, current),
     })
+}
+
+/// How many blocks the monitor follows (for `benches/catalog_scale.rs`, which measures the load).
+pub fn followed_blocks(kv: &dyn KvStore) -> Result<usize, MonitorError> {
+    Ok(load(kv)?.blocks.len())
 }
 
 /// The newest snapshot, how many there are (retention drops some) and the current catalog: when
@@ -686,4 +714,121 @@ pub async fn start(
         .send(Input(FireHireInput::Subscribe(addr.clone().recipient())))
         .await;
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::ChunkId;
+    use crate::store::MemStore;
+    use crate::store::catalog::{
+        BlockEntry, FileEntry, FileKind, FragmentPlace, Snapshot, SnapshotId,
+    };
+
+    fn chunk(n: u32) -> ChunkId {
+        let mut id = [0x3c; 32];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        ChunkId(id)
+    }
+
+    fn block(n: u32) -> BlockId {
+        BlockId([n as u8; 32])
+    }
+
+    fn file(path: &str, chunks: impl IntoIterator<Item = u32>) -> FileEntry {
+        FileEntry {
+            path: path.as_bytes().to_vec(),
+            kind: FileKind::File,
+            chunks: chunks.into_iter().map(chunk).collect(),
+            ..FileEntry::default()
+        }
+    }
+
+    fn commit(batch: &mut Batch, id: u64, source: &str, files: &[FileEntry]) {
+        for f in files {
+            catalog::put_file(batch, SnapshotId(id), f);
+        }
+        catalog::commit_snapshot(
+            batch,
+            &Snapshot {
+                id: SnapshotId(id),
+                source: source.into(),
+                root: b"/".to_vec(),
+                started_at: id,
+                finished_at: id,
+                files: files.len() as u64,
+                dirs: 0,
+                symlinks: 0,
+                bytes: 0,
+                new_bytes: 0,
+                new_blocks: 0,
+                skipped: Vec::new(),
+            },
+        );
+    }
+
+    #[test]
+    fn load_finds_each_block_with_its_newest_version_and_sources() {
+        let kv = MemStore::new();
+        let mut b = Batch::new();
+        // Chunk n is in block n / 1000, except the big file's (block 50).
+        for n in 0..6000 {
+            catalog::put_chunk(&mut b, &chunk(n), &block(n / 1000));
+        }
+        let big = 10_000..10_000 + LOOKUP_BATCH as u32 + 10;
+        for n in big.clone() {
+            catalog::put_chunk(&mut b, &chunk(n), &block(50));
+        }
+        for n in [0, 1, 2, 3, 4, 5, 50] {
+            catalog::put_block(
+                &mut b,
+                &BlockEntry {
+                    id: block(n),
+                    signed_manifest: vec![1],
+                    data_shards: 2,
+                    parity_shards: 1,
+                    plain_len: 1,
+                    fragments: vec![
+                        FragmentPlace {
+                            supplier: None,
+                            size: 1,
+                            blake3: [0; 32],
+                        };
+                        3
+                    ],
+                },
+            );
+        }
+        let kept = file("kept", [0, 1]);
+        // docs 1: block 0 (kept to the end) and block 1 (only here);
+        // docs 3: kept, block 2; docs 5: kept, block 3, the big file (a batch and more).
+        // pics 4: block 3 and block 4; a chunk the index does not know is skipped.
+        commit(&mut b, 1, "docs", &[kept.clone(), file("gone", [1500])]);
+        commit(&mut b, 3, "docs", &[kept.clone(), file("new", [2000])]);
+        commit(
+            &mut b,
+            5,
+            "docs",
+            &[kept, file("new", [3000]), file("big", big)],
+        );
+        commit(&mut b, 4, "pics", &[file("p", [3001, 4000, 99_999])]);
+        kv.write(b).expect("write");
+
+        let loaded = load(&kv).expect("load");
+        let newest: BTreeMap<u8, u64> = loaded.blocks.iter().map(|b| (b.id[0], b.newest)).collect();
+        assert_eq!(
+            newest,
+            BTreeMap::from([(0, 5), (1, 1), (2, 3), (3, 5), (4, 4), (50, 5)]),
+            "each block with the newest snapshot that references it"
+        );
+        let sources: BTreeMap<&str, Vec<u8>> = loaded
+            .by_source
+            .iter()
+            .map(|(s, blocks)| (s.as_str(), blocks.iter().map(|b| b.0[0]).collect()))
+            .collect();
+        assert_eq!(
+            sources,
+            BTreeMap::from([("docs", vec![0, 1, 2, 3, 50]), ("pics", vec![3, 4])])
+        );
+    }
 }

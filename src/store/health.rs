@@ -17,10 +17,10 @@
 //! reader of one record reports an unreadable one as an error (the caller may overwrite it), and
 //! [`all_health`] skips one with a WARN (that block reads as never audited and is audited again).
 
-use super::codec::{self, Key, KeyReader, KvPages, records};
-use super::{Batch, Cf, KvStore, StoreError};
 use super::catalog::SnapshotId;
 use super::catalog::segments::Segment;
+use super::codec::{self, Key, KeyReader, KvPages, records};
+use super::{Batch, Cf, KvStore, StoreError};
 use crate::data::BlockId;
 use crate::data::audit::{AuditPair, MAX_AUDIT_RANGE};
 

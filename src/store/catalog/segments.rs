@@ -2,19 +2,21 @@
 //! with what changed, not with the tree.
 //!
 //! A stored catalog (what the recovery record's blocks hold, concatenated) is a sequence of
-//! segments, each framed and checksummed on its own:
+//! segments, each written as it is made (nothing holds a whole one) and checksummed on its own:
 //! ```text
-//! magic "BDCATLG\0" | version 2 | kind u8 | body length u64 BE | body | BLAKE3 of all before (32)
+//! magic "BDCATLG\0" | version 2 | kind u8 | [tree: snapshot u64 | base u64 (0: whole)]
+//!   | items | b'.' | BLAKE3 of every byte before (32)
 //! ```
+//! Integers are big-endian; a field is `u32 length | bytes`.
 //! - kind 1, a **tree**: one snapshot's file tree, whole or as the changes from an earlier
-//!   snapshot's tree (its *base*, which comes earlier in the same catalog):
-//!   `snapshot u64 | base u64 (0: whole) | n u32 | n block ids (32 each) | ops`, where an op is
-//!   `b'+' | path | file record | refs u32 | refs × u32` (the entry, and for each of its chunks
-//!   the index of its block in the table, `u32::MAX` if unknown) or `b'-' | path`; paths and
-//!   records are `u32 BE length | bytes`, and ops are in strictly increasing path order.
-//!   The chunk index is not stored: an import rebuilds it from the refs.
+//!   snapshot's tree (its *base*, which comes earlier in the same catalog). Items:
+//!   `b'#' | block id (32)` adds a block to the segment's table (before the first put naming
+//!   it); `b'+' | path | file record | n u32 | n × u32` is an entry, with for each of its chunks
+//!   the index of its block in the table (`u32::MAX`: unknown); `b'-' | path` is a path the base
+//!   has and this tree does not. Entries and removals are in strictly increasing path order.
+//!   The chunk index is not stored: an import rebuilds it from the puts.
 //! - kind 0, the **head**: every catalog entry but trees and the chunk index (snapshot records,
-//!   the block index, the counter, the format), as `u32 length | key | u32 length | value` pairs.
+//!   the block index, the counter, the format). Items: `b'e' | key | value`.
 //!
 //! A snapshot's tree segment is made once, when it is first uploaded, and is kept on the
 //! suppliers while that snapshot, or one whose segment is built on it, is kept. So a backup
@@ -28,8 +30,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
-    CF, CHUNK_ID_LEN, CatalogError, EXPORT_MAGIC, PAGE, SnapshotId, TAG_CHUNK, TAG_FILE,
-    TAG_SNAPSHOT, Batch, KvPages, KvStore, StoreError, chunk_block, codec, put_chunk, records,
+    Batch, CF, CHUNK_ID_LEN, CatalogError, EXPORT_MAGIC, KvPages, KvStore, PAGE, SnapshotId,
+    StoreError, TAG_CHUNK, TAG_FILE, TAG_SNAPSHOT, chunk_block, codec, put_chunk, records,
     snapshot_prefix, take_field,
 };
 use crate::data::{BlockId, ChunkId};
@@ -37,10 +39,13 @@ use crate::data::{BlockId, ChunkId};
 pub(super) const SEGMENT_VERSION: u8 = 2;
 const KIND_HEAD: u8 = 0;
 const KIND_TREE: u8 = 1;
-const SEGMENT_HEADER: usize = EXPORT_MAGIC.len() + 1 + 1 + 8;
+const SEGMENT_HEADER: usize = EXPORT_MAGIC.len() + 1 + 1;
 const SEGMENT_SUM: usize = 32;
 const OP_PUT: u8 = b'+';
 const OP_DELETE: u8 = b'-';
+const OP_BLOCK: u8 = b'#';
+const OP_ENTRY: u8 = b'e';
+const END: u8 = b'.';
 /// A chunk whose block the index did not know when the segment was made.
 const UNKNOWN_BLOCK: u32 = u32::MAX;
 /// The longest chain of segments before a whole tree is stored again: bounds what a recovery
@@ -161,38 +166,73 @@ pub fn plan(
     }
 }
 
-fn field(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), StoreError> {
-    let len = u32::try_from(bytes.len())
-        .map_err(|_| StoreError::Db("a catalog entry is over 4 GiB".into()))?;
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(bytes);
-    Ok(())
+fn write_error(e: std::io::Error) -> StoreError {
+    StoreError::Db(format!("cannot write a catalog segment: {e}"))
 }
 
-fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(SEGMENT_HEADER + body.len() + SEGMENT_SUM);
-    out.extend_from_slice(EXPORT_MAGIC);
-    out.push(SEGMENT_VERSION);
-    out.push(kind);
-    out.extend_from_slice(&(body.len() as u64).to_be_bytes());
-    out.extend_from_slice(body);
-    let sum = blake3::hash(&out);
-    out.extend_from_slice(sum.as_bytes());
-    out
+/// Writes one segment to `out` as it is made, hashing what it writes.
+struct SegmentWriter<'w, W: std::io::Write> {
+    out: &'w mut W,
+    hasher: blake3::Hasher,
+    len: u64,
 }
 
-/// The head segment: every entry but trees and the chunk index, read a page at a time.
-pub fn export_head(kv: &dyn KvStore) -> Result<Vec<u8>, StoreError> {
-    let mut body = Vec::new();
+impl<'w, W: std::io::Write> SegmentWriter<'w, W> {
+    fn start(out: &'w mut W, kind: u8) -> Result<Self, StoreError> {
+        let mut writer = SegmentWriter {
+            out,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+        };
+        writer.bytes(EXPORT_MAGIC)?;
+        writer.bytes(&[SEGMENT_VERSION, kind])?;
+        Ok(writer)
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.hasher.update(bytes);
+        self.out.write_all(bytes).map_err(write_error)?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn field(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let len = u32::try_from(bytes.len())
+            .map_err(|_| StoreError::Db("a catalog entry is over 4 GiB".into()))?;
+        self.bytes(&len.to_be_bytes())?;
+        self.bytes(bytes)
+    }
+
+    /// Ends the segment; its length.
+    fn finish(mut self) -> Result<u64, StoreError> {
+        self.bytes(&[END])?;
+        let sum = self.hasher.finalize();
+        self.out.write_all(sum.as_bytes()).map_err(write_error)?;
+        Ok(self.len + SEGMENT_SUM as u64)
+    }
+}
+
+/// Writes the head segment to `out`: every entry but trees and the chunk index, read a page at
+/// a time. Returns its length.
+pub fn write_head(kv: &dyn KvStore, out: &mut impl std::io::Write) -> Result<u64, StoreError> {
+    let mut w = SegmentWriter::start(out, KIND_HEAD)?;
     for tag in HEAD_TAGS {
         for page in kv.pages(CF, tag, PAGE) {
             for (k, v) in page? {
-                field(&mut body, &k)?;
-                field(&mut body, &v)?;
+                w.bytes(&[OP_ENTRY])?;
+                w.field(&k)?;
+                w.field(&v)?;
             }
         }
     }
-    Ok(frame(KIND_HEAD, &body))
+    w.finish()
+}
+
+/// [`write_head`] into memory.
+pub fn export_head(kv: &dyn KvStore) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::new();
+    write_head(kv, &mut out)?;
+    Ok(out)
 }
 
 /// A snapshot's tree entries as (path, record), a page at a time.
@@ -228,7 +268,7 @@ impl Iterator for TreeEntries<'_> {
 }
 
 /// The chunk ids of a file record (none if it does not decode: it is stored as it is).
-fn record_chunks(value: &[u8]) -> Vec<ChunkId> {
+pub(crate) fn record_chunks(value: &[u8]) -> Vec<ChunkId> {
     let Ok(r) = codec::decode::<records::FileRecord>(value) else {
         return Vec::new();
     };
@@ -241,91 +281,138 @@ fn record_chunks(value: &[u8]) -> Vec<ChunkId> {
         .collect()
 }
 
-/// The tree segment of `snapshot`: its whole tree, or (with `base`) the entries that differ from
-/// `base`'s and the paths `base` has that it does not. Both trees are read in path order a page
-/// at a time; memory holds the segment and its block table.
+/// One difference between a snapshot's tree and its base's.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
+    /// An entry the base does not have, or has with other bytes (path, file record).
+    Put { path: Vec<u8>, value: Vec<u8> },
+    /// A path the base has and the snapshot does not.
+    Delete { path: Vec<u8> },
+}
+
+type Entries<'a> =
+    std::iter::Peekable<Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + 'a>>;
+
+/// The changes from one tree to another in path order, by one merge of their two key ranges
+/// read a page at a time: what a tree segment stores, and what the monitor looks up.
+pub struct Changes<'a> {
+    mine: Entries<'a>,
+    theirs: Entries<'a>,
+}
+
+/// The changes from `base`'s tree to `snapshot`'s; without a base, every entry of `snapshot`.
+pub fn changes(kv: &dyn KvStore, snapshot: SnapshotId, base: Option<SnapshotId>) -> Changes<'_> {
+    fn boxed<'a>(
+        entries: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + 'a,
+    ) -> Entries<'a> {
+        let entries: Box<dyn Iterator<Item = _> + 'a> = Box::new(entries);
+        entries.peekable()
+    }
+    Changes {
+        mine: boxed(TreeEntries::new(kv, snapshot)),
+        theirs: match base {
+            Some(base) => boxed(TreeEntries::new(kv, base)),
+            None => boxed(std::iter::empty()),
+        },
+    }
+}
+
+impl Iterator for Changes<'_> {
+    type Item = Result<Change, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::cmp::Ordering;
+        loop {
+            let order = match (self.mine.peek(), self.theirs.peek()) {
+                (None, None) => return None,
+                (Some(Err(_)), _) => return self.mine.next().and_then(Result::err).map(Err),
+                (_, Some(Err(_))) => return self.theirs.next().and_then(Result::err).map(Err),
+                (Some(Ok(_)), None) => Ordering::Less,
+                (None, Some(Ok(_))) => Ordering::Greater,
+                (Some(Ok((a, _))), Some(Ok((b, _)))) => a.cmp(b),
+            };
+            match order {
+                Ordering::Less => {
+                    if let Some(Ok((path, value))) = self.mine.next() {
+                        return Some(Ok(Change::Put { path, value }));
+                    }
+                }
+                Ordering::Greater => {
+                    if let Some(Ok((path, _))) = self.theirs.next() {
+                        return Some(Ok(Change::Delete { path }));
+                    }
+                }
+                Ordering::Equal => {
+                    if let (Some(Ok((path, value))), Some(Ok((_, old)))) =
+                        (self.mine.next(), self.theirs.next())
+                        && value != old
+                    {
+                        return Some(Ok(Change::Put { path, value }));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes the tree segment of `snapshot` to `out` as it is made: its whole tree, or (with
+/// `base`) its [`changes`] from `base`'s. Memory holds a page and the block table. Returns its
+/// length.
+pub fn write_tree(
+    kv: &dyn KvStore,
+    snapshot: SnapshotId,
+    base: Option<SnapshotId>,
+    out: &mut impl std::io::Write,
+) -> Result<u64, StoreError> {
+    let mut w = SegmentWriter::start(out, KIND_TREE)?;
+    w.bytes(&snapshot.0.to_be_bytes())?;
+    w.bytes(&base.map_or(0, |b| b.0).to_be_bytes())?;
+    let mut table: HashMap<BlockId, u32> = HashMap::new();
+    let mut refs = Vec::new();
+    for change in changes(kv, snapshot, base) {
+        match change? {
+            Change::Put { path, value } => {
+                refs.clear();
+                for chunk in record_chunks(&value) {
+                    let at = match chunk_block(kv, &chunk)? {
+                        Some(block) => match table.get(&block) {
+                            Some(at) => *at,
+                            None => {
+                                let at = table.len() as u32;
+                                table.insert(block, at);
+                                w.bytes(&[OP_BLOCK])?;
+                                w.bytes(&block.0)?;
+                                at
+                            }
+                        },
+                        None => UNKNOWN_BLOCK,
+                    };
+                    refs.extend_from_slice(&at.to_be_bytes());
+                }
+                w.bytes(&[OP_PUT])?;
+                w.field(&path)?;
+                w.field(&value)?;
+                w.bytes(&((refs.len() / 4) as u32).to_be_bytes())?;
+                w.bytes(&refs)?;
+            }
+            Change::Delete { path } => {
+                w.bytes(&[OP_DELETE])?;
+                w.field(&path)?;
+            }
+        }
+    }
+    w.finish()
+}
+
+/// [`write_tree`] into memory.
 pub fn export_tree(
     kv: &dyn KvStore,
     snapshot: SnapshotId,
     base: Option<SnapshotId>,
 ) -> Result<Vec<u8>, StoreError> {
-    let mut table: Vec<BlockId> = Vec::new();
-    let mut index: HashMap<BlockId, u32> = HashMap::new();
-    let mut ops = Vec::new();
-    let mut put = |ops: &mut Vec<u8>, path: &[u8], value: &[u8]| -> Result<(), StoreError> {
-        ops.push(OP_PUT);
-        field(ops, path)?;
-        field(ops, value)?;
-        let chunks = record_chunks(value);
-        ops.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
-        for chunk in chunks {
-            let at = match chunk_block(kv, &chunk)? {
-                Some(block) => *index.entry(block).or_insert_with(|| {
-                    table.push(block);
-                    (table.len() - 1) as u32
-                }),
-                None => UNKNOWN_BLOCK,
-            };
-            ops.extend_from_slice(&at.to_be_bytes());
-        }
-        Ok(())
-    };
-    type Entries<'a> = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + 'a>;
-    let mut mine = TreeEntries::new(kv, snapshot).peekable();
-    let theirs: Entries<'_> = match base {
-        Some(base) => Box::new(TreeEntries::new(kv, base)),
-        None => Box::new(std::iter::empty()),
-    };
-    let mut theirs = theirs.peekable();
-    loop {
-        if let Some(Err(_)) = mine.peek()
-            && let Some(Err(e)) = mine.next()
-        {
-            return Err(e);
-        }
-        if let Some(Err(_)) = theirs.peek()
-            && let Some(Err(e)) = theirs.next()
-        {
-            return Err(e);
-        }
-        let order = match (mine.peek(), theirs.peek()) {
-            (None, None) => break,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
-            (Some(Ok((a, _))), Some(Ok((b, _)))) => a.cmp(b),
-            // Errors were taken above.
-            (Some(Err(_)), _) | (_, Some(Err(_))) => break,
-        };
-        match order {
-            std::cmp::Ordering::Less => {
-                if let Some(Ok((path, value))) = mine.next() {
-                    put(&mut ops, &path, &value)?;
-                }
-            }
-            std::cmp::Ordering::Greater => {
-                if let Some(Ok((path, _))) = theirs.next() {
-                    ops.push(OP_DELETE);
-                    field(&mut ops, &path)?;
-                }
-            }
-            std::cmp::Ordering::Equal => {
-                if let (Some(Ok((path, value))), Some(Ok((_, old)))) = (mine.next(), theirs.next())
-                    && value != old
-                {
-                    put(&mut ops, &path, &value)?;
-                }
-            }
-        }
-    }
-    let mut body = Vec::with_capacity(8 + 8 + 4 + 32 * table.len() + ops.len());
-    body.extend_from_slice(&snapshot.0.to_be_bytes());
-    body.extend_from_slice(&base.map_or(0, |b| b.0).to_be_bytes());
-    body.extend_from_slice(&(table.len() as u32).to_be_bytes());
-    for block in &table {
-        body.extend_from_slice(&block.0);
-    }
-    body.extend_from_slice(&ops);
-    Ok(frame(KIND_TREE, &body))
+    let mut out = Vec::new();
+    write_tree(kv, snapshot, base, &mut out)?;
+    Ok(out)
 }
 
 /// One op of a tree segment, borrowed from the segment.
@@ -383,36 +470,43 @@ fn u64_at(rest: &mut &[u8], what: &'static str) -> Result<u64, CatalogError> {
     Ok(u64::from_be_bytes(*n))
 }
 
-fn parse_tree(mut body: &[u8]) -> Result<Tree<'_>, CatalogError> {
-    let snapshot = u64_at(&mut body, "a tree segment's snapshot")?;
-    let base = u64_at(&mut body, "a tree segment's base")?;
+fn byte_at(rest: &mut &[u8]) -> Result<u8, CatalogError> {
+    let (&b, tail) = rest.split_first().ok_or(CatalogError::ExportTruncated)?;
+    *rest = tail;
+    Ok(b)
+}
+
+/// A tree's items, up to and with the end mark.
+fn parse_tree<'a>(rest: &mut &'a [u8]) -> Result<Tree<'a>, CatalogError> {
+    let snapshot = u64_at(rest, "a tree segment's snapshot")?;
+    let base = u64_at(rest, "a tree segment's base")?;
     if snapshot == 0 || base >= snapshot {
         return Err(CatalogError::ExportFraming(
             "a tree segment's snapshot or base",
         ));
     }
-    let n = u32_at(&mut body, "a tree segment's block table")? as usize;
-    if body.len() / 32 < n {
-        return Err(CatalogError::ExportFraming("a block table runs past the end"));
-    }
-    let (ids, mut rest) = body.split_at(n * 32);
-    let table: Vec<BlockId> = ids
-        .chunks_exact(32)
-        .filter_map(|c| c.try_into().ok().map(BlockId))
-        .collect();
-    let mut ops: Vec<Op<'_>> = Vec::new();
-    while let Some((&tag, tail)) = rest.split_first() {
-        rest = tail;
-        let path = take_field(&mut rest)?;
-        let op = match tag {
+    let mut table: Vec<BlockId> = Vec::new();
+    let mut ops: Vec<Op<'a>> = Vec::new();
+    loop {
+        let op = match byte_at(rest)? {
+            END => break,
+            OP_BLOCK => {
+                let (id, tail) = rest
+                    .split_first_chunk::<32>()
+                    .ok_or(CatalogError::ExportTruncated)?;
+                *rest = tail;
+                table.push(BlockId(*id));
+                continue;
+            }
             OP_PUT => {
-                let value = take_field(&mut rest)?;
-                let count = u32_at(&mut rest, "a put's refs")? as usize;
+                let path = take_field(rest)?;
+                let value = take_field(rest)?;
+                let count = u32_at(rest, "a put's refs")? as usize;
                 if rest.len() / 4 < count {
-                    return Err(CatalogError::ExportFraming("a put's refs run past the end"));
+                    return Err(CatalogError::ExportTruncated);
                 }
                 let (refs, tail) = rest.split_at(count * 4);
-                rest = tail;
+                *rest = tail;
                 if refs
                     .chunks_exact(4)
                     .map(|r| u32::from_be_bytes([r[0], r[1], r[2], r[3]]))
@@ -422,11 +516,13 @@ fn parse_tree(mut body: &[u8]) -> Result<Tree<'_>, CatalogError> {
                 }
                 Op::Put { path, value, refs }
             }
-            OP_DELETE => Op::Delete { path },
-            _ => return Err(CatalogError::ExportFraming("an unknown tree op")),
+            OP_DELETE => Op::Delete {
+                path: take_field(rest)?,
+            },
+            _ => return Err(CatalogError::ExportFraming("an unknown tree item")),
         };
-        if ops.last().is_some_and(|last| last.path() >= path) {
-            return Err(CatalogError::ExportFraming("tree ops out of path order"));
+        if ops.last().is_some_and(|last| last.path() >= op.path()) {
+            return Err(CatalogError::ExportFraming("tree items out of path order"));
         }
         ops.push(op);
     }
@@ -439,68 +535,73 @@ fn parse_tree(mut body: &[u8]) -> Result<Tree<'_>, CatalogError> {
     })
 }
 
-fn parse_head(mut body: &[u8]) -> Result<Vec<(&[u8], &[u8])>, CatalogError> {
-    let mut entries = Vec::new();
-    while !body.is_empty() {
-        let k = take_field(&mut body)?;
-        let v = take_field(&mut body)?;
-        if k.is_empty() || k.starts_with(TAG_FILE) || k.starts_with(TAG_CHUNK) {
-            return Err(CatalogError::ExportFraming("a head entry that is not a head's"));
+/// A head's entries, up to and with the end mark.
+fn parse_head<'a>(
+    rest: &mut &'a [u8],
+    entries: &mut Vec<(&'a [u8], &'a [u8])>,
+) -> Result<(), CatalogError> {
+    loop {
+        match byte_at(rest)? {
+            END => return Ok(()),
+            OP_ENTRY => {
+                let k = take_field(rest)?;
+                let v = take_field(rest)?;
+                if k.is_empty() || k.starts_with(TAG_FILE) || k.starts_with(TAG_CHUNK) {
+                    return Err(CatalogError::ExportFraming(
+                        "a head entry that is not a head's",
+                    ));
+                }
+                entries.push((k, v));
+            }
+            _ => return Err(CatalogError::ExportFraming("an unknown head item")),
         }
-        entries.push((k, v));
     }
-    Ok(entries)
 }
 
 /// Checks every segment of a stored catalog (framing, checksums, each base before what stands
 /// on it) and returns them, borrowed.
-fn parse(mut bytes: &[u8]) -> Result<Parsed<'_>, CatalogError> {
+fn parse(bytes: &[u8]) -> Result<Parsed<'_>, CatalogError> {
     let mut parsed = Parsed::default();
     let mut seen = BTreeSet::new();
-    let mut offset = 0u64;
-    while !bytes.is_empty() {
-        if bytes.len() < SEGMENT_HEADER + SEGMENT_SUM {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let start = bytes.len() - rest.len();
+        if rest.len() < SEGMENT_HEADER {
             return Err(CatalogError::ExportTruncated);
         }
-        if &bytes[..EXPORT_MAGIC.len()] != EXPORT_MAGIC {
+        if &rest[..EXPORT_MAGIC.len()] != EXPORT_MAGIC {
             return Err(CatalogError::ExportMagic);
         }
-        let version = bytes[EXPORT_MAGIC.len()];
+        let version = rest[EXPORT_MAGIC.len()];
         if version != SEGMENT_VERSION {
             return Err(CatalogError::ExportVersion(version));
         }
-        let kind = bytes[EXPORT_MAGIC.len() + 1];
-        let mut len = &bytes[EXPORT_MAGIC.len() + 2..SEGMENT_HEADER];
-        let body_len = usize::try_from(u64_at(&mut len, "a segment's length")?)
-            .map_err(|_| CatalogError::ExportTruncated)?;
-        let end = SEGMENT_HEADER
-            .checked_add(body_len)
-            .and_then(|n| n.checked_add(SEGMENT_SUM))
-            .filter(|&end| end <= bytes.len())
+        let kind = rest[EXPORT_MAGIC.len() + 1];
+        rest = &rest[SEGMENT_HEADER..];
+        let mut tree = None;
+        match kind {
+            KIND_HEAD => parse_head(&mut rest, &mut parsed.head)?,
+            KIND_TREE => tree = Some(parse_tree(&mut rest)?),
+            _ => return Err(CatalogError::ExportFraming("an unknown segment kind")),
+        }
+        let covered = &bytes[start..bytes.len() - rest.len()];
+        let (sum, tail) = rest
+            .split_first_chunk::<SEGMENT_SUM>()
             .ok_or(CatalogError::ExportTruncated)?;
-        let (segment, rest) = bytes.split_at(end);
-        let (covered, sum) = segment.split_at(end - SEGMENT_SUM);
         if blake3::hash(covered).as_bytes() != sum {
             return Err(CatalogError::ExportChecksum);
         }
-        let body = &covered[SEGMENT_HEADER..];
-        match kind {
-            KIND_HEAD => parsed.head.extend(parse_head(body)?),
-            KIND_TREE => {
-                let mut tree = parse_tree(body)?;
-                tree.at = offset..offset + end as u64;
-                if tree.base.is_some_and(|b| !seen.contains(&b)) {
-                    return Err(CatalogError::ExportFraming(
-                        "a tree segment before its base",
-                    ));
-                }
-                seen.insert(tree.snapshot);
-                parsed.trees.push(tree);
+        rest = tail;
+        if let Some(mut tree) = tree {
+            if tree.base.is_some_and(|b| !seen.contains(&b)) {
+                return Err(CatalogError::ExportFraming(
+                    "a tree segment before its base",
+                ));
             }
-            _ => return Err(CatalogError::ExportFraming("an unknown segment kind")),
+            tree.at = start as u64..(bytes.len() - rest.len()) as u64;
+            seen.insert(tree.snapshot);
+            parsed.trees.push(tree);
         }
-        offset += end as u64;
-        bytes = rest;
     }
     Ok(parsed)
 }
@@ -628,7 +729,8 @@ pub fn recovered(
     let mut depth: HashMap<SnapshotId, u32> = HashMap::new();
     let mut out = Vec::new();
     for tree in trees {
-        let (Some(&first), Some(source)) = (starts.get(&tree.at.start), source_of.get(&tree.snapshot))
+        let (Some(&first), Some(source)) =
+            (starts.get(&tree.at.start), source_of.get(&tree.snapshot))
         else {
             continue;
         };
@@ -763,7 +865,11 @@ mod tests {
             put_file(&mut b, SnapshotId(1), &file(&format!("f/{i:03}"), &[i], 1));
             put_chunk(&mut b, &chunk(i), &block(i / 100));
             if i != 8 {
-                let changed = if i == 7 { file("f/007", &[7, 1000], 2) } else { file(&format!("f/{i:03}"), &[i], 1) };
+                let changed = if i == 7 {
+                    file("f/007", &[7, 1000], 2)
+                } else {
+                    file(&format!("f/{i:03}"), &[i], 1)
+                };
                 put_file(&mut b, SnapshotId(2), &changed);
             }
         }
@@ -799,7 +905,9 @@ mod tests {
     }
 
     fn tree(kv: &dyn KvStore, id: u64) -> Vec<FileEntry> {
-        files(kv, SnapshotId(id)).collect::<Result<_, _>>().expect("tree")
+        files(kv, SnapshotId(id))
+            .collect::<Result<_, _>>()
+            .expect("tree")
     }
 
     fn all(kv: &dyn KvStore, prefix: &[u8]) -> Vec<crate::store::KeyValue> {
@@ -825,7 +933,12 @@ mod tests {
         assert_eq!(tree(&dst, 1), tree(&src, 1));
         assert_eq!(tree(&dst, 2), tree(&src, 2));
         for prefix in [b"c", b"b", b"s", b"n"] {
-            assert_eq!(all(&dst, prefix), all(&src, prefix), "{}", prefix[0] as char);
+            assert_eq!(
+                all(&dst, prefix),
+                all(&src, prefix),
+                "{}",
+                prefix[0] as char
+            );
         }
         // Through the public entry point too, which tells segments from a version-1 export.
         let again = MemStore::new();
@@ -842,7 +955,12 @@ mod tests {
         let head = (bytes.len() - whole - diff) as u64;
         let (whole, diff) = (whole as u64, diff as u64);
         // The whole tree on two blocks, the changes on one, the head on one.
-        let blocks = [(block(1), whole / 2), (block(2), whole - whole / 2), (block(3), diff), (block(4), head)];
+        let blocks = [
+            (block(1), whole / 2),
+            (block(2), whole - whole / 2),
+            (block(3), diff),
+            (block(4), head),
+        ];
         let got = recovered(&dst, &trees, &blocks).expect("segments");
         let want = [
             Segment {
@@ -864,8 +982,16 @@ mod tests {
         ];
         assert_eq!(got, want, "the base's source is that of what stands on it");
         // Bytes off the block boundaries: that tree (and what stands on it) is made again.
-        let shifted = [(block(1), whole + 1), (block(3), diff - 1), (block(4), head)];
-        assert!(recovered(&dst, &trees, &shifted).expect("segments").is_empty());
+        let shifted = [
+            (block(1), whole + 1),
+            (block(3), diff - 1),
+            (block(4), head),
+        ];
+        assert!(
+            recovered(&dst, &trees, &shifted)
+                .expect("segments")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -874,7 +1000,10 @@ mod tests {
         let (bytes, _, _) = stored_catalog(&src);
         let dst = MemStore::new();
         import(&dst, &bytes).expect("import");
-        assert!(tree(&dst, 1).is_empty(), "the uncommitted base's tree is dropped");
+        assert!(
+            tree(&dst, 1).is_empty(),
+            "the uncommitted base's tree is dropped"
+        );
         assert_eq!(tree(&dst, 2), tree(&src, 2));
         // Chunks named only by the dropped base still resolve (retention decides about them).
         assert_eq!(chunk_block(&dst, &chunk(8)).expect("read"), Some(block(0)));
@@ -897,33 +1026,54 @@ mod tests {
         let mut bad_version = bytes.clone();
         bad_version[EXPORT_MAGIC.len()] = 9;
         refused(&bad_version, "an unknown version");
-        let mut bad_kind = frame(7, b"");
+        let mut bad_kind = seal(7, b"");
         bad_kind.extend_from_slice(&bytes);
         refused(&bad_kind, "an unknown kind");
-        // A ref past the block table, and ops out of order, even with a valid checksum.
+        // A ref past the block table, and items out of order, even with a valid checksum.
         let mut body = Vec::new();
         body.extend_from_slice(&1u64.to_be_bytes());
         body.extend_from_slice(&0u64.to_be_bytes());
-        body.extend_from_slice(&0u32.to_be_bytes());
+        let field = |body: &mut Vec<u8>, bytes: &[u8]| {
+            body.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            body.extend_from_slice(bytes);
+        };
         let op = |body: &mut Vec<u8>, path: &[u8], refs: &[u32]| {
             body.push(OP_PUT);
-            field(body, path).expect("field");
-            field(body, &codec::encode(&records::FileRecord::default())).expect("field");
+            field(body, path);
+            field(body, &codec::encode(&records::FileRecord::default()));
             body.extend_from_slice(&(refs.len() as u32).to_be_bytes());
             for r in refs {
                 body.extend_from_slice(&r.to_be_bytes());
             }
         };
         let mut past = body.clone();
+        past.push(OP_BLOCK);
+        past.extend_from_slice(&block(1).0);
         op(&mut past, b"a", &[0]);
-        refused(&frame(KIND_TREE, &past), "a ref past the table");
+        import(&MemStore::new(), &seal(KIND_TREE, &past)).expect("a ref to the table");
+        op(&mut past, b"b", &[1]);
+        refused(&seal(KIND_TREE, &past), "a ref past the table");
         let mut unordered = body.clone();
         op(&mut unordered, b"b", &[]);
         op(&mut unordered, b"a", &[]);
-        refused(&frame(KIND_TREE, &unordered), "ops out of order");
+        refused(&seal(KIND_TREE, &unordered), "items out of order");
+        let mut unknown = body.clone();
+        unknown.push(b'?');
+        refused(&seal(KIND_TREE, &unknown), "an unknown item");
         let mut fine = body;
         op(&mut fine, b"a", &[UNKNOWN_BLOCK]);
-        import(&MemStore::new(), &frame(KIND_TREE, &fine)).expect("an unknown block is allowed");
+        import(&MemStore::new(), &seal(KIND_TREE, &fine)).expect("an unknown block is allowed");
+    }
+
+    /// A segment of `kind` with these items, ended and checksummed.
+    fn seal(kind: u8, items: &[u8]) -> Vec<u8> {
+        let mut out = EXPORT_MAGIC.to_vec();
+        out.extend_from_slice(&[SEGMENT_VERSION, kind]);
+        out.extend_from_slice(items);
+        out.push(END);
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
     }
 
     fn stored(snapshot: u64, base: Option<u64>, depth: u32) -> Segment {
@@ -938,7 +1088,9 @@ mod tests {
     }
 
     fn committed(ids: &[u64]) -> Vec<(SnapshotId, String)> {
-        ids.iter().map(|&i| (SnapshotId(i), "docs".to_string())).collect()
+        ids.iter()
+            .map(|&i| (SnapshotId(i), "docs".to_string()))
+            .collect()
     }
 
     fn new(snapshot: u64, base: Option<u64>, depth: u32, source: &str) -> NewSegment {
@@ -954,12 +1106,20 @@ mod tests {
     fn plan_makes_whole_trees_first_then_changes_on_the_newest_of_the_source() {
         let first = plan(&[], &committed(&[1, 2]), |_| true);
         assert!(first.keep.is_empty());
-        assert_eq!(first.new, [new(1, None, 0, "docs"), new(2, Some(1), 1, "docs")]);
+        assert_eq!(
+            first.new,
+            [new(1, None, 0, "docs"), new(2, Some(1), 1, "docs")]
+        );
         // Another source does not stand on this one's segments.
         let mut both = committed(&[3]);
         both.push((SnapshotId(4), "photos".into()));
-        let next = plan(&[stored(1, None, 0), stored(2, Some(1), 1)], &both, |_| true);
-        assert_eq!(next.new, [new(3, Some(2), 2, "docs"), new(4, None, 0, "photos")]);
+        let next = plan(&[stored(1, None, 0), stored(2, Some(1), 1)], &both, |_| {
+            true
+        });
+        assert_eq!(
+            next.new,
+            [new(3, Some(2), 2, "docs"), new(4, None, 0, "photos")]
+        );
         // 1 and 2 are not committed any more, but 3 stands on 2, which stands on 1.
         assert_eq!(next.keep, [stored(1, None, 0), stored(2, Some(1), 1)]);
     }
@@ -971,16 +1131,35 @@ mod tests {
             .collect();
         let top = MAX_DEPTH as u64;
         let next = plan(&chain, &committed(&[top, top + 1]), |_| true);
-        assert_eq!(next.new, [new(top + 1, None, 0, "docs")], "a chain at the bound restarts whole");
-        assert_eq!(next.keep, chain, "the top of the old chain is still committed");
-        let after = plan(&[chain.clone(), vec![stored(top + 1, None, 0)]].concat(), &committed(&[top + 1]), |_| true);
+        assert_eq!(
+            next.new,
+            [new(top + 1, None, 0, "docs")],
+            "a chain at the bound restarts whole"
+        );
+        assert_eq!(
+            next.keep, chain,
+            "the top of the old chain is still committed"
+        );
+        let after = plan(
+            &[chain.clone(), vec![stored(top + 1, None, 0)]].concat(),
+            &committed(&[top + 1]),
+            |_| true,
+        );
         assert!(after.new.is_empty());
-        assert_eq!(after.keep, [stored(top + 1, None, 0)], "the old chain is freed");
+        assert_eq!(
+            after.keep,
+            [stored(top + 1, None, 0)],
+            "the old chain is freed"
+        );
     }
 
     #[test]
     fn plan_makes_a_segment_again_when_its_blocks_are_lost_and_so_what_stands_on_it() {
-        let segs = [stored(1, None, 0), stored(2, Some(1), 1), stored(3, None, 0)];
+        let segs = [
+            stored(1, None, 0),
+            stored(2, Some(1), 1),
+            stored(3, None, 0),
+        ];
         let next = plan(&segs, &committed(&[2, 3]), |s| s.snapshot != SnapshotId(1));
         assert_eq!(next.keep, [stored(3, None, 0)]);
         assert_eq!(next.new, [new(2, None, 0, "docs")]);
