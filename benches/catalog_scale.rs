@@ -8,7 +8,7 @@
 //! temporary directory; ~0.5 GB at a million files).
 //!
 //! For each step: seconds, peak RSS of the step (the kernel's high-water mark, reset before it
-//! through /proc/self/clear_refs), and sizes: the whole tree segment (what a first upload stores),
+//! through /proc/self/clear_refs: the process's RSS before the step is included), and sizes: the whole tree segment (what a first upload stores),
 //! the second version's segment (its changes), the head, each raw and zstd-compressed (what is
 //! sealed); the monitor's load of the blocks to follow; `list` (every version); and an import
 //! of the three segments into an empty store (a recovery).
@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use bitdust::crypto::identity::NodeId;
 use bitdust::data::{BlockId, ChunkId, DEFAULT_ZSTD_LEVEL, compress::compress};
-use bitdust::store::catalog::segments::{export_head, export_tree};
+use bitdust::store::catalog::segments::{write_head, write_tree};
 use bitdust::store::catalog::{
     self, BlockEntry, FileEntry, FileKind, FragmentPlace, Owner, Snapshot, SnapshotId,
 };
@@ -163,8 +163,12 @@ fn dir_mb(path: &std::path::Path) -> f64 {
     total as f64 / 1e6
 }
 
+/// Raw and compressed as the upload seals it (block by block, 4 MiB each).
 fn sizes(name: &str, bytes: &[u8]) {
-    let packed = compress(bytes, DEFAULT_ZSTD_LEVEL).map_or(0, |c| c.len());
+    let packed: usize = bytes
+        .chunks(4 << 20)
+        .map(|piece| compress(piece, DEFAULT_ZSTD_LEVEL).map_or(piece.len(), |c| c.len()))
+        .sum();
     println!(
         "{name:<44} {:>8.2} MB raw, {:>8.2} MB compressed",
         bytes.len() as f64 / 1e6,
@@ -188,16 +192,31 @@ fn main() {
     kv.flush().expect("flush");
     println!("{:<44} {:>8.1} MB", "owner's database", dir_mb(&db));
 
-    let whole = step("tree segment of version 1 (whole)", || {
-        export_tree(&kv, SnapshotId(1), None).expect("export")
+    // Written to files, as an upload codes them as they come: the steps hold no segment.
+    let to_file = |name: &str| {
+        let path = dir.path().join(name);
+        (
+            std::io::BufWriter::new(std::fs::File::create(&path).expect("create")),
+            path,
+        )
+    };
+    let (mut out, whole) = to_file("whole");
+    step("tree segment of version 1 (whole)", || {
+        write_tree(&kv, SnapshotId(1), None, &mut out).expect("export")
     });
-    let diff = step("tree segment of version 2 (changes)", || {
-        export_tree(&kv, SnapshotId(2), Some(SnapshotId(1))).expect("export")
+    drop(out);
+    let (mut out, diff) = to_file("diff");
+    step("tree segment of version 2 (changes)", || {
+        write_tree(&kv, SnapshotId(2), Some(SnapshotId(1)), &mut out).expect("export")
     });
-    let head = step("head", || export_head(&kv).expect("export"));
-    sizes("  whole tree", &whole);
-    sizes("  changes", &diff);
-    sizes("  head", &head);
+    drop(out);
+    let (mut out, head) = to_file("head");
+    step("head", || write_head(&kv, &mut out).expect("export"));
+    drop(out);
+    let read = |path: &PathBuf| std::fs::read(path).expect("read");
+    sizes("  whole tree", &read(&whole));
+    sizes("  changes", &read(&diff));
+    sizes("  head", &read(&head));
     let followed = step("monitor: load the blocks to follow", || {
         bitdust::actors::monitor::followed_blocks(&kv).expect("load")
     });
@@ -206,7 +225,7 @@ fn main() {
         catalog::snapshots(&kv).expect("list").len()
     });
     println!("{:<44} {versions:>8}", "  versions");
-    let stored = [whole, diff, head].concat();
+    let stored = [read(&whole), read(&diff), read(&head)].concat();
     let again = dir.path().join("recovered");
     let target = RocksStore::open(&again).expect("open");
     let entries = step("import the three segments (a recovery)", || {

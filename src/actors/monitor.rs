@@ -101,8 +101,8 @@ pub struct MonitorDriver {
 }
 
 /// Chunks looked up in the dedup index at a time while loading (sorted, so neighbouring ones
-/// share a read): bounds the load's memory whatever the tree's size.
-const LOOKUP_BATCH: usize = 16 * 1024;
+/// share a read of the index): bounds the load's memory whatever the tree's size (~17 MB).
+const LOOKUP_BATCH: usize = 256 * 1024;
 
 /// The blocks of `chunks` (sorted and deduplicated here, then cleared), each recorded as
 /// referenced by `snapshot` unless a newer snapshot already was.
@@ -811,7 +811,7 @@ mod tests {
             "docs",
             &[kept, file("new", [3000]), file("big", big)],
         );
-        commit(&mut b, 4, "pics", &[file("p", [3001, 4000, 99_999])]);
+        commit(&mut b, 4, "pics", &[file("p", [3001, 4000, u32::MAX])]);
         kv.write(b).expect("write");
 
         let loaded = load(&kv).expect("load");

@@ -669,34 +669,21 @@ fn parse_chunk(v: &[u8]) -> Option<BlockId> {
 }
 
 /// The block of each of `chunks` (sorted by id, distinct; `None` where the index has none),
-/// read from the dedup index in key order, a run of neighbouring records per scan: a dense set
-/// (a whole snapshot's chunks) reads each index page once, where one lookup per chunk cost
-/// most of a 200,000-file restore's plan.
+/// looked up a batch at a time in one sorted multi-get: a whole snapshot's chunks, or a sparse
+/// few among millions, cost one pass over the index's blocks they touch, where one lookup per
+/// chunk cost most of a 200,000-file restore's plan (and scans of neighbouring runs cost more
+/// still on sparse sets).
 pub fn chunk_blocks_sorted(
     kv: &dyn KvStore,
     chunks: &[ChunkId],
 ) -> Result<Vec<Option<BlockId>>, StoreError> {
-    const RUN: usize = 128;
+    // Keys per call: bounds the keys and values held at once.
+    const BATCH: usize = 4096;
     let mut out = Vec::with_capacity(chunks.len());
-    while let Some(first) = chunks.get(out.len()) {
-        let page = kv.scan(CF, TAG_CHUNK, Some(&chunk_key(first)), RUN)?;
-        let full = page.len() == RUN;
-        let mut rows = page.iter().peekable();
-        while let Some(chunk) = chunks.get(out.len()) {
-            let wanted = chunk_key(chunk);
-            while rows.next_if(|(k, _)| *k < wanted).is_some() {}
-            match rows.peek() {
-                Some((k, v)) if *k == wanted => {
-                    out.push(parse_chunk(v));
-                    rows.next();
-                }
-                // Past it: not in the index.
-                Some(_) => out.push(None),
-                // Beyond this run: the next scan starts at it.
-                None if full => break,
-                // The index ends before it.
-                None => out.push(None),
-            }
+    for batch in chunks.chunks(BATCH) {
+        let keys: Vec<Vec<u8>> = batch.iter().map(chunk_key).collect();
+        for value in kv.get_sorted(CF, &keys)? {
+            out.push(value.and_then(|v| parse_chunk(&v)));
         }
     }
     Ok(out)

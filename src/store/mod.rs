@@ -169,6 +169,11 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// The store every actor writes through.
 pub trait KvStore: Send + Sync {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The values of `keys`, which are sorted, in their order: one call for many lookups, so a
+    /// store can share its reads between neighbouring keys (RocksDB's batched multi-get).
+    fn get_sorted(&self, cf: Cf, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|k| self.get(cf, k)).collect()
+    }
     /// Applies every op of `batch` atomically.
     fn write(&self, batch: Batch) -> Result<(), StoreError>;
     /// Up to `limit` entries whose key starts with `prefix`, in key order, starting at `from`

@@ -267,6 +267,18 @@ impl KvStore for RocksStore {
             .map_err(|e| StoreError::Db(e.into_string()))
     }
 
+    fn get_sorted(&self, cf: Cf, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let guard = self.db()?;
+        let db = guard.as_ref().ok_or_else(closed)?;
+        db.batched_multi_get_cf(handle(db, cf)?, keys.iter(), true)
+            .into_iter()
+            .map(|r| {
+                r.map(|v| v.map(|v| v.to_vec()))
+                    .map_err(|e| StoreError::Db(e.into_string()))
+            })
+            .collect()
+    }
+
     fn write(&self, batch: Batch) -> Result<(), StoreError> {
         self.before_write()?;
         let guard = self.db()?;

@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
     Batch, CF, CHUNK_ID_LEN, CatalogError, EXPORT_MAGIC, KvPages, KvStore, PAGE, SnapshotId,
-    StoreError, TAG_CHUNK, TAG_FILE, TAG_SNAPSHOT, chunk_block, codec, put_chunk, records,
+    StoreError, TAG_CHUNK, TAG_FILE, TAG_SNAPSHOT, chunk_blocks_sorted, codec, put_chunk, records,
     snapshot_prefix, take_field,
 };
 use crate::data::{BlockId, ChunkId};
@@ -368,18 +368,60 @@ pub fn write_tree(
     w.bytes(&snapshot.0.to_be_bytes())?;
     w.bytes(&base.map_or(0, |b| b.0).to_be_bytes())?;
     let mut table: HashMap<BlockId, u32> = HashMap::new();
-    let mut refs = Vec::new();
+    let mut pending: Vec<(Change, Vec<ChunkId>)> = Vec::with_capacity(TREE_BATCH);
     for change in changes(kv, snapshot, base) {
-        match change? {
+        let change = change?;
+        let chunks = match &change {
+            Change::Put { value, .. } => record_chunks(value),
+            Change::Delete { .. } => Vec::new(),
+        };
+        pending.push((change, chunks));
+        if pending.len() >= TREE_BATCH {
+            write_items(kv, &mut w, &mut table, &mut pending)?;
+        }
+    }
+    write_items(kv, &mut w, &mut table, &mut pending)?;
+    w.finish()
+}
+
+/// Items buffered while a tree segment is written: their chunks are looked up together, in
+/// sorted order, so a batch reads each block of the chunk index it touches once. Larger batches
+/// touch fewer blocks per chunk (a million files: 4,096 took 14.6 s, most of it index reads);
+/// this one holds ~15 MB.
+const TREE_BATCH: usize = 64 * 1024;
+
+/// Writes buffered changes as items, their chunks' blocks looked up in one sorted batch; a
+/// block new to the segment's table is declared before the first put naming it.
+fn write_items<W: std::io::Write>(
+    kv: &dyn KvStore,
+    w: &mut SegmentWriter<'_, W>,
+    table: &mut HashMap<BlockId, u32>,
+    pending: &mut Vec<(Change, Vec<ChunkId>)>,
+) -> Result<(), StoreError> {
+    let mut chunks: Vec<ChunkId> = pending
+        .iter()
+        .flat_map(|(_, c)| c.iter().copied())
+        .collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    let found = chunk_blocks_sorted(kv, &chunks)?;
+    let blocks: HashMap<ChunkId, BlockId> = chunks
+        .into_iter()
+        .zip(found)
+        .filter_map(|(c, b)| b.map(|b| (c, b)))
+        .collect();
+    let mut refs = Vec::new();
+    for (change, chunks) in pending.drain(..) {
+        match change {
             Change::Put { path, value } => {
                 refs.clear();
-                for chunk in record_chunks(&value) {
-                    let at = match chunk_block(kv, &chunk)? {
-                        Some(block) => match table.get(&block) {
+                for chunk in chunks {
+                    let at = match blocks.get(&chunk) {
+                        Some(block) => match table.get(block) {
                             Some(at) => *at,
                             None => {
                                 let at = table.len() as u32;
-                                table.insert(block, at);
+                                table.insert(*block, at);
                                 w.bytes(&[OP_BLOCK])?;
                                 w.bytes(&block.0)?;
                                 at
@@ -401,7 +443,7 @@ pub fn write_tree(
             }
         }
     }
-    w.finish()
+    Ok(())
 }
 
 /// [`write_tree`] into memory.
@@ -808,8 +850,8 @@ pub(super) fn import(
 #[cfg(test)]
 mod tests {
     use super::super::{
-        BlockEntry, FileEntry, FileKind, FragmentPlace, Snapshot, commit_snapshot, files,
-        put_block, put_file,
+        BlockEntry, FileEntry, FileKind, FragmentPlace, Snapshot, chunk_block, commit_snapshot,
+        files, put_block, put_file,
     };
     use super::*;
     use crate::crypto::identity::NodeId;
