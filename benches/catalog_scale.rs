@@ -211,7 +211,7 @@ fn main() {
     });
     drop(out);
     let (mut out, head) = to_file("head");
-    step("head", || write_head(&kv, &mut out).expect("export"));
+    step("head", || write_head(&kv, None, &mut out).expect("export"));
     drop(out);
     let read = |path: &PathBuf| std::fs::read(path).expect("read");
     sizes("  whole tree", &read(&whole));

@@ -142,13 +142,26 @@ impl Lookup for CatalogLookup {
     }
 
     fn chunk_known(&self, id: &ChunkId) -> bool {
+        let known = self.chunk_stored(id);
+        if known == Some(false)
+            && let Err(e) = catalog::mark_remapped(&*self.kv, id)
+        {
+            tracing::warn!(error = %e, "cannot mark a chunk stored again");
+        }
+        known == Some(true)
+    }
+}
+
+impl CatalogLookup {
+    /// Whether `chunk`'s block is stored (`None`: the index has no entry for it).
+    fn chunk_stored(&self, id: &ChunkId) -> Option<bool> {
         let Ok(Some(block)) = catalog::chunk_block(&*self.kv, id) else {
-            return false;
+            return None;
         };
         if let Ok(cache) = self.blocks.lock()
             && let Some(known) = cache.get(&block.0)
         {
-            return *known;
+            return Some(*known);
         }
         let known = match catalog::block(&*self.kv, &block) {
             Ok(Some(entry)) => {
@@ -162,7 +175,7 @@ impl Lookup for CatalogLookup {
         if let Ok(mut cache) = self.blocks.lock() {
             cache.insert(block.0, known);
         }
-        known
+        Some(known)
     }
 }
 
@@ -1011,6 +1024,9 @@ fn staged_blocks(kv: &dyn KvStore, outbox: &Path, total: u32) -> Vec<BlockEntry>
 /// catalog. A crash between the two finds the same plan again (deleting twice is harmless).
 /// Returns (versions dropped, blocks deleted).
 pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), BackupError> {
+    // Not while a catalog upload (a rebuild's refresh) reads the trees it diffs against and
+    // saves the catalog blocks retention must keep.
+    let _turn = super::catalog_upload::UPLOADING.lock().await;
     let kv = wiring.services.kv.clone();
     let keep = wiring.settings.keep_versions;
     let plan = tokio::task::spawn_blocking(move || {

@@ -245,16 +245,35 @@ impl std::io::Write for Pieces<'_> {
 }
 
 /// A stored segment's blocks as the record names them, from the block index (`None` if one is
-/// no longer known: the segment is made again).
+/// no longer known, or has fewer than `k` fragments placed and not found missing or corrupt by
+/// the monitor: the segment is made again, rather than named by every record until a recovery
+/// cannot read it).
 fn kept_blocks(
     kv: &dyn KvStore,
     segment: &Segment,
-) -> Result<Option<Vec<CatalogBlock>>, StoreError> {
+) -> Result<Option<Vec<CatalogBlock>>, UploadError> {
     let mut blocks = Vec::with_capacity(segment.blocks.len());
     for id in &segment.blocks {
         let Some(entry) = catalog::block(kv, id)? else {
             return Ok(None);
         };
+        // An unreadable health record counts as never audited.
+        let cells = health::health(kv, id).ok().flatten().unwrap_or_default();
+        let good = entry
+            .fragments
+            .iter()
+            .enumerate()
+            .filter(|(p, f)| {
+                f.supplier.is_some()
+                    && !matches!(
+                        cells.get(*p),
+                        Some(FragmentHealth::Missing | FragmentHealth::Corrupt)
+                    )
+            })
+            .count();
+        if entry.layout().is_ok_and(|l| good < l.k()) || entry.layout().is_err() {
+            return Ok(None);
+        }
         blocks.push(CatalogBlock {
             id: entry.id,
             signed_manifest: entry.signed_manifest,
@@ -315,8 +334,10 @@ pub(crate) fn code_catalog(
             len: written,
         });
     }
+    // The head lists the versions planned above only: one committed since has no tree here.
+    let planned: BTreeSet<SnapshotId> = all.iter().map(|s| s.snapshot).collect();
     let mut pieces = Pieces::new(keys, owner, settings, &mut blocks);
-    len += segments::write_head(kv, &mut pieces).map_err(|e| pieces.error(e))?;
+    len += segments::write_head(kv, Some(&planned), &mut pieces).map_err(|e| pieces.error(e))?;
     pieces.finish()?;
     // A peer book that cannot be read leaves the record without identities (as before).
     let identities = crate::store::peers::load(kv)
@@ -1026,8 +1047,9 @@ mod code_tests {
                     fragments: block
                         .hashes
                         .iter()
-                        .map(|h| FragmentPlace {
-                            supplier: None,
+                        .enumerate()
+                        .map(|(p, h)| FragmentPlace {
+                            supplier: Some(NodeId::from_bytes([p as u8 + 1; 16])),
                             size: 1,
                             blake3: *h,
                         })

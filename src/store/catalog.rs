@@ -12,6 +12,7 @@
 //! | `c<chunk id 32>` | `records::ChunkRecord`: the block holding that chunk |
 //! | `b<block id 32>` | `records::BlockRecord`: the block's manifest, layout and placements |
 //! | `s<snapshot u64 BE>` | `records::SnapshotRecord`: a committed snapshot |
+//! | `r<chunk id 32>` | empty: the chunk was stored again in another block (the stored catalog's head carries its entry, see [`segments`]) |
 //!
 //! Invariants:
 //! - A snapshot is visible (in [`snapshots`], [`latest`]) only once its `s` record is written,
@@ -207,6 +208,7 @@ const TAG_FILE: &[u8] = b"t";
 const TAG_CHUNK: &[u8] = b"c";
 const TAG_BLOCK: &[u8] = b"b";
 const TAG_SNAPSHOT: &[u8] = b"s";
+const TAG_REMAPPED: &[u8] = b"r";
 const COUNTER_KEY: &[u8] = b"n";
 const FORMAT_KEY: &[u8] = b"v";
 /// The catalog format this code writes. 1 (no `v` record): before issue 19. 2: ownership, hard
@@ -646,6 +648,13 @@ pub fn put_chunk(batch: &mut Batch, chunk: &ChunkId, block: &BlockId) {
         Key::new(TAG_CHUNK).bytes(&chunk.0),
         codec::encode(&record),
     );
+}
+
+/// Marks `chunk`, whose entry names a block that is not stored, as about to be stored again in
+/// another block: the tree segments already uploaded name the old block for it, so the stored
+/// catalog's head carries its current entry (see [`segments`]). Removed with the chunk's entry.
+pub fn mark_remapped(kv: &dyn KvStore, chunk: &ChunkId) -> Result<(), StoreError> {
+    kv.put(CF, Key::new(TAG_REMAPPED).bytes(&chunk.0).as_bytes(), b"")
 }
 
 /// The block holding `chunk` (`None` if the chunk was never stored, or its record is unreadable:
@@ -1444,6 +1453,7 @@ pub fn apply_prune(kv: &dyn KvStore, plan: &Prune) -> Result<(), CatalogError> {
                 .ok()
                 .and_then(|r| <[u8; 32]>::try_from(r.block.as_slice()).ok());
             if points_at.is_some_and(|b| removed.contains(&BlockId(b))) {
+                batch.delete(CF, [TAG_REMAPPED, &k[TAG_CHUNK.len()..]].concat());
                 batch.delete(CF, k);
             }
         }
@@ -2098,11 +2108,15 @@ mod tests {
             assert_refused(&bad, "magic"),
             CatalogError::ExportMagic
         ));
+        // Relabelled as a stored catalog of segments (version 2): not one either.
+        let mut relabelled = bytes.clone();
+        relabelled[EXPORT_MAGIC.len()] = 2;
+        assert_refused(&relabelled, "segments");
         let mut bad = bytes.clone();
-        bad[EXPORT_MAGIC.len()] = 2;
+        bad[EXPORT_MAGIC.len()] = 3;
         assert!(matches!(
             assert_refused(&bad, "version"),
-            CatalogError::ExportVersion(2)
+            CatalogError::ExportVersion(3)
         ));
         // A valid checksum over bad framing (a writer's bug): refused too.
         let reframe = |body: &[u8], count: u64| {

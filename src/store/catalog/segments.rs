@@ -16,7 +16,10 @@
 //!   has and this tree does not. Entries and removals are in strictly increasing path order.
 //!   The chunk index is not stored: an import rebuilds it from the puts.
 //! - kind 0, the **head**: every catalog entry but trees and the chunk index (snapshot records,
-//!   the block index, the counter, the format). Items: `b'e' | key | value`.
+//!   the block index, the counter, the format), and the current entry of each chunk stored
+//!   again in another block since a tree named it (`catalog::mark_remapped`: a block placed to
+//!   fewer than `k` suppliers is not reused; an unchanged file naming such a chunk is no change
+//!   to a tree). Items: `b'e' | key | value`.
 //!
 //! A snapshot's tree segment is made once, when it is first uploaded, and is kept on the
 //! suppliers while that snapshot, or one whose segment is built on it, is kept. So a backup
@@ -31,8 +34,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
     Batch, CF, CHUNK_ID_LEN, CatalogError, EXPORT_MAGIC, KvPages, KvStore, PAGE, SnapshotId,
-    StoreError, TAG_CHUNK, TAG_FILE, TAG_SNAPSHOT, chunk_blocks_sorted, codec, put_chunk, records,
-    snapshot_prefix, take_field,
+    StoreError, TAG_CHUNK, TAG_FILE, TAG_REMAPPED, TAG_SNAPSHOT, chunk_blocks_sorted, codec,
+    put_chunk, records, snapshot_prefix, take_field,
 };
 use crate::data::{BlockId, ChunkId};
 
@@ -111,9 +114,13 @@ pub fn plan(
             order.push(segment.snapshot);
         }
     }
-    // (snapshot, source, depth) of every segment a new one may stand on.
+    // (snapshot, source, depth) of every segment a new one may stand on: only a committed
+    // snapshot's, whose tree is still here to compare with (a segment kept for what stands on
+    // it may have lost its tree to retention; a diff against nothing would drop no path).
+    let is_committed: BTreeSet<SnapshotId> = committed.iter().map(|(id, _)| *id).collect();
     let mut bases: Vec<(SnapshotId, &str, u32)> = usable
         .values()
+        .filter(|s| is_committed.contains(&s.snapshot))
         .map(|s| (s.snapshot, s.source.as_str(), s.depth))
         .collect();
     let mut new = Vec::new();
@@ -213,14 +220,38 @@ impl<'w, W: std::io::Write> SegmentWriter<'w, W> {
 }
 
 /// Writes the head segment to `out`: every entry but trees and the chunk index, read a page at
-/// a time. Returns its length.
-pub fn write_head(kv: &dyn KvStore, out: &mut impl std::io::Write) -> Result<u64, StoreError> {
+/// a time; with `snapshots`, only those snapshots' records (the ones whose trees the catalog
+/// holds: a version committed while the trees were written is in the next one). Returns its
+/// length.
+pub fn write_head(
+    kv: &dyn KvStore,
+    snapshots: Option<&BTreeSet<SnapshotId>>,
+    out: &mut impl std::io::Write,
+) -> Result<u64, StoreError> {
     let mut w = SegmentWriter::start(out, KIND_HEAD)?;
     for tag in HEAD_TAGS {
         for page in kv.pages(CF, tag, PAGE) {
             for (k, v) in page? {
+                if let Some(wanted) = snapshots
+                    && tag == TAG_SNAPSHOT
+                    && let Some(id) = k.get(1..9).and_then(|b| b.try_into().ok())
+                    && !wanted.contains(&SnapshotId(u64::from_be_bytes(id)))
+                {
+                    continue;
+                }
                 w.bytes(&[OP_ENTRY])?;
                 w.field(&k)?;
+                w.field(&v)?;
+            }
+        }
+    }
+    // Chunks stored again in another block since a tree segment named their first one.
+    for page in kv.pages(CF, TAG_REMAPPED, PAGE) {
+        for (k, _) in page? {
+            let key = [TAG_CHUNK, &k[TAG_REMAPPED.len()..]].concat();
+            if let Some(v) = kv.get(CF, &key)? {
+                w.bytes(&[OP_ENTRY])?;
+                w.field(&key)?;
                 w.field(&v)?;
             }
         }
@@ -231,7 +262,7 @@ pub fn write_head(kv: &dyn KvStore, out: &mut impl std::io::Write) -> Result<u64
 /// [`write_head`] into memory.
 pub fn export_head(kv: &dyn KvStore) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::new();
-    write_head(kv, &mut out)?;
+    write_head(kv, None, &mut out)?;
     Ok(out)
 }
 
@@ -364,6 +395,15 @@ pub fn write_tree(
     base: Option<SnapshotId>,
     out: &mut impl std::io::Write,
 ) -> Result<u64, StoreError> {
+    if let Some(base) = base {
+        let record = crate::store::codec::Key::new(TAG_SNAPSHOT).u64(base.0);
+        if kv.get(CF, record.as_bytes())?.is_none() {
+            return Err(StoreError::Db(format!(
+                "the base of a tree segment (snapshot {}) is not in the catalog",
+                base.0
+            )));
+        }
+    }
     let mut w = SegmentWriter::start(out, KIND_TREE)?;
     w.bytes(&snapshot.0.to_be_bytes())?;
     w.bytes(&base.map_or(0, |b| b.0).to_be_bytes())?;
@@ -588,7 +628,8 @@ fn parse_head<'a>(
             OP_ENTRY => {
                 let k = take_field(rest)?;
                 let v = take_field(rest)?;
-                if k.is_empty() || k.starts_with(TAG_FILE) || k.starts_with(TAG_CHUNK) {
+                // Chunk entries come as corrections after the trees (remapped chunks).
+                if k.is_empty() || k.starts_with(TAG_FILE) {
                     return Err(CatalogError::ExportFraming(
                         "a head entry that is not a head's",
                     ));
@@ -899,8 +940,8 @@ mod tests {
     }
 
     /// Snapshot 1: 300 files, chunk i in block i / 100. Snapshot 2 changes file 7, removes
-    /// file 8, adds "f/new" (a new chunk in a new block). Both committed unless told.
-    fn two_versions(commit_first: bool) -> MemStore {
+    /// file 8, adds "f/new" (a new chunk in a new block). Both committed.
+    fn two_versions() -> MemStore {
         let kv = MemStore::new();
         let mut b = Batch::new();
         for i in 0..300u32 {
@@ -938,9 +979,7 @@ mod tests {
                 },
             );
         }
-        if commit_first {
-            commit_snapshot(&mut b, &snapshot(1, "docs"));
-        }
+        commit_snapshot(&mut b, &snapshot(1, "docs"));
         commit_snapshot(&mut b, &snapshot(2, "docs"));
         kv.write(b).expect("write");
         kv
@@ -956,9 +995,16 @@ mod tests {
         kv.scan(CF, prefix, None, usize::MAX).expect("scan")
     }
 
-    fn stored_catalog(kv: &dyn KvStore) -> (Vec<u8>, usize, usize) {
+    /// The two trees' segments, made while both are committed; then, with `drop_first`,
+    /// version 1 is dropped (as retention does) before the head is written.
+    fn stored_catalog(kv: &MemStore, drop_first: bool) -> (Vec<u8>, usize, usize) {
         let whole = export_tree(kv, SnapshotId(1), None).expect("tree 1");
         let diff = export_tree(kv, SnapshotId(2), Some(SnapshotId(1))).expect("tree 2");
+        if drop_first {
+            let record = crate::store::codec::Key::new(TAG_SNAPSHOT).u64(1);
+            kv.delete(CF, record.as_bytes()).expect("delete");
+            super::super::drop_files(kv, SnapshotId(1)).expect("drop");
+        }
         let head = export_head(kv).expect("head");
         let (w, d) = (whole.len(), diff.len());
         ([whole, diff, head].concat(), w, d)
@@ -966,8 +1012,8 @@ mod tests {
 
     #[test]
     fn segments_import_to_the_same_trees_chunk_index_and_head() {
-        let src = two_versions(true);
-        let (bytes, whole, diff) = stored_catalog(&src);
+        let src = two_versions();
+        let (bytes, whole, diff) = stored_catalog(&src, false);
         // The changes are three entries of 300: a small fraction of the whole tree.
         assert!(diff * 20 < whole, "diff {diff} bytes, whole {whole}");
         let dst = MemStore::new();
@@ -990,8 +1036,8 @@ mod tests {
 
     #[test]
     fn a_recovered_catalog_gives_back_its_segments_on_their_blocks() {
-        let src = two_versions(false);
-        let (bytes, whole, diff) = stored_catalog(&src);
+        let src = two_versions();
+        let (bytes, whole, diff) = stored_catalog(&src, true);
         let dst = MemStore::new();
         let (_, trees) = import(&dst, &bytes).expect("import");
         let head = (bytes.len() - whole - diff) as u64;
@@ -1037,9 +1083,26 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_stored_again_elsewhere_is_corrected_by_the_head() {
+        let src = two_versions();
+        let (mut bytes, whole, diff) = stored_catalog(&src, false);
+        // Chunk 5 (in block 0 for both trees) is stored again in block 7 after the segments.
+        let mut b = Batch::new();
+        put_chunk(&mut b, &chunk(5), &block(7));
+        src.write(b).expect("write");
+        super::super::mark_remapped(&src, &chunk(5)).expect("mark");
+        bytes.truncate(whole + diff);
+        bytes.extend(export_head(&src).expect("head"));
+        let dst = MemStore::new();
+        import(&dst, &bytes).expect("import");
+        assert_eq!(chunk_block(&dst, &chunk(5)).expect("read"), Some(block(7)));
+        assert_eq!(chunk_block(&dst, &chunk(6)).expect("read"), Some(block(0)));
+    }
+
+    #[test]
     fn a_base_kept_only_for_its_changes_is_dropped_after_import() {
-        let src = two_versions(false);
-        let (bytes, _, _) = stored_catalog(&src);
+        let src = two_versions();
+        let (bytes, _, _) = stored_catalog(&src, true);
         let dst = MemStore::new();
         import(&dst, &bytes).expect("import");
         assert!(
@@ -1053,8 +1116,8 @@ mod tests {
 
     #[test]
     fn a_corrupt_truncated_or_misordered_catalog_is_refused_with_nothing_written() {
-        let src = two_versions(true);
-        let (bytes, whole, _) = stored_catalog(&src);
+        let src = two_versions();
+        let (bytes, whole, _) = stored_catalog(&src, false);
         let refused = |bytes: &[u8], what: &str| {
             let dst = MemStore::new();
             assert!(import(&dst, bytes).is_err(), "{what}: accepted");
@@ -1153,7 +1216,7 @@ mod tests {
             [new(1, None, 0, "docs"), new(2, Some(1), 1, "docs")]
         );
         // Another source does not stand on this one's segments.
-        let mut both = committed(&[3]);
+        let mut both = committed(&[2, 3]);
         both.push((SnapshotId(4), "photos".into()));
         let next = plan(&[stored(1, None, 0), stored(2, Some(1), 1)], &both, |_| {
             true
@@ -1162,7 +1225,7 @@ mod tests {
             next.new,
             [new(3, Some(2), 2, "docs"), new(4, None, 0, "photos")]
         );
-        // 1 and 2 are not committed any more, but 3 stands on 2, which stands on 1.
+        // 1 is not committed any more, but 3 stands on 2, which stands on 1.
         assert_eq!(next.keep, [stored(1, None, 0), stored(2, Some(1), 1)]);
     }
 
@@ -1193,6 +1256,18 @@ mod tests {
             [stored(top + 1, None, 0)],
             "the old chain is freed"
         );
+    }
+
+    #[test]
+    fn plan_never_builds_on_a_segment_whose_snapshot_is_gone() {
+        // 2 stands on 1; 1 is gone (kept for 2), 3 is new: it stands on 2, not on 1.
+        let segs = [stored(1, None, 0), stored(2, Some(1), 1)];
+        let next = plan(&segs, &committed(&[2, 3]), |_| true);
+        assert_eq!(next.new, [new(3, Some(2), 2, "docs")]);
+        // 2's upload failed and 1 was dropped since: 2 is made whole, not on 1's lost tree.
+        let next = plan(&segs[..1], &committed(&[2]), |_| true);
+        assert_eq!(next.new, [new(2, None, 0, "docs")]);
+        assert!(next.keep.is_empty(), "nothing stands on 1 any more");
     }
 
     #[test]
