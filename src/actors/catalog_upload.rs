@@ -1103,6 +1103,18 @@ mod code_tests {
                 .iter()
                 .map(|b| (b.id, plain(b, &keys, &owner))),
         );
+        // A version committed after the trees were planned is not in the head: its tree is not
+        // in this catalog (it waits for the next upload).
+        let head_only: BTreeSet<SnapshotId> = [SnapshotId(1)].into();
+        let head = segments::export_head_of(&kv, &head_only).expect("head");
+        let listed = MemStore::new();
+        catalog::import(&listed, &head).expect("import");
+        let ids: Vec<u64> = catalog::snapshots(&listed)
+            .expect("snapshots")
+            .iter()
+            .map(|s| s.id.0)
+            .collect();
+        assert_eq!(ids, [1]);
         // The record's blocks in its order, concatenated, are the catalog.
         let stored: Vec<u8> = second
             .all_ids()
@@ -1121,5 +1133,34 @@ mod code_tests {
             assert_eq!(trees[0], trees[1], "snapshot {id}");
             assert_eq!(trees[0].len(), 3000);
         }
+    }
+
+    #[test]
+    fn a_kept_segment_below_k_good_fragments_is_made_again() {
+        let owner = SigningKey::from_bytes(&[4; 32]);
+        let keys = MasterSecret::from_bytes([5; 32]).data_keys();
+        let kv = MemStore::new();
+        version(&kv, 1, "");
+        let first = code_catalog(&kv, &keys, &owner, &settings(), &[]).expect("code");
+        save(&kv, &first);
+        // Two of the three fragments of the tree's first block found bad (k = 2).
+        let block = first.segments[0].blocks[0];
+        let mut b = Batch::new();
+        let cells = [
+            FragmentHealth::Present,
+            FragmentHealth::Missing,
+            FragmentHealth::Corrupt,
+        ];
+        health::put_health(&mut b, &block, &cells);
+        kv.write(b).expect("write");
+        version(&kv, 2, "dir/file-00001");
+        let next = code_catalog(&kv, &keys, &owner, &settings(), &[]).expect("code");
+        assert!(
+            next.kept.is_empty(),
+            "the damaged segment is not named again"
+        );
+        let bases: Vec<Option<SnapshotId>> = next.segments.iter().map(|s| s.base).collect();
+        assert_eq!(bases, [None, Some(SnapshotId(1))], "both trees made again");
+        assert!(!next.segments[0].blocks.contains(&block));
     }
 }

@@ -266,6 +266,16 @@ pub fn export_head(kv: &dyn KvStore) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
+/// [`write_head`] of `snapshots` only, into memory.
+pub fn export_head_of(
+    kv: &dyn KvStore,
+    snapshots: &BTreeSet<SnapshotId>,
+) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::new();
+    write_head(kv, Some(snapshots), &mut out)?;
+    Ok(out)
+}
+
 /// A snapshot's tree entries as (path, record), a page at a time.
 struct TreeEntries<'a> {
     pages: codec::Pages<'a, dyn KvStore + 'a>,
