@@ -126,11 +126,7 @@ fn snapshot(id: u64, files: u64) -> Snapshot {
 /// Writes one version: `files` entries, the changed ones (every `1000 / changed`-th, for
 /// version 2) with a new chunk in a new block; chunk and block entries for what is new.
 fn write_version(kv: &RocksStore, version: u64, files: u64, changed: u64) {
-    let every = if changed == 0 {
-        u64::MAX
-    } else {
-        1000 / changed
-    };
+    let every = 1000u64.checked_div(changed).unwrap_or(u64::MAX).max(1);
     let mut batch = Batch::new();
     let mut new_chunks = 0u64;
     for i in 0..files {
