@@ -14,6 +14,8 @@
 //! Unlimited runs: the same session with and without the `PacedWrite`/`PacedRead` wrappers
 //! (a shaper with no limit): the cost of counting bytes on every read and write.
 
+mod common;
+use common::env_or;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -28,13 +30,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 const MIB: u64 = 1 << 20;
 const MSG: usize = 1 << 20;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn sessions(
     shaper: Option<Arc<Shaper>>,
@@ -160,8 +155,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let secs = env_u64("BENCH_SECS", 6);
-    let total = env_u64("BENCH_MIB", 512) * MIB;
+    let secs = env_or::<u64>("BENCH_SECS", 6);
+    let total = env_or::<u64>("BENCH_MIB", 512) * MIB;
     runtime.block_on(async {
         println!("upload limit | sessions | achieved (steady state) | of the limit");
         for rate in [MIB, 4 * MIB, 16 * MIB] {

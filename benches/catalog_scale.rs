@@ -13,6 +13,8 @@
 //! sealed); the monitor's load of the blocks to follow; `list` (every version); and an import
 //! of the three segments into an empty store (a recovery).
 
+mod common;
+use common::env_or;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -23,13 +25,6 @@ use bitdust::store::catalog::{
     self, BlockEntry, FileEntry, FileKind, FragmentPlace, Owner, Snapshot, SnapshotId,
 };
 use bitdust::store::{Batch, KvStore, RocksStore};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn hwm_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -173,8 +168,8 @@ fn sizes(name: &str, bytes: &[u8]) {
 }
 
 fn main() {
-    let files = env_usize("BENCH_FILES", 1_000_000) as u64;
-    let changed = env_usize("BENCH_CHANGED", 10) as u64;
+    let files = env_or::<usize>("BENCH_FILES", 1_000_000) as u64;
+    let changed = env_or::<usize>("BENCH_CHANGED", 10) as u64;
     let parent = std::env::var_os("BENCH_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from);
     let dir = tempfile::tempdir_in(parent).expect("tempdir");
     println!(

@@ -11,6 +11,8 @@
 //! MB/s of file bytes; it is printed beside XChaCha20-Poly1305 alone. One run (the page cache is
 //! warm after a first walk: the first figure of a cold machine reads from disk).
 
+mod common;
+use common::env_or;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,13 +29,6 @@ use ed25519_dalek::SigningKey;
 
 const MIB: usize = 1 << 20;
 const FILE: usize = 8 * MIB;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn mb_per_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
@@ -142,9 +137,9 @@ fn tree(root: PathBuf, workers: usize, level: i32) -> (Duration, Totals, u64) {
 }
 
 fn main() {
-    let total = env_usize("BENCH_MIB", 256) * MIB;
-    let runs = env_usize("BENCH_RUNS", 3).max(1);
-    let level = env_usize("BENCH_ZSTD", DEFAULT_ZSTD_LEVEL as usize) as i32;
+    let total = env_or::<usize>("BENCH_MIB", 256) * MIB;
+    let runs = env_or::<usize>("BENCH_RUNS", 3).max(1);
+    let level = env_or::<usize>("BENCH_ZSTD", DEFAULT_ZSTD_LEVEL as usize) as i32;
     let files = mixed(total);
     let total: usize = files.iter().map(Vec::len).sum();
     let keys = MasterSecret::from_bytes([7; 32]).data_keys();
@@ -340,7 +335,7 @@ fn main() {
 
     let root = PathBuf::from(std::env::var("BENCH_TREE").unwrap_or("/usr/share/doc".into()));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = env_usize("BENCH_WORKERS", cores).max(1);
+    let workers = env_or::<usize>("BENCH_WORKERS", cores).max(1);
     let (elapsed, t, staged) = tree(root.clone(), workers, level);
     println!(
         "tree {} (Pipeline: walk+read+chunk+id+dedup+pack | {workers} encoders+stage+fsync): \

@@ -7,6 +7,8 @@
 //! fragments of 4 MiB stored one at a time (each waits for its ack); `BENCH_RUNS` (default 3)
 //! store runs, the best reported. MB = 10^6 bytes.
 
+mod common;
+use common::env_or;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -24,13 +26,6 @@ use bitdust::proto::{
 const BIN: &str = env!("CARGO_BIN_EXE_bitdust");
 const FRAGMENT: usize = 4 << 20;
 const MAX_CHUNK: usize = 65535 - 16 - 1;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn bitdust(home: &Path, args: &[&str]) -> String {
     let out = Command::new(BIN)
@@ -186,9 +181,9 @@ impl Drop for Node {
 }
 
 fn main() {
-    let pings = env_usize("BENCH_PINGS", 500);
-    let fragments = env_usize("BENCH_FRAGMENTS", 32);
-    let runs = env_usize("BENCH_RUNS", 3);
+    let pings = env_or::<usize>("BENCH_PINGS", 500);
+    let fragments = env_or::<usize>("BENCH_FRAGMENTS", 32);
+    let runs = env_or::<usize>("BENCH_RUNS", 3);
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join("supplier");
     let port = {

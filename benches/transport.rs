@@ -6,6 +6,8 @@
 //! `BENCH_ONLY` = `plain`, `noise`, `cipher` or `layer` (one part only);
 //! each figure is the best of the runs. MB = 10^6 bytes.
 
+mod common;
+use common::env_or;
 use std::time::{Duration, Instant};
 
 use bitdust::net::frame::NOISE_MAX_MSG;
@@ -15,13 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const MSG: usize = 1 << 20;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn mb_per_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
@@ -213,8 +208,8 @@ fn cipher_raw(total: usize) -> (Duration, Duration) {
 }
 
 fn main() {
-    let total = env_usize("BENCH_MIB", 512) * MSG;
-    let runs = env_usize("BENCH_RUNS", 3).max(1);
+    let total = env_or::<usize>("BENCH_MIB", 512) * MSG;
+    let runs = env_or::<usize>("BENCH_RUNS", 3).max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
