@@ -271,7 +271,7 @@ fn kept_blocks(
                     )
             })
             .count();
-        if entry.layout().is_ok_and(|l| good < l.k()) || entry.layout().is_err() {
+        if !entry.layout().is_ok_and(|l| good >= l.k()) {
             return Ok(None);
         }
         blocks.push(CatalogBlock {

@@ -104,8 +104,8 @@ pub struct MonitorDriver {
 /// share a read of the index): bounds the load's memory whatever the tree's size (~17 MB).
 const LOOKUP_BATCH: usize = 256 * 1024;
 
-/// The blocks of `chunks` (sorted and deduplicated here, then cleared), each recorded as
-/// referenced by `snapshot` unless a newer snapshot already was.
+/// The blocks of `chunks` (taken, leaving it empty), each recorded as referenced by `snapshot`
+/// unless a newer snapshot already was.
 fn resolve(
     kv: &dyn KvStore,
     chunks: &mut Vec<crate::data::ChunkId>,
@@ -113,16 +113,12 @@ fn resolve(
     newest: &mut HashMap<BlockId, u64>,
     set: &mut BTreeSet<BlockId>,
 ) -> Result<(), StoreError> {
-    chunks.sort_unstable();
-    chunks.dedup();
-    for block in catalog::chunk_blocks_sorted(kv, chunks)?
-        .into_iter()
-        .flatten()
-    {
-        newest.entry(block).or_insert(snapshot);
-        set.insert(block);
+    for (_, block) in catalog::chunk_blocks_of(kv, std::mem::take(chunks))? {
+        if let Some(block) = block {
+            newest.entry(block).or_insert(snapshot);
+            set.insert(block);
+        }
     }
-    chunks.clear();
     Ok(())
 }
 

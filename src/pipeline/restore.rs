@@ -506,17 +506,15 @@ pub fn plan(
     // may have let go. A parent still precedes its children.
     files.sort_by(walk_order);
 
-    // The chunk index read in key order, a run at a time, not one lookup per chunk.
-    let mut wanted: Vec<ChunkId> = files
+    // The chunk index read in key order, a batch at a time, not one lookup per chunk.
+    let wanted: Vec<ChunkId> = files
         .iter()
         .filter(|f| f.kind == FileKind::File)
         .flat_map(|f| f.chunks.iter().copied())
         .collect();
-    wanted.sort_unstable_by_key(|c| c.0);
-    wanted.dedup();
-    let found = catalog::chunk_blocks_sorted(kv, &wanted)?;
-    let mut chunk_blocks: HashMap<ChunkId, BlockId> = HashMap::with_capacity(wanted.len());
-    for (chunk, block) in wanted.into_iter().zip(found) {
+    let found = catalog::chunk_blocks_of(kv, wanted)?;
+    let mut chunk_blocks: HashMap<ChunkId, BlockId> = HashMap::with_capacity(found.len());
+    for (chunk, block) in found {
         let Some(block) = block else {
             let path = files
                 .iter()

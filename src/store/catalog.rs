@@ -698,6 +698,18 @@ pub fn chunk_blocks_sorted(
     Ok(out)
 }
 
+/// `chunks` sorted and made distinct, each with its block from [`chunk_blocks_sorted`] (`None`
+/// where the index has none).
+pub fn chunk_blocks_of(
+    kv: &dyn KvStore,
+    mut chunks: Vec<ChunkId>,
+) -> Result<Vec<(ChunkId, Option<BlockId>)>, StoreError> {
+    chunks.sort_unstable();
+    chunks.dedup();
+    let found = chunk_blocks_sorted(kv, &chunks)?;
+    Ok(chunks.into_iter().zip(found).collect())
+}
+
 /// Adds (or replaces, e.g. once more fragments are placed) a block of the block index.
 pub fn put_block(batch: &mut Batch, block: &BlockEntry) {
     batch.put(
@@ -947,25 +959,57 @@ fn check_format(entries: &[Entry<'_>]) -> Result<(), CatalogError> {
 
 /// Writes imported entries in bounded batches; the snapshot counter only ever goes up.
 fn write_entries(kv: &dyn KvStore, entries: Vec<Entry<'_>>) -> Result<u64, StoreError> {
-    let mut written = 0u64;
-    let mut batch = Batch::new();
-    let mut batch_bytes = 0;
+    let mut writes = Writes::new(kv);
     for (k, v) in entries {
         if k == COUNTER_KEY && !raises_counter(kv, v)? {
             continue;
         }
-        batch.put(CF, k, v);
-        batch_bytes += k.len() + v.len();
-        written += 1;
-        if batch.ops().len() >= IMPORT_BATCH_ENTRIES || batch_bytes >= IMPORT_BATCH_BYTES {
-            kv.write(std::mem::take(&mut batch))?;
-            batch_bytes = 0;
+        writes.put(k.to_vec(), v)?;
+    }
+    writes.flush()?;
+    Ok(writes.written)
+}
+
+/// An import's puts into `Cf::Catalog`, in batches of at most [`IMPORT_BATCH_ENTRIES`] entries
+/// or about [`IMPORT_BATCH_BYTES`].
+struct Writes<'a> {
+    kv: &'a dyn KvStore,
+    batch: Batch,
+    bytes: usize,
+    written: u64,
+}
+
+impl<'a> Writes<'a> {
+    fn new(kv: &'a dyn KvStore) -> Self {
+        Writes {
+            kv,
+            batch: Batch::new(),
+            bytes: 0,
+            written: 0,
         }
     }
-    if !batch.is_empty() {
-        kv.write(batch)?;
+
+    fn put(&mut self, key: Vec<u8>, value: &[u8]) -> Result<(), StoreError> {
+        self.bytes += key.len() + value.len();
+        self.batch.put(CF, key, value);
+        self.written += 1;
+        self.maybe_flush()
     }
-    Ok(written)
+
+    fn maybe_flush(&mut self) -> Result<(), StoreError> {
+        if self.batch.ops().len() >= IMPORT_BATCH_ENTRIES || self.bytes >= IMPORT_BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        self.bytes = 0;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.kv.write(std::mem::take(&mut self.batch))
+    }
 }
 
 /// Whether an imported counter should replace this store's: only if it is higher (or this

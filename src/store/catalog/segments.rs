@@ -33,9 +33,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
-    Batch, CF, CHUNK_ID_LEN, CatalogError, EXPORT_MAGIC, KvPages, KvStore, PAGE, SnapshotId,
-    StoreError, TAG_CHUNK, TAG_FILE, TAG_REMAPPED, TAG_SNAPSHOT, chunk_blocks_sorted, codec,
-    put_chunk, records, snapshot_prefix, take_field,
+    CF, CHUNK_ID_LEN, CatalogError, EXPORT_MAGIC, KvPages, KvStore, PAGE, Records, SnapshotId,
+    StoreError, TAG_CHUNK, TAG_FILE, TAG_REMAPPED, TAG_SNAPSHOT, Writes, chunk_blocks_of, codec,
+    file_key, put_chunk, records, snapshot_prefix, take_field,
 };
 use crate::data::{BlockId, ChunkId};
 
@@ -56,9 +56,6 @@ const UNKNOWN_BLOCK: u32 = u32::MAX;
 pub const MAX_DEPTH: u32 = 16;
 /// The head's entries, by tag, in key order: everything but trees (`t`) and chunks (`c`).
 const HEAD_TAGS: [&[u8]; 4] = [b"b", b"n", b"s", b"v"];
-/// Entries per import batch, and a byte bound, so a large catalog is never one huge write.
-const BATCH_ENTRIES: usize = 1024;
-const BATCH_BYTES: usize = 4 << 20;
 
 /// One snapshot's tree segment as uploaded: where it is and what it stands on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -276,36 +273,13 @@ pub fn export_head_of(
     Ok(out)
 }
 
-/// A snapshot's tree entries as (path, record), a page at a time.
-struct TreeEntries<'a> {
-    pages: codec::Pages<'a, dyn KvStore + 'a>,
-    rows: std::vec::IntoIter<crate::store::KeyValue>,
-}
-
-impl<'a> TreeEntries<'a> {
-    fn new(kv: &'a dyn KvStore, snapshot: SnapshotId) -> Self {
-        TreeEntries {
-            pages: kv.pages(CF, &snapshot_prefix(snapshot), PAGE),
-            rows: Vec::new().into_iter(),
-        }
+/// A snapshot's tree entries as (path, record bytes), a page at a time.
+fn tree_entries(kv: &dyn KvStore, snapshot: SnapshotId) -> Records<'_, (Vec<u8>, Vec<u8>)> {
+    fn raw(k: &[u8], v: &[u8]) -> Result<(Vec<u8>, Vec<u8>), CatalogError> {
+        let path = k.get(TAG_FILE.len() + 8..).ok_or(CatalogError::Key)?;
+        Ok((path.to_vec(), v.to_vec()))
     }
-}
-
-impl Iterator for TreeEntries<'_> {
-    type Item = Result<(Vec<u8>, Vec<u8>), StoreError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if let Some((mut k, v)) = self.rows.next() {
-                k.drain(..TAG_FILE.len() + 8);
-                return Some(Ok((k, v)));
-            }
-            match self.pages.next()? {
-                Ok(page) => self.rows = page.into_iter(),
-                Err(e) => return Some(Err(e)),
-            }
-        }
-    }
+    Records::new(kv, &snapshot_prefix(snapshot), raw, "file")
 }
 
 /// The chunk ids of a file record (none if it does not decode: it is stored as it is).
@@ -350,9 +324,9 @@ pub fn changes(kv: &dyn KvStore, snapshot: SnapshotId, base: Option<SnapshotId>)
         entries.peekable()
     }
     Changes {
-        mine: boxed(TreeEntries::new(kv, snapshot)),
+        mine: boxed(tree_entries(kv, snapshot)),
         theirs: match base {
-            Some(base) => boxed(TreeEntries::new(kv, base)),
+            Some(base) => boxed(tree_entries(kv, base)),
             None => boxed(std::iter::empty()),
         },
     }
@@ -448,16 +422,12 @@ fn write_items<W: std::io::Write>(
     table: &mut HashMap<BlockId, u32>,
     pending: &mut Vec<(Change, Vec<ChunkId>)>,
 ) -> Result<(), StoreError> {
-    let mut chunks: Vec<ChunkId> = pending
+    let chunks: Vec<ChunkId> = pending
         .iter()
         .flat_map(|(_, c)| c.iter().copied())
         .collect();
-    chunks.sort_unstable();
-    chunks.dedup();
-    let found = chunk_blocks_sorted(kv, &chunks)?;
-    let blocks: HashMap<ChunkId, BlockId> = chunks
+    let blocks: HashMap<ChunkId, BlockId> = chunk_blocks_of(kv, chunks)?
         .into_iter()
-        .zip(found)
         .filter_map(|(c, b)| b.map(|b| (c, b)))
         .collect();
     let mut refs = Vec::new();
@@ -699,31 +669,8 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, CatalogError> {
     Ok(parsed)
 }
 
-/// Writes puts in bounded batches.
-struct Writes<'a> {
-    kv: &'a dyn KvStore,
-    batch: Batch,
-    bytes: usize,
-    written: u64,
-}
-
-impl<'a> Writes<'a> {
-    fn new(kv: &'a dyn KvStore) -> Self {
-        Writes {
-            kv,
-            batch: Batch::new(),
-            bytes: 0,
-            written: 0,
-        }
-    }
-
-    fn put(&mut self, key: Vec<u8>, value: &[u8]) -> Result<(), StoreError> {
-        self.bytes += key.len() + value.len();
-        self.batch.put(CF, key, value);
-        self.written += 1;
-        self.maybe_flush()
-    }
-
+impl Writes<'_> {
+    /// The chunk entries a tree's put names (block refs into the tree's table).
     fn chunks(&mut self, tree: &Tree<'_>, value: &[u8], refs: &[u8]) -> Result<(), StoreError> {
         for (chunk, at) in record_chunks(value).iter().zip(refs.chunks_exact(4)) {
             let at = u32::from_be_bytes([at[0], at[1], at[2], at[3]]);
@@ -734,27 +681,6 @@ impl<'a> Writes<'a> {
         }
         self.maybe_flush()
     }
-
-    fn maybe_flush(&mut self) -> Result<(), StoreError> {
-        if self.batch.ops().len() >= BATCH_ENTRIES || self.bytes >= BATCH_BYTES {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), StoreError> {
-        self.bytes = 0;
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        self.kv.write(std::mem::take(&mut self.batch))
-    }
-}
-
-fn file_key(snapshot: SnapshotId, path: &[u8]) -> Vec<u8> {
-    let mut key = snapshot_prefix(snapshot);
-    key.extend_from_slice(path);
-    key
 }
 
 /// Writes one tree: its base's entries merged with its ops, and the chunk entries its puts name.
@@ -768,7 +694,7 @@ fn apply_tree(writes: &mut Writes<'_>, tree: &Tree<'_>) -> Result<(), StoreError
         Ok(())
     };
     if let Some(base) = tree.base {
-        for entry in TreeEntries::new(writes.kv, base) {
+        for entry in tree_entries(writes.kv, base) {
             let (path, value) = entry?;
             while let Some(op) = ops.next_if(|op| op.path() < path.as_slice()) {
                 apply(writes, op)?;
@@ -808,12 +734,11 @@ pub fn recovered(
         starts.insert(at, i);
         at += len;
     }
-    let sources: HashMap<SnapshotId, String> = super::snapshots(kv)?
+    let mut source_of: HashMap<SnapshotId, String> = super::snapshots(kv)?
         .into_iter()
         .map(|s| (s.id, s.source))
         .collect();
     // A base kept only for what stands on it has the source of what stands on it.
-    let mut source_of = sources.clone();
     for tree in trees.iter().rev() {
         if let (Some(base), Some(source)) = (tree.base, source_of.get(&tree.snapshot).cloned()) {
             source_of.entry(base).or_insert(source);
@@ -906,7 +831,7 @@ mod tests {
     };
     use super::*;
     use crate::crypto::identity::NodeId;
-    use crate::store::MemStore;
+    use crate::store::{Batch, MemStore};
 
     fn chunk(n: u32) -> ChunkId {
         let mut id = [0x5c; 32];
