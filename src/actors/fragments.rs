@@ -48,6 +48,10 @@ pub enum FragmentError {
     Unreachable,
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    /// No reply and nothing else from the supplier in time: it fell silent (frozen, or the
+    /// path is gone), which says nothing about the fragment.
+    #[error("no reply and nothing else from the supplier within {0:?}")]
+    Silent(Duration),
     /// The link closed or its queue was full before an answer came.
     #[error("the link failed: {0}")]
     Link(RequestError),
@@ -79,7 +83,10 @@ impl FragmentError {
     pub fn no_answer(&self) -> bool {
         matches!(
             self,
-            FragmentError::Unreachable | FragmentError::Timeout(_) | FragmentError::Link(_)
+            FragmentError::Unreachable
+                | FragmentError::Timeout(_)
+                | FragmentError::Silent(_)
+                | FragmentError::Link(_)
         )
     }
 }
@@ -241,6 +248,7 @@ impl<L: Links> Client<L> {
             .await
             .map_err(|e| match e {
                 RequestError::Timeout(t) => FragmentError::Timeout(t),
+                RequestError::Silent(t) => FragmentError::Silent(t),
                 other => FragmentError::Link(other),
             })?;
         match reply.body {

@@ -371,12 +371,13 @@ pub fn tell_fetch_failure(
     }
 }
 
-/// What a failed audit request says (H1): without a session, nothing; "try later", passing
-/// trouble (M6); NOT_FOUND, missing; bytes it cannot read back or a range it does not have,
-/// corrupt; any other answer from a reachable supplier — a refusal, no reply in time, a reply
-/// of the wrong kind — a refusal to prove it holds the bytes.
+/// What a failed audit request says (H1): without a session, or from a supplier that fell
+/// silent (no reply and not even a pong), nothing; "try later", passing trouble (M6);
+/// NOT_FOUND, missing; bytes it cannot read back or a range it does not have, corrupt; any
+/// other answer from a reachable supplier — a refusal, no reply in time while it answers
+/// pings, a reply of the wrong kind — a refusal to prove it holds the bytes.
 pub fn failed_audit(error: &FragmentError) -> AuditResult {
-    if *error == FragmentError::Unreachable {
+    if matches!(error, FragmentError::Unreachable | FragmentError::Silent(_)) {
         return AuditResult::NoAnswer;
     }
     match error.refusal() {

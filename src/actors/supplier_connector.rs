@@ -69,7 +69,7 @@ impl SupplierConnectorDriver {
             };
             match link.request(body, timeout).await {
                 Ok(reply) => Ok(Some(reply)),
-                Err(RequestError::Timeout(_)) => Ok(None),
+                Err(RequestError::Timeout(_) | RequestError::Silent(_)) => Ok(None),
                 Err(RequestError::Closed | RequestError::QueueFull) => Err(FailCode::Unavailable),
             }
         }

@@ -363,8 +363,15 @@ pub enum RequestError {
     Closed,
     #[error("the outbound queue is full")]
     QueueFull,
+    /// No reply in time, though the peer sent other messages meanwhile: it is there and did
+    /// not answer this request.
     #[error("no reply within {0:?}")]
     Timeout(Duration),
+    /// No reply and nothing else from the peer within the timeout, not even the pong to a probe
+    /// sent halfway: the peer fell silent (frozen, or the path is gone). Says nothing about the
+    /// request itself; the session closes the link once `network.dead_after` has passed.
+    #[error("no reply and nothing else from the peer within {0:?}")]
+    Silent(Duration),
 }
 
 /// What went out in answer to a request.
@@ -450,13 +457,36 @@ impl LinkHandle {
         let result = match tokio::time::timeout(timeout * WRITE_WAIT_FACTOR, queued).await {
             Err(_) => Err(RequestError::Timeout(timeout * WRITE_WAIT_FACTOR)),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(())) => match tokio::time::timeout(timeout, rx).await {
-                Err(_) => Err(RequestError::Timeout(timeout)),
-                Ok(reply) => reply.map_err(|_| RequestError::Closed),
-            },
+            Ok(Ok(())) => self.reply_or_silence(rx, timeout).await,
         };
         lock(&self.pending).remove(&id);
         result
+    }
+
+    /// Waits `timeout` for the reply. Halfway, if nothing at all came from the peer since the
+    /// request was written, a probe ping goes out: a peer that answers it (or anything else)
+    /// but not the request ignored the request ([`RequestError::Timeout`]); one that sends
+    /// nothing fell silent ([`RequestError::Silent`]). An audit counts the first as a refusal
+    /// and not the second (a frozen supplier is unreachable, not a liar).
+    async fn reply_or_silence(
+        &self,
+        mut rx: oneshot::Receiver<Envelope>,
+        timeout: Duration,
+    ) -> Result<Envelope, RequestError> {
+        let heard = || self.stats.messages_in.load(Ordering::Relaxed);
+        let before = heard();
+        let half = timeout / 2;
+        if let Ok(reply) = tokio::time::timeout(half, &mut rx).await {
+            return reply.map_err(|_| RequestError::Closed);
+        }
+        if heard() == before {
+            let _ = self.ping(rand::random());
+        }
+        match tokio::time::timeout(timeout - half, rx).await {
+            Ok(reply) => reply.map_err(|_| RequestError::Closed),
+            Err(_) if heard() == before => Err(RequestError::Silent(timeout)),
+            Err(_) => Err(RequestError::Timeout(timeout)),
+        }
     }
 
     /// Sends a ping ahead of every queued message, if the control queue has room.
@@ -1236,6 +1266,35 @@ mod tests {
             .await
             .expect_err("nobody answers");
         assert_eq!(err, RequestError::Timeout(Duration::from_millis(100)));
+        assert!(lock(&a.pending).is_empty());
+    }
+
+    /// A peer that reads nothing (frozen, or the path is gone) does not answer the probe ping
+    /// either: the request ends as silence, not as an ignored request. The peer above answered
+    /// the probe, so its unanswered request was a plain timeout.
+    #[tokio::test]
+    async fn a_peer_that_sends_nothing_at_all_is_silent_not_unanswering() {
+        let ((sa, seen_b), (_frozen, _)) = established(1 << 20).await;
+        let (r, w) = sa.split();
+        let (a, _tasks) = start(
+            r,
+            w,
+            seen_b,
+            8,
+            PeerBudget::new(64 << 20, 1 << 20),
+            Arc::new(|_| {}),
+            ControlWrites::default(),
+        );
+        let err = a
+            .request(
+                Body::ServiceCancel(crate::proto::ServiceCancel {
+                    from_supplier: false,
+                }),
+                Duration::from_millis(200),
+            )
+            .await
+            .expect_err("nobody reads");
+        assert_eq!(err, RequestError::Silent(Duration::from_millis(200)));
         assert!(lock(&a.pending).is_empty());
     }
 
