@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use bitdust::crypto::identity::NodeId;
 use bitdust::data::{BlockId, ChunkId, DEFAULT_ZSTD_LEVEL, compress::compress};
+use bitdust::pipeline::restore;
 use bitdust::store::catalog::segments::{write_head, write_tree};
 use bitdust::store::catalog::{
     self, BlockEntry, FileEntry, FileKind, FragmentPlace, Owner, Snapshot, SnapshotId,
@@ -124,7 +125,23 @@ fn write_version(kv: &RocksStore, version: u64, files: u64, changed: u64) {
     let every = 1000u64.checked_div(changed).unwrap_or(u64::MAX).max(1);
     let mut batch = Batch::new();
     let mut new_chunks = 0u64;
+    let dir = |path: String| FileEntry {
+        path: path.into_bytes(),
+        kind: FileKind::Dir,
+        mode: 0o755,
+        ..FileEntry::default()
+    };
+    catalog::put_file(&mut batch, SnapshotId(version), &dir(String::new()));
     for i in 0..files {
+        // The directories `entry` puts the files in, each before its first file.
+        if i % 10_000 == 0 {
+            let top = format!("d{:03}", i / 10_000);
+            catalog::put_file(&mut batch, SnapshotId(version), &dir(top));
+        }
+        if i % 100 == 0 {
+            let sub = format!("d{:03}/e{:02}", i / 10_000, (i / 100) % 100);
+            catalog::put_file(&mut batch, SnapshotId(version), &dir(sub));
+        }
         let is_new = version == 1 || i % every == 0;
         let e = entry(i, if is_new { version } else { 1 });
         catalog::put_file(&mut batch, SnapshotId(version), &e);
@@ -177,9 +194,9 @@ fn main() {
         dir.path().display()
     );
     let db = dir.path().join("owner");
-    let kv = RocksStore::open(&db).expect("open");
-    step("write version 1", || write_version(&kv, 1, files, changed));
-    step("write version 2", || write_version(&kv, 2, files, changed));
+    let kv = std::sync::Arc::new(RocksStore::open(&db).expect("open"));
+    step("write version 1", || write_version(&*kv, 1, files, changed));
+    step("write version 2", || write_version(&*kv, 2, files, changed));
     kv.flush().expect("flush");
     println!("{:<44} {:>8.1} MB", "owner's database", dir_mb(&db));
 
@@ -193,29 +210,43 @@ fn main() {
     };
     let (mut out, whole) = to_file("whole");
     step("tree segment of version 1 (whole)", || {
-        write_tree(&kv, SnapshotId(1), None, &mut out).expect("export")
+        write_tree(&*kv, SnapshotId(1), None, &mut out).expect("export")
     });
     drop(out);
     let (mut out, diff) = to_file("diff");
     step("tree segment of version 2 (changes)", || {
-        write_tree(&kv, SnapshotId(2), Some(SnapshotId(1)), &mut out).expect("export")
+        write_tree(&*kv, SnapshotId(2), Some(SnapshotId(1)), &mut out).expect("export")
     });
     drop(out);
     let (mut out, head) = to_file("head");
-    step("head", || write_head(&kv, None, &mut out).expect("export"));
+    step("head", || write_head(&*kv, None, &mut out).expect("export"));
     drop(out);
     let read = |path: &PathBuf| std::fs::read(path).expect("read");
     sizes("  whole tree", &read(&whole));
     sizes("  changes", &read(&diff));
     sizes("  head", &read(&head));
     let followed = step("monitor: load the blocks to follow", || {
-        bitdust::actors::monitor::followed_blocks(&kv).expect("load")
+        bitdust::actors::monitor::followed_blocks(&*kv).expect("load")
     });
     println!("{:<44} {followed:>8}", "  blocks followed");
     let versions = step("list (every version)", || {
-        catalog::snapshots(&kv).expect("list").len()
+        catalog::snapshots(&*kv).expect("list").len()
     });
     println!("{:<44} {versions:>8}", "  versions");
+    let plan = step("restore plan of version 2", || {
+        restore::plan(kv.clone(), SnapshotId(2), None).expect("plan")
+    });
+    println!(
+        "{:<44} {:>8} entries, {} blocks",
+        "",
+        plan.entries_total(),
+        plan.blocks.len()
+    );
+    let walked = step("restore: entries read in walk order", || {
+        plan.entries().filter(|e| e.is_ok()).count()
+    });
+    println!("{:<44} {walked:>8}", "  entries");
+    drop(plan);
     let stored = [read(&whole), read(&diff), read(&head)].concat();
     let again = dir.path().join("recovered");
     let target = RocksStore::open(&again).expect("open");

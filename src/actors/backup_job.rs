@@ -1029,10 +1029,11 @@ pub async fn prune(wiring: &BackupWiring) -> Result<(usize, usize), BackupError>
     let _turn = super::catalog_upload::UPLOADING.lock().await;
     let kv = wiring.services.kv.clone();
     let keep = wiring.settings.keep_versions;
+    let reading = wiring.services.reading.pinned();
     let plan = tokio::task::spawn_blocking(move || {
         let protect: std::collections::BTreeSet<BlockId> =
             health::current_catalog(&*kv)?.into_iter().collect();
-        Ok::<_, BackupError>(catalog::plan_prune(&*kv, keep, &protect)?)
+        Ok::<_, BackupError>(catalog::plan_prune(&*kv, keep, &protect, &reading)?)
     })
     .await??;
     if plan.snapshots.is_empty() && plan.blocks.is_empty() {

@@ -469,11 +469,14 @@ pub async fn start(
     let sub = spec.sub_path.clone();
     let target = RestoreTarget::new(spec.to.clone(), spec.overwrite);
     let resume_target = target.clone();
+    // The tree is read from the catalog as the restore goes: retention keeps this version until
+    // the writer is done with it.
+    let pin = wiring.services.reading.pin(snapshot);
     // The plan and every block's manifest: read and verified off the event loop. A restore run
     // again after an interruption leaves out the blocks of files already complete.
     let prepared = tokio::task::spawn_blocking(move || {
-        let mut plan = restore::plan(&*kv, snapshot, sub.as_deref())?;
-        plan.skip_complete(&resume_target);
+        let mut plan = restore::plan(kv.clone(), snapshot, sub.as_deref())?;
+        plan.skip_complete(&resume_target)?;
         let mut sources = HashMap::new();
         let mut layout = Vec::new();
         for id in &plan.blocks {
@@ -517,7 +520,7 @@ pub async fn start(
         handoff: handoff.clone(),
         counters: counters.clone(),
         fetched: Arc::new(AtomicU64::new(0)),
-        files_total: plan.files.len() as u64,
+        files_total: plan.entries_total(),
         bytes_total: plan.bytes(),
         progress: Progress::default(),
         report: None,
@@ -526,7 +529,7 @@ pub async fn start(
         corrupt_by: BTreeMap::new(),
     };
     tracing::info!(run, snapshot = spec.snapshot.0, source = %spec.source,
-        to = %spec.to.display(), blocks = layout.len(), files = plan.files.len(), "restore started");
+        to = %spec.to.display(), blocks = layout.len(), files = plan.entries_total(), "restore started");
     let addr = Shell::new(
         RestoreWorker::with_window(WINDOW).hedging_after(hedge_bound(wiring.request_timeout)),
         run.to_string(),
@@ -555,7 +558,10 @@ pub async fn start(
     });
     std::thread::Builder::new()
         .name("restore-writer".into())
-        .spawn(move || run_writer(plan, target, handoff, counters, news_tx))
+        .spawn(move || {
+            run_writer(plan, target, handoff, counters, news_tx);
+            drop(pin);
+        })
         .map_err(RestoreStartError::Writer)?;
     Ok((addr, done_rx))
 }

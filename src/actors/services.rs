@@ -12,6 +12,7 @@ use super::network_connector::NetworkConnectorDriver;
 use super::registry::Registry;
 use super::shell::Shell;
 use crate::crypto::derive::DataKeys;
+use crate::store::catalog::ReadPins;
 use crate::store::{KvStore, Writer};
 
 #[derive(Clone)]
@@ -30,6 +31,8 @@ pub struct Services {
     pub signer: SigningKey,
     /// Where actors publish their state for `status` (display only: nothing decides from it).
     pub registry: Registry,
+    /// The versions restores are reading: retention keeps them meanwhile.
+    pub reading: ReadPins,
 }
 
 impl Services {

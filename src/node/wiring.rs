@@ -123,6 +123,7 @@ pub async fn start(base: Base, config: &Config) -> Actors {
         keys: data_keys,
         signer: keys.signing_key().clone(),
         registry: registry.clone(),
+        reading: Default::default(),
     };
     let backup_status = Arc::new(Mutex::new(BackupStatus::default()));
     let settings = settings::backup(config, &home);

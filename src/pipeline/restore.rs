@@ -2,8 +2,9 @@
 //! side (fetching `k` fragments per block, decoding them) is the caller's; it hands plain blocks
 //! in through `get_block`.
 //!
-//! [`plan`] reads a snapshot's tree from the catalog and lists the blocks it needs, in order of
-//! first need; [`restore_files`] walks the plan and writes every entry.
+//! [`plan`] reads a snapshot's tree from the catalog once, in the order the backup walked it
+//! (`catalog::tree`), and lists the blocks it needs in order of first need; [`restore_files`]
+//! reads the tree again in that order and writes every entry. Neither holds the tree.
 //!
 //! Invariants (issues 9 §2 and 19; the catalog is untrusted, it could be tampered, and the
 //! target may be changed by others while the restore runs):
@@ -38,6 +39,11 @@
 //!   written fails that entry only; only target-level failures (the root, a full disk) stop the
 //!   run. What is lost for a reason not the entry's (ownership or devices as non-root, an xattr
 //!   namespace refused) is counted per kind in [`RestoreReport::not_restored`], said once.
+//! - **Memory that does not grow with the tree.** The plan holds the blocks and their use
+//!   counts, not the entries: they are read from the catalog as they are restored (retention
+//!   keeps the version meanwhile, `catalog::ReadPins`), and a file's chunks are looked up as it
+//!   comes. What grows with the tree: the directories (their metadata is set at the end), the
+//!   first names of hard-linked files and, for a resumed run, the files found complete.
 //! - **Bounded memory and descriptors.** Decoded blocks stay in a cache while they still have
 //!   uses, at most `cache_blocks` of them; the files queued for the writer threads keep at most
 //!   `FLIGHT_BLOCKS` more alive ([`write`]). Descriptors: the current path's directories, plus
@@ -82,30 +88,89 @@ use write::{
 /// Prefix of a file's temporary name while it is written.
 pub const TEMP_PREFIX: &str = ".bitdust-restore-";
 
-/// What to restore: the entries in walk order (parents before children) and the blocks they
-/// need.
-#[derive(Clone, Debug)]
+/// What to restore: which entries (read from the catalog in walk order as the restore goes,
+/// not held), the blocks they need and how often.
+#[derive(Clone)]
 pub struct RestorePlan {
-    /// Every entry in the order the backup walked them (parents before children).
-    pub files: Vec<FileEntry>,
+    kv: Arc<dyn KvStore>,
+    snapshot: SnapshotId,
+    /// The restored path's ancestors' directories (none for the whole snapshot).
+    ancestors: Vec<FileEntry>,
+    /// The restored path's entry (`None`: the whole snapshot).
+    top: Option<FileEntry>,
+    /// Entries the walk does not reach (a damaged or altered catalog): taken after it, as the
+    /// restore found them before it read in walk order (unsafe paths are refused, a missing
+    /// parent directory is made).
+    unreached: Vec<FileEntry>,
+    /// How many entries, and the regular files' bytes.
+    entries: u64,
+    bytes: u64,
     /// Every block needed, in order of first need.
     pub blocks: Vec<BlockId>,
     /// Per block: how many chunk uses the plan holds (the cache drops a block at its last use).
     uses: HashMap<BlockId, u64>,
-    /// The block holding each chunk of the plan.
-    chunk_blocks: HashMap<ChunkId, BlockId>,
     /// Files found complete by [`RestorePlan::skip_complete`]: their uses are out of `uses`.
     complete: HashSet<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RestorePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestorePlan")
+            .field("snapshot", &self.snapshot)
+            .field("top", &self.top.as_ref().map(|t| lossy(&t.path)))
+            .field("entries", &self.entries)
+            .field("bytes", &self.bytes)
+            .field("blocks", &self.blocks.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RestorePlan {
     /// Sum of the regular files' sizes.
     pub fn bytes(&self) -> u64 {
-        self.files
+        self.bytes
+    }
+
+    /// How many entries (files, directories, links, nodes) the restore goes through.
+    pub fn entries_total(&self) -> u64 {
+        self.entries
+    }
+
+    /// The entries in the order the backup walked them (parents before children), read from
+    /// the catalog as they are taken.
+    pub fn entries(&self) -> impl Iterator<Item = Result<FileEntry, StoreError>> + '_ {
+        let walk = self
+            .top
+            .clone()
+            .map(|top| catalog::tree::TreeWalk::under(&*self.kv, self.snapshot, top));
+        let whole = match self.top {
+            Some(_) => None,
+            None => Some(catalog::tree::TreeWalk::whole(&*self.kv, self.snapshot)),
+        };
+        let (whole, failed) = match whole {
+            Some(Ok(w)) => (Some(w), None),
+            Some(Err(e)) => (None, Some(e)),
+            None => (None, None),
+        };
+        self.ancestors
             .iter()
-            .filter(|f| f.kind == FileKind::File)
-            .map(|f| f.size)
-            .sum()
+            .cloned()
+            .map(Ok)
+            .chain(failed.map(Err))
+            .chain(walk.into_iter().flatten())
+            .chain(whole.into_iter().flatten())
+            .chain(self.unreached.iter().cloned().map(Ok))
+    }
+
+    /// The block of each of a file's chunks that the index knows.
+    pub fn blocks_of(&self, entry: &FileEntry) -> Result<HashMap<ChunkId, BlockId>, StoreError> {
+        if entry.kind != FileKind::File || entry.chunks.is_empty() {
+            return Ok(HashMap::new());
+        }
+        Ok(catalog::chunk_blocks_of(&*self.kv, entry.chunks.clone())?
+            .into_iter()
+            .filter_map(|(chunk, block)| Some((chunk, block?)))
+            .collect())
     }
 
     /// For a resumed restore: finds the files already complete under the target (size and mtime
@@ -114,24 +179,28 @@ impl RestorePlan {
     /// [`restore_files`] checks them again (a file changed since is written after all, its blocks
     /// then asked for on demand). Returns how many files were found complete. With
     /// `overwrite` nothing is: every file is rewritten (M5).
-    pub fn skip_complete(&mut self, target: &RestoreTarget) -> u64 {
+    pub fn skip_complete(&mut self, target: &RestoreTarget) -> Result<u64, StoreError> {
         if target.overwrite {
-            return 0;
+            return Ok(0);
         }
         let Ok(root) = rustix::fs::open(
             &target.root,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         ) else {
-            return 0;
+            return Ok(0);
         };
         // Held directories as in the writer: one open per directory, not a path walk per file.
         let mut dirs = DirStack::new(Arc::new(root));
         // The last parent found missing: its other files are not looked for (a restore into a
         // new directory would otherwise try to open a parent once per file).
         let mut missing: Option<Vec<u8>> = None;
-        for entry in self.files.iter().filter(|f| f.kind == FileKind::File) {
-            if self.complete.contains(&entry.path) {
+        let mut complete = HashSet::new();
+        // Uses given back, per block.
+        let mut released: HashMap<BlockId, u64> = HashMap::new();
+        for entry in self.entries() {
+            let entry = entry?;
+            if entry.kind != FileKind::File || self.complete.contains(&entry.path) {
                 continue;
             }
             let Some(parts) = components(&entry.path) else {
@@ -146,34 +215,38 @@ impl RestorePlan {
             if missing.as_deref() == Some(parent_path) {
                 continue;
             }
-            let complete = match dirs.at(&parent, false) {
+            let found = match dirs.at(&parent, false) {
                 Ok(dir) => matches!(
                     lstat_at(dir.as_fd(), &name),
-                    Ok(Some(st)) if is_complete(&st, entry)
+                    Ok(Some(st)) if is_complete(&st, &entry)
                 ),
                 Err(_) => {
                     missing = Some(parent_path.to_vec());
                     false
                 }
             };
-            if !complete {
+            if !found {
                 continue;
             }
-            for chunk in &entry.chunks {
-                if let Some(block) = self.chunk_blocks.get(chunk)
-                    && let Some(n) = self.uses.get_mut(block)
-                {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.uses.remove(block);
-                    }
+            let blocks = self.blocks_of(&entry)?;
+            for block in entry.chunks.iter().filter_map(|c| blocks.get(c)) {
+                *released.entry(*block).or_default() += 1;
+            }
+            complete.insert(entry.path);
+        }
+        for (block, given_back) in released {
+            if let Some(n) = self.uses.get_mut(&block) {
+                *n = n.saturating_sub(given_back);
+                if *n == 0 {
+                    self.uses.remove(&block);
                 }
             }
-            self.complete.insert(entry.path.clone());
         }
+        let found = complete.len() as u64;
+        self.complete.extend(complete);
         let uses = &self.uses;
         self.blocks.retain(|b| uses.contains_key(b));
-        self.complete.len() as u64
+        Ok(found)
     }
 }
 
@@ -399,13 +472,6 @@ fn lossy(path: &[u8]) -> String {
     String::from_utf8_lossy(path).into_owned()
 }
 
-/// `sub` is `path` itself or lies below it (the empty path is the root, above everything).
-fn is_within(path: &[u8], sub: &[u8]) -> bool {
-    path.is_empty()
-        || sub == path
-        || (sub.len() > path.len() && sub.starts_with(path) && sub[path.len()] == b'/')
-}
-
 /// The components of a catalog path, if every one is a plain name: no empty, `.` or `..`
 /// component (so no leading `/` either), no NUL. The empty path (the root) has none.
 fn components(path: &[u8]) -> Option<Vec<&[u8]>> {
@@ -419,32 +485,42 @@ fn components(path: &[u8]) -> Option<Vec<&[u8]>> {
         .then_some(parts)
 }
 
-/// The walker's order (see `pipeline::walk`): at the first component where two paths differ,
-/// an entry that ends there and is not a directory comes before a subtree; then by name. A
-/// directory comes before everything under it.
-fn walk_order(a: &FileEntry, b: &FileEntry) -> std::cmp::Ordering {
-    fn key(e: &FileEntry) -> impl Iterator<Item = (bool, &[u8])> {
-        let last = e.path.split(|c| *c == b'/').count();
-        e.path
-            .split(|c| *c == b'/')
-            .enumerate()
-            .filter(|_| !e.path.is_empty())
-            .map(move |(i, part)| (i + 1 < last || e.kind == FileKind::Dir, part))
-    }
-    key(a).cmp(key(b))
-}
-
 #[cfg(test)]
 mod walk_order_tests {
     use super::*;
 
-    #[test]
-    fn entries_sort_as_the_walker_visits_them() {
-        let entry = |path: &str, kind| FileEntry {
+    /// `sub` is `path` itself or lies below it (the empty path is the root, above everything).
+    fn is_within(path: &[u8], sub: &[u8]) -> bool {
+        path.is_empty()
+            || sub == path
+            || (sub.len() > path.len() && sub.starts_with(path) && sub[path.len()] == b'/')
+    }
+
+    /// The walker's order (see `pipeline::walk`): at the first component where two paths differ,
+    /// an entry that ends there and is not a directory comes before a subtree; then by name. A
+    /// directory comes before everything under it.
+    fn walk_order(a: &FileEntry, b: &FileEntry) -> std::cmp::Ordering {
+        fn key(e: &FileEntry) -> impl Iterator<Item = (bool, &[u8])> {
+            let last = e.path.split(|c| *c == b'/').count();
+            e.path
+                .split(|c| *c == b'/')
+                .enumerate()
+                .filter(|_| !e.path.is_empty())
+                .map(move |(i, part)| (i + 1 < last || e.kind == FileKind::Dir, part))
+        }
+        key(a).cmp(key(b))
+    }
+
+    fn entry(path: &str, kind: FileKind) -> FileEntry {
+        FileEntry {
             path: path.as_bytes().to_vec(),
             kind,
             ..FileEntry::default()
-        };
+        }
+    }
+
+    #[test]
+    fn entries_sort_as_the_walker_visits_them() {
         let mut files = [
             entry("a/b/x", FileKind::File),
             entry("a/c", FileKind::File),
@@ -463,12 +539,136 @@ mod walk_order_tests {
         // Path byte order would be "", a, a/a, a/b, a/b-, a/b/x, a/c, z.
         assert_eq!(order, ["", "z", "a", "a/a", "a/b-", "a/c", "a/b", "a/b/x"]);
     }
+
+    /// Random trees with names that sort around `/` (`-` and `.` before it, `0` after): the
+    /// catalog read in walk order is the whole tree sorted by `walk_order`, and so is any
+    /// subtree, without holding or sorting the tree.
+    #[test]
+    fn the_catalog_read_in_walk_order_is_the_sorted_tree() {
+        use crate::store::catalog::tree::{TreeWalk, count, unreachable};
+        use rand::{Rng, SeedableRng};
+        let names: [&[u8]; 7] = [b"a", b"a-b", b"a0", b"b", b"-", b"a.b", b"\xff"];
+        let snap = SnapshotId(3);
+        for seed in 0..20 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut entries = vec![FileEntry {
+                kind: FileKind::Dir,
+                ..FileEntry::default()
+            }];
+            let mut dirs: Vec<Vec<u8>> = vec![Vec::new()];
+            for _ in 0..80 {
+                let mut path = dirs[rng.gen_range(0..dirs.len())].clone();
+                if !path.is_empty() {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(names[rng.gen_range(0..names.len())]);
+                if entries.iter().any(|e| e.path == path) {
+                    continue;
+                }
+                let kind = if rng.gen_bool(0.4) {
+                    dirs.push(path.clone());
+                    FileKind::Dir
+                } else {
+                    FileKind::File
+                };
+                entries.push(FileEntry {
+                    path,
+                    kind,
+                    ..FileEntry::default()
+                });
+            }
+            let kv = crate::store::MemStore::new();
+            let mut batch = crate::store::Batch::new();
+            for e in &entries {
+                catalog::put_file(&mut batch, snap, e);
+            }
+            kv.write(batch).expect("write");
+            entries.sort_by(walk_order);
+            let paths = |walk: &mut dyn Iterator<Item = Result<FileEntry, StoreError>>| {
+                walk.map(|e| e.expect("entry").path).collect::<Vec<_>>()
+            };
+            let want: Vec<Vec<u8>> = entries.iter().map(|e| e.path.clone()).collect();
+            let mut whole = TreeWalk::whole(&kv, snap).expect("walk");
+            assert_eq!(paths(&mut whole), want, "seed {seed}");
+            for top in entries.iter().filter(|e| e.kind == FileKind::Dir) {
+                let want: Vec<Vec<u8>> = want
+                    .iter()
+                    .filter(|p| is_within(&top.path, p))
+                    .cloned()
+                    .collect();
+                let mut under = TreeWalk::under(&kv, snap, top.clone());
+                assert_eq!(paths(&mut under), want, "seed {seed}, under {:?}", top.path);
+                let n = count(
+                    &kv,
+                    snap,
+                    Some(top.path.as_slice()).filter(|p| !p.is_empty()),
+                );
+                assert_eq!(n.expect("count"), want.len() as u64);
+            }
+            assert!(unreachable(&kv, snap, None).expect("scan").is_empty());
+        }
+    }
+
+    /// Entries no directory leads to (an altered catalog) are not walked; `unreachable` finds
+    /// them in path order and the plan takes them last (as the restore did before it read in
+    /// walk order), so they are restored or refused, never dropped.
+    #[test]
+    fn entries_the_walk_cannot_reach_are_found_and_planned_last() {
+        use crate::store::catalog::tree::{TreeWalk, count, unreachable};
+        let snap = SnapshotId(1);
+        let kv: Arc<dyn KvStore> = Arc::new(crate::store::MemStore::new());
+        let mut batch = crate::store::Batch::new();
+        for (path, kind) in [
+            ("", FileKind::Dir),
+            ("a", FileKind::Dir),
+            ("a/x", FileKind::File),
+            ("a//z", FileKind::File),
+            ("b/y", FileKind::Symlink),
+            ("f", FileKind::File),
+            ("f/under-a-file", FileKind::File),
+        ] {
+            let e = entry(path, kind);
+            catalog::put_file(&mut batch, snap, &e);
+        }
+        kv.write(batch).expect("write");
+        let walked: Vec<Vec<u8>> = TreeWalk::whole(&*kv, snap)
+            .expect("walk")
+            .map(|e| e.expect("entry").path)
+            .collect();
+        assert_eq!(walked, [&b""[..], b"f", b"a", b"a/x"]);
+        assert_eq!(count(&*kv, snap, None).expect("count"), 7);
+        let lost: Vec<Vec<u8>> = unreachable(&*kv, snap, None)
+            .expect("scan")
+            .into_iter()
+            .map(|e| e.path)
+            .collect();
+        assert_eq!(lost, [&b"a//z"[..], b"b/y", b"f/under-a-file"]);
+        let plan = plan(kv, snap, None).expect("plan");
+        assert_eq!(plan.entries_total(), 7);
+        let order: Vec<Vec<u8>> = plan.entries().map(|e| e.expect("entry").path).collect();
+        assert_eq!(
+            order,
+            [
+                &b""[..],
+                b"f",
+                b"a",
+                b"a/x",
+                b"a//z",
+                b"b/y",
+                b"f/under-a-file"
+            ]
+        );
+    }
 }
 
-/// Reads the snapshot's tree (or the part at `sub_path`, with its ancestors' directories) and
-/// finds the block of every chunk.
+/// Chunks looked up in the index at a time while planning.
+const PLAN_LOOKUP_BATCH: usize = 1 << 16;
+
+/// Reads the snapshot's tree (or the part at `sub_path`, with its ancestors' directories) once
+/// in walk order, without holding it: counts it, and lists the blocks its files need in order
+/// of first need, with how many chunk uses each has.
 pub fn plan(
-    kv: &dyn KvStore,
+    kv: Arc<dyn KvStore>,
     snapshot: SnapshotId,
     sub_path: Option<&[u8]>,
 ) -> Result<RestorePlan, RestoreError> {
@@ -479,78 +679,117 @@ pub fn plan(
             if components(trimmed).is_none() {
                 return Err(RestoreError::InvalidSubPath(lossy(p)));
             }
-            Some(trimmed)
+            Some(trimmed).filter(|s| !s.is_empty())
         }
     };
-    let mut files = Vec::new();
-    let mut found = sub.is_none_or(|s| s.is_empty());
-    for entry in catalog::files(kv, snapshot) {
-        let entry = entry?;
-        if let Some(sub) = sub {
-            // The entry itself or below it, or one of its ancestors (for their directories).
-            let below = is_within(sub, &entry.path);
-            let ancestor = entry.kind == FileKind::Dir && is_within(&entry.path, sub);
-            if !below && !ancestor {
-                continue;
+    let (ancestors, top) = match sub {
+        None => (Vec::new(), None),
+        Some(sub) => {
+            let top = catalog::file(&*kv, snapshot, sub)?
+                .ok_or_else(|| RestoreError::NotFound(lossy(sub)))?;
+            // The directories above it, the root first.
+            let mut ends = vec![0];
+            ends.extend(
+                sub.iter()
+                    .enumerate()
+                    .filter(|(_, b)| **b == b'/')
+                    .map(|(i, _)| i),
+            );
+            let mut ancestors = Vec::new();
+            for end in ends {
+                if let Some(dir) =
+                    catalog::file(&*kv, snapshot, &sub[..end])?.filter(|e| e.kind == FileKind::Dir)
+                {
+                    ancestors.push(dir);
+                }
             }
-            found |= entry.path == sub;
+            (ancestors, Some(top))
         }
-        files.push(entry);
-    }
-    if !found {
-        return Err(RestoreError::NotFound(lossy(sub.unwrap_or_default())));
-    }
-    // In the order the backup walked them, which is the order their chunks were packed in: a
-    // directory, its other entries by name, then its subdirectories by name, depth first. Path
-    // byte order would restore `a/b/...` between `a/a` and `a/c`, going back to blocks the cache
-    // may have let go. A parent still precedes its children.
-    files.sort_by(walk_order);
-
-    // The chunk index read in key order, a batch at a time, not one lookup per chunk.
-    let wanted: Vec<ChunkId> = files
-        .iter()
-        .filter(|f| f.kind == FileKind::File)
-        .flat_map(|f| f.chunks.iter().copied())
-        .collect();
-    let found = catalog::chunk_blocks_of(kv, wanted)?;
-    let mut chunk_blocks: HashMap<ChunkId, BlockId> = HashMap::with_capacity(found.len());
-    for (chunk, block) in found {
-        let Some(block) = block else {
-            let path = files
-                .iter()
-                .find(|f| f.kind == FileKind::File && f.chunks.contains(&chunk))
-                .map(|f| lossy(&f.path))
-                .unwrap_or_default();
-            return Err(RestoreError::UnknownChunk { path });
-        };
-        chunk_blocks.insert(chunk, block);
-    }
+    };
+    let mut plan = RestorePlan {
+        kv,
+        snapshot,
+        ancestors,
+        top,
+        unreached: Vec::new(),
+        entries: 0,
+        bytes: 0,
+        blocks: Vec::new(),
+        uses: HashMap::new(),
+        complete: HashSet::new(),
+    };
+    let mut entries = 0u64;
+    let mut bytes = 0u64;
     let mut blocks = Vec::new();
     let mut uses: HashMap<BlockId, u64> = HashMap::new();
-    let mut known_blocks: HashSet<BlockId> = HashSet::new();
-    for entry in files.iter().filter(|f| f.kind == FileKind::File) {
-        for chunk in &entry.chunks {
-            let Some(block) = chunk_blocks.get(chunk).copied() else {
-                continue;
+    // Files whose chunks are not looked up yet: path and chunks, in walk order.
+    let mut waiting: Vec<(Vec<u8>, Vec<ChunkId>)> = Vec::new();
+    let mut waiting_chunks = 0;
+    for entry in plan.entries() {
+        let entry = entry?;
+        entries += 1;
+        if entry.kind != FileKind::File {
+            continue;
+        }
+        bytes += entry.size;
+        waiting_chunks += entry.chunks.len();
+        waiting.push((entry.path, entry.chunks));
+        if waiting_chunks >= PLAN_LOOKUP_BATCH {
+            first_needs(&*plan.kv, &mut waiting, &mut blocks, &mut uses)?;
+            waiting_chunks = 0;
+        }
+    }
+    // The walk reaches what a backup records; anything else comes after it, not dropped.
+    let top_path = plan.top.as_ref().map(|t| t.path.clone());
+    let in_scope = catalog::tree::count(&*plan.kv, snapshot, top_path.as_deref())?;
+    if in_scope + plan.ancestors.len() as u64 != entries {
+        plan.unreached = catalog::tree::unreachable(&*plan.kv, snapshot, top_path.as_deref())?;
+        for entry in &plan.unreached {
+            entries += 1;
+            if entry.kind == FileKind::File {
+                bytes += entry.size;
+                waiting.push((entry.path.clone(), entry.chunks.clone()));
+            }
+        }
+    }
+    first_needs(&*plan.kv, &mut waiting, &mut blocks, &mut uses)?;
+    plan.entries = entries;
+    plan.bytes = bytes;
+    plan.blocks = blocks;
+    plan.uses = uses;
+    Ok(plan)
+}
+
+/// Looks up the blocks of the waiting files' chunks (one sorted multi-get), then counts their
+/// uses and appends the blocks not seen yet, in the files' order.
+fn first_needs(
+    kv: &dyn KvStore,
+    waiting: &mut Vec<(Vec<u8>, Vec<ChunkId>)>,
+    blocks: &mut Vec<BlockId>,
+    uses: &mut HashMap<BlockId, u64>,
+) -> Result<(), RestoreError> {
+    let wanted: Vec<ChunkId> = waiting
+        .iter()
+        .flat_map(|(_, c)| c.iter().copied())
+        .collect();
+    let found: HashMap<ChunkId, Option<BlockId>> =
+        catalog::chunk_blocks_of(kv, wanted)?.into_iter().collect();
+    for (path, chunks) in waiting.drain(..) {
+        for chunk in &chunks {
+            let Some(block) = found.get(chunk).copied().flatten() else {
+                return Err(RestoreError::UnknownChunk { path: lossy(&path) });
             };
-            if known_blocks.insert(block) {
+            let n = uses.entry(block).or_default();
+            if *n == 0 {
                 if catalog::block(kv, &block)?.is_none() {
-                    return Err(RestoreError::UnknownBlock {
-                        path: lossy(&entry.path),
-                    });
+                    return Err(RestoreError::UnknownBlock { path: lossy(&path) });
                 }
                 blocks.push(block);
             }
-            *uses.entry(block).or_default() += 1;
+            *n += 1;
         }
     }
-    Ok(RestorePlan {
-        files,
-        blocks,
-        uses,
-        chunk_blocks,
-        complete: HashSet::new(),
-    })
+    Ok(())
 }
 
 /// A decoded block with its chunk index, kept while it has uses.
@@ -896,19 +1135,19 @@ struct Restorer<'a> {
     /// of distinct directories they hold open).
     pending_dirs: usize,
     /// Hard links: the first name of each `(dev, inode)`, and those whose file failed.
-    leaders: HashMap<(u64, u64), &'a FileEntry>,
+    leaders: HashMap<(u64, u64), Arc<FileEntry>>,
     failed_leaders: HashSet<(u64, u64)>,
     /// Directories whose owner, mode, attributes and mtime are set at the end, deepest first
     /// (writing into a directory changes its mtime, and a read-only mode would stop the writes).
-    dirs_done: Vec<&'a FileEntry>,
+    dirs_done: Vec<Arc<FileEntry>>,
     /// To each writer thread (none once they are told to stop), and back.
-    writers: Vec<SyncSender<WriteJob<'a>>>,
-    done: Receiver<Finished<'a>>,
+    writers: Vec<SyncSender<WriteJob>>,
+    done: Receiver<Finished>,
     /// Jobs sent and not back.
     in_flight: usize,
     /// The job being filled (files of one directory), and the directory and writer thread of
     /// the last job sent.
-    group: Option<WriteJob<'a>>,
+    group: Option<WriteJob>,
     last_sent: Option<(Arc<OwnedFd>, usize)>,
     /// To the flusher thread (`None`: flushed here), and back; batches sent and not back.
     flusher: Option<SyncSender<Vec<Staged>>>,
@@ -1063,7 +1302,7 @@ impl<'a> Restorer<'a> {
     /// back through [`Restorer::collect`].
     fn file(
         &mut self,
-        entry: &'a FileEntry,
+        entry: &Arc<FileEntry>,
         parts: &[&[u8]],
         cache: &mut BlockCache<'_>,
         chunk_blocks: &HashMap<ChunkId, BlockId>,
@@ -1112,7 +1351,7 @@ impl<'a> Restorer<'a> {
             let result = write_staged(&dir, &temp, entry, source, &mut self.attrs);
             self.finished(Finished {
                 files: vec![Written {
-                    entry,
+                    entry: entry.clone(),
                     dir,
                     temp,
                     name,
@@ -1144,7 +1383,7 @@ impl<'a> Restorer<'a> {
         }
         group.bytes += bytes;
         group.files.push(FileJob {
-            entry,
+            entry: entry.clone(),
             temp,
             name,
             pieces,
@@ -1212,7 +1451,7 @@ impl<'a> Restorer<'a> {
     }
 
     /// Files written (staged for the next flush) or failed.
-    fn finished(&mut self, finished: Finished<'a>) -> Result<(), RestoreError> {
+    fn finished(&mut self, finished: Finished) -> Result<(), RestoreError> {
         for block in &finished.blocks {
             if let Some(n) = self.flight_blocks.get_mut(block) {
                 *n -= 1;
@@ -1244,7 +1483,7 @@ impl<'a> Restorer<'a> {
                 }
                 Err(e) => Err(e),
             };
-            self.outcome(written.entry, outcome)?;
+            self.outcome(&written.entry, outcome)?;
         }
         Ok(())
     }
@@ -1402,7 +1641,7 @@ impl<'a> Restorer<'a> {
     /// Counts an entry's outcome into the report (and its failure, or stops the run).
     fn outcome(
         &mut self,
-        entry: &'a FileEntry,
+        entry: &Arc<FileEntry>,
         outcome: Result<Done, EntryError>,
     ) -> Result<(), RestoreError> {
         match outcome {
@@ -1418,7 +1657,7 @@ impl<'a> Restorer<'a> {
                     FileKind::File => self.report.files += 1,
                     FileKind::Dir => {
                         self.report.dirs += 1;
-                        self.dirs_done.push(entry);
+                        self.dirs_done.push(entry.clone());
                     }
                     FileKind::Symlink => self.report.symlinks += 1,
                     FileKind::Fifo | FileKind::CharDevice | FileKind::BlockDevice => {
@@ -1676,16 +1915,18 @@ fn restore_batched(
 
 /// Restores every entry of the plan in order, flushing in batches, then the hard links, then
 /// the directories' metadata.
-fn walk_plan<'a>(
-    r: &mut Restorer<'a>,
-    plan: &'a RestorePlan,
+fn walk_plan(
+    r: &mut Restorer<'_>,
+    plan: &RestorePlan,
     root: &Arc<OwnedFd>,
     cache: &mut BlockCache<'_>,
     (batch_files, batch_bytes): (usize, u64),
 ) -> Result<(), RestoreError> {
     // Later names of hard-linked files, linked after the last flush.
-    let mut followers: Vec<&FileEntry> = Vec::new();
-    for entry in &plan.files {
+    let mut followers: Vec<Arc<FileEntry>> = Vec::new();
+    for entry in plan.entries() {
+        let entry = Arc::new(entry?);
+        let chunk_blocks = plan.blocks_of(&entry)?;
         let outcome = match components(&entry.path) {
             None => Err(EntryError::Entry(
                 "unsafe path (empty, `.` or `..` component, absolute, or NUL)".into(),
@@ -1695,23 +1936,23 @@ fn walk_plan<'a>(
             ),
             Some(parts) => match entry.kind {
                 FileKind::Dir => r.dir(&parts),
-                FileKind::Symlink => r.symlink(entry, &parts),
+                FileKind::Symlink => r.symlink(&entry, &parts),
                 FileKind::File => match entry.link_identity() {
                     Some(id) if r.leaders.contains_key(&id) && !r.failed_leaders.contains(&id) => {
-                        followers.push(entry);
+                        followers.push(entry.clone());
                         Ok(Done::Deferred)
                     }
                     id => {
                         if let Some(id) = id {
                             // The first name, or the next one after a first that failed.
-                            r.leaders.insert(id, entry);
+                            r.leaders.insert(id, entry.clone());
                             r.failed_leaders.remove(&id);
                         }
-                        r.file(entry, &parts, cache, &plan.chunk_blocks)
+                        r.file(&entry, &parts, cache, &chunk_blocks)
                     }
                 },
                 FileKind::Fifo | FileKind::CharDevice | FileKind::BlockDevice => {
-                    r.node(entry, &parts)
+                    r.node(&entry, &parts)
                 }
             },
         };
@@ -1720,12 +1961,12 @@ fn walk_plan<'a>(
             // Skipped, deferred or failed before reading (an existing file, a bad path): its
             // chunks' uses are released all the same, so the cache frees their blocks.
             for chunk in &entry.chunks {
-                if let Some(block) = plan.chunk_blocks.get(chunk) {
+                if let Some(block) = chunk_blocks.get(chunk) {
                     cache.used(block);
                 }
             }
         }
-        r.outcome(entry, outcome)?;
+        r.outcome(&entry, outcome)?;
         r.collect(false)?;
         if r.pending.len() >= batch_files
             || r.pending_bytes >= batch_bytes
@@ -1741,20 +1982,21 @@ fn walk_plan<'a>(
     for entry in followers {
         let linked = match entry.link_identity().and_then(|id| {
             (!r.failed_leaders.contains(&id))
-                .then(|| r.leaders.get(&id).copied())
+                .then(|| r.leaders.get(&id).cloned())
                 .flatten()
         }) {
-            Some(leader) => r.link(entry, leader, &mut leader_dirs),
+            Some(leader) => r.link(&entry, &leader, &mut leader_dirs),
             None => Ok(None),
         };
         let outcome = match linked {
             Ok(Some(done)) => Ok(done),
             Ok(None) => match components(&entry.path) {
                 Some(parts) => {
+                    let chunk_blocks = plan.blocks_of(&entry)?;
                     if !plan.complete.contains(&entry.path) {
-                        cache.reclaim(entry, &plan.chunk_blocks);
+                        cache.reclaim(&entry, &chunk_blocks);
                     }
-                    let written = r.file(entry, &parts, cache, &plan.chunk_blocks);
+                    let written = r.file(&entry, &parts, cache, &chunk_blocks);
                     r.consumed = false;
                     written
                 }
@@ -1762,7 +2004,7 @@ fn walk_plan<'a>(
             },
             Err(e) => Err(e),
         };
-        r.outcome(entry, outcome)?;
+        r.outcome(&entry, outcome)?;
     }
     r.settle(true)?;
     drop(leader_dirs);

@@ -25,7 +25,7 @@
 //!   entries naming a block before the block: no chunk entry ever names a missing block, and
 //!   what a crash leaves half-removed is found again by [`plan_prune`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::codec::{self, Key, KeyReader, KvPages, Pages, records};
@@ -37,6 +37,7 @@ use chacha20poly1305::{AeadInPlace, Tag, XNonce};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 pub mod segments;
+pub mod tree;
 
 /// A snapshot's number: allocated in increasing order, never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -558,6 +559,49 @@ impl<T> Iterator for Records<'_, T> {
 /// Serialises allocations within the process: the read-increment-write below is not atomic in
 /// the store, and two jobs starting at once must not get one id.
 static ALLOCATE: Mutex<()> = Mutex::new(());
+
+/// The versions restores are reading, with how many restores each: retention keeps them (and
+/// so their blocks) meanwhile, as a restore reads the tree from the catalog as it goes. One per
+/// node, shared by its restores and its retention.
+#[derive(Clone, Debug, Default)]
+pub struct ReadPins(std::sync::Arc<Mutex<BTreeMap<SnapshotId, usize>>>);
+
+impl ReadPins {
+    /// Keeps `snapshot` from retention until the pin is dropped.
+    pub fn pin(&self, snapshot: SnapshotId) -> ReadPin {
+        let mut reading = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *reading.entry(snapshot).or_default() += 1;
+        ReadPin {
+            pins: self.clone(),
+            snapshot,
+        }
+    }
+
+    /// The versions pinned now.
+    pub fn pinned(&self) -> BTreeSet<SnapshotId> {
+        let reading = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        reading.keys().copied().collect()
+    }
+}
+
+/// A version kept from retention while this is held (see [`ReadPins::pin`]).
+#[derive(Debug)]
+pub struct ReadPin {
+    pins: ReadPins,
+    snapshot: SnapshotId,
+}
+
+impl Drop for ReadPin {
+    fn drop(&mut self) {
+        let mut reading = self.pins.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = reading.get_mut(&self.snapshot) {
+            *n -= 1;
+            if *n == 0 {
+                reading.remove(&self.snapshot);
+            }
+        }
+    }
+}
 
 /// A new snapshot id, higher than any handed out before. The counter is written (synced) before
 /// the id is returned, so a crash right after cannot hand the same id out again. If the counter
@@ -1423,11 +1467,13 @@ fn referenced_blocks(
 
 /// keep_versions 0 is treated as 1 (never drop a source's latest version). `protect`: blocks
 /// that must stay whatever the snapshots say (the current catalog export's blocks; blocks of an
-/// unfinished job). Reads the catalog a page at a time; writes nothing.
+/// unfinished job). `reading`: versions restores are reading ([`ReadPins`]), kept. Reads the
+/// catalog a page at a time; writes nothing.
 pub fn plan_prune(
     kv: &dyn KvStore,
     keep_versions: usize,
     protect: &BTreeSet<BlockId>,
+    reading: &BTreeSet<SnapshotId>,
 ) -> Result<Prune, CatalogError> {
     // Committed snapshots in id order (the scan's order: ids are big-endian).
     let mut snapshots = Vec::new();
@@ -1447,7 +1493,10 @@ pub fn plan_prune(
         }
     }
     let running: BTreeSet<SnapshotId> = jobs::jobs(kv)?.into_iter().map(|j| j.snapshot).collect();
-    let versions = retention::versions(&snapshots, &tree_ids(kv)?, &running, keep_versions);
+    let mut versions = retention::versions(&snapshots, &tree_ids(kv)?, &running, keep_versions);
+    // A version being restored is read as the restore goes: it stays until the restore ends.
+    versions.dropped.retain(|id| !reading.contains(id));
+    versions.kept.extend(reading.iter().copied());
     let referenced = referenced_blocks(kv, &versions.kept)?;
     let mut blocks_out = Vec::new();
     for entry in blocks(kv) {
@@ -2655,7 +2704,7 @@ mod prune_tests {
     #[test]
     fn keeping_two_drops_the_oldest_docs_version_and_only_its_unshared_blocks() {
         let kv = catalog();
-        let plan = plan_prune(&kv, 2, &protect_export()).expect("plan");
+        let plan = plan_prune(&kv, 2, &protect_export(), &BTreeSet::new()).expect("plan");
         // photos has only two versions: nothing of it goes, although it has the oldest id but one.
         assert_eq!(ids(&plan), (vec![1], vec![block_id(3)]));
         assert_eq!(
@@ -2670,30 +2719,53 @@ mod prune_tests {
     #[test]
     fn sources_are_counted_separately() {
         let kv = catalog();
-        let plan = plan_prune(&kv, 1, &protect_export()).expect("plan");
+        let plan = plan_prune(&kv, 1, &protect_export(), &BTreeSet::new()).expect("plan");
         // docs keeps 5 (blocks 1, 2, 4), photos keeps 4 (block 6).
         assert_eq!(ids(&plan), (vec![1, 2, 3], vec![block_id(3), block_id(5)]));
-        let plan = plan_prune(&kv, 3, &protect_export()).expect("plan");
+        let plan = plan_prune(&kv, 3, &protect_export(), &BTreeSet::new()).expect("plan");
         assert_eq!(ids(&plan), (vec![], vec![]));
     }
 
     #[test]
     fn keep_zero_acts_as_one() {
         let kv = catalog();
-        let one = plan_prune(&kv, 1, &protect_export()).expect("plan");
-        assert_eq!(plan_prune(&kv, 0, &protect_export()).expect("plan"), one);
+        let one = plan_prune(&kv, 1, &protect_export(), &BTreeSet::new()).expect("plan");
+        assert_eq!(
+            plan_prune(&kv, 0, &protect_export(), &BTreeSet::new()).expect("plan"),
+            one
+        );
+    }
+
+    #[test]
+    fn a_version_being_restored_stays_until_the_restore_ends() {
+        let kv = catalog();
+        let pins = ReadPins::default();
+        let pin = pins.pin(SnapshotId(1));
+        let again = pins.pin(SnapshotId(1));
+        let plan = plan_prune(&kv, 2, &protect_export(), &pins.pinned()).expect("plan");
+        // docs 1 and block 3, which only it uses, stay.
+        assert_eq!(ids(&plan), (vec![], vec![]));
+        drop(pin);
+        assert_eq!(
+            pins.pinned(),
+            [SnapshotId(1)].into(),
+            "a second restore still reads it"
+        );
+        drop(again);
+        let plan = plan_prune(&kv, 2, &protect_export(), &pins.pinned()).expect("plan");
+        assert_eq!(ids(&plan), (vec![1], vec![block_id(3)]));
     }
 
     #[test]
     fn protect_keeps_a_block_nothing_references() {
         let kv = catalog();
         // Unprotected, the export's block (no chunk names it) goes.
-        let plan = plan_prune(&kv, 2, &BTreeSet::new()).expect("plan");
+        let plan = plan_prune(&kv, 2, &BTreeSet::new(), &BTreeSet::new()).expect("plan");
         assert_eq!(plan.blocks.len(), 2);
         assert!(plan.blocks.iter().any(|b| b.id == block_id(EXPORT_BLOCK)));
         // And an unreferenced block protected stays, as does one kept snapshots reference.
         let protect = [block_id(EXPORT_BLOCK), block_id(3), block_id(1)].into();
-        let plan = plan_prune(&kv, 2, &protect).expect("plan");
+        let plan = plan_prune(&kv, 2, &protect, &BTreeSet::new()).expect("plan");
         assert_eq!(ids(&plan), (vec![1], vec![]));
     }
 
@@ -2725,7 +2797,7 @@ mod prune_tests {
             b"\x02garbage".to_vec(),
         );
         kv.write(b).expect("write");
-        let plan = plan_prune(&kv, 1, &protect_export()).expect("plan");
+        let plan = plan_prune(&kv, 1, &protect_export(), &BTreeSet::new()).expect("plan");
         assert_eq!(
             ids(&plan),
             (vec![1, 2, 3, 7], vec![block_id(3), block_id(8)])
@@ -2736,7 +2808,7 @@ mod prune_tests {
         assert_eq!(files(&kv, SnapshotId(7)).count(), 0);
         assert!(block(&kv, &block_id(7)).expect("block").is_some());
         assert_eq!(
-            plan_prune(&kv, 1, &protect_export()).expect("plan"),
+            plan_prune(&kv, 1, &protect_export(), &BTreeSet::new()).expect("plan"),
             Prune {
                 snapshots: vec![],
                 blocks: vec![]
@@ -2776,7 +2848,7 @@ mod prune_tests {
             );
         }
         assert_eq!(
-            plan_prune(kv, 2, &protect_export()).expect("plan"),
+            plan_prune(kv, 2, &protect_export(), &BTreeSet::new()).expect("plan"),
             Prune {
                 snapshots: vec![],
                 blocks: vec![]
@@ -2788,7 +2860,7 @@ mod prune_tests {
     #[test]
     fn apply_removes_the_version_its_blocks_and_their_chunk_entries() {
         let kv = catalog();
-        let plan = plan_prune(&kv, 2, &protect_export()).expect("plan");
+        let plan = plan_prune(&kv, 2, &protect_export(), &BTreeSet::new()).expect("plan");
         apply_prune(&kv, &plan).expect("apply");
         assert_pruned(&kv);
         // Applying the same plan twice changes nothing more.
@@ -2842,7 +2914,7 @@ mod prune_tests {
         let mut crashed_somewhere = false;
         for writes in 0.. {
             let kv = catalog();
-            let plan = plan_prune(&kv, 2, &protect_export()).expect("plan");
+            let plan = plan_prune(&kv, 2, &protect_export(), &BTreeSet::new()).expect("plan");
             let crashing = CrashAfter {
                 inner: &kv,
                 left: Mutex::new(writes),
@@ -2866,7 +2938,7 @@ mod prune_tests {
                     assert!(block(&kv, &b).expect("block").is_some(), "after {writes}");
                 }
             }
-            let again = plan_prune(&kv, 2, &protect_export()).expect("plan");
+            let again = plan_prune(&kv, 2, &protect_export(), &BTreeSet::new()).expect("plan");
             apply_prune(&kv, &again).expect("apply");
             assert_pruned(&kv);
         }

@@ -16,6 +16,21 @@ use crate::store::catalog::{BlockEntry, put_block, put_chunk, put_file};
 use crate::store::{Batch, MemStore};
 
 const SNAP: SnapshotId = SnapshotId(1);
+
+/// The plan's entries, in the order a restore takes them.
+fn listed(plan: &RestorePlan) -> Vec<FileEntry> {
+    plan.entries().collect::<Result<_, _>>().expect("entries")
+}
+
+/// The block holding `chunk`, as the plan finds it.
+fn block_of(plan: &RestorePlan, chunk: &ChunkId) -> BlockId {
+    let file = FileEntry {
+        kind: FileKind::File,
+        chunks: vec![*chunk],
+        ..FileEntry::default()
+    };
+    plan.blocks_of(&file).expect("lookup")[chunk]
+}
 /// 2020-09-13T12:26:40.123456789Z and a few more, with nanoseconds.
 const T0: i64 = 1_600_000_000_123_456_789;
 
@@ -24,7 +39,7 @@ struct Backed {
     dir: tempfile::TempDir,
     src: PathBuf,
     outbox: PathBuf,
-    kv: MemStore,
+    kv: Arc<MemStore>,
     blocks: HashMap<BlockId, BlockEntry>,
 }
 
@@ -93,7 +108,7 @@ fn backed_with(tree: fn(&Path)) -> Backed {
     let (src, outbox) = (dir.path().join("src"), dir.path().join("outbox"));
     tree(&src);
     let (events, _) = run(settings(&src, &outbox), MemLookup::default());
-    let kv = MemStore::new();
+    let kv = Arc::new(MemStore::new());
     let mut batch = Batch::new();
     let mut block_entries = HashMap::new();
     for b in blocks(&events) {
@@ -280,12 +295,13 @@ fn counts(report: &RestoreReport) -> (u64, u64, u64, u64) {
 #[test]
 fn a_full_restore_is_byte_identical_with_modes_mtimes_links_and_empty_entries() {
     let b = backed();
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     // Parents before children, every block once, in order of first need.
-    for (i, e) in plan.files.iter().enumerate() {
+    let files = listed(&plan);
+    for (i, e) in files.iter().enumerate() {
         if let Some(slash) = e.path.iter().rposition(|c| *c == b'/') {
             let parent = &e.path[..slash];
-            assert!(plan.files[..i].iter().any(|p| p.path == parent));
+            assert!(files[..i].iter().any(|p| p.path == parent));
         }
     }
     assert_eq!(plan.blocks.len(), b.blocks.len());
@@ -298,7 +314,7 @@ fn a_full_restore_is_byte_identical_with_modes_mtimes_links_and_empty_entries() 
     assert_eq!(
         progress,
         RestoreProgress {
-            files_done: plan.files.len() as u64,
+            files_done: plan.entries_total(),
             bytes_written: plan.bytes(),
             blocks_used: plan.blocks.len() as u64,
         }
@@ -315,8 +331,8 @@ fn a_full_restore_is_byte_identical_with_modes_mtimes_links_and_empty_entries() 
 fn a_sub_path_restores_that_file_or_directory_only() {
     let b = backed();
     // A directory: its tree, and its ancestors' directories.
-    let plan_dir = plan(&b.kv, SNAP, Some(b"a/b/")).expect("plan");
-    let paths: Vec<String> = plan_dir.files.iter().map(|f| lossy(&f.path)).collect();
+    let plan_dir = plan(b.kv.clone(), SNAP, Some(b"a/b/")).expect("plan");
+    let paths: Vec<String> = listed(&plan_dir).iter().map(|f| lossy(&f.path)).collect();
     assert_eq!(
         paths,
         [
@@ -342,8 +358,8 @@ fn a_sub_path_restores_that_file_or_directory_only() {
     assert!(!got.contains_key("z") && !got.contains_key("a/text.log"));
 
     // A file.
-    let plan_file = plan(&b.kv, SNAP, Some(b"z/1")).expect("plan");
-    let paths: Vec<String> = plan_file.files.iter().map(|f| lossy(&f.path)).collect();
+    let plan_file = plan(b.kv.clone(), SNAP, Some(b"z/1")).expect("plan");
+    let paths: Vec<String> = listed(&plan_file).iter().map(|f| lossy(&f.path)).collect();
     assert_eq!(paths, ["", "z", "z/1"]);
     let target = b.target("file", false);
     let (report, _) = restore(&plan_file, &target, &mut Blocks::new(&b), 8);
@@ -351,18 +367,18 @@ fn a_sub_path_restores_that_file_or_directory_only() {
     assert_eq!(tree(&target.root)["z/1"], tree(&b.src)["z/1"]);
 
     assert!(matches!(
-        plan(&b.kv, SNAP, Some(b"nope")),
+        plan(b.kv.clone(), SNAP, Some(b"nope")),
         Err(RestoreError::NotFound(_))
     ));
     // A name that only shares a prefix is not the directory.
     assert!(matches!(
-        plan(&b.kv, SNAP, Some(b"a/b/c/copy")),
+        plan(b.kv.clone(), SNAP, Some(b"a/b/c/copy")),
         Err(RestoreError::NotFound(_))
     ));
     for bad in [&b"../x"[..], b"/etc", b"a//b", b"a/./b"] {
         assert!(
             matches!(
-                plan(&b.kv, SNAP, Some(bad)),
+                plan(b.kv.clone(), SNAP, Some(bad)),
                 Err(RestoreError::InvalidSubPath(_))
             ),
             "{bad:?}"
@@ -373,14 +389,14 @@ fn a_sub_path_restores_that_file_or_directory_only() {
 #[test]
 fn a_missing_block_fails_only_the_files_that_need_it() {
     let b = backed();
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     // The block holding z/1's chunk.
-    let z1 = plan.files.iter().find(|f| f.path == b"z/1").expect("z/1");
-    let lost = plan.chunk_blocks[&z1.chunks[0]];
-    let needs: Vec<String> = plan
-        .files
+    let files = listed(&plan);
+    let z1 = files.iter().find(|f| f.path == b"z/1").expect("z/1");
+    let lost = block_of(&plan, &z1.chunks[0]);
+    let needs: Vec<String> = files
         .iter()
-        .filter(|f| f.chunks.iter().any(|c| plan.chunk_blocks[c] == lost))
+        .filter(|f| f.chunks.iter().any(|c| block_of(&plan, c) == lost))
         .map(|f| lossy(&f.path))
         .collect();
     assert!(needs.contains(&"z/1".to_string()));
@@ -423,7 +439,7 @@ fn a_missing_block_fails_only_the_files_that_need_it() {
 #[test]
 fn an_existing_different_file_is_refused_and_replaced_only_with_overwrite() {
     let b = backed();
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let target = b.target("out", false);
     write(&target.root, "small.txt", b"mine, keep it");
     std::fs::create_dir_all(target.root.join("z")).expect("mkdir");
@@ -486,8 +502,8 @@ fn link(path: &[u8], to: &Path) -> FileEntry {
 }
 
 /// A tampered catalog: its entries as given.
-fn catalog_of(entries: &[FileEntry]) -> MemStore {
-    let kv = MemStore::new();
+fn catalog_of(entries: &[FileEntry]) -> Arc<MemStore> {
+    let kv = Arc::new(MemStore::new());
     let mut batch = Batch::new();
     for e in entries {
         put_file(&mut batch, SNAP, e);
@@ -502,7 +518,7 @@ fn no_blocks(id: BlockId) -> Result<Arc<Vec<u8>>, BlockError> {
 
 fn restore_unchecked(entries: &[FileEntry], root: &Path) -> RestoreReport {
     let kv = catalog_of(entries);
-    let plan = plan(&kv, SNAP, None).expect("plan");
+    let plan = plan(kv.clone(), SNAP, None).expect("plan");
     let target = RestoreTarget::new(root.to_path_buf(), true);
     restore_files(
         &plan,
@@ -607,7 +623,7 @@ fn a_symlink_never_redirects_a_write() {
 #[test]
 fn a_second_run_rewrites_only_what_is_missing() {
     let b = backed();
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let target = b.target("out", false);
     let (first, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
     assert_eq!(first.failed, vec![]);
@@ -630,8 +646,9 @@ fn a_second_run_rewrites_only_what_is_missing() {
     assert_eq!(counts(&again), (1, 6, 0, 10), "9 files + 1 link skipped");
     assert_eq!(again.bytes, 70_000);
     assert_eq!(progress.bytes_written, 70_000);
-    let z1 = plan.files.iter().find(|f| f.path == b"z/1").expect("z/1");
-    let mut wanted: Vec<BlockId> = z1.chunks.iter().map(|c| plan.chunk_blocks[c]).collect();
+    let files = listed(&plan);
+    let z1 = files.iter().find(|f| f.path == b"z/1").expect("z/1");
+    let mut wanted: Vec<BlockId> = z1.chunks.iter().map(|c| block_of(&plan, c)).collect();
     wanted.dedup();
     assert_eq!(blocks.calls, wanted, "only z/1's blocks fetched");
     let after: Vec<u64> = ["big.bin", "a/text.log", "small.txt", "a/link"]
@@ -645,7 +662,7 @@ fn a_second_run_rewrites_only_what_is_missing() {
     // The same with the plan pruned first: only z/1's blocks are left to prefetch.
     std::fs::remove_file(target.root.join("z/1")).expect("rm");
     let mut pruned = plan.clone();
-    assert_eq!(pruned.skip_complete(&target), 9);
+    assert_eq!(pruned.skip_complete(&target).expect("catalog"), 9);
     assert_eq!(pruned.blocks, wanted);
     let mut blocks = Blocks::new(&b);
     let (again, progress) = restore(&pruned, &target, &mut blocks, 64);
@@ -659,7 +676,7 @@ fn a_second_run_rewrites_only_what_is_missing() {
     // A file found complete, then lost before the run: written after all, its blocks asked
     // for on demand.
     let mut pruned = plan.clone();
-    assert_eq!(pruned.skip_complete(&target), 10);
+    assert_eq!(pruned.skip_complete(&target).expect("catalog"), 10);
     assert_eq!(pruned.blocks, vec![]);
     std::fs::remove_file(target.root.join("big.bin")).expect("rm");
     let (again, _) = restore(&pruned, &target, &mut Blocks::new(&b), 64);
@@ -675,7 +692,7 @@ fn a_resumed_run_writes_into_a_directory_the_first_run_made_read_only() {
         chmod(&src.join("ro"), 0o555);
         set_mtime(&src.join("ro"), T0);
     });
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let target = b.target("out", false);
     let (first, _) = restore(&plan, &target, &mut Blocks::new(&b), 8);
     assert_eq!(first.failed, vec![]);
@@ -709,7 +726,7 @@ fn a_resumed_run_writes_into_a_directory_the_first_run_made_read_only() {
 #[test]
 fn a_one_block_cache_still_restores_everything() {
     let b = backed();
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let target = b.target("out", false);
     let mut blocks = Blocks::new(&b);
     let counters = RestoreCounters::default();
@@ -759,13 +776,14 @@ fn a_one_block_cache_still_restores_everything() {
 #[test]
 fn a_file_whose_chunks_do_not_add_up_to_its_size_fails() {
     let b = backed();
-    let mut plan = plan(&b.kv, SNAP, None).expect("plan");
-    let f = plan
-        .files
-        .iter_mut()
-        .find(|f| f.path == b"small.txt")
+    let mut f = catalog::file(&*b.kv, SNAP, b"small.txt")
+        .expect("catalog")
         .expect("small.txt");
     f.size += 1;
+    let mut batch = Batch::new();
+    put_file(&mut batch, SNAP, &f);
+    b.kv.write(batch).expect("write");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let target = b.target("out", false);
     let (report, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
     assert_eq!(failed_paths(&report), ["small.txt"]);
@@ -781,7 +799,7 @@ fn a_chunk_unknown_to_the_catalog_names_its_file() {
         chunks: vec![ChunkId([7; 32])],
         ..entry(b"docs/x", FileKind::File)
     }]);
-    match plan(&kv, SNAP, None) {
+    match plan(kv.clone(), SNAP, None) {
         Err(RestoreError::UnknownChunk { path }) => assert_eq!(path, "docs/x"),
         other => panic!("{other:?}"),
     }
@@ -789,7 +807,7 @@ fn a_chunk_unknown_to_the_catalog_names_its_file() {
     let mut batch = Batch::new();
     put_chunk(&mut batch, &ChunkId([7; 32]), &BlockId([9; 32]));
     kv.write(batch).expect("write");
-    match plan(&kv, SNAP, None) {
+    match plan(kv.clone(), SNAP, None) {
         Err(RestoreError::UnknownBlock { path }) => assert_eq!(path, "docs/x"),
         other => panic!("{other:?}"),
     }
@@ -802,7 +820,7 @@ fn a_directory_swapped_for_a_symlink_mid_restore_redirects_nothing() {
         write(src, "a/2", b"written after the swap");
         write(src, "a/3", b"created after the swap");
     });
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let target = b.target("out", false);
     let outside = b.dir.path().join("outside");
     std::fs::create_dir_all(&outside).expect("mkdir");
@@ -1072,7 +1090,7 @@ fn long_parts() -> Vec<Vec<u8>> {
 /// path over 4096 bytes.
 fn backed_every_kind() -> Backed {
     let b = backed_with(every_kind);
-    let mut entries: Vec<FileEntry> = catalog::files(&b.kv, SNAP)
+    let mut entries: Vec<FileEntry> = catalog::files(&*b.kv, SNAP)
         .map(|e| e.expect("entry"))
         .map(|e| described(&b.src, e))
         .collect();
@@ -1171,7 +1189,7 @@ fn read_long(root: &Path) -> Vec<u8> {
 #[test]
 fn every_kind_is_restored_as_root_attribute_by_attribute() {
     let b = backed_every_kind();
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let target = b.root_target("out");
     let (report, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
     assert_eq!(report.failed, vec![]);
@@ -1259,7 +1277,7 @@ fn lost_kinds(report: &RestoreReport) -> Vec<(Unrestorable, u64)> {
 #[test]
 fn as_an_ordinary_user_owners_are_not_applied_setuid_is_dropped_and_devices_are_said_once() {
     let b = backed_every_kind();
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let me = Privileges::detect();
     let target = RestoreTarget {
         privileges: Privileges { root: false, ..me },
@@ -1333,7 +1351,7 @@ fn a_real_ordinary_user_gets_everything_but_owners_setuid_and_devices() {
         return;
     }
     let b = backed_every_kind();
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     // The blocks, decoded as root (the fragments are root's); the restore runs as nobody.
     let mut blocks = Blocks::new(&b);
     let decoded: HashMap<BlockId, Arc<Vec<u8>>> = plan
@@ -1367,8 +1385,7 @@ fn a_real_ordinary_user_gets_everything_but_owners_setuid_and_devices() {
     // ACL and the user attribute are the owner's to set: nothing else is lost.
     // (A hard link's later names share the first's inode: linked, not given an owner.)
     let mut inodes = std::collections::HashSet::new();
-    let not_nobodys = plan
-        .files
+    let not_nobodys = listed(&plan)
         .iter()
         .filter(|e| !matches!(e.kind, FileKind::CharDevice | FileKind::BlockDevice))
         .filter(|e| e.link_identity().is_none_or(|id| inodes.insert(id)))
@@ -1414,7 +1431,7 @@ fn a_real_ordinary_user_gets_everything_but_owners_setuid_and_devices() {
 #[test]
 fn overwrite_rewrites_a_tampered_file_with_the_same_size_and_mtime() {
     let b = backed();
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let target = b.target("out", false);
     let (first, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
     assert_eq!(first.failed, vec![]);
@@ -1426,7 +1443,7 @@ fn overwrite_rewrites_a_tampered_file_with_the_same_size_and_mtime() {
     set_mtime(&small, mtime);
     // A resumed run (no overwrite) trusts size and mtime: kept, and not even planned.
     let mut pruned = plan.clone();
-    assert_eq!(pruned.skip_complete(&target), 10);
+    assert_eq!(pruned.skip_complete(&target).expect("catalog"), 10);
     let (again, _) = restore(&pruned, &target, &mut Blocks::new(&b), 64);
     assert_eq!((again.files, again.skipped_existing), (0, 11));
     assert_eq!(std::fs::read(&small).expect("read"), b"HELLO, BACKUP");
@@ -1434,7 +1451,7 @@ fn overwrite_rewrites_a_tampered_file_with_the_same_size_and_mtime() {
     let target = b.target("out", true);
     let mut pruned = plan.clone();
     assert_eq!(
-        pruned.skip_complete(&target),
+        pruned.skip_complete(&target).expect("catalog"),
         0,
         "nothing skipped with overwrite"
     );
@@ -1457,7 +1474,7 @@ fn when_the_first_name_of_a_hard_link_fails_the_next_is_written_and_linked_to() 
         std::fs::hard_link(src.join("links/one"), src.join("links/two")).expect("link");
         std::fs::hard_link(src.join("links/one"), src.join("three")).expect("link");
     });
-    let entries: Vec<FileEntry> = catalog::files(&b.kv, SNAP)
+    let entries: Vec<FileEntry> = catalog::files(&*b.kv, SNAP)
         .map(|e| described(&b.src, e.expect("entry")))
         .collect();
     let mut batch = Batch::new();
@@ -1465,7 +1482,7 @@ fn when_the_first_name_of_a_hard_link_fails_the_next_is_written_and_linked_to() 
         put_file(&mut batch, SNAP, e);
     }
     b.kv.write(batch).expect("write");
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let target = b.target("out", false);
     // A directory where the first name goes: that name fails.
     std::fs::create_dir_all(target.root.join("links/one")).expect("mkdir");
@@ -1493,7 +1510,7 @@ fn measure_writer_on_small_files() {
             }
         }
     });
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let mut decoded: HashMap<BlockId, Arc<Vec<u8>>> = HashMap::new();
     let mut blocks = Blocks::new(&b);
     for id in &plan.blocks {
@@ -1556,7 +1573,7 @@ fn every_kind_end_to_end(src: &Path) {
 #[test]
 fn every_kind_backed_up_by_the_walker_comes_back_attribute_by_attribute() {
     let b = backed_with(every_kind_end_to_end);
-    let plan = plan(&b.kv, SNAP, None).expect("plan");
+    let plan = plan(b.kv.clone(), SNAP, None).expect("plan");
     let target = b.root_target("out");
     let (report, _) = restore(&plan, &target, &mut Blocks::new(&b), 64);
     assert_eq!(report.failed, vec![]);

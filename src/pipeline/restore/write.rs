@@ -48,24 +48,24 @@ pub(super) struct Staged {
 
 /// Files of one directory to write under their temporary names, with their bytes: a writer
 /// thread's work.
-pub(super) struct WriteJob<'a> {
+pub(super) struct WriteJob {
     pub(super) dir: Arc<OwnedFd>,
-    pub(super) files: Vec<FileJob<'a>>,
+    pub(super) files: Vec<FileJob>,
     /// The distinct blocks the pieces keep alive.
     pub(super) blocks: Vec<BlockId>,
     pub(super) bytes: u64,
 }
 
-pub(super) struct FileJob<'a> {
-    pub(super) entry: &'a FileEntry,
+pub(super) struct FileJob {
+    pub(super) entry: Arc<FileEntry>,
     pub(super) temp: Vec<u8>,
     pub(super) name: Vec<u8>,
     pub(super) pieces: Vec<Piece>,
 }
 
 /// A file written (or not: the temporary file is then gone), by a writer thread or inline.
-pub(super) struct Written<'a> {
-    pub(super) entry: &'a FileEntry,
+pub(super) struct Written {
+    pub(super) entry: Arc<FileEntry>,
     pub(super) dir: Arc<OwnedFd>,
     pub(super) temp: Vec<u8>,
     pub(super) name: Vec<u8>,
@@ -73,8 +73,8 @@ pub(super) struct Written<'a> {
 }
 
 /// A [`WriteJob`] done.
-pub(super) struct Finished<'a> {
-    pub(super) files: Vec<Written<'a>>,
+pub(super) struct Finished {
+    pub(super) files: Vec<Written>,
     pub(super) blocks: Vec<BlockId>,
 }
 
@@ -105,11 +105,7 @@ pub(super) fn writer_threads() -> usize {
 }
 
 /// A writer thread: takes jobs until the channel closes; returns what it could not restore.
-pub(super) fn writer<'a>(
-    jobs: Receiver<WriteJob<'a>>,
-    done: Sender<Finished<'a>>,
-    mut attrs: Attrs,
-) -> Attrs {
+pub(super) fn writer(jobs: Receiver<WriteJob>, done: Sender<Finished>, mut attrs: Attrs) -> Attrs {
     while let Ok(job) = jobs.recv() {
         let files = job
             .files
@@ -119,7 +115,7 @@ pub(super) fn writer<'a>(
                 let result = write_staged(
                     &job.dir,
                     &file.temp,
-                    file.entry,
+                    &file.entry,
                     file.pieces.into_iter().map(Ok),
                     &mut attrs,
                 );

@@ -1,0 +1,240 @@
+//! A snapshot's tree read from the store in the walker's order, without holding it: a
+//! directory, its other entries by name, then its subdirectories by name, depth first (the
+//! order the backup packed the chunks in, so a restore reading in it goes through the blocks
+//! in order). What is held is the directories still to visit along the current path, and one
+//! page of keys.
+//!
+//! Keys of one snapshot sort by path bytes, which is not that order (`a-b` < `a/x` < `a0`): a
+//! directory's direct children are listed by a scan of its `dir/` prefix that jumps over each
+//! child's subtree (a seek past `child/`), and each subtree is read when its turn comes.
+//!
+//! Only entries reachable that way come out: an entry whose parent directory is not in the
+//! snapshot, or whose path has an empty component, is not (a catalog made by a backup has
+//! none; a damaged or altered one may). [`unreachable`] finds them, for a restore to handle
+//! rather than drop in silence.
+
+use std::collections::HashSet;
+
+use super::{CF, FileEntry, FileKind, SnapshotId, decode_file, file, snapshot_prefix};
+use crate::store::codec::KvPages;
+use crate::store::{KeyValue, KvStore, StoreError};
+
+/// The first page after a jump is small (most of a big one would be inside the next subtree);
+/// pages grow while no jump comes.
+const FIRST_PAGE: usize = 16;
+const MAX_PAGE: usize = 1024;
+
+/// The directory whose direct children are being listed.
+struct Listing {
+    /// The key prefix of its children (`snapshot` + `dir/`; the snapshot's own for the root).
+    children: Vec<u8>,
+    /// The key to go on from.
+    from: Vec<u8>,
+    /// No key at or after `from` is left.
+    exhausted: bool,
+    /// Its subdirectories found so far, in name order.
+    subdirs: Vec<FileEntry>,
+}
+
+/// The entries of a snapshot (or of one subtree) in the walker's order; see the module.
+pub struct TreeWalk<'a> {
+    kv: &'a dyn KvStore,
+    prefix: Vec<u8>,
+    /// Entries to visit, the next on top: a visit yields the entry and, for a directory, lists
+    /// its children.
+    todo: Vec<FileEntry>,
+    listing: Option<Listing>,
+    rows: std::vec::IntoIter<KeyValue>,
+    page: usize,
+}
+
+impl<'a> TreeWalk<'a> {
+    /// The whole snapshot, from its root (whose entry is yielded first if it has one).
+    pub fn whole(kv: &'a dyn KvStore, snapshot: SnapshotId) -> Result<Self, StoreError> {
+        let mut walk = TreeWalk::new(kv, snapshot, Vec::new());
+        match file(kv, snapshot, b"")? {
+            Some(root) => walk.todo.push(root),
+            // No root entry: its children are listed all the same.
+            None => walk.listing = Some(walk.listing_of(b"")),
+        }
+        Ok(walk)
+    }
+
+    /// `top` and, if it is a directory, everything below it.
+    pub fn under(kv: &'a dyn KvStore, snapshot: SnapshotId, top: FileEntry) -> Self {
+        TreeWalk::new(kv, snapshot, vec![top])
+    }
+
+    fn new(kv: &'a dyn KvStore, snapshot: SnapshotId, todo: Vec<FileEntry>) -> Self {
+        TreeWalk {
+            kv,
+            prefix: snapshot_prefix(snapshot),
+            todo,
+            listing: None,
+            rows: Vec::new().into_iter(),
+            page: FIRST_PAGE,
+        }
+    }
+
+    fn listing_of(&self, dir: &[u8]) -> Listing {
+        let mut children = self.prefix.clone();
+        if !dir.is_empty() {
+            children.extend_from_slice(dir);
+            children.push(b'/');
+        }
+        Listing {
+            from: children.clone(),
+            children,
+            exhausted: false,
+            subdirs: Vec::new(),
+        }
+    }
+
+    /// The next row of the listing's scan, reading a page when needed (`None`: listed).
+    fn next_row(&mut self) -> Result<Option<KeyValue>, StoreError> {
+        loop {
+            if let Some(row) = self.rows.next() {
+                return Ok(Some(row));
+            }
+            let Some(listing) = &mut self.listing else {
+                return Ok(None);
+            };
+            if listing.exhausted {
+                return Ok(None);
+            }
+            let page = self
+                .kv
+                .scan(CF, &listing.children, Some(&listing.from), self.page)?;
+            listing.exhausted = page.len() < self.page;
+            if let Some((last, _)) = page.last() {
+                listing.from = last.clone();
+                listing.from.push(0);
+            }
+            self.page = (self.page * 2).min(MAX_PAGE);
+            self.rows = page.into_iter();
+        }
+    }
+}
+
+impl Iterator for TreeWalk<'_> {
+    type Item = Result<FileEntry, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.listing.is_none() {
+                let entry = self.todo.pop()?;
+                if entry.kind == FileKind::Dir {
+                    self.listing = Some(self.listing_of(&entry.path));
+                }
+                return Some(Ok(entry));
+            }
+            let (key, value) = match self.next_row() {
+                Ok(Some(row)) => row,
+                Ok(None) => {
+                    // Listed: its subdirectories are visited next, the first name first.
+                    if let Some(done) = self.listing.take() {
+                        self.todo.extend(done.subdirs.into_iter().rev());
+                    }
+                    continue;
+                }
+                Err(e) => return Some(Err(e)),
+            };
+            let Some(listing) = &mut self.listing else {
+                continue;
+            };
+            let Some(name) = key.get(listing.children.len()..) else {
+                continue;
+            };
+            if name.is_empty() {
+                // The root's own key (its children's prefix is the snapshot's).
+                continue;
+            }
+            if let Some(slash) = name.iter().position(|b| *b == b'/') {
+                // Inside a child's subtree: jump past it (`/` + 1 is `0`); it is read on its
+                // own turn.
+                let mut from = key[..listing.children.len() + slash].to_vec();
+                from.push(b'/' + 1);
+                listing.from = from;
+                listing.exhausted = false;
+                self.rows = Vec::new().into_iter();
+                self.page = FIRST_PAGE;
+                continue;
+            }
+            let path = &key[self.prefix.len()..];
+            match decode_file(path, &value) {
+                Ok(entry) if entry.kind == FileKind::Dir => listing.subdirs.push(entry),
+                Ok(entry) => return Some(Ok(entry)),
+                Err(e) => super::warn_skipped("file", &e),
+            }
+        }
+    }
+}
+
+/// The entries of the scope (the whole snapshot, or `top` and below) that a [`TreeWalk`] does
+/// not reach, in path order: under no directory of the snapshot, or with an empty name. One
+/// pass in key order (a parent sorts before its children), holding the reachable directories'
+/// paths: meant for when [`count`] shows some (a catalog made by a backup has none).
+pub fn unreachable(
+    kv: &dyn KvStore,
+    snapshot: SnapshotId,
+    top: Option<&[u8]>,
+) -> Result<Vec<FileEntry>, StoreError> {
+    let mut reached: HashSet<Vec<u8>> = HashSet::new();
+    if top.is_none() {
+        // The root's children are listed even without a root entry (not under a file).
+        reached.insert(Vec::new());
+    }
+    let mut lost = Vec::new();
+    for entry in super::Records::new(kv, &scope_prefix(snapshot, top), super::parse_file, "file") {
+        let entry = entry?;
+        if !in_scope(&entry.path, top) {
+            continue;
+        }
+        let is_top = entry.path == top.unwrap_or_default();
+        let parent = entry
+            .path
+            .iter()
+            .rposition(|b| *b == b'/')
+            .map_or(&b""[..], |i| &entry.path[..i]);
+        let named = entry.path.last() != Some(&b'/');
+        if is_top || (named && reached.contains(parent)) {
+            if entry.kind == FileKind::Dir {
+                reached.insert(entry.path);
+            } else if is_top {
+                reached.remove(&entry.path);
+            }
+        } else {
+            lost.push(entry);
+        }
+    }
+    Ok(lost)
+}
+
+/// How many entries the scope holds (to compare with what a walk yielded).
+pub fn count(
+    kv: &dyn KvStore,
+    snapshot: SnapshotId,
+    top: Option<&[u8]>,
+) -> Result<u64, StoreError> {
+    let skip = snapshot_prefix(snapshot).len();
+    let mut n = 0;
+    for page in kv.pages(CF, &scope_prefix(snapshot, top), super::PAGE) {
+        for (key, _) in page? {
+            n += u64::from(key.get(skip..).is_some_and(|path| in_scope(path, top)));
+        }
+    }
+    Ok(n)
+}
+
+fn scope_prefix(snapshot: SnapshotId, top: Option<&[u8]>) -> Vec<u8> {
+    let mut prefix = snapshot_prefix(snapshot);
+    prefix.extend_from_slice(top.unwrap_or_default());
+    prefix
+}
+
+/// `path` is `top` or below it (everything is, without a top).
+fn in_scope(path: &[u8], top: Option<&[u8]>) -> bool {
+    top.is_none_or(|top| {
+        path.starts_with(top) && (path.len() == top.len() || path[top.len()] == b'/')
+    })
+}
