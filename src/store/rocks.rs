@@ -223,6 +223,9 @@ impl RocksStore {
     }
 }
 
+/// Bytes of memtables across every column family before the largest is flushed.
+const DB_WRITE_BUFFERS: usize = 32 << 20;
+
 fn open_db(path: &Path) -> Result<DB, StoreError> {
     let mut options = Options::default();
     options.create_if_missing(true);
@@ -230,6 +233,9 @@ fn open_db(path: &Path) -> Result<DB, StoreError> {
     // A home server, not a database server: keep memory modest.
     options.set_max_open_files(256);
     options.set_keep_log_file_num(4);
+    // All column families' memtables together: by default each may hold 2 x 64 MiB, which a
+    // backup or import of a big tree fills (the owner's RSS budget is 256 MB, issue 20).
+    options.set_db_write_buffer_size(DB_WRITE_BUFFERS);
     let cfs = Cf::ALL
         .iter()
         .map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
