@@ -504,7 +504,9 @@ struct Tree<'a> {
     snapshot: SnapshotId,
     base: Option<SnapshotId>,
     table: Vec<BlockId>,
-    ops: Vec<Op<'a>>,
+    /// Its items, checked (framing, path order, refs inside the table), read again by
+    /// [`Tree::ops`] when applied: not held parsed (a million puts would be ~56 MB).
+    items: &'a [u8],
     /// Where the segment's bytes are in the stored catalog.
     at: std::ops::Range<u64>,
 }
@@ -538,7 +540,43 @@ fn byte_at(rest: &mut &[u8]) -> Result<u8, CatalogError> {
     Ok(b)
 }
 
-/// A tree's items, up to and with the end mark.
+/// One item of a tree segment.
+enum Item<'a> {
+    End,
+    Block(BlockId),
+    Op(Op<'a>),
+}
+
+/// Reads one item of a tree segment (framing only).
+fn next_item<'a>(rest: &mut &'a [u8]) -> Result<Item<'a>, CatalogError> {
+    Ok(match byte_at(rest)? {
+        END => Item::End,
+        OP_BLOCK => {
+            let (id, tail) = rest
+                .split_first_chunk::<32>()
+                .ok_or(CatalogError::ExportTruncated)?;
+            *rest = tail;
+            Item::Block(BlockId(*id))
+        }
+        OP_PUT => {
+            let path = take_field(rest)?;
+            let value = take_field(rest)?;
+            let count = u32_at(rest, "a put's refs")? as usize;
+            if rest.len() / 4 < count {
+                return Err(CatalogError::ExportTruncated);
+            }
+            let (refs, tail) = rest.split_at(count * 4);
+            *rest = tail;
+            Item::Op(Op::Put { path, value, refs })
+        }
+        OP_DELETE => Item::Op(Op::Delete {
+            path: take_field(rest)?,
+        }),
+        _ => return Err(CatalogError::ExportFraming("an unknown tree item")),
+    })
+}
+
+/// A tree's items, up to and with the end mark: checked whole, kept as bytes.
 fn parse_tree<'a>(rest: &mut &'a [u8]) -> Result<Tree<'a>, CatalogError> {
     let snapshot = u64_at(rest, "a tree segment's snapshot")?;
     let base = u64_at(rest, "a tree segment's base")?;
@@ -547,54 +585,56 @@ fn parse_tree<'a>(rest: &mut &'a [u8]) -> Result<Tree<'a>, CatalogError> {
             "a tree segment's snapshot or base",
         ));
     }
+    let items: &'a [u8] = rest;
     let mut table: Vec<BlockId> = Vec::new();
-    let mut ops: Vec<Op<'a>> = Vec::new();
+    let mut last: Option<&'a [u8]> = None;
     loop {
-        let op = match byte_at(rest)? {
-            END => break,
-            OP_BLOCK => {
-                let (id, tail) = rest
-                    .split_first_chunk::<32>()
-                    .ok_or(CatalogError::ExportTruncated)?;
-                *rest = tail;
-                table.push(BlockId(*id));
+        let op = match next_item(rest)? {
+            Item::End => break,
+            Item::Block(id) => {
+                table.push(id);
                 continue;
             }
-            OP_PUT => {
-                let path = take_field(rest)?;
-                let value = take_field(rest)?;
-                let count = u32_at(rest, "a put's refs")? as usize;
-                if rest.len() / 4 < count {
-                    return Err(CatalogError::ExportTruncated);
-                }
-                let (refs, tail) = rest.split_at(count * 4);
-                *rest = tail;
-                if refs
-                    .chunks_exact(4)
-                    .map(|r| u32::from_be_bytes([r[0], r[1], r[2], r[3]]))
-                    .any(|r| r != UNKNOWN_BLOCK && r as usize >= table.len())
-                {
-                    return Err(CatalogError::ExportFraming("a ref outside the block table"));
-                }
-                Op::Put { path, value, refs }
-            }
-            OP_DELETE => Op::Delete {
-                path: take_field(rest)?,
-            },
-            _ => return Err(CatalogError::ExportFraming("an unknown tree item")),
+            Item::Op(op) => op,
         };
-        if ops.last().is_some_and(|last| last.path() >= op.path()) {
+        if let Op::Put { refs, .. } = &op
+            && refs
+                .chunks_exact(4)
+                .map(|r| u32::from_be_bytes([r[0], r[1], r[2], r[3]]))
+                .any(|r| r != UNKNOWN_BLOCK && r as usize >= table.len())
+        {
+            return Err(CatalogError::ExportFraming("a ref outside the block table"));
+        }
+        if last.is_some_and(|last| last >= op.path()) {
             return Err(CatalogError::ExportFraming("tree items out of path order"));
         }
-        ops.push(op);
+        last = Some(op.path());
     }
     Ok(Tree {
         snapshot: SnapshotId(snapshot),
         base: (base != 0).then_some(SnapshotId(base)),
         table,
-        ops,
+        // Without the end mark.
+        items: &items[..items.len() - rest.len() - 1],
         at: 0..0,
     })
+}
+
+impl<'a> Tree<'a> {
+    /// Its puts and deletes in path order (the block items were read into `table`).
+    fn ops(&self) -> impl Iterator<Item = Op<'a>> + use<'a> {
+        let mut rest = self.items;
+        std::iter::from_fn(move || {
+            loop {
+                // Checked by `parse_tree`: an error here cannot happen, and would end the ops.
+                match next_item(&mut rest).ok()? {
+                    Item::Op(op) => return Some(op),
+                    Item::Block(_) => continue,
+                    Item::End => return None,
+                }
+            }
+        })
+    }
 }
 
 /// A head's entries, up to and with the end mark.
@@ -685,7 +725,7 @@ impl Writes<'_> {
 
 /// Writes one tree: its base's entries merged with its ops, and the chunk entries its puts name.
 fn apply_tree(writes: &mut Writes<'_>, tree: &Tree<'_>) -> Result<(), StoreError> {
-    let mut ops = tree.ops.iter().peekable();
+    let mut ops = tree.ops().peekable();
     let apply = |writes: &mut Writes<'_>, op: &Op<'_>| -> Result<(), StoreError> {
         if let Op::Put { path, value, refs } = op {
             writes.put(file_key(tree.snapshot, path), value)?;
@@ -697,16 +737,16 @@ fn apply_tree(writes: &mut Writes<'_>, tree: &Tree<'_>) -> Result<(), StoreError
         for entry in tree_entries(writes.kv, base) {
             let (path, value) = entry?;
             while let Some(op) = ops.next_if(|op| op.path() < path.as_slice()) {
-                apply(writes, op)?;
+                apply(writes, &op)?;
             }
             match ops.next_if(|op| op.path() == path.as_slice()) {
-                Some(op) => apply(writes, op)?,
+                Some(op) => apply(writes, &op)?,
                 None => writes.put(file_key(tree.snapshot, &path), &value)?,
             }
         }
     }
     for op in ops {
-        apply(writes, op)?;
+        apply(writes, &op)?;
     }
     writes.flush()
 }
