@@ -246,6 +246,13 @@ fn main() {
         plan.entries().filter(|e| e.is_ok()).count()
     });
     println!("{:<44} {walked:>8}", "  entries");
+    let looked_up = step("restore: entries with their chunks' blocks", || {
+        plan.entries_with_blocks()
+            .filter_map(Result::ok)
+            .map(|(_, blocks)| blocks.len())
+            .sum::<usize>()
+    });
+    println!("{:<44} {looked_up:>8}", "  chunks");
     drop(plan);
     let stored = [read(&whole), read(&diff), read(&head)].concat();
     let again = dir.path().join("recovered");

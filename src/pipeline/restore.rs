@@ -105,8 +105,14 @@ pub struct RestorePlan {
     /// How many entries, and the regular files' bytes.
     entries: u64,
     bytes: u64,
-    /// Every block needed, in order of first need.
+    /// Every block needed, in order of first need (less those of files a resumed run found
+    /// complete, [`RestorePlan::skip_complete`]).
     pub blocks: Vec<BlockId>,
+    /// Every block the tree needs, in order of first need: what `chunk_blocks` numbers.
+    order: Vec<BlockId>,
+    /// The block of every chunk of every file, in walk order, as a number into `order` (4 bytes
+    /// a chunk where a map would hold ~80).
+    chunk_blocks: Vec<u32>,
     /// Per block: how many chunk uses the plan holds (the cache drops a block at its last use).
     uses: HashMap<BlockId, u64>,
     /// Files found complete by [`RestorePlan::skip_complete`]: their uses are out of `uses`.
@@ -162,7 +168,7 @@ impl RestorePlan {
             .chain(self.unreached.iter().cloned().map(Ok))
     }
 
-    /// The block of each of a file's chunks that the index knows.
+    /// The block of each of a file's chunks that the index knows (looked up).
     pub fn blocks_of(&self, entry: &FileEntry) -> Result<HashMap<ChunkId, BlockId>, StoreError> {
         if entry.kind != FileKind::File || entry.chunks.is_empty() {
             return Ok(HashMap::new());
@@ -171,6 +177,34 @@ impl RestorePlan {
             .into_iter()
             .filter_map(|(chunk, block)| Some((chunk, block?)))
             .collect())
+    }
+
+    /// The entries in walk order ([`RestorePlan::entries`]), each file with the blocks of its
+    /// chunks as the plan found them (in the same order: the plan keeps one block number per
+    /// chunk, not a map of chunks), so nothing is looked up again.
+    pub fn entries_with_blocks(
+        &self,
+    ) -> impl Iterator<Item = Result<(FileEntry, HashMap<ChunkId, BlockId>), StoreError>> + '_ {
+        let mut next = 0usize;
+        self.entries().map(move |entry| {
+            let entry = entry?;
+            if entry.kind != FileKind::File {
+                return Ok((entry, HashMap::new()));
+            }
+            let numbers = self.chunk_blocks.get(next..next + entry.chunks.len());
+            next += entry.chunks.len();
+            let blocks = match numbers {
+                Some(numbers) => entry
+                    .chunks
+                    .iter()
+                    .zip(numbers)
+                    .filter_map(|(c, n)| Some((*c, *self.order.get(*n as usize)?)))
+                    .collect(),
+                // Not as planned (cannot happen while the version is pinned): look them up.
+                None => self.blocks_of(&entry)?,
+            };
+            Ok((entry, blocks))
+        })
     }
 
     /// For a resumed restore: finds the files already complete under the target (size and mtime
@@ -198,8 +232,8 @@ impl RestorePlan {
         let mut complete = HashSet::new();
         // Uses given back, per block.
         let mut released: HashMap<BlockId, u64> = HashMap::new();
-        for entry in self.entries() {
-            let entry = entry?;
+        for item in self.entries_with_blocks() {
+            let (entry, blocks) = item?;
             if entry.kind != FileKind::File || self.complete.contains(&entry.path) {
                 continue;
             }
@@ -228,7 +262,6 @@ impl RestorePlan {
             if !found {
                 continue;
             }
-            let blocks = self.blocks_of(&entry)?;
             for block in entry.chunks.iter().filter_map(|c| blocks.get(c)) {
                 *released.entry(*block).or_default() += 1;
             }
@@ -715,13 +748,14 @@ pub fn plan(
         entries: 0,
         bytes: 0,
         blocks: Vec::new(),
+        order: Vec::new(),
+        chunk_blocks: Vec::new(),
         uses: HashMap::new(),
         complete: HashSet::new(),
     };
     let mut entries = 0u64;
     let mut bytes = 0u64;
-    let mut blocks = Vec::new();
-    let mut uses: HashMap<BlockId, u64> = HashMap::new();
+    let mut found = Found::default();
     // Files whose chunks are not looked up yet: path and chunks, in walk order.
     let mut waiting: Vec<(Vec<u8>, Vec<ChunkId>)> = Vec::new();
     let mut waiting_chunks = 0;
@@ -735,7 +769,7 @@ pub fn plan(
         waiting_chunks += entry.chunks.len();
         waiting.push((entry.path, entry.chunks));
         if waiting_chunks >= PLAN_LOOKUP_BATCH {
-            first_needs(&*plan.kv, &mut waiting, &mut blocks, &mut uses)?;
+            first_needs(&*plan.kv, &mut waiting, &mut found)?;
             waiting_chunks = 0;
         }
     }
@@ -752,41 +786,58 @@ pub fn plan(
             }
         }
     }
-    first_needs(&*plan.kv, &mut waiting, &mut blocks, &mut uses)?;
+    first_needs(&*plan.kv, &mut waiting, &mut found)?;
     plan.entries = entries;
     plan.bytes = bytes;
-    plan.blocks = blocks;
-    plan.uses = uses;
+    plan.blocks = found.order.clone();
+    plan.order = found.order;
+    plan.chunk_blocks = found.chunk_blocks;
+    plan.uses = found.uses;
     Ok(plan)
 }
 
-/// Looks up the blocks of the waiting files' chunks (one sorted multi-get), then counts their
-/// uses and appends the blocks not seen yet, in the files' order.
+/// What planning found so far: the blocks in order of first need, each chunk's block number,
+/// each block's uses.
+#[derive(Default)]
+struct Found {
+    order: Vec<BlockId>,
+    numbers: HashMap<BlockId, u32>,
+    chunk_blocks: Vec<u32>,
+    uses: HashMap<BlockId, u64>,
+}
+
+/// Looks up the blocks of the waiting files' chunks (one sorted multi-get), then, in the files'
+/// order, numbers the blocks not seen yet and counts every chunk's use.
 fn first_needs(
     kv: &dyn KvStore,
     waiting: &mut Vec<(Vec<u8>, Vec<ChunkId>)>,
-    blocks: &mut Vec<BlockId>,
-    uses: &mut HashMap<BlockId, u64>,
+    found: &mut Found,
 ) -> Result<(), RestoreError> {
     let wanted: Vec<ChunkId> = waiting
         .iter()
         .flat_map(|(_, c)| c.iter().copied())
         .collect();
-    let found: HashMap<ChunkId, Option<BlockId>> =
+    let looked_up: HashMap<ChunkId, Option<BlockId>> =
         catalog::chunk_blocks_of(kv, wanted)?.into_iter().collect();
     for (path, chunks) in waiting.drain(..) {
         for chunk in &chunks {
-            let Some(block) = found.get(chunk).copied().flatten() else {
+            let Some(block) = looked_up.get(chunk).copied().flatten() else {
                 return Err(RestoreError::UnknownChunk { path: lossy(&path) });
             };
-            let n = uses.entry(block).or_default();
-            if *n == 0 {
-                if catalog::block(kv, &block)?.is_none() {
-                    return Err(RestoreError::UnknownBlock { path: lossy(&path) });
+            let number = match found.numbers.get(&block) {
+                Some(n) => *n,
+                None => {
+                    if catalog::block(kv, &block)?.is_none() {
+                        return Err(RestoreError::UnknownBlock { path: lossy(&path) });
+                    }
+                    let n = u32::try_from(found.order.len()).unwrap_or(u32::MAX);
+                    found.numbers.insert(block, n);
+                    found.order.push(block);
+                    n
                 }
-                blocks.push(block);
-            }
-            *n += 1;
+            };
+            found.chunk_blocks.push(number);
+            *found.uses.entry(block).or_default() += 1;
         }
     }
     Ok(())
@@ -1924,9 +1975,9 @@ fn walk_plan(
 ) -> Result<(), RestoreError> {
     // Later names of hard-linked files, linked after the last flush.
     let mut followers: Vec<Arc<FileEntry>> = Vec::new();
-    for entry in plan.entries() {
-        let entry = Arc::new(entry?);
-        let chunk_blocks = plan.blocks_of(&entry)?;
+    for item in plan.entries_with_blocks() {
+        let (entry, chunk_blocks) = item?;
+        let entry = Arc::new(entry);
         let outcome = match components(&entry.path) {
             None => Err(EntryError::Entry(
                 "unsafe path (empty, `.` or `..` component, absolute, or NUL)".into(),
