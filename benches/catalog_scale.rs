@@ -195,8 +195,8 @@ fn main() {
     );
     let db = dir.path().join("owner");
     let kv = std::sync::Arc::new(RocksStore::open(&db).expect("open"));
-    step("write version 1", || write_version(&*kv, 1, files, changed));
-    step("write version 2", || write_version(&*kv, 2, files, changed));
+    step("write version 1", || write_version(&kv, 1, files, changed));
+    step("write version 2", || write_version(&kv, 2, files, changed));
     kv.flush().expect("flush");
     println!("{:<44} {:>8.1} MB", "owner's database", dir_mb(&db));
 

@@ -23,32 +23,32 @@ fn fixture() -> &'static Path {
 
 #[test]
 fn a_format_1_catalog_is_upgraded_in_place_and_restores() {
-    let kv = MemStore::new();
+    let kv = Arc::new(MemStore::new());
     assert_eq!(
-        catalog::format(&kv).expect("format"),
+        catalog::format(&*kv).expect("format"),
         1,
         "no format record: format 1"
     );
     let export = std::fs::read(fixture().join("catalog.export")).expect("fixture");
-    catalog::import(&kv, &export).expect("a format-1 export imports");
+    catalog::import(&*kv, &export).expect("a format-1 export imports");
     assert_eq!(
-        catalog::format(&kv).expect("format"),
+        catalog::format(&*kv).expect("format"),
         1,
         "imported as it was"
     );
     // What the node does when it opens its database.
-    assert_eq!(catalog::upgrade(&kv).expect("upgrade"), 1);
-    assert_eq!(catalog::format(&kv).expect("format"), catalog::FORMAT);
+    assert_eq!(catalog::upgrade(&*kv).expect("upgrade"), 1);
+    assert_eq!(catalog::format(&*kv).expect("format"), catalog::FORMAT);
     assert_eq!(
-        catalog::upgrade(&kv).expect("again"),
+        catalog::upgrade(&*kv).expect("again"),
         catalog::FORMAT,
         "idempotent"
     );
 
-    let snapshots = catalog::snapshots(&kv).expect("snapshots");
+    let snapshots = catalog::snapshots(&*kv).expect("snapshots");
     assert_eq!(snapshots.len(), 1);
     assert_eq!(snapshots[0].source, "fixture");
-    let entries: Vec<_> = catalog::files(&kv, SnapshotId(1))
+    let entries: Vec<_> = catalog::files(&*kv, SnapshotId(1))
         .collect::<Result<_, _>>()
         .expect("every format-1 record reads");
     assert_eq!(entries.len(), 10);
@@ -59,7 +59,7 @@ fn a_format_1_catalog_is_upgraded_in_place_and_restores() {
         "format 1 recorded no owner, attributes or holes"
     );
 
-    let plan = restore::plan(&kv, SnapshotId(1), None).expect("plan");
+    let plan = restore::plan(kv.clone(), SnapshotId(1), None).expect("plan");
     let dir = tempfile::tempdir().expect("tempdir");
     let target = RestoreTarget::new(dir.path().join("out"), false);
     let mut get_block = |id: bitdust::data::BlockId| {

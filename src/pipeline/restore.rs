@@ -145,27 +145,29 @@ impl RestorePlan {
     /// The entries in the order the backup walked them (parents before children), read from
     /// the catalog as they are taken.
     pub fn entries(&self) -> impl Iterator<Item = Result<FileEntry, StoreError>> + '_ {
-        let walk = self
-            .top
-            .clone()
-            .map(|top| catalog::tree::TreeWalk::under(&*self.kv, self.snapshot, top));
-        let whole = match self.top {
-            Some(_) => None,
-            None => Some(catalog::tree::TreeWalk::whole(&*self.kv, self.snapshot)),
-        };
-        let (whole, failed) = match whole {
-            Some(Ok(w)) => (Some(w), None),
-            Some(Err(e)) => (None, Some(e)),
-            None => (None, None),
+        let (walk, failed) = match self.walk() {
+            Ok(walk) => (Some(walk), None),
+            Err(e) => (None, Some(Err(e))),
         };
         self.ancestors
             .iter()
             .cloned()
             .map(Ok)
-            .chain(failed.map(Err))
+            .chain(failed)
             .chain(walk.into_iter().flatten())
-            .chain(whole.into_iter().flatten())
             .chain(self.unreached.iter().cloned().map(Ok))
+    }
+
+    /// The restored tree (or subtree) read in walk order.
+    fn walk(&self) -> Result<catalog::tree::TreeWalk<'_>, StoreError> {
+        match &self.top {
+            Some(top) => Ok(catalog::tree::TreeWalk::under(
+                &*self.kv,
+                self.snapshot,
+                top.clone(),
+            )),
+            None => catalog::tree::TreeWalk::whole(&*self.kv, self.snapshot),
+        }
     }
 
     /// The block of each of a file's chunks that the index knows (looked up).
@@ -578,7 +580,7 @@ mod walk_order_tests {
     /// subtree, without holding or sorting the tree.
     #[test]
     fn the_catalog_read_in_walk_order_is_the_sorted_tree() {
-        use crate::store::catalog::tree::{TreeWalk, count, unreachable};
+        use crate::store::catalog::tree::{TreeWalk, unreachable};
         use rand::{Rng, SeedableRng};
         let names: [&[u8]; 7] = [b"a", b"a-b", b"a0", b"b", b"-", b"a.b", b"\xff"];
         let snap = SnapshotId(3);
@@ -631,13 +633,9 @@ mod walk_order_tests {
                     .collect();
                 let mut under = TreeWalk::under(&kv, snap, top.clone());
                 assert_eq!(paths(&mut under), want, "seed {seed}, under {:?}", top.path);
-                let n = count(
-                    &kv,
-                    snap,
-                    Some(top.path.as_slice()).filter(|p| !p.is_empty()),
-                );
-                assert_eq!(n.expect("count"), want.len() as u64);
+                assert!(!under.irregular());
             }
+            assert!(!whole.irregular());
             assert!(unreachable(&kv, snap, None).expect("scan").is_empty());
         }
     }
@@ -647,7 +645,7 @@ mod walk_order_tests {
     /// walk order), so they are restored or refused, never dropped.
     #[test]
     fn entries_the_walk_cannot_reach_are_found_and_planned_last() {
-        use crate::store::catalog::tree::{TreeWalk, count, unreachable};
+        use crate::store::catalog::tree::{TreeWalk, unreachable};
         let snap = SnapshotId(1);
         let kv: Arc<dyn KvStore> = Arc::new(crate::store::MemStore::new());
         let mut batch = crate::store::Batch::new();
@@ -664,12 +662,36 @@ mod walk_order_tests {
             catalog::put_file(&mut batch, snap, &e);
         }
         kv.write(batch).expect("write");
-        let walked: Vec<Vec<u8>> = TreeWalk::whole(&*kv, snap)
-            .expect("walk")
-            .map(|e| e.expect("entry").path)
-            .collect();
+        let mut walk = TreeWalk::whole(&*kv, snap).expect("walk");
+        let walked: Vec<Vec<u8>> = walk.by_ref().map(|e| e.expect("entry").path).collect();
         assert_eq!(walked, [&b""[..], b"f", b"a", b"a/x"]);
-        assert_eq!(count(&*kv, snap, None).expect("count"), 7);
+        assert!(walk.irregular());
+        // Each kind alone is noticed: under no directory, an empty name, below a file.
+        for (extra, kind) in [
+            ("b/y", FileKind::File),
+            ("a//z", FileKind::File),
+            ("f/u", FileKind::Dir),
+        ] {
+            let one: Arc<dyn KvStore> = Arc::new(crate::store::MemStore::new());
+            let mut batch = crate::store::Batch::new();
+            for (path, kind) in [
+                ("", FileKind::Dir),
+                ("a", FileKind::Dir),
+                ("f", FileKind::File),
+                (extra, kind),
+            ] {
+                catalog::put_file(&mut batch, snap, &entry(path, kind));
+            }
+            one.write(batch).expect("write");
+            let mut walk = TreeWalk::whole(&*one, snap).expect("walk");
+            assert_eq!(walk.by_ref().count(), 3, "{extra}");
+            assert!(walk.irregular(), "{extra}");
+            // A file as the top, with something below it.
+            let file = catalog::file(&*one, snap, b"f").expect("read").expect("f");
+            let mut under = TreeWalk::under(&*one, snap, file);
+            assert_eq!(under.by_ref().count(), 1);
+            assert_eq!(under.irregular(), extra == "f/u", "{extra}");
+        }
         let lost: Vec<Vec<u8>> = unreachable(&*kv, snap, None)
             .expect("scan")
             .into_iter()
@@ -759,7 +781,8 @@ pub fn plan(
     // Files whose chunks are not looked up yet: path and chunks, in walk order.
     let mut waiting: Vec<(Vec<u8>, Vec<ChunkId>)> = Vec::new();
     let mut waiting_chunks = 0;
-    for entry in plan.entries() {
+    let mut walk = plan.walk()?;
+    for entry in plan.ancestors.iter().cloned().map(Ok).chain(walk.by_ref()) {
         let entry = entry?;
         entries += 1;
         if entry.kind != FileKind::File {
@@ -774,9 +797,8 @@ pub fn plan(
         }
     }
     // The walk reaches what a backup records; anything else comes after it, not dropped.
-    let top_path = plan.top.as_ref().map(|t| t.path.clone());
-    let in_scope = catalog::tree::count(&*plan.kv, snapshot, top_path.as_deref())?;
-    if in_scope + plan.ancestors.len() as u64 != entries {
+    if walk.irregular() {
+        let top_path = plan.top.as_ref().map(|t| t.path.clone());
         plan.unreached = catalog::tree::unreachable(&*plan.kv, snapshot, top_path.as_deref())?;
         for entry in &plan.unreached {
             entries += 1;
@@ -1375,7 +1397,16 @@ impl<'a> Restorer<'a> {
             cache.reclaim(entry, chunk_blocks);
         }
         self.consumed = true;
-        let temp = temp_name(&name);
+        // In a directory this run made, the file is written under its own name: nothing else is
+        // there to replace, and a file cut short by a crash has neither its size nor its mtime
+        // (set last), so a resumed run rewrites it. Elsewhere, a temporary name and a rename.
+        let temp = if std::env::var_os("BITDUST_RESTORE_TEMP_ALWAYS").is_none()
+            && self.dirs.top_is_fresh()
+        {
+            name.clone()
+        } else {
+            temp_name(&name)
+        };
         let mut blocks: Vec<BlockId> = Vec::new();
         for chunk in &entry.chunks {
             if let Some(block) = chunk_blocks.get(chunk)

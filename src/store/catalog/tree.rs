@@ -16,7 +16,6 @@
 use std::collections::HashSet;
 
 use super::{CF, FileEntry, FileKind, SnapshotId, decode_file, file, snapshot_prefix};
-use crate::store::codec::KvPages;
 use crate::store::{KeyValue, KvStore, StoreError};
 
 /// The first page after a jump is small (most of a big one would be inside the next subtree);
@@ -46,6 +45,9 @@ pub struct TreeWalk<'a> {
     listing: Option<Listing>,
     rows: std::vec::IntoIter<KeyValue>,
     page: usize,
+    /// Some entry was passed over: under no directory entry, with an empty name, or below a
+    /// file (see [`TreeWalk::irregular`]).
+    irregular: bool,
 }
 
 impl<'a> TreeWalk<'a> {
@@ -73,7 +75,27 @@ impl<'a> TreeWalk<'a> {
             listing: None,
             rows: Vec::new().into_iter(),
             page: FIRST_PAGE,
+            irregular: false,
         }
+    }
+
+    /// Whether the walk so far passed over entries it does not yield (the catalog was damaged
+    /// or altered: [`unreachable`] finds them). Once the walk is done, `false` means it yielded
+    /// every entry of its scope.
+    pub fn irregular(&self) -> bool {
+        self.irregular
+    }
+
+    /// Whether anything is stored below the entry at `path`, which is not a directory.
+    fn below_a_file(&self, path: &[u8]) -> Result<bool, StoreError> {
+        let mut below = self.prefix.clone();
+        below.extend_from_slice(path);
+        if path.is_empty() {
+            // The root: any key but its own.
+            return Ok(self.kv.scan(CF, &below, None, 2)?.len() > 1);
+        }
+        below.push(b'/');
+        Ok(!self.kv.scan(CF, &below, None, 1)?.is_empty())
     }
 
     fn listing_of(&self, dir: &[u8]) -> Listing {
@@ -125,6 +147,12 @@ impl Iterator for TreeWalk<'_> {
                 let entry = self.todo.pop()?;
                 if entry.kind == FileKind::Dir {
                     self.listing = Some(self.listing_of(&entry.path));
+                } else {
+                    // Only a top (or the root) can be a file here: subdirectories are dirs.
+                    match self.below_a_file(&entry.path) {
+                        Ok(below) => self.irregular |= below,
+                        Err(e) => return Some(Err(e)),
+                    }
                 }
                 return Some(Ok(entry));
             }
@@ -151,7 +179,18 @@ impl Iterator for TreeWalk<'_> {
             }
             if let Some(slash) = name.iter().position(|b| *b == b'/') {
                 // Inside a child's subtree: jump past it (`/` + 1 is `0`); it is read on its
-                // own turn.
+                // own turn, if the child is a directory (listed just before: a name sorts
+                // before the names it prefixes).
+                let child = &name[..slash];
+                let base = listing.children.len() - self.prefix.len();
+                let listed = listing
+                    .subdirs
+                    .iter()
+                    .rev()
+                    .map(|d| d.path.get(base..).unwrap_or_default())
+                    .take_while(|n| n.starts_with(child))
+                    .any(|n| n == child);
+                self.irregular |= child.is_empty() || !listed;
                 let mut from = key[..listing.children.len() + slash].to_vec();
                 from.push(b'/' + 1);
                 listing.from = from;
@@ -171,9 +210,10 @@ impl Iterator for TreeWalk<'_> {
 }
 
 /// The entries of the scope (the whole snapshot, or `top` and below) that a [`TreeWalk`] does
-/// not reach, in path order: under no directory of the snapshot, or with an empty name. One
-/// pass in key order (a parent sorts before its children), holding the reachable directories'
-/// paths: meant for when [`count`] shows some (a catalog made by a backup has none).
+/// not reach, in path order: under no directory of the snapshot, with an empty name, or below
+/// a file. One pass in key order (a parent sorts before its children), holding the reachable
+/// directories' paths: meant for when a walk was [`TreeWalk::irregular`] (a catalog made by a
+/// backup has none).
 pub fn unreachable(
     kv: &dyn KvStore,
     snapshot: SnapshotId,
@@ -208,22 +248,6 @@ pub fn unreachable(
         }
     }
     Ok(lost)
-}
-
-/// How many entries the scope holds (to compare with what a walk yielded).
-pub fn count(
-    kv: &dyn KvStore,
-    snapshot: SnapshotId,
-    top: Option<&[u8]>,
-) -> Result<u64, StoreError> {
-    let skip = snapshot_prefix(snapshot).len();
-    let mut n = 0;
-    for page in kv.pages(CF, &scope_prefix(snapshot, top), super::PAGE) {
-        for (key, _) in page? {
-            n += u64::from(key.get(skip..).is_some_and(|path| in_scope(path, top)));
-        }
-    }
-    Ok(n)
 }
 
 fn scope_prefix(snapshot: SnapshotId, top: Option<&[u8]>) -> Vec<u8> {
