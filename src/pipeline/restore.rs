@@ -1397,16 +1397,7 @@ impl<'a> Restorer<'a> {
             cache.reclaim(entry, chunk_blocks);
         }
         self.consumed = true;
-        // In a directory this run made, the file is written under its own name: nothing else is
-        // there to replace, and a file cut short by a crash has neither its size nor its mtime
-        // (set last), so a resumed run rewrites it. Elsewhere, a temporary name and a rename.
-        let temp = if std::env::var_os("BITDUST_RESTORE_TEMP_ALWAYS").is_none()
-            && self.dirs.top_is_fresh()
-        {
-            name.clone()
-        } else {
-            temp_name(&name)
-        };
+        let temp = temp_name(&name);
         let mut blocks: Vec<BlockId> = Vec::new();
         for chunk in &entry.chunks {
             if let Some(block) = chunk_blocks.get(chunk)

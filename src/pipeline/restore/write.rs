@@ -255,12 +255,6 @@ pub(super) fn flush_batch(root: &OwnedFd, batch: Vec<Staged>) -> Flushed {
         return flushed;
     }
     for staged in batch {
-        if staged.temp == staged.name {
-            // Written under its own name (in a directory this run made).
-            flushed.files += 1;
-            flushed.bytes += staged.bytes;
-            continue;
-        }
         // Relative to the directory the file was written in, whatever happened to its path
         // since.
         match renameat(
