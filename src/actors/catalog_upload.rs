@@ -507,6 +507,7 @@ impl RecordSend {
                 kv: services.kv.clone(),
                 keys: keys.clone(),
                 owner: services.owner(),
+                spill: upload.settings.outbox.clone(),
             },
         }
     }
@@ -655,6 +656,8 @@ pub(crate) struct Adopt {
     pub kv: Arc<dyn KvStore>,
     pub keys: Arc<DataKeys>,
     pub owner: VerifyingKey,
+    /// Where a fetched catalog waits to be imported (the outbox, in the home).
+    pub spill: std::path::PathBuf,
 }
 
 /// Why a newer recovery record could not be adopted.
@@ -681,18 +684,24 @@ pub enum FetchCatalogError {
     TooFew { good: usize, k: usize },
     #[error("cannot decode a catalog block: {0}")]
     Decode(DataError),
+    #[error("cannot keep the fetched catalog on disk: {0}")]
+    Spill(#[from] std::io::Error),
 }
 
 /// The catalog export a recovery record points at: each of its blocks from any `k` good
 /// fragments, asked one at a time in the fetch plan's order (data positions first, another
-/// position for each one that fails), each checked against the owner-signed manifest.
+/// position for each one that fails), each checked against the owner-signed manifest. The
+/// blocks go, decoded, into an unnamed file in `spill` (the node's home): a catalog is not held
+/// in memory (132 MB at a million files).
 pub(crate) async fn fetch_catalog(
     record: &RecoveryRecord,
     client: &impl Fragments,
     data_keys: &DataKeys,
     owner: &VerifyingKey,
+    spill: &std::path::Path,
 ) -> Result<FetchedCatalog, FetchCatalogError> {
-    let mut export = Vec::with_capacity(usize::try_from(record.catalog_len).unwrap_or(0));
+    let mut file = unnamed_file(spill)?;
+    let mut written = 0u64;
     let mut blocks = Vec::with_capacity(record.catalog.len());
     for block in &record.catalog {
         let manifest = BlockManifest::verify(&block.signed_manifest, owner)
@@ -752,19 +761,42 @@ pub(crate) async fn fetch_catalog(
         let refs: Vec<Option<&[u8]>> = fragments.iter().map(|f| f.as_deref()).collect();
         let decoded = data::decode_block(&refs, &manifest, &data_keys.catalog)
             .map_err(FetchCatalogError::Decode)?;
-        export.extend_from_slice(&decoded.plain);
+        // Past `catalog_len` is the last block's padding.
+        let keep = record
+            .catalog_len
+            .saturating_sub(written)
+            .min(decoded.plain.len() as u64);
+        std::io::Write::write_all(&mut file, &decoded.plain[..keep as usize])?;
+        written += keep;
         blocks.push((block.id, decoded.plain.len() as u64));
     }
-    export.truncate(usize::try_from(record.catalog_len).unwrap_or(usize::MAX));
-    Ok(FetchedCatalog {
-        bytes: export,
-        blocks,
-    })
+    Ok(FetchedCatalog { file, blocks })
 }
 
-/// A stored catalog fetched whole, and its blocks with their plain lengths, in order.
+/// A file in `dir` with no name (gone once closed): `O_TMPFILE`, or where the file system
+/// has none, a named file removed at once.
+fn unnamed_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC;
+    if let Ok(fd) = rustix::fs::open(dir, flags, Mode::from_raw_mode(0o600)) {
+        return Ok(std::fs::File::from(fd));
+    }
+    let path = dir.join(format!(".catalog-fetched-{:016x}", rand::random::<u64>()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
+}
+
+/// A stored catalog fetched whole (in an unnamed file, gone when this is dropped), and its
+/// blocks with their plain lengths, in order.
 pub(crate) struct FetchedCatalog {
-    pub bytes: Vec<u8>,
+    file: std::fs::File,
     pub blocks: Vec<(BlockId, u64)>,
 }
 
@@ -773,7 +805,8 @@ impl FetchedCatalog {
     /// retention keeps the blocks the suppliers' record names, and the next upload builds on
     /// them. Returns the entries written.
     pub fn import(&self, kv: &dyn KvStore) -> Result<u64, catalog::CatalogError> {
-        let (entries, trees) = catalog::import_stored(kv, &self.bytes)?;
+        let stored = std::io::BufReader::with_capacity(1 << 16, &self.file);
+        let (entries, trees) = catalog::import_stored_from(kv, stored)?;
         let segments = segments::recovered(kv, &trees, &self.blocks)?;
         let ids: Vec<BlockId> = self.blocks.iter().map(|(id, _)| *id).collect();
         let mut batch = Batch::new();
@@ -818,7 +851,7 @@ pub(crate) async fn adopt_newer(
     let Some(revision) = raise_revision(stored, record.revision) else {
         return Ok(None);
     };
-    let fetched = fetch_catalog(&record, client, &adopt.keys, &adopt.owner).await?;
+    let fetched = fetch_catalog(&record, client, &adopt.keys, &adopt.owner, &adopt.spill).await?;
     let kv = adopt.kv.clone();
     let entries = tokio::task::spawn_blocking(move || -> Result<u64, AdoptError> {
         let entries = fetched.import(&*kv)?;
@@ -924,6 +957,7 @@ mod adopt_tests {
             kv: kv.clone(),
             keys: keys.clone(),
             owner: owner.verifying_key(),
+            spill: std::env::temp_dir(),
         };
         let adopted = adopt_newer(&suppliers, &[node(1)], &adopt).await;
         assert_eq!(adopted.expect("adopted"), Some(7));

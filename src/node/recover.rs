@@ -348,7 +348,9 @@ pub async fn run_pending(
         }
     }
 
-    let fetched = fetch_catalog(record, &client, data_keys, &owner)
+    let spill = home.outbox_dir();
+    std::fs::create_dir_all(&spill).with_context(|| format!("making {}", spill.display()))?;
+    let fetched = fetch_catalog(record, &client, data_keys, &owner, &spill)
         .await
         .context("fetching the catalog")?;
     let entries = fetched

@@ -249,6 +249,8 @@ pub enum CatalogError {
     ExportChecksum,
     #[error("catalog export is malformed: {0}")]
     ExportFraming(&'static str),
+    #[error("reading the stored catalog: {0}")]
+    Read(#[from] std::io::Error),
     #[error("recovery record is truncated")]
     RecoveryTruncated,
     #[error("not a recovery record (bad magic)")]
@@ -979,15 +981,43 @@ pub fn import_stored(
     kv: &dyn KvStore,
     bytes: &[u8],
 ) -> Result<(u64, Vec<segments::ImportedTree>), CatalogError> {
-    if bytes.len() > EXPORT_MAGIC.len()
-        && bytes.starts_with(EXPORT_MAGIC)
-        && bytes[EXPORT_MAGIC.len()] == segments::SEGMENT_VERSION
+    import_stored_from(kv, std::io::Cursor::new(bytes))
+}
+
+/// [`import_stored`] from a file (or any seekable reader): a stored catalog is read twice
+/// (checked whole, then applied), never held whole (but a version-1 export, read whole).
+pub fn import_stored_from<R: std::io::Read + std::io::Seek>(
+    kv: &dyn KvStore,
+    mut stored: R,
+) -> Result<(u64, Vec<segments::ImportedTree>), CatalogError> {
+    // From its start, wherever the reader is (a file just written is at its end).
+    stored.seek(std::io::SeekFrom::Start(0))?;
+    let mut header = [0u8; EXPORT_HEADER];
+    let head_len = read_up_to(&mut stored, &mut header)?;
+    stored.seek(std::io::SeekFrom::Start(0))?;
+    if head_len == EXPORT_HEADER
+        && header.starts_with(EXPORT_MAGIC)
+        && header[EXPORT_MAGIC.len()] == segments::SEGMENT_VERSION
     {
-        return segments::import(kv, bytes);
+        return segments::import(kv, stored);
     }
-    let entries = parse_export(bytes)?;
+    let mut bytes = Vec::new();
+    stored.read_to_end(&mut bytes)?;
+    let entries = parse_export(&bytes)?;
     check_format(&entries)?;
     Ok((write_entries(kv, entries)?, Vec::new()))
+}
+
+/// Reads until `buf` is full or the reader ends; how many bytes came.
+fn read_up_to(r: &mut impl std::io::Read, buf: &mut [u8]) -> Result<usize, std::io::Error> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
 }
 
 /// Refuses entries of a newer catalog format than this code reads.

@@ -31,11 +31,12 @@
 //! catalog, before segments) is still imported.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Seek, SeekFrom};
 
 use super::{
     CF, CHUNK_ID_LEN, CatalogError, EXPORT_MAGIC, KvPages, KvStore, PAGE, Records, SnapshotId,
     StoreError, TAG_CHUNK, TAG_FILE, TAG_REMAPPED, TAG_SNAPSHOT, Writes, chunk_blocks_of, codec,
-    file_key, put_chunk, records, snapshot_prefix, take_field,
+    file_key, put_chunk, records, snapshot_prefix,
 };
 use crate::data::{BlockId, ChunkId};
 
@@ -477,119 +478,166 @@ pub fn export_tree(
     Ok(out)
 }
 
-/// One op of a tree segment, borrowed from the segment.
+/// One op of a tree segment.
 #[derive(Debug)]
-enum Op<'a> {
+enum Op {
     Put {
-        path: &'a [u8],
-        value: &'a [u8],
-        refs: &'a [u8],
+        path: Vec<u8>,
+        value: Vec<u8>,
+        refs: Vec<u8>,
     },
     Delete {
-        path: &'a [u8],
+        path: Vec<u8>,
     },
 }
 
-impl<'a> Op<'a> {
-    fn path(&self) -> &'a [u8] {
+impl Op {
+    fn path(&self) -> &[u8] {
         match self {
             Op::Put { path, .. } | Op::Delete { path } => path,
         }
     }
 }
 
-/// A tree segment, checked and borrowed.
+/// A tree segment, checked: what it stands on, its block table, where its items are.
 #[derive(Debug)]
-struct Tree<'a> {
+struct Tree {
     snapshot: SnapshotId,
     base: Option<SnapshotId>,
     table: Vec<BlockId>,
-    /// Its items, checked (framing, path order, refs inside the table), read again by
-    /// [`Tree::ops`] when applied: not held parsed (a million puts would be ~56 MB).
-    items: &'a [u8],
+    /// Where its items are (after the header, before the end mark), checked (framing, path
+    /// order, refs inside the table) and read again by [`tree_ops`] when applied: a stored
+    /// catalog is read from a file, never held (132 MB raw at a million files).
+    items: std::ops::Range<u64>,
     /// Where the segment's bytes are in the stored catalog.
     at: std::ops::Range<u64>,
 }
 
 /// A checked stored catalog: its trees in order and its heads' entries.
 #[derive(Debug, Default)]
-struct Parsed<'a> {
-    trees: Vec<Tree<'a>>,
-    head: Vec<(&'a [u8], &'a [u8])>,
+struct Parsed {
+    trees: Vec<Tree>,
+    head: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
-fn u32_at(rest: &mut &[u8], what: &'static str) -> Result<u32, CatalogError> {
-    let (n, tail) = rest
-        .split_first_chunk::<4>()
-        .ok_or(CatalogError::ExportFraming(what))?;
-    *rest = tail;
-    Ok(u32::from_be_bytes(*n))
+/// Reads a stored catalog, hashing what it reads since the segment began.
+struct Reader<R> {
+    r: R,
+    pos: u64,
+    len: u64,
+    sum: blake3::Hasher,
 }
 
-fn u64_at(rest: &mut &[u8], what: &'static str) -> Result<u64, CatalogError> {
-    let (n, tail) = rest
-        .split_first_chunk::<8>()
-        .ok_or(CatalogError::ExportFraming(what))?;
-    *rest = tail;
-    Ok(u64::from_be_bytes(*n))
-}
+impl<R: Read + Seek> Reader<R> {
+    fn new(mut r: R) -> Result<Self, CatalogError> {
+        let len = r.seek(SeekFrom::End(0))?;
+        r.seek(SeekFrom::Start(0))?;
+        Ok(Reader {
+            r,
+            pos: 0,
+            len,
+            sum: blake3::Hasher::new(),
+        })
+    }
 
-fn byte_at(rest: &mut &[u8]) -> Result<u8, CatalogError> {
-    let (&b, tail) = rest.split_first().ok_or(CatalogError::ExportTruncated)?;
-    *rest = tail;
-    Ok(b)
+    fn seek(&mut self, to: u64) -> Result<(), CatalogError> {
+        self.r.seek(SeekFrom::Start(to))?;
+        self.pos = to;
+        Ok(())
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), CatalogError> {
+        if buf.len() as u64 > self.len - self.pos {
+            return Err(CatalogError::ExportTruncated);
+        }
+        self.r.read_exact(buf)?;
+        self.sum.update(buf);
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], CatalogError> {
+        let mut out = [0; N];
+        self.fill(&mut out)?;
+        Ok(out)
+    }
+
+    fn byte(&mut self) -> Result<u8, CatalogError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, CatalogError> {
+        self.array::<4>()
+            .map(u32::from_be_bytes)
+            .map_err(|_| CatalogError::ExportFraming(what))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, CatalogError> {
+        self.array::<8>()
+            .map(u64::from_be_bytes)
+            .map_err(|_| CatalogError::ExportFraming(what))
+    }
+
+    /// A length-prefixed field (no longer than what is left: the length is not trusted).
+    fn field(&mut self) -> Result<Vec<u8>, CatalogError> {
+        let len = self.u32("a length runs past the end")? as u64;
+        if len > self.len - self.pos {
+            return Err(CatalogError::ExportFraming("an entry runs past the end"));
+        }
+        let mut out = vec![0; len as usize];
+        self.fill(&mut out)?;
+        Ok(out)
+    }
+
+    /// Up to `n` bytes, no more than what is left.
+    fn bytes(&mut self, n: u64) -> Result<Vec<u8>, CatalogError> {
+        if n > self.len - self.pos {
+            return Err(CatalogError::ExportTruncated);
+        }
+        let mut out = vec![0; n as usize];
+        self.fill(&mut out)?;
+        Ok(out)
+    }
 }
 
 /// One item of a tree segment.
-enum Item<'a> {
+enum Item {
     End,
     Block(BlockId),
-    Op(Op<'a>),
+    Op(Op),
 }
 
 /// Reads one item of a tree segment (framing only).
-fn next_item<'a>(rest: &mut &'a [u8]) -> Result<Item<'a>, CatalogError> {
-    Ok(match byte_at(rest)? {
+fn next_item<R: Read + Seek>(r: &mut Reader<R>) -> Result<Item, CatalogError> {
+    Ok(match r.byte()? {
         END => Item::End,
-        OP_BLOCK => {
-            let (id, tail) = rest
-                .split_first_chunk::<32>()
-                .ok_or(CatalogError::ExportTruncated)?;
-            *rest = tail;
-            Item::Block(BlockId(*id))
-        }
+        OP_BLOCK => Item::Block(BlockId(r.array::<32>()?)),
         OP_PUT => {
-            let path = take_field(rest)?;
-            let value = take_field(rest)?;
-            let count = u32_at(rest, "a put's refs")? as usize;
-            if rest.len() / 4 < count {
-                return Err(CatalogError::ExportTruncated);
-            }
-            let (refs, tail) = rest.split_at(count * 4);
-            *rest = tail;
+            let path = r.field()?;
+            let value = r.field()?;
+            let count = u64::from(r.u32("a put's refs")?);
+            let refs = r.bytes(count * 4)?;
             Item::Op(Op::Put { path, value, refs })
         }
-        OP_DELETE => Item::Op(Op::Delete {
-            path: take_field(rest)?,
-        }),
+        OP_DELETE => Item::Op(Op::Delete { path: r.field()? }),
         _ => return Err(CatalogError::ExportFraming("an unknown tree item")),
     })
 }
 
-/// A tree's items, up to and with the end mark: checked whole, kept as bytes.
-fn parse_tree<'a>(rest: &mut &'a [u8]) -> Result<Tree<'a>, CatalogError> {
-    let snapshot = u64_at(rest, "a tree segment's snapshot")?;
-    let base = u64_at(rest, "a tree segment's base")?;
+/// A tree's items, up to and with the end mark: checked whole, not kept.
+fn parse_tree<R: Read + Seek>(r: &mut Reader<R>) -> Result<Tree, CatalogError> {
+    let snapshot = r.u64("a tree segment's snapshot")?;
+    let base = r.u64("a tree segment's base")?;
     if snapshot == 0 || base >= snapshot {
         return Err(CatalogError::ExportFraming(
             "a tree segment's snapshot or base",
         ));
     }
-    let items: &'a [u8] = rest;
+    let start = r.pos;
     let mut table: Vec<BlockId> = Vec::new();
-    let mut last: Option<&'a [u8]> = None;
+    let mut last: Option<Vec<u8>> = None;
     loop {
-        let op = match next_item(rest)? {
+        let op = match next_item(r)? {
             Item::End => break,
             Item::Block(id) => {
                 table.push(id);
@@ -605,49 +653,65 @@ fn parse_tree<'a>(rest: &mut &'a [u8]) -> Result<Tree<'a>, CatalogError> {
         {
             return Err(CatalogError::ExportFraming("a ref outside the block table"));
         }
-        if last.is_some_and(|last| last >= op.path()) {
+        if last.as_deref().is_some_and(|last| last >= op.path()) {
             return Err(CatalogError::ExportFraming("tree items out of path order"));
         }
-        last = Some(op.path());
+        last = Some(match op {
+            Op::Put { path, .. } | Op::Delete { path } => path,
+        });
     }
     Ok(Tree {
         snapshot: SnapshotId(snapshot),
         base: (base != 0).then_some(SnapshotId(base)),
         table,
         // Without the end mark.
-        items: &items[..items.len() - rest.len() - 1],
+        items: start..r.pos - 1,
         at: 0..0,
     })
 }
 
-impl<'a> Tree<'a> {
-    /// Its puts and deletes in path order (the block items were read into `table`).
-    fn ops(&self) -> impl Iterator<Item = Op<'a>> + use<'a> {
-        let mut rest = self.items;
-        std::iter::from_fn(move || {
-            loop {
-                // Checked by `parse_tree`: an error here cannot happen, and would end the ops.
-                match next_item(&mut rest).ok()? {
-                    Item::Op(op) => return Some(op),
-                    Item::Block(_) => continue,
-                    Item::End => return None,
+/// A tree's puts and deletes in path order, read again from the stored catalog (checked by
+/// [`parse_tree`]: a read error ends them, and the import reports it).
+fn tree_ops<'r, R: Read + Seek>(
+    r: &'r mut Reader<R>,
+    tree: &Tree,
+    failed: &'r mut Option<CatalogError>,
+) -> impl Iterator<Item = Op> + 'r {
+    let end = tree.items.end;
+    let mut sought = Some(tree.items.start);
+    std::iter::from_fn(move || {
+        if let Some(at) = sought.take()
+            && let Err(e) = r.seek(at)
+        {
+            *failed = Some(e);
+            return None;
+        }
+        while r.pos < end {
+            match next_item(r) {
+                Ok(Item::Op(op)) => return Some(op),
+                Ok(Item::Block(_)) => continue,
+                Ok(Item::End) => return None,
+                Err(e) => {
+                    *failed = Some(e);
+                    return None;
                 }
             }
-        })
-    }
+        }
+        None
+    })
 }
 
 /// A head's entries, up to and with the end mark.
-fn parse_head<'a>(
-    rest: &mut &'a [u8],
-    entries: &mut Vec<(&'a [u8], &'a [u8])>,
+fn parse_head<R: Read + Seek>(
+    r: &mut Reader<R>,
+    entries: &mut Vec<(Vec<u8>, Vec<u8>)>,
 ) -> Result<(), CatalogError> {
     loop {
-        match byte_at(rest)? {
+        match r.byte()? {
             END => return Ok(()),
             OP_ENTRY => {
-                let k = take_field(rest)?;
-                let v = take_field(rest)?;
+                let k = r.field()?;
+                let v = r.field()?;
                 // Chunk entries come as corrections after the trees (remapped chunks).
                 if k.is_empty() || k.starts_with(TAG_FILE) {
                     return Err(CatalogError::ExportFraming(
@@ -662,46 +726,42 @@ fn parse_head<'a>(
 }
 
 /// Checks every segment of a stored catalog (framing, checksums, each base before what stands
-/// on it) and returns them, borrowed.
-fn parse(bytes: &[u8]) -> Result<Parsed<'_>, CatalogError> {
+/// on it) and returns where its trees are, and its heads' entries.
+fn parse<R: Read + Seek>(r: &mut Reader<R>) -> Result<Parsed, CatalogError> {
     let mut parsed = Parsed::default();
     let mut seen = BTreeSet::new();
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        let start = bytes.len() - rest.len();
-        if rest.len() < SEGMENT_HEADER {
+    while r.pos < r.len {
+        let start = r.pos;
+        r.sum = blake3::Hasher::new();
+        if r.len - r.pos < SEGMENT_HEADER as u64 {
             return Err(CatalogError::ExportTruncated);
         }
-        if &rest[..EXPORT_MAGIC.len()] != EXPORT_MAGIC {
+        if &r.array::<8>()? != EXPORT_MAGIC {
             return Err(CatalogError::ExportMagic);
         }
-        let version = rest[EXPORT_MAGIC.len()];
+        let version = r.byte()?;
         if version != SEGMENT_VERSION {
             return Err(CatalogError::ExportVersion(version));
         }
-        let kind = rest[EXPORT_MAGIC.len() + 1];
-        rest = &rest[SEGMENT_HEADER..];
+        let kind = r.byte()?;
         let mut tree = None;
         match kind {
-            KIND_HEAD => parse_head(&mut rest, &mut parsed.head)?,
-            KIND_TREE => tree = Some(parse_tree(&mut rest)?),
+            KIND_HEAD => parse_head(r, &mut parsed.head)?,
+            KIND_TREE => tree = Some(parse_tree(r)?),
             _ => return Err(CatalogError::ExportFraming("an unknown segment kind")),
         }
-        let covered = &bytes[start..bytes.len() - rest.len()];
-        let (sum, tail) = rest
-            .split_first_chunk::<SEGMENT_SUM>()
-            .ok_or(CatalogError::ExportTruncated)?;
-        if blake3::hash(covered).as_bytes() != sum {
+        let covered = r.sum.finalize();
+        let sum = r.array::<SEGMENT_SUM>()?;
+        if covered.as_bytes() != &sum {
             return Err(CatalogError::ExportChecksum);
         }
-        rest = tail;
         if let Some(mut tree) = tree {
             if tree.base.is_some_and(|b| !seen.contains(&b)) {
                 return Err(CatalogError::ExportFraming(
                     "a tree segment before its base",
                 ));
             }
-            tree.at = start as u64..(bytes.len() - rest.len()) as u64;
+            tree.at = start..r.pos;
             seen.insert(tree.snapshot);
             parsed.trees.push(tree);
         }
@@ -711,7 +771,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, CatalogError> {
 
 impl Writes<'_> {
     /// The chunk entries a tree's put names (block refs into the tree's table).
-    fn chunks(&mut self, tree: &Tree<'_>, value: &[u8], refs: &[u8]) -> Result<(), StoreError> {
+    fn chunks(&mut self, tree: &Tree, value: &[u8], refs: &[u8]) -> Result<(), StoreError> {
         for (chunk, at) in record_chunks(value).iter().zip(refs.chunks_exact(4)) {
             let at = u32::from_be_bytes([at[0], at[1], at[2], at[3]]);
             if let Some(block) = tree.table.get(at as usize) {
@@ -723,10 +783,16 @@ impl Writes<'_> {
     }
 }
 
-/// Writes one tree: its base's entries merged with its ops, and the chunk entries its puts name.
-fn apply_tree(writes: &mut Writes<'_>, tree: &Tree<'_>) -> Result<(), StoreError> {
-    let mut ops = tree.ops().peekable();
-    let apply = |writes: &mut Writes<'_>, op: &Op<'_>| -> Result<(), StoreError> {
+/// Writes one tree: its base's entries merged with its ops (read again from the stored
+/// catalog), and the chunk entries its puts name.
+fn apply_tree<R: Read + Seek>(
+    writes: &mut Writes<'_>,
+    tree: &Tree,
+    r: &mut Reader<R>,
+) -> Result<(), CatalogError> {
+    let mut failed = None;
+    let mut ops = tree_ops(r, tree, &mut failed).peekable();
+    let apply = |writes: &mut Writes<'_>, op: &Op| -> Result<(), StoreError> {
         if let Op::Put { path, value, refs } = op {
             writes.put(file_key(tree.snapshot, path), value)?;
             writes.chunks(tree, value, refs)?;
@@ -745,10 +811,14 @@ fn apply_tree(writes: &mut Writes<'_>, tree: &Tree<'_>) -> Result<(), StoreError
             }
         }
     }
-    for op in ops {
+    for op in ops.by_ref() {
         apply(writes, &op)?;
     }
-    writes.flush()
+    drop(ops);
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(writes.flush()?)
 }
 
 /// A tree segment an import applied, and where its bytes were in the stored catalog.
@@ -827,18 +897,24 @@ pub fn recovered(
 /// Imports a stored catalog made of segments into `Cf::Catalog` (see the module doc); the
 /// whole is checked before anything is written. Returns the number of entries written and the
 /// trees applied.
-pub(super) fn import(
+pub(super) fn import<R: Read + Seek>(
     kv: &dyn KvStore,
-    bytes: &[u8],
+    stored: R,
 ) -> Result<(u64, Vec<ImportedTree>), CatalogError> {
-    let parsed = parse(bytes)?;
-    super::check_format(&parsed.head)?;
+    let mut r = Reader::new(stored)?;
+    let parsed = parse(&mut r)?;
+    let head: Vec<(&[u8], &[u8])> = parsed
+        .head
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    super::check_format(&head)?;
     let mut writes = Writes::new(kv);
     for tree in &parsed.trees {
-        apply_tree(&mut writes, tree)?;
+        apply_tree(&mut writes, tree, &mut r)?;
     }
     let mut written = writes.written;
-    written += super::write_entries(kv, parsed.head)?;
+    written += super::write_entries(kv, head)?;
     // A base kept only for its changes: its snapshot is gone, so is its tree (never the tree of
     // a job running here under that id, nor a committed one: `drop_files` keeps those).
     let running: BTreeSet<SnapshotId> = super::jobs::jobs(kv)?
@@ -870,6 +946,11 @@ mod tests {
         files, put_block, put_file,
     };
     use super::*;
+
+    /// The import of a stored catalog held in memory.
+    fn import(kv: &dyn KvStore, bytes: &[u8]) -> Result<(u64, Vec<ImportedTree>), CatalogError> {
+        super::import(kv, std::io::Cursor::new(bytes))
+    }
     use crate::crypto::identity::NodeId;
     use crate::store::{Batch, MemStore};
 
@@ -1007,6 +1088,35 @@ mod tests {
         let again = MemStore::new();
         super::super::import(&again, &bytes).expect("import");
         assert_eq!(all(&again, b""), all(&dst, b""));
+    }
+
+    /// As a recovery has it: the fetched catalog in a file just written (so at its end), read
+    /// from its start, twice, and never held.
+    #[test]
+    fn a_stored_catalog_imports_from_a_file_left_at_its_end() {
+        use std::io::Write;
+        let src = two_versions();
+        let (bytes, _, _) = stored_catalog(&src, false);
+        let mut file = tempfile::tempfile().expect("file");
+        file.write_all(&bytes).expect("write");
+        let from_file = MemStore::new();
+        let (written, trees) =
+            super::super::import_stored_from(&from_file, std::io::BufReader::new(&file))
+                .expect("import");
+        let from_bytes = MemStore::new();
+        assert_eq!(
+            (written, trees),
+            import(&from_bytes, &bytes).expect("import")
+        );
+        assert_eq!(all(&from_file, b""), all(&from_bytes, b""));
+        // Cut short, it is refused with nothing written.
+        let short = tempfile::tempfile().expect("file");
+        (&short)
+            .write_all(&bytes[..bytes.len() - 1])
+            .expect("write");
+        let empty = MemStore::new();
+        assert!(super::super::import_stored_from(&empty, &short).is_err());
+        assert_eq!(all(&empty, b""), vec![]);
     }
 
     #[test]
