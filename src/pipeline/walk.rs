@@ -3,7 +3,7 @@
 //! a symlink), reads and chunks changed files, deduplicates, packs new chunks and hands finished
 //! blocks to the encoders, one credit each.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{ErrorKind, Read};
@@ -79,6 +79,11 @@ pub(super) struct Walker {
     sink: Sink,
 }
 
+/// Blocks handed over whose chunks the walker still dedups from memory: far more than the
+/// credits let be in flight between the walker and the catalog (a chunk of an older block is
+/// found in the catalog; were it not recorded yet, it would only be stored twice).
+const PACKED_BLOCKS_KEPT: usize = 256;
+
 /// Everything but the chunker, so a chunk borrowed from the chunker can go into the sink.
 struct Sink {
     keys: Arc<PipelineKeys>,
@@ -87,8 +92,13 @@ struct Sink {
     jobs: SyncSender<Job>,
     items: SyncSender<Item>,
     packer: Packer,
-    /// Every chunk packed in this run → the sequence number of the block holding it.
+    /// The chunks packed in this run's most recent blocks (and the one being packed) → the
+    /// sequence number of the block holding it. Older blocks are recorded in the catalog by
+    /// now, where `Lookup::chunk_known` finds their chunks: a map of every chunk of the run
+    /// grew with the tree (~50 MB, twice that while it grew, at a million files).
     packed: HashMap<ChunkId, u64>,
+    /// The chunk ids of the blocks handed over whose chunks `packed` still holds, oldest first.
+    recent: VecDeque<Vec<ChunkId>>,
     /// Sequence number of the block being packed (earlier ones are handed to the emitter).
     next_seq: u64,
     /// Items that must wait for the block being packed.
@@ -120,6 +130,7 @@ impl Walker {
                 items,
                 packer: prepared.packer,
                 packed: HashMap::new(),
+                recent: VecDeque::new(),
                 next_seq: 0,
                 held: Vec::new(),
             },
@@ -691,6 +702,13 @@ impl Sink {
         }
         let (done, result) = std::sync::mpsc::sync_channel(1);
         self.send(Item::Block(result))?;
+        self.recent
+            .push_back(block.chunks.iter().map(|(id, _)| *id).collect());
+        while self.recent.len() > PACKED_BLOCKS_KEPT {
+            for id in self.recent.pop_front().unwrap_or_default() {
+                self.packed.remove(&id);
+            }
+        }
         self.jobs
             .send(Job {
                 plain: block.plain,
