@@ -692,6 +692,20 @@ mod walk_order_tests {
             assert_eq!(under.by_ref().count(), 1);
             assert_eq!(under.irregular(), extra == "f/u", "{extra}");
         }
+        // A root that is a file (a single-file source): regular alone, irregular with anything
+        // else stored in the snapshot.
+        for others in [&[][..], &["x"][..], &["x", "y"][..]] {
+            let one: Arc<dyn KvStore> = Arc::new(crate::store::MemStore::new());
+            let mut batch = crate::store::Batch::new();
+            catalog::put_file(&mut batch, snap, &entry("", FileKind::File));
+            for path in others {
+                catalog::put_file(&mut batch, snap, &entry(path, FileKind::File));
+            }
+            one.write(batch).expect("write");
+            let mut walk = TreeWalk::whole(&*one, snap).expect("walk");
+            assert_eq!(walk.by_ref().count(), 1, "{others:?}");
+            assert_eq!(walk.irregular(), !others.is_empty(), "{others:?}");
+        }
         let lost: Vec<Vec<u8>> = unreachable(&*kv, snap, None)
             .expect("scan")
             .into_iter()
