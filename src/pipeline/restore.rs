@@ -39,10 +39,9 @@
 //!   written fails that entry only; only target-level failures (the root, a full disk) stop the
 //!   run. What is lost for a reason not the entry's (ownership or devices as non-root, an xattr
 //!   namespace refused) is counted per kind in [`RestoreReport::not_restored`], said once.
-//! - **Memory that does not grow with the tree.** The plan holds the blocks and their use
-//!   counts, not the entries: they are read from the catalog as they are restored (retention
-//!   keeps the version meanwhile, `catalog::ReadPins`), and a file's chunks are looked up as it
-//!   comes. What grows with the tree: the directories (their metadata is set at the end), the
+//! - **Memory that does not grow with the tree.** The plan holds the blocks, their use counts
+//!   and a 4-byte block number per chunk, not the entries: they are read from the catalog as
+//!   they are restored (retention keeps the version meanwhile, `catalog::ReadPins`). What grows with the tree: the directories (their metadata is set at the end), the
 //!   first names of hard-linked files and, for a resumed run, the files found complete.
 //! - **Bounded memory and descriptors.** Decoded blocks stay in a cache while they still have
 //!   uses, at most `cache_blocks` of them; the files queued for the writer threads keep at most

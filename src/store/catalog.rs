@@ -992,10 +992,13 @@ pub fn import_stored_from<R: std::io::Read + std::io::Seek>(
 ) -> Result<(u64, Vec<segments::ImportedTree>), CatalogError> {
     // From its start, wherever the reader is (a file just written is at its end).
     stored.seek(std::io::SeekFrom::Start(0))?;
-    let mut header = [0u8; EXPORT_HEADER];
-    let head_len = read_up_to(&mut stored, &mut header)?;
+    let mut header = Vec::with_capacity(EXPORT_HEADER);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(stored.by_ref(), EXPORT_HEADER as u64),
+        &mut header,
+    )?;
     stored.seek(std::io::SeekFrom::Start(0))?;
-    if head_len == EXPORT_HEADER
+    if header.len() == EXPORT_HEADER
         && header.starts_with(EXPORT_MAGIC)
         && header[EXPORT_MAGIC.len()] == segments::SEGMENT_VERSION
     {
@@ -1006,18 +1009,6 @@ pub fn import_stored_from<R: std::io::Read + std::io::Seek>(
     let entries = parse_export(&bytes)?;
     check_format(&entries)?;
     Ok((write_entries(kv, entries)?, Vec::new()))
-}
-
-/// Reads until `buf` is full or the reader ends; how many bytes came.
-fn read_up_to(r: &mut impl std::io::Read, buf: &mut [u8]) -> Result<usize, std::io::Error> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..])? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    Ok(got)
 }
 
 /// Refuses entries of a newer catalog format than this code reads.
@@ -1522,11 +1513,11 @@ pub fn plan_prune(
             }
         }
     }
-    let running: BTreeSet<SnapshotId> = jobs::jobs(kv)?.into_iter().map(|j| j.snapshot).collect();
-    let mut versions = retention::versions(&snapshots, &tree_ids(kv)?, &running, keep_versions);
     // A version being restored is read as the restore goes: it stays until the restore ends.
-    versions.dropped.retain(|id| !reading.contains(id));
-    versions.kept.extend(reading.iter().copied());
+    let mut in_use: BTreeSet<SnapshotId> =
+        jobs::jobs(kv)?.into_iter().map(|j| j.snapshot).collect();
+    in_use.extend(reading);
+    let versions = retention::versions(&snapshots, &tree_ids(kv)?, &in_use, keep_versions);
     let referenced = referenced_blocks(kv, &versions.kept)?;
     let mut blocks_out = Vec::new();
     for entry in blocks(kv) {

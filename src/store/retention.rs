@@ -22,16 +22,17 @@ pub struct Versions {
 /// - `snapshots`: every committed snapshot in id order, with its source (`None`: its record does
 ///   not parse, so it is kept, never judged).
 /// - `trees`: every snapshot id that has file entries, committed or not.
-/// - `running`: the snapshots of unfinished jobs (kept, and so are their trees).
+/// - `in_use`: the snapshots of unfinished jobs, and the versions restores are reading (kept,
+///   and so are their trees, however old).
 /// - `keep_versions`: versions kept per source; 0 counts as 1 (a source's latest version never
 ///   goes).
 ///
-/// A tree with neither a snapshot record nor a running job (an abandoned job's, or one an
-/// interrupted prune had started removing) is dropped.
+/// A tree with neither a snapshot record nor a job or restore using it (an abandoned job's, or
+/// one an interrupted prune had started removing) is dropped.
 pub fn versions(
     snapshots: &[(SnapshotId, Option<String>)],
     trees: &[SnapshotId],
-    running: &BTreeSet<SnapshotId>,
+    in_use: &BTreeSet<SnapshotId>,
     keep_versions: usize,
 ) -> Versions {
     let keep = keep_versions.max(1);
@@ -45,17 +46,24 @@ pub fn versions(
     }
     let mut plan = Versions::default();
     for ids in by_source.values() {
-        let cut = ids.len().saturating_sub(keep);
-        plan.dropped.extend_from_slice(&ids[..cut]);
-        plan.kept.extend_from_slice(&ids[cut..]);
+        let (old, newest) = ids.split_at(ids.len().saturating_sub(keep));
+        for id in old {
+            if in_use.contains(id) {
+                plan.kept.push(*id);
+            } else {
+                plan.dropped.push(*id);
+            }
+        }
+        plan.kept.extend_from_slice(newest);
     }
     plan.kept.extend(unjudged);
-    plan.kept.extend(running.iter().copied());
     let recorded: BTreeSet<SnapshotId> = snapshots.iter().map(|(id, _)| *id).collect();
+    plan.kept
+        .extend(in_use.iter().filter(|id| !recorded.contains(id)));
     plan.dropped.extend(
         trees
             .iter()
-            .filter(|id| !recorded.contains(id) && !running.contains(id)),
+            .filter(|id| !recorded.contains(id) && !in_use.contains(id)),
     );
     plan.dropped.sort_unstable();
     plan.dropped.dedup();
@@ -114,6 +122,16 @@ mod tests {
         let plan = versions(&snapshots, &ids(&[1, 2, 3, 7, 9]), &running, 1);
         assert_eq!(plan.dropped, ids(&[1, 7]), "7 has a tree and nothing else");
         assert_eq!(plan.kept, ids(&[3, 2, 9]));
+    }
+
+    #[test]
+    fn a_version_in_use_is_kept_however_old_and_named_once() {
+        let snapshots = [s(1, "a"), s(2, "a"), s(3, "a")];
+        // 1 is being restored, 3 is also among the newest kept.
+        let in_use = BTreeSet::from([SnapshotId(1), SnapshotId(3)]);
+        let plan = versions(&snapshots, &ids(&[1, 2, 3]), &in_use, 1);
+        assert_eq!(plan.dropped, ids(&[2]));
+        assert_eq!(plan.kept, ids(&[1, 3]));
     }
 
     #[test]

@@ -584,9 +584,7 @@ impl<R: Read + Seek> Reader<R> {
         if len > self.len - self.pos {
             return Err(CatalogError::ExportFraming("an entry runs past the end"));
         }
-        let mut out = vec![0; len as usize];
-        self.fill(&mut out)?;
-        Ok(out)
+        self.bytes(len)
     }
 
     /// Up to `n` bytes, no more than what is left.

@@ -9,8 +9,8 @@
 //! child's subtree (a seek past `child/`), and each subtree is read when its turn comes.
 //!
 //! Only entries reachable that way come out: an entry whose parent directory is not in the
-//! snapshot, or whose path has an empty component, is not (a catalog made by a backup has
-//! none; a damaged or altered one may). [`unreachable`] finds them, for a restore to handle
+//! snapshot, whose path has an empty component, or that lies below a file, is not (a catalog
+//! made by a backup has none; a damaged or altered one may). [`unreachable`] finds them, for a restore to handle
 //! rather than drop in silence.
 
 use std::collections::HashSet;
@@ -225,7 +225,12 @@ pub fn unreachable(
         reached.insert(Vec::new());
     }
     let mut lost = Vec::new();
-    for entry in super::Records::new(kv, &scope_prefix(snapshot, top), super::parse_file, "file") {
+    for entry in super::Records::new(
+        kv,
+        &super::file_key(snapshot, top.unwrap_or_default()),
+        super::parse_file,
+        "file",
+    ) {
         let entry = entry?;
         if !in_scope(&entry.path, top) {
             continue;
@@ -248,12 +253,6 @@ pub fn unreachable(
         }
     }
     Ok(lost)
-}
-
-fn scope_prefix(snapshot: SnapshotId, top: Option<&[u8]>) -> Vec<u8> {
-    let mut prefix = snapshot_prefix(snapshot);
-    prefix.extend_from_slice(top.unwrap_or_default());
-    prefix
 }
 
 /// `path` is `top` or below it (everything is, without a top).
